@@ -1,0 +1,318 @@
+//! Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro binary) with a
+//! Schema Registry, subject naming by TopicNameStrategy (`<topic>-value`).
+
+use std::time::Duration;
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+
+use crate::AvroEvent;
+
+/// Length of the Confluent prefix: magic byte plus schema id.
+pub const WIRE_HEADER_LEN: usize = 5;
+
+/// Codec failures, split by whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The registry could not be reached or answered with a server error.
+    #[error("schema registry unavailable: {0}")]
+    RegistryUnavailable(String),
+    /// The registry refused (incompatible schema, unknown subject or id, auth).
+    #[error("schema registry refused: {0}")]
+    RegistryRefused(String),
+    /// The bytes are not in the Confluent wire format.
+    #[error("not confluent wire format: {0}")]
+    Framing(String),
+    /// The bytes do not decode with the writer schema, or do not resolve to ours.
+    #[error("avro: {0}")]
+    Avro(String),
+}
+
+impl CodecError {
+    /// Whether the same call may succeed later (registry down) rather than never (bad data).
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Self::RegistryUnavailable(_))
+    }
+
+    /// Bounded code for metrics and DLQ headers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::RegistryUnavailable(_) => "registry_unavailable",
+            Self::RegistryRefused(_) => "registry_refused",
+            Self::Framing(_) => "framing",
+            Self::Avro(_) => "avro",
+        }
+    }
+
+    fn from_src(err: SRCError) -> Self {
+        let text = match &err.cause {
+            Some(cause) => format!("{}: {cause}", err.error),
+            None => err.error.clone(),
+        };
+        if err.retriable { Self::RegistryUnavailable(text) } else { Self::RegistryRefused(text) }
+    }
+}
+
+/// How to reach the registry.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8081`.
+    pub url: String,
+    /// Register our schema under the topic's subject when it is not there yet. Turn off where
+    /// schemas are registered by a pipeline; encoding then uses the subject's latest version.
+    pub auto_register: bool,
+    /// Optional basic auth (`user`, `password`), e.g. Confluent Cloud API keys.
+    pub basic_auth: Option<(String, String)>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+impl RegistryConfig {
+    /// Local defaults: auto-registration on.
+    pub fn local(url: impl Into<String>) -> Self {
+        Self { url: url.into(), auto_register: true, basic_auth: None, timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Encodes and decodes [`AvroEvent`]s in the Confluent wire format. Schemas are cached by
+/// subject (encode) and by id (decode), so the registry is hit once per schema, not per record.
+pub struct EventCodec {
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+    auto_register: bool,
+}
+
+impl std::fmt::Debug for EventCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventCodec").field("auto_register", &self.auto_register).finish_non_exhaustive()
+    }
+}
+
+impl EventCodec {
+    /// Builds the codec; no network call happens until the first encode or decode.
+    pub fn new(config: &RegistryConfig) -> Result<Self, CodecError> {
+        let build = || {
+            let mut builder = SrSettings::new_builder(config.url.clone());
+            builder.set_timeout(config.timeout);
+            if let Some((user, password)) = &config.basic_auth {
+                builder.set_basic_authorization(user, Some(password));
+            }
+            builder.build().map_err(CodecError::from_src)
+        };
+        Ok(Self {
+            encoder: AvroEncoder::new(build()?),
+            decoder: AvroDecoder::new(build()?),
+            auto_register: config.auto_register,
+        })
+    }
+
+    fn strategy<T: AvroEvent>(&self, topic: &str) -> SubjectNameStrategy {
+        if self.auto_register {
+            let supplied = SuppliedSchema::new(None, SchemaType::Avro, T::AVSC.to_owned());
+            SubjectNameStrategy::TopicNameStrategyWithSchema(topic.to_owned(), false, supplied)
+        } else {
+            SubjectNameStrategy::TopicNameStrategy(topic.to_owned(), false)
+        }
+    }
+
+    /// Encodes `value` for `topic` with the subject `<topic>-value`: the schema is registered
+    /// (or, without auto-registration, the subject's latest version is used) and the value is
+    /// written with exactly the schema its id names.
+    pub async fn encode<T: AvroEvent>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+        let strategy = self.strategy::<T>(topic);
+        let subject = strategy.get_subject().map_err(CodecError::from_src)?;
+        let registered = self.encoder.get_schema_and_id(&subject, strategy).await.map_err(|e| {
+            // The library caches failures; a registry outage must not stick.
+            self.encoder.remove_errors_from_cache();
+            CodecError::from_src(e)
+        })?;
+        let body = encode_body_with(&registered.parsed, value)?;
+        Ok(frame(registered.id, &body))
+    }
+
+    /// Registers (or looks up) the schema of `T` for `topic` and returns its id.
+    pub async fn schema_id<T: AvroEvent>(&self, topic: &str) -> Result<u32, CodecError> {
+        let strategy = self.strategy::<T>(topic);
+        let subject = strategy.get_subject().map_err(CodecError::from_src)?;
+        let result = self.encoder.get_schema_and_id(&subject, strategy).await;
+        if result.is_err() {
+            self.encoder.remove_errors_from_cache();
+        }
+        result.map(|s| s.id).map_err(CodecError::from_src)
+    }
+
+    /// Decodes a Confluent-framed value written with any registered schema version, resolved
+    /// to our schema of `T` by Avro's evolution rules.
+    pub async fn decode<T: AvroEvent>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+        let (id, body) = unframe(bytes)?;
+        let writer = self.decoder.get_schema(id).await.map_err(|e| {
+            self.decoder.remove_errors_from_cache();
+            CodecError::from_src(e)
+        })?;
+        decode_with::<T>(&writer.parsed, body)
+    }
+}
+
+/// Splits the Confluent prefix from the Avro body.
+pub fn unframe(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    if bytes.len() < WIRE_HEADER_LEN {
+        return Err(CodecError::Framing(format!("{} bytes is shorter than the 5-byte header", bytes.len())));
+    }
+    if bytes[0] != 0 {
+        return Err(CodecError::Framing(format!("magic byte is {}, expected 0", bytes[0])));
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    Ok((id, &bytes[WIRE_HEADER_LEN..]))
+}
+
+/// Prefixes an Avro body with the Confluent header.
+pub fn frame(schema_id: u32, avro_body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(WIRE_HEADER_LEN + avro_body.len());
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(avro_body);
+    out
+}
+
+/// Encodes `value` as a bare Avro body with `T`'s own schema (no registry): for benchmarks and
+/// for tests that frame by hand.
+pub fn encode_body<T: AvroEvent>(value: &T) -> Result<Vec<u8>, CodecError> {
+    encode_body_with(T::schema(), value)
+}
+
+/// Encodes `value` as a bare Avro body with the given writer schema, serialising straight from
+/// serde into Avro binary (no intermediate value tree).
+pub fn encode_body_with<T: serde::Serialize>(writer: &Schema, value: &T) -> Result<Vec<u8>, CodecError> {
+    GenericDatumWriter::builder(writer)
+        .build()
+        .and_then(|w| w.write_ser_to_vec(value))
+        .map_err(|e| CodecError::Avro(e.to_string()))
+}
+
+/// Decodes a bare Avro body written with `writer`, resolved to `T`'s schema by Avro's
+/// evolution rules (defaults for fields the writer lacked, unknown enum symbols to defaults).
+pub fn decode_with<T: AvroEvent>(writer: &Schema, mut body: &[u8]) -> Result<T, CodecError> {
+    let reader = GenericDatumReader::builder(writer)
+        .reader_schema(T::schema())
+        .build()
+        .map_err(|e| CodecError::Avro(e.to_string()))?;
+    let value = reader.read_value(&mut body).map_err(|e| CodecError::Avro(e.to_string()))?;
+    if !body.is_empty() {
+        return Err(CodecError::Avro(format!("{} trailing bytes after the record", body.len())));
+    }
+    apache_avro::from_value::<T>(&value).map_err(|e| CodecError::Avro(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CommerceEvent, InventoryEvent, IntegrationCommand, SyncOutcome, sample, schema};
+
+    #[test]
+    fn checked_in_schemas_parse() {
+        for (topic, avsc) in schema::ALL {
+            Schema::parse_str(avsc).unwrap_or_else(|e| panic!("{topic}: {e}"));
+        }
+        // Touch each lazily parsed schema.
+        let _ = (CommerceEvent::schema(), InventoryEvent::schema(), SyncOutcome::schema(), IntegrationCommand::schema());
+    }
+
+    #[test]
+    fn commerce_event_round_trips_through_its_schema() {
+        for n in 0..50 {
+            let event = sample::order_placed(n);
+            let body = encode_body(&event).unwrap();
+            let framed = frame(7, &body);
+            let (id, rest) = unframe(&framed).unwrap();
+            assert_eq!(id, 7);
+            let back: CommerceEvent = decode_with(CommerceEvent::schema(), rest).unwrap();
+            assert_eq!(back, event);
+        }
+    }
+
+    #[test]
+    fn reader_resolves_older_writer_with_defaults() {
+        // An older writer schema without `erasure` and `inventory_status`.
+        let mut old: serde_json::Value = serde_json::from_str(schema::COMMERCE_EVENT_AVSC).unwrap();
+        old["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "erasure");
+        let order = old["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "order").unwrap();
+        order["type"][1]["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "inventory_status");
+        let old_schema = Schema::parse_str(&old.to_string()).unwrap();
+
+        #[derive(serde::Serialize)]
+        struct OldOrder<'a> {
+            entity_id: i64,
+            increment_id: &'a str,
+            state: &'a str,
+            status: &'a str,
+            currency: &'a str,
+            created_at: i64,
+            totals: &'a crate::OrderTotals,
+            items: &'a [crate::OrderItem],
+            billing_address: Option<&'a crate::Address>,
+            shipping_address: Option<&'a crate::Address>,
+            payment_method: Option<&'a str>,
+            shipping_method: Option<&'a str>,
+        }
+        #[derive(serde::Serialize)]
+        struct OldEvent<'a> {
+            event_id: &'a str,
+            event_type: crate::CommerceEventType,
+            source_system: &'a str,
+            source_version: &'a crate::SourceVersion,
+            occurred_at: i64,
+            produced_at: i64,
+            customer_key: &'a str,
+            store: &'a crate::StoreRef,
+            order: Option<OldOrder<'a>>,
+            customer: Option<&'a crate::Customer>,
+        }
+        let event = sample::order_placed(3);
+        let o = event.order.as_ref().unwrap();
+        let old_event = OldEvent {
+            event_id: &event.event_id,
+            event_type: event.event_type,
+            source_system: &event.source_system,
+            source_version: &event.source_version,
+            occurred_at: event.occurred_at,
+            produced_at: event.produced_at,
+            customer_key: &event.customer_key,
+            store: &event.store,
+            order: Some(OldOrder {
+                entity_id: o.entity_id,
+                increment_id: &o.increment_id,
+                state: &o.state,
+                status: &o.status,
+                currency: &o.currency,
+                created_at: o.created_at,
+                totals: &o.totals,
+                items: &o.items,
+                billing_address: o.billing_address.as_ref(),
+                shipping_address: o.shipping_address.as_ref(),
+                payment_method: o.payment_method.as_deref(),
+                shipping_method: o.shipping_method.as_deref(),
+            }),
+            customer: event.customer.as_ref(),
+        };
+        let body = encode_body_with(&old_schema, &old_event).unwrap();
+        let back: CommerceEvent = decode_with(&old_schema, &body).unwrap();
+        let mut expected = event.clone();
+        expected.order.as_mut().unwrap().inventory_status = crate::InventoryStatus::Unchecked;
+        assert_eq!(back, expected);
+    }
+
+    #[test]
+    fn garbage_is_a_permanent_error() {
+        assert!(matches!(unframe(&[1, 0, 0, 0, 1, 2]), Err(CodecError::Framing(_))));
+        assert!(matches!(unframe(&[0, 0]), Err(CodecError::Framing(_))));
+        let err = decode_with::<CommerceEvent>(CommerceEvent::schema(), &[0xff, 0xff, 0xff]).unwrap_err();
+        assert!(!err.is_retriable());
+    }
+}
