@@ -1,0 +1,172 @@
+//! Idempotent producer: `acks=all`, `enable.idempotence=true`, and every send awaits the
+//! broker's delivery report, so a caller that gets `Ok` knows the record is durable.
+
+use std::time::{Duration, Instant};
+
+use elo_telemetry::Health;
+use rdkafka::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::{Error, KafkaArgs, Result, headers, metrics};
+
+/// Where the broker stored a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Reports connection-level errors (authentication, all brokers down) to health and metrics.
+pub struct ConnectionContext {
+    health: Health,
+    check: &'static str,
+}
+
+impl ConnectionContext {
+    pub(crate) fn new(health: Health, check: &'static str) -> Self {
+        Self { health, check }
+    }
+}
+
+impl ClientContext for ConnectionContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        let label = Error::Kafka(error.clone()).code();
+        metrics::CLIENT_ERRORS.with_label_values(&[self.check, label]).inc();
+        let fatal = matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::Fatal
+            )
+        );
+        if fatal {
+            tracing::error!(error = %error, reason, check = self.check, "kafka connection failing");
+            self.health.set_ready(self.check, false, format!("{label}: {reason}"));
+        } else {
+            tracing::warn!(error = %error, reason, check = self.check, "kafka client error");
+        }
+    }
+}
+
+/// The shared producer of a service (cheap to clone).
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer<ConnectionContext>,
+    health: Health,
+}
+
+impl Producer {
+    /// Creates the producer; it connects lazily. Call [`Producer::wait_connected`] to gate
+    /// readiness on a successful metadata round-trip.
+    pub fn new(args: &KafkaArgs, health: Health) -> Result<Self> {
+        metrics::register_all();
+        let inner = args
+            .client_config(&[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "5"),
+                ("compression.type", "lz4"),
+            ])?
+            .create_with_context(ConnectionContext::new(health.clone(), "kafka_producer"))?;
+        health.set_ready("kafka_producer", false, "connecting");
+        Ok(Self { inner, health })
+    }
+
+    /// Waits until the brokers answer a metadata request (credentials accepted), then marks
+    /// the producer ready. Retries until `deadline`.
+    pub async fn wait_connected(&self, deadline: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let producer = self.inner.clone();
+            let attempt = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(None, Timeout::After(Duration::from_secs(5))).map(|_| ())
+            })
+            .await
+            .expect("metadata task does not panic");
+            match attempt {
+                Ok(()) => {
+                    self.health.set_ready("kafka_producer", true, "connected");
+                    return Ok(());
+                }
+                Err(error) if started.elapsed() < deadline => {
+                    tracing::warn!(error = %error, "kafka not reachable yet, retrying");
+                    self.health.set_ready("kafka_producer", false, format!("{error}"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    self.health.set_ready("kafka_producer", false, format!("{error}"));
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    /// Sends one record with the event-type header and the current trace context, and waits
+    /// for the broker's acknowledgement. `QueueFull` is returned at once, not waited out, so
+    /// an HTTP front can answer 503 with `Retry-After`.
+    pub async fn send(&self, topic: &str, key: &[u8], payload: &[u8], event_type: Option<&str>) -> Result<Delivery> {
+        let trace = elo_telemetry::propagation::inject_current();
+        let mut pairs: Vec<(&str, &[u8])> = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+        if let Some(event_type) = event_type {
+            pairs.push((headers::EVENT_TYPE, event_type.as_bytes()));
+        }
+        self.send_with_headers(topic, Some(key), Some(payload), headers::to_owned_headers(pairs)).await
+    }
+
+    /// Sends a record with exactly the given headers (DLQ writes keep the originals).
+    pub async fn send_with_headers(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<Delivery> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        let started = Instant::now();
+        let delivery = match self.inner.send_result(record) {
+            Ok(future) => future,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, "queue_full"]).inc();
+                return Err(Error::QueueFull);
+            }
+            Err((error, _)) => {
+                let error = Error::Kafka(error);
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, error.code()]).inc();
+                return Err(error);
+            }
+        };
+        match delivery.await {
+            Ok(Ok(d)) => {
+                metrics::PRODUCED.with_label_values(&[topic]).inc();
+                metrics::PRODUCE_LATENCY.with_label_values(&[topic]).observe(started.elapsed().as_secs_f64());
+                Ok(Delivery { partition: d.partition, offset: d.offset })
+            }
+            Ok(Err((error, _))) => {
+                let error = Error::Kafka(error);
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, error.code()]).inc();
+                Err(error)
+            }
+            Err(_canceled) => {
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, "canceled"]).inc();
+                Err(Error::Kafka(KafkaError::Canceled))
+            }
+        }
+    }
+
+    /// Waits for every outstanding record (shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        self.inner.flush(Timeout::After(timeout)).map_err(Error::from)
+    }
+}
