@@ -1,1 +1,244 @@
-//! placeholder
+//! Shared harness for Elo's integration tests.
+//!
+//! The tests run against the real Tansu broker and the local registry that
+//! `scripts/stack.sh` starts for `make test`; their addresses come from `ELO_TEST_BROKERS` and
+//! `ELO_TEST_REGISTRY`. Tests that need a broker of their own (authentication, TLS) start
+//! one with [`TansuProcess`]. Every test uses random topic and group names, so tests can run
+//! in parallel against one broker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// Broker address of the shared test broker.
+pub fn brokers() -> String {
+    std::env::var("ELO_TEST_BROKERS").expect("ELO_TEST_BROKERS is not set: run the broker tests with `make test` (scripts/stack.sh starts Tansu)")
+}
+
+/// URL of the shared test registry.
+pub fn registry_url() -> String {
+    std::env::var("ELO_TEST_REGISTRY").expect("ELO_TEST_REGISTRY is not set: run the broker tests with `make test`")
+}
+
+/// A name unique to this run.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{}-{}-{}", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Creates topics on the shared broker.
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let args = elo_kafka::KafkaArgs::local(brokers);
+    let specs: Vec<_> = topics.iter().map(|(t, p)| elo_kafka::TopicSpec::new(*t, *p)).collect();
+    elo_kafka::ensure_topics(&args, &specs, Duration::from_secs(10)).await.expect("create topics");
+}
+
+/// A plain producer for test input.
+pub fn producer(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .expect("producer")
+}
+
+/// Produces `(key, payload)` pairs and waits for every acknowledgement; returns where each went.
+pub async fn produce(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) -> Vec<(i32, i64)> {
+    let futures: Vec<_> = records
+        .iter()
+        .map(|(k, v)| producer.send(FutureRecord::to(topic).key(k.as_bytes()).payload(v.as_slice()), Duration::from_secs(10)))
+        .collect();
+    let mut out = Vec::new();
+    for f in futures {
+        let d = f.await.map_err(|(e, _)| e).expect("delivery");
+        out.push((d.partition, d.offset));
+    }
+    out
+}
+
+/// Reads a whole topic (every partition from the beginning up to its high watermark).
+pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0i64;
+    let mut highs = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        remaining += high - low;
+        highs.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while remaining > 0 && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("read");
+            if m.offset() < highs[&m.partition()] {
+                remaining -= 1;
+                out.push(m.detach());
+            }
+        }
+    }
+    assert_eq!(remaining, 0, "could not read all of {topic}");
+    out
+}
+
+/// Offsets committed by `group` for each partition of `topic` (absent = none committed).
+pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("offset reader");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing behind.
+pub struct ChildGuard {
+    pub child: Child,
+    pub name: String,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, command: &mut Command) -> Self {
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { child, name: name.to_owned() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (`TERM`, `KILL`) through `kill(1)`.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.name);
+    }
+
+    /// Waits for exit up to `timeout`; returns the exit status if it exited.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Lines of an output file written by `elo-test-consumer`, as (partition, offset, key).
+pub fn applied(path: &Path) -> Vec<(i32, i64, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.to_owned()))
+        })
+        .collect()
+}
+
+/// Where the Tansu binary is: `ELO_TANSU_BIN`, else the tools folder `make` installs into.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("ELO_TANSU_BIN") {
+        return PathBuf::from(path);
+    }
+    let tools = std::env::var("ELO_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/elo/tools"));
+    tools.join("tansu/bin/tansu")
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A Tansu broker of a test's own, with sqlite storage in `dir`.
+pub struct TansuProcess {
+    pub guard: ChildGuard,
+    pub port: u16,
+}
+
+impl TansuProcess {
+    /// Starts Tansu on `port` (advertising `advertised`), optionally with authentication.
+    pub fn start(dir: &Path, port: u16, advertised: &str, authentication: bool) -> Self {
+        let mut cmd = Command::new(tansu_bin());
+        cmd.arg("broker")
+            .arg("--listener-url")
+            .arg(format!("tcp://127.0.0.1:{port}"))
+            .arg("--advertised-listener-url")
+            .arg(advertised)
+            .arg("--storage-engine")
+            .arg("sqlite://tansu.db")
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("tansu-{port}.log"))).unwrap());
+        if authentication {
+            cmd.arg("--authentication");
+        }
+        let guard = ChildGuard::spawn("tansu", &mut cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not start on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { guard, port }
+    }
+}

@@ -77,6 +77,7 @@ pub fn app(store: Store) -> Router {
         .route("/config", get(global_config).put(set_global_config))
         .route("/config/{subject}", get(subject_config).put(set_subject_config))
         .route("/mode", get(|| async { ok(json!({"mode": "READWRITE"})) }))
+        .fallback(|| async { ApiError { code: 404, message: "HTTP 404 Not Found".into() } })
         .with_state(shared)
 }
 
@@ -155,10 +156,14 @@ async fn delete_version(State(s): State<Shared>, Path((subject, version)): Path<
     ok(json!(lock(&s).delete_version(&subject, &version)?))
 }
 
+/// Query flags arrive as `true`, `True`, `false`...; anything but true-ish is false.
+fn flag(value: &Option<String>) -> bool {
+    value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 #[derive(Deserialize)]
 struct Verbose {
-    #[serde(default)]
-    verbose: bool,
+    verbose: Option<String>,
 }
 
 async fn compatibility(
@@ -169,13 +174,13 @@ async fn compatibility(
 ) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let problems = lock(&s).check(&subject, &body.schema, Some(&version))?;
-    compatibility_answer(problems, q.verbose)
+    compatibility_answer(problems, flag(&q.verbose))
 }
 
 async fn compatibility_all(State(s): State<Shared>, Path(subject): Path<String>, Query(q): Query<Verbose>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let problems = lock(&s).check(&subject, &body.schema, None)?;
-    compatibility_answer(problems, q.verbose)
+    compatibility_answer(problems, flag(&q.verbose))
 }
 
 fn compatibility_answer(problems: Vec<String>, verbose: bool) -> Result<Response, ApiError> {
@@ -209,13 +214,13 @@ async fn set_global_config(State(s): State<Shared>, body: Bytes) -> Result<Respo
 
 #[derive(Deserialize)]
 struct DefaultToGlobal {
-    #[serde(default, rename = "defaultToGlobal")]
-    default_to_global: bool,
+    #[serde(rename = "defaultToGlobal")]
+    default_to_global: Option<String>,
 }
 
 async fn subject_config(State(s): State<Shared>, Path(subject): Path<String>, Query(q): Query<DefaultToGlobal>) -> Result<Response, ApiError> {
     let store = lock(&s);
-    match (store.subject_compatibility(&subject), q.default_to_global) {
+    match (store.subject_compatibility(&subject), flag(&q.default_to_global)) {
         (Some(level), _) => ok(json!({"compatibilityLevel": level})),
         (None, true) => ok(json!({"compatibilityLevel": store.global_compatibility()})),
         (None, false) => Err(ApiError { code: 40408, message: format!("Subject '{subject}' does not have subject-level compatibility configured") }),
