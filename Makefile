@@ -1,0 +1,40 @@
+# Elo — the two commands that matter are `make run` and `make test`.
+SHELL := /bin/bash
+export ELO_TOOLS_DIR ?= $(HOME)/.cache/elo/tools
+CARGO ?= cargo
+# Test stack ports differ from `make run`'s so both can run on one machine.
+TEST_KAFKA_PORT ?= 19092
+TEST_REGISTRY_PORT ?= 18081
+
+.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data
+
+## run: install tools if missing, start broker + registry + all services; Ctrl-C stops all
+run: setup build
+	scripts/stack.sh --data .data -- scripts/run-local.sh
+
+## test: format check, clippy -D warnings, unit and integration tests against a real broker
+test: setup fmt-check lint build unit-and-integration
+
+setup:
+	scripts/install-tools.sh --with-python
+
+build:
+	$(CARGO) build --workspace --bins
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-and-integration:
+	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
+	  scripts/stack.sh -- $(CARGO) nextest run --workspace --profile ci
+
+## bench: throughput benchmarks, reported as ratios against a baseline of the same run
+bench: setup build
+	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
+	  scripts/stack.sh -- $(CARGO) run --release -p elo-integration-tests --bin elo-bench
+
+clean-data:
+	rm -rf .data
