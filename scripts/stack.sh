@@ -47,7 +47,8 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
+# Ctrl-C reaches the command too; its exit status decides ours.
+trap ':' INT
 trap 'exit 143' TERM
 
 wait_port() {
