@@ -42,7 +42,7 @@ fn uuid_like() -> String {
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     let args = elo_kafka::KafkaArgs::local(brokers);
     let specs: Vec<_> = topics.iter().map(|(t, p)| elo_kafka::TopicSpec::new(*t, *p)).collect();
-    elo_kafka::ensure_topics(&args, &specs, Duration::from_secs(10)).await.expect("create topics");
+    elo_kafka::ensure_topics(&args, &specs, Duration::from_secs(10), &elo_telemetry::Health::new()).await.expect("create topics");
 }
 
 /// A plain producer for test input.
@@ -242,3 +242,4 @@ impl TansuProcess {
         Self { guard, port }
     }
 }
+

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use elo_telemetry::Health;
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::producer::{AUTH_CHECK, ConnectionContext};
 use crate::{Error, KafkaArgs, Result};
 
 /// A topic to provision.
@@ -38,9 +39,11 @@ impl TopicSpec {
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
-/// Returns the names it created.
-pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec], timeout: Duration) -> Result<Vec<String>> {
-    let admin: AdminClient<DefaultClientContext> = args.client_config(&[])?.create()?;
+/// Returns the names it created. Connection problems (refused credentials) are reported on
+/// `health` as they happen.
+pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec], timeout: Duration, health: &Health) -> Result<Vec<String>> {
+    let admin: AdminClient<ConnectionContext> =
+        args.client_config(&[])?.create_with_context(ConnectionContext::new(health.clone(), "kafka_topics"))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -52,6 +55,7 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec], timeout: Dura
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
     let results = admin.create_topics(new_topics.iter(), &options).await?;
+    health.set_ready(AUTH_CHECK, true, "credentials accepted");
     let mut created = Vec::new();
     for result in results {
         match result {

@@ -219,6 +219,7 @@ impl<H: Handler> ConsumerContext for RuntimeContext<H> {
                 }
                 update_assigned_gauge(&workers);
                 tracing::info!(assigned = workers.len(), "partitions assigned");
+                self.health.set_ready(crate::producer::AUTH_CHECK, true, "credentials accepted");
                 self.health.set_ready("kafka_consumer", true, format!("group joined, {} partitions", workers.len()));
             }
             Rebalance::Revoke(_) => {}

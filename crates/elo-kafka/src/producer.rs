@@ -36,16 +36,13 @@ impl ClientContext for ConnectionContext {
         let code = error.rdkafka_error_code();
         let label = Error::Kafka(error.clone()).code();
         metrics::CLIENT_ERRORS.with_label_values(&[self.check, label]).inc();
-        let fatal = matches!(
-            code,
-            Some(
-                RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::AllBrokersDown
-                    | RDKafkaErrorCode::Fatal
-            )
-        );
-        if fatal {
+        let auth = matches!(code, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed));
+        let down = matches!(code, Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::Fatal));
+        if auth {
+            // Its own check, so later "brokers down" noise cannot hide the real cause.
+            tracing::error!(error = %error, reason, check = self.check, "kafka refused our credentials");
+            self.health.set_ready(AUTH_CHECK, false, format!("authentication failed: {reason}"));
+        } else if down {
             tracing::error!(error = %error, reason, check = self.check, "kafka connection failing");
             self.health.set_ready(self.check, false, format!("{label}: {reason}"));
         } else {
@@ -53,6 +50,9 @@ impl ClientContext for ConnectionContext {
         }
     }
 }
+
+/// Readiness check that reports rejected broker credentials until a later request succeeds.
+pub const AUTH_CHECK: &str = "kafka_auth";
 
 /// The shared producer of a service (cheap to clone).
 #[derive(Clone)]
@@ -91,6 +91,7 @@ impl Producer {
             .expect("metadata task does not panic");
             match attempt {
                 Ok(()) => {
+                    self.health.set_ready(AUTH_CHECK, true, "credentials accepted");
                     self.health.set_ready("kafka_producer", true, "connected");
                     return Ok(());
                 }

@@ -132,7 +132,7 @@ impl Service {
             let mut attempt = 0u32;
             loop {
                 let outcome = tokio::select! {
-                    r = elo_kafka::ensure_topics(&common.kafka, &topics, Duration::from_secs(10)) => r,
+                    r = elo_kafka::ensure_topics(&common.kafka, &topics, Duration::from_secs(10), &health) => r,
                     _ = shutdown.cancelled() => return Ok(None),
                 };
                 match outcome {

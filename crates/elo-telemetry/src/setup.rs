@@ -68,8 +68,10 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
     let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service));
 
     let fmt_layer = match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        // Logs go to stderr; stdout stays free for command output.
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
             .with_current_span(true)
