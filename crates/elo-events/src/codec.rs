@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -87,6 +90,8 @@ pub struct EventCodec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
     auto_register: bool,
+    /// Writer schemas by id, decimals read as plain bytes (see [`decoding_schema`]).
+    writers: Mutex<HashMap<u32, Arc<Schema>>>,
 }
 
 impl std::fmt::Debug for EventCodec {
@@ -110,6 +115,7 @@ impl EventCodec {
             encoder: AvroEncoder::new(build()?),
             decoder: AvroDecoder::new(build()?),
             auto_register: config.auto_register,
+            writers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,12 +158,47 @@ impl EventCodec {
     /// to our schema of `T` by Avro's evolution rules.
     pub async fn decode<T: AvroEvent>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let (id, body) = unframe(bytes)?;
-        let writer = self.decoder.get_schema(id).await.map_err(|e| {
-            self.decoder.remove_errors_from_cache();
-            CodecError::from_src(e)
-        })?;
-        decode_with::<T>(&writer.parsed, body)
+        let cached = self.writers.lock().expect("writer cache lock").get(&id).cloned();
+        let writer = match cached {
+            Some(writer) => writer,
+            None => {
+                let registered = self.decoder.get_schema(id).await.map_err(|e| {
+                    self.decoder.remove_errors_from_cache();
+                    CodecError::from_src(e)
+                })?;
+                let writer = Arc::new(decoding_schema(&registered.raw)?);
+                self.writers.lock().expect("writer cache lock").insert(id, writer.clone());
+                writer
+            }
+        };
+        decode_with::<T>(&writer, body)
     }
+}
+
+/// Parses a schema for *decoding*, with every `decimal` logical type read as its underlying
+/// `bytes`/`fixed`. The wire format is identical; [`Decimal4`](crate::Decimal4) turns the
+/// bytes into the value. The reason: apache-avro 0.22's resolver rejects a bytes decimal
+/// shorter than its precision would need (`max_prec_for_len(len) < precision`), yet Avro
+/// writers such as fastavro and the Java library write the shortest two's complement, so
+/// `20.14` arrives as 3 bytes. Elo must read what every other producer writes.
+pub fn decoding_schema(avsc: &str) -> Result<Schema, CodecError> {
+    fn strip(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                if map.get("logicalType").and_then(|v| v.as_str()) == Some("decimal") {
+                    map.remove("logicalType");
+                    map.remove("precision");
+                    map.remove("scale");
+                }
+                map.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut json: serde_json::Value = serde_json::from_str(avsc).map_err(|e| CodecError::Avro(format!("schema is not JSON: {e}")))?;
+    strip(&mut json);
+    Schema::parse(&json).map_err(|e| CodecError::Avro(e.to_string()))
 }
 
 /// Splits the Confluent prefix from the Avro body.
@@ -200,7 +241,7 @@ pub fn encode_body_with<T: serde::Serialize>(writer: &Schema, value: &T) -> Resu
 /// evolution rules (defaults for fields the writer lacked, unknown enum symbols to defaults).
 pub fn decode_with<T: AvroEvent>(writer: &Schema, mut body: &[u8]) -> Result<T, CodecError> {
     let reader = GenericDatumReader::builder(writer)
-        .reader_schema(T::schema())
+        .reader_schema(T::decoding_schema())
         .build()
         .map_err(|e| CodecError::Avro(e.to_string()))?;
     let value = reader.read_value(&mut body).map_err(|e| CodecError::Avro(e.to_string()))?;
@@ -232,7 +273,7 @@ mod tests {
             let framed = frame(7, &body);
             let (id, rest) = unframe(&framed).unwrap();
             assert_eq!(id, 7);
-            let back: CommerceEvent = decode_with(CommerceEvent::schema(), rest).unwrap();
+            let back: CommerceEvent = decode_with(CommerceEvent::decoding_schema(), rest).unwrap();
             assert_eq!(back, event);
         }
     }
@@ -302,17 +343,43 @@ mod tests {
             customer: event.customer.as_ref(),
         };
         let body = encode_body_with(&old_schema, &old_event).unwrap();
-        let back: CommerceEvent = decode_with(&old_schema, &body).unwrap();
+        let back: CommerceEvent = decode_with(&decoding_schema(&old.to_string()).unwrap(), &body).unwrap();
         let mut expected = event.clone();
         expected.order.as_mut().unwrap().inventory_status = crate::InventoryStatus::Unchecked;
         assert_eq!(back, expected);
     }
 
     #[test]
+    fn decimals_of_any_byte_length_decode() {
+        use apache_avro::types::Value;
+        // Other writers use the shortest two's complement: 20.14 is [0x03, 0x12, 0xb8].
+        let writer = decoding_schema(schema::INVENTORY_EVENT_AVSC).unwrap();
+        for (bytes, expected) in [(vec![0x03u8, 0x12, 0xb8], 201_400i64), (vec![0xff], -1), (vec![], 0)] {
+            let record = Value::Record(vec![
+                ("event_id".into(), Value::String("e".into())),
+                ("event_type".into(), Value::Enum(2, "OVERSOLD".into())),
+                ("source_system".into(), Value::String("magento".into())),
+                ("sku".into(), Value::String("SKU-1".into())),
+                ("stock_id".into(), Value::Int(1)),
+                ("salable_qty".into(), Value::Bytes(bytes.clone())),
+                ("low_stock_threshold".into(), Value::Union(1, Box::new(Value::Bytes(vec![0x01])))),
+                ("order_increment_id".into(), Value::Union(0, Box::new(Value::Null))),
+                ("occurred_at".into(), Value::Long(1)),
+                ("produced_at".into(), Value::Long(2)),
+            ]);
+            let body = apache_avro::to_avro_datum(&writer, record).unwrap();
+            let event: InventoryEvent = decode_with(&writer, &body).unwrap();
+            assert_eq!(event.salable_qty.unscaled(), expected, "{bytes:?}");
+            assert_eq!(event.low_stock_threshold.map(|d| d.unscaled()), Some(1));
+            assert_eq!(event.event_type, crate::InventoryEventType::Oversold);
+        }
+    }
+
+    #[test]
     fn garbage_is_a_permanent_error() {
         assert!(matches!(unframe(&[1, 0, 0, 0, 1, 2]), Err(CodecError::Framing(_))));
         assert!(matches!(unframe(&[0, 0]), Err(CodecError::Framing(_))));
-        let err = decode_with::<CommerceEvent>(CommerceEvent::schema(), &[0xff, 0xff, 0xff]).unwrap_err();
+        let err = decode_with::<CommerceEvent>(CommerceEvent::decoding_schema(), &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(!err.is_retriable());
     }
 }

@@ -19,8 +19,10 @@ pub trait AvroEvent: serde::Serialize + serde::de::DeserializeOwned + Send + Syn
     const AVSC: &'static str;
     /// Default topic name (configurable per deployment).
     const DEFAULT_TOPIC: &'static str;
-    /// The parsed schema, used as the reader schema when decoding.
+    /// The parsed schema (what Elo writes with).
     fn schema() -> &'static Schema;
+    /// The schema Elo reads with: decimals as plain bytes, see [`crate::codec::decoding_schema`].
+    fn decoding_schema() -> &'static Schema;
 }
 
 macro_rules! avro_event {
@@ -31,6 +33,12 @@ macro_rules! avro_event {
             fn schema() -> &'static Schema {
                 static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
                     Schema::parse_str($avsc).expect("checked-in schema parses (tested)")
+                });
+                &SCHEMA
+            }
+            fn decoding_schema() -> &'static Schema {
+                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+                    crate::codec::decoding_schema($avsc).expect("checked-in schema parses (tested)")
                 });
                 &SCHEMA
             }
