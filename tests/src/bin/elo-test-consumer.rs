@@ -65,7 +65,7 @@ impl Handler for FileSink {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = elo_telemetry::TelemetryArgs { log_filter: "info".into(), log_format: elo_telemetry::LogFormat::Text, otlp_endpoint: None };
+    let telemetry = elo_telemetry::TelemetryArgs { log_filter: "info".into(), trace_filter: "info".into(), log_format: elo_telemetry::LogFormat::Text, otlp_endpoint: None };
     let _guard = elo_telemetry::init("elo-test-consumer", &telemetry)?;
     let shutdown = elo_telemetry::shutdown::on_signals();
     let health = elo_telemetry::Health::new();
