@@ -32,7 +32,12 @@ pub fn order_placed(n: u64) -> CommerceEvent {
         telephone: Some("+55 11 90000-0000".into()),
     };
     CommerceEvent {
-        event_id: ids::event_id(&["magento", "order", &entity_id.to_string(), &updated_at.to_string()]),
+        event_id: ids::event_id(&[
+            "magento",
+            "order",
+            &entity_id.to_string(),
+            &updated_at.to_string(),
+        ]),
         event_type: CommerceEventType::OrderPlaced,
         source_system: "magento".into(),
         source_version: SourceVersion {
@@ -43,7 +48,15 @@ pub fn order_placed(n: u64) -> CommerceEvent {
         occurred_at: updated_at,
         produced_at: updated_at + 250,
         customer_key: ids::customer_key(customer_id, &email),
-        store: StoreRef { store_id: (n % 2) as i32 + 1, store_code: Some(if n % 2 == 0 { "default".into() } else { "br".into() }), website_id: Some(1) },
+        store: StoreRef {
+            store_id: (n % 2) as i32 + 1,
+            store_code: Some(if n.is_multiple_of(2) {
+                "default".into()
+            } else {
+                "br".into()
+            }),
+            website_id: Some(1),
+        },
         order: Some(Order {
             entity_id,
             increment_id: format!("{:09}", entity_id),
@@ -52,7 +65,9 @@ pub fn order_placed(n: u64) -> CommerceEvent {
             currency: "BRL".into(),
             created_at: updated_at,
             totals: OrderTotals {
-                grand_total: row_total.checked_add(shipping).expect("small sample values"),
+                grand_total: row_total
+                    .checked_add(shipping)
+                    .expect("small sample values"),
                 subtotal: row_total,
                 tax: Decimal4::ZERO,
                 shipping,
@@ -87,7 +102,11 @@ pub fn order_placed(n: u64) -> CommerceEvent {
             group_id: Some(if guest { 0 } else { 1 }),
             phone: None,
             consent: MarketingConsent {
-                status: if n % 5 == 0 { ConsentStatus::Declined } else { ConsentStatus::Granted },
+                status: if n.is_multiple_of(5) {
+                    ConsentStatus::Declined
+                } else {
+                    ConsentStatus::Granted
+                },
                 legal_basis: Some("consent".into()),
                 updated_at: Some(BASE_MS),
             },

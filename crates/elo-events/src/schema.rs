@@ -11,7 +11,8 @@ pub const INVENTORY_EVENT_AVSC: &str = include_str!("../../../schemas/inventory.
 /// `schemas/integration.outcomes.avsc`.
 pub const SYNC_OUTCOME_AVSC: &str = include_str!("../../../schemas/integration.outcomes.avsc");
 /// `schemas/integration.commands.avsc`.
-pub const INTEGRATION_COMMAND_AVSC: &str = include_str!("../../../schemas/integration.commands.avsc");
+pub const INTEGRATION_COMMAND_AVSC: &str =
+    include_str!("../../../schemas/integration.commands.avsc");
 
 /// A type carried on a topic as Avro: its schema and the topic it lives on by default.
 pub trait AvroEvent: serde::Serialize + serde::de::DeserializeOwned + Send + Sync {
@@ -47,9 +48,21 @@ macro_rules! avro_event {
 }
 
 avro_event!(crate::CommerceEvent, COMMERCE_EVENT_AVSC, "commerce.events");
-avro_event!(crate::InventoryEvent, INVENTORY_EVENT_AVSC, "inventory.events");
-avro_event!(crate::SyncOutcome, SYNC_OUTCOME_AVSC, "integration.outcomes");
-avro_event!(crate::IntegrationCommand, INTEGRATION_COMMAND_AVSC, "integration.commands");
+avro_event!(
+    crate::InventoryEvent,
+    INVENTORY_EVENT_AVSC,
+    "inventory.events"
+);
+avro_event!(
+    crate::SyncOutcome,
+    SYNC_OUTCOME_AVSC,
+    "integration.outcomes"
+);
+avro_event!(
+    crate::IntegrationCommand,
+    INTEGRATION_COMMAND_AVSC,
+    "integration.commands"
+);
 
 /// Every schema with its default topic, for provisioning and compatibility checks.
 pub const ALL: &[(&str, &str)] = &[

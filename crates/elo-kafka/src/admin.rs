@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use elo_telemetry::Health;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::producer::{AUTH_CHECK, ConnectionContext};
@@ -22,7 +22,12 @@ pub struct TopicSpec {
 
 impl TopicSpec {
     pub fn new(name: impl Into<String>, partitions: i32) -> Self {
-        Self { name: name.into(), partitions, replication: 1, configs: Vec::new() }
+        Self {
+            name: name.into(),
+            partitions,
+            replication: 1,
+            configs: Vec::new(),
+        }
     }
     pub fn with_replication(mut self, replication: i32) -> Self {
         self.replication = replication;
@@ -41,19 +46,31 @@ impl TopicSpec {
 /// Creates the topics that do not exist yet; existing ones are left as they are.
 /// Returns the names it created. Connection problems (refused credentials) are reported on
 /// `health` as they happen.
-pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec], timeout: Duration, health: &Health) -> Result<Vec<String>> {
-    let admin: AdminClient<ConnectionContext> =
-        args.client_config(&[])?.create_with_context(ConnectionContext::new(health.clone(), "kafka_topics"))?;
+pub async fn ensure_topics(
+    args: &KafkaArgs,
+    topics: &[TopicSpec],
+    timeout: Duration,
+    health: &Health,
+) -> Result<Vec<String>> {
+    let admin: AdminClient<ConnectionContext> = args
+        .client_config(&[])?
+        .create_with_context(ConnectionContext::new(health.clone(), "kafka_topics"))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
             t.configs.iter().fold(
-                NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication)),
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication),
+                ),
                 |nt, (k, v)| nt.set(k, v),
             )
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(timeout))
+        .request_timeout(Some(timeout));
     let results = admin.create_topics(new_topics.iter(), &options).await?;
     health.set_ready(AUTH_CHECK, true, "credentials accepted");
     let mut created = Vec::new();
@@ -64,7 +81,12 @@ pub async fn ensure_topics(args: &KafkaArgs, topics: &[TopicSpec], timeout: Dura
                 created.push(name);
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(Error::TopicCreation { topic: name, reason: code.to_string() }),
+            Err((name, code)) => {
+                return Err(Error::TopicCreation {
+                    topic: name,
+                    reason: code.to_string(),
+                });
+            }
         }
     }
     Ok(created)

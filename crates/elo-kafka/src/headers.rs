@@ -9,13 +9,29 @@ pub const EVENT_TYPE: &str = "elo-event-type";
 
 /// Builds rdkafka headers from name/value pairs.
 pub fn to_owned_headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
-    pairs.into_iter().fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
 }
 
 /// Collects headers into owned pairs, keeping order and duplicates.
 pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Vec<u8>)> {
     headers
-        .map(|h| h.iter().map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+        .map(|h| {
+            h.iter()
+                .map(|header| {
+                    (
+                        header.key.to_owned(),
+                        header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -23,6 +39,10 @@ pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Vec<u8>)> {
 pub fn text_map(headers: &[(String, Vec<u8>)]) -> HashMap<String, String> {
     headers
         .iter()
-        .filter_map(|(k, v)| std::str::from_utf8(v).ok().map(|v| (k.clone(), v.to_owned())))
+        .filter_map(|(k, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .map(|v| (k.clone(), v.to_owned()))
+        })
         .collect()
 }

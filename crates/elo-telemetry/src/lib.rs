@@ -14,8 +14,8 @@
 pub mod admin;
 pub mod propagation;
 pub mod redact;
-pub mod shutdown;
 mod setup;
+pub mod shutdown;
 
 pub use admin::{Health, serve_admin};
 pub use setup::{LogFormat, TelemetryArgs, TelemetryGuard, init};
@@ -24,11 +24,17 @@ pub use setup::{LogFormat, TelemetryArgs, TelemetryGuard, init};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid log filter {filter:?}: {source}")]
-    LogFilter { filter: String, source: tracing_subscriber::filter::ParseError },
+    LogFilter {
+        filter: String,
+        source: tracing_subscriber::filter::ParseError,
+    },
     #[error("otlp exporter: {0}")]
     Otlp(String),
     #[error("admin server could not bind {addr}: {source}")]
-    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Result alias for this crate.

@@ -22,11 +22,20 @@ pub struct TelemetryArgs {
     #[arg(long = "log-filter", env = "ELO_LOG", default_value = "info")]
     pub log_filter: String,
     /// Log format.
-    #[arg(long = "log-format", env = "ELO_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long = "log-format",
+        env = "ELO_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub log_format: LogFormat,
     /// Span filter for tracing (independent of the log filter, so quiet logs do not break
     /// trace propagation through Kafka).
-    #[arg(long = "trace-filter", env = "ELO_TRACE_FILTER", default_value = "info")]
+    #[arg(
+        long = "trace-filter",
+        env = "ELO_TRACE_FILTER",
+        default_value = "info"
+    )]
     pub trace_filter: String,
     /// OTLP/HTTP endpoint for traces (e.g. `http://otel-collector:4318`); unset = no export.
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -51,12 +60,19 @@ impl Drop for TelemetryGuard {
 /// (so `traceparent` propagates through Kafka even without an exporter); they are exported
 /// only when an OTLP endpoint is configured.
 pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuard> {
-    let filter = EnvFilter::try_new(&args.log_filter)
-        .map_err(|source| Error::LogFilter { filter: args.log_filter.clone(), source })?;
-    let trace_filter = EnvFilter::try_new(&args.trace_filter)
-        .map_err(|source| Error::LogFilter { filter: args.trace_filter.clone(), source })?;
+    let filter = EnvFilter::try_new(&args.log_filter).map_err(|source| Error::LogFilter {
+        filter: args.log_filter.clone(),
+        source,
+    })?;
+    let trace_filter =
+        EnvFilter::try_new(&args.trace_filter).map_err(|source| Error::LogFilter {
+            filter: args.trace_filter.clone(),
+            source,
+        })?;
 
-    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = &args.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -71,11 +87,16 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service)).with_filter(trace_filter);
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service))
+        .with_filter(trace_filter);
 
     let fmt_layer = match args.log_format {
         // Logs go to stderr; stdout stays free for command output.
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(true)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .json()
@@ -86,16 +107,25 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
     }
     .with_filter(filter);
     // `try_init` fails when a subscriber is already set (tests): keep the first one.
-    let _ = tracing_subscriber::registry().with(otel_layer).with(fmt_layer).try_init();
-    BUILD_INFO.with_label_values(&[service, env!("CARGO_PKG_VERSION")]).set(1);
+    let _ = tracing_subscriber::registry()
+        .with(otel_layer)
+        .with(fmt_layer)
+        .try_init();
+    BUILD_INFO
+        .with_label_values(&[service, env!("CARGO_PKG_VERSION")])
+        .set(1);
     Ok(TelemetryGuard { provider })
 }
 
 /// `elo_build_info{service,version} 1`: every service exports at least this from its first
 /// scrape, and dashboards join on it to show versions.
 static BUILD_INFO: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(|| {
-    prometheus::register_int_gauge_vec!("elo_build_info", "Service name and version; always 1.", &["service", "version"])
-        .expect("metric registers once")
+    prometheus::register_int_gauge_vec!(
+        "elo_build_info",
+        "Service name and version; always 1.",
+        &["service", "version"]
+    )
+    .expect("metric registers once")
 });
 
 /// `with_endpoint` wants the full signal URL; accept the base URL as the OTel spec does.
@@ -103,11 +133,17 @@ trait EndpointFromBase {
     fn with_endpoint_from_base(self, base: &str) -> Self;
 }
 
-impl EndpointFromBase for opentelemetry_otlp::SpanExporterBuilder<opentelemetry_otlp::HttpExporterBuilderSet> {
+impl EndpointFromBase
+    for opentelemetry_otlp::SpanExporterBuilder<opentelemetry_otlp::HttpExporterBuilderSet>
+{
     fn with_endpoint_from_base(self, base: &str) -> Self {
         use opentelemetry_otlp::WithExportConfig;
         let base = base.trim_end_matches('/');
-        let url = if base.ends_with("/v1/traces") { base.to_owned() } else { format!("{base}/v1/traces") };
+        let url = if base.ends_with("/v1/traces") {
+            base.to_owned()
+        } else {
+            format!("{base}/v1/traces")
+        };
         self.with_endpoint(url)
     }
 }

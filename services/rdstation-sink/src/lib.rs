@@ -15,11 +15,16 @@ use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
 pub const NAME: &str = "rdstation-sink";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
-pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9103);
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9103);
 
 /// rdstation-sink settings.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "rdstation-sink", version, about = "Applies commerce events to RD Station Marketing (contacts, legal bases, tags, e-commerce events).")]
+#[command(
+    name = "rdstation-sink",
+    version,
+    about = "Applies commerce events to RD Station Marketing (contacts, legal bases, tags, e-commerce events)."
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -30,6 +35,11 @@ pub struct Config {
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let common = &config.common;
-    let plan = ConsumerPlan { name: NAME, default_admin: DEFAULT_ADMIN, topics: vec![common.topics.commerce.clone()], default_batch: 50 };
+    let plan = ConsumerPlan {
+        name: NAME,
+        default_admin: DEFAULT_ADMIN,
+        topics: vec![common.topics.commerce.clone()],
+        default_batch: 50,
+    };
     elo_service::run_validating_consumer(plan, common, &config.consumer).await
 }

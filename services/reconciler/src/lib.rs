@@ -15,11 +15,16 @@ use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
 pub const NAME: &str = "reconciler";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
-pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9104);
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9104);
 
 /// reconciler settings.
 #[derive(Clone, Debug, clap::Parser)]
-#[command(name = "reconciler", version, about = "Keeps a ledger of what each target should hold versus what sinks confirmed, and repairs drift.")]
+#[command(
+    name = "reconciler",
+    version,
+    about = "Keeps a ledger of what each target should hold versus what sinks confirmed, and repairs drift."
+)]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -30,6 +35,14 @@ pub struct Config {
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let common = &config.common;
-    let plan = ConsumerPlan { name: NAME, default_admin: DEFAULT_ADMIN, topics: vec![common.topics.commerce.clone(), common.topics.outcomes.clone()], default_batch: 200 };
+    let plan = ConsumerPlan {
+        name: NAME,
+        default_admin: DEFAULT_ADMIN,
+        topics: vec![
+            common.topics.commerce.clone(),
+            common.topics.outcomes.clone(),
+        ],
+        default_batch: 200,
+    };
     elo_service::run_validating_consumer(plan, common, &config.consumer).await
 }

@@ -48,9 +48,13 @@ pub enum StoreError {
     SchemaNotInSubject,
     #[error("Invalid schema: {0}")]
     InvalidSchema(String),
-    #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{details}]")]
+    #[error(
+        "Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{details}]"
+    )]
     Incompatible { subject: String, details: String },
-    #[error("The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\"")]
+    #[error(
+        "The specified version '{0}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\""
+    )]
     InvalidVersion(String),
     #[error("Unsupported schema type {0}; this registry serves AVRO only")]
     UnsupportedType(String),
@@ -118,19 +122,28 @@ impl Store {
     pub fn open(file: Option<PathBuf>) -> Result<Self, StoreError> {
         let state = match &file {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path).map_err(|e| StoreError::Persist(e.to_string()))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| StoreError::Persist(e.to_string()))?;
                 serde_json::from_str(&text).map_err(|e| StoreError::Persist(e.to_string()))?
             }
-            _ => State { next_id: 1, ..State::default() },
+            _ => State {
+                next_id: 1,
+                ..State::default()
+            },
         };
         Ok(Self { state, file })
     }
 
     fn save(&self) -> Result<(), StoreError> {
-        let Some(path) = &self.file else { return Ok(()) };
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
         let tmp = path.with_extension("tmp");
-        let text = serde_json::to_string(&self.state).map_err(|e| StoreError::Persist(e.to_string()))?;
-        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| StoreError::Persist(e.to_string()))
+        let text =
+            serde_json::to_string(&self.state).map_err(|e| StoreError::Persist(e.to_string()))?;
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| StoreError::Persist(e.to_string()))
     }
 
     /// Global compatibility level (default BACKWARD, as Confluent's).
@@ -148,13 +161,22 @@ impl Store {
         self.save()
     }
 
-    pub fn set_subject_compatibility(&mut self, subject: &str, level: Compatibility) -> Result<(), StoreError> {
+    pub fn set_subject_compatibility(
+        &mut self,
+        subject: &str,
+        level: Compatibility,
+    ) -> Result<(), StoreError> {
         self.state.subject_config.insert(subject.to_owned(), level);
         self.save()
     }
 
     pub fn subjects(&self) -> Vec<String> {
-        self.state.subjects.iter().filter(|(_, v)| v.iter().any(|v| !v.deleted)).map(|(k, _)| k.clone()).collect()
+        self.state
+            .subjects
+            .iter()
+            .filter(|(_, v)| v.iter().any(|v| !v.deleted))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     fn live_versions(&self, subject: &str) -> Result<Vec<&Version>, StoreError> {
@@ -171,7 +193,11 @@ impl Store {
     }
 
     pub fn versions(&self, subject: &str) -> Result<Vec<u32>, StoreError> {
-        Ok(self.live_versions(subject)?.iter().map(|v| v.version).collect())
+        Ok(self
+            .live_versions(subject)?
+            .iter()
+            .map(|v| v.version)
+            .collect())
     }
 
     /// A version by number or `latest`.
@@ -180,15 +206,28 @@ impl Store {
         let found = if version == "latest" || version == "-1" {
             versions.last().copied()
         } else {
-            let n: u32 = version.parse().ok().filter(|n| *n >= 1).ok_or_else(|| StoreError::InvalidVersion(version.to_owned()))?;
+            let n: u32 = version
+                .parse()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| StoreError::InvalidVersion(version.to_owned()))?;
             versions.iter().copied().find(|v| v.version == n)
         };
         let v = found.ok_or_else(|| StoreError::VersionNotFound(version.to_owned()))?;
-        Ok(Registered { subject: subject.to_owned(), version: v.version, id: v.id, schema: self.state.schemas[&v.id].clone() })
+        Ok(Registered {
+            subject: subject.to_owned(),
+            version: v.version,
+            id: v.id,
+            schema: self.state.schemas[&v.id].clone(),
+        })
     }
 
     pub fn schema_by_id(&self, id: u32) -> Result<&str, StoreError> {
-        self.state.schemas.get(&id).map(String::as_str).ok_or(StoreError::SchemaNotFound(id))
+        self.state
+            .schemas
+            .get(&id)
+            .map(String::as_str)
+            .ok_or(StoreError::SchemaNotFound(id))
     }
 
     /// Subject/version pairs using schema `id`.
@@ -198,7 +237,11 @@ impl Store {
             .state
             .subjects
             .iter()
-            .flat_map(|(s, vs)| vs.iter().filter(|v| v.id == id && !v.deleted).map(|v| (s.clone(), v.version)))
+            .flat_map(|(s, vs)| {
+                vs.iter()
+                    .filter(|v| v.id == id && !v.deleted)
+                    .map(|v| (s.clone(), v.version))
+            })
             .collect())
     }
 
@@ -206,16 +249,35 @@ impl Store {
     pub fn lookup(&self, subject: &str, schema: &str) -> Result<Registered, StoreError> {
         let canonical = parse(schema)?.canonical_form();
         let versions = self.live_versions(subject)?;
-        let id = self.state.by_canonical.get(&canonical).ok_or(StoreError::SchemaNotInSubject)?;
-        let v = versions.iter().find(|v| v.id == *id).ok_or(StoreError::SchemaNotInSubject)?;
-        Ok(Registered { subject: subject.to_owned(), version: v.version, id: v.id, schema: self.state.schemas[&v.id].clone() })
+        let id = self
+            .state
+            .by_canonical
+            .get(&canonical)
+            .ok_or(StoreError::SchemaNotInSubject)?;
+        let v = versions
+            .iter()
+            .find(|v| v.id == *id)
+            .ok_or(StoreError::SchemaNotInSubject)?;
+        Ok(Registered {
+            subject: subject.to_owned(),
+            version: v.version,
+            id: v.id,
+            schema: self.state.schemas[&v.id].clone(),
+        })
     }
 
     /// Checks `schema` against the subject's versions under its compatibility level, returning
     /// the reasons it fails (empty when compatible). `against` limits the check to one version.
-    pub fn check(&self, subject: &str, schema: &str, against: Option<&str>) -> Result<Vec<String>, StoreError> {
+    pub fn check(
+        &self,
+        subject: &str,
+        schema: &str,
+        against: Option<&str>,
+    ) -> Result<Vec<String>, StoreError> {
         let new = parse(schema)?;
-        let level = self.subject_compatibility(subject).unwrap_or_else(|| self.global_compatibility());
+        let level = self
+            .subject_compatibility(subject)
+            .unwrap_or_else(|| self.global_compatibility());
         let (backward, forward, transitive) = level.rules();
         let existing: Vec<u32> = match (self.live_versions(subject), against) {
             (Err(_), _) => return Ok(Vec::new()),
@@ -227,10 +289,14 @@ impl Store {
         for id in existing {
             let old = parse(&self.state.schemas[&id])?;
             if backward && let Err(e) = SchemaCompatibility::can_read(&old, &new) {
-                problems.push(format!("new schema cannot read data written with schema id {id}: {e}"));
+                problems.push(format!(
+                    "new schema cannot read data written with schema id {id}: {e}"
+                ));
             }
             if forward && let Err(e) = SchemaCompatibility::can_read(&new, &old) {
-                problems.push(format!("schema id {id} cannot read data written with the new schema: {e}"));
+                problems.push(format!(
+                    "schema id {id} cannot read data written with the new schema: {e}"
+                ));
             }
         }
         Ok(problems)
@@ -244,7 +310,10 @@ impl Store {
         }
         let problems = self.check(subject, schema, None)?;
         if !problems.is_empty() {
-            return Err(StoreError::Incompatible { subject: subject.to_owned(), details: problems.join("; ") });
+            return Err(StoreError::Incompatible {
+                subject: subject.to_owned(),
+                details: problems.join("; "),
+            });
         }
         let canonical = parse(schema)?.canonical_form();
         let id = match self.state.by_canonical.get(&canonical) {
@@ -259,9 +328,18 @@ impl Store {
         };
         let versions = self.state.subjects.entry(subject.to_owned()).or_default();
         let version = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        versions.push(Version { version, id, deleted: false });
+        versions.push(Version {
+            version,
+            id,
+            deleted: false,
+        });
         self.save()?;
-        Ok(Registered { subject: subject.to_owned(), version, id, schema: self.state.schemas[&id].clone() })
+        Ok(Registered {
+            subject: subject.to_owned(),
+            version,
+            id,
+            schema: self.state.schemas[&id].clone(),
+        })
     }
 
     /// Soft-deletes a subject; returns the versions deleted.
@@ -277,7 +355,12 @@ impl Store {
     /// Soft-deletes one version.
     pub fn delete_version(&mut self, subject: &str, version: &str) -> Result<u32, StoreError> {
         let n = self.version(subject, version)?.version;
-        if let Some(v) = self.state.subjects.get_mut(subject).and_then(|vs| vs.iter_mut().find(|v| v.version == n)) {
+        if let Some(v) = self
+            .state
+            .subjects
+            .get_mut(subject)
+            .and_then(|vs| vs.iter_mut().find(|v| v.version == n))
+        {
             v.deleted = true;
         }
         self.save()?;
@@ -310,7 +393,9 @@ mod tests {
         store.register("t-value", V1).unwrap();
         let err = store.register("t-value", V2_BREAKING).unwrap_err();
         assert_eq!(err.error_code(), 409);
-        store.set_subject_compatibility("t-value", Compatibility::None).unwrap();
+        store
+            .set_subject_compatibility("t-value", Compatibility::None)
+            .unwrap();
         assert!(store.register("t-value", V2_BREAKING).is_ok());
     }
 
@@ -318,7 +403,11 @@ mod tests {
     fn state_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.json");
-        let id = Store::open(Some(path.clone())).unwrap().register("t-value", V1).unwrap().id;
+        let id = Store::open(Some(path.clone()))
+            .unwrap()
+            .register("t-value", V1)
+            .unwrap()
+            .id;
         let store = Store::open(Some(path)).unwrap();
         assert_eq!(store.version("t-value", "latest").unwrap().id, id);
         assert_eq!(store.schema_by_id(id).unwrap(), V1);
@@ -329,9 +418,21 @@ mod tests {
         let mut store = Store::open(None).unwrap();
         assert_eq!(store.version("nope", "1").unwrap_err().error_code(), 40401);
         store.register("t-value", V1).unwrap();
-        assert_eq!(store.version("t-value", "9").unwrap_err().error_code(), 40402);
-        assert_eq!(store.version("t-value", "x").unwrap_err().error_code(), 42202);
+        assert_eq!(
+            store.version("t-value", "9").unwrap_err().error_code(),
+            40402
+        );
+        assert_eq!(
+            store.version("t-value", "x").unwrap_err().error_code(),
+            42202
+        );
         assert_eq!(store.schema_by_id(99).unwrap_err().error_code(), 40403);
-        assert_eq!(store.register("t-value", "{not json").unwrap_err().error_code(), 42201);
+        assert_eq!(
+            store
+                .register("t-value", "{not json")
+                .unwrap_err()
+                .error_code(),
+            42201
+        );
     }
 }
