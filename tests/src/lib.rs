@@ -18,13 +18,13 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// Broker address of the shared test broker.
 pub fn brokers() -> String {
-    std::env::var("ELO_TEST_BROKERS").expect("ELO_TEST_BROKERS is not set: run the broker tests with `make test` (scripts/stack.sh starts Tansu)")
+    std::env::var("ELO_TEST_BROKERS")
+        .expect("ELO_TEST_BROKERS is not set: run the broker tests with `make test` (scripts/stack.sh starts Tansu)")
 }
 
 /// URL of the shared test registry.
 pub fn registry_url() -> String {
-    std::env::var("ELO_TEST_REGISTRY")
-        .expect("ELO_TEST_REGISTRY is not set: run the broker tests with `make test`")
+    std::env::var("ELO_TEST_REGISTRY").expect("ELO_TEST_REGISTRY is not set: run the broker tests with `make test`")
 }
 
 /// A name unique to this run.
@@ -35,33 +35,17 @@ pub fn unique(prefix: &str) -> String {
 fn uuid_like() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!(
-        "{}-{}-{}",
-        std::process::id(),
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{}-{}-{}", std::process::id(), nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Creates topics on the shared broker.
 pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     let args = elo_kafka::KafkaArgs::local(brokers);
-    let specs: Vec<_> = topics
-        .iter()
-        .map(|(t, p)| elo_kafka::TopicSpec::new(*t, *p))
-        .collect();
-    elo_kafka::ensure_topics(
-        &args,
-        &specs,
-        Duration::from_secs(10),
-        &elo_telemetry::Health::new(),
-    )
-    .await
-    .expect("create topics");
+    let specs: Vec<_> = topics.iter().map(|(t, p)| elo_kafka::TopicSpec::new(*t, *p)).collect();
+    elo_kafka::ensure_topics(&args, &specs, Duration::from_secs(10), &elo_telemetry::Health::new())
+        .await
+        .expect("create topics");
 }
 
 /// A plain producer for test input.
@@ -75,20 +59,11 @@ pub fn producer(brokers: &str) -> FutureProducer {
 }
 
 /// Produces `(key, payload)` pairs and waits for every acknowledgement; returns where each went.
-pub async fn produce(
-    producer: &FutureProducer,
-    topic: &str,
-    records: &[(String, Vec<u8>)],
-) -> Vec<(i32, i64)> {
+pub async fn produce(producer: &FutureProducer, topic: &str, records: &[(String, Vec<u8>)]) -> Vec<(i32, i64)> {
     let futures: Vec<_> = records
         .iter()
         .map(|(k, v)| {
-            producer.send(
-                FutureRecord::to(topic)
-                    .key(k.as_bytes())
-                    .payload(v.as_slice()),
-                Duration::from_secs(10),
-            )
+            producer.send(FutureRecord::to(topic).key(k.as_bytes()).payload(v.as_slice()), Duration::from_secs(10))
         })
         .collect();
     let mut out = Vec::new();
@@ -111,13 +86,10 @@ pub fn read_all(brokers: &str, topic: &str, partitions: i32) -> Vec<OwnedMessage
     let mut remaining = 0i64;
     let mut highs = HashMap::new();
     for p in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
         remaining += high - low;
         highs.insert(p, high);
-        tpl.add_partition_offset(topic, p, Offset::Offset(low))
-            .unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low)).unwrap();
     }
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
@@ -147,9 +119,7 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ha
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .expect("committed offsets");
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
     committed
         .elements()
         .iter()
@@ -182,13 +152,8 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn spawn(name: &str, command: &mut Command) -> Self {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Self {
-            child,
-            name: name.to_owned(),
-        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { child, name: name.to_owned() }
     }
 
     pub fn pid(&self) -> i32 {
@@ -197,11 +162,7 @@ impl ChildGuard {
 
     /// Sends a signal (`TERM`, `KILL`) through `kill(1)`.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
         assert!(status.success(), "kill -{signal} {} failed", self.name);
     }
 
@@ -233,11 +194,7 @@ pub fn applied(path: &Path) -> Vec<(i32, i64, String)> {
     text.lines()
         .filter_map(|l| {
             let mut parts = l.splitn(3, ' ');
-            Some((
-                parts.next()?.parse().ok()?,
-                parts.next()?.parse().ok()?,
-                parts.next()?.to_owned(),
-            ))
+            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.to_owned()))
         })
         .collect()
 }
@@ -249,19 +206,13 @@ pub fn tansu_bin() -> PathBuf {
     }
     let tools = std::env::var("ELO_TOOLS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/elo/tools")
-        });
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/elo/tools"));
     tools.join("tansu/bin/tansu")
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A Tansu broker of a test's own, with sqlite storage in `dir`.

@@ -5,9 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use elo_events::codec::unframe;
-use elo_events::{
-    CommerceEvent, CommerceEventType, Decimal4, EventCodec, InventoryStatus, RegistryConfig, sample,
-};
+use elo_events::{CommerceEvent, CommerceEventType, Decimal4, EventCodec, InventoryStatus, RegistryConfig, sample};
 use elo_integration_tests::{registry_url, unique};
 use serde_json::json;
 
@@ -24,12 +22,7 @@ async fn elo_and_python_read_each_others_events() {
     let mut expect = Vec::new();
     for event in &events {
         let framed = codec.encode(&topic, event).await.unwrap();
-        records.push(
-            framed
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        );
+        records.push(framed.iter().map(|b| format!("{b:02x}")).collect::<String>());
         let order = event.order.as_ref().unwrap();
         expect.push(json!({
             "event_id": event.event_id,
@@ -44,11 +37,8 @@ async fn elo_and_python_read_each_others_events() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.json"), dir.path().join("out.json"));
     let schema_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/commerce.events.avsc");
-    std::fs::write(
-        &input,
-        json!({"records": records, "expect": expect, "schema_path": schema_path}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(&input, json!({"records": records, "expect": expect, "schema_path": schema_path}).to_string())
+        .unwrap();
 
     let out = Command::new("python3")
         .arg(python_script())
@@ -65,14 +55,9 @@ async fn elo_and_python_read_each_others_events() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let answer: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
-    let hex = |s: &str| {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect::<Vec<u8>>()
-    };
+    let answer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    let hex =
+        |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<u8>>();
 
     // Python decoded and re-encoded every record: the bytes it wrote decode to the original.
     let reencoded = answer["reencoded"].as_array().unwrap();
@@ -86,26 +71,15 @@ async fn elo_and_python_read_each_others_events() {
     let originated = answer["originated"].as_array().unwrap();
     assert_eq!(originated.len(), 5);
     let first_id = unframe(&hex(originated[0].as_str().unwrap())).unwrap().0;
-    assert_eq!(
-        first_id,
-        codec.schema_id::<CommerceEvent>(&topic).await.unwrap(),
-        "same schema, same registry id"
-    );
+    assert_eq!(first_id, codec.schema_id::<CommerceEvent>(&topic).await.unwrap(), "same schema, same registry id");
     for (n, framed) in originated.iter().enumerate() {
         let event: CommerceEvent = codec.decode(&hex(framed.as_str().unwrap())).await.unwrap();
         assert_eq!(event.event_id, format!("py-{n}"));
         assert_eq!(event.event_type, CommerceEventType::OrderChanged);
-        assert_eq!(
-            event.occurred_at,
-            1_793_620_800_000 + n as i64 * 1000,
-            "2026-11-02T12:00:0{n}Z"
-        );
+        assert_eq!(event.occurred_at, 1_793_620_800_000 + n as i64 * 1000, "2026-11-02T12:00:0{n}Z");
         assert_eq!(event.produced_at, event.occurred_at + 500);
         let order = event.order.unwrap();
-        assert_eq!(
-            order.totals.grand_total,
-            Decimal4::parse(&format!("{}.56", 1234 + n)).unwrap()
-        );
+        assert_eq!(order.totals.grand_total, Decimal4::parse(&format!("{}.56", 1234 + n)).unwrap());
         assert_eq!(order.totals.discount, Decimal4::from_unscaled(-(n as i64)));
         assert_eq!(order.items[0].name, "Caneca ☕");
         assert_eq!(order.inventory_status, InventoryStatus::LowStock);

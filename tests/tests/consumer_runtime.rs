@@ -12,38 +12,17 @@ use rdkafka::message::Headers;
 
 const CONSUMER: &str = env!("CARGO_BIN_EXE_elo-test-consumer");
 
-fn start_consumer(
-    name: &str,
-    group: &str,
-    topic: &str,
-    dlq: &str,
-    output: &Path,
-    delay_ms: u64,
-) -> ChildGuard {
+fn start_consumer(name: &str, group: &str, topic: &str, dlq: &str, output: &Path, delay_ms: u64) -> ChildGuard {
     let log = std::fs::File::create(output.with_extension(format!("{name}.log"))).unwrap();
     ChildGuard::spawn(
         name,
         Command::new(CONSUMER)
-            .args([
-                "--kafka-brokers",
-                &brokers(),
-                "--group",
-                group,
-                "--topic",
-                topic,
-                "--dlq",
-                dlq,
-            ])
+            .args(["--kafka-brokers", &brokers(), "--group", group, "--topic", topic, "--dlq", dlq])
             .arg("--output")
             .arg(output)
             .args(["--delay-ms", &delay_ms.to_string(), "--max-batch", "10"])
             // A crashed member is noticed after the session timeout; keep tests short.
-            .args([
-                "--kafka-option",
-                "session.timeout.ms=6000",
-                "--kafka-option",
-                "heartbeat.interval.ms=1000",
-            ])
+            .args(["--kafka-option", "session.timeout.ms=6000", "--kafka-option", "heartbeat.interval.ms=1000"])
             .stdout(Stdio::null())
             .stderr(log),
     )
@@ -73,25 +52,14 @@ fn assert_ordered_per_partition(path: &Path) {
     let mut last: BTreeMap<i32, i64> = BTreeMap::new();
     for (p, o, _) in applied(path) {
         if let Some(prev) = last.get(&p) {
-            assert!(
-                o > *prev,
-                "{}: partition {p} went from {prev} to {o}",
-                path.display()
-            );
+            assert!(o > *prev, "{}: partition {p} went from {prev} to {o}", path.display());
         }
         last.insert(p, o);
     }
 }
 
 fn records(n: usize, prefix: &str) -> Vec<(String, Vec<u8>)> {
-    (0..n)
-        .map(|i| {
-            (
-                format!("customer-{}", i % 37),
-                format!("{prefix}-{i}").into_bytes(),
-            )
-        })
-        .collect()
+    (0..n).map(|i| (format!("customer-{}", i % 37), format!("{prefix}-{i}").into_bytes())).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,21 +76,14 @@ async fn crash_mid_stream_then_restart_loses_nothing() {
         "first consumer made no progress"
     );
     a.signal("KILL");
-    a.wait_timeout(Duration::from_secs(5))
-        .expect("killed consumer exits");
+    a.wait_timeout(Duration::from_secs(5)).expect("killed consumer exits");
     let applied_by_first = applied(&first).len();
-    assert!(
-        applied_by_first < produced.len(),
-        "crash must happen mid-stream"
-    );
+    assert!(applied_by_first < produced.len(), "crash must happen mid-stream");
 
     let _b = start_consumer("b", &group, &topic, &dlq, &second, 0);
     let done = wait_until(Duration::from_secs(90), || {
         let c = committed(&brokers(), &group, &topic, 3);
-        (0..3).all(|p| {
-            c.get(&p).copied().unwrap_or(-1)
-                >= produced.iter().filter(|(pp, _)| *pp == p).count() as i64
-        })
+        (0..3).all(|p| c.get(&p).copied().unwrap_or(-1) >= produced.iter().filter(|(pp, _)| *pp == p).count() as i64)
     })
     .await;
     assert!(done, "restarted consumer did not commit to the end");
@@ -138,11 +99,7 @@ async fn crash_mid_stream_then_restart_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_member_rebalance_loses_nothing() {
-    let (topic, dlq, group) = (
-        unique("rebalance"),
-        unique("rebalance-dlq"),
-        unique("rebalance-group"),
-    );
+    let (topic, dlq, group) = (unique("rebalance"), unique("rebalance-dlq"), unique("rebalance-group"));
     create_topics(&brokers(), &[(&topic, 4), (&dlq, 1)]).await;
     let producer = producer(&brokers());
     let mut produced = produce(&producer, &topic, &records(600, "early")).await;
@@ -160,18 +117,11 @@ async fn two_member_rebalance_loses_nothing() {
     );
     // The first member leaves gracefully: its partitions move back to b.
     a.signal("TERM");
-    assert!(
-        a.wait_timeout(Duration::from_secs(30))
-            .expect("a exits after SIGTERM")
-            .success()
-    );
+    assert!(a.wait_timeout(Duration::from_secs(30)).expect("a exits after SIGTERM").success());
     let total = produced.len();
     let done = wait_until(Duration::from_secs(120), || {
         let c = committed(&brokers(), &group, &topic, 4);
-        (0..4).all(|p| {
-            c.get(&p).copied().unwrap_or(-1)
-                >= produced.iter().filter(|(pp, _)| *pp == p).count() as i64
-        })
+        (0..4).all(|p| c.get(&p).copied().unwrap_or(-1) >= produced.iter().filter(|(pp, _)| *pp == p).count() as i64)
     })
     .await;
     assert!(done, "group did not commit all {total} records");
@@ -181,11 +131,7 @@ async fn two_member_rebalance_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_record_goes_to_dlq_and_partition_carries_on() {
-    let (topic, dlq, group) = (
-        unique("poison"),
-        unique("poison-dlq"),
-        unique("poison-group"),
-    );
+    let (topic, dlq, group) = (unique("poison"), unique("poison-dlq"), unique("poison-group"));
     create_topics(&brokers(), &[(&topic, 1), (&dlq, 1)]).await;
     let mut input = records(40, "ok");
     input[17].1 = b"poison-pill".to_vec();
@@ -195,51 +141,23 @@ async fn poison_record_goes_to_dlq_and_partition_carries_on() {
     let _c = start_consumer("c", &group, &topic, &dlq, &out, 0);
 
     assert!(
-        wait_until(Duration::from_secs(60), || committed(
-            &brokers(),
-            &group,
-            &topic,
-            1
-        )
-        .get(&0)
-            == Some(&40))
-        .await,
+        wait_until(Duration::from_secs(60), || committed(&brokers(), &group, &topic, 1).get(&0) == Some(&40)).await,
         "partition did not get past the poison record"
     );
     let offsets: Vec<i64> = applied(&out).iter().map(|(_, o, _)| *o).collect();
-    let expected: Vec<i64> = produced
-        .iter()
-        .map(|(_, o)| *o)
-        .filter(|o| *o != produced[17].1)
-        .collect();
-    assert_eq!(
-        offsets, expected,
-        "every record but the poison one is applied, in order"
-    );
+    let expected: Vec<i64> = produced.iter().map(|(_, o)| *o).filter(|o| *o != produced[17].1).collect();
+    assert_eq!(offsets, expected, "every record but the poison one is applied, in order");
 
     let parked = read_all(&brokers(), &dlq, 1);
     assert_eq!(parked.len(), 1);
     let record = &parked[0];
-    assert_eq!(
-        record.payload(),
-        Some(&b"poison-pill"[..]),
-        "original bytes are kept"
-    );
-    assert_eq!(
-        record.key(),
-        Some(input[17].0.as_bytes()),
-        "original key is kept"
-    );
+    assert_eq!(record.payload(), Some(&b"poison-pill"[..]), "original bytes are kept");
+    assert_eq!(record.key(), Some(input[17].0.as_bytes()), "original key is kept");
     let headers: BTreeMap<String, String> = record
         .headers()
         .unwrap()
         .iter()
-        .map(|h| {
-            (
-                h.key.to_owned(),
-                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-            )
-        })
+        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
         .collect();
     assert_eq!(headers["elo-dlq-error-class"], "permanent");
     assert_eq!(headers["elo-dlq-error-code"], "poison");
@@ -252,11 +170,7 @@ async fn poison_record_goes_to_dlq_and_partition_carries_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_ends_with_a_final_commit() {
-    let (topic, dlq, group) = (
-        unique("sigterm"),
-        unique("sigterm-dlq"),
-        unique("sigterm-group"),
-    );
+    let (topic, dlq, group) = (unique("sigterm"), unique("sigterm-dlq"), unique("sigterm-group"));
     create_topics(&brokers(), &[(&topic, 2), (&dlq, 1)]).await;
     let produced = produce(&producer(&brokers()), &topic, &records(2000, "s")).await;
     let dir = tempfile::tempdir().unwrap();
@@ -265,9 +179,7 @@ async fn sigterm_mid_stream_ends_with_a_final_commit() {
     assert!(wait_until(Duration::from_secs(60), || applied(&out).len() >= 200).await);
 
     c.signal("TERM");
-    let status = c
-        .wait_timeout(Duration::from_secs(30))
-        .expect("consumer exits after SIGTERM");
+    let status = c.wait_timeout(Duration::from_secs(30)).expect("consumer exits after SIGTERM");
     assert!(status.success(), "graceful exit, got {status}");
     let done = applied(&out);
     assert!(done.len() < produced.len(), "SIGTERM must land mid-stream");
@@ -275,16 +187,7 @@ async fn sigterm_mid_stream_ends_with_a_final_commit() {
     // (no replay after a clean stop) and nothing unapplied is committed (no loss).
     let c = committed(&brokers(), &group, &topic, 2);
     for p in 0..2 {
-        let next = done
-            .iter()
-            .filter(|(pp, _, _)| *pp == p)
-            .map(|(_, o, _)| o + 1)
-            .max()
-            .unwrap_or(0);
-        assert_eq!(
-            c.get(&p).copied().unwrap_or(0),
-            next,
-            "partition {p}: committed offset vs last applied"
-        );
+        let next = done.iter().filter(|(pp, _, _)| *pp == p).map(|(_, o, _)| o + 1).max().unwrap_or(0);
+        assert_eq!(c.get(&p).copied().unwrap_or(0), next, "partition {p}: committed offset vs last applied");
     }
 }

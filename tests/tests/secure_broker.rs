@@ -11,11 +11,7 @@ use elo_integration_tests::*;
 
 fn run(cmd: &mut Command, what: &str) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 struct SecureBroker {
@@ -50,17 +46,7 @@ fn secure_broker(dir: &Path, user: &str, password: &str) -> SecureBroker {
     let tansu = TansuProcess::start(dir, plain_port, &advertised, true);
     run(
         Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=localhost",
-            ])
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
             .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
             .arg("-keyout")
             .arg(dir.join("key.pem"))
@@ -83,17 +69,10 @@ fn secure_broker(dir: &Path, user: &str, password: &str) -> SecureBroker {
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "TLS front did not start"
-        );
+        assert!(std::time::Instant::now() < deadline, "TLS front did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    SecureBroker {
-        _tansu: tansu,
-        _tls: tls,
-        tls_port,
-    }
+    SecureBroker { _tansu: tansu, _tls: tls, tls_port }
 }
 
 fn service_binary(name: &str) -> std::path::PathBuf {
@@ -109,20 +88,11 @@ fn service_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
-fn start_sink(
-    dir: &Path,
-    broker: &SecureBroker,
-    password_file: &Path,
-    admin_port: u16,
-    log: &str,
-) -> ChildGuard {
+fn start_sink(dir: &Path, broker: &SecureBroker, password_file: &Path, admin_port: u16, log: &str) -> ChildGuard {
     ChildGuard::spawn(
         "salesforce-sink",
         Command::new(service_binary("salesforce-sink"))
-            .env(
-                "ELO_KAFKA_BROKERS",
-                format!("127.0.0.1:{}", broker.tls_port),
-            )
+            .env("ELO_KAFKA_BROKERS", format!("127.0.0.1:{}", broker.tls_port))
             .env("ELO_RDKAFKA_SECURITY_PROTOCOL", "SASL_SSL")
             .env("ELO_RDKAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
             .env("ELO_RDKAFKA_SASL_USERNAME", "elo-sink")
@@ -145,11 +115,7 @@ async fn readyz(port: u16) -> (u16, String) {
 }
 
 /// Polls the readiness probe until `done` holds or `timeout` passes; returns the last answer.
-async fn poll_readyz(
-    port: u16,
-    timeout: Duration,
-    done: impl Fn(&(u16, String)) -> bool,
-) -> (bool, (u16, String)) {
+async fn poll_readyz(port: u16, timeout: Duration, done: impl Fn(&(u16, String)) -> bool) -> (bool, (u16, String)) {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let answer = readyz(port).await;
@@ -180,11 +146,7 @@ async fn scram_over_tls_connects_and_a_wrong_password_is_a_clear_not_ready() {
     );
     assert!(last.1.contains("group joined"), "{}", last.1);
     sink.signal("TERM");
-    assert!(
-        sink.wait_timeout(Duration::from_secs(30))
-            .expect("exits on SIGTERM")
-            .success()
-    );
+    assert!(sink.wait_timeout(Duration::from_secs(30)).expect("exits on SIGTERM").success());
 
     let bad = dir.path().join("bad-password");
     std::fs::write(&bad, "wrong-password-123\n").unwrap();
@@ -194,10 +156,7 @@ async fn scram_over_tls_connects_and_a_wrong_password_is_a_clear_not_ready() {
         *code == 503 && body.contains("authentication failed")
     })
     .await;
-    assert!(
-        refused,
-        "expected a 503 naming the authentication failure, got {last:?}"
-    );
+    assert!(refused, "expected a 503 naming the authentication failure, got {last:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         sink.child.try_wait().unwrap().is_none(),
@@ -205,18 +164,8 @@ async fn scram_over_tls_connects_and_a_wrong_password_is_a_clear_not_ready() {
     );
     assert_eq!(readyz(port).await.0, 503, "still not ready");
     let log = std::fs::read_to_string(dir.path().join("bad.log")).unwrap();
-    assert!(
-        log.contains("SASL SCRAM authentication failed"),
-        "log must say why:\n{log}"
-    );
-    assert!(
-        !log.contains("wrong-password-123"),
-        "the password must never reach the logs"
-    );
+    assert!(log.contains("SASL SCRAM authentication failed"), "log must say why:\n{log}");
+    assert!(!log.contains("wrong-password-123"), "the password must never reach the logs");
     sink.signal("TERM");
-    assert!(
-        sink.wait_timeout(Duration::from_secs(30))
-            .expect("exits on SIGTERM")
-            .success()
-    );
+    assert!(sink.wait_timeout(Duration::from_secs(30)).expect("exits on SIGTERM").success());
 }

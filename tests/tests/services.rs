@@ -7,13 +7,7 @@ use std::time::Duration;
 
 use elo_integration_tests::*;
 
-const SERVICES: &[&str] = &[
-    "order-ingest",
-    "salesforce-sink",
-    "rdstation-sink",
-    "reconciler",
-    "schema-registry",
-];
+const SERVICES: &[&str] = &["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "schema-registry"];
 
 fn binary(name: &str) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -31,19 +25,12 @@ fn binary(name: &str) -> PathBuf {
 #[test]
 fn help_lists_every_setting_with_its_environment_variable() {
     for service in SERVICES {
-        let out = Command::new(binary(service))
-            .arg("--help")
-            .output()
-            .unwrap();
+        let out = Command::new(binary(service)).arg("--help").output().unwrap();
         assert!(out.status.success(), "{service} --help failed");
         let help = String::from_utf8_lossy(&out.stdout);
         let mut expected = vec!["ELO_LOG", "ELO_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
         if *service == "schema-registry" {
-            expected.extend([
-                "ELO_REGISTRY_LISTEN",
-                "ELO_REGISTRY_DATA_FILE",
-                "ELO_REGISTRY_ADMIN_LISTEN",
-            ]);
+            expected.extend(["ELO_REGISTRY_LISTEN", "ELO_REGISTRY_DATA_FILE", "ELO_REGISTRY_ADMIN_LISTEN"]);
         } else {
             expected.extend([
                 "ELO_KAFKA_BROKERS",
@@ -55,29 +42,15 @@ fn help_lists_every_setting_with_its_environment_variable() {
             ]);
         }
         if ["salesforce-sink", "rdstation-sink", "reconciler"].contains(service) {
-            expected.extend([
-                "ELO_CONSUMER_GROUP",
-                "ELO_DLQ_TOPIC",
-                "ELO_MAX_BATCH",
-                "ELO_DRAIN_TIMEOUT",
-            ]);
+            expected.extend(["ELO_CONSUMER_GROUP", "ELO_DLQ_TOPIC", "ELO_MAX_BATCH", "ELO_DRAIN_TIMEOUT"]);
         }
         for var in expected {
-            assert!(
-                help.contains(&format!("[env: {var}")),
-                "{service} --help does not mention {var}:\n{help}"
-            );
+            assert!(help.contains(&format!("[env: {var}")), "{service} --help does not mention {var}:\n{help}");
         }
         // Every option line is followed by its env var (nothing undocumented), except help/version.
-        let options = help
-            .lines()
-            .filter(|l| l.trim_start().starts_with("--"))
-            .count();
+        let options = help.lines().filter(|l| l.trim_start().starts_with("--")).count();
         let with_env = help.matches("[env: ").count();
-        assert!(
-            with_env + 2 >= options,
-            "{service}: {options} options but only {with_env} environment variables"
-        );
+        assert!(with_env + 2 >= options, "{service}: {options} options but only {with_env} environment variables");
     }
 }
 
@@ -123,32 +96,21 @@ async fn services_serve_probes_and_metrics_and_stop_cleanly() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let log =
-            std::fs::read_to_string(dir.path().join(format!("{service}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(dir.path().join(format!("{service}.log"))).unwrap_or_default();
         assert_eq!(last.0, 200, "{service} not ready: {}\n{log}", last.1);
         assert_eq!(get(*port, "/health/livez").await.0, 200, "{service} livez");
         let (code, metrics) = get(*port, "/metrics").await;
         assert_eq!(code, 200);
-        assert!(
-            metrics.contains("# TYPE elo_"),
-            "{service} exports no elo_ metrics:\n{metrics}"
-        );
+        assert!(metrics.contains("# TYPE elo_"), "{service} exports no elo_ metrics:\n{metrics}");
         if **service != "order-ingest" {
-            assert!(
-                metrics.contains("elo_consumer_assigned_partitions"),
-                "{service}: {metrics}"
-            );
-            assert!(
-                metrics.contains("elo_consumer_rebalances_total{kind=\"assign\"}"),
-                "{service}: {metrics}"
-            );
+            assert!(metrics.contains("elo_consumer_assigned_partitions"), "{service}: {metrics}");
+            assert!(metrics.contains("elo_consumer_rebalances_total{kind=\"assign\"}"), "{service}: {metrics}");
         }
     }
     for (service, _, guard) in &mut running {
         guard.signal("TERM");
-        let status = guard
-            .wait_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("{service} did not stop on SIGTERM"));
+        let status =
+            guard.wait_timeout(Duration::from_secs(30)).unwrap_or_else(|| panic!("{service} did not stop on SIGTERM"));
         assert!(status.success(), "{service} exited with {status}");
     }
 }

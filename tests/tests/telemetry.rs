@@ -18,22 +18,14 @@ struct Recorder {
 
 impl Handler for Recorder {
     async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let trace_id = tracing::Span::current()
-            .context()
-            .span()
-            .span_context()
-            .trace_id()
-            .to_string();
+        let trace_id = tracing::Span::current().context().span().span_context().trace_id().to_string();
         batch
             .iter()
             .map(|r| {
                 if r.payload.as_deref() == Some(b"bad") {
                     return Err(HandlerError::permanent("test_bad", "bad record"));
                 }
-                self.traces
-                    .lock()
-                    .unwrap()
-                    .push((r.offset, trace_id.clone()));
+                self.traces.lock().unwrap().push((r.offset, trace_id.clone()));
                 Ok(())
             })
             .collect()
@@ -49,39 +41,20 @@ async fn consumer_emits_required_metrics_and_continues_the_producers_trace() {
         otlp_endpoint: None,
     };
     let _guard = elo_telemetry::init("telemetry-test", &args).unwrap();
-    let (topic, dlq, group) = (
-        unique("telemetry"),
-        unique("telemetry-dlq"),
-        unique("telemetry-group"),
-    );
+    let (topic, dlq, group) = (unique("telemetry"), unique("telemetry-dlq"), unique("telemetry-group"));
     create_topics(&brokers(), &[(&topic, 1), (&dlq, 1)]).await;
     let kafka = KafkaArgs::local(brokers());
     let health = elo_telemetry::Health::new();
     let producer = Producer::new(&kafka, health.clone()).unwrap();
-    assert!(
-        !health.is_ready(),
-        "not ready before the producer connected"
-    );
-    producer
-        .wait_connected(Duration::from_secs(30))
-        .await
-        .unwrap();
+    assert!(!health.is_ready(), "not ready before the producer connected");
+    producer.wait_connected(Duration::from_secs(30)).await.unwrap();
 
     let span = tracing::info_span!("webhook");
     let producer_trace = span.context().span().span_context().trace_id().to_string();
-    assert_ne!(
-        producer_trace, "00000000000000000000000000000000",
-        "spans must carry OpenTelemetry ids"
-    );
+    assert_ne!(producer_trace, "00000000000000000000000000000000", "spans must carry OpenTelemetry ids");
     async {
-        producer
-            .send(&topic, b"k", b"good", Some("ORDER_PLACED"))
-            .await
-            .unwrap();
-        producer
-            .send(&topic, b"k", b"bad", Some("ORDER_PLACED"))
-            .await
-            .unwrap();
+        producer.send(&topic, b"k", b"good", Some("ORDER_PLACED")).await.unwrap();
+        producer.send(&topic, b"k", b"bad", Some("ORDER_PLACED")).await.unwrap();
     }
     .instrument(span)
     .await;
@@ -98,10 +71,7 @@ async fn consumer_emits_required_metrics_and_continues_the_producers_trace() {
             .map(|h| String::from_utf8_lossy(h.value.unwrap()).into_owned())
     };
     let traceparent = header("traceparent").expect("traceparent header");
-    assert!(
-        traceparent.starts_with(&format!("00-{producer_trace}-")),
-        "{traceparent}"
-    );
+    assert!(traceparent.starts_with(&format!("00-{producer_trace}-")), "{traceparent}");
     assert_eq!(header("elo-event-type").as_deref(), Some("ORDER_PLACED"));
 
     let recorder = Arc::new(Recorder::default());
@@ -109,46 +79,23 @@ async fn consumer_emits_required_metrics_and_continues_the_producers_trace() {
     let mut settings = ConsumerSettings::new(group.clone(), vec![topic.clone()], dlq.clone());
     settings.commit_interval = Duration::from_millis(200);
     let run = tokio::spawn({
-        let (kafka, recorder, producer, health, shutdown) = (
-            kafka.clone(),
-            recorder.clone(),
-            producer.clone(),
-            health.clone(),
-            shutdown.clone(),
-        );
-        async move {
-            elo_kafka::run_consumer(&kafka, settings, recorder, producer, health, shutdown).await
-        }
+        let (kafka, recorder, producer, health, shutdown) =
+            (kafka.clone(), recorder.clone(), producer.clone(), health.clone(), shutdown.clone());
+        async move { elo_kafka::run_consumer(&kafka, settings, recorder, producer, health, shutdown).await }
     });
-    assert!(
-        wait_until(Duration::from_secs(60), || committed(
-            &brokers(),
-            &group,
-            &topic,
-            1
-        )
-        .get(&0)
-            == Some(&2))
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(60), || committed(&brokers(), &group, &topic, 1).get(&0) == Some(&2)).await);
     assert!(health.is_ready());
     shutdown.cancel();
     run.await.unwrap().unwrap();
     assert!(!health.is_ready(), "a stopped consumer is not ready");
 
     let traces = recorder.traces.lock().unwrap().clone();
-    assert_eq!(
-        traces,
-        vec![(0, producer_trace.clone())],
-        "the handler runs inside the producer's trace"
-    );
+    assert_eq!(traces, vec![(0, producer_trace.clone())], "the handler runs inside the producer's trace");
 
     let text = {
         use prometheus::Encoder;
         let mut buf = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&prometheus::gather(), &mut buf)
-            .unwrap();
+        prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut buf).unwrap();
         String::from_utf8(buf).unwrap()
     };
     for required in [

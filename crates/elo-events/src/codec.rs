@@ -12,9 +12,7 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
-use schema_registry_converter::schema_registry_common::{
-    SchemaType, SubjectNameStrategy, SuppliedSchema,
-};
+use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
 use crate::AvroEvent;
 
@@ -59,11 +57,7 @@ impl CodecError {
             Some(cause) => format!("{}: {cause}", err.error),
             None => err.error.clone(),
         };
-        if err.retriable {
-            Self::RegistryUnavailable(text)
-        } else {
-            Self::RegistryRefused(text)
-        }
+        if err.retriable { Self::RegistryUnavailable(text) } else { Self::RegistryRefused(text) }
     }
 }
 
@@ -84,12 +78,7 @@ pub struct RegistryConfig {
 impl RegistryConfig {
     /// Local defaults: auto-registration on.
     pub fn local(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            auto_register: true,
-            basic_auth: None,
-            timeout: Duration::from_secs(5),
-        }
+        Self { url: url.into(), auto_register: true, basic_auth: None, timeout: Duration::from_secs(5) }
     }
 }
 
@@ -105,9 +94,7 @@ pub struct EventCodec {
 
 impl std::fmt::Debug for EventCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventCodec")
-            .field("auto_register", &self.auto_register)
-            .finish_non_exhaustive()
+        f.debug_struct("EventCodec").field("auto_register", &self.auto_register).finish_non_exhaustive()
     }
 }
 
@@ -142,22 +129,14 @@ impl EventCodec {
     /// Encodes `value` for `topic` with the subject `<topic>-value`: the schema is registered
     /// (or, without auto-registration, the subject's latest version is used) and the value is
     /// written with exactly the schema its id names.
-    pub async fn encode<T: AvroEvent>(
-        &self,
-        topic: &str,
-        value: &T,
-    ) -> Result<Vec<u8>, CodecError> {
+    pub async fn encode<T: AvroEvent>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
         let strategy = self.strategy::<T>(topic);
         let subject = strategy.get_subject().map_err(CodecError::from_src)?;
-        let registered = self
-            .encoder
-            .get_schema_and_id(&subject, strategy)
-            .await
-            .map_err(|e| {
-                // The library caches failures; a registry outage must not stick.
-                self.encoder.remove_errors_from_cache();
-                CodecError::from_src(e)
-            })?;
+        let registered = self.encoder.get_schema_and_id(&subject, strategy).await.map_err(|e| {
+            // The library caches failures; a registry outage must not stick.
+            self.encoder.remove_errors_from_cache();
+            CodecError::from_src(e)
+        })?;
         let body = encode_body_with(&registered.parsed, value)?;
         Ok(frame(registered.id, &body))
     }
@@ -177,12 +156,7 @@ impl EventCodec {
     /// to our schema of `T` by Avro's evolution rules.
     pub async fn decode<T: AvroEvent>(&self, bytes: &[u8]) -> Result<T, CodecError> {
         let (id, body) = unframe(bytes)?;
-        let cached = self
-            .writers
-            .lock()
-            .expect("writer cache lock")
-            .get(&id)
-            .cloned();
+        let cached = self.writers.lock().expect("writer cache lock").get(&id).cloned();
         let writer = match cached {
             Some(writer) => writer,
             None => {
@@ -191,10 +165,7 @@ impl EventCodec {
                     CodecError::from_src(e)
                 })?;
                 let writer = Arc::new(decoding_schema(&registered.raw)?);
-                self.writers
-                    .lock()
-                    .expect("writer cache lock")
-                    .insert(id, writer.clone());
+                self.writers.lock().expect("writer cache lock").insert(id, writer.clone());
                 writer
             }
         };
@@ -223,8 +194,8 @@ pub fn decoding_schema(avsc: &str) -> Result<Schema, CodecError> {
             _ => {}
         }
     }
-    let mut json: serde_json::Value = serde_json::from_str(avsc)
-        .map_err(|e| CodecError::Avro(format!("schema is not JSON: {e}")))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(avsc).map_err(|e| CodecError::Avro(format!("schema is not JSON: {e}")))?;
     strip(&mut json);
     Schema::parse(&json).map_err(|e| CodecError::Avro(e.to_string()))
 }
@@ -232,16 +203,10 @@ pub fn decoding_schema(avsc: &str) -> Result<Schema, CodecError> {
 /// Splits the Confluent prefix from the Avro body.
 pub fn unframe(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
     if bytes.len() < WIRE_HEADER_LEN {
-        return Err(CodecError::Framing(format!(
-            "{} bytes is shorter than the 5-byte header",
-            bytes.len()
-        )));
+        return Err(CodecError::Framing(format!("{} bytes is shorter than the 5-byte header", bytes.len())));
     }
     if bytes[0] != 0 {
-        return Err(CodecError::Framing(format!(
-            "magic byte is {}, expected 0",
-            bytes[0]
-        )));
+        return Err(CodecError::Framing(format!("magic byte is {}, expected 0", bytes[0])));
     }
     let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
     Ok((id, &bytes[WIRE_HEADER_LEN..]))
@@ -264,10 +229,7 @@ pub fn encode_body<T: AvroEvent>(value: &T) -> Result<Vec<u8>, CodecError> {
 
 /// Encodes `value` as a bare Avro body with the given writer schema, serialising straight from
 /// serde into Avro binary (no intermediate value tree).
-pub fn encode_body_with<T: serde::Serialize>(
-    writer: &Schema,
-    value: &T,
-) -> Result<Vec<u8>, CodecError> {
+pub fn encode_body_with<T: serde::Serialize>(writer: &Schema, value: &T) -> Result<Vec<u8>, CodecError> {
     GenericDatumWriter::builder(writer)
         .build()
         .and_then(|w| w.write_ser_to_vec(value))
@@ -281,14 +243,9 @@ pub fn decode_with<T: AvroEvent>(writer: &Schema, mut body: &[u8]) -> Result<T, 
         .reader_schema(T::decoding_schema())
         .build()
         .map_err(|e| CodecError::Avro(e.to_string()))?;
-    let value = reader
-        .read_value(&mut body)
-        .map_err(|e| CodecError::Avro(e.to_string()))?;
+    let value = reader.read_value(&mut body).map_err(|e| CodecError::Avro(e.to_string()))?;
     if !body.is_empty() {
-        return Err(CodecError::Avro(format!(
-            "{} trailing bytes after the record",
-            body.len()
-        )));
+        return Err(CodecError::Avro(format!("{} trailing bytes after the record", body.len())));
     }
     apache_avro::from_value::<T>(&value).map_err(|e| CodecError::Avro(e.to_string()))
 }
@@ -304,12 +261,8 @@ mod tests {
             Schema::parse_str(avsc).unwrap_or_else(|e| panic!("{topic}: {e}"));
         }
         // Touch each lazily parsed schema.
-        let _ = (
-            CommerceEvent::schema(),
-            InventoryEvent::schema(),
-            SyncOutcome::schema(),
-            IntegrationCommand::schema(),
-        );
+        let _ =
+            (CommerceEvent::schema(), InventoryEvent::schema(), SyncOutcome::schema(), IntegrationCommand::schema());
     }
 
     #[test]
@@ -329,20 +282,9 @@ mod tests {
     fn reader_resolves_older_writer_with_defaults() {
         // An older writer schema without `erasure` and `inventory_status`.
         let mut old: serde_json::Value = serde_json::from_str(schema::COMMERCE_EVENT_AVSC).unwrap();
-        old["fields"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|f| f["name"] != "erasure");
-        let order = old["fields"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|f| f["name"] == "order")
-            .unwrap();
-        order["type"][1]["fields"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|f| f["name"] != "inventory_status");
+        old["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "erasure");
+        let order = old["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "order").unwrap();
+        order["type"][1]["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "inventory_status");
         let old_schema = Schema::parse_str(&old.to_string()).unwrap();
 
         #[derive(serde::Serialize)]
@@ -401,8 +343,7 @@ mod tests {
             customer: event.customer.as_ref(),
         };
         let body = encode_body_with(&old_schema, &old_event).unwrap();
-        let back: CommerceEvent =
-            decode_with(&decoding_schema(&old.to_string()).unwrap(), &body).unwrap();
+        let back: CommerceEvent = decode_with(&decoding_schema(&old.to_string()).unwrap(), &body).unwrap();
         let mut expected = event.clone();
         expected.order.as_mut().unwrap().inventory_status = crate::InventoryStatus::Unchecked;
         assert_eq!(back, expected);
@@ -413,11 +354,7 @@ mod tests {
         use apache_avro::types::Value;
         // Other writers use the shortest two's complement: 20.14 is [0x03, 0x12, 0xb8].
         let writer = decoding_schema(schema::INVENTORY_EVENT_AVSC).unwrap();
-        for (bytes, expected) in [
-            (vec![0x03u8, 0x12, 0xb8], 201_400i64),
-            (vec![0xff], -1),
-            (vec![], 0),
-        ] {
+        for (bytes, expected) in [(vec![0x03u8, 0x12, 0xb8], 201_400i64), (vec![0xff], -1), (vec![], 0)] {
             let record = Value::Record(vec![
                 ("event_id".into(), Value::String("e".into())),
                 ("event_type".into(), Value::Enum(2, "OVERSOLD".into())),
@@ -425,14 +362,8 @@ mod tests {
                 ("sku".into(), Value::String("SKU-1".into())),
                 ("stock_id".into(), Value::Int(1)),
                 ("salable_qty".into(), Value::Bytes(bytes.clone())),
-                (
-                    "low_stock_threshold".into(),
-                    Value::Union(1, Box::new(Value::Bytes(vec![0x01]))),
-                ),
-                (
-                    "order_increment_id".into(),
-                    Value::Union(0, Box::new(Value::Null)),
-                ),
+                ("low_stock_threshold".into(), Value::Union(1, Box::new(Value::Bytes(vec![0x01])))),
+                ("order_increment_id".into(), Value::Union(0, Box::new(Value::Null))),
                 ("occurred_at".into(), Value::Long(1)),
                 ("produced_at".into(), Value::Long(2)),
             ]);
@@ -446,14 +377,9 @@ mod tests {
 
     #[test]
     fn garbage_is_a_permanent_error() {
-        assert!(matches!(
-            unframe(&[1, 0, 0, 0, 1, 2]),
-            Err(CodecError::Framing(_))
-        ));
+        assert!(matches!(unframe(&[1, 0, 0, 0, 1, 2]), Err(CodecError::Framing(_))));
         assert!(matches!(unframe(&[0, 0]), Err(CodecError::Framing(_))));
-        let err =
-            decode_with::<CommerceEvent>(CommerceEvent::decoding_schema(), &[0xff, 0xff, 0xff])
-                .unwrap_err();
+        let err = decode_with::<CommerceEvent>(CommerceEvent::decoding_schema(), &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(!err.is_retriable());
     }
 }

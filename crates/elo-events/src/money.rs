@@ -51,10 +51,7 @@ impl Decimal4 {
     /// Parses a JSON number as Magento sends it (`12.5`, `-3`, `1e2` is refused) without going
     /// through a float, rounding half away from zero past four digits.
     pub fn parse(input: &str) -> Result<Self, ParseDecimalError> {
-        let err = |reason| ParseDecimalError {
-            input: input.to_owned(),
-            reason,
-        };
+        let err = |reason| ParseDecimalError { input: input.to_owned(), reason };
         let s = input.trim();
         let (negative, digits) = match s.strip_prefix('-') {
             Some(rest) => (true, rest),
@@ -64,28 +61,16 @@ impl Decimal4 {
         if whole.is_empty() && frac.is_empty() {
             return Err(err("no digits"));
         }
-        if !whole
-            .chars()
-            .chain(frac.chars())
-            .all(|c| c.is_ascii_digit())
-        {
+        if !whole.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
             return Err(err("not a plain decimal number"));
         }
-        let whole: i64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| err("too large"))?
-        };
+        let whole: i64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("too large"))? };
         let mut frac_digits: Vec<u8> = frac.bytes().map(|b| b - b'0').collect();
         let round_up = frac_digits.get(4).is_some_and(|d| *d >= 5);
         frac_digits.resize(4, 0);
-        let frac_value = frac_digits
-            .iter()
-            .fold(0i64, |acc, d| acc * 10 + i64::from(*d));
-        let mut unscaled = whole
-            .checked_mul(Self::SCALE)
-            .and_then(|w| w.checked_add(frac_value))
-            .ok_or_else(|| err("too large"))?;
+        let frac_value = frac_digits.iter().fold(0i64, |acc, d| acc * 10 + i64::from(*d));
+        let mut unscaled =
+            whole.checked_mul(Self::SCALE).and_then(|w| w.checked_add(frac_value)).ok_or_else(|| err("too large"))?;
         if round_up {
             unscaled = unscaled.checked_add(1).ok_or_else(|| err("too large"))?;
         }
@@ -212,10 +197,7 @@ mod tests {
             let d = Decimal4::from_unscaled(v);
             assert_eq!(Decimal4::from_be_bytes(&d.to_be_bytes_minimal()), Some(d));
         }
-        assert_eq!(
-            Decimal4::from_be_bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 5]),
-            Some(Decimal4(5))
-        );
+        assert_eq!(Decimal4::from_be_bytes(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 5]), Some(Decimal4(5)));
         assert_eq!(Decimal4::from_be_bytes(&[1, 0, 0, 0, 0, 0, 0, 0, 0]), None);
     }
 }

@@ -2,8 +2,8 @@
 //! gives the same event.
 
 use crate::{
-    Address, CommerceEvent, CommerceEventType, ConsentStatus, Customer, Decimal4, InventoryStatus,
-    MarketingConsent, Order, OrderItem, OrderTotals, SourceVersion, StoreRef, ids,
+    Address, CommerceEvent, CommerceEventType, ConsentStatus, Customer, Decimal4, InventoryStatus, MarketingConsent,
+    Order, OrderItem, OrderTotals, SourceVersion, StoreRef, ids,
 };
 
 /// 2026-11-01T00:00:00Z in milliseconds.
@@ -32,29 +32,16 @@ pub fn order_placed(n: u64) -> CommerceEvent {
         telephone: Some("+55 11 90000-0000".into()),
     };
     CommerceEvent {
-        event_id: ids::event_id(&[
-            "magento",
-            "order",
-            &entity_id.to_string(),
-            &updated_at.to_string(),
-        ]),
+        event_id: ids::event_id(&["magento", "order", &entity_id.to_string(), &updated_at.to_string()]),
         event_type: CommerceEventType::OrderPlaced,
         source_system: "magento".into(),
-        source_version: SourceVersion {
-            entity_type: "order".into(),
-            entity_id: entity_id.to_string(),
-            updated_at,
-        },
+        source_version: SourceVersion { entity_type: "order".into(), entity_id: entity_id.to_string(), updated_at },
         occurred_at: updated_at,
         produced_at: updated_at + 250,
         customer_key: ids::customer_key(customer_id, &email),
         store: StoreRef {
             store_id: (n % 2) as i32 + 1,
-            store_code: Some(if n.is_multiple_of(2) {
-                "default".into()
-            } else {
-                "br".into()
-            }),
+            store_code: Some(if n.is_multiple_of(2) { "default".into() } else { "br".into() }),
             website_id: Some(1),
         },
         order: Some(Order {
@@ -65,9 +52,7 @@ pub fn order_placed(n: u64) -> CommerceEvent {
             currency: "BRL".into(),
             created_at: updated_at,
             totals: OrderTotals {
-                grand_total: row_total
-                    .checked_add(shipping)
-                    .expect("small sample values"),
+                grand_total: row_total.checked_add(shipping).expect("small sample values"),
                 subtotal: row_total,
                 tax: Decimal4::ZERO,
                 shipping,
@@ -102,11 +87,7 @@ pub fn order_placed(n: u64) -> CommerceEvent {
             group_id: Some(if guest { 0 } else { 1 }),
             phone: None,
             consent: MarketingConsent {
-                status: if n.is_multiple_of(5) {
-                    ConsentStatus::Declined
-                } else {
-                    ConsentStatus::Granted
-                },
+                status: if n.is_multiple_of(5) { ConsentStatus::Declined } else { ConsentStatus::Granted },
                 legal_basis: Some("consent".into()),
                 updated_at: Some(BASE_MS),
             },

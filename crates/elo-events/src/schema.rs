@@ -11,8 +11,7 @@ pub const INVENTORY_EVENT_AVSC: &str = include_str!("../../../schemas/inventory.
 /// `schemas/integration.outcomes.avsc`.
 pub const SYNC_OUTCOME_AVSC: &str = include_str!("../../../schemas/integration.outcomes.avsc");
 /// `schemas/integration.commands.avsc`.
-pub const INTEGRATION_COMMAND_AVSC: &str =
-    include_str!("../../../schemas/integration.commands.avsc");
+pub const INTEGRATION_COMMAND_AVSC: &str = include_str!("../../../schemas/integration.commands.avsc");
 
 /// A type carried on a topic as Avro: its schema and the topic it lives on by default.
 pub trait AvroEvent: serde::Serialize + serde::de::DeserializeOwned + Send + Sync {
@@ -32,15 +31,13 @@ macro_rules! avro_event {
             const AVSC: &'static str = $avsc;
             const DEFAULT_TOPIC: &'static str = $topic;
             fn schema() -> &'static Schema {
-                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-                    Schema::parse_str($avsc).expect("checked-in schema parses (tested)")
-                });
+                static SCHEMA: LazyLock<Schema> =
+                    LazyLock::new(|| Schema::parse_str($avsc).expect("checked-in schema parses (tested)"));
                 &SCHEMA
             }
             fn decoding_schema() -> &'static Schema {
-                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-                    crate::codec::decoding_schema($avsc).expect("checked-in schema parses (tested)")
-                });
+                static SCHEMA: LazyLock<Schema> =
+                    LazyLock::new(|| crate::codec::decoding_schema($avsc).expect("checked-in schema parses (tested)"));
                 &SCHEMA
             }
         }
@@ -48,21 +45,9 @@ macro_rules! avro_event {
 }
 
 avro_event!(crate::CommerceEvent, COMMERCE_EVENT_AVSC, "commerce.events");
-avro_event!(
-    crate::InventoryEvent,
-    INVENTORY_EVENT_AVSC,
-    "inventory.events"
-);
-avro_event!(
-    crate::SyncOutcome,
-    SYNC_OUTCOME_AVSC,
-    "integration.outcomes"
-);
-avro_event!(
-    crate::IntegrationCommand,
-    INTEGRATION_COMMAND_AVSC,
-    "integration.commands"
-);
+avro_event!(crate::InventoryEvent, INVENTORY_EVENT_AVSC, "inventory.events");
+avro_event!(crate::SyncOutcome, SYNC_OUTCOME_AVSC, "integration.outcomes");
+avro_event!(crate::IntegrationCommand, INTEGRATION_COMMAND_AVSC, "integration.commands");
 
 /// Every schema with its default topic, for provisioning and compatibility checks.
 pub const ALL: &[(&str, &str)] = &[

@@ -10,10 +10,7 @@ use apache_avro::Schema;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
 fn git(args: &[&str]) -> Option<String> {
@@ -23,9 +20,7 @@ fn git(args: &[&str]) -> Option<String> {
         .args(args)
         .output()
         .expect("git must be installed to check schema evolution");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn previous_committed(path: &str) -> Option<(String, String)> {
@@ -34,16 +29,9 @@ fn previous_committed(path: &str) -> Option<(String, String)> {
         "schema evolution is checked against git history; run from a clone"
     );
     let changed_since_head = git(&["diff", "--quiet", "HEAD", "--", path]).is_none();
-    let commits: Vec<String> = git(&["log", "--format=%H", "--", path])
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let base = if changed_since_head {
-        commits.first()?.clone()
-    } else {
-        commits.get(1)?.clone()
-    };
+    let commits: Vec<String> =
+        git(&["log", "--format=%H", "--", path]).unwrap_or_default().lines().map(str::to_owned).collect();
+    let base = if changed_since_head { commits.first()?.clone() } else { commits.get(1)?.clone() };
     git(&["show", &format!("{base}:{path}")]).map(|text| (base, text))
 }
 
@@ -69,13 +57,9 @@ fn every_schema_is_full_compatible_with_its_previous_committed_version() {
             println!("{path}: first version, nothing to compare with");
             continue;
         };
-        let old =
-            Schema::parse_str(&previous).unwrap_or_else(|e| panic!("{path} at {commit}: {e}"));
+        let old = Schema::parse_str(&previous).unwrap_or_else(|e| panic!("{path} at {commit}: {e}"));
         let problems = full_compatibility_problems(&old, &new);
-        assert!(
-            problems.is_empty(),
-            "{path} is not FULL-compatible with its version at {commit}: {problems:?}"
-        );
+        assert!(problems.is_empty(), "{path} is not FULL-compatible with its version at {commit}: {problems:?}");
         println!("{path}: FULL-compatible with {commit}");
         compared += 1;
     }
@@ -84,8 +68,7 @@ fn every_schema_is_full_compatible_with_its_previous_committed_version() {
 
 #[test]
 fn the_check_catches_breaking_changes() {
-    let base: serde_json::Value =
-        serde_json::from_str(elo_events::schema::COMMERCE_EVENT_AVSC).unwrap();
+    let base: serde_json::Value = serde_json::from_str(elo_events::schema::COMMERCE_EVENT_AVSC).unwrap();
     let old = Schema::parse(&base).unwrap();
 
     // Adding an optional field with a default: fine both ways.
@@ -98,28 +81,17 @@ fn the_check_catches_breaking_changes() {
 
     // Adding a required field: new readers cannot read old data.
     let mut required = base.clone();
-    required["fields"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "channel", "type": "string"}));
+    required["fields"].as_array_mut().unwrap().push(serde_json::json!({"name": "channel", "type": "string"}));
     assert!(!full_compatibility_problems(&old, &Schema::parse(&required).unwrap()).is_empty());
 
     // Removing a field without a default: old readers cannot read new data.
     let mut removed = base.clone();
-    removed["fields"]
-        .as_array_mut()
-        .unwrap()
-        .retain(|f| f["name"] != "customer_key");
+    removed["fields"].as_array_mut().unwrap().retain(|f| f["name"] != "customer_key");
     assert!(!full_compatibility_problems(&old, &Schema::parse(&removed).unwrap()).is_empty());
 
     // Changing a type.
     let mut retyped = base;
-    let field = retyped["fields"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|f| f["name"] == "source_system")
-        .unwrap();
+    let field = retyped["fields"].as_array_mut().unwrap().iter_mut().find(|f| f["name"] == "source_system").unwrap();
     field["type"] = serde_json::json!("long");
     assert!(!full_compatibility_problems(&old, &Schema::parse(&retyped).unwrap()).is_empty());
 }

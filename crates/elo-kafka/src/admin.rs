@@ -22,12 +22,7 @@ pub struct TopicSpec {
 
 impl TopicSpec {
     pub fn new(name: impl Into<String>, partitions: i32) -> Self {
-        Self {
-            name: name.into(),
-            partitions,
-            replication: 1,
-            configs: Vec::new(),
-        }
+        Self { name: name.into(), partitions, replication: 1, configs: Vec::new() }
     }
     pub fn with_replication(mut self, replication: i32) -> Self {
         self.replication = replication;
@@ -52,25 +47,19 @@ pub async fn ensure_topics(
     timeout: Duration,
     health: &Health,
 ) -> Result<Vec<String>> {
-    let admin: AdminClient<ConnectionContext> = args
-        .client_config(&[])?
-        .create_with_context(ConnectionContext::new(health.clone(), "kafka_topics"))?;
+    let admin: AdminClient<ConnectionContext> =
+        args.client_config(&[])?.create_with_context(ConnectionContext::new(health.clone(), "kafka_topics"))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
-            t.configs.iter().fold(
-                NewTopic::new(
-                    &t.name,
-                    t.partitions,
-                    TopicReplication::Fixed(t.replication),
-                ),
-                |nt, (k, v)| nt.set(k, v),
-            )
+            t.configs
+                .iter()
+                .fold(NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(t.replication)), |nt, (k, v)| {
+                    nt.set(k, v)
+                })
         })
         .collect();
-    let options = AdminOptions::new()
-        .operation_timeout(Some(timeout))
-        .request_timeout(Some(timeout));
+    let options = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
     let results = admin.create_topics(new_topics.iter(), &options).await?;
     health.set_ready(AUTH_CHECK, true, "credentials accepted");
     let mut created = Vec::new();
@@ -82,10 +71,7 @@ pub async fn ensure_topics(
             }
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
-                return Err(Error::TopicCreation {
-                    topic: name,
-                    reason: code.to_string(),
-                });
+                return Err(Error::TopicCreation { topic: name, reason: code.to_string() });
             }
         }
     }

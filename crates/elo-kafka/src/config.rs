@@ -18,11 +18,7 @@ const ENV_PREFIX: &str = "ELO_RDKAFKA_";
 #[derive(Clone, Debug, clap::Args)]
 pub struct KafkaArgs {
     /// Bootstrap brokers, comma separated.
-    #[arg(
-        long = "kafka-brokers",
-        env = "ELO_KAFKA_BROKERS",
-        default_value = "127.0.0.1:9092"
-    )]
+    #[arg(long = "kafka-brokers", env = "ELO_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// Extra librdkafka properties as key=value (repeatable); they override ELO_RDKAFKA_* ones.
     #[arg(long = "kafka-option", value_parser = parse_key_value)]
@@ -38,10 +34,7 @@ fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
 impl KafkaArgs {
     /// Settings for a local broker at `brokers`, no extras (tests).
     pub fn local(brokers: impl Into<String>) -> Self {
-        Self {
-            brokers: brokers.into(),
-            options: Vec::new(),
-        }
+        Self { brokers: brokers.into(), options: Vec::new() }
     }
 
     /// All librdkafka properties: bootstrap servers, then `ELO_RDKAFKA_*`, then `--kafka-option`.
@@ -80,9 +73,7 @@ impl KafkaArgs {
 }
 
 /// Maps `ELO_RDKAFKA_*` variables to librdkafka properties.
-pub fn from_env(
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<BTreeMap<String, String>> {
+pub fn from_env(vars: impl IntoIterator<Item = (String, String)>) -> Result<BTreeMap<String, String>> {
     let mut props = BTreeMap::new();
     for (name, value) in vars {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
@@ -92,11 +83,7 @@ pub fn from_env(
             Some(stripped) => (stripped, true),
             None => (rest, false),
         };
-        let key = rest
-            .to_ascii_lowercase()
-            .replace("__", "\u{0}")
-            .replace('_', ".")
-            .replace('\u{0}', "_");
+        let key = rest.to_ascii_lowercase().replace("__", "\u{0}").replace('_', ".").replace('\u{0}', "_");
         let value = if from_file {
             std::fs::read_to_string(&value)
                 .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
@@ -118,22 +105,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("elo-kafka-cfg-{}", std::process::id()));
         std::fs::write(&dir, "s3cret\n").unwrap();
         let vars = vec![
-            (
-                "ELO_RDKAFKA_SECURITY_PROTOCOL".to_owned(),
-                "SASL_SSL".to_owned(),
-            ),
-            (
-                "ELO_RDKAFKA_SASL_MECHANISM".to_owned(),
-                "SCRAM-SHA-512".to_owned(),
-            ),
-            (
-                "ELO_RDKAFKA_SASL_PASSWORD_FILE".to_owned(),
-                dir.display().to_string(),
-            ),
-            (
-                "ELO_RDKAFKA_SOME__UNDERSCORE_NAME".to_owned(),
-                "x".to_owned(),
-            ),
+            ("ELO_RDKAFKA_SECURITY_PROTOCOL".to_owned(), "SASL_SSL".to_owned()),
+            ("ELO_RDKAFKA_SASL_MECHANISM".to_owned(), "SCRAM-SHA-512".to_owned()),
+            ("ELO_RDKAFKA_SASL_PASSWORD_FILE".to_owned(), dir.display().to_string()),
+            ("ELO_RDKAFKA_SOME__UNDERSCORE_NAME".to_owned(), "x".to_owned()),
             ("UNRELATED".to_owned(), "y".to_owned()),
         ];
         let props = from_env(vars).unwrap();
@@ -147,23 +122,14 @@ mod tests {
 
     #[test]
     fn unreadable_secret_file_is_a_clear_error() {
-        let err = from_env(vec![(
-            "ELO_RDKAFKA_SASL_PASSWORD_FILE".to_owned(),
-            "/nonexistent/x".to_owned(),
-        )])
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("ELO_RDKAFKA_SASL_PASSWORD_FILE"),
-            "{err}"
-        );
+        let err =
+            from_env(vec![("ELO_RDKAFKA_SASL_PASSWORD_FILE".to_owned(), "/nonexistent/x".to_owned())]).unwrap_err();
+        assert!(err.to_string().contains("ELO_RDKAFKA_SASL_PASSWORD_FILE"), "{err}");
     }
 
     #[test]
     fn describe_masks_secrets() {
-        let args = KafkaArgs {
-            brokers: "b:9092".into(),
-            options: vec![("sasl.password".into(), "hunter2".into())],
-        };
+        let args = KafkaArgs { brokers: "b:9092".into(), options: vec![("sasl.password".into(), "hunter2".into())] };
         let text = args.describe();
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("bootstrap.servers=b:9092"));

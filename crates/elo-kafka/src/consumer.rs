@@ -71,10 +71,7 @@ impl Record {
 
     /// The first header with this name.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
 }
 
@@ -82,10 +79,7 @@ impl Record {
 pub trait Handler: Send + Sync + 'static {
     /// Applies a batch of records of one partition, in offset order, and returns one result per
     /// record, in the same order. Must be idempotent: after a crash the same records come again.
-    fn handle(
-        &self,
-        batch: &[Record],
-    ) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send;
+    fn handle(&self, batch: &[Record]) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send;
 
     /// Called on the poll thread when a partition is assigned (rebuild per-partition state).
     fn on_assigned(&self, _topic: &str, _partition: i32) {}
@@ -107,21 +101,14 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-            transient_attempts: 8,
-        }
+        Self { initial: Duration::from_millis(200), max: Duration::from_secs(30), transient_attempts: 8 }
     }
 }
 
 impl RetryPolicy {
     /// Exponential backoff with full jitter: uniform in [base/2, base].
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let base = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max);
+        let base = self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max);
         let half = base / 2;
         half + half.mul_f64(rand::random::<f64>())
     }
@@ -151,11 +138,7 @@ pub struct ConsumerSettings {
 
 impl ConsumerSettings {
     /// Defaults that work locally.
-    pub fn new(
-        group_id: impl Into<String>,
-        topics: Vec<String>,
-        dlq_topic: impl Into<String>,
-    ) -> Self {
+    pub fn new(group_id: impl Into<String>, topics: Vec<String>, dlq_topic: impl Into<String>) -> Self {
         Self {
             group_id: group_id.into(),
             topics,
@@ -214,11 +197,8 @@ impl<H: Handler> ConsumerContext for RuntimeContext<H> {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             metrics::REBALANCES.with_label_values(&["revoke"]).inc();
-            let partitions: Vec<TopicPartition> = tpl
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
+            let partitions: Vec<TopicPartition> =
+                tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
             tracing::info!(partitions = ?partitions, "partitions revoked, draining");
             self.drain_and_commit(consumer, &partitions);
         }
@@ -239,13 +219,8 @@ impl<H: Handler> ConsumerContext for RuntimeContext<H> {
                 }
                 update_assigned_gauge(&workers);
                 tracing::info!(assigned = workers.len(), "partitions assigned");
-                self.health
-                    .set_ready(crate::producer::AUTH_CHECK, true, "credentials accepted");
-                self.health.set_ready(
-                    "kafka_consumer",
-                    true,
-                    format!("group joined, {} partitions", workers.len()),
-                );
+                self.health.set_ready(crate::producer::AUTH_CHECK, true, "credentials accepted");
+                self.health.set_ready("kafka_consumer", true, format!("group joined, {} partitions", workers.len()));
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => {
@@ -260,9 +235,7 @@ impl<H: Handler> ConsumerContext for RuntimeContext<H> {
             Ok(()) => {
                 for e in offsets.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        metrics::COMMITTED_OFFSET
-                            .with_label_values(&[e.topic(), &e.partition().to_string()])
-                            .set(o);
+                        metrics::COMMITTED_OFFSET.with_label_values(&[e.topic(), &e.partition().to_string()]).set(o);
                     }
                 }
             }
@@ -287,10 +260,7 @@ impl<H: Handler> RuntimeContext<H> {
     fn drain_and_commit(&self, consumer: &BaseConsumer<Self>, partitions: &[TopicPartition]) {
         let drained: Vec<(TopicPartition, Worker)> = {
             let mut workers = self.workers.lock().expect("workers lock");
-            let drained = partitions
-                .iter()
-                .filter_map(|tp| workers.remove(tp).map(|w| (tp.clone(), w)))
-                .collect();
+            let drained = partitions.iter().filter_map(|tp| workers.remove(tp).map(|w| (tp.clone(), w))).collect();
             update_assigned_gauge(&workers);
             drained
         };
@@ -303,9 +273,7 @@ impl<H: Handler> RuntimeContext<H> {
         let deadline = Instant::now() + self.shared.settings.drain_timeout;
         for ((topic, partition), w) in &drained {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                w.finished.recv_timeout(remaining)
-            {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = w.finished.recv_timeout(remaining) {
                 tracing::warn!(
                     topic,
                     partition,
@@ -408,16 +376,9 @@ impl<H: Handler> RuntimeContext<H> {
                 tracing::error!(topic = %tp.0, partition = tp.1, restart_at, "partition worker died, restarting");
                 let fresh = spawn_worker(&self.shared, &tp);
                 let old = std::mem::replace(worker, fresh);
-                worker
-                    .done
-                    .store(old.done.load(Ordering::Acquire), Ordering::Release);
+                worker.done.store(old.done.load(Ordering::Acquire), Ordering::Release);
                 worker.first_dispatched = restart_at;
-                if let Err(error) = consumer.seek(
-                    &tp.0,
-                    tp.1,
-                    Offset::Offset(restart_at),
-                    Duration::from_secs(5),
-                ) {
+                if let Err(error) = consumer.seek(&tp.0, tp.1, Offset::Offset(restart_at), Duration::from_secs(5)) {
                     tracing::error!(error = %error, "seek after worker restart failed");
                 }
             }
@@ -440,10 +401,7 @@ impl<H: Handler> RuntimeContext<H> {
                     }
                     metrics::PAUSED_PARTITIONS.with_label_values(&[topic]).dec();
                 }
-                Err(
-                    mpsc::error::TrySendError::Full(record)
-                    | mpsc::error::TrySendError::Closed(record),
-                ) => {
+                Err(mpsc::error::TrySendError::Full(record) | mpsc::error::TrySendError::Closed(record)) => {
                     w.parked = Some(record);
                 }
             }
@@ -458,17 +416,12 @@ fn update_assigned_gauge(workers: &HashMap<TopicPartition, Worker>) {
     }
     metrics::ASSIGNED_PARTITIONS.reset();
     for (topic, n) in per_topic {
-        metrics::ASSIGNED_PARTITIONS
-            .with_label_values(&[topic])
-            .set(n);
+        metrics::ASSIGNED_PARTITIONS.with_label_values(&[topic]).set(n);
     }
 }
 
 fn tpl_summary(tpl: &TopicPartitionList) -> Vec<String> {
-    tpl.elements()
-        .iter()
-        .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset()))
-        .collect()
+    tpl.elements().iter().map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset())).collect()
 }
 
 fn spawn_worker<H: Handler>(shared: &Arc<Shared<H>>, tp: &TopicPartition) -> Worker {
@@ -476,24 +429,9 @@ fn spawn_worker<H: Handler>(shared: &Arc<Shared<H>>, tp: &TopicPartition) -> Wor
     let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
     let stop = CancellationToken::new();
     let done = Arc::new(AtomicI64::new(-1));
-    let task = shared.runtime.spawn(partition_worker(
-        shared.clone(),
-        tp.clone(),
-        rx,
-        stop.clone(),
-        done.clone(),
-        finished_tx,
-    ));
-    Worker {
-        tx,
-        stop,
-        done,
-        sent: -1,
-        first_dispatched: -1,
-        finished,
-        task,
-        parked: None,
-    }
+    let task =
+        shared.runtime.spawn(partition_worker(shared.clone(), tp.clone(), rx, stop.clone(), done.clone(), finished_tx));
+    Worker { tx, stop, done, sent: -1, first_dispatched: -1, finished, task, parked: None }
 }
 
 /// The batch was cut short by a stop request; its records stay unfinished.
@@ -531,18 +469,13 @@ async fn partition_worker<H: Handler>(
             _ = stop.cancelled() => break,
             p = shared.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
-        let last = batch
-            .last()
-            .map(|r| r.offset)
-            .expect("batch is never empty");
+        let last = batch.last().map(|r| r.offset).expect("batch is never empty");
         let span = tracing::info_span!("consume_batch", topic = %topic, partition, first_offset = batch[0].offset, last_offset = last, size = batch.len());
         elo_telemetry::propagation::set_parent_from(&span, &headers::text_map(&batch[0].headers));
         let started = Instant::now();
         let outcome = process_batch(&shared, batch, &stop).instrument(span).await;
         drop(permit);
-        metrics::BATCH_LATENCY
-            .with_label_values(&[&topic])
-            .observe(started.elapsed().as_secs_f64());
+        metrics::BATCH_LATENCY.with_label_values(&[&topic]).observe(started.elapsed().as_secs_f64());
         match outcome {
             Ok(()) => done.store(last + 1, Ordering::Release),
             Err(Stopped) => break,
@@ -562,29 +495,16 @@ async fn process_batch<H: Handler>(
     let mut round = 0u32;
     loop {
         let records: Vec<Record> = pending.iter().map(|(r, _)| r.clone()).collect();
-        let results = match AssertUnwindSafe(shared.handler.handle(&records))
-            .catch_unwind()
-            .await
-        {
+        let results = match AssertUnwindSafe(shared.handler.handle(&records)).catch_unwind().await {
             Ok(results) if results.len() == records.len() => results,
             Ok(results) => {
-                let msg = format!(
-                    "handler returned {} results for {} records",
-                    results.len(),
-                    records.len()
-                );
+                let msg = format!("handler returned {} results for {} records", results.len(), records.len());
                 tracing::error!(%msg, "handler contract broken");
-                records
-                    .iter()
-                    .map(|_| Err(HandlerError::permanent("handler_contract", msg.clone())))
-                    .collect()
+                records.iter().map(|_| Err(HandlerError::permanent("handler_contract", msg.clone()))).collect()
             }
             Err(_) => {
                 tracing::error!(topic = %topic, "handler panicked; parking the batch in the DLQ");
-                records
-                    .iter()
-                    .map(|_| Err(HandlerError::permanent("handler_panic", "handler panicked")))
-                    .collect()
+                records.iter().map(|_| Err(HandlerError::permanent("handler_panic", "handler panicked"))).collect()
             }
         };
         let mut retry = Vec::new();
@@ -598,12 +518,7 @@ async fn process_batch<H: Handler>(
                 Ok(()) => applied += 1,
                 Err(error) => {
                     metrics::HANDLER_ERRORS
-                        .with_label_values(&[
-                            &topic,
-                            error.class.as_str(),
-                            &bounded_code(&error.code),
-                            "handle",
-                        ])
+                        .with_label_values(&[&topic, error.class.as_str(), &bounded_code(&error.code), "handle"])
                         .inc();
                     let give_up = match error.class {
                         ErrorClass::Permanent => true,
@@ -627,25 +542,17 @@ async fn process_batch<H: Handler>(
             }
         }
         if applied > 0 {
-            metrics::CONSUMED
-                .with_label_values(&[&topic, "applied"])
-                .inc_by(applied);
+            metrics::CONSUMED.with_label_values(&[&topic, "applied"]).inc_by(applied);
         }
         if !park.is_empty() {
             let parked = park.len() as u64;
             write_dead_letters(shared, park, first_failure, stop).await?;
-            metrics::CONSUMED
-                .with_label_values(&[&topic, "dead_lettered"])
-                .inc_by(parked);
+            metrics::CONSUMED.with_label_values(&[&topic, "dead_lettered"]).inc_by(parked);
         }
         if retry.is_empty() {
             return Ok(());
         }
-        let worst = classes
-            .iter()
-            .copied()
-            .find(|c| *c == ErrorClass::Auth)
-            .unwrap_or(classes[0]);
+        let worst = classes.iter().copied().find(|c| *c == ErrorClass::Auth).unwrap_or(classes[0]);
         let delay = settings.retry.backoff(round).max(wait_hint);
         let gauge = metrics::RETRY_BLOCKED.with_label_values(&[worst.as_str()]);
         gauge.inc();
@@ -674,11 +581,7 @@ async fn write_dead_letters<H: Handler>(
         let attempts_text = attempts.to_string();
         let first_failure = first_failure_ms.to_string();
         let message = dlq::truncate_message(&error.message);
-        let mut pairs: Vec<(&str, &[u8])> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
+        let mut pairs: Vec<(&str, &[u8])> = record.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
         pairs.extend([
             (dlq::ERROR_CLASS, error.class.as_str().as_bytes()),
             (dlq::ERROR_CODE, error.code.as_bytes()),
@@ -727,23 +630,12 @@ async fn write_dead_letters<H: Handler>(
 
 /// Codes come from handlers; keep label cardinality bounded whatever they send.
 fn bounded_code(code: &str) -> String {
-    let clean: String = code
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .take(40)
-        .collect();
-    if clean.is_empty() {
-        "unknown".to_owned()
-    } else {
-        clean
-    }
+    let clean: String = code.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(40).collect();
+    if clean.is_empty() { "unknown".to_owned() } else { clean }
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
 /// Runs the consumer until `shutdown` is cancelled, then drains, commits and leaves the group.
@@ -761,9 +653,7 @@ pub async fn run_consumer<H: Handler>(
 ) -> Result<()> {
     metrics::register_all();
     if settings.drain_timeout.is_zero() {
-        return Err(crate::Error::Config(
-            "drain timeout must be positive".into(),
-        ));
+        return Err(crate::Error::Config("drain timeout must be positive".into()));
     }
     let config = args.client_config(&[
         ("group.id", settings.group_id.as_str()),
@@ -819,10 +709,7 @@ fn poll_loop<H: Handler>(
             Some(Ok(message)) => context.dispatch(consumer, Record::from_message(&message)),
             Some(Err(error)) => {
                 metrics::CLIENT_ERRORS
-                    .with_label_values(&[
-                        "kafka_consumer",
-                        crate::Error::Kafka(error.clone()).code(),
-                    ])
+                    .with_label_values(&["kafka_consumer", crate::Error::Kafka(error.clone()).code()])
                     .inc();
                 tracing::warn!(error = %error, "consume error");
             }
@@ -835,17 +722,8 @@ fn poll_loop<H: Handler>(
         }
     }
     // Stop intake, let in-flight batches finish, commit what is done.
-    let assigned: Vec<TopicPartition> = context
-        .workers
-        .lock()
-        .expect("workers lock")
-        .keys()
-        .cloned()
-        .collect();
-    tracing::info!(
-        partitions = assigned.len(),
-        "shutting down consumer: draining"
-    );
+    let assigned: Vec<TopicPartition> = context.workers.lock().expect("workers lock").keys().cloned().collect();
+    tracing::info!(partitions = assigned.len(), "shutting down consumer: draining");
     context.drain_and_commit(consumer, &assigned);
 }
 
@@ -855,21 +733,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
-        let policy = RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            transient_attempts: 3,
-        };
+        let policy =
+            RetryPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), transient_attempts: 3 };
         for attempt in 0..20 {
             let d = policy.backoff(attempt);
-            let base = Duration::from_millis(100)
-                .saturating_mul(1 << attempt.min(16))
-                .min(Duration::from_secs(2));
-            assert!(
-                d >= base / 2 && d <= base,
-                "attempt {attempt}: {d:?} not in [{:?}, {base:?}]",
-                base / 2
-            );
+            let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(16)).min(Duration::from_secs(2));
+            assert!(d >= base / 2 && d <= base, "attempt {attempt}: {d:?} not in [{:?}, {base:?}]", base / 2);
         }
     }
 

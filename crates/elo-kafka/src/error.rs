@@ -36,16 +36,10 @@ impl Error {
                 Some(RDKafkaErrorCode::MessageTimedOut) => "message_timed_out",
                 Some(RDKafkaErrorCode::QueueFull) => "queue_full",
                 Some(RDKafkaErrorCode::MessageSizeTooLarge) => "message_too_large",
-                Some(
-                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic,
-                ) => "unknown_topic",
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => "unknown_topic",
                 Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "topic_authorization",
-                Some(
-                    RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::Authentication,
-                ) => "authentication",
-                Some(
-                    RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure,
-                ) => "broker_down",
+                Some(RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::Authentication) => "authentication",
+                Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => "broker_down",
                 _ => "kafka",
             },
             Self::Config(_) => "config",
@@ -110,12 +104,7 @@ pub struct HandlerError {
 
 impl HandlerError {
     pub fn new(class: ErrorClass, code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            class,
-            code: code.into(),
-            message: message.into(),
-            retry_after: None,
-        }
+        Self { class, code: code.into(), message: message.into(), retry_after: None }
     }
     pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
         Self::new(ErrorClass::Permanent, code, message)
@@ -131,12 +120,6 @@ impl HandlerError {
 
 impl std::fmt::Display for HandlerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} error {}: {}",
-            self.class.as_str(),
-            self.code,
-            self.message
-        )
+        write!(f, "{} error {}: {}", self.class.as_str(), self.code, self.message)
     }
 }

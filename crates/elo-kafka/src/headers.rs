@@ -9,14 +9,7 @@ pub const EVENT_TYPE: &str = "elo-event-type";
 
 /// Builds rdkafka headers from name/value pairs.
 pub fn to_owned_headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
-    pairs
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        })
+    pairs.into_iter().fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
 }
 
 /// Collects headers into owned pairs, keeping order and duplicates.
@@ -24,12 +17,7 @@ pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Vec<u8>)> {
     headers
         .map(|h| {
             h.iter()
-                .map(|header| {
-                    (
-                        header.key.to_owned(),
-                        header.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                    )
-                })
+                .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec).unwrap_or_default()))
                 .collect()
         })
         .unwrap_or_default()
@@ -37,12 +25,5 @@ pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Vec<u8>)> {
 
 /// The UTF-8 headers as a map (last one wins), e.g. for trace-context extraction.
 pub fn text_map(headers: &[(String, Vec<u8>)]) -> HashMap<String, String> {
-    headers
-        .iter()
-        .filter_map(|(k, v)| {
-            std::str::from_utf8(v)
-                .ok()
-                .map(|v| (k.clone(), v.to_owned()))
-        })
-        .collect()
+    headers.iter().filter_map(|(k, v)| std::str::from_utf8(v).ok().map(|v| (k.clone(), v.to_owned()))).collect()
 }

@@ -3,17 +3,12 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec,
-    register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGaugeVec, register_histogram_vec, register_int_counter_vec, register_int_gauge_vec,
 };
 
 pub(crate) static PRODUCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "elo_kafka_produced_records_total",
-        "Records acknowledged by the broker.",
-        &["topic"]
-    )
-    .expect("metric registers once")
+    register_int_counter_vec!("elo_kafka_produced_records_total", "Records acknowledged by the broker.", &["topic"])
+        .expect("metric registers once")
 });
 pub(crate) static PRODUCE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -28,9 +23,7 @@ pub(crate) static PRODUCE_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
         "elo_kafka_produce_latency_seconds",
         "From send to delivery report.",
         &["topic"],
-        vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
-        ]
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
     )
     .expect("metric registers once")
 });
@@ -68,12 +61,8 @@ pub(crate) static COMMITTED_OFFSET: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 pub(crate) static COMMIT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!(
-        "elo_consumer_commit_errors_total",
-        "Offset commits the broker refused.",
-        &["mode"]
-    )
-    .expect("metric registers once")
+    register_int_counter_vec!("elo_consumer_commit_errors_total", "Offset commits the broker refused.", &["mode"])
+        .expect("metric registers once")
 });
 pub(crate) static PAUSED_PARTITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
@@ -84,12 +73,8 @@ pub(crate) static PAUSED_PARTITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 pub(crate) static ASSIGNED_PARTITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    register_int_gauge_vec!(
-        "elo_consumer_assigned_partitions",
-        "Partitions assigned to this instance.",
-        &["topic"]
-    )
-    .expect("metric registers once")
+    register_int_gauge_vec!("elo_consumer_assigned_partitions", "Partitions assigned to this instance.", &["topic"])
+        .expect("metric registers once")
 });
 pub(crate) static REBALANCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
@@ -119,14 +104,7 @@ pub(crate) static CLIENT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// Forces registration so every metric shows on `/metrics` from the start (telemetry tests
 /// check the names).
 pub fn register_all() {
-    let _ = (
-        &*PRODUCED,
-        &*PRODUCE_ERRORS,
-        &*PRODUCE_LATENCY,
-        &*CONSUMED,
-        &*HANDLER_ERRORS,
-        &*BATCH_LATENCY,
-    );
+    let _ = (&*PRODUCED, &*PRODUCE_ERRORS, &*PRODUCE_LATENCY, &*CONSUMED, &*HANDLER_ERRORS, &*BATCH_LATENCY);
     let _ = (
         &*COMMITTED_OFFSET,
         &*COMMIT_ERRORS,

@@ -35,29 +35,16 @@ impl ClientContext for ConnectionContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         let label = Error::Kafka(error.clone()).code();
-        metrics::CLIENT_ERRORS
-            .with_label_values(&[self.check, label])
-            .inc();
-        let auth = matches!(
-            code,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
-        );
-        let down = matches!(
-            code,
-            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::Fatal)
-        );
+        metrics::CLIENT_ERRORS.with_label_values(&[self.check, label]).inc();
+        let auth = matches!(code, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed));
+        let down = matches!(code, Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::Fatal));
         if auth {
             // Its own check, so later "brokers down" noise cannot hide the real cause.
             tracing::error!(error = %error, reason, check = self.check, "kafka refused our credentials");
-            self.health.set_ready(
-                AUTH_CHECK,
-                false,
-                format!("authentication failed: {reason}"),
-            );
+            self.health.set_ready(AUTH_CHECK, false, format!("authentication failed: {reason}"));
         } else if down {
             tracing::error!(error = %error, reason, check = self.check, "kafka connection failing");
-            self.health
-                .set_ready(self.check, false, format!("{label}: {reason}"));
+            self.health.set_ready(self.check, false, format!("{label}: {reason}"));
         } else {
             tracing::warn!(error = %error, reason, check = self.check, "kafka client error");
         }
@@ -98,29 +85,23 @@ impl Producer {
         loop {
             let producer = self.inner.clone();
             let attempt = tokio::task::spawn_blocking(move || {
-                producer
-                    .client()
-                    .fetch_metadata(None, Timeout::After(Duration::from_secs(5)))
-                    .map(|_| ())
+                producer.client().fetch_metadata(None, Timeout::After(Duration::from_secs(5))).map(|_| ())
             })
             .await
             .expect("metadata task does not panic");
             match attempt {
                 Ok(()) => {
-                    self.health
-                        .set_ready(AUTH_CHECK, true, "credentials accepted");
+                    self.health.set_ready(AUTH_CHECK, true, "credentials accepted");
                     self.health.set_ready("kafka_producer", true, "connected");
                     return Ok(());
                 }
                 Err(error) if started.elapsed() < deadline => {
                     tracing::warn!(error = %error, "kafka not reachable yet, retrying");
-                    self.health
-                        .set_ready("kafka_producer", false, format!("{error}"));
+                    self.health.set_ready("kafka_producer", false, format!("{error}"));
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(error) => {
-                    self.health
-                        .set_ready("kafka_producer", false, format!("{error}"));
+                    self.health.set_ready("kafka_producer", false, format!("{error}"));
                     return Err(error.into());
                 }
             }
@@ -130,28 +111,13 @@ impl Producer {
     /// Sends one record with the event-type header and the current trace context, and waits
     /// for the broker's acknowledgement. `QueueFull` is returned at once, not waited out, so
     /// an HTTP front can answer 503 with `Retry-After`.
-    pub async fn send(
-        &self,
-        topic: &str,
-        key: &[u8],
-        payload: &[u8],
-        event_type: Option<&str>,
-    ) -> Result<Delivery> {
+    pub async fn send(&self, topic: &str, key: &[u8], payload: &[u8], event_type: Option<&str>) -> Result<Delivery> {
         let trace = elo_telemetry::propagation::inject_current();
-        let mut pairs: Vec<(&str, &[u8])> = trace
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_bytes()))
-            .collect();
+        let mut pairs: Vec<(&str, &[u8])> = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
         if let Some(event_type) = event_type {
             pairs.push((headers::EVENT_TYPE, event_type.as_bytes()));
         }
-        self.send_with_headers(
-            topic,
-            Some(key),
-            Some(payload),
-            headers::to_owned_headers(pairs),
-        )
-        .await
+        self.send_with_headers(topic, Some(key), Some(payload), headers::to_owned_headers(pairs)).await
     }
 
     /// Sends a record with exactly the given headers (DLQ writes keep the originals).
@@ -173,41 +139,28 @@ impl Producer {
         let delivery = match self.inner.send_result(record) {
             Ok(future) => future,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                metrics::PRODUCE_ERRORS
-                    .with_label_values(&[topic, "queue_full"])
-                    .inc();
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, "queue_full"]).inc();
                 return Err(Error::QueueFull);
             }
             Err((error, _)) => {
                 let error = Error::Kafka(error);
-                metrics::PRODUCE_ERRORS
-                    .with_label_values(&[topic, error.code()])
-                    .inc();
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, error.code()]).inc();
                 return Err(error);
             }
         };
         match delivery.await {
             Ok(Ok(d)) => {
                 metrics::PRODUCED.with_label_values(&[topic]).inc();
-                metrics::PRODUCE_LATENCY
-                    .with_label_values(&[topic])
-                    .observe(started.elapsed().as_secs_f64());
-                Ok(Delivery {
-                    partition: d.partition,
-                    offset: d.offset,
-                })
+                metrics::PRODUCE_LATENCY.with_label_values(&[topic]).observe(started.elapsed().as_secs_f64());
+                Ok(Delivery { partition: d.partition, offset: d.offset })
             }
             Ok(Err((error, _))) => {
                 let error = Error::Kafka(error);
-                metrics::PRODUCE_ERRORS
-                    .with_label_values(&[topic, error.code()])
-                    .inc();
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, error.code()]).inc();
                 Err(error)
             }
             Err(_canceled) => {
-                metrics::PRODUCE_ERRORS
-                    .with_label_values(&[topic, "canceled"])
-                    .inc();
+                metrics::PRODUCE_ERRORS.with_label_values(&[topic, "canceled"]).inc();
                 Err(Error::Kafka(KafkaError::Canceled))
             }
         }
@@ -215,8 +168,6 @@ impl Producer {
 
     /// Waits for every outstanding record (shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<()> {
-        self.inner
-            .flush(Timeout::After(timeout))
-            .map_err(Error::from)
+        self.inner.flush(Timeout::After(timeout)).map_err(Error::from)
     }
 }

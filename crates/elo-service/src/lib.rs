@@ -20,46 +20,22 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug, clap::Args)]
 pub struct TopicArgs {
     /// Commerce events topic (order and customer facts), keyed by customer.
-    #[arg(
-        long = "topic-commerce",
-        env = "ELO_TOPIC_COMMERCE",
-        default_value = "commerce.events"
-    )]
+    #[arg(long = "topic-commerce", env = "ELO_TOPIC_COMMERCE", default_value = "commerce.events")]
     pub commerce: String,
     /// Inventory events topic, keyed by SKU.
-    #[arg(
-        long = "topic-inventory",
-        env = "ELO_TOPIC_INVENTORY",
-        default_value = "inventory.events"
-    )]
+    #[arg(long = "topic-inventory", env = "ELO_TOPIC_INVENTORY", default_value = "inventory.events")]
     pub inventory: String,
     /// Sink outcomes topic, keyed by customer.
-    #[arg(
-        long = "topic-outcomes",
-        env = "ELO_TOPIC_OUTCOMES",
-        default_value = "integration.outcomes"
-    )]
+    #[arg(long = "topic-outcomes", env = "ELO_TOPIC_OUTCOMES", default_value = "integration.outcomes")]
     pub outcomes: String,
     /// Repair commands topic, keyed by customer.
-    #[arg(
-        long = "topic-commands",
-        env = "ELO_TOPIC_COMMANDS",
-        default_value = "integration.commands"
-    )]
+    #[arg(long = "topic-commands", env = "ELO_TOPIC_COMMANDS", default_value = "integration.commands")]
     pub commands: String,
     /// Partitions for topics this service creates (= the most replicas a consumer group can use).
-    #[arg(
-        long = "topic-partitions",
-        env = "ELO_TOPIC_PARTITIONS",
-        default_value_t = 6
-    )]
+    #[arg(long = "topic-partitions", env = "ELO_TOPIC_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
     /// Replication factor for topics this service creates.
-    #[arg(
-        long = "topic-replication",
-        env = "ELO_TOPIC_REPLICATION",
-        default_value_t = 1
-    )]
+    #[arg(long = "topic-replication", env = "ELO_TOPIC_REPLICATION", default_value_t = 1)]
     pub replication: i32,
     /// Create missing topics at startup (turn off where topics are managed, e.g. by Strimzi).
     #[arg(long = "provision-topics", env = "ELO_PROVISION_TOPICS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -77,11 +53,7 @@ impl TopicArgs {
 #[derive(Clone, Debug, clap::Args)]
 pub struct RegistryArgs {
     /// Confluent-compatible Schema Registry URL.
-    #[arg(
-        long = "registry-url",
-        env = "ELO_REGISTRY_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
+    #[arg(long = "registry-url", env = "ELO_REGISTRY_URL", default_value = "http://127.0.0.1:8081")]
     pub url: String,
     /// Register Elo's schemas when missing; off = use the subject's latest version.
     #[arg(long = "registry-auto-register", env = "ELO_REGISTRY_AUTO_REGISTER", default_value_t = true, action = clap::ArgAction::Set)]
@@ -99,9 +71,8 @@ impl RegistryArgs {
     pub fn config(&self) -> anyhow::Result<RegistryConfig> {
         let basic_auth = match (&self.user, &self.password_file) {
             (Some(user), Some(file)) => {
-                let password = std::fs::read_to_string(file).map_err(|e| {
-                    anyhow::anyhow!("cannot read registry password file {}: {e}", file.display())
-                })?;
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("cannot read registry password file {}: {e}", file.display()))?;
                 Some((user.clone(), password.trim_end().to_owned()))
             }
             (Some(user), None) => Some((user.clone(), String::new())),
@@ -156,12 +127,9 @@ impl Service {
         let shutdown = elo_telemetry::shutdown::on_signals();
         let health = Health::new();
         health.set_ready("kafka_topics", !common.topics.provision, "provisioning");
-        let (admin_addr, admin_task) = elo_telemetry::serve_admin(
-            common.admin_listen.unwrap_or(default_admin),
-            health.clone(),
-            shutdown.clone(),
-        )
-        .await?;
+        let (admin_addr, admin_task) =
+            elo_telemetry::serve_admin(common.admin_listen.unwrap_or(default_admin), health.clone(), shutdown.clone())
+                .await?;
         tracing::info!(service = name, kafka = %common.kafka.describe(), registry = %common.registry.url, "starting");
         let codec = Arc::new(EventCodec::new(&common.registry.config()?)?);
         let producer = Producer::new(&common.kafka, health.clone())?;
@@ -185,11 +153,7 @@ impl Service {
                     Err(error) => {
                         attempt += 1;
                         tracing::error!(error = %error, error_code = error.code(), attempt, "cannot provision topics; the broker is unreachable or refuses our credentials");
-                        health.set_ready(
-                            "kafka_topics",
-                            false,
-                            format!("{}: {error}", error.code()),
-                        );
+                        health.set_ready("kafka_topics", false, format!("{}: {error}", error.code()));
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                             _ = shutdown.cancelled() => return Ok(None),
@@ -208,15 +172,7 @@ impl Service {
                 _ = stop.cancelled() => {}
             }
         });
-        Ok(Some(Self {
-            name,
-            health,
-            shutdown,
-            producer,
-            codec,
-            admin_addr,
-            admin_task,
-        }))
+        Ok(Some(Self { name, health, shutdown, producer, codec, admin_addr, admin_task }))
     }
 
     /// Flushes the producer and stops the admin server.
@@ -232,22 +188,12 @@ impl Service {
 
 /// Decodes a record's value as `T`, classifying failures for the consumer runtime: a registry
 /// outage is transient (retry), anything else about the bytes is permanent (DLQ).
-pub async fn decode_record<T: elo_events::AvroEvent>(
-    codec: &EventCodec,
-    record: &Record,
-) -> Result<T, HandlerError> {
+pub async fn decode_record<T: elo_events::AvroEvent>(codec: &EventCodec, record: &Record) -> Result<T, HandlerError> {
     let Some(payload) = record.payload.as_deref() else {
-        return Err(HandlerError::permanent(
-            "empty_value",
-            "record has no value (tombstone)",
-        ));
+        return Err(HandlerError::permanent("empty_value", "record has no value (tombstone)"));
     };
     codec.decode::<T>(payload).await.map_err(|e: CodecError| {
-        let class = if e.is_retriable() {
-            ErrorClass::Transient
-        } else {
-            ErrorClass::Permanent
-        };
+        let class = if e.is_retriable() { ErrorClass::Transient } else { ErrorClass::Permanent };
         HandlerError::new(class, e.code(), e.to_string())
     })
 }
@@ -265,14 +211,8 @@ pub struct ContractValidator {
 
 impl ContractValidator {
     pub fn new(service: &'static str, codec: Arc<EventCodec>, commerce_topic: String) -> Self {
-        metrics::VALIDATED
-            .with_label_values(&[service, "none", "none"])
-            .inc_by(0);
-        Self {
-            service,
-            codec,
-            commerce_topic,
-        }
+        metrics::VALIDATED.with_label_values(&[service, "none", "none"]).inc_by(0);
+        Self { service, codec, commerce_topic }
     }
 }
 
@@ -281,18 +221,12 @@ impl elo_kafka::Handler for ContractValidator {
         let mut results = Vec::with_capacity(batch.len());
         for record in batch {
             let outcome = if record.topic == self.commerce_topic {
-                decode_record::<elo_events::CommerceEvent>(&self.codec, record)
-                    .await
-                    .map(|e| e.event_type.as_str())
+                decode_record::<elo_events::CommerceEvent>(&self.codec, record).await.map(|e| e.event_type.as_str())
             } else {
-                decode_record::<elo_events::SyncOutcome>(&self.codec, record)
-                    .await
-                    .map(|_| "OUTCOME")
+                decode_record::<elo_events::SyncOutcome>(&self.codec, record).await.map(|_| "OUTCOME")
             };
             if let Ok(event_type) = &outcome {
-                metrics::VALIDATED
-                    .with_label_values(&[self.service, &record.topic, event_type])
-                    .inc();
+                metrics::VALIDATED.with_label_values(&[self.service, &record.topic, event_type]).inc();
             }
             results.push(outcome.map(|_| ()));
         }
@@ -339,20 +273,13 @@ pub struct ConsumerArgs {
 /// Parses `250ms`, `20s`, `5m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}"))?;
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("invalid duration {text:?}"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!(
-            "invalid duration unit in {text:?} (use ms, s or m)"
-        )),
+        _ => Err(format!("invalid duration unit in {text:?} (use ms, s or m)")),
     }
 }
 
@@ -371,29 +298,19 @@ pub async fn run_validating_consumer(
     common: &CommonArgs,
     args: &ConsumerArgs,
 ) -> anyhow::Result<()> {
-    let dlq = args
-        .dlq_topic
-        .clone()
-        .unwrap_or_else(|| format!("{}.dlq", plan.name));
+    let dlq = args.dlq_topic.clone().unwrap_or_else(|| format!("{}.dlq", plan.name));
     let mut specs: Vec<TopicSpec> = plan.topics.iter().map(|t| common.topics.spec(t)).collect();
     specs.push(common.topics.spec(&dlq));
     let Some(service) = Service::start(plan.name, common, plan.default_admin, specs).await? else {
         return Ok(());
     };
-    let group = args
-        .group
-        .clone()
-        .unwrap_or_else(|| format!("elo-{}-validate", plan.name));
+    let group = args.group.clone().unwrap_or_else(|| format!("elo-{}-validate", plan.name));
     let mut settings = elo_kafka::ConsumerSettings::new(group, plan.topics, dlq);
     settings.max_batch = args.max_batch.unwrap_or(plan.default_batch).max(1);
     settings.batch_linger = Duration::from_millis(50);
     settings.max_in_flight = args.max_in_flight.max(1);
     settings.drain_timeout = args.drain_timeout;
-    let handler = Arc::new(ContractValidator::new(
-        plan.name,
-        service.codec.clone(),
-        common.topics.commerce.clone(),
-    ));
+    let handler = Arc::new(ContractValidator::new(plan.name, service.codec.clone(), common.topics.commerce.clone()));
     elo_kafka::run_consumer(
         &common.kafka,
         settings,

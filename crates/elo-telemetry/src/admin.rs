@@ -50,45 +50,25 @@ impl Health {
     /// Sets a readiness check.
     pub fn set_ready(&self, component: &'static str, ok: bool, detail: impl Into<String>) {
         let mut inner = self.inner.lock().expect("health lock poisoned");
-        inner.ready.insert(
-            component,
-            Check {
-                ok,
-                detail: detail.into(),
-            },
-        );
+        inner.ready.insert(component, Check { ok, detail: detail.into() });
     }
 
     /// Sets a liveness check.
     pub fn set_live(&self, component: &'static str, ok: bool, detail: impl Into<String>) {
         let mut inner = self.inner.lock().expect("health lock poisoned");
-        inner.live.insert(
-            component,
-            Check {
-                ok,
-                detail: detail.into(),
-            },
-        );
+        inner.live.insert(component, Check { ok, detail: detail.into() });
     }
 
     /// Whether every readiness check passes.
     pub fn is_ready(&self) -> bool {
-        self.inner
-            .lock()
-            .expect("health lock poisoned")
-            .ready
-            .values()
-            .all(|c| c.ok)
+        self.inner.lock().expect("health lock poisoned").ready.values().all(|c| c.ok)
     }
 
     fn report(&self, live: bool) -> (bool, serde_json::Value) {
         let inner = self.inner.lock().expect("health lock poisoned");
         let checks = if live { &inner.live } else { &inner.ready };
         let ok = checks.values().all(|c| c.ok);
-        (
-            ok,
-            serde_json::json!({ "status": if ok { "ok" } else { "unavailable" }, "checks": checks }),
-        )
+        (ok, serde_json::json!({ "status": if ok { "ok" } else { "unavailable" }, "checks": checks }))
     }
 }
 
@@ -96,24 +76,14 @@ impl Health {
 pub fn router(health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route(
-            "/health/livez",
-            get(|State(h): State<Health>| async move { probe(&h, true) }),
-        )
-        .route(
-            "/health/readyz",
-            get(|State(h): State<Health>| async move { probe(&h, false) }),
-        )
+        .route("/health/livez", get(|State(h): State<Health>| async move { probe(&h, true) }))
+        .route("/health/readyz", get(|State(h): State<Health>| async move { probe(&h, false) }))
         .with_state(health)
 }
 
 fn probe(health: &Health, live: bool) -> impl IntoResponse + use<> {
     let (ok, body) = health.report(live);
-    let status = if ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body))
 }
 
@@ -121,21 +91,10 @@ async fn metrics() -> impl IntoResponse {
     let families = prometheus::gather();
     let mut buffer = Vec::new();
     match TextEncoder::new().encode(&families, &mut buffer) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                TextEncoder::new().format_type().to_owned(),
-            )],
-            buffer,
-        ),
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, TextEncoder::new().format_type().to_owned())], buffer),
         Err(error) => {
             tracing::error!(error = %error, "metrics encoding failed");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                [(header::CONTENT_TYPE, "text/plain".to_owned())],
-                Vec::new(),
-            )
+            (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain".to_owned())], Vec::new())
         }
     }
 }
@@ -147,15 +106,10 @@ pub async fn serve_admin(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| Error::Bind { addr, source })?;
     let task = tokio::spawn(async move {
-        let server = axum::serve(listener, router(health))
-            .with_graceful_shutdown(shutdown.cancelled_owned());
+        let server = axum::serve(listener, router(health)).with_graceful_shutdown(shutdown.cancelled_owned());
         if let Err(error) = server.await {
             tracing::error!(error = %error, "admin server failed");
         }

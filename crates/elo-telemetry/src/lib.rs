@@ -24,17 +24,11 @@ pub use setup::{LogFormat, TelemetryArgs, TelemetryGuard, init};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid log filter {filter:?}: {source}")]
-    LogFilter {
-        filter: String,
-        source: tracing_subscriber::filter::ParseError,
-    },
+    LogFilter { filter: String, source: tracing_subscriber::filter::ParseError },
     #[error("otlp exporter: {0}")]
     Otlp(String),
     #[error("admin server could not bind {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// Result alias for this crate.

@@ -32,9 +32,7 @@ impl Extractor for MapReader<'_> {
 pub fn inject_current() -> HashMap<String, String> {
     let mut headers = HashMap::new();
     let context = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut MapCarrier(&mut headers))
-    });
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut MapCarrier(&mut headers)));
     headers
 }
 

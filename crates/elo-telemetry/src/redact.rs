@@ -25,9 +25,7 @@ pub fn phone(value: &str) -> String {
 /// Masks the value of secret-looking settings (`sasl.password`, `ssl.key.password`, tokens).
 pub fn setting(key: &str, value: &str) -> String {
     let k = key.to_ascii_lowercase();
-    if ["password", "secret", "token", "credential", "private"]
-        .iter()
-        .any(|w| k.contains(w))
+    if ["password", "secret", "token", "credential", "private"].iter().any(|w| k.contains(w))
         || k.ends_with(".key")
         || k.ends_with(".pem")
     {

@@ -22,20 +22,11 @@ pub struct TelemetryArgs {
     #[arg(long = "log-filter", env = "ELO_LOG", default_value = "info")]
     pub log_filter: String,
     /// Log format.
-    #[arg(
-        long = "log-format",
-        env = "ELO_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long = "log-format", env = "ELO_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Span filter for tracing (independent of the log filter, so quiet logs do not break
     /// trace propagation through Kafka).
-    #[arg(
-        long = "trace-filter",
-        env = "ELO_TRACE_FILTER",
-        default_value = "info"
-    )]
+    #[arg(long = "trace-filter", env = "ELO_TRACE_FILTER", default_value = "info")]
     pub trace_filter: String,
     /// OTLP/HTTP endpoint for traces (e.g. `http://otel-collector:4318`); unset = no export.
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -60,19 +51,12 @@ impl Drop for TelemetryGuard {
 /// (so `traceparent` propagates through Kafka even without an exporter); they are exported
 /// only when an OTLP endpoint is configured.
 pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuard> {
-    let filter = EnvFilter::try_new(&args.log_filter).map_err(|source| Error::LogFilter {
-        filter: args.log_filter.clone(),
-        source,
-    })?;
-    let trace_filter =
-        EnvFilter::try_new(&args.trace_filter).map_err(|source| Error::LogFilter {
-            filter: args.trace_filter.clone(),
-            source,
-        })?;
+    let filter = EnvFilter::try_new(&args.log_filter)
+        .map_err(|source| Error::LogFilter { filter: args.log_filter.clone(), source })?;
+    let trace_filter = EnvFilter::try_new(&args.trace_filter)
+        .map_err(|source| Error::LogFilter { filter: args.trace_filter.clone(), source })?;
 
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service)
-        .build();
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = &args.otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -83,20 +67,13 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
-    opentelemetry::global::set_text_map_propagator(
-        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-    );
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel_layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer(service))
-        .with_filter(trace_filter);
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service)).with_filter(trace_filter);
 
     let fmt_layer = match args.log_format {
         // Logs go to stderr; stdout stays free for command output.
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_target(true)
-            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(true).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .json()
@@ -107,13 +84,8 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
     }
     .with_filter(filter);
     // `try_init` fails when a subscriber is already set (tests): keep the first one.
-    let _ = tracing_subscriber::registry()
-        .with(otel_layer)
-        .with(fmt_layer)
-        .try_init();
-    BUILD_INFO
-        .with_label_values(&[service, env!("CARGO_PKG_VERSION")])
-        .set(1);
+    let _ = tracing_subscriber::registry().with(otel_layer).with(fmt_layer).try_init();
+    BUILD_INFO.with_label_values(&[service, env!("CARGO_PKG_VERSION")]).set(1);
     Ok(TelemetryGuard { provider })
 }
 
@@ -133,17 +105,11 @@ trait EndpointFromBase {
     fn with_endpoint_from_base(self, base: &str) -> Self;
 }
 
-impl EndpointFromBase
-    for opentelemetry_otlp::SpanExporterBuilder<opentelemetry_otlp::HttpExporterBuilderSet>
-{
+impl EndpointFromBase for opentelemetry_otlp::SpanExporterBuilder<opentelemetry_otlp::HttpExporterBuilderSet> {
     fn with_endpoint_from_base(self, base: &str) -> Self {
         use opentelemetry_otlp::WithExportConfig;
         let base = base.trim_end_matches('/');
-        let url = if base.ends_with("/v1/traces") {
-            base.to_owned()
-        } else {
-            format!("{base}/v1/traces")
-        };
+        let url = if base.ends_with("/v1/traces") { base.to_owned() } else { format!("{base}/v1/traces") };
         self.with_endpoint(url)
     }
 }

@@ -16,8 +16,7 @@ use elo_service::{CommonArgs, Service};
 pub const NAME: &str = "order-ingest";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
-pub const DEFAULT_ADMIN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9101);
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9101);
 
 /// order-ingest settings.
 #[derive(Clone, Debug, clap::Parser)]
@@ -37,11 +36,7 @@ pub struct Config {
     )]
     pub checkpoint_topic: String,
     /// Dead-letter topic for commands that cannot be executed.
-    #[arg(
-        long = "dlq-topic",
-        env = "ELO_ORDER_INGEST_DLQ_TOPIC",
-        default_value = "order-ingest.dlq"
-    )]
+    #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
     pub dlq_topic: String,
 }
 
@@ -71,18 +66,9 @@ async fn register_schemas(service: &Service, config: &Config) {
     let t = &config.common.topics;
     for attempt in 0u32.. {
         let result = async {
-            let commerce = service
-                .codec
-                .schema_id::<CommerceEvent>(&t.commerce)
-                .await?;
-            let inventory = service
-                .codec
-                .schema_id::<InventoryEvent>(&t.inventory)
-                .await?;
-            let commands = service
-                .codec
-                .schema_id::<IntegrationCommand>(&t.commands)
-                .await?;
+            let commerce = service.codec.schema_id::<CommerceEvent>(&t.commerce).await?;
+            let inventory = service.codec.schema_id::<InventoryEvent>(&t.inventory).await?;
+            let commands = service.codec.schema_id::<IntegrationCommand>(&t.commands).await?;
             Ok::<_, elo_events::CodecError>((commerce, inventory, commands))
         }
         .await;

@@ -15,8 +15,7 @@ use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
 pub const NAME: &str = "reconciler";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
-pub const DEFAULT_ADMIN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9104);
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9104);
 
 /// reconciler settings.
 #[derive(Clone, Debug, clap::Parser)]
@@ -38,10 +37,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let plan = ConsumerPlan {
         name: NAME,
         default_admin: DEFAULT_ADMIN,
-        topics: vec![
-            common.topics.commerce.clone(),
-            common.topics.outcomes.clone(),
-        ],
+        topics: vec![common.topics.commerce.clone(), common.topics.outcomes.clone()],
         default_batch: 200,
     };
     elo_service::run_validating_consumer(plan, common, &config.consumer).await

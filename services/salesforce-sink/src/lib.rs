@@ -15,8 +15,7 @@ use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
 pub const NAME: &str = "salesforce-sink";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
-pub const DEFAULT_ADMIN: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9102);
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9102);
 
 /// salesforce-sink settings.
 #[derive(Clone, Debug, clap::Parser)]

@@ -25,47 +25,29 @@ pub struct ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self {
-            code: e.error_code(),
-            message: e.to_string(),
-        }
+        Self { code: e.error_code(), message: e.to_string() }
     }
 }
 
 impl ApiError {
     fn unprocessable(message: impl Into<String>) -> Self {
-        Self {
-            code: 42201,
-            message: message.into(),
-        }
+        Self { code: 42201, message: message.into() }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let http = if self.code >= 10_000 {
-            self.code / 100
-        } else {
-            self.code
-        };
+        let http = if self.code >= 10_000 { self.code / 100 } else { self.code };
         let status = StatusCode::from_u16(http as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::error!(error = %self.message, "registry error");
         }
-        json_response(
-            status,
-            json!({"error_code": self.code, "message": self.message}),
-        )
+        json_response(status, json!({"error_code": self.code, "message": self.message}))
     }
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        body.to_string(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, CONTENT_TYPE)], body.to_string()).into_response()
 }
 
 fn ok(body: Value) -> Result<Response, ApiError> {
@@ -73,12 +55,7 @@ fn ok(body: Value) -> Result<Response, ApiError> {
 }
 
 fn raw(schema: &str) -> Result<Response, ApiError> {
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        schema.to_owned(),
-    )
-        .into_response())
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], schema.to_owned()).into_response())
 }
 
 /// The router over a store.
@@ -93,34 +70,14 @@ pub fn app(store: Store) -> Router {
         .route("/subjects", get(subjects))
         .route("/subjects/{subject}", post(lookup).delete(delete_subject))
         .route("/subjects/{subject}/versions", get(versions).post(register))
-        .route(
-            "/subjects/{subject}/versions/{version}",
-            get(version).delete(delete_version),
-        )
-        .route(
-            "/subjects/{subject}/versions/{version}/schema",
-            get(version_schema),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions/{version}",
-            post(compatibility),
-        )
-        .route(
-            "/compatibility/subjects/{subject}/versions",
-            post(compatibility_all),
-        )
+        .route("/subjects/{subject}/versions/{version}", get(version).delete(delete_version))
+        .route("/subjects/{subject}/versions/{version}/schema", get(version_schema))
+        .route("/compatibility/subjects/{subject}/versions/{version}", post(compatibility))
+        .route("/compatibility/subjects/{subject}/versions", post(compatibility_all))
         .route("/config", get(global_config).put(set_global_config))
-        .route(
-            "/config/{subject}",
-            get(subject_config).put(set_subject_config),
-        )
+        .route("/config/{subject}", get(subject_config).put(set_subject_config))
         .route("/mode", get(|| async { ok(json!({"mode": "READWRITE"})) }))
-        .fallback(|| async {
-            ApiError {
-                code: 404,
-                message: "HTTP 404 Not Found".into(),
-            }
-        })
+        .fallback(|| async { ApiError { code: 404, message: "HTTP 404 Not Found".into() } })
         .with_state(shared)
 }
 
@@ -138,17 +95,15 @@ struct SchemaBody {
 }
 
 fn parse_body(body: &Bytes) -> Result<SchemaBody, ApiError> {
-    let parsed: SchemaBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::unprocessable(format!("Invalid request body: {e}")))?;
+    let parsed: SchemaBody =
+        serde_json::from_slice(body).map_err(|e| ApiError::unprocessable(format!("Invalid request body: {e}")))?;
     if let Some(t) = &parsed.schema_type
         && !t.eq_ignore_ascii_case("AVRO")
     {
         return Err(StoreError::UnsupportedType(t.clone()).into());
     }
     if !parsed.references.is_empty() {
-        return Err(ApiError::unprocessable(
-            "Schema references are not supported by this registry",
-        ));
+        return Err(ApiError::unprocessable("Schema references are not supported by this registry"));
     }
     Ok(parsed)
 }
@@ -157,20 +112,14 @@ async fn schema_by_id(State(s): State<Shared>, Path(id): Path<u32>) -> Result<Re
     ok(json!({"schema": lock(&s).schema_by_id(id)?}))
 }
 
-async fn raw_schema_by_id(
-    State(s): State<Shared>,
-    Path(id): Path<u32>,
-) -> Result<Response, ApiError> {
+async fn raw_schema_by_id(State(s): State<Shared>, Path(id): Path<u32>) -> Result<Response, ApiError> {
     raw(lock(&s).schema_by_id(id)?)
 }
 
 async fn id_versions(State(s): State<Shared>, Path(id): Path<u32>) -> Result<Response, ApiError> {
     let usages = lock(&s).id_usages(id)?;
     ok(Value::Array(
-        usages
-            .into_iter()
-            .map(|(subject, version)| json!({"subject": subject, "version": version}))
-            .collect(),
+        usages.into_iter().map(|(subject, version)| json!({"subject": subject, "version": version})).collect(),
     ))
 }
 
@@ -178,10 +127,7 @@ async fn subjects(State(s): State<Shared>) -> Result<Response, ApiError> {
     ok(json!(lock(&s).subjects()))
 }
 
-async fn versions(
-    State(s): State<Shared>,
-    Path(subject): Path<String>,
-) -> Result<Response, ApiError> {
+async fn versions(State(s): State<Shared>, Path(subject): Path<String>) -> Result<Response, ApiError> {
     ok(json!(lock(&s).versions(&subject)?))
 }
 
@@ -199,37 +145,21 @@ async fn version_schema(
     raw(&lock(&s).version(&subject, &version)?.schema)
 }
 
-async fn register(
-    State(s): State<Shared>,
-    Path(subject): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn register(State(s): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let registered = lock(&s).register(&subject, &body.schema)?;
-    tracing::info!(
-        subject,
-        id = registered.id,
-        version = registered.version,
-        "schema registered"
-    );
+    tracing::info!(subject, id = registered.id, version = registered.version, "schema registered");
     ok(
         json!({"id": registered.id, "subject": registered.subject, "version": registered.version, "schema": registered.schema}),
     )
 }
 
-async fn lookup(
-    State(s): State<Shared>,
-    Path(subject): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn lookup(State(s): State<Shared>, Path(subject): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     ok(serde_json::to_value(lock(&s).lookup(&subject, &body.schema)?).expect("serialisable"))
 }
 
-async fn delete_subject(
-    State(s): State<Shared>,
-    Path(subject): Path<String>,
-) -> Result<Response, ApiError> {
+async fn delete_subject(State(s): State<Shared>, Path(subject): Path<String>) -> Result<Response, ApiError> {
     ok(json!(lock(&s).delete_subject(&subject)?))
 }
 
@@ -242,9 +172,7 @@ async fn delete_version(
 
 /// Query flags arrive as `true`, `True`, `false`...; anything but true-ish is false.
 fn flag(value: &Option<String>) -> bool {
-    value
-        .as_deref()
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 #[derive(Deserialize)]
@@ -290,10 +218,7 @@ struct ConfigBody {
 fn parse_config(body: &Bytes) -> Result<Compatibility, ApiError> {
     serde_json::from_slice::<ConfigBody>(body)
         .map(|c| c.compatibility)
-        .map_err(|e| ApiError {
-            code: 42203,
-            message: format!("Invalid compatibility level: {e}"),
-        })
+        .map_err(|e| ApiError { code: 42203, message: format!("Invalid compatibility level: {e}") })
 }
 
 async fn global_config(State(s): State<Shared>) -> Result<Response, ApiError> {
@@ -318,17 +243,12 @@ async fn subject_config(
     Query(q): Query<DefaultToGlobal>,
 ) -> Result<Response, ApiError> {
     let store = lock(&s);
-    match (
-        store.subject_compatibility(&subject),
-        flag(&q.default_to_global),
-    ) {
+    match (store.subject_compatibility(&subject), flag(&q.default_to_global)) {
         (Some(level), _) => ok(json!({"compatibilityLevel": level})),
         (None, true) => ok(json!({"compatibilityLevel": store.global_compatibility()})),
         (None, false) => Err(ApiError {
             code: 40408,
-            message: format!(
-                "Subject '{subject}' does not have subject-level compatibility configured"
-            ),
+            message: format!("Subject '{subject}' does not have subject-level compatibility configured"),
         }),
     }
 }

@@ -17,11 +17,7 @@ struct Config {
     #[arg(long, env = "ELO_REGISTRY_DATA_FILE")]
     data_file: Option<PathBuf>,
     /// Admin address for /metrics and health probes.
-    #[arg(
-        long,
-        env = "ELO_REGISTRY_ADMIN_LISTEN",
-        default_value = "127.0.0.1:9181"
-    )]
+    #[arg(long, env = "ELO_REGISTRY_ADMIN_LISTEN", default_value = "127.0.0.1:9181")]
     admin_listen: SocketAddr,
     #[command(flatten)]
     telemetry: elo_telemetry::TelemetryArgs,
@@ -33,13 +29,10 @@ async fn main() -> anyhow::Result<()> {
     let _guard = elo_telemetry::init("schema-registry", &config.telemetry)?;
     let shutdown = elo_telemetry::shutdown::on_signals();
     let health = elo_telemetry::Health::new();
-    let (_, admin) =
-        elo_telemetry::serve_admin(config.admin_listen, health, shutdown.clone()).await?;
-    let store = schema_registry::store::Store::open(config.data_file.clone())
-        .context("opening registry state")?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let (_, admin) = elo_telemetry::serve_admin(config.admin_listen, health, shutdown.clone()).await?;
+    let store = schema_registry::store::Store::open(config.data_file.clone()).context("opening registry state")?;
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, data_file = ?config.data_file, "schema registry listening");
     axum::serve(listener, schema_registry::api::app(store))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -122,14 +122,10 @@ impl Store {
     pub fn open(file: Option<PathBuf>) -> Result<Self, StoreError> {
         let state = match &file {
             Some(path) if path.exists() => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| StoreError::Persist(e.to_string()))?;
+                let text = std::fs::read_to_string(path).map_err(|e| StoreError::Persist(e.to_string()))?;
                 serde_json::from_str(&text).map_err(|e| StoreError::Persist(e.to_string()))?
             }
-            _ => State {
-                next_id: 1,
-                ..State::default()
-            },
+            _ => State { next_id: 1, ..State::default() },
         };
         Ok(Self { state, file })
     }
@@ -139,8 +135,7 @@ impl Store {
             return Ok(());
         };
         let tmp = path.with_extension("tmp");
-        let text =
-            serde_json::to_string(&self.state).map_err(|e| StoreError::Persist(e.to_string()))?;
+        let text = serde_json::to_string(&self.state).map_err(|e| StoreError::Persist(e.to_string()))?;
         std::fs::write(&tmp, text)
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| StoreError::Persist(e.to_string()))
@@ -161,31 +156,18 @@ impl Store {
         self.save()
     }
 
-    pub fn set_subject_compatibility(
-        &mut self,
-        subject: &str,
-        level: Compatibility,
-    ) -> Result<(), StoreError> {
+    pub fn set_subject_compatibility(&mut self, subject: &str, level: Compatibility) -> Result<(), StoreError> {
         self.state.subject_config.insert(subject.to_owned(), level);
         self.save()
     }
 
     pub fn subjects(&self) -> Vec<String> {
-        self.state
-            .subjects
-            .iter()
-            .filter(|(_, v)| v.iter().any(|v| !v.deleted))
-            .map(|(k, _)| k.clone())
-            .collect()
+        self.state.subjects.iter().filter(|(_, v)| v.iter().any(|v| !v.deleted)).map(|(k, _)| k.clone()).collect()
     }
 
     fn live_versions(&self, subject: &str) -> Result<Vec<&Version>, StoreError> {
-        let versions: Vec<&Version> = self
-            .state
-            .subjects
-            .get(subject)
-            .map(|v| v.iter().filter(|v| !v.deleted).collect())
-            .unwrap_or_default();
+        let versions: Vec<&Version> =
+            self.state.subjects.get(subject).map(|v| v.iter().filter(|v| !v.deleted).collect()).unwrap_or_default();
         if versions.is_empty() {
             return Err(StoreError::SubjectNotFound(subject.to_owned()));
         }
@@ -193,11 +175,7 @@ impl Store {
     }
 
     pub fn versions(&self, subject: &str) -> Result<Vec<u32>, StoreError> {
-        Ok(self
-            .live_versions(subject)?
-            .iter()
-            .map(|v| v.version)
-            .collect())
+        Ok(self.live_versions(subject)?.iter().map(|v| v.version).collect())
     }
 
     /// A version by number or `latest`.
@@ -223,11 +201,7 @@ impl Store {
     }
 
     pub fn schema_by_id(&self, id: u32) -> Result<&str, StoreError> {
-        self.state
-            .schemas
-            .get(&id)
-            .map(String::as_str)
-            .ok_or(StoreError::SchemaNotFound(id))
+        self.state.schemas.get(&id).map(String::as_str).ok_or(StoreError::SchemaNotFound(id))
     }
 
     /// Subject/version pairs using schema `id`.
@@ -237,11 +211,7 @@ impl Store {
             .state
             .subjects
             .iter()
-            .flat_map(|(s, vs)| {
-                vs.iter()
-                    .filter(|v| v.id == id && !v.deleted)
-                    .map(|v| (s.clone(), v.version))
-            })
+            .flat_map(|(s, vs)| vs.iter().filter(|v| v.id == id && !v.deleted).map(|v| (s.clone(), v.version)))
             .collect())
     }
 
@@ -249,15 +219,8 @@ impl Store {
     pub fn lookup(&self, subject: &str, schema: &str) -> Result<Registered, StoreError> {
         let canonical = parse(schema)?.canonical_form();
         let versions = self.live_versions(subject)?;
-        let id = self
-            .state
-            .by_canonical
-            .get(&canonical)
-            .ok_or(StoreError::SchemaNotInSubject)?;
-        let v = versions
-            .iter()
-            .find(|v| v.id == *id)
-            .ok_or(StoreError::SchemaNotInSubject)?;
+        let id = self.state.by_canonical.get(&canonical).ok_or(StoreError::SchemaNotInSubject)?;
+        let v = versions.iter().find(|v| v.id == *id).ok_or(StoreError::SchemaNotInSubject)?;
         Ok(Registered {
             subject: subject.to_owned(),
             version: v.version,
@@ -268,16 +231,9 @@ impl Store {
 
     /// Checks `schema` against the subject's versions under its compatibility level, returning
     /// the reasons it fails (empty when compatible). `against` limits the check to one version.
-    pub fn check(
-        &self,
-        subject: &str,
-        schema: &str,
-        against: Option<&str>,
-    ) -> Result<Vec<String>, StoreError> {
+    pub fn check(&self, subject: &str, schema: &str, against: Option<&str>) -> Result<Vec<String>, StoreError> {
         let new = parse(schema)?;
-        let level = self
-            .subject_compatibility(subject)
-            .unwrap_or_else(|| self.global_compatibility());
+        let level = self.subject_compatibility(subject).unwrap_or_else(|| self.global_compatibility());
         let (backward, forward, transitive) = level.rules();
         let existing: Vec<u32> = match (self.live_versions(subject), against) {
             (Err(_), _) => return Ok(Vec::new()),
@@ -289,14 +245,10 @@ impl Store {
         for id in existing {
             let old = parse(&self.state.schemas[&id])?;
             if backward && let Err(e) = SchemaCompatibility::can_read(&old, &new) {
-                problems.push(format!(
-                    "new schema cannot read data written with schema id {id}: {e}"
-                ));
+                problems.push(format!("new schema cannot read data written with schema id {id}: {e}"));
             }
             if forward && let Err(e) = SchemaCompatibility::can_read(&new, &old) {
-                problems.push(format!(
-                    "schema id {id} cannot read data written with the new schema: {e}"
-                ));
+                problems.push(format!("schema id {id} cannot read data written with the new schema: {e}"));
             }
         }
         Ok(problems)
@@ -310,10 +262,7 @@ impl Store {
         }
         let problems = self.check(subject, schema, None)?;
         if !problems.is_empty() {
-            return Err(StoreError::Incompatible {
-                subject: subject.to_owned(),
-                details: problems.join("; "),
-            });
+            return Err(StoreError::Incompatible { subject: subject.to_owned(), details: problems.join("; ") });
         }
         let canonical = parse(schema)?.canonical_form();
         let id = match self.state.by_canonical.get(&canonical) {
@@ -328,18 +277,9 @@ impl Store {
         };
         let versions = self.state.subjects.entry(subject.to_owned()).or_default();
         let version = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        versions.push(Version {
-            version,
-            id,
-            deleted: false,
-        });
+        versions.push(Version { version, id, deleted: false });
         self.save()?;
-        Ok(Registered {
-            subject: subject.to_owned(),
-            version,
-            id,
-            schema: self.state.schemas[&id].clone(),
-        })
+        Ok(Registered { subject: subject.to_owned(), version, id, schema: self.state.schemas[&id].clone() })
     }
 
     /// Soft-deletes a subject; returns the versions deleted.
@@ -355,12 +295,7 @@ impl Store {
     /// Soft-deletes one version.
     pub fn delete_version(&mut self, subject: &str, version: &str) -> Result<u32, StoreError> {
         let n = self.version(subject, version)?.version;
-        if let Some(v) = self
-            .state
-            .subjects
-            .get_mut(subject)
-            .and_then(|vs| vs.iter_mut().find(|v| v.version == n))
-        {
+        if let Some(v) = self.state.subjects.get_mut(subject).and_then(|vs| vs.iter_mut().find(|v| v.version == n)) {
             v.deleted = true;
         }
         self.save()?;
@@ -374,7 +309,8 @@ mod tests {
 
     const V1: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"string"}]}"#;
     const V2_COMPATIBLE: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"string"},{"name":"b","type":["null","long"],"default":null}]}"#;
-    const V2_BREAKING: &str = r#"{"type":"record","name":"R","fields":[{"name":"a","type":"string"},{"name":"c","type":"long"}]}"#;
+    const V2_BREAKING: &str =
+        r#"{"type":"record","name":"R","fields":[{"name":"a","type":"string"},{"name":"c","type":"long"}]}"#;
 
     #[test]
     fn registration_is_idempotent_and_ids_are_shared() {
@@ -393,9 +329,7 @@ mod tests {
         store.register("t-value", V1).unwrap();
         let err = store.register("t-value", V2_BREAKING).unwrap_err();
         assert_eq!(err.error_code(), 409);
-        store
-            .set_subject_compatibility("t-value", Compatibility::None)
-            .unwrap();
+        store.set_subject_compatibility("t-value", Compatibility::None).unwrap();
         assert!(store.register("t-value", V2_BREAKING).is_ok());
     }
 
@@ -403,11 +337,7 @@ mod tests {
     fn state_survives_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.json");
-        let id = Store::open(Some(path.clone()))
-            .unwrap()
-            .register("t-value", V1)
-            .unwrap()
-            .id;
+        let id = Store::open(Some(path.clone())).unwrap().register("t-value", V1).unwrap().id;
         let store = Store::open(Some(path)).unwrap();
         assert_eq!(store.version("t-value", "latest").unwrap().id, id);
         assert_eq!(store.schema_by_id(id).unwrap(), V1);
@@ -418,21 +348,9 @@ mod tests {
         let mut store = Store::open(None).unwrap();
         assert_eq!(store.version("nope", "1").unwrap_err().error_code(), 40401);
         store.register("t-value", V1).unwrap();
-        assert_eq!(
-            store.version("t-value", "9").unwrap_err().error_code(),
-            40402
-        );
-        assert_eq!(
-            store.version("t-value", "x").unwrap_err().error_code(),
-            42202
-        );
+        assert_eq!(store.version("t-value", "9").unwrap_err().error_code(), 40402);
+        assert_eq!(store.version("t-value", "x").unwrap_err().error_code(), 42202);
         assert_eq!(store.schema_by_id(99).unwrap_err().error_code(), 40403);
-        assert_eq!(
-            store
-                .register("t-value", "{not json")
-                .unwrap_err()
-                .error_code(),
-            42201
-        );
+        assert_eq!(store.register("t-value", "{not json").unwrap_err().error_code(), 42201);
     }
 }

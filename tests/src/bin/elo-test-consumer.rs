@@ -47,14 +47,10 @@ impl Handler for FileSink {
         let results: Vec<_> = batch
             .iter()
             .map(|r| {
-                if r.payload
-                    .as_deref()
-                    .is_some_and(|p| p.starts_with(b"poison"))
-                {
+                if r.payload.as_deref().is_some_and(|p| p.starts_with(b"poison")) {
                     return Err(HandlerError::permanent("poison", "payload marked poison"));
                 }
-                let key =
-                    String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+                let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
                 lines.push_str(&format!("{} {} {}\n", r.partition, r.offset, key));
                 Ok(())
             })
@@ -78,31 +74,16 @@ async fn main() -> anyhow::Result<()> {
     let _guard = elo_telemetry::init("elo-test-consumer", &telemetry)?;
     let shutdown = elo_telemetry::shutdown::on_signals();
     let health = elo_telemetry::Health::new();
-    let (admin_addr, _admin) =
-        elo_telemetry::serve_admin(args.admin_listen, health.clone(), shutdown.clone()).await?;
+    let (admin_addr, _admin) = elo_telemetry::serve_admin(args.admin_listen, health.clone(), shutdown.clone()).await?;
     println!("admin {admin_addr}");
     let producer = Producer::new(&args.kafka, health.clone())?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&args.output)?;
-    let handler = Arc::new(FileSink {
-        file: Mutex::new(file),
-        delay: Duration::from_millis(args.delay_ms),
-    });
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&args.output)?;
+    let handler = Arc::new(FileSink { file: Mutex::new(file), delay: Duration::from_millis(args.delay_ms) });
     let mut settings = ConsumerSettings::new(args.group, vec![args.topic], args.dlq);
     settings.max_batch = args.max_batch;
     settings.commit_interval = Duration::from_millis(500);
     settings.drain_timeout = Duration::from_secs(10);
-    elo_kafka::run_consumer(
-        &args.kafka,
-        settings,
-        handler,
-        producer.clone(),
-        health,
-        shutdown,
-    )
-    .await?;
+    elo_kafka::run_consumer(&args.kafka, settings, handler, producer.clone(), health, shutdown).await?;
     producer.flush(Duration::from_secs(5))?;
     Ok(())
 }
