@@ -9,7 +9,9 @@ BIN="${ELO_BIN_DIR:-$ROOT/target/debug}"
 LOGS="${ELO_STACK_DATA:-$ROOT/.data}/logs"
 mkdir -p "$LOGS"
 SERVICES=(order-ingest salesforce-sink rdstation-sink reconciler)
-PORTS=(9101 9102 9103 9104)
+ADMIN_BASE="${ELO_RUN_ADMIN_BASE_PORT:-9101}"
+PORTS=("$ADMIN_BASE" $((ADMIN_BASE + 1)) $((ADMIN_BASE + 2)) $((ADMIN_BASE + 3)))
+INTERVAL="${ELO_RUN_STATUS_INTERVAL:-5}"
 PIDS=()
 
 stop_all() {
@@ -35,7 +37,7 @@ done
 
 echo "Elo is starting; logs in $LOGS. Press Ctrl-C to stop."
 while true; do
-  sleep 5
+  sleep "$INTERVAL"
   line=""
   for i in "${!SERVICES[@]}"; do
     svc=${SERVICES[$i]}

@@ -1,0 +1,85 @@
+//! `make run`'s stack (scripts/stack.sh + scripts/run-local.sh) comes up with every service
+//! ready, and Ctrl-C brings everything down with no process left behind.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use elo_integration_tests::*;
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let out = Command::new("ps").args(["-e", "-o", "pid=,ppid="]).output().unwrap();
+    let pairs: Vec<(u32, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(pairs.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill").args(["-0", &pid.to_string()]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, registry, admin) = (free_port(), free_port(), free_port());
+    // Four consecutive admin ports starting at `admin`.
+    let admin = (admin..admin + 100).find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())).unwrap();
+    let log = dir.path().join("run.log");
+    let mut stack = ChildGuard::spawn(
+        "stack",
+        Command::new(root.join("scripts/stack.sh"))
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .arg("--")
+            .arg(root.join("scripts/run-local.sh"))
+            .env("ELO_STACK_KAFKA_PORT", kafka.to_string())
+            .env("ELO_STACK_REGISTRY_PORT", registry.to_string())
+            .env("ELO_RUN_ADMIN_BASE_PORT", admin.to_string())
+            .env("ELO_RUN_STATUS_INTERVAL", "1")
+            .env("ELO_TOPIC_PARTITIONS", "2")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null()),
+    );
+    let all_ready = |text: &str| {
+        text.lines().any(|l| ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"].iter().all(|s| l.contains(&format!("{s}=ready"))))
+    };
+    let mut ready = false;
+    for _ in 0..120 {
+        if all_ready(&std::fs::read_to_string(&log).unwrap_or_default()) {
+            ready = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(ready, "stack never reported every service ready:\n{text}");
+
+    let spawned = descendants(stack.child.id());
+    assert!(spawned.len() >= 6, "expected broker, registry and four services, found {} processes", spawned.len());
+    // Ctrl-C in a terminal signals the whole foreground group; the script is its leader here.
+    stack.signal("INT");
+    for pid in &spawned {
+        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).stderr(Stdio::null()).status();
+    }
+    let status = stack.wait_timeout(Duration::from_secs(60)).expect("stack stops after Ctrl-C");
+    assert!(status.success(), "Ctrl-C is a clean stop, got {status}");
+    std::thread::sleep(Duration::from_millis(500));
+    let left: Vec<_> = spawned.iter().filter(|p| alive(**p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("all services stopped"), "{text}");
+}
