@@ -37,7 +37,9 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (kafka, registry, admin) = (free_port(), free_port(), free_port());
     // Four consecutive admin ports starting at `admin`.
-    let admin = (admin..admin + 100).find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok())).unwrap();
+    let admin = (admin..admin + 100)
+        .find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
+        .unwrap();
     let log = dir.path().join("run.log");
     let mut stack = ChildGuard::spawn(
         "stack",
@@ -55,7 +57,11 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
             .stderr(Stdio::null()),
     );
     let all_ready = |text: &str| {
-        text.lines().any(|l| ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"].iter().all(|s| l.contains(&format!("{s}=ready"))))
+        text.lines().any(|l| {
+            ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"]
+                .iter()
+                .all(|s| l.contains(&format!("{s}=ready")))
+        })
     };
     let mut ready = false;
     for _ in 0..120 {

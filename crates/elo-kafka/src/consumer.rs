@@ -389,6 +389,11 @@ impl<H: Handler> RuntimeContext<H> {
     fn unpark(&self, consumer: &BaseConsumer<Self>) {
         let mut workers = self.workers.lock().expect("workers lock");
         for ((topic, partition), w) in workers.iter_mut() {
+            // Resume only once half the buffer is free: each resume costs a fresh fetch, so
+            // resuming for a single free slot would thrash.
+            if w.parked.is_none() || w.tx.capacity() * 2 < w.tx.max_capacity() {
+                continue;
+            }
             let Some(record) = w.parked.take() else {
                 continue;
             };
