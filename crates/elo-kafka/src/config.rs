@@ -20,8 +20,9 @@ pub struct KafkaArgs {
     /// Bootstrap brokers, comma separated.
     #[arg(long = "kafka-brokers", env = "ELO_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
-    /// Extra librdkafka properties as key=value (repeatable); they override ELO_RDKAFKA_* ones.
-    #[arg(long = "kafka-option", value_parser = parse_key_value)]
+    /// Extra librdkafka properties as key=value (repeatable; `;`-separated in the variable);
+    /// they override ELO_RDKAFKA_* ones.
+    #[arg(long = "kafka-option", env = "ELO_KAFKA_OPTIONS", value_delimiter = ';', value_parser = parse_key_value)]
     pub options: Vec<(String, String)>,
 }
 
