@@ -170,6 +170,8 @@ struct Worker {
     task: tokio::task::JoinHandle<()>,
     /// The record that found the channel full; its partition is paused until it is handed over.
     parked: Option<Record>,
+    /// A record arrived while paused and was dropped: seek to just after `parked` on resume.
+    seek_on_resume: bool,
 }
 
 struct Shared<H> {
@@ -344,15 +346,21 @@ impl<H: Handler> RuntimeContext<H> {
     fn dispatch(&self, consumer: &BaseConsumer<Self>, record: Record) {
         let tp = (record.topic.clone(), record.partition);
         let mut workers = self.workers.lock().expect("workers lock");
-        let worker = workers.entry(tp.clone()).or_insert_with(|| {
-            // Assignment callbacks normally create workers first; be safe anyway.
-            spawn_worker(&self.shared, &tp)
-        });
+        let Some(worker) = workers.get_mut(&tp) else {
+            // Workers exist for every assigned partition (created in the assign callback). A
+            // record of a partition we no longer own belongs to its new owner: processing it
+            // here could commit past what that owner has done.
+            tracing::warn!(topic = %tp.0, partition = tp.1, offset = record.offset, "record for an unassigned partition ignored");
+            return;
+        };
         if worker.first_dispatched < 0 {
             worker.first_dispatched = record.offset;
         }
         if worker.parked.is_some() {
-            // Prefetched before the pause took effect; it will be fetched again on resume.
+            // librdkafka stops delivering a paused partition, so this should not happen; if a
+            // prefetched record slips through anyway, drop it and seek back on resume so it is
+            // fetched again rather than skipped.
+            worker.seek_on_resume = true;
             return;
         }
         match worker.tx.try_send(record) {
@@ -397,12 +405,18 @@ impl<H: Handler> RuntimeContext<H> {
             let Some(record) = w.parked.take() else {
                 continue;
             };
+            let next = record.offset + 1;
             match w.tx.try_send(record) {
                 Ok(()) => {
                     let mut one = TopicPartitionList::new();
                     one.add_partition(topic, *partition);
                     if let Err(error) = consumer.resume(&one) {
                         tracing::error!(error = %error, topic, partition, "resume failed");
+                    }
+                    if std::mem::take(&mut w.seek_on_resume)
+                        && let Err(error) = consumer.seek(topic, *partition, Offset::Offset(next), Duration::from_secs(5))
+                    {
+                        tracing::error!(error = %error, topic, partition, "seek after resume failed");
                     }
                     metrics::PAUSED_PARTITIONS.with_label_values(&[topic]).dec();
                 }
@@ -436,7 +450,7 @@ fn spawn_worker<H: Handler>(shared: &Arc<Shared<H>>, tp: &TopicPartition) -> Wor
     let done = Arc::new(AtomicI64::new(-1));
     let task =
         shared.runtime.spawn(partition_worker(shared.clone(), tp.clone(), rx, stop.clone(), done.clone(), finished_tx));
-    Worker { tx, stop, done, sent: -1, first_dispatched: -1, finished, task, parked: None }
+    Worker { tx, stop, done, sent: -1, first_dispatched: -1, finished, task, parked: None, seek_on_resume: false }
 }
 
 /// The batch was cut short by a stop request; its records stay unfinished.

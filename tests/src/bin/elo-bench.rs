@@ -1,0 +1,167 @@
+//! `make bench`: Elo's building blocks measured against a baseline run in the same process on
+//! the same machine, reported as ratios (these machines are shared and noisy, so absolute
+//! numbers mean little; ratios from one run do).
+//!
+//! - Avro encode/decode of a CommerceEvent (Confluent framing included) vs serde_json.
+//! - Elo's producer (idempotent, acks=all, awaits each delivery, stamps headers) vs a raw
+//!   rdkafka FutureProducer with the same reliability settings.
+//! - Elo's consumer runtime (ordered workers, contiguous commits) vs a raw BaseConsumer that
+//!   only reads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use elo_events::codec::{decode_with, encode_body, frame, unframe};
+use elo_events::{AvroEvent, CommerceEvent, sample};
+use elo_integration_tests::{brokers, create_topics, unique};
+use elo_kafka::{ConsumerSettings, Handler, HandlerError, KafkaArgs, Producer, Record};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+fn rate(n: usize, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn report(rows: &mut Vec<serde_json::Value>, name: &str, unit: &str, elo: f64, baseline_name: &str, baseline: f64) {
+    let ratio = elo / baseline;
+    println!("{name:<34} elo {elo:>12.0} {unit}   {baseline_name:<24} {baseline:>12.0} {unit}   ratio {ratio:.2}");
+    rows.push(serde_json::json!({"benchmark": name, "unit": unit, "elo": elo, "baseline": baseline_name, "baseline_value": baseline, "ratio": ratio}));
+}
+
+struct Count(AtomicU64);
+
+impl Handler for Count {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch.iter().map(|_| Ok(())).collect()
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let events: Vec<CommerceEvent> = (0..2_000).map(sample::order_placed).collect();
+
+    // Codec.
+    let rounds = 10;
+    let started = Instant::now();
+    let mut avro = Vec::new();
+    for _ in 0..rounds {
+        avro = events.iter().map(|e| frame(1, &encode_body(e).unwrap())).collect::<Vec<_>>();
+    }
+    let avro_encode = rate(events.len() * rounds, started.elapsed());
+    let started = Instant::now();
+    let mut json = Vec::new();
+    for _ in 0..rounds {
+        json = events.iter().map(|e| serde_json::to_vec(e).unwrap()).collect::<Vec<_>>();
+    }
+    let json_encode = rate(events.len() * rounds, started.elapsed());
+    report(&mut rows, "encode CommerceEvent", "events/s", avro_encode, "serde_json encode", json_encode);
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for bytes in &avro {
+            let (_, body) = unframe(bytes).unwrap();
+            let _: CommerceEvent = decode_with(CommerceEvent::decoding_schema(), body).unwrap();
+        }
+    }
+    let avro_decode = rate(events.len() * rounds, started.elapsed());
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for bytes in &json {
+            let _: CommerceEvent = serde_json::from_slice(bytes).unwrap();
+        }
+    }
+    let json_decode = rate(events.len() * rounds, started.elapsed());
+    report(&mut rows, "decode CommerceEvent", "events/s", avro_decode, "serde_json decode", json_decode);
+    let avro_size = avro.iter().map(Vec::len).sum::<usize>() as f64 / avro.len() as f64;
+    let json_size = json.iter().map(Vec::len).sum::<usize>() as f64 / json.len() as f64;
+    report(&mut rows, "encoded size", "bytes", avro_size, "JSON size", json_size);
+
+    // Producer.
+    let topic = unique("bench");
+    create_topics(&brokers(), &[(&topic, 6), (&format!("{topic}.dlq"), 1)]).await;
+    let kafka = KafkaArgs::local(brokers());
+    let health = elo_telemetry::Health::new();
+    let producer = Producer::new(&kafka, health.clone())?;
+    producer.wait_connected(Duration::from_secs(30)).await?;
+    let n = avro.len() * 5;
+    let started = Instant::now();
+    let mut sends = Vec::with_capacity(n);
+    for i in 0..n {
+        let (producer, topic, event, payload) =
+            (producer.clone(), topic.clone(), &events[i % events.len()], avro[i % avro.len()].clone());
+        let key = event.customer_key.clone();
+        sends.push(tokio::spawn(
+            async move { producer.send(&topic, key.as_bytes(), &payload, Some("ORDER_PLACED")).await },
+        ));
+    }
+    for s in sends {
+        s.await??;
+    }
+    let elo_produce = rate(n, started.elapsed());
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?;
+    let started = Instant::now();
+    let futures: Vec<_> = (0..n)
+        .map(|i| {
+            let record = FutureRecord::to(&topic)
+                .key(events[i % events.len()].customer_key.as_bytes())
+                .payload(&avro[i % avro.len()]);
+            raw.send(record, Duration::from_secs(30))
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e)?;
+    }
+    let raw_produce = rate(n, started.elapsed());
+    report(&mut rows, "produce (acked)", "records/s", elo_produce, "raw rdkafka producer", raw_produce);
+
+    // Consumer: both read the 2n records now on the topic.
+    let total = 2 * n as u64;
+    let counter = Arc::new(Count(AtomicU64::new(0)));
+    let shutdown = CancellationToken::new();
+    let mut settings = ConsumerSettings::new(unique("bench-group"), vec![topic.clone()], format!("{topic}.dlq"));
+    settings.max_batch = 200;
+    let started = Instant::now();
+    let run = tokio::spawn({
+        let (kafka, counter, producer, health, shutdown) =
+            (kafka.clone(), counter.clone(), producer.clone(), health.clone(), shutdown.clone());
+        async move { elo_kafka::run_consumer(&kafka, settings, counter, producer, health, shutdown).await }
+    });
+    while counter.0.load(Ordering::Relaxed) < total {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elo_consume = rate(total as usize, started.elapsed());
+    shutdown.cancel();
+    run.await??;
+    let raw_consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("bench-raw"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    raw_consumer.subscribe(&[&topic])?;
+    let started = Instant::now();
+    let mut read = 0u64;
+    while read < total {
+        if let Some(m) = raw_consumer.poll(Duration::from_millis(100)) {
+            m?;
+            read += 1;
+        }
+    }
+    let raw_consume = rate(total as usize, started.elapsed());
+    report(&mut rows, "consume (incl. group join)", "records/s", elo_consume, "raw rdkafka consumer", raw_consume);
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    println!("report: {}", path.display());
+    Ok(())
+}
