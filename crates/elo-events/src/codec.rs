@@ -88,8 +88,9 @@ pub struct EventCodec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
     auto_register: bool,
-    /// Writer schemas by id, decimals read as plain bytes (see [`decoding_schema`]).
-    writers: Mutex<HashMap<u32, Arc<Schema>>>,
+    /// Writer schemas by id, decimals read as plain bytes (see [`decoding_schema`]), with
+    /// their canonical form.
+    writers: Mutex<HashMap<u32, Arc<(Schema, String)>>>,
 }
 
 impl std::fmt::Debug for EventCodec {
@@ -164,12 +165,17 @@ impl EventCodec {
                     self.decoder.remove_errors_from_cache();
                     CodecError::from_src(e)
                 })?;
-                let writer = Arc::new(decoding_schema(&registered.raw)?);
+                let schema = decoding_schema(&registered.raw)?;
+                let canonical = schema.canonical_form();
+                let writer = Arc::new((schema, canonical));
                 self.writers.lock().expect("writer cache lock").insert(id, writer.clone());
                 writer
             }
         };
-        decode_with::<T>(&writer, body)
+        if writer.1 == T::decoding_canonical() {
+            return decode_direct::<T>(body);
+        }
+        decode_with::<T>(&writer.0, body)
     }
 }
 
@@ -236,6 +242,15 @@ pub fn encode_body_with<T: serde::Serialize>(writer: &Schema, value: &T) -> Resu
         .map_err(|e| CodecError::Avro(e.to_string()))
 }
 
+/// Decodes a bare Avro body written with `T`'s own schema: no resolution needed.
+pub fn decode_direct<T: AvroEvent>(mut body: &[u8]) -> Result<T, CodecError> {
+    let value = T::direct_reader().read_deser::<T>(&mut body).map_err(|e| CodecError::Avro(e.to_string()))?;
+    if !body.is_empty() {
+        return Err(CodecError::Avro(format!("{} trailing bytes after the record", body.len())));
+    }
+    Ok(value)
+}
+
 /// Decodes a bare Avro body written with `writer`, resolved to `T`'s schema by Avro's
 /// evolution rules (defaults for fields the writer lacked, unknown enum symbols to defaults).
 pub fn decode_with<T: AvroEvent>(writer: &Schema, mut body: &[u8]) -> Result<T, CodecError> {
@@ -276,6 +291,19 @@ mod tests {
             let back: CommerceEvent = decode_with(CommerceEvent::decoding_schema(), rest).unwrap();
             assert_eq!(back, event);
         }
+    }
+
+    #[test]
+    fn direct_and_resolving_decoders_agree() {
+        for n in 0..30 {
+            let event = sample::order_placed(n);
+            let body = encode_body(&event).unwrap();
+            let direct: CommerceEvent = decode_direct(&body).unwrap();
+            let resolved: CommerceEvent = decode_with(CommerceEvent::decoding_schema(), &body).unwrap();
+            assert_eq!(direct, event);
+            assert_eq!(resolved, event);
+        }
+        assert!(decode_direct::<CommerceEvent>(&[0x02]).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::sync::LazyLock;
 
 use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
 
 /// `schemas/commerce.events.avsc`.
 pub const COMMERCE_EVENT_AVSC: &str = include_str!("../../../schemas/commerce.events.avsc");
@@ -23,6 +24,11 @@ pub trait AvroEvent: serde::Serialize + serde::de::DeserializeOwned + Send + Syn
     fn schema() -> &'static Schema;
     /// The schema Elo reads with: decimals as plain bytes, see [`crate::codec::decoding_schema`].
     fn decoding_schema() -> &'static Schema;
+    /// Canonical form of [`AvroEvent::decoding_schema`], to spot writers that need no resolution.
+    fn decoding_canonical() -> &'static str;
+    /// A reader for data written with exactly our schema: deserialises straight from Avro
+    /// binary into `Self`, with no value tree and no resolution (the common, fast case).
+    fn direct_reader() -> &'static GenericDatumReader<'static>;
 }
 
 macro_rules! avro_event {
@@ -39,6 +45,18 @@ macro_rules! avro_event {
                 static SCHEMA: LazyLock<Schema> =
                     LazyLock::new(|| crate::codec::decoding_schema($avsc).expect("checked-in schema parses (tested)"));
                 &SCHEMA
+            }
+            fn decoding_canonical() -> &'static str {
+                static CANONICAL: LazyLock<String> = LazyLock::new(|| <$ty>::decoding_schema().canonical_form());
+                &CANONICAL
+            }
+            fn direct_reader() -> &'static GenericDatumReader<'static> {
+                static READER: LazyLock<GenericDatumReader<'static>> = LazyLock::new(|| {
+                    GenericDatumReader::builder(<$ty>::decoding_schema())
+                        .build()
+                        .expect("checked-in schema resolves (tested)")
+                });
+                &READER
             }
         }
     };

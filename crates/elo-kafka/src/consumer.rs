@@ -414,7 +414,8 @@ impl<H: Handler> RuntimeContext<H> {
                         tracing::error!(error = %error, topic, partition, "resume failed");
                     }
                     if std::mem::take(&mut w.seek_on_resume)
-                        && let Err(error) = consumer.seek(topic, *partition, Offset::Offset(next), Duration::from_secs(5))
+                        && let Err(error) =
+                            consumer.seek(topic, *partition, Offset::Offset(next), Duration::from_secs(5))
                     {
                         tracing::error!(error = %error, topic, partition, "seek after resume failed");
                     }
