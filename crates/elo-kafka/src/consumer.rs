@@ -145,7 +145,7 @@ impl ConsumerSettings {
             dlq_topic: dlq_topic.into(),
             max_batch: 1,
             batch_linger: Duration::ZERO,
-            partition_buffer: 1000,
+            partition_buffer: 5000,
             max_in_flight: 8,
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),

@@ -261,6 +261,11 @@ pub struct ConsumerArgs {
     /// Records per batch handed to the target [default: the target's bulk size].
     #[arg(long = "max-batch", env = "ELO_MAX_BATCH")]
     pub max_batch: Option<usize>,
+    /// Records buffered per partition before that partition is paused. Each pause drops
+    /// librdkafka's prefetch for the partition, so too small a buffer costs refetches; too
+    /// large a one costs memory (records x average size x assigned partitions).
+    #[arg(long = "partition-buffer", env = "ELO_PARTITION_BUFFER", default_value_t = 5000)]
+    pub partition_buffer: usize,
     /// Concurrent batches across partitions.
     #[arg(long = "max-in-flight", env = "ELO_MAX_IN_FLIGHT", default_value_t = 4)]
     pub max_in_flight: usize,
@@ -309,6 +314,7 @@ pub async fn run_validating_consumer(
     settings.max_batch = args.max_batch.unwrap_or(plan.default_batch).max(1);
     settings.batch_linger = Duration::from_millis(50);
     settings.max_in_flight = args.max_in_flight.max(1);
+    settings.partition_buffer = args.partition_buffer.max(1);
     settings.drain_timeout = args.drain_timeout;
     let handler = Arc::new(ContractValidator::new(plan.name, service.codec.clone(), common.topics.commerce.clone()));
     elo_kafka::run_consumer(
