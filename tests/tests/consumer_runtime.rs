@@ -124,7 +124,15 @@ async fn two_member_rebalance_loses_nothing() {
         (0..4).all(|p| c.get(&p).copied().unwrap_or(-1) >= produced.iter().filter(|(pp, _)| *pp == p).count() as i64)
     })
     .await;
-    assert!(done, "group did not commit all {total} records");
+    if !done {
+        let logs = |name: &str| std::fs::read_to_string(out_a.with_extension(format!("{name}.log"))).unwrap_or_default();
+        let logs_b = std::fs::read_to_string(out_b.with_extension("b.log")).unwrap_or_default();
+        panic!(
+            "group did not commit all {total} records; committed {:?}\n--- a ---\n{}\n--- b ---\n{logs_b}",
+            committed(&brokers(), &group, &topic, 4),
+            logs("a")
+        );
+    }
     assert_complete(&produced, &[&out_a, &out_b]);
     assert_ordered_per_partition(&out_a);
 }

@@ -707,8 +707,13 @@ pub async fn run_consumer<H: Handler>(
         .name(format!("elo-poll-{}", settings.group_id))
         .spawn(move || {
             poll_loop(&consumer, &shutdown, commit_interval);
+            // Dropping the consumer closes it and sends LeaveGroup, so the partitions move to
+            // the other members at once instead of after the session timeout. Only then may
+            // the process exit: signalling before the drop let `main` return mid-close.
+            let started = Instant::now();
+            drop(consumer);
+            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "left the consumer group");
             let _ = done_tx.send(());
-            // Dropping the consumer closes it: it leaves the group so partitions move at once.
         })
         .map_err(|e| crate::Error::Config(format!("cannot start poll thread: {e}")))?;
     let _ = done_rx.await;
