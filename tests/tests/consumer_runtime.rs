@@ -125,7 +125,8 @@ async fn two_member_rebalance_loses_nothing() {
     })
     .await;
     if !done {
-        let logs = |name: &str| std::fs::read_to_string(out_a.with_extension(format!("{name}.log"))).unwrap_or_default();
+        let logs =
+            |name: &str| std::fs::read_to_string(out_a.with_extension(format!("{name}.log"))).unwrap_or_default();
         let logs_b = std::fs::read_to_string(out_b.with_extension("b.log")).unwrap_or_default();
         panic!(
             "group did not commit all {total} records; committed {:?}\n--- a ---\n{}\n--- b ---\n{logs_b}",

@@ -1,0 +1,33 @@
+//! Known bugs of the local broker (Tansu 0.6.0), shown with an independent client so they are
+//! not mistaken for Elo's. When one of these starts failing, the broker got fixed: remove the
+//! workaround notes in README and docs/architecture.md.
+
+use std::path::Path;
+use std::process::Command;
+
+use elo_integration_tests::brokers;
+
+/// A member that dies without LeaveGroup (SIGKILL) while another member is active keeps its
+/// partitions after the session timeout: the survivor gets only its own back, and the dead
+/// member's partitions are never consumed. Elo's consumers always leave the group on a
+/// graceful stop (tested in `consumer_runtime.rs`), so only crashes are exposed; a restarted
+/// replica rejoining the group triggers a fresh assignment.
+#[test]
+fn tansu_0_6_strands_the_partitions_of_a_member_killed_while_another_is_active() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tansu_member_crash.py");
+    let out = Command::new("python3").arg(script).arg(brokers()).output().expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {stdout}"))
+            .trim()
+            .to_owned()
+    };
+    let before = line("b assignment while a lives");
+    let after = line("final b assignment");
+    assert_ne!(before, "[0, 1, 2, 3]", "the group never split, so nothing was shown: {stdout}");
+    assert_eq!(after, before, "Tansu now reassigns a dead member's partitions; the bug is fixed: {stdout}");
+}
