@@ -1,0 +1,126 @@
+//! Control and inspection API, on its own port: tests and the demo inject faults, revoke
+//! tokens, exhaust quotas, alter data behind Elo's back, and read state and call counters.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::Counters;
+use crate::faults::{FaultConfig, Faults};
+use crate::salesforce::SalesforceApp;
+
+/// Everything the control API can reach.
+#[derive(Clone)]
+pub struct Control {
+    pub faults: Faults,
+    pub counters: Counters,
+    pub salesforce: SalesforceApp,
+}
+
+type ApiResult = Result<Json<Value>, (StatusCode, Json<Value>)>;
+
+fn bad_request(message: impl Into<String>) -> (StatusCode, Json<Value>) {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": message.into()})))
+}
+
+pub fn router(control: Control) -> Router {
+    Router::new()
+        .route("/faults/{simulator}", put(set_faults).get(get_faults))
+        .route("/counters", get(|State(c): State<Control>| async move { Json(c.counters.snapshot()) }))
+        .route(
+            "/counters/reset",
+            post(|State(c): State<Control>| async move {
+                c.counters.reset();
+                Json(json!({"ok": true}))
+            }),
+        )
+        .route("/salesforce/state", get(salesforce_state))
+        .route("/salesforce/revoke-tokens", post(salesforce_revoke))
+        .route("/salesforce/quota", put(salesforce_quota))
+        .route("/salesforce/config", put(salesforce_config))
+        .route("/salesforce/records/{id}", axum::routing::delete(salesforce_delete).patch(salesforce_alter))
+        .with_state(control)
+}
+
+const SIMULATORS: &[&str] = &["salesforce", "rdstation", "magento"];
+
+async fn set_faults(State(c): State<Control>, Path(sim): Path<String>, Json(config): Json<FaultConfig>) -> ApiResult {
+    if !SIMULATORS.contains(&sim.as_str()) {
+        return Err(bad_request(format!("unknown simulator {sim}")));
+    }
+    if !(0.0..=1.0).contains(&config.error_rate) {
+        return Err(bad_request("error_rate must be between 0 and 1"));
+    }
+    c.faults.set(&sim, config.clone());
+    Ok(Json(serde_json::to_value(config).expect("serialisable")))
+}
+
+async fn get_faults(State(c): State<Control>, Path(sim): Path<String>) -> Json<Value> {
+    Json(serde_json::to_value(c.faults.get(&sim)).expect("serialisable"))
+}
+
+async fn salesforce_state(State(c): State<Control>) -> Json<Value> {
+    let sim = c.salesforce.sim.lock().expect("sim lock");
+    let records: Vec<Value> = sim.org.records.values().map(|r| r.to_json("v66.0")).collect();
+    Json(
+        json!({"api_usage": sim.api_usage, "daily_quota": sim.config.daily_quota, "records": records, "config": sim.config}),
+    )
+}
+
+async fn salesforce_revoke(State(c): State<Control>) -> Json<Value> {
+    c.salesforce.sim.lock().expect("sim lock").revoke_all();
+    Json(json!({"revoked": true}))
+}
+
+async fn salesforce_quota(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    if let Some(max) = body.get("daily_quota").and_then(Value::as_u64) {
+        sim.config.daily_quota = max;
+    }
+    if let Some(used) = body.get("api_usage").and_then(Value::as_u64) {
+        sim.api_usage = used;
+    }
+    if body.get("exhaust").and_then(Value::as_bool) == Some(true) {
+        sim.api_usage = sim.config.daily_quota;
+    }
+    Ok(Json(json!({"api_usage": sim.api_usage, "daily_quota": sim.config.daily_quota})))
+}
+
+async fn salesforce_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
+    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in updates {
+        if merged.get(k).is_none() {
+            return Err(bad_request(format!("unknown setting {k}")));
+        }
+        merged[k] = v.clone();
+    }
+    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
+}
+
+/// Drift: a record deleted behind Elo's back.
+async fn salesforce_delete(State(c): State<Control>, Path(id): Path<String>) -> ApiResult {
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    match sim.org.records.remove(&id) {
+        Some(_) => Ok(Json(json!({"deleted": id}))),
+        None => Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such record"})))),
+    }
+}
+
+/// Drift: fields changed behind Elo's back (no validation, as an admin's data fix would be).
+async fn salesforce_alter(State(c): State<Control>, Path(id): Path<String>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    let Some(record) = sim.org.records.get_mut(&id) else {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such record"}))));
+    };
+    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in fields {
+        record.fields.insert(k.clone(), v.clone());
+    }
+    record.modified_ms = crate::now_ms();
+    Ok(Json(record.to_json("v66.0")))
+}

@@ -1,0 +1,47 @@
+//! Elo's sandbox: local simulators of the SaaS APIs Elo integrates, faithful to the real ones
+//! (paths, auth, status codes, error bodies, paging, limits) as documented in
+//! `../shared/docs/saas-apis.md`, so Elo can be developed and tested without accounts and
+//! fail here the way it would fail in production.
+//!
+//! # Layout
+//! - [`salesforce`]: Salesforce REST (OAuth, sObjects, Collections, Composite, Graph, SOQL).
+//! - [`faults`]: latency, error rates and outage windows per simulator.
+//! - [`control`]: the control and inspection API (faults, token revocation, quota, state,
+//!   per-endpoint call counters).
+
+pub mod control;
+pub mod faults;
+pub mod salesforce;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+/// Per-endpoint call counters of every simulator, for tests and reports.
+#[derive(Clone, Default)]
+pub struct Counters {
+    inner: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+}
+
+impl Counters {
+    pub fn hit(&self, simulator: &str, endpoint: &str) {
+        *self.inner.lock().expect("counters lock").entry((simulator.to_owned(), endpoint.to_owned())).or_default() += 1;
+    }
+
+    /// `{simulator: {endpoint: count}}`.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for ((sim, endpoint), n) in self.inner.lock().expect("counters lock").iter() {
+            out.entry(sim.clone()).or_insert_with(|| serde_json::json!({}))[endpoint] = serde_json::json!(n);
+        }
+        serde_json::Value::Object(out)
+    }
+
+    pub fn reset(&self) {
+        self.inner.lock().expect("counters lock").clear();
+    }
+}
