@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Counters;
 use crate::faults::{FaultConfig, Faults};
+use crate::rdstation::{RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
 
 /// Everything the control API can reach.
@@ -17,6 +18,7 @@ pub struct Control {
     pub faults: Faults,
     pub counters: Counters,
     pub salesforce: SalesforceApp,
+    pub rdstation: RdStationApp,
 }
 
 type ApiResult = Result<Json<Value>, (StatusCode, Json<Value>)>;
@@ -41,6 +43,11 @@ pub fn router(control: Control) -> Router {
         .route("/salesforce/quota", put(salesforce_quota))
         .route("/salesforce/config", put(salesforce_config))
         .route("/salesforce/records/{id}", axum::routing::delete(salesforce_delete).patch(salesforce_alter))
+        .route("/rdstation/state", get(rd_state))
+        .route("/rdstation/expire-tokens", post(rd_expire))
+        .route("/rdstation/auth-code", post(rd_code))
+        .route("/rdstation/segmentations", post(rd_segmentation))
+        .route("/rdstation/config", put(rd_config))
         .with_state(control)
 }
 
@@ -123,4 +130,44 @@ async fn salesforce_alter(State(c): State<Control>, Path(id): Path<String>, Json
     }
     record.modified_ms = crate::now_ms();
     Ok(Json(record.to_json("v66.0")))
+}
+
+async fn rd_state(State(c): State<Control>) -> Json<Value> {
+    let sim = c.rdstation.sim.lock().expect("rd lock");
+    let contacts: Vec<Value> =
+        sim.contacts.values().map(|c| json!({"uuid": c.uuid, "fields": c.fields, "funnel": c.funnel})).collect();
+    Json(json!({"contacts": contacts, "events": sim.events, "segmentations": sim.segmentations, "config": sim.config}))
+}
+
+async fn rd_expire(State(c): State<Control>) -> Json<Value> {
+    c.rdstation.sim.lock().expect("rd lock").expire_tokens();
+    Json(json!({"expired": true}))
+}
+
+/// An authorization code, as the consent screen would hand out.
+async fn rd_code(State(c): State<Control>) -> Json<Value> {
+    Json(json!({"code": c.rdstation.sim.lock().expect("rd lock").issue_code()}))
+}
+
+async fn rd_segmentation(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.rdstation.sim.lock().expect("rd lock");
+    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| bad_request("name is required"))?.to_owned();
+    let id = sim.segmentations.iter().map(|s| s.id).max().unwrap_or(0) + 1;
+    let tag = body.get("tag").and_then(Value::as_str).map(str::to_owned);
+    sim.segmentations.push(Segmentation { id, name, standard: false, tag });
+    Ok(Json(json!({"id": id})))
+}
+
+async fn rd_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.rdstation.sim.lock().expect("rd lock");
+    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
+    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in updates {
+        if merged.get(k).is_none() {
+            return Err(bad_request(format!("unknown setting {k}")));
+        }
+        merged[k] = v.clone();
+    }
+    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }

@@ -5,12 +5,14 @@
 //!
 //! # Layout
 //! - [`salesforce`]: Salesforce REST (OAuth, sObjects, Collections, Composite, Graph, SOQL).
+//! - [`rdstation`]: RD Station Marketing (OAuth, contacts, tags, funnels, events, segmentations).
 //! - [`faults`]: latency, error rates and outage windows per simulator.
 //! - [`control`]: the control and inspection API (faults, token revocation, quota, state,
 //!   per-endpoint call counters).
 
 pub mod control;
 pub mod faults;
+pub mod rdstation;
 pub mod salesforce;
 
 use std::collections::BTreeMap;

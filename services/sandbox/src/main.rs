@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
+use sandbox::rdstation::{RdConfig, RdStationApp};
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use sandbox::{Counters, control, faults::Faults};
 
@@ -14,6 +15,9 @@ struct Config {
     /// Salesforce simulator address.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_LISTEN", default_value = "127.0.0.1:8702")]
     salesforce_listen: SocketAddr,
+    /// RD Station Marketing simulator address.
+    #[arg(long, env = "ELO_SANDBOX_RDSTATION_LISTEN", default_value = "127.0.0.1:8703")]
+    rdstation_listen: SocketAddr,
     /// Control and inspection API address.
     #[arg(long, env = "ELO_SANDBOX_CONTROL_LISTEN", default_value = "127.0.0.1:8700")]
     control_listen: SocketAddr,
@@ -52,13 +56,22 @@ async fn main() -> anyhow::Result<()> {
         ..SalesforceConfig::default()
     };
     let salesforce = SalesforceApp::new(sf_config, faults.clone(), counters.clone());
+    let rd_listener = tokio::net::TcpListener::bind(config.rdstation_listen).await.context("binding rdstation")?;
+    let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
     let control_listener = tokio::net::TcpListener::bind(config.control_listen).await.context("binding control")?;
-    let control_app = control::router(control::Control { faults, counters, salesforce: salesforce.clone() });
-    tracing::info!(salesforce = %config.salesforce_listen, control = %config.control_listen, "sandbox listening");
+    let control_app = control::router(control::Control {
+        faults,
+        counters,
+        salesforce: salesforce.clone(),
+        rdstation: rdstation.clone(),
+    });
+    tracing::info!(salesforce = %config.salesforce_listen, rdstation = %config.rdstation_listen, control = %config.control_listen, "sandbox listening");
     let sf = axum::serve(sf_listener, salesforce.router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let rd = axum::serve(rd_listener, rdstation.router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let ctl = axum::serve(control_listener, control_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let (a, b) = tokio::join!(sf.into_future(), ctl.into_future());
+    let (a, b, c) = tokio::join!(sf.into_future(), rd.into_future(), ctl.into_future());
     a?;
     b?;
+    c?;
     Ok(())
 }

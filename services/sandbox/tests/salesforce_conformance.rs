@@ -27,6 +27,11 @@ impl Org {
             faults: app.faults.clone(),
             counters: app.counters.clone(),
             salesforce: app.clone(),
+            rdstation: sandbox::rdstation::RdStationApp::new(
+                Default::default(),
+                app.faults.clone(),
+                app.counters.clone(),
+            ),
         });
         tokio::spawn(async move { axum::serve(listener, app.router()).await.unwrap() });
         let ctl_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
