@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Counters;
 use crate::faults::{FaultConfig, Faults};
+use crate::magento::MagentoApp;
 use crate::rdstation::{RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
 
@@ -19,6 +20,7 @@ pub struct Control {
     pub counters: Counters,
     pub salesforce: SalesforceApp,
     pub rdstation: RdStationApp,
+    pub magento: MagentoApp,
 }
 
 type ApiResult = Result<Json<Value>, (StatusCode, Json<Value>)>;
@@ -48,6 +50,9 @@ pub fn router(control: Control) -> Router {
         .route("/rdstation/auth-code", post(rd_code))
         .route("/rdstation/segmentations", post(rd_segmentation))
         .route("/rdstation/config", put(rd_config))
+        .route("/magento/generate", post(magento_generate))
+        .route("/magento/state", get(magento_state))
+        .route("/magento/config", put(magento_config))
         .with_state(control)
 }
 
@@ -160,6 +165,41 @@ async fn rd_segmentation(State(c): State<Control>, Json(body): Json<Value>) -> A
 
 async fn rd_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.rdstation.sim.lock().expect("rd lock");
+    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
+    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in updates {
+        if merged.get(k).is_none() {
+            return Err(bad_request(format!("unknown setting {k}")));
+        }
+        merged[k] = v.clone();
+    }
+    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
+}
+
+/// Runs the order generator: `{"count": N}` facts (new orders and status changes).
+async fn magento_generate(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let count = body.get("count").and_then(Value::as_u64).ok_or_else(|| bad_request("count is required"))? as usize;
+    if count > 1_000_000 {
+        return Err(bad_request("count must be at most 1000000"));
+    }
+    let started = std::time::Instant::now();
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    let placed = sim.generate(count);
+    Ok(Json(
+        json!({"facts": count, "orders_placed": placed, "orders_total": sim.orders.len(), "elapsed_ms": started.elapsed().as_millis() as u64}),
+    ))
+}
+
+async fn magento_state(State(c): State<Control>) -> Json<Value> {
+    let sim = c.magento.sim.lock().expect("magento lock");
+    let stock: serde_json::Map<String, Value> =
+        sim.stock.iter().map(|(k, (q, s))| (k.clone(), json!({"quantity": q, "status": s}))).collect();
+    Json(json!({"orders": sim.orders.len(), "customers": sim.customers.len(), "stock": stock, "config": sim.config}))
+}
+
+async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.magento.sim.lock().expect("magento lock");
     let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
     let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
     for (k, v) in updates {

@@ -5,6 +5,8 @@
 //!
 //! # Layout
 //! - [`salesforce`]: Salesforce REST (OAuth, sObjects, Collections, Composite, Graph, SOQL).
+//! - [`magento`]: Magento 2 REST (tokens, searchCriteria, orders, customers, MSI) and the
+//!   seeded order generator.
 //! - [`rdstation`]: RD Station Marketing (OAuth, contacts, tags, funnels, events, segmentations).
 //! - [`faults`]: latency, error rates and outage windows per simulator.
 //! - [`control`]: the control and inspection API (faults, token revocation, quota, state,
@@ -12,6 +14,7 @@
 
 pub mod control;
 pub mod faults;
+pub mod magento;
 pub mod rdstation;
 pub mod salesforce;
 

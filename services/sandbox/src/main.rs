@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
+use sandbox::magento::generator::GeneratorConfig;
+use sandbox::magento::{MagentoApp, MagentoConfig};
 use sandbox::rdstation::{RdConfig, RdStationApp};
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use sandbox::{Counters, control, faults::Faults};
@@ -12,6 +14,9 @@ use sandbox::{Counters, control, faults::Faults};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Config {
+    /// Magento simulator address.
+    #[arg(long, env = "ELO_SANDBOX_MAGENTO_LISTEN", default_value = "127.0.0.1:8701")]
+    magento_listen: SocketAddr,
     /// Salesforce simulator address.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_LISTEN", default_value = "127.0.0.1:8702")]
     salesforce_listen: SocketAddr,
@@ -21,6 +26,12 @@ struct Config {
     /// Control and inspection API address.
     #[arg(long, env = "ELO_SANDBOX_CONTROL_LISTEN", default_value = "127.0.0.1:8700")]
     control_listen: SocketAddr,
+    /// Order generator seed (the same seed gives the same orders).
+    #[arg(long, env = "ELO_SANDBOX_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Orders to generate at startup.
+    #[arg(long, env = "ELO_SANDBOX_INITIAL_ORDERS", default_value_t = 0)]
+    initial_orders: usize,
     /// Salesforce OAuth client id.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_CLIENT_ID", default_value = "elo-sandbox-client")]
     salesforce_client_id: String,
@@ -34,44 +45,69 @@ struct Config {
     telemetry: elo_telemetry::TelemetryArgs,
 }
 
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the {what} simulator to {addr}"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     let _guard = elo_telemetry::init("sandbox", &config.telemetry)?;
     let shutdown = elo_telemetry::shutdown::on_signals();
-    let faults = Faults::default();
-    let counters = Counters::default();
+    let (faults, counters) = (Faults::default(), Counters::default());
     let secret = match &config.salesforce_client_secret_file {
         Some(path) => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
         }
         None => "elo-sandbox-secret".to_owned(),
     };
-    let sf_listener = tokio::net::TcpListener::bind(config.salesforce_listen).await.context("binding salesforce")?;
-    let sf_config = SalesforceConfig {
-        client_id: config.salesforce_client_id.clone(),
-        client_secret: secret,
-        instance_url: format!("http://{}", sf_listener.local_addr()?),
-        daily_quota: config.salesforce_daily_quota,
-        ..SalesforceConfig::default()
-    };
-    let salesforce = SalesforceApp::new(sf_config, faults.clone(), counters.clone());
-    let rd_listener = tokio::net::TcpListener::bind(config.rdstation_listen).await.context("binding rdstation")?;
+    let (mg_listener, sf_listener, rd_listener, ctl_listener) = (
+        bind(config.magento_listen, "magento").await?,
+        bind(config.salesforce_listen, "salesforce").await?,
+        bind(config.rdstation_listen, "rdstation").await?,
+        bind(config.control_listen, "control").await?,
+    );
+    let salesforce = SalesforceApp::new(
+        SalesforceConfig {
+            client_id: config.salesforce_client_id.clone(),
+            client_secret: secret,
+            instance_url: format!("http://{}", sf_listener.local_addr()?),
+            daily_quota: config.salesforce_daily_quota,
+            ..SalesforceConfig::default()
+        },
+        faults.clone(),
+        counters.clone(),
+    );
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
-    let control_listener = tokio::net::TcpListener::bind(config.control_listen).await.context("binding control")?;
+    let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
+    let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());
+    if config.initial_orders > 0 {
+        magento.sim.lock().expect("magento lock").generate(config.initial_orders);
+    }
     let control_app = control::router(control::Control {
         faults,
         counters,
         salesforce: salesforce.clone(),
         rdstation: rdstation.clone(),
+        magento: magento.clone(),
     });
-    tracing::info!(salesforce = %config.salesforce_listen, rdstation = %config.rdstation_listen, control = %config.control_listen, "sandbox listening");
-    let sf = axum::serve(sf_listener, salesforce.router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let rd = axum::serve(rd_listener, rdstation.router()).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let ctl = axum::serve(control_listener, control_app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let (a, b, c) = tokio::join!(sf.into_future(), rd.into_future(), ctl.into_future());
+    tracing::info!(
+        magento = %config.magento_listen,
+        salesforce = %config.salesforce_listen,
+        rdstation = %config.rdstation_listen,
+        control = %config.control_listen,
+        "sandbox listening"
+    );
+    let stop = || shutdown.clone().cancelled_owned();
+    let (a, b, c, d) = tokio::join!(
+        axum::serve(mg_listener, magento.router()).with_graceful_shutdown(stop()).into_future(),
+        axum::serve(sf_listener, salesforce.router()).with_graceful_shutdown(stop()).into_future(),
+        axum::serve(rd_listener, rdstation.router()).with_graceful_shutdown(stop()).into_future(),
+        axum::serve(ctl_listener, control_app).with_graceful_shutdown(stop()).into_future(),
+    );
     a?;
     b?;
     c?;
+    d?;
     Ok(())
 }

@@ -32,6 +32,12 @@ impl Org {
                 app.faults.clone(),
                 app.counters.clone(),
             ),
+            magento: sandbox::magento::MagentoApp::new(
+                Default::default(),
+                Default::default(),
+                app.faults.clone(),
+                app.counters.clone(),
+            ),
         });
         tokio::spawn(async move { axum::serve(listener, app.router()).await.unwrap() });
         let ctl_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,560 @@
+//! Magento 2 / Adobe Commerce REST simulator (`/rest/<store>/V1/...`), following
+//! `../shared/docs/saas-apis.md` §1: admin tokens returned as a JSON string (4 h), integration
+//! tokens as Bearer only when enabled, the `%resources` 401, `searchCriteria` with the
+//! last-page-repeats behaviour, orders with flat configurable/bundle items, UTC timestamps
+//! without zone and `shipping_assignments`, customers by id and search, MSI source items and
+//! salable quantity, the legacy stock item, and stock that orders deplete.
+
+pub mod generator;
+pub mod search;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::faults::{FaultDecision, Faults};
+use crate::{Counters, now_ms};
+use search::MagentoError;
+
+/// Settings of the simulated store.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct MagentoConfig {
+    pub admin_username: String,
+    pub admin_password: String,
+    /// Integration access token (never expires).
+    pub integration_token: String,
+    /// `oauth/consumer/enable_integration_as_bearer` (off by default in 2.4.x).
+    pub integration_as_bearer: bool,
+    pub admin_token_ttl_secs: i64,
+    /// A page past the end answers the last page again (as Magento does).
+    pub last_page_repeats: bool,
+    /// Web API input limits (2.4.3+): max page size 300, arrays of at most 20 items.
+    pub input_limits: bool,
+    pub low_stock_seed_qty: f64,
+}
+
+impl Default for MagentoConfig {
+    fn default() -> Self {
+        Self {
+            admin_username: "admin".into(),
+            admin_password: "elo-sandbox-admin1".into(),
+            integration_token: "elo-sandbox-integration-token".into(),
+            integration_as_bearer: false,
+            admin_token_ttl_secs: 4 * 3600,
+            last_page_repeats: true,
+            input_limits: true,
+            low_stock_seed_qty: 3.0,
+        }
+    }
+}
+
+/// Stores (views) of the simulated website.
+pub const STORES: &[(i64, &str)] = &[(1, "default"), (2, "br")];
+
+#[derive(Clone, Debug)]
+pub enum ProductKind {
+    Simple,
+    Configurable { children: Vec<String> },
+    Bundle { children: Vec<String> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Product {
+    pub id: i64,
+    pub sku: String,
+    pub name: String,
+    pub price: f64,
+    pub kind: ProductKind,
+}
+
+/// The catalog: sellable products (simple, configurable, bundle) plus configurable children.
+#[derive(Clone, Debug)]
+pub struct Catalog {
+    pub products: Vec<Product>,
+    pub all: BTreeMap<String, Product>,
+}
+
+impl Catalog {
+    fn build() -> Self {
+        let mut all = BTreeMap::new();
+        let mut products = Vec::new();
+        let mut id = 0;
+        let mut add = |sku: String,
+                       name: String,
+                       price: f64,
+                       kind: ProductKind,
+                       sellable: bool,
+                       all: &mut BTreeMap<String, Product>| {
+            id += 1;
+            let p = Product { id, sku: sku.clone(), name, price, kind };
+            all.insert(sku, p.clone());
+            if sellable {
+                products.push(p);
+            }
+        };
+        for n in 1..=30 {
+            add(
+                format!("SKU-{n:03}"),
+                format!("Produto {n}"),
+                9.9 + f64::from(n) * 5.0,
+                ProductKind::Simple,
+                true,
+                &mut all,
+            );
+        }
+        for n in 1..=5 {
+            let children: Vec<String> = ["P", "M", "G"].iter().map(|s| format!("CAMISETA-{n}-{s}")).collect();
+            for c in &children {
+                add(
+                    c.clone(),
+                    format!("Camiseta {n} {}", c.rsplit('-').next().unwrap_or("")),
+                    59.9,
+                    ProductKind::Simple,
+                    false,
+                    &mut all,
+                );
+            }
+            add(
+                format!("CAMISETA-{n}"),
+                format!("Camiseta {n}"),
+                59.9,
+                ProductKind::Configurable { children },
+                true,
+                &mut all,
+            );
+        }
+        for n in 1..=3 {
+            let children = vec![format!("SKU-{:03}", n * 3), format!("SKU-{:03}", n * 3 + 1)];
+            add(format!("KIT-{n}"), format!("Kit presente {n}"), 0.0, ProductKind::Bundle { children }, true, &mut all);
+        }
+        Self { products, all }
+    }
+
+    pub fn product_id(&self, sku: &str) -> Option<i64> {
+        self.all.get(sku).map(|p| p.id)
+    }
+    pub fn price(&self, sku: &str) -> f64 {
+        self.all.get(sku).map_or(0.0, |p| p.price)
+    }
+    pub fn name(&self, sku: &str) -> String {
+        self.all.get(sku).map_or_else(|| sku.to_owned(), |p| p.name.clone())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Customer {
+    pub id: i64,
+    pub email: String,
+    pub firstname: String,
+    pub lastname: String,
+    pub store_id: i64,
+    pub subscribed: bool,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub address: Value,
+}
+
+impl Customer {
+    fn to_json(&self) -> Value {
+        let mut address = self.address.clone();
+        address["id"] = json!(self.id);
+        address["customer_id"] = json!(self.id);
+        address["default_billing"] = json!(true);
+        address["default_shipping"] = json!(true);
+        address["region"] =
+            json!({"region_code": address["region_code"], "region": address["region"], "region_id": 508});
+        json!({
+            "id": self.id, "group_id": 1, "email": self.email, "firstname": self.firstname, "lastname": self.lastname,
+            "store_id": self.store_id, "website_id": 1, "created_at": fmt_ts(self.created_ms), "updated_at": fmt_ts(self.updated_ms),
+            "created_in": if self.store_id == 1 { "Default Store View" } else { "Loja BR" },
+            "default_billing": self.id.to_string(), "default_shipping": self.id.to_string(), "addresses": [address],
+            "disable_auto_group_change": 0,
+            "extension_attributes": {"is_subscribed": self.subscribed},
+            "custom_attributes": [],
+        })
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS`, UTC, no zone: Magento's format whatever the store timezone.
+pub fn fmt_ts(ms: i64) -> String {
+    crate::salesforce::model::format_datetime(ms)[..19].replace('T', " ")
+}
+
+/// The store's data.
+pub struct Magento {
+    pub config: MagentoConfig,
+    pub catalog: Catalog,
+    pub orders: BTreeMap<i64, Value>,
+    pub customers: BTreeMap<i64, Customer>,
+    /// MSI source items: sku → (quantity, status).
+    pub stock: BTreeMap<String, (f64, u8)>,
+    admin_tokens: HashMap<String, i64>,
+    pub generator: generator::Generator,
+}
+
+impl Magento {
+    pub fn new(config: MagentoConfig, generator: generator::GeneratorConfig) -> Self {
+        let catalog = Catalog::build();
+        let stock = catalog
+            .all
+            .values()
+            .filter(|p| matches!(p.kind, ProductKind::Simple))
+            .map(|p| {
+                (
+                    p.sku.clone(),
+                    (if p.id % 7 == 0 { config.low_stock_seed_qty } else { 100.0 + (p.id % 5) as f64 * 50.0 }, 1),
+                )
+            })
+            .collect();
+        Self {
+            config,
+            catalog,
+            orders: BTreeMap::new(),
+            customers: BTreeMap::new(),
+            stock,
+            admin_tokens: HashMap::new(),
+            generator: generator::Generator::new(generator),
+        }
+    }
+
+    /// Runs the generator for `count` facts; returns how many orders were placed.
+    pub fn generate(&mut self, count: usize) -> usize {
+        let mut generator = std::mem::replace(&mut self.generator, generator::Generator::new(Default::default()));
+        let placed = generator.run(self, count);
+        self.generator = generator;
+        placed
+    }
+
+    /// Takes sold quantity off the default source; it may go negative (oversold).
+    pub fn deplete(&mut self, sku: &str, qty: f64) {
+        if let Some((q, status)) = self.stock.get_mut(sku) {
+            *q -= qty;
+            if *q <= 0.0 {
+                *status = 0;
+            }
+        }
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), MagentoError> {
+        let token =
+            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let ok = match token {
+            Some(t) if t == self.config.integration_token => self.config.integration_as_bearer,
+            Some(t) => self.admin_tokens.get(t).is_some_and(|exp| *exp > now_ms()),
+            None => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(MagentoError::new(
+                401,
+                "The consumer isn't authorized to access %resources.",
+                json!({"resources": "Magento_Sales::actions_view"}),
+            ))
+        }
+    }
+
+    fn execute(
+        &mut self,
+        method: &Method,
+        segments: &[&str],
+        query: &str,
+        body: &Value,
+        headers: &HeaderMap,
+    ) -> Result<(u16, Value), MagentoError> {
+        if let (&Method::POST, ["integration", "admin", "token"]) = (method, segments) {
+            let user = body.get("username").and_then(Value::as_str);
+            let pass = body.get("password").and_then(Value::as_str);
+            if user.is_none() || pass.is_none() {
+                return Err(MagentoError::new(
+                    400,
+                    "\"%fieldName\" is required. Enter and try again.",
+                    json!({"fieldName": if user.is_none() { "username" } else { "password" }}),
+                ));
+            }
+            if user != Some(self.config.admin_username.as_str()) || pass != Some(self.config.admin_password.as_str()) {
+                return Err(MagentoError::new(
+                    401,
+                    "The account sign-in was incorrect or your account is disabled temporarily. Please wait and try again later.",
+                    json!([]),
+                ));
+            }
+            let token: String = (0..32)
+                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::random::<u32>() as usize % 36]))
+                .collect();
+            self.admin_tokens.insert(token.clone(), now_ms() + self.config.admin_token_ttl_secs * 1000);
+            return Ok((200, json!(token)));
+        }
+        self.authorize(headers)?;
+        let criteria = || -> Result<search::SearchCriteria, MagentoError> {
+            let c = search::parse(query)?;
+            if self.config.input_limits && c.page_size.is_some_and(|s| s > 300) {
+                return Err(MagentoError::new(400, "Maximum SearchCriteria pageSize is %1", json!([300])));
+            }
+            Ok(c)
+        };
+        match (method.as_str(), segments) {
+            ("GET", ["orders"]) => {
+                let c = criteria()?;
+                if let Some(f) =
+                    c.groups.iter().flatten().find(|f| {
+                        !f.field.chars().all(|ch| ch.is_ascii_lowercase() || ch == '_' || ch.is_ascii_digit())
+                    })
+                {
+                    // camelCase columns reach SQL and fail there.
+                    tracing::debug!(field = %f.field, "unknown order column");
+                    return Err(MagentoError::new(
+                        500,
+                        "Internal Error. Details are available in Magento log file. Report ID: webapi-6580f5c1a2b3c",
+                        json!([]),
+                    ));
+                }
+                let items: Vec<Value> = self.orders.values().map(list_view).collect();
+                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
+            }
+            ("GET", ["orders", id]) => {
+                let order = id.parse::<i64>().ok().and_then(|id| self.orders.get(&id)).ok_or_else(|| {
+                    MagentoError::new(
+                        404,
+                        "The entity that was requested doesn't exist. Verify the entity and try again.",
+                        json!([]),
+                    )
+                })?;
+                Ok((200, order.clone()))
+            }
+            ("GET", ["customers", "search"]) => {
+                let c = criteria()?;
+                const FIELDS: &[&str] = &[
+                    "entity_id",
+                    "id",
+                    "email",
+                    "firstname",
+                    "lastname",
+                    "store_id",
+                    "website_id",
+                    "group_id",
+                    "created_at",
+                    "updated_at",
+                ];
+                if let Some(f) = c.groups.iter().flatten().find(|f| !FIELDS.contains(&f.field.as_str())) {
+                    return Err(MagentoError::new(400, "Invalid attribute name: %1", json!([f.field])));
+                }
+                let items: Vec<Value> = self
+                    .customers
+                    .values()
+                    .map(|c| {
+                        let mut v = c.to_json();
+                        v["entity_id"] = json!(c.id);
+                        v
+                    })
+                    .collect();
+                let mut result = search::run(items, &c, 20, self.config.last_page_repeats);
+                if let Some(items) = result["items"].as_array_mut() {
+                    items.iter_mut().for_each(|i| {
+                        i.as_object_mut().map(|o| o.remove("entity_id"));
+                    });
+                }
+                Ok((200, result))
+            }
+            ("GET", ["customers", id]) => {
+                let customer = id.parse::<i64>().ok().and_then(|id| self.customers.get(&id)).ok_or_else(|| {
+                    MagentoError::new(
+                        404,
+                        "No such entity with %fieldName = %fieldValue",
+                        json!({"fieldName": "customerId", "fieldValue": id}),
+                    )
+                })?;
+                Ok((200, customer.to_json()))
+            }
+            ("GET", ["inventory", "source-items"]) => {
+                let c = criteria()?;
+                let items: Vec<Value> = self
+                    .stock
+                    .iter()
+                    .map(|(sku, (q, s))| json!({"sku": sku, "source_code": "default", "quantity": q, "status": s}))
+                    .collect();
+                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
+            }
+            ("POST", ["inventory", "source-items"]) => {
+                let items = body.get("sourceItems").and_then(Value::as_array).ok_or_else(|| {
+                    MagentoError::new(
+                        400,
+                        "\"%fieldName\" is required. Enter and try again.",
+                        json!({"fieldName": "sourceItems"}),
+                    )
+                })?;
+                if self.config.input_limits && items.len() > 20 {
+                    return Err(MagentoError::new(
+                        400,
+                        "Maximum items of type \"%type\" is %max",
+                        json!({"type": "\\Magento\\InventoryApi\\Api\\Data\\SourceItemInterface", "max": 20}),
+                    ));
+                }
+                for item in items {
+                    let (Some(sku), Some(qty)) =
+                        (item.get("sku").and_then(Value::as_str), item.get("quantity").and_then(Value::as_f64))
+                    else {
+                        return Err(MagentoError::new(
+                            400,
+                            "\"%fieldName\" is required. Enter and try again.",
+                            json!({"fieldName": "sku"}),
+                        ));
+                    };
+                    let status = item.get("status").and_then(Value::as_u64).unwrap_or(1) as u8;
+                    self.stock.insert(sku.to_owned(), (qty, status));
+                }
+                Ok((200, json!([])))
+            }
+            ("GET", ["inventory", "get-product-salable-quantity", sku, stock]) => {
+                self.check_stock_id(stock)?;
+                Ok((200, json!(self.salable(sku)?)))
+            }
+            ("GET", ["inventory", "is-product-salable", sku, stock]) => {
+                self.check_stock_id(stock)?;
+                Ok((200, json!(self.salable(sku)? > 0.0)))
+            }
+            ("GET", ["inventory", "is-product-salable-for-requested-qty", sku, stock, qty]) => {
+                self.check_stock_id(stock)?;
+                let qty: f64 = qty.parse().map_err(|_| MagentoError::new(400, "Invalid quantity", json!([])))?;
+                let available = self.salable(sku)?;
+                Ok((
+                    200,
+                    if available >= qty {
+                        json!({"salable": true, "errors": []})
+                    } else {
+                        json!({"salable": false, "errors": [{"code": "back_order-disabled", "message": "The requested qty is not available"}]})
+                    },
+                ))
+            }
+            ("GET", ["stockItems", sku]) => {
+                let (qty, status) = self.stock.get(*sku).copied().ok_or_else(|| {
+                    MagentoError::new(404, "The Product with the \"%1\" SKU doesn't exist.", json!([sku]))
+                })?;
+                Ok((
+                    200,
+                    json!({"item_id": self.catalog.product_id(sku), "product_id": self.catalog.product_id(sku), "stock_id": 1, "qty": qty, "is_in_stock": status == 1, "min_qty": 0, "low_stock_date": null, "manage_stock": true}),
+                ))
+            }
+            (_, ["customers"]) | (_, []) => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
+            _ => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
+        }
+    }
+
+    fn check_stock_id(&self, stock: &str) -> Result<(), MagentoError> {
+        if stock == "1" {
+            Ok(())
+        } else {
+            Err(MagentoError::new(404, "Stock with id \"%value\" does not exist.", json!({"value": stock})))
+        }
+    }
+
+    fn salable(&self, sku: &str) -> Result<f64, MagentoError> {
+        self.stock.get(sku).map(|(q, _)| *q).ok_or_else(|| {
+            MagentoError::new(
+                404,
+                "The product that was requested doesn't exist. Verify the product and try again.",
+                json!([]),
+            )
+        })
+    }
+}
+
+/// The list endpoint omits some extension attributes the single GET returns (M20).
+fn list_view(order: &Value) -> Value {
+    let mut v = order.clone();
+    if let Some(ext) = v.get_mut("extension_attributes").and_then(Value::as_object_mut) {
+        ext.remove("shipping_assignments");
+    }
+    v
+}
+
+/// Shared state of the HTTP front.
+#[derive(Clone)]
+pub struct MagentoApp {
+    pub sim: Arc<Mutex<Magento>>,
+    pub faults: Faults,
+    pub counters: Counters,
+}
+
+impl MagentoApp {
+    pub fn new(
+        config: MagentoConfig,
+        generator: generator::GeneratorConfig,
+        faults: Faults,
+        counters: Counters,
+    ) -> Self {
+        Self { sim: Arc::new(Mutex::new(Magento::new(config, generator))), faults, counters }
+    }
+
+    pub fn router(self) -> Router {
+        Router::new().fallback(handle).with_state(self)
+    }
+}
+
+async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let query = parts.uri.query().unwrap_or_default().to_owned();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let reply = |status: u16, body: Value| {
+        (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    let label = match segments.as_slice() {
+        ["rest", _, "V1", rest @ ..] => {
+            let shape: Vec<&str> = rest
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if i > 0 && (s.chars().any(|c| c.is_ascii_digit()) || s.contains('-') && i > 1) {
+                        "{id}"
+                    } else {
+                        s
+                    }
+                })
+                .collect();
+            format!("{} /V1/{}", parts.method, shape.join("/"))
+        }
+        _ => format!("{} other", parts.method),
+    };
+    app.counters.hit("magento", &label);
+    let bytes: Bytes = match axum::body::to_bytes(body, 8 * 1024 * 1024).await {
+        Ok(b) => b,
+        Err(_) => return reply(413, json!({"message": "Request entity too large"})),
+    };
+    if let FaultDecision::Fail(status) = app.faults.decide("magento").await {
+        return reply(status, json!({"message": "Service temporarily unavailable (injected fault)"}));
+    }
+    let ["rest", store, "V1", rest @ ..] = segments.as_slice() else {
+        return reply(404, json!({"message": "Request does not match any route."}));
+    };
+    if !(*store == "all" || STORES.iter().any(|(_, code)| code == store)) {
+        return reply(
+            400,
+            json!({"message": "The store that was requested wasn't found. Verify the store and try again."}),
+        );
+    }
+    let body: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(_) => return reply(400, json!({"message": "Decoding error: \nJSON syntax error", "parameters": []})),
+        }
+    };
+    let mut sim = app.sim.lock().expect("magento lock");
+    match sim.execute(&parts.method, rest, &query, &body, &parts.headers) {
+        Ok((status, body)) => reply(status, body),
+        Err(e) => reply(e.status, e.body),
+    }
+}

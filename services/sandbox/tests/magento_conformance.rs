@@ -1,0 +1,297 @@
+//! Magento simulator conformance, written from `../shared/docs/saas-apis.md` §1 and §4: tokens,
+//! the `%resources` 401, searchCriteria paging (including the last-page repeat), order payload
+//! shapes, customers, MSI, and the generator's determinism and stock depletion.
+
+use reqwest::{Client, StatusCode};
+use sandbox::Counters;
+use sandbox::faults::Faults;
+use sandbox::magento::generator::GeneratorConfig;
+use sandbox::magento::{MagentoApp, MagentoConfig};
+use serde_json::{Value, json};
+
+struct Shop {
+    base: String,
+    app: MagentoApp,
+    http: Client,
+    token: String,
+}
+
+impl Shop {
+    async fn start(config: MagentoConfig, orders: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = MagentoApp::new(config, GeneratorConfig::default(), Faults::default(), Counters::default());
+        app.sim.lock().unwrap().generate(orders);
+        let router = app.clone().router();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        let http = Client::new();
+        let token: Value = http
+            .post(format!("{base}/rest/default/V1/integration/admin/token"))
+            .json(&json!({"username": "admin", "password": "elo-sandbox-admin1"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        Self { base, app, http, token: token.as_str().expect("the admin token is a JSON string").to_owned() }
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .get(format!("{}/rest/default/V1{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        (resp.status(), resp.json().await.unwrap())
+    }
+}
+
+fn criteria(filters: &[(&str, &str, &str)], page_size: usize, page: usize) -> String {
+    let mut q: Vec<String> = filters
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (field, value, cond))| {
+            [
+                format!("searchCriteria[filter_groups][{g}][filters][0][field]={field}"),
+                format!("searchCriteria[filter_groups][{g}][filters][0][value]={value}"),
+                format!("searchCriteria[filter_groups][{g}][filters][0][condition_type]={cond}"),
+            ]
+        })
+        .collect();
+    q.push(format!("searchCriteria[pageSize]={page_size}"));
+    q.push(format!("searchCriteria[currentPage]={page}"));
+    q.join("&")
+}
+
+#[tokio::test]
+async fn tokens_and_the_resources_401() {
+    let shop = Shop::start(MagentoConfig::default(), 5).await;
+    let url = format!("{}/rest/default/V1/integration/admin/token", shop.base);
+    let wrong = shop.http.post(&url).json(&json!({"username": "admin", "password": "nope"})).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.json::<Value>().await.unwrap()["message"].as_str().unwrap().contains("sign-in was incorrect"));
+    let missing = shop.http.post(&url).json(&json!({"username": "admin"})).send().await.unwrap();
+    assert_eq!(missing.status(), 400);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap(),
+        json!({"message": "\"%fieldName\" is required. Enter and try again.", "parameters": {"fieldName": "password"}})
+    );
+
+    let anonymous = shop.http.get(format!("{}/rest/default/V1/orders/1", shop.base)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(
+        anonymous.json::<Value>().await.unwrap(),
+        json!({"message": "The consumer isn't authorized to access %resources.", "parameters": {"resources": "Magento_Sales::actions_view"}})
+    );
+    // Integration tokens as Bearer are off by default in 2.4.x.
+    let integration = shop
+        .http
+        .get(format!("{}/rest/default/V1/orders/1", shop.base))
+        .bearer_auth("elo-sandbox-integration-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(integration.status(), 401);
+    shop.app.sim.lock().unwrap().config.integration_as_bearer = true;
+    let integration = shop
+        .http
+        .get(format!("{}/rest/default/V1/orders/1", shop.base))
+        .bearer_auth("elo-sandbox-integration-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(integration.status(), 200);
+}
+
+#[tokio::test]
+async fn a_page_past_the_end_repeats_the_last_page() {
+    let shop = Shop::start(MagentoConfig::default(), 200).await;
+    let total = shop.app.sim.lock().unwrap().orders.len();
+    let (status, page1) = shop.get(&format!("/orders?{}", criteria(&[], 20, 1))).await;
+    assert_eq!(status, 200);
+    assert_eq!(page1["total_count"], total);
+    assert_eq!(page1["search_criteria"]["page_size"], 20);
+    assert_eq!(page1["search_criteria"]["current_page"], 1);
+    let last = total.div_ceil(20);
+    let (_, last_page) = shop.get(&format!("/orders?{}", criteria(&[], 20, last))).await;
+    let (_, past) = shop.get(&format!("/orders?{}", criteria(&[], 20, last + 3))).await;
+    assert!(!past["items"].as_array().unwrap().is_empty(), "not an empty page");
+    assert_eq!(past["items"], last_page["items"], "the last page again");
+    assert_eq!(past["search_criteria"]["current_page"], last + 3);
+
+    shop.app.sim.lock().unwrap().config.last_page_repeats = false;
+    let (_, past) = shop.get(&format!("/orders?{}", criteria(&[], 20, last + 3))).await;
+    assert_eq!(past["items"], json!([]));
+
+    let (status, body) = shop.get(&format!("/orders?{}", criteria(&[], 301, 1))).await;
+    assert_eq!(status, 400, "page size above 300 is refused with input limits on: {body}");
+}
+
+#[tokio::test]
+async fn search_criteria_filters_sorts_and_rejects_bad_fields() {
+    let shop = Shop::start(MagentoConfig::default(), 300).await;
+    let (_, all) = shop.get(&format!("/orders?{}", criteria(&[], 300, 1))).await;
+    let items = all["items"].as_array().unwrap();
+    let cutoff = items[items.len() / 2]["updated_at"].as_str().unwrap().replace(' ', "%20");
+    let (_, newer) = shop
+        .get(&format!(
+            "/orders?{}&searchCriteria[sortOrders][0][field]=updated_at&searchCriteria[sortOrders][0][direction]=DESC",
+            criteria(&[("updated_at", &cutoff, "gteq"), ("store_id", "2", "eq")], 300, 1)
+        ))
+        .await;
+    let got = newer["items"].as_array().unwrap();
+    assert!(!got.is_empty());
+    let cutoff = cutoff.replace("%20", " ");
+    assert!(got.iter().all(|o| o["updated_at"].as_str().unwrap() >= cutoff.as_str() && o["store_id"] == 2));
+    assert!(got.windows(2).all(|w| w[0]["updated_at"].as_str() >= w[1]["updated_at"].as_str()), "sorted DESC");
+    let expected =
+        items.iter().filter(|o| o["updated_at"].as_str().unwrap() >= cutoff.as_str() && o["store_id"] == 2).count();
+    assert_eq!(newer["total_count"], expected);
+
+    // OR within a group.
+    let q = "searchCriteria[filter_groups][0][filters][0][field]=status&searchCriteria[filter_groups][0][filters][0][value]=complete&searchCriteria[filter_groups][0][filters][1][field]=status&searchCriteria[filter_groups][0][filters][1][value]=canceled&searchCriteria[pageSize]=300";
+    let (_, either) = shop.get(&format!("/orders?{q}")).await;
+    assert!(either["items"].as_array().unwrap().iter().all(|o| o["status"] == "complete" || o["status"] == "canceled"));
+
+    let (status, _) = shop.get(&format!("/orders?{}", criteria(&[("customerId", "1", "eq")], 20, 1))).await;
+    assert_eq!(status, 500, "camelCase columns fail where snake_case works");
+    let (status, body) =
+        shop.get(&format!("/customers/search?{}", criteria(&[("customerId", "1", "eq")], 20, 1))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body, json!({"message": "Invalid attribute name: %1", "parameters": ["customerId"]}));
+    let (status, body) = shop.get(&format!("/customers/search?{}", criteria(&[("entity_id", "1", "eq")], 20, 1))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["items"][0]["id"], 1);
+}
+
+#[tokio::test]
+async fn orders_look_like_magentos() {
+    let shop = Shop::start(MagentoConfig::default(), 400).await;
+    let orders: Vec<Value> = shop.app.sim.lock().unwrap().orders.values().cloned().collect();
+    let ts = regex_like_timestamp;
+    for order in &orders {
+        assert!(order["increment_id"].is_string());
+        assert!(
+            ts(order["created_at"].as_str().unwrap()) && ts(order["updated_at"].as_str().unwrap()),
+            "{}",
+            order["created_at"]
+        );
+        assert!(order["grand_total"].is_number());
+        for item in order["items"].as_array().unwrap() {
+            if let Some(parent_id) = item["parent_item_id"].as_i64() {
+                let parent = order["items"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|i| i["item_id"] == parent_id)
+                    .expect("parent line present");
+                assert_eq!(item["parent_item"]["item_id"], parent_id, "children embed their parent");
+                if parent["product_type"] == "configurable" {
+                    assert_eq!(item["price"], 0.0, "a configurable child line has price 0");
+                    assert_eq!(item["sku"], parent["sku"], "the parent line carries the child's sku");
+                }
+                if parent["product_type"] == "bundle" {
+                    assert!(item["price"].as_f64().unwrap() > 0.0, "bundle children carry their own prices");
+                }
+            }
+        }
+    }
+    let guest = orders.iter().find(|o| o["customer_is_guest"] == 1).expect("guest orders exist");
+    assert!(guest["customer_id"].is_null());
+    assert!(orders.iter().any(|o| o["items"].as_array().unwrap().iter().any(|i| i["product_type"] == "configurable")));
+    assert!(orders.iter().any(|o| o["items"].as_array().unwrap().iter().any(|i| i["product_type"] == "bundle")));
+    assert!(
+        orders.iter().any(|o| o["status"] == "complete") && orders.iter().any(|o| o["status"] == "canceled"),
+        "status transitions happen"
+    );
+    assert!(orders.iter().any(|o| o["store_id"] == 1) && orders.iter().any(|o| o["store_id"] == 2));
+
+    let (status, single) = shop.get("/orders/1").await;
+    assert_eq!(status, 200);
+    assert!(single["extension_attributes"]["shipping_assignments"][0]["shipping"]["address"]["city"].is_string());
+    let (_, list) = shop.get(&format!("/orders?{}", criteria(&[("entity_id", "1", "eq")], 20, 1))).await;
+    assert!(
+        list["items"][0]["extension_attributes"].get("shipping_assignments").is_none(),
+        "the list omits shipping assignments"
+    );
+    let (status, body) = shop.get("/orders/999999").await;
+    assert_eq!(status, 404, "{body}");
+}
+
+fn regex_like_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    s.len() == 19 && b[4] == b'-' && b[7] == b'-' && b[10] == b' ' && b[13] == b':' && b[16] == b':'
+}
+
+#[tokio::test]
+async fn customers_and_routes() {
+    let shop = Shop::start(MagentoConfig::default(), 50).await;
+    let (status, customer) = shop.get("/customers/1").await;
+    assert_eq!(status, 200);
+    assert!(customer["email"].as_str().unwrap().contains('@'));
+    assert!(customer["addresses"][0]["street"].is_array());
+    let (status, body) = shop.get("/customers/99999").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["message"], "No such entity with %fieldName = %fieldValue");
+    let (status, body) = shop.get("/customers").await;
+    assert_eq!(status, 404);
+    assert_eq!(body["message"], "Request does not match any route.");
+}
+
+#[tokio::test]
+async fn msi_stock_is_depleted_by_orders() {
+    let shop = Shop::start(MagentoConfig::default(), 0).await;
+    let (_, before) = shop.get("/inventory/get-product-salable-quantity/SKU-001/1").await;
+    shop.app.sim.lock().unwrap().generate(500);
+    let (_, after) = shop.get("/inventory/get-product-salable-quantity/SKU-001/1").await;
+    assert!(after.as_f64().unwrap() < before.as_f64().unwrap(), "orders deplete stock: {before} → {after}");
+    let (_, salable) = shop.get("/inventory/is-product-salable-for-requested-qty/SKU-001/1/100000").await;
+    assert_eq!(salable["salable"], false);
+    assert_eq!(salable["errors"][0]["code"], "back_order-disabled");
+    let (status, _) = shop.get("/inventory/get-product-salable-quantity/SKU-001/9").await;
+    assert_eq!(status, 404);
+
+    let items: Vec<Value> = (0..21)
+        .map(|i| json!({"sku": format!("SKU-{:03}", i + 1), "source_code": "default", "quantity": 10, "status": 1}))
+        .collect();
+    let resp = shop
+        .http
+        .post(format!("{}/rest/default/V1/inventory/source-items", shop.base))
+        .bearer_auth(&shop.token)
+        .json(&json!({"sourceItems": items}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "more than 20 items is refused with input limits on");
+    let resp = shop
+        .http
+        .post(format!("{}/rest/default/V1/inventory/source-items", shop.base))
+        .bearer_auth(&shop.token)
+        .json(&json!({"sourceItems": [{"sku": "SKU-001", "source_code": "default", "quantity": 7, "status": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!([]));
+    let (_, qty) = shop.get("/inventory/get-product-salable-quantity/SKU-001/1").await;
+    assert_eq!(qty, 7.0);
+    let (_, legacy) = shop.get("/stockItems/SKU-001").await;
+    assert_eq!(legacy["qty"], 7.0);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_orders() {
+    let run = |seed: u64| {
+        let mut shop = sandbox::magento::Magento::new(
+            MagentoConfig::default(),
+            GeneratorConfig { seed, ..GeneratorConfig::default() },
+        );
+        shop.generate(300);
+        serde_json::to_string(&shop.orders.values().collect::<Vec<_>>()).unwrap()
+    };
+    assert_eq!(run(7), run(7));
+    assert_ne!(run(7), run(8));
+}
