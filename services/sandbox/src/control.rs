@@ -53,6 +53,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/generate", post(magento_generate))
         .route("/magento/state", get(magento_state))
         .route("/magento/config", put(magento_config))
+        .route("/magento/webhook", put(magento_webhook))
         .with_state(control)
 }
 
@@ -195,7 +196,15 @@ async fn magento_state(State(c): State<Control>) -> Json<Value> {
     let sim = c.magento.sim.lock().expect("magento lock");
     let stock: serde_json::Map<String, Value> =
         sim.stock.iter().map(|(k, (q, s))| (k.clone(), json!({"quantity": q, "status": s}))).collect();
-    Json(json!({"orders": sim.orders.len(), "customers": sim.customers.len(), "stock": stock, "config": sim.config}))
+    Json(json!({
+        "orders": sim.orders.len(),
+        "customers": sim.customers.len(),
+        "stock": stock,
+        "config": sim.config,
+        "webhook": {"url": sim.webhook.url, "style": sim.webhook.style, "duplicate_rate": sim.webhook.duplicate_rate,
+            "pending": sim.outbox.queue.len(), "delivered": sim.outbox.delivered, "duplicates_sent": sim.outbox.duplicates_sent,
+            "failed_attempts": sim.outbox.failed_attempts},
+    }))
 }
 
 async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
@@ -210,4 +219,17 @@ async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> Ap
     }
     sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
+}
+
+/// Points order notifications at a receiver: `{"url", "secret", "duplicate_rate", "style"}`.
+async fn magento_webhook(
+    State(c): State<Control>,
+    Json(config): Json<crate::magento::webhook::WebhookConfig>,
+) -> ApiResult {
+    if !(0.0..=1.0).contains(&config.duplicate_rate) {
+        return Err(bad_request("duplicate_rate must be between 0 and 1"));
+    }
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    sim.webhook = config;
+    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style})))
 }

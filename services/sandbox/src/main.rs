@@ -98,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         control = %config.control_listen,
         "sandbox listening"
     );
+    let webhooks = tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
     let stop = || shutdown.clone().cancelled_owned();
     let (a, b, c, d) = tokio::join!(
         axum::serve(mg_listener, magento.router()).with_graceful_shutdown(stop()).into_future(),
@@ -105,6 +106,8 @@ async fn main() -> anyhow::Result<()> {
         axum::serve(rd_listener, rdstation.router()).with_graceful_shutdown(stop()).into_future(),
         axum::serve(ctl_listener, control_app).with_graceful_shutdown(stop()).into_future(),
     );
+    shutdown.cancel();
+    let _ = webhooks.await;
     a?;
     b?;
     c?;

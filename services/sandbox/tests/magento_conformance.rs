@@ -295,3 +295,69 @@ fn the_same_seed_gives_the_same_orders() {
     assert_eq!(run(7), run(7));
     assert_ne!(run(7), run(8));
 }
+
+#[tokio::test]
+async fn order_webhooks_are_signed_retried_and_sometimes_duplicated() {
+    use std::sync::{Arc, Mutex};
+    let received: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let (received, calls) = (received.clone(), calls.clone());
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (received, calls) = (received.clone(), calls.clone());
+                async move {
+                    // The receiver is down for its first five calls.
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 5 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let h = |n: &str| headers.get(n).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+                    received.lock().unwrap().push((h("x-elo-webhook-id"), h("x-elo-webhook-signature"), body.to_vec()));
+                    axum::http::StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let shop = Shop::start(MagentoConfig::default(), 0).await;
+    shop.app.sim.lock().unwrap().webhook = sandbox::magento::webhook::WebhookConfig {
+        url: Some(hook),
+        secret: "s3cret".into(),
+        duplicate_rate: 0.5,
+        style: sandbox::magento::webhook::WebhookStyle::CloudEvents,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sandbox::magento::webhook::dispatch(shop.app.clone(), shutdown.clone()));
+    shop.app.sim.lock().unwrap().generate(40);
+    let expected: std::collections::BTreeSet<String> = {
+        let sim = shop.app.sim.lock().unwrap();
+        sim.orders.values().map(|o| sandbox::magento::webhook::notification(&sim.webhook, o).id).collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got: std::collections::BTreeSet<String> =
+            received.lock().unwrap().iter().map(|(id, _, _)| id.clone()).collect();
+        if expected.is_subset(&got) || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    shutdown.cancel();
+    let received = received.lock().unwrap().clone();
+    let got: std::collections::BTreeSet<String> = received.iter().map(|(id, _, _)| id.clone()).collect();
+    assert!(expected.is_subset(&got), "every order's latest version is notified despite the outage");
+    assert!(received.len() > got.len(), "some notifications arrive twice");
+    for (_, signature, body) in &received {
+        let t: i64 = signature.split(',').next().unwrap().trim_start_matches("t=").parse().unwrap();
+        assert_eq!(signature, &sandbox::magento::webhook::sign("s3cret", t, body), "signature verifies");
+        let event: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(event["type"], "com.adobe.commerce.observer.sales_order_save_after");
+        assert!(event["data"]["value"]["entity_id"].is_number());
+    }
+    assert!(shop.app.sim.lock().unwrap().outbox.failed_attempts >= 5, "the outage was retried");
+}

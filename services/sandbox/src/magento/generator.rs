@@ -196,6 +196,7 @@ impl Generator {
             },
         });
         magento.orders.insert(order_id, order);
+        magento.notify(order_id);
     }
 
     fn transition(&mut self, magento: &mut Magento, now: i64) {
@@ -218,6 +219,7 @@ impl Generator {
             if let Some(h) = order["status_histories"].as_array_mut() {
                 h.insert(0, json!({"comment": format!("Order {status}"), "created_at": ts, "entity_name": "order", "status": status, "is_customer_notified": 0}));
             }
+            magento.notify(id);
         }
     }
 }

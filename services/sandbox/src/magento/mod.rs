@@ -7,6 +7,7 @@
 
 pub mod generator;
 pub mod search;
+pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -196,6 +197,8 @@ pub struct Magento {
     pub stock: BTreeMap<String, (f64, u8)>,
     admin_tokens: HashMap<String, i64>,
     pub generator: generator::Generator,
+    pub webhook: webhook::WebhookConfig,
+    pub outbox: webhook::Outbox,
 }
 
 impl Magento {
@@ -220,6 +223,8 @@ impl Magento {
             stock,
             admin_tokens: HashMap::new(),
             generator: generator::Generator::new(generator),
+            webhook: webhook::WebhookConfig::default(),
+            outbox: webhook::Outbox::default(),
         }
     }
 
@@ -229,6 +234,17 @@ impl Magento {
         let placed = generator.run(self, count);
         self.generator = generator;
         placed
+    }
+
+    /// Queues a notification for the order's current version (when a webhook URL is set).
+    pub fn notify(&mut self, order_id: i64) {
+        if self.webhook.url.is_none() {
+            return;
+        }
+        if let Some(order) = self.orders.get(&order_id) {
+            let n = webhook::notification(&self.webhook, order);
+            self.outbox.queue.push_back(n);
+        }
     }
 
     /// Takes sold quantity off the default source; it may go negative (oversold).
