@@ -299,7 +299,9 @@ fn the_same_seed_gives_the_same_orders() {
 #[tokio::test]
 async fn order_webhooks_are_signed_retried_and_sometimes_duplicated() {
     use std::sync::{Arc, Mutex};
-    let received: Arc<Mutex<Vec<(String, String, Vec<u8>)>>> = Arc::default();
+    /// (event id, signature, body) of each delivery.
+    type Deliveries = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+    let received: Deliveries = Arc::default();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let receiver = axum::Router::new().route(
         "/hook",
