@@ -29,6 +29,12 @@ stop_all() {
 trap 'stop_all; exit 0' INT TERM
 trap stop_all EXIT
 
+# The sandbox simulates Magento, Salesforce and RD Station (no accounts needed locally).
+SANDBOX_CONTROL="${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}"
+ELO_SANDBOX_INITIAL_ORDERS="${ELO_SANDBOX_INITIAL_ORDERS:-200}" "$BIN/sandbox" >"$LOGS/sandbox.log" 2>&1 &
+SANDBOX_PID=$!
+PIDS+=($SANDBOX_PID)
+
 for i in "${!SERVICES[@]}"; do
   svc=${SERVICES[$i]}
   ELO_ADMIN_LISTEN="127.0.0.1:${PORTS[$i]}" "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
@@ -39,6 +45,13 @@ echo "Elo is starting; logs in $LOGS. Press Ctrl-C to stop."
 while true; do
   sleep "$INTERVAL"
   line=""
+  if ! kill -0 "$SANDBOX_PID" 2>/dev/null; then
+    echo "sandbox exited unexpectedly; last log lines:" >&2
+    tail -20 "$LOGS/sandbox.log" >&2
+    exit 1
+  fi
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://$SANDBOX_CONTROL/health/readyz" || true)
+  line+="sandbox=$([[ "$code" == 200 ]] && echo ready || echo "not-ready($code)")  "
   for i in "${!SERVICES[@]}"; do
     svc=${SERVICES[$i]}
     if ! kill -0 "${PIDS[$i]}" 2>/dev/null; then

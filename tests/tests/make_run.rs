@@ -53,12 +53,16 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
             .env("ELO_RUN_ADMIN_BASE_PORT", admin.to_string())
             .env("ELO_RUN_STATUS_INTERVAL", "1")
             .env("ELO_TOPIC_PARTITIONS", "2")
+            .env("ELO_SANDBOX_MAGENTO_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ELO_SANDBOX_SALESFORCE_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ELO_SANDBOX_RDSTATION_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ELO_SANDBOX_CONTROL_LISTEN", format!("127.0.0.1:{}", free_port()))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null()),
     );
     let all_ready = |text: &str| {
         text.lines().any(|l| {
-            ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"]
+            ["sandbox", "order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"]
                 .iter()
                 .all(|s| l.contains(&format!("{s}=ready")))
         })
@@ -75,7 +79,11 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
     assert!(ready, "stack never reported every service ready:\n{text}");
 
     let spawned = descendants(stack.child.id());
-    assert!(spawned.len() >= 6, "expected broker, registry and four services, found {} processes", spawned.len());
+    assert!(
+        spawned.len() >= 7,
+        "expected broker, registry, sandbox and four services, found {} processes",
+        spawned.len()
+    );
     // Ctrl-C in a terminal signals the whole foreground group; the script is its leader here.
     stack.signal("INT");
     for pid in &spawned {

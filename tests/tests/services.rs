@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use elo_integration_tests::*;
 
-const SERVICES: &[&str] = &["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "schema-registry"];
+const SERVICES: &[&str] =
+    &["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "schema-registry", "sandbox"];
 
 fn binary(name: &str) -> PathBuf {
     let target = std::env::var("CARGO_TARGET_DIR")
@@ -31,6 +32,14 @@ fn help_lists_every_setting_with_its_environment_variable() {
         let mut expected = vec!["ELO_LOG", "ELO_LOG_FORMAT", "OTEL_EXPORTER_OTLP_ENDPOINT"];
         if *service == "schema-registry" {
             expected.extend(["ELO_REGISTRY_LISTEN", "ELO_REGISTRY_DATA_FILE", "ELO_REGISTRY_ADMIN_LISTEN"]);
+        } else if *service == "sandbox" {
+            expected.extend([
+                "ELO_SANDBOX_MAGENTO_LISTEN",
+                "ELO_SANDBOX_SALESFORCE_LISTEN",
+                "ELO_SANDBOX_RDSTATION_LISTEN",
+                "ELO_SANDBOX_CONTROL_LISTEN",
+                "ELO_SANDBOX_SEED",
+            ]);
         } else {
             expected.extend([
                 "ELO_KAFKA_BROKERS",

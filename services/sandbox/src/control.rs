@@ -31,6 +31,8 @@ fn bad_request(message: impl Into<String>) -> (StatusCode, Json<Value>) {
 
 pub fn router(control: Control) -> Router {
     Router::new()
+        .route("/health/livez", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/health/readyz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/faults/{simulator}", put(set_faults).get(get_faults))
         .route("/counters", get(|State(c): State<Control>| async move { Json(c.counters.snapshot()) }))
         .route(
