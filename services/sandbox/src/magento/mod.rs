@@ -448,6 +448,44 @@ impl Magento {
                     },
                 ))
             }
+            ("GET", ["store", "websites"]) => Ok((
+                200,
+                json!([
+                    {"id": 0, "code": "admin", "name": "Admin", "default_group_id": 0},
+                    {"id": 1, "code": "base", "name": "Main Website", "default_group_id": 1}
+                ]),
+            )),
+            ("GET", ["store", "storeViews"]) => Ok((
+                200,
+                json!(STORES.iter().map(|(id, code)| json!({"id": id, "code": code, "name": code, "website_id": 1, "store_group_id": 1, "is_active": 1})).collect::<Vec<_>>()),
+            )),
+            ("GET", ["products", sku]) => {
+                let sku = crate::salesforce::percent_decode(sku);
+                let product = self.product_json(&sku).ok_or_else(|| {
+                    MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
+                })?;
+                Ok((200, product))
+            }
+            ("PUT", ["products", sku, "stockItems", item_id]) => {
+                let sku = crate::salesforce::percent_decode(sku);
+                let product_id = self.catalog.product_id(&sku).filter(|_| self.stock.contains_key(&sku)).ok_or_else(|| {
+                    MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
+                })?;
+                if item_id.parse::<i64>().ok() != Some(product_id) {
+                    return Err(MagentoError::new(400, "The stock item was unable to be saved. Please try again.", json!([])));
+                }
+                let item = body.get("stockItem").or_else(|| body.get("stock_item")).ok_or_else(|| {
+                    MagentoError::new(400, "\"%fieldName\" is required. Enter and try again.", json!({"fieldName": "stockItem"}))
+                })?;
+                let entry = self.stock.get_mut(&sku).expect("checked above");
+                if let Some(qty) = item.get("qty").and_then(Value::as_f64) {
+                    entry.0 = qty;
+                }
+                if let Some(in_stock) = item.get("is_in_stock").and_then(Value::as_bool) {
+                    entry.1 = u8::from(in_stock);
+                }
+                Ok((200, json!(product_id)))
+            }
             ("GET", ["stockItems", sku]) => {
                 let (qty, status) = self.stock.get(*sku).copied().ok_or_else(|| {
                     MagentoError::new(404, "The Product with the \"%1\" SKU doesn't exist.", json!([sku]))
@@ -460,6 +498,26 @@ impl Magento {
             (_, ["customers"]) | (_, []) => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
             _ => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
         }
+    }
+
+    fn product_json(&self, sku: &str) -> Option<Value> {
+        let p = self.catalog.all.get(sku)?;
+        let type_id = match p.kind {
+            ProductKind::Simple => "simple",
+            ProductKind::Configurable { .. } => "configurable",
+            ProductKind::Bundle { .. } => "bundle",
+        };
+        let (qty, status) = self.stock.get(sku).copied().unwrap_or((0.0, 1));
+        Some(json!({
+            "id": p.id, "sku": p.sku, "name": p.name, "attribute_set_id": 4, "price": p.price, "status": 1,
+            "visibility": 4, "type_id": type_id, "weight": 1, "created_at": "2026-01-01 00:00:00", "updated_at": "2026-01-01 00:00:00",
+            "extension_attributes": {
+                "website_ids": [1],
+                "stock_item": {"item_id": p.id, "product_id": p.id, "stock_id": 1, "qty": qty, "is_in_stock": status == 1, "manage_stock": true},
+            },
+            "product_links": [], "options": [], "media_gallery_entries": [], "tier_prices": [],
+            "custom_attributes": [{"attribute_code": "url_key", "value": p.sku.to_lowercase()}],
+        }))
     }
 
     fn check_stock_id(&self, stock: &str) -> Result<(), MagentoError> {
@@ -551,10 +609,13 @@ async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
     if let FaultDecision::Fail(status) = app.faults.decide("magento").await {
         return reply(status, json!({"message": "Service temporarily unavailable (injected fault)"}));
     }
-    let ["rest", store, "V1", rest @ ..] = segments.as_slice() else {
-        return reply(404, json!({"message": "Request does not match any route."}));
+    // `/rest/V1/...` is the default store view; `/rest/<code>/V1/...` names one.
+    let (store, rest): (&str, &[&str]) = match segments.as_slice() {
+        ["rest", "V1", rest @ ..] => ("default", rest),
+        ["rest", store, "V1", rest @ ..] => (store, rest),
+        _ => return reply(404, json!({"message": "Request does not match any route."})),
     };
-    if !(*store == "all" || STORES.iter().any(|(_, code)| code == store)) {
+    if !(store == "all" || STORES.iter().any(|(_, code)| *code == store)) {
         return reply(
             400,
             json!({"message": "The store that was requested wasn't found. Verify the store and try again."}),

@@ -105,7 +105,10 @@ impl Salesforce {
         body: &Value,
         headers: &HeaderMap,
     ) -> SfResponse {
-        let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+        // Path segments arrive percent-encoded (`c%3A42` for an external id `c:42`).
+        let decoded: Vec<String> =
+            path.trim_matches('/').split('/').filter(|s| !s.is_empty()).map(path_decode).collect();
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         let now = now_ms();
         match (method.as_str(), segments.as_slice()) {
             ("GET", []) => SfResponse::json(
@@ -538,6 +541,11 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Decodes a percent-encoded path segment (`+` stays a plus sign).
+pub fn path_decode(segment: &str) -> String {
+    percent_decode(&segment.replace('+', "%2B"))
+}
+
 /// Decodes `application/x-www-form-urlencoded` text.
 pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
@@ -678,7 +686,7 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
         }
     }
     if path == "/services/oauth2/token" && parts.method == Method::POST {
-        return to_http(token(&app, &bytes));
+        return to_http(token(&app, &parts.headers, &bytes));
     }
     if path == "/services/oauth2/revoke" && parts.method == Method::POST {
         let form = String::from_utf8_lossy(&bytes);
@@ -742,14 +750,45 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
     to_http(response)
 }
 
-fn token(app: &SalesforceApp, body: &[u8]) -> SfResponse {
+/// Client id and secret from HTTP Basic auth (as clients such as simple-salesforce send them).
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let encoded = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64_decode(encoded.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((percent_decode(id), percent_decode(secret)))
+}
+
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut buffer, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        buffer = (buffer << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+            buffer &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+fn token(app: &SalesforceApp, headers: &HeaderMap, body: &[u8]) -> SfResponse {
     let form = String::from_utf8_lossy(body);
     let grant = query_param(&form, "grant_type").unwrap_or_default();
     let mut sim = app.sim.lock().expect("sim lock");
     match grant.as_str() {
         "client_credentials" => {
-            let ok = query_param(&form, "client_id").as_deref() == Some(sim.config.client_id.as_str())
-                && query_param(&form, "client_secret").as_deref() == Some(sim.config.client_secret.as_str());
+            let (id, secret) = basic_credentials(headers).unwrap_or_else(|| {
+                (
+                    query_param(&form, "client_id").unwrap_or_default(),
+                    query_param(&form, "client_secret").unwrap_or_default(),
+                )
+            });
+            let ok = id == sim.config.client_id && secret == sim.config.client_secret;
             if !ok {
                 return SfResponse::json(
                     400,
