@@ -494,3 +494,73 @@ async fn malformed_requests_get_salesforce_errors_not_panics() {
         org.http.get(format!("{}/services/data/v99.0/limits", org.base)).bearer_auth(&org.token).send().await.unwrap();
     assert_eq!(unknown_version.status(), 404);
 }
+
+#[tokio::test]
+async fn bulk_2_0_ingest_runs_the_job_state_machine_and_reports_csv_results() {
+    let org = Org::start(SalesforceConfig::default()).await;
+    let (status, body) =
+        org.post("/jobs/ingest", json!({"object": "Contact", "operation": "upsert", "contentType": "CSV"})).await;
+    assert_eq!((status.as_u16(), error_code(&body)), (400, "INVALIDJOB"), "upsert needs externalIdFieldName");
+
+    let (status, job) = org
+        .post("/jobs/ingest", json!({"object": "Contact", "operation": "upsert", "externalIdFieldName": "Elo_Id__c", "contentType": "CSV", "lineEnding": "LF"}))
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "Open");
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert!(job["contentUrl"].as_str().unwrap().ends_with(&format!("/jobs/ingest/{id}/batches")));
+
+    let csv = "Elo_Id__c,LastName,Email\nb1,Souza,\"a@example.com\"\nb2,,no-last-name@example.com\nb3,\"Lima, Jr\",c@example.com\n";
+    let upload = |body: &'static str| {
+        org.http
+            .put(format!("{}/services/data/v66.0/jobs/ingest/{id}/batches", org.base))
+            .bearer_auth(&org.token)
+            .header("content-type", "text/csv")
+            .body(body)
+            .send()
+    };
+    let resp = upload(csv).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    assert!(resp.text().await.unwrap().is_empty());
+
+    let (status, closed) = org.patch(&format!("/jobs/ingest/{id}"), json!({"state": "UploadComplete"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(closed["state"], "UploadComplete");
+    assert_eq!(upload("Elo_Id__c,LastName\nb9,X\n").await.unwrap().status(), 409, "no uploads after UploadComplete");
+
+    let mut states = Vec::new();
+    for _ in 0..5 {
+        let (_, _, info) = org.call(reqwest::Method::GET, &format!("/jobs/ingest/{id}"), None).await;
+        let state = info["state"].as_str().unwrap().to_owned();
+        if states.last() != Some(&state) {
+            states.push(state.clone());
+        }
+        if state == "JobComplete" {
+            assert_eq!(info["numberRecordsProcessed"], 3);
+            assert_eq!(info["numberRecordsFailed"], 1);
+            break;
+        }
+    }
+    assert_eq!(states, vec!["InProgress", "JobComplete"]);
+
+    let get_csv = |kind: &str| {
+        let url = format!("{}/services/data/v66.0/jobs/ingest/{id}/{kind}/", org.base);
+        let req = org.http.get(url).bearer_auth(&org.token);
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.headers()["content-type"], "text/csv");
+            r.text().await.unwrap()
+        }
+    };
+    let ok = get_csv("successfulResults").await;
+    let lines: Vec<&str> = ok.lines().collect();
+    assert_eq!(lines[0], r#""sf__Id","sf__Created","Elo_Id__c","LastName","Email""#);
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().any(|l| l.contains(r#""true","b3","Lima, Jr""#)), "{ok}");
+    let failed = get_csv("failedResults").await;
+    assert!(failed.starts_with(r#""sf__Id","sf__Error","Elo_Id__c""#), "{failed}");
+    assert!(failed.contains("REQUIRED_FIELD_MISSING"), "{failed}");
+    let (_, _, q) =
+        org.call(reqwest::Method::GET, "/query?q=SELECT+Id+FROM+Contact+WHERE+Elo_Id__c+IN+('b1','b3')", None).await;
+    assert_eq!(q["totalSize"], 2, "the job's rows landed");
+}

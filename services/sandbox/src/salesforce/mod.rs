@@ -4,6 +4,7 @@
 //! and org validation (required fields, lookups, price books, duplicate rules), with
 //! injectable `UNABLE_TO_LOCK_ROW`. Behaviour follows `../shared/docs/saas-apis.md` §2.
 
+pub mod bulk;
 pub mod model;
 pub mod soql;
 
@@ -61,6 +62,7 @@ pub struct Salesforce {
     pub api_usage: u64,
     cursors: HashMap<String, Vec<Value>>,
     next_token: u64,
+    pub jobs: BTreeMap<String, bulk::Job>,
 }
 
 impl Salesforce {
@@ -72,6 +74,7 @@ impl Salesforce {
             api_usage: 0,
             cursors: HashMap::new(),
             next_token: 1,
+            jobs: BTreeMap::new(),
         }
     }
 
@@ -148,6 +151,7 @@ impl Salesforce {
             ("POST", ["composite", "sobjects"]) => self.collections_create(body, now),
             ("POST", ["composite"]) => self.composite(version, body, headers),
             ("POST", ["composite", "graph"]) => self.graph(version, body, headers),
+            (_, ["jobs", "ingest", rest @ ..]) => self.bulk(version, method, rest, body, now),
             _ => SfResponse::not_found(),
         }
     }
@@ -469,6 +473,88 @@ impl Salesforce {
         SfResponse::json(200, json!({"graphs": out}))
     }
 
+    /// Bulk API 2.0 ingest routes below `/jobs/ingest`.
+    fn bulk(&mut self, version: &str, method: &Method, rest: &[&str], body: &Value, now: i64) -> SfResponse {
+        match (method.as_str(), rest) {
+            ("POST", []) => {
+                let id = format!("750SANDBOX{:08}", self.jobs.len() + 1);
+                match bulk::Job::create(id.clone(), body, now) {
+                    Ok(job) => {
+                        let info = job.info(version);
+                        self.jobs.insert(id, job);
+                        SfResponse::json(200, info)
+                    }
+                    Err(e) => e,
+                }
+            }
+            ("GET", []) => {
+                let records: Vec<Value> = self.jobs.values().map(|j| j.info(version)).collect();
+                SfResponse::json(200, json!({"done": true, "records": records, "nextRecordsUrl": null}))
+            }
+            ("PUT", [id, "batches"]) => match (self.jobs.get_mut(*id), body.as_str()) {
+                (None, _) => SfResponse::not_found(),
+                (Some(job), _) if job.state != "Open" => SfResponse::error(
+                    409,
+                    "INVALIDJOBSTATE",
+                    format!("Job {id} is not open for uploads, it is {}", job.state),
+                ),
+                (Some(_), None) => {
+                    SfResponse::error(400, "INVALIDBATCH", "InvalidBatch : Upload CSV with Content-Type text/csv")
+                }
+                (Some(job), Some(csv)) => {
+                    if job.data.is_empty() {
+                        job.data.push_str(csv);
+                    } else {
+                        // Later uploads continue the first one, without repeating the header.
+                        job.data.push_str(csv.split_once('\n').map_or("", |(_, r)| r));
+                    }
+                    SfResponse::empty(201)
+                }
+            },
+            ("PATCH", [id]) => {
+                let Some(job) = self.jobs.get_mut(*id) else { return SfResponse::not_found() };
+                match (body.get("state").and_then(Value::as_str), job.state.as_str()) {
+                    (Some("UploadComplete"), "Open") => job.state = "UploadComplete".into(),
+                    (Some("Aborted"), "Open" | "UploadComplete") => job.state = "Aborted".into(),
+                    (Some(target), current) => {
+                        return SfResponse::error(
+                            400,
+                            "INVALIDJOBSTATE",
+                            format!("Cannot change the state of job {id} from {current} to {target}"),
+                        );
+                    }
+                    (None, _) => return SfResponse::error(400, "INVALIDJOB", "InvalidJob : state is required"),
+                }
+                SfResponse::json(200, job.info(version))
+            }
+            ("GET", [id]) => {
+                let Some(job) = self.jobs.get_mut(*id) else { return SfResponse::not_found() };
+                // Each look advances a closed job one step: UploadComplete → InProgress → done.
+                match job.state.as_str() {
+                    "UploadComplete" => job.state = "InProgress".into(),
+                    "InProgress" => job.process(&mut self.org, now),
+                    _ => {}
+                }
+                SfResponse::json(200, job.info(version))
+            }
+            ("GET", [id, kind]) => match self.jobs.get(*id).and_then(|j| j.results(kind)) {
+                Some(csv) => SfResponse::csv(200, csv),
+                None => SfResponse::not_found(),
+            },
+            ("DELETE", [id]) => match self.jobs.get(*id).map(|j| j.state.clone()) {
+                None => SfResponse::not_found(),
+                Some(state) if ["JobComplete", "Failed", "Aborted"].contains(&state.as_str()) => {
+                    self.jobs.remove(*id);
+                    SfResponse::empty(204)
+                }
+                Some(state) => {
+                    SfResponse::error(400, "INVALIDJOBSTATE", format!("Cannot delete a job in state {state}"))
+                }
+            },
+            _ => SfResponse::not_found(),
+        }
+    }
+
     fn query(&mut self, version: &str, query: &str, headers: &HeaderMap) -> SfResponse {
         let Some(q) = query_param(query, "q") else {
             return SfResponse::error(400, "MALFORMED_QUERY", "A query string has to be specified");
@@ -651,7 +737,9 @@ impl Drop for InFlight {
 
 fn to_http(response: SfResponse) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let csv = response.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/csv"));
     let mut out = match response.body {
+        Some(Value::String(text)) if csv => (status, text).into_response(),
         Some(body) => {
             (status, [(header::CONTENT_TYPE, "application/json;charset=UTF-8")], body.to_string()).into_response()
         }
@@ -733,8 +821,15 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
         guard
     };
     sim.api_usage += 1;
+    let is_csv = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/csv"));
     let body: Value = if bytes.is_empty() {
         Value::Null
+    } else if is_csv {
+        Value::String(String::from_utf8_lossy(&bytes).into_owned())
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(v) => v,

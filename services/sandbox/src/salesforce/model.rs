@@ -17,6 +17,11 @@ impl SfResponse {
         Self { status, body: Some(body), headers: Vec::new() }
     }
 
+    /// A CSV body (Bulk API results).
+    pub fn csv(status: u16, text: String) -> Self {
+        Self { status, body: Some(Value::String(text)), headers: vec![("Content-Type".into(), "text/csv".into())] }
+    }
+
     pub fn empty(status: u16) -> Self {
         Self { status, body: None, headers: Vec::new() }
     }

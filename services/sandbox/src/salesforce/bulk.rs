@@ -1,0 +1,265 @@
+//! Bulk API 2.0 ingest: create a job, upload CSV, close it with `UploadComplete`, watch it go
+//! `InProgress` → `JobComplete` (or `Failed`/`Aborted`), then read successful, failed and
+//! unprocessed records as CSV (saas-apis.md §2, "Bulk API 2.0 ingest").
+
+use serde_json::{Map, Value, json};
+
+use super::model::{Org, SfResponse, UpsertError, object_exists};
+
+/// One ingest job.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub object: String,
+    pub operation: String,
+    pub external_id: Option<String>,
+    pub delimiter: char,
+    pub line_ending: String,
+    pub state: String,
+    pub data: String,
+    pub successful: Vec<(String, bool, Vec<String>)>,
+    pub failed: Vec<(String, String, Vec<String>)>,
+    pub header: Vec<String>,
+    pub created_ms: i64,
+}
+
+const DELIMITERS: &[(&str, char)] =
+    &[("COMMA", ','), ("SEMICOLON", ';'), ("TAB", '\t'), ("PIPE", '|'), ("CARET", '^'), ("BACKQUOTE", '`')];
+
+fn invalid_job(message: &str) -> SfResponse {
+    SfResponse::error(400, "INVALIDJOB", format!("InvalidJob : {message}"))
+}
+
+impl Job {
+    /// Validates a create request.
+    pub fn create(id: String, body: &Value, now: i64) -> Result<Self, SfResponse> {
+        let object = body.get("object").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if !object_exists(&object) {
+            return Err(invalid_job(&format!("Invalid object: {object}")));
+        }
+        let operation = body.get("operation").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if !["insert", "update", "upsert", "delete", "hardDelete"].contains(&operation.as_str()) {
+            return Err(invalid_job(&format!("Invalid operation: {operation}")));
+        }
+        let external_id = body.get("externalIdFieldName").and_then(Value::as_str).map(str::to_owned);
+        if operation == "upsert" && external_id.is_none() {
+            return Err(invalid_job(&format!(
+                "External ID was blank for {object}. An External ID must be specified for upsert."
+            )));
+        }
+        if body.get("contentType").and_then(Value::as_str).is_some_and(|c| c != "CSV") {
+            return Err(invalid_job("Only CSV content is supported"));
+        }
+        let delimiter_name = body.get("columnDelimiter").and_then(Value::as_str).unwrap_or("COMMA");
+        let delimiter = DELIMITERS
+            .iter()
+            .find(|(n, _)| *n == delimiter_name)
+            .map(|(_, c)| *c)
+            .ok_or_else(|| invalid_job("Invalid column delimiter"))?;
+        let line_ending = body.get("lineEnding").and_then(Value::as_str).unwrap_or("LF").to_owned();
+        if line_ending != "LF" && line_ending != "CRLF" {
+            return Err(invalid_job("Invalid line ending"));
+        }
+        Ok(Self {
+            id,
+            object,
+            operation,
+            external_id,
+            delimiter,
+            line_ending,
+            state: "Open".into(),
+            data: String::new(),
+            successful: Vec::new(),
+            failed: Vec::new(),
+            header: Vec::new(),
+            created_ms: now,
+        })
+    }
+
+    pub fn info(&self, version: &str) -> Value {
+        let delimiter = DELIMITERS.iter().find(|(_, c)| *c == self.delimiter).map_or("COMMA", |(n, _)| n);
+        let mut info = json!({
+            "id": self.id, "operation": self.operation, "object": self.object, "createdById": "005sandbox",
+            "createdDate": super::model::format_datetime(self.created_ms), "systemModstamp": super::model::format_datetime(self.created_ms),
+            "state": self.state, "concurrencyMode": "Parallel", "contentType": "CSV", "apiVersion": version.trim_start_matches('v').parse::<f64>().unwrap_or(0.0),
+            "contentUrl": format!("services/data/{version}/jobs/ingest/{}/batches", self.id), "lineEnding": self.line_ending,
+            "columnDelimiter": delimiter, "jobType": "V2Ingest",
+            "numberRecordsProcessed": self.successful.len() + self.failed.len(), "numberRecordsFailed": self.failed.len(),
+        });
+        if let Some(ext) = &self.external_id {
+            info["externalIdFieldName"] = json!(ext);
+        }
+        info
+    }
+
+    /// Applies the uploaded rows to the org.
+    pub fn process(&mut self, org: &mut Org, now: i64) {
+        let rows = match parse_csv(&self.data, self.delimiter) {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.state = "Failed".into();
+                self.failed.push((String::new(), format!("InvalidBatch : {e}"), Vec::new()));
+                return;
+            }
+        };
+        let mut rows = rows.into_iter();
+        self.header = rows.next().unwrap_or_default();
+        for row in rows {
+            let mut fields = Map::new();
+            for (column, value) in self.header.iter().zip(&row) {
+                match value.as_str() {
+                    "" => {}
+                    "#N/A" => {
+                        fields.insert(column.clone(), Value::Null);
+                    }
+                    v => {
+                        fields.insert(column.clone(), json!(v));
+                    }
+                }
+            }
+            let result: Result<(String, bool), super::model::SaveError> = match self.operation.as_str() {
+                "insert" => org
+                    .prepare(&self.object, &fields)
+                    .and_then(|f| org.create(&self.object, f, now))
+                    .map(|id| (id, true)),
+                "upsert" => {
+                    let ext = self.external_id.clone().unwrap_or_default();
+                    match fields.get(&ext).map(super::model::scalar_text) {
+                        None => Err(super::model::SaveError::new("MISSING_ARGUMENT", format!("{ext} not specified"))),
+                        Some(value) => org.upsert(&self.object, &ext, &value, &fields, now).map_err(|e| match e {
+                            UpsertError::Save(e) => e,
+                            UpsertError::Multiple(_) => super::model::SaveError::new(
+                                "DUPLICATE_EXTERNAL_ID",
+                                format!("{ext}: more than one record found"),
+                            ),
+                        }),
+                    }
+                }
+                "update" | "delete" | "hardDelete" => {
+                    match fields.remove("Id").and_then(|v| v.as_str().map(str::to_owned)) {
+                        None => Err(super::model::SaveError::new("MISSING_ARGUMENT", "Id not specified")),
+                        Some(id) if self.operation == "update" => org
+                            .prepare(&self.object, &fields)
+                            .and_then(|f| org.update(&id, f, now))
+                            .map(|()| (id, false)),
+                        Some(id) => {
+                            if org.delete(&self.object, &id) {
+                                Ok((id, false))
+                            } else {
+                                Err(super::model::SaveError::new("ENTITY_IS_DELETED", "entity is deleted"))
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("validated at creation"),
+            };
+            match result {
+                Ok((id, created)) => self.successful.push((id, created, row)),
+                Err(e) => self.failed.push((
+                    String::new(),
+                    format!("{}:{}:{} --", e.code, e.message, e.fields.join(",")),
+                    row,
+                )),
+            }
+        }
+        self.state = "JobComplete".into();
+    }
+
+    /// `successfulResults/`, `failedResults/` or `unprocessedrecords/` as CSV.
+    pub fn results(&self, kind: &str) -> Option<String> {
+        let d = self.delimiter.to_string();
+        let line = |cells: Vec<String>| cells.iter().map(|c| quote(c)).collect::<Vec<_>>().join(&d);
+        let mut out = Vec::new();
+        match kind {
+            "successfulResults" => {
+                out.push(line([vec!["sf__Id".into(), "sf__Created".into()], self.header.clone()].concat()));
+                for (id, created, row) in &self.successful {
+                    out.push(line([vec![id.clone(), created.to_string()], row.clone()].concat()));
+                }
+            }
+            "failedResults" => {
+                out.push(line([vec!["sf__Id".into(), "sf__Error".into()], self.header.clone()].concat()));
+                for (id, error, row) in &self.failed {
+                    out.push(line([vec![id.clone(), error.clone()], row.clone()].concat()));
+                }
+            }
+            "unprocessedrecords" => {
+                out.push(line(self.header.clone()));
+                if self.state == "Aborted" || self.state == "Failed" {
+                    if let Ok(rows) = parse_csv(&self.data, self.delimiter) {
+                        out.extend(rows.into_iter().skip(1).map(line));
+                    }
+                }
+            }
+            _ => return None,
+        }
+        let ending = if self.line_ending == "CRLF" { "\r\n" } else { "\n" };
+        Some(out.join(ending) + ending)
+    }
+}
+
+fn quote(cell: &str) -> String {
+    format!("\"{}\"", cell.replace('"', "\"\""))
+}
+
+/// RFC 4180 CSV: quoted fields, doubled quotes, LF or CRLF line endings.
+pub fn parse_csv(text: &str, delimiter: char) -> Result<Vec<Vec<String>>, String> {
+    let mut rows = Vec::new();
+    let mut row = Vec::new();
+    let mut cell = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted = false;
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        any = true;
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    cell.push('"');
+                    chars.next();
+                }
+                '"' => quoted = false,
+                _ => cell.push(c),
+            }
+        } else if c == '"' && cell.is_empty() {
+            quoted = true;
+        } else if c == delimiter {
+            row.push(std::mem::take(&mut cell));
+        } else if c == '\n' || c == '\r' {
+            if c == '\r' && chars.peek() == Some(&'\n') {
+                chars.next();
+            }
+            row.push(std::mem::take(&mut cell));
+            rows.push(std::mem::take(&mut row));
+            any = false;
+        } else {
+            cell.push(c);
+        }
+    }
+    if quoted {
+        return Err("unterminated quoted field".into());
+    }
+    if any {
+        row.push(cell);
+        rows.push(row);
+    }
+    let width = rows.first().map_or(0, Vec::len);
+    if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
+        return Err(format!("row {} has a different number of columns than the header", i + 1));
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_round_trips_quotes_and_line_endings() {
+        let rows = parse_csv("Name,Note\r\n\"Souza, Ana\",\"say \"\"hi\"\"\"\nBia,\n", ',').unwrap();
+        assert_eq!(rows, vec![vec!["Name", "Note"], vec!["Souza, Ana", "say \"hi\""], vec!["Bia", ""]]);
+        assert!(parse_csv("a,b\n1\n", ',').is_err());
+        assert!(parse_csv("a\n\"open", ',').is_err());
+        assert_eq!(quote("x\"y"), "\"x\"\"y\"");
+    }
+}
