@@ -185,10 +185,10 @@ impl Job {
             }
             "unprocessedrecords" => {
                 out.push(line(self.header.clone()));
-                if self.state == "Aborted" || self.state == "Failed" {
-                    if let Ok(rows) = parse_csv(&self.data, self.delimiter) {
-                        out.extend(rows.into_iter().skip(1).map(line));
-                    }
+                if (self.state == "Aborted" || self.state == "Failed")
+                    && let Ok(rows) = parse_csv(&self.data, self.delimiter)
+                {
+                    out.extend(rows.into_iter().skip(1).map(line));
                 }
             }
             _ => return None,
