@@ -8,7 +8,7 @@ authenticate, write, read back.
 - RD Station Marketing: rdstation-python (PyPI), pointed at the sandbox through its `URL`
   setting (the library's only base-URL knob).
 
-Usage: third_party_clients.py MAGENTO_HOSTPORT SALESFORCE_HOSTPORT RDSTATION_URL
+Usage: third_party_clients.py MAGENTO_HOSTPORT SALESFORCE_HOSTPORT RDSTATION_URL JWT_PRIVATE_KEY_FILE
 """
 
 import sys
@@ -32,7 +32,7 @@ class SandboxResolver(HTTPAdapter):
         return super().send(request, **kwargs)
 
 
-def salesforce(target):
+def salesforce(target, private_key):
     from simple_salesforce import Salesforce
 
     session = requests.Session()
@@ -46,6 +46,13 @@ def salesforce(target):
     rows = sf.query("SELECT Id, Name FROM Account WHERE Elo_Id__c = 'c:1001'")
     assert rows["totalSize"] == 1 and rows["records"][0]["Id"] == record["Id"], rows
     print("simple-salesforce: authenticated, upserted and read back", record["Id"])
+    # The JWT bearer flow, signed by the library with the connected app's private key.
+    jwt_session = requests.Session()
+    jwt_session.mount("https://", SandboxResolver(target))
+    sf_jwt = Salesforce(username="integration@elo.example", consumer_key="elo-sandbox-client", privatekey_file=private_key,
+                        domain="login", session=jwt_session)
+    assert sf_jwt.Account.get_by_custom_id("Elo_Id__c", "c:1001")["Id"] == record["Id"]
+    print("simple-salesforce: JWT bearer login accepted")
 
 
 def magento(target):
@@ -84,8 +91,8 @@ def rdstation(base_url):
 
 
 if __name__ == "__main__":
-    magento_target, salesforce_target, rd_url = sys.argv[1:4]
-    salesforce(salesforce_target)
+    magento_target, salesforce_target, rd_url, private_key = sys.argv[1:5]
+    salesforce(salesforce_target, private_key)
     magento(magento_target)
     rdstation(rd_url)
     print("third-party clients passed")

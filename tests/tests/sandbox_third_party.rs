@@ -32,8 +32,27 @@ async fn simple_salesforce_my_magento_and_rdstation_python_work_against_the_sand
     let magento_addr = "127.0.0.1".to_owned();
     let sf_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sf_addr = sf_listener.local_addr().unwrap().to_string();
+    let keys = tempfile::tempdir().unwrap();
+    let private_key = keys.path().join("app.key");
+    let public_key = keys.path().join("app.pub");
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        assert!(Command::new("openssl").args(args).output().unwrap().status.success(), "openssl {args:?}")
+    };
+    openssl(&["genrsa".as_ref(), "-out".as_ref(), private_key.as_os_str(), "2048".as_ref()]);
+    openssl(&[
+        "rsa".as_ref(),
+        "-pubout".as_ref(),
+        "-in".as_ref(),
+        private_key.as_os_str(),
+        "-out".as_ref(),
+        public_key.as_os_str(),
+    ]);
     let salesforce = SalesforceApp::new(
-        SalesforceConfig { instance_url: format!("https://{sf_addr}"), ..SalesforceConfig::default() },
+        SalesforceConfig {
+            instance_url: format!("https://{sf_addr}"),
+            jwt_public_key_pem: Some(std::fs::read_to_string(&public_key).unwrap()),
+            ..SalesforceConfig::default()
+        },
         faults.clone(),
         counters.clone(),
     );
@@ -49,6 +68,7 @@ async fn simple_salesforce_my_magento_and_rdstation_python_work_against_the_sand
             .arg(&magento_addr)
             .arg(&sf_addr)
             .arg(format!("http://{rd_addr}"))
+            .arg(&private_key)
             .output()
             .expect("python3")
     })

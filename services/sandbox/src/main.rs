@@ -38,6 +38,9 @@ struct Config {
     /// File holding the Salesforce OAuth client secret [default: elo-sandbox-secret].
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_CLIENT_SECRET_FILE")]
     salesforce_client_secret_file: Option<std::path::PathBuf>,
+    /// PEM public key (certificate key) that verifies JWT bearer assertions.
+    #[arg(long, env = "ELO_SANDBOX_SALESFORCE_JWT_PUBLIC_KEY_FILE")]
+    salesforce_jwt_public_key_file: Option<std::path::PathBuf>,
     /// Salesforce daily API quota.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_DAILY_QUOTA", default_value_t = 100_000)]
     salesforce_daily_quota: u64,
@@ -73,6 +76,12 @@ async fn main() -> anyhow::Result<()> {
             client_secret: secret,
             instance_url: format!("http://{}", sf_listener.local_addr()?),
             daily_quota: config.salesforce_daily_quota,
+            jwt_public_key_pem: match &config.salesforce_jwt_public_key_file {
+                Some(path) => {
+                    Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+                }
+                None => None,
+            },
             ..SalesforceConfig::default()
         },
         faults.clone(),

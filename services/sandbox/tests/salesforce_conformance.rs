@@ -564,3 +564,71 @@ async fn bulk_2_0_ingest_runs_the_job_state_machine_and_reports_csv_results() {
         org.call(reqwest::Method::GET, "/query?q=SELECT+Id+FROM+Contact+WHERE+Elo_Id__c+IN+('b1','b3')", None).await;
     assert_eq!(q["totalSize"], 2, "the job's rows landed");
 }
+
+/// An RSA key pair made with openssl: (private PEM, public PEM).
+fn rsa_pair(dir: &std::path::Path, name: &str) -> (String, String) {
+    let private = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub"));
+    let ok = std::process::Command::new("openssl")
+        .args(["genrsa", "-out"])
+        .arg(&private)
+        .arg("2048")
+        .output()
+        .unwrap()
+        .status
+        .success()
+        && std::process::Command::new("openssl")
+            .args(["rsa", "-pubout", "-in"])
+            .arg(&private)
+            .arg("-out")
+            .arg(&public)
+            .output()
+            .unwrap()
+            .status
+            .success();
+    assert!(ok, "openssl could not make a key pair");
+    (std::fs::read_to_string(private).unwrap(), std::fs::read_to_string(public).unwrap())
+}
+
+#[tokio::test]
+async fn jwt_bearer_flow_verifies_signature_issuer_audience_and_expiry() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let dir = std::env::temp_dir().join(format!("sf-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (private, public) = rsa_pair(&dir, "app");
+    let (other_private, _) = rsa_pair(&dir, "other");
+    let org = Org::start(SalesforceConfig { jwt_public_key_pem: Some(public), ..SalesforceConfig::default() }).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let assertion = |key: &str, iss: &str, aud: &str, exp: u64| {
+        let claims = json!({"iss": iss, "sub": "integration@elo.example", "aud": aud, "exp": exp});
+        encode(&Header::new(Algorithm::RS256), &claims, &EncodingKey::from_rsa_pem(key.as_bytes()).unwrap()).unwrap()
+    };
+    let grant = |jwt: String| {
+        org.http
+            .post(format!("{}/services/oauth2/token", org.base))
+            .form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".to_owned()), ("assertion", jwt)])
+            .send()
+    };
+    let ok = grant(assertion(&private, "elo-sandbox-client", "https://login.salesforce.com", now + 180)).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let body: Value = ok.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert!(body.get("refresh_token").is_none() && body.get("expires_in").is_none());
+    let token = body["access_token"].as_str().unwrap();
+    let limits =
+        org.http.get(format!("{}/services/data/v66.0/limits", org.base)).bearer_auth(token).send().await.unwrap();
+    assert_eq!(limits.status(), 200, "the JWT-issued token works");
+
+    for (jwt, error) in [
+        (assertion(&other_private, "elo-sandbox-client", "https://login.salesforce.com", now + 180), "invalid_grant"),
+        (assertion(&private, "someone-else", "https://login.salesforce.com", now + 180), "invalid_client_id"),
+        (assertion(&private, "elo-sandbox-client", "https://evil.example.com", now + 180), "invalid_grant"),
+        (assertion(&private, "elo-sandbox-client", "https://test.salesforce.com", now - 10), "invalid_grant"),
+        ("not-a-jwt".to_owned(), "invalid_grant"),
+    ] {
+        let resp = grant(jwt).await.unwrap();
+        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.json::<Value>().await.unwrap()["error"], error);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

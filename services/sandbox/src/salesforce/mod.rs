@@ -38,6 +38,9 @@ pub struct SalesforceConfig {
     pub query_batch: usize,
     /// Probability (0..1) that a write fails with UNABLE_TO_LOCK_ROW.
     pub lock_row_rate: f64,
+    /// PEM public key of the connected app's certificate, for the JWT bearer flow.
+    #[serde(default)]
+    pub jwt_public_key_pem: Option<String>,
 }
 
 impl Default for SalesforceConfig {
@@ -50,6 +53,7 @@ impl Default for SalesforceConfig {
             max_concurrent: 25,
             query_batch: 2000,
             lock_row_rate: 0.0,
+            jwt_public_key_pem: None,
         }
     }
 }
@@ -905,12 +909,80 @@ fn token(app: &SalesforceApp, headers: &HeaderMap, body: &[u8]) -> SfResponse {
                 }),
             )
         }
+        "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
+            let assertion = query_param(&form, "assertion").unwrap_or_default();
+            match verify_jwt(&sim.config, &assertion) {
+                Ok(()) => {
+                    let token = sim.issue_token();
+                    SfResponse::json(
+                        200,
+                        json!({
+                            "access_token": token,
+                            "scope": "api",
+                            "instance_url": sim.config.instance_url,
+                            "id": format!("{}/id/00Dsandbox/005sandbox", sim.config.instance_url),
+                            "token_type": "Bearer",
+                        }),
+                    )
+                }
+                Err(e) => e,
+            }
+        }
         "" => SfResponse::json(400, json!({"error": "invalid_request", "error_description": "grant_type is required"})),
         _ => SfResponse::json(
             400,
             json!({"error": "unsupported_grant_type", "error_description": "grant type not supported"}),
         ),
     }
+}
+
+/// Checks a JWT bearer assertion: RS256 signature by the configured certificate, `iss` = the
+/// client id, `aud` = a Salesforce login host, `sub` present, `exp` in the future.
+fn verify_jwt(config: &SalesforceConfig, assertion: &str) -> Result<(), SfResponse> {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
+    let invalid =
+        |description: &str| SfResponse::json(400, json!({"error": "invalid_grant", "error_description": description}));
+    let Some(pem) = &config.jwt_public_key_pem else {
+        return Err(invalid("user hasn't approved this consumer"));
+    };
+    let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| invalid("invalid assertion"))?;
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.validate_aud = false;
+    // Salesforce accepts `exp` as a number or a numeric string (simple-salesforce sends a
+    // string), so expiry is checked below rather than by the JWT library.
+    validation.validate_exp = false;
+    validation.set_required_spec_claims(&["iss", "sub", "aud"]);
+    let claims = decode::<Value>(assertion, &key, &validation)
+        .map_err(|e| {
+            tracing::info!(error = %e, "JWT assertion refused");
+            invalid("invalid assertion")
+        })?
+        .claims;
+    if claims.get("iss").and_then(Value::as_str) != Some(config.client_id.as_str()) {
+        return Err(SfResponse::json(
+            400,
+            json!({"error": "invalid_client_id", "error_description": "client identifier invalid"}),
+        ));
+    }
+    let aud_ok = match claims.get("aud") {
+        Some(Value::String(a)) => a.starts_with("https://") && a.trim_end_matches('/').ends_with(".salesforce.com"),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(invalid("audience is invalid"));
+    }
+    if claims.get("sub").and_then(Value::as_str).is_none_or(str::is_empty) {
+        return Err(invalid("invalid assertion"));
+    }
+    let exp = match claims.get("exp") {
+        Some(Value::Number(n)) => n.as_f64(),
+        Some(Value::String(s)) => s.parse::<f64>().ok(),
+        _ => None,
+    };
+    if exp.is_none_or(|exp| exp * 1000.0 <= now_ms() as f64) {
+        return Err(invalid("invalid assertion"));
+    }
+    Ok(())
 }
 
 /// Bounded endpoint label for the call counters: ids and values are replaced by placeholders.
