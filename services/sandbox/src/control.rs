@@ -56,6 +56,9 @@ pub fn router(control: Control) -> Router {
         .route("/magento/state", get(magento_state))
         .route("/magento/config", put(magento_config))
         .route("/magento/webhook", put(magento_webhook))
+        .route("/magento/generator", put(magento_rate))
+        .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
+        .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
         .with_state(control)
 }
 
@@ -234,4 +237,50 @@ async fn magento_webhook(
     let mut sim = c.magento.sim.lock().expect("magento lock");
     sim.webhook = config;
     Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style})))
+}
+
+/// Background generation rate: `{"rate_per_sec": 50}` (0 stops it).
+async fn magento_rate(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
+    let rate =
+        body.get("rate_per_sec").and_then(Value::as_f64).ok_or_else(|| bad_request("rate_per_sec is required"))?;
+    if !(0.0..=100_000.0).contains(&rate) {
+        return Err(bad_request("rate_per_sec must be between 0 and 100000"));
+    }
+    c.magento.sim.lock().expect("magento lock").rate_per_sec = rate;
+    Ok(Json(json!({"rate_per_sec": rate})))
+}
+
+/// Drift: an order changed behind Elo's back (fields merged; `updated_at` is left alone unless
+/// given, as a direct database edit would).
+async fn magento_alter_order(State(c): State<Control>, Path(id): Path<i64>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    let Some(order) = sim.orders.get_mut(&id) else {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such order"}))));
+    };
+    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in fields {
+        order[k] = v.clone();
+    }
+    Ok(Json(order.clone()))
+}
+
+/// Drift: a contact deleted behind Elo's back.
+async fn rd_delete(State(c): State<Control>, Path(uuid): Path<String>) -> ApiResult {
+    match c.rdstation.sim.lock().expect("rd lock").contacts.remove(&uuid) {
+        Some(_) => Ok(Json(json!({"deleted": uuid}))),
+        None => Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such contact"})))),
+    }
+}
+
+/// Drift: contact fields changed behind Elo's back.
+async fn rd_alter(State(c): State<Control>, Path(uuid): Path<String>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.rdstation.sim.lock().expect("rd lock");
+    let Some(contact) = sim.contacts.get_mut(&uuid) else {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such contact"}))));
+    };
+    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in fields {
+        contact.fields.insert(k.clone(), v.clone());
+    }
+    Ok(Json(json!({"uuid": uuid, "fields": contact.fields})))
 }

@@ -13,6 +13,10 @@ pub struct FaultConfig {
     /// Added latency, uniform in [min, max] milliseconds.
     #[serde(default)]
     pub latency_ms: Option<(u64, u64)>,
+    /// Added latency drawn from an exponential distribution with this mean (ms), the usual
+    /// shape of service times with a long tail; added to `latency_ms` when both are set.
+    #[serde(default)]
+    pub latency_exp_mean_ms: Option<f64>,
     /// Probability (0..1) of failing a request with `error_status`.
     #[serde(default)]
     pub error_rate: f64,
@@ -52,6 +56,11 @@ impl Faults {
         if let Some((min, max)) = config.latency_ms {
             let ms = if max > min { min + rand::random::<u64>() % (max - min + 1) } else { min };
             tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(mean) = config.latency_exp_mean_ms.filter(|m| *m > 0.0) {
+            let u: f64 = rand::random::<f64>().max(f64::MIN_POSITIVE);
+            let ms = (-mean * u.ln()).min(mean * 20.0);
+            tokio::time::sleep(Duration::from_secs_f64(ms / 1000.0)).await;
         }
         if config.outage_until_ms.is_some_and(|until| crate::now_ms() < until) {
             return FaultDecision::Fail(503);

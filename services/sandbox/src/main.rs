@@ -29,6 +29,9 @@ struct Config {
     /// Order generator seed (the same seed gives the same orders).
     #[arg(long, env = "ELO_SANDBOX_SEED", default_value_t = 42)]
     seed: u64,
+    /// Facts (orders and status changes) generated per second in the background (0 = none).
+    #[arg(long, env = "ELO_SANDBOX_ORDERS_PER_SECOND", default_value_t = 0.0)]
+    orders_per_second: f64,
     /// Orders to generate at startup.
     #[arg(long, env = "ELO_SANDBOX_INITIAL_ORDERS", default_value_t = 0)]
     initial_orders: usize,
@@ -107,7 +110,9 @@ async fn main() -> anyhow::Result<()> {
         control = %config.control_listen,
         "sandbox listening"
     );
+    magento.sim.lock().expect("magento lock").rate_per_sec = config.orders_per_second.max(0.0);
     let webhooks = tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
+    let generator_task = tokio::spawn(sandbox::magento::run_generator(magento.clone(), shutdown.clone()));
     let stop = || shutdown.clone().cancelled_owned();
     let (a, b, c, d) = tokio::join!(
         axum::serve(mg_listener, magento.router()).with_graceful_shutdown(stop()).into_future(),
@@ -117,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
     );
     shutdown.cancel();
     let _ = webhooks.await;
+    let _ = generator_task.await;
     a?;
     b?;
     c?;

@@ -199,6 +199,8 @@ pub struct Magento {
     pub generator: generator::Generator,
     pub webhook: webhook::WebhookConfig,
     pub outbox: webhook::Outbox,
+    /// Facts per second the background generator adds (0 = stopped).
+    pub rate_per_sec: f64,
 }
 
 impl Magento {
@@ -225,6 +227,7 @@ impl Magento {
             generator: generator::Generator::new(generator),
             webhook: webhook::WebhookConfig::default(),
             outbox: webhook::Outbox::default(),
+            rate_per_sec: 0.0,
         }
     }
 
@@ -536,6 +539,34 @@ impl Magento {
                 json!([]),
             )
         })
+    }
+}
+
+/// Runs the generator at `rate_per_sec` (read every tick, so the control API can change it)
+/// until `shutdown`; simulated time follows the wall clock.
+pub async fn run_generator(app: MagentoApp, shutdown: tokio_util::sync::CancellationToken) {
+    let tick = std::time::Duration::from_millis(100);
+    let mut owed = 0.0f64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let mut sim = app.sim.lock().expect("magento lock");
+        if sim.rate_per_sec <= 0.0 {
+            owed = 0.0;
+            continue;
+        }
+        owed += sim.rate_per_sec * tick.as_secs_f64();
+        let due = owed.floor() as usize;
+        if due > 0 {
+            owed -= due as f64;
+            let spacing = (1000.0 / sim.rate_per_sec).max(1.0) as i64;
+            sim.generator.config.spacing_ms = spacing;
+            let steps = sim.generator.step;
+            sim.generator.config.start_ms = now_ms() - steps * spacing;
+            sim.generate(due);
+        }
     }
 }
 

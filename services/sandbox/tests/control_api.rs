@@ -1,0 +1,167 @@
+//! The control and inspection API: faults (latency, error rates, outages), drift behind Elo's
+//! back, the background generator, state and per-endpoint call counters.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Client;
+use sandbox::faults::Faults;
+use sandbox::magento::{MagentoApp, MagentoConfig};
+use sandbox::rdstation::{RdConfig, RdStationApp};
+use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
+use sandbox::{Counters, control};
+use serde_json::{Value, json};
+
+struct Sandbox {
+    control: String,
+    salesforce: String,
+    magento: MagentoApp,
+    rd: RdStationApp,
+    http: Client,
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+async fn start() -> Sandbox {
+    let (faults, counters) = (Faults::default(), Counters::default());
+    let sf = SalesforceApp::new(SalesforceConfig::default(), faults.clone(), counters.clone());
+    let rd = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
+    let magento = MagentoApp::new(MagentoConfig::default(), Default::default(), faults.clone(), counters.clone());
+    let salesforce = serve(sf.clone().router()).await;
+    let control = serve(control::router(control::Control {
+        faults,
+        counters,
+        salesforce: sf,
+        rdstation: rd.clone(),
+        magento: magento.clone(),
+    }))
+    .await;
+    Sandbox { control, salesforce, magento, rd, http: Client::new() }
+}
+
+#[tokio::test]
+async fn faults_inject_errors_outages_and_latency() {
+    let sb = start().await;
+    let versions = || sb.http.get(format!("{}/services/data/", sb.salesforce)).send();
+    assert_eq!(versions().await.unwrap().status(), 200);
+
+    let r = sb
+        .http
+        .put(format!("{}/faults/salesforce", sb.control))
+        .json(&json!({"error_rate": 1.0, "error_status": 503}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(versions().await.unwrap().status(), 503);
+
+    let until = sandbox::now_ms() + 60_000;
+    sb.http
+        .put(format!("{}/faults/salesforce", sb.control))
+        .json(&json!({"outage_until_ms": until}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(versions().await.unwrap().status(), 503, "outage window");
+
+    sb.http
+        .put(format!("{}/faults/salesforce", sb.control))
+        .json(&json!({"latency_ms": [150, 200]}))
+        .send()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(versions().await.unwrap().status(), 200);
+    assert!(started.elapsed() >= Duration::from_millis(150), "latency injected: {:?}", started.elapsed());
+
+    let bad =
+        sb.http.put(format!("{}/faults/salesforce", sb.control)).json(&json!({"error_rate": 2})).send().await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let unknown = sb.http.put(format!("{}/faults/nosuch", sb.control)).json(&json!({})).send().await.unwrap();
+    assert_eq!(unknown.status(), 400);
+    let typo =
+        sb.http.put(format!("{}/faults/salesforce", sb.control)).json(&json!({"eror_rate": 0.5})).send().await.unwrap();
+    assert!(typo.status().is_client_error(), "unknown fault settings are refused");
+
+    let counters: Value = sb.http.get(format!("{}/counters", sb.control)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(counters["salesforce"]["GET /services/data"], 4, "{counters}");
+}
+
+#[tokio::test]
+async fn drift_changes_data_behind_elos_back() {
+    let sb = start().await;
+    sb.magento.sim.lock().unwrap().generate(5);
+    let r = sb
+        .http
+        .patch(format!("{}/magento/orders/1", sb.control))
+        .json(&json!({"status": "holded"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sb.magento.sim.lock().unwrap().orders[&1]["status"], "holded");
+
+    let uuid = {
+        let mut sim = sb.rd.sim.lock().unwrap();
+        let mut fields = serde_json::Map::new();
+        fields.insert("email".into(), json!("drift@example.com"));
+        sim.contacts.insert(
+            "u-1".into(),
+            sandbox::rdstation::Contact { uuid: "u-1".into(), fields, funnel: json!({}), created_ms: 0 },
+        );
+        "u-1".to_owned()
+    };
+    let r = sb
+        .http
+        .patch(format!("{}/rdstation/contacts/{uuid}", sb.control))
+        .json(&json!({"name": "Changed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sb.rd.sim.lock().unwrap().contacts[&uuid].fields["name"], "Changed");
+    let r = sb.http.delete(format!("{}/rdstation/contacts/{uuid}", sb.control)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(sb.rd.sim.lock().unwrap().contacts.is_empty());
+    let r = sb.http.delete(format!("{}/rdstation/contacts/{uuid}", sb.control)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn the_generator_runs_at_a_configured_rate() {
+    let sb = start().await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sandbox::magento::run_generator(sb.magento.clone(), shutdown.clone()));
+    let r = sb
+        .http
+        .put(format!("{}/magento/generator", sb.control))
+        .json(&json!({"rate_per_sec": 200}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sb.http.put(format!("{}/magento/generator", sb.control)).json(&json!({"rate_per_sec": 0})).send().await.unwrap();
+    let state: Value = sb.http.get(format!("{}/magento/state", sb.control)).send().await.unwrap().json().await.unwrap();
+    let orders = state["orders"].as_u64().unwrap();
+    assert!((100..=400).contains(&orders), "about 1.5 s at 200 facts/s, got {orders} orders");
+    let steps = sb.magento.sim.lock().unwrap().generator.step;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(sb.magento.sim.lock().unwrap().generator.step, steps, "rate 0 stops the generator");
+    shutdown.cancel();
+    let generated: Value = sb
+        .http
+        .post(format!("{}/magento/generate", sb.control))
+        .json(&json!({"count": 100}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(generated["facts"], 100);
+}
