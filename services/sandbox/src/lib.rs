@@ -9,12 +9,14 @@
 //!   seeded order generator.
 //! - [`rdstation`]: RD Station Marketing (OAuth, contacts, tags, funnels, events, segmentations).
 //! - [`faults`]: latency, error rates and outage windows per simulator.
+//! - [`persist`]: optional state file, so a restart keeps every simulator's data.
 //! - [`control`]: the control and inspection API (faults, token revocation, quota, state,
 //!   per-endpoint call counters).
 
 pub mod control;
 pub mod faults;
 pub mod magento;
+pub mod persist;
 pub mod rdstation;
 pub mod salesforce;
 

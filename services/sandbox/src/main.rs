@@ -35,6 +35,9 @@ struct Config {
     /// Orders to generate at startup.
     #[arg(long, env = "ELO_SANDBOX_INITIAL_ORDERS", default_value_t = 0)]
     initial_orders: usize,
+    /// JSON file keeping every simulator's data across restarts (unset = memory only).
+    #[arg(long, env = "ELO_SANDBOX_STATE_FILE")]
+    state_file: Option<std::path::PathBuf>,
     /// Salesforce OAuth client id.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_CLIENT_ID", default_value = "elo-sandbox-client")]
     salesforce_client_id: String,
@@ -93,9 +96,6 @@ async fn main() -> anyhow::Result<()> {
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
     let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
     let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());
-    if config.initial_orders > 0 {
-        magento.sim.lock().expect("magento lock").generate(config.initial_orders);
-    }
     let control_app = control::router(control::Control {
         faults,
         counters,
@@ -110,6 +110,32 @@ async fn main() -> anyhow::Result<()> {
         control = %config.control_listen,
         "sandbox listening"
     );
+    if let Some(path) = &config.state_file
+        && let Some(snapshot) = sandbox::persist::load(path).with_context(|| format!("reading {}", path.display()))?
+    {
+        sandbox::persist::restore(snapshot, &salesforce, &rdstation, &magento);
+        tracing::info!(path = %path.display(), "state restored");
+    } else if config.initial_orders > 0 {
+        magento.sim.lock().expect("magento lock").generate(config.initial_orders);
+    }
+    let saver = config.state_file.clone().map(|path| {
+        let (sf, rd, mg, stop) = (salesforce.clone(), rdstation.clone(), magento.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let stopping = tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => false,
+                    _ = stop.cancelled() => true,
+                };
+                let snapshot = sandbox::persist::snapshot(&sf, &rd, &mg);
+                if let Err(error) = sandbox::persist::save(&path, &snapshot) {
+                    tracing::error!(error = %error, path = %path.display(), "saving sandbox state failed");
+                }
+                if stopping {
+                    return;
+                }
+            }
+        })
+    });
     magento.sim.lock().expect("magento lock").rate_per_sec = config.orders_per_second.max(0.0);
     let webhooks = tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
     let generator_task = tokio::spawn(sandbox::magento::run_generator(magento.clone(), shutdown.clone()));
@@ -123,6 +149,9 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = webhooks.await;
     let _ = generator_task.await;
+    if let Some(saver) = saver {
+        let _ = saver.await;
+    }
     a?;
     b?;
     c?;

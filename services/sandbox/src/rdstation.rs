@@ -127,7 +127,7 @@ fn array_error(error_type: &str, message: &str, path: &str) -> Value {
 }
 
 /// A stored contact.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Contact {
     pub uuid: String,
     pub fields: Map<String, Value>,

@@ -165,3 +165,51 @@ async fn the_generator_runs_at_a_configured_rate() {
         .unwrap();
     assert_eq!(generated["facts"], 100);
 }
+
+#[test]
+fn state_survives_a_restart_through_the_state_file() {
+    let build = || {
+        let (faults, counters) = (Faults::default(), Counters::default());
+        (
+            SalesforceApp::new(SalesforceConfig::default(), faults.clone(), counters.clone()),
+            RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone()),
+            MagentoApp::new(MagentoConfig::default(), Default::default(), faults, counters),
+        )
+    };
+    let (sf, rd, mg) = build();
+    mg.sim.lock().unwrap().generate(50);
+    let body = json!({"Name": "Persisted"});
+    let id = sf.sim.lock().unwrap().org.upsert("Account", "Elo_Id__c", "p1", body.as_object().unwrap(), 1).unwrap().0;
+    let mut fields = serde_json::Map::new();
+    fields.insert("email".into(), json!("kept@example.com"));
+    rd.sim
+        .lock()
+        .unwrap()
+        .contacts
+        .insert("u".into(), sandbox::rdstation::Contact { uuid: "u".into(), fields, funnel: json!({}), created_ms: 0 });
+
+    let dir = std::env::temp_dir().join(format!("sandbox-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.json");
+    sandbox::persist::save(&path, &sandbox::persist::snapshot(&sf, &rd, &mg)).unwrap();
+
+    let (sf2, rd2, mg2) = build();
+    let snapshot = sandbox::persist::load(&path).unwrap().expect("state file written");
+    sandbox::persist::restore(snapshot, &sf2, &rd2, &mg2);
+    assert_eq!(sf2.sim.lock().unwrap().org.get("Account", &id).unwrap().fields["Name"], "Persisted");
+    assert!(rd2.sim.lock().unwrap().contacts.contains_key("u"));
+    let (orders, step) = {
+        let m = mg2.sim.lock().unwrap();
+        (m.orders.clone(), m.generator.step)
+    };
+    assert_eq!(
+        serde_json::to_string(&orders).unwrap(),
+        serde_json::to_string(&mg.sim.lock().unwrap().orders).unwrap(),
+        "orders survive byte for byte"
+    );
+    assert_eq!(step, 50);
+    mg2.sim.lock().unwrap().generate(10);
+    assert!(mg2.sim.lock().unwrap().orders.len() >= orders.len(), "generation continues after a restore");
+    assert!(sandbox::persist::load(&dir.join("missing.json")).unwrap().is_none());
+    std::fs::remove_dir_all(dir).unwrap();
+}

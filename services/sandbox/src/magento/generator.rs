@@ -148,7 +148,8 @@ impl Generator {
         }
         let shipping = 15.0;
         let discount = if self.rng.random::<f64>() < 0.2 { -(subtotal * 0.1).round() } else { 0.0 };
-        let grand_total = ((subtotal + shipping + discount) * 100.0).round() / 100.0;
+        let subtotal = money(subtotal);
+        let grand_total = money(subtotal + shipping + discount);
         let payment = *self.pick(PAYMENTS);
         let created = fmt_ts(now);
         let mut billing = address.clone();
@@ -224,6 +225,11 @@ impl Generator {
     }
 }
 
+/// Money as Magento stores it (decimal(20,4)), so JSON numbers carry no float noise.
+fn money(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
 /// Magento's flat item lines for one product: (lines, (sku, qty) depleted, row total).
 fn build_lines(
     catalog: &Catalog,
@@ -235,8 +241,8 @@ fn build_lines(
     let line = |id: i64, sku: &str, name: &str, kind: &str, price: f64, parent: Option<i64>| {
         json!({
             "item_id": id, "order_id": order_id, "sku": sku, "name": name, "product_id": catalog.product_id(sku),
-            "product_type": kind, "qty_ordered": qty, "price": price, "base_price": price, "row_total": price * qty,
-            "base_row_total": price * qty, "tax_amount": 0, "discount_amount": 0, "parent_item_id": parent,
+            "product_type": kind, "qty_ordered": qty, "price": price, "base_price": price, "row_total": money(price * qty),
+            "base_row_total": money(price * qty), "tax_amount": 0, "discount_amount": 0, "parent_item_id": parent,
         })
     };
     match &product.kind {

@@ -148,7 +148,7 @@ impl Catalog {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Customer {
     pub id: i64,
     pub email: String,

@@ -217,7 +217,7 @@ pub fn external_id_field(object: &str, field: &str) -> bool {
 }
 
 /// One stored record.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SfRecord {
     pub id: String,
     pub object: String,
@@ -323,7 +323,7 @@ pub struct DuplicateRule {
 }
 
 /// The org's records.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Org {
     pub records: BTreeMap<String, SfRecord>,
     next_id: u64,
