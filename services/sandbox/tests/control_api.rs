@@ -213,3 +213,55 @@ fn state_survives_a_restart_through_the_state_file() {
     assert!(sandbox::persist::load(&dir.join("missing.json")).unwrap().is_none());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Malformed requests of every kind get the API's own 4xx error shape: never a 5xx, a panic or
+/// a hang.
+#[tokio::test]
+async fn garbage_gets_the_real_error_shapes_never_a_5xx() {
+    let (faults, counters) = (Faults::default(), Counters::default());
+    let sf = serve(SalesforceApp::new(SalesforceConfig::default(), faults.clone(), counters.clone()).router()).await;
+    let rd = serve(RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone()).router()).await;
+    let mg = serve(MagentoApp::new(MagentoConfig::default(), Default::default(), faults, counters).router()).await;
+    let http = Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let bodies: [&[u8]; 5] = [b"", b"{", b"[]", b"\x00\xff\xfe", b"{\"a\":{\"b\":[1,2,{\"c\":null}]}}"];
+    let paths = [
+        (&sf, "/services/data/v66.0/sobjects/Account"),
+        (&sf, "/services/data/v66.0/composite"),
+        (&sf, "/services/data/v66.0/composite/sobjects/Account/Elo_Id__c"),
+        (&sf, "/services/oauth2/token"),
+        (&sf, "/services/data/v66.0/jobs/ingest"),
+        (&rd, "/auth/token"),
+        (&rd, "/platform/events"),
+        (&rd, "/platform/contacts"),
+        (&mg, "/rest/default/V1/integration/admin/token"),
+        (&mg, "/rest/default/V1/orders"),
+        (&mg, "/rest/xx/V1/orders"),
+    ];
+    for (base, path) in paths {
+        for method in [reqwest::Method::GET, reqwest::Method::POST, reqwest::Method::PATCH] {
+            for body in bodies {
+                let resp = http
+                    .request(method.clone(), format!("{base}{path}?searchCriteria[pageSize]=x&q=%ZZ"))
+                    .header("content-type", "application/json")
+                    .body(body.to_vec())
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+                let status = resp.status();
+                assert!(status.is_client_error() || status.is_success(), "{method} {path} {body:?}: {status}");
+                if status.is_client_error() {
+                    let text = resp.text().await.unwrap();
+                    if !text.is_empty() {
+                        let parsed: Value =
+                            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not JSON: {text}"));
+                        let shaped = parsed.is_array() && parsed[0].get("errorCode").is_some()
+                            || parsed.get("errors").is_some()
+                            || parsed.get("message").is_some()
+                            || parsed.get("error").is_some();
+                        assert!(shaped, "{method} {path}: unexpected error body {parsed}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -767,6 +767,16 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
         Ok(b) => b,
         Err(_) => return to_http(SfResponse::error(413, "REQUEST_TOO_LARGE", "request body too large")),
     };
+    // A request counts against the concurrency cap for its whole life, injected latency
+    // included, as a slow org's long transactions do.
+    let _in_flight = InFlight(app.in_flight.clone());
+    let concurrent = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    let data_call = path.starts_with("/services/data/v");
+    if data_call && concurrent > app.sim.lock().expect("sim lock").config.max_concurrent {
+        let mut r = SfResponse::error(403, "REQUEST_LIMIT_EXCEEDED", "ConcurrentPerOrgLongTxn Limit exceeded.");
+        r.headers.push(app.sim.lock().expect("sim lock").limit_header());
+        return to_http(r);
+    }
     match app.faults.decide("salesforce").await {
         FaultDecision::Proceed => {}
         FaultDecision::Fail(status) => {
@@ -814,16 +824,6 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
         r.headers.push(limit);
         return to_http(r);
     }
-    let _guard = {
-        let current = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        let guard = InFlight(app.in_flight.clone());
-        if current > sim.config.max_concurrent {
-            let mut r = SfResponse::error(403, "REQUEST_LIMIT_EXCEEDED", "ConcurrentPerOrgLongTxn Limit exceeded.");
-            r.headers.push(limit);
-            return to_http(r);
-        }
-        guard
-    };
     sim.api_usage += 1;
     let is_csv = parts
         .headers
