@@ -19,7 +19,7 @@ else
 fi
 
 if [[ "${1:-}" == "--with-python" ]]; then
-  if python3 -c 'import fastavro, confluent_kafka.schema_registry.avro' 2>/dev/null; then
+  if python3 -c 'import fastavro, confluent_kafka.schema_registry.avro, simple_salesforce, magento.clients, rdstation.client' 2>/dev/null; then
     echo "python test packages present"
   else
     python3 -m pip install --quiet --disable-pip-version-check -r "$(dirname "$0")/../tests/python/requirements.txt"
