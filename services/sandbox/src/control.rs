@@ -31,8 +31,6 @@ fn bad_request(message: impl Into<String>) -> (StatusCode, Json<Value>) {
 
 pub fn router(control: Control) -> Router {
     Router::new()
-        .route("/health/livez", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/health/readyz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/faults/{simulator}", put(set_faults).get(get_faults))
         .route("/counters", get(|State(c): State<Control>| async move { Json(c.counters.snapshot()) }))
         .route(
@@ -60,6 +58,24 @@ pub fn router(control: Control) -> Router {
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
         .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
         .with_state(control)
+        // /metrics and /health/{livez,readyz}, as on every Elo process.
+        .merge(elo_telemetry::admin::router(elo_telemetry::Health::new()))
+}
+
+/// Applies `updates` (known keys only) to a settings struct.
+fn merge_config<T: serde::Serialize + serde::de::DeserializeOwned>(
+    current: &T,
+    updates: &Value,
+) -> Result<T, (StatusCode, Json<Value>)> {
+    let mut merged = serde_json::to_value(current).expect("serialisable");
+    let Some(updates) = updates.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in updates {
+        if merged.get(k).is_none() {
+            return Err(bad_request(format!("unknown setting {k}")));
+        }
+        merged[k] = v.clone();
+    }
+    serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))
 }
 
 const SIMULATORS: &[&str] = &["salesforce", "rdstation", "magento"];
@@ -108,15 +124,7 @@ async fn salesforce_quota(State(c): State<Control>, Json(body): Json<Value>) -> 
 
 async fn salesforce_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.salesforce.sim.lock().expect("sim lock");
-    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
-    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
-    for (k, v) in updates {
-        if merged.get(k).is_none() {
-            return Err(bad_request(format!("unknown setting {k}")));
-        }
-        merged[k] = v.clone();
-    }
-    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    sim.config = merge_config(&sim.config, &body)?;
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
@@ -171,15 +179,7 @@ async fn rd_segmentation(State(c): State<Control>, Json(body): Json<Value>) -> A
 
 async fn rd_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.rdstation.sim.lock().expect("rd lock");
-    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
-    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
-    for (k, v) in updates {
-        if merged.get(k).is_none() {
-            return Err(bad_request(format!("unknown setting {k}")));
-        }
-        merged[k] = v.clone();
-    }
-    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    sim.config = merge_config(&sim.config, &body)?;
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
@@ -214,15 +214,7 @@ async fn magento_state(State(c): State<Control>) -> Json<Value> {
 
 async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.magento.sim.lock().expect("magento lock");
-    let mut merged = serde_json::to_value(&sim.config).expect("serialisable");
-    let Some(updates) = body.as_object() else { return Err(bad_request("expected an object")) };
-    for (k, v) in updates {
-        if merged.get(k).is_none() {
-            return Err(bad_request(format!("unknown setting {k}")));
-        }
-        merged[k] = v.clone();
-    }
-    sim.config = serde_json::from_value(merged).map_err(|e| bad_request(e.to_string()))?;
+    sim.config = merge_config(&sim.config, &body)?;
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 

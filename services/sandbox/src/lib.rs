@@ -52,3 +52,26 @@ impl Counters {
         self.inner.lock().expect("counters lock").clear();
     }
 }
+
+/// An HTTP response from a simulator's status, JSON body (or none) and extra headers.
+pub fn json_response(
+    status: u16,
+    body: Option<&serde_json::Value>,
+    content_type: &str,
+    headers: Vec<(String, String)>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let mut out = match body {
+        Some(body) => {
+            (status, [(axum::http::header::CONTENT_TYPE, content_type.to_owned())], body.to_string()).into_response()
+        }
+        None => status.into_response(),
+    };
+    for (k, v) in headers {
+        if let (Ok(name), Ok(value)) = (axum::http::HeaderName::try_from(k), axum::http::HeaderValue::try_from(v)) {
+            out.headers_mut().insert(name, value);
+        }
+    }
+    out
+}

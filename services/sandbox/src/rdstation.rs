@@ -627,19 +627,7 @@ impl RdStationApp {
 }
 
 fn to_http(response: RdResponse) -> Response {
-    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut out = match response.body {
-        Some(body) => {
-            (status, [(header::CONTENT_TYPE, "application/json; charset=utf-8")], body.to_string()).into_response()
-        }
-        None => status.into_response(),
-    };
-    for (k, v) in response.headers {
-        if let (Ok(name), Ok(value)) = (axum::http::HeaderName::try_from(k), axum::http::HeaderValue::try_from(v)) {
-            out.headers_mut().insert(name, value);
-        }
-    }
-    out
+    crate::json_response(response.status, response.body.as_ref(), "application/json; charset=utf-8", response.headers)
 }
 
 fn endpoint_label(method: &Method, segments: &[&str]) -> String {

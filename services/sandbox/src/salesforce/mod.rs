@@ -740,21 +740,18 @@ impl Drop for InFlight {
 }
 
 fn to_http(response: SfResponse) -> Response {
-    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let csv = response.headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/csv"));
-    let mut out = match response.body {
-        Some(Value::String(text)) if csv => (status, text).into_response(),
-        Some(body) => {
-            (status, [(header::CONTENT_TYPE, "application/json;charset=UTF-8")], body.to_string()).into_response()
+    match response.body {
+        // Bulk results are CSV text, not JSON.
+        Some(Value::String(text)) if csv => {
+            let mut out = (StatusCode::from_u16(response.status).unwrap_or(StatusCode::OK), text).into_response();
+            out.headers_mut().insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static("text/csv"));
+            out
         }
-        None => status.into_response(),
-    };
-    for (k, v) in response.headers {
-        if let (Ok(name), Ok(value)) = (axum::http::HeaderName::try_from(k), axum::http::HeaderValue::try_from(v)) {
-            out.headers_mut().insert(name, value);
+        body => {
+            crate::json_response(response.status, body.as_ref(), "application/json;charset=UTF-8", response.headers)
         }
     }
-    out
 }
 
 async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response {
