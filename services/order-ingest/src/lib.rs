@@ -4,7 +4,11 @@
 //! The foundation version: it provisions Elo's topics (commerce, inventory, commands, its DLQ
 //! and its compacted checkpoint topic), registers the event schemas, connects its idempotent
 //! producer, exposes probes and metrics, and stops cleanly. Magento push and poll, inventory
-//! checks and the refetch command path land with the order-ingest issue.
+//! checks and the refetch command path land with the order-ingest issue; [`normalize`] (Magento
+//! order payloads to deterministic `CommerceEvent`s) is already here and tested against the
+//! sandbox's orders.
+
+pub mod normalize;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
