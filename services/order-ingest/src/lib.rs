@@ -9,6 +9,8 @@
 //! sandbox's orders.
 
 pub mod normalize;
+pub mod push;
+pub mod wiring;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -39,6 +41,30 @@ pub struct Config {
         default_value = "order-ingest.checkpoints"
     )]
     pub checkpoint_topic: String,
+    /// Address of the Magento push endpoint (`POST /webhooks/magento/orders`).
+    #[arg(long = "listen", env = "ELO_ORDER_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// File holding the webhook signing secret; the push endpoint stays off without it.
+    #[arg(long = "webhook-secret-file", env = "ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<std::path::PathBuf>,
+    /// Accepted clock difference for signed notifications (replay protection), e.g. `300s`.
+    #[arg(long = "webhook-tolerance", env = "ELO_ORDER_INGEST_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = elo_service::parse_duration)]
+    pub webhook_tolerance: Duration,
+    /// Largest accepted notification body.
+    #[arg(long = "max-body-bytes", env = "ELO_ORDER_INGEST_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Magento base URL (orders are refetched when a notification is partial).
+    #[arg(long = "magento-url", env = "ELO_MAGENTO_URL", default_value = "http://127.0.0.1:8701")]
+    pub magento_url: String,
+    /// Magento admin user for REST calls.
+    #[arg(long = "magento-username", env = "ELO_MAGENTO_USERNAME", default_value = "admin")]
+    pub magento_username: String,
+    /// File holding the Magento admin password [default: the sandbox's].
+    #[arg(long = "magento-password-file", env = "ELO_MAGENTO_PASSWORD_FILE")]
+    pub magento_password_file: Option<std::path::PathBuf>,
+    /// Store views as `id=code:website`, comma separated (put on every event).
+    #[arg(long = "magento-stores", env = "ELO_MAGENTO_STORES", default_value = "1=default:1,2=br:1", value_parser = parse_stores)]
+    pub magento_stores: normalize::Stores,
     /// Dead-letter topic for commands that cannot be executed.
     #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
     pub dlq_topic: String,
@@ -59,9 +85,64 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         return Ok(());
     };
     register_schemas(&service, &config).await;
+    let push = match &config.webhook_secret_file {
+        Some(path) => Some(start_push(&service, &config, path).await?),
+        None => {
+            tracing::warn!(
+                "no webhook secret configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE): the push endpoint is off"
+            );
+            None
+        }
+    };
     service.shutdown.cancelled().await;
+    if let Some(push) = push {
+        let _ = push.await;
+    }
     service.finish().await;
     Ok(())
+}
+
+/// Serves the signed push endpoint until shutdown (in-flight requests finish first).
+async fn start_push(
+    service: &Service,
+    config: &Config,
+    secret_file: &std::path::Path,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    let secret = std::fs::read_to_string(secret_file)
+        .with_context(|| format!("reading {}", secret_file.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(secret.len() >= 16, "the webhook secret must have at least 16 characters");
+    let password = match &config.magento_password_file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
+        }
+        None => "elo-sandbox-admin1".to_owned(),
+    };
+    let publisher = wiring::KafkaPublisher {
+        producer: service.producer.clone(),
+        codec: service.codec.clone(),
+        topic: config.common.topics.commerce.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let source = wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?;
+    let push_config = push::PushConfig {
+        secret,
+        tolerance: config.webhook_tolerance,
+        max_body_bytes: config.max_body_bytes,
+        stores: config.magento_stores.clone(),
+    };
+    let listener =
+        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(listen = %config.listen, "push endpoint listening");
+    let app = push::router(push_config, publisher, source);
+    let stop = service.shutdown.clone();
+    Ok(tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            tracing::error!(error = %error, "push endpoint failed");
+        }
+    }))
 }
 
 /// Registers the schemas this service writes, retrying while the registry is unavailable.
@@ -92,5 +173,34 @@ async fn register_schemas(service: &Service, config: &Config) {
                 }
             }
         }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+/// Parses `1=default:1,2=br:1`.
+pub fn parse_stores(text: &str) -> Result<normalize::Stores, String> {
+    let mut stores = std::collections::HashMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (id, rest) = entry.split_once('=').ok_or_else(|| format!("{entry:?}: expected id=code:website"))?;
+        let (code, website) = rest.split_once(':').ok_or_else(|| format!("{entry:?}: expected id=code:website"))?;
+        let id = id.parse().map_err(|_| format!("{entry:?}: store id is not a number"))?;
+        let website = website.parse().map_err(|_| format!("{entry:?}: website id is not a number"))?;
+        stores.insert(id, (code.to_owned(), website));
+    }
+    Ok(normalize::Stores(stores))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn store_lists_parse() {
+        let stores = super::parse_stores("1=default:1, 2=br:3").unwrap();
+        assert_eq!(stores.0[&2], ("br".to_owned(), 3));
+        assert!(super::parse_stores("1=default").is_err());
+        assert!(super::parse_stores("x=default:1").is_err());
     }
 }

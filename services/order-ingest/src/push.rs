@@ -1,0 +1,368 @@
+//! Magento push: signed webhook notifications in, commerce events out.
+//!
+//! `POST /webhooks/magento/orders` takes either an Adobe I/O Events CloudEvents envelope (a
+//! partial order in `data.value`, so the full order is fetched from Magento) or a plain JSON
+//! body with the full order (`{"order": {...}}`). Every request must carry
+//! `x-elo-webhook-signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
+//! within the timestamp tolerance (replays of old notifications are refused). The answer is
+//! 2xx only after the broker acknowledged the event; a duplicate notification yields the same
+//! `event_id`, so downstream deduplication is exact.
+//!
+//! Errors: 401 bad or stale signature, 400 malformed JSON, 413 body over the limit, 422 a
+//! payload that is JSON but not an order, 502 Magento refusing the refetch, 503 with
+//! `Retry-After` when the broker is unavailable or the producer queue is full. Unknown fields
+//! are ignored. None of the refusals publishes anything.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+use crate::normalize::{NormalizeError, Stores, order_event};
+
+/// Signature header name.
+pub const SIGNATURE_HEADER: &str = "x-elo-webhook-signature";
+
+/// Where events go: Kafka in production, a recorder in tests.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes one event and resolves once the broker acknowledged it.
+    fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// Why a publish failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Broker down, queue full, registry unreachable: try again later.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// The event cannot be encoded (a bug or an incompatible schema).
+    #[error("cannot publish: {0}")]
+    Rejected(String),
+}
+
+/// Fetches the full order when a notification carries only part of it.
+pub trait OrderSource: Send + Sync + 'static {
+    fn order(&self, entity_id: i64) -> impl Future<Output = Result<Value, String>> + Send;
+}
+
+/// Push endpoint settings.
+#[derive(Clone, Debug)]
+pub struct PushConfig {
+    pub secret: String,
+    pub tolerance: Duration,
+    pub max_body_bytes: usize,
+    pub stores: Stores,
+}
+
+struct PushState<P, S> {
+    config: PushConfig,
+    publisher: P,
+    source: S,
+}
+
+/// The push router.
+pub fn router<P: Publisher, S: OrderSource>(config: PushConfig, publisher: P, source: S) -> Router {
+    let limit = config.max_body_bytes;
+    Router::new()
+        .route("/webhooks/magento/orders", post(receive::<P, S>))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(Arc::new(PushState { config, publisher, source }))
+}
+
+/// Answer bodies: `{"error": code, "message": text}`; no internals.
+fn refuse(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"error": code, "message": message.into()}))).into_response()
+}
+
+/// Checks `t=<secs>,v1=<hex>` against the body, the secret and the clock.
+pub fn verify_signature(
+    secret: &str,
+    header_value: Option<&str>,
+    body: &[u8],
+    now_secs: i64,
+    tolerance: Duration,
+) -> Result<(), &'static str> {
+    let value = header_value.ok_or("missing signature header")?;
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in value.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", ts)) => t = ts.parse::<i64>().ok(),
+            Some(("v1", hex)) => v1.push(hex.to_owned()),
+            _ => {}
+        }
+    }
+    let t = t.ok_or("signature has no timestamp")?;
+    if (now_secs - t).unsigned_abs() > tolerance.as_secs() {
+        return Err("signature timestamp outside the tolerance");
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    for candidate in v1 {
+        let Some(bytes) = decode_hex(&candidate) else { continue };
+        // verify_slice compares in constant time.
+        if mac.clone().verify_slice(&bytes).is_ok() {
+            return Ok(());
+        }
+    }
+    Err("signature does not match")
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
+}
+
+async fn receive<P: Publisher, S: OrderSource>(
+    State(state): State<Arc<PushState<P, S>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    if let Err(reason) = verify_signature(&state.config.secret, signature, &body, now_secs(), state.config.tolerance) {
+        metrics::NOTIFICATIONS.with_label_values(&["unauthorized"]).inc();
+        return refuse(StatusCode::UNAUTHORIZED, "invalid_signature", reason);
+    }
+    let payload: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::NOTIFICATIONS.with_label_values(&["malformed"]).inc();
+            return refuse(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not JSON: {e}"));
+        }
+    };
+    // Full order (plain style) or partial (CloudEvents: data.value) that must be refetched.
+    let order = if let Some(order) = payload.get("order").filter(|o| o.get("items").is_some()) {
+        order.clone()
+    } else if let Some(partial) = payload.pointer("/data/value") {
+        let Some(id) = partial.get("entity_id").and_then(Value::as_i64) else {
+            metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
+            return refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload", "data.value.entity_id is missing");
+        };
+        match state.source.order(id).await {
+            Ok(order) => order,
+            Err(reason) => {
+                metrics::NOTIFICATIONS.with_label_values(&["source_error"]).inc();
+                tracing::warn!(entity_id = id, error = %reason, "order refetch failed");
+                return refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "source_unavailable",
+                    "Magento did not return the order; retry later",
+                );
+            }
+        }
+    } else {
+        metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
+        return refuse(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_payload",
+            "expected {\"order\": {...}} or a CloudEvent with data.value",
+        );
+    };
+    let event = match order_event(&order, None, &state.config.stores, crate::now_ms()) {
+        Ok(e) => e,
+        Err(e @ (NormalizeError::Missing(_) | NormalizeError::Invalid { .. })) => {
+            metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
+            return refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid_order", e.to_string());
+        }
+    };
+    let started = std::time::Instant::now();
+    match state.publisher.publish(&event).await {
+        Ok(()) => {
+            metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
+            metrics::PUBLISH_LATENCY.observe(started.elapsed().as_secs_f64());
+            (StatusCode::OK, axum::Json(json!({"event_id": event.event_id, "event_type": event.event_type.as_str()})))
+                .into_response()
+        }
+        Err(PublishError::Unavailable(reason)) => {
+            metrics::NOTIFICATIONS.with_label_values(&["unavailable"]).inc();
+            tracing::warn!(error = %reason, "publish unavailable, asking Magento to retry");
+            let mut r = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "event store temporarily unavailable; retry later",
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+            r
+        }
+        Err(PublishError::Rejected(reason)) => {
+            metrics::NOTIFICATIONS.with_label_values(&["rejected"]).inc();
+            tracing::error!(error = %reason, "event could not be published");
+            refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the event could not be published")
+        }
+    }
+}
+
+mod metrics {
+    use std::sync::LazyLock;
+
+    use prometheus::{Histogram, IntCounterVec, register_histogram, register_int_counter_vec};
+
+    pub(super) static NOTIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "order_ingest_notifications_total",
+            "Magento notifications by outcome (published, unauthorized, malformed, invalid, source_error, unavailable, rejected).",
+            &["outcome"]
+        )
+        .expect("metric registers once")
+    });
+    pub(super) static PUBLISH_LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
+        register_histogram!(
+            "order_ingest_publish_latency_seconds",
+            "From a notification's arrival to the broker's acknowledgement.",
+            vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+        )
+        .expect("metric registers once")
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Default, Clone)]
+    struct Recorder {
+        events: Arc<Mutex<Vec<elo_events::CommerceEvent>>>,
+        down: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Publisher for Recorder {
+        async fn publish(&self, event: &elo_events::CommerceEvent) -> Result<(), PublishError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(PublishError::Unavailable("broker down".into()));
+            }
+            self.events.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+    }
+
+    #[derive(Clone)]
+    struct Shop(Arc<sandbox::magento::Magento>);
+
+    impl OrderSource for Shop {
+        async fn order(&self, entity_id: i64) -> Result<Value, String> {
+            self.0.orders.get(&entity_id).cloned().ok_or_else(|| "404".to_owned())
+        }
+    }
+
+    fn setup() -> (Router, Recorder, Shop) {
+        let mut magento = sandbox::magento::Magento::new(Default::default(), Default::default());
+        magento.generate(20);
+        let shop = Shop(Arc::new(magento));
+        let recorder = Recorder::default();
+        let config = PushConfig {
+            secret: "s3cret".into(),
+            tolerance: Duration::from_secs(300),
+            max_body_bytes: 64 * 1024,
+            stores: Stores::default(),
+        };
+        (router(config, recorder.clone(), shop.clone()), recorder, shop)
+    }
+
+    fn signed(body: &[u8], secret: &str, t: i64) -> Request<Body> {
+        let sig = sandbox::magento::webhook::sign(secret, t, body);
+        Request::post("/webhooks/magento/orders")
+            .header(SIGNATURE_HEADER, sig)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_vec()))
+            .unwrap()
+    }
+
+    async fn status(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn signed_notifications_publish_once_per_order_version() {
+        let (app, recorder, shop) = setup();
+        let order = &shop.0.orders[&3];
+        // The sandbox's own CloudEvents notification (partial: the order is refetched).
+        let cloud =
+            sandbox::magento::webhook::notification(&sandbox::magento::webhook::WebhookConfig::default(), order).body;
+        let (s1, b1) = status(&app, signed(&cloud, "s3cret", now_secs())).await;
+        let (s2, b2) = status(&app, signed(&cloud, "s3cret", now_secs())).await;
+        assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+        assert_eq!(b1["event_id"], b2["event_id"], "a duplicate notification yields the same event id");
+        let plain = serde_json::to_vec(&json!({"order": order, "unknown_field": {"tolerated": true}})).unwrap();
+        let (s3, b3) = status(&app, signed(&plain, "s3cret", now_secs())).await;
+        assert_eq!(s3, StatusCode::OK);
+        assert_eq!(b3["event_id"], b1["event_id"], "push styles agree on the id");
+        let events = recorder.events.lock().unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0].order.as_ref().unwrap().entity_id, 3);
+    }
+
+    #[tokio::test]
+    async fn refusals_publish_nothing() {
+        let (app, recorder, shop) = setup();
+        let body = serde_json::to_vec(&json!({"order": shop.0.orders[&1]})).unwrap();
+        let (s, b) = status(&app, signed(&body, "wrong", now_secs())).await;
+        assert_eq!((s, b["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_signature")));
+        let (s, _) = status(&app, signed(&body, "s3cret", now_secs() - 3600)).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "a replayed, stale notification is refused");
+        let unsigned = Request::post("/webhooks/magento/orders").body(Body::from(body.clone())).unwrap();
+        assert_eq!(status(&app, unsigned).await.0, StatusCode::UNAUTHORIZED);
+        let (s, b) = status(&app, signed(b"{not json", "s3cret", now_secs())).await;
+        assert_eq!((s, b["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
+        let big = vec![b' '; 65 * 1024];
+        assert_eq!(status(&app, signed(&big, "s3cret", now_secs())).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        let (s, _) = status(&app, signed(br#"{"hello": "world"}"#, "s3cret", now_secs())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        let mut broken = shop.0.orders[&1].clone();
+        broken["customer_email"] = Value::Null;
+        let (s, b) =
+            status(&app, signed(&serde_json::to_vec(&json!({"order": broken})).unwrap(), "s3cret", now_secs())).await;
+        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(b["message"].as_str().unwrap().contains("customer_email"), "{b}");
+        let missing = br#"{"data": {"value": {"entity_id": 999999}}}"#;
+        assert_eq!(status(&app, signed(missing, "s3cret", now_secs())).await.0, StatusCode::BAD_GATEWAY);
+        assert!(recorder.events.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn broker_down_is_503_with_retry_after() {
+        let (app, recorder, shop) = setup();
+        recorder.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let body = serde_json::to_vec(&json!({"order": shop.0.orders[&2]})).unwrap();
+        let resp = app.clone().oneshot(signed(&body, "s3cret", now_secs())).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
+        assert!(recorder.events.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn signatures_are_checked_in_full() {
+        let body = b"{}";
+        let good = sandbox::magento::webhook::sign("k", 100, body);
+        assert!(verify_signature("k", Some(&good), body, 100, Duration::from_secs(10)).is_ok());
+        assert!(verify_signature("k", Some(&good), b"{ }", 100, Duration::from_secs(10)).is_err(), "body is signed");
+        assert!(verify_signature("k", Some(&good), body, 200, Duration::from_secs(10)).is_err(), "too old");
+        assert!(verify_signature("k", Some("t=100"), body, 100, Duration::from_secs(10)).is_err());
+        assert!(verify_signature("k", Some("v1=00"), body, 100, Duration::from_secs(10)).is_err());
+        assert!(verify_signature("k", None, body, 100, Duration::from_secs(10)).is_err());
+    }
+}
