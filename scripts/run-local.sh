@@ -29,19 +29,30 @@ stop_all() {
 trap 'stop_all; exit 0' INT TERM
 trap stop_all EXIT
 
+# Webhook signing secret shared by the sandbox's Magento and order-ingest (kept in the data dir).
+SECRET_FILE="${ELO_STACK_DATA:-$ROOT/.data}/webhook-secret"
+[[ -s "$SECRET_FILE" ]] || (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE")
+export ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE="$SECRET_FILE"
+INGEST_LISTEN="${ELO_ORDER_INGEST_LISTEN:-127.0.0.1:8080}"
+export ELO_ORDER_INGEST_LISTEN="$INGEST_LISTEN"
+export ELO_MAGENTO_URL="${ELO_MAGENTO_URL:-http://${ELO_SANDBOX_MAGENTO_LISTEN:-127.0.0.1:8701}}"
+
 # The sandbox simulates Magento, Salesforce and RD Station (no accounts needed locally).
 SANDBOX_CONTROL="${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}"
-ELO_SANDBOX_INITIAL_ORDERS="${ELO_SANDBOX_INITIAL_ORDERS:-200}" "$BIN/sandbox" >"$LOGS/sandbox.log" 2>&1 &
+# Each process gets its own session (setsid): Ctrl-C reaches this script only, which then
+# sends every process exactly one SIGTERM (a second signal would skip the drain).
+ELO_SANDBOX_INITIAL_ORDERS="${ELO_SANDBOX_INITIAL_ORDERS:-200}" setsid "$BIN/sandbox" >"$LOGS/sandbox.log" 2>&1 &
 SANDBOX_PID=$!
 PIDS+=($SANDBOX_PID)
 
 for i in "${!SERVICES[@]}"; do
   svc=${SERVICES[$i]}
-  ELO_ADMIN_LISTEN="127.0.0.1:${PORTS[$i]}" "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
+  ELO_ADMIN_LISTEN="127.0.0.1:${PORTS[$i]}" setsid "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
   PIDS+=($!)
 done
 
 echo "Elo is starting; logs in $LOGS. Press Ctrl-C to stop."
+WIRED=0
 while true; do
   sleep "$INTERVAL"
   line=""
@@ -63,5 +74,16 @@ while true; do
     state=$([[ "$code" == 200 ]] && echo ready || echo "not-ready($code)")
     line+="$svc=$state  "
   done
-  echo "$(date +%H:%M:%S) $line"
+  # Once everything is up: Magento pushes signed order webhooks to order-ingest and the
+  # generator places orders, so events flow through Kafka to the consumer services.
+  if [[ $WIRED == 0 && "$line" != *not-ready* ]]; then
+    secret=$(cat "$SECRET_FILE")
+    curl -s -o /dev/null -X PUT "http://$SANDBOX_CONTROL/magento/webhook" -H 'content-type: application/json' \
+      -d "{\"url\": \"http://$INGEST_LISTEN/webhooks/magento/orders\", \"secret\": \"$secret\", \"duplicate_rate\": 0.05, \"style\": \"cloud_events\"}"
+    curl -s -o /dev/null -X PUT "http://$SANDBOX_CONTROL/magento/generator" -H 'content-type: application/json' \
+      -d "{\"rate_per_sec\": ${ELO_RUN_ORDERS_PER_SECOND:-2}}"
+    WIRED=1
+  fi
+  events=$(curl -s "http://127.0.0.1:${PORTS[1]}/metrics" | awk '/^elo_validated_events_total/ && !/event_type="none"/ {s+=$2} END {print s+0}')
+  echo "$(date +%H:%M:%S) $line events-validated-by-salesforce-sink=$events"
 done

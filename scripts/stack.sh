@@ -71,7 +71,8 @@ done
 
 [[ -x "$TANSU_BIN" ]] || { echo "tansu not found at $TANSU_BIN: run scripts/install-tools.sh" >&2; exit 1; }
 mkdir -p "$DATA/tansu"
-( cd "$DATA/tansu" && exec "$TANSU_BIN" broker \
+# setsid: the terminal's Ctrl-C reaches the command only; cleanup below sends one SIGTERM.
+( cd "$DATA/tansu" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --storage-engine "sqlite://tansu.db" ) >"$DATA/tansu.log" 2>&1 &
@@ -79,7 +80,7 @@ PIDS+=($!)
 wait_port "$KAFKA_PORT" tansu
 
 REGISTRY_BIN="${ELO_REGISTRY_BIN:-$ROOT/target/debug/schema-registry}"
-"$REGISTRY_BIN" --listen "127.0.0.1:$REGISTRY_PORT" --admin-listen 127.0.0.1:0 \
+setsid "$REGISTRY_BIN" --listen "127.0.0.1:$REGISTRY_PORT" --admin-listen 127.0.0.1:0 \
   --data-file "$DATA/registry.json" >"$DATA/schema-registry.log" 2>&1 &
 PIDS+=($!)
 wait_port "$REGISTRY_PORT" schema-registry

@@ -27,6 +27,15 @@ fn descendants(pid: u32) -> Vec<u32> {
     found
 }
 
+fn pgid(pid: u32) -> Option<u32> {
+    let out = Command::new("ps").args(["-o", "pgid=", "-p", &pid.to_string()]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+fn same_group(pid: u32, other: u32) -> bool {
+    pgid(pid).is_some() && pgid(pid) == pgid(other)
+}
+
 fn alive(pid: u32) -> bool {
     Command::new("kill").args(["-0", &pid.to_string()]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
@@ -57,6 +66,8 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
             .env("ELO_SANDBOX_SALESFORCE_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("ELO_SANDBOX_RDSTATION_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("ELO_SANDBOX_CONTROL_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ELO_RUN_ORDERS_PER_SECOND", "20")
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null()),
     );
@@ -78,15 +89,35 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(ready, "stack never reported every service ready:\n{text}");
 
+    // The demo flows: generated orders are pushed to order-ingest and validated downstream.
+    let mut flowing = false;
+    for _ in 0..120 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let last =
+            text.lines().rev().find_map(|l| l.split("events-validated-by-salesforce-sink=").nth(1)).unwrap_or("0");
+        if last.trim().parse::<u64>().unwrap_or(0) > 0 {
+            flowing = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        flowing,
+        "no event flowed from the sandbox to the sinks:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
     let spawned = descendants(stack.child.id());
     assert!(
         spawned.len() >= 7,
         "expected broker, registry, sandbox and four services, found {} processes",
         spawned.len()
     );
-    // Ctrl-C in a terminal signals the whole foreground group; the script is its leader here.
+    // Ctrl-C in a terminal signals the foreground process group: the scripts. The services run
+    // in sessions of their own and are stopped by the scripts, with one SIGTERM each.
+    let foreground: Vec<u32> = spawned.iter().copied().filter(|pid| same_group(*pid, stack.child.id())).collect();
     stack.signal("INT");
-    for pid in &spawned {
+    for pid in &foreground {
         let _ = Command::new("kill").args(["-INT", &pid.to_string()]).stderr(Stdio::null()).status();
     }
     let status = stack.wait_timeout(Duration::from_secs(60)).expect("stack stops after Ctrl-C");
@@ -96,4 +127,9 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
     assert!(left.is_empty(), "processes left behind: {left:?}");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("all services stopped"), "{text}");
+    let logs = dir.path().join("data/logs");
+    for service in ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "sandbox"] {
+        let log = std::fs::read_to_string(logs.join(format!("{service}.log"))).unwrap_or_default();
+        assert!(!log.contains("exiting without drain"), "{service} was not stopped gracefully:\n{log}");
+    }
 }
