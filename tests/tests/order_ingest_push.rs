@@ -91,7 +91,9 @@ async fn pushed_orders_reach_commerce_events_with_stable_ids() {
     };
 
     let records = read_all(&brokers(), &topic, 3);
-    assert_eq!(records.len() as u64, delivered, "one event per acknowledged notification");
+    // At least one event per acknowledged notification; more when a slow answer made Magento
+    // retry a notification that had in fact been published (at-least-once, same id).
+    assert!(records.len() as u64 >= delivered, "{} events for {delivered} acknowledged notifications", records.len());
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut ids_by_version: BTreeMap<(i64, String), BTreeSet<String>> = BTreeMap::new();
     for record in &records {
