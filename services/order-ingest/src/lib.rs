@@ -9,6 +9,7 @@
 //! sandbox's orders.
 
 pub mod normalize;
+pub mod poll;
 pub mod push;
 pub mod wiring;
 
