@@ -63,6 +63,15 @@ pub struct Config {
     /// File holding the Magento admin password [default: the sandbox's].
     #[arg(long = "magento-password-file", env = "ELO_MAGENTO_PASSWORD_FILE")]
     pub magento_password_file: Option<std::path::PathBuf>,
+    /// Pause between poll rounds (`0s` turns polling off).
+    #[arg(long = "poll-interval", env = "ELO_ORDER_INGEST_POLL_INTERVAL", default_value = "10s", value_parser = elo_service::parse_duration)]
+    pub poll_interval: Duration,
+    /// Window re-read before the cursor each round, for late commits.
+    #[arg(long = "poll-overlap", env = "ELO_ORDER_INGEST_POLL_OVERLAP", default_value = "300s", value_parser = elo_service::parse_duration)]
+    pub poll_overlap: Duration,
+    /// Orders per search page (Magento caps it at 300).
+    #[arg(long = "poll-page-size", env = "ELO_ORDER_INGEST_POLL_PAGE_SIZE", default_value_t = 100)]
+    pub poll_page_size: usize,
     /// Store views as `id=code:website`, comma separated (put on every event).
     #[arg(long = "magento-stores", env = "ELO_MAGENTO_STORES", default_value = "1=default:1,2=br:1", value_parser = parse_stores)]
     pub magento_stores: normalize::Stores,
@@ -86,6 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         return Ok(());
     };
     register_schemas(&service, &config).await;
+    let poller = (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config)).transpose()?;
     let push = match &config.webhook_secret_file {
         Some(path) => Some(start_push(&service, &config, path).await?),
         None => {
@@ -99,8 +109,98 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(push) = push {
         let _ = push.await;
     }
+    if let Some(poller) = poller {
+        let _ = poller.await;
+    }
     service.finish().await;
     Ok(())
+}
+
+/// Polls every store view until shutdown; each store's checkpoint lives in the compacted
+/// checkpoint topic and moves only after the round's events were acknowledged.
+fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use anyhow::Context;
+    let password = match &config.magento_password_file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
+        }
+        None => "elo-sandbox-admin1".to_owned(),
+    };
+    let source = wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?;
+    let publisher = wiring::KafkaPublisher {
+        producer: service.producer.clone(),
+        codec: service.codec.clone(),
+        topic: config.common.topics.commerce.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let checkpoints = wiring::KafkaCheckpoints {
+        producer: service.producer.clone(),
+        kafka: config.common.kafka.clone(),
+        topic: config.checkpoint_topic.clone(),
+    };
+    let (stores, interval, overlap, page_size) =
+        (config.magento_stores.clone(), config.poll_interval, config.poll_overlap, config.poll_page_size.clamp(1, 300));
+    let stop = service.shutdown.clone();
+    Ok(tokio::spawn(async move {
+        let mut store_ids: Vec<(i64, String)> = stores.0.iter().map(|(id, (code, _))| (*id, code.clone())).collect();
+        store_ids.sort();
+        let mut cursors = std::collections::HashMap::new();
+        loop {
+            for (store_id, code) in &store_ids {
+                let start = match cursors.get(code) {
+                    Some(c) => c,
+                    None => match checkpoints.load(code).await {
+                        Ok(c) => {
+                            tracing::info!(store = %code, cursor_ms = c.cursor_ms, "poll checkpoint loaded");
+                            cursors.entry(code.clone()).or_insert(c)
+                        }
+                        Err(error) => {
+                            tracing::error!(store = %code, error = %error, "cannot read the poll checkpoint; retrying next round");
+                            continue;
+                        }
+                    },
+                };
+                let (round, error) =
+                    poll::poll_once(&source, &publisher, &stores, *store_id, start, overlap, page_size).await;
+                if let Some(error) = error {
+                    tracing::warn!(store = %code, error = %error, published = round.published, "poll round stopped early");
+                }
+                if &round.checkpoint != start {
+                    match checkpoints.save(code, &round.checkpoint).await {
+                        Ok(()) => {
+                            metrics::POLL_LAG
+                                .with_label_values(&[code])
+                                .set((now_ms() - round.checkpoint.cursor_ms) / 1000);
+                            cursors.insert(code.clone(), round.checkpoint);
+                        }
+                        Err(error) => tracing::error!(store = %code, error = %error, "cannot save the poll checkpoint"),
+                    }
+                }
+                if round.published > 0 {
+                    tracing::info!(store = %code, published = round.published, "poll round published orders");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }))
+}
+
+mod metrics {
+    use std::sync::LazyLock;
+
+    use prometheus::{IntGaugeVec, register_int_gauge_vec};
+
+    pub(crate) static POLL_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+        register_int_gauge_vec!(
+            "order_ingest_poll_lag_seconds",
+            "Now minus the poll cursor, per store view.",
+            &["store"]
+        )
+        .expect("metric registers once")
+    });
 }
 
 /// Serves the signed push endpoint until shutdown (in-flight requests finish first).

@@ -56,6 +56,23 @@ pub fn parse_magento_time(text: &str) -> Option<i64> {
     Some((days * 86_400 + h * 3600 + mi * 60 + s) * 1000)
 }
 
+/// Formats epoch milliseconds as Magento's `YYYY-MM-DD HH:MM:SS` (UTC).
+pub fn format_magento_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
 fn text<'a>(v: &'a Value, field: &'static str) -> Result<&'a str, NormalizeError> {
     v.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or(NormalizeError::Missing(field))
 }
@@ -265,6 +282,9 @@ mod tests {
         assert_eq!(parse_magento_time("2026-11-01T00:00:01"), Some(1_793_491_201_000));
         assert_eq!(parse_magento_time("2026-13-01 00:00:00"), None);
         assert_eq!(parse_magento_time("yesterday"), None);
+        for ms in [0, 1_793_491_201_000, 951_782_400_000, 4_102_444_799_000] {
+            assert_eq!(parse_magento_time(&format_magento_time(ms)), Some(ms), "{ms}");
+        }
     }
 
     #[test]

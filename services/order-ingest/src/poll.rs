@@ -29,9 +29,11 @@ pub struct Checkpoint {
 
 /// One page of a search: the orders and Magento's `total_count`.
 pub trait OrderSearch: Send + Sync {
+    /// Orders of store view `store_id` updated at or after `from_ms`, sorted by `updated_at`
+    /// then `entity_id`.
     fn updated_since(
         &self,
-        store: &str,
+        store_id: i64,
         from_ms: i64,
         page: usize,
         page_size: usize,
@@ -55,12 +57,12 @@ pub struct Round {
     pub skipped_invalid: usize,
 }
 
-/// Runs one poll round for `store`. On error, returns the checkpoint as far as it got.
+/// Runs one poll round for store view `store_id`. On error, returns the checkpoint as far as it got.
 pub async fn poll_once<S: OrderSearch, P: Publisher>(
     search: &S,
     publisher: &P,
     stores: &Stores,
-    store: &str,
+    store_id: i64,
     start: &Checkpoint,
     overlap: Duration,
     page_size: usize,
@@ -71,7 +73,7 @@ pub async fn poll_once<S: OrderSearch, P: Publisher>(
     let mut candidates: Vec<(i64, i64, Value)> = Vec::new();
     let mut page = 1;
     loop {
-        let (orders, total) = match search.updated_since(store, from, page, page_size).await {
+        let (orders, total) = match search.updated_since(store_id, from, page, page_size).await {
             Ok(r) => r,
             Err(e) => return (Round { checkpoint, published, skipped_invalid }, Some(PollError::Source(e))),
         };
@@ -129,7 +131,7 @@ mod tests {
     impl OrderSearch for Sandbox {
         async fn updated_since(
             &self,
-            _store: &str,
+            _store_id: i64,
             from_ms: i64,
             page: usize,
             page_size: usize,
@@ -182,11 +184,10 @@ mod tests {
         let publisher = Recorder::default();
         let stores = Stores::default();
         let overlap = Duration::from_secs(300);
-        let (round, error) =
-            poll_once(&search, &publisher, &stores, "default", &Checkpoint::default(), overlap, 7).await;
+        let (round, error) = poll_once(&search, &publisher, &stores, 1, &Checkpoint::default(), overlap, 7).await;
         assert!(error.is_some(), "the injected publish failure stops the round");
         assert_eq!(round.published, 6);
-        let (round, error) = poll_once(&search, &publisher, &stores, "default", &round.checkpoint, overlap, 7).await;
+        let (round, error) = poll_once(&search, &publisher, &stores, 1, &round.checkpoint, overlap, 7).await;
         assert!(error.is_none());
         assert_eq!(round.published, 39, "the rest, none twice");
         let mut seen = publisher.0.lock().unwrap().clone();
@@ -194,7 +195,7 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!((total, seen.len()), (45, 45), "every order exactly once");
-        let (again, _) = poll_once(&search, &publisher, &stores, "default", &round.checkpoint, overlap, 7).await;
+        let (again, _) = poll_once(&search, &publisher, &stores, 1, &round.checkpoint, overlap, 7).await;
         assert_eq!(again.published, 0, "nothing new, nothing republished");
     }
 
@@ -206,7 +207,7 @@ mod tests {
         publisher.1.store(100, std::sync::atomic::Ordering::SeqCst); // no injected failure
         let stores = Stores::default();
         let overlap = Duration::from_secs(60);
-        let (round, _) = poll_once(&search, &publisher, &stores, "default", &Checkpoint::default(), overlap, 20).await;
+        let (round, _) = poll_once(&search, &publisher, &stores, 1, &Checkpoint::default(), overlap, 20).await;
         assert_eq!(round.published, 45);
         let cursor = round.checkpoint.cursor_ms;
         {
@@ -216,7 +217,7 @@ mod tests {
             m.orders.get_mut(&7).unwrap()["updated_at"] = Value::String(sandbox::magento::fmt_ts(cursor - 30_000));
             m.orders.get_mut(&9).unwrap()["updated_at"] = Value::String(sandbox::magento::fmt_ts(cursor - 120_000));
         }
-        let (round, _) = poll_once(&search, &publisher, &stores, "default", &round.checkpoint, overlap, 20).await;
+        let (round, _) = poll_once(&search, &publisher, &stores, 1, &round.checkpoint, overlap, 20).await;
         assert_eq!(round.published, 2, "the change and the late commit inside the window; not the one outside it");
         assert_eq!(round.checkpoint.cursor_ms, cursor + 5_000);
         assert!(round.checkpoint.recent.iter().all(|(ts, _)| *ts >= cursor + 5_000 - 60_000), "the window is pruned");

@@ -90,3 +90,118 @@ impl OrderSource for MagentoSource {
         Err("Magento refused the renewed token".into())
     }
 }
+
+impl crate::poll::OrderSearch for MagentoSource {
+    async fn updated_since(
+        &self,
+        store_id: i64,
+        from_ms: i64,
+        page: usize,
+        page_size: usize,
+    ) -> Result<(Vec<Value>, usize), String> {
+        let from = crate::normalize::format_magento_time(from_ms.max(0));
+        let query = [
+            ("searchCriteria[filter_groups][0][filters][0][field]", "updated_at".to_owned()),
+            ("searchCriteria[filter_groups][0][filters][0][value]", from),
+            ("searchCriteria[filter_groups][0][filters][0][condition_type]", "gteq".to_owned()),
+            ("searchCriteria[filter_groups][1][filters][0][field]", "store_id".to_owned()),
+            ("searchCriteria[filter_groups][1][filters][0][value]", store_id.to_string()),
+            ("searchCriteria[filter_groups][1][filters][0][condition_type]", "eq".to_owned()),
+            ("searchCriteria[sortOrders][0][field]", "updated_at".to_owned()),
+            ("searchCriteria[sortOrders][0][direction]", "ASC".to_owned()),
+            ("searchCriteria[sortOrders][1][field]", "entity_id".to_owned()),
+            ("searchCriteria[sortOrders][1][direction]", "ASC".to_owned()),
+            ("searchCriteria[pageSize]", page_size.to_string()),
+            ("searchCriteria[currentPage]", page.to_string()),
+        ];
+        let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
+        let url = format!("{}/rest/V1/orders?{}", self.base_url, encoded.join("&"));
+        for renew in [false, true] {
+            let token = self.token(renew).await?;
+            match self.client.send(|c| c.get(&url).bearer_auth(&token)).await {
+                Ok(response) => {
+                    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+                    let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let total =
+                        body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")?
+                            as usize;
+                    return Ok((items, total));
+                }
+                Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("Magento refused the renewed token".into())
+    }
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Poll checkpoints in a compacted topic, keyed by store code, JSON values. The last record
+/// of a key wins, so reading the topic from the start rebuilds every store's checkpoint.
+pub struct KafkaCheckpoints {
+    pub producer: Producer,
+    pub kafka: elo_kafka::KafkaArgs,
+    pub topic: String,
+}
+
+impl KafkaCheckpoints {
+    /// Reads the latest checkpoint of `store` (none yet = default).
+    pub async fn load(&self, store: &str) -> Result<crate::poll::Checkpoint, String> {
+        let kafka = self.kafka.clone();
+        let (topic, store) = (self.topic.clone(), store.to_owned());
+        tokio::task::spawn_blocking(move || -> Result<crate::poll::Checkpoint, String> {
+            use rdkafka::consumer::{BaseConsumer, Consumer};
+            use rdkafka::{Message, Offset, TopicPartitionList};
+            let consumer: BaseConsumer = kafka
+                .client_config(&[("group.id", "order-ingest-checkpoint-reader"), ("enable.auto.commit", "false")])
+                .map_err(|e| e.to_string())?
+                .create()
+                .map_err(|e| e.to_string())?;
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+            let partitions = metadata.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
+            let mut latest = crate::poll::Checkpoint::default();
+            for p in 0..partitions {
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                if high <= low {
+                    continue;
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(|e| e.to_string())?;
+                consumer.assign(&tpl).map_err(|e| e.to_string())?;
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                let mut next = low;
+                while next < high {
+                    if std::time::Instant::now() > deadline {
+                        return Err(format!("reading checkpoints of partition {p} timed out"));
+                    }
+                    let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+                    let message = message.map_err(|e| e.to_string())?;
+                    next = message.offset() + 1;
+                    if message.key() == Some(store.as_bytes())
+                        && let Some(payload) = message.payload()
+                    {
+                        latest = serde_json::from_slice(payload).map_err(|e| format!("corrupt checkpoint: {e}"))?;
+                    }
+                }
+            }
+            Ok(latest)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Stores a checkpoint and waits for the broker's acknowledgement.
+    pub async fn save(&self, store: &str, checkpoint: &crate::poll::Checkpoint) -> Result<(), String> {
+        let value = serde_json::to_vec(checkpoint).map_err(|e| e.to_string())?;
+        self.producer.send(&self.topic, store.as_bytes(), &value, None).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+}
