@@ -160,8 +160,12 @@ fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task:
                         }
                     },
                 };
-                let (round, error) =
-                    poll::poll_once(&source, &publisher, &stores, *store_id, start, overlap, page_size).await;
+                // Stopping mid-round is safe: the checkpoint is not saved, so the next start
+                // republishes the unconfirmed tail with the same event ids.
+                let (round, error) = tokio::select! {
+                    r = poll::poll_once(&source, &publisher, &stores, *store_id, start, overlap, page_size) => r,
+                    _ = stop.cancelled() => return,
+                };
                 if let Some(error) = error {
                     tracing::warn!(store = %code, error = %error, published = round.published, "poll round stopped early");
                 }
