@@ -40,6 +40,101 @@ impl Handler for Count {
     }
 }
 
+struct NoRefetch;
+
+impl order_ingest::push::OrderSource for NoRefetch {
+    async fn order(&self, _entity_id: i64) -> Result<serde_json::Value, String> {
+        Err("the benchmark sends full orders".into())
+    }
+}
+
+async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let topic = unique("bench.push");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let generator = sandbox::magento::generator::GeneratorConfig { transition_rate: 0.0, ..Default::default() };
+    let mut shop = sandbox::magento::Magento::new(Default::default(), generator);
+    shop.generate(2_000);
+    let orders: Vec<serde_json::Value> = shop.orders.values().cloned().collect();
+    let codec = Arc::new(elo_events::EventCodec::new(&elo_events::RegistryConfig::local(
+        elo_integration_tests::registry_url(),
+    ))?);
+    let publisher = order_ingest::wiring::KafkaPublisher {
+        producer: producer.clone(),
+        codec: codec.clone(),
+        topic: topic.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let secret = "bench-secret-0123456789abcdef";
+    let config = order_ingest::push::PushConfig {
+        secret: secret.into(),
+        tolerance: Duration::from_secs(300),
+        max_body_bytes: 1 << 20,
+        stores: order_ingest::normalize::Stores::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/webhooks/magento/orders", listener.local_addr()?);
+    let app = order_ingest::push::router(config, publisher, NoRefetch);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+    let bodies: Vec<Vec<u8>> =
+        orders.iter().map(|o| serde_json::to_vec(&serde_json::json!({"order": o})).unwrap()).collect();
+    let started = Instant::now();
+    let latencies: Vec<Duration> = futures::stream::iter(bodies.iter())
+        .map(|body| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                let t = Instant::now();
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+                let signature = sandbox::magento::webhook::sign(secret, now, body);
+                let response = client
+                    .post(&url)
+                    .header(order_ingest::push::SIGNATURE_HEADER, signature)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                assert!(response.is_ok_and(|r| r.status().is_success()), "push refused during the benchmark");
+                t.elapsed()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let push_rate = rate(latencies.len(), started.elapsed());
+    let mut sorted = latencies.clone();
+    sorted.sort();
+    let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
+    let events: Vec<CommerceEvent> =
+        orders.iter().map(|o| order_ingest::normalize::order_event(o, None, &Default::default(), 0).unwrap()).collect();
+    let mut encoded = Vec::new();
+    for e in &events {
+        encoded.push((e.customer_key.clone(), codec.encode(&topic, e).await?));
+    }
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?;
+    let started = Instant::now();
+    let futures: Vec<_> = encoded
+        .iter()
+        .map(|(k, v)| raw.send_result(FutureRecord::to(&topic).key(k.as_bytes()).payload(v)).map_err(|(e, _)| e))
+        .collect::<Result<_, _>>()?;
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let raw_rate = rate(encoded.len(), started.elapsed());
+    report(rows, "push webhook -> acked event", "orders/s", push_rate, "raw producer, same events", raw_rate);
+    println!(
+        "  (push p99 latency {:.1} ms at 32 concurrent webhooks, {} orders)",
+        p99.as_secs_f64() * 1000.0,
+        latencies.len()
+    );
+    rows.push(serde_json::json!({"benchmark": "push p99 latency", "unit": "ms", "elo": p99.as_secs_f64() * 1000.0}));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
@@ -149,6 +244,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let raw_produce = rate(n, started.elapsed());
     report(&mut rows, "produce (acked)", "records/s", elo_produce, "raw rdkafka producer", raw_produce);
+
+    // order-ingest push: signed webhook in, broker acknowledgement out, against the raw
+    // producer sending the same encoded events.
+    push_bench(&mut rows, &producer).await?;
 
     // Consumer: both read the 2n records now on the topic.
     let total = 2 * n as u64;
