@@ -62,8 +62,11 @@ async fn simple_salesforce_my_magento_and_rdstation_python_work_against_the_sand
     let rd_addr = serve(rd.clone().router()).await;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/third_party_clients.py");
+    let log_dir = keys.path().to_owned();
     let out = tokio::task::spawn_blocking(move || {
         Command::new("python3")
+            // my-magento writes a log file into its working directory.
+            .current_dir(&log_dir)
             .arg(script)
             .arg(&magento_addr)
             .arg(&sf_addr)
