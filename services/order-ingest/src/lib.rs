@@ -14,6 +14,7 @@ pub mod push;
 pub mod wiring;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use elo_events::{CommerceEvent, IntegrationCommand, InventoryEvent};
@@ -95,9 +96,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         return Ok(());
     };
     register_schemas(&service, &config).await;
-    let poller = (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config)).transpose()?;
+    // One Magento client (one admin token) and one publisher serve both paths.
+    let source = Arc::new(magento_source(&config)?);
+    let publisher = Arc::new(wiring::KafkaPublisher {
+        producer: service.producer.clone(),
+        codec: service.codec.clone(),
+        topic: config.common.topics.commerce.clone(),
+        timeout: Duration::from_secs(10),
+    });
+    let poller =
+        (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
     let push = match &config.webhook_secret_file {
-        Some(path) => Some(start_push(&service, &config, path).await?),
+        Some(path) => Some(start_push(&service, &config, path, source, publisher).await?),
         None => {
             tracing::warn!(
                 "no webhook secret configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE): the push endpoint is off"
@@ -116,9 +126,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Polls every store view until shutdown; each store's checkpoint lives in the compacted
-/// checkpoint topic and moves only after the round's events were acknowledged.
-fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+/// The Magento REST client, with the admin password from its file (the sandbox's by default).
+fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
     use anyhow::Context;
     let password = match &config.magento_password_file {
         Some(path) => {
@@ -126,13 +135,17 @@ fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task:
         }
         None => "elo-sandbox-admin1".to_owned(),
     };
-    let source = wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?;
-    let publisher = wiring::KafkaPublisher {
-        producer: service.producer.clone(),
-        codec: service.codec.clone(),
-        topic: config.common.topics.commerce.clone(),
-        timeout: Duration::from_secs(10),
-    };
+    Ok(wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?)
+}
+
+/// Polls every store view until shutdown; each store's checkpoint lives in the compacted
+/// checkpoint topic and moves only after the round's events were acknowledged.
+fn start_poll(
+    service: &Service,
+    config: &Config,
+    source: Arc<wiring::MagentoSource>,
+    publisher: Arc<wiring::KafkaPublisher>,
+) -> tokio::task::JoinHandle<()> {
     let checkpoints = wiring::KafkaCheckpoints {
         producer: service.producer.clone(),
         kafka: config.common.kafka.clone(),
@@ -141,29 +154,32 @@ fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task:
     let (stores, interval, overlap, page_size) =
         (config.magento_stores.clone(), config.poll_interval, config.poll_overlap, config.poll_page_size.clamp(1, 300));
     let stop = service.shutdown.clone();
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let mut store_ids: Vec<(i64, String)> = stores.0.iter().map(|(id, (code, _))| (*id, code.clone())).collect();
         store_ids.sort();
-        let mut cursors = std::collections::HashMap::new();
+        // Every store's checkpoint comes from one pass over the compacted topic.
+        let mut cursors = loop {
+            match checkpoints.load_all().await {
+                Ok(all) => {
+                    tracing::info!(stores = all.len(), "poll checkpoints loaded");
+                    break all;
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot read the poll checkpoints; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
         loop {
             for (store_id, code) in &store_ids {
-                let start = match cursors.get(code) {
-                    Some(c) => c,
-                    None => match checkpoints.load(code).await {
-                        Ok(c) => {
-                            tracing::info!(store = %code, cursor_ms = c.cursor_ms, "poll checkpoint loaded");
-                            cursors.entry(code.clone()).or_insert(c)
-                        }
-                        Err(error) => {
-                            tracing::error!(store = %code, error = %error, "cannot read the poll checkpoint; retrying next round");
-                            continue;
-                        }
-                    },
-                };
+                let start = cursors.entry(code.clone()).or_default();
                 // Stopping mid-round is safe: the checkpoint is not saved, so the next start
                 // republishes the unconfirmed tail with the same event ids.
                 let (round, error) = tokio::select! {
-                    r = poll::poll_once(&source, &publisher, &stores, *store_id, start, overlap, page_size) => r,
+                    r = poll::poll_once(&*source, &*publisher, &stores, *store_id, start, overlap, page_size) => r,
                     _ = stop.cancelled() => return,
                 };
                 if let Some(error) = error {
@@ -189,7 +205,7 @@ fn start_poll(service: &Service, config: &Config) -> anyhow::Result<tokio::task:
                 _ = stop.cancelled() => return,
             }
         }
-    }))
+    })
 }
 
 mod metrics {
@@ -212,6 +228,8 @@ async fn start_push(
     service: &Service,
     config: &Config,
     secret_file: &std::path::Path,
+    source: Arc<wiring::MagentoSource>,
+    publisher: Arc<wiring::KafkaPublisher>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
     let secret = std::fs::read_to_string(secret_file)
@@ -219,19 +237,6 @@ async fn start_push(
         .trim()
         .to_owned();
     anyhow::ensure!(secret.len() >= 16, "the webhook secret must have at least 16 characters");
-    let password = match &config.magento_password_file {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
-        }
-        None => "elo-sandbox-admin1".to_owned(),
-    };
-    let publisher = wiring::KafkaPublisher {
-        producer: service.producer.clone(),
-        codec: service.codec.clone(),
-        topic: config.common.topics.commerce.clone(),
-        timeout: Duration::from_secs(10),
-    };
-    let source = wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?;
     let push_config = push::PushConfig {
         secret,
         tolerance: config.webhook_tolerance,

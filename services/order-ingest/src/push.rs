@@ -53,6 +53,19 @@ pub trait OrderSource: Send + Sync + 'static {
     fn order(&self, entity_id: i64) -> impl Future<Output = Result<Value, String>> + Send;
 }
 
+/// A shared publisher or source (one per process, used by push and poll) works as its inner one.
+impl<T: Publisher> Publisher for Arc<T> {
+    fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
+        (**self).publish(event)
+    }
+}
+
+impl<T: OrderSource> OrderSource for Arc<T> {
+    fn order(&self, entity_id: i64) -> impl Future<Output = Result<Value, String>> + Send {
+        (**self).order(entity_id)
+    }
+}
+
 /// Push endpoint settings.
 #[derive(Clone, Debug)]
 pub struct PushConfig {

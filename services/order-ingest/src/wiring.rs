@@ -74,20 +74,24 @@ impl MagentoSource {
         }
         Ok(token.clone().expect("set above"))
     }
-}
 
-impl OrderSource for MagentoSource {
-    async fn order(&self, entity_id: i64) -> Result<Value, String> {
-        let url = format!("{}/rest/V1/orders/{entity_id}", self.base_url);
+    /// GET with the admin token, renewing it once on a 401.
+    async fn get_json(&self, url: &str) -> Result<Value, String> {
         for renew in [false, true] {
             let token = self.token(renew).await?;
-            match self.client.send(|c| c.get(&url).bearer_auth(&token)).await {
+            match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
                 Ok(response) => return response.json().await.map_err(|e| e.to_string()),
                 Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
                 Err(e) => return Err(e.to_string()),
             }
         }
         Err("Magento refused the renewed token".into())
+    }
+}
+
+impl OrderSource for MagentoSource {
+    async fn order(&self, entity_id: i64) -> Result<Value, String> {
+        self.get_json(&format!("{}/rest/V1/orders/{entity_id}", self.base_url)).await
     }
 }
 
@@ -116,22 +120,11 @@ impl crate::poll::OrderSearch for MagentoSource {
         ];
         let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
         let url = format!("{}/rest/V1/orders?{}", self.base_url, encoded.join("&"));
-        for renew in [false, true] {
-            let token = self.token(renew).await?;
-            match self.client.send(|c| c.get(&url).bearer_auth(&token)).await {
-                Ok(response) => {
-                    let body: Value = response.json().await.map_err(|e| e.to_string())?;
-                    let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
-                    let total =
-                        body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")?
-                            as usize;
-                    return Ok((items, total));
-                }
-                Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-        Err("Magento refused the renewed token".into())
+        let body = self.get_json(&url).await?;
+        let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
+        let total =
+            body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")? as usize;
+        Ok((items, total))
     }
 }
 
@@ -153,48 +146,51 @@ pub struct KafkaCheckpoints {
 }
 
 impl KafkaCheckpoints {
-    /// Reads the latest checkpoint of `store` (none yet = default).
-    pub async fn load(&self, store: &str) -> Result<crate::poll::Checkpoint, String> {
+    /// Reads the latest checkpoint of every store in one pass over the topic.
+    pub async fn load_all(&self) -> Result<std::collections::HashMap<String, crate::poll::Checkpoint>, String> {
         let kafka = self.kafka.clone();
-        let (topic, store) = (self.topic.clone(), store.to_owned());
-        tokio::task::spawn_blocking(move || -> Result<crate::poll::Checkpoint, String> {
-            use rdkafka::consumer::{BaseConsumer, Consumer};
-            use rdkafka::{Message, Offset, TopicPartitionList};
-            let consumer: BaseConsumer = kafka
-                .client_config(&[("group.id", "order-ingest-checkpoint-reader"), ("enable.auto.commit", "false")])
-                .map_err(|e| e.to_string())?
-                .create()
-                .map_err(|e| e.to_string())?;
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-            let partitions = metadata.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
-            let mut latest = crate::poll::Checkpoint::default();
-            for p in 0..partitions {
-                let (low, high) =
-                    consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-                if high <= low {
-                    continue;
-                }
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(|e| e.to_string())?;
-                consumer.assign(&tpl).map_err(|e| e.to_string())?;
-                let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                let mut next = low;
-                while next < high {
-                    if std::time::Instant::now() > deadline {
-                        return Err(format!("reading checkpoints of partition {p} timed out"));
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<std::collections::HashMap<String, crate::poll::Checkpoint>, String> {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                use rdkafka::{Message, Offset, TopicPartitionList};
+                let consumer: BaseConsumer = kafka
+                    .client_config(&[("group.id", "order-ingest-checkpoint-reader"), ("enable.auto.commit", "false")])
+                    .map_err(|e| e.to_string())?
+                    .create()
+                    .map_err(|e| e.to_string())?;
+                let metadata =
+                    consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                let partitions = metadata.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
+                let mut latest = std::collections::HashMap::new();
+                for p in 0..partitions {
+                    let (low, high) =
+                        consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+                    if high <= low {
+                        continue;
                     }
-                    let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-                    let message = message.map_err(|e| e.to_string())?;
-                    next = message.offset() + 1;
-                    if message.key() == Some(store.as_bytes())
-                        && let Some(payload) = message.payload()
-                    {
-                        latest = serde_json::from_slice(payload).map_err(|e| format!("corrupt checkpoint: {e}"))?;
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(|e| e.to_string())?;
+                    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let mut next = low;
+                    while next < high {
+                        if std::time::Instant::now() > deadline {
+                            return Err(format!("reading checkpoints of partition {p} timed out"));
+                        }
+                        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+                        let message = message.map_err(|e| e.to_string())?;
+                        next = message.offset() + 1;
+                        if let (Some(key), Some(payload)) = (message.key(), message.payload()) {
+                            let checkpoint =
+                                serde_json::from_slice(payload).map_err(|e| format!("corrupt checkpoint: {e}"))?;
+                            latest.insert(String::from_utf8_lossy(key).into_owned(), checkpoint);
+                        }
                     }
                 }
-            }
-            Ok(latest)
-        })
+                Ok(latest)
+            },
+        )
         .await
         .map_err(|e| e.to_string())?
     }

@@ -769,10 +769,13 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
     let _in_flight = InFlight(app.in_flight.clone());
     let concurrent = app.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     let data_call = path.starts_with("/services/data/v");
-    if data_call && concurrent > app.sim.lock().expect("sim lock").config.max_concurrent {
-        let mut r = SfResponse::error(403, "REQUEST_LIMIT_EXCEEDED", "ConcurrentPerOrgLongTxn Limit exceeded.");
-        r.headers.push(app.sim.lock().expect("sim lock").limit_header());
-        return to_http(r);
+    if data_call {
+        let sim = app.sim.lock().expect("sim lock");
+        if concurrent > sim.config.max_concurrent {
+            let mut r = SfResponse::error(403, "REQUEST_LIMIT_EXCEEDED", "ConcurrentPerOrgLongTxn Limit exceeded.");
+            r.headers.push(sim.limit_header());
+            return to_http(r);
+        }
     }
     match app.faults.decide("salesforce").await {
         FaultDecision::Proceed => {}
