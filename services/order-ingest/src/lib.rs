@@ -8,9 +8,12 @@
 //! order payloads to deterministic `CommerceEvent`s) is already here and tested against the
 //! sandbox's orders.
 
+pub mod enrich;
+pub mod inventory;
 pub mod normalize;
 pub mod poll;
 pub mod push;
+pub mod source;
 pub mod wiring;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -76,6 +79,24 @@ pub struct Config {
     /// Store views as `id=code:website`, comma separated (put on every event).
     #[arg(long = "magento-stores", env = "ELO_MAGENTO_STORES", default_value = "1=default:1,2=br:1", value_parser = parse_stores)]
     pub magento_stores: normalize::Stores,
+    /// Check salable quantities (MSI) for every order and publish stock facts.
+    #[arg(long = "inventory-checks", env = "ELO_ORDER_INGEST_INVENTORY_CHECKS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inventory_checks: bool,
+    /// MSI stock id the store sells from.
+    #[arg(long = "stock-id", env = "ELO_MAGENTO_STOCK_ID", default_value_t = 1)]
+    pub stock_id: i32,
+    /// Salable quantity at or below which a SKU is reported LOW_STOCK.
+    #[arg(long = "low-stock-threshold", env = "ELO_ORDER_INGEST_LOW_STOCK_THRESHOLD", default_value = "5")]
+    pub low_stock_threshold: elo_events::Decimal4,
+    /// How long a SKU's salable quantity is reused before asking Magento again.
+    #[arg(long = "inventory-cache-ttl", env = "ELO_ORDER_INGEST_INVENTORY_CACHE_TTL", default_value = "30s", value_parser = elo_service::parse_duration)]
+    pub inventory_cache_ttl: Duration,
+    /// Salable-quantity requests to Magento in flight at once.
+    #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
+    pub inventory_concurrency: usize,
+    /// How long a customer's marketing consent is reused for their next orders.
+    #[arg(long = "customer-cache-ttl", env = "ELO_ORDER_INGEST_CUSTOMER_CACHE_TTL", default_value = "60s", value_parser = elo_service::parse_duration)]
+    pub customer_cache_ttl: Duration,
     /// Dead-letter topic for commands that cannot be executed.
     #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
     pub dlq_topic: String,
@@ -98,12 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     register_schemas(&service, &config).await;
     // One Magento client (one admin token) and one publisher serve both paths.
     let source = Arc::new(magento_source(&config)?);
-    let publisher = Arc::new(wiring::KafkaPublisher {
-        producer: service.producer.clone(),
-        codec: service.codec.clone(),
-        topic: config.common.topics.commerce.clone(),
-        timeout: Duration::from_secs(10),
-    });
+    let publisher = Arc::new(enriching_publisher(&service, &config, source.clone()));
     let poller =
         (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
     let push = match &config.webhook_secret_file {
@@ -126,6 +142,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The publisher every path uses: Kafka behind consent and inventory enrichment.
+pub type SharedPublisher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
+
+fn enriching_publisher(service: &Service, config: &Config, source: Arc<wiring::MagentoSource>) -> SharedPublisher {
+    let kafka = wiring::KafkaPublisher {
+        producer: service.producer.clone(),
+        codec: service.codec.clone(),
+        topic: config.common.topics.commerce.clone(),
+        inventory_topic: config.common.topics.inventory.clone(),
+        timeout: Duration::from_secs(10),
+    };
+    let inventory = config.inventory_checks.then(|| {
+        inventory::InventoryChecker::new(inventory::InventoryConfig {
+            stock_id: config.stock_id,
+            low_stock_threshold: config.low_stock_threshold,
+            cache_ttl: config.inventory_cache_ttl,
+            concurrency: config.inventory_concurrency,
+        })
+    });
+    enrich::Enricher::new(kafka, source, inventory, config.customer_cache_ttl)
+}
+
 /// The Magento REST client, with the admin password from its file (the sandbox's by default).
 fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
     use anyhow::Context;
@@ -144,7 +182,7 @@ fn start_poll(
     service: &Service,
     config: &Config,
     source: Arc<wiring::MagentoSource>,
-    publisher: Arc<wiring::KafkaPublisher>,
+    publisher: Arc<SharedPublisher>,
 ) -> tokio::task::JoinHandle<()> {
     let checkpoints = wiring::KafkaCheckpoints {
         producer: service.producer.clone(),
@@ -229,7 +267,7 @@ async fn start_push(
     config: &Config,
     secret_file: &std::path::Path,
     source: Arc<wiring::MagentoSource>,
-    publisher: Arc<wiring::KafkaPublisher>,
+    publisher: Arc<SharedPublisher>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
     let secret = std::fs::read_to_string(secret_file)

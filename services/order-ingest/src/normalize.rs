@@ -13,8 +13,8 @@
 use std::collections::HashMap;
 
 use elo_events::{
-    Address, CommerceEvent, CommerceEventType, ConsentStatus, Customer, Decimal4, InventoryStatus, MarketingConsent,
-    Order, OrderItem, OrderTotals, SourceVersion, StoreRef, ids,
+    Address, CommerceEvent, CommerceEventType, ConsentStatus, Customer, CustomerErasure, Decimal4, InventoryStatus,
+    MarketingConsent, Order, OrderItem, OrderTotals, SourceVersion, StoreRef, ids,
 };
 use serde_json::Value;
 
@@ -190,7 +190,6 @@ pub fn order_event(
     let is_guest = opt_int(order, "customer_is_guest") == Some(1) || opt_int(order, "customer_id").is_none();
     let customer_id = if is_guest { None } else { opt_int(order, "customer_id") };
     let store_id = int(order, "store_id")?;
-    let (store_code, website_id) = stores.0.get(&store_id).cloned().map_or((None, None), |(c, w)| (Some(c), Some(w)));
     let items = items(order)?;
     let total_qty = items
         .iter()
@@ -199,12 +198,6 @@ pub fn order_event(
         .ok_or(NormalizeError::Invalid { field: "qty_ordered", reason: "overflow".into() })?;
     let shipping = order.pointer("/extension_attributes/shipping_assignments/0/shipping");
     let billing = order.get("billing_address").and_then(address);
-    let consent = match customer.and_then(|c| c.pointer("/extension_attributes/is_subscribed")).and_then(Value::as_bool)
-    {
-        Some(true) => ConsentStatus::Granted,
-        Some(false) => ConsentStatus::Declined,
-        None => ConsentStatus::Unknown,
-    };
     let event_type =
         if created_at == updated_at { CommerceEventType::OrderPlaced } else { CommerceEventType::OrderChanged };
     let entity = entity_id.to_string();
@@ -216,7 +209,7 @@ pub fn order_event(
         occurred_at: updated_at,
         produced_at,
         customer_key: ids::customer_key(customer_id, &email),
-        store: StoreRef { store_id: store_id as i32, store_code, website_id },
+        store: store_ref(stores, store_id),
         order: Some(Order {
             entity_id,
             increment_id: text(order, "increment_id")?.to_owned(),
@@ -247,17 +240,119 @@ pub fn order_event(
             lastname: opt_text(order, "customer_lastname"),
             group_id: opt_int(order, "customer_group_id").map(|g| g as i32),
             phone: billing.and_then(|b| b.telephone),
-            consent: MarketingConsent {
-                status: consent,
-                legal_basis: (consent != ConsentStatus::Unknown).then(|| "consent".to_owned()),
-                updated_at: customer
-                    .and_then(|c| c.get("updated_at"))
-                    .and_then(Value::as_str)
-                    .and_then(parse_magento_time),
-            },
+            consent: consent_of(customer),
         }),
         erasure: None,
     })
+}
+
+/// Marketing consent from a customer record (`extension_attributes.is_subscribed`, Magento's
+/// newsletter subscription, the opt-in LGPD's "consent" basis rests on). Unknown without a record.
+pub fn consent_of(customer: Option<&Value>) -> MarketingConsent {
+    let status = match customer.and_then(|c| c.pointer("/extension_attributes/is_subscribed")).and_then(Value::as_bool)
+    {
+        Some(true) => ConsentStatus::Granted,
+        Some(false) => ConsentStatus::Declined,
+        None => ConsentStatus::Unknown,
+    };
+    MarketingConsent {
+        status,
+        legal_basis: (status != ConsentStatus::Unknown).then(|| "consent".to_owned()),
+        updated_at: customer.and_then(|c| c.get("updated_at")).and_then(Value::as_str).and_then(parse_magento_time),
+    }
+}
+
+fn store_ref(stores: &Stores, store_id: i64) -> StoreRef {
+    let (store_code, website_id) = stores.0.get(&store_id).cloned().map_or((None, None), |(c, w)| (Some(c), Some(w)));
+    StoreRef { store_id: store_id as i32, store_code, website_id }
+}
+
+/// `CUSTOMER_CHANGED` from a customer record (`GET /V1/customers/{id}`), keyed `c:<id>`.
+pub fn customer_event(customer: &Value, stores: &Stores, produced_at: i64) -> Result<CommerceEvent, NormalizeError> {
+    let id = int(customer, "id")?;
+    let updated_at = time(customer, "updated_at")?;
+    let email = ids::normalise_email(text(customer, "email")?);
+    let entity = id.to_string();
+    // The default billing address holds the phone Magento knows for the person.
+    let addresses = customer.get("addresses").and_then(Value::as_array);
+    let billing = addresses.and_then(|a| {
+        a.iter().find(|x| x.get("default_billing").and_then(Value::as_bool) == Some(true)).or_else(|| a.first())
+    });
+    Ok(CommerceEvent {
+        event_id: ids::event_id(&["magento", "customer", &entity, &updated_at.to_string()]),
+        event_type: CommerceEventType::CustomerChanged,
+        source_system: "magento".into(),
+        source_version: SourceVersion { entity_type: "customer".into(), entity_id: entity, updated_at },
+        occurred_at: updated_at,
+        produced_at,
+        customer_key: ids::customer_key(Some(id), &email),
+        store: store_ref(stores, opt_int(customer, "store_id").unwrap_or(0)),
+        order: None,
+        customer: Some(Customer {
+            customer_id: Some(id),
+            is_guest: false,
+            email,
+            firstname: opt_text(customer, "firstname"),
+            lastname: opt_text(customer, "lastname"),
+            group_id: opt_int(customer, "group_id").map(|g| g as i32),
+            phone: billing.and_then(|b| opt_text(b, "telephone")),
+            consent: consent_of(Some(customer)),
+        }),
+        erasure: None,
+    })
+}
+
+/// Who must be forgotten, and why (`customer_deleted` or `erasure_request`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ErasureRequest {
+    pub customer_id: Option<i64>,
+    pub email: String,
+    pub reason: &'static str,
+    pub store_id: i64,
+    /// When the deletion or request happened (ms, UTC).
+    pub requested_at: i64,
+}
+
+/// `CUSTOMER_ERASED` events: one on the registered key `c:<id>` and one on the e-mail's guest
+/// key `g:<sha256>`, so consumers partitioned by customer key see the erasure wherever that
+/// person's history lives. The address itself is not republished: only its hash.
+pub fn erasure_events(
+    request: &ErasureRequest,
+    stores: &Stores,
+    produced_at: i64,
+) -> Result<Vec<CommerceEvent>, NormalizeError> {
+    let email = ids::normalise_email(&request.email);
+    if email.is_empty() || !email.contains('@') {
+        return Err(NormalizeError::Invalid { field: "email", reason: "an erasure needs the person's e-mail".into() });
+    }
+    let mut keys = vec![ids::customer_key(None, &email)];
+    if let Some(id) = request.customer_id {
+        keys.insert(0, ids::customer_key(Some(id), &email));
+    }
+    Ok(keys
+        .into_iter()
+        .map(|key| CommerceEvent {
+            event_id: ids::event_id(&["magento", "customer-erased", &key, request.reason]),
+            event_type: CommerceEventType::CustomerErased,
+            source_system: "magento".into(),
+            source_version: SourceVersion {
+                entity_type: "customer".into(),
+                entity_id: request.customer_id.map_or_else(|| key.clone(), |id| id.to_string()),
+                updated_at: request.requested_at,
+            },
+            occurred_at: request.requested_at,
+            produced_at,
+            customer_key: key,
+            store: store_ref(stores, request.store_id),
+            order: None,
+            customer: None,
+            erasure: Some(CustomerErasure {
+                customer_id: request.customer_id,
+                email_sha256: ids::email_sha256(&email),
+                reason: request.reason.to_owned(),
+            }),
+        })
+        .collect())
 }
 
 #[cfg(test)]

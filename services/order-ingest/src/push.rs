@@ -26,7 +26,8 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::normalize::{NormalizeError, Stores, order_event};
+use crate::normalize::{ErasureRequest, NormalizeError, Stores, customer_event, erasure_events, order_event};
+use crate::source::{MagentoApi, SourceError};
 
 /// Signature header name.
 pub const SIGNATURE_HEADER: &str = "x-elo-webhook-signature";
@@ -48,21 +49,10 @@ pub enum PublishError {
     Rejected(String),
 }
 
-/// Fetches the full order when a notification carries only part of it.
-pub trait OrderSource: Send + Sync + 'static {
-    fn order(&self, entity_id: i64) -> impl Future<Output = Result<Value, String>> + Send;
-}
-
-/// A shared publisher or source (one per process, used by push and poll) works as its inner one.
+/// A shared publisher (one per process, used by push, poll and commands) works as its inner one.
 impl<T: Publisher> Publisher for Arc<T> {
     fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
         (**self).publish(event)
-    }
-}
-
-impl<T: OrderSource> OrderSource for Arc<T> {
-    fn order(&self, entity_id: i64) -> impl Future<Output = Result<Value, String>> + Send {
-        (**self).order(entity_id)
     }
 }
 
@@ -82,10 +72,11 @@ struct PushState<P, S> {
 }
 
 /// The push router.
-pub fn router<P: Publisher, S: OrderSource>(config: PushConfig, publisher: P, source: S) -> Router {
+pub fn router<P: Publisher, S: MagentoApi>(config: PushConfig, publisher: P, source: S) -> Router {
     let limit = config.max_body_bytes;
     Router::new()
-        .route("/webhooks/magento/orders", post(receive::<P, S>))
+        .route("/webhooks/magento/orders", post(receive_order::<P, S>))
+        .route("/webhooks/magento/customers", post(receive_customer::<P, S>))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(Arc::new(PushState { config, publisher, source }))
 }
@@ -142,83 +133,187 @@ fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default()
 }
 
-async fn receive<P: Publisher, S: OrderSource>(
+/// Verifies the signature and parses the body; the refusal otherwise.
+fn authenticate<P, S>(state: &PushState<P, S>, headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
+    if let Err(reason) = verify_signature(&state.config.secret, signature, body, now_secs(), state.config.tolerance) {
+        metrics::NOTIFICATIONS.with_label_values(&["unauthorized"]).inc();
+        return Err(refuse(StatusCode::UNAUTHORIZED, "invalid_signature", reason));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        metrics::NOTIFICATIONS.with_label_values(&["malformed"]).inc();
+        refuse(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not JSON: {e}"))
+    })
+}
+
+fn invalid(code: &str, message: impl Into<String>) -> Response {
+    metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
+    refuse(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// A refetch that Magento did not answer. A 404 is answered like an outage (502, retried by the
+/// sender): Magento's save observers run inside the saving transaction, so a notification can
+/// arrive before the entity is visible to a read; the poll covers anything never delivered.
+fn source_failed(entity: &str, id: i64, error: SourceError) -> Response {
+    metrics::NOTIFICATIONS.with_label_values(&["source_error"]).inc();
+    tracing::warn!(entity, entity_id = id, error = %error, "refetch failed");
+    let message = match error {
+        SourceError::NotFound => format!("Magento has no {entity} {id} (yet); retry later"),
+        _ => format!("Magento did not return the {entity}; retry later"),
+    };
+    refuse(StatusCode::BAD_GATEWAY, "source_unavailable", message)
+}
+
+async fn receive_order<P: Publisher, S: MagentoApi>(
     State(state): State<Arc<PushState<P, S>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok());
-    if let Err(reason) = verify_signature(&state.config.secret, signature, &body, now_secs(), state.config.tolerance) {
-        metrics::NOTIFICATIONS.with_label_values(&["unauthorized"]).inc();
-        return refuse(StatusCode::UNAUTHORIZED, "invalid_signature", reason);
-    }
-    let payload: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            metrics::NOTIFICATIONS.with_label_values(&["malformed"]).inc();
-            return refuse(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not JSON: {e}"));
-        }
+    let started = std::time::Instant::now();
+    let payload = match authenticate(&state, &headers, &body) {
+        Ok(payload) => payload,
+        Err(refusal) => return refusal,
     };
     // Full order (plain style) or partial (CloudEvents: data.value) that must be refetched.
     let order = if let Some(order) = payload.get("order").filter(|o| o.get("items").is_some()) {
         order.clone()
     } else if let Some(partial) = payload.pointer("/data/value") {
         let Some(id) = partial.get("entity_id").and_then(Value::as_i64) else {
-            metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
-            return refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid_payload", "data.value.entity_id is missing");
+            return invalid("invalid_payload", "data.value.entity_id is missing");
         };
         match state.source.order(id).await {
             Ok(order) => order,
-            Err(reason) => {
-                metrics::NOTIFICATIONS.with_label_values(&["source_error"]).inc();
-                tracing::warn!(entity_id = id, error = %reason, "order refetch failed");
-                return refuse(
-                    StatusCode::BAD_GATEWAY,
-                    "source_unavailable",
-                    "Magento did not return the order; retry later",
-                );
-            }
+            Err(error) => return source_failed("order", id, error),
         }
     } else {
-        metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
-        return refuse(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_payload",
-            "expected {\"order\": {...}} or a CloudEvent with data.value",
-        );
+        return invalid("invalid_payload", "expected {\"order\": {...}} or a CloudEvent with data.value");
     };
-    let event = match order_event(&order, None, &state.config.stores, crate::now_ms()) {
-        Ok(e) => e,
+    match order_event(&order, None, &state.config.stores, crate::now_ms()) {
+        Ok(event) => publish_all(&state.publisher, vec![event], started).await,
         Err(e @ (NormalizeError::Missing(_) | NormalizeError::Invalid { .. })) => {
-            metrics::NOTIFICATIONS.with_label_values(&["invalid"]).inc();
-            return refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid_order", e.to_string());
-        }
-    };
-    let started = std::time::Instant::now();
-    match state.publisher.publish(&event).await {
-        Ok(()) => {
-            metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
-            metrics::PUBLISH_LATENCY.observe(started.elapsed().as_secs_f64());
-            (StatusCode::OK, axum::Json(json!({"event_id": event.event_id, "event_type": event.event_type.as_str()})))
-                .into_response()
-        }
-        Err(PublishError::Unavailable(reason)) => {
-            metrics::NOTIFICATIONS.with_label_values(&["unavailable"]).inc();
-            tracing::warn!(error = %reason, "publish unavailable, asking Magento to retry");
-            let mut r = refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "event store temporarily unavailable; retry later",
-            );
-            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
-            r
-        }
-        Err(PublishError::Rejected(reason)) => {
-            metrics::NOTIFICATIONS.with_label_values(&["rejected"]).inc();
-            tracing::error!(error = %reason, "event could not be published");
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the event could not be published")
+            invalid("invalid_order", e.to_string())
         }
     }
+}
+
+/// What a customer notification asks for.
+enum CustomerNotice {
+    /// Saved: refetch (partial) or take (full) the record.
+    Saved { id: Option<i64>, record: Option<Value> },
+    /// Deleted in Magento, or an erasure request (LGPD/GDPR) from the shop's privacy tooling.
+    Erase(ErasureRequest),
+}
+
+/// Reads the customer notification styles: CloudEvents (`...customer_save_after` /
+/// `...customer_delete_after` with `data.value`) and plain (`{"event": ..., "customer": {...}}`,
+/// where `event` is `customer_save_after`, `customer_delete_after` or `erasure_request`).
+fn customer_notice(payload: &Value) -> Result<CustomerNotice, &'static str> {
+    let (kind, subject) = if let Some(value) = payload.pointer("/data/value") {
+        (payload.get("type").and_then(Value::as_str).unwrap_or_default(), value)
+    } else {
+        let subject =
+            payload.get("customer").ok_or("expected a CloudEvent with data.value or {\"event\", \"customer\"}")?;
+        (payload.get("event").and_then(Value::as_str).unwrap_or_default(), subject)
+    };
+    let id = subject.get("id").or_else(|| subject.get("entity_id")).and_then(Value::as_i64);
+    let requested_at = payload
+        .get("time")
+        .and_then(Value::as_str)
+        .and_then(crate::normalize::parse_magento_time)
+        .unwrap_or_else(crate::now_ms);
+    let erase = |reason: &'static str| -> Result<CustomerNotice, &'static str> {
+        let email = subject.get("email").and_then(Value::as_str).ok_or("an erasure needs customer.email")?;
+        Ok(CustomerNotice::Erase(ErasureRequest {
+            customer_id: id,
+            email: email.to_owned(),
+            reason,
+            store_id: subject.get("store_id").and_then(Value::as_i64).unwrap_or(0),
+            requested_at,
+        }))
+    };
+    if kind.ends_with("customer_save_after") {
+        let full =
+            subject.get("email").is_some() && subject.get("updated_at").is_some() && payload.get("data").is_none();
+        id.ok_or("customer.id is missing")?;
+        Ok(CustomerNotice::Saved { id, record: full.then(|| subject.clone()) })
+    } else if kind.ends_with("customer_delete_after") {
+        erase("customer_deleted")
+    } else if kind == "erasure_request" {
+        erase("erasure_request")
+    } else {
+        Err("unknown customer event: expected customer_save_after, customer_delete_after or erasure_request")
+    }
+}
+
+async fn receive_customer<P: Publisher, S: MagentoApi>(
+    State(state): State<Arc<PushState<P, S>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let payload = match authenticate(&state, &headers, &body) {
+        Ok(payload) => payload,
+        Err(refusal) => return refusal,
+    };
+    let events = match customer_notice(&payload) {
+        Err(reason) => return invalid("invalid_payload", reason),
+        Ok(CustomerNotice::Saved { id, record }) => {
+            let record = match (record, id) {
+                (Some(record), _) => record,
+                (None, Some(id)) => match state.source.customer(id).await {
+                    Ok(record) => record,
+                    Err(error) => return source_failed("customer", id, error),
+                },
+                (None, None) => return invalid("invalid_payload", "customer.id is missing"),
+            };
+            customer_event(&record, &state.config.stores, crate::now_ms()).map(|e| vec![e])
+        }
+        Ok(CustomerNotice::Erase(request)) => erasure_events(&request, &state.config.stores, crate::now_ms()),
+    };
+    match events {
+        Ok(events) => publish_all(&state.publisher, events, started).await,
+        Err(e) => invalid("invalid_customer", e.to_string()),
+    }
+}
+
+/// Publishes in order and answers 200 only when every event was acknowledged.
+async fn publish_all<P: Publisher>(
+    publisher: &P,
+    events: Vec<elo_events::CommerceEvent>,
+    started: std::time::Instant,
+) -> Response {
+    for event in &events {
+        match publisher.publish(event).await {
+            Ok(()) => {}
+            Err(PublishError::Unavailable(reason)) => {
+                metrics::NOTIFICATIONS.with_label_values(&["unavailable"]).inc();
+                tracing::warn!(error = %reason, "publish unavailable, asking Magento to retry");
+                let mut r = refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "event store temporarily unavailable; retry later",
+                );
+                r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+                return r;
+            }
+            Err(PublishError::Rejected(reason)) => {
+                metrics::NOTIFICATIONS.with_label_values(&["rejected"]).inc();
+                tracing::error!(error = %reason, "event could not be published");
+                return refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the event could not be published");
+            }
+        }
+    }
+    metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
+    metrics::PUBLISH_LATENCY.observe(started.elapsed().as_secs_f64());
+    let first = &events[0];
+    // `op` is what Adobe Commerce webhooks expect from a receiver that accepted the call.
+    let body = json!({
+        "op": "success",
+        "event_id": first.event_id,
+        "event_type": first.event_type.as_str(),
+        "event_ids": events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 mod metrics {
@@ -270,19 +365,10 @@ mod tests {
         }
     }
 
-    #[derive(Clone)]
-    struct Shop(Arc<sandbox::magento::Magento>);
-
-    impl OrderSource for Shop {
-        async fn order(&self, entity_id: i64) -> Result<Value, String> {
-            self.0.orders.get(&entity_id).cloned().ok_or_else(|| "404".to_owned())
-        }
-    }
+    use crate::source::fake::Shop;
 
     fn setup() -> (Router, Recorder, Shop) {
-        let mut magento = sandbox::magento::Magento::new(Default::default(), Default::default());
-        magento.generate(20);
-        let shop = Shop(Arc::new(magento));
+        let shop = Shop::generated(20);
         let recorder = Recorder::default();
         let config = PushConfig {
             secret: "s3cret".into(),
@@ -312,7 +398,7 @@ mod tests {
     #[tokio::test]
     async fn signed_notifications_publish_once_per_order_version() {
         let (app, recorder, shop) = setup();
-        let order = &shop.0.orders[&3];
+        let order = &shop.0.lock().unwrap().orders[&3].clone();
         // The sandbox's own CloudEvents notification (partial: the order is refetched).
         let cloud =
             sandbox::magento::webhook::notification(&sandbox::magento::webhook::WebhookConfig::default(), order).body;
@@ -332,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn refusals_publish_nothing() {
         let (app, recorder, shop) = setup();
-        let body = serde_json::to_vec(&json!({"order": shop.0.orders[&1]})).unwrap();
+        let body = serde_json::to_vec(&json!({"order": shop.0.lock().unwrap().orders[&1]})).unwrap();
         let (s, b) = status(&app, signed(&body, "wrong", now_secs())).await;
         assert_eq!((s, b["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("invalid_signature")));
         let (s, _) = status(&app, signed(&body, "s3cret", now_secs() - 3600)).await;
@@ -345,7 +431,7 @@ mod tests {
         assert_eq!(status(&app, signed(&big, "s3cret", now_secs())).await.0, StatusCode::PAYLOAD_TOO_LARGE);
         let (s, _) = status(&app, signed(br#"{"hello": "world"}"#, "s3cret", now_secs())).await;
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-        let mut broken = shop.0.orders[&1].clone();
+        let mut broken = shop.0.lock().unwrap().orders[&1].clone();
         broken["customer_email"] = Value::Null;
         let (s, b) =
             status(&app, signed(&serde_json::to_vec(&json!({"order": broken})).unwrap(), "s3cret", now_secs())).await;
@@ -360,7 +446,7 @@ mod tests {
     async fn broker_down_is_503_with_retry_after() {
         let (app, recorder, shop) = setup();
         recorder.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let body = serde_json::to_vec(&json!({"order": shop.0.orders[&2]})).unwrap();
+        let body = serde_json::to_vec(&json!({"order": shop.0.lock().unwrap().orders[&2]})).unwrap();
         let resp = app.clone().oneshot(signed(&body, "s3cret", now_secs())).await.unwrap();
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
@@ -382,7 +468,7 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         let (app, recorder, shop) = setup();
-        let body = serde_json::to_vec(&json!({"order": shop.0.orders[&1]})).unwrap();
+        let body = serde_json::to_vec(&json!({"order": shop.0.lock().unwrap().orders[&1]})).unwrap();
         let mut seen = Vec::new();
         let cases: Vec<Request<Body>> = vec![
             signed(&body, "s3cret", now_secs()),

@@ -10,34 +10,61 @@ use elo_kafka::Producer;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::push::{OrderSource, PublishError, Publisher};
+use crate::enrich::InventoryPublisher;
+use crate::push::{PublishError, Publisher};
+use crate::source::{MagentoApi, SourceError};
 
-/// Publishes to `commerce.events`, keyed by customer, and waits for the acknowledgement
-/// (bounded, so a dead broker becomes a 503 rather than a hung webhook).
+/// Publishes to `commerce.events` (keyed by customer) and `inventory.events` (keyed by SKU),
+/// and waits for the acknowledgement (bounded, so a dead broker becomes a 503 rather than a
+/// hung webhook).
 pub struct KafkaPublisher {
     pub producer: Producer,
     pub codec: Arc<EventCodec>,
     pub topic: String,
+    pub inventory_topic: String,
     pub timeout: Duration,
 }
 
-impl Publisher for KafkaPublisher {
-    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
-        let payload = self.codec.encode(&self.topic, event).await.map_err(|e| {
+impl KafkaPublisher {
+    async fn send<T: elo_events::AvroEvent>(
+        &self,
+        topic: &str,
+        key: &str,
+        event: &T,
+        event_type: &str,
+    ) -> Result<(), PublishError> {
+        let payload = self.codec.encode(topic, event).await.map_err(|e| {
             if e.is_retriable() {
                 PublishError::Unavailable(e.to_string())
             } else {
                 PublishError::Rejected(e.to_string())
             }
         })?;
-        let send =
-            self.producer.send(&self.topic, event.customer_key.as_bytes(), &payload, Some(event.event_type.as_str()));
+        let send = self.producer.send(topic, key.as_bytes(), &payload, Some(event_type));
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
             Ok(Err(e)) => Err(PublishError::Rejected(e.to_string())),
             Err(_) => Err(PublishError::Unavailable(format!("no acknowledgement within {:?}", self.timeout))),
         }
+    }
+}
+
+impl Publisher for KafkaPublisher {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        self.send(&self.topic, &event.customer_key, event, event.event_type.as_str()).await
+    }
+}
+
+impl InventoryPublisher for KafkaPublisher {
+    async fn publish_inventory(&self, event: &elo_events::InventoryEvent) -> Result<(), PublishError> {
+        let event_type = match event.event_type {
+            elo_events::InventoryEventType::StockLevel => "STOCK_LEVEL",
+            elo_events::InventoryEventType::LowStock => "LOW_STOCK",
+            elo_events::InventoryEventType::Oversold => "OVERSOLD",
+            elo_events::InventoryEventType::Unknown => "UNKNOWN",
+        };
+        self.send(&self.inventory_topic, &event.sku, event, event_type).await
     }
 }
 
@@ -63,35 +90,79 @@ impl MagentoSource {
         })
     }
 
-    async fn token(&self, renew: bool) -> Result<String, String> {
+    async fn token(&self, renew: bool) -> Result<String, SourceError> {
         let mut token = self.token.lock().await;
         if renew || token.is_none() {
             let url = format!("{}/rest/V1/integration/admin/token", self.base_url);
             let body = json!({"username": self.username, "password": self.password});
-            let response = self.client.send(|c| c.post(&url).json(&body)).await.map_err(|e| e.to_string())?;
-            let value: Value = response.json().await.map_err(|e| e.to_string())?;
-            *token = Some(value.as_str().ok_or("the admin token is not a JSON string")?.to_owned());
+            let response = self.client.send(|c| c.post(&url).json(&body)).await.map_err(classify)?;
+            let value: Value =
+                response.json().await.map_err(|e| SourceError::Refused(format!("unreadable token answer: {e}")))?;
+            let text =
+                value.as_str().ok_or_else(|| SourceError::Refused("the admin token is not a JSON string".into()))?;
+            *token = Some(text.to_owned());
         }
         Ok(token.clone().expect("set above"))
     }
 
-    /// GET with the admin token, renewing it once on a 401.
-    async fn get_json(&self, url: &str) -> Result<Value, String> {
+    /// GET with the admin token, renewing it once on a 401. Failures are counted by class.
+    async fn get_json(&self, url: &str) -> Result<Value, SourceError> {
+        let result = self.get_json_once(url).await;
+        if let Err(error) = &result {
+            metrics::MAGENTO_ERRORS.with_label_values(&[error.class()]).inc();
+        }
+        result
+    }
+
+    async fn get_json_once(&self, url: &str) -> Result<Value, SourceError> {
         for renew in [false, true] {
             let token = self.token(renew).await?;
             match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
-                Ok(response) => return response.json().await.map_err(|e| e.to_string()),
+                Ok(response) => {
+                    return response.json().await.map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")));
+                }
                 Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(classify(e)),
             }
         }
-        Err("Magento refused the renewed token".into())
+        Err(SourceError::Refused("Magento refused the renewed token".into()))
     }
 }
 
-impl OrderSource for MagentoSource {
-    async fn order(&self, entity_id: i64) -> Result<Value, String> {
+/// 404 is final, anything retriable (transport, 5xx, 429) is an outage, the rest a refusal.
+fn classify(error: elo_http_client::Error) -> SourceError {
+    match error.status().map(|s| s.as_u16()) {
+        Some(404) => SourceError::NotFound,
+        _ if error.is_retriable() => SourceError::Unavailable(error.to_string()),
+        _ => SourceError::Refused(error.to_string()),
+    }
+}
+
+impl MagentoApi for MagentoSource {
+    async fn order(&self, entity_id: i64) -> Result<Value, SourceError> {
         self.get_json(&format!("{}/rest/V1/orders/{entity_id}", self.base_url)).await
+    }
+
+    async fn customer(&self, customer_id: i64) -> Result<Value, SourceError> {
+        self.get_json(&format!("{}/rest/V1/customers/{customer_id}", self.base_url)).await
+    }
+
+    async fn salable_qty(&self, sku: &str, stock_id: i32) -> Result<Option<elo_events::Decimal4>, SourceError> {
+        let url =
+            format!("{}/rest/V1/inventory/get-product-salable-quantity/{}/{stock_id}", self.base_url, urlencode(sku));
+        // An unknown SKU is an answer here (not stock-managed), not an API error.
+        let result = self.get_json_once(&url).await;
+        if let Some(error) = result.as_ref().err().filter(|e| **e != SourceError::NotFound) {
+            metrics::MAGENTO_ERRORS.with_label_values(&[error.class()]).inc();
+        }
+        match result {
+            Ok(Value::Number(n)) => elo_events::Decimal4::parse(&n.to_string())
+                .map(Some)
+                .map_err(|e| SourceError::Refused(format!("salable quantity {n}: {e}"))),
+            Ok(other) => Err(SourceError::Refused(format!("salable quantity is not a number: {other}"))),
+            Err(SourceError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -120,7 +191,7 @@ impl crate::poll::OrderSearch for MagentoSource {
         ];
         let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
         let url = format!("{}/rest/V1/orders?{}", self.base_url, encoded.join("&"));
-        let body = self.get_json(&url).await?;
+        let body = self.get_json(&url).await.map_err(|e| e.to_string())?;
         let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
         let total =
             body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")? as usize;
@@ -200,4 +271,23 @@ impl KafkaCheckpoints {
         let value = serde_json::to_vec(checkpoint).map_err(|e| e.to_string())?;
         self.producer.send(&self.topic, store.as_bytes(), &value, None).await.map(|_| ()).map_err(|e| e.to_string())
     }
+}
+
+mod metrics {
+    use std::sync::LazyLock;
+
+    use prometheus::{IntCounterVec, register_int_counter_vec};
+
+    pub(super) static MAGENTO_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        let counter = register_int_counter_vec!(
+            "order_ingest_magento_errors_total",
+            "Failed Magento REST calls by class (not_found, unavailable, refused).",
+            &["class"]
+        )
+        .expect("metric registers once");
+        for class in ["not_found", "unavailable", "refused"] {
+            counter.with_label_values(&[class]).inc_by(0);
+        }
+        counter
+    });
 }

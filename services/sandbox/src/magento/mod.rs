@@ -162,7 +162,7 @@ pub struct Customer {
 }
 
 impl Customer {
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         let mut address = self.address.clone();
         address["id"] = json!(self.id);
         address["customer_id"] = json!(self.id);

@@ -1,0 +1,186 @@
+//! Enrichment between normalisation and publication, shared by push, poll, backfill and repair
+//! commands: every path publishes through [`Enricher`], so an order carries the same consent
+//! and inventory facts whichever way it arrived.
+//!
+//! - Registered customers' marketing consent comes from their customer record (cached briefly:
+//!   one returning customer's burst of orders costs one lookup).
+//! - Orders get an inventory check ([`crate::inventory`]); fresh stock observations are published
+//!   to `inventory.events` (keyed by SKU) before the order, and the order carries the worst
+//!   condition found.
+//!
+//! Enrichment failures never block an order: consent stays `UNKNOWN`, inventory `UNCHECKED`.
+//! The `event_id` identifies the source fact only, so a redelivered order keeps its id even if
+//! the stock observed the second time differs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use elo_events::{CommerceEvent, InventoryEvent, MarketingConsent};
+
+use crate::inventory::InventoryChecker;
+use crate::push::{PublishError, Publisher};
+use crate::source::MagentoApi;
+
+/// Publishes stock facts to `inventory.events`.
+pub trait InventoryPublisher: Send + Sync + 'static {
+    /// Publishes one event and resolves once the broker acknowledged it.
+    fn publish_inventory(&self, event: &InventoryEvent) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+impl<T: InventoryPublisher> InventoryPublisher for std::sync::Arc<T> {
+    fn publish_inventory(&self, event: &InventoryEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
+        (**self).publish_inventory(event)
+    }
+}
+
+/// A [`Publisher`] that enriches before handing over to the inner one.
+pub struct Enricher<P, M> {
+    inner: P,
+    magento: M,
+    inventory: Option<InventoryChecker>,
+    consent_ttl: Duration,
+    consents: Mutex<HashMap<i64, (MarketingConsent, Instant)>>,
+}
+
+/// Consent entries kept before expired ones are swept.
+const CONSENT_SWEEP_AT: usize = 50_000;
+
+impl<P, M> Enricher<P, M> {
+    /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
+    pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
+        Self { inner, magento, inventory, consent_ttl, consents: Mutex::new(HashMap::new()) }
+    }
+
+    /// The publisher behind the enrichment.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+}
+
+impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
+    async fn consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        if let Some((consent, at)) = self.consents.lock().expect("consent lock").get(&customer_id)
+            && at.elapsed() < self.consent_ttl
+        {
+            return Some(consent.clone());
+        }
+        match self.magento.customer(customer_id).await {
+            Ok(customer) => {
+                let consent = crate::normalize::consent_of(Some(&customer));
+                let mut cache = self.consents.lock().expect("consent lock");
+                if cache.len() >= CONSENT_SWEEP_AT {
+                    let ttl = self.consent_ttl;
+                    cache.retain(|_, (_, at)| at.elapsed() < ttl);
+                }
+                cache.insert(customer_id, (consent.clone(), Instant::now()));
+                Some(consent)
+            }
+            Err(error) => {
+                tracing::warn!(customer_id, error = %error, "customer lookup failed; consent left unknown");
+                None
+            }
+        }
+    }
+}
+
+impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        let mut event = event.clone();
+        let registered = event.customer.as_ref().and_then(|c| c.customer_id);
+        if let (Some(order_customer), Some(id), true) = (event.customer.as_mut(), registered, event.order.is_some())
+            && let Some(consent) = self.consent(id).await
+        {
+            order_customer.consent = consent;
+        }
+        if let (Some(checker), Some(order)) = (&self.inventory, event.order.as_mut()) {
+            let check = checker.check(&self.magento, order, crate::now_ms()).await;
+            let sends = check.events.iter().map(|e| self.inner.publish_inventory(e));
+            for result in futures::future::join_all(sends).await {
+                result?;
+            }
+            order.inventory_status = check.status;
+        }
+        self.inner.publish(&event).await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::Arc;
+
+    use elo_events::{ConsentStatus, InventoryStatus};
+
+    use super::*;
+    use crate::inventory::InventoryConfig;
+    use crate::source::fake::Shop;
+
+    /// Records what reaches the broker, in order.
+    #[derive(Default, Clone)]
+    pub(crate) struct Recorder {
+        pub(crate) events: Arc<Mutex<Vec<CommerceEvent>>>,
+        pub(crate) stock: Arc<Mutex<Vec<InventoryEvent>>>,
+    }
+
+    impl Publisher for Recorder {
+        async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+            self.events.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+    }
+
+    impl InventoryPublisher for Recorder {
+        async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+            self.stock.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn orders_carry_consent_and_inventory_status_and_stock_facts_are_published_first() {
+        let shop = Shop::generated(200);
+        let recorder = Recorder::default();
+        let checker = InventoryChecker::new(InventoryConfig::default());
+        let enricher = Enricher::new(recorder.clone(), shop.clone(), Some(checker), Duration::from_secs(60));
+        let (orders, customers) = {
+            let m = shop.0.lock().unwrap();
+            (m.orders.values().cloned().collect::<Vec<_>>(), m.customers.clone())
+        };
+        for order in &orders {
+            let event = crate::normalize::order_event(order, None, &Default::default(), 0).unwrap();
+            assert_eq!(event.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
+            enricher.publish(&event).await.unwrap();
+        }
+        let events = recorder.events.lock().unwrap();
+        assert_eq!(events.len(), orders.len());
+        for event in events.iter() {
+            let customer = event.customer.as_ref().unwrap();
+            let expected = match customer.customer_id {
+                Some(id) if customers[&id].subscribed => ConsentStatus::Granted,
+                Some(_) => ConsentStatus::Declined,
+                None => ConsentStatus::Unknown,
+            };
+            assert_eq!(customer.consent.status, expected, "{}", event.customer_key);
+            assert_ne!(event.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+        }
+        let stock = recorder.stock.lock().unwrap();
+        assert!(!stock.is_empty());
+        // The generator depletes stock below zero on popular SKUs; those orders say so.
+        let oversold: Vec<_> =
+            events.iter().filter(|e| e.order.as_ref().unwrap().inventory_status == InventoryStatus::Oversold).collect();
+        let negative = shop.0.lock().unwrap().stock.values().filter(|(q, _)| *q < 0.0).count();
+        assert_eq!(oversold.is_empty(), negative == 0, "oversold orders iff some SKU is negative");
+    }
+
+    #[tokio::test]
+    async fn without_inventory_checks_orders_stay_unchecked() {
+        let shop = Shop::generated(5);
+        let recorder = Recorder::default();
+        let enricher = Enricher::new(recorder.clone(), shop.clone(), None, Duration::from_secs(60));
+        let order = shop.0.lock().unwrap().orders[&1].clone();
+        enricher.publish(&crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap()).await.unwrap();
+        let events = recorder.events.lock().unwrap();
+        assert_eq!(events[0].order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+        assert!(recorder.stock.lock().unwrap().is_empty());
+    }
+}
