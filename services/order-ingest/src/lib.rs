@@ -73,6 +73,17 @@ pub struct Config {
     /// Window re-read before the cursor each round, for late commits.
     #[arg(long = "poll-overlap", env = "ELO_ORDER_INGEST_POLL_OVERLAP", default_value = "300s", value_parser = elo_service::parse_duration)]
     pub poll_overlap: Duration,
+    /// What the poll reads, comma separated.
+    #[arg(
+        long = "poll-entities",
+        env = "ELO_ORDER_INGEST_POLL_ENTITIES",
+        default_value = "orders,customers",
+        value_delimiter = ','
+    )]
+    pub poll_entities: Vec<poll::Entity>,
+    /// Pages read per poll round before the checkpoint is saved (long catch-ups checkpoint as they go).
+    #[arg(long = "poll-max-pages", env = "ELO_ORDER_INGEST_POLL_MAX_PAGES", default_value_t = 20)]
+    pub poll_max_pages: usize,
     /// Orders per search page (Magento caps it at 300).
     #[arg(long = "poll-page-size", env = "ELO_ORDER_INGEST_POLL_PAGE_SIZE", default_value_t = 100)]
     pub poll_page_size: usize,
@@ -189,8 +200,14 @@ fn start_poll(
         kafka: config.common.kafka.clone(),
         topic: config.checkpoint_topic.clone(),
     };
-    let (stores, interval, overlap, page_size) =
-        (config.magento_stores.clone(), config.poll_interval, config.poll_overlap, config.poll_page_size.clamp(1, 300));
+    let (stores, interval, overlap, page_size, max_pages) = (
+        config.magento_stores.clone(),
+        config.poll_interval,
+        config.poll_overlap,
+        config.poll_page_size.clamp(1, 300),
+        config.poll_max_pages,
+    );
+    let entities = config.poll_entities.clone();
     let stop = service.shutdown.clone();
     tokio::spawn(async move {
         let mut store_ids: Vec<(i64, String)> = stores.0.iter().map(|(id, (code, _))| (*id, code.clone())).collect();
@@ -199,7 +216,7 @@ fn start_poll(
         let mut cursors = loop {
             match checkpoints.load_all().await {
                 Ok(all) => {
-                    tracing::info!(stores = all.len(), "poll checkpoints loaded");
+                    tracing::info!(checkpoints = all.len(), "poll checkpoints loaded");
                     break all;
                 }
                 Err(error) => {
@@ -212,31 +229,46 @@ fn start_poll(
             }
         };
         loop {
-            for (store_id, code) in &store_ids {
-                let start = cursors.entry(code.clone()).or_default();
-                // Stopping mid-round is safe: the checkpoint is not saved, so the next start
-                // republishes the unconfirmed tail with the same event ids.
-                let (round, error) = tokio::select! {
-                    r = poll::poll_once(&*source, &*publisher, &stores, *store_id, start, overlap, page_size) => r,
-                    _ = stop.cancelled() => return,
-                };
-                if let Some(error) = error {
-                    tracing::warn!(store = %code, error = %error, published = round.published, "poll round stopped early");
-                }
-                if &round.checkpoint != start {
-                    match checkpoints.save(code, &round.checkpoint).await {
-                        Ok(()) => {
-                            metrics::POLL_LAG
-                                .with_label_values(&[code])
-                                .set((now_ms() - round.checkpoint.cursor_ms) / 1000);
-                            cursors.insert(code.clone(), round.checkpoint);
-                        }
-                        Err(error) => tracing::error!(store = %code, error = %error, "cannot save the poll checkpoint"),
+            let mut more = false;
+            for entity in &entities {
+                for (store_id, code) in &store_ids {
+                    let key = entity.checkpoint_key(code);
+                    let start = cursors.entry(key.clone()).or_default();
+                    let spec = poll::RoundSpec { entity: *entity, store_id: *store_id, overlap, page_size, max_pages };
+                    // Stopping mid-round is safe: the checkpoint is not saved, so the next start
+                    // republishes the unconfirmed tail with the same event ids.
+                    let mut no_progress = |_, _| {};
+                    let (round, error) = tokio::select! {
+                        r = poll::poll_once(&*source, &*publisher, &stores, &spec, start, &mut no_progress) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    if let Some(error) = error {
+                        tracing::warn!(checkpoint = %key, error = %error, published = round.published, "poll round stopped early");
+                    }
+                    more |= round.more;
+                    if &round.checkpoint != start {
+                        match checkpoints.save(&key, &round.checkpoint).await {
+                            Ok(()) => cursors.insert(key.clone(), round.checkpoint),
+                            Err(error) => {
+                                tracing::error!(checkpoint = %key, error = %error, "cannot save the poll checkpoint");
+                                None
+                            }
+                        };
+                    }
+                    let cursor = cursors.get(&key).map_or(0, |c| c.cursor_ms);
+                    metrics::POLL_LAG.with_label_values(&[entity.as_str(), code]).set(if cursor > 0 {
+                        (now_ms() - cursor) / 1000
+                    } else {
+                        0
+                    });
+                    if round.published > 0 {
+                        tracing::info!(checkpoint = %key, published = round.published, "poll round published");
                     }
                 }
-                if round.published > 0 {
-                    tracing::info!(store = %code, published = round.published, "poll round published orders");
-                }
+            }
+            // A cut round continues at once; a finished one waits for the next interval.
+            if more {
+                continue;
             }
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
@@ -254,8 +286,8 @@ mod metrics {
     pub(crate) static POLL_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         register_int_gauge_vec!(
             "order_ingest_poll_lag_seconds",
-            "Now minus the poll cursor, per store view.",
-            &["store"]
+            "Now minus the poll cursor (the newest updated_at published), per entity and store view.",
+            &["entity", "store"]
         )
         .expect("metric registers once")
     });

@@ -166,9 +166,10 @@ impl MagentoApi for MagentoSource {
     }
 }
 
-impl crate::poll::OrderSearch for MagentoSource {
+impl crate::poll::EntitySearch for MagentoSource {
     async fn updated_since(
         &self,
+        entity: crate::poll::Entity,
         store_id: i64,
         from_ms: i64,
         page: usize,
@@ -190,7 +191,11 @@ impl crate::poll::OrderSearch for MagentoSource {
             ("searchCriteria[currentPage]", page.to_string()),
         ];
         let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
-        let url = format!("{}/rest/V1/orders?{}", self.base_url, encoded.join("&"));
+        let path = match entity {
+            crate::poll::Entity::Orders => "orders",
+            crate::poll::Entity::Customers => "customers/search",
+        };
+        let url = format!("{}/rest/V1/{path}?{}", self.base_url, encoded.join("&"));
         let body = self.get_json(&url).await.map_err(|e| e.to_string())?;
         let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
         let total =

@@ -56,6 +56,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/webhook", put(magento_webhook))
         .route("/magento/generator", put(magento_rate))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
+        .route("/magento/customers/{id}", axum::routing::patch(magento_alter_customer))
         .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
         .with_state(control)
         // /metrics and /health/{livez,readyz}, as on every Elo process.
@@ -254,6 +255,30 @@ async fn magento_alter_order(State(c): State<Control>, Path(id): Path<i64>, Json
         order[k] = v.clone();
     }
     Ok(Json(order.clone()))
+}
+
+/// A customer edits their account (name, e-mail, newsletter subscription): `updated_at` moves
+/// and a `customer_save_after` notification is queued, as Magento's own save would do.
+async fn magento_alter_customer(State(c): State<Control>, Path(id): Path<i64>, Json(body): Json<Value>) -> ApiResult {
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    let Some(customer) = sim.customers.get_mut(&id) else {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such customer"}))));
+    };
+    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
+    for (k, v) in fields {
+        match (k.as_str(), v) {
+            ("subscribed", Value::Bool(b)) => customer.subscribed = *b,
+            ("firstname", Value::String(t)) => customer.firstname = t.clone(),
+            ("lastname", Value::String(t)) => customer.lastname = t.clone(),
+            ("email", Value::String(t)) => customer.email = t.clone(),
+            _ => return Err(bad_request(format!("cannot change {k} to {v}"))),
+        }
+    }
+    // Magento timestamps have second precision: make the change visible as a new version.
+    customer.updated_ms = (customer.updated_ms / 1000 + 1).max(crate::now_ms() / 1000) * 1000;
+    let json = customer.to_json();
+    sim.notify_customer(&json, false);
+    Ok(Json(json))
 }
 
 /// Drift: a contact deleted behind Elo's back.

@@ -94,10 +94,15 @@ impl Generator {
         }
         // Returning customers: most orders come from the existing base.
         if !magento.customers.is_empty() && self.rng.random::<f64>() < 0.6 {
-            let id = self.rng.random_range(1..=magento.customers.len() as i64);
-            return magento.customers.get(&id).cloned();
+            let last = magento.customers.last_key_value().map_or(1, |(id, _)| *id);
+            let id = self.rng.random_range(1..=last);
+            // A deleted customer's id falls through to a new registration.
+            if let Some(customer) = magento.customers.get(&id) {
+                return Some(customer.clone());
+            }
         }
-        let id = magento.customers.len() as i64 + 1;
+        // After the last id, not the count: deleted customers leave gaps.
+        let id = magento.customers.last_key_value().map_or(1, |(id, _)| id + 1);
         let (first, last) = (*self.pick(FIRST_NAMES), *self.pick(LAST_NAMES));
         let email = format!("{}.{}{}@example.com", first.to_lowercase().replace('ã', "a"), last.to_lowercase(), id);
         let address = self.address(first, last, &email);
@@ -114,6 +119,7 @@ impl Generator {
             address,
         };
         magento.customers.insert(id, customer.clone());
+        magento.notify_customer(&customer.to_json(), false);
         Some(customer)
     }
 

@@ -250,6 +250,15 @@ impl Magento {
         }
     }
 
+    /// Queues a customer notification (saved or deleted) when a customer URL is set.
+    pub fn notify_customer(&mut self, customer: &Value, deleted: bool) {
+        if self.webhook.customer_url.is_none() {
+            return;
+        }
+        let n = webhook::customer_notification(&self.webhook, customer, deleted, now_ms());
+        self.outbox.queue.push_back(n);
+    }
+
     /// Takes sold quantity off the default source; it may go negative (oversold).
     pub fn deplete(&mut self, sku: &str, qty: f64) {
         if let Some((q, status)) = self.stock.get_mut(sku) {
@@ -390,6 +399,19 @@ impl Magento {
                     )
                 })?;
                 Ok((200, customer.to_json()))
+            }
+            ("DELETE", ["customers", id]) => {
+                // Magento answers `true`; the customer's orders stay (their customer_id is kept).
+                let customer = id.parse::<i64>().ok().and_then(|id| self.customers.remove(&id)).ok_or_else(|| {
+                    MagentoError::new(
+                        404,
+                        "No such entity with %fieldName = %fieldValue",
+                        json!({"fieldName": "customerId", "fieldValue": id}),
+                    )
+                })?;
+                let json = customer.to_json();
+                self.notify_customer(&json, true);
+                Ok((200, json!(true)))
             }
             ("GET", ["inventory", "source-items"]) => {
                 let c = criteria()?;

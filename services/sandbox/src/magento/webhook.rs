@@ -35,7 +35,11 @@ pub enum WebhookStyle {
 /// Where and how notifications go.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WebhookConfig {
+    /// Receiver of order notifications.
     pub url: Option<String>,
+    /// Receiver of customer notifications (saved, deleted); none are sent without it.
+    #[serde(default)]
+    pub customer_url: Option<String>,
     pub secret: String,
     /// Probability (0..1) that a delivered notification is delivered once more.
     pub duplicate_rate: f64,
@@ -46,6 +50,7 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
             url: None,
+            customer_url: None,
             secret: "elo-sandbox-webhook-secret".into(),
             duplicate_rate: 0.05,
             style: WebhookStyle::CloudEvents,
@@ -57,6 +62,8 @@ impl Default for WebhookConfig {
 #[derive(Clone, Debug)]
 pub struct Notification {
     pub id: String,
+    /// Goes to `customer_url` rather than `url`.
+    pub about_customer: bool,
     pub body: Vec<u8>,
     pub attempts: u32,
     pub not_before_ms: i64,
@@ -101,7 +108,31 @@ pub fn notification(config: &WebhookConfig, order: &Value) -> Notification {
         }),
         WebhookStyle::Plain => json!({"event": "sales_order_save_after", "id": id, "order": order}),
     };
-    Notification { id, body: body.to_string().into_bytes(), attempts: 0, not_before_ms: 0 }
+    Notification { id, about_customer: false, body: body.to_string().into_bytes(), attempts: 0, not_before_ms: 0 }
+}
+
+/// Builds the notification for a customer saved (`deleted: false`) or deleted. A deletion
+/// carries the e-mail, since the record can no longer be fetched.
+pub fn customer_notification(config: &WebhookConfig, customer: &Value, deleted: bool, now_ms: i64) -> Notification {
+    let event = if deleted { "customer_delete_after" } else { "customer_save_after" };
+    let id =
+        format!("{event}-{}-{}", customer["id"], customer["updated_at"].as_str().unwrap_or_default().replace(' ', "T"));
+    let summary = json!({"id": customer["id"], "email": customer["email"], "store_id": customer["store_id"], "updated_at": customer["updated_at"]});
+    let body = match config.style {
+        WebhookStyle::CloudEvents => json!({
+            "specversion": "1.0",
+            "id": id,
+            "source": "urn:magento:sandbox",
+            "type": format!("com.adobe.commerce.observer.{event}"),
+            "datacontenttype": "application/json",
+            "time": crate::magento::fmt_ts(now_ms),
+            "data": {"value": summary},
+        }),
+        WebhookStyle::Plain => {
+            json!({"event": event, "id": id, "customer": if deleted { summary } else { customer.clone() }})
+        }
+    };
+    Notification { id, about_customer: true, body: body.to_string().into_bytes(), attempts: 0, not_before_ms: 0 }
 }
 
 /// Delivers the outbox until `shutdown`: up to 16 notifications at a time, failures retried
@@ -114,13 +145,12 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
             let config = sim.webhook.clone();
             let now = now_ms();
             let mut due = Vec::new();
-            if config.url.is_some() {
-                let mut keep = VecDeque::new();
-                while let Some(n) = sim.outbox.queue.pop_front() {
-                    if due.len() < 16 && n.not_before_ms <= now { due.push(n) } else { keep.push_back(n) }
-                }
-                sim.outbox.queue = keep;
+            let mut keep = VecDeque::new();
+            while let Some(n) = sim.outbox.queue.pop_front() {
+                let has_url = if n.about_customer { config.customer_url.is_some() } else { config.url.is_some() };
+                if has_url && due.len() < 16 && n.not_before_ms <= now { due.push(n) } else { keep.push_back(n) }
             }
+            sim.outbox.queue = keep;
             (config, due)
         };
         if due.is_empty() {
@@ -129,9 +159,10 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
                 _ = shutdown.cancelled() => return,
             }
         }
-        let url = config.url.clone().expect("checked above");
         let sends = due.into_iter().map(|n| {
-            let (client, url, secret) = (client.clone(), url.clone(), config.secret.clone());
+            let url = if n.about_customer { config.customer_url.clone() } else { config.url.clone() };
+            let url = url.expect("checked above");
+            let (client, secret) = (client.clone(), config.secret.clone());
             async move {
                 let signature = sign(&secret, now_ms() / 1000, &n.body);
                 let result = client
