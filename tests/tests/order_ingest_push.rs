@@ -66,6 +66,7 @@ async fn pushed_orders_reach_commerce_events_with_stable_ids() {
 
     magento.sim.lock().unwrap().webhook = WebhookConfig {
         url: Some(format!("http://127.0.0.1:{listen}/webhooks/magento/orders")),
+        customer_url: None,
         secret: "push-test-secret-0123456789".into(),
         duplicate_rate: 0.3,
         style: WebhookStyle::CloudEvents,

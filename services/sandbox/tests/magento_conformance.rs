@@ -328,6 +328,7 @@ async fn order_webhooks_are_signed_retried_and_sometimes_duplicated() {
     let shop = Shop::start(MagentoConfig::default(), 0).await;
     shop.app.sim.lock().unwrap().webhook = sandbox::magento::webhook::WebhookConfig {
         url: Some(hook),
+        customer_url: None,
         secret: "s3cret".into(),
         duplicate_rate: 0.5,
         style: sandbox::magento::webhook::WebhookStyle::CloudEvents,
@@ -362,4 +363,37 @@ async fn order_webhooks_are_signed_retried_and_sometimes_duplicated() {
         assert!(event["data"]["value"]["entity_id"].is_number());
     }
     assert!(shop.app.sim.lock().unwrap().outbox.failed_attempts >= 5, "the outage was retried");
+}
+
+#[tokio::test]
+async fn customers_are_deleted_like_magento_and_notified_with_their_email() {
+    let shop = Shop::start(MagentoConfig::default(), 0).await;
+    shop.app.sim.lock().unwrap().webhook.customer_url = Some("http://127.0.0.1:9/customers".into());
+    shop.app.sim.lock().unwrap().generate(30);
+    let registered = shop.app.sim.lock().unwrap().customers.len();
+    let saved = shop.app.sim.lock().unwrap().outbox.queue.iter().filter(|n| n.about_customer).count();
+    assert_eq!(saved, registered, "one customer_save_after per registration");
+    let (_, customer) = shop.get("/customers/1").await;
+    let delete = |id: i64| {
+        shop.http.delete(format!("{}/rest/default/V1/customers/{id}", shop.base)).bearer_auth(&shop.token).send()
+    };
+    let resp = delete(1).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!(true), "Magento answers a bare true");
+    let resp = delete(1).await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["message"], "No such entity with %fieldName = %fieldValue");
+    let unauthorised = shop.http.delete(format!("{}/rest/default/V1/customers/2", shop.base)).send().await.unwrap();
+    assert_eq!(unauthorised.status(), 401);
+    assert_eq!(shop.get("/customers/1").await.0, 404);
+    let last = shop.app.sim.lock().unwrap().outbox.queue.back().cloned().unwrap();
+    let body: Value = serde_json::from_slice(&last.body).unwrap();
+    assert_eq!(body["type"], "com.adobe.commerce.observer.customer_delete_after");
+    assert_eq!(body["data"]["value"]["email"], customer["email"], "the deletion says who, since the record is gone");
+    // New registrations continue after the highest id, never reusing a deleted one.
+    let before = shop.app.sim.lock().unwrap().customers.keys().max().copied().unwrap();
+    shop.app.sim.lock().unwrap().generate(30);
+    let ids: Vec<i64> = shop.app.sim.lock().unwrap().customers.keys().copied().collect();
+    assert!(!ids.contains(&1));
+    assert!(ids.iter().filter(|id| **id > before).count() > 0);
 }
