@@ -8,6 +8,8 @@
 //! order payloads to deterministic `CommerceEvent`s) is already here and tested against the
 //! sandbox's orders.
 
+pub mod backfill;
+pub mod commands;
 pub mod enrich;
 pub mod inventory;
 pub mod normalize;
@@ -37,6 +39,8 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4A
     about = "Publishes Magento orders and customers as Avro domain events on Kafka."
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub common: CommonArgs,
     /// Compacted topic holding the poll checkpoints.
@@ -108,9 +112,23 @@ pub struct Config {
     /// How long a customer's marketing consent is reused for their next orders.
     #[arg(long = "customer-cache-ttl", env = "ELO_ORDER_INGEST_CUSTOMER_CACHE_TTL", default_value = "60s", value_parser = elo_service::parse_duration)]
     pub customer_cache_ttl: Duration,
+    /// Consumer group reading `integration.commands`.
+    #[arg(
+        long = "commands-group",
+        env = "ELO_ORDER_INGEST_COMMANDS_GROUP",
+        default_value = "elo-order-ingest-commands"
+    )]
+    pub commands_group: String,
     /// Dead-letter topic for commands that cannot be executed.
     #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
     pub dlq_topic: String,
+}
+
+/// One-off jobs (the service runs without a subcommand).
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Republish what Magento changed since a date, with a progress bar, then exit.
+    Backfill(backfill::BackfillArgs),
 }
 
 /// Runs until SIGTERM/SIGINT.
@@ -134,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let poller =
         (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
     let push = match &config.webhook_secret_file {
-        Some(path) => Some(start_push(&service, &config, path, source, publisher).await?),
+        Some(path) => Some(start_push(&service, &config, path, source.clone(), publisher.clone()).await?),
         None => {
             tracing::warn!(
                 "no webhook secret configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE): the push endpoint is off"
@@ -142,7 +160,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    service.shutdown.cancelled().await;
+    let mut commands = start_commands(&service, &config, source.clone(), publisher.clone());
+    let mut failure = None;
+    tokio::select! {
+        _ = service.shutdown.cancelled() => {
+            if let Err(error) = (&mut commands).await.unwrap_or_else(|e| Err(anyhow::anyhow!(e))) {
+                tracing::error!(error = %error, "the commands consumer failed while stopping");
+            }
+        }
+        result = &mut commands => {
+            // Without its repair path the service is broken: stop everything and exit non-zero.
+            let error = result.unwrap_or_else(|e| Err(anyhow::anyhow!(e))).err()
+                .unwrap_or_else(|| anyhow::anyhow!("the commands consumer stopped unexpectedly"));
+            tracing::error!(error = %error, "the commands consumer failed; stopping");
+            service.shutdown.cancel();
+            failure = Some(error);
+        }
+    }
     if let Some(push) = push {
         let _ = push.await;
     }
@@ -150,13 +184,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = poller.await;
     }
     service.finish().await;
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// The publisher every path uses: Kafka behind consent and inventory enrichment.
 pub type SharedPublisher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
 
-fn enriching_publisher(service: &Service, config: &Config, source: Arc<wiring::MagentoSource>) -> SharedPublisher {
+pub(crate) fn enriching_publisher(
+    service: &Service,
+    config: &Config,
+    source: Arc<wiring::MagentoSource>,
+) -> SharedPublisher {
     let kafka = wiring::KafkaPublisher {
         producer: service.producer.clone(),
         codec: service.codec.clone(),
@@ -176,7 +214,7 @@ fn enriching_publisher(service: &Service, config: &Config, source: Arc<wiring::M
 }
 
 /// The Magento REST client, with the admin password from its file (the sandbox's by default).
-fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
+pub(crate) fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
     use anyhow::Context;
     let password = match &config.magento_password_file {
         Some(path) => {
@@ -185,6 +223,33 @@ fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
         None => "elo-sandbox-admin1".to_owned(),
     };
     Ok(wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?)
+}
+
+/// Consumes `integration.commands` (the repair path) until shutdown, then drains and commits.
+fn start_commands(
+    service: &Service,
+    config: &Config,
+    source: Arc<wiring::MagentoSource>,
+    publisher: Arc<SharedPublisher>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let settings = elo_kafka::ConsumerSettings::new(
+        config.commands_group.clone(),
+        vec![config.common.topics.commands.clone()],
+        config.dlq_topic.clone(),
+    );
+    let handler = Arc::new(commands::CommandHandler {
+        codec: service.codec.clone(),
+        publisher,
+        magento: source,
+        stores: config.magento_stores.clone(),
+    });
+    // The consumer's own health is kept out of readiness: a rebalance of the commands group
+    // (10-20 s) must not take the push endpoint out of the load balancer.
+    let (kafka, producer, health, stop) =
+        (config.common.kafka.clone(), service.producer.clone(), elo_telemetry::Health::new(), service.shutdown.clone());
+    tokio::spawn(async move {
+        elo_kafka::run_consumer(&kafka, settings, handler, producer, health, stop).await.map_err(anyhow::Error::from)
+    })
 }
 
 /// Polls every store view until shutdown; each store's checkpoint lives in the compacted

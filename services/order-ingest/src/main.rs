@@ -6,5 +6,8 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = order_ingest::Config::parse();
     let _telemetry = elo_telemetry::init(order_ingest::NAME, &config.common.telemetry)?;
-    order_ingest::run(config).await
+    match config.command.clone() {
+        Some(order_ingest::Command::Backfill(args)) => order_ingest::backfill::main(config, args).await,
+        None => order_ingest::run(config).await,
+    }
 }

@@ -206,20 +206,20 @@ mod metrics {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
 
-    /// The sandbox's Magento search, called in process (same code as its HTTP route). `after_first`
+    /// The sandbox's Magento search, called in process (same code as its HTTP route). The hook
     /// runs once, right after the first page was served (a change landing mid-round).
-    struct Sandbox(
+    pub(crate) struct Sandbox(
         Arc<Mutex<sandbox::magento::Magento>>,
         Mutex<Option<Box<dyn FnOnce(&mut sandbox::magento::Magento) + Send>>>,
     );
 
     impl Sandbox {
-        fn new(magento: Arc<Mutex<sandbox::magento::Magento>>) -> Self {
+        pub(crate) fn new(magento: Arc<Mutex<sandbox::magento::Magento>>) -> Self {
             Self(magento, Mutex::new(None))
         }
     }
