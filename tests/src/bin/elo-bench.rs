@@ -42,9 +42,19 @@ impl Handler for Count {
 
 struct NoRefetch;
 
-impl order_ingest::push::OrderSource for NoRefetch {
-    async fn order(&self, _entity_id: i64) -> Result<serde_json::Value, String> {
-        Err("the benchmark sends full orders".into())
+impl order_ingest::source::MagentoApi for NoRefetch {
+    async fn order(&self, _entity_id: i64) -> Result<serde_json::Value, order_ingest::source::SourceError> {
+        Err(order_ingest::source::SourceError::Refused("the benchmark sends full orders".into()))
+    }
+    async fn customer(&self, _id: i64) -> Result<serde_json::Value, order_ingest::source::SourceError> {
+        Err(order_ingest::source::SourceError::Refused("the benchmark sends full orders".into()))
+    }
+    async fn salable_qty(
+        &self,
+        _sku: &str,
+        _stock_id: i32,
+    ) -> Result<Option<elo_events::Decimal4>, order_ingest::source::SourceError> {
+        Ok(None)
     }
 }
 
@@ -63,6 +73,7 @@ async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer) -> a
         producer: producer.clone(),
         codec: codec.clone(),
         topic: topic.clone(),
+        inventory_topic: topic.clone(),
         timeout: Duration::from_secs(10),
     };
     let secret = "bench-secret-0123456789abcdef";
