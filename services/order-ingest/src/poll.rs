@@ -293,7 +293,6 @@ pub(crate) mod tests {
         let magento = shop(0);
         let search = Sandbox::new(magento.clone());
         let publisher = Recorder::default();
-        let stores = Stores::default();
         let overlap = Duration::from_secs(300);
         let (round, error) = run(&search, &publisher, &Checkpoint::default(), overlap, 7).await;
         assert!(error.is_some(), "the injected publish failure stops the round");
@@ -316,7 +315,6 @@ pub(crate) mod tests {
         let search = Sandbox::new(magento.clone());
         let publisher = Recorder::default();
         publisher.1.store(100, std::sync::atomic::Ordering::SeqCst); // no injected failure
-        let stores = Stores::default();
         let overlap = Duration::from_secs(60);
         let (round, _) = run(&search, &publisher, &Checkpoint::default(), overlap, 20).await;
         assert_eq!(round.published, 45);
