@@ -213,10 +213,9 @@ pub(crate) mod tests {
 
     /// The sandbox's Magento search, called in process (same code as its HTTP route). The hook
     /// runs once, right after the first page was served (a change landing mid-round).
-    pub(crate) struct Sandbox(
-        Arc<Mutex<sandbox::magento::Magento>>,
-        Mutex<Option<Box<dyn FnOnce(&mut sandbox::magento::Magento) + Send>>>,
-    );
+    pub(crate) struct Sandbox(Arc<Mutex<sandbox::magento::Magento>>, Mutex<Option<MidRoundChange>>);
+
+    type MidRoundChange = Box<dyn FnOnce(&mut sandbox::magento::Magento) + Send>;
 
     impl Sandbox {
         pub(crate) fn new(magento: Arc<Mutex<sandbox::magento::Magento>>) -> Self {
