@@ -255,3 +255,67 @@ impl TansuProcess {
         Self { guard, port }
     }
 }
+
+/// A workspace binary built by `cargo build` (debug profile).
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("debug").join(name)
+}
+
+/// An order-ingest command on the shared stack with topics of its own (`topic` and
+/// `topic.{inventory,outcomes,commands,checkpoints,dlq}`, 3 partitions), reading `magento_url`,
+/// logging to `dir/<log>.log`. Polling is off unless the caller sets an interval.
+pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Command {
+    let mut command = Command::new(binary("order-ingest"));
+    command
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("ELO_MAGENTO_URL", magento_url)
+        .env("ELO_MAGENTO_STORES", "1=default:1,2=br:1")
+        .env("ELO_ORDER_INGEST_POLL_INTERVAL", "0s")
+        .env("ELO_TOPIC_COMMERCE", topic)
+        .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
+        .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
+        .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
+        .env("ELO_ORDER_INGEST_CHECKPOINT_TOPIC", format!("{topic}.checkpoints"))
+        .env("ELO_ORDER_INGEST_DLQ_TOPIC", format!("{topic}.dlq"))
+        .env("ELO_ORDER_INGEST_COMMANDS_GROUP", format!("{topic}.commands-group"))
+        .env("ELO_TOPIC_PARTITIONS", "3")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
+    command
+}
+
+/// The Magento simulator served on a free loopback port: its state and base URL.
+pub async fn serve_magento(orders: usize) -> (sandbox::magento::MagentoApp, String) {
+    let magento = sandbox::magento::MagentoApp::new(
+        sandbox::magento::MagentoConfig::default(),
+        Default::default(),
+        sandbox::faults::Faults::default(),
+        sandbox::Counters::default(),
+    );
+    magento.sim.lock().expect("magento lock").generate(orders);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let router = magento.clone().router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (magento, url)
+}
+
+/// A process's log, for assertion messages.
+pub fn log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Records in a topic (sum of watermark spans over `partitions`).
+pub fn topic_count(topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer");
+    (0..partitions)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0))
+        .sum()
+}

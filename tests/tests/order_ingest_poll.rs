@@ -3,66 +3,33 @@
 //! checkpoint in the compacted topic (republishing at most the unconfirmed tail, same ids).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use elo_events::{CommerceEvent, EventCodec, RegistryConfig};
 use elo_integration_tests::*;
 use rdkafka::Message;
-use sandbox::Counters;
-use sandbox::faults::Faults;
-use sandbox::magento::{MagentoApp, MagentoConfig};
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug").join(name)
-}
 
 fn start_ingest(dir: &Path, topic: &str, magento_url: &str, name: &str) -> ChildGuard {
     ChildGuard::spawn(
         "order-ingest",
-        Command::new(binary("order-ingest"))
-            .env("ELO_KAFKA_BROKERS", brokers())
-            .env("ELO_REGISTRY_URL", registry_url())
-            .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .env("ELO_MAGENTO_URL", magento_url)
-            .env("ELO_MAGENTO_STORES", "1=default:1,2=br:1")
+        order_ingest(dir, topic, magento_url, name)
             .env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s")
             .env("ELO_ORDER_INGEST_POLL_PAGE_SIZE", "50")
-            .env("ELO_TOPIC_COMMERCE", topic)
-            .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
-            .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
-            .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
-            .env("ELO_ORDER_INGEST_CHECKPOINT_TOPIC", format!("{topic}.checkpoints"))
-            .env("ELO_ORDER_INGEST_DLQ_TOPIC", format!("{topic}.dlq"))
-            .env("ELO_TOPIC_PARTITIONS", "3")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap()),
+            .env("ELO_ORDER_INGEST_POLL_ENTITIES", "orders"),
     )
 }
 
 fn published_count(topic: &str) -> i64 {
-    use rdkafka::ClientConfig;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    (0..3).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0)).sum()
+    topic_count(topic, 3)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_survives_kill_9_and_loses_no_order() {
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("poll.commerce");
-    let magento = MagentoApp::new(MagentoConfig::default(), Default::default(), Faults::default(), Counters::default());
-    magento.sim.lock().unwrap().generate(1500);
+    let (magento, magento_url) = serve_magento(1500).await;
     let expected: BTreeSet<i64> = magento.sim.lock().unwrap().orders.keys().copied().collect();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let magento_url = format!("http://{}", listener.local_addr().unwrap());
-    let router = magento.clone().router();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
 
     let mut first = start_ingest(dir.path(), &topic, &magento_url, "first");
     let started = wait_until(Duration::from_secs(60), || published_count(&topic) >= 200).await;

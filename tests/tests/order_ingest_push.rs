@@ -3,7 +3,6 @@
 //! more with the same event id, keyed by customer, decodable with the registry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,13 +13,6 @@ use sandbox::Counters;
 use sandbox::faults::Faults;
 use sandbox::magento::webhook::{WebhookConfig, WebhookStyle};
 use sandbox::magento::{MagentoApp, MagentoConfig};
-
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug").join(name)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_orders_reach_commerce_events_with_stable_ids() {

@@ -1,7 +1,6 @@
 //! Each service binary documents its settings with their environment variables, serves
 //! `/metrics`, `/health/livez` and `/health/readyz`, joins the stack, and stops cleanly.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -10,18 +9,6 @@ use elo_integration_tests::*;
 const SERVICES: &[&str] =
     &["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "schema-registry", "sandbox"];
 
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} missing: build the services first (`cargo build --workspace --bins`, as `make test` does)",
-        path.display()
-    );
-    path
-}
 
 #[test]
 fn help_lists_every_setting_with_its_environment_variable() {
