@@ -313,8 +313,7 @@ pub fn log(dir: &Path, name: &str) -> String {
 
 /// Records in a topic (sum of watermark spans over `partitions`).
 pub fn topic_count(topic: &str, partitions: i32) -> i64 {
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer");
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer");
     (0..partitions)
         .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0))
         .sum()

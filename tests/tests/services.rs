@@ -9,7 +9,6 @@ use elo_integration_tests::*;
 const SERVICES: &[&str] =
     &["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler", "schema-registry", "sandbox"];
 
-
 #[test]
 fn help_lists_every_setting_with_its_environment_variable() {
     for service in SERVICES {
