@@ -85,18 +85,19 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
     let mut pushed_versions = BTreeSet::new();
     for style in [WebhookStyle::CloudEvents, WebhookStyle::Plain] {
-        let mut sim = magento.sim.lock().unwrap();
-        sim.webhook = hooks(style);
-        sim.generate(100);
-        // Every version a plain notification carries is a source fact that must be published. A
-        // CloudEvents notification is partial: its refetch returns the order as it is by then,
-        // so an intermediate version may be superseded (its current version is checked below).
-        let carries_the_order =
-            |body: &[u8]| serde_json::from_slice::<Value>(body).is_ok_and(|v| v["order"]["items"].is_array());
-        pushed_versions.extend(
-            sim.outbox.queue.iter().filter(|n| carries_the_order(&n.body)).filter_map(|n| notified_version(&n.id)),
-        );
-        drop(sim);
+        {
+            let mut sim = magento.sim.lock().unwrap();
+            sim.webhook = hooks(style);
+            sim.generate(100);
+            // Every version a plain notification carries is a source fact that must be published. A
+            // CloudEvents notification is partial: its refetch returns the order as it is by then,
+            // so an intermediate version may be superseded (its current version is checked below).
+            let carries_the_order =
+                |body: &[u8]| serde_json::from_slice::<Value>(body).is_ok_and(|v| v["order"]["items"].is_array());
+            pushed_versions.extend(
+                sim.outbox.queue.iter().filter(|n| carries_the_order(&n.body)).filter_map(|n| notified_version(&n.id)),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -145,7 +146,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut events: Vec<(Vec<u8>, CommerceEvent)> = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    let mut progress = String::new();
+    let mut progress;
     loop {
         let drained = magento.sim.lock().unwrap().outbox.queue.is_empty();
         if drained && topic_count(&topic, 3) >= (orders.len() + customers.len()) as i64 {
