@@ -31,3 +31,29 @@ fn tansu_0_6_strands_the_partitions_of_a_member_killed_while_another_is_active()
     assert_ne!(before, "[0, 1, 2, 3]", "the group never split, so nothing was shown: {stdout}");
     assert_eq!(after, before, "Tansu now reassigns a dead member's partitions; the bug is fixed: {stdout}");
 }
+
+/// An idempotent producer with a record that timed out during a broker outage bumps its epoch
+/// when the broker returns; Tansu's sqlite engine panics on it and the broker stops accepting
+/// records from anyone. Intermittent (about half the restarts here), so the script tries up to
+/// six times. Elo's local stack runs its producers without idempotence
+/// (`ELO_KAFKA_IDEMPOTENCE=false` in scripts/stack.sh); `order_ingest_faults.rs` shows the
+/// service riding out a broker kill and restart that way.
+#[test]
+fn tansu_0_6_wedges_after_an_idempotent_epoch_bump_across_a_restart() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tansu_idempotent_epoch_bump.py");
+    let dir = tempfile::tempdir().unwrap();
+    let port = elo_integration_tests::free_port();
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(elo_integration_tests::tansu_bin())
+        .arg(dir.path())
+        .arg(port.to_string())
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.lines().any(|l| l == "wedged"),
+        "Tansu no longer wedges: the bug may be fixed, turn idempotence back on in scripts/stack.sh: {stdout}"
+    );
+}

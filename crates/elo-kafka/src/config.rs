@@ -24,6 +24,17 @@ pub struct KafkaArgs {
     /// they override ELO_RDKAFKA_* ones.
     #[arg(long = "kafka-option", env = "ELO_KAFKA_OPTIONS", value_delimiter = ';', value_parser = parse_key_value)]
     pub options: Vec<(String, String)>,
+    /// How long a produced record may wait for the broker's acknowledgement before the producer
+    /// gives up on it (librdkafka `message.timeout.ms`). A failure is then definite: the record
+    /// will not be delivered later, so an HTTP front can answer 503 without a late duplicate.
+    #[arg(long = "kafka-delivery-timeout-ms", env = "ELO_KAFKA_DELIVERY_TIMEOUT_MS", default_value_t = 30_000)]
+    pub delivery_timeout_ms: u64,
+    /// Idempotent producer (no duplicates or reordering from retries). Off, the producer keeps
+    /// order with one request in flight per connection. The local Tansu stack turns it off:
+    /// Tansu 0.6 wedges when an idempotent producer bumps its epoch after a timed-out record
+    /// (README, "Known broker issues").
+    #[arg(long = "kafka-idempotence", env = "ELO_KAFKA_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub idempotence: bool,
 }
 
 fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
@@ -35,7 +46,7 @@ fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
 impl KafkaArgs {
     /// Settings for a local broker at `brokers`, no extras (tests).
     pub fn local(brokers: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), options: Vec::new() }
+        Self { brokers: brokers.into(), options: Vec::new(), delivery_timeout_ms: 30_000, idempotence: true }
     }
 
     /// All librdkafka properties: bootstrap servers, then `ELO_RDKAFKA_*`, then `--kafka-option`.
@@ -130,7 +141,8 @@ mod tests {
 
     #[test]
     fn describe_masks_secrets() {
-        let args = KafkaArgs { brokers: "b:9092".into(), options: vec![("sasl.password".into(), "hunter2".into())] };
+        let args =
+            KafkaArgs { options: vec![("sasl.password".into(), "hunter2".into())], ..KafkaArgs::local("b:9092") };
         let text = args.describe();
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("bootstrap.servers=b:9092"));

@@ -66,13 +66,21 @@ impl Producer {
     /// readiness on a successful metadata round-trip.
     pub fn new(args: &KafkaArgs, health: Health) -> Result<Self> {
         metrics::register_all();
+        let delivery_timeout = args.delivery_timeout_ms.max(1).to_string();
+        let mut settings = vec![
+            ("acks", "all"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("message.timeout.ms", delivery_timeout.as_str()),
+        ];
+        if args.idempotence {
+            settings.push(("enable.idempotence", "true"));
+        } else {
+            // Retries must not reorder a key's records: one request in flight.
+            settings.extend([("enable.idempotence", "false"), ("max.in.flight.requests.per.connection", "1")]);
+        }
         let inner = args
-            .client_config(&[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("linger.ms", "5"),
-                ("compression.type", "lz4"),
-            ])?
+            .client_config(&settings)?
             .create_with_context(ConnectionContext::new(health.clone(), "kafka_producer"))?;
         health.set_ready("kafka_producer", false, "connecting");
         Ok(Self { inner, health })

@@ -200,7 +200,8 @@ pub(crate) fn enriching_publisher(
         codec: service.codec.clone(),
         topic: config.common.topics.commerce.clone(),
         inventory_topic: config.common.topics.inventory.clone(),
-        timeout: Duration::from_secs(10),
+        // Past the producer's own delivery timeout, so a 503 follows a definite failure.
+        timeout: Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5),
     };
     let inventory = config.inventory_checks.then(|| {
         inventory::InventoryChecker::new(inventory::InventoryConfig {
