@@ -487,4 +487,49 @@ mod tests {
             Err(NormalizeError::Invalid { field: "grand_total", .. })
         ));
     }
+
+    #[test]
+    fn customers_normalise_with_consent_phone_and_store() {
+        let mut magento = sandbox::magento::Magento::new(Default::default(), Default::default());
+        magento.generate(30);
+        let stores = Stores([(1, ("default".to_owned(), 1)), (2, ("br".to_owned(), 1))].into_iter().collect());
+        for customer in magento.customers.values() {
+            let json = customer.to_json();
+            let event = customer_event(&json, &stores, 5).unwrap();
+            assert_eq!(event.event_type, CommerceEventType::CustomerChanged);
+            assert_eq!(event.customer_key, format!("c:{}", customer.id));
+            assert_eq!(event.store.store_code.as_deref(), Some(if customer.store_id == 1 { "default" } else { "br" }));
+            let person = event.customer.as_ref().unwrap();
+            assert_eq!(person.phone.as_deref(), json["addresses"][0]["telephone"].as_str());
+            let expected = if customer.subscribed { ConsentStatus::Granted } else { ConsentStatus::Declined };
+            assert_eq!(person.consent.status, expected);
+            assert_eq!(event.event_id, customer_event(&json, &stores, 99).unwrap().event_id, "stable id");
+            let body = elo_events::codec::encode_body(&event).expect("fits the Avro contract");
+            assert_eq!(elo_events::codec::decode_direct::<CommerceEvent>(&body).unwrap(), event);
+        }
+        let mut broken = magento.customers[&1].to_json();
+        broken["email"] = Value::Null;
+        assert_eq!(customer_event(&broken, &stores, 0).unwrap_err(), NormalizeError::Missing("email"));
+    }
+
+    #[test]
+    fn erasures_need_an_email_and_never_carry_it() {
+        let request = ErasureRequest {
+            customer_id: Some(7),
+            email: " Ana@Example.com".into(),
+            reason: "customer_deleted",
+            store_id: 2,
+            requested_at: 1_000,
+        };
+        let events = erasure_events(&request, &Stores::default(), 2_000).unwrap();
+        let keys: Vec<&str> = events.iter().map(|e| e.customer_key.as_str()).collect();
+        assert_eq!(keys, ["c:7", &ids::customer_key(None, "ana@example.com")]);
+        assert!(
+            events.iter().all(|e| e.erasure.as_ref().unwrap().email_sha256 == ids::email_sha256("ana@example.com"))
+        );
+        assert_ne!(events[0].event_id, events[1].event_id);
+        assert_eq!(events, erasure_events(&request, &Stores::default(), 2_000).unwrap(), "deterministic");
+        let nobody = ErasureRequest { email: "not-an-email".into(), ..request };
+        assert!(erasure_events(&nobody, &Stores::default(), 0).is_err());
+    }
 }

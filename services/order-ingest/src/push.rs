@@ -455,14 +455,62 @@ mod tests {
         assert!(recorder.events.lock().unwrap().is_empty());
     }
 
-    /// The checked-in OpenAPI document and the implementation agree: the route and method, every
-    /// status the handler returns is documented, and error bodies use documented codes.
+    fn signed_to(path: &str, body: &[u8]) -> Request<Body> {
+        let mut request = signed(body, "s3cret", now_secs());
+        *request.uri_mut() = path.parse().unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn customer_notifications_become_changes_and_erasures() {
+        let (app, recorder, shop) = setup();
+        let customer = shop.0.lock().unwrap().customers[&1].to_json();
+        let path = "/webhooks/magento/customers";
+        // CloudEvents: partial, refetched; plain: the full record.
+        let cloud = json!({"type": "com.adobe.commerce.observer.customer_save_after", "data": {"value": {"id": 1}}});
+        let (s, b1) = status(&app, signed_to(path, cloud.to_string().as_bytes())).await;
+        assert_eq!(s, StatusCode::OK, "{b1}");
+        let plain = json!({"event": "customer_save_after", "customer": customer});
+        let (s, b2) = status(&app, signed_to(path, plain.to_string().as_bytes())).await;
+        assert_eq!((s, &b1["event_id"]), (StatusCode::OK, &b2["event_id"]), "both styles give the same fact");
+        // A deletion erases the registered key and the e-mail's guest key.
+        let email = customer["email"].as_str().unwrap();
+        let deleted = json!({"type": "com.adobe.commerce.observer.customer_delete_after", "time": "2026-11-28T10:00:00Z",
+            "data": {"value": {"id": 1, "email": email, "store_id": 1}}});
+        let (s, b) = status(&app, signed_to(path, deleted.to_string().as_bytes())).await;
+        assert_eq!((s, b["event_ids"].as_array().unwrap().len()), (StatusCode::OK, 2));
+        let request = json!({"event": "erasure_request", "customer": {"email": "Guest@Example.org "}});
+        let (s, b) = status(&app, signed_to(path, request.to_string().as_bytes())).await;
+        assert_eq!((s, b["event_ids"].as_array().unwrap().len()), (StatusCode::OK, 1), "a guest has one key");
+        let events = recorder.events.lock().unwrap().clone();
+        assert_eq!(events.len(), 5);
+        assert_eq!(events[0].event_type, elo_events::CommerceEventType::CustomerChanged);
+        let erased: Vec<&str> = events[2..4].iter().map(|e| e.customer_key.as_str()).collect();
+        assert_eq!(erased[0], "c:1");
+        assert_eq!(erased[1], elo_events::ids::customer_key(None, email));
+        let guest = events[4].erasure.as_ref().unwrap();
+        assert_eq!(guest.email_sha256, elo_events::ids::email_sha256("guest@example.org"));
+        assert_eq!(guest.reason, "erasure_request");
+        assert!(events[2..].iter().all(|e| e.customer.is_none()), "erasures carry no personal data");
+        // Refusals.
+        for (body, expected) in [
+            (json!({"event": "customer_promoted", "customer": {"id": 1}}), StatusCode::UNPROCESSABLE_ENTITY),
+            (json!({"event": "customer_delete_after", "customer": {"id": 1}}), StatusCode::UNPROCESSABLE_ENTITY),
+            (
+                json!({"type": "com.adobe.commerce.observer.customer_save_after", "data": {"value": {"id": 99999}}}),
+                StatusCode::BAD_GATEWAY,
+            ),
+        ] {
+            assert_eq!(status(&app, signed_to(path, body.to_string().as_bytes())).await.0, expected, "{body}");
+        }
+        assert_eq!(recorder.events.lock().unwrap().len(), 5, "refusals publish nothing");
+    }
+
+    /// The checked-in OpenAPI document and the implementation agree: the routes and methods, every
+    /// status the handlers return is documented, and error bodies use documented codes.
     #[tokio::test]
     async fn the_openapi_document_matches_the_implementation() {
         let doc: Value = serde_json::from_str(include_str!("../api/openapi.json")).unwrap();
-        let op = &doc["paths"]["/webhooks/magento/orders"]["post"];
-        assert!(op.is_object(), "route documented");
-        let documented: Vec<u16> = op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
         let error_codes: Vec<&str> = doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
             .as_array()
             .unwrap()
@@ -470,33 +518,53 @@ mod tests {
             .map(|v| v.as_str().unwrap())
             .collect();
         let (app, recorder, shop) = setup();
-        let body = serde_json::to_vec(&json!({"order": shop.0.lock().unwrap().orders[&1]})).unwrap();
-        let mut seen = Vec::new();
-        let cases: Vec<Request<Body>> = vec![
-            signed(&body, "s3cret", now_secs()),
-            signed(b"{x", "s3cret", now_secs()),
-            signed(&body, "nope", now_secs()),
-            signed(&vec![b' '; 70 * 1024], "s3cret", now_secs()),
-            signed(b"{}", "s3cret", now_secs()),
-            signed(br#"{"data": {"value": {"entity_id": 424242}}}"#, "s3cret", now_secs()),
+        let order = serde_json::to_vec(&json!({"order": shop.0.lock().unwrap().orders[&1]})).unwrap();
+        let customer = serde_json::to_vec(&json!({"event": "customer_save_after", "customer": {"id": 2}})).unwrap();
+        let routes: [(&str, &[u8], &[u8]); 2] = [
+            ("/webhooks/magento/orders", &order, br#"{"data": {"value": {"entity_id": 424242}}}"#),
+            (
+                "/webhooks/magento/customers",
+                &customer,
+                br#"{"event": "customer_save_after", "customer": {"id": 424242}}"#,
+            ),
         ];
-        for req in cases {
-            let (status, body) = status(&app, req).await;
-            assert!(documented.contains(&status.as_u16()), "{status} is not documented");
-            if let Some(code) = body.get("error").and_then(Value::as_str) {
-                assert!(error_codes.contains(&code), "error code {code} is not documented");
-            } else if status == StatusCode::OK {
-                assert!(body["event_id"].is_string() && body["event_type"].is_string());
+        assert_eq!(doc["paths"].as_object().unwrap().len(), routes.len(), "every documented route is tested");
+        for (path, good, unknown) in routes {
+            let op = &doc["paths"][path]["post"];
+            assert!(op.is_object(), "{path} documented");
+            let documented: Vec<u16> =
+                op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+            recorder.down.store(false, std::sync::atomic::Ordering::SeqCst);
+            let mut seen = Vec::new();
+            let mut with_bad_secret = signed_to(path, good);
+            *with_bad_secret.headers_mut().get_mut(SIGNATURE_HEADER).unwrap() =
+                sandbox::magento::webhook::sign("nope", now_secs(), good).parse().unwrap();
+            let cases: Vec<Request<Body>> = vec![
+                signed_to(path, good),
+                signed_to(path, b"{x"),
+                with_bad_secret,
+                signed_to(path, &vec![b' '; 70 * 1024]),
+                signed_to(path, b"{}"),
+                signed_to(path, unknown),
+            ];
+            for req in cases {
+                let (status, body) = status(&app, req).await;
+                assert!(documented.contains(&status.as_u16()), "{path}: {status} is not documented");
+                if let Some(code) = body.get("error").and_then(Value::as_str) {
+                    assert!(error_codes.contains(&code), "error code {code} is not documented");
+                } else if status == StatusCode::OK {
+                    assert!(body["event_id"].is_string() && body["event_type"].is_string() && body["op"] == "success");
+                }
+                seen.push(status.as_u16());
             }
-            seen.push(status.as_u16());
+            recorder.down.store(true, std::sync::atomic::Ordering::SeqCst);
+            seen.push(status(&app, signed_to(path, good)).await.0.as_u16());
+            seen.sort_unstable();
+            seen.dedup();
+            let mut expected = documented.clone();
+            expected.sort_unstable();
+            assert_eq!(seen, expected, "{path}: every documented status is produced by the implementation");
         }
-        recorder.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let (s, _) = status(&app, signed(&body, "s3cret", now_secs())).await;
-        seen.push(s.as_u16());
-        seen.sort_unstable();
-        let mut expected = documented.clone();
-        expected.sort_unstable();
-        assert_eq!(seen, expected, "every documented status is produced by the implementation");
     }
 
     #[test]
