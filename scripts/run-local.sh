@@ -79,11 +79,14 @@ while true; do
   if [[ $WIRED == 0 && "$line" != *not-ready* ]]; then
     secret=$(cat "$SECRET_FILE")
     curl -s -o /dev/null -X PUT "http://$SANDBOX_CONTROL/magento/webhook" -H 'content-type: application/json' \
-      -d "{\"url\": \"http://$INGEST_LISTEN/webhooks/magento/orders\", \"secret\": \"$secret\", \"duplicate_rate\": 0.05, \"style\": \"cloud_events\"}"
+      -d "{\"url\": \"http://$INGEST_LISTEN/webhooks/magento/orders\", \"customer_url\": \"http://$INGEST_LISTEN/webhooks/magento/customers\", \"secret\": \"$secret\", \"duplicate_rate\": 0.05, \"style\": \"cloud_events\"}"
     curl -s -o /dev/null -X PUT "http://$SANDBOX_CONTROL/magento/generator" -H 'content-type: application/json' \
       -d "{\"rate_per_sec\": ${ELO_RUN_ORDERS_PER_SECOND:-2}}"
     WIRED=1
   fi
   events=$(curl -s "http://127.0.0.1:${PORTS[1]}/metrics" | awk '/^elo_validated_events_total/ && !/event_type="none"/ {s+=$2} END {print s+0}')
-  echo "$(date +%H:%M:%S) $line events-validated-by-salesforce-sink=$events"
+  ingest=$(curl -s "http://127.0.0.1:${PORTS[0]}/metrics")
+  pushed=$(awk '/^order_ingest_notifications_total/ && /outcome="published"/ {s+=$2} END {print s+0}' <<<"$ingest")
+  stock=$(awk '/^order_ingest_inventory_checks_total/ && /outcome="fetched"/ {s+=$2} END {print s+0}' <<<"$ingest")
+  echo "$(date +%H:%M:%S) $line notifications-published=$pushed stock-checks=$stock events-validated-by-salesforce-sink=$events"
 done

@@ -62,10 +62,11 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     let topic = unique("e2e.commerce");
     // Batch 1: placed before webhooks exist, so only the poll can find these.
     let (magento, magento_url) = serve_magento(150).await;
-    let listen = free_port();
+    let (listen, admin) = (free_port(), free_port());
     let mut ingest = ChildGuard::spawn(
         "order-ingest",
         order_ingest(dir.path(), &topic, &magento_url, "ingest")
+            .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{listen}"))
             .env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file)
             .env("ELO_ORDER_INGEST_POLL_INTERVAL", "2s"),
@@ -348,6 +349,24 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     assert!(copies.iter().all(|id| *id == original_id), "a repair republishes the same fact with the same id");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(copies_of_version().len(), before + 1, "exactly one republication for one command");
+
+    // The issue's metrics, as Prometheus scrapes them.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
+    let sample = |name: &str, labels: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}{{{labels}}} is not exported:\n{metrics}"))
+    };
+    assert!(sample("order_ingest_notifications_total", r#"outcome="published""#) > 0.0);
+    assert!(sample("order_ingest_publish_latency_seconds_count", "") > 0.0);
+    assert!(sample("order_ingest_poll_lag_seconds", r#"entity="orders",store="default""#) >= 0.0);
+    assert!(sample("order_ingest_poll_lag_seconds", r#"entity="customers",store="br""#) >= 0.0);
+    assert!(sample("order_ingest_inventory_checks_total", r#"outcome="fetched""#) > 0.0);
+    assert!(sample("order_ingest_magento_errors_total", r#"class="unavailable""#) >= 0.0);
+    assert_eq!(sample("order_ingest_commands_total", r#"outcome="executed""#), 1.0);
 
     shutdown.cancel();
     ingest.signal("TERM");

@@ -81,6 +81,8 @@ pub struct MagentoSource {
 impl MagentoSource {
     pub fn new(base_url: String, username: String, password: String) -> Result<Self, elo_http_client::Error> {
         let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new("magento") })?;
+        // Exported from the start, zeros included, so dashboards and alerts see the series.
+        std::sync::LazyLock::force(&metrics::MAGENTO_ERRORS);
         Ok(Self {
             client,
             base_url: base_url.trim_end_matches('/').to_owned(),
