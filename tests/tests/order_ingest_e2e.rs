@@ -112,6 +112,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         sim.notify_customer(&json, false);
         (json, subscribed)
     };
+    // Magento's own REST API, as an admin would use it.
     let http = reqwest::Client::new();
     let token: Value = http
         .post(format!("{magento_url}/rest/V1/integration/admin/token"))
@@ -122,21 +123,10 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         .json()
         .await
         .unwrap();
-    let deleted: Value = http
-        .get(format!("{magento_url}/rest/V1/customers/3"))
-        .bearer_auth(token.as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let answer = http
-        .delete(format!("{magento_url}/rest/V1/customers/3"))
-        .bearer_auth(token.as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
+    let customer_3 = format!("{magento_url}/rest/V1/customers/3");
+    let as_admin = |request: reqwest::RequestBuilder| request.bearer_auth(token.as_str().unwrap()).send();
+    let deleted: Value = as_admin(http.get(&customer_3)).await.unwrap().json().await.unwrap();
+    let answer = as_admin(http.delete(&customer_3)).await.unwrap();
     assert_eq!(answer.status(), 200);
 
     // Everything current in Magento must reach the topic.

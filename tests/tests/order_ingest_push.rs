@@ -3,16 +3,12 @@
 //! more with the same event id, keyed by customer, decodable with the registry.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use elo_events::{CommerceEvent, EventCodec, RegistryConfig};
 use elo_integration_tests::*;
 use rdkafka::Message;
-use sandbox::Counters;
-use sandbox::faults::Faults;
 use sandbox::magento::webhook::{WebhookConfig, WebhookStyle};
-use sandbox::magento::{MagentoApp, MagentoConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_orders_reach_commerce_events_with_stable_ids() {
@@ -21,32 +17,14 @@ async fn pushed_orders_reach_commerce_events_with_stable_ids() {
     std::fs::write(&secret_file, "push-test-secret-0123456789\n").unwrap();
     let topic = unique("push.commerce");
 
-    // The Magento simulator, served on a free port.
-    let magento = MagentoApp::new(MagentoConfig::default(), Default::default(), Faults::default(), Counters::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let magento_url = format!("http://{}", listener.local_addr().unwrap());
-    let router = magento.clone().router();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-
+    let (magento, magento_url) = serve_magento(0).await;
     let (listen, admin) = (free_port(), free_port());
     let mut ingest = ChildGuard::spawn(
         "order-ingest",
-        Command::new(binary("order-ingest"))
-            .env("ELO_KAFKA_BROKERS", brokers())
-            .env("ELO_REGISTRY_URL", registry_url())
+        order_ingest(dir.path(), &topic, &magento_url, "ingest")
             .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{listen}"))
-            .env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file)
-            .env("ELO_MAGENTO_URL", &magento_url)
-            .env("ELO_TOPIC_COMMERCE", &topic)
-            .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
-            .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
-            .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
-            .env("ELO_ORDER_INGEST_CHECKPOINT_TOPIC", format!("{topic}.checkpoints"))
-            .env("ELO_ORDER_INGEST_DLQ_TOPIC", format!("{topic}.dlq"))
-            .env("ELO_TOPIC_PARTITIONS", "3")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("ingest.log")).unwrap()),
+            .env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file),
     );
     let ready =
         wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
