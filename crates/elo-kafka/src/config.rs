@@ -61,7 +61,16 @@ impl KafkaArgs {
     /// A librdkafka config with these properties plus `overrides` (set by the runtime, which
     /// needs e.g. manual commits to keep its promise).
     pub fn client_config(&self, overrides: &[(&str, &str)]) -> Result<ClientConfig> {
+        self.client_config_with(&[], overrides)
+    }
+
+    /// Like [`KafkaArgs::client_config`], with `defaults` that the operator's properties may
+    /// change (tuning such as `linger.ms`), under the `overrides` they may not.
+    pub fn client_config_with(&self, defaults: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<ClientConfig> {
         let mut config = ClientConfig::new();
+        for (k, v) in defaults {
+            config.set(*k, *v);
+        }
         for (k, v) in self.properties()? {
             config.set(k, v);
         }

@@ -67,12 +67,9 @@ impl Producer {
     pub fn new(args: &KafkaArgs, health: Health) -> Result<Self> {
         metrics::register_all();
         let delivery_timeout = args.delivery_timeout_ms.max(1).to_string();
-        let mut settings = vec![
-            ("acks", "all"),
-            ("linger.ms", "5"),
-            ("compression.type", "lz4"),
-            ("message.timeout.ms", delivery_timeout.as_str()),
-        ];
+        // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
+        let defaults = [("linger.ms", "5"), ("compression.type", "lz4")];
+        let mut settings = vec![("acks", "all"), ("message.timeout.ms", delivery_timeout.as_str())];
         if args.idempotence {
             settings.push(("enable.idempotence", "true"));
         } else {
@@ -80,7 +77,7 @@ impl Producer {
             settings.extend([("enable.idempotence", "false"), ("max.in.flight.requests.per.connection", "1")]);
         }
         let inner = args
-            .client_config(&settings)?
+            .client_config_with(&defaults, &settings)?
             .create_with_context(ConnectionContext::new(health.clone(), "kafka_producer"))?;
         health.set_ready("kafka_producer", false, "connecting");
         Ok(Self { inner, health })

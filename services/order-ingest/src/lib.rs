@@ -1,12 +1,20 @@
-//! order-ingest: the single writer of `commerce.events` and `inventory.events`.
+//! order-ingest: the single writer of `commerce.events` and `inventory.events` (steps 1 and 2
+//! of the workflow).
 //!
-//! # Status
-//! The foundation version: it provisions Elo's topics (commerce, inventory, commands, its DLQ
-//! and its compacted checkpoint topic), registers the event schemas, connects its idempotent
-//! producer, exposes probes and metrics, and stops cleanly. Magento push and poll, inventory
-//! checks and the refetch command path land with the order-ingest issue; [`normalize`] (Magento
-//! order payloads to deterministic `CommerceEvent`s) is already here and tested against the
-//! sandbox's orders.
+//! - [`push`]: signed Magento webhooks (orders, customers, erasures), 2xx only after the ack.
+//! - [`poll`]: incremental keyset poll of orders and customers per store view, checkpointed in a
+//!   compacted topic; [`backfill`] runs the same rounds from a date as a CLI.
+//! - [`normalize`]: Magento payloads to deterministic `CommerceEvent`s.
+//! - [`enrich`] and [`inventory`]: consent from the customer record, MSI salable quantity, stock
+//!   facts on `inventory.events`; every path publishes through them.
+//! - [`commands`]: the reconciler's repair path (`REFETCH_ORDER`, `REFETCH_CUSTOMER`).
+//! - [`source`] and [`wiring`]: the Magento and Kafka seams and their production implementations.
+//!
+//! Magento is reached with `elo-http-client` (one client, classified retries) rather than a
+//! Magento client crate: a search of crates.io and the package indexes found maintained clients
+//! for PHP, Node and Python only, and the few calls needed here (admin token, orders, customers,
+//! salable quantity, searchCriteria with its last-page-repeats quirk) are small and tested
+//! against the sandbox.
 
 pub mod backfill;
 pub mod commands;

@@ -3,8 +3,9 @@
 //! numbers mean little; ratios from one run do).
 //!
 //! - Avro encode/decode of a CommerceEvent (Confluent framing included) vs serde_json.
-//! - Elo's producer (idempotent, acks=all, awaits each delivery, stamps headers) vs a raw
-//!   rdkafka FutureProducer with the same reliability settings.
+//! - Elo's producer (acks=all, awaits each delivery, stamps headers) vs a raw rdkafka
+//!   FutureProducer with the same reliability settings: idempotent, or, when
+//!   `ELO_KAFKA_IDEMPOTENCE=false` (the Tansu stack), one request in flight.
 //! - Elo's consumer runtime (ordered workers, contiguous commits) vs a raw BaseConsumer that
 //!   only reads.
 
@@ -29,6 +30,19 @@ fn report(rows: &mut Vec<serde_json::Value>, name: &str, unit: &str, elo: f64, b
     let ratio = elo / baseline;
     println!("{name:<34} elo {elo:>12.0} {unit}   {baseline_name:<24} {baseline:>12.0} {unit}   ratio {ratio:.2}");
     rows.push(serde_json::json!({"benchmark": name, "unit": unit, "elo": elo, "baseline": baseline_name, "baseline_value": baseline, "ratio": ratio}));
+}
+
+/// The baseline producer: Elo's reliability settings, nothing else.
+fn raw_producer_config(kafka: &KafkaArgs) -> ClientConfig {
+    let mut config = kafka
+        .client_config_with(&[("linger.ms", "5"), ("compression.type", "lz4")], &[("acks", "all")])
+        .expect("valid settings");
+    if kafka.idempotence {
+        config.set("enable.idempotence", "true");
+    } else {
+        config.set("enable.idempotence", "false").set("max.in.flight.requests.per.connection", "1");
+    }
+    config
 }
 
 struct Count(AtomicU64);
@@ -58,7 +72,7 @@ impl order_ingest::source::MagentoApi for NoRefetch {
     }
 }
 
-async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer) -> anyhow::Result<()> {
+async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer, kafka: &KafkaArgs) -> anyhow::Result<()> {
     use futures::StreamExt;
     let topic = unique("bench.push");
     create_topics(&brokers(), &[(&topic, 3)]).await;
@@ -121,12 +135,7 @@ async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer) -> a
     for e in &events {
         encoded.push((e.customer_key.clone(), codec.encode(&topic, e).await?));
     }
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
+    let raw: FutureProducer = raw_producer_config(kafka).create()?;
     let started = Instant::now();
     let futures: Vec<_> = encoded
         .iter()
@@ -214,7 +223,11 @@ async fn main() -> anyhow::Result<()> {
     // Producer.
     let topic = unique("bench");
     create_topics(&brokers(), &[(&topic, 6), (&format!("{topic}.dlq"), 1)]).await;
-    let kafka = KafkaArgs::local(brokers());
+    // Elo's settings as the services get them on this stack (idempotence per ELO_KAFKA_IDEMPOTENCE).
+    let kafka = KafkaArgs {
+        idempotence: std::env::var("ELO_KAFKA_IDEMPOTENCE").map_or(true, |v| v != "false"),
+        ..KafkaArgs::local(brokers())
+    };
     let health = elo_telemetry::Health::new();
     let producer = Producer::new(&kafka, health.clone())?;
     producer.wait_connected(Duration::from_secs(30)).await?;
@@ -233,13 +246,7 @@ async fn main() -> anyhow::Result<()> {
         s.await??;
     }
     let elo_produce = rate(n, started.elapsed());
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()?;
+    let raw: FutureProducer = raw_producer_config(&kafka).create()?;
     let started = Instant::now();
     let futures: Vec<_> = (0..n)
         .map(|i| {
@@ -258,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
 
     // order-ingest push: signed webhook in, broker acknowledgement out, against the raw
     // producer sending the same encoded events.
-    push_bench(&mut rows, &producer).await?;
+    push_bench(&mut rows, &producer, &kafka).await?;
 
     // Consumer: both read the 2n records now on the topic.
     let total = 2 * n as u64;
