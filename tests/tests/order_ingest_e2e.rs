@@ -62,6 +62,18 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     let topic = unique("e2e.commerce");
     // Batch 1: placed before webhooks exist, so only the poll can find these.
     let (magento, magento_url) = serve_magento(150).await;
+    // One of them is broken in Magento (a final state, so no later version will be notified): the
+    // poll must park it in the DLQ and carry on.
+    let broken = {
+        let mut sim = magento.sim.lock().unwrap();
+        let (id, order) = sim
+            .orders
+            .iter_mut()
+            .find(|(_, o)| o["state"] == "canceled" || o["state"] == "closed")
+            .expect("some order reached a final state");
+        order["grand_total"] = Value::String("lots".into());
+        *id
+    };
     let (listen, admin) = (free_port(), free_port());
     let mut ingest = ChildGuard::spawn(
         "order-ingest",
@@ -149,8 +161,10 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
                 .iter()
                 .filter_map(|(_, e)| e.order.as_ref().map(|o| (o.entity_id, e.source_version.updated_at)))
                 .collect();
-            let current =
-                orders.iter().all(|(id, o)| versions.contains(&(*id, magento_time(o["updated_at"].as_str().unwrap()))));
+            let current = orders
+                .iter()
+                .filter(|(id, _)| **id != broken)
+                .all(|(id, o)| versions.contains(&(*id, magento_time(o["updated_at"].as_str().unwrap()))));
             let erased = events.iter().any(|(_, e)| e.event_type == CommerceEventType::CustomerErased);
             let unpushed = pushed_versions.difference(&versions).count();
             progress = format!(
@@ -206,6 +220,26 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         }
     }
     assert!(ids_per_version.values().all(|ids| ids.len() == 1), "redelivered facts carry the same event_id");
+    assert!(!ids_per_version.keys().any(|(id, _)| *id == broken), "the broken order was not published");
+    let parked = read_all(&brokers(), &format!("{topic}.dlq"), 3);
+    let header = |record: &rdkafka::message::OwnedMessage, name: &str| {
+        use rdkafka::message::Headers;
+        let headers = record.headers()?;
+        (0..headers.count())
+            .map(|i| headers.get(i))
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let letter =
+        parked.iter().find(|r| r.key() == Some(broken.to_string().as_bytes())).expect("the broken order is in the DLQ");
+    assert_eq!(header(letter, "elo-dlq-error-class").as_deref(), Some("permanent"));
+    assert_eq!(header(letter, "elo-dlq-error-code").as_deref(), Some("invalid_payload"));
+    assert_eq!(header(letter, "elo-dlq-origin-source").as_deref(), Some("magento-poll/orders"));
+    assert!(header(letter, "elo-dlq-error-message").unwrap().contains("grand_total"));
+    let kept: Value = serde_json::from_slice(letter.payload().unwrap()).unwrap();
+    assert_eq!(kept["grand_total"], "lots", "parked as Magento sent it");
+    assert_eq!(parked.len(), 1, "reported once");
     let order_events = events.iter().filter(|(_, e)| e.order.is_some()).count();
     assert!(order_events > ids_per_version.len(), "duplicates were delivered and kept their ids");
     assert!(guests > 0 && registered > 0, "guests and registered customers");

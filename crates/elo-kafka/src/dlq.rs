@@ -17,11 +17,13 @@ pub const ORIGIN_OFFSET: &str = "elo-dlq-origin-offset";
 pub const FIRST_FAILURE_MS: &str = "elo-dlq-first-failure-ms";
 /// Consumer group that parked it.
 pub const GROUP: &str = "elo-dlq-group";
+/// Where a record that never was on Kafka came from, e.g. `magento-poll/orders`.
+pub const ORIGIN_SOURCE: &str = "elo-dlq-origin-source";
 
 const MAX_MESSAGE: usize = 1024;
 
 /// Truncates on a character boundary.
-pub(crate) fn truncate_message(message: &str) -> &str {
+pub fn truncate_message(message: &str) -> &str {
     if message.len() <= MAX_MESSAGE {
         return message;
     }

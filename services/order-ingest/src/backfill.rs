@@ -79,12 +79,14 @@ pub async fn run<S: poll::EntitySearch, P: crate::push::Publisher>(
                     bar.set_position((done_before + done) as u64);
                 };
                 let (round, error) = tokio::select! {
-                    r = poll::poll_once(search, publisher, stores, &spec, &checkpoint, &mut report) => r,
+                    // A stop requested before the round starts wins.
+                    biased;
                     _ = stop.cancelled() => {
                         bar.abandon_with_message("interrupted");
                         summary.failed_scopes.push(format!("{scope}: interrupted"));
                         return summary;
                     }
+                    r = poll::poll_once(search, publisher, stores, &spec, &checkpoint, &mut report) => r,
                 };
                 done_before += round.published + round.skipped_invalid;
                 summary.published += round.published;

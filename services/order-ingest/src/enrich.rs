@@ -103,6 +103,10 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P,
         }
         self.inner.publish(&event).await
     }
+
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        self.inner.dead_letter(letter).await
+    }
 }
 
 #[cfg(test)]
@@ -120,11 +124,16 @@ pub(crate) mod tests {
     pub(crate) struct Recorder {
         pub(crate) events: Arc<Mutex<Vec<CommerceEvent>>>,
         pub(crate) stock: Arc<Mutex<Vec<InventoryEvent>>>,
+        pub(crate) dead: Arc<Mutex<Vec<crate::push::DeadLetter>>>,
     }
 
     impl Publisher for Recorder {
         async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
             self.events.lock().unwrap().push(event.clone());
+            Ok(())
+        }
+        async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+            self.dead.lock().unwrap().push(letter.clone());
             Ok(())
         }
     }

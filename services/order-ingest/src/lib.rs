@@ -127,7 +127,8 @@ pub struct Config {
         default_value = "elo-order-ingest-commands"
     )]
     pub commands_group: String,
-    /// Dead-letter topic for commands that cannot be executed.
+    /// Dead-letter topic for commands that cannot be executed and polled records that cannot
+    /// become events.
     #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
     pub dlq_topic: String,
 }
@@ -208,6 +209,7 @@ pub(crate) fn enriching_publisher(
         codec: service.codec.clone(),
         topic: config.common.topics.commerce.clone(),
         inventory_topic: config.common.topics.inventory.clone(),
+        dlq_topic: config.dlq_topic.clone(),
         // Past the producer's own delivery timeout, so a 503 follows a definite failure.
         timeout: Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5),
     };

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::normalize::{Stores, customer_event, order_event};
-use crate::push::{PublishError, Publisher};
+use crate::push::{DeadLetter, PublishError, Publisher};
 
 /// What a poll reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -159,8 +159,19 @@ pub async fn poll_once<S: EntitySearch, P: Publisher>(
                     round.published += 1;
                 }
                 Err(error) => {
-                    // Remembered as handled: a broken record is reported once, not every round.
-                    tracing::warn!(entity = spec.entity.as_str(), id, error = %error, "skipped: not a valid payload");
+                    // Parked in the DLQ with its error, then remembered as handled: a broken
+                    // record is reported once per version, not every round.
+                    tracing::warn!(entity = spec.entity.as_str(), id, error = %error, "dead-lettered: not a valid payload");
+                    let letter = DeadLetter {
+                        source: format!("magento-poll/{}", spec.entity.as_str()),
+                        entity_id: id.to_string(),
+                        payload: serde_json::to_vec(&item).unwrap_or_default(),
+                        code: "invalid_payload",
+                        message: error.to_string(),
+                    };
+                    if let Err(e) = publisher.dead_letter(&letter).await {
+                        return (round, Some(e.into()));
+                    }
                     metrics::INVALID.with_label_values(&[spec.entity.as_str()]).inc();
                     round.skipped_invalid += 1;
                 }
@@ -198,7 +209,7 @@ mod metrics {
     pub(super) static INVALID: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "order_ingest_poll_invalid_total",
-            "Polled records that could not become events (logged and skipped), by entity.",
+            "Polled records that could not become events (parked in the DLQ), by entity.",
             &["entity"]
         )
         .expect("metric registers once")
@@ -253,7 +264,7 @@ pub(crate) mod tests {
     }
 
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(i64, i64)>>, std::sync::atomic::AtomicUsize);
+    struct Recorder(Mutex<Vec<(i64, i64)>>, std::sync::atomic::AtomicUsize, Mutex<Vec<DeadLetter>>);
 
     impl Publisher for Recorder {
         async fn publish(&self, event: &elo_events::CommerceEvent) -> Result<(), PublishError> {
@@ -263,6 +274,10 @@ pub(crate) mod tests {
             }
             let id: i64 = event.source_version.entity_id.parse().unwrap();
             self.0.lock().unwrap().push((event.source_version.updated_at, id));
+            Ok(())
+        }
+        async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), PublishError> {
+            self.2.lock().unwrap().push(letter.clone());
             Ok(())
         }
     }
@@ -390,5 +405,29 @@ pub(crate) mod tests {
         assert!(rounds >= 5, "rounds were cut at two pages ({rounds})");
         assert_eq!(reports.first(), Some(&(5, 45)), "progress counts against Magento's total");
         assert!(checkpoint.recent.len() <= 6, "only the overlap window is remembered: {}", checkpoint.recent.len());
+    }
+
+    #[tokio::test]
+    async fn a_broken_order_is_dead_lettered_once_and_the_round_carries_on() {
+        let magento = shop(1_000);
+        magento.lock().unwrap().orders.get_mut(&10).unwrap()["grand_total"] = Value::String("lots".into());
+        let search = Sandbox::new(magento.clone());
+        let publisher = Recorder::default();
+        publisher.1.store(100, std::sync::atomic::Ordering::SeqCst);
+        let (round, error) = run(&search, &publisher, &Checkpoint::default(), Duration::from_secs(60), 7).await;
+        assert!(error.is_none());
+        assert_eq!((round.published, round.skipped_invalid), (44, 1));
+        let dead = publisher.2.lock().unwrap().clone();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(
+            (dead[0].entity_id.as_str(), dead[0].code, dead[0].source.as_str()),
+            ("10", "invalid_payload", "magento-poll/orders")
+        );
+        assert!(dead[0].message.contains("grand_total"), "{}", dead[0].message);
+        let original: Value = serde_json::from_slice(&dead[0].payload).unwrap();
+        assert_eq!(original["grand_total"], "lots", "the record is kept as Magento sent it");
+        let (again, _) = run(&search, &publisher, &round.checkpoint, Duration::from_secs(60), 7).await;
+        assert_eq!((again.published, again.skipped_invalid), (0, 0));
+        assert_eq!(publisher.2.lock().unwrap().len(), 1, "reported once per version");
     }
 }

@@ -36,6 +36,23 @@ pub const SIGNATURE_HEADER: &str = "x-elo-webhook-signature";
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes one event and resolves once the broker acknowledged it.
     fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Parks a source record that cannot become an event (the service's DLQ), acknowledged.
+    fn dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+/// A Magento record Elo could not turn into an event, kept for an operator to inspect and fix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeadLetter {
+    /// Where it was read, e.g. `magento-poll/orders`.
+    pub source: String,
+    /// The entity id (the DLQ record's key).
+    pub entity_id: String,
+    /// The record as Magento sent it.
+    pub payload: Vec<u8>,
+    /// Bounded code, e.g. `invalid_payload`.
+    pub code: &'static str,
+    pub message: String,
 }
 
 /// Why a publish failed.
@@ -53,6 +70,9 @@ pub enum PublishError {
 impl<T: Publisher> Publisher for Arc<T> {
     fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
         (**self).publish(event)
+    }
+    fn dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PublishError>> + Send {
+        (**self).dead_letter(letter)
     }
 }
 
@@ -364,6 +384,9 @@ mod tests {
             }
             self.events.lock().unwrap().push(event.clone());
             Ok(())
+        }
+        async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), PublishError> {
+            panic!("the push path refuses with a 4xx, it never dead-letters: {letter:?}")
         }
     }
 

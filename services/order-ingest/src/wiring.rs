@@ -22,6 +22,8 @@ pub struct KafkaPublisher {
     pub codec: Arc<EventCodec>,
     pub topic: String,
     pub inventory_topic: String,
+    /// Where source records that cannot become events are parked.
+    pub dlq_topic: String,
     pub timeout: Duration,
 }
 
@@ -53,6 +55,31 @@ impl KafkaPublisher {
 impl Publisher for KafkaPublisher {
     async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
         self.send(&self.topic, &event.customer_key, event, event.event_type.as_str()).await
+    }
+
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        use elo_kafka::dlq;
+        let now = crate::now_ms().to_string();
+        let headers = elo_kafka::headers::to_owned_headers(vec![
+            (dlq::ERROR_CLASS, b"permanent".as_slice()),
+            (dlq::ERROR_CODE, letter.code.as_bytes()),
+            (dlq::ERROR_MESSAGE, dlq::truncate_message(&letter.message).as_bytes()),
+            (dlq::ORIGIN_SOURCE, letter.source.as_bytes()),
+            (dlq::ATTEMPTS, b"1".as_slice()),
+            (dlq::FIRST_FAILURE_MS, now.as_bytes()),
+        ]);
+        let send = self.producer.send_with_headers(
+            &self.dlq_topic,
+            Some(letter.entity_id.as_bytes()),
+            Some(&letter.payload),
+            headers,
+        );
+        match tokio::time::timeout(self.timeout, send).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
+            Ok(Err(e)) => Err(PublishError::Rejected(e.to_string())),
+            Err(_) => Err(PublishError::Unavailable(format!("no acknowledgement within {:?}", self.timeout))),
+        }
     }
 }
 

@@ -88,6 +88,7 @@ async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer, kafk
         codec: codec.clone(),
         topic: topic.clone(),
         inventory_topic: topic.clone(),
+        dlq_topic: format!("{topic}.dlq"),
         timeout: Duration::from_secs(10),
     };
     let secret = "bench-secret-0123456789abcdef";
