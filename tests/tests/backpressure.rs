@@ -2,6 +2,7 @@
 //! one catches up every record is applied exactly in order, none skipped by the pause.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,15 +10,21 @@ use elo_integration_tests::*;
 use elo_kafka::{ConsumerSettings, Handler, HandlerError, KafkaArgs, Producer, Record};
 use tokio_util::sync::CancellationToken;
 
+/// Partition 0's handler is held until the test releases it (then it stays slow), so "the fast
+/// partitions finished while partition 0 was behind" does not depend on the machine's speed.
 #[derive(Default)]
 struct SlowOnPartitionZero {
     applied: Mutex<BTreeMap<i32, Vec<i64>>>,
+    released: AtomicBool,
 }
 
 impl Handler for SlowOnPartitionZero {
     async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
         if batch[0].partition == 0 {
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            while !self.released.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let mut applied = self.applied.lock().unwrap();
         for r in batch {
@@ -39,7 +46,8 @@ async fn a_slow_partition_is_paused_alone_and_loses_nothing() {
     }
     assert!(expected.len() == 3 && expected.values().all(|v| v.len() > 100), "keys spread over partitions");
 
-    let kafka = KafkaArgs::local(brokers());
+    // Short fetch waits: after each resume the tiny buffer refills in one quick round trip.
+    let kafka = KafkaArgs { options: vec![("fetch.wait.max.ms".into(), "50".into())], ..KafkaArgs::local(brokers()) };
     let health = elo_telemetry::Health::new();
     let producer = Producer::new(&kafka, health.clone()).unwrap();
     let handler = Arc::new(SlowOnPartitionZero::default());
@@ -61,8 +69,16 @@ async fn a_slow_partition_is_paused_alone_and_loses_nothing() {
     assert!(fast_done, "fast partitions were held up by the slow one");
     let slow_so_far = handler.applied.lock().unwrap().get(&0).map_or(0, Vec::len);
     assert!(slow_so_far < expected[&0].len(), "partition 0 should still be behind ({slow_so_far})");
-    let paused_metric = prometheus::gather().iter().any(|f| f.name() == "elo_consumer_paused_partitions");
-    assert!(paused_metric, "pausing is reported");
+    // Held, partition 0 filled its buffer and is paused, alone.
+    let paused = prometheus::gather()
+        .iter()
+        .filter(|f| f.name() == "elo_consumer_paused_partitions")
+        .flat_map(|f| f.get_metric().to_vec())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == topic))
+        .map(|m| m.get_gauge().get_value())
+        .sum::<f64>();
+    assert_eq!(paused, 1.0, "exactly the slow partition is paused and reported");
+    handler.released.store(true, Ordering::SeqCst);
 
     let all_done = wait_until(Duration::from_secs(120), || {
         handler.applied.lock().unwrap().get(&0).map_or(0, Vec::len) >= expected[&0].len()

@@ -256,7 +256,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     let changed =
         ids_per_version.keys().filter(|(id, at)| magento_time(orders[id]["created_at"].as_str().unwrap()) != *at);
     assert!(changed.count() > 0, "status changes were published as new versions");
-    let batch_one: BTreeSet<i64> = (1..=40).collect();
+    let batch_one: BTreeSet<i64> = (1..=40).filter(|id| *id != broken).collect();
     assert!(
         batch_one.iter().all(|id| ids_per_version.keys().any(|(o, _)| o == id)),
         "the poll found the unpushed batch"
