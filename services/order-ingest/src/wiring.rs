@@ -43,6 +43,16 @@ impl KafkaPublisher {
             }
         })?;
         let send = self.producer.send(topic, key.as_bytes(), &payload, Some(event_type));
+        self.acknowledged(send).await
+    }
+}
+
+impl KafkaPublisher {
+    /// Waits (bounded) for a send's acknowledgement and classifies its failure.
+    async fn acknowledged(
+        &self,
+        send: impl Future<Output = elo_kafka::Result<elo_kafka::Delivery>>,
+    ) -> Result<(), PublishError> {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
@@ -74,12 +84,7 @@ impl Publisher for KafkaPublisher {
             Some(&letter.payload),
             headers,
         );
-        match tokio::time::timeout(self.timeout, send).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
-            Ok(Err(e)) => Err(PublishError::Rejected(e.to_string())),
-            Err(_) => Err(PublishError::Unavailable(format!("no acknowledgement within {:?}", self.timeout))),
-        }
+        self.acknowledged(send).await
     }
 }
 
