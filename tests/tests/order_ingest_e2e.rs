@@ -93,6 +93,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         secret: SECRET.into(),
         duplicate_rate: 0.3,
         style,
+        ..Default::default()
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));

@@ -62,6 +62,8 @@ async fn kill_9_during_a_push_burst_loses_no_order() {
             secret: SECRET.into(),
             duplicate_rate: 0.05,
             style: WebhookStyle::Plain,
+            // Magento retries with backoff; a short cap keeps the test quick.
+            max_backoff_ms: 2_000,
         };
         sim.generate(800);
         sim.outbox

@@ -40,6 +40,7 @@ async fn pushed_orders_reach_commerce_events_with_stable_ids() {
         secret: "push-test-secret-0123456789".into(),
         duplicate_rate: 0.3,
         style: WebhookStyle::CloudEvents,
+        ..Default::default()
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));

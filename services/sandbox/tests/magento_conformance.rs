@@ -332,6 +332,7 @@ async fn order_webhooks_are_signed_retried_and_sometimes_duplicated() {
         secret: "s3cret".into(),
         duplicate_rate: 0.5,
         style: sandbox::magento::webhook::WebhookStyle::CloudEvents,
+        ..Default::default()
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sandbox::magento::webhook::dispatch(shop.app.clone(), shutdown.clone()));

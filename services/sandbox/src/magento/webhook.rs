@@ -44,6 +44,13 @@ pub struct WebhookConfig {
     /// Probability (0..1) that a delivered notification is delivered once more.
     pub duplicate_rate: f64,
     pub style: WebhookStyle,
+    /// Cap of the exponential retry backoff, in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: i64,
+}
+
+fn default_max_backoff_ms() -> i64 {
+    60_000
 }
 
 impl Default for WebhookConfig {
@@ -54,6 +61,7 @@ impl Default for WebhookConfig {
             secret: "elo-sandbox-webhook-secret".into(),
             duplicate_rate: 0.05,
             style: WebhookStyle::CloudEvents,
+            max_backoff_ms: default_max_backoff_ms(),
         }
     }
 }
@@ -136,7 +144,7 @@ pub fn customer_notification(config: &WebhookConfig, customer: &Value, deleted: 
 }
 
 /// Delivers the outbox until `shutdown`: up to 16 notifications at a time, failures retried
-/// with exponential backoff (capped at 60 s), never dropped.
+/// with exponential backoff (capped at `max_backoff_ms`, 60 s by default), never dropped.
 pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("http client");
     loop {
@@ -192,7 +200,7 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
             } else {
                 sim.outbox.failed_attempts += 1;
                 n.attempts = n.attempts.saturating_add(1).min(u32::MAX - 1);
-                n.not_before_ms = now_ms() + (250i64 << n.attempts.min(8)).min(60_000);
+                n.not_before_ms = now_ms() + (250i64 << n.attempts.min(8)).min(config.max_backoff_ms.max(1));
                 sim.outbox.queue.push_back(n);
             }
         }
