@@ -139,15 +139,27 @@ impl MagentoSource {
         Ok(token.clone().expect("set above"))
     }
 
-    /// GET with the admin token, renewing it once on a 401. Failures are counted by class.
+    /// GET of something that must exist; failures (a 404 included) are counted by class.
     async fn get_json(&self, url: &str) -> Result<Value, SourceError> {
-        let result = self.get_json_once(url).await;
-        if let Err(error) = &result {
-            metrics::MAGENTO_ERRORS.with_label_values(&[error.class()]).inc();
-        }
-        result
+        self.get_optional(url).await?.ok_or_else(|| {
+            metrics::MAGENTO_ERRORS.with_label_values(&[SourceError::NotFound.class()]).inc();
+            SourceError::NotFound
+        })
     }
 
+    /// GET where a 404 is an answer (`None`), not an API error; other failures are counted.
+    async fn get_optional(&self, url: &str) -> Result<Option<Value>, SourceError> {
+        match self.get_json_once(url).await {
+            Ok(value) => Ok(Some(value)),
+            Err(SourceError::NotFound) => Ok(None),
+            Err(error) => {
+                metrics::MAGENTO_ERRORS.with_label_values(&[error.class()]).inc();
+                Err(error)
+            }
+        }
+    }
+
+    /// GET with the admin token, renewing it once on a 401.
     async fn get_json_once(&self, url: &str) -> Result<Value, SourceError> {
         for renew in [false, true] {
             let token = self.token(renew).await?;
@@ -184,18 +196,13 @@ impl MagentoApi for MagentoSource {
     async fn salable_qty(&self, sku: &str, stock_id: i32) -> Result<Option<elo_events::Decimal4>, SourceError> {
         let url =
             format!("{}/rest/V1/inventory/get-product-salable-quantity/{}/{stock_id}", self.base_url, urlencode(sku));
-        // An unknown SKU is an answer here (not stock-managed), not an API error.
-        let result = self.get_json_once(&url).await;
-        if let Some(error) = result.as_ref().err().filter(|e| **e != SourceError::NotFound) {
-            metrics::MAGENTO_ERRORS.with_label_values(&[error.class()]).inc();
-        }
-        match result {
-            Ok(Value::Number(n)) => elo_events::Decimal4::parse(&n.to_string())
+        // An unknown SKU is not stock-managed: an answer, not an error.
+        match self.get_optional(&url).await? {
+            Some(Value::Number(n)) => elo_events::Decimal4::parse(&n.to_string())
                 .map(Some)
                 .map_err(|e| SourceError::Refused(format!("salable quantity {n}: {e}"))),
-            Ok(other) => Err(SourceError::Refused(format!("salable quantity is not a number: {other}"))),
-            Err(SourceError::NotFound) => Ok(None),
-            Err(e) => Err(e),
+            Some(other) => Err(SourceError::Refused(format!("salable quantity is not a number: {other}"))),
+            None => Ok(None),
         }
     }
 }

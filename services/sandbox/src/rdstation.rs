@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use crate::faults::{FaultDecision, Faults};
 use crate::{Counters, now_ms};
 
-/// Event types accepted by `/platform/events` (legacy and `ECOMMERCE_*`).
+/// Event types accepted by `/platform/events`: the legacy ones, then `ECOMMERCE_*`.
 pub const EVENT_TYPES: &[&str] = &[
     "CONVERSION",
     "OPPORTUNITY",
@@ -43,22 +43,10 @@ pub const EVENT_TYPES: &[&str] = &[
     "ECOMMERCE_ORDER_CANCELLED",
 ];
 
-/// Types the batch endpoint accepts (the reference lists the legacy ones only).
-const BATCH_TYPES: &[&str] = &[
-    "CONVERSION",
-    "OPPORTUNITY",
-    "SALE",
-    "OPPORTUNITY_LOST",
-    "ORDER_PLACED",
-    "ORDER_PLACED_ITEM",
-    "CART_ABANDONED",
-    "CART_ABANDONED_ITEM",
-    "CHAT_STARTED",
-    "CHAT_FINISHED",
-    "CALL_FINISHED",
-    "MEDIA_PLAYBACK_STARTED",
-    "MEDIA_PLAYBACK_STOPPED",
-];
+/// Types the batch endpoint accepts (the reference lists the legacy ones only): the first
+/// `LEGACY_EVENT_TYPES` of [`EVENT_TYPES`].
+const BATCH_TYPES: &[&str] = EVENT_TYPES.split_at(LEGACY_EVENT_TYPES).0;
+const LEGACY_EVENT_TYPES: usize = 13;
 
 const PAYMENT_METHODS: &[&str] = &["Credit Card", "Debit Card", "Invoice", "Others"];
 const BODY_LIMIT: usize = 200 * 1024;

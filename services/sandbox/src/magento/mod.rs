@@ -391,24 +391,14 @@ impl Magento {
                 Ok((200, result))
             }
             ("GET", ["customers", id]) => {
-                let customer = id.parse::<i64>().ok().and_then(|id| self.customers.get(&id)).ok_or_else(|| {
-                    MagentoError::new(
-                        404,
-                        "No such entity with %fieldName = %fieldValue",
-                        json!({"fieldName": "customerId", "fieldValue": id}),
-                    )
-                })?;
+                let customer =
+                    id.parse::<i64>().ok().and_then(|id| self.customers.get(&id)).ok_or_else(|| no_such_customer(id))?;
                 Ok((200, customer.to_json()))
             }
             ("DELETE", ["customers", id]) => {
                 // Magento answers `true`; the customer's orders stay (their customer_id is kept).
-                let customer = id.parse::<i64>().ok().and_then(|id| self.customers.remove(&id)).ok_or_else(|| {
-                    MagentoError::new(
-                        404,
-                        "No such entity with %fieldName = %fieldValue",
-                        json!({"fieldName": "customerId", "fieldValue": id}),
-                    )
-                })?;
+                let customer =
+                    id.parse::<i64>().ok().and_then(|id| self.customers.remove(&id)).ok_or_else(|| no_such_customer(id))?;
                 let json = customer.to_json();
                 self.notify_customer(&json, true);
                 Ok((200, json!(true)))
@@ -590,6 +580,15 @@ pub async fn run_generator(app: MagentoApp, shutdown: tokio_util::sync::Cancella
             sim.generate(due);
         }
     }
+}
+
+/// Magento's 404 for a customer id.
+fn no_such_customer(id: &str) -> MagentoError {
+    MagentoError::new(
+        404,
+        "No such entity with %fieldName = %fieldValue",
+        json!({"fieldName": "customerId", "fieldValue": id}),
+    )
 }
 
 /// The list endpoint omits some extension attributes the single GET returns (M20).

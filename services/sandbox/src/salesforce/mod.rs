@@ -272,10 +272,13 @@ impl Salesforce {
         SfResponse::json(200, Value::Array(rows))
     }
 
-    fn collections_upsert(&mut self, object: &str, field: &str, body: &Value, now: i64) -> SfResponse {
-        if !object_exists(object) || !external_id_field(object, field) {
-            return SfResponse::not_found();
-        }
+    /// Applies `apply` to each record of a Collections request (up to 200, `allOrNone` honoured):
+    /// one row per record, `{"id", "success", "errors"}` plus whatever `apply` adds on success.
+    fn apply_collection(
+        &mut self,
+        body: &Value,
+        mut apply: impl FnMut(&mut Self, &Map<String, Value>) -> Result<(String, Option<bool>), SaveError>,
+    ) -> SfResponse {
         let (records, all_or_none) = match Self::collection_records(body) {
             Ok(r) => r,
             Err(e) => return e,
@@ -284,74 +287,68 @@ impl Salesforce {
         let snapshot = self.org.clone();
         let mut rows = Vec::with_capacity(records.len());
         for record in &records {
-            let row = (|| {
-                let map =
-                    record.as_object().ok_or_else(|| SaveError::new("INVALID_INPUT", "record must be an object"))?;
-                match map.get("attributes").and_then(|a| a.get("type")).and_then(Value::as_str) {
-                    None => return Err(SaveError::new("INVALID_INPUT", "Missing attributes.type")),
-                    Some(t) if t != object => {
-                        return Err(SaveError::new(
-                            "INVALID_INPUT",
-                            format!("attributes.type {t} does not match {object}"),
-                        ));
-                    }
-                    _ => {}
-                }
-                let value = map.get(field).map(scalar_text).ok_or_else(|| {
-                    SaveError::new("MISSING_ARGUMENT", format!("{field} not specified")).with_fields(&[field])
-                })?;
-                if let Some(e) = self.lock_fault() {
-                    return Err(e);
-                }
-                self.org.upsert(object, field, &value, map, now).map_err(|e| match e {
-                    UpsertError::Save(e) => e,
-                    UpsertError::Multiple(_) => SaveError::new(
-                        "DUPLICATE_EXTERNAL_ID",
-                        format!("{field}: more than one record found for external id field"),
-                    ),
-                })
-            })();
+            let row = record
+                .as_object()
+                .ok_or_else(|| SaveError::new("INVALID_INPUT", "record must be an object"))
+                .and_then(|map| apply(self, map));
             rows.push(match row {
-                Ok((id, created)) => json!({"id": id, "success": true, "errors": [], "created": created}),
+                Ok((id, Some(created))) => json!({"id": id, "success": true, "errors": [], "created": created}),
+                Ok((id, None)) => json!({"id": id, "success": true, "errors": []}),
                 Err(e) => json!({"id": null, "success": false, "errors": [e.row()]}),
             });
         }
         self.finish_collection(snapshot, all_or_none, rows)
     }
 
-    fn collections_create(&mut self, body: &Value, now: i64) -> SfResponse {
-        let (records, all_or_none) = match Self::collection_records(body) {
-            Ok(r) => r,
-            Err(e) => return e,
-        };
-        let records = records.clone();
-        let snapshot = self.org.clone();
-        let mut rows = Vec::with_capacity(records.len());
-        for record in &records {
-            let row = (|| {
-                let map =
-                    record.as_object().ok_or_else(|| SaveError::new("INVALID_INPUT", "record must be an object"))?;
-                let object = map
-                    .get("attributes")
-                    .and_then(|a| a.get("type"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| SaveError::new("INVALID_INPUT", "Missing attributes.type"))?
-                    .to_owned();
-                if !object_exists(&object) {
-                    return Err(SaveError::new("INVALID_TYPE", format!("sObject type '{object}' is not supported.")));
-                }
-                if let Some(e) = self.lock_fault() {
-                    return Err(e);
-                }
-                let fields = self.org.prepare(&object, map)?;
-                self.org.create(&object, fields, now)
-            })();
-            rows.push(match row {
-                Ok(id) => json!({"id": id, "success": true, "errors": []}),
-                Err(e) => json!({"id": null, "success": false, "errors": [e.row()]}),
-            });
+    fn collections_upsert(&mut self, object: &str, field: &str, body: &Value, now: i64) -> SfResponse {
+        if !object_exists(object) || !external_id_field(object, field) {
+            return SfResponse::not_found();
         }
-        self.finish_collection(snapshot, all_or_none, rows)
+        self.apply_collection(body, |sf, map| {
+            match map.get("attributes").and_then(|a| a.get("type")).and_then(Value::as_str) {
+                None => return Err(SaveError::new("INVALID_INPUT", "Missing attributes.type")),
+                Some(t) if t != object => {
+                    return Err(SaveError::new(
+                        "INVALID_INPUT",
+                        format!("attributes.type {t} does not match {object}"),
+                    ));
+                }
+                _ => {}
+            }
+            let value = map.get(field).map(scalar_text).ok_or_else(|| {
+                SaveError::new("MISSING_ARGUMENT", format!("{field} not specified")).with_fields(&[field])
+            })?;
+            if let Some(e) = sf.lock_fault() {
+                return Err(e);
+            }
+            let (id, created) = sf.org.upsert(object, field, &value, map, now).map_err(|e| match e {
+                UpsertError::Save(e) => e,
+                UpsertError::Multiple(_) => SaveError::new(
+                    "DUPLICATE_EXTERNAL_ID",
+                    format!("{field}: more than one record found for external id field"),
+                ),
+            })?;
+            Ok((id, Some(created)))
+        })
+    }
+
+    fn collections_create(&mut self, body: &Value, now: i64) -> SfResponse {
+        self.apply_collection(body, |sf, map| {
+            let object = map
+                .get("attributes")
+                .and_then(|a| a.get("type"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| SaveError::new("INVALID_INPUT", "Missing attributes.type"))?
+                .to_owned();
+            if !object_exists(&object) {
+                return Err(SaveError::new("INVALID_TYPE", format!("sObject type '{object}' is not supported.")));
+            }
+            if let Some(e) = sf.lock_fault() {
+                return Err(e);
+            }
+            let fields = sf.org.prepare(&object, map)?;
+            Ok((sf.org.create(&object, fields, now)?, None))
+        })
     }
 
     /// Runs composite subrequests in order, resolving `@{ref.path}`; returns the per-item
