@@ -164,14 +164,7 @@ impl Service {
         }
         let connect = producer.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = connect.wait_connected(Duration::from_secs(u64::MAX / 4)) => if let Err(error) = r {
-                    tracing::error!(error = %error, "producer cannot reach kafka");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
+        tokio::spawn(async move { connect.keep_connected(stop).await });
         Ok(Some(Self { name, health, shutdown, producer, codec, admin_addr, admin_task }))
     }
 
@@ -186,16 +179,26 @@ impl Service {
     }
 }
 
-/// Decodes a record's value as `T`, classifying failures for the consumer runtime: a registry
-/// outage is transient (retry), anything else about the bytes is permanent (DLQ).
+/// Decodes a record's value as `T`, classifying failures for the consumer runtime: only bytes
+/// that cannot be decoded are permanent (DLQ); a registry that refuses our credentials is
+/// `Auth`, one that throttles us `RateLimited`, and one that is down or failing `Transient`,
+/// so a registry incident never parks valid records.
 pub async fn decode_record<T: elo_events::AvroEvent>(codec: &EventCodec, record: &Record) -> Result<T, HandlerError> {
     let Some(payload) = record.payload.as_deref() else {
         return Err(HandlerError::permanent("empty_value", "record has no value (tombstone)"));
     };
-    codec.decode::<T>(payload).await.map_err(|e: CodecError| {
-        let class = if e.is_retriable() { ErrorClass::Transient } else { ErrorClass::Permanent };
-        HandlerError::new(class, e.code(), e.to_string())
-    })
+    codec.decode::<T>(payload).await.map_err(|e| codec_failure(&e))
+}
+
+/// The handler error for a codec failure.
+pub fn codec_failure(e: &CodecError) -> HandlerError {
+    let class = match e.class() {
+        elo_events::CodecErrorClass::Undecodable => ErrorClass::Permanent,
+        elo_events::CodecErrorClass::Unavailable => ErrorClass::Transient,
+        elo_events::CodecErrorClass::Auth => ErrorClass::Auth,
+        elo_events::CodecErrorClass::RateLimited => ErrorClass::RateLimited,
+    };
+    HandlerError::new(class, e.code(), e.to_string())
 }
 
 /// A handler for consumers whose downstream integration has not landed yet: it decodes every
