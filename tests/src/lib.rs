@@ -6,6 +6,8 @@
 //! one with [`TansuProcess`]. Every test uses random topic and group names, so tests can run
 //! in parallel against one broker.
 
+pub mod runtime_suite;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -200,6 +200,11 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
             }
         }
         if tpl.count() > 0 {
+            // Store first: with auto-commit on, librdkafka commits the *stored* offsets again
+            // when the partitions go (and on close), which would move them back.
+            if let Err(error) = consumer.store_offsets(&tpl) {
+                tracing::warn!(error = %error, "storing final offsets failed");
+            }
             match consumer.commit(&tpl, CommitMode::Sync) {
                 Ok(()) => {
                     for e in tpl.elements() {
@@ -492,12 +497,9 @@ fn poll_loop<H: Handler, D: DeadLetterSink>(
                 fatal = Some(error);
                 break;
             }
-            Some(Err(error)) => {
-                metrics::CLIENT_ERRORS
-                    .with_label_values(&["kafka_consumer", crate::Error::Kafka(error.clone()).code()])
-                    .inc();
-                tracing::warn!(error = %error, "consume error");
-            }
+            // The event API hands client errors (all brokers down, authentication) to poll,
+            // not to the context's error callback.
+            Some(Err(error)) => context.connection.error(error, "consumer poll"),
             None => {}
         }
         if context.connection.is_fatal() {

@@ -1,0 +1,119 @@
+//! The consumer runtime suite on librdkafka's mock cluster, a second Kafka implementation with
+//! its own group coordinator, plus the failures Tansu cannot produce: refused offset commits
+//! (`REBALANCE_IN_PROGRESS`, `NOT_COORDINATOR`) and a broker that goes away and comes back.
+
+use std::time::Duration;
+
+use elo_integration_tests::runtime_suite::{self as suite, Broker};
+use elo_integration_tests::*;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_stream_then_restart_loses_nothing() {
+    suite::crash_mid_stream_then_restart_loses_nothing(&Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_member_rebalance_loses_nothing() {
+    suite::two_member_rebalance_loses_nothing(&Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_record_goes_to_dlq_and_partition_carries_on() {
+    suite::poison_record_goes_to_dlq_and_partition_carries_on(&Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_ends_with_a_final_commit() {
+    suite::sigterm_mid_stream_ends_with_a_final_commit(&Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_panic_holds_the_partition_and_fails_liveness() {
+    suite::a_handler_panic_holds_the_partition_and_fails_liveness(&Broker::mock()).await;
+}
+
+/// The broker refuses the first commits. The consumer applies everything at once and then sits
+/// idle: the refused commit must be retried while running (not only at shutdown), counted, and
+/// the committed-offset metric must follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_commits_are_retried_while_running_and_counted() {
+    let broker = Broker::mock();
+    let (topic, dlq, group) = (unique("commitfail"), unique("commitfail-dlq"), unique("commitfail-group"));
+    broker.create_topics(&[(&topic, 1), (&dlq, 1)]).await;
+    let produced = produce(&producer(&broker.bootstrap()), &topic, &suite::records(200, "c")).await;
+    use RDKafkaRespErr::*;
+    broker.as_mock().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_NOT_COORDINATOR,
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+            RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS,
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.txt");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _c = suite::start_consumer(&broker, "c", (&group, &topic, &dlq), &out, 0, &["--admin-listen", &admin]);
+    assert!(wait_until(Duration::from_secs(60), || applied(&out).len() == produced.len()).await, "applied everything");
+    let end = produced.len() as i64;
+    assert!(
+        wait_until(Duration::from_secs(60), || committed(&broker.bootstrap(), &group, &topic, 1).get(&0) == Some(&end))
+            .await,
+        "the refused commit was never retried while running\n{}",
+        std::fs::read_to_string(out.with_extension("c.log")).unwrap_or_default()
+    );
+    let metrics = suite::scrape(&admin).await;
+    assert!(
+        suite::metric_sum(&metrics, "elo_consumer_commit_errors_total", &[]) >= 1.0,
+        "refused commits are counted:\n{metrics}"
+    );
+    assert_eq!(
+        suite::metric_sum(&metrics, "elo_consumer_committed_offset", &[&topic]),
+        end as f64,
+        "the committed-offset metric follows commits made while running"
+    );
+}
+
+/// All brokers go away for a while, with no rebalance: readiness drops, and returns within
+/// 15 s of the broker's return although no record arrives (the topic is idle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_returns_after_a_broker_outage() {
+    let broker = Broker::mock();
+    let (topic, dlq, group) = (unique("blip"), unique("blip-dlq"), unique("blip-group"));
+    broker.create_topics(&[(&topic, 1), (&dlq, 1)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.txt");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _c = suite::start_consumer(&broker, "c", (&group, &topic, &dlq), &out, 0, &["--admin-listen", &admin]);
+    let ready = |status: u16, secs: u64| {
+        let admin = admin.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+            while std::time::Instant::now() < deadline {
+                if suite::probe(&admin, "readyz").await == status {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            false
+        }
+    };
+    assert!(ready(200, 60).await, "consumer never became ready");
+    broker.as_mock().broker_down(-1).unwrap();
+    assert!(
+        ready(503, 60).await,
+        "an outage must show in readiness\n{}",
+        std::fs::read_to_string(out.with_extension("c.log")).unwrap_or_default()
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    broker.as_mock().broker_up(-1).unwrap();
+    let back = std::time::Instant::now();
+    assert!(
+        ready(200, 15).await,
+        "readiness did not return within 15 s of the broker's return\n{}",
+        std::fs::read_to_string(out.with_extension("c.log")).unwrap_or_default()
+    );
+    eprintln!("ready again {:?} after the broker returned", back.elapsed());
+}
