@@ -117,3 +117,39 @@ async fn readiness_returns_after_a_broker_outage() {
     );
     eprintln!("ready again {:?} after the broker returned", back.elapsed());
 }
+
+/// The coordinator forgets us (`UNKNOWN_MEMBER_ID` on a heartbeat): librdkafka reports the
+/// assignment lost. The runtime stops its workers without committing (the group may already
+/// have given the partitions away), rejoins, and finishes from the last commit: nothing lost,
+/// nothing skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_assignment_is_not_committed_and_loses_nothing() {
+    let broker = Broker::mock();
+    let (topic, dlq, group) = (unique("lost"), unique("lost-dlq"), unique("lost-group"));
+    broker.create_topics(&[(&topic, 2), (&dlq, 1)]).await;
+    let produced = produce(&producer(&broker.bootstrap()), &topic, &suite::records(600, "l")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.txt");
+    let _c = suite::start_consumer(&broker, "c", (&group, &topic, &dlq), &out, 40, &[]);
+    assert!(wait_until(Duration::from_secs(60), || applied(&out).len() >= 100).await, "no progress");
+    broker.as_mock().request_errors(RDKafkaApiKey::Heartbeat, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID]);
+    let log = || std::fs::read_to_string(out.with_extension("c.log")).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || log().contains("assignment lost")).await,
+        "the lost assignment was not noticed\n{}",
+        log()
+    );
+    assert!(!log().contains("committed after drain"), "a lost assignment must not be committed");
+    let end = |p: i32| produced.iter().filter(|(pp, _)| *pp == p).count() as i64;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let c = committed(&broker.bootstrap(), &group, &topic, 2);
+            (0..2).all(|p| c.get(&p).copied().unwrap_or(-1) >= end(p))
+        })
+        .await,
+        "did not finish after rejoining\n{}",
+        log()
+    );
+    suite::assert_complete(&produced, &[&out]);
+    suite::assert_ordered_per_partition(&out);
+}
