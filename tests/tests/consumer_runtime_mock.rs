@@ -153,3 +153,72 @@ async fn a_lost_assignment_is_not_committed_and_loses_nothing() {
     suite::assert_complete(&produced, &[&out]);
     suite::assert_ordered_per_partition(&out);
 }
+
+/// A batch that will not stop (its handler blocks the thread, a bug) when its partition is
+/// revoked: the runtime waits for it after aborting, notices it is still running, and fails
+/// liveness instead of letting the partition be worked again beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_that_ignores_cancellation_fails_liveness() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use elo_kafka::{ConsumerSettings, Handler, HandlerError, KafkaArgs, Producer, Record};
+    use tokio_util::sync::CancellationToken;
+
+    struct Blocking(AtomicBool);
+    impl Handler for Blocking {
+        async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+            if !self.0.swap(true, Ordering::SeqCst) {
+                // A bug: blocking the worker thread, deaf to cancellation.
+                std::thread::sleep(Duration::from_secs(8));
+            }
+            batch.iter().map(|_| Ok(())).collect()
+        }
+    }
+    struct Quick;
+    impl Handler for Quick {
+        async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+            batch.iter().map(|_| Ok(())).collect()
+        }
+    }
+
+    let broker = Broker::mock();
+    let (topic, dlq, group) = (unique("zombie"), unique("zombie-dlq"), unique("zombie-group"));
+    broker.create_topics(&[(&topic, 2), (&dlq, 1)]).await;
+    produce(&producer(&broker.bootstrap()), &topic, &suite::records(50, "z")).await;
+    let kafka = KafkaArgs::local(broker.bootstrap());
+    let settings = |drain: Duration| {
+        let mut s = ConsumerSettings::new(group.clone(), vec![topic.clone()], dlq.clone());
+        s.drain_timeout = drain;
+        s
+    };
+    let (health_a, stop_a) = (elo_telemetry::Health::new(), CancellationToken::new());
+    let blocking = Arc::new(Blocking(AtomicBool::new(false)));
+    let a = tokio::spawn({
+        let (kafka, health, stop, handler, settings) =
+            (kafka.clone(), health_a.clone(), stop_a.clone(), blocking.clone(), settings(Duration::from_millis(500)));
+        async move {
+            let producer = Producer::new(&kafka, health.clone()).unwrap();
+            elo_kafka::run_consumer(&kafka, settings, handler, producer, health, stop).await
+        }
+    });
+    assert!(wait_until(Duration::from_secs(30), || blocking.0.load(Ordering::SeqCst)).await, "no batch started");
+    // A second member joins: the first must revoke while its batch is stuck.
+    let (health_b, stop_b) = (elo_telemetry::Health::new(), CancellationToken::new());
+    let b = tokio::spawn({
+        let (kafka, health, stop, settings) =
+            (kafka.clone(), health_b.clone(), stop_b.clone(), settings(Duration::from_secs(5)));
+        async move {
+            let producer = Producer::new(&kafka, health.clone()).unwrap();
+            elo_kafka::run_consumer(&kafka, settings, Arc::new(Quick), producer, health, stop).await
+        }
+    });
+    assert!(
+        wait_until(Duration::from_secs(30), || !health_a.is_live()).await,
+        "a batch that outlived its abort must fail liveness"
+    );
+    stop_a.cancel();
+    stop_b.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(30), a).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), b).await;
+}
