@@ -11,6 +11,8 @@
 //!   bytes, drain-and-commit on revoke and on shutdown.
 //! - [`retry`]: backoff and the transient budget.
 //! - [`dlq`]: dead-letter records, their headers, and the sink the runtime writes them to.
+//! - [`state`]: per-partition key-value state backed by a compacted changelog topic, restored
+//!   on assignment (the Kafka Streams pattern).
 //! - [`admin`]: topic provisioning (the broker does not auto-create topics).
 //! - [`metrics`]: every metric this crate exports.
 //!
@@ -32,6 +34,7 @@ pub mod headers;
 pub mod metrics;
 pub mod producer;
 pub mod retry;
+pub mod state;
 
 pub use admin::{TopicSpec, ensure_topics};
 pub use config::KafkaArgs;
@@ -40,3 +43,4 @@ pub use dlq::{DeadLetter, DeadLetterSink, KafkaDeadLetters};
 pub use error::{Error, ErrorClass, HandlerError, Result};
 pub use producer::{Delivery, Producer};
 pub use retry::RetryPolicy;
+pub use state::StateStore;

@@ -198,6 +198,20 @@ impl Producer {
         self.send_with_headers(topic, Some(key), Some(payload), headers::to_owned_headers(pairs)).await
     }
 
+    /// Sends a record to one partition (state changelogs are co-partitioned with their
+    /// input), with the current trace context; `None` payload is a tombstone.
+    pub async fn send_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        payload: Option<&[u8]>,
+    ) -> Result<Delivery> {
+        let trace = elo_telemetry::propagation::inject_current();
+        let pairs = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+        self.deliver(topic, Some(partition), Some(key), payload, headers::to_owned_headers(pairs)).await
+    }
+
     /// Sends a record with exactly the given headers (DLQ writes keep the originals).
     pub async fn send_with_headers(
         &self,
@@ -206,7 +220,21 @@ impl Producer {
         payload: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<Delivery> {
+        self.deliver(topic, None, key, payload, headers).await
+    }
+
+    async fn deliver(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<Delivery> {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
         if let Some(key) = key {
             record = record.key(key);
         }
