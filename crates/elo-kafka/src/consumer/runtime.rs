@@ -115,7 +115,7 @@ impl<H: Handler, D: DeadLetterSink> ConsumerContext for RuntimeContext<H, D> {
 }
 
 impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
-    fn assign(&self, consumer: &BaseConsumer<Self>, tp: TopicPartition) {
+    fn assign(&self, consumer: &impl PartitionControl, tp: TopicPartition) {
         if self.partitions.lock().expect("partitions lock").contains_key(&tp) {
             return;
         }
@@ -265,7 +265,7 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
     }
 
     /// Hands a record to its partition's worker, pausing the partition if the worker is full.
-    fn dispatch(&self, consumer: &BaseConsumer<Self>, record: Record) {
+    fn dispatch(&self, consumer: &impl PartitionControl, record: Record) {
         let tp = (record.topic.clone(), record.partition);
         let mut partitions = self.partitions.lock().expect("partitions lock");
         let Some(p) = partitions.get_mut(&tp) else {
@@ -308,10 +308,8 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
         }
     }
 
-    fn pause(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition, p: &mut Partition, record: Record) {
-        let mut one = TopicPartitionList::new();
-        one.add_partition(&tp.0, tp.1);
-        if let Err(error) = consumer.pause(&one) {
+    fn pause(&self, consumer: &impl PartitionControl, tp: &TopicPartition, p: &mut Partition, record: Record) {
+        if let Err(error) = consumer.pause_one(&tp.0, tp.1) {
             tracing::error!(error = %error, topic = %tp.0, partition = tp.1, "pause failed");
         }
         metrics::PAUSED_PARTITIONS.with_label_values(&[&tp.0]).inc();
@@ -320,7 +318,7 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
 
     /// Hands parked records over where there is room again, resuming their partitions; a
     /// worker found dead meanwhile is revived.
-    fn unpark(&self, consumer: &BaseConsumer<Self>) {
+    fn unpark(&self, consumer: &impl PartitionControl) {
         let limit = self.shared.settings.partition_buffer_bytes;
         let mut partitions = self.partitions.lock().expect("partitions lock");
         for (tp, p) in partitions.iter_mut() {
@@ -347,7 +345,7 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
                 Ok(()) => {
                     self.resume(consumer, tp, p);
                     if std::mem::take(&mut p.seek_on_resume)
-                        && let Err(error) = consumer.seek(&tp.0, tp.1, Offset::Offset(next), SEEK_TIMEOUT)
+                        && let Err(error) = consumer.seek_to(&tp.0, tp.1, next)
                     {
                         self.halt(consumer, tp, p, format!("seek to {next} after resume failed: {error}"));
                     }
@@ -360,11 +358,9 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
         }
     }
 
-    fn resume(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition, p: &mut Partition) {
+    fn resume(&self, consumer: &impl PartitionControl, tp: &TopicPartition, p: &mut Partition) {
         p.parked = None;
-        let mut one = TopicPartitionList::new();
-        one.add_partition(&tp.0, tp.1);
-        if let Err(error) = consumer.resume(&one) {
+        if let Err(error) = consumer.resume_one(&tp.0, tp.1) {
             tracing::error!(error = %error, topic = %tp.0, partition = tp.1, "resume failed");
         }
         metrics::PAUSED_PARTITIONS.with_label_values(&[&tp.0]).dec();
@@ -373,7 +369,7 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
     /// A worker ended without being asked to (a panic outside the handler): start a fresh one
     /// from the last finished offset, so the records it held are fetched again. If the seek
     /// that needs fails, the partition is halted instead of silently skipping them.
-    fn revive(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition, p: &mut Partition, offset: i64) {
+    fn revive(&self, consumer: &impl PartitionControl, tp: &TopicPartition, p: &mut Partition, offset: i64) {
         let restart_at = match p.worker.done.load(Ordering::Acquire) {
             done if done >= 0 => done,
             _ => p.first_dispatched.min(offset).max(0),
@@ -385,19 +381,17 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
         p.worker = fresh;
         p.first_dispatched = restart_at;
         p.seek_on_resume = false;
-        if let Err(error) = consumer.seek(&tp.0, tp.1, Offset::Offset(restart_at), SEEK_TIMEOUT) {
+        if let Err(error) = consumer.seek_to(&tp.0, tp.1, restart_at) {
             self.halt(consumer, tp, p, format!("seek to {restart_at} after a worker restart failed: {error}"));
         }
     }
 
     /// Stops a partition for good (until revoked or restarted): nothing after its done offset
     /// is applied or committed, and the process says so.
-    fn halt(&self, consumer: &BaseConsumer<Self>, tp: &TopicPartition, p: &mut Partition, reason: String) {
+    fn halt(&self, consumer: &impl PartitionControl, tp: &TopicPartition, p: &mut Partition, reason: String) {
         p.worker.stop.cancel();
         if p.parked.take().is_none() {
-            let mut one = TopicPartitionList::new();
-            one.add_partition(&tp.0, tp.1);
-            let _ = consumer.pause(&one);
+            let _ = consumer.pause_one(&tp.0, tp.1);
             metrics::PAUSED_PARTITIONS.with_label_values(&[&tp.0]).inc();
         }
         metrics::HALTED_PARTITIONS.with_label_values(&[&tp.0]).inc();
@@ -411,6 +405,30 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
         if partitions.values().all(|p| p.halted.is_none()) {
             self.health.set_ready(HALTED_CHECK, true, "no halted partitions");
         }
+    }
+}
+
+/// The partition operations the dispatch path needs, so its recovery rules (worker death,
+/// failed seeks) can be tested without a broker.
+pub(super) trait PartitionControl {
+    fn pause_one(&self, topic: &str, partition: i32) -> KafkaResult<()>;
+    fn resume_one(&self, topic: &str, partition: i32) -> KafkaResult<()>;
+    fn seek_to(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
+}
+
+impl<C: ConsumerContext> PartitionControl for BaseConsumer<C> {
+    fn pause_one(&self, topic: &str, partition: i32) -> KafkaResult<()> {
+        let mut one = TopicPartitionList::new();
+        one.add_partition(topic, partition);
+        self.pause(&one)
+    }
+    fn resume_one(&self, topic: &str, partition: i32) -> KafkaResult<()> {
+        let mut one = TopicPartitionList::new();
+        one.add_partition(topic, partition);
+        self.resume(&one)
+    }
+    fn seek_to(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
+        self.seek(topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
     }
 }
 
@@ -533,3 +551,7 @@ fn poll_loop<H: Handler, D: DeadLetterSink>(
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "runtime_tests.rs"]
+mod tests;
