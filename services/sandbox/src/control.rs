@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use crate::Counters;
 use crate::faults::{FaultConfig, Faults};
 use crate::magento::MagentoApp;
+use crate::magento::admin::MassStatus;
 use crate::rdstation::{RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
 
@@ -55,6 +56,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/config", put(magento_config))
         .route("/magento/webhook", put(magento_webhook))
         .route("/magento/generator", put(magento_rate))
+        .route("/magento/orders/mass-status", post(magento_mass_status))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
         .route("/magento/customers/{id}", axum::routing::patch(magento_alter_customer))
         .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
@@ -85,9 +87,7 @@ async fn set_faults(State(c): State<Control>, Path(sim): Path<String>, Json(conf
     if !SIMULATORS.contains(&sim.as_str()) {
         return Err(bad_request(format!("unknown simulator {sim}")));
     }
-    if !(0.0..=1.0).contains(&config.error_rate) {
-        return Err(bad_request("error_rate must be between 0 and 1"));
-    }
+    config.validate(true).map_err(bad_request)?;
     c.faults.set(&sim, config.clone());
     Ok(Json(serde_json::to_value(config).expect("serialisable")))
 }
@@ -184,15 +184,21 @@ async fn rd_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResu
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
-/// Runs the order generator: `{"count": N}` facts (new orders and status changes).
+/// Runs the order generator: `{"count": N}` facts (new orders and status changes), or
+/// `{"orders": N}` new orders only.
 async fn magento_generate(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
-    let count = body.get("count").and_then(Value::as_u64).ok_or_else(|| bad_request("count is required"))? as usize;
+    let (count, orders_only) = match (body.get("count"), body.get("orders")) {
+        (Some(n), None) => (n.as_u64(), false),
+        (None, Some(n)) => (n.as_u64(), true),
+        _ => (None, false),
+    };
+    let count = count.ok_or_else(|| bad_request("exactly one of count and orders is required"))? as usize;
     if count > 1_000_000 {
         return Err(bad_request("count must be at most 1000000"));
     }
     let started = std::time::Instant::now();
     let mut sim = c.magento.sim.lock().expect("magento lock");
-    let placed = sim.generate(count);
+    let placed = if orders_only { sim.generate_orders(count) } else { sim.generate(count) };
     Ok(Json(
         json!({"facts": count, "orders_placed": placed, "orders_total": sim.orders.len(), "elapsed_ms": started.elapsed().as_millis() as u64}),
     ))
@@ -241,6 +247,16 @@ async fn magento_rate(State(c): State<Control>, Json(body): Json<Value>) -> ApiR
     }
     c.magento.sim.lock().expect("magento lock").rate_per_sec = rate;
     Ok(Json(json!({"rate_per_sec": rate})))
+}
+
+/// An admin's mass action: many orders to one status in one transaction, one `updated_at`.
+async fn magento_mass_status(State(c): State<Control>, body: Json<Value>) -> ApiResult {
+    let change: MassStatus = serde_json::from_value(body.0).map_err(|e| bad_request(e.to_string()))?;
+    if change.status.is_empty() {
+        return Err(bad_request("status must not be empty"));
+    }
+    let (changed, updated_at) = c.magento.sim.lock().expect("magento lock").mass_status(&change);
+    Ok(Json(json!({"changed": changed, "updated_at": updated_at})))
 }
 
 /// Drift: an order changed behind Elo's back (fields merged; `updated_at` is left alone unless

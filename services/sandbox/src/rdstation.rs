@@ -258,8 +258,7 @@ impl RdStation {
         }
         if window.len() >= max {
             let retry = window.front().map_or(1, |t| ((span_ms - (now - t)) / 1000).max(1));
-            return Err(RdResponse::flat(429, "TOO_MANY_REQUESTS", "You have exceeded the request rate limit.")
-                .with_header("retry-after", retry.to_string()));
+            return Err(rate_limited().with_header("retry-after", retry.to_string()));
         }
         window.push_back(now);
         Ok(())
@@ -596,6 +595,11 @@ fn query_value(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| pair.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| percent(v)))
 }
 
+/// RD's 429 body, with its own spelling of the error type ("Limite de requisições da API").
+fn rate_limited() -> RdResponse {
+    RdResponse::flat(429, "RATE_LIMIT_EXCEDDED", "API usage limit exceeded")
+}
+
 /// Shared state of the HTTP front.
 #[derive(Clone)]
 pub struct RdStationApp {
@@ -639,8 +643,11 @@ async fn handle(State(app): State<RdStationApp>, request: Request) -> Response {
         Ok(b) => b,
         Err(_) => return to_http(RdResponse::flat(413, "REQUEST_ENTITY_TOO_LARGE", "Request body too large.")),
     };
-    if let FaultDecision::Fail(status) = app.faults.decide("rdstation").await {
-        return to_http(RdResponse::flat(status, "SERVICE_UNAVAILABLE", "Service unavailable (injected fault)."));
+    if let FaultDecision::Fail(status) = app.faults.decide("rdstation", parts.method.as_str(), &path).await {
+        return to_http(match status {
+            429 => rate_limited(),
+            _ => RdResponse::flat(status, "SERVICE_UNAVAILABLE", "Service unavailable (injected fault)."),
+        });
     }
     let writes = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT);
     let is_json = parts

@@ -147,7 +147,8 @@ async fn the_25th_patch_of_one_contact_in_24h_is_429() {
         .send(reqwest::Method::PATCH, "/platform/contacts/email:ana@example.com", Some(json!({"name": "Ana 25"})))
         .await;
     assert_eq!(status, 429, "{body}");
-    assert!(body["errors"]["error_type"].is_string());
+    assert_eq!(body["errors"]["error_type"], "RATE_LIMIT_EXCEDDED", "RD's own spelling");
+    assert_eq!(body["errors"]["error_message"], "API usage limit exceeded");
     assert!(headers.get("retry-after").is_some());
     let (status, _, _) =
         rd.send(reqwest::Method::PATCH, "/platform/contacts/email:bia@example.com", Some(json!({"name": "Bia"}))).await;
@@ -164,6 +165,7 @@ async fn contact_requests_are_limited_per_account_per_minute() {
     }
     let (status, _, body) = rd.send(reqwest::Method::GET, "/platform/contacts/email:x@example.com", None).await;
     assert_eq!(status, 429, "{body}");
+    assert_eq!(body["errors"]["error_type"], "RATE_LIMIT_EXCEDDED", "{body}");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@
 //! without zone and `shipping_assignments`, customers by id and search, MSI source items and
 //! salable quantity, the legacy stock item, and stock that orders deplete.
 
+pub mod admin;
 pub mod generator;
 pub mod search;
 pub mod webhook;
@@ -236,6 +237,14 @@ impl Magento {
         let mut generator = std::mem::replace(&mut self.generator, generator::Generator::new(Default::default()));
         let placed = generator.run(self, count);
         self.generator = generator;
+        placed
+    }
+
+    /// Places exactly `orders` new orders (no status changes in between).
+    pub fn generate_orders(&mut self, orders: usize) -> usize {
+        let rate = std::mem::replace(&mut self.generator.config.transition_rate, 0.0);
+        let placed = self.generate(orders);
+        self.generator.config.transition_rate = rate;
         placed
     }
 
@@ -658,7 +667,7 @@ async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
         Ok(b) => b,
         Err(_) => return reply(413, json!({"message": "Request entity too large"})),
     };
-    if let FaultDecision::Fail(status) = app.faults.decide("magento").await {
+    if let FaultDecision::Fail(status) = app.faults.decide("magento", parts.method.as_str(), &path).await {
         return reply(status, json!({"message": "Service temporarily unavailable (injected fault)"}));
     }
     // `/rest/V1/...` is the default store view; `/rest/<code>/V1/...` names one.

@@ -774,7 +774,7 @@ async fn handle(State(app): State<SalesforceApp>, request: Request) -> Response 
             return to_http(r);
         }
     }
-    match app.faults.decide("salesforce").await {
+    match app.faults.decide("salesforce", parts.method.as_str(), &path).await {
         FaultDecision::Proceed => {}
         FaultDecision::Fail(status) => {
             return to_http(SfResponse::error(
