@@ -55,6 +55,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/state", get(magento_state))
         .route("/magento/config", put(magento_config))
         .route("/magento/webhook", put(magento_webhook))
+        .route("/magento/webhook/public-key", get(magento_webhook_public_key))
         .route("/magento/generator", put(magento_rate))
         .route("/magento/orders/mass-status", post(magento_mass_status))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
@@ -235,7 +236,12 @@ async fn magento_webhook(
     }
     let mut sim = c.magento.sim.lock().expect("magento lock");
     sim.webhook = config;
-    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style})))
+    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook.signature})))
+}
+
+/// The public half of the key `adobe-rsa` webhook signatures are made with, as PEM.
+async fn magento_webhook_public_key(State(c): State<Control>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], c.magento.webhook_key.get().public_pem())
 }
 
 /// Background generation rate: `{"rate_per_sec": 50}` (0 stops it).

@@ -47,6 +47,10 @@ struct Config {
     /// PEM public key (certificate key) that verifies JWT bearer assertions.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_JWT_PUBLIC_KEY_FILE")]
     salesforce_jwt_public_key_file: Option<std::path::PathBuf>,
+    /// PKCS#8 PEM RSA private key that signs `adobe-rsa` Magento webhooks [default: generated
+    /// at start; the control API serves the public half at `/magento/webhook/public-key`].
+    #[arg(long, env = "ELO_SANDBOX_MAGENTO_WEBHOOK_PRIVATE_KEY_FILE")]
+    magento_webhook_private_key_file: Option<std::path::PathBuf>,
     /// Salesforce daily API quota.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_DAILY_QUOTA", default_value_t = 100_000)]
     salesforce_daily_quota: u64,
@@ -96,6 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
     let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
     let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());
+    if let Some(path) = &config.magento_webhook_private_key_file {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = sandbox::magento::signing::WebhookKey::from_pkcs8_pem(&pem)
+            .with_context(|| format!("loading the webhook key {}", path.display()))?;
+        magento.webhook_key.set(key);
+    }
     let control_app = control::router(control::Control {
         faults,
         counters,

@@ -206,6 +206,70 @@ async fn mass_status_changes_many_orders_in_one_second() {
     }
 }
 
+/// Contract 3: with `"signature": "adobe-rsa"` each delivery carries a base64 RSA-SHA256
+/// signature of its body in `x-adobe-commerce-webhook-signature`, which verifies with the PEM
+/// public key the control API serves (and fails for any other body).
+#[tokio::test]
+async fn adobe_signed_webhooks_verify_with_the_served_public_key() {
+    use aws_lc_rs::signature::{RSA_PKCS1_2048_8192_SHA256, UnparsedPublicKey};
+    use base64::Engine as _;
+    type Deliveries = std::sync::Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, Vec<u8>)>>>;
+    let received: Deliveries = Default::default();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let received = received.clone();
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                received.lock().unwrap().push((headers, body.to_vec()));
+                axum::Json(json!({"op": "success"}))
+            }
+        }),
+    );
+    let hook = format!("{}/hook", serve(receiver).await);
+    let sb = start().await;
+    let r = sb
+        .http
+        .put(format!("{}/magento/webhook", sb.control))
+        .json(&json!({"url": hook, "secret": "s", "duplicate_rate": 0.0, "style": "plain", "signature": "adobe-rsa"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sandbox::magento::webhook::dispatch(sb.magento.clone(), shutdown.clone()));
+    sb.magento.sim.lock().unwrap().generate_orders(3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown.cancel();
+    let key = sb.http.get(format!("{}/magento/webhook/public-key", sb.control)).send().await.unwrap();
+    assert_eq!(key.status(), 200);
+    let pem = key.text().await.unwrap();
+    assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+    let der = sandbox::magento::signing::pem_body(&pem, "PUBLIC KEY").expect("PEM body");
+    let verifier = UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &der);
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 3);
+    for (headers, body) in &received {
+        let signature = headers["x-adobe-commerce-webhook-signature"].to_str().unwrap();
+        let signature = base64::engine::general_purpose::STANDARD.decode(signature).expect("base64");
+        assert!(verifier.verify(body, &signature).is_ok(), "the signature verifies");
+        let mut tampered = body.clone();
+        tampered[0] = b' ';
+        assert!(verifier.verify(&tampered, &signature).is_err(), "a changed body does not");
+        assert!(headers.get("x-elo-webhook-signature").is_none(), "one scheme at a time");
+    }
+    let bad = sb
+        .http
+        .put(format!("{}/magento/webhook", sb.control))
+        .json(&json!({"url": hook, "secret": "s", "duplicate_rate": 0.0, "style": "plain", "signature": "rsa"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(bad.status().is_client_error());
+}
+
 #[tokio::test]
 async fn drift_changes_data_behind_elos_back() {
     let sb = start().await;

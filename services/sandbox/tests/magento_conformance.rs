@@ -390,6 +390,9 @@ async fn customers_are_deleted_like_magento_and_notified_with_their_email() {
     let last = shop.app.sim.lock().unwrap().outbox.queue.back().cloned().unwrap();
     let body: Value = serde_json::from_slice(&last.body).unwrap();
     assert_eq!(body["type"], "com.adobe.commerce.observer.customer_delete_after");
+    let time = body["time"].as_str().unwrap();
+    let shape = time.len() == 20 && &time[10..11] == "T" && time.ends_with('Z') && &time[4..5] == "-";
+    assert!(shape, "CloudEvents time is RFC 3339 like order events: {time}");
     assert_eq!(body["data"]["value"]["email"], customer["email"], "the deletion says who, since the record is gone");
     // New registrations continue after the highest id, never reusing a deleted one.
     let before = shop.app.sim.lock().unwrap().customers.keys().max().copied().unwrap();

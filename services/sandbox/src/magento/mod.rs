@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod generator;
 pub mod search;
+pub mod signing;
 pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
@@ -615,6 +616,8 @@ pub struct MagentoApp {
     pub sim: Arc<Mutex<Magento>>,
     pub faults: Faults,
     pub counters: Counters,
+    /// The key Adobe-style webhook signatures are made with.
+    pub webhook_key: signing::KeySlot,
 }
 
 impl MagentoApp {
@@ -624,7 +627,12 @@ impl MagentoApp {
         faults: Faults,
         counters: Counters,
     ) -> Self {
-        Self { sim: Arc::new(Mutex::new(Magento::new(config, generator))), faults, counters }
+        Self {
+            sim: Arc::new(Mutex::new(Magento::new(config, generator))),
+            faults,
+            counters,
+            webhook_key: signing::KeySlot::default(),
+        }
     }
 
     pub fn router(self) -> Router {
