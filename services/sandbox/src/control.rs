@@ -56,6 +56,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/config", put(magento_config))
         .route("/magento/webhook", put(magento_webhook))
         .route("/magento/webhook/public-key", get(magento_webhook_public_key))
+        .route("/magento/integration", get(magento_integration))
         .route("/magento/generator", put(magento_rate))
         .route("/magento/orders/mass-status", post(magento_mass_status))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
@@ -242,6 +243,14 @@ async fn magento_webhook(
 /// The public half of the key `adobe-rsa` webhook signatures are made with, as PEM.
 async fn magento_webhook_public_key(State(c): State<Control>) -> impl axum::response::IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], c.magento.webhook_key.get().public_pem())
+}
+
+/// The integration's OAuth 1.0a credentials, as the admin's activation dialog shows them.
+async fn magento_integration(State(c): State<Control>) -> Json<Value> {
+    Json(
+        serde_json::to_value(c.magento.sim.lock().expect("magento lock").integration_credentials())
+            .expect("serialisable"),
+    )
 }
 
 /// Background generation rate: `{"rate_per_sec": 50}` (0 stops it).

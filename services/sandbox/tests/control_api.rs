@@ -260,6 +260,11 @@ async fn adobe_signed_webhooks_verify_with_the_served_public_key() {
         assert!(verifier.verify(&tampered, &signature).is_err(), "a changed body does not");
         assert!(headers.get("x-elo-webhook-signature").is_none(), "one scheme at a time");
     }
+    let integration: Value =
+        sb.http.get(format!("{}/magento/integration", sb.control)).send().await.unwrap().json().await.unwrap();
+    for field in ["consumer_key", "consumer_secret", "access_token", "access_token_secret"] {
+        assert!(integration[field].as_str().is_some_and(|v| !v.is_empty()), "{field}: {integration}");
+    }
     let bad = sb
         .http
         .put(format!("{}/magento/webhook", sb.control))

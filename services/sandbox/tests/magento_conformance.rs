@@ -401,3 +401,51 @@ async fn customers_are_deleted_like_magento_and_notified_with_their_email() {
     assert!(!ids.contains(&1));
     assert!(ids.iter().filter(|id| **id > before).count() > 0);
 }
+
+/// Contract 4: integration calls signed with OAuth 1.0a (HMAC-SHA256 or HMAC-SHA1) pass; a
+/// wrong signature, a reused nonce or another consumer get Magento's 401; the integration
+/// token as a plain bearer stays refused unless switched on.
+#[tokio::test]
+async fn integration_requests_are_verified_as_oauth_1_0a() {
+    use sandbox::magento::oauth;
+    let shop = Shop::start(MagentoConfig::default(), 5).await;
+    let credentials = shop.app.sim.lock().unwrap().integration_credentials();
+    let query = "searchCriteria[pageSize]=2&searchCriteria[currentPage]=1";
+    let url = format!("{}/rest/default/V1/orders", shop.base);
+    let signed = |credentials: &oauth::Credentials, method: &str, nonce: &str| {
+        let request = oauth::Request { method: "GET", base_url: &url, query, form: None };
+        oauth::authorization(&request, credentials, method, nonce, sandbox::now_ms() / 1000)
+    };
+    let call =
+        |authorization: String| shop.http.get(format!("{url}?{query}")).header("authorization", authorization).send();
+    for (method, nonce) in [("HMAC-SHA256", "nonce-1"), ("HMAC-SHA1", "nonce-2")] {
+        let resp = call(signed(&credentials, method, nonce)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{method}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["items"].as_array().unwrap().len(), 2);
+    }
+
+    let reused = call(signed(&credentials, "HMAC-SHA256", "nonce-1")).await.unwrap();
+    assert_eq!(reused.status(), 401);
+    let body: Value = reused.json().await.unwrap();
+    assert_eq!(body["message"], "The nonce is already being used by the consumer with ID %1", "{body}");
+
+    let wrong_secret = oauth::Credentials { access_token_secret: "guess".into(), ..credentials.clone() };
+    let resp = call(signed(&wrong_secret, "HMAC-SHA256", "nonce-3")).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.json::<Value>().await.unwrap()["message"], "The signature is invalid. Verify and try again.");
+    // Signed for another query: the signature covers the query parameters.
+    let header = signed(&credentials, "HMAC-SHA256", "nonce-4");
+    let tampered = shop.http.get(format!("{url}?searchCriteria[pageSize]=3")).header("authorization", header);
+    assert_eq!(tampered.send().await.unwrap().status(), 401);
+
+    let stranger = oauth::Credentials { consumer_key: "someone-else".into(), ..credentials.clone() };
+    assert_eq!(call(signed(&stranger, "HMAC-SHA256", "nonce-5")).await.unwrap().status(), 401);
+    let plaintext = signed(&credentials, "HMAC-SHA256", "nonce-6").replace("HMAC-SHA256", "PLAINTEXT");
+    assert_eq!(call(plaintext).await.unwrap().status(), 400, "only the HMAC methods");
+
+    let bearer = call(format!("Bearer {}", credentials.access_token)).await.unwrap();
+    assert_eq!(bearer.status(), 401, "integration token as bearer is off by default");
+    shop.app.sim.lock().unwrap().config.integration_as_bearer = true;
+    assert_eq!(call(format!("Bearer {}", credentials.access_token)).await.unwrap().status(), 200);
+    assert_eq!(shop.get("/orders/1").await.0, 200, "admin tokens keep working");
+}

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod generator;
+pub mod oauth;
 pub mod search;
 pub mod signing;
 pub mod webhook;
@@ -32,6 +33,11 @@ pub struct MagentoConfig {
     pub admin_password: String,
     /// Integration access token (never expires).
     pub integration_token: String,
+    /// The integration's access token secret (OAuth 1.0a).
+    pub integration_token_secret: String,
+    /// The integration's consumer key and secret (OAuth 1.0a).
+    pub integration_consumer_key: String,
+    pub integration_consumer_secret: String,
     /// `oauth/consumer/enable_integration_as_bearer` (off by default in 2.4.x).
     pub integration_as_bearer: bool,
     pub admin_token_ttl_secs: i64,
@@ -48,6 +54,9 @@ impl Default for MagentoConfig {
             admin_username: "admin".into(),
             admin_password: "elo-sandbox-admin1".into(),
             integration_token: "elo-sandbox-integration-token".into(),
+            integration_token_secret: "elo-sandbox-integration-token-secret".into(),
+            integration_consumer_key: "elo-sandbox-consumer-key".into(),
+            integration_consumer_secret: "elo-sandbox-consumer-secret".into(),
             integration_as_bearer: false,
             admin_token_ttl_secs: 4 * 3600,
             last_page_repeats: true,
@@ -198,6 +207,7 @@ pub struct Magento {
     /// MSI source items: sku → (quantity, status).
     pub stock: BTreeMap<String, (f64, u8)>,
     admin_tokens: HashMap<String, i64>,
+    nonces: oauth::Nonces,
     pub generator: generator::Generator,
     pub webhook: webhook::WebhookConfig,
     pub outbox: webhook::Outbox,
@@ -226,6 +236,7 @@ impl Magento {
             customers: BTreeMap::new(),
             stock,
             admin_tokens: HashMap::new(),
+            nonces: oauth::Nonces::default(),
             generator: generator::Generator::new(generator),
             webhook: webhook::WebhookConfig::default(),
             outbox: webhook::Outbox::default(),
@@ -279,10 +290,26 @@ impl Magento {
         }
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), MagentoError> {
-        let token =
-            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        let ok = match token {
+    /// The integration's OAuth 1.0a credentials.
+    pub fn integration_credentials(&self) -> oauth::Credentials {
+        oauth::Credentials {
+            consumer_key: self.config.integration_consumer_key.clone(),
+            consumer_secret: self.config.integration_consumer_secret.clone(),
+            access_token: self.config.integration_token.clone(),
+            access_token_secret: self.config.integration_token_secret.clone(),
+        }
+    }
+
+    /// Admin bearer tokens, OAuth 1.0a-signed integration requests, and the integration token
+    /// as a bearer only when `integration_as_bearer` is on.
+    fn authorize(&mut self, method: &Method, url: &str, query: &str, headers: &HeaderMap) -> Result<(), MagentoError> {
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if let Some(params) = oauth::header_params(authorization) {
+            let request = oauth::Request { method: method.as_str(), base_url: url, query, form: None };
+            let credentials = self.integration_credentials();
+            return oauth::verify(&request, &params, &credentials, &mut self.nonces, now_ms() / 1000);
+        }
+        let ok = match authorization.strip_prefix("Bearer ") {
             Some(t) if t == self.config.integration_token => self.config.integration_as_bearer,
             Some(t) => self.admin_tokens.get(t).is_some_and(|exp| *exp > now_ms()),
             None => false,
@@ -301,6 +328,7 @@ impl Magento {
     fn execute(
         &mut self,
         method: &Method,
+        url: &str,
         segments: &[&str],
         query: &str,
         body: &Value,
@@ -329,7 +357,7 @@ impl Magento {
             self.admin_tokens.insert(token.clone(), now_ms() + self.config.admin_token_ttl_secs * 1000);
             return Ok((200, json!(token)));
         }
-        self.authorize(headers)?;
+        self.authorize(method, url, query, headers)?;
         let criteria = || -> Result<search::SearchCriteria, MagentoError> {
             let c = search::parse(query)?;
             if self.config.input_limits && c.page_size.is_some_and(|s| s > 300) {
@@ -699,7 +727,10 @@ async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
         }
     };
     let mut sim = app.sim.lock().expect("magento lock");
-    match sim.execute(&parts.method, rest, &query, &body, &parts.headers) {
+    // The URL the client signed (OAuth 1.0a): the sandbox serves plain HTTP.
+    let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+    let url = format!("http://{host}{path}");
+    match sim.execute(&parts.method, &url, rest, &query, &body, &parts.headers) {
         Ok((status, body)) => reply(status, body),
         Err(e) => reply(e.status, e.body),
     }
