@@ -13,6 +13,7 @@ use crate::magento::MagentoApp;
 use crate::magento::admin::MassStatus;
 use crate::rdstation::{RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
+use crate::salesforce::schema::{FieldSchema, ObjectSchema};
 
 /// Everything the control API can reach.
 #[derive(Clone)]
@@ -45,6 +46,9 @@ pub fn router(control: Control) -> Router {
         .route("/salesforce/revoke-tokens", post(salesforce_revoke))
         .route("/salesforce/quota", put(salesforce_quota))
         .route("/salesforce/config", put(salesforce_config))
+        .route("/salesforce/schema", get(salesforce_schema))
+        .route("/salesforce/schema/objects", post(salesforce_add_object))
+        .route("/salesforce/schema/objects/{object}/fields", post(salesforce_add_field))
         .route("/salesforce/records/{id}", axum::routing::delete(salesforce_delete).patch(salesforce_alter))
         .route("/rdstation/state", get(rd_state))
         .route("/rdstation/expire-tokens", post(rd_expire))
@@ -128,7 +132,35 @@ async fn salesforce_quota(State(c): State<Control>, Json(body): Json<Value>) -> 
 async fn salesforce_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.salesforce.sim.lock().expect("sim lock");
     sim.config = merge_config(&sim.config, &body)?;
+    sim.apply_org_settings();
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
+}
+
+async fn salesforce_schema(State(c): State<Control>) -> Json<Value> {
+    Json(serde_json::to_value(&c.salesforce.sim.lock().expect("sim lock").org.schema).expect("serialisable"))
+}
+
+/// Declares a custom object: `{"name": "Thing__c", "label"?, "fields": [...]}`.
+async fn salesforce_add_object(State(c): State<Control>, Json(mut body): Json<Value>) -> ApiResult {
+    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| bad_request("name is required"))?.to_owned();
+    body.as_object_mut().map(|o| o.remove("name"));
+    let object: ObjectSchema = serde_json::from_value(body).map_err(|e| bad_request(e.to_string()))?;
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    sim.org.schema.add_object(&name, object).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(json!({"created": name})))
+}
+
+/// Declares a custom field on an object: a field as the schema file writes it.
+async fn salesforce_add_field(
+    State(c): State<Control>,
+    Path(object): Path<String>,
+    Json(body): Json<Value>,
+) -> ApiResult {
+    let field: FieldSchema = serde_json::from_value(body).map_err(|e| bad_request(e.to_string()))?;
+    let name = field.name.clone();
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    sim.org.schema.add_field(&object, field).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(json!({"created": format!("{object}.{name}")})))
 }
 
 /// Drift: a record deleted behind Elo's back.

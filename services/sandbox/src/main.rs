@@ -51,6 +51,10 @@ struct Config {
     /// at start; the control API serves the public half at `/magento/webhook/public-key`].
     #[arg(long, env = "ELO_SANDBOX_MAGENTO_WEBHOOK_PRIVATE_KEY_FILE")]
     magento_webhook_private_key_file: Option<std::path::PathBuf>,
+    /// JSON file declaring the org's custom objects and `__c` fields [default: the embedded
+    /// `data/salesforce-custom.json`].
+    #[arg(long, env = "ELO_SANDBOX_SALESFORCE_SCHEMA_FILE")]
+    salesforce_schema_file: Option<std::path::PathBuf>,
     /// Salesforce daily API quota.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_DAILY_QUOTA", default_value_t = 100_000)]
     salesforce_daily_quota: u64,
@@ -97,6 +101,14 @@ async fn main() -> anyhow::Result<()> {
         faults.clone(),
         counters.clone(),
     );
+    if let Some(path) = &config.salesforce_schema_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let schema = sandbox::salesforce::schema::Schema::load(&text)
+            .with_context(|| format!("loading the Salesforce schema {}", path.display()))?;
+        let mut sim = salesforce.sim.lock().expect("sim lock");
+        sim.org.schema = schema;
+        sim.apply_org_settings();
+    }
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
     let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
     let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());

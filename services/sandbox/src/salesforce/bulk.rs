@@ -4,7 +4,8 @@
 
 use serde_json::{Map, Value, json};
 
-use super::model::{Org, SfResponse, UpsertError, object_exists};
+use super::model::{Org, SfResponse, UpsertError};
+use super::schema::Schema;
 
 /// One ingest job.
 #[derive(Clone, Debug)]
@@ -32,9 +33,9 @@ fn invalid_job(message: &str) -> SfResponse {
 
 impl Job {
     /// Validates a create request.
-    pub fn create(id: String, body: &Value, now: i64) -> Result<Self, SfResponse> {
+    pub fn create(id: String, body: &Value, now: i64, schema: &Schema) -> Result<Self, SfResponse> {
         let object = body.get("object").and_then(Value::as_str).unwrap_or_default().to_owned();
-        if !object_exists(&object) {
+        if !schema.object_exists(&object) {
             return Err(invalid_job(&format!("Invalid object: {object}")));
         }
         let operation = body.get("operation").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -45,6 +46,11 @@ impl Job {
         if operation == "upsert" && external_id.is_none() {
             return Err(invalid_job(&format!(
                 "External ID was blank for {object}. An External ID must be specified for upsert."
+            )));
+        }
+        if let Some(field) = external_id.as_deref().filter(|f| !schema.matching_field(&object, f)) {
+            return Err(invalid_job(&format!(
+                "Field name provided, {field} does not match an External ID, Salesforce Id, or indexed field for {object}"
             )));
         }
         if body.get("contentType").and_then(Value::as_str).is_some_and(|c| c != "CSV") {
@@ -142,13 +148,11 @@ impl Job {
                             .prepare(&self.object, &fields)
                             .and_then(|f| org.update(&id, f, now))
                             .map(|()| (id, false)),
-                        Some(id) => {
-                            if org.delete(&self.object, &id) {
-                                Ok((id, false))
-                            } else {
-                                Err(super::model::SaveError::new("ENTITY_IS_DELETED", "entity is deleted"))
-                            }
-                        }
+                        Some(id) => match org.delete(&self.object, &id) {
+                            Ok(true) => Ok((id, false)),
+                            Ok(false) => Err(super::model::SaveError::new("ENTITY_IS_DELETED", "entity is deleted")),
+                            Err(e) => Err(e),
+                        },
                     }
                 }
                 _ => unreachable!("validated at creation"),

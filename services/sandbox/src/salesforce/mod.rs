@@ -6,6 +6,8 @@
 
 pub mod bulk;
 pub mod model;
+mod rules;
+pub mod schema;
 pub mod soql;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +23,7 @@ use serde_json::{Map, Value, json};
 
 use crate::faults::{FaultDecision, Faults};
 use crate::{Counters, now_ms};
-use model::{Org, SaveError, SfResponse, UpsertError, external_id_field, object_exists, scalar_text};
+use model::{Org, SaveError, SfResponse, UpsertError, scalar_text};
 
 /// Settings of the simulated org.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -41,6 +43,9 @@ pub struct SalesforceConfig {
     /// PEM public key of the connected app's certificate, for the JWT bearer flow.
     #[serde(default)]
     pub jwt_public_key_pem: Option<String>,
+    /// Person Accounts enabled (an org setting): Account takes person fields and `__pc` fields.
+    #[serde(default)]
+    pub person_accounts: bool,
 }
 
 impl Default for SalesforceConfig {
@@ -54,6 +59,7 @@ impl Default for SalesforceConfig {
             query_batch: 2000,
             lock_row_rate: 0.0,
             jwt_public_key_pem: None,
+            person_accounts: false,
         }
     }
 }
@@ -71,7 +77,7 @@ pub struct Salesforce {
 
 impl Salesforce {
     pub fn new(config: SalesforceConfig) -> Self {
-        Self {
+        let mut sim = Self {
             config,
             org: Org::default(),
             tokens: HashMap::new(),
@@ -79,7 +85,14 @@ impl Salesforce {
             cursors: HashMap::new(),
             next_token: 1,
             jobs: BTreeMap::new(),
-        }
+        };
+        sim.apply_org_settings();
+        sim
+    }
+
+    /// Brings the org in line with the settings (Person Accounts and their record types).
+    pub fn apply_org_settings(&mut self) {
+        self.org.set_person_accounts(self.config.person_accounts);
     }
 
     fn issue_token(&mut self) -> String {
@@ -128,6 +141,19 @@ impl Salesforce {
             ),
             ("GET", ["query"]) => self.query(version, query, headers),
             ("GET", ["query", locator]) => self.query_more(version, locator),
+            ("GET", ["sobjects"]) => SfResponse::json(200, self.org.schema.global_describe(version)),
+            ("GET", ["sobjects", object, "describe"]) => self
+                .org
+                .schema
+                .describe(object, version)
+                .map_or_else(SfResponse::not_found, |d| SfResponse::json(200, d)),
+            ("GET", ["sobjects", object]) => match self.org.schema.describe(object, version) {
+                Some(mut d) => {
+                    d.as_object_mut().map(|o| o.remove("fields"));
+                    SfResponse::json(200, json!({"objectDescribe": d, "recentItems": []}))
+                }
+                None => SfResponse::not_found(),
+            },
             ("POST", ["sobjects", object]) => self.create(object, body, now),
             ("GET", ["sobjects", object, id]) => self.get(version, object, "Id", id),
             ("GET", ["sobjects", object, field, value]) => self.get(version, object, field, value),
@@ -144,13 +170,11 @@ impl Salesforce {
                 }
             }
             ("PATCH", ["sobjects", object, field, value]) => self.upsert(version, object, field, value, body, now),
-            ("DELETE", ["sobjects", object, id]) => {
-                if self.org.delete(object, id) {
-                    SfResponse::empty(204)
-                } else {
-                    SfResponse::not_found()
-                }
-            }
+            ("DELETE", ["sobjects", object, id]) => match self.org.delete(object, id) {
+                Ok(true) => SfResponse::empty(204),
+                Ok(false) => SfResponse::not_found(),
+                Err(e) => e.response(),
+            },
             ("PATCH", ["composite", "sobjects", object, field]) => self.collections_upsert(object, field, body, now),
             ("POST", ["composite", "sobjects"]) => self.collections_create(body, now),
             ("POST", ["composite"]) => self.composite(version, body, headers),
@@ -170,7 +194,7 @@ impl Salesforce {
     }
 
     fn create(&mut self, object: &str, body: &Value, now: i64) -> SfResponse {
-        if !object_exists(object) {
+        if !self.org.schema.object_exists(object) {
             return SfResponse::not_found();
         }
         let Some(map) = body.as_object() else { return json_parse_error() };
@@ -184,13 +208,13 @@ impl Salesforce {
     }
 
     fn get(&self, version: &str, object: &str, field: &str, value: &str) -> SfResponse {
-        if !object_exists(object) {
+        if !self.org.schema.object_exists(object) {
             return SfResponse::not_found();
         }
         let found = if field == "Id" {
             self.org.get(object, value).into_iter().collect::<Vec<_>>()
         } else {
-            if !external_id_field(object, field) {
+            if !self.org.schema.matching_field(object, field) {
                 return SfResponse::not_found();
             }
             self.org.find_by(object, field, value)
@@ -224,7 +248,7 @@ impl Salesforce {
     }
 
     fn upsert(&mut self, version: &str, object: &str, field: &str, value: &str, body: &Value, now: i64) -> SfResponse {
-        if !object_exists(object) || !external_id_field(object, field) {
+        if !self.org.schema.object_exists(object) || !self.org.schema.matching_field(object, field) {
             return SfResponse::not_found();
         }
         let Some(map) = body.as_object() else { return json_parse_error() };
@@ -301,7 +325,7 @@ impl Salesforce {
     }
 
     fn collections_upsert(&mut self, object: &str, field: &str, body: &Value, now: i64) -> SfResponse {
-        if !object_exists(object) || !external_id_field(object, field) {
+        if !self.org.schema.object_exists(object) || !self.org.schema.matching_field(object, field) {
             return SfResponse::not_found();
         }
         self.apply_collection(body, |sf, map| {
@@ -340,7 +364,7 @@ impl Salesforce {
                 .and_then(Value::as_str)
                 .ok_or_else(|| SaveError::new("INVALID_INPUT", "Missing attributes.type"))?
                 .to_owned();
-            if !object_exists(&object) {
+            if !sf.org.schema.object_exists(&object) {
                 return Err(SaveError::new("INVALID_TYPE", format!("sObject type '{object}' is not supported.")));
             }
             if let Some(e) = sf.lock_fault() {
@@ -479,7 +503,7 @@ impl Salesforce {
         match (method.as_str(), rest) {
             ("POST", []) => {
                 let id = format!("750SANDBOX{:08}", self.jobs.len() + 1);
-                match bulk::Job::create(id.clone(), body, now) {
+                match bulk::Job::create(id.clone(), body, now, &self.org.schema) {
                     Ok(job) => {
                         let info = job.info(version);
                         self.jobs.insert(id, job);
@@ -560,11 +584,11 @@ impl Salesforce {
         let Some(q) = query_param(query, "q") else {
             return SfResponse::error(400, "MALFORMED_QUERY", "A query string has to be specified");
         };
-        let parsed = match soql::parse(&q) {
+        let parsed = match soql::parse(&q, &self.org.schema) {
             Ok(p) => p,
             Err(e) => return SfResponse::error(400, e.code, e.message),
         };
-        let rows: Vec<Value> = soql::run(&parsed, self.org.records.values())
+        let rows: Vec<Value> = soql::run(&parsed, self.org.records.values(), &self.org.schema)
             .into_iter()
             .map(|r| {
                 let mut out = Map::new();
