@@ -55,6 +55,10 @@ struct Config {
     /// `data/salesforce-custom.json`].
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_SCHEMA_FILE")]
     salesforce_schema_file: Option<std::path::PathBuf>,
+    /// JSON file with the payload schema of RD Station events [default: the embedded
+    /// `data/rdstation-events.json`].
+    #[arg(long, env = "ELO_SANDBOX_RDSTATION_EVENT_SCHEMA_FILE")]
+    rdstation_event_schema_file: Option<std::path::PathBuf>,
     /// Salesforce daily API quota.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_DAILY_QUOTA", default_value_t = 100_000)]
     salesforce_daily_quota: u64,
@@ -110,6 +114,11 @@ async fn main() -> anyhow::Result<()> {
         sim.apply_org_settings();
     }
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
+    if let Some(path) = &config.rdstation_event_schema_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        rdstation.sim.lock().expect("rd lock").event_schema = sandbox::rdstation::events::EventSchema::load(&text)
+            .with_context(|| format!("loading the RD Station event schema {}", path.display()))?;
+    }
     let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
     let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());
     if let Some(path) = &config.magento_webhook_private_key_file {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::magento::{Customer, MagentoApp};
+use crate::rdstation::contacts::ContactField;
 use crate::rdstation::{Contact, RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
 use crate::salesforce::model::Org;
@@ -20,6 +21,9 @@ pub struct Snapshot {
     pub rd_contacts: BTreeMap<String, Contact>,
     pub rd_events: Vec<Value>,
     pub rd_segmentations: Vec<Segmentation>,
+    /// Custom contact fields created through the API (absent in older state files).
+    #[serde(default)]
+    pub rd_fields: Option<Vec<ContactField>>,
     pub magento_orders: BTreeMap<i64, Value>,
     pub magento_customers: BTreeMap<i64, Customer>,
     pub magento_stock: BTreeMap<String, (f64, u8)>,
@@ -33,9 +37,9 @@ pub fn snapshot(sf: &SalesforceApp, rd: &RdStationApp, magento: &MagentoApp) -> 
         let s = sf.sim.lock().expect("sim lock");
         (s.org.clone(), s.api_usage)
     };
-    let (rd_contacts, rd_events, rd_segmentations) = {
+    let (rd_contacts, rd_events, rd_segmentations, rd_fields) = {
         let r = rd.sim.lock().expect("rd lock");
-        (r.contacts.clone(), r.events.clone(), r.segmentations.clone())
+        (r.contacts.clone(), r.events.clone(), r.segmentations.clone(), Some(r.fields.clone()))
     };
     let m = magento.sim.lock().expect("magento lock");
     Snapshot {
@@ -44,6 +48,7 @@ pub fn snapshot(sf: &SalesforceApp, rd: &RdStationApp, magento: &MagentoApp) -> 
         rd_contacts,
         rd_events,
         rd_segmentations,
+        rd_fields,
         magento_orders: m.orders.clone(),
         magento_customers: m.customers.clone(),
         magento_stock: m.stock.clone(),
@@ -81,6 +86,9 @@ pub fn restore(snapshot: Snapshot, sf: &SalesforceApp, rd: &RdStationApp, magent
         r.contacts = snapshot.rd_contacts;
         r.events = snapshot.rd_events;
         r.segmentations = snapshot.rd_segmentations;
+        if let Some(fields) = snapshot.rd_fields {
+            r.fields = fields;
+        }
     }
     let mut m = magento.sim.lock().expect("magento lock");
     m.orders = snapshot.magento_orders;

@@ -1,4 +1,5 @@
 //! Harnesses shared by the conformance tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod rdstation;
 pub mod salesforce;

@@ -18,37 +18,9 @@ use serde_json::{Map, Value, json};
 use crate::faults::{FaultDecision, Faults};
 use crate::{Counters, now_ms};
 
-/// Event types accepted by `/platform/events`: the legacy ones, then `ECOMMERCE_*`.
-pub const EVENT_TYPES: &[&str] = &[
-    "CONVERSION",
-    "OPPORTUNITY",
-    "SALE",
-    "OPPORTUNITY_LOST",
-    "ORDER_PLACED",
-    "ORDER_PLACED_ITEM",
-    "CART_ABANDONED",
-    "CART_ABANDONED_ITEM",
-    "CHAT_STARTED",
-    "CHAT_FINISHED",
-    "CALL_FINISHED",
-    "MEDIA_PLAYBACK_STARTED",
-    "MEDIA_PLAYBACK_STOPPED",
-    "ECOMMERCE_ORDER_PLACED",
-    "ECOMMERCE_ORDER_PAID",
-    "ECOMMERCE_ORDER_FULFILLED",
-    "ECOMMERCE_ORDER_REFUNDED",
-    "ECOMMERCE_SHIPMENT_DELIVERED",
-    "ECOMMERCE_CHECKOUT_STARTED",
-    "ECOMMERCE_CART_ABANDONED",
-    "ECOMMERCE_ORDER_CANCELLED",
-];
+pub mod contacts;
+pub mod events;
 
-/// Types the batch endpoint accepts (the reference lists the legacy ones only): the first
-/// `LEGACY_EVENT_TYPES` of [`EVENT_TYPES`].
-const BATCH_TYPES: &[&str] = EVENT_TYPES.split_at(LEGACY_EVENT_TYPES).0;
-const LEGACY_EVENT_TYPES: usize = 13;
-
-const PAYMENT_METHODS: &[&str] = &["Credit Card", "Debit Card", "Invoice", "Others"];
 const BODY_LIMIT: usize = 200 * 1024;
 
 /// Settings of the simulated account.
@@ -65,6 +37,9 @@ pub struct RdConfig {
     pub patches_per_contact_per_day: usize,
     /// Segmentation list requests per minute.
     pub segmentations_per_minute: usize,
+    /// Accept the legacy e-commerce events RD removed on 31 Dec 2025 (an old account).
+    #[serde(default)]
+    pub legacy_ecommerce_events: bool,
 }
 
 impl Default for RdConfig {
@@ -77,6 +52,7 @@ impl Default for RdConfig {
             contacts_per_minute: 120,
             patches_per_contact_per_day: 24,
             segmentations_per_minute: 120,
+            legacy_ecommerce_events: false,
         }
     }
 }
@@ -152,6 +128,10 @@ pub struct RdStation {
     pub contacts: BTreeMap<String, Contact>,
     pub events: Vec<Value>,
     pub segmentations: Vec<Segmentation>,
+    /// The account's custom contact fields.
+    pub fields: Vec<contacts::ContactField>,
+    /// Payload rules of each event type.
+    pub event_schema: events::EventSchema,
     codes: HashMap<String, i64>,
     tokens: HashMap<String, i64>,
     refresh_tokens: HashMap<String, bool>,
@@ -173,6 +153,8 @@ impl RdStation {
                 standard: true,
                 tag: None,
             }],
+            fields: contacts::seeded_fields(),
+            event_schema: events::EventSchema::default(),
             codes: HashMap::new(),
             tokens: HashMap::new(),
             refresh_tokens: HashMap::new(),
@@ -275,259 +257,6 @@ impl RdStation {
 
     fn not_found() -> RdResponse {
         RdResponse::flat(404, "RESOURCE_NOT_FOUND", "Lead not found.")
-    }
-
-    fn validate_contact(body: &Map<String, Value>) -> Result<(), RdResponse> {
-        for (key, value) in body {
-            match key.as_str() {
-                "tags" | "extra_emails" => {
-                    if !value.as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
-                        return Err(RdResponse::field(
-                            400,
-                            key,
-                            "MUST_BE_ARRAY_OF_STRINGS",
-                            "Must be an array of strings.",
-                        ));
-                    }
-                }
-                "legal_bases" => {
-                    let ok = value.as_array().is_some_and(|items| {
-                        items.iter().all(|b| {
-                            b.get("category").and_then(Value::as_str) == Some("communications")
-                                && b.get("type").and_then(Value::as_str).is_some()
-                                && matches!(b.get("status").and_then(Value::as_str), Some("granted" | "declined"))
-                        })
-                    });
-                    if !ok {
-                        return Err(RdResponse::field(400, key, "INVALID", "Invalid legal bases."));
-                    }
-                }
-                k if k.starts_with("cf_") => {}
-                "name" | "email" | "job_title" | "bio" | "website" | "linkedin" | "facebook" | "twitter"
-                | "personal_phone" | "mobile_phone" | "city" | "state" | "country" => {
-                    if !value.is_string() && !value.is_null() {
-                        return Err(RdResponse::field(400, key, "MUST_BE_STRING", "Must be a string."));
-                    }
-                }
-                other => return Err(RdResponse::field(400, other, "INVALID_FIELDS", "Field does not exist.")),
-            }
-        }
-        Ok(())
-    }
-
-    fn contacts(&mut self, method: &Method, rest: &[&str], body: &Value) -> RdResponse {
-        if let Err(e) = Self::limit(&mut self.contact_calls, self.config.contacts_per_minute, 60_000) {
-            return e;
-        }
-        match (method.as_str(), rest) {
-            ("POST", []) => {
-                let Some(map) = body.as_object() else { return invalid_json() };
-                let Some(email) = map.get("email").and_then(Value::as_str).filter(|e| !e.is_empty()) else {
-                    return RdResponse::array(
-                        400,
-                        vec![array_error("CANNOT_BE_NULL", "Cannot be null.", "body.email")],
-                    );
-                };
-                if let Err(e) = Self::validate_contact(map) {
-                    return e;
-                }
-                if self.find(&format!("email:{email}")).is_some() {
-                    return RdResponse::field(400, "email", "EMAIL_ALREADY_IN_USE", "Email already in use.");
-                }
-                let uuid = self.uuid();
-                let contact =
-                    Contact { uuid: uuid.clone(), fields: map.clone(), funnel: default_funnel(), created_ms: now_ms() };
-                let out = contact.to_json();
-                self.contacts.insert(uuid, contact);
-                RdResponse::json(200, out)
-            }
-            ("GET", [identifier]) => match self.find(&percent(identifier)) {
-                Some(uuid) => RdResponse::json(200, self.contacts[&uuid].to_json()),
-                None => Self::not_found(),
-            },
-            ("DELETE", [identifier]) => match self.find(&percent(identifier)) {
-                Some(uuid) => {
-                    self.contacts.remove(&uuid);
-                    RdResponse { status: 204, body: None, headers: Vec::new() }
-                }
-                None => Self::not_found(),
-            },
-            ("PATCH", [identifier]) => {
-                let identifier = percent(identifier);
-                let Some(map) = body.as_object() else { return invalid_json() };
-                let (kind, value) = identifier.split_once(':').unwrap_or(("uuid", identifier.as_str()));
-                if map.contains_key(kind) {
-                    return RdResponse::flat(
-                        400,
-                        "CONFLICTING_FIELD",
-                        &format!("The {kind} is already used to identify the contact and cannot be in the payload."),
-                    );
-                }
-                if let Err(e) = Self::validate_contact(map) {
-                    return e;
-                }
-                let key = identifier.to_ascii_lowercase();
-                let window = self.patches.entry(key).or_default();
-                if let Err(e) = Self::limit(window, self.config.patches_per_contact_per_day, 86_400_000) {
-                    return e;
-                }
-                let uuid = match self.find(&identifier) {
-                    Some(uuid) => uuid,
-                    None if kind == "email" => {
-                        let uuid = self.uuid();
-                        let mut fields = Map::new();
-                        fields.insert("email".into(), json!(value));
-                        self.contacts.insert(
-                            uuid.clone(),
-                            Contact { uuid: uuid.clone(), fields, funnel: default_funnel(), created_ms: now_ms() },
-                        );
-                        uuid
-                    }
-                    None => return Self::not_found(),
-                };
-                let contact = self.contacts.get_mut(&uuid).expect("found above");
-                for (k, v) in map {
-                    // Upsert replaces tags (the documented trap: partial lists wipe tags).
-                    contact.fields.insert(k.clone(), v.clone());
-                }
-                RdResponse::json(200, contact.to_json())
-            }
-            ("POST", [identifier, "tag"]) => {
-                let Some(tags) = body.get("tags").and_then(Value::as_array).filter(|t| t.iter().all(Value::is_string))
-                else {
-                    return RdResponse::field(400, "tags", "MUST_BE_ARRAY_OF_STRINGS", "Must be an array of strings.");
-                };
-                let Some(uuid) = self.find(&percent(identifier)) else { return Self::not_found() };
-                let contact = self.contacts.get_mut(&uuid).expect("found above");
-                let current = contact.fields.entry("tags").or_insert(json!([]));
-                let list = current.as_array_mut().expect("tags are an array");
-                for tag in tags {
-                    let tag = json!(tag.as_str().expect("checked").to_lowercase());
-                    if !list.contains(&tag) {
-                        list.push(tag);
-                    }
-                }
-                RdResponse::json(200, json!({"tags": list}))
-            }
-            ("GET", [identifier, "funnels", "default"]) => match self.find(&percent(identifier)) {
-                Some(uuid) => RdResponse::json(200, self.contacts[&uuid].funnel.clone()),
-                None => Self::not_found(),
-            },
-            ("PUT", [identifier, "funnels", "default"]) => {
-                let Some(uuid) = self.find(&percent(identifier)) else { return Self::not_found() };
-                let stage = body.get("lifecycle_stage").and_then(Value::as_str);
-                if !matches!(stage, Some("Lead" | "Qualified Lead" | "Client")) {
-                    return RdResponse::array(
-                        400,
-                        vec![
-                            json!({"error_type": "INVALID_OPTION", "error_message": "Must be one of the valid options.", "validation_rules": {"valid_options": ["Lead", "Qualified Lead", "Client"]}, "path": "$.body.lifecycle_stage"}),
-                        ],
-                    );
-                }
-                let contact = self.contacts.get_mut(&uuid).expect("found above");
-                contact.funnel["lifecycle_stage"] = json!(stage);
-                if let Some(o) = body.get("opportunity").and_then(Value::as_bool) {
-                    contact.funnel["opportunity"] = json!(o);
-                }
-                if let Some(owner) = body.get("contact_owner_email") {
-                    contact.funnel["contact_owner_email"] = owner.clone();
-                }
-                RdResponse::json(200, contact.funnel.clone())
-            }
-            _ => RdResponse::flat(404, "RESOURCE_NOT_FOUND", "Resource not found."),
-        }
-    }
-
-    /// Validates one event; errors carry `path` prefixed with `prefix` (`$.body` or `$[i]`).
-    fn validate_event(event: &Value, prefix: &str, allowed: &[&str]) -> Vec<Value> {
-        let mut errors = Vec::new();
-        let event_type = event.get("event_type").and_then(Value::as_str).unwrap_or_default();
-        if !allowed.contains(&event_type) {
-            errors.push(json!({"error_type": "INVALID_OPTION", "error_message": "Must be one of the valid options.", "validation_rules": {"valid_options": allowed}, "path": format!("{prefix}.event_type")}));
-            return errors;
-        }
-        if event.get("event_family").and_then(Value::as_str) != Some("CDP") {
-            errors.push(json!({"error_type": "INVALID_OPTION", "error_message": "Must be one of the valid options.", "validation_rules": {"valid_options": ["CDP"]}, "path": format!("{prefix}.event_family")}));
-        }
-        let Some(payload) = event.get("payload").and_then(Value::as_object) else {
-            errors.push(array_error("CANNOT_BE_NULL", "Cannot be null.", &format!("{prefix}.payload")));
-            return errors;
-        };
-        let required: &[&str] = match event_type {
-            "CONVERSION" => &["conversion_identifier", "email"],
-            "OPPORTUNITY" | "SALE" => &["email", "funnel_name"],
-            "OPPORTUNITY_LOST" => &["funnel_name"],
-            "ORDER_PLACED" => &[
-                "email",
-                "cf_order_id",
-                "cf_order_total_items",
-                "cf_order_status",
-                "cf_order_payment_method",
-                "cf_order_payment_amount",
-            ],
-            "ORDER_PLACED_ITEM" => &["email", "cf_order_id", "cf_order_product_id"],
-            "CART_ABANDONED" => &["email", "cf_cart_id"],
-            "CART_ABANDONED_ITEM" => &["email", "cf_cart_id", "cf_cart_product_id"],
-            t if t.starts_with("ECOMMERCE_") => &["email"],
-            _ => &[],
-        };
-        for key in required {
-            if payload.get(*key).is_none_or(Value::is_null) {
-                errors.push(array_error("CANNOT_BE_NULL", "Cannot be null.", &format!("{prefix}.payload.{key}")));
-            }
-        }
-        let typed = |key: &str, ok: fn(&Value) -> bool, error_type: &str, errors: &mut Vec<Value>| {
-            if let Some(v) = payload.get(key)
-                && !ok(v)
-            {
-                errors.push(array_error(error_type, "Invalid type.", &format!("{prefix}.payload.{key}")));
-            }
-        };
-        if event_type == "ORDER_PLACED" {
-            typed("cf_order_id", Value::is_string, "MUST_BE_STRING", &mut errors);
-            typed("cf_order_total_items", |v| v.is_i64() || v.is_u64(), "MUST_BE_INTEGER", &mut errors);
-            typed("cf_order_status", Value::is_string, "MUST_BE_STRING", &mut errors);
-            typed("cf_order_payment_amount", Value::is_number, "MUST_BE_NUMBER", &mut errors);
-            if let Some(m) = payload.get("cf_order_payment_method")
-                && !m.as_str().is_some_and(|m| PAYMENT_METHODS.contains(&m))
-            {
-                errors.push(json!({"error_type": "INVALID_OPTION", "error_message": "Must be one of the valid options.", "validation_rules": {"valid_options": PAYMENT_METHODS}, "path": format!("{prefix}.payload.cf_order_payment_method")}));
-            }
-        }
-        if event_type == "ORDER_PLACED_ITEM" {
-            const ALLOWED: &[&str] =
-                &["email", "cf_order_id", "cf_order_product_id", "cf_order_product_sku", "name", "legal_bases"];
-            for key in payload.keys().filter(|k| k.starts_with("cf_") && !ALLOWED.contains(&k.as_str())) {
-                errors.push(array_error(
-                    "INVALID_FIELDS",
-                    "Custom fields are not accepted on this event.",
-                    &format!("{prefix}.payload.{key}"),
-                ));
-            }
-        }
-        errors
-    }
-
-    fn record_event(&mut self, event: &Value) -> String {
-        let uuid = self.uuid();
-        let mut stored = event.clone();
-        stored["event_uuid"] = json!(uuid);
-        stored["received_at_ms"] = json!(now_ms());
-        if event["event_type"] == "CONVERSION"
-            && let Some(email) = event["payload"].get("email").and_then(Value::as_str)
-            && self.find(&format!("email:{email}")).is_none()
-        {
-            let id = self.uuid();
-            let mut fields = Map::new();
-            fields.insert("email".into(), json!(email));
-            if let Some(name) = event["payload"].get("name") {
-                fields.insert("name".into(), name.clone());
-            }
-            self.contacts
-                .insert(id.clone(), Contact { uuid: id, fields, funnel: default_funnel(), created_ms: now_ms() });
-        }
-        self.events.push(stored);
-        uuid
     }
 
     fn segmentation_page(&mut self, query: &str, items: Vec<Value>, key: &str) -> RdResponse {
@@ -693,56 +422,16 @@ async fn handle(State(app): State<RdStationApp>, request: Request) -> Response {
         ("POST", ["platform", "conversions"]) => {
             if query_value(&query, "api_key").as_deref() != Some(sim.config.api_key.as_str()) {
                 RdResponse::flat(401, "UNAUTHORIZED", "Invalid API key.")
-            } else if bytes.len() > BODY_LIMIT {
-                RdResponse::flat(413, "REQUEST_ENTITY_TOO_LARGE", "The request body must be at most 0.2 MB.")
             } else {
-                let errors = RdStation::validate_event(&body, "$.body", &["CONVERSION"]);
-                if errors.is_empty() {
-                    let uuid = sim.record_event(&body);
-                    RdResponse::json(200, json!({"event_uuid": uuid}))
-                } else {
-                    RdResponse::array(400, errors)
-                }
+                sim.events(&body, bytes.len(), false, Some("CONVERSION"))
             }
         }
         (_, ["platform", ..]) => match sim.authorize(&parts.headers) {
             Err(e) => e,
             Ok(()) => match (parts.method.as_str(), &segments[1..]) {
                 (_, ["contacts", rest @ ..]) => sim.contacts(&parts.method, rest, &body),
-                ("POST", ["events"]) => {
-                    if bytes.len() > BODY_LIMIT {
-                        RdResponse::flat(413, "REQUEST_ENTITY_TOO_LARGE", "The request body must be at most 0.2 MB.")
-                    } else {
-                        let errors = RdStation::validate_event(&body, "$.body", EVENT_TYPES);
-                        if errors.is_empty() {
-                            let uuid = sim.record_event(&body);
-                            RdResponse::json(200, json!({"event_uuid": uuid}))
-                        } else {
-                            RdResponse::array(400, errors)
-                        }
-                    }
-                }
-                ("POST", ["events", "batch"]) => {
-                    if bytes.len() > BODY_LIMIT {
-                        RdResponse::flat(413, "REQUEST_ENTITY_TOO_LARGE", "The request body must be at most 0.2 MB.")
-                    } else if let Some(events) = body.as_array() {
-                        let errors: Vec<Value> = events
-                            .iter()
-                            .enumerate()
-                            .flat_map(|(i, e)| RdStation::validate_event(e, &format!("$[{i}]"), BATCH_TYPES))
-                            .collect();
-                        if errors.is_empty() {
-                            let uuids: Vec<Value> =
-                                events.iter().map(|e| json!({"event_uuid": sim.record_event(e)})).collect();
-                            let batch = sim.uuid();
-                            RdResponse::json(200, json!({"event_batch_uuid": batch, "events": uuids}))
-                        } else {
-                            RdResponse::array(400, errors)
-                        }
-                    } else {
-                        RdResponse::flat(400, "BAD_REQUEST", "The batch must be a JSON array of events.")
-                    }
-                }
+                ("POST", ["events"]) => sim.events(&body, bytes.len(), false, None),
+                ("POST", ["events", "batch"]) => sim.events(&body, bytes.len(), true, None),
                 ("GET", ["segmentations", rest @ ..]) => sim.segmentations(rest, &query),
                 _ => RdResponse::flat(404, "RESOURCE_NOT_FOUND", "Resource not found."),
             },
