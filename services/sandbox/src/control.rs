@@ -64,6 +64,7 @@ pub fn router(control: Control) -> Router {
         .route("/magento/generator", put(magento_rate))
         .route("/magento/orders/mass-status", post(magento_mass_status))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
+        .route("/magento/orders/{id}/ship", post(magento_ship))
         .route("/magento/customers/{id}", axum::routing::patch(magento_alter_customer))
         .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
         .with_state(control)
@@ -246,6 +247,7 @@ async fn magento_state(State(c): State<Control>) -> Json<Value> {
         "orders": sim.orders.len(),
         "customers": sim.customers.len(),
         "stock": stock,
+        "reservations": sim.reservations,
         "config": sim.config,
         "webhook": {"url": sim.webhook.url, "style": sim.webhook.style, "duplicate_rate": sim.webhook.duplicate_rate,
             "pending": sim.outbox.queue.len(), "delivered": sim.outbox.delivered, "duplicates_sent": sim.outbox.duplicates_sent,
@@ -294,6 +296,17 @@ async fn magento_rate(State(c): State<Control>, Json(body): Json<Value>) -> ApiR
     }
     c.magento.sim.lock().expect("magento lock").rate_per_sec = rate;
     Ok(Json(json!({"rate_per_sec": rate})))
+}
+
+/// A shipment of the whole order: MSI deducts the source and compensates the reservation.
+async fn magento_ship(State(c): State<Control>, Path(id): Path<i64>) -> ApiResult {
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    if !sim.orders.contains_key(&id) {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such order"}))));
+    }
+    let lines = sim.ship(id).map_err(bad_request)?;
+    let deducted: Vec<Value> = lines.iter().map(|(sku, qty)| json!({"sku": sku, "qty": qty})).collect();
+    Ok(Json(json!({"order_id": id, "deducted": deducted})))
 }
 
 /// An admin's mass action: many orders to one status in one transaction, one `updated_at`.

@@ -27,6 +27,10 @@ pub struct Snapshot {
     pub magento_orders: BTreeMap<i64, Value>,
     pub magento_customers: BTreeMap<i64, Customer>,
     pub magento_stock: BTreeMap<String, (f64, u8)>,
+    #[serde(default)]
+    pub magento_reservations: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub magento_shipped: std::collections::BTreeSet<i64>,
     pub generator_seed: u64,
     pub generator_step: i64,
 }
@@ -52,6 +56,8 @@ pub fn snapshot(sf: &SalesforceApp, rd: &RdStationApp, magento: &MagentoApp) -> 
         magento_orders: m.orders.clone(),
         magento_customers: m.customers.clone(),
         magento_stock: m.stock.clone(),
+        magento_reservations: m.reservations.clone(),
+        magento_shipped: m.shipped.clone(),
         generator_seed: m.generator.config.seed,
         generator_step: m.generator.step,
     }
@@ -94,6 +100,8 @@ pub fn restore(snapshot: Snapshot, sf: &SalesforceApp, rd: &RdStationApp, magent
     m.orders = snapshot.magento_orders;
     m.customers = snapshot.magento_customers;
     m.stock = snapshot.magento_stock;
+    m.reservations = snapshot.magento_reservations;
+    m.shipped = snapshot.magento_shipped;
     let mut config = m.generator.config.clone();
     config.seed = snapshot.generator_seed ^ (snapshot.generator_step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut generator = crate::magento::generator::Generator::new(config);

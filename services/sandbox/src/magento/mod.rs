@@ -7,12 +7,13 @@
 
 pub mod admin;
 pub mod generator;
+mod inventory;
 pub mod oauth;
 pub mod search;
 pub mod signing;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -43,7 +44,8 @@ pub struct MagentoConfig {
     pub admin_token_ttl_secs: i64,
     /// A page past the end answers the last page again (as Magento does).
     pub last_page_repeats: bool,
-    /// Web API input limits (2.4.3+): max page size 300, arrays of at most 20 items.
+    /// Web API input limits: off as Magento ships; on, page size at most 300 (20 when not
+    /// given) and lists of at most 20 entities.
     pub input_limits: bool,
     pub low_stock_seed_qty: f64,
 }
@@ -60,11 +62,16 @@ impl Default for MagentoConfig {
             integration_as_bearer: false,
             admin_token_ttl_secs: 4 * 3600,
             last_page_repeats: true,
-            input_limits: true,
+            input_limits: false,
             low_stock_seed_qty: 3.0,
         }
     }
 }
+
+/// Web API input limits (2.4.3+ defaults): maximum and default page size, entities per list.
+const MAX_PAGE_SIZE: usize = 300;
+const DEFAULT_PAGE_SIZE: usize = 20;
+pub(crate) const MAX_LIST_ITEMS: usize = 20;
 
 /// Stores (views) of the simulated website.
 pub const STORES: &[(i64, &str)] = &[(1, "default"), (2, "br")];
@@ -206,6 +213,10 @@ pub struct Magento {
     pub customers: BTreeMap<i64, Customer>,
     /// MSI source items: sku → (quantity, status).
     pub stock: BTreeMap<String, (f64, u8)>,
+    /// MSI reservations, summed per SKU (negative: held by orders not yet shipped).
+    pub reservations: BTreeMap<String, f64>,
+    /// Orders whose shipment has deducted the source.
+    pub shipped: BTreeSet<i64>,
     admin_tokens: HashMap<String, i64>,
     nonces: oauth::Nonces,
     pub generator: generator::Generator,
@@ -235,6 +246,8 @@ impl Magento {
             orders: BTreeMap::new(),
             customers: BTreeMap::new(),
             stock,
+            reservations: BTreeMap::new(),
+            shipped: BTreeSet::new(),
             admin_tokens: HashMap::new(),
             nonces: oauth::Nonces::default(),
             generator: generator::Generator::new(generator),
@@ -280,16 +293,6 @@ impl Magento {
         self.outbox.queue.push_back(n);
     }
 
-    /// Takes sold quantity off the default source; it may go negative (oversold).
-    pub fn deplete(&mut self, sku: &str, qty: f64) {
-        if let Some((q, status)) = self.stock.get_mut(sku) {
-            *q -= qty;
-            if *q <= 0.0 {
-                *status = 0;
-            }
-        }
-    }
-
     /// The integration's OAuth 1.0a credentials.
     pub fn integration_credentials(&self) -> oauth::Credentials {
         oauth::Credentials {
@@ -325,6 +328,25 @@ impl Magento {
         }
     }
 
+    /// The request's searchCriteria, refused above the maximum page size when the Web API input
+    /// limits are on ("Input limiting"; `SearchCriteriaValidator`).
+    fn search_criteria(&self, query: &str) -> Result<search::SearchCriteria, MagentoError> {
+        let c = search::parse(query)?;
+        if self.config.input_limits && c.page_size.is_some_and(|s| s > MAX_PAGE_SIZE) {
+            return Err(MagentoError::new(
+                400,
+                "Maximum SearchCriteria pageSize is %max",
+                json!({"max": MAX_PAGE_SIZE}),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Page size when the request names none: the input limits' default, else everything.
+    fn default_page_size(&self) -> usize {
+        if self.config.input_limits { DEFAULT_PAGE_SIZE } else { usize::MAX }
+    }
+
     fn execute(
         &mut self,
         method: &Method,
@@ -358,13 +380,10 @@ impl Magento {
             return Ok((200, json!(token)));
         }
         self.authorize(method, url, query, headers)?;
-        let criteria = || -> Result<search::SearchCriteria, MagentoError> {
-            let c = search::parse(query)?;
-            if self.config.input_limits && c.page_size.is_some_and(|s| s > 300) {
-                return Err(MagentoError::new(400, "Maximum SearchCriteria pageSize is %1", json!([300])));
-            }
-            Ok(c)
-        };
+        if inventory::handles(segments) {
+            return self.inventory(method.as_str(), segments, query, body);
+        }
+        let criteria = || self.search_criteria(query);
         match (method.as_str(), segments) {
             ("GET", ["orders"]) => {
                 let c = criteria()?;
@@ -382,7 +401,7 @@ impl Magento {
                     ));
                 }
                 let items: Vec<Value> = self.orders.values().map(list_view).collect();
-                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
+                Ok((200, search::run(items, &c, self.default_page_size(), self.config.last_page_repeats)))
             }
             ("GET", ["orders", id]) => {
                 let order = id.parse::<i64>().ok().and_then(|id| self.orders.get(&id)).ok_or_else(|| {
@@ -420,7 +439,7 @@ impl Magento {
                         v
                     })
                     .collect();
-                let mut result = search::run(items, &c, 20, self.config.last_page_repeats);
+                let mut result = search::run(items, &c, self.default_page_size(), self.config.last_page_repeats);
                 if let Some(items) = result["items"].as_array_mut() {
                     items.iter_mut().for_each(|i| {
                         i.as_object_mut().map(|o| o.remove("entity_id"));
@@ -441,66 +460,6 @@ impl Magento {
                 self.notify_customer(&json, true);
                 Ok((200, json!(true)))
             }
-            ("GET", ["inventory", "source-items"]) => {
-                let c = criteria()?;
-                let items: Vec<Value> = self
-                    .stock
-                    .iter()
-                    .map(|(sku, (q, s))| json!({"sku": sku, "source_code": "default", "quantity": q, "status": s}))
-                    .collect();
-                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
-            }
-            ("POST", ["inventory", "source-items"]) => {
-                let items = body.get("sourceItems").and_then(Value::as_array).ok_or_else(|| {
-                    MagentoError::new(
-                        400,
-                        "\"%fieldName\" is required. Enter and try again.",
-                        json!({"fieldName": "sourceItems"}),
-                    )
-                })?;
-                if self.config.input_limits && items.len() > 20 {
-                    return Err(MagentoError::new(
-                        400,
-                        "Maximum items of type \"%type\" is %max",
-                        json!({"type": "\\Magento\\InventoryApi\\Api\\Data\\SourceItemInterface", "max": 20}),
-                    ));
-                }
-                for item in items {
-                    let (Some(sku), Some(qty)) =
-                        (item.get("sku").and_then(Value::as_str), item.get("quantity").and_then(Value::as_f64))
-                    else {
-                        return Err(MagentoError::new(
-                            400,
-                            "\"%fieldName\" is required. Enter and try again.",
-                            json!({"fieldName": "sku"}),
-                        ));
-                    };
-                    let status = item.get("status").and_then(Value::as_u64).unwrap_or(1) as u8;
-                    self.stock.insert(sku.to_owned(), (qty, status));
-                }
-                Ok((200, json!([])))
-            }
-            ("GET", ["inventory", "get-product-salable-quantity", sku, stock]) => {
-                self.check_stock_id(stock)?;
-                Ok((200, json!(self.salable(sku)?)))
-            }
-            ("GET", ["inventory", "is-product-salable", sku, stock]) => {
-                self.check_stock_id(stock)?;
-                Ok((200, json!(self.salable(sku)? > 0.0)))
-            }
-            ("GET", ["inventory", "is-product-salable-for-requested-qty", sku, stock, qty]) => {
-                self.check_stock_id(stock)?;
-                let qty: f64 = qty.parse().map_err(|_| MagentoError::new(400, "Invalid quantity", json!([])))?;
-                let available = self.salable(sku)?;
-                Ok((
-                    200,
-                    if available >= qty {
-                        json!({"salable": true, "errors": []})
-                    } else {
-                        json!({"salable": false, "errors": [{"code": "back_order-disabled", "message": "The requested qty is not available"}]})
-                    },
-                ))
-            }
             ("GET", ["store", "websites"]) => Ok((
                 200,
                 json!([
@@ -518,35 +477,6 @@ impl Magento {
                     MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
                 })?;
                 Ok((200, product))
-            }
-            ("PUT", ["products", sku, "stockItems", item_id]) => {
-                let sku = crate::salesforce::percent_decode(sku);
-                let product_id = self.catalog.product_id(&sku).filter(|_| self.stock.contains_key(&sku)).ok_or_else(|| {
-                    MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
-                })?;
-                if item_id.parse::<i64>().ok() != Some(product_id) {
-                    return Err(MagentoError::new(400, "The stock item was unable to be saved. Please try again.", json!([])));
-                }
-                let item = body.get("stockItem").or_else(|| body.get("stock_item")).ok_or_else(|| {
-                    MagentoError::new(400, "\"%fieldName\" is required. Enter and try again.", json!({"fieldName": "stockItem"}))
-                })?;
-                let entry = self.stock.get_mut(&sku).expect("checked above");
-                if let Some(qty) = item.get("qty").and_then(Value::as_f64) {
-                    entry.0 = qty;
-                }
-                if let Some(in_stock) = item.get("is_in_stock").and_then(Value::as_bool) {
-                    entry.1 = u8::from(in_stock);
-                }
-                Ok((200, json!(product_id)))
-            }
-            ("GET", ["stockItems", sku]) => {
-                let (qty, status) = self.stock.get(*sku).copied().ok_or_else(|| {
-                    MagentoError::new(404, "The Product with the \"%1\" SKU doesn't exist.", json!([sku]))
-                })?;
-                Ok((
-                    200,
-                    json!({"item_id": self.catalog.product_id(sku), "product_id": self.catalog.product_id(sku), "stock_id": 1, "qty": qty, "is_in_stock": status == 1, "min_qty": 0, "low_stock_date": null, "manage_stock": true}),
-                ))
             }
             (_, ["customers"]) | (_, []) => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
             _ => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
@@ -571,24 +501,6 @@ impl Magento {
             "product_links": [], "options": [], "media_gallery_entries": [], "tier_prices": [],
             "custom_attributes": [{"attribute_code": "url_key", "value": p.sku.to_lowercase()}],
         }))
-    }
-
-    fn check_stock_id(&self, stock: &str) -> Result<(), MagentoError> {
-        if stock == "1" {
-            Ok(())
-        } else {
-            Err(MagentoError::new(404, "Stock with id \"%value\" does not exist.", json!({"value": stock})))
-        }
-    }
-
-    fn salable(&self, sku: &str) -> Result<f64, MagentoError> {
-        self.stock.get(sku).map(|(q, _)| *q).ok_or_else(|| {
-            MagentoError::new(
-                404,
-                "The product that was requested doesn't exist. Verify the product and try again.",
-                json!([]),
-            )
-        })
     }
 }
 
