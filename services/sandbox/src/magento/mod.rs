@@ -6,26 +6,24 @@
 //! salable quantity, the legacy stock item, and stock that orders deplete.
 
 pub mod admin;
+mod catalog;
 pub mod generator;
+mod http;
 mod inventory;
 pub mod oauth;
 pub mod search;
 pub mod signing;
 pub mod webhook;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
-
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, Method, header};
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::faults::{FaultDecision, Faults};
-use crate::{Counters, now_ms};
+use crate::now_ms;
 use search::MagentoError;
+
+pub use catalog::{Catalog, Customer, Product, ProductKind};
+pub use http::MagentoApp;
 
 /// Settings of the simulated store.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -75,130 +73,6 @@ pub(crate) const MAX_LIST_ITEMS: usize = 20;
 
 /// Stores (views) of the simulated website.
 pub const STORES: &[(i64, &str)] = &[(1, "default"), (2, "br")];
-
-#[derive(Clone, Debug)]
-pub enum ProductKind {
-    Simple,
-    Configurable { children: Vec<String> },
-    Bundle { children: Vec<String> },
-}
-
-#[derive(Clone, Debug)]
-pub struct Product {
-    pub id: i64,
-    pub sku: String,
-    pub name: String,
-    pub price: f64,
-    pub kind: ProductKind,
-}
-
-/// The catalog: sellable products (simple, configurable, bundle) plus configurable children.
-#[derive(Clone, Debug)]
-pub struct Catalog {
-    pub products: Vec<Product>,
-    pub all: BTreeMap<String, Product>,
-}
-
-impl Catalog {
-    fn build() -> Self {
-        let mut all = BTreeMap::new();
-        let mut products = Vec::new();
-        let mut id = 0;
-        let mut add = |sku: String,
-                       name: String,
-                       price: f64,
-                       kind: ProductKind,
-                       sellable: bool,
-                       all: &mut BTreeMap<String, Product>| {
-            id += 1;
-            let p = Product { id, sku: sku.clone(), name, price, kind };
-            all.insert(sku, p.clone());
-            if sellable {
-                products.push(p);
-            }
-        };
-        for n in 1..=30 {
-            add(
-                format!("SKU-{n:03}"),
-                format!("Produto {n}"),
-                9.9 + f64::from(n) * 5.0,
-                ProductKind::Simple,
-                true,
-                &mut all,
-            );
-        }
-        for n in 1..=5 {
-            let children: Vec<String> = ["P", "M", "G"].iter().map(|s| format!("CAMISETA-{n}-{s}")).collect();
-            for c in &children {
-                add(
-                    c.clone(),
-                    format!("Camiseta {n} {}", c.rsplit('-').next().unwrap_or("")),
-                    59.9,
-                    ProductKind::Simple,
-                    false,
-                    &mut all,
-                );
-            }
-            add(
-                format!("CAMISETA-{n}"),
-                format!("Camiseta {n}"),
-                59.9,
-                ProductKind::Configurable { children },
-                true,
-                &mut all,
-            );
-        }
-        for n in 1..=3 {
-            let children = vec![format!("SKU-{:03}", n * 3), format!("SKU-{:03}", n * 3 + 1)];
-            add(format!("KIT-{n}"), format!("Kit presente {n}"), 0.0, ProductKind::Bundle { children }, true, &mut all);
-        }
-        Self { products, all }
-    }
-
-    pub fn product_id(&self, sku: &str) -> Option<i64> {
-        self.all.get(sku).map(|p| p.id)
-    }
-    pub fn price(&self, sku: &str) -> f64 {
-        self.all.get(sku).map_or(0.0, |p| p.price)
-    }
-    pub fn name(&self, sku: &str) -> String {
-        self.all.get(sku).map_or_else(|| sku.to_owned(), |p| p.name.clone())
-    }
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Customer {
-    pub id: i64,
-    pub email: String,
-    pub firstname: String,
-    pub lastname: String,
-    pub store_id: i64,
-    pub subscribed: bool,
-    pub created_ms: i64,
-    pub updated_ms: i64,
-    pub address: Value,
-}
-
-impl Customer {
-    pub fn to_json(&self) -> Value {
-        let mut address = self.address.clone();
-        address["id"] = json!(self.id);
-        address["customer_id"] = json!(self.id);
-        address["default_billing"] = json!(true);
-        address["default_shipping"] = json!(true);
-        address["region"] =
-            json!({"region_code": address["region_code"], "region": address["region"], "region_id": 508});
-        json!({
-            "id": self.id, "group_id": 1, "email": self.email, "firstname": self.firstname, "lastname": self.lastname,
-            "store_id": self.store_id, "website_id": 1, "created_at": fmt_ts(self.created_ms), "updated_at": fmt_ts(self.updated_ms),
-            "created_in": if self.store_id == 1 { "Default Store View" } else { "Loja BR" },
-            "default_billing": self.id.to_string(), "default_shipping": self.id.to_string(), "addresses": [address],
-            "disable_auto_group_change": 0,
-            "extension_attributes": {"is_subscribed": self.subscribed},
-            "custom_attributes": [],
-        })
-    }
-}
 
 /// `YYYY-MM-DD HH:MM:SS`, UTC, no zone: Magento's format whatever the store timezone.
 pub fn fmt_ts(ms: i64) -> String {
@@ -548,102 +422,4 @@ fn list_view(order: &Value) -> Value {
         ext.remove("shipping_assignments");
     }
     v
-}
-
-/// Shared state of the HTTP front.
-#[derive(Clone)]
-pub struct MagentoApp {
-    pub sim: Arc<Mutex<Magento>>,
-    pub faults: Faults,
-    pub counters: Counters,
-    /// The key Adobe-style webhook signatures are made with.
-    pub webhook_key: signing::KeySlot,
-}
-
-impl MagentoApp {
-    pub fn new(
-        config: MagentoConfig,
-        generator: generator::GeneratorConfig,
-        faults: Faults,
-        counters: Counters,
-    ) -> Self {
-        Self {
-            sim: Arc::new(Mutex::new(Magento::new(config, generator))),
-            faults,
-            counters,
-            webhook_key: signing::KeySlot::default(),
-        }
-    }
-
-    pub fn router(self) -> Router {
-        Router::new().fallback(handle).with_state(self)
-    }
-}
-
-async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or_default().to_owned();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let reply = |status: u16, body: Value| {
-        (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-            body.to_string(),
-        )
-            .into_response()
-    };
-    let label = match segments.as_slice() {
-        ["rest", _, "V1", rest @ ..] => {
-            let shape: Vec<&str> = rest
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    if i > 0 && (s.chars().any(|c| c.is_ascii_digit()) || s.contains('-') && i > 1) {
-                        "{id}"
-                    } else {
-                        s
-                    }
-                })
-                .collect();
-            format!("{} /V1/{}", parts.method, shape.join("/"))
-        }
-        _ => format!("{} other", parts.method),
-    };
-    app.counters.hit("magento", &label);
-    let bytes: Bytes = match axum::body::to_bytes(body, 8 * 1024 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return reply(413, json!({"message": "Request entity too large"})),
-    };
-    if let FaultDecision::Fail(status) = app.faults.decide("magento", parts.method.as_str(), &path).await {
-        return reply(status, json!({"message": "Service temporarily unavailable (injected fault)"}));
-    }
-    // `/rest/V1/...` is the default store view; `/rest/<code>/V1/...` names one.
-    let (store, rest): (&str, &[&str]) = match segments.as_slice() {
-        ["rest", "V1", rest @ ..] => ("default", rest),
-        ["rest", store, "V1", rest @ ..] => (store, rest),
-        _ => return reply(404, json!({"message": "Request does not match any route."})),
-    };
-    if !(store == "all" || STORES.iter().any(|(_, code)| *code == store)) {
-        return reply(
-            400,
-            json!({"message": "The store that was requested wasn't found. Verify the store and try again."}),
-        );
-    }
-    let body: Value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(_) => return reply(400, json!({"message": "Decoding error: \nJSON syntax error", "parameters": []})),
-        }
-    };
-    let mut sim = app.sim.lock().expect("magento lock");
-    // The URL the client signed (OAuth 1.0a): the sandbox serves plain HTTP.
-    let host = parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
-    let url = format!("http://{host}{path}");
-    match sim.execute(&parts.method, &url, rest, &query, &body, &parts.headers) {
-        Ok((status, body)) => reply(status, body),
-        Err(e) => reply(e.status, e.body),
-    }
 }
