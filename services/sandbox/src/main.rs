@@ -127,6 +127,14 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("loading the webhook key {}", path.display()))?;
         magento.webhook_key.set(key);
     }
+    // Generated now rather than on the first signed delivery, so no delivery waits for it.
+    let _ = magento.webhook_key.get();
+    let integration = magento.sim.lock().expect("magento lock").integration_credentials();
+    tracing::info!(
+        consumer_key = %integration.consumer_key,
+        access_token = %integration.access_token,
+        "magento integration (secrets: GET /magento/integration on the control API)"
+    );
     let control_app = control::router(control::Control {
         faults,
         counters,

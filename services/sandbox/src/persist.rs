@@ -86,6 +86,8 @@ pub fn restore(snapshot: Snapshot, sf: &SalesforceApp, rd: &RdStationApp, magent
         let mut s = sf.sim.lock().expect("sim lock");
         s.org = snapshot.salesforce_org;
         s.api_usage = snapshot.salesforce_api_usage;
+        // The settings decide Person Accounts, whatever the saved schema says.
+        s.apply_org_settings();
     }
     {
         let mut r = rd.sim.lock().expect("rd lock");

@@ -167,3 +167,26 @@ async fn custom_fields_must_exist_and_the_fields_api_lists_and_creates_them() {
         .await;
     assert_eq!(s, 400, "custom fields are cf_*");
 }
+
+#[tokio::test]
+async fn tag_posts_are_limited_per_contact_and_per_account() {
+    let rd = Rd::start(RdConfig { tags_per_account_per_day: 30, ..RdConfig::default() }).await;
+    for email in ["a@example.com", "b@example.com"] {
+        let (s, _, _) = rd.send(Method::POST, "/platform/contacts", Some(json!({"email": email}))).await;
+        assert_eq!(s, 200);
+    }
+    let tag = |email: &'static str, i: usize| {
+        let path = format!("/platform/contacts/email:{email}/tag");
+        let rd = &rd;
+        async move { rd.send(Method::POST, &path, Some(json!({"tags": [format!("t{i}")]}))).await }
+    };
+    for i in 0..24 {
+        assert_eq!(tag("a@example.com", i).await.0, 200, "tag post {i}");
+    }
+    let (s, _, b) = tag("a@example.com", 24).await;
+    assert_eq!((s.as_u16(), b["errors"]["error_type"].as_str()), (429, Some("RATE_LIMIT_EXCEDDED")), "{b}");
+    for i in 0..6 {
+        assert_eq!(tag("b@example.com", i).await.0, 200, "another contact, same account: {i}");
+    }
+    assert_eq!(tag("b@example.com", 6).await.0, 429, "the account's daily limit");
+}

@@ -333,6 +333,14 @@ impl RdStation {
             Err(e) => return e,
         };
         let Some(uuid) = self.find(identifier) else { return Self::not_found() };
+        // "Limite de requisições da API": 24 per contact and 15,000 per account in 24 h.
+        const DAY_MS: i64 = 86_400_000;
+        let per_contact = self.tag_posts.entry(uuid.clone()).or_default();
+        if let Err(e) = Self::limit(per_contact, self.config.tags_per_contact_per_day, DAY_MS)
+            .and_then(|()| Self::limit(&mut self.account_tag_posts, self.config.tags_per_account_per_day, DAY_MS))
+        {
+            return e;
+        }
         let contact = self.contacts.get_mut(&uuid).expect("found above");
         let list = contact.fields.entry("tags").or_insert(json!([]));
         let list = list.as_array_mut().expect("tags are an array");

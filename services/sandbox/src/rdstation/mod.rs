@@ -35,11 +35,24 @@ pub struct RdConfig {
     pub contacts_per_minute: usize,
     /// PATCH requests per contact per 24 h.
     pub patches_per_contact_per_day: usize,
+    /// `POST …/tag` requests per contact per 24 h and per account per 24 h.
+    #[serde(default = "default_tags_per_contact")]
+    pub tags_per_contact_per_day: usize,
+    #[serde(default = "default_tags_per_account")]
+    pub tags_per_account_per_day: usize,
     /// Segmentation list requests per minute.
     pub segmentations_per_minute: usize,
     /// Accept the legacy e-commerce events RD removed on 31 Dec 2025 (an old account).
     #[serde(default)]
     pub legacy_ecommerce_events: bool,
+}
+
+fn default_tags_per_contact() -> usize {
+    24
+}
+
+fn default_tags_per_account() -> usize {
+    15_000
 }
 
 impl Default for RdConfig {
@@ -51,6 +64,8 @@ impl Default for RdConfig {
             token_ttl_secs: 86_400,
             contacts_per_minute: 120,
             patches_per_contact_per_day: 24,
+            tags_per_contact_per_day: default_tags_per_contact(),
+            tags_per_account_per_day: default_tags_per_account(),
             segmentations_per_minute: 120,
             legacy_ecommerce_events: false,
         }
@@ -138,6 +153,8 @@ pub struct RdStation {
     contact_calls: VecDeque<i64>,
     segmentation_calls: VecDeque<i64>,
     patches: HashMap<String, VecDeque<i64>>,
+    tag_posts: HashMap<String, VecDeque<i64>>,
+    account_tag_posts: VecDeque<i64>,
     next: u64,
 }
 
@@ -161,6 +178,8 @@ impl RdStation {
             contact_calls: VecDeque::new(),
             segmentation_calls: VecDeque::new(),
             patches: HashMap::new(),
+            tag_posts: HashMap::new(),
+            account_tag_posts: VecDeque::new(),
             next: 1,
         }
     }
