@@ -1,9 +1,11 @@
 //! Magento 2 / Adobe Commerce REST simulator (`/rest/<store>/V1/...`), following
-//! `../shared/docs/saas-apis.md` §1: admin tokens returned as a JSON string (4 h), integration
-//! tokens as Bearer only when enabled, the `%resources` 401, `searchCriteria` with the
-//! last-page-repeats behaviour, orders with flat configurable/bundle items, UTC timestamps
-//! without zone and `shipping_assignments`, customers by id and search, MSI source items and
-//! salable quantity, the legacy stock item, and stock that orders deplete.
+//! `../shared/docs/saas-apis.md` §1 and §7: admin tokens returned as a JSON string (4 h),
+//! integrations signed with OAuth 1.0a ([`oauth`]; their token as Bearer only when enabled),
+//! the `%resources` 401, `searchCriteria` with the last-page-repeats behaviour and the Web API
+//! input limits, orders with flat configurable/bundle items, UTC timestamps without zone and
+//! `shipping_assignments`, customers by id and search, MSI with reservations (`inventory`),
+//! the legacy stock item, admin mass actions ([`admin`]) and signed notifications
+//! ([`webhook`], [`signing`]).
 
 pub mod admin;
 mod catalog;

@@ -1,9 +1,9 @@
 //! RD Station Marketing simulator (`https://api.rd.services`), following
-//! `../shared/docs/saas-apis.md` §3 and §6: OAuth code and refresh grants with 86400 s tokens
-//! (expired → 401 with `WWW-Authenticate: … error="expired_token"`), contacts (POST create,
-//! PATCH upsert that replaces tags, `/tag` append, funnel), events and batch events with
-//! validation and the 0.2 MB limit, API-key conversions, segmentations with paging headers,
-//! per-account and per-contact rate limits (429), and the three error-body shapes.
+//! `../shared/docs/saas-apis.md` §3, §6 and §7: OAuth code and refresh grants with 86400 s
+//! tokens (expired → 401 with `WWW-Authenticate: … error="expired_token"`), contacts and the
+//! account's contact fields ([`contacts`]), events and batch events validated against a schema
+//! in data ([`events`]), API-key conversions, segmentations with paging headers, per-account
+//! and per-contact rate limits (429 `RATE_LIMIT_EXCEDDED`), and the three error-body shapes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,14 @@
-//! Salesforce REST simulator: OAuth client credentials, revocable tokens, `Sforce-Limit-Info`,
-//! a daily quota that ends in 403 `REQUEST_LIMIT_EXCEEDED`, a concurrency cap, upsert by
-//! external id, sObject Collections, Composite and Composite Graph, a SOQL subset with paging,
-//! and org validation (required fields, lookups, price books, duplicate rules), with
-//! injectable `UNABLE_TO_LOCK_ROW`. Behaviour follows `../shared/docs/saas-apis.md` §2.
+//! Salesforce REST simulator: OAuth client credentials and JWT bearer, revocable tokens, the
+//! identity URL, `Sforce-Limit-Info`, a daily quota that ends in 403 `REQUEST_LIMIT_EXCEEDED`,
+//! a concurrency cap on long-running requests, a describe-able org schema ([`schema`]), upsert
+//! by external id, sObject Collections, Composite and Composite Graph, Bulk API 2.0 ingest, a
+//! SOQL subset with paging, and org rules (required fields, lookups, price books, the Order
+//! lifecycle, Person Accounts, duplicate rules), with injectable `UNABLE_TO_LOCK_ROW`.
+//! Behaviour follows `../shared/docs/saas-apis.md` §2 and §7.
+//!
+//! Layout: `http` is the HTTP front (auth, limits, faults); this module dispatches REST calls;
+//! [`model`] holds records and validation, `rules` the platform rules, `composite`,
+//! `query` and [`bulk`] their resources.
 
 pub mod bulk;
 mod composite;
