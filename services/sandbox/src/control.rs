@@ -233,6 +233,7 @@ async fn magento_generate(State(c): State<Control>, Json(body): Json<Value>) -> 
     }
     let started = std::time::Instant::now();
     let mut sim = c.magento.sim.lock().expect("magento lock");
+    sim.keep_generator_behind_now(count);
     let placed = if orders_only { sim.generate_orders(count) } else { sim.generate(count) };
     Ok(Json(
         json!({"facts": count, "orders_placed": placed, "orders_total": sim.orders.len(), "elapsed_ms": started.elapsed().as_millis() as u64}),

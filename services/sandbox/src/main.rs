@@ -155,7 +155,9 @@ async fn main() -> anyhow::Result<()> {
         sandbox::persist::restore(snapshot, &salesforce, &rdstation, &magento);
         tracing::info!(path = %path.display(), "state restored");
     } else if config.initial_orders > 0 {
-        magento.sim.lock().expect("magento lock").generate(config.initial_orders);
+        let mut sim = magento.sim.lock().expect("magento lock");
+        sim.keep_generator_behind_now(config.initial_orders);
+        sim.generate(config.initial_orders);
     }
     let saver = config.state_file.clone().map(|path| {
         let (sf, rd, mg, stop) = (salesforce.clone(), rdstation.clone(), magento.clone(), shutdown.clone());

@@ -275,6 +275,29 @@ async fn adobe_signed_webhooks_verify_with_the_served_public_key() {
     assert!(bad.status().is_client_error());
 }
 
+/// Generated orders never carry a future time, so a mass change (stamped now) is the latest
+/// version of every order it touches, as a poller by `updated_at` must see it.
+#[tokio::test]
+async fn generated_orders_stay_behind_the_wall_clock() {
+    let sb = start().await;
+    {
+        let mut sim = sb.magento.sim.lock().unwrap();
+        sim.generator.config.start_ms = sandbox::now_ms() - 5_000;
+    }
+    let post = |path: &str, body: Value| sb.http.post(format!("{}{path}", sb.control)).json(&body).send();
+    let generated: Value = post("/magento/generate", json!({"orders": 2000})).await.unwrap().json().await.unwrap();
+    assert_eq!(generated["orders_placed"], 2000);
+    let now = sandbox::magento::fmt_ts(sandbox::now_ms());
+    let latest =
+        sb.magento.sim.lock().unwrap().orders.values().map(|o| o["updated_at"].as_str().unwrap().to_owned()).max();
+    assert!(latest.unwrap() <= now, "no order from the future");
+    let changed: Value =
+        post("/magento/orders/mass-status", json!({"status": "holded"})).await.unwrap().json().await.unwrap();
+    let stamp = changed["updated_at"].as_str().unwrap();
+    let sim = sb.magento.sim.lock().unwrap();
+    assert!(sim.orders.values().all(|o| o["created_at"].as_str().unwrap() <= stamp));
+}
+
 #[tokio::test]
 async fn drift_changes_data_behind_elos_back() {
     let sb = start().await;

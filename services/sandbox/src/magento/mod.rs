@@ -149,6 +149,24 @@ impl Magento {
         placed
     }
 
+    /// Keeps the next `facts` out of the future: when they would run past the wall clock at the
+    /// configured spacing, they are squeezed between the last fact and now (1 ms apart at the
+    /// least), as a busy store's orders would be. Magento never stamps a future time, and a
+    /// poller's cursor must not jump ahead of later real changes (a mass action stamps now).
+    pub fn keep_generator_behind_now(&mut self, facts: usize) {
+        let config = &mut self.generator.config;
+        let step = self.generator.step;
+        let last = config.start_ms + step * config.spacing_ms;
+        let now = now_ms();
+        let facts = i64::try_from(facts).unwrap_or(i64::MAX).max(1);
+        if last.saturating_add(facts.saturating_mul(config.spacing_ms)) <= now {
+            return;
+        }
+        let spacing = ((now - last) / facts).max(1);
+        config.spacing_ms = spacing;
+        config.start_ms = last - step * spacing;
+    }
+
     /// Queues a notification for the order's current version (when a webhook URL is set).
     pub fn notify(&mut self, order_id: i64) {
         if self.webhook.url.is_none() {
