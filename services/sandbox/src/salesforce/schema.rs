@@ -346,6 +346,11 @@ mod tests {
         schema.person_accounts = true;
         assert!(schema.field("Account", "PersonEmail").is_some());
         assert!(schema.field("Account", "Loyalty_Tier__pc").is_some(), "custom Contact fields as __pc");
+        for object in schema.objects.keys() {
+            let names: Vec<String> = schema.fields(object).into_iter().map(|f| f.name).collect();
+            let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+            assert_eq!(unique.len(), names.len(), "{object} describes a field twice: {names:?}");
+        }
         assert!(schema.add_field("Account", FieldSchema::plain("NotCustom", "string")).is_err());
         assert!(
             schema
