@@ -262,17 +262,19 @@ async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> Ap
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
-/// Points order notifications at a receiver: `{"url", "secret", "duplicate_rate", "style"}`.
+/// Points notifications at a receiver: `{"url", "secret", "duplicate_rate", "style",
+/// "customer_url"?, "max_backoff_ms"?, "signature"?}`.
 async fn magento_webhook(
     State(c): State<Control>,
-    Json(config): Json<crate::magento::webhook::WebhookConfig>,
+    Json(settings): Json<crate::magento::webhook::WebhookSettings>,
 ) -> ApiResult {
-    if !(0.0..=1.0).contains(&config.duplicate_rate) {
+    if !(0.0..=1.0).contains(&settings.config.duplicate_rate) {
         return Err(bad_request("duplicate_rate must be between 0 and 1"));
     }
     let mut sim = c.magento.sim.lock().expect("magento lock");
-    sim.webhook = config;
-    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook.signature})))
+    sim.webhook = settings.config;
+    sim.webhook_signature = settings.signature;
+    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook_signature})))
 }
 
 /// The public half of the key `adobe-rsa` webhook signatures are made with, as PEM.

@@ -97,6 +97,8 @@ pub struct Magento {
     nonces: oauth::Nonces,
     pub generator: generator::Generator,
     pub webhook: webhook::WebhookConfig,
+    /// How notifications are signed.
+    pub webhook_signature: webhook::SignatureScheme,
     pub outbox: webhook::Outbox,
     /// Facts per second the background generator adds (0 = stopped).
     pub rate_per_sec: f64,
@@ -128,6 +130,7 @@ impl Magento {
             nonces: oauth::Nonces::default(),
             generator: generator::Generator::new(generator),
             webhook: webhook::WebhookConfig::default(),
+            webhook_signature: webhook::SignatureScheme::default(),
             outbox: webhook::Outbox::default(),
             rate_per_sec: 0.0,
         }

@@ -62,6 +62,15 @@ pub struct WebhookConfig {
     /// Cap of the exponential retry backoff, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: i64,
+}
+
+/// The control API's webhook settings: the config plus the signature scheme. The scheme is
+/// kept beside [`WebhookConfig`] (in `Magento::webhook_signature`) so code that builds a
+/// `WebhookConfig` literal keeps compiling.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct WebhookSettings {
+    #[serde(flatten)]
+    pub config: WebhookConfig,
     /// `"hmac"` (default) or `"adobe-rsa"`.
     #[serde(default)]
     pub signature: SignatureScheme,
@@ -80,7 +89,6 @@ impl Default for WebhookConfig {
             duplicate_rate: 0.05,
             style: WebhookStyle::CloudEvents,
             max_backoff_ms: default_max_backoff_ms(),
-            signature: SignatureScheme::Hmac,
         }
     }
 }
@@ -172,9 +180,9 @@ pub fn customer_notification(config: &WebhookConfig, customer: &Value, deleted: 
 pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("http client");
     loop {
-        let (config, due) = {
+        let (config, scheme, due) = {
             let mut sim = app.sim.lock().expect("magento lock");
-            let config = sim.webhook.clone();
+            let (config, scheme) = (sim.webhook.clone(), sim.webhook_signature);
             let now = now_ms();
             let mut due = Vec::new();
             let mut keep = VecDeque::new();
@@ -183,7 +191,7 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
                 if has_url && due.len() < 16 && n.not_before_ms <= now { due.push(n) } else { keep.push_back(n) }
             }
             sim.outbox.queue = keep;
-            (config, due)
+            (config, scheme, due)
         };
         if due.is_empty() {
             tokio::select! {
@@ -196,7 +204,7 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
             let url = url.expect("checked above");
             let (client, secret, key) = (client.clone(), config.secret.clone(), app.webhook_key.clone());
             async move {
-                let (header, signature) = match config.signature {
+                let (header, signature) = match scheme {
                     SignatureScheme::Hmac => (SIGNATURE_HEADER, sign(&secret, now_ms() / 1000, &n.body)),
                     SignatureScheme::AdobeRsa => (ADOBE_SIGNATURE_HEADER, key.get().sign(&n.body)),
                 };
