@@ -209,6 +209,21 @@ pub async fn two_member_rebalance_loses_nothing(broker: &Broker) {
     assert_complete(&produced, &[&out_a, &out_b]);
     assert_ordered_per_partition(&out_a);
     assert_ordered_per_partition(&out_b);
+    // Merged in time, each partition's last application is its newest record: no key was
+    // left on an older version, whichever member applied what.
+    let mut timeline: Vec<(u128, i32, i64)> = [&out_a, &out_b]
+        .iter()
+        .flat_map(|path| crate::applied_at(path).into_iter().map(|(p, o, _, at)| (at, p, o)))
+        .collect();
+    timeline.sort_by_key(|(at, _, _)| *at);
+    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
+    for (_, p, o) in timeline {
+        last.insert(p, o);
+    }
+    for p in 0..4 {
+        let newest = produced.iter().filter(|(pp, _)| *pp == p).map(|(_, o)| *o).max().unwrap();
+        assert_eq!(last.get(&p).copied(), Some(newest), "partition {p} did not end on its newest record");
+    }
 }
 
 /// A poison record is parked with its original key, bytes and headers, and the partition goes on.

@@ -70,11 +70,15 @@ async fn an_unwritable_dlq_holds_only_its_partition() {
         .await,
         "the healthy partition was held up by the unwritable DLQ"
     );
-    let blocked = wait_until(Duration::from_secs(30), || {
-        let text = futures::executor::block_on(suite::scrape(&admin));
-        suite::metric_sum(&text, "elo_consumer_dlq_blocked_partitions", &[&topic]) == 1.0
-    })
-    .await;
+    let mut blocked = false;
+    for _ in 0..150 {
+        let text = suite::scrape(&admin).await;
+        if suite::metric_sum(&text, "elo_consumer_dlq_blocked_partitions", &[&topic]) == 1.0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(blocked, "the blocked partition is reported");
     let poison_offset = 10; // the 11th record of partition 0
     let c0 = committed(&brokers(), &group, &topic, 2).get(&0).copied().unwrap_or(0);

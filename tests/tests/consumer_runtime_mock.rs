@@ -165,12 +165,16 @@ async fn a_batch_that_ignores_cancellation_fails_liveness() {
     use elo_kafka::{ConsumerSettings, Handler, HandlerError, KafkaArgs, Producer, Record};
     use tokio_util::sync::CancellationToken;
 
+    /// Lets the stuck batch end once the test has seen what it wanted.
+    static RELEASE: AtomicBool = AtomicBool::new(false);
     struct Blocking(AtomicBool);
     impl Handler for Blocking {
         async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
             if !self.0.swap(true, Ordering::SeqCst) {
                 // A bug: blocking the worker thread, deaf to cancellation.
-                std::thread::sleep(Duration::from_secs(8));
+                while !RELEASE.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
             batch.iter().map(|_| Ok(())).collect()
         }
@@ -186,7 +190,10 @@ async fn a_batch_that_ignores_cancellation_fails_liveness() {
     let (topic, dlq, group) = (unique("zombie"), unique("zombie-dlq"), unique("zombie-group"));
     broker.create_topics(&[(&topic, 2), (&dlq, 1)]).await;
     produce(&producer(&broker.bootstrap()), &topic, &suite::records(50, "z")).await;
-    let kafka = KafkaArgs::local(broker.bootstrap());
+    let kafka = KafkaArgs {
+        options: vec![("heartbeat.interval.ms".into(), "500".into()), ("session.timeout.ms".into(), "6000".into())],
+        ..KafkaArgs::local(broker.bootstrap())
+    };
     let settings = |drain: Duration| {
         let mut s = ConsumerSettings::new(group.clone(), vec![topic.clone()], dlq.clone());
         s.drain_timeout = drain;
@@ -213,12 +220,41 @@ async fn a_batch_that_ignores_cancellation_fails_liveness() {
             elo_kafka::run_consumer(&kafka, settings, Arc::new(Quick), producer, health, stop).await
         }
     });
-    assert!(
-        wait_until(Duration::from_secs(30), || !health_a.is_live()).await,
-        "a batch that outlived its abort must fail liveness"
-    );
+    let noticed = wait_until(Duration::from_secs(60), || !health_a.is_live()).await;
+    RELEASE.store(true, Ordering::SeqCst);
+    assert!(noticed, "a batch that outlived its abort must fail liveness");
     stop_a.cancel();
     stop_b.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(30), a).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), b).await;
+}
+
+/// A fatal client error (a static member fenced by a newer instance with the same
+/// `group.instance.id`): liveness fails and the process exits non-zero instead of looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_consumer_error_fails_liveness_and_exits_non_zero() {
+    let broker = Broker::mock();
+    let (topic, dlq, group) = (unique("fatal"), unique("fatal-dlq"), unique("fatal-group"));
+    broker.create_topics(&[(&topic, 1), (&dlq, 1)]).await;
+    produce(&producer(&broker.bootstrap()), &topic, &suite::records(20, "f")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.txt");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut c = suite::start_consumer(
+        &broker,
+        "c",
+        (&group, &topic, &dlq),
+        &out,
+        0,
+        &["--admin-listen", &admin, "--kafka-option", "group.instance.id=elo-static-1"],
+    );
+    assert!(wait_until(Duration::from_secs(60), || applied(&out).len() == 20).await, "no progress");
+    broker
+        .as_mock()
+        .request_errors(RDKafkaApiKey::Heartbeat, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID; 3]);
+    let status = c.wait_timeout(Duration::from_secs(60));
+    let log = std::fs::read_to_string(out.with_extension("c.log")).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("a fatal error must end the process\n{log}"));
+    assert!(!status.success(), "exit must be non-zero, got {status}\n{log}");
+    assert!(log.contains("fatal"), "the ERROR log names the fatal error\n{log}");
 }

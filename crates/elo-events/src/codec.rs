@@ -98,6 +98,10 @@ impl CodecError {
             Some(429) => Self::RegistryRateLimited(text),
             Some(408) => Self::RegistryUnavailable(text),
             Some(status) if status >= 500 => Self::RegistryUnavailable(text),
+            // A registry's own 404 carries its error code (40401 subject, 40403 schema not
+            // found): the bytes name a schema that does not exist. A bare 404 (an ingress or
+            // proxy during a rollout) says nothing about the record.
+            Some(404) if !(text.contains("40401") || text.contains("40403")) => Self::RegistryUnavailable(text),
             Some(_) => Self::RegistryRefused(text),
             // No status: a transport failure (refused, reset, timeout) or the client's own
             // retriable verdict; a non-retriable one without a status is a bad answer body.
@@ -476,7 +480,13 @@ mod tests {
         assert_eq!(failed("429 Too Many Requests", false), CodecErrorClass::RateLimited);
         assert_eq!(failed("401 Unauthorized", false), CodecErrorClass::Auth);
         assert_eq!(failed("403 Forbidden", false), CodecErrorClass::Auth);
-        assert_eq!(failed("404 Not Found", false), CodecErrorClass::Undecodable);
+        assert_eq!(failed("404 Not Found", false), CodecErrorClass::Unavailable, "a proxy's 404");
+        let unknown_schema = CodecError::from_src(SRCError::new(
+            "HTTP request to schema registry failed with status 404 Not Found",
+            Some("error_code: 40403, message: Schema not found".into()),
+            false,
+        ));
+        assert_eq!(unknown_schema.class(), CodecErrorClass::Undecodable);
         let transport = CodecError::from_src(SRCError::new("error sending request for url", None, false));
         assert_eq!(transport.class(), CodecErrorClass::Unavailable);
     }

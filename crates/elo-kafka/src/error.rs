@@ -92,8 +92,10 @@ pub fn class_of_code(code: RDKafkaErrorCode) -> ErrorClass {
         | C::InvalidConfig
         | C::InvalidArgument
         | C::UnsupportedCompressionType
-        | C::UnsupportedForMessageFormat
-        | C::Fatal => ErrorClass::Permanent,
+        | C::UnsupportedForMessageFormat => ErrorClass::Permanent,
+        // The client is unusable, but the record is fine: liveness fails and a restarted
+        // process delivers it. Parking it would blame the data for the client's state.
+        C::Fatal => ErrorClass::Transient,
         _ => ErrorClass::Transient,
     }
 }

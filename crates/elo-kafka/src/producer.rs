@@ -74,14 +74,16 @@ impl ClientContext for ConnectionContext {
             self.health.set_live(self.check, false, format!("fatal: {reason}"));
             self.health.set_ready(self.check, false, format!("fatal: {reason}"));
         } else if auth {
-            // Its own check, so later "brokers down" noise cannot hide the real cause.
+            // Its own check, so later "brokers down" noise cannot hide the real cause. Readiness
+            // first, then the flag: a concurrent `recovered` either sees the flag and restores
+            // readiness after this, or does not and leaves it to the next probe.
             tracing::error!(error = %error, reason, check = self.check, "kafka refused our credentials");
-            self.degraded.store(true, Ordering::Release);
             self.health.set_ready(AUTH_CHECK, false, format!("authentication failed: {reason}"));
+            self.degraded.store(true, Ordering::Release);
         } else if code == Some(RDKafkaErrorCode::AllBrokersDown) {
             tracing::error!(error = %error, reason, check = self.check, "kafka connection failing");
-            self.degraded.store(true, Ordering::Release);
             self.health.set_ready(self.check, false, format!("{label}: {reason}"));
+            self.degraded.store(true, Ordering::Release);
         } else {
             tracing::warn!(error = %error, reason, check = self.check, "kafka client error");
         }
@@ -107,7 +109,8 @@ impl Producer {
         metrics::register_all();
         let delivery_timeout = args.delivery_timeout_ms.max(1).to_string();
         // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
-        let defaults = [("linger.ms", "5"), ("compression.type", "lz4")];
+        // A lower reconnect backoff cap (librdkafka: 10 s) notices a returning broker sooner.
+        let defaults = [("linger.ms", "5"), ("compression.type", "lz4"), ("reconnect.backoff.max.ms", "2000")];
         let mut settings = vec![("acks", "all"), ("message.timeout.ms", delivery_timeout.as_str())];
         if args.idempotence {
             settings.push(("enable.idempotence", "true"));

@@ -10,8 +10,10 @@
 //! state (handlers are idempotent).
 //!
 //! Usage: create the changelog with [`StateStore::changelog_spec`] (compacted, partitions equal
-//! to the input's); call [`StateStore::restore`] from `Handler::on_assigned` and
-//! [`StateStore::release`] from `Handler::on_revoked`; read with [`StateStore::get`] and write
+//! to the input's); call [`StateStore::restore_async`] from `Handler::on_partition_start` (the
+//! partition's worker runs it before its first batch and retries it until it succeeds, so a
+//! partition is never worked without its state) and [`StateStore::release`] from
+//! `Handler::on_revoked`; read with [`StateStore::get`] and write
 //! with [`StateStore::put`] / [`StateStore::remove`] from `Handler::handle`, using the record's
 //! partition. Values are JSON in the changelog, readable with any Kafka tool.
 //!
@@ -43,7 +45,7 @@ pub struct StateStore<V> {
     partitions: RwLock<HashMap<i32, HashMap<String, V>>>,
 }
 
-impl<V: Serialize + DeserializeOwned + Clone + Send + Sync> StateStore<V> {
+impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateStore<V> {
     pub fn new(kafka: &KafkaArgs, producer: Producer, changelog: impl Into<String>) -> Self {
         Self { changelog: changelog.into(), kafka: kafka.clone(), producer, partitions: RwLock::default() }
     }
@@ -57,55 +59,23 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync> StateStore<V> {
         &self.changelog
     }
 
-    /// Rebuilds `partition`'s state from its changelog partition (blocking: call it from
-    /// `Handler::on_assigned`, before any record of the partition is handled). Returns the
-    /// number of keys restored.
+    /// Rebuilds `partition`'s state from its changelog partition, blocking the calling thread.
+    /// Returns the number of keys restored.
     pub fn restore(&self, partition: i32) -> Result<usize> {
-        let started = Instant::now();
-        let consumer: BaseConsumer = self
-            .kafka
-            .client_config(&[
-                ("enable.auto.commit", "false"),
-                ("enable.partition.eof", "false"),
-                ("group.id", "elo-state-restore"),
-            ])?
-            .create()?;
-        let (low, high) =
-            consumer.fetch_watermarks(&self.changelog, partition, Duration::from_secs(10)).map_err(Error::Kafka)?;
-        let mut state: HashMap<String, V> = HashMap::new();
-        if high > low {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&self.changelog, partition, Offset::Beginning).map_err(Error::Kafka)?;
-            consumer.assign(&tpl).map_err(Error::Kafka)?;
-            let mut next = low;
-            while next < high {
-                if started.elapsed() > RESTORE_TIMEOUT {
-                    return Err(Error::Timeout(RESTORE_TIMEOUT));
-                }
-                let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
-                let message = message.map_err(Error::Kafka)?;
-                next = message.offset() + 1;
-                let Some(key) = message.key().map(|k| String::from_utf8_lossy(k).into_owned()) else { continue };
-                match message.payload() {
-                    None => {
-                        state.remove(&key);
-                    }
-                    Some(bytes) => match serde_json::from_slice::<V>(bytes) {
-                        Ok(value) => {
-                            state.insert(key, value);
-                        }
-                        Err(e) => {
-                            // An entry an older version wrote in another shape: drop it rather
-                            // than the whole partition; the next record of that key rewrites it.
-                            tracing::warn!(changelog = %self.changelog, partition, offset = message.offset(), error = %e, "unreadable state entry skipped");
-                        }
-                    },
-                }
-            }
-        }
+        let state = read_partition::<V>(&self.kafka, &self.changelog, partition)?;
         let keys = state.len();
         self.partitions.write().expect("state lock").insert(partition, state);
-        tracing::info!(changelog = %self.changelog, partition, keys, records = high - low, elapsed_ms = started.elapsed().as_millis() as u64, "state restored");
+        Ok(keys)
+    }
+
+    /// [`StateStore::restore`] on a blocking thread, for `Handler::on_partition_start`.
+    pub async fn restore_async(&self, partition: i32) -> Result<usize> {
+        let (kafka, changelog) = (self.kafka.clone(), self.changelog.clone());
+        let state = tokio::task::spawn_blocking(move || read_partition::<V>(&kafka, &changelog, partition))
+            .await
+            .map_err(|e| Error::Config(format!("state restore task failed: {e}")))??;
+        let keys = state.len();
+        self.partitions.write().expect("state lock").insert(partition, state);
         Ok(keys)
     }
 
@@ -155,4 +125,62 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync> StateStore<V> {
         }
         Ok(())
     }
+}
+
+/// Reads a changelog partition from the beginning to its high watermark: latest value per key,
+/// tombstones delete.
+fn read_partition<V: DeserializeOwned>(
+    kafka: &KafkaArgs,
+    changelog: &str,
+    partition: i32,
+) -> Result<HashMap<String, V>> {
+    let started = Instant::now();
+    let consumer: BaseConsumer = kafka
+        .client_config(&[
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+            ("group.id", "elo-state-restore"),
+        ])?
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(changelog, partition, Duration::from_secs(10)).map_err(Error::Kafka)?;
+    let mut state: HashMap<String, V> = HashMap::new();
+    if high > low {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(changelog, partition, Offset::Beginning).map_err(Error::Kafka)?;
+        consumer.assign(&tpl).map_err(Error::Kafka)?;
+        let mut next = low;
+        while next < high {
+            if started.elapsed() > RESTORE_TIMEOUT {
+                return Err(Error::Timeout(RESTORE_TIMEOUT));
+            }
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
+            let message = message.map_err(Error::Kafka)?;
+            next = message.offset() + 1;
+            let Some(key) = message.key().map(|k| String::from_utf8_lossy(k).into_owned()) else { continue };
+            match message.payload() {
+                None => {
+                    state.remove(&key);
+                }
+                Some(bytes) => match serde_json::from_slice::<V>(bytes) {
+                    Ok(value) => {
+                        state.insert(key, value);
+                    }
+                    Err(e) => {
+                        // An entry an older version wrote in another shape: drop it rather than
+                        // the whole partition; the next record of that key rewrites it.
+                        tracing::warn!(changelog, partition, offset = message.offset(), error = %e, "unreadable state entry skipped");
+                    }
+                },
+            }
+        }
+    }
+    tracing::info!(
+        changelog,
+        partition,
+        keys = state.len(),
+        records = high - low,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state restored"
+    );
+    Ok(state)
 }

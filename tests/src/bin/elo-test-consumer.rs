@@ -1,5 +1,5 @@
 //! A consumer built on the runtime, for the broker tests: it "applies" each record by
-//! appending `partition offset key` to a file (fsynced per batch), parks payloads that start
+//! appending `partition offset key nanos` to a file (fsynced per batch), parks payloads that start
 //! with `poison` in the DLQ as permanent errors, panics on payloads that start with `panic`
 //! (a handler bug), and can be slowed down to stay mid-stream.
 
@@ -48,6 +48,8 @@ impl Handler for FileSink {
             tokio::time::sleep(self.delay).await;
         }
         let mut lines = String::new();
+        // Wall-clock time of the batch, so outputs of several processes can be merged in order.
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let results: Vec<_> = batch
             .iter()
             .map(|r| {
@@ -58,7 +60,7 @@ impl Handler for FileSink {
                     return Err(HandlerError::permanent("poison", "payload marked poison"));
                 }
                 let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
-                lines.push_str(&format!("{} {} {}\n", r.partition, r.offset, key));
+                lines.push_str(&format!("{} {} {} {at}\n", r.partition, r.offset, key));
                 Ok(())
             })
             .collect();

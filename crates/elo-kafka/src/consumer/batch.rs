@@ -76,7 +76,8 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
             _ = env.stop.cancelled() => return BatchOutcome::Stopped,
             p = env.permits.acquire() => p.expect("semaphore never closed"),
         };
-        let results = AssertUnwindSafe(env.handler.handle(&records)).catch_unwind().await;
+        // The whole call inside the guard: a handler may do work before its future's first poll.
+        let results = AssertUnwindSafe(async { env.handler.handle(&records).await }).catch_unwind().await;
         drop(permit);
         let results = match results {
             Ok(results) if results.len() == records.len() => results,
@@ -161,13 +162,11 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
         }
         let delay = env.retry.backoff(waits).max(error.retry_after.unwrap_or_default());
         waits = waits.saturating_add(1);
-        let gauge = metrics::RETRY_BLOCKED.with_label_values(&[error.class.as_str()]);
-        gauge.inc();
+        let _waiting = GaugeGuard::raise(metrics::RETRY_BLOCKED.with_label_values(&[error.class.as_str()]));
         let stopped = tokio::select! {
             _ = tokio::time::sleep(delay) => false,
             _ = env.stop.cancelled() => true,
         };
-        gauge.dec();
         if stopped {
             return BatchOutcome::Stopped;
         }
@@ -179,32 +178,45 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
 async fn park_until_written<H, D: DeadLetterSink>(env: &BatchEnv<'_, H, D>, letter: &DeadLetter) -> Result<(), ()> {
     let r = &letter.record;
     let mut failures = 0u32;
-    let blocked = metrics::DLQ_BLOCKED.with_label_values(&[&r.topic]);
-    let result = loop {
-        match env.dlq.park(letter).await {
-            Ok(()) => break Ok(()),
+    let mut blocked = None;
+    loop {
+        let written = tokio::select! {
+            written = env.dlq.park(letter) => written,
+            _ = env.stop.cancelled() => return Err(()),
+        };
+        match written {
+            Ok(()) => break,
             Err(e) => {
-                if failures == 0 {
-                    blocked.inc();
-                }
+                blocked.get_or_insert_with(|| GaugeGuard::raise(metrics::DLQ_BLOCKED.with_label_values(&[&r.topic])));
                 failures += 1;
                 metrics::DLQ_WRITE_ERRORS.with_label_values(&[&r.topic, e.code()]).inc();
                 tracing::error!(error = %e, error_code = e.code(), error_class = e.class().as_str(), topic = %r.topic, partition = r.partition, offset = r.offset, failures, "cannot write the dead letter; this partition waits until it can");
                 let delay = env.retry.backoff(failures - 1);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = env.stop.cancelled() => break Err(()),
+                    _ = env.stop.cancelled() => return Err(()),
                 }
             }
         }
-    };
-    if failures > 0 {
-        blocked.dec();
     }
-    if result.is_ok() {
-        tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, error_type = letter.error.class.as_str(), error_code = %letter.error.code, attempts = letter.attempts, "record parked in the DLQ");
+    tracing::warn!(topic = %r.topic, partition = r.partition, offset = r.offset, error_type = letter.error.class.as_str(), error_code = %letter.error.code, attempts = letter.attempts, "record parked in the DLQ");
+    Ok(())
+}
+
+/// Raises a gauge for as long as it lives, however the task ends (an aborted task drops it).
+pub(crate) struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    pub(crate) fn raise(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
     }
-    result
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn panic_text(panic: &(dyn Any + Send)) -> String {

@@ -101,8 +101,21 @@ pub trait Handler: Send + Sync + 'static {
     /// failure of an earlier record in the batch, the same records come again.
     fn handle(&self, batch: &[Record]) -> impl Future<Output = Vec<Result<(), HandlerError>>> + Send;
 
-    /// Called on the poll thread when a partition is assigned (rebuild per-partition state).
+    /// Called on the poll thread when a partition is assigned. Must be quick: it runs inside
+    /// the rebalance. Slow preparation (restoring state) belongs in
+    /// [`Handler::on_partition_start`].
     fn on_assigned(&self, _topic: &str, _partition: i32) {}
+
+    /// Runs on the partition's worker before its first batch, e.g. to restore per-partition
+    /// state ([`crate::StateStore::restore_async`]). No record of the partition is handled until
+    /// it succeeds; a failure is retried with backoff (the partition waits, the others go on).
+    fn on_partition_start(
+        &self,
+        _topic: &str,
+        _partition: i32,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Called on the poll thread after a revoked partition was drained and committed.
     fn on_revoked(&self, _topic: &str, _partition: i32) {}
@@ -154,8 +167,14 @@ impl ConsumerSettings {
 /// librdkafka consumer tuning that bounds memory; operators may change it
 /// (`ELO_RDKAFKA_QUEUED_MAX_MESSAGES_KBYTES`, ...). librdkafka's defaults prefetch up to
 /// 64 MiB, plus 1 MiB per partition per fetch.
-const CONSUMER_DEFAULTS: [(&str, &str); 3] =
-    [("queued.max.messages.kbytes", "16384"), ("fetch.max.bytes", "8388608"), ("queued.min.messages", "10000")];
+/// `reconnect.backoff.max.ms` (librdkafka: 10 s) is lowered so a returning broker is seen
+/// within seconds.
+const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.max.bytes", "8388608"),
+    ("queued.min.messages", "10000"),
+    ("reconnect.backoff.max.ms", "2000"),
+];
 
 /// Runs the consumer until `shutdown` is cancelled, then drains, commits and leaves the group.
 /// Dead letters go to `settings.dlq_topic` through `producer`.

@@ -19,11 +19,15 @@ use crate::dlq::DeadLetterSink;
 use crate::producer::ConnectionContext;
 use crate::{Result, metrics};
 
+/// Readiness check of the consumer's broker connection.
+const CONNECTION_CHECK: &str = "kafka_consumer_connection";
 /// Readiness check that fails while any partition is halted.
 const HALTED_CHECK: &str = "kafka_partitions";
 /// How often a degraded connection is probed with a metadata request.
 const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Worker restarts without progress before the partition is halted and the process not live.
+const MAX_REVIVES: u32 = 3;
 
 /// The poll thread's view of one assigned partition.
 struct Partition {
@@ -38,6 +42,8 @@ struct Partition {
     seek_on_resume: bool,
     /// Why the partition was stopped for good (until it is revoked or the process restarts).
     halted: Option<String>,
+    /// Worker restarts since the done offset last moved, and where it stood then.
+    revives: (u32, i64),
 }
 
 struct RuntimeContext<H, D> {
@@ -126,8 +132,15 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
             }
         });
         let worker = worker::spawn(&self.shared, &tp);
-        let mut partition =
-            Partition { worker, stored: -1, first_dispatched: -1, parked: None, seek_on_resume: false, halted: None };
+        let mut partition = Partition {
+            worker,
+            stored: -1,
+            first_dispatched: -1,
+            parked: None,
+            seek_on_resume: false,
+            halted: None,
+            revives: (0, -1),
+        };
         if let Some(zombie) = zombie_running {
             self.zombies.lock().expect("zombies lock").insert(tp.clone(), zombie);
             self.halt(consumer, &tp, &mut partition, "an earlier batch of this partition is still running".into());
@@ -247,19 +260,20 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
         if tpl.count() == 0 {
             return;
         }
-        match consumer.store_offsets(&tpl) {
-            Ok(()) => {
-                for e in tpl.elements() {
-                    if let (Some(p), Offset::Offset(o)) =
-                        (partitions.get_mut(&(e.topic().to_owned(), e.partition())), e.offset())
-                    {
+        // librdkafka reports success if any partition was stored; each element says its own.
+        let outcome = consumer.store_offsets(&tpl);
+        for e in tpl.elements() {
+            match (e.error(), e.offset()) {
+                (Ok(()), Offset::Offset(o)) if outcome.is_ok() => {
+                    if let Some(p) = partitions.get_mut(&(e.topic().to_owned(), e.partition())) {
                         p.stored = o;
                     }
                 }
-            }
-            Err(error) => {
-                metrics::COMMIT_ERRORS.with_label_values(&["store"]).inc();
-                tracing::warn!(error = %error, "storing offsets failed; retrying");
+                (result, _) => {
+                    metrics::COMMIT_ERRORS.with_label_values(&["store"]).inc();
+                    let error = result.err().map(|e| e.to_string()).or(outcome.as_ref().err().map(|e| e.to_string()));
+                    tracing::warn!(error = ?error, topic = e.topic(), partition = e.partition(), "storing the offset failed; retrying");
+                }
             }
         }
     }
@@ -375,6 +389,14 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
             _ => p.first_dispatched.min(offset).max(0),
         };
         metrics::WORKER_RESTARTS.with_label_values(&[&tp.0]).inc();
+        let done = p.worker.done.load(Ordering::Acquire);
+        p.revives = if p.revives.1 == done { (p.revives.0 + 1, done) } else { (1, done) };
+        if p.revives.0 > MAX_REVIVES {
+            // Dying again and again at the same place is a bug, not bad luck.
+            let reason = format!("worker died {} times without progress at offset {restart_at}", p.revives.0);
+            self.health.set_live(super::worker::HANDLER_CHECK, false, format!("{}/{}: {reason}", tp.0, tp.1));
+            return self.halt(consumer, tp, p, reason);
+        }
         tracing::error!(topic = %tp.0, partition = tp.1, restart_at, "partition worker died; restarting it from its last finished offset");
         let fresh = worker::spawn(&self.shared, tp);
         fresh.done.store(p.worker.done.load(Ordering::Acquire), Ordering::Release);
@@ -467,7 +489,9 @@ pub(super) async fn run<H: Handler, D: DeadLetterSink>(
         runtime: tokio::runtime::Handle::current(),
     });
     let context = RuntimeContext {
-        connection: ConnectionContext::new(health.clone(), "kafka_consumer"),
+        // Its own check: "kafka_consumer" says whether the group was joined, which a returning
+        // broker does not restore by itself.
+        connection: ConnectionContext::new(health.clone(), CONNECTION_CHECK),
         shared,
         partitions: Mutex::new(HashMap::new()),
         zombies: Mutex::new(HashMap::new()),
@@ -540,7 +564,7 @@ fn poll_loop<H: Handler, D: DeadLetterSink>(
             None => error.to_string(),
         };
         tracing::error!(error = %detail, "fatal kafka consumer error; the process must be restarted");
-        context.health.set_live("kafka_consumer", false, format!("fatal: {detail}"));
+        context.health.set_live(CONNECTION_CHECK, false, format!("fatal: {detail}"));
     }
     // Stop intake, let in-flight batches finish, commit what is done.
     let assigned: Vec<TopicPartition> = context.partitions.lock().expect("partitions lock").keys().cloned().collect();

@@ -53,11 +53,15 @@ impl DeadLetterSink for NoDlq {
 }
 
 fn context(buffer: usize) -> RuntimeContext<Stuck, NoDlq> {
+    context_with(Stuck(AtomicUsize::new(0)), buffer)
+}
+
+fn context_with<H: Handler>(handler: H, buffer: usize) -> RuntimeContext<H, NoDlq> {
     let health = Health::new();
     let mut settings = ConsumerSettings::new("g", vec!["t".into()], "t.dlq");
     settings.partition_buffer = buffer;
     let shared = Arc::new(Shared {
-        handler: Arc::new(Stuck(AtomicUsize::new(0))),
+        handler: Arc::new(handler),
         dlq: NoDlq,
         permits: Semaphore::new(4),
         settings,
@@ -66,7 +70,7 @@ fn context(buffer: usize) -> RuntimeContext<Stuck, NoDlq> {
     });
     health.set_ready(HALTED_CHECK, true, "no halted partitions");
     RuntimeContext {
-        connection: ConnectionContext::new(health.clone(), "kafka_consumer"),
+        connection: ConnectionContext::new(health.clone(), CONNECTION_CHECK),
         shared,
         partitions: Mutex::new(HashMap::new()),
         zombies: Mutex::new(HashMap::new()),
@@ -140,4 +144,54 @@ async fn a_worker_that_dies_while_paused_is_revived_from_its_done_offset() {
     let p = &partitions[&("t".to_owned(), 0)];
     assert!(p.halted.is_none() && p.parked.is_none());
     assert!(!p.worker.has_ended(), "a fresh worker runs");
+}
+
+/// Restores its "state" only on the third try; records must wait for it.
+struct SlowStart {
+    tries: AtomicUsize,
+    handled_before_start: AtomicUsize,
+    handled: AtomicUsize,
+}
+
+impl Handler for SlowStart {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        if self.tries.load(Ordering::SeqCst) < 3 {
+            self.handled_before_start.fetch_add(batch.len(), Ordering::SeqCst);
+        }
+        self.handled.fetch_add(batch.len(), Ordering::SeqCst);
+        batch.iter().map(|_| Ok(())).collect()
+    }
+
+    async fn on_partition_start(&self, _topic: &str, _partition: i32) -> Result<(), HandlerError> {
+        if self.tries.fetch_add(1, Ordering::SeqCst) < 2 {
+            Err(HandlerError::transient("restore_failed", "changelog unreachable"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_record_is_handled_before_the_partition_start_succeeds() {
+    let handler = SlowStart {
+        tries: AtomicUsize::new(0),
+        handled_before_start: AtomicUsize::new(0),
+        handled: AtomicUsize::new(0),
+    };
+    let mut ctx = context_with(handler, 10);
+    Arc::get_mut(&mut ctx.shared).unwrap().settings.retry.initial = Duration::from_millis(5);
+    let control = FakeControl::default();
+    ctx.assign(&control, ("t".into(), 0));
+    for offset in 0..3 {
+        ctx.dispatch(&control, record(offset));
+    }
+    for _ in 0..200 {
+        if ctx.shared.handler.handled.load(Ordering::SeqCst) == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ctx.shared.handler.handled.load(Ordering::SeqCst), 3, "records handled once the start succeeded");
+    assert_eq!(ctx.shared.handler.handled_before_start.load(Ordering::SeqCst), 0, "none before");
+    assert_eq!(ctx.shared.handler.tries.load(Ordering::SeqCst), 3);
 }

@@ -80,6 +80,9 @@ struct PartitionWorker<H, D> {
 
 impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
     async fn run(self, mut rx: mpsc::Receiver<Record>) {
+        if !self.start().await {
+            return;
+        }
         while let Some(batch) = self.next_batch(&mut rx).await {
             let (first, last, size) = (batch[0].offset, batch[batch.len() - 1].offset, batch.len());
             let (topic, partition) = (&self.tp.0, self.tp.1);
@@ -100,6 +103,29 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
                 BatchOutcome::Finished => {}
                 BatchOutcome::Stopped => return,
                 BatchOutcome::Defect(reason) => return self.hold_after_defect(first, &reason).await,
+            }
+        }
+    }
+
+    /// Runs the handler's partition preparation until it succeeds; false on stop.
+    async fn start(&self) -> bool {
+        let (topic, partition) = (&self.tp.0, self.tp.1);
+        let mut failures = 0u32;
+        loop {
+            let started = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return false,
+                r = self.shared.handler.on_partition_start(topic, partition) => r,
+            };
+            let Err(error) = started else { return true };
+            tracing::error!(topic = %topic, partition, error = %error, failures, "partition preparation failed; retrying before any record is handled");
+            let _waiting =
+                super::batch::GaugeGuard::raise(metrics::RETRY_BLOCKED.with_label_values(&[error.class.as_str()]));
+            let delay = self.shared.settings.retry.backoff(failures);
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.stop.cancelled() => return false,
             }
         }
     }
