@@ -463,6 +463,16 @@ def cmd_dashboards(_args):
             rows = [p["title"] for p in d["panels"] if p.get("type") == "row"]
             if len(rows) != 6 or not all(r.startswith(f"{i}.") for i, r in enumerate(rows, 1)):
                 fail(f"{f.name}: the overview must follow the six workflow steps in rows '1.'..'6.', has {rows}")
+    import runpy
+
+    written = runpy.run_path(str(DEPLOY / "grafana/build_dashboards.py"))["render"]()
+    for name, text in written.items():
+        path = directory / name
+        if not path.exists() or path.read_text() != text:
+            fail(f"{name} differs from what deploy/grafana/build_dashboards.py writes; run it and commit")
+    for f in files:
+        if f.name not in written:
+            fail(f"{f.name} is not written by deploy/grafana/build_dashboards.py")
     kust = yaml.safe_load((DEPLOY / "base/kustomization.yaml").read_text())
     listed = {Path(x).name for g in kust.get("configMapGenerator", []) for x in g.get("files", [])}
     for f in files:
