@@ -513,6 +513,13 @@ def cmd_dockerfile(_args):
     users = [c.value[0] for c in runtime["cmds"] if c.cmd == "USER"]
     if not users or users[-1].split(":")[0] in ("root", "0"):
         fail(f"the runtime stage must end as a non-root USER, has {users}")
+    else:
+        uid = users[-1].split(":")[0]
+        for svc in SERVICES:
+            d = yaml.safe_load_all((DEPLOY / f"base/{svc}.yaml").read_text())
+            pod = next(x for x in d if x and x["kind"] == "Deployment")["spec"]["template"]["spec"]
+            if str(pod["securityContext"]["runAsUser"]) != uid:
+                fail(f"the image runs as {uid}, deploy/base/{svc}.yaml as {pod['securityContext']['runAsUser']}")
     copies = [c for c in runtime["cmds"] if c.cmd == "COPY"]
     from_build = [c for c in copies if any(f.lower() == f"--from={build_name}".lower() for f in c.flags)]
     if not from_build:
@@ -536,6 +543,59 @@ def cmd_dockerfile(_args):
     done()
 
 
+# ---- AsyncAPI ---------------------------------------------------------------------------
+
+def cmd_asyncapi(args):
+    expect = args[args.index("--expect-topics") + 1].split(",") if "--expect-topics" in args else []
+    node_path = os.environ.get("NODE_PATH") or str(
+        Path(os.environ.get("ELO_TOOLS_DIR", Path.home() / ".cache/elo/tools")) / "npm/node_modules"
+    )
+    out = subprocess.run(
+        ["node", str(ROOT / "tests/js/validate_asyncapi.cjs"), str(ROOT / "docs/asyncapi.yaml")],
+        capture_output=True, text=True, env={**os.environ, "NODE_PATH": node_path},
+    )
+    print(out.stderr.strip())
+    if out.returncode != 0:
+        fail(f"the AsyncAPI parser rejects docs/asyncapi.yaml: {out.stdout}{out.stderr}")
+        return done()
+    channels = {c["address"]: c for c in map(json.loads, out.stdout.splitlines())}
+    if expect and set(channels) != set(expect):
+        fail(f"AsyncAPI channels {sorted(channels)} differ from the topics the services provision {sorted(expect)}")
+    topics = {t["spec"]["topicName"]: t["spec"] for t in yaml.safe_load_all((DEPLOY / "base/topics.yaml").read_text()) if t}
+    for address, c in channels.items():
+        t, k = topics.get(address), c.get("kafka") or {}
+        if not t:
+            fail(f"channel {address} has no KafkaTopic")
+            continue
+        if k.get("partitions") != t["partitions"] or k.get("replicas") != t["replicas"]:
+            fail(f"channel {address}: partitions/replicas differ from deploy/base/topics.yaml")
+        cfg = k.get("topicConfiguration", {})
+        for key, value in t.get("config", {}).items():
+            got = cfg.get(key)
+            if (got if key != "cleanup.policy" else (got or [None])[0]) not in (value, str(value)) and str(got) != str(value):
+                fail(f"channel {address}: {key} is {got}, the KafkaTopic says {value}")
+        if not c["operations"]:
+            fail(f"channel {address}: no operation sends or receives on it")
+        for m in c["messages"]:
+            if "traceparent" not in m["headers"]:
+                fail(f"channel {address}: message {m['name']} does not document the traceparent header")
+            if not m.get("key"):
+                fail(f"channel {address}: message {m['name']} does not document its key")
+            avsc = ROOT / "schemas" / f"{address}.avsc"
+            if avsc.exists():
+                fields = [f["name"] for f in json.loads(avsc.read_text())["fields"]]
+                if not m["schemaFormat"].startswith("application/vnd.apache.avro") or m["fields"] != fields:
+                    fail(f"channel {address}: the payload must be schemas/{avsc.name} (fields {fields}), resolves to {m['fields']}")
+            if address.endswith(".dlq"):
+                for h in ("elo-dlq-error-class", "elo-dlq-error-code", "elo-dlq-origin-topic", "elo-dlq-origin-offset"):
+                    if h not in m["headers"]:
+                        fail(f"channel {address}: dead letters must document header {h}")
+        if address == "commerce.events" and not any("elo-event-type" in m["headers"] for m in c["messages"]):
+            fail("commerce.events must document the elo-event-type header")
+    print(f"{len(channels)} channels")
+    done()
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -545,4 +605,5 @@ if __name__ == "__main__":
         "metrics-used": cmd_metrics_used,
         "dashboards": cmd_dashboards,
         "dockerfile": cmd_dockerfile,
+        "asyncapi": cmd_asyncapi,
     }[sys.argv[1]](sys.argv[2:])

@@ -146,3 +146,16 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 fn grafana_dashboards_load_and_are_provisioned() {
     deploy_check(&["dashboards"]);
 }
+
+#[test]
+fn dockerfile_builds_a_small_non_root_image_per_service() {
+    let report = deploy_check(&["dockerfile"]);
+    assert!(report.contains("user 65532"), "{report}");
+}
+
+#[test]
+fn asyncapi_catalog_validates_and_lists_every_provisioned_topic_with_its_schema() {
+    let topics = provisioned_topics();
+    let report = deploy_check(&["asyncapi", "--expect-topics", &topics.join(",")]);
+    assert!(report.contains(&format!("{} channels", topics.len())), "{report}");
+}
