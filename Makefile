@@ -6,7 +6,7 @@ CARGO ?= cargo
 TEST_KAFKA_PORT ?= 19092
 TEST_REGISTRY_PORT ?= 18081
 
-.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data images
+.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data images asyncapi-html
 
 ## run: install tools if missing, start broker + registry + all services; Ctrl-C stops all
 run: setup build
@@ -45,6 +45,10 @@ images:
 	for s in $(IMAGE_SERVICES); do \
 	  $$engine build --build-arg SERVICE=$$s -t elo/$$s:$(IMAGE_TAG) . || exit 1; \
 	done
+
+## asyncapi-html: the event catalog (docs/asyncapi.yaml) as one HTML page, target/asyncapi/index.html
+asyncapi-html:
+	python3 tests/python/deploy_checks.py asyncapi-html target/asyncapi
 
 clean-data:
 	rm -rf .data

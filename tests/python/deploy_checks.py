@@ -10,6 +10,9 @@
                                         and those of deploy/monitoring/pending-rules.yaml
   dashboards                            every dashboard JSON loads and is well formed
   dockerfile                            the Dockerfile's stages, user and copied binaries
+  asyncapi --expect-topics T1,...       docs/asyncapi.yaml validates (AsyncAPI parser, npm) and
+                                        matches the services' topics, topics.yaml and schemas/
+  asyncapi-html [OUT_DIR]               renders it to HTML (AsyncAPI generator, npm) and checks the page
 
 Exit status 0 when every check holds; each failure is printed on its own line.
 """
@@ -596,6 +599,33 @@ def cmd_asyncapi(args):
     done()
 
 
+def cmd_asyncapi_html(args):
+    """Renders the catalog to HTML (into args[0], or a temporary folder) and checks the page
+    shows every channel, the fields of every Avro value and the dead-letter headers."""
+    tools = Path(os.environ.get("ELO_TOOLS_DIR", Path.home() / ".cache/elo/tools"))
+    node_path = os.environ.get("ELO_ASYNCAPI_HTML_NODE_PATH") or str(tools / "npm-html/node_modules")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args[0]) if args else Path(tmp)
+        out = subprocess.run(
+            ["node", str(ROOT / "tests/js/render_asyncapi_html.cjs"), str(ROOT / "docs/asyncapi.yaml"), str(out_dir)],
+            capture_output=True, text=True, env={**os.environ, "NODE_PATH": node_path},
+        )
+        page = out_dir / "index.html"
+        if out.returncode != 0 or not page.exists():
+            fail(f"the AsyncAPI generator failed: {out.stdout}{out.stderr}")
+            return done()
+        html = page.read_text()
+        doc = yaml.safe_load((ROOT / "docs/asyncapi.yaml").read_text())
+        wanted = [c["address"] for c in doc["channels"].values()]
+        wanted += [f["name"] for p in sorted((ROOT / "schemas").glob("*.avsc")) for f in json.loads(p.read_text())["fields"]]
+        wanted += ["elo-dlq-error-class", "elo-dlq-origin-offset", "traceparent", "elo-event-type", doc["info"]["title"]]
+        for w in wanted:
+            if w not in html:
+                fail(f"the rendered page does not show {w}")
+        print(f"{page} ({len(html)} bytes) shows {len(wanted)} names")
+    done()
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -606,4 +636,5 @@ if __name__ == "__main__":
         "dashboards": cmd_dashboards,
         "dockerfile": cmd_dockerfile,
         "asyncapi": cmd_asyncapi,
+        "asyncapi-html": cmd_asyncapi_html,
     }[sys.argv[1]](sys.argv[2:])

@@ -159,3 +159,9 @@ fn asyncapi_catalog_validates_and_lists_every_provisioned_topic_with_its_schema(
     let report = deploy_check(&["asyncapi", "--expect-topics", &topics.join(",")]);
     assert!(report.contains(&format!("{} channels", topics.len())), "{report}");
 }
+
+#[test]
+fn asyncapi_catalog_renders_as_a_browsable_html_page() {
+    let report = deploy_check(&["asyncapi-html"]);
+    assert!(report.contains("index.html"), "{report}");
+}
