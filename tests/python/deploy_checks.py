@@ -263,6 +263,8 @@ def check_rules_of_deploy(target, docs, expect_topics):
         elif cfg.get("cleanup.policy") != "delete" or int(cfg.get("retention.ms", -1)) <= 0:
             fail(f"{target}: event topic {name} needs a bounded retention")
     ce, out = topics.get("commerce.events"), topics.get("integration.outcomes")
+    if ce and (int(data["ELO_TOPIC_PARTITIONS"]) != ce["spec"]["partitions"] or int(data["ELO_TOPIC_REPLICATION"]) != ce["spec"]["replicas"]):
+        fail(f"{target}: ELO_TOPIC_PARTITIONS/REPLICATION in elo-config differ from the commerce.events KafkaTopic")
     if ce and out and ce["spec"]["partitions"] != out["spec"]["partitions"]:
         fail(f"{target}: integration.outcomes must be co-partitioned with commerce.events")
 

@@ -1,6 +1,12 @@
 //! The Kubernetes manifests agree with what the binaries really do: every ConfigMap variable
 //! is one the services read, the probes point at the admin server's routes and port, and the
-//! grace period outlasts the drain timeout.
+//! grace period outlasts the drain timeout. Then `tests/python/deploy_checks.py` (one test per
+//! subcommand): every overlay renders with `kubectl kustomize` and validates against the
+//! Kubernetes and the checked-in CRD schemas, with the topics the binaries' `--help` says they
+//! provision; the alert rules pass `promtool check rules` and their unit tests; the dashboards
+//! are well formed; the Dockerfile builds a non-root multi-stage image; the AsyncAPI catalog
+//! validates, matches the topics and schemas, and renders as HTML. Whether the metrics the
+//! alerts and dashboards read are exported is `deploy_metrics.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
