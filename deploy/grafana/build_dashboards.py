@@ -75,8 +75,7 @@ class Board:
             "templating": {"list": [
                 {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"},
                 {"name": "namespace", "type": "query", "datasource": DS, "label": "Namespace",
-                 "query": {"query": "label_values(elo_build_info, namespace)", "refId": "ns"},
-                 "definition": "label_values(elo_build_info, namespace)", "refresh": 2},
+                 "query": {"query": "label_values(elo_build_info, namespace)", "refId": "ns"}, "refresh": 2},
             ]},
             "annotations": {"list": []},
             "links": [{"title": "Elo", "type": "dashboards", "tags": ["elo"], "asDropdown": True}],

@@ -8,7 +8,9 @@
                                         with a firing and a not-firing case
   metrics-used                          JSON: metric names the rules and dashboards use (live),
                                         and those of deploy/monitoring/pending-rules.yaml
-  dashboards                            every dashboard JSON loads and is well formed
+  dashboards                            every dashboard JSON loads, every key is a field of
+                                        Grafana's dashboard model (grafana-foundation-sdk), panels
+                                        have a datasource and targets whose exprs parse
   dockerfile                            the Dockerfile's stages, user and copied binaries
   asyncapi --expect-topics T1,...       docs/asyncapi.yaml validates (AsyncAPI parser, npm) and
                                         matches the services' topics, topics.yaml and schemas/
@@ -414,6 +416,34 @@ def cmd_metrics_used(_args):
 
 # ---- dashboards -------------------------------------------------------------------------
 
+def unknown_dashboard_keys(d):
+    """Keys that do not survive a round trip through the Grafana Foundation SDK's Dashboard
+    model (generated from Grafana's schema): misspelt or unknown fields."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    back = json.loads(json.dumps(Dashboard.from_json(d), cls=JSONEncoder))
+    dropped = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k, v in a.items():
+                if k not in b:
+                    dropped.append(f"{path}/{k}")
+                else:
+                    walk(v, b[k], f"{path}/{k}")
+        elif isinstance(a, list) and isinstance(b, list):
+            if len(a) != len(b):
+                dropped.append(f"{path} (length)")
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{path}[{i}]")
+        elif a != b:
+            dropped.append(f"{path} ({a!r} became {b!r})")
+
+    walk(d, back, "")
+    return dropped
+
+
 def cmd_dashboards(_args):
     directory = DEPLOY / "base/dashboards"
     files = sorted(directory.glob("*.json"))
@@ -428,6 +458,8 @@ def cmd_dashboards(_args):
         except ValueError as e:
             fail(f"{f.name}: not JSON: {e}")
             continue
+        for path in unknown_dashboard_keys(d):
+            fail(f"{f.name}: {path} is not a field of Grafana's dashboard model (grafana-foundation-sdk)")
         for key in ("uid", "title", "panels", "schemaVersion", "templating", "time"):
             if key not in d:
                 fail(f"{f.name}: no {key}")
