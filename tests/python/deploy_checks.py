@@ -452,6 +452,7 @@ def cmd_dashboards(_args):
         if want not in names:
             fail(f"dashboard {want}.json is missing")
     uids = set()
+    exprs = []  # (where, PromQL) of every target, parsed by promtool below
     for f in files:
         try:
             d = json.loads(f.read_text())
@@ -491,15 +492,22 @@ def cmd_dashboards(_args):
                 if not t.get("expr") or not t.get("refId"):
                     fail(f"{where}: every target needs an expr and a refId")
                     continue
-                r = subprocess.run(["promtool", "check", "rules", "/dev/stdin"], input=yaml.safe_dump(
-                    {"groups": [{"name": "x", "rules": [{"record": "x:check", "expr": t["expr"].replace("$__rate_interval", "5m").replace("$namespace", "elo")}]}]}
-                ), capture_output=True, text=True)
-                if r.returncode != 0:
-                    fail(f"{where}: expr does not parse: {t['expr']}: {r.stdout.strip()} {r.stderr.strip()}")
+                exprs.append((where, t["expr"]))
         if "pipeline" in f.stem:
             rows = [p["title"] for p in d["panels"] if p.get("type") == "row"]
             if len(rows) != 6 or not all(r.startswith(f"{i}.") for i, r in enumerate(rows, 1)):
                 fail(f"{f.name}: the overview must follow the six workflow steps in rows '1.'..'6.', has {rows}")
+    def parses(batch):
+        rules = [{"record": "elo:dashboard_check", "expr": e.replace("$__rate_interval", "5m").replace("$namespace", "elo")} for _, e in batch]
+        r = subprocess.run(["promtool", "check", "rules", "/dev/stdin"], input=yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}),
+                           capture_output=True, text=True)
+        return r.returncode == 0, f"{r.stdout.strip()} {r.stderr.strip()}"
+
+    if exprs and not parses(exprs)[0]:
+        for where, e in exprs:  # find the culprits one by one
+            ok, why = parses([(where, e)])
+            if not ok:
+                fail(f"{where}: expr does not parse: {e}: {why}")
     import runpy
 
     written = runpy.run_path(str(DEPLOY / "grafana/build_dashboards.py"))["render"]()
