@@ -317,6 +317,19 @@ def promtool(*args, cwd):
     return subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def label_values_ok(where, expr):
+    """`job` is the service name (ServiceMonitor/PodMonitor jobLabel app.kubernetes.io/name) and
+    a consumer group is the one KEDA scales on: catch a selector that can never match."""
+    for op, value in re.findall(r'\bjob\s*(=~|=)\s*"([^"]*)"', expr):
+        names = value.split("|") if op == "=~" else [value]
+        for n in names:
+            if n not in SERVICES:
+                fail(f"{where}: job {n!r} is no service (job is app.kubernetes.io/name)")
+    for value in re.findall(r'\bconsumergroup\s*=\s*"([^"]*)"', expr):
+        if value not in {f"elo-{s}-validate" for s in CONSUMERS}:
+            fail(f"{where}: consumer group {value!r} is none of the groups the services join")
+
+
 def cmd_rules(_args):
     tests_dir = DEPLOY / "monitoring/tests"
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,6 +343,7 @@ def cmd_rules(_args):
                 fail(f"promtool check rules {path.relative_to(ROOT)}: {r.stdout}{r.stderr}")
             for g in spec["groups"]:
                 for rule in g["rules"]:
+                    label_values_ok(f"{path.name}: {rule.get('alert') or rule.get('record')}", rule["expr"])
                     if "alert" in rule:
                         alerts[rule["alert"]] = kind
         tests = sorted(tests_dir.glob("*.yaml"))
@@ -493,6 +507,7 @@ def cmd_dashboards(_args):
                     fail(f"{where}: every target needs an expr and a refId")
                     continue
                 exprs.append((where, t["expr"]))
+                label_values_ok(where, t["expr"])
         if "pipeline" in f.stem:
             rows = [p["title"] for p in d["panels"] if p.get("type") == "row"]
             if len(rows) != 6 or not all(r.startswith(f"{i}.") for i, r in enumerate(rows, 1)):
