@@ -270,9 +270,37 @@ def check_rules_of_deploy(target, docs, expect_topics):
     if ce and out and ce["spec"]["partitions"] != out["spec"]["partitions"]:
         fail(f"{target}: integration.outcomes must be co-partitioned with commerce.events")
 
-    # Monitoring objects present.
+    # Egress allows the ports the settings point at.
+    egress_ports = {p.get("port") for pol in policies for r in pol["spec"].get("egress", []) for p in r.get("ports", [])}
+    wanted = [("Kafka", int(b.rsplit(":", 1)[1])) for b in data["ELO_KAFKA_BROKERS"].split(",")]
+    wanted.append(("registry", int(re.search(r":(\d+)", data["ELO_REGISTRY_URL"].split("//", 1)[1]).group(1))))
+    for what, port in wanted:
+        if port not in egress_ports:
+            fail(f"{target}: no NetworkPolicy lets the pods reach the {what} port {port}")
+
+    # Monitoring: something scrapes every service's admin port.
     if not (by_kind(docs, "ServiceMonitor") or by_kind(docs, "PodMonitor")):
         fail(f"{target}: nothing tells Prometheus to scrape Elo")
+    scraped = set()
+    services = by_kind(docs, "Service")
+    for sm in by_kind(docs, "ServiceMonitor").values():
+        sel = set(sm["spec"]["selector"].get("matchLabels", {}).items())
+        ports = {e.get("port") for e in sm["spec"]["endpoints"]}
+        for s in services.values():
+            if sel <= set(s["metadata"].get("labels", {}).items()) and ports & {p.get("name") for p in s["spec"]["ports"]}:
+                if s["spec"]["selector"].get("app.kubernetes.io/name") in SERVICES:
+                    scraped.add(s["spec"]["selector"]["app.kubernetes.io/name"])
+    for pm in by_kind(docs, "PodMonitor").values():
+        sel = set(pm["spec"]["selector"].get("matchLabels", {}).items())
+        ports = {e.get("port") for e in pm["spec"]["podMetricsEndpoints"]}
+        for name, d in deployments.items():
+            labels = set(d["spec"]["template"]["metadata"]["labels"].items())
+            names = {p.get("name") for c in d["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            if sel <= labels and ports & names:
+                scraped.add(name)
+    for svc in SERVICES:
+        if svc not in scraped:
+            fail(f"{target}: no ServiceMonitor or PodMonitor scrapes {svc}'s admin port")
     if not by_kind(docs, "PrometheusRule"):
         fail(f"{target}: no PrometheusRule")
     dashboards = [c for c in by_kind(docs, "ConfigMap").values() if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
