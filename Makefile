@@ -6,7 +6,7 @@ CARGO ?= cargo
 TEST_KAFKA_PORT ?= 19092
 TEST_REGISTRY_PORT ?= 18081
 
-.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data
+.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data images asyncapi-html
 
 ## run: install tools if missing, start broker + registry + all services; Ctrl-C stops all
 run: setup build
@@ -36,6 +36,19 @@ bench: setup build
 	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
 	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins && \
 	    $(CARGO) run --release -p elo-integration-tests --bin elo-bench'
+
+## images: one container image per service (Docker, else Podman); needs the base images' registries
+IMAGE_TAG ?= dev
+IMAGE_SERVICES := order-ingest salesforce-sink rdstation-sink reconciler
+images:
+	@engine=$$(command -v docker || command -v podman) || { echo "images: install docker or podman" >&2; exit 1; }; \
+	for s in $(IMAGE_SERVICES); do \
+	  $$engine build --build-arg SERVICE=$$s -t elo/$$s:$(IMAGE_TAG) . || exit 1; \
+	done
+
+## asyncapi-html: the event catalog (docs/asyncapi.yaml) as one HTML page, target/asyncapi/index.html
+asyncapi-html:
+	python3 tests/python/deploy_checks.py asyncapi-html target/asyncapi
 
 clean-data:
 	rm -rf .data

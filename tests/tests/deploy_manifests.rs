@@ -1,6 +1,12 @@
 //! The Kubernetes manifests agree with what the binaries really do: every ConfigMap variable
 //! is one the services read, the probes point at the admin server's routes and port, and the
-//! grace period outlasts the drain timeout.
+//! grace period outlasts the drain timeout. Then `tests/python/deploy_checks.py` (one test per
+//! subcommand): every overlay renders with `kubectl kustomize` and validates against the
+//! Kubernetes and the checked-in CRD schemas, with the topics the binaries' `--help` says they
+//! provision; the alert rules pass `promtool check rules` and their unit tests; the dashboards
+//! are well formed; the Dockerfile builds a non-root multi-stage image; the AsyncAPI catalog
+//! validates, matches the topics and schemas, and renders as HTML. Whether the metrics the
+//! alerts and dashboards read are exported is `deploy_metrics.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,4 +75,99 @@ fn deployments_probe_the_admin_routes_and_outlast_the_drain() {
             .unwrap();
         assert!(grace > drain + 5, "{service}: grace {grace}s must outlast the {drain}s drain");
     }
+}
+
+/// The value of `[default: ...]` printed right after `[env: KEY=]` in a `--help`.
+fn env_default(help: &str, key: &str) -> Option<String> {
+    let after = help.split(&format!("[env: {key}=")).nth(1)?;
+    let line = after.lines().skip(1).map(str::trim).find(|l| !l.is_empty())?;
+    line.strip_prefix("[default: ").and_then(|l| l.strip_suffix(']')).map(str::to_owned)
+}
+
+/// Every topic the services provision, read from their `--help` defaults.
+fn provisioned_topics() -> Vec<String> {
+    let mut topics = Vec::new();
+    for service in SERVICES {
+        let help = help(service);
+        for key in [
+            "ELO_TOPIC_COMMERCE",
+            "ELO_TOPIC_INVENTORY",
+            "ELO_TOPIC_OUTCOMES",
+            "ELO_TOPIC_COMMANDS",
+            "ELO_ORDER_INGEST_CHECKPOINT_TOPIC",
+            "ELO_ORDER_INGEST_DLQ_TOPIC",
+        ] {
+            topics.extend(env_default(&help, key));
+        }
+        if help.contains("[env: ELO_DLQ_TOPIC=") {
+            assert!(help.contains("[default: <service>.dlq]"), "{service}: the consumer DLQ default changed:\n{help}");
+            topics.push(format!("{service}.dlq"));
+        }
+        if help.contains("[env: ELO_CONSUMER_GROUP=") {
+            // KEDA scales on this group (deploy/base/scaling.yaml, checked by deploy_checks.py).
+            assert!(
+                help.contains("[default: elo-<service>-validate while the service only validates]"),
+                "{service}: the consumer group default changed; update the ScaledObjects:\n{help}"
+            );
+        }
+    }
+    topics.sort();
+    topics.dedup();
+    topics
+}
+
+/// Runs `tests/python/deploy_checks.py <args>` and fails with its report unless every check held.
+fn deploy_check(args: &[&str]) -> String {
+    let script = root().join("tests/python/deploy_checks.py");
+    let out = Command::new("python3").arg(&script).args(args).output().expect("python3");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "deploy_checks.py {args:?} failed:\n{report}");
+    report
+}
+
+#[test]
+fn env_default_reads_the_help_format() {
+    let help = "      --x <X>\n          Doc\n          \n          [env: ELO_X=]\n          [default: a.b]\n";
+    assert_eq!(env_default(help, "ELO_X").as_deref(), Some("a.b"));
+    assert_eq!(env_default(help, "ELO_Y"), None);
+}
+
+#[test]
+fn every_overlay_renders_and_validates_against_kubernetes_and_crd_schemas() {
+    let topics = provisioned_topics();
+    assert!(topics.len() >= 9, "expected the four shared topics, a checkpoint topic and four DLQs: {topics:?}");
+    let report = deploy_check(&["manifests", "--expect-topics", &topics.join(",")]);
+    for target in ["base:", "overlays/dev:", "overlays/prod:"] {
+        assert!(report.contains(target), "{target} not rendered:\n{report}");
+    }
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let report = deploy_check(&["rules"]);
+    assert_eq!(report.matches("SUCCESS").count(), 4, "two rule files checked, two test files passed:\n{report}");
+}
+
+#[test]
+fn grafana_dashboards_load_and_are_provisioned() {
+    deploy_check(&["dashboards"]);
+}
+
+#[test]
+fn dockerfile_builds_a_small_non_root_image_per_service() {
+    let report = deploy_check(&["dockerfile"]);
+    assert!(report.contains("user 65532"), "{report}");
+}
+
+#[test]
+fn asyncapi_catalog_validates_and_lists_every_provisioned_topic_with_its_schema() {
+    let topics = provisioned_topics();
+    let report = deploy_check(&["asyncapi", "--expect-topics", &topics.join(",")]);
+    assert!(report.contains(&format!("{} channels", topics.len())), "{report}");
+}
+
+#[test]
+fn asyncapi_catalog_renders_as_a_browsable_html_page() {
+    let report = deploy_check(&["asyncapi-html"]);
+    assert!(report.contains("index.html"), "{report}");
 }
