@@ -156,4 +156,7 @@ pub fn register_all() {
         &*CLIENT_ERRORS,
     );
     let _ = (&*DLQ_BLOCKED, &*DLQ_WRITE_ERRORS, &*HANDLER_DEFECTS, &*HALTED_PARTITIONS, &*WORKER_RESTARTS);
+    for class in ["transient", "rate_limited", "auth", "permanent"] {
+        RETRY_BLOCKED.with_label_values(&[class]).add(0);
+    }
 }

@@ -131,6 +131,10 @@ impl<H: Handler, D: DeadLetterSink> RuntimeContext<H, D> {
                 _ => None,
             }
         });
+        // Zero samples from the start, so dashboards and alerts see 0 rather than nothing.
+        for gauge in [&metrics::DLQ_BLOCKED, &metrics::HALTED_PARTITIONS, &metrics::PAUSED_PARTITIONS] {
+            gauge.with_label_values(&[&tp.0]).add(0);
+        }
         let worker = worker::spawn(&self.shared, &tp);
         let mut partition = Partition {
             worker,
