@@ -69,7 +69,7 @@ pub async fn run<S: poll::EntitySearch, P: crate::push::Publisher>(
             let bar = bars.add(indicatif::ProgressBar::new(0).with_style(style.clone()).with_prefix(scope.clone()));
             let spec =
                 RoundSpec { entity: *entity, store_id: *store_id, overlap: Duration::ZERO, page_size, max_pages: 10 };
-            let mut checkpoint = Checkpoint { cursor_ms: args.from_ms, recent: Default::default() };
+            let mut checkpoint = Checkpoint::starting_at(args.from_ms);
             let mut done_before = 0;
             let mut total_seen = None;
             loop {
@@ -165,6 +165,7 @@ mod tests {
         };
         let mut magento = sandbox::magento::Magento::new(Default::default(), generator);
         magento.generate(120);
+        crate::poll::tests::one_store(&mut magento);
         let from =
             magento.orders[&41]["updated_at"].as_str().map(crate::normalize::parse_magento_time).unwrap().unwrap();
         let expected = magento

@@ -208,41 +208,58 @@ impl MagentoApi for MagentoSource {
 }
 
 impl crate::poll::EntitySearch for MagentoSource {
-    async fn updated_since(
+    async fn page_after(
         &self,
         entity: crate::poll::Entity,
         store_id: i64,
-        from_ms: i64,
-        page: usize,
+        after: crate::poll::Keyset,
         page_size: usize,
     ) -> Result<(Vec<Value>, usize), String> {
-        let from = crate::normalize::format_magento_time(from_ms.max(0));
-        let query = [
-            ("searchCriteria[filter_groups][0][filters][0][field]", "updated_at".to_owned()),
-            ("searchCriteria[filter_groups][0][filters][0][value]", from),
-            ("searchCriteria[filter_groups][0][filters][0][condition_type]", "gteq".to_owned()),
-            ("searchCriteria[filter_groups][1][filters][0][field]", "store_id".to_owned()),
-            ("searchCriteria[filter_groups][1][filters][0][value]", store_id.to_string()),
-            ("searchCriteria[filter_groups][1][filters][0][condition_type]", "eq".to_owned()),
-            ("searchCriteria[sortOrders][0][field]", "updated_at".to_owned()),
-            ("searchCriteria[sortOrders][0][direction]", "ASC".to_owned()),
-            ("searchCriteria[sortOrders][1][field]", "entity_id".to_owned()),
-            ("searchCriteria[sortOrders][1][direction]", "ASC".to_owned()),
-            ("searchCriteria[pageSize]", page_size.to_string()),
-            ("searchCriteria[currentPage]", page.to_string()),
-        ];
-        let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
-        let path = match entity {
-            crate::poll::Entity::Orders => "orders",
-            crate::poll::Entity::Customers => "customers/search",
-        };
-        let url = format!("{}/rest/V1/{path}?{}", self.base_url, encoded.join("&"));
+        let url =
+            format!("{}/rest/V1/{}?{}", self.base_url, search_path(entity), keyset_query(store_id, after, page_size));
         let body = self.get_json(&url).await.map_err(|e| e.to_string())?;
         let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
         let total =
             body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")? as usize;
         Ok((items, total))
     }
+}
+
+fn search_path(entity: crate::poll::Entity) -> &'static str {
+    match entity {
+        crate::poll::Entity::Orders => "orders",
+        crate::poll::Entity::Customers => "customers/search",
+    }
+}
+
+/// searchCriteria for "strictly after (T, X) in (updated_at, entity_id) order": filter groups
+/// are ANDed and filters inside a group ORed, so `updated_at >= T` AND (`updated_at > T` OR
+/// `entity_id > X`), sorted by both, always page 1 (the position does the paging). Customers
+/// are filtered and sorted by `entity_id` too (their collection's column; items say `id`).
+pub(crate) fn keyset_query(store_id: i64, after: crate::poll::Keyset, page_size: usize) -> String {
+    let at = crate::normalize::format_magento_time(after.updated_at_ms.max(0));
+    let g = "searchCriteria[filter_groups]";
+    let query = [
+        (format!("{g}[0][filters][0][field]"), "updated_at".to_owned()),
+        (format!("{g}[0][filters][0][value]"), at.clone()),
+        (format!("{g}[0][filters][0][condition_type]"), "gteq".to_owned()),
+        (format!("{g}[1][filters][0][field]"), "updated_at".to_owned()),
+        (format!("{g}[1][filters][0][value]"), at),
+        (format!("{g}[1][filters][0][condition_type]"), "gt".to_owned()),
+        (format!("{g}[1][filters][1][field]"), "entity_id".to_owned()),
+        (format!("{g}[1][filters][1][value]"), after.id.to_string()),
+        (format!("{g}[1][filters][1][condition_type]"), "gt".to_owned()),
+        (format!("{g}[2][filters][0][field]"), "store_id".to_owned()),
+        (format!("{g}[2][filters][0][value]"), store_id.to_string()),
+        (format!("{g}[2][filters][0][condition_type]"), "eq".to_owned()),
+        ("searchCriteria[sortOrders][0][field]".to_owned(), "updated_at".to_owned()),
+        ("searchCriteria[sortOrders][0][direction]".to_owned(), "ASC".to_owned()),
+        ("searchCriteria[sortOrders][1][field]".to_owned(), "entity_id".to_owned()),
+        ("searchCriteria[sortOrders][1][direction]".to_owned(), "ASC".to_owned()),
+        ("searchCriteria[pageSize]".to_owned(), page_size.to_string()),
+        ("searchCriteria[currentPage]".to_owned(), "1".to_owned()),
+    ];
+    query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&")
 }
 
 fn urlencode(text: &str) -> String {
