@@ -187,14 +187,15 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     }
 
     // Orders: keyed by customer, every version once by id, totals and lines as Magento says.
-    let mut ids_per_version: BTreeMap<(i64, i64), BTreeSet<String>> = BTreeMap::new();
+    // A version is its content: two status changes within one second are two versions.
+    let mut ids_per_version: BTreeMap<(i64, i64, String), BTreeSet<String>> = BTreeMap::new();
     let mut stores_seen = BTreeSet::new();
     let (mut guests, mut registered) = (0, 0);
     for (key, event) in &events {
         assert_eq!(key, event.customer_key.as_bytes(), "keyed by customer");
         let Some(order) = &event.order else { continue };
         ids_per_version
-            .entry((order.entity_id, event.source_version.updated_at))
+            .entry((order.entity_id, event.source_version.updated_at, order.status.clone()))
             .or_default()
             .insert(event.event_id.clone());
         assert_ne!(order.inventory_status, InventoryStatus::Unchecked, "every order was checked against stock");
@@ -221,7 +222,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         }
     }
     assert!(ids_per_version.values().all(|ids| ids.len() == 1), "redelivered facts carry the same event_id");
-    assert!(!ids_per_version.keys().any(|(id, _)| *id == broken), "the broken order was not published");
+    assert!(!ids_per_version.keys().any(|(id, _, _)| *id == broken), "the broken order was not published");
     let parked = read_all(&brokers(), &format!("{topic}.dlq"), 3);
     let header = |record: &rdkafka::message::OwnedMessage, name: &str| {
         use rdkafka::message::Headers;
@@ -255,11 +256,11 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
         "both store views, named"
     );
     let changed =
-        ids_per_version.keys().filter(|(id, at)| magento_time(orders[id]["created_at"].as_str().unwrap()) != *at);
+        ids_per_version.keys().filter(|(id, at, _)| magento_time(orders[id]["created_at"].as_str().unwrap()) != *at);
     assert!(changed.count() > 0, "status changes were published as new versions");
     let batch_one: BTreeSet<i64> = (1..=40).filter(|id| *id != broken).collect();
     assert!(
-        batch_one.iter().all(|id| ids_per_version.keys().any(|(o, _)| o == id)),
+        batch_one.iter().all(|id| ids_per_version.keys().any(|(o, _, _)| o == id)),
         "the poll found the unpushed batch"
     );
 
@@ -317,7 +318,8 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
 
     // Repair: a REFETCH_ORDER command republishes the current version with its id.
     let target = &orders[&5];
-    let version = (5, magento_time(target["updated_at"].as_str().unwrap()));
+    let version =
+        (5, magento_time(target["updated_at"].as_str().unwrap()), target["status"].as_str().unwrap().to_owned());
     let original_id = ids_per_version[&version].iter().next().unwrap().clone();
     let copies_of_version = || -> Vec<String> {
         read_all(&brokers(), &topic, 3)
@@ -326,7 +328,8 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
                 let (_, body) = elo_events::codec::unframe(r.payload()?).ok()?;
                 let event: CommerceEvent = elo_events::codec::decode_direct(body).ok()?;
                 let is_version = event.order.as_ref().is_some_and(|o| o.entity_id == 5)
-                    && event.source_version.updated_at == version.1;
+                    && event.source_version.updated_at == version.1
+                    && event.order.as_ref().is_some_and(|o| o.status == version.2);
                 is_version.then_some(event.event_id)
             })
             .collect()

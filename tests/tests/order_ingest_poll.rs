@@ -67,13 +67,16 @@ async fn polling_survives_kill_9_and_loses_no_order() {
     let records = read_all(&brokers(), &topic, 3);
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut seen = BTreeSet::new();
-    let mut ids_per_version = std::collections::BTreeMap::<(i64, i64), BTreeSet<String>>::new();
+    let mut ids_per_version = std::collections::BTreeMap::<(i64, i64, String), BTreeSet<String>>::new();
     for r in &records {
         let e: CommerceEvent = codec.decode(r.payload().unwrap()).await.unwrap();
         assert_eq!(r.key(), Some(e.customer_key.as_bytes()));
         let id = e.order.as_ref().unwrap().entity_id;
         seen.insert(id);
-        ids_per_version.entry((id, e.source_version.updated_at)).or_default().insert(e.event_id);
+        ids_per_version
+            .entry((id, e.source_version.updated_at, e.order.as_ref().unwrap().status.clone()))
+            .or_default()
+            .insert(e.event_id);
     }
     let missing: Vec<_> = all.difference(&seen).collect();
     assert!(

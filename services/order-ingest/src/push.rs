@@ -251,6 +251,11 @@ fn customer_notice(payload: &Value) -> Result<CustomerNotice, &'static str> {
             reason,
             store_id: subject.get("store_id").and_then(Value::as_i64).unwrap_or(0),
             requested_at,
+            request_ref: payload
+                .get("id")
+                .or_else(|| payload.get("request_id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
         }))
     };
     if kind.ends_with("customer_save_after") {

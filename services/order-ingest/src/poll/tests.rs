@@ -365,3 +365,32 @@ async fn a_backfill_over_ten_thousand_same_second_changes_finishes() {
     assert_eq!((summary.published, summary.failed_scopes.len()), (10_000, 0));
     assert_eq!(index.searches(), 100, "one pass, no re-reads");
 }
+
+#[tokio::test]
+async fn a_second_version_saved_in_the_same_second_is_published_with_its_own_id() {
+    let (index, template) = (Index::default(), template());
+    let second = crate::normalize::parse_magento_time("2026-11-30 04:00:00").unwrap();
+    index.save(&template, 1, second, "pending");
+    let recorder = crate::enrich::tests::Recorder::default();
+    let (round, _) = poll_once(
+        &index,
+        &recorder,
+        &Stores::default(),
+        &defaults(),
+        &Checkpoint::starting_at(second - 1_000),
+        &mut |_, _| {},
+    )
+    .await;
+    assert_eq!(round.published, 1);
+    index.save(&template, 1, second, "processing"); // changed again within the second
+    let (round, _) =
+        poll_once(&index, &recorder, &Stores::default(), &defaults(), &round.checkpoint, &mut |_, _| {}).await;
+    assert_eq!(round.published, 1, "the overlap re-read finds the new content");
+    let (quiet, _) =
+        poll_once(&index, &recorder, &Stores::default(), &defaults(), &round.checkpoint, &mut |_, _| {}).await;
+    assert_eq!(quiet.published, 0, "and publishes it once");
+    let events = recorder.events.lock().unwrap();
+    let statuses: Vec<&str> = events.iter().map(|e| e.order.as_ref().unwrap().status.as_str()).collect();
+    assert_eq!(statuses, ["pending", "processing"]);
+    assert_ne!(events[0].event_id, events[1].event_id);
+}
