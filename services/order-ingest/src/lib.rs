@@ -20,6 +20,7 @@ pub mod backfill;
 pub mod commands;
 pub mod enrich;
 pub mod inventory;
+pub mod json;
 pub mod normalize;
 pub mod poll;
 pub mod push;

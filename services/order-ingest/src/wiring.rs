@@ -165,7 +165,13 @@ impl MagentoSource {
             let token = self.token(renew).await?;
             match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
                 Ok(response) => {
-                    return response.json().await.map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")));
+                    let body = response
+                        .bytes()
+                        .await
+                        .map_err(|e| SourceError::Unavailable(format!("answer cut short: {e}")))?;
+                    // Money keeps its decimal text (never an f64 on the way).
+                    return crate::json::parse_lossless(&body)
+                        .map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")));
                 }
                 Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
                 Err(e) => return Err(classify(e)),
@@ -198,9 +204,13 @@ impl MagentoApi for MagentoSource {
             format!("{}/rest/V1/inventory/get-product-salable-quantity/{}/{stock_id}", self.base_url, urlencode(sku));
         // An unknown SKU is not stock-managed: an answer, not an error.
         match self.get_optional(&url).await? {
-            Some(Value::Number(n)) => elo_events::Decimal4::parse(&n.to_string())
-                .map(Some)
-                .map_err(|e| SourceError::Refused(format!("salable quantity {n}: {e}"))),
+            // Integers stay numbers, fractions arrive as their text (see `crate::json`).
+            Some(value @ (Value::Number(_) | Value::String(_))) => {
+                let text = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
+                elo_events::Decimal4::parse(&text)
+                    .map(Some)
+                    .map_err(|e| SourceError::Refused(format!("salable quantity {text}: {e}")))
+            }
             Some(other) => Err(SourceError::Refused(format!("salable quantity is not a number: {other}"))),
             None => Ok(None),
         }

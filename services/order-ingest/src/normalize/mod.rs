@@ -68,6 +68,8 @@ fn opt_int(v: &Value, field: &str) -> Option<i64> {
 fn decimal(v: &Value, field: &'static str) -> Result<Decimal4, NormalizeError> {
     match v.get(field) {
         None | Some(Value::Null) => Ok(Decimal4::ZERO),
+        // Magento's JSON is read with `crate::json::parse_lossless`: fractions arrive as their
+        // text; a number here is an integer (exact), or a float from a caller that skipped it.
         Some(Value::Number(n)) => {
             Decimal4::parse(&n.to_string()).map_err(|e| NormalizeError::Invalid { field, reason: e.to_string() })
         }
