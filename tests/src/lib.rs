@@ -277,6 +277,9 @@ pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Co
         .env("ELO_MAGENTO_URL", magento_url)
         .env("ELO_MAGENTO_STORES", "1=default:1,2=br:1")
         .env("ELO_ORDER_INGEST_POLL_INTERVAL", "0s")
+        // The simulator's orders start on 2026-11-01: poll and check them all.
+        .env("ELO_ORDER_INGEST_POLL_START", "2026-01-01")
+        .env("ELO_ORDER_INGEST_INVENTORY_MAX_ORDER_AGE", "3650d")
         .env("ELO_TOPIC_COMMERCE", topic)
         .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
         .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))

@@ -28,6 +28,9 @@ pub struct InventoryConfig {
     pub cache_ttl: Duration,
     /// Salable-quantity requests in flight at once, process-wide.
     pub concurrency: usize,
+    /// Orders placed longer ago than this are not checked: today's stock says nothing about
+    /// them (a backfill or a refetch of last year's orders must not flag them oversold).
+    pub max_order_age: Duration,
 }
 
 impl Default for InventoryConfig {
@@ -37,6 +40,7 @@ impl Default for InventoryConfig {
             low_stock_threshold: Decimal4::from_units(5),
             cache_ttl: Duration::from_secs(30),
             concurrency: 8,
+            max_order_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -85,6 +89,11 @@ impl InventoryChecker {
 
     /// Checks every stock-carrying SKU of `order` (bundle parents carry none: their children do).
     pub async fn check<M: MagentoApi>(&self, magento: &M, order: &Order, now_ms: i64) -> OrderCheck {
+        let age = u128::try_from(now_ms.saturating_sub(order.created_at)).unwrap_or_default();
+        if age > self.config.max_order_age.as_millis() {
+            metrics::CHECKS.with_label_values(&["too_old"]).inc();
+            return OrderCheck { status: InventoryStatus::Unchecked, events: Vec::new() };
+        }
         let skus: BTreeSet<String> =
             order.items.iter().filter(|i| i.product_type != "bundle").map(|i| i.sku.clone()).collect();
         // Owned SKUs: a closure over borrowed ones is not general enough for a Send future.
@@ -182,7 +191,7 @@ mod metrics {
     pub(super) static CHECKS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "order_ingest_inventory_checks_total",
-            "Salable-quantity checks by outcome (fetched, cached, unknown_sku, failed).",
+            "Salable-quantity checks by outcome (fetched, cached, unknown_sku, failed, too_old: the order predates what stock can tell).",
             &["outcome"]
         )
         .expect("metric registers once")
@@ -319,5 +328,20 @@ mod tests {
         assert!(check.events.iter().all(|e| !bundle_skus.contains(&e.sku.as_str())));
         let expected = shop.0.lock().unwrap().stock[&check.events[0].sku].0;
         assert_eq!(check.events[0].salable_qty, Decimal4::parse(&expected.to_string()).unwrap());
+    }
+
+    #[tokio::test]
+    async fn old_orders_are_not_tagged_with_todays_stock() {
+        let shop = Shop::generated(30);
+        let order = shop.0.lock().unwrap().orders[&1].clone();
+        let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+        let order = event.order.as_mut().unwrap();
+        let checker = InventoryChecker::new(InventoryConfig::default());
+        let now = order.created_at + 2 * 365 * 86_400_000; // a backfill two years later
+        let check = checker.check(&shop, order, now).await;
+        assert_eq!(check, OrderCheck { status: InventoryStatus::Unchecked, events: vec![] });
+        let fresh = checker.check(&shop, order, order.created_at + 60_000).await;
+        assert_ne!(fresh.status, InventoryStatus::Unchecked, "a recent order is checked");
+        assert!(!fresh.events.is_empty());
     }
 }

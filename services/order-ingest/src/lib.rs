@@ -94,6 +94,11 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub poll_entities: Vec<poll::Entity>,
+    /// Where a poll without a checkpoint (a new deployment, a new store) starts: a time back
+    /// from now (`24h`, `7d`) or a UTC date (`2026-01-01`, `2026-01-01T08:00:00Z`). History
+    /// before it is republished with `backfill`.
+    #[arg(long = "poll-start", env = "ELO_ORDER_INGEST_POLL_START", default_value = "24h", value_parser = parse_poll_start)]
+    pub poll_start: PollStart,
     /// Pages read per poll round before the checkpoint is saved (long catch-ups checkpoint as they go).
     #[arg(long = "poll-max-pages", env = "ELO_ORDER_INGEST_POLL_MAX_PAGES", default_value_t = 20)]
     pub poll_max_pages: usize,
@@ -115,6 +120,10 @@ pub struct Config {
     /// How long a SKU's salable quantity is reused before asking Magento again.
     #[arg(long = "inventory-cache-ttl", env = "ELO_ORDER_INGEST_INVENTORY_CACHE_TTL", default_value = "30s", value_parser = elo_service::parse_duration)]
     pub inventory_cache_ttl: Duration,
+    /// Orders placed longer ago than this get no stock check (`UNCHECKED`): today's stock says
+    /// nothing about them. Units s, m, h, d.
+    #[arg(long = "inventory-max-order-age", env = "ELO_ORDER_INGEST_INVENTORY_MAX_ORDER_AGE", default_value = "24h", value_parser = parse_age)]
+    pub inventory_max_order_age: Duration,
     /// Salable-quantity requests to Magento in flight at once.
     #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
     pub inventory_concurrency: usize,
@@ -220,6 +229,7 @@ pub(crate) fn enriching_publisher(
             low_stock_threshold: config.low_stock_threshold,
             cache_ttl: config.inventory_cache_ttl,
             concurrency: config.inventory_concurrency,
+            max_order_age: config.inventory_max_order_age,
         })
     });
     enrich::Enricher::new(kafka, source, inventory, config.customer_cache_ttl)
@@ -284,7 +294,7 @@ fn start_poll(
         config.poll_page_size.clamp(1, 300),
         config.poll_max_pages,
     );
-    let entities = config.poll_entities.clone();
+    let (entities, poll_start) = (config.poll_entities.clone(), config.poll_start);
     let stop = service.shutdown.clone();
     tokio::spawn(async move {
         let mut store_ids: Vec<(i64, String)> = stores.0.iter().map(|(id, (code, _))| (*id, code.clone())).collect();
@@ -305,12 +315,18 @@ fn start_poll(
                 }
             }
         };
+        let mut saved: std::collections::HashSet<String> = cursors.keys().cloned().collect();
         loop {
             let mut more = false;
             for entity in &entities {
                 for (store_id, code) in &store_ids {
                     let key = entity.checkpoint_key(code);
-                    let start = cursors.entry(key.clone()).or_default();
+                    // A fresh start is saved even if its first round finds nothing, so a restart
+                    // days later does not move it (and skip what came in between).
+                    let fresh = !saved.contains(&key);
+                    let start = cursors
+                        .entry(key.clone())
+                        .or_insert_with(|| poll::Checkpoint::starting_at(poll_start.resolve(now_ms())));
                     let spec = poll::RoundSpec { entity: *entity, store_id: *store_id, overlap, page_size, max_pages };
                     // Stopping mid-round is safe: the checkpoint is not saved, so the next start
                     // republishes the unconfirmed tail with the same event ids.
@@ -323,9 +339,12 @@ fn start_poll(
                         tracing::warn!(checkpoint = %key, error = %error, published = round.published, "poll round stopped early");
                     }
                     more |= round.more;
-                    if &round.checkpoint != start {
+                    if fresh || &round.checkpoint != start {
                         match checkpoints.save(&key, &round.checkpoint).await {
-                            Ok(()) => cursors.insert(key.clone(), round.checkpoint),
+                            Ok(()) => {
+                                saved.insert(key.clone());
+                                cursors.insert(key.clone(), round.checkpoint)
+                            }
                             Err(error) => {
                                 tracing::error!(checkpoint = %key, error = %error, "cannot save the poll checkpoint");
                                 None
@@ -438,6 +457,42 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
 
+/// Where a poll without a checkpoint starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PollStart {
+    /// This long before the first round.
+    Ago(Duration),
+    /// At this time (ms, UTC).
+    At(i64),
+}
+
+impl PollStart {
+    /// The start as epoch milliseconds, given the time now.
+    pub fn resolve(self, now_ms: i64) -> i64 {
+        match self {
+            Self::Ago(back) => now_ms - back.as_millis() as i64,
+            Self::At(at) => at,
+        }
+    }
+}
+
+/// Parses `24h`, `7d`, `90m` or a UTC date (`2026-01-01`, `2026-01-01T08:00:00Z`).
+pub fn parse_poll_start(text: &str) -> Result<PollStart, String> {
+    parse_age(text).map(PollStart::Ago).or_else(|_| backfill::parse_from(text).map(PollStart::At))
+}
+
+/// A duration in s, m, h or d (`elo_service::parse_duration` stops at minutes).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let hours = |suffix: char, factor: u64| {
+        text.strip_suffix(suffix)?.parse::<u64>().ok().map(|n| Duration::from_secs(n * factor * 3600))
+    };
+    match hours('h', 1).or_else(|| hours('d', 24)) {
+        Some(age) => Ok(age),
+        None => elo_service::parse_duration(text).map_err(|e| format!("{e}, h or d")),
+    }
+}
+
 /// Parses `1=default:1,2=br:1`.
 pub fn parse_stores(text: &str) -> Result<normalize::Stores, String> {
     let mut stores = std::collections::HashMap::new();
@@ -459,5 +514,17 @@ mod tests {
         assert_eq!(stores.0[&2], ("br".to_owned(), 3));
         assert!(super::parse_stores("1=default").is_err());
         assert!(super::parse_stores("x=default:1").is_err());
+    }
+
+    #[test]
+    fn a_poll_start_is_a_time_back_or_a_date() {
+        use super::{PollStart, parse_poll_start};
+        use std::time::Duration;
+        assert_eq!(parse_poll_start("24h"), Ok(PollStart::Ago(Duration::from_secs(86_400))));
+        assert_eq!(parse_poll_start("7d"), Ok(PollStart::Ago(Duration::from_secs(7 * 86_400))));
+        assert_eq!(parse_poll_start("90m"), Ok(PollStart::Ago(Duration::from_secs(5_400))));
+        assert_eq!(parse_poll_start("1970-01-02"), Ok(PollStart::At(86_400_000)));
+        assert!(parse_poll_start("soon").is_err());
+        assert_eq!(PollStart::Ago(Duration::from_secs(1)).resolve(5_000), 4_000);
     }
 }

@@ -394,3 +394,18 @@ async fn a_second_version_saved_in_the_same_second_is_published_with_its_own_id(
     assert_eq!(statuses, ["pending", "processing"]);
     assert_ne!(events[0].event_id, events[1].event_id);
 }
+
+#[tokio::test]
+async fn a_new_deployment_starts_a_day_back_not_at_the_beginning_of_time() {
+    let (index, template) = (Index::default(), template());
+    let now = crate::now_ms() / 1000 * 1000;
+    index.save(&template, 1, now - 2 * 365 * 86_400_000, "complete"); // two years old
+    index.save(&template, 2, now - 3_600_000, "processing"); // an hour ago
+    let start = crate::parse_poll_start("24h").unwrap().resolve(now);
+    let recorder = crate::enrich::tests::Recorder::default();
+    let (round, _) =
+        poll_once(&index, &recorder, &Stores::default(), &defaults(), &Checkpoint::starting_at(start), &mut |_, _| {})
+            .await;
+    assert_eq!(round.published, 1);
+    assert_eq!(recorder.events.lock().unwrap()[0].order.as_ref().unwrap().entity_id, 2, "history is for backfill");
+}
