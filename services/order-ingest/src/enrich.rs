@@ -86,6 +86,14 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {
     async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        // The customer's own change notification (customer_save_after, an erasure) makes the
+        // cached consent stale: the next order looks it up again.
+        if event.order.is_none() {
+            let changed = event.customer.as_ref().and_then(|c| c.customer_id);
+            if let Some(id) = changed.or_else(|| event.erasure.as_ref().and_then(|e| e.customer_id)) {
+                self.consents.lock().expect("consent lock").remove(&id);
+            }
+        }
         let mut event = event.clone();
         let registered = event.customer.as_ref().and_then(|c| c.customer_id);
         if let (Some(order_customer), Some(id), true) = (event.customer.as_mut(), registered, event.order.is_some())
@@ -96,9 +104,14 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P,
         if let (Some(checker), Some(order)) = (&self.inventory, event.order.as_mut()) {
             let check = checker.check(&self.magento, order, crate::now_ms()).await;
             let sends = check.events.iter().map(|e| self.inner.publish_inventory(e));
-            for result in futures::future::join_all(sends).await {
-                result?;
+            let results = futures::future::join_all(sends).await;
+            // Only acknowledged facts are cached: a lost one is observed and published again.
+            for (fact, result) in check.events.iter().zip(&results) {
+                if result.is_ok() {
+                    checker.remember(fact);
+                }
             }
+            results.into_iter().collect::<Result<Vec<()>, _>>()?;
             order.inventory_status = check.status;
         }
         self.inner.publish(&event).await
@@ -192,5 +205,64 @@ pub(crate) mod tests {
         let events = recorder.events.lock().unwrap();
         assert_eq!(events[0].order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
         assert!(recorder.stock.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_customer_change_notification_refreshes_the_cached_consent() {
+        let shop = Shop::generated(60);
+        let recorder = Recorder::default();
+        let enricher = Enricher::new(recorder.clone(), shop.clone(), None, Duration::from_secs(60));
+        let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+        let id = order["customer_id"].as_i64().unwrap();
+        let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+        shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = false;
+        enricher.publish(&event).await.unwrap();
+        // The customer opts in; Magento notifies customer_save_after with the new record.
+        shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = true;
+        let record = shop.0.lock().unwrap().customers[&id].to_json();
+        enricher.publish(&crate::normalize::customer_event(&record, &Default::default(), 0).unwrap()).await.unwrap();
+        enricher.publish(&event).await.unwrap();
+        let events = recorder.events.lock().unwrap();
+        let consent = |i: usize| events[i].customer.as_ref().unwrap().consent.status;
+        assert_eq!((consent(0), consent(2)), (ConsentStatus::Declined, ConsentStatus::Granted));
+    }
+
+    /// Drops the first stock fact (the broker refused it), records the rest.
+    #[derive(Default, Clone)]
+    struct LosesFirstFact(Recorder, Arc<std::sync::atomic::AtomicBool>);
+
+    impl Publisher for LosesFirstFact {
+        async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+            self.0.publish(event).await
+        }
+        async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+            self.0.dead_letter(letter).await
+        }
+    }
+
+    impl InventoryPublisher for LosesFirstFact {
+        async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+            if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(PublishError::Unavailable("no acknowledgement".into()));
+            }
+            self.0.publish_inventory(event).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stock_fact_is_cached_only_after_it_was_acknowledged() {
+        let shop = Shop::generated(5);
+        let publisher = LosesFirstFact::default();
+        let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+        let enricher = Enricher::new(publisher.clone(), shop.clone(), Some(checker), Duration::from_secs(60));
+        let mut order = shop.0.lock().unwrap().orders[&1].clone();
+        let items = order["items"].as_array().unwrap();
+        let first = items.iter().find(|i| i["product_type"] == "simple").expect("a simple line").clone();
+        order["items"] = serde_json::json!([first]);
+        let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+        assert!(enricher.publish(&event).await.is_err(), "the lost fact fails the publish");
+        enricher.publish(&event).await.unwrap();
+        let stock = publisher.0.stock.lock().unwrap();
+        assert_eq!(stock.len(), 1, "the retry observes and publishes the fact again instead of trusting the cache");
     }
 }

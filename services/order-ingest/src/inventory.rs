@@ -6,6 +6,11 @@
 //! orders cannot flood Magento) and a short per-SKU cache: a hot SKU in a burst is asked for
 //! once per TTL, not once per order. Only fresh observations become events; a cache hit was
 //! already published. A failed check never blocks the order: its status stays `UNCHECKED`.
+//!
+//! The cache never hides what it cannot know: an entry serves only orders placed before it was
+//! read (a later order's reservation is not in it, and that order may be the oversell), and an
+//! observation is cached only once its event was acknowledged ([`InventoryChecker::remember`]),
+//! so a failed publish is observed and published again rather than silently skipped.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -60,7 +65,8 @@ pub struct OrderCheck {
 pub struct InventoryChecker {
     config: InventoryConfig,
     permits: Semaphore,
-    cache: Mutex<HashMap<String, (Option<Decimal4>, Instant)>>,
+    /// SKU → (salable quantity, when cached, when read in ms UTC).
+    cache: Mutex<HashMap<String, (Option<Decimal4>, Instant, i64)>>,
 }
 
 enum Observation {
@@ -99,7 +105,7 @@ impl InventoryChecker {
         // Owned SKUs: a closure over borrowed ones is not general enough for a Send future.
         let observations: Vec<(String, Observation)> = futures::stream::iter(skus)
             .map(|sku: String| async move {
-                let observation = self.observe(magento, &sku).await;
+                let observation = self.observe(magento, &sku, order.created_at, now_ms).await;
                 (sku, observation)
             })
             .buffer_unordered(self.config.concurrency.max(1))
@@ -137,9 +143,11 @@ impl InventoryChecker {
         OrderCheck { status, events }
     }
 
-    async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str) -> Observation {
-        if let Some((qty, at)) = self.cache.lock().expect("cache lock").get(sku)
+    /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read.
+    async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str, placed_at: i64, now_ms: i64) -> Observation {
+        if let Some((qty, at, read_at)) = self.cache.lock().expect("cache lock").get(sku)
             && at.elapsed() < self.config.cache_ttl
+            && placed_at <= *read_at
         {
             metrics::CHECKS.with_label_values(&["cached"]).inc();
             return Observation::Cached(*qty);
@@ -148,18 +156,32 @@ impl InventoryChecker {
         match magento.salable_qty(sku, self.config.stock_id).await {
             Ok(qty) => {
                 metrics::CHECKS.with_label_values(&[if qty.is_some() { "fetched" } else { "unknown_sku" }]).inc();
-                let mut cache = self.cache.lock().expect("cache lock");
-                if cache.len() >= CACHE_SWEEP_AT {
-                    let ttl = self.config.cache_ttl;
-                    cache.retain(|_, (_, at)| at.elapsed() < ttl);
+                if qty.is_none() {
+                    // Not stock-managed: no event to wait for.
+                    self.cache_entry(sku, None, now_ms);
                 }
-                cache.insert(sku.to_owned(), (qty, Instant::now()));
                 Observation::Fresh(qty)
             }
             Err(error) => {
                 metrics::CHECKS.with_label_values(&["failed"]).inc();
                 Observation::Failed(error)
             }
+        }
+    }
+
+    /// Caches an observation once its event was acknowledged (never an older read over a newer).
+    pub fn remember(&self, event: &InventoryEvent) {
+        self.cache_entry(&event.sku, Some(event.salable_qty), event.occurred_at);
+    }
+
+    fn cache_entry(&self, sku: &str, qty: Option<Decimal4>, read_at: i64) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_SWEEP_AT {
+            let ttl = self.config.cache_ttl;
+            cache.retain(|_, (_, at, _)| at.elapsed() < ttl);
+        }
+        if cache.get(sku).is_none_or(|(_, _, newest)| *newest <= read_at) {
+            cache.insert(sku.to_owned(), (qty, Instant::now(), read_at));
         }
     }
 
@@ -210,7 +232,7 @@ mod tests {
 
     /// Counts calls and the most requests seen in flight at once; fails SKUs starting with `ERR`.
     struct Counting {
-        stock: HashMap<String, Decimal4>,
+        stock: Mutex<HashMap<String, Decimal4>>,
         calls: AtomicUsize,
         in_flight: AtomicUsize,
         peak: AtomicUsize,
@@ -232,7 +254,7 @@ mod tests {
             if sku.starts_with("ERR") {
                 return Err(SourceError::Unavailable("503".into()));
             }
-            Ok(self.stock.get(sku).copied())
+            Ok(self.stock.lock().unwrap().get(sku).copied())
         }
     }
 
@@ -247,12 +269,13 @@ mod tests {
             .enumerate()
             .map(|(i, sku)| elo_events::OrderItem { item_id: i as i64, sku: (*sku).into(), ..template.clone() })
             .collect();
+        order.created_at = 0; // placed at the epoch: checks "now" (1, 7, 8...) read after it
         order
     }
 
     fn counting(stock: &[(&str, i64)]) -> Counting {
         Counting {
-            stock: stock.iter().map(|(s, q)| ((*s).to_owned(), Decimal4::from_units(*q))).collect(),
+            stock: Mutex::new(stock.iter().map(|(s, q)| ((*s).to_owned(), Decimal4::from_units(*q))).collect()),
             calls: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -269,6 +292,7 @@ mod tests {
         assert_eq!(kinds, [("A", InventoryEventType::StockLevel), ("B", InventoryEventType::LowStock)]);
         assert_eq!(check.events[1].low_stock_threshold, Some(Decimal4::from_units(5)));
         assert_eq!(check.events[0].low_stock_threshold, None);
+        check.events.iter().for_each(|e| checker.remember(e)); // acknowledged
         let check = checker.check(&magento, &order_with(&["A", "C", "UNKNOWN"]), 8).await;
         assert_eq!(check.status, InventoryStatus::Oversold);
         // A is cached (no event), C is fresh and oversold, UNKNOWN is not stock-managed.
@@ -303,7 +327,9 @@ mod tests {
             tasks.push(tokio::spawn(async move { checker.check(&magento, &order, 1).await }));
         }
         for task in tasks {
-            assert_eq!(task.await.unwrap().status, InventoryStatus::Ok);
+            let check = task.await.unwrap();
+            assert_eq!(check.status, InventoryStatus::Ok);
+            check.events.iter().for_each(|e| checker.remember(e));
         }
         assert_eq!(magento.peak.load(Ordering::SeqCst), 3, "never more than the bound in flight");
         assert_eq!(magento.calls.load(Ordering::SeqCst), 40);
@@ -343,5 +369,21 @@ mod tests {
         let fresh = checker.check(&shop, order, order.created_at + 60_000).await;
         assert_ne!(fresh.status, InventoryStatus::Unchecked, "a recent order is checked");
         assert!(!fresh.events.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cached_level_serves_only_orders_placed_before_it_was_read() {
+        let magento = counting(&[("A", 10)]);
+        let checker = InventoryChecker::new(InventoryConfig::default());
+        let placed = |at: i64| Order { created_at: at, ..order_with(&["A"]) };
+        let first = checker.check(&magento, &placed(0), 1_000).await;
+        first.events.iter().for_each(|e| checker.remember(e));
+        assert_eq!(checker.check(&magento, &placed(500), 2_000).await.status, InventoryStatus::Ok);
+        assert_eq!(magento.calls.load(Ordering::SeqCst), 1, "placed before the read: the cache answers");
+        // An order placed after the read took the last units and more: the cache cannot know.
+        magento.stock.lock().unwrap().insert("A".into(), Decimal4::from_units(-1));
+        let late = checker.check(&magento, &placed(1_500), 2_000).await;
+        assert_eq!(late.status, InventoryStatus::Oversold, "a stale level never hides an oversell");
+        assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
     }
 }
