@@ -65,8 +65,16 @@ pub struct OrderCheck {
 pub struct InventoryChecker {
     config: InventoryConfig,
     permits: Semaphore,
-    /// SKU → (salable quantity, when cached, when read in ms UTC).
-    cache: Mutex<HashMap<String, (Option<Decimal4>, Instant, i64)>>,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+/// A SKU's salable quantity as last read (`None`: not stock-managed).
+struct Cached {
+    qty: Option<Decimal4>,
+    /// When it was cached (for the TTL).
+    at: Instant,
+    /// No later than when it was read (ms UTC): it serves orders placed until then.
+    read_at: i64,
 }
 
 enum Observation {
@@ -145,12 +153,12 @@ impl InventoryChecker {
 
     /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read.
     async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str, placed_at: i64, now_ms: i64) -> Observation {
-        if let Some((qty, at, read_at)) = self.cache.lock().expect("cache lock").get(sku)
-            && at.elapsed() < self.config.cache_ttl
-            && placed_at <= *read_at
+        if let Some(cached) = self.cache.lock().expect("cache lock").get(sku)
+            && cached.at.elapsed() < self.config.cache_ttl
+            && placed_at <= cached.read_at
         {
             metrics::CHECKS.with_label_values(&["cached"]).inc();
-            return Observation::Cached(*qty);
+            return Observation::Cached(cached.qty);
         }
         let _permit = self.permits.acquire().await.expect("semaphore never closed");
         match magento.salable_qty(sku, self.config.stock_id).await {
@@ -178,10 +186,10 @@ impl InventoryChecker {
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_SWEEP_AT {
             let ttl = self.config.cache_ttl;
-            cache.retain(|_, (_, at, _)| at.elapsed() < ttl);
+            cache.retain(|_, cached| cached.at.elapsed() < ttl);
         }
-        if cache.get(sku).is_none_or(|(_, _, newest)| *newest <= read_at) {
-            cache.insert(sku.to_owned(), (qty, Instant::now(), read_at));
+        if cache.get(sku).is_none_or(|newest| newest.read_at <= read_at) {
+            cache.insert(sku.to_owned(), Cached { qty, at: Instant::now(), read_at });
         }
     }
 
