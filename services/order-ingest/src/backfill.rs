@@ -114,14 +114,20 @@ pub async fn main(config: crate::Config, args: BackfillArgs) -> anyhow::Result<(
     let topics = vec![
         config.common.topics.spec(&config.common.topics.commerce),
         config.common.topics.spec(&config.common.topics.inventory),
+        config.common.topics.spec(&config.erased_topic).compacted(),
     ];
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let Some(service) = elo_service::Service::start("order-ingest-backfill", &config.common, admin, topics).await?
     else {
         return Ok(());
     };
+    // An erased person's orders are not republished by a backfill.
+    let Some((erased, follower)) = crate::load_erasures(&service, &config).await else {
+        service.finish().await;
+        return Ok(());
+    };
     let source = Arc::new(crate::magento_source(&config)?);
-    let publisher = crate::enriching_publisher(&service, &config, source.clone());
+    let publisher = crate::shared_publisher(&service, &config, source.clone(), erased);
     let started = std::time::Instant::now();
     let summary = run(
         &*source,
@@ -132,6 +138,8 @@ pub async fn main(config: crate::Config, args: BackfillArgs) -> anyhow::Result<(
         &service.shutdown,
     )
     .await;
+    service.shutdown.cancel();
+    let _ = follower.await;
     service.finish().await;
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(

@@ -18,7 +18,9 @@
 
 pub mod backfill;
 pub mod commands;
+pub mod compacted;
 pub mod enrich;
+pub mod erasure;
 pub mod inventory;
 pub mod json;
 pub mod normalize;
@@ -137,6 +139,10 @@ pub struct Config {
         default_value = "elo-order-ingest-commands"
     )]
     pub commands_group: String,
+    /// Compacted topic of erased customer keys: checked before anything is published, so an
+    /// erased person's data is never republished by the poll, a backfill or a repair.
+    #[arg(long = "erased-topic", env = "ELO_ORDER_INGEST_ERASED_TOPIC", default_value = "order-ingest.erased")]
+    pub erased_topic: String,
     /// Dead-letter topic for commands that cannot be executed and polled records that cannot
     /// become events.
     #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
@@ -160,14 +166,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         t.spec(&t.outcomes),
         t.spec(&config.dlq_topic),
         t.spec(&config.checkpoint_topic).compacted(),
+        t.spec(&config.erased_topic).compacted(),
     ];
     let Some(service) = Service::start(NAME, &config.common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
     register_schemas(&service, &config).await;
+    // Nothing is published before every erasure so far is known.
+    let Some((erased, follower)) = load_erasures(&service, &config).await else {
+        service.finish().await;
+        return Ok(());
+    };
     // One Magento client (one admin token) and one publisher serve both paths.
     let source = Arc::new(magento_source(&config)?);
-    let publisher = Arc::new(enriching_publisher(&service, &config, source.clone()));
+    let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased));
     let poller =
         (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
     let push = match &config.webhook_secret_file {
@@ -202,18 +214,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(poller) = poller {
         let _ = poller.await;
     }
+    let _ = follower.await;
     service.finish().await;
     failure.map_or(Ok(()), Err)
 }
 
-/// The publisher every path uses: Kafka behind consent and inventory enrichment.
-pub type SharedPublisher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
+/// The publisher every path uses: Kafka behind consent and inventory enrichment, behind the
+/// erasure guard (an erased person's data is dropped before any Magento lookup).
+pub type SharedPublisher = erasure::ErasureGuard<
+    enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>,
+    compacted::KafkaErasureLog,
+>;
 
-pub(crate) fn enriching_publisher(
+/// Reads the erased keys (retrying while Kafka is unavailable) and keeps following them;
+/// `None` when shutdown came first.
+pub(crate) async fn load_erasures(
+    service: &Service,
+    config: &Config,
+) -> Option<(Arc<erasure::ErasedKeys>, tokio::task::JoinHandle<()>)> {
+    let keys = Arc::new(erasure::ErasedKeys::default());
+    loop {
+        let stop = service.shutdown.clone();
+        match compacted::follow_erasures(&config.common.kafka, &config.erased_topic, keys.clone(), stop).await {
+            Ok(follower) => return Some((keys, follower)),
+            Err(error) => {
+                tracing::error!(error = %error, "cannot read the erased keys; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = service.shutdown.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn shared_publisher(
     service: &Service,
     config: &Config,
     source: Arc<wiring::MagentoSource>,
+    erased: Arc<erasure::ErasedKeys>,
 ) -> SharedPublisher {
+    let timeout = Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5);
+    let log =
+        compacted::KafkaErasureLog { producer: service.producer.clone(), topic: config.erased_topic.clone(), timeout };
+    erasure::ErasureGuard::new(enriching_publisher(service, config, source), erased, log)
+}
+
+fn enriching_publisher(
+    service: &Service,
+    config: &Config,
+    source: Arc<wiring::MagentoSource>,
+) -> enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>> {
     let kafka = wiring::KafkaPublisher {
         producer: service.producer.clone(),
         codec: service.codec.clone(),
@@ -282,7 +333,7 @@ fn start_poll(
     source: Arc<wiring::MagentoSource>,
     publisher: Arc<SharedPublisher>,
 ) -> tokio::task::JoinHandle<()> {
-    let checkpoints = wiring::KafkaCheckpoints {
+    let checkpoints = compacted::KafkaCheckpoints {
         producer: service.producer.clone(),
         kafka: config.common.kafka.clone(),
         topic: config.checkpoint_topic.clone(),

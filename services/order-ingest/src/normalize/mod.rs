@@ -34,6 +34,15 @@ pub enum NormalizeError {
     Invalid { field: &'static str, reason: String },
 }
 
+impl NormalizeError {
+    /// The field in question.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Missing(field) | Self::Invalid { field, .. } => field,
+        }
+    }
+}
+
 /// Store views known to the deployment: id → (code, website id).
 #[derive(Clone, Debug, Default)]
 pub struct Stores(pub HashMap<i64, (String, i32)>);

@@ -32,7 +32,7 @@ use sha2::Digest;
 
 pub use checkpoint::{Checkpoint, Keyset, MAX_SEEN};
 
-use crate::normalize::{Stores, customer_event, order_event};
+use crate::normalize::{NormalizeError, Stores, customer_event, order_event};
 use crate::push::{DeadLetter, PublishError, Publisher};
 
 /// What a poll reads.
@@ -250,7 +250,7 @@ impl<S: EntitySearch, P: Publisher> Scan<'_, '_, S, P> {
                 let letter = DeadLetter {
                     source: format!("magento-poll/{}", entity.as_str()),
                     entity_id: key.id.to_string(),
-                    payload: serde_json::to_vec(item).unwrap_or_default(),
+                    payload: dead_letter_payload(entity, key, item, &error),
                     code: "invalid_payload",
                     message: error.to_string(),
                 };
@@ -262,6 +262,21 @@ impl<S: EntitySearch, P: Publisher> Scan<'_, '_, S, P> {
         self.round.checkpoint.seen.insert((key.updated_at_ms, version));
         Ok(())
     }
+}
+
+/// What an operator needs to find and fix a record, without copying the person into the DLQ:
+/// the entity, its version, the error and the field in question as Magento sent it.
+fn dead_letter_payload(entity: Entity, key: Keyset, item: &Value, error: &NormalizeError) -> Vec<u8> {
+    let field = error.field();
+    let fields = serde_json::json!({ field: item.get(field).cloned().unwrap_or(Value::Null) });
+    let payload = serde_json::json!({
+        "entity": entity.as_str(),
+        "entity_id": key.id,
+        "updated_at": crate::normalize::format_magento_time(key.updated_at_ms),
+        "error": error.to_string(),
+        "fields": fields,
+    });
+    serde_json::to_vec(&payload).expect("plain data serialises")
 }
 
 /// 64 bits of SHA-256: the event id names the version's content, so equal keys mean the same

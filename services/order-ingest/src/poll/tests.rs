@@ -201,8 +201,12 @@ async fn a_broken_order_is_dead_lettered_once_and_the_round_carries_on() {
         ("10", "invalid_payload", "magento-poll/orders")
     );
     assert!(dead[0].message.contains("grand_total"), "{}", dead[0].message);
-    let original: Value = serde_json::from_slice(&dead[0].payload).unwrap();
-    assert_eq!(original["grand_total"], "lots", "the record is kept as Magento sent it");
+    let parked: Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert_eq!(parked["fields"], serde_json::json!({"grand_total": "lots"}), "the field in question, as sent");
+    assert_eq!((parked["entity_id"].as_i64(), parked["entity"].as_str()), (Some(10), Some("orders")));
+    let text = String::from_utf8_lossy(&dead[0].payload);
+    let email = magento.lock().unwrap().orders[&10]["customer_email"].as_str().unwrap().to_owned();
+    assert!(!text.contains(&email) && !text.contains("customer_firstname"), "not the person: {text}");
     let (again, _) = run(&search, &publisher, &round.checkpoint, Duration::from_secs(60), 7).await;
     assert_eq!((again.published, again.skipped_invalid), (0, 0));
     assert_eq!(publisher.2.lock().unwrap().len(), 1, "reported once per version");

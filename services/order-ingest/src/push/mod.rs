@@ -48,7 +48,8 @@ pub struct DeadLetter {
     pub source: String,
     /// The entity id (the DLQ record's key).
     pub entity_id: String,
-    /// The record as Magento sent it.
+    /// What identifies and explains the record (entity, version, error, the fields in
+    /// question), never the whole record: the DLQ must not become a copy of people's data.
     pub payload: Vec<u8>,
     /// Bounded code, e.g. `invalid_payload`.
     pub code: &'static str,
