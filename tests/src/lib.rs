@@ -265,7 +265,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// An order-ingest command on the shared stack with topics of its own (`topic` and
-/// `topic.{inventory,outcomes,commands,checkpoints,dlq}`, 3 partitions), reading `magento_url`,
+/// `topic.{inventory,outcomes,commands,checkpoints,dlq,erased}`, 3 partitions), reading `magento_url`,
 /// logging to `dir/<log>.log`. Polling is off unless the caller sets an interval.
 pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Command {
     let mut command = Command::new(binary("order-ingest"));
@@ -286,6 +286,7 @@ pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Co
         .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
         .env("ELO_ORDER_INGEST_CHECKPOINT_TOPIC", format!("{topic}.checkpoints"))
         .env("ELO_ORDER_INGEST_DLQ_TOPIC", format!("{topic}.dlq"))
+        .env("ELO_ORDER_INGEST_ERASED_TOPIC", format!("{topic}.erased"))
         .env("ELO_ORDER_INGEST_COMMANDS_GROUP", format!("{topic}.commands-group"))
         .env("ELO_TOPIC_PARTITIONS", "3")
         .stdout(Stdio::null())
