@@ -110,7 +110,8 @@ pub async fn run<S: poll::EntitySearch, P: crate::push::Publisher>(
 }
 
 /// The CLI entry: the service's publisher and Magento client, a throwaway admin port.
-pub async fn main(config: crate::Config, args: BackfillArgs) -> anyhow::Result<()> {
+pub async fn main(mut config: crate::Config, args: BackfillArgs) -> anyhow::Result<()> {
+    crate::no_idle_linger(&mut config.common.kafka)?;
     let topics = vec![
         config.common.topics.spec(&config.common.topics.commerce),
         config.common.topics.spec(&config.common.topics.inventory),

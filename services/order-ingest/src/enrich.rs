@@ -41,6 +41,7 @@ pub struct Enricher<P, M> {
     inventory: Option<InventoryChecker>,
     consent_ttl: Duration,
     consents: Mutex<HashMap<i64, (MarketingConsent, Instant)>>,
+    consent_flights: crate::flight::Flights<i64>,
 }
 
 /// Consent entries kept before expired ones are swept.
@@ -49,7 +50,8 @@ const CONSENT_SWEEP_AT: usize = 50_000;
 impl<P, M> Enricher<P, M> {
     /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
     pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
-        Self { inner, magento, inventory, consent_ttl, consents: Mutex::new(HashMap::new()) }
+        let (consents, consent_flights) = (Mutex::new(HashMap::new()), Default::default());
+        Self { inner, magento, inventory, consent_ttl, consents, consent_flights }
     }
 
     /// The publisher behind the enrichment.
@@ -59,11 +61,22 @@ impl<P, M> Enricher<P, M> {
 }
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
+    fn cached_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        let cache = self.consents.lock().expect("consent lock");
+        cache.get(&customer_id).filter(|(_, at)| at.elapsed() < self.consent_ttl).map(|(consent, _)| consent.clone())
+    }
+
+    /// The customer's consent: cached, or looked up once however many orders ask at once.
     async fn consent(&self, customer_id: i64) -> Option<MarketingConsent> {
-        if let Some((consent, at)) = self.consents.lock().expect("consent lock").get(&customer_id)
-            && at.elapsed() < self.consent_ttl
-        {
-            return Some(consent.clone());
+        if let Some(consent) = self.cached_consent(customer_id) {
+            return Some(consent);
+        }
+        self.consent_flights.run(&customer_id, self.fetch_consent(customer_id)).await
+    }
+
+    async fn fetch_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        if let Some(consent) = self.cached_consent(customer_id) {
+            return Some(consent); // fetched while this one waited
         }
         match self.magento.customer(customer_id).await {
             Ok(customer) => {
@@ -94,24 +107,41 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P,
                 self.consents.lock().expect("consent lock").remove(&id);
             }
         }
-        let mut event = event.clone();
-        let registered = event.customer.as_ref().and_then(|c| c.customer_id);
-        if let (Some(order_customer), Some(id), true) = (event.customer.as_mut(), registered, event.order.is_some())
-            && let Some(consent) = self.consent(id).await
-        {
-            order_customer.consent = consent;
-        }
-        if let (Some(checker), Some(order)) = (&self.inventory, event.order.as_mut()) {
-            let check = checker.check(&self.magento, order, crate::now_ms()).await;
+        // Consent and every SKU's stock are asked at once, not one after another.
+        let registered = event.customer.as_ref().and_then(|c| c.customer_id).filter(|_| event.order.is_some());
+        let consent = async {
+            match registered {
+                Some(id) => self.consent(id).await,
+                None => None,
+            }
+        };
+        let check = async {
+            match (&self.inventory, &event.order) {
+                (Some(checker), Some(order)) => Some(checker.check(&self.magento, order, crate::now_ms()).await),
+                _ => None,
+            }
+        };
+        let (consent, check) = tokio::join!(consent, check);
+        if let (Some(checker), Some(check)) = (&self.inventory, &check) {
             let sends = check.events.iter().map(|e| self.inner.publish_inventory(e));
             let results = futures::future::join_all(sends).await;
             // Only acknowledged facts are cached: a lost one is observed and published again.
             for (fact, result) in check.events.iter().zip(&results) {
-                if result.is_ok() {
-                    checker.remember(fact);
+                match result {
+                    Ok(()) => checker.remember(fact),
+                    Err(_) => checker.forget(fact),
                 }
             }
             results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        }
+        if consent.is_none() && check.is_none() {
+            return self.inner.publish(event).await;
+        }
+        let mut event = event.clone();
+        if let (Some(person), Some(consent)) = (event.customer.as_mut(), consent) {
+            person.consent = consent;
+        }
+        if let (Some(order), Some(check)) = (event.order.as_mut(), check) {
             order.inventory_status = check.status;
         }
         self.inner.publish(&event).await
@@ -264,5 +294,52 @@ pub(crate) mod tests {
         enricher.publish(&event).await.unwrap();
         let stock = publisher.0.stock.lock().unwrap();
         assert_eq!(stock.len(), 1, "the retry observes and publishes the fact again instead of trusting the cache");
+    }
+
+    /// The sandbox's shop answering after 50 ms, counting customer and stock calls.
+    struct Slow(Shop, std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize);
+
+    impl MagentoApi for Slow {
+        async fn order(&self, id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+            self.0.order(id).await
+        }
+        async fn customer(&self, id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.customer(id).await
+        }
+        async fn salable_qty(
+            &self,
+            sku: &str,
+            stock_id: i32,
+        ) -> Result<Option<elo_events::Decimal4>, crate::source::SourceError> {
+            self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.salable_qty(sku, stock_id).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consent_and_stock_are_asked_at_once_and_a_burst_costs_one_call_each() {
+        let shop = Shop::generated(60);
+        let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+        let mut one_line = order.clone();
+        let line = order["items"].as_array().unwrap().iter().find(|i| i["product_type"] == "simple").unwrap().clone();
+        one_line["items"] = serde_json::json!([line]);
+        let magento = Slow(shop, Default::default(), Default::default());
+        let recorder = Recorder::default();
+        let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+        let enricher = Enricher::new(recorder.clone(), magento, Some(checker), Duration::from_secs(60));
+        let event = crate::normalize::order_event(&one_line, None, &Default::default(), 0).unwrap();
+        let started = tokio::time::Instant::now();
+        // A burst: twenty orders of one customer for one hot SKU, all at once.
+        let results = futures::future::join_all((0..20).map(|_| enricher.publish(&event))).await;
+        assert!(results.iter().all(Result::is_ok));
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(100), "consent and stock in parallel, not 50 + 50 ms: {took:?}");
+        let calls = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!((calls(&enricher.magento.1), calls(&enricher.magento.2)), (1, 1), "one lookup each");
+        assert_eq!(recorder.events.lock().unwrap().len(), 20);
+        assert_eq!(recorder.stock.lock().unwrap().len(), 1, "one stock fact for one reading");
     }
 }

@@ -66,6 +66,10 @@ pub struct InventoryChecker {
     config: InventoryConfig,
     permits: Semaphore,
     cache: Mutex<HashMap<String, Cached>>,
+    /// Fetched, its fact not yet acknowledged: shared with orders that waited on the fetch
+    /// (single flight), never served from the cache.
+    pending: Mutex<HashMap<String, Cached>>,
+    flights: crate::flight::Flights<String>,
 }
 
 /// A SKU's salable quantity as last read (`None`: not stock-managed).
@@ -87,7 +91,8 @@ impl InventoryChecker {
     pub fn new(config: InventoryConfig) -> Self {
         metrics::CHECKS.with_label_values(&["fetched"]).inc_by(0);
         let permits = Semaphore::new(config.concurrency.max(1));
-        Self { config, permits, cache: Mutex::new(HashMap::new()) }
+        let (cache, pending) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
+        Self { config, permits, cache, pending, flights: Default::default() }
     }
 
     /// Classifies a salable quantity.
@@ -151,45 +156,74 @@ impl InventoryChecker {
         OrderCheck { status, events }
     }
 
+    /// A reusable reading for an order placed at `placed_at`: cached, or fetched by a concurrent
+    /// check that this one waited for.
+    fn reusable(&self, sku: &str, placed_at: i64) -> Option<Option<Decimal4>> {
+        let usable = |c: &Cached| c.at.elapsed() < self.config.cache_ttl && placed_at <= c.read_at;
+        let cached = self.cache.lock().expect("cache lock").get(sku).filter(|c| usable(c)).map(|c| c.qty);
+        cached.or_else(|| self.pending.lock().expect("cache lock").get(sku).filter(|c| usable(c)).map(|c| c.qty))
+    }
+
     /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read.
     async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str, placed_at: i64, now_ms: i64) -> Observation {
-        if let Some(cached) = self.cache.lock().expect("cache lock").get(sku)
-            && cached.at.elapsed() < self.config.cache_ttl
-            && placed_at <= cached.read_at
-        {
+        if let Some(qty) = self.reusable(sku, placed_at) {
             metrics::CHECKS.with_label_values(&["cached"]).inc();
-            return Observation::Cached(cached.qty);
+            return Observation::Cached(qty);
         }
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
-        match magento.salable_qty(sku, self.config.stock_id).await {
-            Ok(qty) => {
-                metrics::CHECKS.with_label_values(&[if qty.is_some() { "fetched" } else { "unknown_sku" }]).inc();
-                if qty.is_none() {
-                    // Not stock-managed: no event to wait for.
-                    self.cache_entry(sku, None, now_ms);
+        // One fetch per SKU at a time: whoever waited reuses it (if their order is older).
+        self.flights
+            .run(&sku.to_owned(), async {
+                if let Some(qty) = self.reusable(sku, placed_at) {
+                    metrics::CHECKS.with_label_values(&["cached"]).inc();
+                    return Observation::Cached(qty);
                 }
-                Observation::Fresh(qty)
-            }
-            Err(error) => {
-                metrics::CHECKS.with_label_values(&["failed"]).inc();
-                Observation::Failed(error)
-            }
+                let _permit = self.permits.acquire().await.expect("semaphore never closed");
+                match magento.salable_qty(sku, self.config.stock_id).await {
+                    Ok(qty) => {
+                        let outcome = if qty.is_some() { "fetched" } else { "unknown_sku" };
+                        metrics::CHECKS.with_label_values(&[outcome]).inc();
+                        let reading = Cached { qty, at: Instant::now(), read_at: now_ms };
+                        if qty.is_none() {
+                            // Not stock-managed: no event to wait for.
+                            self.cache_entry(sku, reading);
+                        } else {
+                            self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
+                        }
+                        Observation::Fresh(qty)
+                    }
+                    Err(error) => {
+                        metrics::CHECKS.with_label_values(&["failed"]).inc();
+                        Observation::Failed(error)
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Its event was not acknowledged: the reading is not reused (the next order fetches and
+    /// publishes it again).
+    pub fn forget(&self, event: &InventoryEvent) {
+        let mut pending = self.pending.lock().expect("cache lock");
+        if pending.get(&event.sku).is_some_and(|p| p.read_at == event.occurred_at) {
+            pending.remove(&event.sku);
         }
     }
 
     /// Caches an observation once its event was acknowledged (never an older read over a newer).
     pub fn remember(&self, event: &InventoryEvent) {
-        self.cache_entry(&event.sku, Some(event.salable_qty), event.occurred_at);
+        let read_at = event.occurred_at;
+        self.cache_entry(&event.sku, Cached { qty: Some(event.salable_qty), at: Instant::now(), read_at });
+        self.forget(event);
     }
 
-    fn cache_entry(&self, sku: &str, qty: Option<Decimal4>, read_at: i64) {
+    fn cache_entry(&self, sku: &str, reading: Cached) {
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_SWEEP_AT {
             let ttl = self.config.cache_ttl;
             cache.retain(|_, cached| cached.at.elapsed() < ttl);
         }
-        if cache.get(sku).is_none_or(|newest| newest.read_at <= read_at) {
-            cache.insert(sku.to_owned(), Cached { qty, at: Instant::now(), read_at });
+        if cache.get(sku).is_none_or(|newest| newest.read_at <= reading.read_at) {
+            cache.insert(sku.to_owned(), reading);
         }
     }
 

@@ -21,6 +21,7 @@ pub mod commands;
 pub mod compacted;
 pub mod enrich;
 pub mod erasure;
+pub mod flight;
 pub mod inventory;
 pub mod json;
 pub mod normalize;
@@ -157,7 +158,8 @@ pub enum Command {
 }
 
 /// Runs until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    no_idle_linger(&mut config.common.kafka)?;
     let t = &config.common.topics;
     let topics = vec![
         t.spec(&t.commerce),
@@ -217,6 +219,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = follower.await;
     service.finish().await;
     failure.map_or(Ok(()), Err)
+}
+
+/// Every publish here waits for its acknowledgement (a webhook's 200 depends on it), so a
+/// batching delay is pure latency when idle (measured: 4,009 webhooks/s, p99 14 ms with the
+/// shared 5 ms default; 10,504/s, p99 8 ms with 0). librdkafka still batches whatever piles up
+/// while a request is in flight, so batches form exactly when busy. An operator's own
+/// `linger.ms` (`ELO_RDKAFKA_LINGER_MS` or `--kafka-option`) wins.
+pub fn no_idle_linger(kafka: &mut elo_kafka::KafkaArgs) -> anyhow::Result<()> {
+    let props = kafka.properties()?;
+    if !props.contains_key("linger.ms") && !props.contains_key("queue.buffering.max.ms") {
+        kafka.options.push(("linger.ms".to_owned(), "0".to_owned()));
+    }
+    Ok(())
 }
 
 /// The publisher every path uses: Kafka behind consent and inventory enrichment, behind the
@@ -565,6 +580,18 @@ mod tests {
         assert_eq!(stores.0[&2], ("br".to_owned(), 3));
         assert!(super::parse_stores("1=default").is_err());
         assert!(super::parse_stores("x=default:1").is_err());
+    }
+
+    #[test]
+    fn the_producer_does_not_linger_when_idle_unless_the_operator_says_so() {
+        let mut kafka = elo_kafka::KafkaArgs::local("127.0.0.1:9092");
+        super::no_idle_linger(&mut kafka).unwrap();
+        let producer = kafka.client_config_with(&[("linger.ms", "5")], &[]).unwrap();
+        assert_eq!(producer.get("linger.ms"), Some("0"), "the shared default is overridden");
+        let mut tuned = elo_kafka::KafkaArgs::local("127.0.0.1:9092");
+        tuned.options.push(("linger.ms".into(), "20".into()));
+        super::no_idle_linger(&mut tuned).unwrap();
+        assert_eq!(tuned.client_config_with(&[("linger.ms", "5")], &[]).unwrap().get("linger.ms"), Some("20"));
     }
 
     #[test]
