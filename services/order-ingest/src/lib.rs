@@ -65,9 +65,17 @@ pub struct Config {
     /// Address of the Magento push endpoint (`POST /webhooks/magento/orders`).
     #[arg(long = "listen", env = "ELO_ORDER_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// File holding the webhook signing secret; the push endpoint stays off without it.
+    /// File holding the webhook HMAC signing secret; the push endpoint stays off without it
+    /// (or without an Adobe Commerce public key).
     #[arg(long = "webhook-secret-file", env = "ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<std::path::PathBuf>,
+    /// File holding the previous HMAC secret, still accepted while senders move to the new one.
+    #[arg(long = "webhook-previous-secret-file", env = "ELO_ORDER_INGEST_WEBHOOK_PREVIOUS_SECRET_FILE")]
+    pub webhook_previous_secret_file: Option<std::path::PathBuf>,
+    /// File holding the Adobe Commerce Webhooks public key (PEM, from Stores > Configuration >
+    /// Adobe Services > Webhooks): `x-adobe-commerce-webhook-signature` is then accepted.
+    #[arg(long = "adobe-webhook-public-key-file", env = "ELO_ORDER_INGEST_ADOBE_WEBHOOK_PUBLIC_KEY_FILE")]
+    pub adobe_webhook_public_key_file: Option<std::path::PathBuf>,
     /// Accepted clock difference for signed notifications (replay protection), e.g. `300s`.
     #[arg(long = "webhook-tolerance", env = "ELO_ORDER_INGEST_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = elo_service::parse_duration)]
     pub webhook_tolerance: Duration,
@@ -184,11 +192,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased));
     let poller =
         (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
-    let push = match &config.webhook_secret_file {
-        Some(path) => Some(start_push(&service, &config, path, source.clone(), publisher.clone()).await?),
+    let push = match webhook_verifier(&config)? {
+        Some(verifier) => Some(start_push(&service, &config, verifier, source.clone(), publisher.clone()).await?),
         None => {
             tracing::warn!(
-                "no webhook secret configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE): the push endpoint is off"
+                "no webhook secret or Adobe key configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE, \
+                 ELO_ORDER_INGEST_ADOBE_WEBHOOK_PUBLIC_KEY_FILE): the push endpoint is off"
             );
             None
         }
@@ -455,26 +464,49 @@ mod metrics {
     });
 }
 
+/// The accepted webhook signatures from their files; `None` when none is configured.
+pub fn webhook_verifier(config: &Config) -> anyhow::Result<Option<push::Verifier>> {
+    use anyhow::Context;
+    let read = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))
+            .map(|s| s.trim().to_owned())
+    };
+    let mut hmac_secrets = Vec::new();
+    for path in [&config.webhook_secret_file, &config.webhook_previous_secret_file].into_iter().flatten() {
+        let secret = read(path)?;
+        anyhow::ensure!(
+            secret.len() >= 16,
+            "the webhook secret in {} must have at least 16 characters",
+            path.display()
+        );
+        hmac_secrets.push(secret);
+    }
+    let adobe_key = match &config.adobe_webhook_public_key_file {
+        Some(path) => {
+            let pem = read(path)?;
+            let key = push::Verifier::adobe_key_from_pem(pem.as_bytes()).map_err(anyhow::Error::msg)?;
+            Some(Arc::new(key))
+        }
+        None => None,
+    };
+    if hmac_secrets.is_empty() && adobe_key.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(push::Verifier { hmac_secrets, adobe_key, tolerance: config.webhook_tolerance }))
+}
+
 /// Serves the signed push endpoint until shutdown (in-flight requests finish first).
 async fn start_push(
     service: &Service,
     config: &Config,
-    secret_file: &std::path::Path,
+    verifier: push::Verifier,
     source: Arc<wiring::MagentoSource>,
     publisher: Arc<SharedPublisher>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context;
-    let secret = std::fs::read_to_string(secret_file)
-        .with_context(|| format!("reading {}", secret_file.display()))?
-        .trim()
-        .to_owned();
-    anyhow::ensure!(secret.len() >= 16, "the webhook secret must have at least 16 characters");
-    let push_config = push::PushConfig {
-        secret,
-        tolerance: config.webhook_tolerance,
-        max_body_bytes: config.max_body_bytes,
-        stores: config.magento_stores.clone(),
-    };
+    let push_config =
+        push::PushConfig { verifier, max_body_bytes: config.max_body_bytes, stores: config.magento_stores.clone() };
     let listener =
         tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, "push endpoint listening");
