@@ -88,7 +88,7 @@ pub struct Config {
     /// Magento admin user for REST calls.
     #[arg(long = "magento-username", env = "ELO_MAGENTO_USERNAME", default_value = "admin")]
     pub magento_username: String,
-    /// File holding the Magento admin password [default: the sandbox's].
+    /// File holding the Magento admin password (required unless Magento is the local sandbox).
     #[arg(long = "magento-password-file", env = "ELO_MAGENTO_PASSWORD_FILE")]
     pub magento_password_file: Option<std::path::PathBuf>,
     /// Pause between poll rounds (`0s` turns polling off).
@@ -310,16 +310,33 @@ fn enriching_publisher(
     enrich::Enricher::new(kafka, source, inventory, config.customer_cache_ttl)
 }
 
-/// The Magento REST client, with the admin password from its file (the sandbox's by default).
+/// The Magento REST client, with the admin password from its file.
 pub(crate) fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
-    use anyhow::Context;
-    let password = match &config.magento_password_file {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
-        }
-        None => "elo-sandbox-admin1".to_owned(),
-    };
+    let password = magento_password(config)?;
     Ok(wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?)
+}
+
+/// The admin password from `ELO_MAGENTO_PASSWORD_FILE`. Only a Magento on this machine (the
+/// local sandbox) may go without one: a real store never gets a built-in password tried on it.
+pub fn magento_password(config: &Config) -> anyhow::Result<String> {
+    use anyhow::Context;
+    match &config.magento_password_file {
+        Some(path) => {
+            Ok(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned())
+        }
+        None => {
+            let host = config.magento_url.split("://").nth(1).unwrap_or_default();
+            let local = ["127.0.0.1", "localhost", "[::1]"]
+                .iter()
+                .any(|h| host.strip_prefix(h).is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/'])));
+            anyhow::ensure!(
+                local,
+                "ELO_MAGENTO_PASSWORD_FILE is required for {} (only the local sandbox has a default)",
+                config.magento_url
+            );
+            Ok("elo-sandbox-admin1".to_owned())
+        }
+    }
 }
 
 /// Consumes `integration.commands` (the repair path) until shutdown, then drains and commits.
@@ -624,6 +641,18 @@ mod tests {
         tuned.options.push(("linger.ms".into(), "20".into()));
         super::no_idle_linger(&mut tuned).unwrap();
         assert_eq!(tuned.client_config_with(&[("linger.ms", "5")], &[]).unwrap().get("linger.ms"), Some("20"));
+    }
+
+    #[test]
+    fn only_the_local_sandbox_has_a_default_admin_password() {
+        use clap::Parser;
+        let config = |url: &str| super::Config::try_parse_from(["order-ingest", "--magento-url", url]).unwrap();
+        assert!(super::magento_password(&config("http://127.0.0.1:8701")).is_ok());
+        assert!(super::magento_password(&config("http://localhost:8701/")).is_ok());
+        for remote in ["https://shop.example.com", "http://127.0.0.1.evil.example:80", "http://localhost.example"] {
+            let error = super::magento_password(&config(remote)).unwrap_err().to_string();
+            assert!(error.contains("ELO_MAGENTO_PASSWORD_FILE"), "{remote}: {error}");
+        }
     }
 
     #[test]

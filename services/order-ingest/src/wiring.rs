@@ -182,11 +182,20 @@ impl MagentoSource {
 }
 
 /// 404 is final, anything retriable (transport, 5xx, 429) is an outage, the rest a refusal.
+/// Magento's error bodies can echo what was asked (a customer's e-mail, an address): they are
+/// logged at debug only and never travel in the error, which reaches warn-level logs.
 fn classify(error: elo_http_client::Error) -> SourceError {
+    if let Some(body) = error.body() {
+        tracing::debug!(body, "magento error body");
+    }
+    let what = match error.status() {
+        Some(status) => format!("magento: HTTP {}", status.as_u16()),
+        None => error.to_string(), // transport errors carry no body
+    };
     match error.status().map(|s| s.as_u16()) {
         Some(404) => SourceError::NotFound,
-        _ if error.is_retriable() => SourceError::Unavailable(error.to_string()),
-        _ => SourceError::Refused(error.to_string()),
+        _ if error.is_retriable() => SourceError::Unavailable(what),
+        _ => SourceError::Refused(what),
     }
 }
 
@@ -270,6 +279,24 @@ pub(crate) fn keyset_query(store_id: i64, after: crate::poll::Keyset, page_size:
         ("searchCriteria[currentPage]".to_owned(), "1".to_owned()),
     ];
     query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn magento_error_bodies_stay_out_of_errors() {
+        for status in [400, 500] {
+            let error = elo_http_client::Error::Status {
+                downstream: "magento",
+                status: axum::http::StatusCode::from_u16(status).unwrap(),
+                body: r#"{"message":"No such entity with email = ana@example.com"}"#.into(),
+                retry_after: None,
+            };
+            let classified = super::classify(error).to_string();
+            assert!(!classified.contains("ana@example.com"), "{classified}");
+            assert!(classified.contains(&status.to_string()), "{classified}");
+        }
+    }
 }
 
 fn urlencode(text: &str) -> String {
