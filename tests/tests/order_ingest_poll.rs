@@ -92,3 +92,57 @@ async fn polling_survives_kill_9_and_loses_no_order() {
         "the restart resumed from the checkpoint, not from scratch ({republished} republished)"
     );
 }
+
+/// Order id → statuses published for it.
+fn published_statuses(topic: &str) -> std::collections::BTreeMap<i64, BTreeSet<String>> {
+    let mut statuses = std::collections::BTreeMap::<i64, BTreeSet<String>>::new();
+    if topic_count(topic, 3) == 0 {
+        return statuses; // not created yet
+    }
+    for record in read_all(&brokers(), topic, 3) {
+        let Some((_, body)) = record.payload().and_then(|p| elo_events::codec::unframe(p).ok()) else { continue };
+        let Ok(event) = elo_events::codec::decode_direct::<CommerceEvent>(body) else { continue };
+        if let Some(order) = event.order {
+            statuses.entry(order.entity_id).or_default().insert(order.status);
+        }
+    }
+    statuses
+}
+
+/// A mass status change (the sandbox contract's `POST .../magento/orders/mass-status`, done
+/// here on the simulator's state in process): a thousand orders saved in one second, five times
+/// the round budget set here (4 pages of 50). Every one of them reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_status_change_larger_than_the_round_budget_is_published_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("poll.mass");
+    let (magento, magento_url) = serve_magento(1000).await;
+    let ids: BTreeSet<i64> = magento.sim.lock().unwrap().orders.keys().copied().collect();
+    let _ingest = ChildGuard::spawn(
+        "order-ingest",
+        order_ingest(dir.path(), &topic, &magento_url, "mass")
+            .env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s")
+            .env("ELO_ORDER_INGEST_POLL_PAGE_SIZE", "50")
+            .env("ELO_ORDER_INGEST_POLL_MAX_PAGES", "4")
+            .env("ELO_ORDER_INGEST_POLL_ENTITIES", "orders"),
+    );
+    let caught_up = wait_until(Duration::from_secs(120), || published_statuses(&topic).len() == ids.len()).await;
+    assert!(caught_up, "the first pass never finished:\n{}", log(dir.path(), "mass"));
+
+    let second = order_ingest::normalize::format_magento_time(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64,
+    );
+    for order in magento.sim.lock().unwrap().orders.values_mut() {
+        order["status"] = serde_json::Value::from("holded");
+        order["state"] = serde_json::Value::from("holded");
+        order["updated_at"] = serde_json::Value::from(second.clone());
+    }
+    let done = wait_until(Duration::from_secs(120), || {
+        let statuses = published_statuses(&topic);
+        ids.iter().all(|id| statuses.get(id).is_some_and(|s| s.contains("holded")))
+    })
+    .await;
+    let statuses = published_statuses(&topic);
+    let missing = ids.iter().filter(|id| !statuses.get(id).is_some_and(|s| s.contains("holded"))).count();
+    assert!(done, "{missing} of {} changed orders never published:\n{}", ids.len(), log(dir.path(), "mass"));
+}
