@@ -322,3 +322,23 @@ pub fn topic_count(topic: &str, partitions: i32) -> i64 {
         .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0))
         .sum()
 }
+
+/// Asserts `record` carries a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`) with
+/// a real (non-zero) trace id.
+pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    let value = record
+        .headers()
+        .and_then(|h| (0..h.count()).map(|i| h.get(i)).find(|h| h.key == "traceparent"))
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let value = value.unwrap_or_else(|| panic!("record at offset {} has no traceparent", record.offset()));
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(
+        parts.len() == 4 && parts[0] == "00" && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2),
+        "not a W3C traceparent: {value}"
+    );
+    assert_ne!(parts[1], "0".repeat(32), "an invalid (zero) trace id");
+}

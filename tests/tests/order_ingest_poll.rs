@@ -145,4 +145,6 @@ async fn a_mass_status_change_larger_than_the_round_budget_is_published_in_full(
     let statuses = published_statuses(&topic);
     let missing = ids.iter().filter(|id| !statuses.get(id).is_some_and(|s| s.contains("holded"))).count();
     assert!(done, "{missing} of {} changed orders never published:\n{}", ids.len(), log(dir.path(), "mass"));
+    // Polled records carry a trace context too.
+    read_all(&brokers(), &topic, 3).iter().for_each(assert_traceparent);
 }

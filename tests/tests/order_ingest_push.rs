@@ -67,18 +67,20 @@ async fn pushed_orders_reach_commerce_events_with_stable_ids() {
     // retry a notification that had in fact been published (at-least-once, same id).
     assert!(records.len() as u64 >= delivered, "{} events for {delivered} acknowledged notifications", records.len());
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
-    let mut ids_by_version: BTreeMap<(i64, String), BTreeSet<String>> = BTreeMap::new();
+    // A version is its content: two changes saved within one second are two versions.
+    let mut ids_by_version: BTreeMap<(i64, String, String), BTreeSet<String>> = BTreeMap::new();
     for record in &records {
         let event: CommerceEvent = codec.decode(record.payload().unwrap()).await.unwrap();
         assert_eq!(record.key(), Some(event.customer_key.as_bytes()), "keyed by customer");
+        assert_traceparent(record);
         let order = event.order.as_ref().unwrap();
         ids_by_version
-            .entry((order.entity_id, event.source_version.updated_at.to_string()))
+            .entry((order.entity_id, event.source_version.updated_at.to_string(), order.status.clone()))
             .or_default()
             .insert(event.event_id.clone());
     }
     assert!(ids_by_version.values().all(|ids| ids.len() == 1), "redelivered facts carry the same event_id");
-    let orders: BTreeSet<i64> = ids_by_version.keys().map(|(id, _)| *id).collect();
+    let orders: BTreeSet<i64> = ids_by_version.keys().map(|(id, _, _)| *id).collect();
     assert_eq!(orders.len(), versions, "every order reached the topic");
     assert!(duplicates > 0 && records.len() > ids_by_version.len(), "duplicates were pushed and absorbed by id");
 

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::Digest;
+use tracing::Instrument;
 
 pub use checkpoint::{Checkpoint, Keyset, MAX_SEEN};
 
@@ -240,7 +241,10 @@ impl<S: EntitySearch, P: Publisher> Scan<'_, '_, S, P> {
         }
         match event {
             Ok(event) => {
-                self.publisher.publish(&event).await?;
+                // One trace per polled version: its span's context becomes the record's
+                // `traceparent`, so the sinks' work on it joins the same trace.
+                let span = tracing::info_span!("poll_publish", entity = entity.as_str(), entity_id = key.id);
+                self.publisher.publish(&event).instrument(span).await?;
                 self.round.published += 1;
             }
             Err(error) => {

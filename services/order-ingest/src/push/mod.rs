@@ -157,6 +157,8 @@ fn source_failed(entity: &str, id: i64, error: SourceError) -> Response {
     refuse(StatusCode::BAD_GATEWAY, "source_unavailable", message)
 }
 
+// One trace per notification: its span's context becomes the records' `traceparent`.
+#[tracing::instrument(name = "magento_webhook", skip_all, fields(route = "/webhooks/magento/orders"))]
 async fn receive_order<P: Publisher, S: MagentoApi>(
     State(state): State<Arc<PushState<P, S>>>,
     headers: HeaderMap,
@@ -243,6 +245,7 @@ fn customer_notice(payload: &Value) -> Result<CustomerNotice, &'static str> {
     }
 }
 
+#[tracing::instrument(name = "magento_webhook", skip_all, fields(route = "/webhooks/magento/customers"))]
 async fn receive_customer<P: Publisher, S: MagentoApi>(
     State(state): State<Arc<PushState<P, S>>>,
     headers: HeaderMap,
