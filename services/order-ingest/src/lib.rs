@@ -79,6 +79,16 @@ pub struct Config {
     /// Accepted clock difference for signed notifications (replay protection), e.g. `300s`.
     #[arg(long = "webhook-tolerance", env = "ELO_ORDER_INGEST_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = elo_service::parse_duration)]
     pub webhook_tolerance: Duration,
+    /// Time a push client has to send its request headers (slow clients are cut off).
+    #[arg(long = "header-read-timeout", env = "ELO_ORDER_INGEST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = elo_service::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Time a push request may take, body and publication included (answered 503 past it);
+    /// keep it above the delivery timeout plus 5 s so a slow broker ends in its own 503.
+    #[arg(long = "request-timeout", env = "ELO_ORDER_INGEST_REQUEST_TIMEOUT", default_value = "45s", value_parser = elo_service::parse_duration)]
+    pub request_timeout: Duration,
+    /// Push connections served at once; more are refused at once with a 503 (load shedding).
+    #[arg(long = "max-connections", env = "ELO_ORDER_INGEST_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
     /// Largest accepted notification body.
     #[arg(long = "max-body-bytes", env = "ELO_ORDER_INGEST_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -529,11 +539,14 @@ async fn start_push(
     tracing::info!(listen = %config.listen, "push endpoint listening");
     let app = push::router(push_config, publisher, source);
     let stop = service.shutdown.clone();
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-            tracing::error!(error = %error, "push endpoint failed");
-        }
-    }))
+    let limits = push::ListenerLimits {
+        header_read_timeout: config.header_read_timeout,
+        request_timeout: config.request_timeout,
+        max_connections: config.max_connections,
+    };
+    // In-flight requests finish within their own timeout.
+    let drain = config.request_timeout;
+    Ok(tokio::spawn(push::serve(listener, app, limits, stop, drain)))
 }
 
 /// Registers the schemas this service writes, retrying while the registry is unavailable.

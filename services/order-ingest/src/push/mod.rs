@@ -26,7 +26,10 @@ use serde_json::{Value, json};
 use crate::normalize::{ErasureRequest, NormalizeError, Stores, customer_event, erasure_events, order_event};
 use crate::source::{MagentoApi, SourceError};
 
+mod serve;
 mod signature;
+
+pub use serve::{ListenerLimits, serve};
 
 pub use signature::{ADOBE_SIGNATURE_HEADER, SIGNATURE_HEADER, Verifier, verify_signature};
 
