@@ -127,7 +127,7 @@ pub async fn main(mut config: crate::Config, args: BackfillArgs) -> anyhow::Resu
         service.finish().await;
         return Ok(());
     };
-    let source = Arc::new(crate::magento_source(&config)?);
+    let source = Arc::new(crate::magento_source(&config, "magento-backfill")?);
     let publisher = crate::shared_publisher(&service, &config, source.clone(), erased);
     let started = std::time::Instant::now();
     let summary = run(

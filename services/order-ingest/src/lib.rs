@@ -197,13 +197,19 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         service.finish().await;
         return Ok(());
     };
-    // One Magento client (one admin token) and one publisher serve both paths.
-    let source = Arc::new(magento_source(&config)?);
-    let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased));
-    let poller =
-        (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
+    // Each path has its own Magento connection pool (and enrichment caches), so a slow poll or
+    // a storm of repairs cannot take the connections webhooks are waiting for.
+    let path = |downstream| -> anyhow::Result<_> {
+        let source = Arc::new(magento_source(&config, downstream)?);
+        let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased.clone()));
+        Ok((source, publisher))
+    };
+    let (push_source, push_publisher) = path("magento-push")?;
+    let (poll_source, poll_publisher) = path("magento-poll")?;
+    let (commands_source, commands_publisher) = path("magento-commands")?;
+    let poller = (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, poll_source, poll_publisher));
     let push = match webhook_verifier(&config)? {
-        Some(verifier) => Some(start_push(&service, &config, verifier, source.clone(), publisher.clone()).await?),
+        Some(verifier) => Some(start_push(&service, &config, verifier, push_source, push_publisher).await?),
         None => {
             tracing::warn!(
                 "no webhook secret or Adobe key configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE, \
@@ -212,7 +218,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let mut commands = start_commands(&service, &config, source.clone(), publisher.clone());
+    let mut commands = start_commands(&service, &config, commands_source, commands_publisher);
     let mut failure = None;
     tokio::select! {
         _ = service.shutdown.cancelled() => {
@@ -321,9 +327,10 @@ fn enriching_publisher(
 }
 
 /// The Magento REST client, with the admin password from its file.
-pub(crate) fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
+/// `downstream` names its pool in the HTTP client's metrics.
+pub(crate) fn magento_source(config: &Config, downstream: &'static str) -> anyhow::Result<wiring::MagentoSource> {
     let password = magento_password(config)?;
-    Ok(wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?)
+    Ok(wiring::MagentoSource::new(downstream, config.magento_url.clone(), config.magento_username.clone(), password)?)
 }
 
 /// The admin password from `ELO_MAGENTO_PASSWORD_FILE`. Only a Magento on this machine (the

@@ -111,8 +111,15 @@ pub struct MagentoSource {
 }
 
 impl MagentoSource {
-    pub fn new(base_url: String, username: String, password: String) -> Result<Self, elo_http_client::Error> {
-        let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new("magento") })?;
+    /// `downstream` names this client's pool (`magento-push`, `magento-poll`...): each has its
+    /// own connections and concurrency cap.
+    pub fn new(
+        downstream: &'static str,
+        base_url: String,
+        username: String,
+        password: String,
+    ) -> Result<Self, elo_http_client::Error> {
+        let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new(downstream) })?;
         // Exported from the start, zeros included, so dashboards and alerts see the series.
         std::sync::LazyLock::force(&metrics::MAGENTO_ERRORS);
         Ok(Self {
@@ -283,6 +290,54 @@ pub(crate) fn keyset_query(store_id: i64, after: crate::poll::Keyset, page_size:
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::poll::EntitySearch;
+
+    /// A Magento whose order search takes 3 s and whose single-order read is instant.
+    async fn slow_search_magento() -> String {
+        let app = axum::Router::new()
+            .route("/rest/V1/integration/admin/token", axum::routing::post(|| async { axum::Json(json!("token")) }))
+            .route(
+                "/rest/V1/orders",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    axum::Json(json!({"items": [], "total_count": 0}))
+                }),
+            )
+            .route("/rest/V1/orders/{id}", axum::routing::get(|| async { axum::Json(json!({"entity_id": 1})) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    /// How long a webhook's refetch (through `push`) waits while `poll` has 8 slow searches out.
+    async fn refetch_during_a_slow_poll(push: Arc<MagentoSource>, poll: Arc<MagentoSource>) -> Duration {
+        push.order(1).await.unwrap(); // token fetched, connection warm
+        for _ in 0..8 {
+            let poll = poll.clone();
+            tokio::spawn(async move { poll.page_after(crate::poll::Entity::Orders, 1, Default::default(), 10).await });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        push.order(1).await.unwrap();
+        started.elapsed()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_poll_cannot_starve_webhook_refetches() {
+        let url = slow_search_magento().await;
+        let source = |name| Arc::new(MagentoSource::new(name, url.clone(), "admin".into(), "pw".into()).unwrap());
+        let separate = refetch_during_a_slow_poll(source("magento-push"), source("magento-poll")).await;
+        assert!(separate < Duration::from_millis(500), "separate pools: {separate:?}");
+        // What one shared client did: the poll held every slot, the webhook waited for it.
+        let shared = source("magento");
+        let waited = refetch_during_a_slow_poll(shared.clone(), shared).await;
+        assert!(waited > Duration::from_secs(1), "one pool: {waited:?}");
+    }
+
     #[test]
     fn magento_error_bodies_stay_out_of_errors() {
         for status in [400, 500] {
