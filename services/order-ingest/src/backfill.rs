@@ -128,7 +128,7 @@ pub async fn main(mut config: crate::Config, args: BackfillArgs) -> anyhow::Resu
         return Ok(());
     };
     let source = Arc::new(crate::magento_source(&config, "magento-backfill")?);
-    let publisher = crate::shared_publisher(&service, &config, source.clone(), erased);
+    let publisher = crate::shared_publisher(&service, &config, source.clone(), erased, false);
     let started = std::time::Instant::now();
     let summary = run(
         &*source,

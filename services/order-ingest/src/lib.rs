@@ -148,6 +148,10 @@ pub struct Config {
     /// Salable-quantity requests to Magento in flight at once.
     #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
     pub inventory_concurrency: usize,
+    /// Push path: enrichment (consent, stock) taking longer than this is finished later; the
+    /// order goes out `UNCHECKED`/`UNKNOWN` and the result follows as its own event (`0s`: wait).
+    #[arg(long = "enrichment-budget", env = "ELO_ORDER_INGEST_ENRICHMENT_BUDGET", default_value = "250ms", value_parser = elo_service::parse_duration)]
+    pub enrichment_budget: Duration,
     /// How long a customer's marketing consent is reused for their next orders.
     #[arg(long = "customer-cache-ttl", env = "ELO_ORDER_INGEST_CUSTOMER_CACHE_TTL", default_value = "60s", value_parser = elo_service::parse_duration)]
     pub customer_cache_ttl: Duration,
@@ -199,14 +203,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     };
     // Each path has its own Magento connection pool (and enrichment caches), so a slow poll or
     // a storm of repairs cannot take the connections webhooks are waiting for.
-    let path = |downstream| -> anyhow::Result<_> {
+    let path = |downstream, budgeted| -> anyhow::Result<_> {
         let source = Arc::new(magento_source(&config, downstream)?);
-        let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased.clone()));
+        let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased.clone(), budgeted));
         Ok((source, publisher))
     };
-    let (push_source, push_publisher) = path("magento-push")?;
-    let (poll_source, poll_publisher) = path("magento-poll")?;
-    let (commands_source, commands_publisher) = path("magento-commands")?;
+    let (push_source, push_publisher) = path("magento-push", true)?;
+    let (poll_source, poll_publisher) = path("magento-poll", false)?;
+    let (commands_source, commands_publisher) = path("magento-commands", false)?;
     let poller = (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, poll_source, poll_publisher));
     let push = match webhook_verifier(&config)? {
         Some(verifier) => Some(start_push(&service, &config, verifier, push_source, push_publisher).await?),
@@ -261,10 +265,10 @@ pub fn no_idle_linger(kafka: &mut elo_kafka::KafkaArgs) -> anyhow::Result<()> {
 
 /// The publisher every path uses: Kafka behind consent and inventory enrichment, behind the
 /// erasure guard (an erased person's data is dropped before any Magento lookup).
-pub type SharedPublisher = erasure::ErasureGuard<
-    enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>,
-    compacted::KafkaErasureLog,
->;
+pub type SharedPublisher = erasure::ErasureGuard<Arc<KafkaEnricher>, compacted::KafkaErasureLog>;
+
+/// Enrichment in front of Kafka.
+pub type KafkaEnricher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
 
 /// Reads the erased keys (retrying while Kafka is unavailable) and keeps following them;
 /// `None` when shutdown came first.
@@ -288,23 +292,33 @@ pub(crate) async fn load_erasures(
     }
 }
 
+/// `budgeted`: the push path, whose enrichment past `ELO_ORDER_INGEST_ENRICHMENT_BUDGET` is
+/// finished by a follow-up worker (stopped with the service) instead of holding the webhook.
 pub(crate) fn shared_publisher(
     service: &Service,
     config: &Config,
     source: Arc<wiring::MagentoSource>,
     erased: Arc<erasure::ErasedKeys>,
+    budgeted: bool,
 ) -> SharedPublisher {
     let timeout = Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5);
     let log =
         compacted::KafkaErasureLog { producer: service.producer.clone(), topic: config.erased_topic.clone(), timeout };
-    erasure::ErasureGuard::new(enriching_publisher(service, config, source), erased, log)
+    let enricher = enriching_publisher(service, config, source);
+    let enricher = if budgeted && !config.enrichment_budget.is_zero() {
+        // Bounded: past 1,024 waiting follow-ups, late orders simply stay unchecked (counted).
+        let (late, queue) = tokio::sync::mpsc::channel(1024);
+        let enricher = Arc::new(enricher.with_budget(enrich::Budget { limit: config.enrichment_budget, late }));
+        let stop = service.shutdown.clone();
+        tokio::spawn(enrich::follow_ups(queue, enricher.clone(), erased.clone(), stop));
+        enricher
+    } else {
+        Arc::new(enricher)
+    };
+    erasure::ErasureGuard::new(enricher, erased, log)
 }
 
-fn enriching_publisher(
-    service: &Service,
-    config: &Config,
-    source: Arc<wiring::MagentoSource>,
-) -> enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>> {
+fn enriching_publisher(service: &Service, config: &Config, source: Arc<wiring::MagentoSource>) -> KafkaEnricher {
     let kafka = wiring::KafkaPublisher {
         producer: service.producer.clone(),
         codec: service.codec.clone(),
