@@ -34,7 +34,8 @@ unit-and-integration:
 ## bench: throughput benchmarks, reported as ratios against a baseline of the same run
 bench: setup build
 	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
-	  scripts/stack.sh -- $(CARGO) run --release -p elo-integration-tests --bin elo-bench
+	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins && \
+	    $(CARGO) run --release -p elo-integration-tests --bin elo-bench'
 
 clean-data:
 	rm -rf .data

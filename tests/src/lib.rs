@@ -6,6 +6,8 @@
 //! one with [`TansuProcess`]. Every test uses random topic and group names, so tests can run
 //! in parallel against one broker.
 
+pub mod runtime_suite;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -198,11 +200,21 @@ impl Drop for ChildGuard {
 
 /// Lines of an output file written by `elo-test-consumer`, as (partition, offset, key).
 pub fn applied(path: &Path) -> Vec<(i32, i64, String)> {
+    applied_at(path).into_iter().map(|(p, o, k, _)| (p, o, k)).collect()
+}
+
+/// Lines of an output file written by `elo-test-consumer`, with when each was applied (ns).
+pub fn applied_at(path: &Path) -> Vec<(i32, i64, String, u128)> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?, parts.next()?.to_owned()))
+            let mut parts = l.split(' ');
+            Some((
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+                parts.next()?.to_owned(),
+                parts.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+            ))
         })
         .collect()
 }

@@ -180,8 +180,42 @@ async fn refusals_publish_nothing_and_a_broker_outage_is_a_503_the_service_survi
     let live = http.get(format!("http://127.0.0.1:{admin}/health/livez")).send().await.unwrap();
     assert_eq!(live.status(), 200, "the service stays up during the outage");
 
-    // The broker returns; Magento's retry of the refused notification now succeeds.
+    let status_of = |url: String| {
+        let http = http.clone();
+        async move { http.get(url).send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let mut unready = false;
+    for _ in 0..60 {
+        if status_of(ready.clone()).await == 503 {
+            unready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(unready, "the outage must show in readiness:\n{}", log(dir.path(), "ingest"));
+
+    // The broker returns: readiness comes back by itself (an unready pod gets no traffic, so
+    // it cannot wait for a delivery to notice), then Magento's retry succeeds.
     let _broker = TansuProcess::start(&broker_dir, kafka_port, &format!("tcp://{kafka}"), false);
+    let back = std::time::Instant::now();
+    let mut ready_again = false;
+    while back.elapsed() < Duration::from_secs(15) {
+        if status_of(ready.clone()).await == 200 {
+            ready_again = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let detail = http.get(&ready).send().await.ok();
+    let detail = match detail {
+        Some(r) => r.text().await.unwrap_or_default(),
+        None => String::new(),
+    };
+    assert!(
+        ready_again,
+        "readiness did not return within 15 s of the broker's return: {detail}\n{}",
+        log(dir.path(), "ingest")
+    );
     let mut retried = false;
     for _ in 0..60 {
         if post(body(5), SECRET).await.is_ok_and(|r| r.status() == 200) {

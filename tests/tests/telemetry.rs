@@ -85,6 +85,21 @@ async fn consumer_emits_required_metrics_and_continues_the_producers_trace() {
     });
     assert!(wait_until(Duration::from_secs(60), || committed(&brokers(), &group, &topic, 1).get(&0) == Some(&2)).await);
     assert!(health.is_ready());
+    // Commits made while running show in the metric (not only the final one at shutdown).
+    let committed_gauge = || {
+        prometheus::gather()
+            .iter()
+            .filter(|f| f.name() == "elo_consumer_committed_offset")
+            .flat_map(|f| f.get_metric().to_vec())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == topic))
+            .map(|m| m.get_gauge().get_value())
+            .sum::<f64>()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || committed_gauge() == 2.0).await,
+        "elo_consumer_committed_offset did not move before shutdown ({})",
+        committed_gauge()
+    );
     shutdown.cancel();
     run.await.unwrap().unwrap();
     assert!(!health.is_ready(), "a stopped consumer is not ready");

@@ -19,13 +19,19 @@ use crate::AvroEvent;
 /// Length of the Confluent prefix: magic byte plus schema id.
 pub const WIRE_HEADER_LEN: usize = 5;
 
-/// Codec failures, split by whether retrying can help.
+/// Codec failures. [`CodecError::class`] says what a caller should do about each.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    /// The registry could not be reached or answered with a server error.
+    /// The registry could not be reached, timed out, or answered with a server error.
     #[error("schema registry unavailable: {0}")]
     RegistryUnavailable(String),
-    /// The registry refused (incompatible schema, unknown subject or id, auth).
+    /// The registry refused our credentials (401/403).
+    #[error("schema registry refused our credentials: {0}")]
+    RegistryAuth(String),
+    /// The registry throttled us (429).
+    #[error("schema registry rate limit: {0}")]
+    RegistryRateLimited(String),
+    /// The registry refused the request itself (incompatible schema, unknown subject or id).
     #[error("schema registry refused: {0}")]
     RegistryRefused(String),
     /// The bytes are not in the Confluent wire format.
@@ -36,29 +42,84 @@ pub enum CodecError {
     Avro(String),
 }
 
+/// What a codec failure means for the record at hand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodecErrorClass {
+    /// The bytes (or the schema they name) can never be decoded: park the record.
+    Undecodable,
+    /// The registry is down or failing: retry with backoff.
+    Unavailable,
+    /// The registry refuses our credentials: wait for them to be fixed, never park.
+    Auth,
+    /// The registry throttles us: wait, never park.
+    RateLimited,
+}
+
 impl CodecError {
-    /// Whether the same call may succeed later (registry down) rather than never (bad data).
+    /// What this failure means: only undecodable bytes are the record's fault.
+    pub fn class(&self) -> CodecErrorClass {
+        match self {
+            Self::RegistryUnavailable(_) => CodecErrorClass::Unavailable,
+            Self::RegistryAuth(_) => CodecErrorClass::Auth,
+            Self::RegistryRateLimited(_) => CodecErrorClass::RateLimited,
+            Self::RegistryRefused(_) | Self::Framing(_) | Self::Avro(_) => CodecErrorClass::Undecodable,
+        }
+    }
+
+    /// Whether the same call may succeed later (registry down, throttled, credentials being
+    /// fixed) rather than never (bad data).
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::RegistryUnavailable(_))
+        self.class() != CodecErrorClass::Undecodable
     }
 
     /// Bounded code for metrics and DLQ headers.
     pub fn code(&self) -> &'static str {
         match self {
             Self::RegistryUnavailable(_) => "registry_unavailable",
+            Self::RegistryAuth(_) => "registry_auth",
+            Self::RegistryRateLimited(_) => "registry_rate_limited",
             Self::RegistryRefused(_) => "registry_refused",
             Self::Framing(_) => "framing",
             Self::Avro(_) => "avro",
         }
     }
 
+    /// Classifies a registry client error by the HTTP status in its text: the client
+    /// (schema_registry_converter 6) only marks 502/503 retriable and calls everything else
+    /// final, which would park valid records whenever the registry answers 500, 504, 429 or
+    /// 401 after a restart (when the schema cache is empty).
     fn from_src(err: SRCError) -> Self {
         let text = match &err.cause {
             Some(cause) => format!("{}: {cause}", err.error),
             None => err.error.clone(),
         };
-        if err.retriable { Self::RegistryUnavailable(text) } else { Self::RegistryRefused(text) }
+        match http_status(&err.error) {
+            Some(401 | 403) => Self::RegistryAuth(text),
+            Some(429) => Self::RegistryRateLimited(text),
+            Some(408) => Self::RegistryUnavailable(text),
+            Some(status) if status >= 500 => Self::RegistryUnavailable(text),
+            // A registry's own 404 carries its error code (40401 subject, 40403 schema not
+            // found): the bytes name a schema that does not exist. A bare 404 (an ingress or
+            // proxy during a rollout) says nothing about the record.
+            Some(404) if !(text.contains("40401") || text.contains("40403")) => Self::RegistryUnavailable(text),
+            Some(_) => Self::RegistryRefused(text),
+            // No status: a transport failure (refused, reset, timeout) or the client's own
+            // retriable verdict; a non-retriable one without a status is a bad answer body.
+            None if err.retriable || is_transport(&text) => Self::RegistryUnavailable(text),
+            None => Self::RegistryRefused(text),
+        }
     }
+}
+
+/// The status in "HTTP request to schema registry failed with status 503 Service Unavailable".
+fn http_status(error: &str) -> Option<u16> {
+    let (_, rest) = error.split_once("with status ")?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+fn is_transport(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    ["error sending request", "connect", "timed out", "timeout", "connection", "dns"].iter().any(|t| lower.contains(t))
 }
 
 /// How to reach the registry.
@@ -401,6 +462,61 @@ mod tests {
             assert_eq!(event.low_stock_threshold.map(|d| d.unscaled()), Some(1));
             assert_eq!(event.event_type, crate::InventoryEventType::Oversold);
         }
+    }
+
+    #[test]
+    fn registry_failures_are_classified_by_status() {
+        let failed = |status: &str, retriable: bool| {
+            CodecError::from_src(SRCError::new(
+                &format!("HTTP request to schema registry failed with status {status}"),
+                Some("body".into()),
+                retriable,
+            ))
+            .class()
+        };
+        assert_eq!(failed("500 Internal Server Error", false), CodecErrorClass::Unavailable);
+        assert_eq!(failed("504 Gateway Timeout", false), CodecErrorClass::Unavailable);
+        assert_eq!(failed("503 Service Unavailable", true), CodecErrorClass::Unavailable);
+        assert_eq!(failed("429 Too Many Requests", false), CodecErrorClass::RateLimited);
+        assert_eq!(failed("401 Unauthorized", false), CodecErrorClass::Auth);
+        assert_eq!(failed("403 Forbidden", false), CodecErrorClass::Auth);
+        assert_eq!(failed("404 Not Found", false), CodecErrorClass::Unavailable, "a proxy's 404");
+        let unknown_schema = CodecError::from_src(SRCError::new(
+            "HTTP request to schema registry failed with status 404 Not Found",
+            Some("error_code: 40403, message: Schema not found".into()),
+            false,
+        ));
+        assert_eq!(unknown_schema.class(), CodecErrorClass::Undecodable);
+        let transport = CodecError::from_src(SRCError::new("error sending request for url", None, false));
+        assert_eq!(transport.class(), CodecErrorClass::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_answers_500_is_not_bad_data() {
+        // A registry answering 500 (e.g. restarting) with an empty schema cache: the record is
+        // fine and must be retried, not parked.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let body = r#"{"error_code":50001,"message":"store not ready"}"#;
+                    let reply = format!(
+                        "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        let codec = EventCodec::new(&RegistryConfig::local(format!("http://{addr}"))).unwrap();
+        let framed = frame(42, &encode_body(&sample::order_placed(1)).unwrap());
+        let err = codec.decode::<CommerceEvent>(&framed).await.unwrap_err();
+        assert_eq!(err.class(), CodecErrorClass::Unavailable, "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub mod sample;
 pub mod schema;
 pub mod types;
 
-pub use codec::{CodecError, EventCodec, RegistryConfig};
+pub use codec::{CodecError, CodecErrorClass, EventCodec, RegistryConfig};
 pub use money::Decimal4;
 pub use schema::AvroEvent;
 pub use types::*;

@@ -1,4 +1,10 @@
 //! Errors of the runtime itself and the classification handlers give their failures.
+//!
+//! Every error carries an [`ErrorClass`], the one vocabulary the runtime, the DLQ headers and
+//! the metrics share: a broker that refuses our credentials or ACLs is `Auth` (wait, alert,
+//! never drop), a throttled client is `RateLimited`, an unreachable or overloaded broker is
+//! `Transient`, and only a record that can never be written (too large, invalid) is
+//! `Permanent`.
 
 use std::time::Duration;
 
@@ -20,13 +26,25 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying later may succeed.
-    pub fn is_retriable(&self) -> bool {
+    /// How a caller should treat this failure.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            Self::QueueFull | Self::Timeout(_) => true,
-            Self::Kafka(e) => e.rdkafka_error_code().is_some_and(is_retriable_code),
-            Self::Config(_) | Self::TopicCreation { .. } => false,
+            Self::QueueFull | Self::Timeout(_) => ErrorClass::Transient,
+            Self::Kafka(e) => e.rdkafka_error_code().map_or(ErrorClass::Transient, class_of_code),
+            Self::Config(_) | Self::TopicCreation { .. } => ErrorClass::Permanent,
         }
+    }
+
+    /// Whether retrying later may succeed: every class but `Permanent` (shorthand for callers
+    /// that only choose between "try again" and "refuse", such as an HTTP front's 503 vs 4xx).
+    pub fn is_retriable(&self) -> bool {
+        self.class() != ErrorClass::Permanent
+    }
+
+    /// The client instance is unusable (librdkafka's fatal error): only a restart helps.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Kafka(KafkaError::MessageConsumptionFatal(_)))
+            || matches!(self, Self::Kafka(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal))
     }
 
     /// Bounded code for metrics.
@@ -38,8 +56,12 @@ impl Error {
                 Some(RDKafkaErrorCode::MessageSizeTooLarge) => "message_too_large",
                 Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => "unknown_topic",
                 Some(RDKafkaErrorCode::TopicAuthorizationFailed) => "topic_authorization",
+                Some(RDKafkaErrorCode::GroupAuthorizationFailed) => "group_authorization",
+                Some(RDKafkaErrorCode::ClusterAuthorizationFailed) => "cluster_authorization",
                 Some(RDKafkaErrorCode::SaslAuthenticationFailed | RDKafkaErrorCode::Authentication) => "authentication",
                 Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure) => "broker_down",
+                Some(RDKafkaErrorCode::ThrottlingQuotaExceeded) => "throttled",
+                Some(RDKafkaErrorCode::Fatal) => "fatal",
                 _ => "kafka",
             },
             Self::Config(_) => "config",
@@ -50,15 +72,32 @@ impl Error {
     }
 }
 
-fn is_retriable_code(code: RDKafkaErrorCode) -> bool {
-    !matches!(
-        code,
-        RDKafkaErrorCode::MessageSizeTooLarge
-            | RDKafkaErrorCode::InvalidMessage
-            | RDKafkaErrorCode::TopicAuthorizationFailed
-            | RDKafkaErrorCode::InvalidConfig
-            | RDKafkaErrorCode::UnknownTopicOrPartition
-    )
+/// The class of a librdkafka error code. Unknown codes are transient: a wrong "retry" costs a
+/// delay, a wrong "permanent" parks valid records.
+pub fn class_of_code(code: RDKafkaErrorCode) -> ErrorClass {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::TransactionalIdAuthorizationFailed
+        | C::DelegationTokenAuthorizationFailed
+        | C::SaslAuthenticationFailed
+        | C::Authentication => ErrorClass::Auth,
+        C::ThrottlingQuotaExceeded => ErrorClass::RateLimited,
+        C::MessageSizeTooLarge
+        | C::InvalidMessage
+        | C::InvalidMessageSize
+        | C::InvalidRecord
+        | C::InvalidConfig
+        | C::InvalidArgument
+        | C::UnsupportedCompressionType
+        | C::UnsupportedForMessageFormat => ErrorClass::Permanent,
+        // The client is unusable, but the record is fine: liveness fails and a restarted
+        // process delivers it. Parking it would blame the data for the client's state.
+        C::Fatal => ErrorClass::Transient,
+        _ => ErrorClass::Transient,
+    }
 }
 
 /// Result alias for this crate.

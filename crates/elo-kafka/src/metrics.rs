@@ -101,6 +101,47 @@ pub(crate) static CLIENT_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+pub(crate) static DLQ_BLOCKED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "elo_consumer_dlq_blocked_partitions",
+        "Partitions held because their dead letter cannot be written.",
+        &["topic"]
+    )
+    .expect("metric registers once")
+});
+pub(crate) static DLQ_WRITE_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "elo_consumer_dlq_write_errors_total",
+        "Failed dead-letter writes, by error code (unknown_topic, topic_authorization, message_too_large...).",
+        &["topic", "error_code"]
+    )
+    .expect("metric registers once")
+});
+pub(crate) static HANDLER_DEFECTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "elo_consumer_handler_defects_total",
+        "Handler panics and broken result contracts (the partition is held, the process not live).",
+        &["topic"]
+    )
+    .expect("metric registers once")
+});
+pub(crate) static HALTED_PARTITIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "elo_consumer_halted_partitions",
+        "Partitions stopped until a restart or rebalance (a failed seek, a batch that would not stop).",
+        &["topic"]
+    )
+    .expect("metric registers once")
+});
+pub(crate) static WORKER_RESTARTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "elo_consumer_worker_restarts_total",
+        "Partition workers that died and were restarted from their last finished offset.",
+        &["topic"]
+    )
+    .expect("metric registers once")
+});
+
 /// Forces registration so every metric shows on `/metrics` from the start (telemetry tests
 /// check the names).
 pub fn register_all() {
@@ -114,4 +155,5 @@ pub fn register_all() {
         &*RETRY_BLOCKED,
         &*CLIENT_ERRORS,
     );
+    let _ = (&*DLQ_BLOCKED, &*DLQ_WRITE_ERRORS, &*HANDLER_DEFECTS, &*HALTED_PARTITIONS, &*WORKER_RESTARTS);
 }

@@ -164,14 +164,7 @@ impl Service {
         }
         let connect = producer.clone();
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = connect.wait_connected(Duration::from_secs(u64::MAX / 4)) => if let Err(error) = r {
-                    tracing::error!(error = %error, "producer cannot reach kafka");
-                },
-                _ = stop.cancelled() => {}
-            }
-        });
+        tokio::spawn(async move { connect.keep_connected(stop).await });
         Ok(Some(Self { name, health, shutdown, producer, codec, admin_addr, admin_task }))
     }
 
@@ -186,16 +179,26 @@ impl Service {
     }
 }
 
-/// Decodes a record's value as `T`, classifying failures for the consumer runtime: a registry
-/// outage is transient (retry), anything else about the bytes is permanent (DLQ).
+/// Decodes a record's value as `T`, classifying failures for the consumer runtime: only bytes
+/// that cannot be decoded are permanent (DLQ); a registry that refuses our credentials is
+/// `Auth`, one that throttles us `RateLimited`, and one that is down or failing `Transient`,
+/// so a registry incident never parks valid records.
 pub async fn decode_record<T: elo_events::AvroEvent>(codec: &EventCodec, record: &Record) -> Result<T, HandlerError> {
     let Some(payload) = record.payload.as_deref() else {
         return Err(HandlerError::permanent("empty_value", "record has no value (tombstone)"));
     };
-    codec.decode::<T>(payload).await.map_err(|e: CodecError| {
-        let class = if e.is_retriable() { ErrorClass::Transient } else { ErrorClass::Permanent };
-        HandlerError::new(class, e.code(), e.to_string())
-    })
+    codec.decode::<T>(payload).await.map_err(|e| codec_failure(&e))
+}
+
+/// The handler error for a codec failure.
+pub fn codec_failure(e: &CodecError) -> HandlerError {
+    let class = match e.class() {
+        elo_events::CodecErrorClass::Undecodable => ErrorClass::Permanent,
+        elo_events::CodecErrorClass::Unavailable => ErrorClass::Transient,
+        elo_events::CodecErrorClass::Auth => ErrorClass::Auth,
+        elo_events::CodecErrorClass::RateLimited => ErrorClass::RateLimited,
+    };
+    HandlerError::new(class, e.code(), e.to_string())
 }
 
 /// A handler for consumers whose downstream integration has not landed yet: it decodes every
@@ -266,6 +269,10 @@ pub struct ConsumerArgs {
     /// large a one costs memory (records x average size x assigned partitions).
     #[arg(long = "partition-buffer", env = "ELO_PARTITION_BUFFER", default_value_t = 5000)]
     pub partition_buffer: usize,
+    /// Bytes buffered per partition before that partition is paused (bounds memory whatever
+    /// the record size).
+    #[arg(long = "partition-buffer-bytes", env = "ELO_PARTITION_BUFFER_BYTES", default_value_t = 4 << 20)]
+    pub partition_buffer_bytes: usize,
     /// Concurrent batches across partitions.
     #[arg(long = "max-in-flight", env = "ELO_MAX_IN_FLIGHT", default_value_t = 4)]
     pub max_in_flight: usize,
@@ -273,6 +280,29 @@ pub struct ConsumerArgs {
     /// terminationGracePeriodSeconds. E.g. `20s`, `500ms`.
     #[arg(long = "drain-timeout", env = "ELO_DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+}
+
+impl ConsumerArgs {
+    /// Runtime settings from these flags: `group` and `dlq` unless overridden, the target's
+    /// `default_batch` unless `--max-batch` is set.
+    pub fn settings(
+        &self,
+        default_group: String,
+        topics: Vec<String>,
+        default_dlq: String,
+        default_batch: usize,
+    ) -> elo_kafka::ConsumerSettings {
+        let group = self.group.clone().unwrap_or(default_group);
+        let dlq = self.dlq_topic.clone().unwrap_or(default_dlq);
+        let mut settings = elo_kafka::ConsumerSettings::new(group, topics, dlq);
+        settings.max_batch = self.max_batch.unwrap_or(default_batch).max(1);
+        settings.batch_linger = Duration::from_millis(50);
+        settings.max_in_flight = self.max_in_flight.max(1);
+        settings.partition_buffer = self.partition_buffer.max(1);
+        settings.partition_buffer_bytes = self.partition_buffer_bytes.max(1);
+        settings.drain_timeout = self.drain_timeout;
+        settings
+    }
 }
 
 /// Parses `250ms`, `20s`, `5m`.
@@ -309,13 +339,7 @@ pub async fn run_validating_consumer(
     let Some(service) = Service::start(plan.name, common, plan.default_admin, specs).await? else {
         return Ok(());
     };
-    let group = args.group.clone().unwrap_or_else(|| format!("elo-{}-validate", plan.name));
-    let mut settings = elo_kafka::ConsumerSettings::new(group, plan.topics, dlq);
-    settings.max_batch = args.max_batch.unwrap_or(plan.default_batch).max(1);
-    settings.batch_linger = Duration::from_millis(50);
-    settings.max_in_flight = args.max_in_flight.max(1);
-    settings.partition_buffer = args.partition_buffer.max(1);
-    settings.drain_timeout = args.drain_timeout;
+    let settings = args.settings(format!("elo-{}-validate", plan.name), plan.topics, dlq, plan.default_batch);
     let handler = Arc::new(ContractValidator::new(plan.name, service.codec.clone(), common.topics.commerce.clone()));
     elo_kafka::run_consumer(
         &common.kafka,

@@ -64,6 +64,11 @@ impl Health {
         self.inner.lock().expect("health lock poisoned").ready.values().all(|c| c.ok)
     }
 
+    /// Whether every liveness check passes.
+    pub fn is_live(&self) -> bool {
+        self.inner.lock().expect("health lock poisoned").live.values().all(|c| c.ok)
+    }
+
     fn report(&self, live: bool) -> (bool, serde_json::Value) {
         let inner = self.inner.lock().expect("health lock poisoned");
         let checks = if live { &inner.live } else { &inner.ready };

@@ -8,6 +8,9 @@
 //!   `ELO_KAFKA_IDEMPOTENCE=false` (the Tansu stack), one request in flight.
 //! - Elo's consumer runtime (ordered workers, contiguous commits) vs a raw BaseConsumer that
 //!   only reads.
+//! - Consumer memory: the peak RSS of a consumer process (`elo-test-consumer`, a separate
+//!   process) working through a backlog of 1 KB records on 12 partitions, far larger than its
+//!   buffers, against the same process idle on an empty topic. Target: under 150 MiB.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,6 +161,10 @@ async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer, kafk
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
+    if std::env::var("ELO_BENCH").as_deref() == Ok("memory") {
+        // Only the consumer memory case (it needs no release build to be meaningful).
+        return consumer_memory(&mut rows).await;
+    }
     let events: Vec<CommerceEvent> = (0..2_000).map(sample::order_placed).collect();
 
     // Codec.
@@ -322,8 +329,95 @@ async fn main() -> anyhow::Result<()> {
         raw_join.as_millis() as f64,
     );
 
+    consumer_memory(&mut rows).await?;
+
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     println!("report: {}", path.display());
+    Ok(())
+}
+
+/// Resident set size of a process, in MiB (Linux).
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs `elo-test-consumer` on `topic` (slowed down, so the backlog stays) and samples its RSS
+/// for `window`; returns the peak.
+async fn consumer_peak_rss(topic: &str, window: Duration) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe()?.with_file_name("elo-test-consumer");
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(&exe)
+        .args(["--kafka-brokers", &brokers(), "--group", &unique("bench-mem"), "--topic", topic])
+        .args(["--dlq", &format!("{topic}.dlq"), "--delay-ms", "20", "--max-batch", "50"])
+        .arg("--output")
+        .arg(dir.path().join("out.txt"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e} (make bench builds it)", exe.display()))?;
+    let started = Instant::now();
+    let mut peak: f64 = 0.0;
+    while started.elapsed() < window {
+        if let Some(rss) = rss_mib(child.id()) {
+            peak = peak.max(rss);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(peak)
+}
+
+async fn consumer_memory(rows: &mut Vec<serde_json::Value>) -> anyhow::Result<()> {
+    let (backlog, idle) = (unique("bench-backlog"), unique("bench-idle"));
+    create_topics(
+        &brokers(),
+        &[(&backlog, 12), (&idle, 12), (&format!("{backlog}.dlq"), 1), (&format!("{idle}.dlq"), 1)],
+    )
+    .await;
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.kbytes", "262144")
+        .create()?;
+    let records = 150_000usize;
+    let payload = vec![b'x'; 1024];
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..records {
+        let key = format!("customer-{}", i % 5000);
+        loop {
+            match raw.send_result(FutureRecord::to(&backlog).key(key.as_bytes()).payload(&payload)) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((_, _)) => {
+                    for f in pending.drain(..) {
+                        f.await?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            for f in pending.drain(..) {
+                f.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for f in pending {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let window = Duration::from_secs(20);
+    let idle_peak = consumer_peak_rss(&idle, window).await?;
+    let backlog_peak = consumer_peak_rss(&backlog, window).await?;
+    report(rows, "consumer peak RSS, 150 MiB backlog", "MiB", backlog_peak, "same process, idle", idle_peak);
+    println!(
+        "  (12 partitions, {records} records of 1 KiB; target < 150 MiB: {})",
+        if backlog_peak < 150.0 { "met" } else { "NOT met" }
+    );
     Ok(())
 }

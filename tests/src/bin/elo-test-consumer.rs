@@ -1,6 +1,7 @@
 //! A consumer built on the runtime, for the broker tests: it "applies" each record by
-//! appending `partition offset key` to a file (fsynced per batch), parks payloads that start
-//! with `poison` in the DLQ as permanent errors, and can be slowed down to stay mid-stream.
+//! appending `partition offset key nanos` to a file (fsynced per batch), parks payloads that start
+//! with `poison` in the DLQ as permanent errors, panics on payloads that start with `panic`
+//! (a handler bug), and can be slowed down to stay mid-stream.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -29,6 +30,9 @@ struct Args {
     delay_ms: u64,
     #[arg(long, default_value_t = 10)]
     max_batch: usize,
+    /// Handler calls at once across partitions.
+    #[arg(long, default_value_t = 8)]
+    max_in_flight: usize,
     #[arg(long, default_value = "127.0.0.1:0")]
     admin_listen: std::net::SocketAddr,
 }
@@ -44,14 +48,19 @@ impl Handler for FileSink {
             tokio::time::sleep(self.delay).await;
         }
         let mut lines = String::new();
+        // Wall-clock time of the batch, so outputs of several processes can be merged in order.
+        let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let results: Vec<_> = batch
             .iter()
             .map(|r| {
+                if r.payload.as_deref().is_some_and(|p| p.starts_with(b"panic")) {
+                    panic!("test handler bug at offset {}", r.offset);
+                }
                 if r.payload.as_deref().is_some_and(|p| p.starts_with(b"poison")) {
                     return Err(HandlerError::permanent("poison", "payload marked poison"));
                 }
                 let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
-                lines.push_str(&format!("{} {} {}\n", r.partition, r.offset, key));
+                lines.push_str(&format!("{} {} {} {at}\n", r.partition, r.offset, key));
                 Ok(())
             })
             .collect();
@@ -77,13 +86,19 @@ async fn main() -> anyhow::Result<()> {
     let (admin_addr, _admin) = elo_telemetry::serve_admin(args.admin_listen, health.clone(), shutdown.clone()).await?;
     println!("admin {admin_addr}");
     let producer = Producer::new(&args.kafka, health.clone())?;
+    tokio::spawn({
+        let (producer, shutdown) = (producer.clone(), shutdown.clone());
+        async move { producer.keep_connected(shutdown).await }
+    });
     let file = std::fs::OpenOptions::new().create(true).append(true).open(&args.output)?;
     let handler = Arc::new(FileSink { file: Mutex::new(file), delay: Duration::from_millis(args.delay_ms) });
     let mut settings = ConsumerSettings::new(args.group, vec![args.topic], args.dlq);
     settings.max_batch = args.max_batch;
+    settings.max_in_flight = args.max_in_flight;
     settings.commit_interval = Duration::from_millis(500);
     settings.drain_timeout = Duration::from_secs(10);
-    elo_kafka::run_consumer(&args.kafka, settings, handler, producer.clone(), health, shutdown).await?;
+    let result = elo_kafka::run_consumer(&args.kafka, settings, handler, producer.clone(), health, shutdown).await;
     producer.flush(Duration::from_secs(5))?;
+    result?;
     Ok(())
 }
