@@ -140,27 +140,23 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    const PRIVATE: &[u8] = include_bytes!("../../tests/fixtures/adobe-test-private.pem");
-    const PUBLIC: &[u8] = include_bytes!("../../tests/fixtures/adobe-test-public.pem");
-
-    fn adobe_signed(body: &[u8]) -> HeaderMap {
-        let key = jsonwebtoken::EncodingKey::from_rsa_pem(PRIVATE).unwrap();
-        let jws = jsonwebtoken::crypto::sign(body, &key, jsonwebtoken::Algorithm::RS256).unwrap();
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(jws).unwrap();
+    /// Signed exactly as the sandbox's Adobe Commerce simulator signs (its own RSA key).
+    fn adobe_signed(key: &sandbox::magento::signing::WebhookKey, body: &[u8]) -> HeaderMap {
         let mut headers = HeaderMap::new();
-        let value = base64::engine::general_purpose::STANDARD.encode(raw);
-        headers.insert(ADOBE_SIGNATURE_HEADER, value.parse().unwrap());
+        headers.insert(ADOBE_SIGNATURE_HEADER, key.sign(body).parse().unwrap());
         headers
     }
 
     #[test]
     fn adobe_commerce_rsa_signatures_verify_with_the_public_key() {
+        let key = sandbox::magento::signing::WebhookKey::generate();
+        let public = Verifier::adobe_key_from_pem(key.public_pem().as_bytes()).unwrap();
         let verifier = Verifier {
-            adobe_key: Some(std::sync::Arc::new(Verifier::adobe_key_from_pem(PUBLIC).unwrap())),
+            adobe_key: Some(std::sync::Arc::new(public)),
             ..Verifier::hmac("unused-secret-0123", Duration::from_secs(300))
         };
         let body = br#"{"order":{"entity_id":1}}"#;
-        let headers = adobe_signed(body);
+        let headers = adobe_signed(&key, body);
         assert_eq!(verifier.precheck(&headers, 0), Ok(()));
         assert_eq!(verifier.verify(&headers, body, 0), Ok(()));
         assert!(verifier.verify(&headers, br#"{"order":{"entity_id":2}}"#, 0).is_err(), "the body is signed");
@@ -170,6 +166,8 @@ mod tests {
         let hmac_only = Verifier::hmac("unused-secret-0123", Duration::from_secs(300));
         assert!(hmac_only.precheck(&headers, 0).is_err(), "the scheme is off without a key");
         assert!(Verifier::adobe_key_from_pem(b"not a key").is_err());
+        let other = sandbox::magento::signing::WebhookKey::generate();
+        assert!(verifier.verify(&adobe_signed(&other, body), body, 0).is_err(), "another store's key");
     }
 
     #[test]
