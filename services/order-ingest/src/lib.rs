@@ -25,6 +25,7 @@ pub mod flight;
 pub mod inventory;
 pub mod json;
 pub mod normalize;
+pub mod oauth;
 pub mod poll;
 pub mod push;
 pub mod source;
@@ -95,6 +96,18 @@ pub struct Config {
     /// Magento base URL (orders are refetched when a notification is partial).
     #[arg(long = "magento-url", env = "ELO_MAGENTO_URL", default_value = "http://127.0.0.1:8701")]
     pub magento_url: String,
+    /// How order-ingest authenticates to Magento: `admin` (user and password), `bearer` (an
+    /// integration's access token) or `oauth1` (an integration's OAuth 1.0a credentials, signed
+    /// per request, Magento's default for integrations).
+    #[arg(long = "magento-auth", env = "ELO_MAGENTO_AUTH", value_enum, default_value = "admin")]
+    pub magento_auth: MagentoAuthKind,
+    /// File holding the integration access token (`ELO_MAGENTO_AUTH=bearer`).
+    #[arg(long = "magento-token-file", env = "ELO_MAGENTO_TOKEN_FILE")]
+    pub magento_token_file: Option<std::path::PathBuf>,
+    /// JSON file with the integration's `consumer_key`, `consumer_secret`, `access_token` and
+    /// `access_token_secret` (`ELO_MAGENTO_AUTH=oauth1`).
+    #[arg(long = "magento-oauth-file", env = "ELO_MAGENTO_OAUTH_FILE")]
+    pub magento_oauth_file: Option<std::path::PathBuf>,
     /// Magento admin user for REST calls.
     #[arg(long = "magento-username", env = "ELO_MAGENTO_USERNAME", default_value = "admin")]
     pub magento_username: String,
@@ -343,8 +356,41 @@ fn enriching_publisher(service: &Service, config: &Config, source: Arc<wiring::M
 /// The Magento REST client, with the admin password from its file.
 /// `downstream` names its pool in the HTTP client's metrics.
 pub(crate) fn magento_source(config: &Config, downstream: &'static str) -> anyhow::Result<wiring::MagentoSource> {
-    let password = magento_password(config)?;
-    Ok(wiring::MagentoSource::new(downstream, config.magento_url.clone(), config.magento_username.clone(), password)?)
+    Ok(wiring::MagentoSource::new(downstream, config.magento_url.clone(), magento_auth(config)?)?)
+}
+
+/// How to authenticate to Magento, with the secrets read from their files.
+pub fn magento_auth(config: &Config) -> anyhow::Result<wiring::MagentoAuth> {
+    use anyhow::Context;
+    let read = |path: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<String> {
+        let path = path.as_ref().with_context(|| format!("ELO_MAGENTO_AUTH={what} needs its file"))?;
+        Ok(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned())
+    };
+    Ok(match config.magento_auth {
+        MagentoAuthKind::Admin => wiring::MagentoAuth::Admin {
+            username: config.magento_username.clone(),
+            password: magento_password(config)?,
+        },
+        MagentoAuthKind::Bearer => wiring::MagentoAuth::Bearer(read(&config.magento_token_file, "bearer")?),
+        MagentoAuthKind::Oauth1 => {
+            let json = read(&config.magento_oauth_file, "oauth1")?;
+            let credentials = serde_json::from_str(&json).context(
+                "ELO_MAGENTO_OAUTH_FILE: expected {\"consumer_key\", \"consumer_secret\", \"access_token\", \"access_token_secret\"}",
+            )?;
+            wiring::MagentoAuth::OAuth1(credentials)
+        }
+    })
+}
+
+/// Magento authentication schemes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MagentoAuthKind {
+    /// Admin user and password (`ELO_MAGENTO_USERNAME`, `ELO_MAGENTO_PASSWORD_FILE`).
+    Admin,
+    /// An integration's access token as Bearer (`ELO_MAGENTO_TOKEN_FILE`).
+    Bearer,
+    /// An integration's OAuth 1.0a credentials (`ELO_MAGENTO_OAUTH_FILE`, JSON).
+    Oauth1,
 }
 
 /// The admin password from `ELO_MAGENTO_PASSWORD_FILE`. Only a Magento on this machine (the

@@ -105,37 +105,48 @@ impl InventoryPublisher for KafkaPublisher {
 pub struct MagentoSource {
     client: HttpClient,
     base_url: String,
-    username: String,
-    password: String,
+    auth: MagentoAuth,
     token: Mutex<Option<String>>,
+}
+
+/// How order-ingest proves itself to Magento.
+#[derive(Clone)]
+pub enum MagentoAuth {
+    /// An admin user: a token from `POST /V1/integration/admin/token`, renewed once on a 401
+    /// (admin logins usually require 2FA on 2.4: prefer an integration).
+    Admin { username: String, password: String },
+    /// An integration's access token as Bearer (Magento's `enable_integration_as_bearer`).
+    Bearer(String),
+    /// An integration signing every request with OAuth 1.0a, as Magento expects by default.
+    OAuth1(crate::oauth::Credentials),
+}
+
+impl std::fmt::Debug for MagentoAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log line.
+        match self {
+            Self::Admin { username, .. } => f.debug_struct("Admin").field("username", username).finish_non_exhaustive(),
+            Self::Bearer(_) => f.write_str("Bearer(..)"),
+            Self::OAuth1(credentials) => f.debug_tuple("OAuth1").field(credentials).finish(),
+        }
+    }
 }
 
 impl MagentoSource {
     /// `downstream` names this client's pool (`magento-push`, `magento-poll`...): each has its
     /// own connections and concurrency cap.
-    pub fn new(
-        downstream: &'static str,
-        base_url: String,
-        username: String,
-        password: String,
-    ) -> Result<Self, elo_http_client::Error> {
+    pub fn new(downstream: &'static str, base_url: String, auth: MagentoAuth) -> Result<Self, elo_http_client::Error> {
         let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new(downstream) })?;
         // Exported from the start, zeros included, so dashboards and alerts see the series.
         std::sync::LazyLock::force(&metrics::MAGENTO_ERRORS);
-        Ok(Self {
-            client,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            username,
-            password,
-            token: Mutex::new(None),
-        })
+        Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned(), auth, token: Mutex::new(None) })
     }
 
-    async fn token(&self, renew: bool) -> Result<String, SourceError> {
+    async fn token(&self, username: &str, password: &str, renew: bool) -> Result<String, SourceError> {
         let mut token = self.token.lock().await;
         if renew || token.is_none() {
             let url = format!("{}/rest/V1/integration/admin/token", self.base_url);
-            let body = json!({"username": self.username, "password": self.password});
+            let body = json!({"username": username, "password": password});
             let response = self.client.send(|c| c.post(&url).json(&body)).await.map_err(classify)?;
             let value: Value =
                 response.json().await.map_err(|e| SourceError::Refused(format!("unreadable token answer: {e}")))?;
@@ -166,25 +177,40 @@ impl MagentoSource {
         }
     }
 
-    /// GET with the admin token, renewing it once on a 401.
+    /// GET, authenticated as configured.
     async fn get_json_once(&self, url: &str) -> Result<Value, SourceError> {
-        for renew in [false, true] {
-            let token = self.token(renew).await?;
-            match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
-                Ok(response) => {
-                    let body = response
-                        .bytes()
-                        .await
-                        .map_err(|e| SourceError::Unavailable(format!("answer cut short: {e}")))?;
-                    // Money keeps its decimal text (never an f64 on the way).
-                    return crate::json::parse_lossless(&body)
-                        .map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")));
+        let response = match &self.auth {
+            MagentoAuth::Admin { username, password } => {
+                let mut answer = None;
+                for renew in [false, true] {
+                    let token = self.token(username, password, renew).await?;
+                    match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
+                        Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
+                        result => {
+                            answer = Some(result.map_err(classify)?);
+                            break;
+                        }
+                    }
                 }
-                Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
-                Err(e) => return Err(classify(e)),
+                answer.ok_or_else(|| SourceError::Refused("Magento refused the renewed token".into()))?
             }
-        }
-        Err(SourceError::Refused("Magento refused the renewed token".into()))
+            MagentoAuth::Bearer(token) => {
+                self.client.send(|c| c.get(url).bearer_auth(token)).await.map_err(classify)?
+            }
+            MagentoAuth::OAuth1(credentials) => self
+                .client
+                .send(|c| {
+                    // Signed per attempt: each retry needs a fresh nonce.
+                    let now = crate::now_ms() / 1000;
+                    let header = crate::oauth::authorization(credentials, "GET", url, &crate::oauth::nonce(), now);
+                    c.get(url).header(axum::http::header::AUTHORIZATION, header)
+                })
+                .await
+                .map_err(classify)?,
+        };
+        let body = response.bytes().await.map_err(|e| SourceError::Unavailable(format!("answer cut short: {e}")))?;
+        // Money keeps its decimal text (never an f64 on the way).
+        crate::json::parse_lossless(&body).map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")))
     }
 }
 
@@ -329,13 +355,46 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_poll_cannot_starve_webhook_refetches() {
         let url = slow_search_magento().await;
-        let source = |name| Arc::new(MagentoSource::new(name, url.clone(), "admin".into(), "pw".into()).unwrap());
+        let admin = MagentoAuth::Admin { username: "admin".into(), password: "pw".into() };
+        let source = |name| Arc::new(MagentoSource::new(name, url.clone(), admin.clone()).unwrap());
         let separate = refetch_during_a_slow_poll(source("magento-push"), source("magento-poll")).await;
         assert!(separate < Duration::from_millis(500), "separate pools: {separate:?}");
         // What one shared client did: the poll held every slot, the webhook waited for it.
         let shared = source("magento");
         let waited = refetch_during_a_slow_poll(shared.clone(), shared).await;
         assert!(waited > Duration::from_secs(1), "one pool: {waited:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_integration_signs_every_call_with_oauth_1a() {
+        let app = sandbox::magento::MagentoApp::new(
+            Default::default(),
+            Default::default(),
+            sandbox::faults::Faults::default(),
+            sandbox::Counters::default(),
+        );
+        app.sim.lock().unwrap().generate(20);
+        let theirs = app.sim.lock().unwrap().integration_credentials();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = app.clone().router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let credentials = crate::oauth::Credentials {
+            consumer_key: theirs.consumer_key.clone(),
+            consumer_secret: theirs.consumer_secret.clone(),
+            access_token: theirs.access_token.clone(),
+            access_token_secret: theirs.access_token_secret.clone(),
+        };
+        let source = MagentoSource::new("magento-test", url.clone(), MagentoAuth::OAuth1(credentials.clone())).unwrap();
+        assert_eq!(source.order(1).await.unwrap()["entity_id"], 1);
+        let (_, total) = source.page_after(crate::poll::Entity::Orders, 1, Default::default(), 5).await.unwrap();
+        assert!(total > 0, "a signed search (its criteria in the query) is answered");
+        let wrong = crate::oauth::Credentials { access_token_secret: "not-it".into(), ..credentials };
+        let refused = MagentoSource::new("magento-test", url.clone(), MagentoAuth::OAuth1(wrong)).unwrap();
+        assert!(matches!(refused.order(1).await, Err(SourceError::Refused(_))));
+        // Magento 2.4 refuses an integration token as Bearer unless the store allows it.
+        let bearer = MagentoSource::new("magento-test", url, MagentoAuth::Bearer(theirs.access_token)).unwrap();
+        assert!(matches!(bearer.order(1).await, Err(SourceError::Refused(_))));
     }
 
     #[test]
