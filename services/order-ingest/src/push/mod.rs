@@ -168,13 +168,14 @@ async fn receive_order<P: Publisher, S: MagentoApi>(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    let payload = match authenticate(&state, &headers, &body) {
+    let mut payload = match authenticate(&state, &headers, &body) {
         Ok(payload) => payload,
         Err(refusal) => return refusal,
     };
-    // Full order (plain style) or partial (CloudEvents: data.value) that must be refetched.
-    let order = if let Some(order) = payload.get("order").filter(|o| o.get("items").is_some()) {
-        order.clone()
+    // Full order (plain style, taken out of the payload: no copy) or partial (CloudEvents:
+    // data.value) that must be refetched.
+    let order = if let Some(order) = payload.get_mut("order").filter(|o| o.get("items").is_some()) {
+        order.take()
     } else if let Some(partial) = payload.pointer("/data/value") {
         let Some(id) = partial.get("entity_id").and_then(Value::as_i64) else {
             return invalid("invalid_payload", "data.value.entity_id is missing");
