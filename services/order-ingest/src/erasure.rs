@@ -92,19 +92,36 @@ impl<P, L> ErasureGuard<P, L> {
     }
 }
 
-impl<P: Publisher, L: ErasureLog> Publisher for ErasureGuard<P, L> {
-    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+impl<P: Publisher, L: ErasureLog> ErasureGuard<P, L> {
+    /// Whether `event` may go out: erasures are recorded first (once anyone saw one, every path
+    /// obeys it); what they erased is dropped.
+    async fn admit(&self, event: &CommerceEvent) -> Result<bool, PublishError> {
         if event.event_type == CommerceEventType::CustomerErased {
-            // Recorded before it is announced: once anyone saw the erasure, every path obeys it.
             let erased = Erased { erased_at: event.source_version.updated_at };
             self.log.append(&event.customer_key, erased).await?;
             self.keys.record(&event.customer_key, erased.erased_at);
         } else if self.keys.suppresses(event) {
             metrics::SUPPRESSED.inc();
             tracing::debug!(event_type = event.event_type.as_str(), "not republished: its person was erased");
-            return Ok(());
+            return Ok(false);
         }
-        self.inner.publish(event).await
+        Ok(true)
+    }
+}
+
+impl<P: Publisher, L: ErasureLog> Publisher for ErasureGuard<P, L> {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        if self.admit(event).await? {
+            self.inner.publish(event).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_owned(&self, event: CommerceEvent) -> Result<(), PublishError> {
+        if self.admit(&event).await? {
+            self.inner.publish_owned(event).await?;
+        }
+        Ok(())
     }
 
     async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), PublishError> {

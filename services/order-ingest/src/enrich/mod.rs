@@ -115,21 +115,28 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
     /// Enriches and publishes without a time budget (the late follow-ups).
-    pub async fn publish_complete(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+    pub async fn publish_complete(&self, event: CommerceEvent) -> Result<(), PublishError> {
         self.publish_within(event, None).await
     }
 
-    async fn publish_within(&self, event: &CommerceEvent, budget: Option<&Budget>) -> Result<(), PublishError> {
-        // The customer's own change notification (customer_save_after, an erasure) makes the
-        // cached consent stale: the next order looks it up again.
+    /// Customer changes and erasures carry nothing to enrich; they do make the customer's cached
+    /// consent stale (the next order looks it up again).
+    async fn publish_unenriched(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        let changed = event.customer.as_ref().and_then(|c| c.customer_id);
+        if let Some(id) = changed.or_else(|| event.erasure.as_ref().and_then(|e| e.customer_id)) {
+            self.consents.lock().expect("consent lock").remove(&id);
+        }
+        self.inner.publish(event).await
+    }
+
+    /// Enriches `event` in place (no copy) and publishes it.
+    async fn publish_within(&self, mut event: CommerceEvent, budget: Option<&Budget>) -> Result<(), PublishError> {
         if event.order.is_none() {
-            let changed = event.customer.as_ref().and_then(|c| c.customer_id);
-            if let Some(id) = changed.or_else(|| event.erasure.as_ref().and_then(|e| e.customer_id)) {
-                self.consents.lock().expect("consent lock").remove(&id);
-            }
+            return self.publish_unenriched(&event).await;
         }
         // Consent and every SKU's stock are asked at once, not one after another.
         let registered = event.customer.as_ref().and_then(|c| c.customer_id).filter(|_| event.order.is_some());
+        let event_ref = &event;
         let consent = async {
             match registered {
                 Some(id) => self.consent(id).await,
@@ -137,7 +144,7 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
             }
         };
         let check = async {
-            match (&self.inventory, &event.order) {
+            match (&self.inventory, &event_ref.order) {
                 (Some(checker), Some(order)) => Some(checker.check(&self.magento, order, crate::now_ms()).await),
                 _ => None,
             }
@@ -149,7 +156,7 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                 Ok(found) => found,
                 Err(_) => {
                     // Published as it is now; the complete enrichment follows as its own event.
-                    let queued = budget.late.try_send(event.clone()).is_ok();
+                    let queued = budget.late.try_send(event_ref.clone()).is_ok();
                     metrics::LATE.with_label_values(&[if queued { "queued" } else { "dropped" }]).inc();
                     if !queued {
                         tracing::warn!("enrichment follow-up queue full: this order stays unchecked");
@@ -170,10 +177,6 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
             }
             results.into_iter().collect::<Result<Vec<()>, _>>()?;
         }
-        if consent.is_none() && check.is_none() {
-            return self.inner.publish(event).await;
-        }
-        let mut event = event.clone();
         if let (Some(person), Some(consent)) = (event.customer.as_mut(), consent) {
             person.consent = consent;
         }
@@ -203,15 +206,23 @@ pub async fn follow_ups<P: Publisher + InventoryPublisher, M: MagentoApi>(
         }
         event.event_id = elo_events::ids::event_id(&[&event.event_id, "enrichment"]);
         event.produced_at = crate::now_ms();
-        if let Err(error) = enricher.publish_complete(&event).await {
+        let event_id = event.event_id.clone();
+        if let Err(error) = enricher.publish_complete(event).await {
             metrics::LATE.with_label_values(&["failed"]).inc();
-            tracing::warn!(error = %error, event_id = %event.event_id, "enrichment follow-up not published");
+            tracing::warn!(error = %error, event_id = %event_id, "enrichment follow-up not published");
         }
     }
 }
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {
     async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        if event.order.is_none() {
+            return self.publish_unenriched(event).await;
+        }
+        self.publish_within(event.clone(), self.budget.as_ref()).await
+    }
+
+    async fn publish_owned(&self, event: CommerceEvent) -> Result<(), PublishError> {
         self.publish_within(event, self.budget.as_ref()).await
     }
 

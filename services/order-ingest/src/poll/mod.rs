@@ -244,7 +244,7 @@ impl<S: EntitySearch, P: Publisher> Scan<'_, '_, S, P> {
                 // One trace per polled version: its span's context becomes the record's
                 // `traceparent`, so the sinks' work on it joins the same trace.
                 let span = tracing::info_span!("poll_publish", entity = entity.as_str(), entity_id = key.id);
-                self.publisher.publish(&event).instrument(span).await?;
+                self.publisher.publish_owned(event).instrument(span).await?;
                 self.round.published += 1;
             }
             Err(error) => {

@@ -40,6 +40,12 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Parks a source record that cannot become an event (the service's DLQ), acknowledged.
     fn dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Publishes an event the caller is done with: enrichment fills it in place instead of
+    /// copying it.
+    fn publish_owned(&self, event: elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
+        async move { self.publish(&event).await }
+    }
 }
 
 /// A Magento record Elo could not turn into an event, kept for an operator to inspect and fix.
@@ -75,6 +81,9 @@ impl<T: Publisher> Publisher for Arc<T> {
     }
     fn dead_letter(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), PublishError>> + Send {
         (**self).dead_letter(letter)
+    }
+    fn publish_owned(&self, event: elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
+        (**self).publish_owned(event)
     }
 }
 
@@ -287,8 +296,10 @@ async fn publish_all<P: Publisher>(
     events: Vec<elo_events::CommerceEvent>,
     started: std::time::Instant,
 ) -> Response {
-    for event in &events {
-        match publisher.publish(event).await {
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    let event_type = events[0].event_type.as_str();
+    for event in events {
+        match publisher.publish_owned(event).await {
             Ok(()) => {}
             Err(PublishError::Unavailable(reason)) => {
                 metrics::NOTIFICATIONS.with_label_values(&["unavailable"]).inc();
@@ -310,13 +321,12 @@ async fn publish_all<P: Publisher>(
     }
     metrics::NOTIFICATIONS.with_label_values(&["published"]).inc();
     metrics::PUBLISH_LATENCY.observe(started.elapsed().as_secs_f64());
-    let first = &events[0];
     // `op` is what Adobe Commerce webhooks expect from a receiver that accepted the call.
     let body = json!({
         "op": "success",
-        "event_id": first.event_id,
-        "event_type": first.event_type.as_str(),
-        "event_ids": events.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
+        "event_id": ids[0],
+        "event_type": event_type,
+        "event_ids": ids,
     });
     (StatusCode::OK, axum::Json(body)).into_response()
 }
