@@ -158,22 +158,29 @@ impl InventoryChecker {
 
     /// A reusable reading for an order placed at `placed_at`: cached, or fetched by a concurrent
     /// check that this one waited for.
-    fn reusable(&self, sku: &str, placed_at: i64) -> Option<Option<Decimal4>> {
+    /// A pending (not yet acknowledged) reading serves only checks that `arrived` before it was
+    /// fetched, i.e. waited for that very fetch: a later one, or one after the fetching order
+    /// was abandoned (say, past the push budget), fetches and publishes the fact itself.
+    fn reusable(&self, sku: &str, placed_at: i64, arrived: Instant) -> Option<Option<Decimal4>> {
         let usable = |c: &Cached| c.at.elapsed() < self.config.cache_ttl && placed_at <= c.read_at;
         let cached = self.cache.lock().expect("cache lock").get(sku).filter(|c| usable(c)).map(|c| c.qty);
-        cached.or_else(|| self.pending.lock().expect("cache lock").get(sku).filter(|c| usable(c)).map(|c| c.qty))
+        cached.or_else(|| {
+            let pending = self.pending.lock().expect("cache lock");
+            pending.get(sku).filter(|c| usable(c) && arrived <= c.at).map(|c| c.qty)
+        })
     }
 
     /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read.
     async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str, placed_at: i64, now_ms: i64) -> Observation {
-        if let Some(qty) = self.reusable(sku, placed_at) {
+        let arrived = Instant::now();
+        if let Some(qty) = self.reusable(sku, placed_at, arrived) {
             metrics::CHECKS.with_label_values(&["cached"]).inc();
             return Observation::Cached(qty);
         }
         // One fetch per SKU at a time: whoever waited reuses it (if their order is older).
         self.flights
             .run(&sku.to_owned(), async {
-                if let Some(qty) = self.reusable(sku, placed_at) {
+                if let Some(qty) = self.reusable(sku, placed_at, arrived) {
                     metrics::CHECKS.with_label_values(&["cached"]).inc();
                     return Observation::Cached(qty);
                 }
@@ -426,6 +433,19 @@ mod tests {
         magento.stock.lock().unwrap().insert("A".into(), Decimal4::from_units(-1));
         let late = checker.check(&magento, &placed(1_500), 2_000).await;
         assert_eq!(late.status, InventoryStatus::Oversold, "a stale level never hides an oversell");
+        assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_reading_whose_fact_was_never_acknowledged_is_not_reused_later() {
+        let magento = counting(&[("A", 10)]);
+        let checker = InventoryChecker::new(InventoryConfig::default());
+        // The first order's check fetches, then its publication is abandoned: neither
+        // remembered nor forgotten.
+        let abandoned = checker.check(&magento, &order_with(&["A"]), 1_000).await;
+        assert_eq!(abandoned.events.len(), 1);
+        let later = checker.check(&magento, &order_with(&["A"]), 2_000).await;
+        assert_eq!(later.events.len(), 1, "observed and published again, not taken from the pending reading");
         assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
     }
 }
