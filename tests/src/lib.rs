@@ -277,7 +277,7 @@ pub fn binary(name: &str) -> PathBuf {
 }
 
 /// An order-ingest command on the shared stack with topics of its own (`topic` and
-/// `topic.{inventory,outcomes,commands,checkpoints,dlq}`, 3 partitions), reading `magento_url`,
+/// `topic.{inventory,outcomes,commands,checkpoints,dlq,erased}`, 3 partitions), reading `magento_url`,
 /// logging to `dir/<log>.log`. Polling is off unless the caller sets an interval.
 pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Command {
     let mut command = Command::new(binary("order-ingest"));
@@ -289,12 +289,18 @@ pub fn order_ingest(dir: &Path, topic: &str, magento_url: &str, log: &str) -> Co
         .env("ELO_MAGENTO_URL", magento_url)
         .env("ELO_MAGENTO_STORES", "1=default:1,2=br:1")
         .env("ELO_ORDER_INGEST_POLL_INTERVAL", "0s")
+        // The simulator's orders start on 2026-11-01: poll and check them all.
+        .env("ELO_ORDER_INGEST_POLL_START", "2026-01-01")
+        .env("ELO_ORDER_INGEST_INVENTORY_MAX_ORDER_AGE", "3650d")
+        // Debug builds on a shared machine: tests assert every order is checked, so no budget.
+        .env("ELO_ORDER_INGEST_ENRICHMENT_BUDGET", "0s")
         .env("ELO_TOPIC_COMMERCE", topic)
         .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
         .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
         .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
         .env("ELO_ORDER_INGEST_CHECKPOINT_TOPIC", format!("{topic}.checkpoints"))
         .env("ELO_ORDER_INGEST_DLQ_TOPIC", format!("{topic}.dlq"))
+        .env("ELO_ORDER_INGEST_ERASED_TOPIC", format!("{topic}.erased"))
         .env("ELO_ORDER_INGEST_COMMANDS_GROUP", format!("{topic}.commands-group"))
         .env("ELO_TOPIC_PARTITIONS", "3")
         .stdout(Stdio::null())
@@ -329,4 +335,24 @@ pub fn topic_count(topic: &str, partitions: i32) -> i64 {
     (0..partitions)
         .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0))
         .sum()
+}
+
+/// Asserts `record` carries a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`) with
+/// a real (non-zero) trace id.
+pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    let value = record
+        .headers()
+        .and_then(|h| (0..h.count()).map(|i| h.get(i)).find(|h| h.key == "traceparent"))
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let value = value.unwrap_or_else(|| panic!("record at offset {} has no traceparent", record.offset()));
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(
+        parts.len() == 4 && parts[0] == "00" && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2),
+        "not a W3C traceparent: {value}"
+    );
+    assert_ne!(parts[1], "0".repeat(32), "an invalid (zero) trace id");
 }

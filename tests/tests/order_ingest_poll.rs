@@ -67,13 +67,16 @@ async fn polling_survives_kill_9_and_loses_no_order() {
     let records = read_all(&brokers(), &topic, 3);
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut seen = BTreeSet::new();
-    let mut ids_per_version = std::collections::BTreeMap::<(i64, i64), BTreeSet<String>>::new();
+    let mut ids_per_version = std::collections::BTreeMap::<(i64, i64, String), BTreeSet<String>>::new();
     for r in &records {
         let e: CommerceEvent = codec.decode(r.payload().unwrap()).await.unwrap();
         assert_eq!(r.key(), Some(e.customer_key.as_bytes()));
         let id = e.order.as_ref().unwrap().entity_id;
         seen.insert(id);
-        ids_per_version.entry((id, e.source_version.updated_at)).or_default().insert(e.event_id);
+        ids_per_version
+            .entry((id, e.source_version.updated_at, e.order.as_ref().unwrap().status.clone()))
+            .or_default()
+            .insert(e.event_id);
     }
     let missing: Vec<_> = all.difference(&seen).collect();
     assert!(
@@ -88,4 +91,57 @@ async fn polling_survives_kill_9_and_loses_no_order() {
         republished < 1000,
         "the restart resumed from the checkpoint, not from scratch ({republished} republished)"
     );
+}
+
+/// Order id → statuses published for it.
+fn published_statuses(topic: &str) -> std::collections::BTreeMap<i64, BTreeSet<String>> {
+    let mut statuses = std::collections::BTreeMap::<i64, BTreeSet<String>>::new();
+    if topic_count(topic, 3) == 0 {
+        return statuses; // not created yet
+    }
+    for record in read_all(&brokers(), topic, 3) {
+        let Some((_, body)) = record.payload().and_then(|p| elo_events::codec::unframe(p).ok()) else { continue };
+        let Ok(event) = elo_events::codec::decode_direct::<CommerceEvent>(body) else { continue };
+        if let Some(order) = event.order {
+            statuses.entry(order.entity_id).or_default().insert(order.status);
+        }
+    }
+    statuses
+}
+
+/// A mass status change (the sandbox's `POST .../magento/orders/mass-status`, run in process): a
+/// thousand orders saved in one second, five times the round budget set here (4 pages of 50).
+/// Every one of them reaches the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_status_change_larger_than_the_round_budget_is_published_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("poll.mass");
+    let (magento, magento_url) = serve_magento(1000).await;
+    let ids: BTreeSet<i64> = magento.sim.lock().unwrap().orders.keys().copied().collect();
+    let _ingest = ChildGuard::spawn(
+        "order-ingest",
+        order_ingest(dir.path(), &topic, &magento_url, "mass")
+            .env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s")
+            .env("ELO_ORDER_INGEST_POLL_PAGE_SIZE", "50")
+            .env("ELO_ORDER_INGEST_POLL_MAX_PAGES", "4")
+            .env("ELO_ORDER_INGEST_POLL_ENTITIES", "orders"),
+    );
+    let caught_up = wait_until(Duration::from_secs(120), || published_statuses(&topic).len() == ids.len()).await;
+    assert!(caught_up, "the first pass never finished:\n{}", log(dir.path(), "mass"));
+
+    // The sandbox's own mass action (what its control API runs): one transaction, one second.
+    let change: sandbox::magento::admin::MassStatus =
+        serde_json::from_value(serde_json::json!({"status": "holded"})).unwrap();
+    let (changed, _) = magento.sim.lock().unwrap().mass_status(&change);
+    assert_eq!(changed, ids.len());
+    let done = wait_until(Duration::from_secs(120), || {
+        let statuses = published_statuses(&topic);
+        ids.iter().all(|id| statuses.get(id).is_some_and(|s| s.contains("holded")))
+    })
+    .await;
+    let statuses = published_statuses(&topic);
+    let missing = ids.iter().filter(|id| !statuses.get(id).is_some_and(|s| s.contains("holded"))).count();
+    assert!(done, "{missing} of {} changed orders never published:\n{}", ids.len(), log(dir.path(), "mass"));
+    // Polled records carry a trace context too.
+    read_all(&brokers(), &topic, 3).iter().for_each(assert_traceparent);
 }

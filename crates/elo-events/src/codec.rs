@@ -152,6 +152,10 @@ pub struct EventCodec {
     /// Writer schemas by id, decimals read as plain bytes (see [`decoding_schema`]), with
     /// their canonical form.
     writers: Mutex<HashMap<u32, Arc<(Schema, String)>>>,
+    /// With auto-registration, the id our own schema got under each topic's subject, by event
+    /// type (its default topic names it): later encodes need no schema text, no subject
+    /// lookup and no writer built, only our static writer.
+    own_ids: Mutex<HashMap<&'static str, HashMap<String, u32>>>,
 }
 
 impl std::fmt::Debug for EventCodec {
@@ -176,6 +180,7 @@ impl EventCodec {
             decoder: AvroDecoder::new(build()?),
             auto_register: config.auto_register,
             writers: Mutex::new(HashMap::new()),
+            own_ids: Mutex::new(HashMap::new()),
         })
     }
 
@@ -192,6 +197,11 @@ impl EventCodec {
     /// (or, without auto-registration, the subject's latest version is used) and the value is
     /// written with exactly the schema its id names.
     pub async fn encode<T: AvroEvent>(&self, topic: &str, value: &T) -> Result<Vec<u8>, CodecError> {
+        let own_id =
+            self.own_ids.lock().expect("id cache lock").get(T::DEFAULT_TOPIC).and_then(|t| t.get(topic)).copied();
+        if let Some(id) = own_id {
+            return encode_framed(id, T::direct_writer(), value);
+        }
         let strategy = self.strategy::<T>(topic);
         let subject = strategy.get_subject().map_err(CodecError::from_src)?;
         let registered = self.encoder.get_schema_and_id(&subject, strategy).await.map_err(|e| {
@@ -199,6 +209,12 @@ impl EventCodec {
             self.encoder.remove_errors_from_cache();
             CodecError::from_src(e)
         })?;
+        if self.auto_register {
+            // What was registered is our own schema: its id stands for this topic from now on.
+            let mut ids = self.own_ids.lock().expect("id cache lock");
+            ids.entry(T::DEFAULT_TOPIC).or_default().insert(topic.to_owned(), registered.id);
+            return encode_framed(registered.id, T::direct_writer(), value);
+        }
         let body = encode_body_with(&registered.parsed, value)?;
         Ok(frame(registered.id, &body))
     }
@@ -291,7 +307,20 @@ pub fn frame(schema_id: u32, avro_body: &[u8]) -> Vec<u8> {
 /// Encodes `value` as a bare Avro body with `T`'s own schema (no registry): for benchmarks and
 /// for tests that frame by hand.
 pub fn encode_body<T: AvroEvent>(value: &T) -> Result<Vec<u8>, CodecError> {
-    encode_body_with(T::schema(), value)
+    T::direct_writer().write_ser_to_vec(value).map_err(|e| CodecError::Avro(e.to_string()))
+}
+
+/// The Confluent header and the Avro body written straight after it (one buffer, no copy).
+fn encode_framed<T: serde::Serialize>(
+    schema_id: u32,
+    writer: &GenericDatumWriter<'_>,
+    value: &T,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(256);
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    writer.write_ser(&mut out, value).map_err(|e| CodecError::Avro(e.to_string()))?;
+    Ok(out)
 }
 
 /// Encodes `value` as a bare Avro body with the given writer schema, serialising straight from
@@ -525,5 +554,66 @@ mod tests {
         assert!(matches!(unframe(&[0, 0]), Err(CodecError::Framing(_))));
         let err = decode_with::<CommerceEvent>(CommerceEvent::decoding_schema(), &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(!err.is_retriable());
+    }
+
+    /// A registry that answers every request with schema id 7, counting requests.
+    async fn fake_registry() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    let mut read = 0;
+                    // Headers, then the body its content-length announces.
+                    loop {
+                        let Ok(n) = stream.read(&mut buf[read..]).await else { return };
+                        if n == 0 {
+                            return;
+                        }
+                        read += n;
+                        let text = String::from_utf8_lossy(&buf[..read]).to_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                                .unwrap_or(0usize);
+                            if read >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = r#"{"id":7}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.schemaregistry.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn encoding_with_our_registered_schema_writes_what_the_slow_path_wrote() {
+        let (url, requests) = fake_registry().await;
+        let codec = EventCodec::new(&RegistryConfig::local(url)).unwrap();
+        for n in 0..3 {
+            let event = sample::order_placed(n);
+            let framed = codec.encode("commerce.events", &event).await.unwrap();
+            assert_eq!(framed, frame(7, &encode_body_with(CommerceEvent::schema(), &event).unwrap()));
+            let (id, body) = unframe(&framed).unwrap();
+            assert_eq!((id, decode_direct::<CommerceEvent>(body).unwrap()), (7, event));
+        }
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1, "registered once");
+        // Another topic is another subject: registered on its own.
+        codec.encode("other.events", &sample::order_placed(9)).await.unwrap();
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

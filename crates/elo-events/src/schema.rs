@@ -4,6 +4,7 @@ use std::sync::LazyLock;
 
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
 
 /// `schemas/commerce.events.avsc`.
 pub const COMMERCE_EVENT_AVSC: &str = include_str!("../../../schemas/commerce.events.avsc");
@@ -29,6 +30,8 @@ pub trait AvroEvent: serde::Serialize + serde::de::DeserializeOwned + Send + Syn
     /// A reader for data written with exactly our schema: deserialises straight from Avro
     /// binary into `Self`, with no value tree and no resolution (the common, fast case).
     fn direct_reader() -> &'static GenericDatumReader<'static>;
+    /// A writer with our schema, built once: its name index is not rebuilt per record.
+    fn direct_writer() -> &'static GenericDatumWriter<'static>;
 }
 
 macro_rules! avro_event {
@@ -57,6 +60,12 @@ macro_rules! avro_event {
                         .expect("checked-in schema resolves (tested)")
                 });
                 &READER
+            }
+            fn direct_writer() -> &'static GenericDatumWriter<'static> {
+                static WRITER: LazyLock<GenericDatumWriter<'static>> = LazyLock::new(|| {
+                    GenericDatumWriter::builder(<$ty>::schema()).build().expect("checked-in schema resolves (tested)")
+                });
+                &WRITER
             }
         }
     };

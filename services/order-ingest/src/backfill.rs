@@ -69,7 +69,7 @@ pub async fn run<S: poll::EntitySearch, P: crate::push::Publisher>(
             let bar = bars.add(indicatif::ProgressBar::new(0).with_style(style.clone()).with_prefix(scope.clone()));
             let spec =
                 RoundSpec { entity: *entity, store_id: *store_id, overlap: Duration::ZERO, page_size, max_pages: 10 };
-            let mut checkpoint = Checkpoint { cursor_ms: args.from_ms, recent: Default::default() };
+            let mut checkpoint = Checkpoint::starting_at(args.from_ms);
             let mut done_before = 0;
             let mut total_seen = None;
             loop {
@@ -110,18 +110,25 @@ pub async fn run<S: poll::EntitySearch, P: crate::push::Publisher>(
 }
 
 /// The CLI entry: the service's publisher and Magento client, a throwaway admin port.
-pub async fn main(config: crate::Config, args: BackfillArgs) -> anyhow::Result<()> {
+pub async fn main(mut config: crate::Config, args: BackfillArgs) -> anyhow::Result<()> {
+    crate::no_idle_linger(&mut config.common.kafka)?;
     let topics = vec![
         config.common.topics.spec(&config.common.topics.commerce),
         config.common.topics.spec(&config.common.topics.inventory),
+        config.common.topics.spec(&config.erased_topic).compacted(),
     ];
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let Some(service) = elo_service::Service::start("order-ingest-backfill", &config.common, admin, topics).await?
     else {
         return Ok(());
     };
-    let source = Arc::new(crate::magento_source(&config)?);
-    let publisher = crate::enriching_publisher(&service, &config, source.clone());
+    // An erased person's orders are not republished by a backfill.
+    let Some((erased, follower)) = crate::load_erasures(&service, &config).await else {
+        service.finish().await;
+        return Ok(());
+    };
+    let source = Arc::new(crate::magento_source(&config, "magento-backfill")?);
+    let publisher = crate::shared_publisher(&service, &config, source.clone(), erased, false);
     let started = std::time::Instant::now();
     let summary = run(
         &*source,
@@ -132,6 +139,8 @@ pub async fn main(config: crate::Config, args: BackfillArgs) -> anyhow::Result<(
         &service.shutdown,
     )
     .await;
+    service.shutdown.cancel();
+    let _ = follower.await;
     service.finish().await;
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
@@ -165,6 +174,7 @@ mod tests {
         };
         let mut magento = sandbox::magento::Magento::new(Default::default(), generator);
         magento.generate(120);
+        crate::poll::tests::one_store(&mut magento);
         let from =
             magento.orders[&41]["updated_at"].as_str().map(crate::normalize::parse_magento_time).unwrap().unwrap();
         let expected = magento

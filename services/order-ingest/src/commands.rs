@@ -74,8 +74,9 @@ impl<P: Publisher, M: MagentoApi> CommandHandler<P, M> {
             // The source is the truth; the requester's key may predate a guest's registration.
             tracing::warn!(command_id = %command.command_id, "refetched entity has another customer key than the command");
         }
-        self.publisher.publish(&event).await.map_err(publish_error)?;
-        tracing::info!(command_id = %command.command_id, event_id = %event.event_id, reason = %command.reason, "entity refetched and republished");
+        let event_id = event.event_id.clone();
+        self.publisher.publish_owned(event).await.map_err(publish_error)?;
+        tracing::info!(command_id = %command.command_id, event_id = %event_id, reason = %command.reason, "entity refetched and republished");
         Ok("executed")
     }
 }

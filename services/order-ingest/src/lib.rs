@@ -8,30 +8,48 @@
 //! - [`enrich`] and [`inventory`]: consent from the customer record, MSI salable quantity, stock
 //!   facts on `inventory.events`; every path publishes through them.
 //! - [`commands`]: the reconciler's repair path (`REFETCH_ORDER`, `REFETCH_CUSTOMER`).
-//! - [`source`] and [`wiring`]: the Magento and Kafka seams and their production implementations.
+//! - [`erasure`]: erased keys (compacted topic) checked before anything is published.
+//! - [`source`], [`wiring`], [`compacted`] and [`oauth`]: the Magento and Kafka seams and their
+//!   production implementations (REST client, OAuth 1.0a signing, compacted-topic state).
+//! - [`json`] (money read without floats) and [`flight`] (single-flight lookups): small helpers.
+//! - `config` ([`Config`]) and `paths`: settings, and how each path is started.
 //!
-//! Magento is reached with `elo-http-client` (one client, classified retries) rather than a
-//! Magento client crate: a search of crates.io and the package indexes found maintained clients
-//! for PHP, Node and Python only, and the few calls needed here (admin token, orders, customers,
-//! salable quantity, searchCriteria with its last-page-repeats quirk) are small and tested
-//! against the sandbox.
+//! Magento is reached with `elo-http-client` (one client per path, classified retries) rather
+//! than a Magento client crate: a search of crates.io and the package indexes found maintained
+//! clients for PHP, Node and Python only, and the few calls needed here (tokens or OAuth 1.0a,
+//! orders, customers, salable quantity, keyset searchCriteria) are small and tested against the
+//! sandbox.
 
 pub mod backfill;
 pub mod commands;
+pub mod compacted;
 pub mod enrich;
+pub mod erasure;
+pub mod flight;
 pub mod inventory;
+pub mod json;
 pub mod normalize;
+pub mod oauth;
 pub mod poll;
 pub mod push;
 pub mod source;
 pub mod wiring;
 
+mod config;
+mod paths;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
-use elo_events::{CommerceEvent, IntegrationCommand, InventoryEvent};
-use elo_service::{CommonArgs, Service};
+use elo_service::Service;
+
+pub(crate) use config::magento_source;
+pub use config::{
+    Command, Config, MagentoAuthKind, PollStart, magento_auth, magento_password, no_idle_linger, parse_age,
+    parse_poll_start, parse_stores, webhook_verifier,
+};
+pub(crate) use paths::{load_erasures, shared_publisher};
+use paths::{register_schemas, start_commands, start_poll, start_push};
 
 /// Service name.
 pub const NAME: &str = "order-ingest";
@@ -39,109 +57,9 @@ pub const NAME: &str = "order-ingest";
 /// Default admin address (/metrics, /health/livez, /health/readyz).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9101);
 
-/// order-ingest settings.
-#[derive(Clone, Debug, clap::Parser)]
-#[command(
-    name = "order-ingest",
-    version,
-    about = "Publishes Magento orders and customers as Avro domain events on Kafka."
-)]
-pub struct Config {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-    #[command(flatten)]
-    pub common: CommonArgs,
-    /// Compacted topic holding the poll checkpoints.
-    #[arg(
-        long = "checkpoint-topic",
-        env = "ELO_ORDER_INGEST_CHECKPOINT_TOPIC",
-        default_value = "order-ingest.checkpoints"
-    )]
-    pub checkpoint_topic: String,
-    /// Address of the Magento push endpoint (`POST /webhooks/magento/orders`).
-    #[arg(long = "listen", env = "ELO_ORDER_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
-    /// File holding the webhook signing secret; the push endpoint stays off without it.
-    #[arg(long = "webhook-secret-file", env = "ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE")]
-    pub webhook_secret_file: Option<std::path::PathBuf>,
-    /// Accepted clock difference for signed notifications (replay protection), e.g. `300s`.
-    #[arg(long = "webhook-tolerance", env = "ELO_ORDER_INGEST_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = elo_service::parse_duration)]
-    pub webhook_tolerance: Duration,
-    /// Largest accepted notification body.
-    #[arg(long = "max-body-bytes", env = "ELO_ORDER_INGEST_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_body_bytes: usize,
-    /// Magento base URL (orders are refetched when a notification is partial).
-    #[arg(long = "magento-url", env = "ELO_MAGENTO_URL", default_value = "http://127.0.0.1:8701")]
-    pub magento_url: String,
-    /// Magento admin user for REST calls.
-    #[arg(long = "magento-username", env = "ELO_MAGENTO_USERNAME", default_value = "admin")]
-    pub magento_username: String,
-    /// File holding the Magento admin password [default: the sandbox's].
-    #[arg(long = "magento-password-file", env = "ELO_MAGENTO_PASSWORD_FILE")]
-    pub magento_password_file: Option<std::path::PathBuf>,
-    /// Pause between poll rounds (`0s` turns polling off).
-    #[arg(long = "poll-interval", env = "ELO_ORDER_INGEST_POLL_INTERVAL", default_value = "10s", value_parser = elo_service::parse_duration)]
-    pub poll_interval: Duration,
-    /// Window re-read before the cursor each round, for late commits.
-    #[arg(long = "poll-overlap", env = "ELO_ORDER_INGEST_POLL_OVERLAP", default_value = "300s", value_parser = elo_service::parse_duration)]
-    pub poll_overlap: Duration,
-    /// What the poll reads, comma separated.
-    #[arg(
-        long = "poll-entities",
-        env = "ELO_ORDER_INGEST_POLL_ENTITIES",
-        default_value = "orders,customers",
-        value_delimiter = ','
-    )]
-    pub poll_entities: Vec<poll::Entity>,
-    /// Pages read per poll round before the checkpoint is saved (long catch-ups checkpoint as they go).
-    #[arg(long = "poll-max-pages", env = "ELO_ORDER_INGEST_POLL_MAX_PAGES", default_value_t = 20)]
-    pub poll_max_pages: usize,
-    /// Orders per search page (Magento caps it at 300).
-    #[arg(long = "poll-page-size", env = "ELO_ORDER_INGEST_POLL_PAGE_SIZE", default_value_t = 100)]
-    pub poll_page_size: usize,
-    /// Store views as `id=code:website`, comma separated (put on every event).
-    #[arg(long = "magento-stores", env = "ELO_MAGENTO_STORES", default_value = "1=default:1,2=br:1", value_parser = parse_stores)]
-    pub magento_stores: normalize::Stores,
-    /// Check salable quantities (MSI) for every order and publish stock facts.
-    #[arg(long = "inventory-checks", env = "ELO_ORDER_INGEST_INVENTORY_CHECKS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub inventory_checks: bool,
-    /// MSI stock id the store sells from.
-    #[arg(long = "stock-id", env = "ELO_MAGENTO_STOCK_ID", default_value_t = 1)]
-    pub stock_id: i32,
-    /// Salable quantity at or below which a SKU is reported LOW_STOCK.
-    #[arg(long = "low-stock-threshold", env = "ELO_ORDER_INGEST_LOW_STOCK_THRESHOLD", default_value = "5")]
-    pub low_stock_threshold: elo_events::Decimal4,
-    /// How long a SKU's salable quantity is reused before asking Magento again.
-    #[arg(long = "inventory-cache-ttl", env = "ELO_ORDER_INGEST_INVENTORY_CACHE_TTL", default_value = "30s", value_parser = elo_service::parse_duration)]
-    pub inventory_cache_ttl: Duration,
-    /// Salable-quantity requests to Magento in flight at once.
-    #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
-    pub inventory_concurrency: usize,
-    /// How long a customer's marketing consent is reused for their next orders.
-    #[arg(long = "customer-cache-ttl", env = "ELO_ORDER_INGEST_CUSTOMER_CACHE_TTL", default_value = "60s", value_parser = elo_service::parse_duration)]
-    pub customer_cache_ttl: Duration,
-    /// Consumer group reading `integration.commands`.
-    #[arg(
-        long = "commands-group",
-        env = "ELO_ORDER_INGEST_COMMANDS_GROUP",
-        default_value = "elo-order-ingest-commands"
-    )]
-    pub commands_group: String,
-    /// Dead-letter topic for commands that cannot be executed and polled records that cannot
-    /// become events.
-    #[arg(long = "dlq-topic", env = "ELO_ORDER_INGEST_DLQ_TOPIC", default_value = "order-ingest.dlq")]
-    pub dlq_topic: String,
-}
-
-/// One-off jobs (the service runs without a subcommand).
-#[derive(Clone, Debug, clap::Subcommand)]
-pub enum Command {
-    /// Republish what Magento changed since a date, with a progress bar, then exit.
-    Backfill(backfill::BackfillArgs),
-}
-
 /// Runs until SIGTERM/SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    no_idle_linger(&mut config.common.kafka)?;
     let t = &config.common.topics;
     let topics = vec![
         t.spec(&t.commerce),
@@ -150,26 +68,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         t.spec(&t.outcomes),
         t.spec(&config.dlq_topic),
         t.spec(&config.checkpoint_topic).compacted(),
+        t.spec(&config.erased_topic).compacted(),
     ];
     let Some(service) = Service::start(NAME, &config.common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
     register_schemas(&service, &config).await;
-    // One Magento client (one admin token) and one publisher serve both paths.
-    let source = Arc::new(magento_source(&config)?);
-    let publisher = Arc::new(enriching_publisher(&service, &config, source.clone()));
-    let poller =
-        (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, source.clone(), publisher.clone()));
-    let push = match &config.webhook_secret_file {
-        Some(path) => Some(start_push(&service, &config, path, source.clone(), publisher.clone()).await?),
+    // Nothing is published before every erasure so far is known.
+    let Some((erased, follower)) = load_erasures(&service, &config).await else {
+        service.finish().await;
+        return Ok(());
+    };
+    // Each path has its own Magento connection pool (and enrichment caches), so a slow poll or
+    // a storm of repairs cannot take the connections webhooks are waiting for.
+    let path = |downstream, budgeted| -> anyhow::Result<_> {
+        let source = Arc::new(magento_source(&config, downstream)?);
+        let publisher = Arc::new(shared_publisher(&service, &config, source.clone(), erased.clone(), budgeted));
+        Ok((source, publisher))
+    };
+    let (push_source, push_publisher) = path("magento-push", true)?;
+    let (poll_source, poll_publisher) = path("magento-poll", false)?;
+    let (commands_source, commands_publisher) = path("magento-commands", false)?;
+    let poller = (!config.poll_interval.is_zero()).then(|| start_poll(&service, &config, poll_source, poll_publisher));
+    let push = match webhook_verifier(&config)? {
+        Some(verifier) => Some(start_push(&service, &config, verifier, push_source, push_publisher).await?),
         None => {
             tracing::warn!(
-                "no webhook secret configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE): the push endpoint is off"
+                "no webhook secret or Adobe key configured (ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE, \
+                 ELO_ORDER_INGEST_ADOBE_WEBHOOK_PUBLIC_KEY_FILE): the push endpoint is off"
             );
             None
         }
     };
-    let mut commands = start_commands(&service, &config, source.clone(), publisher.clone());
+    let mut commands = start_commands(&service, &config, commands_source, commands_publisher);
     let mut failure = None;
     tokio::select! {
         _ = service.shutdown.cancelled() => {
@@ -192,271 +123,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(poller) = poller {
         let _ = poller.await;
     }
+    let _ = follower.await;
     service.finish().await;
     failure.map_or(Ok(()), Err)
 }
 
-/// The publisher every path uses: Kafka behind consent and inventory enrichment.
-pub type SharedPublisher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
+/// The publisher every path uses: Kafka behind consent and inventory enrichment, behind the
+/// erasure guard (an erased person's data is dropped before any Magento lookup).
+pub type SharedPublisher = erasure::ErasureGuard<Arc<KafkaEnricher>, compacted::KafkaErasureLog>;
 
-pub(crate) fn enriching_publisher(
-    service: &Service,
-    config: &Config,
-    source: Arc<wiring::MagentoSource>,
-) -> SharedPublisher {
-    let kafka = wiring::KafkaPublisher {
-        producer: service.producer.clone(),
-        codec: service.codec.clone(),
-        topic: config.common.topics.commerce.clone(),
-        inventory_topic: config.common.topics.inventory.clone(),
-        dlq_topic: config.dlq_topic.clone(),
-        // Past the producer's own delivery timeout, so a 503 follows a definite failure.
-        timeout: Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5),
-    };
-    let inventory = config.inventory_checks.then(|| {
-        inventory::InventoryChecker::new(inventory::InventoryConfig {
-            stock_id: config.stock_id,
-            low_stock_threshold: config.low_stock_threshold,
-            cache_ttl: config.inventory_cache_ttl,
-            concurrency: config.inventory_concurrency,
-        })
-    });
-    enrich::Enricher::new(kafka, source, inventory, config.customer_cache_ttl)
-}
-
-/// The Magento REST client, with the admin password from its file (the sandbox's by default).
-pub(crate) fn magento_source(config: &Config) -> anyhow::Result<wiring::MagentoSource> {
-    use anyhow::Context;
-    let password = match &config.magento_password_file {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned()
-        }
-        None => "elo-sandbox-admin1".to_owned(),
-    };
-    Ok(wiring::MagentoSource::new(config.magento_url.clone(), config.magento_username.clone(), password)?)
-}
-
-/// Consumes `integration.commands` (the repair path) until shutdown, then drains and commits.
-fn start_commands(
-    service: &Service,
-    config: &Config,
-    source: Arc<wiring::MagentoSource>,
-    publisher: Arc<SharedPublisher>,
-) -> tokio::task::JoinHandle<anyhow::Result<()>> {
-    let settings = elo_kafka::ConsumerSettings::new(
-        config.commands_group.clone(),
-        vec![config.common.topics.commands.clone()],
-        config.dlq_topic.clone(),
-    );
-    let handler = Arc::new(commands::CommandHandler {
-        codec: service.codec.clone(),
-        publisher,
-        magento: source,
-        stores: config.magento_stores.clone(),
-    });
-    // The consumer's own health is kept out of readiness: a rebalance of the commands group
-    // (10-20 s) must not take the push endpoint out of the load balancer.
-    let (kafka, producer, health, stop) =
-        (config.common.kafka.clone(), service.producer.clone(), elo_telemetry::Health::new(), service.shutdown.clone());
-    tokio::spawn(async move {
-        elo_kafka::run_consumer(&kafka, settings, handler, producer, health, stop).await.map_err(anyhow::Error::from)
-    })
-}
-
-/// Polls every store view until shutdown; each store's checkpoint lives in the compacted
-/// checkpoint topic and moves only after the round's events were acknowledged.
-fn start_poll(
-    service: &Service,
-    config: &Config,
-    source: Arc<wiring::MagentoSource>,
-    publisher: Arc<SharedPublisher>,
-) -> tokio::task::JoinHandle<()> {
-    let checkpoints = wiring::KafkaCheckpoints {
-        producer: service.producer.clone(),
-        kafka: config.common.kafka.clone(),
-        topic: config.checkpoint_topic.clone(),
-    };
-    let (stores, interval, overlap, page_size, max_pages) = (
-        config.magento_stores.clone(),
-        config.poll_interval,
-        config.poll_overlap,
-        config.poll_page_size.clamp(1, 300),
-        config.poll_max_pages,
-    );
-    let entities = config.poll_entities.clone();
-    let stop = service.shutdown.clone();
-    tokio::spawn(async move {
-        let mut store_ids: Vec<(i64, String)> = stores.0.iter().map(|(id, (code, _))| (*id, code.clone())).collect();
-        store_ids.sort();
-        // Every store's checkpoint comes from one pass over the compacted topic.
-        let mut cursors = loop {
-            match checkpoints.load_all().await {
-                Ok(all) => {
-                    tracing::info!(checkpoints = all.len(), "poll checkpoints loaded");
-                    break all;
-                }
-                Err(error) => {
-                    tracing::error!(error = %error, "cannot read the poll checkpoints; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(interval) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            }
-        };
-        loop {
-            let mut more = false;
-            for entity in &entities {
-                for (store_id, code) in &store_ids {
-                    let key = entity.checkpoint_key(code);
-                    let start = cursors.entry(key.clone()).or_default();
-                    let spec = poll::RoundSpec { entity: *entity, store_id: *store_id, overlap, page_size, max_pages };
-                    // Stopping mid-round is safe: the checkpoint is not saved, so the next start
-                    // republishes the unconfirmed tail with the same event ids.
-                    let mut no_progress = |_, _| {};
-                    let (round, error) = tokio::select! {
-                        r = poll::poll_once(&*source, &*publisher, &stores, &spec, start, &mut no_progress) => r,
-                        _ = stop.cancelled() => return,
-                    };
-                    if let Some(error) = error {
-                        tracing::warn!(checkpoint = %key, error = %error, published = round.published, "poll round stopped early");
-                    }
-                    more |= round.more;
-                    if &round.checkpoint != start {
-                        match checkpoints.save(&key, &round.checkpoint).await {
-                            Ok(()) => cursors.insert(key.clone(), round.checkpoint),
-                            Err(error) => {
-                                tracing::error!(checkpoint = %key, error = %error, "cannot save the poll checkpoint");
-                                None
-                            }
-                        };
-                    }
-                    let cursor = cursors.get(&key).map_or(0, |c| c.cursor_ms);
-                    metrics::POLL_LAG.with_label_values(&[entity.as_str(), code]).set(if cursor > 0 {
-                        (now_ms() - cursor) / 1000
-                    } else {
-                        0
-                    });
-                    if round.published > 0 {
-                        tracing::info!(checkpoint = %key, published = round.published, "poll round published");
-                    }
-                }
-            }
-            // A cut round continues at once; a finished one waits for the next interval.
-            if more {
-                continue;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = stop.cancelled() => return,
-            }
-        }
-    })
-}
-
-mod metrics {
-    use std::sync::LazyLock;
-
-    use prometheus::{IntGaugeVec, register_int_gauge_vec};
-
-    pub(crate) static POLL_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-        register_int_gauge_vec!(
-            "order_ingest_poll_lag_seconds",
-            "Now minus the poll cursor (the newest updated_at published), per entity and store view.",
-            &["entity", "store"]
-        )
-        .expect("metric registers once")
-    });
-}
-
-/// Serves the signed push endpoint until shutdown (in-flight requests finish first).
-async fn start_push(
-    service: &Service,
-    config: &Config,
-    secret_file: &std::path::Path,
-    source: Arc<wiring::MagentoSource>,
-    publisher: Arc<SharedPublisher>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use anyhow::Context;
-    let secret = std::fs::read_to_string(secret_file)
-        .with_context(|| format!("reading {}", secret_file.display()))?
-        .trim()
-        .to_owned();
-    anyhow::ensure!(secret.len() >= 16, "the webhook secret must have at least 16 characters");
-    let push_config = push::PushConfig {
-        secret,
-        tolerance: config.webhook_tolerance,
-        max_body_bytes: config.max_body_bytes,
-        stores: config.magento_stores.clone(),
-    };
-    let listener =
-        tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(listen = %config.listen, "push endpoint listening");
-    let app = push::router(push_config, publisher, source);
-    let stop = service.shutdown.clone();
-    Ok(tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-            tracing::error!(error = %error, "push endpoint failed");
-        }
-    }))
-}
-
-/// Registers the schemas this service writes, retrying while the registry is unavailable.
-/// Readiness does not wait for it: encoding registers on first use anyway.
-async fn register_schemas(service: &Service, config: &Config) {
-    let t = &config.common.topics;
-    for attempt in 0u32.. {
-        let result = async {
-            let commerce = service.codec.schema_id::<CommerceEvent>(&t.commerce).await?;
-            let inventory = service.codec.schema_id::<InventoryEvent>(&t.inventory).await?;
-            let commands = service.codec.schema_id::<IntegrationCommand>(&t.commands).await?;
-            Ok::<_, elo_events::CodecError>((commerce, inventory, commands))
-        }
-        .await;
-        match result {
-            Ok((commerce, inventory, commands)) => {
-                tracing::info!(commerce, inventory, commands, "schemas registered");
-                return;
-            }
-            Err(error) => {
-                tracing::error!(error = %error, error_code = error.code(), attempt, "schema registration failed");
-                if !error.is_retriable() {
-                    return;
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = service.shutdown.cancelled() => return,
-                }
-            }
-        }
-    }
-}
+/// Enrichment in front of Kafka.
+pub type KafkaEnricher = enrich::Enricher<wiring::KafkaPublisher, Arc<wiring::MagentoSource>>;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
-}
-
-/// Parses `1=default:1,2=br:1`.
-pub fn parse_stores(text: &str) -> Result<normalize::Stores, String> {
-    let mut stores = std::collections::HashMap::new();
-    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (id, rest) = entry.split_once('=').ok_or_else(|| format!("{entry:?}: expected id=code:website"))?;
-        let (code, website) = rest.split_once(':').ok_or_else(|| format!("{entry:?}: expected id=code:website"))?;
-        let id = id.parse().map_err(|_| format!("{entry:?}: store id is not a number"))?;
-        let website = website.parse().map_err(|_| format!("{entry:?}: website id is not a number"))?;
-        stores.insert(id, (code.to_owned(), website));
-    }
-    Ok(normalize::Stores(stores))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn store_lists_parse() {
-        let stores = super::parse_stores("1=default:1, 2=br:3").unwrap();
-        assert_eq!(stores.0[&2], ("br".to_owned(), 3));
-        assert!(super::parse_stores("1=default").is_err());
-        assert!(super::parse_stores("x=default:1").is_err());
-    }
 }

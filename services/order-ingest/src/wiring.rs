@@ -105,30 +105,48 @@ impl InventoryPublisher for KafkaPublisher {
 pub struct MagentoSource {
     client: HttpClient,
     base_url: String,
-    username: String,
-    password: String,
+    auth: MagentoAuth,
     token: Mutex<Option<String>>,
 }
 
+/// How order-ingest proves itself to Magento.
+#[derive(Clone)]
+pub enum MagentoAuth {
+    /// An admin user: a token from `POST /V1/integration/admin/token`, renewed once on a 401
+    /// (admin logins usually require 2FA on 2.4: prefer an integration).
+    Admin { username: String, password: String },
+    /// An integration's access token as Bearer (Magento's `enable_integration_as_bearer`).
+    Bearer(String),
+    /// An integration signing every request with OAuth 1.0a, as Magento expects by default.
+    OAuth1(crate::oauth::Credentials),
+}
+
+impl std::fmt::Debug for MagentoAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets never reach a log line.
+        match self {
+            Self::Admin { username, .. } => f.debug_struct("Admin").field("username", username).finish_non_exhaustive(),
+            Self::Bearer(_) => f.write_str("Bearer(..)"),
+            Self::OAuth1(credentials) => f.debug_tuple("OAuth1").field(credentials).finish(),
+        }
+    }
+}
+
 impl MagentoSource {
-    pub fn new(base_url: String, username: String, password: String) -> Result<Self, elo_http_client::Error> {
-        let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new("magento") })?;
+    /// `downstream` names this client's pool (`magento-push`, `magento-poll`...): each has its
+    /// own connections and concurrency cap.
+    pub fn new(downstream: &'static str, base_url: String, auth: MagentoAuth) -> Result<Self, elo_http_client::Error> {
+        let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new(downstream) })?;
         // Exported from the start, zeros included, so dashboards and alerts see the series.
         std::sync::LazyLock::force(&metrics::MAGENTO_ERRORS);
-        Ok(Self {
-            client,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            username,
-            password,
-            token: Mutex::new(None),
-        })
+        Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned(), auth, token: Mutex::new(None) })
     }
 
-    async fn token(&self, renew: bool) -> Result<String, SourceError> {
+    async fn token(&self, username: &str, password: &str, renew: bool) -> Result<String, SourceError> {
         let mut token = self.token.lock().await;
         if renew || token.is_none() {
             let url = format!("{}/rest/V1/integration/admin/token", self.base_url);
-            let body = json!({"username": self.username, "password": self.password});
+            let body = json!({"username": username, "password": password});
             let response = self.client.send(|c| c.post(&url).json(&body)).await.map_err(classify)?;
             let value: Value =
                 response.json().await.map_err(|e| SourceError::Refused(format!("unreadable token answer: {e}")))?;
@@ -159,28 +177,58 @@ impl MagentoSource {
         }
     }
 
-    /// GET with the admin token, renewing it once on a 401.
+    /// GET, authenticated as configured.
     async fn get_json_once(&self, url: &str) -> Result<Value, SourceError> {
-        for renew in [false, true] {
-            let token = self.token(renew).await?;
-            match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
-                Ok(response) => {
-                    return response.json().await.map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")));
+        let response = match &self.auth {
+            MagentoAuth::Admin { username, password } => {
+                let mut answer = None;
+                for renew in [false, true] {
+                    let token = self.token(username, password, renew).await?;
+                    match self.client.send(|c| c.get(url).bearer_auth(&token)).await {
+                        Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
+                        result => {
+                            answer = Some(result.map_err(classify)?);
+                            break;
+                        }
+                    }
                 }
-                Err(e) if e.status().map(|s| s.as_u16()) == Some(401) && !renew => continue,
-                Err(e) => return Err(classify(e)),
+                answer.ok_or_else(|| SourceError::Refused("Magento refused the renewed token".into()))?
             }
-        }
-        Err(SourceError::Refused("Magento refused the renewed token".into()))
+            MagentoAuth::Bearer(token) => {
+                self.client.send(|c| c.get(url).bearer_auth(token)).await.map_err(classify)?
+            }
+            MagentoAuth::OAuth1(credentials) => self
+                .client
+                .send(|c| {
+                    // Signed per attempt: each retry needs a fresh nonce.
+                    let now = crate::now_ms() / 1000;
+                    let header = crate::oauth::authorization(credentials, "GET", url, &crate::oauth::nonce(), now);
+                    c.get(url).header(axum::http::header::AUTHORIZATION, header)
+                })
+                .await
+                .map_err(classify)?,
+        };
+        let body = response.bytes().await.map_err(|e| SourceError::Unavailable(format!("answer cut short: {e}")))?;
+        // Money keeps its decimal text (never an f64 on the way).
+        crate::json::parse_lossless(&body).map_err(|e| SourceError::Refused(format!("unreadable answer: {e}")))
     }
 }
 
 /// 404 is final, anything retriable (transport, 5xx, 429) is an outage, the rest a refusal.
+/// Magento's error bodies can echo what was asked (a customer's e-mail, an address): they are
+/// logged at debug only and never travel in the error, which reaches warn-level logs.
 fn classify(error: elo_http_client::Error) -> SourceError {
+    if let Some(body) = error.body() {
+        tracing::debug!(body, "magento error body");
+    }
+    let what = match error.status() {
+        Some(status) => format!("magento: HTTP {}", status.as_u16()),
+        None => error.to_string(), // transport errors carry no body
+    };
     match error.status().map(|s| s.as_u16()) {
         Some(404) => SourceError::NotFound,
-        _ if error.is_retriable() => SourceError::Unavailable(error.to_string()),
-        _ => SourceError::Refused(error.to_string()),
+        _ if error.is_retriable() => SourceError::Unavailable(what),
+        _ => SourceError::Refused(what),
     }
 }
 
@@ -198,9 +246,13 @@ impl MagentoApi for MagentoSource {
             format!("{}/rest/V1/inventory/get-product-salable-quantity/{}/{stock_id}", self.base_url, urlencode(sku));
         // An unknown SKU is not stock-managed: an answer, not an error.
         match self.get_optional(&url).await? {
-            Some(Value::Number(n)) => elo_events::Decimal4::parse(&n.to_string())
-                .map(Some)
-                .map_err(|e| SourceError::Refused(format!("salable quantity {n}: {e}"))),
+            // Integers stay numbers, fractions arrive as their text (see `crate::json`).
+            Some(value @ (Value::Number(_) | Value::String(_))) => {
+                let text = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
+                elo_events::Decimal4::parse(&text)
+                    .map(Some)
+                    .map_err(|e| SourceError::Refused(format!("salable quantity {text}: {e}")))
+            }
             Some(other) => Err(SourceError::Refused(format!("salable quantity is not a number: {other}"))),
             None => Ok(None),
         }
@@ -208,40 +260,156 @@ impl MagentoApi for MagentoSource {
 }
 
 impl crate::poll::EntitySearch for MagentoSource {
-    async fn updated_since(
+    async fn page_after(
         &self,
         entity: crate::poll::Entity,
         store_id: i64,
-        from_ms: i64,
-        page: usize,
+        after: crate::poll::Keyset,
         page_size: usize,
     ) -> Result<(Vec<Value>, usize), String> {
-        let from = crate::normalize::format_magento_time(from_ms.max(0));
-        let query = [
-            ("searchCriteria[filter_groups][0][filters][0][field]", "updated_at".to_owned()),
-            ("searchCriteria[filter_groups][0][filters][0][value]", from),
-            ("searchCriteria[filter_groups][0][filters][0][condition_type]", "gteq".to_owned()),
-            ("searchCriteria[filter_groups][1][filters][0][field]", "store_id".to_owned()),
-            ("searchCriteria[filter_groups][1][filters][0][value]", store_id.to_string()),
-            ("searchCriteria[filter_groups][1][filters][0][condition_type]", "eq".to_owned()),
-            ("searchCriteria[sortOrders][0][field]", "updated_at".to_owned()),
-            ("searchCriteria[sortOrders][0][direction]", "ASC".to_owned()),
-            ("searchCriteria[sortOrders][1][field]", "entity_id".to_owned()),
-            ("searchCriteria[sortOrders][1][direction]", "ASC".to_owned()),
-            ("searchCriteria[pageSize]", page_size.to_string()),
-            ("searchCriteria[currentPage]", page.to_string()),
-        ];
-        let encoded: Vec<String> = query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect();
-        let path = match entity {
-            crate::poll::Entity::Orders => "orders",
-            crate::poll::Entity::Customers => "customers/search",
-        };
-        let url = format!("{}/rest/V1/{path}?{}", self.base_url, encoded.join("&"));
+        let url =
+            format!("{}/rest/V1/{}?{}", self.base_url, search_path(entity), keyset_query(store_id, after, page_size));
         let body = self.get_json(&url).await.map_err(|e| e.to_string())?;
         let items = body.get("items").and_then(Value::as_array).cloned().unwrap_or_default();
         let total =
             body.get("total_count").and_then(Value::as_u64).ok_or("search result without total_count")? as usize;
         Ok((items, total))
+    }
+}
+
+fn search_path(entity: crate::poll::Entity) -> &'static str {
+    match entity {
+        crate::poll::Entity::Orders => "orders",
+        crate::poll::Entity::Customers => "customers/search",
+    }
+}
+
+/// searchCriteria for "strictly after (T, X) in (updated_at, entity_id) order": filter groups
+/// are ANDed and filters inside a group ORed, so `updated_at >= T` AND (`updated_at > T` OR
+/// `entity_id > X`), sorted by both, always page 1 (the position does the paging). Customers
+/// are filtered and sorted by `entity_id` too (their collection's column; items say `id`).
+pub(crate) fn keyset_query(store_id: i64, after: crate::poll::Keyset, page_size: usize) -> String {
+    let at = crate::normalize::format_magento_time(after.updated_at_ms.max(0));
+    let g = "searchCriteria[filter_groups]";
+    let query = [
+        (format!("{g}[0][filters][0][field]"), "updated_at".to_owned()),
+        (format!("{g}[0][filters][0][value]"), at.clone()),
+        (format!("{g}[0][filters][0][condition_type]"), "gteq".to_owned()),
+        (format!("{g}[1][filters][0][field]"), "updated_at".to_owned()),
+        (format!("{g}[1][filters][0][value]"), at),
+        (format!("{g}[1][filters][0][condition_type]"), "gt".to_owned()),
+        (format!("{g}[1][filters][1][field]"), "entity_id".to_owned()),
+        (format!("{g}[1][filters][1][value]"), after.id.to_string()),
+        (format!("{g}[1][filters][1][condition_type]"), "gt".to_owned()),
+        (format!("{g}[2][filters][0][field]"), "store_id".to_owned()),
+        (format!("{g}[2][filters][0][value]"), store_id.to_string()),
+        (format!("{g}[2][filters][0][condition_type]"), "eq".to_owned()),
+        ("searchCriteria[sortOrders][0][field]".to_owned(), "updated_at".to_owned()),
+        ("searchCriteria[sortOrders][0][direction]".to_owned(), "ASC".to_owned()),
+        ("searchCriteria[sortOrders][1][field]".to_owned(), "entity_id".to_owned()),
+        ("searchCriteria[sortOrders][1][direction]".to_owned(), "ASC".to_owned()),
+        ("searchCriteria[pageSize]".to_owned(), page_size.to_string()),
+        ("searchCriteria[currentPage]".to_owned(), "1".to_owned()),
+    ];
+    query.iter().map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v))).collect::<Vec<_>>().join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::poll::EntitySearch;
+
+    /// A Magento whose order search takes 3 s and whose single-order read is instant.
+    async fn slow_search_magento() -> String {
+        let app = axum::Router::new()
+            .route("/rest/V1/integration/admin/token", axum::routing::post(|| async { axum::Json(json!("token")) }))
+            .route(
+                "/rest/V1/orders",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    axum::Json(json!({"items": [], "total_count": 0}))
+                }),
+            )
+            .route("/rest/V1/orders/{id}", axum::routing::get(|| async { axum::Json(json!({"entity_id": 1})) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        url
+    }
+
+    /// How long a webhook's refetch (through `push`) waits while `poll` has 8 slow searches out.
+    async fn refetch_during_a_slow_poll(push: Arc<MagentoSource>, poll: Arc<MagentoSource>) -> Duration {
+        push.order(1).await.unwrap(); // token fetched, connection warm
+        for _ in 0..8 {
+            let poll = poll.clone();
+            tokio::spawn(async move { poll.page_after(crate::poll::Entity::Orders, 1, Default::default(), 10).await });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        push.order(1).await.unwrap();
+        started.elapsed()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_poll_cannot_starve_webhook_refetches() {
+        let url = slow_search_magento().await;
+        let admin = MagentoAuth::Admin { username: "admin".into(), password: "pw".into() };
+        let source = |name| Arc::new(MagentoSource::new(name, url.clone(), admin.clone()).unwrap());
+        let separate = refetch_during_a_slow_poll(source("magento-push"), source("magento-poll")).await;
+        assert!(separate < Duration::from_millis(500), "separate pools: {separate:?}");
+        // What one shared client did: the poll held every slot, the webhook waited for it.
+        let shared = source("magento");
+        let waited = refetch_during_a_slow_poll(shared.clone(), shared).await;
+        assert!(waited > Duration::from_secs(1), "one pool: {waited:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_integration_signs_every_call_with_oauth_1a() {
+        let app = sandbox::magento::MagentoApp::new(
+            Default::default(),
+            Default::default(),
+            sandbox::faults::Faults::default(),
+            sandbox::Counters::default(),
+        );
+        app.sim.lock().unwrap().generate(20);
+        let theirs = app.sim.lock().unwrap().integration_credentials();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let router = app.clone().router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let credentials = crate::oauth::Credentials {
+            consumer_key: theirs.consumer_key.clone(),
+            consumer_secret: theirs.consumer_secret.clone(),
+            access_token: theirs.access_token.clone(),
+            access_token_secret: theirs.access_token_secret.clone(),
+        };
+        let source = MagentoSource::new("magento-test", url.clone(), MagentoAuth::OAuth1(credentials.clone())).unwrap();
+        assert_eq!(source.order(1).await.unwrap()["entity_id"], 1);
+        let (_, total) = source.page_after(crate::poll::Entity::Orders, 1, Default::default(), 5).await.unwrap();
+        assert!(total > 0, "a signed search (its criteria in the query) is answered");
+        let wrong = crate::oauth::Credentials { access_token_secret: "not-it".into(), ..credentials };
+        let refused = MagentoSource::new("magento-test", url.clone(), MagentoAuth::OAuth1(wrong)).unwrap();
+        assert!(matches!(refused.order(1).await, Err(SourceError::Refused(_))));
+        // Magento 2.4 refuses an integration token as Bearer unless the store allows it.
+        let bearer = MagentoSource::new("magento-test", url, MagentoAuth::Bearer(theirs.access_token)).unwrap();
+        assert!(matches!(bearer.order(1).await, Err(SourceError::Refused(_))));
+    }
+
+    #[test]
+    fn magento_error_bodies_stay_out_of_errors() {
+        for status in [400, 500] {
+            let error = elo_http_client::Error::Status {
+                downstream: "magento",
+                status: axum::http::StatusCode::from_u16(status).unwrap(),
+                body: r#"{"message":"No such entity with email = ana@example.com"}"#.into(),
+                retry_after: None,
+            };
+            let classified = super::classify(error).to_string();
+            assert!(!classified.contains("ana@example.com"), "{classified}");
+            assert!(classified.contains(&status.to_string()), "{classified}");
+        }
     }
 }
 
@@ -252,71 +420,6 @@ fn urlencode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// Poll checkpoints in a compacted topic, keyed by store code, JSON values. The last record
-/// of a key wins, so reading the topic from the start rebuilds every store's checkpoint.
-pub struct KafkaCheckpoints {
-    pub producer: Producer,
-    pub kafka: elo_kafka::KafkaArgs,
-    pub topic: String,
-}
-
-impl KafkaCheckpoints {
-    /// Reads the latest checkpoint of every store in one pass over the topic.
-    pub async fn load_all(&self) -> Result<std::collections::HashMap<String, crate::poll::Checkpoint>, String> {
-        let kafka = self.kafka.clone();
-        let topic = self.topic.clone();
-        tokio::task::spawn_blocking(
-            move || -> Result<std::collections::HashMap<String, crate::poll::Checkpoint>, String> {
-                use rdkafka::consumer::{BaseConsumer, Consumer};
-                use rdkafka::{Message, Offset, TopicPartitionList};
-                let consumer: BaseConsumer = kafka
-                    .client_config(&[("group.id", "order-ingest-checkpoint-reader"), ("enable.auto.commit", "false")])
-                    .map_err(|e| e.to_string())?
-                    .create()
-                    .map_err(|e| e.to_string())?;
-                let metadata =
-                    consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-                let partitions = metadata.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
-                let mut latest = std::collections::HashMap::new();
-                for p in 0..partitions {
-                    let (low, high) =
-                        consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-                    if high <= low {
-                        continue;
-                    }
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition_offset(&topic, p, Offset::Offset(low)).map_err(|e| e.to_string())?;
-                    consumer.assign(&tpl).map_err(|e| e.to_string())?;
-                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                    let mut next = low;
-                    while next < high {
-                        if std::time::Instant::now() > deadline {
-                            return Err(format!("reading checkpoints of partition {p} timed out"));
-                        }
-                        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-                        let message = message.map_err(|e| e.to_string())?;
-                        next = message.offset() + 1;
-                        if let (Some(key), Some(payload)) = (message.key(), message.payload()) {
-                            let checkpoint =
-                                serde_json::from_slice(payload).map_err(|e| format!("corrupt checkpoint: {e}"))?;
-                            latest.insert(String::from_utf8_lossy(key).into_owned(), checkpoint);
-                        }
-                    }
-                }
-                Ok(latest)
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?
-    }
-
-    /// Stores a checkpoint and waits for the broker's acknowledgement.
-    pub async fn save(&self, store: &str, checkpoint: &crate::poll::Checkpoint) -> Result<(), String> {
-        let value = serde_json::to_vec(checkpoint).map_err(|e| e.to_string())?;
-        self.producer.send(&self.topic, store.as_bytes(), &value, None).await.map(|_| ()).map_err(|e| e.to_string())
-    }
 }
 
 mod metrics {

@@ -96,8 +96,7 @@ async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer, kafk
     };
     let secret = "bench-secret-0123456789abcdef";
     let config = order_ingest::push::PushConfig {
-        secret: secret.into(),
-        tolerance: Duration::from_secs(300),
+        verifier: order_ingest::push::Verifier::hmac(secret, Duration::from_secs(300)),
         max_body_bytes: 1 << 20,
         stores: order_ingest::normalize::Stores::default(),
     };

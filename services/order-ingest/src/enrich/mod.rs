@@ -1,0 +1,250 @@
+//! Enrichment between normalisation and publication, shared by push, poll, backfill and repair
+//! commands: every path publishes through [`Enricher`], so an order carries the same consent
+//! and inventory facts whichever way it arrived.
+//!
+//! - Registered customers' marketing consent comes from their customer record (cached briefly:
+//!   one returning customer's burst of orders costs one lookup).
+//! - Orders get an inventory check ([`crate::inventory`]); fresh stock observations are published
+//!   to `inventory.events` (keyed by SKU) before the order, and the order carries the worst
+//!   condition found.
+//!
+//! Enrichment failures never block an order: consent stays `UNKNOWN`, inventory `UNCHECKED`.
+//! The `event_id` identifies the source fact only, so a redelivered order keeps its id even if
+//! the stock observed the second time differs.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use elo_events::{CommerceEvent, InventoryEvent, MarketingConsent};
+
+use crate::inventory::InventoryChecker;
+use crate::push::{PublishError, Publisher};
+use crate::source::MagentoApi;
+
+/// Publishes stock facts to `inventory.events`.
+pub trait InventoryPublisher: Send + Sync + 'static {
+    /// Publishes one event and resolves once the broker acknowledged it.
+    fn publish_inventory(&self, event: &InventoryEvent) -> impl Future<Output = Result<(), PublishError>> + Send;
+}
+
+impl<T: InventoryPublisher> InventoryPublisher for std::sync::Arc<T> {
+    fn publish_inventory(&self, event: &InventoryEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
+        (**self).publish_inventory(event)
+    }
+}
+
+/// A [`Publisher`] that enriches before handing over to the inner one.
+pub struct Enricher<P, M> {
+    inner: P,
+    magento: M,
+    inventory: Option<InventoryChecker>,
+    consent_ttl: Duration,
+    consents: Mutex<HashMap<i64, (MarketingConsent, Instant)>>,
+    consent_flights: crate::flight::Flights<i64>,
+    budget: Option<Budget>,
+}
+
+/// The push path's enrichment budget: past `limit`, the order is published as it is (`UNKNOWN`
+/// consent, `UNCHECKED` inventory) and queued on `late` for [`follow_ups`], so a slow Magento
+/// never turns into webhook timeouts.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    pub limit: Duration,
+    pub late: tokio::sync::mpsc::Sender<CommerceEvent>,
+}
+
+/// Consent entries kept before expired ones are swept.
+const CONSENT_SWEEP_AT: usize = 50_000;
+
+impl<P, M> Enricher<P, M> {
+    /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
+    pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
+        let (consents, consent_flights) = (Mutex::new(HashMap::new()), Default::default());
+        Self { inner, magento, inventory, consent_ttl, consents, consent_flights, budget: None }
+    }
+
+    /// Enrichment past `budget.limit` is finished later (push path).
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// The publisher behind the enrichment.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+}
+
+impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
+    fn cached_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        let cache = self.consents.lock().expect("consent lock");
+        cache.get(&customer_id).filter(|(_, at)| at.elapsed() < self.consent_ttl).map(|(consent, _)| consent.clone())
+    }
+
+    /// The customer's consent: cached, or looked up once however many orders ask at once.
+    async fn consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        if let Some(consent) = self.cached_consent(customer_id) {
+            return Some(consent);
+        }
+        self.consent_flights.run(&customer_id, self.fetch_consent(customer_id)).await
+    }
+
+    async fn fetch_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
+        if let Some(consent) = self.cached_consent(customer_id) {
+            return Some(consent); // fetched while this one waited
+        }
+        match self.magento.customer(customer_id).await {
+            Ok(customer) => {
+                let consent = crate::normalize::consent_of(Some(&customer));
+                let mut cache = self.consents.lock().expect("consent lock");
+                if cache.len() >= CONSENT_SWEEP_AT {
+                    let ttl = self.consent_ttl;
+                    cache.retain(|_, (_, at)| at.elapsed() < ttl);
+                }
+                cache.insert(customer_id, (consent.clone(), Instant::now()));
+                Some(consent)
+            }
+            Err(error) => {
+                tracing::warn!(customer_id, error = %error, "customer lookup failed; consent left unknown");
+                None
+            }
+        }
+    }
+}
+
+impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
+    /// Enriches and publishes without a time budget (the late follow-ups).
+    pub async fn publish_complete(&self, event: CommerceEvent) -> Result<(), PublishError> {
+        self.publish_within(event, None).await
+    }
+
+    /// Customer changes and erasures carry nothing to enrich; they do make the customer's cached
+    /// consent stale (the next order looks it up again).
+    async fn publish_unenriched(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        let changed = event.customer.as_ref().and_then(|c| c.customer_id);
+        if let Some(id) = changed.or_else(|| event.erasure.as_ref().and_then(|e| e.customer_id)) {
+            self.consents.lock().expect("consent lock").remove(&id);
+        }
+        self.inner.publish(event).await
+    }
+
+    /// Enriches `event` in place (no copy) and publishes it.
+    async fn publish_within(&self, mut event: CommerceEvent, budget: Option<&Budget>) -> Result<(), PublishError> {
+        if event.order.is_none() {
+            return self.publish_unenriched(&event).await;
+        }
+        // Consent and every SKU's stock are asked at once, not one after another.
+        let registered = event.customer.as_ref().and_then(|c| c.customer_id).filter(|_| event.order.is_some());
+        let event_ref = &event;
+        let consent = async {
+            match registered {
+                Some(id) => self.consent(id).await,
+                None => None,
+            }
+        };
+        let check = async {
+            match (&self.inventory, &event_ref.order) {
+                (Some(checker), Some(order)) => Some(checker.check(&self.magento, order, crate::now_ms()).await),
+                _ => None,
+            }
+        };
+        let enrichment = async { tokio::join!(consent, check) };
+        let (consent, check) = match budget {
+            None => enrichment.await,
+            Some(budget) => match tokio::time::timeout(budget.limit, enrichment).await {
+                Ok(found) => found,
+                Err(_) => {
+                    // Published as it is now; the complete enrichment follows as its own event.
+                    let queued = budget.late.try_send(event_ref.clone()).is_ok();
+                    metrics::LATE.with_label_values(&[if queued { "queued" } else { "dropped" }]).inc();
+                    if !queued {
+                        tracing::warn!("enrichment follow-up queue full: this order stays unchecked");
+                    }
+                    (None, None)
+                }
+            },
+        };
+        if let (Some(checker), Some(check)) = (&self.inventory, &check) {
+            let sends = check.events.iter().map(|e| self.inner.publish_inventory(e));
+            let results = futures::future::join_all(sends).await;
+            // Only acknowledged facts are cached: a lost one is observed and published again.
+            for (fact, result) in check.events.iter().zip(&results) {
+                match result {
+                    Ok(()) => checker.remember(fact),
+                    Err(_) => checker.forget(fact),
+                }
+            }
+            results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        }
+        if let (Some(person), Some(consent)) = (event.customer.as_mut(), consent) {
+            person.consent = consent;
+        }
+        if let (Some(order), Some(check)) = (event.order.as_mut(), check) {
+            order.inventory_status = check.status;
+        }
+        self.inner.publish(&event).await
+    }
+}
+
+/// Publishes the complete enrichment of orders that went out past the budget, one at a time,
+/// as their own events: the same source version with an id of its own (the first event's id
+/// is taken). Best effort: a follow-up that fails is logged, the order itself is already out.
+pub async fn follow_ups<P: Publisher + InventoryPublisher, M: MagentoApi>(
+    mut late: tokio::sync::mpsc::Receiver<CommerceEvent>,
+    enricher: std::sync::Arc<Enricher<P, M>>,
+    erased: std::sync::Arc<crate::erasure::ErasedKeys>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let mut event = tokio::select! {
+            event = late.recv() => match event { Some(event) => event, None => return },
+            _ = stop.cancelled() => return,
+        };
+        if erased.suppresses(&event) {
+            continue;
+        }
+        event.event_id = elo_events::ids::event_id(&[&event.event_id, "enrichment"]);
+        event.produced_at = crate::now_ms();
+        let event_id = event.event_id.clone();
+        if let Err(error) = enricher.publish_complete(event).await {
+            metrics::LATE.with_label_values(&["failed"]).inc();
+            tracing::warn!(error = %error, event_id = %event_id, "enrichment follow-up not published");
+        }
+    }
+}
+
+impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        if event.order.is_none() {
+            return self.publish_unenriched(event).await;
+        }
+        self.publish_within(event.clone(), self.budget.as_ref()).await
+    }
+
+    async fn publish_owned(&self, event: CommerceEvent) -> Result<(), PublishError> {
+        self.publish_within(event, self.budget.as_ref()).await
+    }
+
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        self.inner.dead_letter(letter).await
+    }
+}
+
+mod metrics {
+    use std::sync::LazyLock;
+
+    use prometheus::{IntCounterVec, register_int_counter_vec};
+
+    pub(super) static LATE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "order_ingest_enrichment_late_total",
+            "Orders published past the push enrichment budget, by follow-up outcome (queued, dropped, failed).",
+            &["outcome"]
+        )
+        .expect("metric registers once")
+    });
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

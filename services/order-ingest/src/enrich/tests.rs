@@ -1,0 +1,233 @@
+use std::sync::Arc;
+
+use elo_events::{ConsentStatus, InventoryStatus};
+
+use super::*;
+use crate::inventory::InventoryConfig;
+use crate::source::fake::Shop;
+
+/// Records what reaches the broker, in order.
+#[derive(Default, Clone)]
+pub(crate) struct Recorder {
+    pub(crate) events: Arc<Mutex<Vec<CommerceEvent>>>,
+    pub(crate) stock: Arc<Mutex<Vec<InventoryEvent>>>,
+    pub(crate) dead: Arc<Mutex<Vec<crate::push::DeadLetter>>>,
+}
+
+impl Publisher for Recorder {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        self.events.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        self.dead.lock().unwrap().push(letter.clone());
+        Ok(())
+    }
+}
+
+impl InventoryPublisher for Recorder {
+    async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+        self.stock.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn orders_carry_consent_and_inventory_status_and_stock_facts_are_published_first() {
+    let shop = Shop::generated(200);
+    let recorder = Recorder::default();
+    // The simulator's orders are from 2026-11-01: old enough to skip checks by default.
+    let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+    let enricher = Enricher::new(recorder.clone(), shop.clone(), Some(checker), Duration::from_secs(60));
+    let (orders, customers) = {
+        let m = shop.0.lock().unwrap();
+        (m.orders.values().cloned().collect::<Vec<_>>(), m.customers.clone())
+    };
+    for order in &orders {
+        let event = crate::normalize::order_event(order, None, &Default::default(), 0).unwrap();
+        assert_eq!(event.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
+        enricher.publish(&event).await.unwrap();
+    }
+    let events = recorder.events.lock().unwrap();
+    assert_eq!(events.len(), orders.len());
+    for event in events.iter() {
+        let customer = event.customer.as_ref().unwrap();
+        let expected = match customer.customer_id {
+            Some(id) if customers[&id].subscribed => ConsentStatus::Granted,
+            Some(_) => ConsentStatus::Declined,
+            None => ConsentStatus::Unknown,
+        };
+        assert_eq!(customer.consent.status, expected, "{}", event.customer_key);
+        assert_ne!(event.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+    }
+    let stock = recorder.stock.lock().unwrap();
+    assert!(!stock.is_empty());
+    // The generator depletes stock below zero on popular SKUs; those orders say so.
+    let oversold: Vec<_> =
+        events.iter().filter(|e| e.order.as_ref().unwrap().inventory_status == InventoryStatus::Oversold).collect();
+    let negative = shop.0.lock().unwrap().stock.values().filter(|(q, _)| *q < 0.0).count();
+    assert_eq!(oversold.is_empty(), negative == 0, "oversold orders iff some SKU is negative");
+}
+
+#[tokio::test]
+async fn without_inventory_checks_orders_stay_unchecked() {
+    let shop = Shop::generated(5);
+    let recorder = Recorder::default();
+    let enricher = Enricher::new(recorder.clone(), shop.clone(), None, Duration::from_secs(60));
+    let order = shop.0.lock().unwrap().orders[&1].clone();
+    enricher.publish(&crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap()).await.unwrap();
+    let events = recorder.events.lock().unwrap();
+    assert_eq!(events[0].order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+    assert!(recorder.stock.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_customer_change_notification_refreshes_the_cached_consent() {
+    let shop = Shop::generated(60);
+    let recorder = Recorder::default();
+    let enricher = Enricher::new(recorder.clone(), shop.clone(), None, Duration::from_secs(60));
+    let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+    let id = order["customer_id"].as_i64().unwrap();
+    let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = false;
+    enricher.publish(&event).await.unwrap();
+    // The customer opts in; Magento notifies customer_save_after with the new record.
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = true;
+    let record = shop.0.lock().unwrap().customers[&id].to_json();
+    enricher.publish(&crate::normalize::customer_event(&record, &Default::default(), 0).unwrap()).await.unwrap();
+    enricher.publish(&event).await.unwrap();
+    let events = recorder.events.lock().unwrap();
+    let consent = |i: usize| events[i].customer.as_ref().unwrap().consent.status;
+    assert_eq!((consent(0), consent(2)), (ConsentStatus::Declined, ConsentStatus::Granted));
+}
+
+/// Drops the first stock fact (the broker refused it), records the rest.
+#[derive(Default, Clone)]
+struct LosesFirstFact(Recorder, Arc<std::sync::atomic::AtomicBool>);
+
+impl Publisher for LosesFirstFact {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        self.0.publish(event).await
+    }
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        self.0.dead_letter(letter).await
+    }
+}
+
+impl InventoryPublisher for LosesFirstFact {
+    async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+        if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(PublishError::Unavailable("no acknowledgement".into()));
+        }
+        self.0.publish_inventory(event).await
+    }
+}
+
+#[tokio::test]
+async fn a_stock_fact_is_cached_only_after_it_was_acknowledged() {
+    let shop = Shop::generated(5);
+    let publisher = LosesFirstFact::default();
+    let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+    let enricher = Enricher::new(publisher.clone(), shop.clone(), Some(checker), Duration::from_secs(60));
+    let mut order = shop.0.lock().unwrap().orders[&1].clone();
+    let items = order["items"].as_array().unwrap();
+    let first = items.iter().find(|i| i["product_type"] == "simple").expect("a simple line").clone();
+    order["items"] = serde_json::json!([first]);
+    let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    assert!(enricher.publish(&event).await.is_err(), "the lost fact fails the publish");
+    enricher.publish(&event).await.unwrap();
+    let stock = publisher.0.stock.lock().unwrap();
+    assert_eq!(stock.len(), 1, "the retry observes and publishes the fact again instead of trusting the cache");
+}
+
+/// The sandbox's shop answering after 50 ms, counting customer and stock calls.
+struct Slow(Shop, std::sync::atomic::AtomicUsize, std::sync::atomic::AtomicUsize);
+
+impl MagentoApi for Slow {
+    async fn order(&self, id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        self.0.order(id).await
+    }
+    async fn customer(&self, id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.0.customer(id).await
+    }
+    async fn salable_qty(
+        &self,
+        sku: &str,
+        stock_id: i32,
+    ) -> Result<Option<elo_events::Decimal4>, crate::source::SourceError> {
+        self.2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.0.salable_qty(sku, stock_id).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn consent_and_stock_are_asked_at_once_and_a_burst_costs_one_call_each() {
+    let shop = Shop::generated(60);
+    let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+    let mut one_line = order.clone();
+    let line = order["items"].as_array().unwrap().iter().find(|i| i["product_type"] == "simple").unwrap().clone();
+    one_line["items"] = serde_json::json!([line]);
+    let magento = Slow(shop, Default::default(), Default::default());
+    let recorder = Recorder::default();
+    let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+    let enricher = Enricher::new(recorder.clone(), magento, Some(checker), Duration::from_secs(60));
+    let event = crate::normalize::order_event(&one_line, None, &Default::default(), 0).unwrap();
+    let started = tokio::time::Instant::now();
+    // A burst: twenty orders of one customer for one hot SKU, all at once.
+    let results = futures::future::join_all((0..20).map(|_| enricher.publish(&event))).await;
+    assert!(results.iter().all(Result::is_ok));
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(100), "consent and stock in parallel, not 50 + 50 ms: {took:?}");
+    let calls = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!((calls(&enricher.magento.1), calls(&enricher.magento.2)), (1, 1), "one lookup each");
+    assert_eq!(recorder.events.lock().unwrap().len(), 20);
+    assert_eq!(recorder.stock.lock().unwrap().len(), 1, "one stock fact for one reading");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_budget_the_order_goes_out_unchecked_and_its_enrichment_follows() {
+    let shop = Shop::generated(60);
+    let mut order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+    let line = order["items"].as_array().unwrap().iter().find(|i| i["product_type"] == "simple").unwrap().clone();
+    order["items"] = serde_json::json!([line]);
+    let recorder = Recorder::default();
+    let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
+    let (late, queue) = tokio::sync::mpsc::channel(8);
+    let magento = Slow(shop, Default::default(), Default::default()); // 50 ms a call
+    let enricher = Arc::new(
+        Enricher::new(recorder.clone(), magento, Some(checker), Duration::from_secs(60))
+            .with_budget(Budget { limit: Duration::from_millis(20), late }),
+    );
+    let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    let started = tokio::time::Instant::now();
+    enricher.publish(&event).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(50), "the webhook did not wait for Magento");
+    {
+        let events = recorder.events.lock().unwrap();
+        let first = &events[0];
+        assert_eq!(first.event_id, event.event_id);
+        assert_eq!(first.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+        assert_eq!(first.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let erased = Arc::new(crate::erasure::ErasedKeys::default());
+    let worker = tokio::spawn(follow_ups(queue, enricher.clone(), erased, stop.clone()));
+    for _ in 0..100 {
+        if recorder.events.lock().unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    worker.await.unwrap();
+    let events = recorder.events.lock().unwrap();
+    assert_eq!(events.len(), 2, "the late result follows as its own event");
+    let follow = &events[1];
+    assert_eq!(follow.source_version, event.source_version, "about the same order version");
+    assert_ne!(follow.event_id, event.event_id, "with an id of its own");
+    assert_ne!(follow.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
+    assert_ne!(follow.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
+}
