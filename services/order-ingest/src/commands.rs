@@ -36,6 +36,7 @@ fn publish_error(error: PublishError) -> HandlerError {
     match error {
         PublishError::Unavailable(reason) => HandlerError::transient("publish_unavailable", reason),
         PublishError::Rejected(reason) => HandlerError::permanent("publish_rejected", reason),
+        PublishError::Blocked(class, reason) => HandlerError::new(class, "publish_blocked", reason),
     }
 }
 
@@ -115,6 +116,22 @@ mod metrics {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_broker_that_refuses_us_is_waited_for_not_blamed_on_the_command() {
+        let acl = elo_kafka::Error::Kafka(rdkafka::error::KafkaError::MessageProduction(
+            rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed,
+        ));
+        assert_eq!(publish_error(PublishError::from_kafka(&acl)).class, elo_kafka::ErrorClass::Auth);
+        let too_big = elo_kafka::Error::Kafka(rdkafka::error::KafkaError::MessageProduction(
+            rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert_eq!(publish_error(PublishError::from_kafka(&too_big)).class, elo_kafka::ErrorClass::Permanent);
+        assert_eq!(
+            publish_error(PublishError::from_kafka(&elo_kafka::Error::QueueFull)).class,
+            elo_kafka::ErrorClass::Transient
+        );
+    }
+
     use elo_events::CommerceEventType;
     use elo_kafka::ErrorClass;
 

@@ -101,8 +101,7 @@ impl ErasureLog for KafkaErasureLog {
         let value = serde_json::to_vec(&erased).expect("plain data serialises");
         match tokio::time::timeout(self.timeout, self.producer.send(&self.topic, key.as_bytes(), &value, None)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
-            Ok(Err(e)) => Err(PublishError::Rejected(e.to_string())),
+            Ok(Err(e)) => Err(PublishError::from_kafka(&e)),
             Err(_) => Err(PublishError::Unavailable(format!("erasure not acknowledged within {:?}", self.timeout))),
         }
     }

@@ -35,13 +35,7 @@ impl KafkaPublisher {
         event: &T,
         event_type: &str,
     ) -> Result<(), PublishError> {
-        let payload = self.codec.encode(topic, event).await.map_err(|e| {
-            if e.is_retriable() {
-                PublishError::Unavailable(e.to_string())
-            } else {
-                PublishError::Rejected(e.to_string())
-            }
-        })?;
+        let payload = self.codec.encode(topic, event).await.map_err(|e| PublishError::from_codec(&e))?;
         let send = self.producer.send(topic, key.as_bytes(), &payload, Some(event_type));
         self.acknowledged(send).await
     }
@@ -55,8 +49,7 @@ impl KafkaPublisher {
     ) -> Result<(), PublishError> {
         match tokio::time::timeout(self.timeout, send).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.is_retriable() => Err(PublishError::Unavailable(e.to_string())),
-            Ok(Err(e)) => Err(PublishError::Rejected(e.to_string())),
+            Ok(Err(e)) => Err(PublishError::from_kafka(&e)),
             Err(_) => Err(PublishError::Unavailable(format!("no acknowledgement within {:?}", self.timeout))),
         }
     }

@@ -69,12 +69,39 @@ pub enum PublishError {
     /// Broker down, queue full, registry unreachable: try again later.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// The broker or registry refuses us for now (credentials, ACL, throttling): try again
+    /// later, and never blame the event for it (a command waits rather than being parked).
+    #[error("refused for now ({class}): {reason}", class = .0.as_str(), reason = .1)]
+    Blocked(elo_kafka::ErrorClass, String),
     /// The event cannot be encoded (a bug or an incompatible schema).
     #[error("cannot publish: {0}")]
     Rejected(String),
 }
 
 /// A shared publisher (one per process, used by push, poll and commands) works as its inner one.
+impl PublishError {
+    /// A Kafka runtime error as a publish error, by its class.
+    pub fn from_kafka(e: &elo_kafka::Error) -> Self {
+        match e.class() {
+            elo_kafka::ErrorClass::Transient => Self::Unavailable(e.to_string()),
+            elo_kafka::ErrorClass::Permanent => Self::Rejected(e.to_string()),
+            class => Self::Blocked(class, e.to_string()),
+        }
+    }
+
+    /// A codec (registry) error as a publish error, by its class.
+    pub fn from_codec(e: &elo_events::CodecError) -> Self {
+        match e.class() {
+            elo_events::CodecErrorClass::Unavailable => Self::Unavailable(e.to_string()),
+            elo_events::CodecErrorClass::Undecodable => Self::Rejected(e.to_string()),
+            elo_events::CodecErrorClass::Auth => Self::Blocked(elo_kafka::ErrorClass::Auth, e.to_string()),
+            elo_events::CodecErrorClass::RateLimited => {
+                Self::Blocked(elo_kafka::ErrorClass::RateLimited, e.to_string())
+            }
+        }
+    }
+}
+
 impl<T: Publisher> Publisher for Arc<T> {
     fn publish(&self, event: &elo_events::CommerceEvent) -> impl Future<Output = Result<(), PublishError>> + Send {
         (**self).publish(event)
@@ -301,7 +328,7 @@ async fn publish_all<P: Publisher>(
     for event in events {
         match publisher.publish_owned(event).await {
             Ok(()) => {}
-            Err(PublishError::Unavailable(reason)) => {
+            Err(PublishError::Unavailable(reason) | PublishError::Blocked(_, reason)) => {
                 metrics::NOTIFICATIONS.with_label_values(&["unavailable"]).inc();
                 tracing::warn!(error = %reason, "publish unavailable, asking Magento to retry");
                 let mut r = refuse(
