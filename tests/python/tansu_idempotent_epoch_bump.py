@@ -40,7 +40,7 @@ def delivered(producer, key, seconds):
 
 
 # One directory and one port for every run (the bug showed that way; fresh data each run).
-for run in range(8):
+for run in range(16):
     for name in os.listdir(WORKDIR):
         if name.startswith("tansu.db"):
             os.remove(os.path.join(WORKDIR, name))
