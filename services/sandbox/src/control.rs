@@ -10,8 +10,10 @@ use serde_json::{Value, json};
 use crate::Counters;
 use crate::faults::{FaultConfig, Faults};
 use crate::magento::MagentoApp;
+use crate::magento::admin::MassStatus;
 use crate::rdstation::{RdStationApp, Segmentation};
 use crate::salesforce::SalesforceApp;
+use crate::salesforce::schema::{FieldSchema, ObjectSchema};
 
 /// Everything the control API can reach.
 #[derive(Clone)]
@@ -44,6 +46,9 @@ pub fn router(control: Control) -> Router {
         .route("/salesforce/revoke-tokens", post(salesforce_revoke))
         .route("/salesforce/quota", put(salesforce_quota))
         .route("/salesforce/config", put(salesforce_config))
+        .route("/salesforce/schema", get(salesforce_schema))
+        .route("/salesforce/schema/objects", post(salesforce_add_object))
+        .route("/salesforce/schema/objects/{object}/fields", post(salesforce_add_field))
         .route("/salesforce/records/{id}", axum::routing::delete(salesforce_delete).patch(salesforce_alter))
         .route("/rdstation/state", get(rd_state))
         .route("/rdstation/expire-tokens", post(rd_expire))
@@ -54,8 +59,12 @@ pub fn router(control: Control) -> Router {
         .route("/magento/state", get(magento_state))
         .route("/magento/config", put(magento_config))
         .route("/magento/webhook", put(magento_webhook))
+        .route("/magento/webhook/public-key", get(magento_webhook_public_key))
+        .route("/magento/integration", get(magento_integration))
         .route("/magento/generator", put(magento_rate))
+        .route("/magento/orders/mass-status", post(magento_mass_status))
         .route("/magento/orders/{id}", axum::routing::patch(magento_alter_order))
+        .route("/magento/orders/{id}/ship", post(magento_ship))
         .route("/magento/customers/{id}", axum::routing::patch(magento_alter_customer))
         .route("/rdstation/contacts/{uuid}", axum::routing::delete(rd_delete).patch(rd_alter))
         .with_state(control)
@@ -85,9 +94,7 @@ async fn set_faults(State(c): State<Control>, Path(sim): Path<String>, Json(conf
     if !SIMULATORS.contains(&sim.as_str()) {
         return Err(bad_request(format!("unknown simulator {sim}")));
     }
-    if !(0.0..=1.0).contains(&config.error_rate) {
-        return Err(bad_request("error_rate must be between 0 and 1"));
-    }
+    config.validate(true).map_err(bad_request)?;
     c.faults.set(&sim, config.clone());
     Ok(Json(serde_json::to_value(config).expect("serialisable")))
 }
@@ -126,7 +133,35 @@ async fn salesforce_quota(State(c): State<Control>, Json(body): Json<Value>) -> 
 async fn salesforce_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.salesforce.sim.lock().expect("sim lock");
     sim.config = merge_config(&sim.config, &body)?;
+    sim.apply_org_settings();
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
+}
+
+async fn salesforce_schema(State(c): State<Control>) -> Json<Value> {
+    Json(serde_json::to_value(&c.salesforce.sim.lock().expect("sim lock").org.schema).expect("serialisable"))
+}
+
+/// Declares a custom object: `{"name": "Thing__c", "label"?, "fields": [...]}`.
+async fn salesforce_add_object(State(c): State<Control>, Json(mut body): Json<Value>) -> ApiResult {
+    let name = body.get("name").and_then(Value::as_str).ok_or_else(|| bad_request("name is required"))?.to_owned();
+    body.as_object_mut().map(|o| o.remove("name"));
+    let object: ObjectSchema = serde_json::from_value(body).map_err(|e| bad_request(e.to_string()))?;
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    sim.org.schema.add_object(&name, object).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(json!({"created": name})))
+}
+
+/// Declares a custom field on an object: a field as the schema file writes it.
+async fn salesforce_add_field(
+    State(c): State<Control>,
+    Path(object): Path<String>,
+    Json(body): Json<Value>,
+) -> ApiResult {
+    let field: FieldSchema = serde_json::from_value(body).map_err(|e| bad_request(e.to_string()))?;
+    let name = field.name.clone();
+    let mut sim = c.salesforce.sim.lock().expect("sim lock");
+    sim.org.schema.add_field(&object, field).map_err(|e| bad_request(e.to_string()))?;
+    Ok(Json(json!({"created": format!("{object}.{name}")})))
 }
 
 /// Drift: a record deleted behind Elo's back.
@@ -184,15 +219,22 @@ async fn rd_config(State(c): State<Control>, Json(body): Json<Value>) -> ApiResu
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
-/// Runs the order generator: `{"count": N}` facts (new orders and status changes).
+/// Runs the order generator: `{"count": N}` facts (new orders and status changes), or
+/// `{"orders": N}` new orders only.
 async fn magento_generate(State(c): State<Control>, Json(body): Json<Value>) -> ApiResult {
-    let count = body.get("count").and_then(Value::as_u64).ok_or_else(|| bad_request("count is required"))? as usize;
+    let (count, orders_only) = match (body.get("count"), body.get("orders")) {
+        (Some(n), None) => (n.as_u64(), false),
+        (None, Some(n)) => (n.as_u64(), true),
+        _ => (None, false),
+    };
+    let count = count.ok_or_else(|| bad_request("exactly one of count and orders is required"))? as usize;
     if count > 1_000_000 {
         return Err(bad_request("count must be at most 1000000"));
     }
     let started = std::time::Instant::now();
     let mut sim = c.magento.sim.lock().expect("magento lock");
-    let placed = sim.generate(count);
+    sim.keep_generator_behind_now(count);
+    let placed = if orders_only { sim.generate_orders(count) } else { sim.generate(count) };
     Ok(Json(
         json!({"facts": count, "orders_placed": placed, "orders_total": sim.orders.len(), "elapsed_ms": started.elapsed().as_millis() as u64}),
     ))
@@ -206,6 +248,7 @@ async fn magento_state(State(c): State<Control>) -> Json<Value> {
         "orders": sim.orders.len(),
         "customers": sim.customers.len(),
         "stock": stock,
+        "reservations": sim.reservations,
         "config": sim.config,
         "webhook": {"url": sim.webhook.url, "style": sim.webhook.style, "duplicate_rate": sim.webhook.duplicate_rate,
             "pending": sim.outbox.queue.len(), "delivered": sim.outbox.delivered, "duplicates_sent": sim.outbox.duplicates_sent,
@@ -219,17 +262,32 @@ async fn magento_config(State(c): State<Control>, Json(body): Json<Value>) -> Ap
     Ok(Json(serde_json::to_value(&sim.config).expect("serialisable")))
 }
 
-/// Points order notifications at a receiver: `{"url", "secret", "duplicate_rate", "style"}`.
+/// Points notifications at a receiver: `{"url", "secret", "duplicate_rate", "style",
+/// "customer_url"?, "max_backoff_ms"?, "signature"?}`.
 async fn magento_webhook(
     State(c): State<Control>,
-    Json(config): Json<crate::magento::webhook::WebhookConfig>,
+    Json(settings): Json<crate::magento::webhook::WebhookSettings>,
 ) -> ApiResult {
-    if !(0.0..=1.0).contains(&config.duplicate_rate) {
+    if !(0.0..=1.0).contains(&settings.config.duplicate_rate) {
         return Err(bad_request("duplicate_rate must be between 0 and 1"));
     }
     let mut sim = c.magento.sim.lock().expect("magento lock");
-    sim.webhook = config;
-    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style})))
+    sim.webhook = settings.config;
+    sim.webhook_signature = settings.signature;
+    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook_signature})))
+}
+
+/// The public half of the key `adobe-rsa` webhook signatures are made with, as PEM.
+async fn magento_webhook_public_key(State(c): State<Control>) -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/x-pem-file")], c.magento.webhook_key.get().public_pem())
+}
+
+/// The integration's OAuth 1.0a credentials, as the admin's activation dialog shows them.
+async fn magento_integration(State(c): State<Control>) -> Json<Value> {
+    Json(
+        serde_json::to_value(c.magento.sim.lock().expect("magento lock").integration_credentials())
+            .expect("serialisable"),
+    )
 }
 
 /// Background generation rate: `{"rate_per_sec": 50}` (0 stops it).
@@ -241,6 +299,27 @@ async fn magento_rate(State(c): State<Control>, Json(body): Json<Value>) -> ApiR
     }
     c.magento.sim.lock().expect("magento lock").rate_per_sec = rate;
     Ok(Json(json!({"rate_per_sec": rate})))
+}
+
+/// A shipment of the whole order: MSI deducts the source and compensates the reservation.
+async fn magento_ship(State(c): State<Control>, Path(id): Path<i64>) -> ApiResult {
+    let mut sim = c.magento.sim.lock().expect("magento lock");
+    if !sim.orders.contains_key(&id) {
+        return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such order"}))));
+    }
+    let lines = sim.ship(id).map_err(bad_request)?;
+    let deducted: Vec<Value> = lines.iter().map(|(sku, qty)| json!({"sku": sku, "qty": qty})).collect();
+    Ok(Json(json!({"order_id": id, "deducted": deducted})))
+}
+
+/// An admin's mass action: many orders to one status in one transaction, one `updated_at`.
+async fn magento_mass_status(State(c): State<Control>, body: Json<Value>) -> ApiResult {
+    let change: MassStatus = serde_json::from_value(body.0).map_err(|e| bad_request(e.to_string()))?;
+    if change.status.is_empty() {
+        return Err(bad_request("status must not be empty"));
+    }
+    let (changed, updated_at) = c.magento.sim.lock().expect("magento lock").mass_status(&change);
+    Ok(Json(json!({"changed": changed, "updated_at": updated_at})))
 }
 
 /// Drift: an order changed behind Elo's back (fields merged; `updated_at` is left alone unless

@@ -8,7 +8,10 @@
 //! - [`magento`]: Magento 2 REST (tokens, searchCriteria, orders, customers, MSI) and the
 //!   seeded order generator.
 //! - [`rdstation`]: RD Station Marketing (OAuth, contacts, tags, funnels, events, segmentations).
-//! - [`faults`]: latency, error rates and outage windows per simulator.
+//! - [`faults`]: latency, error rates and outage windows per simulator and per endpoint.
+//!
+//! Data the simulators load at start (embedded, overridable by a file) lives in `data/`: the
+//! Salesforce org schema, RD Station's event payload schema and seeded contact fields.
 //! - [`persist`]: optional state file, so a restart keeps every simulator's data.
 //! - [`control`]: the control and inspection API (faults, token revocation, quota, state,
 //!   per-endpoint call counters).

@@ -47,6 +47,18 @@ struct Config {
     /// PEM public key (certificate key) that verifies JWT bearer assertions.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_JWT_PUBLIC_KEY_FILE")]
     salesforce_jwt_public_key_file: Option<std::path::PathBuf>,
+    /// PKCS#8 PEM RSA private key that signs `adobe-rsa` Magento webhooks [default: generated
+    /// at start; the control API serves the public half at `/magento/webhook/public-key`].
+    #[arg(long, env = "ELO_SANDBOX_MAGENTO_WEBHOOK_PRIVATE_KEY_FILE")]
+    magento_webhook_private_key_file: Option<std::path::PathBuf>,
+    /// JSON file declaring the org's custom objects and `__c` fields [default: the embedded
+    /// `data/salesforce-custom.json`].
+    #[arg(long, env = "ELO_SANDBOX_SALESFORCE_SCHEMA_FILE")]
+    salesforce_schema_file: Option<std::path::PathBuf>,
+    /// JSON file with the payload schema of RD Station events [default: the embedded
+    /// `data/rdstation-events.json`].
+    #[arg(long, env = "ELO_SANDBOX_RDSTATION_EVENT_SCHEMA_FILE")]
+    rdstation_event_schema_file: Option<std::path::PathBuf>,
     /// Salesforce daily API quota.
     #[arg(long, env = "ELO_SANDBOX_SALESFORCE_DAILY_QUOTA", default_value_t = 100_000)]
     salesforce_daily_quota: u64,
@@ -93,9 +105,36 @@ async fn main() -> anyhow::Result<()> {
         faults.clone(),
         counters.clone(),
     );
+    if let Some(path) = &config.salesforce_schema_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let schema = sandbox::salesforce::schema::Schema::load(&text)
+            .with_context(|| format!("loading the Salesforce schema {}", path.display()))?;
+        let mut sim = salesforce.sim.lock().expect("sim lock");
+        sim.org.schema = schema;
+        sim.apply_org_settings();
+    }
     let rdstation = RdStationApp::new(RdConfig::default(), faults.clone(), counters.clone());
+    if let Some(path) = &config.rdstation_event_schema_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        rdstation.sim.lock().expect("rd lock").event_schema = sandbox::rdstation::events::EventSchema::load(&text)
+            .with_context(|| format!("loading the RD Station event schema {}", path.display()))?;
+    }
     let generator = GeneratorConfig { seed: config.seed, start_ms: sandbox::now_ms(), ..GeneratorConfig::default() };
     let magento = MagentoApp::new(MagentoConfig::default(), generator, faults.clone(), counters.clone());
+    if let Some(path) = &config.magento_webhook_private_key_file {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let key = sandbox::magento::signing::WebhookKey::from_pkcs8_pem(&pem)
+            .with_context(|| format!("loading the webhook key {}", path.display()))?;
+        magento.webhook_key.set(key);
+    }
+    // Generated now rather than on the first signed delivery, so no delivery waits for it.
+    let _ = magento.webhook_key.get();
+    let integration = magento.sim.lock().expect("magento lock").integration_credentials();
+    tracing::info!(
+        consumer_key = %integration.consumer_key,
+        access_token = %integration.access_token,
+        "magento integration (secrets: GET /magento/integration on the control API)"
+    );
     let control_app = control::router(control::Control {
         faults,
         counters,
@@ -116,7 +155,9 @@ async fn main() -> anyhow::Result<()> {
         sandbox::persist::restore(snapshot, &salesforce, &rdstation, &magento);
         tracing::info!(path = %path.display(), "state restored");
     } else if config.initial_orders > 0 {
-        magento.sim.lock().expect("magento lock").generate(config.initial_orders);
+        let mut sim = magento.sim.lock().expect("magento lock");
+        sim.keep_generator_behind_now(config.initial_orders);
+        sim.generate(config.initial_orders);
     }
     let saver = config.state_file.clone().map(|path| {
         let (sf, rd, mg, stop) = (salesforce.clone(), rdstation.clone(), magento.clone(), shutdown.clone());

@@ -2,52 +2,12 @@
 //! the `%resources` 401, searchCriteria paging (including the last-page repeat), order payload
 //! shapes, customers, MSI, and the generator's determinism and stock depletion.
 
-use reqwest::{Client, StatusCode};
-use sandbox::Counters;
-use sandbox::faults::Faults;
+mod common;
+
+use common::magento::Shop;
+use sandbox::magento::MagentoConfig;
 use sandbox::magento::generator::GeneratorConfig;
-use sandbox::magento::{MagentoApp, MagentoConfig};
 use serde_json::{Value, json};
-
-struct Shop {
-    base: String,
-    app: MagentoApp,
-    http: Client,
-    token: String,
-}
-
-impl Shop {
-    async fn start(config: MagentoConfig, orders: usize) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = MagentoApp::new(config, GeneratorConfig::default(), Faults::default(), Counters::default());
-        app.sim.lock().unwrap().generate(orders);
-        let router = app.clone().router();
-        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        let http = Client::new();
-        let token: Value = http
-            .post(format!("{base}/rest/default/V1/integration/admin/token"))
-            .json(&json!({"username": "admin", "password": "elo-sandbox-admin1"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        Self { base, app, http, token: token.as_str().expect("the admin token is a JSON string").to_owned() }
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let resp = self
-            .http
-            .get(format!("{}/rest/default/V1{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        (resp.status(), resp.json().await.unwrap())
-    }
-}
 
 fn criteria(filters: &[(&str, &str, &str)], page_size: usize, page: usize) -> String {
     let mut q: Vec<String> = filters
@@ -126,6 +86,7 @@ async fn a_page_past_the_end_repeats_the_last_page() {
     let (_, past) = shop.get(&format!("/orders?{}", criteria(&[], 20, last + 3))).await;
     assert_eq!(past["items"], json!([]));
 
+    shop.app.sim.lock().unwrap().config.input_limits = true;
     let (status, body) = shop.get(&format!("/orders?{}", criteria(&[], 301, 1))).await;
     assert_eq!(status, 400, "page size above 300 is refused with input limits on: {body}");
 }
@@ -254,18 +215,6 @@ async fn msi_stock_is_depleted_by_orders() {
     let (status, _) = shop.get("/inventory/get-product-salable-quantity/SKU-001/9").await;
     assert_eq!(status, 404);
 
-    let items: Vec<Value> = (0..21)
-        .map(|i| json!({"sku": format!("SKU-{:03}", i + 1), "source_code": "default", "quantity": 10, "status": 1}))
-        .collect();
-    let resp = shop
-        .http
-        .post(format!("{}/rest/default/V1/inventory/source-items", shop.base))
-        .bearer_auth(&shop.token)
-        .json(&json!({"sourceItems": items}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400, "more than 20 items is refused with input limits on");
     let resp = shop
         .http
         .post(format!("{}/rest/default/V1/inventory/source-items", shop.base))
@@ -277,7 +226,8 @@ async fn msi_stock_is_depleted_by_orders() {
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!([]));
     let (_, qty) = shop.get("/inventory/get-product-salable-quantity/SKU-001/1").await;
-    assert_eq!(qty, 7.0);
+    let reserved = shop.app.sim.lock().unwrap().reservations.get("SKU-001").copied().unwrap_or_default();
+    assert_eq!(qty.as_f64(), Some(7.0 + reserved), "the new source quantity less what open orders hold");
     let (_, legacy) = shop.get("/stockItems/SKU-001").await;
     assert_eq!(legacy["qty"], 7.0);
 }
@@ -390,6 +340,9 @@ async fn customers_are_deleted_like_magento_and_notified_with_their_email() {
     let last = shop.app.sim.lock().unwrap().outbox.queue.back().cloned().unwrap();
     let body: Value = serde_json::from_slice(&last.body).unwrap();
     assert_eq!(body["type"], "com.adobe.commerce.observer.customer_delete_after");
+    let time = body["time"].as_str().unwrap();
+    let shape = time.len() == 20 && &time[10..11] == "T" && time.ends_with('Z') && &time[4..5] == "-";
+    assert!(shape, "CloudEvents time is RFC 3339 like order events: {time}");
     assert_eq!(body["data"]["value"]["email"], customer["email"], "the deletion says who, since the record is gone");
     // New registrations continue after the highest id, never reusing a deleted one.
     let before = shop.app.sim.lock().unwrap().customers.keys().max().copied().unwrap();
@@ -397,4 +350,52 @@ async fn customers_are_deleted_like_magento_and_notified_with_their_email() {
     let ids: Vec<i64> = shop.app.sim.lock().unwrap().customers.keys().copied().collect();
     assert!(!ids.contains(&1));
     assert!(ids.iter().filter(|id| **id > before).count() > 0);
+}
+
+/// Contract 4: integration calls signed with OAuth 1.0a (HMAC-SHA256 or HMAC-SHA1) pass; a
+/// wrong signature, a reused nonce or another consumer get Magento's 401; the integration
+/// token as a plain bearer stays refused unless switched on.
+#[tokio::test]
+async fn integration_requests_are_verified_as_oauth_1_0a() {
+    use sandbox::magento::oauth;
+    let shop = Shop::start(MagentoConfig::default(), 5).await;
+    let credentials = shop.app.sim.lock().unwrap().integration_credentials();
+    let query = "searchCriteria[pageSize]=2&searchCriteria[currentPage]=1";
+    let url = format!("{}/rest/default/V1/orders", shop.base);
+    let signed = |credentials: &oauth::Credentials, method: &str, nonce: &str| {
+        let request = oauth::Request { method: "GET", base_url: &url, query, form: None };
+        oauth::authorization(&request, credentials, method, nonce, sandbox::now_ms() / 1000)
+    };
+    let call =
+        |authorization: String| shop.http.get(format!("{url}?{query}")).header("authorization", authorization).send();
+    for (method, nonce) in [("HMAC-SHA256", "nonce-1"), ("HMAC-SHA1", "nonce-2")] {
+        let resp = call(signed(&credentials, method, nonce)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{method}");
+        assert_eq!(resp.json::<Value>().await.unwrap()["items"].as_array().unwrap().len(), 2);
+    }
+
+    let reused = call(signed(&credentials, "HMAC-SHA256", "nonce-1")).await.unwrap();
+    assert_eq!(reused.status(), 401);
+    let body: Value = reused.json().await.unwrap();
+    assert_eq!(body["message"], "The nonce is already being used by the consumer with ID %1", "{body}");
+
+    let wrong_secret = oauth::Credentials { access_token_secret: "guess".into(), ..credentials.clone() };
+    let resp = call(signed(&wrong_secret, "HMAC-SHA256", "nonce-3")).await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.json::<Value>().await.unwrap()["message"], "The signature is invalid. Verify and try again.");
+    // Signed for another query: the signature covers the query parameters.
+    let header = signed(&credentials, "HMAC-SHA256", "nonce-4");
+    let tampered = shop.http.get(format!("{url}?searchCriteria[pageSize]=3")).header("authorization", header);
+    assert_eq!(tampered.send().await.unwrap().status(), 401);
+
+    let stranger = oauth::Credentials { consumer_key: "someone-else".into(), ..credentials.clone() };
+    assert_eq!(call(signed(&stranger, "HMAC-SHA256", "nonce-5")).await.unwrap().status(), 401);
+    let plaintext = signed(&credentials, "HMAC-SHA256", "nonce-6").replace("HMAC-SHA256", "PLAINTEXT");
+    assert_eq!(call(plaintext).await.unwrap().status(), 400, "only the HMAC methods");
+
+    let bearer = call(format!("Bearer {}", credentials.access_token)).await.unwrap();
+    assert_eq!(bearer.status(), 401, "integration token as bearer is off by default");
+    shop.app.sim.lock().unwrap().config.integration_as_bearer = true;
+    assert_eq!(call(format!("Bearer {}", credentials.access_token)).await.unwrap().status(), 200);
+    assert_eq!(shop.get("/orders/1").await.0, 200, "admin tokens keep working");
 }

@@ -1,99 +1,11 @@
 //! Salesforce simulator conformance, written from `../shared/docs/saas-apis.md` §2 (not from
 //! the simulator's code): status codes, error bodies, limits and semantics a real org shows.
 
-use reqwest::{Client, StatusCode};
-use sandbox::faults::Faults;
-use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
-use sandbox::{Counters, control};
+mod common;
+
+use common::salesforce::{Org, error_code};
+use sandbox::salesforce::SalesforceConfig;
 use serde_json::{Value, json};
-
-struct Org {
-    base: String,
-    control: String,
-    http: Client,
-    token: String,
-}
-
-impl Org {
-    async fn start(config: SalesforceConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let app = SalesforceApp::new(
-            SalesforceConfig { instance_url: base.clone(), ..config },
-            Faults::default(),
-            Counters::default(),
-        );
-        let ctl = control::router(control::Control {
-            faults: app.faults.clone(),
-            counters: app.counters.clone(),
-            salesforce: app.clone(),
-            rdstation: sandbox::rdstation::RdStationApp::new(
-                Default::default(),
-                app.faults.clone(),
-                app.counters.clone(),
-            ),
-            magento: sandbox::magento::MagentoApp::new(
-                Default::default(),
-                Default::default(),
-                app.faults.clone(),
-                app.counters.clone(),
-            ),
-        });
-        tokio::spawn(async move { axum::serve(listener, app.router()).await.unwrap() });
-        let ctl_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let control = format!("http://{}", ctl_listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(ctl_listener, ctl).await.unwrap() });
-        let http = Client::new();
-        let token = http
-            .post(format!("{base}/services/oauth2/token"))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", "elo-sandbox-client"),
-                ("client_secret", "elo-sandbox-secret"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        Self { base, control, http, token }
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let mut req =
-            self.http.request(method, format!("{}/services/data/v66.0{path}", self.base)).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.unwrap();
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        let text = resp.text().await.unwrap();
-        (status, headers, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() })
-    }
-
-    async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let (s, _, b) = self.call(reqwest::Method::PATCH, path, Some(body)).await;
-        (s, b)
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let (s, _, b) = self.call(reqwest::Method::POST, path, Some(body)).await;
-        (s, b)
-    }
-}
-
-fn error_code(body: &Value) -> &str {
-    body[0]["errorCode"].as_str().unwrap_or_else(|| panic!("not a Salesforce error body: {body}"))
-}
 
 #[tokio::test]
 async fn oauth_client_credentials_issue_bearer_tokens_without_expiry_or_refresh() {
@@ -501,6 +413,13 @@ async fn bulk_2_0_ingest_runs_the_job_state_machine_and_reports_csv_results() {
     let (status, body) =
         org.post("/jobs/ingest", json!({"object": "Contact", "operation": "upsert", "contentType": "CSV"})).await;
     assert_eq!((status.as_u16(), error_code(&body)), (400, "INVALIDJOB"), "upsert needs externalIdFieldName");
+    let (status, body) = org
+        .post(
+            "/jobs/ingest",
+            json!({"object": "Account", "operation": "upsert", "externalIdFieldName": "Website", "contentType": "CSV"}),
+        )
+        .await;
+    assert_eq!((status.as_u16(), error_code(&body)), (400, "INVALIDJOB"), "and an External ID field: {body}");
 
     let (status, job) = org
         .post("/jobs/ingest", json!({"object": "Contact", "operation": "upsert", "externalIdFieldName": "Elo_Id__c", "contentType": "CSV", "lineEnding": "LF"}))
@@ -631,30 +550,4 @@ async fn jwt_bearer_flow_verifies_signature_issuer_audience_and_expiry() {
         assert_eq!(resp.json::<Value>().await.unwrap()["error"], error);
     }
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-#[tokio::test]
-async fn the_concurrency_cap_answers_403_request_limit_exceeded() {
-    let org = Org::start(SalesforceConfig { max_concurrent: 2, ..SalesforceConfig::default() }).await;
-    let r = org
-        .http
-        .put(format!("{}/faults/salesforce", org.control))
-        .json(&json!({"latency_ms": [400, 400]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let calls = (0..5).map(|_| org.call(reqwest::Method::GET, "/limits", None));
-    let results = futures::future::join_all(calls).await;
-    let refused: Vec<_> = results.iter().filter(|(s, _, _)| s.as_u16() == 403).collect();
-    assert!(
-        !refused.is_empty(),
-        "5 concurrent calls with a cap of 2: {:?}",
-        results.iter().map(|r| r.0).collect::<Vec<_>>()
-    );
-    assert!(results.iter().any(|(s, _, _)| s.as_u16() == 200));
-    for (_, headers, body) in refused {
-        assert_eq!(error_code(body), "REQUEST_LIMIT_EXCEEDED");
-        assert!(headers.contains_key("sforce-limit-info"));
-    }
 }

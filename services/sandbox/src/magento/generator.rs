@@ -146,7 +146,7 @@ impl Generator {
             item_id += 1;
             let lines_of = build_lines(&magento.catalog, &product, qty, order_id, &mut item_id);
             for (sku, sold) in lines_of.1 {
-                magento.deplete(&sku, sold);
+                magento.reserve(&sku, sold);
             }
             subtotal += lines_of.2;
             qty_total += qty;
@@ -219,6 +219,16 @@ impl Generator {
             _ => None,
         };
         if let Some((state, status)) = next {
+            match state {
+                // Completing ships the order (deducts the source); cancelling or refunding an
+                // unshipped order releases what it held.
+                "complete" => {
+                    let _ = magento.ship(id);
+                }
+                "canceled" | "closed" => magento.release(id),
+                _ => {}
+            }
+            let Some(order) = magento.orders.get_mut(&id) else { return };
             let ts = fmt_ts(now);
             order["state"] = json!(state);
             order["status"] = json!(status);

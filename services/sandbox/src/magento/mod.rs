@@ -1,27 +1,31 @@
 //! Magento 2 / Adobe Commerce REST simulator (`/rest/<store>/V1/...`), following
-//! `../shared/docs/saas-apis.md` §1: admin tokens returned as a JSON string (4 h), integration
-//! tokens as Bearer only when enabled, the `%resources` 401, `searchCriteria` with the
-//! last-page-repeats behaviour, orders with flat configurable/bundle items, UTC timestamps
-//! without zone and `shipping_assignments`, customers by id and search, MSI source items and
-//! salable quantity, the legacy stock item, and stock that orders deplete.
+//! `../shared/docs/saas-apis.md` §1 and §7: admin tokens returned as a JSON string (4 h),
+//! integrations signed with OAuth 1.0a ([`oauth`]; their token as Bearer only when enabled),
+//! the `%resources` 401, `searchCriteria` with the last-page-repeats behaviour and the Web API
+//! input limits, orders with flat configurable/bundle items, UTC timestamps without zone and
+//! `shipping_assignments`, customers by id and search, MSI with reservations (`inventory`),
+//! the legacy stock item, admin mass actions ([`admin`]) and signed notifications
+//! ([`webhook`], [`signing`]).
 
+pub mod admin;
+mod catalog;
 pub mod generator;
+mod http;
+mod inventory;
+pub mod oauth;
 pub mod search;
+pub mod signing;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, Method, header};
 use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::faults::{FaultDecision, Faults};
-use crate::{Counters, now_ms};
+use crate::now_ms;
 use search::MagentoError;
+
+pub use catalog::{Catalog, Customer, Product, ProductKind};
+pub use http::MagentoApp;
 
 /// Settings of the simulated store.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -30,12 +34,18 @@ pub struct MagentoConfig {
     pub admin_password: String,
     /// Integration access token (never expires).
     pub integration_token: String,
+    /// The integration's access token secret (OAuth 1.0a).
+    pub integration_token_secret: String,
+    /// The integration's consumer key and secret (OAuth 1.0a).
+    pub integration_consumer_key: String,
+    pub integration_consumer_secret: String,
     /// `oauth/consumer/enable_integration_as_bearer` (off by default in 2.4.x).
     pub integration_as_bearer: bool,
     pub admin_token_ttl_secs: i64,
     /// A page past the end answers the last page again (as Magento does).
     pub last_page_repeats: bool,
-    /// Web API input limits (2.4.3+): max page size 300, arrays of at most 20 items.
+    /// Web API input limits: off as Magento ships; on, page size at most 300 (20 when not
+    /// given) and lists of at most 20 entities.
     pub input_limits: bool,
     pub low_stock_seed_qty: f64,
 }
@@ -46,141 +56,25 @@ impl Default for MagentoConfig {
             admin_username: "admin".into(),
             admin_password: "elo-sandbox-admin1".into(),
             integration_token: "elo-sandbox-integration-token".into(),
+            integration_token_secret: "elo-sandbox-integration-token-secret".into(),
+            integration_consumer_key: "elo-sandbox-consumer-key".into(),
+            integration_consumer_secret: "elo-sandbox-consumer-secret".into(),
             integration_as_bearer: false,
             admin_token_ttl_secs: 4 * 3600,
             last_page_repeats: true,
-            input_limits: true,
+            input_limits: false,
             low_stock_seed_qty: 3.0,
         }
     }
 }
 
+/// Web API input limits (2.4.3+ defaults): maximum and default page size, entities per list.
+const MAX_PAGE_SIZE: usize = 300;
+const DEFAULT_PAGE_SIZE: usize = 20;
+pub(crate) const MAX_LIST_ITEMS: usize = 20;
+
 /// Stores (views) of the simulated website.
 pub const STORES: &[(i64, &str)] = &[(1, "default"), (2, "br")];
-
-#[derive(Clone, Debug)]
-pub enum ProductKind {
-    Simple,
-    Configurable { children: Vec<String> },
-    Bundle { children: Vec<String> },
-}
-
-#[derive(Clone, Debug)]
-pub struct Product {
-    pub id: i64,
-    pub sku: String,
-    pub name: String,
-    pub price: f64,
-    pub kind: ProductKind,
-}
-
-/// The catalog: sellable products (simple, configurable, bundle) plus configurable children.
-#[derive(Clone, Debug)]
-pub struct Catalog {
-    pub products: Vec<Product>,
-    pub all: BTreeMap<String, Product>,
-}
-
-impl Catalog {
-    fn build() -> Self {
-        let mut all = BTreeMap::new();
-        let mut products = Vec::new();
-        let mut id = 0;
-        let mut add = |sku: String,
-                       name: String,
-                       price: f64,
-                       kind: ProductKind,
-                       sellable: bool,
-                       all: &mut BTreeMap<String, Product>| {
-            id += 1;
-            let p = Product { id, sku: sku.clone(), name, price, kind };
-            all.insert(sku, p.clone());
-            if sellable {
-                products.push(p);
-            }
-        };
-        for n in 1..=30 {
-            add(
-                format!("SKU-{n:03}"),
-                format!("Produto {n}"),
-                9.9 + f64::from(n) * 5.0,
-                ProductKind::Simple,
-                true,
-                &mut all,
-            );
-        }
-        for n in 1..=5 {
-            let children: Vec<String> = ["P", "M", "G"].iter().map(|s| format!("CAMISETA-{n}-{s}")).collect();
-            for c in &children {
-                add(
-                    c.clone(),
-                    format!("Camiseta {n} {}", c.rsplit('-').next().unwrap_or("")),
-                    59.9,
-                    ProductKind::Simple,
-                    false,
-                    &mut all,
-                );
-            }
-            add(
-                format!("CAMISETA-{n}"),
-                format!("Camiseta {n}"),
-                59.9,
-                ProductKind::Configurable { children },
-                true,
-                &mut all,
-            );
-        }
-        for n in 1..=3 {
-            let children = vec![format!("SKU-{:03}", n * 3), format!("SKU-{:03}", n * 3 + 1)];
-            add(format!("KIT-{n}"), format!("Kit presente {n}"), 0.0, ProductKind::Bundle { children }, true, &mut all);
-        }
-        Self { products, all }
-    }
-
-    pub fn product_id(&self, sku: &str) -> Option<i64> {
-        self.all.get(sku).map(|p| p.id)
-    }
-    pub fn price(&self, sku: &str) -> f64 {
-        self.all.get(sku).map_or(0.0, |p| p.price)
-    }
-    pub fn name(&self, sku: &str) -> String {
-        self.all.get(sku).map_or_else(|| sku.to_owned(), |p| p.name.clone())
-    }
-}
-
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Customer {
-    pub id: i64,
-    pub email: String,
-    pub firstname: String,
-    pub lastname: String,
-    pub store_id: i64,
-    pub subscribed: bool,
-    pub created_ms: i64,
-    pub updated_ms: i64,
-    pub address: Value,
-}
-
-impl Customer {
-    pub fn to_json(&self) -> Value {
-        let mut address = self.address.clone();
-        address["id"] = json!(self.id);
-        address["customer_id"] = json!(self.id);
-        address["default_billing"] = json!(true);
-        address["default_shipping"] = json!(true);
-        address["region"] =
-            json!({"region_code": address["region_code"], "region": address["region"], "region_id": 508});
-        json!({
-            "id": self.id, "group_id": 1, "email": self.email, "firstname": self.firstname, "lastname": self.lastname,
-            "store_id": self.store_id, "website_id": 1, "created_at": fmt_ts(self.created_ms), "updated_at": fmt_ts(self.updated_ms),
-            "created_in": if self.store_id == 1 { "Default Store View" } else { "Loja BR" },
-            "default_billing": self.id.to_string(), "default_shipping": self.id.to_string(), "addresses": [address],
-            "disable_auto_group_change": 0,
-            "extension_attributes": {"is_subscribed": self.subscribed},
-            "custom_attributes": [],
-        })
-    }
-}
 
 /// `YYYY-MM-DD HH:MM:SS`, UTC, no zone: Magento's format whatever the store timezone.
 pub fn fmt_ts(ms: i64) -> String {
@@ -195,9 +89,16 @@ pub struct Magento {
     pub customers: BTreeMap<i64, Customer>,
     /// MSI source items: sku → (quantity, status).
     pub stock: BTreeMap<String, (f64, u8)>,
+    /// MSI reservations, summed per SKU (negative: held by orders not yet shipped).
+    pub reservations: BTreeMap<String, f64>,
+    /// Orders whose shipment has deducted the source.
+    pub shipped: BTreeSet<i64>,
     admin_tokens: HashMap<String, i64>,
+    nonces: oauth::Nonces,
     pub generator: generator::Generator,
     pub webhook: webhook::WebhookConfig,
+    /// How notifications are signed.
+    pub webhook_signature: webhook::SignatureScheme,
     pub outbox: webhook::Outbox,
     /// Facts per second the background generator adds (0 = stopped).
     pub rate_per_sec: f64,
@@ -223,9 +124,13 @@ impl Magento {
             orders: BTreeMap::new(),
             customers: BTreeMap::new(),
             stock,
+            reservations: BTreeMap::new(),
+            shipped: BTreeSet::new(),
             admin_tokens: HashMap::new(),
+            nonces: oauth::Nonces::default(),
             generator: generator::Generator::new(generator),
             webhook: webhook::WebhookConfig::default(),
+            webhook_signature: webhook::SignatureScheme::default(),
             outbox: webhook::Outbox::default(),
             rate_per_sec: 0.0,
         }
@@ -237,6 +142,32 @@ impl Magento {
         let placed = generator.run(self, count);
         self.generator = generator;
         placed
+    }
+
+    /// Places exactly `orders` new orders (no status changes in between).
+    pub fn generate_orders(&mut self, orders: usize) -> usize {
+        let rate = std::mem::replace(&mut self.generator.config.transition_rate, 0.0);
+        let placed = self.generate(orders);
+        self.generator.config.transition_rate = rate;
+        placed
+    }
+
+    /// Keeps the next `facts` out of the future: when they would run past the wall clock at the
+    /// configured spacing, they are squeezed between the last fact and now (1 ms apart at the
+    /// least), as a busy store's orders would be. Magento never stamps a future time, and a
+    /// poller's cursor must not jump ahead of later real changes (a mass action stamps now).
+    pub fn keep_generator_behind_now(&mut self, facts: usize) {
+        let config = &mut self.generator.config;
+        let step = self.generator.step;
+        let last = config.start_ms + step * config.spacing_ms;
+        let now = now_ms();
+        let facts = i64::try_from(facts).unwrap_or(i64::MAX).max(1);
+        if last.saturating_add(facts.saturating_mul(config.spacing_ms)) <= now {
+            return;
+        }
+        let spacing = ((now - last) / facts).max(1);
+        config.spacing_ms = spacing;
+        config.start_ms = last - step * spacing;
     }
 
     /// Queues a notification for the order's current version (when a webhook URL is set).
@@ -259,20 +190,26 @@ impl Magento {
         self.outbox.queue.push_back(n);
     }
 
-    /// Takes sold quantity off the default source; it may go negative (oversold).
-    pub fn deplete(&mut self, sku: &str, qty: f64) {
-        if let Some((q, status)) = self.stock.get_mut(sku) {
-            *q -= qty;
-            if *q <= 0.0 {
-                *status = 0;
-            }
+    /// The integration's OAuth 1.0a credentials.
+    pub fn integration_credentials(&self) -> oauth::Credentials {
+        oauth::Credentials {
+            consumer_key: self.config.integration_consumer_key.clone(),
+            consumer_secret: self.config.integration_consumer_secret.clone(),
+            access_token: self.config.integration_token.clone(),
+            access_token_secret: self.config.integration_token_secret.clone(),
         }
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), MagentoError> {
-        let token =
-            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        let ok = match token {
+    /// Admin bearer tokens, OAuth 1.0a-signed integration requests, and the integration token
+    /// as a bearer only when `integration_as_bearer` is on.
+    fn authorize(&mut self, method: &Method, url: &str, query: &str, headers: &HeaderMap) -> Result<(), MagentoError> {
+        let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if let Some(params) = oauth::header_params(authorization) {
+            let request = oauth::Request { method: method.as_str(), base_url: url, query, form: None };
+            let credentials = self.integration_credentials();
+            return oauth::verify(&request, &params, &credentials, &mut self.nonces, now_ms() / 1000);
+        }
+        let ok = match authorization.strip_prefix("Bearer ") {
             Some(t) if t == self.config.integration_token => self.config.integration_as_bearer,
             Some(t) => self.admin_tokens.get(t).is_some_and(|exp| *exp > now_ms()),
             None => false,
@@ -288,9 +225,29 @@ impl Magento {
         }
     }
 
+    /// The request's searchCriteria, refused above the maximum page size when the Web API input
+    /// limits are on ("Input limiting"; `SearchCriteriaValidator`).
+    fn search_criteria(&self, query: &str) -> Result<search::SearchCriteria, MagentoError> {
+        let c = search::parse(query)?;
+        if self.config.input_limits && c.page_size.is_some_and(|s| s > MAX_PAGE_SIZE) {
+            return Err(MagentoError::new(
+                400,
+                "Maximum SearchCriteria pageSize is %max",
+                json!({"max": MAX_PAGE_SIZE}),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Page size when the request names none: the input limits' default, else everything.
+    fn default_page_size(&self) -> usize {
+        if self.config.input_limits { DEFAULT_PAGE_SIZE } else { usize::MAX }
+    }
+
     fn execute(
         &mut self,
         method: &Method,
+        url: &str,
         segments: &[&str],
         query: &str,
         body: &Value,
@@ -319,14 +276,11 @@ impl Magento {
             self.admin_tokens.insert(token.clone(), now_ms() + self.config.admin_token_ttl_secs * 1000);
             return Ok((200, json!(token)));
         }
-        self.authorize(headers)?;
-        let criteria = || -> Result<search::SearchCriteria, MagentoError> {
-            let c = search::parse(query)?;
-            if self.config.input_limits && c.page_size.is_some_and(|s| s > 300) {
-                return Err(MagentoError::new(400, "Maximum SearchCriteria pageSize is %1", json!([300])));
-            }
-            Ok(c)
-        };
+        self.authorize(method, url, query, headers)?;
+        if inventory::handles(segments) {
+            return self.inventory(method.as_str(), segments, query, body);
+        }
+        let criteria = || self.search_criteria(query);
         match (method.as_str(), segments) {
             ("GET", ["orders"]) => {
                 let c = criteria()?;
@@ -344,7 +298,7 @@ impl Magento {
                     ));
                 }
                 let items: Vec<Value> = self.orders.values().map(list_view).collect();
-                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
+                Ok((200, search::run(items, &c, self.default_page_size(), self.config.last_page_repeats)))
             }
             ("GET", ["orders", id]) => {
                 let order = id.parse::<i64>().ok().and_then(|id| self.orders.get(&id)).ok_or_else(|| {
@@ -382,7 +336,7 @@ impl Magento {
                         v
                     })
                     .collect();
-                let mut result = search::run(items, &c, 20, self.config.last_page_repeats);
+                let mut result = search::run(items, &c, self.default_page_size(), self.config.last_page_repeats);
                 if let Some(items) = result["items"].as_array_mut() {
                     items.iter_mut().for_each(|i| {
                         i.as_object_mut().map(|o| o.remove("entity_id"));
@@ -403,66 +357,6 @@ impl Magento {
                 self.notify_customer(&json, true);
                 Ok((200, json!(true)))
             }
-            ("GET", ["inventory", "source-items"]) => {
-                let c = criteria()?;
-                let items: Vec<Value> = self
-                    .stock
-                    .iter()
-                    .map(|(sku, (q, s))| json!({"sku": sku, "source_code": "default", "quantity": q, "status": s}))
-                    .collect();
-                Ok((200, search::run(items, &c, 20, self.config.last_page_repeats)))
-            }
-            ("POST", ["inventory", "source-items"]) => {
-                let items = body.get("sourceItems").and_then(Value::as_array).ok_or_else(|| {
-                    MagentoError::new(
-                        400,
-                        "\"%fieldName\" is required. Enter and try again.",
-                        json!({"fieldName": "sourceItems"}),
-                    )
-                })?;
-                if self.config.input_limits && items.len() > 20 {
-                    return Err(MagentoError::new(
-                        400,
-                        "Maximum items of type \"%type\" is %max",
-                        json!({"type": "\\Magento\\InventoryApi\\Api\\Data\\SourceItemInterface", "max": 20}),
-                    ));
-                }
-                for item in items {
-                    let (Some(sku), Some(qty)) =
-                        (item.get("sku").and_then(Value::as_str), item.get("quantity").and_then(Value::as_f64))
-                    else {
-                        return Err(MagentoError::new(
-                            400,
-                            "\"%fieldName\" is required. Enter and try again.",
-                            json!({"fieldName": "sku"}),
-                        ));
-                    };
-                    let status = item.get("status").and_then(Value::as_u64).unwrap_or(1) as u8;
-                    self.stock.insert(sku.to_owned(), (qty, status));
-                }
-                Ok((200, json!([])))
-            }
-            ("GET", ["inventory", "get-product-salable-quantity", sku, stock]) => {
-                self.check_stock_id(stock)?;
-                Ok((200, json!(self.salable(sku)?)))
-            }
-            ("GET", ["inventory", "is-product-salable", sku, stock]) => {
-                self.check_stock_id(stock)?;
-                Ok((200, json!(self.salable(sku)? > 0.0)))
-            }
-            ("GET", ["inventory", "is-product-salable-for-requested-qty", sku, stock, qty]) => {
-                self.check_stock_id(stock)?;
-                let qty: f64 = qty.parse().map_err(|_| MagentoError::new(400, "Invalid quantity", json!([])))?;
-                let available = self.salable(sku)?;
-                Ok((
-                    200,
-                    if available >= qty {
-                        json!({"salable": true, "errors": []})
-                    } else {
-                        json!({"salable": false, "errors": [{"code": "back_order-disabled", "message": "The requested qty is not available"}]})
-                    },
-                ))
-            }
             ("GET", ["store", "websites"]) => Ok((
                 200,
                 json!([
@@ -480,35 +374,6 @@ impl Magento {
                     MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
                 })?;
                 Ok((200, product))
-            }
-            ("PUT", ["products", sku, "stockItems", item_id]) => {
-                let sku = crate::salesforce::percent_decode(sku);
-                let product_id = self.catalog.product_id(&sku).filter(|_| self.stock.contains_key(&sku)).ok_or_else(|| {
-                    MagentoError::new(404, "The product that was requested doesn't exist. Verify the product and try again.", json!([]))
-                })?;
-                if item_id.parse::<i64>().ok() != Some(product_id) {
-                    return Err(MagentoError::new(400, "The stock item was unable to be saved. Please try again.", json!([])));
-                }
-                let item = body.get("stockItem").or_else(|| body.get("stock_item")).ok_or_else(|| {
-                    MagentoError::new(400, "\"%fieldName\" is required. Enter and try again.", json!({"fieldName": "stockItem"}))
-                })?;
-                let entry = self.stock.get_mut(&sku).expect("checked above");
-                if let Some(qty) = item.get("qty").and_then(Value::as_f64) {
-                    entry.0 = qty;
-                }
-                if let Some(in_stock) = item.get("is_in_stock").and_then(Value::as_bool) {
-                    entry.1 = u8::from(in_stock);
-                }
-                Ok((200, json!(product_id)))
-            }
-            ("GET", ["stockItems", sku]) => {
-                let (qty, status) = self.stock.get(*sku).copied().ok_or_else(|| {
-                    MagentoError::new(404, "The Product with the \"%1\" SKU doesn't exist.", json!([sku]))
-                })?;
-                Ok((
-                    200,
-                    json!({"item_id": self.catalog.product_id(sku), "product_id": self.catalog.product_id(sku), "stock_id": 1, "qty": qty, "is_in_stock": status == 1, "min_qty": 0, "low_stock_date": null, "manage_stock": true}),
-                ))
             }
             (_, ["customers"]) | (_, []) => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
             _ => Err(MagentoError::new(404, "Request does not match any route.", json!([]))),
@@ -533,24 +398,6 @@ impl Magento {
             "product_links": [], "options": [], "media_gallery_entries": [], "tier_prices": [],
             "custom_attributes": [{"attribute_code": "url_key", "value": p.sku.to_lowercase()}],
         }))
-    }
-
-    fn check_stock_id(&self, stock: &str) -> Result<(), MagentoError> {
-        if stock == "1" {
-            Ok(())
-        } else {
-            Err(MagentoError::new(404, "Stock with id \"%value\" does not exist.", json!({"value": stock})))
-        }
-    }
-
-    fn salable(&self, sku: &str) -> Result<f64, MagentoError> {
-        self.stock.get(sku).map(|(q, _)| *q).ok_or_else(|| {
-            MagentoError::new(
-                404,
-                "The product that was requested doesn't exist. Verify the product and try again.",
-                json!([]),
-            )
-        })
     }
 }
 
@@ -598,92 +445,4 @@ fn list_view(order: &Value) -> Value {
         ext.remove("shipping_assignments");
     }
     v
-}
-
-/// Shared state of the HTTP front.
-#[derive(Clone)]
-pub struct MagentoApp {
-    pub sim: Arc<Mutex<Magento>>,
-    pub faults: Faults,
-    pub counters: Counters,
-}
-
-impl MagentoApp {
-    pub fn new(
-        config: MagentoConfig,
-        generator: generator::GeneratorConfig,
-        faults: Faults,
-        counters: Counters,
-    ) -> Self {
-        Self { sim: Arc::new(Mutex::new(Magento::new(config, generator))), faults, counters }
-    }
-
-    pub fn router(self) -> Router {
-        Router::new().fallback(handle).with_state(self)
-    }
-}
-
-async fn handle(State(app): State<MagentoApp>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let path = parts.uri.path().to_owned();
-    let query = parts.uri.query().unwrap_or_default().to_owned();
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let reply = |status: u16, body: Value| {
-        (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-            body.to_string(),
-        )
-            .into_response()
-    };
-    let label = match segments.as_slice() {
-        ["rest", _, "V1", rest @ ..] => {
-            let shape: Vec<&str> = rest
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    if i > 0 && (s.chars().any(|c| c.is_ascii_digit()) || s.contains('-') && i > 1) {
-                        "{id}"
-                    } else {
-                        s
-                    }
-                })
-                .collect();
-            format!("{} /V1/{}", parts.method, shape.join("/"))
-        }
-        _ => format!("{} other", parts.method),
-    };
-    app.counters.hit("magento", &label);
-    let bytes: Bytes = match axum::body::to_bytes(body, 8 * 1024 * 1024).await {
-        Ok(b) => b,
-        Err(_) => return reply(413, json!({"message": "Request entity too large"})),
-    };
-    if let FaultDecision::Fail(status) = app.faults.decide("magento").await {
-        return reply(status, json!({"message": "Service temporarily unavailable (injected fault)"}));
-    }
-    // `/rest/V1/...` is the default store view; `/rest/<code>/V1/...` names one.
-    let (store, rest): (&str, &[&str]) = match segments.as_slice() {
-        ["rest", "V1", rest @ ..] => ("default", rest),
-        ["rest", store, "V1", rest @ ..] => (store, rest),
-        _ => return reply(404, json!({"message": "Request does not match any route."})),
-    };
-    if !(store == "all" || STORES.iter().any(|(_, code)| *code == store)) {
-        return reply(
-            400,
-            json!({"message": "The store that was requested wasn't found. Verify the store and try again."}),
-        );
-    }
-    let body: Value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(_) => return reply(400, json!({"message": "Decoding error: \nJSON syntax error", "parameters": []})),
-        }
-    };
-    let mut sim = app.sim.lock().expect("magento lock");
-    match sim.execute(&parts.method, rest, &query, &body, &parts.headers) {
-        Ok((status, body)) => reply(status, body),
-        Err(e) => reply(e.status, e.body),
-    }
 }

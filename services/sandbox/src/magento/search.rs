@@ -185,7 +185,7 @@ pub fn run(items: Vec<Value>, criteria: &SearchCriteria, default_page_size: usiz
     let size = criteria.page_size.unwrap_or(default_page_size).max(1);
     let pages = total.div_ceil(size).max(1);
     let page = if last_page_repeats { criteria.current_page.min(pages) } else { criteria.current_page };
-    let items: Vec<Value> = hits.into_iter().skip((page - 1) * size).take(size).collect();
+    let items: Vec<Value> = hits.into_iter().skip((page - 1).saturating_mul(size)).take(size).collect();
     let groups: Vec<Value> = criteria
         .groups
         .iter()

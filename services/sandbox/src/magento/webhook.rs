@@ -3,7 +3,8 @@
 //! twice on purpose), signed with HMAC-SHA256 so the receiver can verify origin and age.
 //!
 //! Signature header: `x-elo-webhook-signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
-//! "<t>.<body>")>`; the timestamp inside the signed text lets the receiver refuse replays.
+//! "<t>.<body>")>`; the timestamp inside the signed text lets the receiver refuse replays. With
+//! `"signature": "adobe-rsa"`, signed as Adobe Commerce Webhooks sign instead ([`super::signing`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use super::MagentoApp;
+use super::signing::ADOBE_SIGNATURE_HEADER;
 use crate::now_ms;
 
 /// Header carrying the signature.
@@ -32,6 +34,19 @@ pub enum WebhookStyle {
     Plain,
 }
 
+/// How deliveries are signed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SignatureScheme {
+    /// `x-elo-webhook-signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+    #[default]
+    #[serde(rename = "hmac")]
+    Hmac,
+    /// Adobe Commerce Webhooks: base64 RSA-SHA256 over the body in
+    /// `x-adobe-commerce-webhook-signature`, verified with the store's public key.
+    #[serde(rename = "adobe-rsa")]
+    AdobeRsa,
+}
+
 /// Where and how notifications go.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WebhookConfig {
@@ -47,6 +62,18 @@ pub struct WebhookConfig {
     /// Cap of the exponential retry backoff, in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: i64,
+}
+
+/// The control API's webhook settings: the config plus the signature scheme. The scheme is
+/// kept beside [`WebhookConfig`] (in `Magento::webhook_signature`) so code that builds a
+/// `WebhookConfig` literal keeps compiling.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct WebhookSettings {
+    #[serde(flatten)]
+    pub config: WebhookConfig,
+    /// `"hmac"` (default) or `"adobe-rsa"`.
+    #[serde(default)]
+    pub signature: SignatureScheme,
 }
 
 fn default_max_backoff_ms() -> i64 {
@@ -96,6 +123,11 @@ pub fn sign(secret: &str, t: i64, body: &[u8]) -> String {
     format!("t={t},v1={}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
+/// A Magento UTC timestamp (`YYYY-MM-DD HH:MM:SS`) as the RFC 3339 CloudEvents `time` wants.
+fn rfc3339(magento_ts: &str) -> String {
+    format!("{}Z", magento_ts.replace(' ', "T"))
+}
+
 /// Builds the notification for an order's current version.
 pub fn notification(config: &WebhookConfig, order: &Value) -> Notification {
     let id =
@@ -107,7 +139,7 @@ pub fn notification(config: &WebhookConfig, order: &Value) -> Notification {
             "source": "urn:magento:sandbox",
             "type": "com.adobe.commerce.observer.sales_order_save_after",
             "datacontenttype": "application/json",
-            "time": order["updated_at"].as_str().map(|t| format!("{}Z", t.replace(' ', "T"))),
+            "time": order["updated_at"].as_str().map(rfc3339),
             "data": {"value": {
                 "entity_id": order["entity_id"], "increment_id": order["increment_id"], "state": order["state"],
                 "status": order["status"], "store_id": order["store_id"], "customer_id": order["customer_id"],
@@ -133,7 +165,7 @@ pub fn customer_notification(config: &WebhookConfig, customer: &Value, deleted: 
             "source": "urn:magento:sandbox",
             "type": format!("com.adobe.commerce.observer.{event}"),
             "datacontenttype": "application/json",
-            "time": crate::magento::fmt_ts(now_ms),
+            "time": rfc3339(&crate::magento::fmt_ts(now_ms)),
             "data": {"value": summary},
         }),
         WebhookStyle::Plain => {
@@ -148,9 +180,9 @@ pub fn customer_notification(config: &WebhookConfig, customer: &Value, deleted: 
 pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("http client");
     loop {
-        let (config, due) = {
+        let (config, scheme, due) = {
             let mut sim = app.sim.lock().expect("magento lock");
-            let config = sim.webhook.clone();
+            let (config, scheme) = (sim.webhook.clone(), sim.webhook_signature);
             let now = now_ms();
             let mut due = Vec::new();
             let mut keep = VecDeque::new();
@@ -159,7 +191,7 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
                 if has_url && due.len() < 16 && n.not_before_ms <= now { due.push(n) } else { keep.push_back(n) }
             }
             sim.outbox.queue = keep;
-            (config, due)
+            (config, scheme, due)
         };
         if due.is_empty() {
             tokio::select! {
@@ -170,13 +202,16 @@ pub async fn dispatch(app: MagentoApp, shutdown: CancellationToken) {
         let sends = due.into_iter().map(|n| {
             let url = if n.about_customer { config.customer_url.clone() } else { config.url.clone() };
             let url = url.expect("checked above");
-            let (client, secret) = (client.clone(), config.secret.clone());
+            let (client, secret, key) = (client.clone(), config.secret.clone(), app.webhook_key.clone());
             async move {
-                let signature = sign(&secret, now_ms() / 1000, &n.body);
+                let (header, signature) = match scheme {
+                    SignatureScheme::Hmac => (SIGNATURE_HEADER, sign(&secret, now_ms() / 1000, &n.body)),
+                    SignatureScheme::AdobeRsa => (ADOBE_SIGNATURE_HEADER, key.get().sign(&n.body)),
+                };
                 let result = client
                     .post(&url)
                     .header("content-type", "application/json")
-                    .header(SIGNATURE_HEADER, signature)
+                    .header(header, signature)
                     .header(EVENT_ID_HEADER, &n.id)
                     .body(n.body.clone())
                     .send()

@@ -2,9 +2,11 @@
 //! `InProgress` → `JobComplete` (or `Failed`/`Aborted`), then read successful, failed and
 //! unprocessed records as CSV (saas-apis.md §2, "Bulk API 2.0 ingest").
 
+use axum::http::Method;
 use serde_json::{Map, Value, json};
 
-use super::model::{Org, SfResponse, UpsertError, object_exists};
+use super::model::{Org, SfResponse, UpsertError};
+use super::schema::Schema;
 
 /// One ingest job.
 #[derive(Clone, Debug)]
@@ -21,6 +23,10 @@ pub struct Job {
     pub failed: Vec<(String, String, Vec<String>)>,
     pub header: Vec<String>,
     pub created_ms: i64,
+    /// `PUT .../batches` calls: Bulk 2.0 takes one upload per job.
+    pub uploads: u32,
+    /// Why the job failed, as `GET` on the job reports it.
+    pub error_message: Option<String>,
 }
 
 const DELIMITERS: &[(&str, char)] =
@@ -32,9 +38,9 @@ fn invalid_job(message: &str) -> SfResponse {
 
 impl Job {
     /// Validates a create request.
-    pub fn create(id: String, body: &Value, now: i64) -> Result<Self, SfResponse> {
+    pub fn create(id: String, body: &Value, now: i64, schema: &Schema) -> Result<Self, SfResponse> {
         let object = body.get("object").and_then(Value::as_str).unwrap_or_default().to_owned();
-        if !object_exists(&object) {
+        if !schema.object_exists(&object) {
             return Err(invalid_job(&format!("Invalid object: {object}")));
         }
         let operation = body.get("operation").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -45,6 +51,11 @@ impl Job {
         if operation == "upsert" && external_id.is_none() {
             return Err(invalid_job(&format!(
                 "External ID was blank for {object}. An External ID must be specified for upsert."
+            )));
+        }
+        if let Some(field) = external_id.as_deref().filter(|f| !schema.matching_field(&object, f)) {
+            return Err(invalid_job(&format!(
+                "Field name provided, {field} does not match an External ID, Salesforce Id, or indexed field for {object}"
             )));
         }
         if body.get("contentType").and_then(Value::as_str).is_some_and(|c| c != "CSV") {
@@ -73,6 +84,8 @@ impl Job {
             failed: Vec::new(),
             header: Vec::new(),
             created_ms: now,
+            uploads: 0,
+            error_message: None,
         })
     }
 
@@ -89,11 +102,56 @@ impl Job {
         if let Some(ext) = &self.external_id {
             info["externalIdFieldName"] = json!(ext);
         }
+        if let Some(message) = &self.error_message {
+            info["errorMessage"] = json!(message);
+        }
         info
+    }
+
+    /// Closes the upload (`UploadComplete`); a job that got more than one upload fails.
+    pub fn close(&mut self) -> Result<(), SfResponse> {
+        if self.uploads > 1 {
+            let message = format!(
+                "Found multiple contents for job: <{}>, please 'Close' / 'Abort' / 'Delete' the current Job then create a new Job and make sure you only do 'PUT' once on a given Job.",
+                self.id
+            );
+            self.state = "Failed".into();
+            self.error_message = Some(format!("InvalidBatch : {message}"));
+            return Err(SfResponse::error(400, "INVALIDJOB", message));
+        }
+        self.state = "UploadComplete".into();
+        Ok(())
+    }
+
+    /// Whether the data uses the declared `lineEnding` (outside quoted fields).
+    fn line_ending_matches(&self) -> bool {
+        let (mut quoted, mut previous) = (false, '\0');
+        for c in self.data.chars() {
+            match c {
+                '"' => quoted = !quoted,
+                '\n' if !quoted => {
+                    let crlf = previous == '\r';
+                    if crlf != (self.line_ending == "CRLF") {
+                        return false;
+                    }
+                }
+                _ => {}
+            }
+            previous = c;
+        }
+        true
     }
 
     /// Applies the uploaded rows to the org.
     pub fn process(&mut self, org: &mut Org, now: i64) {
+        if !self.line_ending_matches() {
+            self.state = "Failed".into();
+            self.error_message = Some(format!(
+                "ClientInputError : LineEnding is invalid on user data. Current LineEnding setting is {}",
+                self.line_ending
+            ));
+            return;
+        }
         let rows = match parse_csv(&self.data, self.delimiter) {
             Ok(rows) => rows,
             Err(e) => {
@@ -142,13 +200,11 @@ impl Job {
                             .prepare(&self.object, &fields)
                             .and_then(|f| org.update(&id, f, now))
                             .map(|()| (id, false)),
-                        Some(id) => {
-                            if org.delete(&self.object, &id) {
-                                Ok((id, false))
-                            } else {
-                                Err(super::model::SaveError::new("ENTITY_IS_DELETED", "entity is deleted"))
-                            }
-                        }
+                        Some(id) => match org.delete(&self.object, &id) {
+                            Ok(true) => Ok((id, false)),
+                            Ok(false) => Err(super::model::SaveError::new("ENTITY_IS_DELETED", "entity is deleted")),
+                            Err(e) => Err(e),
+                        },
                     }
                 }
                 _ => unreachable!("validated at creation"),
@@ -200,6 +256,93 @@ impl Job {
 
 fn quote(cell: &str) -> String {
     format!("\"{}\"", cell.replace('"', "\"\""))
+}
+
+impl super::Salesforce {
+    /// Bulk API 2.0 ingest routes below `/jobs/ingest`.
+    pub(super) fn bulk(&mut self, version: &str, method: &Method, rest: &[&str], body: &Value, now: i64) -> SfResponse {
+        match (method.as_str(), rest) {
+            ("POST", []) => {
+                let id = format!("750SANDBOX{:08}", self.jobs.len() + 1);
+                match Job::create(id.clone(), body, now, &self.org.schema) {
+                    Ok(job) => {
+                        let info = job.info(version);
+                        self.jobs.insert(id, job);
+                        SfResponse::json(200, info)
+                    }
+                    Err(e) => e,
+                }
+            }
+            ("GET", []) => {
+                let records: Vec<Value> = self.jobs.values().map(|j| j.info(version)).collect();
+                SfResponse::json(200, json!({"done": true, "records": records, "nextRecordsUrl": null}))
+            }
+            ("PUT", [id, "batches"]) => match (self.jobs.get_mut(*id), body.as_str()) {
+                (None, _) => SfResponse::not_found(),
+                (Some(job), _) if job.state != "Open" => SfResponse::error(
+                    409,
+                    "INVALIDJOBSTATE",
+                    format!("Job {id} is not open for uploads, it is {}", job.state),
+                ),
+                (Some(_), None) => {
+                    SfResponse::error(400, "INVALIDBATCH", "InvalidBatch : Upload CSV with Content-Type text/csv")
+                }
+                (Some(job), Some(csv)) => {
+                    // Accepted, but a job takes one upload: closing it will fail.
+                    job.uploads += 1;
+                    if job.uploads == 1 {
+                        job.data.push_str(csv);
+                    }
+                    SfResponse::empty(201)
+                }
+            },
+            ("PATCH", [id]) => {
+                let Some(job) = self.jobs.get_mut(*id) else { return SfResponse::not_found() };
+                match (body.get("state").and_then(Value::as_str), job.state.as_str()) {
+                    (Some("UploadComplete"), "Open") => {
+                        if let Err(e) = job.close() {
+                            return e;
+                        }
+                    }
+                    (Some("Aborted"), "Open" | "UploadComplete") => job.state = "Aborted".into(),
+                    (Some(target), current) => {
+                        return SfResponse::error(
+                            400,
+                            "INVALIDJOBSTATE",
+                            format!("Cannot change the state of job {id} from {current} to {target}"),
+                        );
+                    }
+                    (None, _) => return SfResponse::error(400, "INVALIDJOB", "InvalidJob : state is required"),
+                }
+                SfResponse::json(200, job.info(version))
+            }
+            ("GET", [id]) => {
+                let Some(job) = self.jobs.get_mut(*id) else { return SfResponse::not_found() };
+                // Each look advances a closed job one step: UploadComplete → InProgress → done.
+                match job.state.as_str() {
+                    "UploadComplete" => job.state = "InProgress".into(),
+                    "InProgress" => job.process(&mut self.org, now),
+                    _ => {}
+                }
+                SfResponse::json(200, job.info(version))
+            }
+            ("GET", [id, kind]) => match self.jobs.get(*id).and_then(|j| j.results(kind)) {
+                Some(csv) => SfResponse::csv(200, csv),
+                None => SfResponse::not_found(),
+            },
+            ("DELETE", [id]) => match self.jobs.get(*id).map(|j| j.state.clone()) {
+                None => SfResponse::not_found(),
+                Some(state) if ["JobComplete", "Failed", "Aborted"].contains(&state.as_str()) => {
+                    self.jobs.remove(*id);
+                    SfResponse::empty(204)
+                }
+                Some(state) => {
+                    SfResponse::error(400, "INVALIDJOBSTATE", format!("Cannot delete a job in state {state}"))
+                }
+            },
+            _ => SfResponse::not_found(),
+        }
+    }
 }
 
 /// RFC 4180 CSV: quoted fields, doubled quotes, LF or CRLF line endings.

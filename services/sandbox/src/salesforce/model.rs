@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 
+use super::schema::Schema;
+
 /// A response of the simulated API: status, JSON body (absent for 204) and extra headers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SfResponse {
@@ -73,147 +75,6 @@ impl SaveError {
     pub fn row(&self) -> Value {
         json!({"statusCode": self.code, "message": self.message, "fields": self.fields})
     }
-}
-
-/// Metadata of a standard object.
-pub struct ObjectDef {
-    pub name: &'static str,
-    pub prefix: &'static str,
-    pub required: &'static [&'static str],
-    pub fields: &'static [&'static str],
-}
-
-const READ_ONLY: &[&str] =
-    &["Id", "CreatedDate", "LastModifiedDate", "SystemModstamp", "OrderNumber", "TotalAmount", "IsStandard"];
-
-pub const OBJECTS: &[ObjectDef] = &[
-    ObjectDef {
-        name: "Account",
-        prefix: "001",
-        required: &["Name"],
-        fields: &[
-            "Name",
-            "AccountNumber",
-            "Phone",
-            "Website",
-            "Type",
-            "Industry",
-            "Description",
-            "BillingStreet",
-            "BillingCity",
-            "BillingState",
-            "BillingPostalCode",
-            "BillingCountry",
-            "ShippingStreet",
-            "ShippingCity",
-            "ShippingState",
-            "ShippingPostalCode",
-            "ShippingCountry",
-        ],
-    },
-    ObjectDef {
-        name: "Contact",
-        prefix: "003",
-        required: &["LastName"],
-        fields: &[
-            "FirstName",
-            "LastName",
-            "Email",
-            "Phone",
-            "MobilePhone",
-            "AccountId",
-            "Title",
-            "Description",
-            "MailingStreet",
-            "MailingCity",
-            "MailingState",
-            "MailingPostalCode",
-            "MailingCountry",
-            "HasOptedOutOfEmail",
-            "LeadSource",
-        ],
-    },
-    ObjectDef {
-        name: "Order",
-        prefix: "801",
-        required: &["AccountId", "EffectiveDate", "Status"],
-        fields: &[
-            "AccountId",
-            "EffectiveDate",
-            "Status",
-            "Pricebook2Id",
-            "Name",
-            "Description",
-            "Type",
-            "BillToContactId",
-            "CurrencyIsoCode",
-            "BillingStreet",
-            "BillingCity",
-            "BillingState",
-            "BillingPostalCode",
-            "BillingCountry",
-            "ShippingStreet",
-            "ShippingCity",
-            "ShippingState",
-            "ShippingPostalCode",
-            "ShippingCountry",
-            "PoNumber",
-        ],
-    },
-    ObjectDef {
-        name: "OrderItem",
-        prefix: "802",
-        required: &["OrderId", "PricebookEntryId", "Quantity", "UnitPrice"],
-        fields: &["OrderId", "PricebookEntryId", "Product2Id", "Quantity", "UnitPrice", "Description", "ServiceDate"],
-    },
-    ObjectDef {
-        name: "Product2",
-        prefix: "01t",
-        required: &["Name"],
-        fields: &["Name", "ProductCode", "IsActive", "Description", "Family"],
-    },
-    ObjectDef { name: "Pricebook2", prefix: "01s", required: &["Name"], fields: &["Name", "IsActive", "Description"] },
-    ObjectDef {
-        name: "PricebookEntry",
-        prefix: "01u",
-        required: &["Pricebook2Id", "Product2Id", "UnitPrice"],
-        fields: &["Pricebook2Id", "Product2Id", "UnitPrice", "IsActive", "UseStandardPrice"],
-    },
-];
-
-/// Lookup fields and the object they point to; the relationship name is the field without `Id`.
-const LOOKUPS: &[(&str, &str)] = &[
-    ("AccountId", "Account"),
-    ("OrderId", "Order"),
-    ("Pricebook2Id", "Pricebook2"),
-    ("Product2Id", "Product2"),
-    ("PricebookEntryId", "PricebookEntry"),
-    ("BillToContactId", "Contact"),
-];
-
-pub fn object_def(name: &str) -> Option<&'static ObjectDef> {
-    OBJECTS.iter().find(|o| o.name == name)
-}
-
-/// Standard objects, or custom ones (`Something__c`).
-pub fn object_exists(name: &str) -> bool {
-    object_def(name).is_some() || (name.ends_with("__c") && name.len() > 3)
-}
-
-fn prefix(object: &str) -> &'static str {
-    object_def(object).map_or("a00", |o| o.prefix)
-}
-
-/// Whether `field` exists on `object` (standard list, system fields, or any custom `__c`).
-pub fn field_exists(object: &str, field: &str) -> bool {
-    field.ends_with("__c")
-        || READ_ONLY.contains(&field)
-        || object_def(object).map_or(field == "Name", |o| o.fields.contains(&field))
-}
-
-/// Fields a caller may use as an external id in upserts (custom fields, and `Id`).
-pub fn external_id_field(object: &str, field: &str) -> bool {
-    field == "Id" || (field.ends_with("__c") && field_exists(object, field))
 }
 
 /// One stored record.
@@ -322,9 +183,12 @@ pub struct DuplicateRule {
     pub field: String,
 }
 
-/// The org's records.
+/// The org's schema and records.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Org {
+    /// Objects and fields (kept with the data, so fields added at run time survive restarts).
+    #[serde(default)]
+    pub schema: Schema,
     pub records: BTreeMap<String, SfRecord>,
     next_id: u64,
     pub duplicate_rules: Vec<DuplicateRule>,
@@ -334,6 +198,7 @@ pub struct Org {
 impl Default for Org {
     fn default() -> Self {
         let mut org = Self {
+            schema: Schema::default(),
             records: BTreeMap::new(),
             next_id: 1,
             duplicate_rules: vec![DuplicateRule { object: "Contact".into(), field: "Email".into() }],
@@ -353,10 +218,10 @@ impl Org {
     fn new_id(&mut self, object: &str) -> String {
         let n = self.next_id;
         self.next_id += 1;
-        format!("{}{:012}AAA", prefix(object), n)
+        format!("{}{:012}AAA", self.schema.key_prefix(object), n)
     }
 
-    fn insert(&mut self, object: &str, fields: Map<String, Value>, now: i64) -> String {
+    pub(super) fn insert(&mut self, object: &str, fields: Map<String, Value>, now: i64) -> String {
         let id = self.new_id(object);
         self.records.insert(
             id.clone(),
@@ -365,12 +230,15 @@ impl Org {
         id
     }
 
-    /// Records of `object` whose `field` equals `value`.
+    /// Records of `object` whose `field` equals `value`: ignoring case, as Salesforce matches
+    /// external ids, unless the field is unique and case-sensitive.
     pub fn find_by(&self, object: &str, field: &str, value: &str) -> Vec<&SfRecord> {
+        let ignore_case = field != "Id" && self.schema.field(object, field).is_none_or(|f| f.case_insensitive());
         self.records
             .values()
             .filter(|r| r.object == object)
             .filter(|r| match r.get(field) {
+                Some(Value::String(s)) if ignore_case => s.to_lowercase() == value.to_lowercase(),
                 Some(Value::String(s)) => s == value,
                 Some(Value::Number(n)) => n.to_string() == value,
                 _ => false,
@@ -390,22 +258,25 @@ impl Org {
             if key == "attributes" {
                 continue;
             }
-            if READ_ONLY.contains(&key.as_str()) {
+            let field = self.schema.field(object, key);
+            if field.as_ref().is_some_and(|f| !f.createable && !f.updateable) {
                 return Err(SaveError::new(
                     "INVALID_FIELD_FOR_INSERT_UPDATE",
                     format!("Unable to create/update fields: {key}. Please check the security settings of this field and verify that it is read/write for your profile or permission set."),
                 )
                 .with_fields(&[key]));
             }
-            if let (Some(reference), Some((lookup, target))) =
-                (value.as_object(), LOOKUPS.iter().find(|(f, _)| f.strip_suffix("Id") == Some(key.as_str())))
-            {
+            let lookup = (value.is_object())
+                .then(|| self.schema.fields(object).into_iter().find(|f| f.relationship_name().as_deref() == Some(key)))
+                .flatten();
+            if let (Some(reference), Some(lookup)) = (value.as_object(), lookup) {
+                let target = lookup.reference_to.clone().unwrap_or_default();
                 let (ext_field, ext_value) = reference
                     .iter()
                     .find(|(k, _)| *k != "attributes")
                     .ok_or_else(|| SaveError::new("INVALID_FIELD", format!("Invalid reference for {key}")))?;
                 let ext_value = scalar_text(ext_value);
-                let matches = self.find_by(target, ext_field, &ext_value);
+                let matches = self.find_by(&target, ext_field, &ext_value);
                 let found = match matches.as_slice() {
                     [one] => one.id.clone(),
                     [] => {
@@ -425,10 +296,10 @@ impl Org {
                         ));
                     }
                 };
-                out.insert((*lookup).to_owned(), json!(found));
+                out.insert(lookup.name.clone(), json!(found));
                 continue;
             }
-            if !field_exists(object, key) {
+            if field.is_none() {
                 return Err(SaveError::new(
                     "INVALID_FIELD",
                     format!("No such column '{key}' on sobject of type {object}"),
@@ -442,29 +313,44 @@ impl Org {
 
     /// Checks a record as it would be saved (merged fields), `existing` = its id on update.
     pub fn validate(&self, object: &str, fields: &Map<String, Value>, existing: Option<&str>) -> Result<(), SaveError> {
-        if let Some(def) = object_def(object) {
-            let missing: Vec<&str> = def
-                .required
-                .iter()
-                .copied()
-                .filter(|f| fields.get(*f).is_none_or(|v| v.is_null() || v == ""))
-                .collect();
-            if !missing.is_empty() {
-                return Err(SaveError::new(
-                    "REQUIRED_FIELD_MISSING",
-                    format!("Required fields are missing: [{}]", missing.join(", ")),
-                )
-                .with_fields(&missing));
-            }
+        let schema_fields = self.schema.fields(object);
+        let missing: Vec<&str> = schema_fields
+            .iter()
+            .filter(|f| f.required && fields.get(&f.name).is_none_or(|v| v.is_null() || v == ""))
+            .map(|f| f.name.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(SaveError::new(
+                "REQUIRED_FIELD_MISSING",
+                format!("Required fields are missing: [{}]", missing.join(", ")),
+            )
+            .with_fields(&missing));
         }
-        for (field, target) in LOOKUPS {
-            if let Some(Value::String(id)) = fields.get(*field)
+        for field in &schema_fields {
+            if let (Some(target), Some(Value::String(id))) = (&field.reference_to, fields.get(&field.name))
                 && self.get(target, id).is_none()
             {
                 return Err(SaveError::new("INVALID_CROSS_REFERENCE_KEY", format!("invalid cross reference id: {id}"))
-                    .with_fields(&[field]));
+                    .with_fields(&[&field.name]));
+            }
+            if field.unique
+                && let Some(Value::String(value)) = fields.get(&field.name)
+            {
+                let clash =
+                    self.find_by(object, &field.name, value).into_iter().find(|r| Some(r.id.as_str()) != existing);
+                if let Some(other) = clash {
+                    return Err(SaveError::new(
+                        "DUPLICATE_VALUE",
+                        format!(
+                            "duplicate value found: {} duplicates value on record with id: {}",
+                            field.name, other.id
+                        ),
+                    )
+                    .with_fields(&[&field.name]));
+                }
             }
         }
+        self.check_rules(object, fields, existing)?;
         match object {
             "OrderItem" => self.validate_order_item(fields)?,
             "PricebookEntry" => self.validate_pricebook_entry(fields)?,
@@ -526,9 +412,12 @@ impl Org {
     }
 
     /// Creates a record after validation.
-    pub fn create(&mut self, object: &str, fields: Map<String, Value>, now: i64) -> Result<String, SaveError> {
+    pub fn create(&mut self, object: &str, mut fields: Map<String, Value>, now: i64) -> Result<String, SaveError> {
+        self.derive_person_fields(object, &mut fields)?;
         self.validate(object, &fields, None)?;
-        Ok(self.insert(object, fields, now))
+        let id = self.insert(object, fields, now);
+        self.sync_person_contact(&id, now);
+        Ok(id)
     }
 
     /// Updates a record after validating the merged result.
@@ -538,10 +427,12 @@ impl Org {
         let mut merged = record.fields.clone();
         merged.extend(fields);
         let object = record.object.clone();
+        self.derive_person_fields(&object, &mut merged)?;
         self.validate(&object, &merged, Some(id))?;
         let record = self.records.get_mut(id).expect("checked above");
         record.fields = merged;
         record.modified_ms = now.max(record.modified_ms + 1);
+        self.sync_person_contact(id, now);
         Ok(())
     }
 
@@ -577,13 +468,12 @@ impl Org {
         }
     }
 
-    pub fn delete(&mut self, object: &str, id: &str) -> bool {
-        if self.get(object, id).is_some() {
-            self.records.remove(id);
-            true
-        } else {
-            false
-        }
+    /// Deletes a record: `Ok(false)` when there is none.
+    pub fn delete(&mut self, object: &str, id: &str) -> Result<bool, SaveError> {
+        let Some(record) = self.get(object, id) else { return Ok(false) };
+        self.check_delete(record)?;
+        self.records.remove(id);
+        Ok(true)
     }
 }
 

@@ -5,7 +5,8 @@
 
 use serde_json::Value;
 
-use super::model::{SfRecord, field_exists, object_exists, parse_datetime};
+use super::model::{SfRecord, parse_datetime};
+use super::schema::Schema;
 
 #[derive(Debug, PartialEq)]
 pub enum Literal {
@@ -119,7 +120,9 @@ fn literal(token: &str) -> Result<Literal, SoqlError> {
 }
 
 /// Parses a query, checking the object and fields exist.
-pub fn parse(q: &str) -> Result<Query, SoqlError> {
+pub fn parse(q: &str, schema: &Schema) -> Result<Query, SoqlError> {
+    let object_exists = |o: &str| schema.object_exists(o);
+    let field_exists = |o: &str, f: &str| schema.field(o, f).is_some();
     let tokens = tokenize(q)?;
     let mut pos = 0;
     let kw = |pos: usize, word: &str| tokens.get(pos).is_some_and(|t| t.eq_ignore_ascii_case(word));
@@ -228,11 +231,14 @@ pub fn parse(q: &str) -> Result<Query, SoqlError> {
     Ok(Query { fields, object, conditions, order_by, limit })
 }
 
-fn compare(value: Option<&Value>, op: &Op, literal: &Literal) -> bool {
+/// `ignore_case`: text compares case-insensitively, as SOQL does on all but unique
+/// case-sensitive fields ("Comparison operators", SOQL reference).
+fn compare(value: Option<&Value>, op: &Op, literal: &Literal, ignore_case: bool) -> bool {
     use std::cmp::Ordering;
     let ordering: Option<Ordering> = match (value, literal) {
         (None | Some(Value::Null), Literal::Null) => Some(Ordering::Equal),
         (None | Some(Value::Null), _) | (_, Literal::Null) => None,
+        (Some(Value::String(s)), Literal::Text(t)) if ignore_case => Some(s.to_lowercase().cmp(&t.to_lowercase())),
         (Some(Value::String(s)), Literal::Text(t)) => Some(s.cmp(t)),
         (Some(Value::String(s)), Literal::DateTime(ms)) => parse_datetime(s).map(|v| v.cmp(ms)),
         (Some(Value::Number(n)), Literal::Number(x)) => n.as_f64().and_then(|v| v.partial_cmp(x)),
@@ -252,13 +258,18 @@ fn compare(value: Option<&Value>, op: &Op, literal: &Literal) -> bool {
 }
 
 /// Runs a parsed query over records.
-pub fn run<'a>(query: &Query, records: impl Iterator<Item = &'a SfRecord>) -> Vec<&'a SfRecord> {
+pub fn run<'a>(query: &Query, records: impl Iterator<Item = &'a SfRecord>, schema: &Schema) -> Vec<&'a SfRecord> {
+    let ignore_case: Vec<bool> = query
+        .conditions
+        .iter()
+        .map(|c| c.field != "Id" && schema.field(&query.object, &c.field).is_none_or(|f| f.case_insensitive()))
+        .collect();
     let mut rows: Vec<&SfRecord> = records
         .filter(|r| r.object == query.object)
         .filter(|r| {
-            query.conditions.iter().all(|c| {
+            query.conditions.iter().zip(&ignore_case).all(|(c, ignore_case)| {
                 let value = r.get(&c.field);
-                c.values.iter().any(|lit| compare(value.as_ref(), &c.op, lit))
+                c.values.iter().any(|lit| compare(value.as_ref(), &c.op, lit, *ignore_case))
             })
         })
         .collect();
@@ -281,7 +292,7 @@ mod tests {
 
     #[test]
     fn parses_the_verification_subset() {
-        let q = parse("SELECT Id, Elo_Id__c FROM Account WHERE Elo_Id__c IN ('c:1','c:2') AND LastModifiedDate > 2026-11-01T00:00:00Z ORDER BY LastModifiedDate DESC LIMIT 10").unwrap();
+        let q = parse("SELECT Id, Elo_Id__c FROM Account WHERE Elo_Id__c IN ('c:1','c:2') AND LastModifiedDate > 2026-11-01T00:00:00Z ORDER BY LastModifiedDate DESC LIMIT 10", &Schema::default()).unwrap();
         assert_eq!(q.object, "Account");
         assert_eq!(q.fields, vec!["Id", "Elo_Id__c"]);
         assert_eq!(q.conditions.len(), 2);
@@ -293,9 +304,12 @@ mod tests {
 
     #[test]
     fn refuses_what_salesforce_refuses() {
-        assert_eq!(parse("SELECT Id FROM Nope").unwrap_err().code, "INVALID_TYPE");
-        assert_eq!(parse("SELECT Bogus FROM Account").unwrap_err().code, "INVALID_FIELD");
-        assert_eq!(parse("SELECT Id Account").unwrap_err().code, "MALFORMED_QUERY");
-        assert_eq!(parse("SELECT Id FROM Account WHERE Name = 'x").unwrap_err().code, "MALFORMED_QUERY");
+        assert_eq!(parse("SELECT Id FROM Nope", &Schema::default()).unwrap_err().code, "INVALID_TYPE");
+        assert_eq!(parse("SELECT Bogus FROM Account", &Schema::default()).unwrap_err().code, "INVALID_FIELD");
+        assert_eq!(parse("SELECT Id Account", &Schema::default()).unwrap_err().code, "MALFORMED_QUERY");
+        assert_eq!(
+            parse("SELECT Id FROM Account WHERE Name = 'x", &Schema::default()).unwrap_err().code,
+            "MALFORMED_QUERY"
+        );
     }
 }
