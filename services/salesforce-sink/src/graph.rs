@@ -58,6 +58,12 @@ pub struct Work<'a> {
     pub write_customer: bool,
 }
 
+/// When the event's customer data was true: an order carries the customer as at placement
+/// (a later status change does not make its names newer), a customer event as of its update.
+pub fn customer_version(e: &CommerceEvent) -> i64 {
+    e.order.as_ref().map_or(e.source_version.updated_at, |o| o.created_at)
+}
+
 /// Percent-encodes one path segment (external ids carry `:`).
 pub fn segment(value: &str) -> String {
     value
@@ -182,8 +188,10 @@ impl Builder<'_> {
     }
 
     /// Graphs for `work` (one customer key per graph, split when a key needs more than 500
-    /// nodes), packed into requests within the limits.
-    pub fn build(&self, work: &[Work<'_>]) -> Vec<Vec<GraphPlan>> {
+    /// nodes, or one record per graph when `per_record`: the retry of a graph that failed
+    /// transiently, so one unlucky write no longer rolls back a customer's whole history),
+    /// packed into requests within the limits.
+    pub fn build(&self, work: &[Work<'_>], per_record: bool) -> Vec<Vec<GraphPlan>> {
         let mut groups: Vec<(&str, Vec<&Work<'_>>)> = Vec::new();
         for w in work {
             match groups.iter_mut().find(|(k, _)| *k == w.event.customer_key) {
@@ -198,7 +206,7 @@ impl Builder<'_> {
                 .iter()
                 .filter(|w| w.write_customer)
                 .filter_map(|w| w.event.customer.as_ref().map(|c| (w.event, c)))
-                .max_by_key(|(e, _)| e.source_version.updated_at);
+                .max_by_key(|(e, _)| customer_version(e));
             let head = customer.map(|(e, c)| self.customer_nodes(key, e, c)).unwrap_or_default();
             let mut current = GraphPlan {
                 graph_id: format!("g{}", graphs.len()),
@@ -212,7 +220,7 @@ impl Builder<'_> {
                     Some(order) => self.order_nodes(w.index, w.event, order),
                     None => Vec::new(),
                 };
-                if nodes.len() + mine.len() > MAX_NODES && !current.records.is_empty() {
+                if (per_record || nodes.len() + mine.len() > MAX_NODES) && !current.records.is_empty() {
                     graphs.push(finish(current, std::mem::replace(&mut nodes, head.clone())));
                     current = GraphPlan {
                         graph_id: format!("g{}", graphs.len()),
@@ -301,7 +309,7 @@ mod tests {
         let events = [event(1, "c:1", "pending"), event(2, "c:2", "processing"), event(3, "c:1", "pending")];
         let work: Vec<Work<'_>> =
             events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
-        let requests = b.build(&work);
+        let requests = b.build(&work, false);
         assert_eq!(requests.len(), 1, "three small orders fit one call");
         let graphs = &requests[0];
         assert_eq!(graphs.len(), 2);
@@ -329,7 +337,7 @@ mod tests {
         let events: Vec<CommerceEvent> = (0..400).map(|n| event(n, &format!("c:{n}"), "pending")).collect();
         let work: Vec<Work<'_>> =
             events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
-        let requests = b.build(&work);
+        let requests = b.build(&work, false);
         for r in &requests {
             let nodes: usize = r.iter().map(|g| g.body["compositeRequest"].as_array().unwrap().len()).sum();
             assert!(nodes <= MAX_NODES && r.len() <= MAX_GRAPHS, "{nodes} nodes, {} graphs", r.len());

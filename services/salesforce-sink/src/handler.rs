@@ -27,7 +27,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::{self, SalesforceClient};
-use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work};
+use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
 use crate::metrics;
 
@@ -38,15 +38,24 @@ pub struct Verdict {
     /// The outcome to publish (`None`: nothing to report yet, e.g. a retriable failure).
     pub outcome: Option<OutcomeStatus>,
     pub target_ids: BTreeMap<String, String>,
+    /// The failure came from its graph (a lock, a rollback), not from the whole call.
+    retry_in_call: bool,
 }
+
+/// Extra rounds within one handler call for graphs that failed transiently.
+const IN_CALL_RETRIES: usize = 2;
 
 impl Verdict {
     fn ok(status: OutcomeStatus) -> Self {
-        Self { result: Ok(()), outcome: Some(status), target_ids: BTreeMap::new() }
+        Self { result: Ok(()), outcome: Some(status), target_ids: BTreeMap::new(), retry_in_call: false }
     }
     fn failed(error: HandlerError) -> Self {
         let outcome = (error.class == ErrorClass::Permanent).then_some(OutcomeStatus::DeadLettered);
-        Self { result: Err(error), outcome, target_ids: BTreeMap::new() }
+        Self { result: Err(error), outcome, target_ids: BTreeMap::new(), retry_in_call: false }
+    }
+    fn graph_failed(error: HandlerError) -> Self {
+        let retry_in_call = error.class == ErrorClass::Transient;
+        Self { retry_in_call, ..Self::failed(error) }
     }
 }
 
@@ -59,8 +68,20 @@ pub struct Sink {
     pub quota_pause: Duration,
     /// Price book entries known to exist (`pbe:s<store>:<sku>`).
     entries: Mutex<HashSet<String>>,
-    /// Confirmed source version (`updated_at`) per `order:<id>` and `customer:<key>`.
-    confirmed: Mutex<HashMap<String, i64>>,
+    /// Confirmed source version (`updated_at`) and Salesforce ids per `order:<id>` and
+    /// `customer:<key>`. Bounded: past [`CONFIRMED_CAP`] entries it is cleared, which only
+    /// costs calls (per-key order means a replay ends on the newest version anyway).
+    confirmed: Mutex<HashMap<String, Confirmed>>,
+}
+
+/// Entries kept in the confirmed-version map before it is cleared.
+pub const CONFIRMED_CAP: usize = 500_000;
+
+/// What the sink knows Salesforce holds for one entity.
+#[derive(Clone, Debug)]
+struct Confirmed {
+    version: i64,
+    target_ids: BTreeMap<String, String>,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -156,12 +177,15 @@ impl Sink {
                 let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
                 let v = e.source_version.updated_at;
                 match confirmed.get(&key) {
-                    Some(c) if v < *c => {
+                    Some(c) if v < c.version => {
                         verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                         continue;
                     }
-                    Some(c) if v == *c => {
-                        verdicts[*i] = Some(Verdict::ok(OutcomeStatus::Applied));
+                    Some(c) if v == c.version => {
+                        // Already applied (a redelivery): reported again, no call.
+                        let mut verdict = Verdict::ok(OutcomeStatus::Applied);
+                        verdict.target_ids = c.target_ids.clone();
+                        verdicts[*i] = Some(verdict);
                         continue;
                     }
                     _ => {}
@@ -177,7 +201,7 @@ impl Sink {
                     continue;
                 }
                 let write_customer =
-                    confirmed.get(&customer_entity(e)).is_none_or(|c| e.source_version.updated_at >= *c);
+                    confirmed.get(&customer_entity(e)).is_none_or(|c| customer_version(e) >= c.version);
                 work.push(Work { index: *i, event: e, write_customer });
             }
         }
@@ -190,24 +214,58 @@ impl Sink {
             None => true,
         });
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        for request in builder.build(&work) {
+        for request in builder.build(&work, false) {
             let results = self.send(&request).await;
             for (index, verdict) in results {
                 verdicts[index] = Some(verdict);
             }
         }
+        // Graphs that failed transiently (a lock, a record rolled back with another one) are
+        // sent again at once, one record per graph, before the batch is handed back: the
+        // runtime would otherwise retry the whole suffix and spend every record's budget.
+        for _ in 0..IN_CALL_RETRIES {
+            let again: Vec<&Work<'_>> =
+                work.iter().filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call)).collect();
+            if again.is_empty() {
+                break;
+            }
+            let again: Vec<Work<'_>> = again
+                .into_iter()
+                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+                .collect();
+            for request in builder.build(&again, true) {
+                for (index, verdict) in self.send(&request).await {
+                    verdicts[index] = Some(verdict);
+                }
+            }
+        }
         // Confirm what was applied.
         {
             let mut confirmed = self.confirmed.lock().expect("confirmed lock");
+            if confirmed.len() > CONFIRMED_CAP {
+                confirmed.clear();
+            }
             for w in &work {
-                if verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok()) {
-                    let v = w.event.source_version.updated_at;
-                    if let Some(key) = order_entity(w.event) {
-                        confirmed.insert(key, v);
-                    }
-                    if w.write_customer && w.event.customer.is_some() {
-                        let c = confirmed.entry(customer_entity(w.event)).or_insert(v);
-                        *c = (*c).max(v);
+                let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+                let v = w.event.source_version.updated_at;
+                if let Some(key) = order_entity(w.event) {
+                    confirmed.insert(key, Confirmed { version: v, target_ids: verdict.target_ids.clone() });
+                } else if w.event.customer.is_some() {
+                    let c = confirmed
+                        .entry(customer_entity(w.event))
+                        .or_insert(Confirmed { version: v, target_ids: verdict.target_ids.clone() });
+                    c.version = c.version.max(v);
+                }
+                if w.write_customer && w.event.order.is_some() {
+                    let cv = customer_version(w.event);
+                    let mut ids = verdict.target_ids.clone();
+                    ids.remove("Order");
+                    let c = confirmed
+                        .entry(customer_entity(w.event))
+                        .or_insert(Confirmed { version: cv, target_ids: BTreeMap::new() });
+                    c.version = c.version.max(cv);
+                    if !ids.is_empty() {
+                        c.target_ids = ids;
                     }
                 }
             }
@@ -402,7 +460,7 @@ impl Sink {
             });
             let Some((reference, (status, code, message, fields))) = culprit else {
                 let error = HandlerError::transient("graph_failed", "graph failed without a reported cause");
-                out.extend(g.records.iter().map(|i| (*i, Verdict::failed(error.clone()))));
+                out.extend(g.records.iter().map(|i| (*i, Verdict::graph_failed(error.clone()))));
                 continue;
             };
             let object = reference_object(&reference);
@@ -414,7 +472,7 @@ impl Sink {
                         let verdict = if i == culprit {
                             Verdict::failed(error.clone())
                         } else {
-                            Verdict::failed(HandlerError::transient(
+                            Verdict::graph_failed(HandlerError::transient(
                                 "graph_rolled_back",
                                 format!("rolled back with a failing record of its graph ({code})"),
                             ))
@@ -422,7 +480,7 @@ impl Sink {
                         out.push((*i, verdict));
                     }
                 }
-                _ => out.extend(g.records.iter().map(|i| (*i, Verdict::failed(error.clone())))),
+                _ => out.extend(g.records.iter().map(|i| (*i, Verdict::graph_failed(error.clone())))),
             }
         }
         out

@@ -202,3 +202,32 @@ async fn person_accounts_mode_writes_person_accounts_without_contacts() {
     assert!(accounts.iter().all(|a| a["IsPersonAccount"] == true), "{accounts:?}");
     assert_eq!(records(&app, "Order").len(), 6);
 }
+
+#[tokio::test]
+async fn an_order_change_never_brings_back_older_customer_names() {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await;
+    let placed = order(0, "pending", 0);
+    assert!(sink.apply(&[Ok(placed.clone())]).await[0].result.is_ok());
+    // The customer renames themselves after placing the order.
+    let mut renamed = placed.clone();
+    renamed.event_type = CommerceEventType::CustomerChanged;
+    renamed.order = None;
+    renamed.source_version.entity_type = "customer".into();
+    renamed.source_version.updated_at += 2_000;
+    renamed.customer.as_mut().unwrap().lastname = Some("Renamed".into());
+    assert!(sink.apply(&[Ok(renamed)]).await[0].result.is_ok());
+    // Later, the order changes status: it still carries the name as at placement.
+    let shipped = order(0, "complete", 5_000);
+    let v = sink.apply(&[Ok(shipped.clone())]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    let contact =
+        records(&app, "Contact").into_iter().find(|c| c["Elo_Id__c"] == placed.customer_key.as_str()).unwrap();
+    assert_eq!(contact["LastName"], "Renamed");
+    // A redelivery of the confirmed version costs no call and reports the same ids.
+    let before = app.sim.lock().unwrap().api_usage;
+    let again = sink.apply(&[Ok(shipped)]).await;
+    assert_eq!(app.sim.lock().unwrap().api_usage, before);
+    assert_eq!(again[0].outcome, Some(OutcomeStatus::Applied));
+    assert_eq!(again[0].target_ids, v[0].target_ids);
+}
