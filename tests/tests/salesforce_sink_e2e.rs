@@ -39,7 +39,7 @@ fn expected_items(order: &Value) -> BTreeSet<(String, String, String)> {
 }
 
 /// Differences between what Magento holds and what Salesforce holds (empty when in step).
-fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str) -> Vec<String> {
+fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str, person: bool) -> Vec<String> {
     let sim = sf.sim.lock().unwrap();
     let records = |object: &str| -> Vec<(String, Value)> {
         sim.org
@@ -111,6 +111,15 @@ fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str) -> Vec
         if got_items != expected_items(order) {
             diffs.push(format!("{ext}: items {got_items:?} != {:?}", expected_items(order)));
         }
+        if person {
+            // A person account carries the e-mail; its hidden Contact follows it.
+            let account = accounts.iter().find(|(_, f)| f["Elo_Id__c"] == key.as_str());
+            match account {
+                Some((_, a)) if a["PersonEmail"] == order["customer_email"] && a["IsPersonAccount"] == true => {}
+                other => diffs.push(format!("{ext}: person account of {key} wrong: {other:?}")),
+            }
+            continue;
+        }
         // The contact carries the e-mail and hangs off the account.
         let contact = contacts.iter().find(|(_, f)| f["Elo_Id__c"] == key.as_str());
         match contact {
@@ -167,10 +176,10 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
 
     let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(150);
-    let mut diffs = differences(&orders, &sf, &dup_key);
+    let mut diffs = differences(&orders, &sf, &dup_key, false);
     while !diffs.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        diffs = differences(&orders, &sf, &dup_key);
+        diffs = differences(&orders, &sf, &dup_key, false);
     }
     assert!(
         diffs.is_empty(),
@@ -224,4 +233,51 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
             && !o.target_ids.contains_key(if o.source_version.entity_type == "order" { "Order" } else { "Account" })
     });
     assert!(without_ids.is_none(), "applied outcomes name the Salesforce ids: {without_ids:?}");
+}
+
+/// Person Accounts mode, and the daily quota running out mid-run: the sink waits (nothing
+/// parked, nothing lost) and resumes by itself when budget returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn person_accounts_and_an_exhausted_quota_pause_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("sf.person");
+    let (magento, magento_url) = serve_magento(200).await;
+    let (sf, sf_url, _faults) =
+        serve_salesforce(SalesforceConfig { person_accounts: true, ..SalesforceConfig::default() }).await;
+    let mapping = dir.path().join("mapping.json");
+    std::fs::write(&mapping, r#"{"account_mode": "person"}"#).unwrap();
+    let _ingest = ChildGuard::spawn(
+        "order-ingest",
+        order_ingest(dir.path(), &topic, &magento_url, "ingest").env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s"),
+    );
+    let _sink = ChildGuard::spawn(
+        "salesforce-sink",
+        salesforce_sink(dir.path(), &topic, &sf_url, "sink")
+            .env("ELO_SALESFORCE_MAPPING_FILE", &mapping)
+            .env("ELO_SALESFORCE_QUOTA_PAUSE", "1s"),
+    );
+    let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
+    let done = wait_until(Duration::from_secs(120), || differences(&orders, &sf, "", true).is_empty()).await;
+    assert!(done, "{:?}\n{}", differences(&orders, &sf, "", true).first(), log(dir.path(), "sink"));
+
+    // The quota runs out: new orders wait.
+    let exhausted = {
+        let mut sim = sf.sim.lock().unwrap();
+        sim.config.daily_quota = sim.api_usage;
+        sim.api_usage
+    };
+    magento.sim.lock().unwrap().generate_orders(50);
+    let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!differences(&orders, &sf, "", true).is_empty(), "nothing can be written without quota");
+    let refused = sf.sim.lock().unwrap().api_usage;
+    assert_eq!(refused, exhausted, "refused calls are not counted");
+    // Budget returns (the rolling window moves on): the sink resumes by itself.
+    sf.sim.lock().unwrap().config.daily_quota = 1_000_000;
+    let done = wait_until(Duration::from_secs(60), || differences(&orders, &sf, "", true).is_empty()).await;
+    assert!(done, "{:?}\n{}", differences(&orders, &sf, "", true).first(), log(dir.path(), "sink"));
+    assert_eq!(topic_count(&format!("{topic}.sf-dlq"), 3), 0, "a quota wait parks nothing");
+    let contacts = sf.sim.lock().unwrap().org.records.values().filter(|r| r.object == "Contact").count();
+    let accounts = sf.sim.lock().unwrap().org.records.values().filter(|r| r.object == "Account").count();
+    assert_eq!(contacts, accounts, "one hidden Contact per person account, none written by the sink");
 }
