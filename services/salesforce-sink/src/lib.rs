@@ -43,9 +43,10 @@ pub enum AuthKind {
 /// Salesforce settings.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SalesforceArgs {
-    /// Token endpoint host: a My Domain URL, https://login.salesforce.com, or the sandbox.
-    #[arg(long = "salesforce-login-url", env = "ELO_SALESFORCE_LOGIN_URL", default_value = "http://127.0.0.1:8702")]
-    pub login_url: String,
+    /// Token endpoint host: a My Domain URL, https://login.salesforce.com, or the sandbox
+    /// [default: the local sandbox, http://$ELO_SANDBOX_SALESFORCE_LISTEN or http://127.0.0.1:8702].
+    #[arg(long = "salesforce-login-url", env = "ELO_SALESFORCE_LOGIN_URL")]
+    pub login_url: Option<String>,
     /// REST API version.
     #[arg(long = "salesforce-api-version", env = "ELO_SALESFORCE_API_VERSION", default_value = "v66.0")]
     pub api_version: String,
@@ -101,6 +102,11 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
 
 /// Builds the Salesforce client from the settings (secrets read from files).
 pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceClient> {
+    // Locally the sandbox's own setting says where it listens (`make run` moves it).
+    let login_url = args.login_url.clone().unwrap_or_else(|| {
+        let listen = std::env::var("ELO_SANDBOX_SALESFORCE_LISTEN").unwrap_or_else(|_| "127.0.0.1:8702".into());
+        format!("http://{listen}")
+    });
     let auth = match args.auth {
         AuthKind::ClientCredentials => {
             let client_secret = match &args.client_secret_file {
@@ -121,12 +127,12 @@ pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceC
                 client_id: args.client_id.clone(),
                 username: args.username.clone(),
                 private_key_pem: std::fs::read_to_string(path)?,
-                audience: args.login_url.trim_end_matches('/').to_owned(),
+                audience: login_url.trim_end_matches('/').to_owned(),
             }
         }
     };
     Ok(client::SalesforceClient::new(client::ClientConfig {
-        login_url: args.login_url.clone(),
+        login_url,
         api_version: args.api_version.clone(),
         auth,
         request_timeout: args.timeout,
