@@ -40,14 +40,13 @@ fn expected_items(order: &Value) -> BTreeSet<(String, String, String)> {
 
 /// Differences between what Magento holds and what Salesforce holds (empty when in step).
 fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str, person: bool) -> Vec<String> {
-    let sim = sf.sim.lock().unwrap();
+    // Copy out under the lock, compare without it: the sink keeps writing meanwhile.
+    let all: Vec<(String, String, Value)> = {
+        let sim = sf.sim.lock().unwrap();
+        sim.org.records.values().map(|r| (r.id.clone(), r.object.clone(), Value::Object(r.fields.clone()))).collect()
+    };
     let records = |object: &str| -> Vec<(String, Value)> {
-        sim.org
-            .records
-            .values()
-            .filter(|r| r.object == object)
-            .map(|r| (r.id.clone(), Value::Object(r.fields.clone())))
-            .collect()
+        all.iter().filter(|(_, o, _)| o == object).map(|(id, _, f)| (id.clone(), f.clone())).collect()
     };
     let (accounts, contacts, orders, items) =
         (records("Account"), records("Contact"), records("Order"), records("OrderItem"));
@@ -63,20 +62,33 @@ fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str, person
             diffs.push(format!("{object}: duplicate external ids"));
         }
     }
+    let by_ext = |list: &[(String, Value)]| -> BTreeMap<String, (String, Value)> {
+        list.iter()
+            .filter_map(|(id, f)| f["Elo_Id__c"].as_str().map(|e| (e.to_owned(), (id.clone(), f.clone()))))
+            .collect()
+    };
+    let (account_by_key, contact_by_key, order_by_ext) = (by_ext(&accounts), by_ext(&contacts), by_ext(&orders));
+    let mut items_by_order: BTreeMap<String, BTreeSet<(String, String, String)>> = BTreeMap::new();
+    for (_, f) in &items {
+        items_by_order.entry(f["OrderId"].as_str().unwrap_or_default().to_owned()).or_default().insert((
+            f["Elo_Id__c"].as_str().unwrap_or_default().to_owned(),
+            format!("{:.4}", f["Quantity"].as_f64().unwrap_or(-1.0)),
+            format!("{:.4}", f["UnitPrice"].as_f64().unwrap_or(-1.0)),
+        ));
+    }
     let expected_keys: BTreeSet<String> = magento.iter().map(customer_key).filter(|k| k != excluded_key).collect();
-    let account_keys: BTreeSet<String> =
-        accounts.iter().filter_map(|(_, f)| f["Elo_Id__c"].as_str().map(str::to_owned)).collect();
+    let account_keys: BTreeSet<String> = account_by_key.keys().cloned().collect();
     if account_keys != expected_keys {
         diffs.push(format!("accounts: {} expected, {} present", expected_keys.len(), account_keys.len()));
     }
-    let account_id_of = |key: &str| accounts.iter().find(|(_, f)| f["Elo_Id__c"] == key).map(|(id, _)| id.clone());
+    let account_id_of = |key: &str| account_by_key.get(key).map(|(id, _)| id.clone());
     for order in magento {
         let key = customer_key(order);
         if key == excluded_key {
             continue;
         }
         let ext = format!("o:{}", order["entity_id"]);
-        let Some((sf_id, sf_order)) = orders.iter().find(|(_, f)| f["Elo_Id__c"] == ext.as_str()) else {
+        let Some((sf_id, sf_order)) = order_by_ext.get(&ext) else {
             diffs.push(format!("{ext}: missing"));
             continue;
         };
@@ -97,32 +109,20 @@ fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str, person
                 diffs.push(format!("{ext}.{field}: {got} != {want}"));
             }
         }
-        let got_items: BTreeSet<(String, String, String)> = items
-            .iter()
-            .filter(|(_, f)| f["OrderId"] == sf_id.as_str())
-            .map(|(_, f)| {
-                (
-                    f["Elo_Id__c"].as_str().unwrap_or_default().to_owned(),
-                    format!("{:.4}", f["Quantity"].as_f64().unwrap_or(-1.0)),
-                    format!("{:.4}", f["UnitPrice"].as_f64().unwrap_or(-1.0)),
-                )
-            })
-            .collect();
+        let got_items = items_by_order.get(sf_id).cloned().unwrap_or_default();
         if got_items != expected_items(order) {
             diffs.push(format!("{ext}: items {got_items:?} != {:?}", expected_items(order)));
         }
         if person {
             // A person account carries the e-mail; its hidden Contact follows it.
-            let account = accounts.iter().find(|(_, f)| f["Elo_Id__c"] == key.as_str());
-            match account {
+            match account_by_key.get(&key) {
                 Some((_, a)) if a["PersonEmail"] == order["customer_email"] && a["IsPersonAccount"] == true => {}
                 other => diffs.push(format!("{ext}: person account of {key} wrong: {other:?}")),
             }
             continue;
         }
         // The contact carries the e-mail and hangs off the account.
-        let contact = contacts.iter().find(|(_, f)| f["Elo_Id__c"] == key.as_str());
-        match contact {
+        match contact_by_key.get(&key) {
             Some((_, c)) if c["Email"] == order["customer_email"] && c["AccountId"] == json!(account_id_of(&key)) => {}
             other => diffs.push(format!("{ext}: contact of {key} wrong: {other:?}")),
         }
@@ -134,7 +134,9 @@ fn differences(magento: &[Value], sf: &SalesforceApp, excluded_key: &str, person
 async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("sf.commerce");
-    let (magento, magento_url) = serve_magento(300).await;
+    // ELO_SF_E2E_SCALE=10 runs about 5,000 orders (the default, 1, about 500).
+    let scale: usize = std::env::var("ELO_SF_E2E_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let (magento, magento_url) = serve_magento(300 * scale).await;
     let (sf, sf_url, faults) = serve_salesforce(SalesforceConfig::default()).await;
 
     // A registered customer whose e-mail another Contact already holds.
@@ -163,7 +165,7 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
     assert!(started, "no orders reached Salesforce:\n{}\n{}", log(dir.path(), "sink"), log(dir.path(), "ingest"));
 
     // Mid-run: more orders and status changes, every token revoked, the sink killed and restarted.
-    magento.sim.lock().unwrap().generate(300);
+    magento.sim.lock().unwrap().generate(300 * scale);
     sf.sim.lock().unwrap().revoke_all();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     sink.signal("KILL");
@@ -172,14 +174,15 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
     // while another member is active (tansu_known_issues.rs).
     tokio::time::sleep(Duration::from_secs(8)).await;
     let _sink = ChildGuard::spawn("salesforce-sink", &mut salesforce_sink(dir.path(), &topic, &sf_url, "sink2"));
-    magento.sim.lock().unwrap().generate(100);
+    magento.sim.lock().unwrap().generate(100 * scale);
 
     let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
-    let deadline = Instant::now() + Duration::from_secs(150);
+    let deadline = Instant::now() + Duration::from_secs((150 + 20 * scale as u64).min(230));
     let mut diffs = differences(&orders, &sf, &dup_key, false);
     while !diffs.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
         diffs = differences(&orders, &sf, &dup_key, false);
+        eprintln!("{} differences, {} API calls", diffs.len(), sf.sim.lock().unwrap().api_usage);
     }
     assert!(
         diffs.is_empty(),
@@ -189,7 +192,12 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
         log(dir.path(), "sink2")
     );
     let calls = sf.sim.lock().unwrap().api_usage;
-    eprintln!("{} orders applied with {calls} Salesforce API calls", orders.len());
+    let versions: usize = orders.iter().map(|o| o["status_histories"].as_array().map_or(1, Vec::len)).sum();
+    eprintln!(
+        "{} orders ({versions} status versions at most) applied with {calls} Salesforce API calls ({:.1} per 1,000 orders)",
+        orders.len(),
+        calls as f64 * 1000.0 / orders.len() as f64
+    );
 
     // The refused customer's records are parked with Salesforce's code, and reported.
     let parked = read_all(&brokers(), &format!("{topic}.sf-dlq"), 3);

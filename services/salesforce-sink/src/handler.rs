@@ -43,7 +43,7 @@ pub struct Verdict {
 }
 
 /// Extra rounds within one handler call for graphs that failed transiently.
-const IN_CALL_RETRIES: usize = 2;
+const IN_CALL_RETRIES: usize = 4;
 
 impl Verdict {
     fn ok(status: OutcomeStatus) -> Self {
