@@ -26,6 +26,7 @@ use serde_json::Value;
 use tokio::sync::{RwLock, Semaphore};
 
 use crate::metrics;
+use crate::quota::Governor;
 
 /// How the sink authenticates.
 #[derive(Clone)]
@@ -58,6 +59,12 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Requests in flight at once (Salesforce counts long-running concurrent requests).
     pub max_concurrent: usize,
+    /// Share of the daily quota left to other integrations (percent).
+    pub quota_reserve_percent: u64,
+    /// Warn when the forecast says fewer hours of quota are left.
+    pub quota_warn_hours: f64,
+    /// While only the reserve is left, one call per this interval probes for budget.
+    pub quota_probe_every: Duration,
 }
 
 /// Failures of a Salesforce call.
@@ -114,6 +121,7 @@ pub struct SalesforceClient {
     session: Arc<RwLock<Option<Session>>>,
     permits: Arc<Semaphore>,
     pub usage: Arc<Usage>,
+    quota: Arc<Governor>,
 }
 
 impl SalesforceClient {
@@ -126,6 +134,11 @@ impl SalesforceClient {
         Ok(Self {
             http,
             permits: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            quota: Arc::new(Governor::new(
+                config.quota_reserve_percent,
+                config.quota_warn_hours,
+                config.quota_probe_every,
+            )),
             config: Arc::new(config),
             session: Arc::new(RwLock::new(None)),
             usage: Arc::new(Usage::default()),
@@ -197,6 +210,13 @@ impl SalesforceClient {
     /// Calls `{instance}/services/data/{version}{path}`; on 401 re-authenticates once and
     /// repeats this call only. `kind` labels the API-call metric.
     pub async fn call(&self, kind: &'static str, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        if !self.quota.admit() {
+            return Err(Error::Status {
+                status: 403,
+                code: "REQUEST_LIMIT_EXCEEDED".into(),
+                message: "only the reserve of the daily API quota is left (held back by the sink)".into(),
+            });
+        }
         let _permit = self.permits.acquire().await.expect("semaphore never closed");
         let mut session = self.session(None).await?;
         for attempt in 0..2 {
@@ -238,6 +258,7 @@ impl SalesforceClient {
             self.usage.limit.store(limit, Ordering::Relaxed);
             metrics::QUOTA_USED.set(used as i64);
             metrics::QUOTA_REMAINING.set(limit.saturating_sub(used) as i64);
+            self.quota.observe(used, limit);
         }
     }
 

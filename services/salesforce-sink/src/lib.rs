@@ -17,6 +17,7 @@ pub mod handler;
 pub mod mapping;
 pub mod metrics;
 pub mod outcomes;
+pub mod quota;
 pub mod setup;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -77,6 +78,16 @@ pub struct SalesforceArgs {
     /// Wait after 403 REQUEST_LIMIT_EXCEEDED before trying again (Salesforce sends no Retry-After).
     #[arg(long = "salesforce-quota-pause", env = "ELO_SALESFORCE_QUOTA_PAUSE", default_value = "60s", value_parser = parse_duration)]
     pub quota_pause: Duration,
+    /// Percent of the org's daily API quota left to other integrations: the sink pauses there.
+    #[arg(
+        long = "salesforce-quota-reserve-percent",
+        env = "ELO_SALESFORCE_QUOTA_RESERVE_PERCENT",
+        default_value_t = 10
+    )]
+    pub quota_reserve_percent: u64,
+    /// Warn when the forecast leaves fewer hours of quota than this.
+    #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
+    pub quota_warn_hours: f64,
 }
 
 /// salesforce-sink settings.
@@ -137,6 +148,9 @@ pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceC
         auth,
         request_timeout: args.timeout,
         max_concurrent: args.max_concurrent,
+        quota_reserve_percent: args.quota_reserve_percent,
+        quota_warn_hours: args.quota_warn_hours,
+        quota_probe_every: args.quota_pause,
     })?)
 }
 

@@ -3,7 +3,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, IntCounterVec, IntGauge, register_histogram, register_int_counter_vec, register_int_gauge,
+    Gauge, Histogram, IntCounterVec, IntGauge, register_gauge, register_histogram, register_int_counter_vec,
+    register_int_gauge,
 };
 
 /// Records written, by Salesforce object and result (`applied`, `failed`, `skipped_stale`).
@@ -44,6 +45,24 @@ pub static QUOTA_REMAINING: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Calls the sink may still spend today (limit minus reserve minus used).
+pub static QUOTA_BUDGET: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "salesforce_sink_api_quota_budget",
+        "Daily API requests the sink may still spend (limit - reserve - used)."
+    )
+    .expect("metric registers once")
+});
+
+/// Forecast: hours until the budget is spent at the last hour's rate.
+pub static QUOTA_HOURS_LEFT: LazyLock<Gauge> = LazyLock::new(|| {
+    register_gauge!(
+        "salesforce_sink_api_quota_hours_left",
+        "Hours until the sink's API budget is spent at the recent rate."
+    )
+    .expect("metric registers once")
+});
+
 /// Event-to-confirmed latency.
 pub static LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
@@ -76,6 +95,8 @@ pub fn register_all() {
     let _ = RECORDS_PER_CALL.get_sample_count();
     QUOTA_USED.set(0);
     QUOTA_REMAINING.set(0);
+    QUOTA_BUDGET.set(0);
+    QUOTA_HOURS_LEFT.set(0.0);
     let _ = LATENCY.get_sample_count();
     DECODED.with_label_values(&[crate::NAME, "none", "none"]).inc_by(0);
 }

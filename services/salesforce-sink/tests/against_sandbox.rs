@@ -31,6 +31,9 @@ fn client(url: &str, secret: &str) -> SalesforceClient {
         auth: AuthFlow::ClientCredentials { client_id: "elo-sandbox-client".into(), client_secret: secret.into() },
         request_timeout: Duration::from_secs(10),
         max_concurrent: 2,
+        quota_reserve_percent: 0,
+        quota_warn_hours: 4.0,
+        quota_probe_every: Duration::from_secs(3600),
     })
     .unwrap()
 }
@@ -274,4 +277,49 @@ async fn a_thousand_orders_cost_a_handful_of_calls() {
     eprintln!("1,000 orders: {calls} calls batched, {per_record} one call per record");
     assert!(calls <= 15, "{calls} calls for 1,000 orders");
     assert_eq!(records(&app, "Order").len(), 1000);
+}
+
+#[tokio::test]
+async fn the_reserve_is_left_to_other_integrations_and_the_sink_resumes_when_budget_returns() {
+    let (app, url) = serve(SalesforceConfig { daily_quota: 40, ..SalesforceConfig::default() }).await;
+    let c = SalesforceClient::new(ClientConfig {
+        login_url: url.clone(),
+        api_version: "v66.0".into(),
+        auth: AuthFlow::ClientCredentials {
+            client_id: "elo-sandbox-client".into(),
+            client_secret: "elo-sandbox-secret".into(),
+        },
+        request_timeout: Duration::from_secs(10),
+        max_concurrent: 2,
+        quota_reserve_percent: 50,
+        quota_warn_hours: 4.0,
+        quota_probe_every: Duration::from_millis(300),
+    })
+    .unwrap();
+    let mapping = Mapping::default().resolve().unwrap();
+    let org = salesforce_sink::setup::check(&c, &mapping).await.unwrap().unwrap();
+    let sink = Sink::new(c, mapping, org, Duration::from_secs(1));
+    // Spend up to the reserve (startup used ~9 calls; each lone order ~2).
+    let mut n = 0;
+    let held = loop {
+        let v = sink.apply(&[Ok(order(n, "pending", 0))]).await;
+        n += 1;
+        if let Err(e) = &v[0].result {
+            break e.clone();
+        }
+        assert!(n < 40, "never held back");
+    };
+    assert_eq!((held.class, held.retry_after), (ErrorClass::RateLimited, Some(Duration::from_secs(1))), "{held}");
+    let used = app.sim.lock().unwrap().api_usage;
+    assert!(used <= 22, "the sink stopped near half of the quota: {used}");
+    let v = sink.apply(&[Ok(order(n, "pending", 0))]).await;
+    assert!(v[0].result.is_err());
+    assert_eq!(app.sim.lock().unwrap().api_usage, used, "held back locally, no call spent");
+    // The rolling window frees budget: after the probe interval the sink finds out and goes on.
+    app.sim.lock().unwrap().api_usage = 0;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let v = sink.apply(&[Ok(order(n, "pending", 0))]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    let v = sink.apply(&[Ok(order(n + 1, "pending", 0))]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
 }
