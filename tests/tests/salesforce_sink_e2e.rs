@@ -289,3 +289,54 @@ async fn person_accounts_and_an_exhausted_quota_pause_and_resume() {
     let accounts = sf.sim.lock().unwrap().org.records.values().filter(|r| r.object == "Account").count();
     assert_eq!(contacts, accounts, "one hidden Contact per person account, none written by the sink");
 }
+
+/// About 5,000 orders with two versions each where Magento changed them, published straight to
+/// the topic (order-ingest's own throughput is not what this measures), through the same faults:
+/// Salesforce ends exactly in step, and the run reports the calls it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_orders_straight_from_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let topic = unique("sf.bulk");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let (magento, _) = serve_magento(4000).await;
+    let stores = order_ingest::normalize::Stores(
+        [(1, ("default".to_owned(), 1)), (2, ("br".to_owned(), 1))].into_iter().collect(),
+    );
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let producer = producer(&brokers());
+    let mut published = BTreeSet::new();
+    for round in 0..2 {
+        if round == 1 {
+            magento.sim.lock().unwrap().generate(2700);
+        }
+        let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
+        let mut records = Vec::new();
+        for order in &orders {
+            let version = (order["entity_id"].as_i64().unwrap(), order["updated_at"].as_str().unwrap().to_owned());
+            if !published.insert(version) {
+                continue;
+            }
+            let event = order_ingest::normalize::order_event(order, None, &stores, 0).unwrap();
+            records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
+        }
+        produce(&producer, &topic, &records).await;
+    }
+    let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
+    let (sf, sf_url, faults) = serve_salesforce(SalesforceConfig::default()).await;
+    sf.sim.lock().unwrap().config.lock_row_rate = 0.05;
+    faults.set("salesforce", FaultConfig { error_rates: [(503, 0.05)].into(), ..Default::default() });
+    let started = Instant::now();
+    let _sink = ChildGuard::spawn("salesforce-sink", &mut salesforce_sink(dir.path(), &topic, &sf_url, "sink"));
+    let done = wait_until(Duration::from_secs(240), || differences(&orders, &sf, "", false).is_empty()).await;
+    let diffs = differences(&orders, &sf, "", false);
+    assert!(done, "{} differences, first {:?}\n{}", diffs.len(), diffs.first(), log(dir.path(), "sink"));
+    let calls = sf.sim.lock().unwrap().api_usage;
+    eprintln!(
+        "{} orders ({} versions) in {:.1}s with {calls} Salesforce API calls ({:.1} per 1,000 orders, faults included)",
+        orders.len(),
+        published.len(),
+        started.elapsed().as_secs_f64(),
+        calls as f64 * 1000.0 / orders.len() as f64
+    );
+    assert_eq!(topic_count(&format!("{topic}.sf-dlq"), 3), 0, "nothing parked");
+}

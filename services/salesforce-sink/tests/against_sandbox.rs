@@ -323,3 +323,39 @@ async fn the_reserve_is_left_to_other_integrations_and_the_sink_resumes_when_bud
     let v = sink.apply(&[Ok(order(n + 1, "pending", 0))]).await;
     assert!(v[0].result.is_ok(), "{:?}", v[0].result);
 }
+
+#[tokio::test]
+async fn an_erased_customer_is_anonymised_and_older_orders_do_not_bring_the_data_back() {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await;
+    let placed = order(0, "pending", 0);
+    assert!(sink.apply(&[Ok(placed.clone())]).await[0].result.is_ok());
+    let mut erased = placed.clone();
+    erased.event_type = CommerceEventType::CustomerErased;
+    erased.order = None;
+    erased.customer = None;
+    erased.source_version = elo_events::SourceVersion {
+        entity_type: "customer".into(),
+        entity_id: "1".into(),
+        updated_at: placed.source_version.updated_at + 60_000,
+    };
+    erased.erasure =
+        Some(elo_events::CustomerErasure { customer_id: Some(1), email_sha256: "00".into(), reason: "request".into() });
+    let v = sink.apply(&[Ok(erased.clone())]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    assert!(v[0].target_ids.contains_key("Contact") && v[0].target_ids.contains_key("Account"));
+    let key = placed.customer_key.as_str();
+    let contact = records(&app, "Contact").into_iter().find(|c| c["Elo_Id__c"] == key).unwrap();
+    assert_eq!((contact["LastName"].as_str(), contact["Email"].is_null()), (Some("Erased"), true), "{contact}");
+    let account = records(&app, "Account").into_iter().find(|a| a["Elo_Id__c"] == key).unwrap();
+    assert_eq!(account["Name"], "Erased customer");
+    // An order placed before the erasure changes status later: its order is updated, the person stays erased.
+    let mut later = order(0, "processing", 120_000);
+    later.customer_key = placed.customer_key.clone();
+    assert!(sink.apply(&[Ok(later)]).await[0].result.is_ok());
+    let contact = records(&app, "Contact").into_iter().find(|c| c["Elo_Id__c"] == key).unwrap();
+    assert!(contact["Email"].is_null(), "{contact}");
+    // Erasing a key Salesforce never saw is a no-op, not an error.
+    erased.customer_key = "c:999999".into();
+    assert!(sink.apply(&[Ok(erased)]).await[0].result.is_ok());
+}
