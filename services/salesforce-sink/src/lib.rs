@@ -66,6 +66,13 @@ pub struct SalesforceArgs {
     /// Username the JWT assertion names (jwt flow).
     #[arg(long = "salesforce-username", env = "ELO_SALESFORCE_USERNAME", default_value = "")]
     pub username: String,
+    /// `aud` of the JWT assertion: the login host (https://test.salesforce.com for sandboxes).
+    #[arg(
+        long = "salesforce-jwt-audience",
+        env = "ELO_SALESFORCE_JWT_AUDIENCE",
+        default_value = "https://login.salesforce.com"
+    )]
+    pub jwt_audience: String,
     /// Mapping file (JSON) [default: built-in mapping, see the README].
     #[arg(long = "salesforce-mapping-file", env = "ELO_SALESFORCE_MAPPING_FILE")]
     pub mapping_file: Option<PathBuf>,
@@ -138,7 +145,7 @@ pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceC
                 client_id: args.client_id.clone(),
                 username: args.username.clone(),
                 private_key_pem: std::fs::read_to_string(path)?,
-                audience: login_url.trim_end_matches('/').to_owned(),
+                audience: args.jwt_audience.clone(),
             }
         }
     };

@@ -359,3 +359,51 @@ async fn an_erased_customer_is_anonymised_and_older_orders_do_not_bring_the_data
     erased.customer_key = "c:999999".into();
     assert!(sink.apply(&[Ok(erased)]).await[0].result.is_ok());
 }
+
+#[tokio::test]
+async fn the_jwt_bearer_flow_signs_an_assertion_the_org_accepts() {
+    let dir = std::env::temp_dir().join(format!("sfsink-jwt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (private, public) = (dir.join("key.pem"), dir.join("pub.pem"));
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}");
+    };
+    openssl(&["genrsa".as_ref(), "-out".as_ref(), private.as_os_str(), "2048".as_ref()]);
+    openssl(&[
+        "rsa".as_ref(),
+        "-in".as_ref(),
+        private.as_os_str(),
+        "-pubout".as_ref(),
+        "-out".as_ref(),
+        public.as_os_str(),
+    ]);
+    let (_app, url) = serve(SalesforceConfig {
+        jwt_public_key_pem: Some(std::fs::read_to_string(&public).unwrap()),
+        ..SalesforceConfig::default()
+    })
+    .await;
+    let jwt = |audience: &str| {
+        SalesforceClient::new(ClientConfig {
+            login_url: url.clone(),
+            api_version: "v66.0".into(),
+            auth: AuthFlow::JwtBearer {
+                client_id: "elo-sandbox-client".into(),
+                username: "integration@elo.example".into(),
+                private_key_pem: std::fs::read_to_string(&private).unwrap(),
+                audience: audience.into(),
+            },
+            request_timeout: Duration::from_secs(10),
+            max_concurrent: 2,
+            quota_reserve_percent: 0,
+            quota_warn_hours: 4.0,
+            quota_probe_every: Duration::from_secs(60),
+        })
+        .unwrap()
+    };
+    let described = jwt("https://login.salesforce.com").describe("Order").await.unwrap();
+    assert_eq!(described["name"], "Order");
+    let refused = jwt("http://elsewhere.example").describe("Order").await.unwrap_err();
+    assert!(matches!(refused, salesforce_sink::client::Error::Auth { .. }), "{refused}");
+    std::fs::remove_dir_all(&dir).ok();
+}
