@@ -7,7 +7,9 @@
 //!   why not the `force` crate is written there.
 //! - [`mapping`]: the mapping file, its defaults and the startup check against describe.
 //! - [`graph`]: Composite Graph requests from a batch (≤ 500 nodes, ≤ 75 graphs).
-//! - [`handler`]: the batch: staleness, products, graphs, errors by class.
+//! - [`handler`]: the batch: staleness, products (`handler/products.rs`), graphs, errors by
+//!   class, erasure (`handler/erasure.rs`).
+//! - [`quota`]: the reserve left to other integrations and the hours-left forecast.
 //! - [`setup`]: startup: the mapping checked against the org, price books found or created.
 //! - [`outcomes`]: `SyncOutcome` records; [`metrics`].
 

@@ -24,12 +24,15 @@ use std::time::Duration;
 use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::client::{self, SalesforceClient};
 use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
 use crate::metrics;
+
+mod erasure;
+mod products;
 
 /// What happened to one record.
 #[derive(Clone, Debug)]
@@ -291,70 +294,6 @@ impl Sink {
             .collect()
     }
 
-    /// Anonymises the Account (and Contact) of an erased customer key, found by external id:
-    /// names become "Erased", e-mail and phone are cleared. Orders stay (they are the
-    /// business's records) but no longer point at a person. Returns the ids it changed.
-    async fn erase(&self, e: &CommerceEvent) -> Result<BTreeMap<String, String>, HandlerError> {
-        let ids = &self.mapping.ids;
-        // Customer keys are `c:<digits>` or `g:<hex>`; anything else is refused, not quoted.
-        let key = &e.customer_key;
-        if !key.chars().all(|c| c.is_ascii_alphanumeric() || c == ':') {
-            return Err(HandlerError::permanent("unmappable", "customer key with unexpected characters"));
-        }
-        let fail = |err: client::Error| from_client(&err, self.quota_pause);
-        let accounts = self
-            .client
-            .query(&format!("SELECT Id FROM Account WHERE {} = '{key}'", ids.account))
-            .await
-            .map_err(fail)?;
-        let contacts = if self.mapping.mode == AccountMode::Business {
-            self.client.query(&format!("SELECT Id FROM Contact WHERE {} = '{key}'", ids.contact)).await.map_err(fail)?
-        } else {
-            Vec::new()
-        };
-        let version = self.client.api_version().to_owned();
-        let mut requests = Vec::new();
-        let mut changed = BTreeMap::new();
-        for a in &accounts {
-            let id = a["Id"].as_str().unwrap_or_default();
-            let body = match self.mapping.mode {
-                AccountMode::Business => json!({"Name": "Erased customer", "Phone": null}),
-                AccountMode::Person => {
-                    json!({"FirstName": null, "LastName": "Erased", "PersonEmail": null, "Phone": null})
-                }
-            };
-            requests.push(json!({"method": "PATCH", "url": format!("/services/data/{version}/sobjects/Account/{id}"), "referenceId": format!("a{}", requests.len()), "body": body}));
-            changed.insert("Account".to_owned(), id.to_owned());
-        }
-        for c in &contacts {
-            let id = c["Id"].as_str().unwrap_or_default();
-            let body =
-                json!({"FirstName": null, "LastName": "Erased", "Email": null, "Phone": null, "MobilePhone": null});
-            requests.push(json!({"method": "PATCH", "url": format!("/services/data/{version}/sobjects/Contact/{id}"), "referenceId": format!("c{}", requests.len()), "body": body}));
-            changed.insert("Contact".to_owned(), id.to_owned());
-        }
-        if requests.is_empty() {
-            return Ok(changed);
-        }
-        let response = self
-            .client
-            .call(
-                "composite",
-                Method::POST,
-                "/composite",
-                Some(&json!({"allOrNone": true, "compositeRequest": requests})),
-            )
-            .await
-            .map_err(fail)?;
-        let items = response["compositeResponse"].as_array().cloned().unwrap_or_default();
-        if let Some((status, code, message, fields)) =
-            items.iter().filter_map(item_error).find(|e| e.1 != "PROCESSING_HALTED")
-        {
-            return Err(classify(status, &code, &format!("erasure: {message}"), &fields, self.quota_pause));
-        }
-        Ok(changed)
-    }
-
     /// Why an event cannot be mapped, if it cannot.
     fn unmappable(&self, e: &CommerceEvent) -> Option<String> {
         match e.event_type {
@@ -383,106 +322,6 @@ impl Sink {
             CommerceEventType::CustomerErased => None,
             CommerceEventType::Unknown => Some("unknown event type".into()),
         }
-    }
-
-    /// Upserts the Product2 and PricebookEntry rows the orders need and are not known to
-    /// exist: one Composite call (three Collections subrequests) per 200 products. Returns
-    /// the records that cannot go on, with why.
-    async fn ensure_entries(&self, work: &[Work<'_>]) -> HashMap<usize, HandlerError> {
-        let mut needed: BTreeMap<String, (i32, String, String, f64, Vec<usize>)> = BTreeMap::new();
-        {
-            let known = self.entries.lock().expect("entries lock");
-            for w in work {
-                let Some(order) = &w.event.order else { continue };
-                let store = w.event.store.store_id;
-                for item in graph::sellable(order) {
-                    let key = graph::entry_key(Some(store), &item.sku);
-                    if known.contains(&key) {
-                        continue;
-                    }
-                    let price = item.price.unscaled() as f64 / elo_events::Decimal4::SCALE as f64;
-                    let entry =
-                        needed.entry(key).or_insert((store, item.sku.clone(), item.name.clone(), price, vec![]));
-                    entry.4.push(w.index);
-                }
-            }
-        }
-        let mut failures = HashMap::new();
-        let ids = &self.mapping.ids;
-        let version = self.client.api_version().to_owned();
-        let all: Vec<_> = needed.into_iter().collect();
-        for chunk in all.chunks(200) {
-            let products: Vec<Value> = chunk
-                .iter()
-                .map(|(_, (_, sku, name, _, _))| json!({"attributes": {"type": "Product2"}, ids.product_sku.clone(): sku, "Name": name, "ProductCode": sku, "IsActive": true}))
-                .collect();
-            let standard: Vec<Value> = chunk
-                .iter()
-                .map(|(_, (_, sku, _, price, _))| json!({"attributes": {"type": "PricebookEntry"}, ids.pricebook_entry.clone(): graph::entry_key(None, sku), "Pricebook2Id": self.org.standard_pricebook, "Product2": {ids.product_sku.clone(): sku}, "UnitPrice": price, "IsActive": true}))
-                .collect();
-            let store: Vec<Value> = chunk
-                .iter()
-                .map(|(key, (store, sku, _, price, _))| json!({"attributes": {"type": "PricebookEntry"}, ids.pricebook_entry.clone(): key, "Pricebook2Id": self.org.pricebooks.get(store), "Product2": {ids.product_sku.clone(): sku}, "UnitPrice": price, "IsActive": true}))
-                .collect();
-            let sub = |r: &str, url: String, records: Vec<Value>| json!({"method": "PATCH", "url": url, "referenceId": r, "body": {"allOrNone": false, "records": records}});
-            let body = json!({"allOrNone": false, "compositeRequest": [
-                sub("products", format!("/services/data/{version}/composite/sobjects/Product2/{}", ids.product_sku), products),
-                sub("standard", format!("/services/data/{version}/composite/sobjects/PricebookEntry/{}", ids.pricebook_entry), standard),
-                sub("store", format!("/services/data/{version}/composite/sobjects/PricebookEntry/{}", ids.pricebook_entry), store),
-            ]});
-            let response = match self.client.call("composite", Method::POST, "/composite", Some(&body)).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let error = from_client(&e, self.quota_pause);
-                    for (_, (_, _, _, _, records)) in chunk {
-                        for r in records {
-                            failures.insert(*r, error.clone());
-                        }
-                    }
-                    continue;
-                }
-            };
-            let items = response["compositeResponse"].as_array().cloned().unwrap_or_default();
-            for (n, (key, (_, _, _, _, records))) in chunk.iter().enumerate() {
-                // The first failure of this product's three rows, if any.
-                let mut error = None;
-                for item in &items {
-                    if let Some((status, code, message, fields)) = item_error(item) {
-                        error = Some(classify(status, &code, &message, &fields, self.quota_pause));
-                        break;
-                    }
-                    let row = &item["body"][n];
-                    if row["success"] != true {
-                        let e = &row["errors"][0];
-                        let fields: Vec<String> = e["fields"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|f| f.as_str().map(str::to_owned))
-                            .collect();
-                        error = Some(classify(
-                            400,
-                            e["statusCode"].as_str().unwrap_or("unknown"),
-                            e["message"].as_str().unwrap_or_default(),
-                            &fields,
-                            self.quota_pause,
-                        ));
-                        break;
-                    }
-                }
-                match error {
-                    None => {
-                        self.entries.lock().expect("entries lock").insert(key.clone());
-                    }
-                    Some(error) => {
-                        for r in records {
-                            failures.insert(*r, error.clone());
-                        }
-                    }
-                }
-            }
-        }
-        failures
     }
 
     /// Sends one Composite Graph request and reads each graph's result.
