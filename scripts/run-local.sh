@@ -36,6 +36,7 @@ export ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE="$SECRET_FILE"
 INGEST_LISTEN="${ELO_ORDER_INGEST_LISTEN:-127.0.0.1:8080}"
 export ELO_ORDER_INGEST_LISTEN="$INGEST_LISTEN"
 export ELO_MAGENTO_URL="${ELO_MAGENTO_URL:-http://${ELO_SANDBOX_MAGENTO_LISTEN:-127.0.0.1:8701}}"
+export ELO_SALESFORCE_LOGIN_URL="${ELO_SALESFORCE_LOGIN_URL:-http://${ELO_SANDBOX_SALESFORCE_LISTEN:-127.0.0.1:8702}}"
 
 # The sandbox simulates Magento, Salesforce and RD Station (no accounts needed locally).
 SANDBOX_CONTROL="${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}"
@@ -84,9 +85,11 @@ while true; do
       -d "{\"rate_per_sec\": ${ELO_RUN_ORDERS_PER_SECOND:-2}}"
     WIRED=1
   fi
-  events=$(curl -s "http://127.0.0.1:${PORTS[1]}/metrics" | awk '/^elo_validated_events_total/ && !/event_type="none"/ {s+=$2} END {print s+0}')
+  sink=$(curl -s "http://127.0.0.1:${PORTS[1]}/metrics")
+  events=$(awk '/^elo_validated_events_total/ && !/event_type="none"/ {s+=$2} END {print s+0}' <<<"$sink")
+  orders=$(awk '/^salesforce_sink_records_total/ && /object="Order"/ && /result="applied"/ {s+=$2} END {print s+0}' <<<"$sink")
   ingest=$(curl -s "http://127.0.0.1:${PORTS[0]}/metrics")
   pushed=$(awk '/^order_ingest_notifications_total/ && /outcome="published"/ {s+=$2} END {print s+0}' <<<"$ingest")
   stock=$(awk '/^order_ingest_inventory_checks_total/ && /outcome="fetched"/ {s+=$2} END {print s+0}' <<<"$ingest")
-  echo "$(date +%H:%M:%S) $line notifications-published=$pushed stock-checks=$stock events-validated-by-salesforce-sink=$events"
+  echo "$(date +%H:%M:%S) $line notifications-published=$pushed stock-checks=$stock events-validated-by-salesforce-sink=$events orders-in-salesforce=$orders"
 done

@@ -356,3 +356,43 @@ pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
     );
     assert_ne!(parts[1], "0".repeat(32), "an invalid (zero) trace id");
 }
+
+/// The Salesforce simulator served on a free loopback port: its state, base URL and faults.
+pub async fn serve_salesforce(
+    config: sandbox::salesforce::SalesforceConfig,
+) -> (sandbox::salesforce::SalesforceApp, String, sandbox::faults::Faults) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let faults = sandbox::faults::Faults::default();
+    let app = sandbox::salesforce::SalesforceApp::new(
+        sandbox::salesforce::SalesforceConfig { instance_url: url.clone(), ..config },
+        faults.clone(),
+        sandbox::Counters::default(),
+    );
+    let router = app.clone().router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (app, url, faults)
+}
+
+/// A salesforce-sink command on the shared stack reading `topic` (outcomes on
+/// `topic.outcomes`, dead letters on `topic.sf-dlq`, its own group), writing to the
+/// Salesforce simulator at `salesforce_url`, logging to `dir/<log>.log`.
+pub fn salesforce_sink(dir: &Path, topic: &str, salesforce_url: &str, log: &str) -> Command {
+    let mut command = Command::new(binary("salesforce-sink"));
+    command
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("ELO_TOPIC_COMMERCE", topic)
+        .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
+        .env("ELO_DLQ_TOPIC", format!("{topic}.sf-dlq"))
+        .env("ELO_CONSUMER_GROUP", format!("{topic}.sf-group"))
+        .env("ELO_TOPIC_PARTITIONS", "3")
+        .env("ELO_SALESFORCE_LOGIN_URL", salesforce_url)
+        // A killed member is noticed after the session timeout; keep tests short.
+        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
+    command
+}

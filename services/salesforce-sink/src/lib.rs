@@ -1,21 +1,103 @@
-//! salesforce-sink: Applies commerce events to Salesforce (Account/Contact, Order and items, upserted by external id).
+//! salesforce-sink: applies commerce events to Salesforce (Account/Contact or Person Account,
+//! Order and OrderItems, Product2/PricebookEntry by SKU), batched into Composite Graph calls,
+//! never stale, and reports every record on `integration.outcomes`.
 //!
-//! # Status
-//! The foundation version: it joins its consumer group, validates every record against Elo's
-//! Avro contracts (malformed records go to `salesforce-sink.dlq` with their error class), exposes its
-//! probes and metrics, and drains and commits on SIGTERM. The Salesforce work lands with its own
-//! issue; until then the default group ends in `-validate`, so the applying version starts
-//! from the beginning of the topic and skips nothing.
+//! # Layout
+//! - [`client`]: OAuth (client credentials, JWT bearer), REST calls, `Sforce-Limit-Info`;
+//!   why not the `force` crate is written there.
+//! - [`mapping`]: the mapping file, its defaults and the startup check against describe.
+//! - [`graph`]: Composite Graph requests from a batch (≤ 500 nodes, ≤ 75 graphs).
+//! - [`handler`]: the batch: staleness, products (`handler/products.rs`), graphs, errors by
+//!   class, erasure (`handler/erasure.rs`).
+//! - [`quota`]: the reserve left to other integrations and the hours-left forecast.
+//! - [`setup`]: startup: the mapping checked against the org, price books found or created.
+//! - [`outcomes`]: `SyncOutcome` records; [`metrics`].
+
+pub mod client;
+pub mod graph;
+pub mod handler;
+pub mod mapping;
+pub mod metrics;
+pub mod outcomes;
+pub mod quota;
+pub mod setup;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
+use elo_kafka::{ErrorClass, HandlerError, Record};
+use elo_service::{CommonArgs, ConsumerArgs, Service, parse_duration};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
 pub const NAME: &str = "salesforce-sink";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9102);
+
+/// OAuth flow names for `--salesforce-auth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthKind {
+    ClientCredentials,
+    Jwt,
+}
+
+/// Salesforce settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SalesforceArgs {
+    /// Token endpoint host: a My Domain URL, https://login.salesforce.com, or the sandbox
+    /// [default: the local sandbox, http://$ELO_SANDBOX_SALESFORCE_LISTEN or http://127.0.0.1:8702].
+    #[arg(long = "salesforce-login-url", env = "ELO_SALESFORCE_LOGIN_URL")]
+    pub login_url: Option<String>,
+    /// REST API version.
+    #[arg(long = "salesforce-api-version", env = "ELO_SALESFORCE_API_VERSION", default_value = "v66.0")]
+    pub api_version: String,
+    /// OAuth flow: client-credentials or jwt (JWT bearer).
+    #[arg(long = "salesforce-auth", env = "ELO_SALESFORCE_AUTH", value_enum, default_value = "client-credentials")]
+    pub auth: AuthKind,
+    /// Connected app's consumer key.
+    #[arg(long = "salesforce-client-id", env = "ELO_SALESFORCE_CLIENT_ID", default_value = "elo-sandbox-client")]
+    pub client_id: String,
+    /// File holding the consumer secret (client credentials) [default: the sandbox's secret].
+    #[arg(long = "salesforce-client-secret-file", env = "ELO_SALESFORCE_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// File holding the PEM private key that signs JWT assertions (jwt flow).
+    #[arg(long = "salesforce-jwt-key-file", env = "ELO_SALESFORCE_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+    /// Username the JWT assertion names (jwt flow).
+    #[arg(long = "salesforce-username", env = "ELO_SALESFORCE_USERNAME", default_value = "")]
+    pub username: String,
+    /// `aud` of the JWT assertion: the login host (https://test.salesforce.com for sandboxes).
+    #[arg(
+        long = "salesforce-jwt-audience",
+        env = "ELO_SALESFORCE_JWT_AUDIENCE",
+        default_value = "https://login.salesforce.com"
+    )]
+    pub jwt_audience: String,
+    /// Mapping file (JSON) [default: built-in mapping, see the README].
+    #[arg(long = "salesforce-mapping-file", env = "ELO_SALESFORCE_MAPPING_FILE")]
+    pub mapping_file: Option<PathBuf>,
+    /// Request timeout.
+    #[arg(long = "salesforce-timeout", env = "ELO_SALESFORCE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Concurrent Salesforce requests.
+    #[arg(long = "salesforce-max-concurrent", env = "ELO_SALESFORCE_MAX_CONCURRENT", default_value_t = 4)]
+    pub max_concurrent: usize,
+    /// Wait after 403 REQUEST_LIMIT_EXCEEDED before trying again (Salesforce sends no Retry-After).
+    #[arg(long = "salesforce-quota-pause", env = "ELO_SALESFORCE_QUOTA_PAUSE", default_value = "60s", value_parser = parse_duration)]
+    pub quota_pause: Duration,
+    /// Percent of the org's daily API quota left to other integrations: the sink pauses there.
+    #[arg(
+        long = "salesforce-quota-reserve-percent",
+        env = "ELO_SALESFORCE_QUOTA_RESERVE_PERCENT",
+        default_value_t = 10
+    )]
+    pub quota_reserve_percent: u64,
+    /// Warn when the forecast leaves fewer hours of quota than this.
+    #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
+    pub quota_warn_hours: f64,
+}
 
 /// salesforce-sink settings.
 #[derive(Clone, Debug, clap::Parser)]
@@ -29,16 +111,183 @@ pub struct Config {
     pub common: CommonArgs,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+    #[command(flatten)]
+    pub salesforce: SalesforceArgs,
 }
 
-/// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let common = &config.common;
-    let plan = ConsumerPlan {
-        name: NAME,
-        default_admin: DEFAULT_ADMIN,
-        topics: vec![common.topics.commerce.clone()],
-        default_batch: 200,
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
+/// Builds the Salesforce client from the settings (secrets read from files).
+pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceClient> {
+    // Locally the sandbox's own setting says where it listens (`make run` moves it).
+    let login_url = args.login_url.clone().unwrap_or_else(|| {
+        let listen = std::env::var("ELO_SANDBOX_SALESFORCE_LISTEN").unwrap_or_else(|_| "127.0.0.1:8702".into());
+        format!("http://{listen}")
+    });
+    let auth = match args.auth {
+        AuthKind::ClientCredentials => {
+            let client_secret = match &args.client_secret_file {
+                Some(path) => read_secret(path)?,
+                None => {
+                    tracing::warn!("no ELO_SALESFORCE_CLIENT_SECRET_FILE: using the sandbox's default secret");
+                    "elo-sandbox-secret".to_owned()
+                }
+            };
+            client::AuthFlow::ClientCredentials { client_id: args.client_id.clone(), client_secret }
+        }
+        AuthKind::Jwt => {
+            let path = args
+                .jwt_key_file
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("jwt flow needs ELO_SALESFORCE_JWT_KEY_FILE"))?;
+            client::AuthFlow::JwtBearer {
+                client_id: args.client_id.clone(),
+                username: args.username.clone(),
+                private_key_pem: std::fs::read_to_string(path)?,
+                audience: args.jwt_audience.clone(),
+            }
+        }
     };
-    elo_service::run_validating_consumer(plan, common, &config.consumer).await
+    Ok(client::SalesforceClient::new(client::ClientConfig {
+        login_url,
+        api_version: args.api_version.clone(),
+        auth,
+        request_timeout: args.timeout,
+        max_concurrent: args.max_concurrent,
+        quota_reserve_percent: args.quota_reserve_percent,
+        quota_warn_hours: args.quota_warn_hours,
+        quota_probe_every: args.quota_pause,
+    })?)
+}
+
+/// The consumer handler: decodes, applies through the [`handler::Sink`] once startup has
+/// checked the org, publishes outcomes.
+pub struct SinkHandler {
+    codec: Arc<elo_events::EventCodec>,
+    sink: Arc<OnceLock<handler::Sink>>,
+    outcomes: outcomes::Outcomes,
+    /// Handler calls per record so far (for outcomes), dropped when the record finishes.
+    attempts: Mutex<std::collections::HashMap<(i32, i64), i32>>,
+}
+
+impl elo_kafka::Handler for SinkHandler {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        let Some(sink) = self.sink.get() else {
+            // Startup has not reached Salesforce yet: wait, never park.
+            let wait = HandlerError::new(ErrorClass::RateLimited, "salesforce_not_ready", "startup checks pending")
+                .with_retry_after(Duration::from_secs(2));
+            return batch.iter().map(|_| Err(wait.clone())).collect();
+        };
+        let started = Instant::now();
+        let mut events = Vec::with_capacity(batch.len());
+        for record in batch {
+            let event = elo_service::decode_record::<elo_events::CommerceEvent>(&self.codec, record).await;
+            if let Ok(e) = &event {
+                metrics::DECODED.with_label_values(&[NAME, &record.topic, e.event_type.as_str()]).inc();
+            }
+            events.push(event);
+        }
+        let verdicts = sink.apply(&events).await;
+        let attempts: Vec<i32> = {
+            let mut map = self.attempts.lock().expect("attempts lock");
+            batch
+                .iter()
+                .zip(&verdicts)
+                .map(|(r, v)| {
+                    let n = map.entry((r.partition, r.offset)).or_insert(0);
+                    *n += 1;
+                    let n = *n;
+                    if v.outcome.is_some() {
+                        map.remove(&(r.partition, r.offset));
+                    }
+                    n
+                })
+                .collect()
+        };
+        let published = self.outcomes.publish(&events, &verdicts, &attempts, started).await;
+        verdicts
+            .into_iter()
+            .zip(published)
+            .map(|(v, ok)| match (v.result, ok) {
+                (Ok(()), Err(e)) => Err(e),
+                (result, _) => result,
+            })
+            .collect()
+    }
+
+    fn on_revoked(&self, _topic: &str, partition: i32) {
+        self.attempts.lock().expect("attempts lock").retain(|(p, _), _| *p != partition);
+    }
+}
+
+/// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit. Returns an error when the
+/// mapping does not fit the org (the error names the field).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    metrics::register_all();
+    let common = &config.common;
+    let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));
+    let topics = vec![
+        common.topics.spec(&common.topics.commerce),
+        common.topics.spec(&common.topics.outcomes),
+        common.topics.spec(&dlq),
+    ];
+    let mapping = mapping::Mapping::load(config.salesforce.mapping_file.as_deref())?.resolve()?;
+    let client = build_client(&config.salesforce)?;
+    let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, topics).await? else {
+        return Ok(());
+    };
+    let cell = Arc::new(OnceLock::new());
+    let fatal: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
+    {
+        let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
+        let quota_pause = config.salesforce.quota_pause;
+        tokio::spawn(async move {
+            match setup::prepare(&client, &mapping, &shutdown).await {
+                Ok(Some(org)) => {
+                    let _ = cell.set(handler::Sink::new(client, mapping, org, quota_pause));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(error = %error, "the mapping does not fit the Salesforce org; stopping");
+                    *fatal.lock().expect("fatal lock") = Some(error.into());
+                    shutdown.cancel();
+                }
+            }
+        });
+    }
+    let group = config.consumer.group.clone().unwrap_or_else(|| format!("elo-{NAME}"));
+    let mut settings = elo_kafka::ConsumerSettings::new(group, vec![common.topics.commerce.clone()], dlq);
+    settings.max_batch = config.consumer.max_batch.unwrap_or(200).max(1);
+    settings.batch_linger = Duration::from_millis(50);
+    settings.max_in_flight = config.consumer.max_in_flight.max(1);
+    settings.partition_buffer = config.consumer.partition_buffer.max(1);
+    settings.drain_timeout = config.consumer.drain_timeout;
+    let handler = Arc::new(SinkHandler {
+        codec: service.codec.clone(),
+        sink: cell,
+        outcomes: outcomes::Outcomes::new(
+            service.producer.clone(),
+            service.codec.clone(),
+            common.topics.outcomes.clone(),
+        ),
+        attempts: Mutex::default(),
+    });
+    let result = elo_kafka::run_consumer(
+        &common.kafka,
+        settings,
+        handler,
+        service.producer.clone(),
+        service.health.clone(),
+        service.shutdown.clone(),
+    )
+    .await;
+    service.finish().await;
+    if let Some(error) = fatal.lock().expect("fatal lock").take() {
+        return Err(error);
+    }
+    result?;
+    Ok(())
 }
