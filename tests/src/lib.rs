@@ -361,8 +361,11 @@ pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
 pub async fn serve_salesforce(
     config: sandbox::salesforce::SalesforceConfig,
 ) -> (sandbox::salesforce::SalesforceApp, String, sandbox::faults::Faults) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    // Its own runtime on its own threads: a test that checks results synchronously on its
+    // runtime's workers (comparisons, broker reads) must not starve the API it is testing.
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("http://{}", std_listener.local_addr().expect("bound"));
     let faults = sandbox::faults::Faults::default();
     let app = sandbox::salesforce::SalesforceApp::new(
         sandbox::salesforce::SalesforceConfig { instance_url: url.clone(), ..config },
@@ -370,7 +373,20 @@ pub async fn serve_salesforce(
         sandbox::Counters::default(),
     );
     let router = app.clone().router();
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    std::thread::Builder::new()
+        .name("salesforce-simulator".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("simulator runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                let _ = axum::serve(listener, router).await;
+            });
+        })
+        .expect("simulator thread");
     (app, url, faults)
 }
 

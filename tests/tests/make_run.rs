@@ -95,7 +95,7 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let last =
             text.lines().rev().find_map(|l| l.split("events-validated-by-salesforce-sink=").nth(1)).unwrap_or("0");
-        if last.trim().parse::<u64>().unwrap_or(0) > 0 {
+        if last.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) > 0 {
             flowing = true;
             break;
         }
