@@ -76,12 +76,16 @@ async fn main() -> anyhow::Result<()> {
         return consumer_memory(&mut rows).await;
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("push") {
-        // Only order-ingest push and poll.
+        // Only order-ingest push and poll (`poll`: poll only).
         let kafka = KafkaArgs {
             idempotence: std::env::var("ELO_KAFKA_IDEMPOTENCE").map_or(true, |v| v != "false"),
             ..KafkaArgs::local(brokers())
         };
-        return push::push_and_poll(&mut rows, &kafka).await;
+        push::push(&mut rows, &kafka).await?;
+        return push::poll(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("poll") {
+        return push::poll(&mut rows).await;
     }
     let events: Vec<CommerceEvent> = (0..2_000).map(sample::order_placed).collect();
 
@@ -189,7 +193,8 @@ async fn main() -> anyhow::Result<()> {
     report(&mut rows, "produce (acked)", "records/s", elo_produce, "raw rdkafka producer", raw_produce);
 
     // order-ingest push and poll, the production binary against the Magento simulator.
-    push::push_and_poll(&mut rows, &kafka).await?;
+    push::push(&mut rows, &kafka).await?;
+    push::poll(&mut rows).await?;
 
     // Consumer: both read the 2n records now on the topic.
     let total = 2 * n as u64;

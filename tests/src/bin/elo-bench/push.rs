@@ -29,9 +29,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use elo_integration_tests::{ChildGuard, brokers, free_port, order_ingest, unique, wait_until};
+use elo_integration_tests::{ChildGuard, free_port, order_ingest, unique, wait_until};
 use elo_kafka::KafkaArgs;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
@@ -160,12 +159,7 @@ async fn raw_ceiling(
     Ok((acked.load(Ordering::Relaxed) as f64 / WINDOW.as_secs_f64(), ms(0.5), ms(0.99)))
 }
 
-/// Records on `topic` (3 partitions).
-fn count(consumer: &BaseConsumer, topic: &str) -> i64 {
-    (0..3).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map_or(0, |(l, h)| h - l)).sum()
-}
-
-pub(crate) async fn push_and_poll(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Result<()> {
+pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, format!("{SECRET}\n"))?;
@@ -274,18 +268,23 @@ pub(crate) async fn push_and_poll(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> a
         "target_rate": half["target_rate"], "p50_ms": half["p50_ms"], "p99_ms": half_p99,
     }));
 
-    // Poll.
+    Ok(())
+}
+
+/// Orders per second polled from Magento to acknowledged events.
+pub(crate) async fn poll(rows: &mut Vec<Value>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
     let (poll_app, poll_url) = magento(POLL_ORDERS).await?;
     let customers = poll_app.sim.lock().expect("magento lock").customers.len();
     let topic = unique("bench.poll");
     let mut command = ingest(dir.path(), &topic, &poll_url, "poll", free_port())?;
     command.env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s");
-    let reader: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create()?;
     let ingest = ChildGuard::spawn("order-ingest", &mut command);
     let deadline = Instant::now() + Duration::from_secs(300);
     let (mut first, mut last, mut seen) = (None, Instant::now(), 0i64);
     while Instant::now() < deadline {
-        let n = count(&reader, &topic);
+        // A fresh reader each time (one created before the topic exists does not see it).
+        let n = elo_integration_tests::topic_count(&topic, 3);
         if n > seen {
             seen = n;
             last = Instant::now();
@@ -294,7 +293,7 @@ pub(crate) async fn push_and_poll(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> a
         if seen >= POLL_ORDERS as i64 && last.elapsed() > Duration::from_secs(3) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(ingest);
     let first = first.ok_or_else(|| {
