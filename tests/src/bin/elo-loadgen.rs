@@ -9,8 +9,9 @@
 //! so a stalled server is not hidden by the generator waiting for it.
 //!
 //! Prints one JSON line: `count` (2xx answers completed in the measured window), `errors`,
-//! `elapsed_secs`, `rate`, `p50_ms`, `p99_ms` (of the requests sent and answered in the window), `bodies_reused` (whether the bodies ran out and
-//! were sent again).
+//! `elapsed_secs`, `rate`, `p50_ms`, `p99_ms` (of the requests sent and answered in the
+//! window), `sent` (all requests, warm-up included), `bodies_reused` (whether the bodies ran
+//! out and were sent again).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -148,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
             "p50_ms": ms(quantile(0.50)),
             "p99_ms": ms(quantile(0.99)),
             "bodies_reused": shared.reused.load(Ordering::Relaxed),
+            "sent": shared.next.load(Ordering::Relaxed),
             "concurrency": args.concurrency,
             "target_rate": args.rate,
         })

@@ -11,7 +11,9 @@
 //! orders of any age (the simulator's orders are up to a month old). A webhook is answered 2xx
 //! only after the broker acknowledged its event, so a request's latency is webhook in to event
 //! acknowledged. Then a paced run at half the best closed-loop rate gives p50/p99 latency
-//! there (open loop: latency counts from when a request was due).
+//! there (open loop: latency counts from when a request was due). The same runs follow with
+//! plain webhooks (the full order in the body, so no refetch), which shows the path without
+//! the one Magento call every CloudEvents notification costs.
 //!
 //! **Ceiling.** A raw rdkafka producer (Elo's reliability settings, see
 //! [`crate::raw_producer_config`]) sends the same orders' encoded events to the same topic with
@@ -40,6 +42,7 @@ const MAGENTO_LATENCY_MS: u64 = 20;
 const WARMUP: Duration = Duration::from_secs(3);
 const WINDOW: Duration = Duration::from_secs(10);
 const CONCURRENCY: [usize; 2] = [32, 128];
+const PLAIN_BODIES: usize = 10_000;
 const SECRET: &str = "bench-secret-0123456789abcdef";
 
 /// The Magento simulator with `orders` orders (one version each), every call answered after
@@ -88,6 +91,16 @@ fn ingest(dir: &Path, topic: &str, magento_url: &str, log: &str, listen: u16) ->
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{log}.log")))?);
     Ok(command)
+}
+
+/// CPU seconds a process has used (user + system), from `/proc/<pid>/stat` (Linux).
+fn cpu_secs(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are 14th and 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
 }
 
 /// One `elo-loadgen` run; its JSON line.
@@ -180,15 +193,26 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let listen = free_port();
     let mut command = ingest(dir.path(), &topic, &magento_url, "push", listen)?;
     command.env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file);
-    let _ingest = ChildGuard::spawn("order-ingest", &mut command);
+    let ingest_process = ChildGuard::spawn("order-ingest", &mut command);
     let ready =
         wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
     anyhow::ensure!(ready, "order-ingest never listened:\n{}", elo_integration_tests::log(dir.path(), "push"));
     let url = format!("http://127.0.0.1:{listen}/webhooks/magento/orders");
 
     let mut push = Vec::new();
+    let mut diagnostics = Vec::new();
     for c in CONCURRENCY {
+        magento_app.counters.reset();
+        let cpu = cpu_secs(ingest_process.pid());
         let run = loadgen(&url, &bodies_file, c, 0.0)?;
+        let cpu = cpu_secs(ingest_process.pid()) - cpu;
+        diagnostics.push(format!(
+            "  {c} in flight: {} webhooks sent in {:.0} s; order-ingest used {:.0}% of one core; Magento calls: {}",
+            run["sent"],
+            (WARMUP + WINDOW).as_secs_f64(),
+            100.0 * cpu / (WARMUP + WINDOW).as_secs_f64(),
+            magento_app.counters.snapshot()["magento"]
+        ));
         anyhow::ensure!(
             run["errors"] == 0,
             "push answered errors at {c} concurrent: {run}\n{}",
@@ -198,6 +222,29 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     }
     let max_rate = push.iter().map(|r| r["rate"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
     let half = loadgen(&url, &bodies_file, *CONCURRENCY.last().expect("a concurrency"), (max_rate / 2.0).floor())?;
+
+    // The same path without the refetch: plain webhooks carrying the full order (fewer bodies,
+    // they are large; a body sent again is published again, same event id).
+    let plain = sandbox::magento::webhook::WebhookConfig {
+        style: sandbox::magento::webhook::WebhookStyle::Plain,
+        ..Default::default()
+    };
+    let mut plain_bodies = String::new();
+    for order in orders.iter().take(PLAIN_BODIES) {
+        plain_bodies.push_str(std::str::from_utf8(&sandbox::magento::webhook::notification(&plain, order).body)?);
+        plain_bodies.push('\n');
+    }
+    let plain_file = dir.path().join("plain.jsonl");
+    std::fs::write(&plain_file, plain_bodies)?;
+    let mut plain_runs = Vec::new();
+    for c in CONCURRENCY {
+        let run = loadgen(&url, &plain_file, c, 0.0)?;
+        anyhow::ensure!(run["errors"] == 0, "plain push answered errors at {c} concurrent: {run}");
+        plain_runs.push(run);
+    }
+    let plain_max = plain_runs.iter().map(|r| r["rate"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
+    let plain_half =
+        loadgen(&url, &plain_file, *CONCURRENCY.last().expect("a concurrency"), (plain_max / 2.0).floor())?;
 
     // The ceiling: the same orders' events, encoded, on the same topic.
     let codec = elo_events::EventCodec::new(&elo_events::RegistryConfig::local(elo_integration_tests::registry_url()))?;
@@ -212,7 +259,7 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     for c in CONCURRENCY {
         ceiling.push(raw_ceiling(&raw, &topic, &encoded, c).await?);
     }
-    drop(_ingest);
+    drop(ingest_process);
 
     println!();
     println!(
@@ -244,6 +291,9 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
             "baseline_p50_ms": raw_p50, "baseline_p99_ms": raw_p99, "ratio": ratio,
         }));
     }
+    for line in &diagnostics {
+        println!("{line}");
+    }
     let best_ratio = push
         .iter()
         .zip(&ceiling)
@@ -263,6 +313,32 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         if best_ratio >= 0.70 { "met" } else { "NOT met" },
         if half_p99 < 10.0 { "met" } else { "NOT met" }
     );
+    println!("  plain webhooks (full order in the body: no refetch; consent and stock checks as above):");
+    for ((c, run), (raw_rate, _, _)) in CONCURRENCY.iter().zip(&plain_runs).zip(&ceiling) {
+        let rate = run["rate"].as_f64().unwrap_or(0.0);
+        println!(
+            "  {c:>11}  {rate:>10.0} {:>8.1} {:>8.1}   ratio {:.2}{}",
+            run["p50_ms"].as_f64().unwrap_or(0.0),
+            run["p99_ms"].as_f64().unwrap_or(0.0),
+            rate / raw_rate,
+            if run["bodies_reused"] == true { "  (bodies reused)" } else { "" }
+        );
+        rows.push(serde_json::json!({
+            "benchmark": format!("plain push webhook -> acked event, {c} in flight"), "unit": "orders/s",
+            "elo": rate, "p50_ms": run["p50_ms"], "p99_ms": run["p99_ms"], "ratio": rate / raw_rate,
+        }));
+    }
+    println!(
+        "  half the best plain rate, paced at {:.0}/s: {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
+        plain_half["target_rate"].as_f64().unwrap_or(0.0),
+        plain_half["rate"].as_f64().unwrap_or(0.0),
+        plain_half["p50_ms"].as_f64().unwrap_or(0.0),
+        plain_half["p99_ms"].as_f64().unwrap_or(0.0),
+    );
+    rows.push(serde_json::json!({
+        "benchmark": "plain push at half the best rate", "unit": "orders/s", "elo": plain_half["rate"],
+        "target_rate": plain_half["target_rate"], "p50_ms": plain_half["p50_ms"], "p99_ms": plain_half["p99_ms"],
+    }));
     rows.push(serde_json::json!({
         "benchmark": "push at half the best rate", "unit": "orders/s", "elo": half["rate"],
         "target_rate": half["target_rate"], "p50_ms": half["p50_ms"], "p99_ms": half_p99,
