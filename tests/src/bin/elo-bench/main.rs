@@ -11,6 +11,10 @@
 //! - Consumer memory: the peak RSS of a consumer process (`elo-test-consumer`, a separate
 //!   process) working through a backlog of 1 KB records on 12 partitions, far larger than its
 //!   buffers, against the same process idle on an empty topic. Target: under 150 MiB.
+//! - order-ingest push and poll ([`push`]): the release binary, with the load generator
+//!   (`elo-loadgen`) in a process of its own.
+
+mod push;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,18 +29,25 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
-fn rate(n: usize, elapsed: Duration) -> f64 {
+pub(crate) fn rate(n: usize, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64()
 }
 
-fn report(rows: &mut Vec<serde_json::Value>, name: &str, unit: &str, elo: f64, baseline_name: &str, baseline: f64) {
+pub(crate) fn report(
+    rows: &mut Vec<serde_json::Value>,
+    name: &str,
+    unit: &str,
+    elo: f64,
+    baseline_name: &str,
+    baseline: f64,
+) {
     let ratio = elo / baseline;
     println!("{name:<34} elo {elo:>12.0} {unit}   {baseline_name:<24} {baseline:>12.0} {unit}   ratio {ratio:.2}");
     rows.push(serde_json::json!({"benchmark": name, "unit": unit, "elo": elo, "baseline": baseline_name, "baseline_value": baseline, "ratio": ratio}));
 }
 
 /// The baseline producer: Elo's reliability settings, nothing else.
-fn raw_producer_config(kafka: &KafkaArgs) -> ClientConfig {
+pub(crate) fn raw_producer_config(kafka: &KafkaArgs) -> ClientConfig {
     let mut config = kafka
         .client_config_with(&[("linger.ms", "5"), ("compression.type", "lz4")], &[("acks", "all")])
         .expect("valid settings");
@@ -57,113 +68,24 @@ impl Handler for Count {
     }
 }
 
-struct NoRefetch;
-
-impl order_ingest::source::MagentoApi for NoRefetch {
-    async fn order(&self, _entity_id: i64) -> Result<serde_json::Value, order_ingest::source::SourceError> {
-        Err(order_ingest::source::SourceError::Refused("the benchmark sends full orders".into()))
-    }
-    async fn customer(&self, _id: i64) -> Result<serde_json::Value, order_ingest::source::SourceError> {
-        Err(order_ingest::source::SourceError::Refused("the benchmark sends full orders".into()))
-    }
-    async fn salable_qty(
-        &self,
-        _sku: &str,
-        _stock_id: i32,
-    ) -> Result<Option<elo_events::Decimal4>, order_ingest::source::SourceError> {
-        Ok(None)
-    }
-}
-
-async fn push_bench(rows: &mut Vec<serde_json::Value>, producer: &Producer, kafka: &KafkaArgs) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    let topic = unique("bench.push");
-    create_topics(&brokers(), &[(&topic, 3)]).await;
-    let generator = sandbox::magento::generator::GeneratorConfig { transition_rate: 0.0, ..Default::default() };
-    let mut shop = sandbox::magento::Magento::new(Default::default(), generator);
-    shop.generate(2_000);
-    let orders: Vec<serde_json::Value> = shop.orders.values().cloned().collect();
-    let codec = Arc::new(elo_events::EventCodec::new(&elo_events::RegistryConfig::local(
-        elo_integration_tests::registry_url(),
-    ))?);
-    let publisher = order_ingest::wiring::KafkaPublisher {
-        producer: producer.clone(),
-        codec: codec.clone(),
-        topic: topic.clone(),
-        inventory_topic: topic.clone(),
-        dlq_topic: format!("{topic}.dlq"),
-        timeout: Duration::from_secs(10),
-    };
-    let secret = "bench-secret-0123456789abcdef";
-    let config = order_ingest::push::PushConfig {
-        verifier: order_ingest::push::Verifier::hmac(secret, Duration::from_secs(300)),
-        max_body_bytes: 1 << 20,
-        stores: order_ingest::normalize::Stores::default(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/webhooks/magento/orders", listener.local_addr()?);
-    let app = order_ingest::push::router(config, publisher, NoRefetch);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let client = reqwest::Client::new();
-    let bodies: Vec<Vec<u8>> =
-        orders.iter().map(|o| serde_json::to_vec(&serde_json::json!({"order": o})).unwrap()).collect();
-    let started = Instant::now();
-    let latencies: Vec<Duration> = futures::stream::iter(bodies.iter())
-        .map(|body| {
-            let (client, url) = (client.clone(), url.clone());
-            async move {
-                let t = Instant::now();
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-                let signature = sandbox::magento::webhook::sign(secret, now, body);
-                let response = client
-                    .post(&url)
-                    .header(order_ingest::push::SIGNATURE_HEADER, signature)
-                    .body(body.clone())
-                    .send()
-                    .await;
-                assert!(response.is_ok_and(|r| r.status().is_success()), "push refused during the benchmark");
-                t.elapsed()
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let push_rate = rate(latencies.len(), started.elapsed());
-    let mut sorted = latencies.clone();
-    sorted.sort();
-    let p99 = sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)];
-    let events: Vec<CommerceEvent> =
-        orders.iter().map(|o| order_ingest::normalize::order_event(o, None, &Default::default(), 0).unwrap()).collect();
-    let mut encoded = Vec::new();
-    for e in &events {
-        encoded.push((e.customer_key.clone(), codec.encode(&topic, e).await?));
-    }
-    let raw: FutureProducer = raw_producer_config(kafka).create()?;
-    let started = Instant::now();
-    let futures: Vec<_> = encoded
-        .iter()
-        .map(|(k, v)| raw.send_result(FutureRecord::to(&topic).key(k.as_bytes()).payload(v)).map_err(|(e, _)| e))
-        .collect::<Result<_, _>>()?;
-    for f in futures {
-        f.await?.map_err(|(e, _)| e)?;
-    }
-    let raw_rate = rate(encoded.len(), started.elapsed());
-    report(rows, "push webhook -> acked event", "orders/s", push_rate, "raw producer, same events", raw_rate);
-    println!(
-        "  (push p99 latency {:.1} ms at 32 concurrent webhooks, {} orders)",
-        p99.as_secs_f64() * 1000.0,
-        latencies.len()
-    );
-    rows.push(serde_json::json!({"benchmark": "push p99 latency", "unit": "ms", "elo": p99.as_secs_f64() * 1000.0}));
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     if std::env::var("ELO_BENCH").as_deref() == Ok("memory") {
         // Only the consumer memory case (it needs no release build to be meaningful).
         return consumer_memory(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("push") {
+        // Only order-ingest push and poll (`poll`: poll only).
+        let kafka = KafkaArgs {
+            idempotence: std::env::var("ELO_KAFKA_IDEMPOTENCE").map_or(true, |v| v != "false"),
+            ..KafkaArgs::local(brokers())
+        };
+        push::push(&mut rows, &kafka).await?;
+        return push::poll(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("poll") {
+        return push::poll(&mut rows).await;
     }
     let events: Vec<CommerceEvent> = (0..2_000).map(sample::order_placed).collect();
 
@@ -270,10 +192,6 @@ async fn main() -> anyhow::Result<()> {
     let raw_produce = rate(n, started.elapsed());
     report(&mut rows, "produce (acked)", "records/s", elo_produce, "raw rdkafka producer", raw_produce);
 
-    // order-ingest push: signed webhook in, broker acknowledgement out, against the raw
-    // producer sending the same encoded events.
-    push_bench(&mut rows, &producer, &kafka).await?;
-
     // Consumer: both read the 2n records now on the topic.
     let total = 2 * n as u64;
     let counter = Arc::new(Count(AtomicU64::new(0)));
@@ -330,6 +248,11 @@ async fn main() -> anyhow::Result<()> {
     );
 
     consumer_memory(&mut rows).await?;
+
+    // order-ingest push and poll, the production binary against the Magento simulator. Last:
+    // they write a few hundred thousand records, which slows the local broker's later reads.
+    push::push(&mut rows, &kafka).await?;
+    push::poll(&mut rows).await?;
 
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
