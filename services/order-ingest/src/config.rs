@@ -123,6 +123,10 @@ pub struct Config {
     /// nothing about them. Units s, m, h, d.
     #[arg(long = "inventory-max-order-age", env = "ELO_ORDER_INGEST_INVENTORY_MAX_ORDER_AGE", default_value = "24h", value_parser = parse_age)]
     pub inventory_max_order_age: Duration,
+    /// Magento REST requests in flight at once per path (push, poll and repair commands each
+    /// have their own pool). Push throughput is about this over Magento's latency.
+    #[arg(long = "magento-concurrency", env = "ELO_ORDER_INGEST_MAGENTO_CONCURRENCY", default_value_t = 32)]
+    pub magento_concurrency: usize,
     /// Salable-quantity requests to Magento in flight at once.
     #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
     pub inventory_concurrency: usize,
@@ -173,7 +177,12 @@ pub fn no_idle_linger(kafka: &mut elo_kafka::KafkaArgs) -> anyhow::Result<()> {
 /// The Magento REST client, authenticated as configured.
 /// `downstream` names its pool in the HTTP client's metrics.
 pub(crate) fn magento_source(config: &Config, downstream: &'static str) -> anyhow::Result<wiring::MagentoSource> {
-    Ok(wiring::MagentoSource::new(downstream, config.magento_url.clone(), magento_auth(config)?)?)
+    Ok(wiring::MagentoSource::with_concurrency(
+        downstream,
+        config.magento_url.clone(),
+        magento_auth(config)?,
+        config.magento_concurrency,
+    )?)
 }
 
 /// How to authenticate to Magento, with the secrets read from their files.

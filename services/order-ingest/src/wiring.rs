@@ -129,7 +129,23 @@ impl MagentoSource {
     /// `downstream` names this client's pool (`magento-push`, `magento-poll`...): each has its
     /// own connections and concurrency cap.
     pub fn new(downstream: &'static str, base_url: String, auth: MagentoAuth) -> Result<Self, elo_http_client::Error> {
-        let client = HttpClient::new(HttpClientConfig { max_attempts: 3, ..HttpClientConfig::new(downstream) })?;
+        Self::with_concurrency(downstream, base_url, auth, 8)
+    }
+
+    /// With at most `max_in_flight` requests at once on this client's pool. Every CloudEvents
+    /// webhook costs a refetch, so the push path's rate is bounded by this over Magento's
+    /// latency (8 at 20 ms: 400 webhooks/s); too high a value overloads a small Magento.
+    pub fn with_concurrency(
+        downstream: &'static str,
+        base_url: String,
+        auth: MagentoAuth,
+        max_in_flight: usize,
+    ) -> Result<Self, elo_http_client::Error> {
+        let client = HttpClient::new(HttpClientConfig {
+            max_attempts: 3,
+            max_concurrency: max_in_flight.max(1),
+            ..HttpClientConfig::new(downstream)
+        })?;
         // Exported from the start, zeros included, so dashboards and alerts see the series.
         std::sync::LazyLock::force(&metrics::MAGENTO_ERRORS);
         Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned(), auth, token: Mutex::new(None) })
