@@ -320,3 +320,33 @@ pub fn topic_count(topic: &str, partitions: i32) -> i64 {
         .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(5)).map(|(l, h)| h - l).unwrap_or(0))
         .sum()
 }
+
+/// The RD Station simulator served on a free loopback port: its state and base URL.
+pub async fn serve_rdstation(config: sandbox::rdstation::RdConfig) -> (sandbox::rdstation::RdStationApp, String) {
+    let rd =
+        sandbox::rdstation::RdStationApp::new(config, sandbox::faults::Faults::default(), sandbox::Counters::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let router = rd.clone().router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (rd, url)
+}
+
+/// A refresh token for the RD simulator, obtained as an app would: authorization code, then
+/// the code grant.
+pub async fn rd_refresh_token(rd: &sandbox::rdstation::RdStationApp, url: &str) -> String {
+    let (code, config) = {
+        let mut sim = rd.sim.lock().expect("rd lock");
+        (sim.issue_code(), sim.config.clone())
+    };
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/auth/token"))
+        .json(&serde_json::json!({"client_id": config.client_id, "client_secret": config.client_secret, "code": code}))
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token body");
+    answer["refresh_token"].as_str().expect("refresh token").to_owned()
+}

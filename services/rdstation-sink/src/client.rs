@@ -97,7 +97,11 @@ pub struct RdSettings {
     pub base_url: String,
     pub client_id: String,
     pub client_secret: String,
-    pub refresh_token: String,
+    /// `None` only against the local sandbox (see `sandbox_control`).
+    pub refresh_token: Option<String>,
+    /// Local development only: the sandbox control API that hands out authorization codes,
+    /// used when no refresh token is configured (the code grant then yields one).
+    pub sandbox_control: Option<String>,
     /// Contact requests per minute the sink allows itself.
     pub contacts_per_minute: NonZeroU32,
     pub request_timeout: Duration,
@@ -111,6 +115,7 @@ impl fmt::Debug for RdSettings {
             .field("client_id", &self.client_id)
             .field("client_secret", &"***")
             .field("refresh_token", &"***")
+            .field("sandbox_control", &self.sandbox_control)
             .field("contacts_per_minute", &self.contacts_per_minute)
             .finish()
     }
@@ -135,6 +140,7 @@ struct Inner {
     http: HttpClient,
     settings: RdSettings,
     access_token: RwLock<Option<String>>,
+    refresh_token: RwLock<Option<String>>,
     refreshing: Mutex<()>,
     budget: DefaultDirectRateLimiter,
 }
@@ -152,8 +158,9 @@ impl RdClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
-                settings,
                 access_token: RwLock::new(None),
+                refresh_token: RwLock::new(settings.refresh_token.clone()),
+                settings,
                 refreshing: Mutex::new(()),
                 budget,
             }),
@@ -228,8 +235,17 @@ impl RdClient {
         }
         let s = &self.inner.settings;
         let url = format!("{}/auth/token", s.base_url.trim_end_matches('/'));
-        let body =
-            json!({"client_id": s.client_id, "client_secret": s.client_secret, "refresh_token": s.refresh_token});
+        let refresh_token = self.inner.refresh_token.read().await.clone();
+        let body = match (refresh_token, &s.sandbox_control) {
+            (Some(refresh), _) => {
+                json!({"client_id": s.client_id, "client_secret": s.client_secret, "refresh_token": refresh})
+            }
+            (None, Some(control)) => {
+                let code = self.sandbox_code(control).await?;
+                json!({"client_id": s.client_id, "client_secret": s.client_secret, "code": code})
+            }
+            (None, None) => return Err(Error::Auth { code: "no_refresh_token".into() }),
+        };
         let response =
             self.inner.http.send_once(|c| c.post(&url).json(&body)).await.map_err(|e| match classify(&e) {
                 Error::Refused { code, .. } => Error::Auth { code },
@@ -240,10 +256,28 @@ impl RdClient {
             return Err(Error::Auth { code: "no_access_token".into() });
         };
         *self.inner.access_token.write().await = Some(token.to_owned());
+        if let Some(refresh) = value.get("refresh_token").and_then(Value::as_str) {
+            *self.inner.refresh_token.write().await = Some(refresh.to_owned());
+        }
         metrics::TOKEN_REFRESHES.inc();
         let expires_in = value.get("expires_in").and_then(Value::as_i64);
         tracing::info!(expires_in, "rd station access token refreshed");
         Ok(())
+    }
+}
+
+impl RdClient {
+    /// An authorization code from the sandbox's control API (what RD's `/auth/dialog` would
+    /// redirect with after a user's consent).
+    async fn sandbox_code(&self, control: &str) -> Result<String> {
+        let url = format!("{}/rdstation/auth-code", control.trim_end_matches('/'));
+        let response = self.inner.http.send_once(|c| c.post(&url)).await.map_err(|e| classify(&e))?;
+        let value: Value = response.json().await.map_err(|e| Error::Transient(e.to_string()))?;
+        value
+            .get("code")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Auth { code: "no_code".into() })
     }
 }
 
@@ -298,7 +332,8 @@ mod tests {
             base_url: "http://x".into(),
             client_id: "id".into(),
             client_secret: "very-secret".into(),
-            refresh_token: "refresh-secret".into(),
+            refresh_token: Some("refresh-secret".into()),
+            sandbox_control: None,
             contacts_per_minute: NonZeroU32::new(120).unwrap(),
             request_timeout: Duration::from_secs(5),
         };

@@ -75,6 +75,10 @@ pub struct RdArgs {
     /// File holding the OAuth refresh token (RD Marketing refresh tokens do not expire).
     #[arg(long = "rd-refresh-token-file", env = "ELO_RDSTATION_REFRESH_TOKEN_FILE")]
     pub refresh_token_file: Option<PathBuf>,
+    /// Local development: the sandbox control API that issues authorization codes when no
+    /// refresh token file is given (loopback RD URLs only).
+    #[arg(long = "rd-sandbox-control", env = "ELO_RDSTATION_SANDBOX_CONTROL", default_value = "http://127.0.0.1:8700")]
+    pub sandbox_control: String,
     /// Contact requests per minute the sink allows itself (RD: 120 per account, 500 on
     /// Advanced). The default keeps 5% headroom for clock and latency jitter.
     #[arg(long = "rd-contacts-per-minute", env = "ELO_RDSTATION_CONTACTS_PER_MINUTE", default_value_t = NonZeroU32::new(114).expect("non-zero"))]
@@ -103,17 +107,30 @@ pub struct RdArgs {
 }
 
 impl RdArgs {
-    /// Client settings, reading the secret files.
+    /// Client settings, reading the secret files. Against a loopback URL (the local sandbox)
+    /// the files may be left out: the sandbox's client secret is used and an authorization
+    /// code is fetched from its control API, so `make run` needs no setup.
     pub fn settings(&self) -> anyhow::Result<RdSettings> {
-        let read = |file: &Option<PathBuf>, what: &str, env: &str| -> anyhow::Result<String> {
-            let path = file.as_ref().ok_or_else(|| anyhow::anyhow!("{what} file is required ({env})"))?;
-            Ok(RdSettings::read_secret(path)?)
+        let local = self.url.starts_with("http://127.0.0.1") || self.url.starts_with("http://localhost");
+        let client_secret = match &self.client_secret_file {
+            Some(path) => RdSettings::read_secret(path)?,
+            None if local => "elo-rd-secret".to_owned(),
+            None => anyhow::bail!("the RD Station client secret file is required (ELO_RDSTATION_CLIENT_SECRET_FILE)"),
+        };
+        let (refresh_token, sandbox_control) = match &self.refresh_token_file {
+            Some(path) => (Some(RdSettings::read_secret(path)?), None),
+            None if local => {
+                tracing::warn!(control = %self.sandbox_control, "no refresh token file: authorizing through the local sandbox");
+                (None, Some(self.sandbox_control.clone()))
+            }
+            None => anyhow::bail!("the RD Station refresh token file is required (ELO_RDSTATION_REFRESH_TOKEN_FILE)"),
         };
         Ok(RdSettings {
             base_url: self.url.clone(),
             client_id: self.client_id.clone(),
-            client_secret: read(&self.client_secret_file, "client secret", "ELO_RDSTATION_CLIENT_SECRET_FILE")?,
-            refresh_token: read(&self.refresh_token_file, "refresh token", "ELO_RDSTATION_REFRESH_TOKEN_FILE")?,
+            client_secret,
+            refresh_token,
+            sandbox_control,
             contacts_per_minute: self.contacts_per_minute,
             request_timeout: self.timeout,
         })
