@@ -65,7 +65,7 @@ pub struct Config {
 pub struct RdArgs {
     /// RD Station Marketing API base URL.
     #[arg(long = "rd-url", env = "ELO_RDSTATION_URL", default_value = "http://127.0.0.1:8703")]
-    pub url: String,
+    pub rd_url: String,
     /// OAuth client id of the RD Station app.
     #[arg(long = "rd-client-id", env = "ELO_RDSTATION_CLIENT_ID", default_value = "elo-rd-client")]
     pub client_id: String,
@@ -85,7 +85,7 @@ pub struct RdArgs {
     pub contacts_per_minute: NonZeroU32,
     /// RD request timeout, e.g. `30s`.
     #[arg(long = "rd-timeout", env = "ELO_RDSTATION_TIMEOUT", default_value = "30s", value_parser = elo_service::parse_duration)]
-    pub timeout: Duration,
+    pub rd_timeout: Duration,
     /// Segmentation rules file (TOML); without it contacts get no tags, stage or rule fields.
     #[arg(long = "rules-file", env = "ELO_RDSTATION_RULES_FILE")]
     pub rules_file: Option<PathBuf>,
@@ -111,7 +111,7 @@ impl RdArgs {
     /// the files may be left out: the sandbox's client secret is used and an authorization
     /// code is fetched from its control API, so `make run` needs no setup.
     pub fn settings(&self) -> anyhow::Result<RdSettings> {
-        let local = self.url.starts_with("http://127.0.0.1") || self.url.starts_with("http://localhost");
+        let local = self.rd_url.starts_with("http://127.0.0.1") || self.rd_url.starts_with("http://localhost");
         let client_secret = match &self.client_secret_file {
             Some(path) => RdSettings::read_secret(path)?,
             None if local => "elo-rd-secret".to_owned(),
@@ -126,13 +126,13 @@ impl RdArgs {
             None => anyhow::bail!("the RD Station refresh token file is required (ELO_RDSTATION_REFRESH_TOKEN_FILE)"),
         };
         Ok(RdSettings {
-            base_url: self.url.clone(),
+            base_url: self.rd_url.clone(),
             client_id: self.client_id.clone(),
             client_secret,
             refresh_token,
             sandbox_control,
             contacts_per_minute: self.contacts_per_minute,
-            request_timeout: self.timeout,
+            request_timeout: self.rd_timeout,
         })
     }
 
@@ -304,5 +304,15 @@ async fn reload_rules(
             Err(error) => tracing::error!(error = %error, "invalid rules file; keeping the rules in use"),
         }
         seen = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Config::command().debug_assert();
     }
 }
