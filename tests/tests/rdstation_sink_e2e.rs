@@ -98,7 +98,7 @@ fn path(n: usize) -> &'static [&'static str] {
 /// Two orders in three go to the first third of the customers (repeat buyers and VIPs), the
 /// rest spread over everyone (one-off buyers, customers whose only order was cancelled).
 fn customer_of(n: usize) -> usize {
-    let spread = if n % 3 == 0 { CUSTOMERS } else { CUSTOMERS / 3 };
+    let spread = if n.is_multiple_of(3) { CUSTOMERS } else { CUSTOMERS / 3 };
     (((n as u64).wrapping_mul(2_654_435_761) >> 7) % spread as u64) as usize
 }
 
