@@ -6,7 +6,8 @@
 //! erasure arrives. Every RD contact must then hold the fields, tags and stage the rules
 //! dictate, computed here independently from the generated orders; tags set outside Elo
 //! survive; the events match the orders one for one, re-sent only for requests in flight at
-//! the kill, never after the graceful stop.
+//! the kill, never after the graceful stop; injected 5xx, 429s and expiring tokens on the way
+//! change nothing of that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -342,6 +343,20 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     let at_kill = rd.sim.lock().unwrap().events.len();
     assert!(at_kill < events.len(), "the kill came after the end ({at_kill} of {})", events.len());
 
+    // The second run meets injected 503s and 429s, and its access token expires every 3 s.
+    rd.faults.set(
+        "rdstation",
+        sandbox::faults::FaultConfig { error_rates: [(503, 0.03), (429, 0.02)].into(), ..Default::default() },
+    );
+    let expiring = {
+        let rd = rd.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                rd.sim.lock().unwrap().expire_tokens();
+            }
+        })
+    };
     let mut sink = start();
     let done = wait_until(Duration::from_secs(400), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
@@ -354,6 +369,10 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     })
     .await;
     assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));
+    expiring.abort();
+    rd.faults.set("rdstation", sandbox::faults::FaultConfig::default());
+    let counters = rd.counters.snapshot();
+    assert!(counters["rdstation"]["POST /auth/token"].as_u64().unwrap() > 3, "tokens were refreshed: {counters}");
     let after_kill = sent_events(&rd);
     eprintln!("killed at {at_kill} of {} events; re-sent after the kill: {}", events.len(), duplicates(&after_kill));
     // In flight at the kill: at most one request per partition (3) can have been answered by RD
