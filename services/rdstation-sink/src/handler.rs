@@ -10,7 +10,7 @@
 //! 3. after the batch, sync each touched customer's contact, then persist its state;
 //! 4. publish an outcome per record on `integration.outcomes`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -36,6 +36,9 @@ pub struct Sink {
     pub mapping: EventMapping,
     pub outcomes_topic: String,
     restored: Mutex<HashSet<i32>>,
+    /// One per partition: a batch and the rules sweep never work on a partition's state at
+    /// the same time (either would overwrite the other's aggregates).
+    partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Touched {
@@ -55,7 +58,18 @@ impl Sink {
         mapping: EventMapping,
         outcomes_topic: String,
     ) -> Self {
-        Self { client, codec, producer, customers, sent, rules, mapping, outcomes_topic, restored: Mutex::default() }
+        Self {
+            client,
+            codec,
+            producer,
+            customers,
+            sent,
+            rules,
+            mapping,
+            outcomes_topic,
+            restored: Mutex::default(),
+            partition_locks: Mutex::default(),
+        }
     }
 
     fn restore(&self, partition: i32) -> bool {
@@ -78,6 +92,37 @@ impl Sink {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.restore(partition)).await.unwrap_or(false)
+    }
+
+    fn partition_lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
+        self.partition_locks.lock().expect("locks lock").entry(partition).or_default().clone()
+    }
+
+    /// Brings every contact of the assigned partitions in line with the rules in use (after a
+    /// reload), one customer at a time between batches. Returns (contacts changed, failures).
+    pub async fn apply_rules(&self) -> (usize, usize) {
+        let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
+        let (mut changed, mut failed) = (0, 0);
+        for partition in partitions {
+            let keys: Vec<String> = self.customers.entries(partition).into_iter().map(|(k, _)| k).collect();
+            for key in keys {
+                let lock = self.partition_lock(partition);
+                let _guard = lock.lock().await;
+                let Some(state) = self.customers.get(partition, &key) else { continue };
+                let now = now_ms();
+                if state.identity.email.is_empty() || crate::dry_run::changes(&state, &self.rules(), now).is_empty() {
+                    continue;
+                }
+                match self.settle(partition, &key, state, now).await {
+                    Ok(()) => changed += 1,
+                    Err(error) => {
+                        failed += 1;
+                        tracing::warn!(partition, key, error = %error, "rules sweep could not update a contact; will retry");
+                    }
+                }
+            }
+        }
+        (changed, failed)
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -185,6 +230,8 @@ impl Sink {
             let error = HandlerError::transient("state_not_restored", "the partition's state could not be restored");
             return vec![Err(error); batch.len()];
         }
+        let lock = self.partition_lock(partition);
+        let _guard = lock.lock().await;
         let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = vec![Ok(()); batch.len()];
         let mut touched: BTreeMap<String, Touched> = BTreeMap::new();

@@ -218,8 +218,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(reload_rules(
             path,
             config.rd.rules_reload_interval,
-            rules.clone(),
-            client.clone(),
+            sink.clone(),
             config.rd.create_fields,
             service.shutdown.clone(),
         ))
@@ -228,7 +227,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let result = elo_kafka::run_consumer(
         &common.kafka,
         settings,
-        Arc::new(SinkHandler(sink)),
+        Arc::new(SinkHandler(sink.clone())),
         service.producer.clone(),
         service.health.clone(),
         service.shutdown.clone(),
@@ -261,49 +260,60 @@ async fn ensure_fields(client: &RdClient, rules: &Rules, create: bool, service: 
     }
 }
 
-/// Reloads the rules file when it changes; an invalid file is logged and the rules in use stay.
-/// New rules reach a contact with its next event (see README, "Not done yet").
+/// Reloads the rules file when it changes (an invalid file is logged and the rules in use
+/// stay), then applies the new rules to every contact of the assigned partitions; a sweep
+/// that could not update every contact runs again on the next tick.
 async fn reload_rules(
     path: PathBuf,
     every: Duration,
-    rules: Arc<RwLock<Arc<Rules>>>,
-    client: RdClient,
+    sink: Arc<Sink>,
     create_fields: bool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = modified(&path);
+    let mut sweep_pending = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
         let now = modified(&path);
-        if now == seen {
-            continue;
-        }
-        match Rules::load(&path) {
-            Ok(new) => {
-                match contacts::ensure_fields(&client, &contacts::needed_fields(&new), create_fields).await {
-                    Ok(missing) if missing.is_empty() => {}
-                    Ok(missing) => {
-                        tracing::error!(fields = ?missing, "new rules need custom fields rd station lacks; keeping the old rules");
-                        seen = now;
-                        continue;
-                    }
-                    // Try again on the next tick.
-                    Err(error) => {
-                        tracing::warn!(error = %error, "cannot check custom fields for the new rules; will retry");
-                        continue;
+        if now != seen {
+            match Rules::load(&path) {
+                Ok(new) => {
+                    match contacts::ensure_fields(&sink.client, &contacts::needed_fields(&new), create_fields).await {
+                        Ok(missing) if missing.is_empty() => {
+                            let count = new.rules.len();
+                            *sink.rules.write().expect("rules lock") = Arc::new(new);
+                            tracing::info!(rules = count, "segmentation rules reloaded");
+                            sweep_pending = true;
+                            seen = now;
+                        }
+                        Ok(missing) => {
+                            tracing::error!(fields = ?missing, "new rules need custom fields rd station lacks; keeping the rules in use");
+                            seen = now;
+                        }
+                        // Not marked seen: tried again on the next tick.
+                        Err(error) => {
+                            tracing::warn!(error = %error, "cannot check custom fields for the new rules; will retry")
+                        }
                     }
                 }
-                let count = new.rules.len();
-                *rules.write().expect("rules lock") = Arc::new(new);
-                tracing::info!(rules = count, "segmentation rules reloaded");
+                Err(error) => {
+                    tracing::error!(error = %error, "invalid rules file; keeping the rules in use");
+                    seen = now;
+                }
             }
-            Err(error) => tracing::error!(error = %error, "invalid rules file; keeping the rules in use"),
         }
-        seen = now;
+        if sweep_pending {
+            let (changed, failed) = tokio::select! {
+                r = sink.apply_rules() => r,
+                _ = shutdown.cancelled() => return,
+            };
+            tracing::info!(changed, failed, "rules applied to the assigned contacts");
+            sweep_pending = failed > 0;
+        }
     }
 }
 
