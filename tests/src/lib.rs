@@ -377,6 +377,10 @@ pub fn rdstation_sink(dir: &Path, topic: &str, group: &str, rd_url: &str, rules:
         .env("ELO_RDSTATION_RULES_RELOAD_INTERVAL", "1s")
         .env("ELO_RDSTATION_CONTACTS_PER_MINUTE", "30000")
         .env("ELO_DRAIN_TIMEOUT", "10s")
+        // A killed member's session ends quickly (Tansu 0.6 strands the partitions of a member
+        // killed while another is active: restart after its session timed out).
+        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
         .stdout(Stdio::null())
         .stderr(log_file);
     command

@@ -175,3 +175,62 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     sink.signal("TERM");
     assert!(sink.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()));
 }
+
+/// One customer ordering again and again: the contact is written at most `ELO_RDSTATION_CONTACT_UPDATES`
+/// times per window (RD allows 24 PATCH per contact per 24 h; here 3 per 8 s so the test is
+/// short), updates beyond it are coalesced, and the latest state lands once the window allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_customer_stays_within_the_per_contact_budget_and_the_last_state_wins() {
+    const ORDERS: i64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES_V1).unwrap();
+    let topic = unique("e2e.rd-budget.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let mut records = Vec::new();
+    for n in 0..ORDERS {
+        let mut event = sample::order_placed(0);
+        let order = event.order.as_mut().unwrap();
+        order.entity_id = 90_000 + n;
+        order.increment_id = format!("B{n:06}");
+        event.source_version.entity_id = order.entity_id.to_string();
+        event.source_version.updated_at += n;
+        event.event_id = ids::event_id(&["budget-e2e", &n.to_string()]);
+        records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
+    }
+    let group = unique("e2e.rd-budget.group");
+    let admin = free_port();
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+    command
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("ELO_MAX_BATCH", "1")
+        .env("ELO_RDSTATION_CONTACT_UPDATES", "3")
+        .env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "8s");
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let started = std::time::Instant::now();
+    produce(&producer(&brokers()), &topic, &records).await;
+    let landed = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        let sim = rd.sim.lock().unwrap();
+        sim.contacts.values().any(|c| c.fields.get("cf_elo_order_count") == Some(&Value::from(ORDERS)))
+    })
+    .await;
+    assert!(landed, "the last state never landed:\n{}", log(dir.path(), "sink"));
+    let elapsed = started.elapsed().as_secs_f64();
+    let patches = rd.counters.snapshot()["rdstation"]["PATCH /platform/contacts/{id}"].as_u64().unwrap();
+    let allowed = 3 * ((elapsed / 8.0).ceil() as u64 + 1);
+    assert!(patches <= allowed && patches < ORDERS as u64, "{patches} PATCHes in {elapsed:.1}s (allowed {allowed})");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("rdstation_sink_rate_limited_total 0"), "{metrics}");
+    let deferred = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rdstation_sink_deferred_updates_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(deferred > 0, "the budget never held an update back: {patches} PATCHes");
+    assert_eq!(rd.sim.lock().unwrap().events.len(), ORDERS as usize, "events are not held back");
+}

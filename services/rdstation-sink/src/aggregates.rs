@@ -64,6 +64,13 @@ pub struct CustomerState {
     /// RD contact uuid, once known: an e-mail change then updates the same contact.
     pub contact_uuid: Option<String>,
     pub applied: Applied,
+    /// When the contact was written in the last day (the per-contact budget).
+    #[serde(default)]
+    pub writes_ms: Vec<i64>,
+    /// A write is due but the per-contact budget was spent: the periodic sweep lands the
+    /// latest state once the window has room.
+    #[serde(default)]
+    pub deferred: bool,
 }
 
 /// Whether an event changed the state.

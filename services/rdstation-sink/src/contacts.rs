@@ -81,6 +81,14 @@ pub fn desired(state: &CustomerState, aggregate: &Aggregate, verdict: &Verdict) 
     Desired { fields: f, tags: verdict.tags.clone(), stage: verdict.stage.clone() }
 }
 
+/// Whether bringing the contact to `desired` takes any request.
+pub fn needs_write(state: &CustomerState, desired: &Desired) -> bool {
+    state.contact_uuid.is_none()
+        || desired.fields != state.applied.fields
+        || !desired.tags.is_subset(&state.applied.tags)
+        || desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s))
+}
+
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
 /// step (a failure half-way leaves the state saying what did land). Returns the number of
 /// writes made (0: coalesced).

@@ -35,10 +35,18 @@ pub struct Sink {
     pub rules: Arc<RwLock<Arc<Rules>>>,
     pub mapping: EventMapping,
     pub outcomes_topic: String,
+    pub budget: ContactBudget,
     restored: Mutex<HashSet<i32>>,
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
     partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
+#[derive(Clone, Copy, Debug)]
+pub struct ContactBudget {
+    pub per_contact: usize,
+    pub window: std::time::Duration,
 }
 
 struct Touched {
@@ -57,6 +65,7 @@ impl Sink {
         rules: Arc<RwLock<Arc<Rules>>>,
         mapping: EventMapping,
         outcomes_topic: String,
+        budget: ContactBudget,
     ) -> Self {
         Self {
             client,
@@ -67,6 +76,7 @@ impl Sink {
             rules,
             mapping,
             outcomes_topic,
+            budget,
             restored: Mutex::default(),
             partition_locks: Mutex::default(),
         }
@@ -101,6 +111,15 @@ impl Sink {
     /// Brings every contact of the assigned partitions in line with the rules in use (after a
     /// reload), one customer at a time between batches. Returns (contacts changed, failures).
     pub async fn apply_rules(&self) -> (usize, usize) {
+        self.sweep(false).await
+    }
+
+    /// Lands the contacts whose write waited for the per-contact budget.
+    pub async fn flush_deferred(&self) -> (usize, usize) {
+        self.sweep(true).await
+    }
+
+    async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
         let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
         let (mut changed, mut failed) = (0, 0);
         for partition in partitions {
@@ -109,11 +128,17 @@ impl Sink {
                 let lock = self.partition_lock(partition);
                 let _guard = lock.lock().await;
                 let Some(state) = self.customers.get(partition, &key) else { continue };
+                if only_deferred && !state.deferred {
+                    continue;
+                }
                 let now = now_ms();
-                if state.identity.email.is_empty() || crate::dry_run::changes(&state, &self.rules(), now).is_empty() {
+                if state.identity.email.is_empty()
+                    || !only_deferred && crate::dry_run::changes(&state, &self.rules(), now).is_empty()
+                {
                     continue;
                 }
                 match self.settle(partition, &key, state, now).await {
+                    Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => {}
                     Ok(()) => changed += 1,
                     Err(error) => {
                         failed += 1;
@@ -168,7 +193,28 @@ impl Sink {
             metrics::RULE_HITS.with_label_values(&[hit]).inc();
         }
         let desired = contacts::desired(&state, &aggregate, &verdict);
+        if !contacts::needs_write(&state, &desired) {
+            metrics::COALESCED.inc();
+            state.deferred = false;
+            return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
+        }
+        // The per-contact budget (RD: 24 PATCH, 24 tag posts and 24 funnel updates per contact
+        // per 24 h): a sync is at most one of each, so syncs are counted. Over budget the write
+        // waits for the sweep, which lands the latest state when the window has room.
+        state.writes_ms.retain(|t| now - t < self.budget.window.as_millis() as i64);
+        if state.writes_ms.len() >= self.budget.per_contact {
+            if !state.deferred {
+                metrics::DEFERRED.inc();
+            }
+            metrics::COALESCED.inc();
+            state.deferred = true;
+            return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
+        }
         let result = contacts::sync(&self.client, &mut state, &desired).await;
+        if result.as_ref().is_ok_and(|w| *w > 0) {
+            state.writes_ms.push(now);
+            state.deferred = false;
+        }
         match result {
             Ok(0) => metrics::COALESCED.inc(),
             Ok(_) => {}

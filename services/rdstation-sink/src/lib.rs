@@ -33,7 +33,7 @@ use elo_service::{CommonArgs, ConsumerArgs, Service};
 
 use crate::client::{RdClient, RdSettings};
 use crate::events::EventMapping;
-use crate::handler::{Sink, SinkHandler};
+use crate::handler::{ContactBudget, Sink, SinkHandler};
 use crate::rules::Rules;
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
@@ -92,6 +92,13 @@ pub struct RdArgs {
     /// How often the rules file is checked for changes (`0s`: never reloaded).
     #[arg(long = "rules-reload-interval", env = "ELO_RDSTATION_RULES_RELOAD_INTERVAL", default_value = "10s", value_parser = elo_service::parse_duration)]
     pub rules_reload_interval: Duration,
+    /// Contact writes allowed per contact in `--contact-update-window` (RD: 24 PATCH per
+    /// contact per 24 h); updates beyond it are coalesced and land when the window has room.
+    #[arg(long = "contact-updates", env = "ELO_RDSTATION_CONTACT_UPDATES", default_value_t = 24)]
+    pub contact_updates: usize,
+    /// The per-contact budget's sliding window.
+    #[arg(long = "contact-update-window", env = "ELO_RDSTATION_CONTACT_UPDATE_WINDOW", default_value = "86400s", value_parser = elo_service::parse_duration)]
+    pub contact_update_window: Duration,
     /// E-commerce event mapping file (TOML) [default: the embedded `config/events.toml`].
     #[arg(long = "events-file", env = "ELO_RDSTATION_EVENTS_FILE")]
     pub events_file: Option<PathBuf>,
@@ -213,16 +220,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         rules.clone(),
         mapping,
         t.outcomes.clone(),
+        ContactBudget { per_contact: config.rd.contact_updates.max(1), window: config.rd.contact_update_window },
     ));
-    let reload = config.rd.rules_file.clone().filter(|_| !config.rd.rules_reload_interval.is_zero()).map(|path| {
-        tokio::spawn(reload_rules(
-            path,
-            config.rd.rules_reload_interval,
-            sink.clone(),
-            config.rd.create_fields,
-            service.shutdown.clone(),
-        ))
-    });
+    let reload_every = config.rd.rules_reload_interval;
+    let maintenance = tokio::spawn(maintain(
+        config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
+        if reload_every.is_zero() { Duration::from_secs(10) } else { reload_every },
+        sink.clone(),
+        config.rd.create_fields,
+        service.shutdown.clone(),
+    ));
     let settings = config.consumer.settings(format!("elo-{NAME}"), vec![t.commerce.clone()], dlq, 50);
     let result = elo_kafka::run_consumer(
         &common.kafka,
@@ -234,9 +241,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await;
     service.shutdown.cancel();
-    if let Some(reload) = reload {
-        let _ = reload.await;
-    }
+    let _ = maintenance.await;
     service.finish().await;
     result.map_err(Into::into)
 }
@@ -260,27 +265,30 @@ async fn ensure_fields(client: &RdClient, rules: &Rules, create: bool, service: 
     }
 }
 
-/// Reloads the rules file when it changes (an invalid file is logged and the rules in use
-/// stay), then applies the new rules to every contact of the assigned partitions; a sweep
-/// that could not update every contact runs again on the next tick.
-async fn reload_rules(
-    path: PathBuf,
+/// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
+/// in use stay) and applies new rules to every contact of the assigned partitions (again on the
+/// next tick if some contact could not be updated); otherwise lands the contact updates the
+/// per-contact budget held back.
+async fn maintain(
+    rules_file: Option<PathBuf>,
     every: Duration,
     sink: Arc<Sink>,
     create_fields: bool,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = modified(&path);
+    let mut seen: Option<SystemTime> = rules_file.as_ref().and_then(modified);
     let mut sweep_pending = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        let now = modified(&path);
-        if now != seen {
-            match Rules::load(&path) {
+        if let Some(path) = &rules_file
+            && modified(path) != seen
+        {
+            let now = modified(path);
+            match Rules::load(path) {
                 Ok(new) => {
                     match contacts::ensure_fields(&sink.client, &contacts::needed_fields(&new), create_fields).await {
                         Ok(missing) if missing.is_empty() => {
@@ -306,13 +314,18 @@ async fn reload_rules(
                 }
             }
         }
-        if sweep_pending {
-            let (changed, failed) = tokio::select! {
-                r = sink.apply_rules() => r,
-                _ = shutdown.cancelled() => return,
-            };
+        let sweep = async {
+            if sweep_pending { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
+        };
+        let (full, (changed, failed)) = tokio::select! {
+            r = sweep => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if full {
             tracing::info!(changed, failed, "rules applied to the assigned contacts");
             sweep_pending = failed > 0;
+        } else if changed + failed > 0 {
+            tracing::info!(changed, failed, "deferred contact updates landed");
         }
     }
 }

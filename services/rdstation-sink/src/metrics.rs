@@ -47,6 +47,13 @@ pub(crate) static COALESCED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+pub(crate) static DEFERRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "rdstation_sink_deferred_updates_total",
+        "Contact updates held back by the per-contact budget (24 per 24 h), landed later by the sweep."
+    )
+    .expect("metric registers once")
+});
 pub(crate) static EVENTS_SENT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_events_sent_total",
@@ -74,7 +81,7 @@ pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Registers every metric so `/metrics` lists them from the start.
 pub(crate) fn register_all() {
-    let _ = (&*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED);
+    let _ = (&*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED, &*DEFERRED);
     for op in ["upsert", "tag", "funnel", "delete"] {
         CONTACT_WRITES.with_label_values(&[op]).inc_by(0);
     }
