@@ -11,6 +11,7 @@
 //! 4. publish an outcome per record on `integration.outcomes`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -36,6 +37,12 @@ pub struct Sink {
     pub mapping: EventMapping,
     pub outcomes_topic: String,
     pub budget: ContactBudget,
+    /// Create the custom fields the mapping and rules need when RD lacks them.
+    pub create_fields: bool,
+    /// Whether RD's custom fields were checked (done on the first batch, not at startup:
+    /// readiness must not depend on RD).
+    fields_checked: AtomicBool,
+    fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
@@ -66,6 +73,7 @@ impl Sink {
         mapping: EventMapping,
         outcomes_topic: String,
         budget: ContactBudget,
+        create_fields: bool,
     ) -> Self {
         Self {
             client,
@@ -77,6 +85,9 @@ impl Sink {
             mapping,
             outcomes_topic,
             budget,
+            create_fields,
+            fields_checked: AtomicBool::new(false),
+            fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
             partition_locks: Mutex::default(),
         }
@@ -102,6 +113,35 @@ impl Sink {
         }
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.restore(partition)).await.unwrap_or(false)
+    }
+
+    /// Checks (and creates) the custom fields once; until that succeeds records wait with the
+    /// class of RD's answer (missing fields with creation off wait as `auth`: an operator must
+    /// act, nothing is dropped).
+    async fn ensure_fields(&self) -> Result<(), HandlerError> {
+        if self.fields_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _guard = self.fields_lock.lock().await;
+        if self.fields_checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let needed = contacts::needed_fields(&self.rules());
+        match contacts::ensure_fields(&self.client, &needed, self.create_fields).await {
+            Ok(missing) if missing.is_empty() => {
+                self.fields_checked.store(true, Ordering::Release);
+                Ok(())
+            }
+            Ok(missing) => {
+                tracing::error!(fields = ?missing, "rd station lacks custom fields and creating them is off (ELO_RDSTATION_CREATE_FIELDS)");
+                Err(HandlerError::new(
+                    ErrorClass::Auth,
+                    "rd_fields_missing",
+                    format!("missing custom fields {missing:?}"),
+                ))
+            }
+            Err(error) => Err(error.to_handler_error()),
+        }
     }
 
     fn partition_lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
@@ -274,6 +314,9 @@ impl Sink {
         let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
         if !self.ensure_restored(partition).await {
             let error = HandlerError::transient("state_not_restored", "the partition's state could not be restored");
+            return vec![Err(error); batch.len()];
+        }
+        if let Err(error) = self.ensure_fields().await {
             return vec![Err(error); batch.len()];
         }
         let lock = self.partition_lock(partition);

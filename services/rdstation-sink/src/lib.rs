@@ -204,10 +204,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, specs).await? else {
         return Ok(());
     };
-    if !ensure_fields(&client, &rules, config.rd.create_fields, &service).await? {
-        service.finish().await;
-        return Ok(());
-    }
     let customers = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.rd.state_topic.clone()));
     let sent = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.rd.sent_log_topic.clone()));
     let rules = Arc::new(RwLock::new(Arc::new(rules)));
@@ -221,6 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mapping,
         t.outcomes.clone(),
         ContactBudget { per_contact: config.rd.contact_updates.max(1), window: config.rd.contact_update_window },
+        config.rd.create_fields,
     ));
     let reload_every = config.rd.rules_reload_interval;
     let maintenance = tokio::spawn(maintain(
@@ -244,25 +241,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = maintenance.await;
     service.finish().await;
     result.map_err(Into::into)
-}
-
-/// Checks (and creates) the custom fields, retrying while RD is unreachable. Returns `false`
-/// when shutdown came first; fails when fields are missing and creating them is off.
-async fn ensure_fields(client: &RdClient, rules: &Rules, create: bool, service: &Service) -> anyhow::Result<bool> {
-    let needed = contacts::needed_fields(rules);
-    loop {
-        match contacts::ensure_fields(client, &needed, create).await {
-            Ok(missing) if missing.is_empty() => return Ok(true),
-            Ok(missing) => anyhow::bail!("rd station lacks custom fields {missing:?} and --create-fields is off"),
-            Err(error) => {
-                tracing::error!(error = %error, error_code = error.code(), "cannot check rd station's custom fields; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = service.shutdown.cancelled() => return Ok(false),
-                }
-            }
-        }
-    }
 }
 
 /// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
