@@ -139,6 +139,25 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     assert!(report.contains(&format!("{} of {CUSTOMERS} contacts would change", loyal.len())), "{report}");
     assert_eq!(snapshot(&rd), before, "a dry run writes nothing");
 
+    // The back-test replays the history through the proposed rules: the last week holds every
+    // customer, the loyal ones in their segment.
+    let csv = dir.path().join("backtest.csv");
+    let output = Command::new(binary("rdstation-sink"))
+        .args(["rules", "backtest", "--csv"])
+        .arg(&csv)
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_TOPIC_COMMERCE", &topic)
+        .env("ELO_RDSTATION_RULES_FILE", &proposed)
+        .env("ELO_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv.starts_with("week_ending,customers,loyal,repeat\n"), "{csv}");
+    let last = csv.lines().last().unwrap().split(',').skip(1).collect::<Vec<_>>();
+    assert_eq!(last, [CUSTOMERS.to_string(), loyal.len().to_string(), CUSTOMERS.to_string()], "{csv}");
+
     // The new rules go live: the running sink reloads and applies them, no new orders needed.
     std::fs::write(dir.path().join("rules.next"), RULES_V2).unwrap();
     std::fs::rename(dir.path().join("rules.next"), &rules).unwrap();

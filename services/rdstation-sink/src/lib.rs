@@ -10,10 +10,11 @@
 //! - [`contacts`]: the contact a customer should have, and the coalesced writes to get there.
 //! - [`events`]: the `ECOMMERCE_*` events of an order, mapped by a configuration file.
 //! - [`handler`]: the consumer handler tying them together, with the sent-log.
-//! - [`dry_run`]: `rdstation-sink rules dry-run`.
+//! - [`dry_run`]: `rdstation-sink rules dry-run`; [`backtest`]: `rdstation-sink rules backtest`.
 //! - [`metrics`]: every metric the service exports.
 
 pub mod aggregates;
+pub mod backtest;
 pub mod client;
 pub mod contacts;
 pub mod dry_run;
@@ -173,6 +174,9 @@ pub enum RulesCommand {
     /// Show which contacts the rules file would change and how, from the state in Kafka;
     /// nothing is written.
     DryRun,
+    /// Replay the order history in commerce.events through the rules file and report each
+    /// rule's segment size week by week.
+    Backtest(backtest::BacktestArgs),
 }
 
 /// Runs the service until SIGTERM/SIGINT, or a subcommand.
@@ -184,6 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             return Ok(());
         }
         Some(Command::Rules(RulesCommand::DryRun)) => return dry_run::run(&config).await,
+        Some(Command::Rules(RulesCommand::Backtest(args))) => return backtest::run(&config, args).await,
         None => {}
     }
     metrics::register_all();
