@@ -102,7 +102,7 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     let mut sink = ChildGuard::spawn("rdstation-sink", command.env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}")));
     let done = wait_until(Duration::from_secs(120), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
-        let committed = committed(&brokers(), &group, &topic, 3).values().sum::<i64>();
+        let committed = tokio::task::block_in_place(|| committed(&brokers(), &group, &topic, 3)).values().sum::<i64>();
         committed >= ORDERS as i64
     })
     .await;
