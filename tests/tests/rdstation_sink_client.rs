@@ -202,3 +202,38 @@ async fn contacts_keep_outside_tags_follow_email_changes_and_coalesce() {
     assert_eq!(state.contact_uuid.as_deref(), c["uuid"].as_str());
     assert_eq!(tags(&c), ["buyer", "repeat"], "Elo's tags come back on the recreated contact");
 }
+
+/// Locally (`make run`) no refresh token is configured: the client takes an authorization code
+/// from the sandbox's control API, as RD's consent dialog would give one, and the code grant
+/// yields its tokens.
+#[tokio::test]
+async fn without_a_refresh_token_the_local_sandbox_authorizes_through_its_control_api() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let faults = sandbox::faults::Faults::default();
+    let counters = sandbox::Counters::default();
+    let control = sandbox::control::Control {
+        faults: faults.clone(),
+        counters: counters.clone(),
+        salesforce: sandbox::salesforce::SalesforceApp::new(Default::default(), faults.clone(), counters.clone()),
+        rdstation: rd.clone(),
+        magento: sandbox::magento::MagentoApp::new(Default::default(), Default::default(), faults, counters),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sandbox::control::router(control)).await });
+    let client = RdClient::new(RdSettings {
+        base_url: url,
+        client_id: "elo-rd-client".into(),
+        client_secret: "elo-rd-secret".into(),
+        refresh_token: None,
+        sandbox_control: Some(control_url),
+        contacts_per_minute: NonZeroU32::new(600).unwrap(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    // Later expiries use the refresh token the code grant returned, not a new code.
+    rd.sim.lock().unwrap().expire_tokens();
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    assert_eq!(rd.counters.snapshot()["rdstation"]["POST /auth/token"], 2);
+}
