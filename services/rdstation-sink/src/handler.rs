@@ -44,6 +44,9 @@ pub struct Sink {
     fields_checked: AtomicBool,
     fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
+    /// Customers whose contact update waits for the per-contact budget, so the periodic flush
+    /// does not scan every customer.
+    deferred: Mutex<HashSet<(i32, String)>>,
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
     partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
@@ -89,6 +92,7 @@ impl Sink {
             fields_checked: AtomicBool::new(false),
             fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
+            deferred: Mutex::default(),
             partition_locks: Mutex::default(),
         }
     }
@@ -97,6 +101,8 @@ impl Sink {
         let result = self.customers.restore(partition).and_then(|_| self.sent.restore(partition));
         match result {
             Ok(_) => {
+                let waiting = self.customers.entries(partition).into_iter().filter(|(_, s)| s.deferred);
+                self.deferred.lock().expect("deferred lock").extend(waiting.map(|(k, _)| (partition, k)));
                 self.restored.lock().expect("restored lock").insert(partition);
                 true
             }
@@ -160,30 +166,38 @@ impl Sink {
     }
 
     async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
-        let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
+        let targets: Vec<(i32, String)> = if only_deferred {
+            self.deferred.lock().expect("deferred lock").iter().cloned().collect()
+        } else {
+            let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
+            partitions
+                .into_iter()
+                .flat_map(|p| self.customers.entries(p).into_iter().map(move |(k, _)| (p, k)))
+                .collect()
+        };
         let (mut changed, mut failed) = (0, 0);
-        for partition in partitions {
-            let keys: Vec<String> = self.customers.entries(partition).into_iter().map(|(k, _)| k).collect();
-            for key in keys {
-                let lock = self.partition_lock(partition);
-                let _guard = lock.lock().await;
-                let Some(state) = self.customers.get(partition, &key) else { continue };
-                if only_deferred && !state.deferred {
-                    continue;
-                }
-                let now = now_ms();
-                if state.identity.email.is_empty()
-                    || !only_deferred && crate::dry_run::changes(&state, &self.rules(), now).is_empty()
-                {
-                    continue;
-                }
-                match self.settle(partition, &key, state, now).await {
-                    Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => {}
-                    Ok(()) => changed += 1,
-                    Err(error) => {
-                        failed += 1;
-                        tracing::warn!(partition, key, error = %error, "rules sweep could not update a contact; will retry");
-                    }
+        for (partition, key) in targets {
+            let lock = self.partition_lock(partition);
+            let _guard = lock.lock().await;
+            let Some(state) = self.customers.get(partition, &key) else {
+                self.deferred.lock().expect("deferred lock").remove(&(partition, key));
+                continue;
+            };
+            if only_deferred && !state.deferred {
+                continue;
+            }
+            let now = now_ms();
+            if state.identity.email.is_empty()
+                || !only_deferred && crate::dry_run::changes(&state, &self.rules(), now).is_empty()
+            {
+                continue;
+            }
+            match self.settle(partition, &key, state, now).await {
+                Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => {}
+                Ok(()) => changed += 1,
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(partition, key, error = %error, "rules sweep could not update a contact; will retry");
                 }
             }
         }
@@ -236,6 +250,7 @@ impl Sink {
         if !contacts::needs_write(&state, &desired) {
             metrics::COALESCED.inc();
             state.deferred = false;
+            self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         // The per-contact budget (RD: 24 PATCH, 24 tag posts and 24 funnel updates per contact
@@ -248,12 +263,14 @@ impl Sink {
             }
             metrics::COALESCED.inc();
             state.deferred = true;
+            self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         let result = contacts::sync(&self.client, &mut state, &desired).await;
         if result.as_ref().is_ok_and(|w| *w > 0) {
             state.writes_ms.push(now);
             state.deferred = false;
+            self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
         }
         match result {
             Ok(0) => metrics::COALESCED.inc(),
@@ -448,6 +465,7 @@ impl elo_kafka::Handler for SinkHandler {
 
     fn on_revoked(&self, _topic: &str, partition: i32) {
         self.0.restored.lock().expect("restored lock").remove(&partition);
+        self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
     }
