@@ -179,6 +179,9 @@ impl Sink {
         for (partition, key) in targets {
             let lock = self.partition_lock(partition);
             let _guard = lock.lock().await;
+            if !self.restored.lock().expect("restored lock").contains(&partition) {
+                continue;
+            }
             let Some(state) = self.customers.get(partition, &key) else {
                 self.deferred.lock().expect("deferred lock").remove(&(partition, key));
                 continue;
@@ -464,6 +467,24 @@ impl elo_kafka::Handler for SinkHandler {
     }
 
     fn on_revoked(&self, _topic: &str, partition: i32) {
+        // Wait (bounded: a batch that would not end must not hold the poll thread) for a rules
+        // or deferred-update sweep working on this partition, so it cannot write the
+        // partition's changelog after the new owner restored it; the sweep re-checks
+        // `restored` once it has the lock.
+        let lock = self.0.partition_lock(partition);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _guard = loop {
+            match lock.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => {
+                    tracing::warn!(partition, "revoked while the partition's state was still in use");
+                    break None;
+                }
+            }
+        };
         self.0.restored.lock().expect("restored lock").remove(&partition);
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);
