@@ -409,7 +409,16 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
 
     // Contacts: what the rules dictate, from the independent aggregates.
     let contacts = contacts_by_email(&rd);
-    assert!(!contacts.contains_key(&erased.email), "the erased customer's contact is gone");
+    assert!(
+        !contacts.contains_key(&erased.email),
+        "the erased customer's contact is still there: {:?}\n{}",
+        contacts[&erased.email].uuid,
+        {
+            let text = log(dir.path(), "sink");
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+    );
     let mut checked = 0;
     for (c, e) in &expect {
         let p = &people[*c];
