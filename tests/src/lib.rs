@@ -412,3 +412,68 @@ pub fn salesforce_sink(dir: &Path, topic: &str, salesforce_url: &str, log: &str)
         .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
     command
 }
+
+/// The RD Station simulator served on a free loopback port: its state and base URL.
+pub async fn serve_rdstation(config: sandbox::rdstation::RdConfig) -> (sandbox::rdstation::RdStationApp, String) {
+    let rd =
+        sandbox::rdstation::RdStationApp::new(config, sandbox::faults::Faults::default(), sandbox::Counters::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let router = rd.clone().router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (rd, url)
+}
+
+/// A refresh token for the RD simulator, obtained as an app would: authorization code, then
+/// the code grant.
+pub async fn rd_refresh_token(rd: &sandbox::rdstation::RdStationApp, url: &str) -> String {
+    let (code, config) = {
+        let mut sim = rd.sim.lock().expect("rd lock");
+        (sim.issue_code(), sim.config.clone())
+    };
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/auth/token"))
+        .json(&serde_json::json!({"client_id": config.client_id, "client_secret": config.client_secret, "code": code}))
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token body");
+    answer["refresh_token"].as_str().expect("refresh token").to_owned()
+}
+
+/// An rdstation-sink command on the shared stack reading `topic` (3 partitions) with topics of
+/// its own (`topic.{outcomes,rd-dlq,rd-state,rd-sent}`), group `group`, RD at `rd_url` with the
+/// given secret files and rules file, logging to `dir/<log>.log` (appended, so restarts keep
+/// one log).
+pub fn rdstation_sink(dir: &Path, topic: &str, group: &str, rd_url: &str, rules: &Path, log: &str) -> Command {
+    let mut command = Command::new(binary("rdstation-sink"));
+    let log_file =
+        std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{log}.log"))).expect("log file");
+    command
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("ELO_TOPIC_COMMERCE", topic)
+        .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
+        .env("ELO_DLQ_TOPIC", format!("{topic}.rd-dlq"))
+        .env("ELO_RDSTATION_STATE_TOPIC", format!("{topic}.rd-state"))
+        .env("ELO_RDSTATION_SENT_LOG_TOPIC", format!("{topic}.rd-sent"))
+        .env("ELO_TOPIC_PARTITIONS", "3")
+        .env("ELO_CONSUMER_GROUP", group)
+        .env("ELO_RDSTATION_URL", rd_url)
+        .env("ELO_RDSTATION_CLIENT_SECRET_FILE", dir.join("rd-client-secret"))
+        .env("ELO_RDSTATION_REFRESH_TOKEN_FILE", dir.join("rd-refresh-token"))
+        .env("ELO_RDSTATION_RULES_FILE", rules)
+        .env("ELO_RDSTATION_RULES_RELOAD_INTERVAL", "1s")
+        .env("ELO_RDSTATION_CONTACTS_PER_MINUTE", "30000")
+        .env("ELO_DRAIN_TIMEOUT", "10s")
+        // A killed member's session ends quickly (Tansu 0.6 strands the partitions of a member
+        // killed while another is active: restart after its session timed out).
+        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    command
+}

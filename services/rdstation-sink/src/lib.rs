@@ -1,15 +1,41 @@
-//! rdstation-sink: Applies commerce events to RD Station Marketing (contacts, legal bases, tags, e-commerce events).
+//! rdstation-sink: step 4 of the workflow. Consumes `commerce.events` and keeps RD Station
+//! Marketing in step: contacts (fields, LGPD legal bases, tags, lifecycle stage) from
+//! per-customer aggregates and declarative segmentation rules, and the order lifecycle as
+//! `ECOMMERCE_*` events, within RD's rate limits.
 //!
-//! # Status
-//! The foundation version: it joins its consumer group, validates every record against Elo's
-//! Avro contracts (malformed records go to `rdstation-sink.dlq` with their error class), exposes its
-//! probes and metrics, and drains and commits on SIGTERM. The RD Station work lands with its own
-//! issue; until then the default group ends in `-validate`, so the applying version starts
-//! from the beginning of the topic and skips nothing.
+//! # Layout
+//! - [`client`]: the RD API client (OAuth refresh, per-account contact budget, error classes).
+//! - [`aggregates`]: per-customer state and aggregates, kept in the state store.
+//! - [`rules`]: the segmentation rules file (validation with line numbers, evaluation).
+//! - [`contacts`]: the contact a customer should have, and the coalesced writes to get there.
+//! - [`events`]: the `ECOMMERCE_*` events of an order, mapped by a configuration file.
+//! - [`handler`]: the consumer handler tying them together, with the sent-log.
+//! - [`dry_run`]: `rdstation-sink rules dry-run`; [`backtest`]: `rdstation-sink rules backtest`.
+//! - [`metrics`]: every metric the service exports.
+
+pub mod aggregates;
+pub mod backtest;
+pub mod client;
+pub mod contacts;
+pub mod dry_run;
+pub mod events;
+pub mod handler;
+mod metrics;
+pub mod rules;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
-use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
+use elo_kafka::StateStore;
+use elo_service::{CommonArgs, ConsumerArgs, Service};
+
+use crate::client::{RdClient, RdSettings};
+use crate::events::EventMapping;
+use crate::handler::{ContactBudget, Sink, SinkHandler};
+use crate::rules::Rules;
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
 pub const NAME: &str = "rdstation-sink";
@@ -22,23 +48,277 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4A
 #[command(
     name = "rdstation-sink",
     version,
-    about = "Applies commerce events to RD Station Marketing (contacts, legal bases, tags, e-commerce events)."
+    about = "Keeps RD Station Marketing contacts, segments and e-commerce events in step with commerce.events."
 )]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+    #[command(flatten)]
+    pub rd: RdArgs,
 }
 
-/// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
+/// RD Station and rdstation-sink settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RdArgs {
+    /// RD Station Marketing API base URL.
+    #[arg(long = "rd-url", env = "ELO_RDSTATION_URL", default_value = "http://127.0.0.1:8703")]
+    pub rd_url: String,
+    /// OAuth client id of the RD Station app.
+    #[arg(long = "rd-client-id", env = "ELO_RDSTATION_CLIENT_ID", default_value = "elo-rd-client")]
+    pub client_id: String,
+    /// File holding the OAuth client secret.
+    #[arg(long = "rd-client-secret-file", env = "ELO_RDSTATION_CLIENT_SECRET_FILE")]
+    pub client_secret_file: Option<PathBuf>,
+    /// File holding the OAuth refresh token (RD Marketing refresh tokens do not expire).
+    #[arg(long = "rd-refresh-token-file", env = "ELO_RDSTATION_REFRESH_TOKEN_FILE")]
+    pub refresh_token_file: Option<PathBuf>,
+    /// Local development: the sandbox control API that issues authorization codes when no
+    /// refresh token file is given (loopback RD URLs only).
+    #[arg(long = "rd-sandbox-control", env = "ELO_RDSTATION_SANDBOX_CONTROL", default_value = "http://127.0.0.1:8700")]
+    pub sandbox_control: String,
+    /// Contact requests per minute the sink allows itself (RD: 120 per account, 500 on
+    /// Advanced). The default keeps 5% headroom for clock and latency jitter.
+    #[arg(long = "rd-contacts-per-minute", env = "ELO_RDSTATION_CONTACTS_PER_MINUTE", default_value_t = NonZeroU32::new(114).expect("non-zero"))]
+    pub contacts_per_minute: NonZeroU32,
+    /// RD request timeout, e.g. `30s`.
+    #[arg(long = "rd-timeout", env = "ELO_RDSTATION_TIMEOUT", default_value = "30s", value_parser = elo_service::parse_duration)]
+    pub rd_timeout: Duration,
+    /// Segmentation rules file (TOML); without it contacts get no tags, stage or rule fields.
+    #[arg(long = "rules-file", env = "ELO_RDSTATION_RULES_FILE")]
+    pub rules_file: Option<PathBuf>,
+    /// How often the rules file is checked for changes (`0s`: never reloaded).
+    #[arg(long = "rules-reload-interval", env = "ELO_RDSTATION_RULES_RELOAD_INTERVAL", default_value = "10s", value_parser = elo_service::parse_duration)]
+    pub rules_reload_interval: Duration,
+    /// Contact writes allowed per contact in `--contact-update-window` (RD: 24 PATCH per
+    /// contact per 24 h); updates beyond it are coalesced and land when the window has room.
+    #[arg(long = "contact-updates", env = "ELO_RDSTATION_CONTACT_UPDATES", default_value_t = 24)]
+    pub contact_updates: usize,
+    /// The per-contact budget's sliding window.
+    #[arg(long = "contact-update-window", env = "ELO_RDSTATION_CONTACT_UPDATE_WINDOW", default_value = "86400s", value_parser = elo_service::parse_duration)]
+    pub contact_update_window: Duration,
+    /// E-commerce event mapping file (TOML) [default: the embedded `config/events.toml`].
+    #[arg(long = "events-file", env = "ELO_RDSTATION_EVENTS_FILE")]
+    pub events_file: Option<PathBuf>,
+    /// Create the custom fields the mapping and rules need when the account lacks them.
+    #[arg(long = "create-fields", env = "ELO_RDSTATION_CREATE_FIELDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_fields: bool,
+    /// Compacted changelog of the per-customer state (aggregates, contact mapping).
+    #[arg(long = "state-topic", env = "ELO_RDSTATION_STATE_TOPIC", default_value = "rdstation-sink.customers")]
+    pub state_topic: String,
+    /// Compacted changelog of the events RD acknowledged (the sent-log).
+    #[arg(long = "sent-log-topic", env = "ELO_RDSTATION_SENT_LOG_TOPIC", default_value = "rdstation-sink.sent-events")]
+    pub sent_log_topic: String,
+}
+
+impl RdArgs {
+    /// Client settings, reading the secret files. Against a loopback URL (the local sandbox)
+    /// the files may be left out: the sandbox's client secret is used and an authorization
+    /// code is fetched from its control API, so `make run` needs no setup.
+    pub fn settings(&self) -> anyhow::Result<RdSettings> {
+        let local = self.rd_url.starts_with("http://127.0.0.1") || self.rd_url.starts_with("http://localhost");
+        let client_secret = match &self.client_secret_file {
+            Some(path) => RdSettings::read_secret(path)?,
+            None if local => "elo-rd-secret".to_owned(),
+            None => anyhow::bail!("the RD Station client secret file is required (ELO_RDSTATION_CLIENT_SECRET_FILE)"),
+        };
+        let (refresh_token, sandbox_control) = match &self.refresh_token_file {
+            Some(path) => (Some(RdSettings::read_secret(path)?), None),
+            None if local => {
+                tracing::warn!(control = %self.sandbox_control, "no refresh token file: authorizing through the local sandbox");
+                (None, Some(self.sandbox_control.clone()))
+            }
+            None => anyhow::bail!("the RD Station refresh token file is required (ELO_RDSTATION_REFRESH_TOKEN_FILE)"),
+        };
+        Ok(RdSettings {
+            base_url: self.rd_url.clone(),
+            client_id: self.client_id.clone(),
+            client_secret,
+            refresh_token,
+            sandbox_control,
+            contacts_per_minute: self.contacts_per_minute,
+            request_timeout: self.rd_timeout,
+        })
+    }
+
+    pub fn rules(&self) -> anyhow::Result<Rules> {
+        Ok(match &self.rules_file {
+            Some(path) => Rules::load(path)?,
+            None => Rules::default(),
+        })
+    }
+
+    pub fn mapping(&self) -> anyhow::Result<EventMapping> {
+        Ok(match &self.events_file {
+            Some(path) => EventMapping::load(path)?,
+            None => EventMapping::default_mapping(),
+        })
+    }
+}
+
+/// One-off jobs (the service runs without a subcommand).
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Segmentation rules tools.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum RulesCommand {
+    /// Validate the rules file (errors name the line) and exit.
+    Validate,
+    /// Show which contacts the rules file would change and how, from the state in Kafka;
+    /// nothing is written.
+    DryRun,
+    /// Replay the order history in commerce.events through the rules file and report each
+    /// rule's segment size week by week.
+    Backtest(backtest::BacktestArgs),
+}
+
+/// Runs the service until SIGTERM/SIGINT, or a subcommand.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    match &config.command {
+        Some(Command::Rules(RulesCommand::Validate)) => {
+            let rules = config.rd.rules()?;
+            println!("{} rules ok", rules.rules.len());
+            return Ok(());
+        }
+        Some(Command::Rules(RulesCommand::DryRun)) => return dry_run::run(&config).await,
+        Some(Command::Rules(RulesCommand::Backtest(args))) => return backtest::run(&config, args).await,
+        None => {}
+    }
+    metrics::register_all();
+    // Refuse bad local configuration before touching the broker.
+    let rules = config.rd.rules()?;
+    let mapping = config.rd.mapping()?;
+    let client = RdClient::new(config.rd.settings()?)?;
     let common = &config.common;
-    let plan = ConsumerPlan {
-        name: NAME,
-        default_admin: DEFAULT_ADMIN,
-        topics: vec![common.topics.commerce.clone()],
-        default_batch: 50,
+    let t = &common.topics;
+    let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));
+    let specs = vec![
+        t.spec(&t.commerce),
+        t.spec(&t.outcomes),
+        t.spec(&dlq),
+        StateStore::<()>::changelog_spec(&config.rd.state_topic, t.partitions).with_replication(t.replication),
+        StateStore::<()>::changelog_spec(&config.rd.sent_log_topic, t.partitions).with_replication(t.replication),
+    ];
+    let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, specs).await? else {
+        return Ok(());
     };
-    elo_service::run_validating_consumer(plan, common, &config.consumer).await
+    let customers = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.rd.state_topic.clone()));
+    let sent = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.rd.sent_log_topic.clone()));
+    let rules = Arc::new(RwLock::new(Arc::new(rules)));
+    let sink = Arc::new(Sink::new(
+        client.clone(),
+        service.codec.clone(),
+        service.producer.clone(),
+        customers,
+        sent,
+        rules.clone(),
+        mapping,
+        t.outcomes.clone(),
+        ContactBudget { per_contact: config.rd.contact_updates.max(1), window: config.rd.contact_update_window },
+        config.rd.create_fields,
+    ));
+    let reload_every = config.rd.rules_reload_interval;
+    let maintenance = tokio::spawn(maintain(
+        config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
+        if reload_every.is_zero() { Duration::from_secs(10) } else { reload_every },
+        sink.clone(),
+        config.rd.create_fields,
+        service.shutdown.clone(),
+    ));
+    let settings = config.consumer.settings(format!("elo-{NAME}"), vec![t.commerce.clone()], dlq, 50);
+    let result = elo_kafka::run_consumer(
+        &common.kafka,
+        settings,
+        Arc::new(SinkHandler(sink.clone())),
+        service.producer.clone(),
+        service.health.clone(),
+        service.shutdown.clone(),
+    )
+    .await;
+    service.shutdown.cancel();
+    let _ = maintenance.await;
+    service.finish().await;
+    result.map_err(Into::into)
+}
+
+/// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
+/// in use stay) and applies new rules to every contact of the assigned partitions (again on the
+/// next tick if some contact could not be updated); otherwise lands the contact updates the
+/// per-contact budget held back.
+async fn maintain(
+    rules_file: Option<PathBuf>,
+    every: Duration,
+    sink: Arc<Sink>,
+    create_fields: bool,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = rules_file.as_ref().and_then(modified);
+    let mut sweep_pending = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Some(path) = &rules_file
+            && modified(path) != seen
+        {
+            let now = modified(path);
+            match Rules::load(path) {
+                Ok(new) => {
+                    match contacts::ensure_fields(&sink.client, &contacts::needed_fields(&new), create_fields).await {
+                        Ok(missing) if missing.is_empty() => {
+                            let count = new.rules.len();
+                            *sink.rules.write().expect("rules lock") = Arc::new(new);
+                            tracing::info!(rules = count, "segmentation rules reloaded");
+                            sweep_pending = true;
+                            seen = now;
+                        }
+                        Ok(missing) => {
+                            tracing::error!(fields = ?missing, "new rules need custom fields rd station lacks; keeping the rules in use");
+                            seen = now;
+                        }
+                        // Not marked seen: tried again on the next tick.
+                        Err(error) => {
+                            tracing::warn!(error = %error, "cannot check custom fields for the new rules; will retry")
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "invalid rules file; keeping the rules in use");
+                    seen = now;
+                }
+            }
+        }
+        let sweep = async {
+            if sweep_pending { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
+        };
+        let (full, (changed, failed)) = tokio::select! {
+            r = sweep => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if full {
+            tracing::info!(changed, failed, "rules applied to the assigned contacts");
+            sweep_pending = failed > 0;
+        } else if changed + failed > 0 {
+            tracing::info!(changed, failed, "deferred contact updates landed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Config::command().debug_assert();
+    }
 }

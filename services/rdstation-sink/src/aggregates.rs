@@ -1,0 +1,229 @@
+//! Per-customer state kept in the [`elo_kafka::StateStore`] (one entry per customer key): who
+//! the customer is, the facts of each order (so a replayed event changes nothing), the RD
+//! contact it maps to, and what the sink last wrote there. Aggregates (recency, frequency,
+//! monetary, SKUs, stores, region, consent) are derived from it on demand.
+//!
+//! Orders are kept by entity id with their latest source version: an older version of an order
+//! never overwrites a newer one, and frequency counts each order once however often it comes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use elo_events::{CommerceEvent, ConsentStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Order statuses that do not count as a purchase.
+const NOT_PURCHASES: &[&str] = &["canceled", "cancelled", "closed"];
+const DAY_MS: i64 = 86_400_000;
+
+/// Who the customer is, from the newest event that said so.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    pub email: String,
+    pub customer_id: Option<i64>,
+    pub is_guest: bool,
+    pub firstname: Option<String>,
+    pub lastname: Option<String>,
+    pub phone: Option<String>,
+    pub city: Option<String>,
+    pub state: Option<String>,
+    pub country: Option<String>,
+    /// `granted`, `declined` or `unknown`.
+    pub consent: String,
+    pub legal_basis: Option<String>,
+    /// Source `updated_at` this identity came from.
+    pub version: i64,
+}
+
+/// What one order contributes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OrderFacts {
+    pub increment_id: String,
+    pub status: String,
+    /// Grand total in ten-thousandths (`Decimal4` unscaled).
+    pub total: i64,
+    pub created_at: i64,
+    pub store: Option<String>,
+    pub skus: Vec<String>,
+    pub version: i64,
+}
+
+/// What the sink last wrote to the contact, so unchanged state is not written again.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub fields: Map<String, Value>,
+    pub tags: BTreeSet<String>,
+    pub stage: Option<String>,
+}
+
+/// The state store value of one customer key.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CustomerState {
+    pub identity: Identity,
+    pub orders: BTreeMap<String, OrderFacts>,
+    /// RD contact uuid, once known: an e-mail change then updates the same contact.
+    pub contact_uuid: Option<String>,
+    pub applied: Applied,
+    /// When the contact was written in the last day (the per-contact budget).
+    #[serde(default)]
+    pub writes_ms: Vec<i64>,
+    /// A write is due but the per-contact budget was spent: the periodic sweep lands the
+    /// latest state once the window has room.
+    #[serde(default)]
+    pub deferred: bool,
+}
+
+/// Whether an event changed the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Applied,
+    /// Older than what the state holds.
+    Stale,
+}
+
+impl CustomerState {
+    /// Folds one event in; idempotent (the same event twice is the same as once).
+    pub fn apply(&mut self, event: &CommerceEvent) -> Change {
+        let version = event.source_version.updated_at;
+        let mut changed = false;
+        if let Some(customer) = &event.customer
+            && version >= self.identity.version
+        {
+            let address = event.order.as_ref().and_then(|o| o.billing_address.clone().or(o.shipping_address.clone()));
+            let id = &mut self.identity;
+            id.email = elo_events::ids::normalise_email(&customer.email);
+            id.customer_id = customer.customer_id;
+            id.is_guest = customer.is_guest;
+            id.firstname = customer.firstname.clone().or(id.firstname.take());
+            id.lastname = customer.lastname.clone().or(id.lastname.take());
+            let phone = customer.phone.clone().or_else(|| address.as_ref().and_then(|a| a.telephone.clone()));
+            id.phone = phone.or(id.phone.take());
+            if let Some(a) = address {
+                id.city = a.city.or(id.city.take());
+                id.state = a.region_code.or(a.region).or(id.state.take());
+                id.country = a.country_id.or(id.country.take());
+            }
+            id.consent = match customer.consent.status {
+                ConsentStatus::Granted => "granted",
+                ConsentStatus::Declined => "declined",
+                ConsentStatus::Unknown => "unknown",
+            }
+            .into();
+            id.legal_basis = customer.consent.legal_basis.clone();
+            id.version = version;
+            changed = true;
+        }
+        if let Some(order) = &event.order {
+            let key = order.entity_id.to_string();
+            let newer = self.orders.get(&key).is_none_or(|o| version >= o.version);
+            if newer {
+                let skus = order
+                    .items
+                    .iter()
+                    .filter(|i| i.parent_item_id.is_none())
+                    .map(|i| i.sku.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                self.orders.insert(
+                    key,
+                    OrderFacts {
+                        increment_id: order.increment_id.clone(),
+                        status: order.status.clone(),
+                        total: order.totals.grand_total.unscaled(),
+                        created_at: order.created_at,
+                        store: event.store.store_code.clone(),
+                        skus,
+                        version,
+                    },
+                );
+                changed = true;
+            }
+        }
+        if changed || event.order.is_none() && event.customer.is_none() { Change::Applied } else { Change::Stale }
+    }
+
+    /// The aggregates rules are evaluated on, at `now_ms`.
+    pub fn aggregate(&self, now_ms: i64) -> Aggregate {
+        let purchases: Vec<&OrderFacts> =
+            self.orders.values().filter(|o| !NOT_PURCHASES.contains(&o.status.as_str())).collect();
+        let last = purchases.iter().map(|o| o.created_at).max();
+        let last_order = self.orders.values().max_by_key(|o| (o.created_at, o.increment_id.clone()));
+        Aggregate {
+            frequency: purchases.len() as u64,
+            monetary: purchases.iter().map(|o| o.total).sum::<i64>() as f64 / 10_000.0,
+            recency_days: last.map(|t| ((now_ms - t).max(0) / DAY_MS) as u64),
+            skus: purchases.iter().flat_map(|o| o.skus.iter().cloned()).collect(),
+            stores: purchases.iter().filter_map(|o| o.store.clone()).collect(),
+            region: self.identity.state.clone(),
+            country: self.identity.country.clone(),
+            consent: if self.identity.consent.is_empty() { "unknown".into() } else { self.identity.consent.clone() },
+            guest: self.identity.is_guest,
+            last_order_id: last_order.map(|o| o.increment_id.clone()),
+        }
+    }
+}
+
+/// A customer's aggregates.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Aggregate {
+    /// Orders that count as purchases (not cancelled or closed).
+    pub frequency: u64,
+    /// Sum of their grand totals, in the order currency.
+    pub monetary: f64,
+    /// Whole days since the last purchase (`None` without one).
+    pub recency_days: Option<u64>,
+    pub skus: BTreeSet<String>,
+    pub stores: BTreeSet<String>,
+    pub region: Option<String>,
+    pub country: Option<String>,
+    pub consent: String,
+    pub guest: bool,
+    pub last_order_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use elo_events::sample;
+
+    use super::*;
+
+    #[test]
+    fn replays_and_stale_versions_change_nothing() {
+        let mut state = CustomerState::default();
+        let placed = sample::order_placed(1);
+        assert_eq!(state.apply(&placed), Change::Applied);
+        let once = state.clone();
+        state.apply(&placed);
+        assert_eq!(state, once, "a replay is harmless");
+        assert_eq!(state.aggregate(placed.occurred_at).frequency, 1);
+
+        let mut cancelled = placed.clone();
+        cancelled.source_version.updated_at += 10;
+        cancelled.order.as_mut().unwrap().status = "canceled".into();
+        state.apply(&cancelled);
+        assert_eq!(state.aggregate(0).frequency, 0, "a cancelled order is no purchase");
+        assert_eq!(state.apply(&placed), Change::Stale, "the older version does not come back");
+        assert_eq!(state.aggregate(0).frequency, 0);
+    }
+
+    #[test]
+    fn aggregates_sum_orders_and_measure_recency() {
+        let mut state = CustomerState::default();
+        let a = sample::order_placed(0);
+        let mut b = sample::order_placed(97);
+        b.customer_key = a.customer_key.clone();
+        state.apply(&a);
+        state.apply(&b);
+        let total = (a.order.as_ref().unwrap().totals.grand_total.unscaled()
+            + b.order.as_ref().unwrap().totals.grand_total.unscaled()) as f64
+            / 10_000.0;
+        let now = b.order.as_ref().unwrap().created_at + 3 * DAY_MS + 5;
+        let agg = state.aggregate(now);
+        assert_eq!(agg.frequency, 2);
+        assert!((agg.monetary - total).abs() < 1e-9);
+        assert_eq!(agg.recency_days, Some(3));
+        assert_eq!(agg.region.as_deref(), Some("SP"));
+        assert_eq!(state.identity.email, "customer0@example.com");
+    }
+}

@@ -1,0 +1,343 @@
+//! The RD Station Marketing API client: one shared HTTP client, OAuth with refresh on an
+//! expired token, a per-account budget for contact requests, and RD's error bodies turned into
+//! the runtime's error classes.
+//!
+//! Every call is sent once ([`HttpClient::send_once`]): the consumer runtime owns retries
+//! (classified, with backoff, honouring `Retry-After`), and a retry inside the client would
+//! spend contact budget behind the limiter's back. The budget is a GCRA limiter with a burst
+//! of one, so the requests of any 60 s window stay under the plan's limit (RD counts in a
+//! sliding window; a burst at the start of a window would be counted again in the next one).
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elo_http_client::{HttpClient, HttpClientConfig};
+use elo_kafka::{ErrorClass, HandlerError};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, RwLock};
+
+use crate::metrics;
+
+/// Failures of an RD Station call, by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Credentials refused (after one refresh): wait and alert, never drop.
+    #[error("rd station refused our credentials ({code})")]
+    Auth { code: String },
+    /// 429: wait for the window.
+    #[error("rd station rate limit reached")]
+    RateLimited { retry_after: Option<Duration> },
+    /// 5xx, timeouts, transport errors.
+    #[error("rd station unavailable: {0}")]
+    Transient(String),
+    /// RD refused the request itself (4xx with a reason).
+    #[error("rd station refused the request: HTTP {status} {code}: {message}")]
+    Refused { status: u16, code: String, message: String },
+    /// Local setup (unreadable secret files).
+    #[error("rd station client setup: {0}")]
+    Setup(String),
+}
+
+impl Error {
+    /// RD's `error_type`, or a bounded local code.
+    pub fn code(&self) -> &str {
+        match self {
+            Self::Auth { code } | Self::Refused { code, .. } => code,
+            Self::RateLimited { .. } => "RATE_LIMIT_EXCEDDED",
+            Self::Transient(_) => "unavailable",
+            Self::Setup(_) => "setup",
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Auth { .. } | Self::Setup(_) => ErrorClass::Auth,
+            Self::RateLimited { .. } => ErrorClass::RateLimited,
+            Self::Transient(_) => ErrorClass::Transient,
+            Self::Refused { .. } => ErrorClass::Permanent,
+        }
+    }
+
+    /// The runtime's verdict for the record this call served.
+    pub fn to_handler_error(&self) -> HandlerError {
+        let error = HandlerError::new(self.class(), self.code(), self.to_string());
+        match self {
+            Self::RateLimited { retry_after: Some(after) } => error.with_retry_after(*after),
+            _ => error,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a request counts against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    /// The per-account contact budget (contacts, tags, funnels, fields).
+    Contacts,
+    /// Not limited by the sink (events, auth).
+    None,
+}
+
+/// Client settings.
+#[derive(Clone)]
+pub struct RdSettings {
+    pub base_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// `None` only against the local sandbox (see `sandbox_control`).
+    pub refresh_token: Option<String>,
+    /// Local development only: the sandbox control API that hands out authorization codes,
+    /// used when no refresh token is configured (the code grant then yields one).
+    pub sandbox_control: Option<String>,
+    /// Contact requests per minute the sink allows itself.
+    pub contacts_per_minute: NonZeroU32,
+    pub request_timeout: Duration,
+}
+
+impl fmt::Debug for RdSettings {
+    /// Secrets never reach a log line, even through `{:?}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RdSettings")
+            .field("base_url", &self.base_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"***")
+            .field("refresh_token", &"***")
+            .field("sandbox_control", &self.sandbox_control)
+            .field("contacts_per_minute", &self.contacts_per_minute)
+            .finish()
+    }
+}
+
+impl RdSettings {
+    /// Reads a secret file (trailing newline trimmed).
+    pub fn read_secret(path: &Path) -> Result<String> {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim_end().to_owned())
+            .map_err(|e| Error::Setup(format!("cannot read {}: {e}", path.display())))
+    }
+}
+
+/// The shared RD Station client (cheap to clone).
+#[derive(Clone)]
+pub struct RdClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: HttpClient,
+    settings: RdSettings,
+    access_token: RwLock<Option<String>>,
+    refresh_token: RwLock<Option<String>>,
+    refreshing: Mutex<()>,
+    budget: DefaultDirectRateLimiter,
+}
+
+impl RdClient {
+    pub fn new(settings: RdSettings) -> Result<Self> {
+        let mut config = HttpClientConfig::new("rdstation");
+        config.request_timeout = settings.request_timeout;
+        config.max_attempts = 1;
+        let http = HttpClient::new(config).map_err(|e| Error::Setup(e.to_string()))?;
+        let period = Duration::from_secs(60) / settings.contacts_per_minute.get();
+        let budget =
+            RateLimiter::direct(Quota::with_period(period).expect("positive period").allow_burst(NonZeroU32::MIN));
+        metrics::BUDGET_LIMIT.set(i64::from(settings.contacts_per_minute.get()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                access_token: RwLock::new(None),
+                refresh_token: RwLock::new(settings.refresh_token.clone()),
+                settings,
+                refreshing: Mutex::new(()),
+                budget,
+            }),
+        })
+    }
+
+    /// Sends one request; on a 401 refreshes the access token once and sends it again.
+    /// Returns the JSON body (`Null` when empty).
+    pub async fn request(&self, method: Method, path: &str, body: Option<&Value>, budget: Budget) -> Result<Value> {
+        let mut refreshed = false;
+        loop {
+            let token = self.access_token().await?;
+            if budget == Budget::Contacts {
+                self.inner.budget.until_ready().await;
+                metrics::BUDGET_USED.inc();
+            }
+            let url = format!("{}{}", self.inner.settings.base_url.trim_end_matches('/'), path);
+            let result = self
+                .inner
+                .http
+                .send_once(|c| {
+                    let request = c.request(method.clone(), &url).bearer_auth(&token);
+                    match body {
+                        Some(body) => request.json(body),
+                        None => request,
+                    }
+                })
+                .await;
+            match result {
+                Ok(response) => {
+                    let bytes = response.bytes().await.map_err(|e| Error::Transient(e.to_string()))?;
+                    return Ok(if bytes.is_empty() {
+                        Value::Null
+                    } else {
+                        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+                    });
+                }
+                Err(error) => {
+                    let error = classify(&error);
+                    // RD answers 401 for expired and for invalid tokens (some integrations only
+                    // check one of `expired_token`/`invalid_token`): refresh once either way.
+                    if matches!(&error, Error::Auth { code } if code == "UNAUTHORIZED") && !refreshed {
+                        refreshed = true;
+                        self.refresh(&token).await?;
+                        continue;
+                    }
+                    if matches!(error, Error::RateLimited { .. }) {
+                        metrics::RATE_LIMITED.inc();
+                    }
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    async fn access_token(&self) -> Result<String> {
+        if let Some(token) = self.inner.access_token.read().await.clone() {
+            return Ok(token);
+        }
+        self.refresh("").await?;
+        self.inner.access_token.read().await.clone().ok_or_else(|| Error::Auth { code: "no_token".into() })
+    }
+
+    /// Exchanges the refresh token for a new access token, unless another task already
+    /// replaced `stale` meanwhile.
+    async fn refresh(&self, stale: &str) -> Result<()> {
+        let _guard = self.inner.refreshing.lock().await;
+        if let Some(current) = self.inner.access_token.read().await.as_deref()
+            && current != stale
+        {
+            return Ok(());
+        }
+        let s = &self.inner.settings;
+        let url = format!("{}/auth/token", s.base_url.trim_end_matches('/'));
+        let refresh_token = self.inner.refresh_token.read().await.clone();
+        let body = match (refresh_token, &s.sandbox_control) {
+            (Some(refresh), _) => {
+                json!({"client_id": s.client_id, "client_secret": s.client_secret, "refresh_token": refresh})
+            }
+            (None, Some(control)) => {
+                let code = self.sandbox_code(control).await?;
+                json!({"client_id": s.client_id, "client_secret": s.client_secret, "code": code})
+            }
+            (None, None) => return Err(Error::Auth { code: "no_refresh_token".into() }),
+        };
+        let response =
+            self.inner.http.send_once(|c| c.post(&url).json(&body)).await.map_err(|e| match classify(&e) {
+                Error::Refused { code, .. } => Error::Auth { code },
+                other => other,
+            })?;
+        let value: Value = response.json().await.map_err(|e| Error::Transient(e.to_string()))?;
+        let Some(token) = value.get("access_token").and_then(Value::as_str) else {
+            return Err(Error::Auth { code: "no_access_token".into() });
+        };
+        *self.inner.access_token.write().await = Some(token.to_owned());
+        if let Some(refresh) = value.get("refresh_token").and_then(Value::as_str) {
+            *self.inner.refresh_token.write().await = Some(refresh.to_owned());
+        }
+        metrics::TOKEN_REFRESHES.inc();
+        let expires_in = value.get("expires_in").and_then(Value::as_i64);
+        tracing::info!(expires_in, "rd station access token refreshed");
+        Ok(())
+    }
+}
+
+impl RdClient {
+    /// An authorization code from the sandbox's control API (what RD's `/auth/dialog` would
+    /// redirect with after a user's consent).
+    async fn sandbox_code(&self, control: &str) -> Result<String> {
+        let url = format!("{}/rdstation/auth-code", control.trim_end_matches('/'));
+        let response = self.inner.http.send_once(|c| c.post(&url)).await.map_err(|e| classify(&e))?;
+        let value: Value = response.json().await.map_err(|e| Error::Transient(e.to_string()))?;
+        value
+            .get("code")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Auth { code: "no_code".into() })
+    }
+}
+
+/// RD's `error_type` from any of its three body shapes: flat `{"errors":{"error_type"}}`,
+/// array `{"errors":[{"error_type"}]}`, per-field `{"errors":{"field":[{"error_type"}]}}`.
+pub fn error_type(body: &str) -> Option<(String, String)> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    let errors = value.get("errors")?;
+    let first = match errors {
+        Value::Array(items) => items.first()?.clone(),
+        Value::Object(map) if map.contains_key("error_type") => errors.clone(),
+        Value::Object(map) => map.values().find_map(|v| v.as_array().and_then(|a| a.first()).cloned())?,
+        _ => return None,
+    };
+    let kind = first.get("error_type")?.as_str()?.to_owned();
+    let message = first.get("error_message").and_then(Value::as_str).unwrap_or_default().to_owned();
+    Some((kind, message))
+}
+
+fn classify(error: &elo_http_client::Error) -> Error {
+    let Some(status) = error.status() else { return Error::Transient(error.to_string()) };
+    let (code, message) = error_type(error.body().unwrap_or_default())
+        .unwrap_or_else(|| (format!("http_{}", status.as_u16()), String::new()));
+    match status.as_u16() {
+        401 | 403 => Error::Auth { code },
+        429 => Error::RateLimited { retry_after: error.retry_after() },
+        408 => Error::Transient("request timeout".into()),
+        s if s >= 500 => Error::Transient(format!("HTTP {s}")),
+        s => Error::Refused { status: s, code, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_all_three_error_shapes() {
+        let flat = r#"{"errors":{"error_type":"EMAIL_ALREADY_IN_USE","error_message":"Email already in use."}}"#;
+        assert_eq!(error_type(flat).unwrap().0, "EMAIL_ALREADY_IN_USE");
+        let array = r#"{"errors":[{"error_type":"CANNOT_BE_NULL","error_message":"Cannot be null.","path":"body.x"}]}"#;
+        assert_eq!(error_type(array).unwrap().0, "CANNOT_BE_NULL");
+        let field =
+            r#"{"errors":{"tags":[{"error_type":"VALUES_MUST_BE_UNIQUE","error_message":"Values must be unique."}]}}"#;
+        assert_eq!(error_type(field).unwrap().0, "VALUES_MUST_BE_UNIQUE");
+        assert!(error_type("not json").is_none());
+    }
+
+    #[test]
+    fn settings_debug_hides_secrets() {
+        let settings = RdSettings {
+            base_url: "http://x".into(),
+            client_id: "id".into(),
+            client_secret: "very-secret".into(),
+            refresh_token: Some("refresh-secret".into()),
+            sandbox_control: None,
+            contacts_per_minute: NonZeroU32::new(120).unwrap(),
+            request_timeout: Duration::from_secs(5),
+        };
+        let text = format!("{settings:?}");
+        assert!(!text.contains("very-secret") && !text.contains("refresh-secret"), "{text}");
+    }
+}

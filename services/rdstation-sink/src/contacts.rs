@@ -1,0 +1,282 @@
+//! Contacts: what a customer's RD contact should hold, and the writes that get it there
+//! with as few requests as possible.
+//!
+//! - Fields go through `PATCH` (upsert), by `uuid:` once the contact's uuid is known (so an
+//!   e-mail change updates the same contact, saas-apis.md §4 #14), by `email:` before. The
+//!   body never carries `tags`: RD's PATCH replaces the list and would wipe tags marketers or
+//!   other tools set (§4 #12).
+//! - Tags go through `POST …/tag` (append), only the ones the contact lacks: the PATCH answer
+//!   tells which it has, and `/tag` refuses a tag the contact already has.
+//! - The lifecycle stage goes through the default funnel.
+//! - Nothing is written when the contact already holds what the sink last wrote (coalescing:
+//!   a customer whose orders do not change their segment costs no contact request).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use reqwest::Method;
+use serde_json::{Map, Value, json};
+
+use crate::aggregates::{Aggregate, CustomerState};
+use crate::client::{Budget, Error, RdClient, Result};
+use crate::metrics;
+use crate::rules::Verdict;
+
+/// The custom fields the built-in mapping writes, with their RD data types.
+pub const MAPPING_FIELDS: &[(&str, &str)] = &[
+    ("cf_magento_customer_id", "STRING"),
+    ("cf_last_order_id", "STRING"),
+    ("cf_lifetime_value", "STRING"),
+    ("cf_elo_order_count", "INTEGER"),
+];
+
+const LEGAL_BASIS_TYPES: &[&str] = &[
+    "pre_existent_contract",
+    "consent",
+    "legitimate_interest",
+    "judicial_process",
+    "vital_interest",
+    "public_interest",
+];
+
+/// What the contact should hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Desired {
+    /// PATCH body fields, `email` included (removed when it is the identifier).
+    pub fields: Map<String, Value>,
+    pub tags: BTreeSet<String>,
+    pub stage: Option<String>,
+}
+
+/// The contact a customer's state and the rules' verdict call for.
+pub fn desired(state: &CustomerState, aggregate: &Aggregate, verdict: &Verdict) -> Desired {
+    let id = &state.identity;
+    let mut f = Map::new();
+    f.insert("email".into(), json!(id.email));
+    let name = [id.firstname.as_deref(), id.lastname.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
+    let mut text = |key: &str, value: Option<&str>| {
+        if let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) {
+            f.insert(key.into(), json!(v));
+        }
+    };
+    text("name", Some(&name));
+    text("mobile_phone", id.phone.as_deref());
+    text("city", id.city.as_deref());
+    text("state", id.state.as_deref());
+    text("country", id.country.as_deref());
+    if matches!(id.consent.as_str(), "granted" | "declined") {
+        let kind = id.legal_basis.as_deref().filter(|b| LEGAL_BASIS_TYPES.contains(b)).unwrap_or("consent");
+        f.insert("legal_bases".into(), json!([{"category": "communications", "type": kind, "status": id.consent}]));
+    }
+    if let Some(customer_id) = id.customer_id {
+        f.insert("cf_magento_customer_id".into(), json!(customer_id.to_string()));
+    }
+    if let Some(last) = &aggregate.last_order_id {
+        f.insert("cf_last_order_id".into(), json!(last));
+    }
+    f.insert("cf_lifetime_value".into(), json!(format!("{:.2}", aggregate.monetary)));
+    f.insert("cf_elo_order_count".into(), json!(aggregate.frequency));
+    for (key, value) in &verdict.fields {
+        f.insert(key.clone(), value.clone());
+    }
+    Desired { fields: f, tags: verdict.tags.clone(), stage: verdict.stage.clone() }
+}
+
+/// Whether bringing the contact to `desired` takes any request.
+pub fn needs_write(state: &CustomerState, desired: &Desired) -> bool {
+    state.contact_uuid.is_none()
+        || desired.fields != state.applied.fields
+        || !desired.tags.is_subset(&state.applied.tags)
+        || desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s))
+}
+
+/// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
+/// step (a failure half-way leaves the state saying what did land). Returns the number of
+/// writes made (0: coalesced).
+pub async fn sync(client: &RdClient, state: &mut CustomerState, desired: &Desired) -> Result<usize> {
+    let mut writes = 0;
+    let mut current_tags: Option<BTreeSet<String>> = None;
+    if state.contact_uuid.is_none() || desired.fields != state.applied.fields {
+        let contact = upsert(client, state, &desired.fields).await?;
+        writes += 1;
+        state.contact_uuid =
+            contact.get("uuid").and_then(Value::as_str).map(str::to_owned).or(state.contact_uuid.take());
+        current_tags = Some(tags_of(&contact));
+        state.applied.fields = desired.fields.clone();
+    }
+    let uuid = state.contact_uuid.clone().ok_or_else(|| Error::Transient("contact uuid unknown".into()))?;
+    let known = current_tags.as_ref().unwrap_or(&state.applied.tags);
+    let missing: Vec<String> = desired.tags.iter().filter(|t| !known.contains(*t)).cloned().collect();
+    if !missing.is_empty() {
+        add_tags(client, &uuid, missing).await?;
+        writes += 1;
+    }
+    state.applied.tags = desired.tags.union(current_tags.as_ref().unwrap_or(&BTreeSet::new())).cloned().collect();
+    // Only the tags Elo wants are remembered as applied: others' tags are not Elo's to track.
+    state.applied.tags.retain(|t| desired.tags.contains(t));
+    if let Some(stage) = &desired.stage
+        && state.applied.stage.as_ref() != Some(stage)
+    {
+        let path = format!("/platform/contacts/uuid:{uuid}/funnels/default");
+        client.request(Method::PUT, &path, Some(&json!({"lifecycle_stage": stage})), Budget::Contacts).await?;
+        metrics::CONTACT_WRITES.with_label_values(&["funnel"]).inc();
+        writes += 1;
+        state.applied.stage = Some(stage.clone());
+    }
+    Ok(writes)
+}
+
+async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<String, Value>) -> Result<Value> {
+    if let Some(uuid) = state.contact_uuid.clone() {
+        let path = format!("/platform/contacts/uuid:{uuid}");
+        match client.request(Method::PATCH, &path, Some(&Value::Object(fields.clone())), Budget::Contacts).await {
+            Ok(contact) => {
+                metrics::CONTACT_WRITES.with_label_values(&["upsert"]).inc();
+                return Ok(contact);
+            }
+            // Deleted in RD meanwhile: upsert by e-mail below creates it again.
+            Err(Error::Refused { status: 404, .. }) => state.contact_uuid = None,
+            Err(e) => return Err(e),
+        }
+    }
+    let mut body = fields.clone();
+    let email = body.remove("email").and_then(|e| e.as_str().map(str::to_owned)).unwrap_or_default();
+    if email.is_empty() {
+        return Err(Error::Refused { status: 400, code: "no_email".into(), message: "customer has no e-mail".into() });
+    }
+    let path = format!("/platform/contacts/email:{}", percent_encode(&email));
+    let contact = client.request(Method::PATCH, &path, Some(&Value::Object(body)), Budget::Contacts).await?;
+    metrics::CONTACT_WRITES.with_label_values(&["upsert"]).inc();
+    Ok(contact)
+}
+
+/// Appends tags; if RD says one is there already (someone added it since we looked), reads
+/// the contact and appends only what is still missing.
+async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<()> {
+    let path = format!("/platform/contacts/uuid:{uuid}/tag");
+    match client.request(Method::POST, &path, Some(&json!({"tags": tags})), Budget::Contacts).await {
+        Ok(_) => {
+            metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
+            Ok(())
+        }
+        Err(Error::Refused { code, .. }) if code == "VALUES_MUST_BE_UNIQUE" => {
+            let contact =
+                client.request(Method::GET, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await?;
+            let have = tags_of(&contact);
+            let missing: Vec<String> = tags.into_iter().filter(|t| !have.contains(t)).collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            client.request(Method::POST, &path, Some(&json!({"tags": missing})), Budget::Contacts).await?;
+            metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the contact (erasure); a contact already gone is fine.
+pub async fn delete(client: &RdClient, uuid: &str) -> Result<()> {
+    match client.request(Method::DELETE, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await {
+        Ok(_) | Err(Error::Refused { status: 404, .. }) => {
+            metrics::CONTACT_WRITES.with_label_values(&["delete"]).inc();
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn tags_of(contact: &Value) -> BTreeSet<String> {
+    contact
+        .get("tags")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Checks that every custom field the sink writes exists in the account, creating the missing
+/// ones when `create` is set. Returns the fields still missing.
+pub async fn ensure_fields(
+    client: &RdClient,
+    needed: &BTreeMap<String, &'static str>,
+    create: bool,
+) -> Result<Vec<String>> {
+    let listed = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await?;
+    let have: BTreeSet<&str> = listed
+        .get("fields")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.get("api_identifier").and_then(Value::as_str))
+        .collect();
+    let mut missing = Vec::new();
+    for (field, data_type) in needed.iter().filter(|(f, _)| !have.contains(f.as_str())) {
+        if !create {
+            missing.push(field.clone());
+            continue;
+        }
+        let presentation = match *data_type {
+            "INTEGER" => "NUMBER_INPUT",
+            "BOOLEAN" => "CHECK_BOX",
+            _ => "TEXT_INPUT",
+        };
+        let label = field.trim_start_matches("cf_").replace('_', " ");
+        let body = json!({"api_identifier": field, "data_type": data_type, "presentation_type": presentation,
+            "name": {"default": label, "pt-BR": label}, "label": {"default": label, "pt-BR": label}});
+        match client.request(Method::POST, "/platform/contacts/fields", Some(&body), Budget::Contacts).await {
+            Ok(_) => tracing::info!(field = %field, data_type, "custom field created in rd station"),
+            Err(Error::Refused { code, .. }) if code == "TAKEN" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(missing)
+}
+
+/// The fields the built-in mapping and the rules need.
+pub fn needed_fields(rules: &crate::rules::Rules) -> BTreeMap<String, &'static str> {
+    let mut out: BTreeMap<String, &'static str> = MAPPING_FIELDS.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    out.extend(rules.field_types());
+    out
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'@' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use elo_events::sample;
+
+    use super::*;
+    use crate::rules::Rules;
+
+    #[test]
+    fn desired_contact_carries_identity_consent_and_rule_fields_but_no_tags() {
+        let mut state = CustomerState::default();
+        state.apply(&sample::order_placed(1));
+        let rules = Rules::parse("[[rule]]\nname = \"b\"\nwhen = { frequency_gte = 1 }\ntags = [\"buyer\"]\nstage = \"Client\"\nfields = { cf_seg = \"b\" }\n", "t").unwrap();
+        let agg = state.aggregate(0);
+        let d = desired(&state, &agg, &rules.evaluate(&agg));
+        assert_eq!(d.fields["email"], "customer1@example.com");
+        assert_eq!(d.fields["name"], "Ana Souza");
+        assert_eq!(d.fields["state"], "SP");
+        assert_eq!(d.fields["legal_bases"][0]["status"], "granted");
+        assert_eq!(d.fields["cf_seg"], "b");
+        assert_eq!(d.fields["cf_elo_order_count"], 1);
+        assert!(!d.fields.contains_key("tags"), "PATCH would replace the contact's tags");
+        assert_eq!(d.tags.iter().collect::<Vec<_>>(), ["buyer"]);
+        assert_eq!(d.stage.as_deref(), Some("Client"));
+    }
+
+    #[test]
+    fn emails_are_encoded_in_paths() {
+        assert_eq!(percent_encode("a+b@x.com"), "a%2Bb@x.com");
+    }
+}

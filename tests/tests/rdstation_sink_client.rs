@@ -1,0 +1,239 @@
+//! rdstation-sink's RD Station client and contact writes against the RD simulator (no broker):
+//! OAuth refresh on an expired token, 429 with `Retry-After` classified as a rate limit, the
+//! per-account budget, tags set outside Elo surviving, an e-mail change updating the same
+//! contact, coalescing, and the custom fields created at startup.
+
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use elo_integration_tests::{rd_refresh_token, serve_rdstation};
+use elo_kafka::ErrorClass;
+use rdstation_sink::aggregates::CustomerState;
+use rdstation_sink::client::{Budget, Error, RdClient, RdSettings};
+use rdstation_sink::contacts;
+use rdstation_sink::rules::Rules;
+use reqwest::Method;
+use sandbox::rdstation::{RdConfig, RdStationApp};
+use serde_json::{Value, json};
+
+async fn client(rd: &RdStationApp, url: &str, per_minute: u32) -> RdClient {
+    let refresh = rd_refresh_token(rd, url).await;
+    RdClient::new(RdSettings {
+        base_url: url.to_owned(),
+        client_id: "elo-rd-client".into(),
+        client_secret: "elo-rd-secret".into(),
+        refresh_token: Some(refresh),
+        sandbox_control: None,
+        contacts_per_minute: NonZeroU32::new(per_minute).unwrap(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap()
+}
+
+fn contact(rd: &RdStationApp, email: &str) -> Option<Value> {
+    let sim = rd.sim.lock().unwrap();
+    sim.contacts.values().find(|c| c.fields.get("email").and_then(Value::as_str) == Some(email)).map(|c| {
+        let mut v = Value::Object(c.fields.clone());
+        v["uuid"] = json!(c.uuid);
+        v["funnel"] = c.funnel.clone();
+        v
+    })
+}
+
+fn tags(contact: &Value) -> Vec<String> {
+    let mut t: Vec<String> =
+        contact["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_owned).collect();
+    t.sort();
+    t
+}
+
+#[tokio::test]
+async fn an_expired_token_is_refreshed_once_and_the_call_goes_through() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let client = client(&rd, &url, 6000).await;
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    rd.sim.lock().unwrap().expire_tokens();
+    let fields = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    assert!(fields["fields"].as_array().is_some_and(|f| !f.is_empty()));
+    let counters = rd.counters.snapshot();
+    assert_eq!(counters["rdstation"]["POST /auth/token"], 3, "code grant, first token, one refresh: {counters}");
+    assert_eq!(counters["rdstation"]["GET /platform/contacts/{id}"], 3, "one call refused, then retried once");
+}
+
+#[tokio::test]
+async fn a_bad_refresh_token_is_an_auth_failure_not_a_drop() {
+    let (_rd, url) = serve_rdstation(RdConfig::default()).await;
+    let client = RdClient::new(RdSettings {
+        base_url: url,
+        client_id: "elo-rd-client".into(),
+        client_secret: "elo-rd-secret".into(),
+        refresh_token: Some("not-a-token".into()),
+        sandbox_control: None,
+        contacts_per_minute: NonZeroU32::new(600).unwrap(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let error = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Auth, "{error}");
+    assert_eq!(error.code(), "INVALID_REFRESH_TOKEN");
+}
+
+#[tokio::test]
+async fn a_429_is_a_rate_limit_with_rd_retry_after() {
+    let (rd, url) = serve_rdstation(RdConfig { contacts_per_minute: 2, ..RdConfig::default() }).await;
+    let client = client(&rd, &url, 6000).await;
+    for _ in 0..2 {
+        client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    }
+    let error = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap_err();
+    let Error::RateLimited { retry_after: Some(after) } = &error else { panic!("expected a rate limit, got {error}") };
+    assert!(*after >= Duration::from_secs(1) && *after <= Duration::from_secs(60), "{after:?}");
+    let handler_error = error.to_handler_error();
+    assert_eq!(handler_error.class, ErrorClass::RateLimited);
+    assert_eq!(handler_error.retry_after, Some(*after));
+}
+
+#[tokio::test]
+async fn the_budget_spaces_contact_requests_but_not_events() {
+    let (rd, url) = serve_rdstation(RdConfig { contacts_per_minute: 10_000, ..RdConfig::default() }).await;
+    // 600/min = one request per 100 ms, burst of one.
+    let client = client(&rd, &url, 600).await;
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..5 {
+        client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    }
+    let spent = started.elapsed();
+    assert!(spent >= Duration::from_millis(450), "5 contact requests after one took {spent:?}");
+    let started = Instant::now();
+    for _ in 0..5 {
+        let _ = client.request(Method::GET, "/platform/segmentations", None, Budget::None).await;
+    }
+    assert!(started.elapsed() < Duration::from_millis(400), "unbudgeted requests are not spaced");
+}
+
+fn rules() -> Rules {
+    Rules::parse(
+        "[[rule]]\nname = \"buyer\"\nwhen = { frequency_gte = 1 }\ntags = [\"buyer\"]\nstage = \"Qualified Lead\"\nfields = { cf_elo_segment = \"buyer\" }\n\n[[rule]]\nname = \"repeat\"\nwhen = { frequency_gte = 2 }\ntags = [\"repeat\"]\n",
+        "test",
+    )
+    .unwrap()
+}
+
+async fn sync(client: &RdClient, state: &mut CustomerState, rules: &Rules) -> usize {
+    let aggregate = state.aggregate(rdstation_sink_now());
+    let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
+    contacts::sync(client, state, &desired).await.unwrap()
+}
+
+fn rdstation_sink_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+#[tokio::test]
+async fn contacts_keep_outside_tags_follow_email_changes_and_coalesce() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let client = client(&rd, &url, 6000).await;
+    let rules = rules();
+    let missing = contacts::ensure_fields(&client, &contacts::needed_fields(&rules), true).await.unwrap();
+    assert!(missing.is_empty());
+    let fields: Vec<String> = rd.sim.lock().unwrap().fields.iter().map(|f| f.api_identifier.clone()).collect();
+    assert!(fields.contains(&"cf_elo_order_count".into()) && fields.contains(&"cf_elo_segment".into()), "{fields:?}");
+    let created = contacts::ensure_fields(&client, &contacts::needed_fields(&rules), true).await.unwrap();
+    assert!(created.is_empty(), "a second check creates nothing");
+
+    // A marketer created the contact and tagged it before Elo saw the customer.
+    client
+        .request(
+            Method::POST,
+            "/platform/contacts",
+            Some(&json!({"email": "customer1@example.com", "tags": ["black-friday"]})),
+            Budget::Contacts,
+        )
+        .await
+        .unwrap();
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    assert_eq!(sync(&client, &mut state, &rules).await, 3, "upsert, tag, funnel");
+    let c = contact(&rd, "customer1@example.com").unwrap();
+    assert_eq!(tags(&c), ["black-friday", "buyer"]);
+    assert_eq!(c["funnel"]["lifecycle_stage"], "Qualified Lead");
+    assert_eq!(c["cf_elo_segment"], "buyer");
+    assert_eq!(c["legal_bases"][0]["status"], "granted");
+    assert_eq!(c["state"], "SP");
+    let uuid = state.contact_uuid.clone().unwrap();
+    assert_eq!(c["uuid"], uuid.as_str());
+
+    // Nothing changed: no request at all.
+    let before = rd.counters.snapshot();
+    assert_eq!(sync(&client, &mut state, &rules).await, 0);
+    assert_eq!(before, rd.counters.snapshot(), "a coalesced update makes no request");
+
+    // A second order: new tag appended, outside tag kept; someone adds another tag meanwhile.
+    rd.sim.lock().unwrap().contacts.get_mut(&uuid).unwrap().fields["tags"] =
+        json!(["black-friday", "buyer", "vip-manual"]);
+    let mut second = elo_events::sample::order_placed(98);
+    second.customer = elo_events::sample::order_placed(1).customer;
+    second.customer_key = elo_events::sample::order_placed(1).customer_key;
+    state.apply(&second);
+    sync(&client, &mut state, &rules).await;
+    let c = contact(&rd, "customer1@example.com").unwrap();
+    assert_eq!(tags(&c), ["black-friday", "buyer", "repeat", "vip-manual"]);
+    assert_eq!(c["cf_elo_order_count"], 2);
+
+    // The e-mail changes in Magento: the same contact follows, no second one appears.
+    let mut changed = second.clone();
+    changed.source_version.updated_at += 1000;
+    changed.customer.as_mut().unwrap().email = "ana.new@example.com".into();
+    state.apply(&changed);
+    sync(&client, &mut state, &rules).await;
+    assert!(contact(&rd, "customer1@example.com").is_none(), "the old address is gone");
+    let c = contact(&rd, "ana.new@example.com").unwrap();
+    assert_eq!(c["uuid"], uuid.as_str());
+    assert_eq!(tags(&c), ["black-friday", "buyer", "repeat", "vip-manual"]);
+    assert_eq!(rd.sim.lock().unwrap().contacts.len(), 1);
+
+    // Deleted in RD meanwhile: the next write recreates it by e-mail.
+    rd.sim.lock().unwrap().contacts.clear();
+    state.applied.fields.clear();
+    sync(&client, &mut state, &rules).await;
+    let c = contact(&rd, "ana.new@example.com").unwrap();
+    assert_ne!(c["uuid"], uuid.as_str());
+    assert_eq!(state.contact_uuid.as_deref(), c["uuid"].as_str());
+    assert_eq!(tags(&c), ["buyer", "repeat"], "Elo's tags come back on the recreated contact");
+}
+
+/// Locally (`make run`) no refresh token is configured: the client takes an authorization code
+/// from the sandbox's control API, as RD's consent dialog would give one, and the code grant
+/// yields its tokens.
+#[tokio::test]
+async fn without_a_refresh_token_the_local_sandbox_authorizes_through_its_control_api() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let faults = sandbox::faults::Faults::default();
+    let counters = sandbox::Counters::default();
+    let control = sandbox::control::Control {
+        faults: faults.clone(),
+        counters: counters.clone(),
+        salesforce: sandbox::salesforce::SalesforceApp::new(Default::default(), faults.clone(), counters.clone()),
+        rdstation: rd.clone(),
+        magento: sandbox::magento::MagentoApp::new(Default::default(), Default::default(), faults, counters),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, sandbox::control::router(control)).await });
+    let client = RdClient::new(RdSettings {
+        base_url: url,
+        client_id: "elo-rd-client".into(),
+        client_secret: "elo-rd-secret".into(),
+        refresh_token: None,
+        sandbox_control: Some(control_url),
+        contacts_per_minute: NonZeroU32::new(600).unwrap(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    // Later expiries use the refresh token the code grant returned, not a new code.
+    rd.sim.lock().unwrap().expire_tokens();
+    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    assert_eq!(rd.counters.snapshot()["rdstation"]["POST /auth/token"], 2);
+}

@@ -1,0 +1,255 @@
+//! A rule change reaches exactly the contacts it affects, without a restart, and
+//! `rdstation-sink rules dry-run` predicted exactly those changes. Also checks the metrics the
+//! sink must export (budget use, coalescing, rule hits, events by type).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use elo_events::{Customer, EventCodec, RegistryConfig, ids, sample};
+use elo_integration_tests::*;
+use sandbox::rdstation::{RdConfig, RdStationApp};
+use serde_json::Value;
+
+const RULES_V1: &str = r#"
+[[rule]]
+name = "repeat"
+when = { frequency_gte = 2 }
+tags = ["repeat-buyer"]
+stage = "Client"
+"#;
+
+const RULES_V2: &str = r#"
+[[rule]]
+name = "loyal"
+when = { frequency_gte = 4 }
+tags = ["loyal"]
+stage = "Client"
+fields = { cf_elo_tier = "gold" }
+
+[[rule]]
+name = "repeat"
+when = { frequency_gte = 2 }
+tags = ["repeat-buyer"]
+stage = "Client"
+"#;
+
+const CUSTOMERS: usize = 60;
+const ORDERS: usize = 200;
+
+/// email → (tags, stage, cf_elo_tier).
+fn snapshot(rd: &RdStationApp) -> BTreeMap<String, (BTreeSet<String>, Value, Value)> {
+    let sim = rd.sim.lock().unwrap();
+    sim.contacts
+        .values()
+        .map(|c| {
+            let tags = c.fields.get("tags").and_then(Value::as_array).into_iter().flatten();
+            (
+                c.fields["email"].as_str().unwrap().to_owned(),
+                (
+                    tags.map(|t| t.as_str().unwrap().to_owned()).collect(),
+                    c.funnel["lifecycle_stage"].clone(),
+                    c.fields.get("cf_elo_tier").cloned().unwrap_or(Value::Null),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES_V1).unwrap();
+
+    let topic = unique("e2e.rd-rules.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut records = Vec::new();
+    let mut email_of = BTreeMap::new();
+    let mut orders_of: BTreeMap<String, usize> = BTreeMap::new();
+    for n in 0..ORDERS {
+        let c = n % CUSTOMERS;
+        let email = format!("rules{c}@example.com");
+        let key = ids::customer_key(Some(c as i64 + 1), &email);
+        let mut event = sample::order_placed(n as u64);
+        event.customer_key = key.clone();
+        let order = event.order.as_mut().unwrap();
+        order.entity_id = 70_000 + n as i64;
+        order.increment_id = format!("R{n:06}");
+        order.created_at = now - 5 * 86_400_000;
+        event.source_version.entity_id = order.entity_id.to_string();
+        event.event_id = ids::event_id(&["rules-e2e", &n.to_string()]);
+        event.customer = Some(Customer {
+            customer_id: Some(c as i64 + 1),
+            is_guest: false,
+            email: email.clone(),
+            ..event.customer.unwrap()
+        });
+        records.push((key.clone(), codec.encode(&topic, &event).await.unwrap()));
+        email_of.insert(key.clone(), email);
+        *orders_of.entry(key).or_default() += 1;
+    }
+    produce(&producer(&brokers()), &topic, &records).await;
+
+    let group = unique("e2e.rd-rules.group");
+    let admin = free_port();
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+    let mut sink = ChildGuard::spawn("rdstation-sink", command.env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}")));
+    let done = wait_until(Duration::from_secs(120), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        let committed = tokio::task::block_in_place(|| committed(&brokers(), &group, &topic, 3)).values().sum::<i64>();
+        committed >= ORDERS as i64
+    })
+    .await;
+    assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));
+    let before = snapshot(&rd);
+    assert_eq!(before.len(), CUSTOMERS);
+    assert!(before.values().all(|(t, s, _)| t.contains("repeat-buyer") && s == "Client"));
+
+    // The dry run of the new rules, from the state in Kafka.
+    let proposed = dir.path().join("proposed.toml");
+    std::fs::write(&proposed, RULES_V2).unwrap();
+    let output = Command::new(binary("rdstation-sink"))
+        .args(["rules", "dry-run"])
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_RDSTATION_STATE_TOPIC", format!("{topic}.rd-state"))
+        .env("ELO_RDSTATION_RULES_FILE", &proposed)
+        .env("ELO_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = String::from_utf8(output.stdout).unwrap();
+    let predicted: BTreeMap<String, String> = report
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ').filter(|(k, _)| k.starts_with("c:")).map(|(k, rest)| (k.to_owned(), rest.to_owned()))
+        })
+        .collect();
+    let loyal: BTreeSet<String> = orders_of.iter().filter(|(_, n)| **n >= 4).map(|(k, _)| k.clone()).collect();
+    assert_eq!(predicted.keys().cloned().collect::<BTreeSet<_>>(), loyal, "dry run:\n{report}");
+    assert!(
+        predicted.values().all(|c| c.contains("+tag loyal") && c.contains(r#"cf_elo_tier - -> "gold""#)),
+        "{report}"
+    );
+    assert!(report.contains(&format!("{} of {CUSTOMERS} contacts would change", loyal.len())), "{report}");
+    assert_eq!(snapshot(&rd), before, "a dry run writes nothing");
+
+    // The back-test replays the history through the proposed rules: the last week holds every
+    // customer, the loyal ones in their segment.
+    let csv = dir.path().join("backtest.csv");
+    let output = Command::new(binary("rdstation-sink"))
+        .args(["rules", "backtest", "--csv"])
+        .arg(&csv)
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_TOPIC_COMMERCE", &topic)
+        .env("ELO_RDSTATION_RULES_FILE", &proposed)
+        .env("ELO_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert!(csv.starts_with("week_ending,customers,loyal,repeat\n"), "{csv}");
+    let last = csv.lines().last().unwrap().split(',').skip(1).collect::<Vec<_>>();
+    assert_eq!(last, [CUSTOMERS.to_string(), loyal.len().to_string(), CUSTOMERS.to_string()], "{csv}");
+
+    // The new rules go live: the running sink reloads and applies them, no new orders needed.
+    std::fs::write(dir.path().join("rules.next"), RULES_V2).unwrap();
+    std::fs::rename(dir.path().join("rules.next"), &rules).unwrap();
+    let applied = wait_until(Duration::from_secs(60), || {
+        let now = snapshot(&rd);
+        loyal.iter().all(|k| now[&email_of[k]].0.contains("loyal"))
+    })
+    .await;
+    assert!(applied, "the new rules did not reach the contacts:\n{}", log(dir.path(), "sink"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = snapshot(&rd);
+    let changed: BTreeSet<String> =
+        email_of.iter().filter(|(_, e)| before[*e] != after[*e]).map(|(k, _)| k.clone()).collect();
+    assert_eq!(changed, loyal, "exactly the contacts the dry run named changed");
+    for key in &loyal {
+        let (tags, stage, tier) = &after[&email_of[key]];
+        assert!(tags.contains("loyal") && tags.contains("repeat-buyer"), "{key}: {tags:?}");
+        assert_eq!((stage.as_str(), tier.as_str()), (Some("Client"), Some("gold")));
+    }
+
+    // The metrics an operator needs.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
+    for needle in [
+        "rdstation_sink_budget_requests_total",
+        "rdstation_sink_budget_requests_per_minute 30000",
+        "rdstation_sink_rate_limited_total 0",
+        "rdstation_sink_coalesced_updates_total",
+        r#"rdstation_sink_rule_hits_total{rule="loyal"}"#,
+        r#"rdstation_sink_events_sent_total{event_type="ECOMMERCE_ORDER_PLACED"} 200"#,
+        r#"rdstation_sink_contact_writes_total{operation="tag"}"#,
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
+    }
+    sink.signal("TERM");
+    assert!(sink.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()));
+}
+
+/// One customer ordering again and again: the contact is written at most `ELO_RDSTATION_CONTACT_UPDATES`
+/// times per window (RD allows 24 PATCH per contact per 24 h; here 3 per 8 s so the test is
+/// short), updates beyond it are coalesced, and the latest state lands once the window allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_customer_stays_within_the_per_contact_budget_and_the_last_state_wins() {
+    const ORDERS: i64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES_V1).unwrap();
+    let topic = unique("e2e.rd-budget.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let mut records = Vec::new();
+    for n in 0..ORDERS {
+        let mut event = sample::order_placed(0);
+        let order = event.order.as_mut().unwrap();
+        order.entity_id = 90_000 + n;
+        order.increment_id = format!("B{n:06}");
+        event.source_version.entity_id = order.entity_id.to_string();
+        event.source_version.updated_at += n;
+        event.event_id = ids::event_id(&["budget-e2e", &n.to_string()]);
+        records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
+    }
+    let group = unique("e2e.rd-budget.group");
+    let admin = free_port();
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+    command
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("ELO_MAX_BATCH", "1")
+        .env("ELO_RDSTATION_CONTACT_UPDATES", "3")
+        .env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "8s");
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let started = std::time::Instant::now();
+    produce(&producer(&brokers()), &topic, &records).await;
+    let landed = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        let sim = rd.sim.lock().unwrap();
+        sim.contacts.values().any(|c| c.fields.get("cf_elo_order_count") == Some(&Value::from(ORDERS)))
+    })
+    .await;
+    assert!(landed, "the last state never landed:\n{}", log(dir.path(), "sink"));
+    let elapsed = started.elapsed().as_secs_f64();
+    let patches = rd.counters.snapshot()["rdstation"]["PATCH /platform/contacts/{id}"].as_u64().unwrap();
+    let allowed = 3 * ((elapsed / 8.0).ceil() as u64 + 1);
+    assert!(patches <= allowed && patches < ORDERS as u64, "{patches} PATCHes in {elapsed:.1}s (allowed {allowed})");
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("rdstation_sink_rate_limited_total 0"), "{metrics}");
+    let deferred = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("rdstation_sink_deferred_updates_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(deferred > 0, "the budget never held an update back: {patches} PATCHes");
+    assert_eq!(rd.sim.lock().unwrap().events.len(), ORDERS as usize, "events are not held back");
+}
