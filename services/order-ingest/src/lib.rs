@@ -73,6 +73,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let Some(service) = Service::start(NAME, &config.common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
+    // Not ready until the push endpoint listens: readiness routes webhooks to this pod.
+    service.health.set_ready("order_ingest_paths", false, "registering schemas, loading erasures");
     register_schemas(&service, &config).await;
     // Nothing is published before every erasure so far is known.
     let Some((erased, follower)) = load_erasures(&service, &config).await else {
@@ -100,6 +102,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             None
         }
     };
+    service.health.set_ready("order_ingest_paths", true, "push, poll and commands started");
     let mut commands = start_commands(&service, &config, commands_source, commands_publisher);
     let mut failure = None;
     tokio::select! {
