@@ -22,6 +22,7 @@ pub mod ids;
 pub mod money;
 pub mod sample;
 pub mod schema;
+pub mod time;
 pub mod types;
 
 pub use codec::{CodecError, CodecErrorClass, EventCodec, RegistryConfig};
