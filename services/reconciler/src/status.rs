@@ -1,0 +1,49 @@
+//! The reconciler's live figures: what the ledger and the sweeps know right now.
+//!
+//! The ledger side (consumer, sweeps, repair) publishes a [`LedgerStatus`] through a
+//! `tokio::sync::watch` channel; the HTTP side (flow diagram, reports, `make run`'s status line)
+//! only reads it. A watch channel keeps the two decoupled: readers always see the latest
+//! snapshot and never slow the consumer down.
+
+use std::collections::BTreeMap;
+
+/// Per-target counters, keyed by target name (`salesforce`, `rdstation`, `magento`).
+pub type PerTarget = BTreeMap<String, u64>;
+
+/// A snapshot of the ledger. Counts are over the records the ledger currently holds (its
+/// assigned partitions), except the `*_total` counters, which count since the process started.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LedgerStatus {
+    /// Orders with a source version in the ledger.
+    pub orders: u64,
+    /// Customers with a source version in the ledger.
+    pub customers: u64,
+    /// Records whose latest source version the target confirmed (APPLIED or SKIPPED_STALE).
+    pub confirmed: PerTarget,
+    /// Records not confirmed within the target's SLA.
+    pub overdue: PerTarget,
+    /// Records whose latest outcome is DEAD_LETTERED.
+    pub failed: PerTarget,
+    /// Orders flagged oversold by the inventory check.
+    pub oversold_orders: u64,
+    /// Drift found by sweeps since start, by target.
+    pub drift_found_total: PerTarget,
+    /// Drift repaired (the repair confirmed by the target) since start, by target.
+    pub repaired_total: PerTarget,
+    /// Records given up on (attempts exhausted), by target: they need a person.
+    pub escalated_total: PerTarget,
+    /// Partitions assigned and restored.
+    pub partitions: u32,
+    /// When this snapshot was taken, Unix milliseconds.
+    pub as_of_ms: i64,
+}
+
+/// The sending half, owned by the ledger side.
+pub type StatusSender = tokio::sync::watch::Sender<LedgerStatus>;
+/// The reading half, cloned by every HTTP handler.
+pub type StatusReceiver = tokio::sync::watch::Receiver<LedgerStatus>;
+
+/// A channel starting from an empty snapshot.
+pub fn channel() -> (StatusSender, StatusReceiver) {
+    tokio::sync::watch::channel(LedgerStatus::default())
+}
