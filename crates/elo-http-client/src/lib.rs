@@ -37,8 +37,10 @@ pub enum Error {
     /// The request never got an HTTP answer (connect, TLS, timeout, reset).
     #[error("{downstream}: transport error: {source}")]
     Transport { downstream: &'static str, source: reqwest::Error },
-    /// The downstream answered with a non-success status.
-    #[error("{downstream}: HTTP {status}: {body}")]
+    /// The downstream answered with a non-success status. The body stays out of the message
+    /// (vendors echo the request's fields, e-mails included, in their error bodies, and this
+    /// message reaches logs); callers that need it read [`Error::body`].
+    #[error("{downstream}: HTTP {status} ({len} bytes of body withheld)", len = body.len())]
     Status { downstream: &'static str, status: StatusCode, body: String, retry_after: Option<Duration> },
     /// The request could not be built (bad URL, body).
     #[error("{downstream}: invalid request: {message}")]
@@ -323,6 +325,7 @@ mod tests {
             let err = HttpClient::new(fast("test")).unwrap().send(|c| c.get(&url)).await.unwrap_err();
             assert_eq!(err.status().map(|s| s.as_u16()), Some(code));
             assert_eq!(err.body(), Some("answer 0"));
+            assert!(!err.to_string().contains("answer 0"), "the body must stay out of the message: {err}");
             assert!(!err.is_retriable());
             assert_eq!(hits.load(Ordering::SeqCst), 1, "HTTP {code} must not be retried");
         }
