@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// See the workspace manifest for why (malloc-heavy JSON trees on the push path).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = order_ingest::Config::parse();

@@ -8,6 +8,9 @@
 //! (still at most `--concurrency` in flight) and a latency counts from when its request was due,
 //! so a stalled server is not hidden by the generator waiting for it.
 //!
+//! With `--prime`, every body is first sent once (closed loop, unmeasured, before the warm-up),
+//! so a run can measure a service whose caches already hold what the bodies refer to.
+//!
 //! Prints one JSON line: `count` (2xx answers completed in the measured window), `errors`,
 //! `elapsed_secs`, `rate`, `p50_ms`, `p99_ms` (of the requests sent and answered in the
 //! window), `sent` (all requests, warm-up included), `bodies_reused` (whether the bodies ran
@@ -39,6 +42,9 @@ struct Args {
     /// Open-loop pacing, requests per second (0: closed loop, as fast as answers come).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Send every body once before the warm-up (unmeasured).
+    #[arg(long)]
+    prime: bool,
 }
 
 struct Shared {
@@ -72,6 +78,9 @@ async fn main() -> anyhow::Result<()> {
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(30))
         .build()?;
+    if args.prime {
+        prime(&client, &args.url, &shared.bodies, args.concurrency).await?;
+    }
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(args.warmup_secs);
     let end = measure_from + Duration::from_secs_f64(args.secs);
@@ -154,5 +163,30 @@ async fn main() -> anyhow::Result<()> {
             "target_rate": args.rate,
         })
     );
+    Ok(())
+}
+
+/// Sends every body once, `concurrency` at a time; any refusal fails the run.
+async fn prime(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: &[(String, String)],
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut answers = futures::stream::iter(bodies)
+        .map(|(signature, body)| {
+            client
+                .post(url)
+                .header("x-elo-webhook-signature", signature)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+        })
+        .buffer_unordered(concurrency);
+    while let Some(answer) = answers.next().await {
+        let status = answer?.status();
+        anyhow::ensure!(status.is_success(), "priming request answered {status}");
+    }
     Ok(())
 }
