@@ -128,7 +128,7 @@ pub struct Config {
     #[arg(long = "magento-concurrency", env = "ELO_ORDER_INGEST_MAGENTO_CONCURRENCY", default_value_t = 32)]
     pub magento_concurrency: usize,
     /// Salable-quantity requests to Magento in flight at once.
-    #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 8)]
+    #[arg(long = "inventory-concurrency", env = "ELO_ORDER_INGEST_INVENTORY_CONCURRENCY", default_value_t = 32)]
     pub inventory_concurrency: usize,
     /// Push path: enrichment (consent, stock) taking longer than this is finished later; the
     /// order goes out `UNCHECKED`/`UNKNOWN` and the result follows as its own event (`0s`: wait).

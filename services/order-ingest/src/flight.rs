@@ -73,3 +73,43 @@ mod tests {
         assert!(flights.is_empty(), "no gate left behind");
     }
 }
+
+/// When a cache entry stored `now` counts as stored, for its expiry: up to a quarter of the TTL
+/// earlier, by key. Entries filled together (after a restart, a burst, a priming pass) then
+/// expire over a spread instead of at one instant, when every one of them would miss at once
+/// and queue behind the Magento concurrency limits (a latency cliff seen in `make bench`). The
+/// spread is a hash of the key, not random, so it is the same on every run and testable.
+pub fn staggered<K: Hash + ?Sized>(now: std::time::Instant, ttl: std::time::Duration, key: &K) -> std::time::Instant {
+    use std::hash::Hasher;
+    let spread = (ttl / 4).as_nanos() as u64;
+    if spread == 0 {
+        return now;
+    }
+    // SipHash with fixed keys: stable across runs and processes.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    now.checked_sub(std::time::Duration::from_nanos(hasher.finish() % spread)).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod stagger_tests {
+    use std::time::{Duration, Instant};
+
+    use super::staggered;
+
+    #[test]
+    fn entries_stored_together_expire_spread_over_a_quarter_of_the_ttl() {
+        let (now, ttl) = (Instant::now() + Duration::from_secs(3600), Duration::from_secs(40));
+        let mut buckets = [0usize; 10];
+        for sku in 0..1_000 {
+            let at = staggered(now, ttl, &format!("SKU-{sku}"));
+            let early = now - at;
+            assert!(early < ttl / 4, "never more than a quarter of the TTL early: {early:?}");
+            buckets[(early.as_secs_f64() / (ttl / 4).as_secs_f64() * 10.0) as usize] += 1;
+        }
+        // Uniform-ish: every tenth of the spread holds some entries (all zero without a stagger).
+        assert!(buckets.iter().all(|&n| n > 50), "spread: {buckets:?}");
+        assert_eq!(staggered(now, ttl, "SKU-1"), staggered(now, ttl, "SKU-1"), "stable per key");
+        assert_eq!(staggered(now, Duration::ZERO, "SKU-1"), now);
+    }
+}

@@ -102,7 +102,10 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                     let ttl = self.consent_ttl;
                     cache.retain(|_, (_, at)| at.elapsed() < ttl);
                 }
-                cache.insert(customer_id, (consent.clone(), Instant::now()));
+                cache.insert(
+                    customer_id,
+                    (consent.clone(), crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id)),
+                );
                 Some(consent)
             }
             Err(error) => {
