@@ -7,6 +7,8 @@
 //! issue; until then the default group ends in `-validate`, so the applying version starts
 //! from the beginning of the topic and skips nothing.
 
+pub mod dlq;
+pub mod scan;
 pub mod status;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,14 +29,30 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4A
     about = "Keeps a ledger of what each target should hold versus what sinks confirmed, and repairs drift."
 )]
 pub struct Config {
+    /// Operator commands; without one, the service runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
 }
 
-/// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
+/// Operator commands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// Dead letters of every service: list, show, replay.
+    #[command(subcommand)]
+    Dlq(dlq::cli::DlqCommand),
+}
+
+/// Runs an operator command and exits, or runs the service until SIGTERM/SIGINT: stop
+/// intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    match config.command.clone() {
+        Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, command).await,
+        None => {}
+    }
     let common = &config.common;
     let plan = ConsumerPlan {
         name: NAME,
