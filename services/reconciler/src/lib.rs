@@ -8,10 +8,15 @@
 //! from the beginning of the topic and skips nothing.
 
 pub mod dlq;
+pub mod flow;
+pub mod http;
+pub mod ops;
+pub mod report;
 pub mod scan;
 pub mod status;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
 
@@ -36,6 +41,8 @@ pub struct Config {
     pub common: CommonArgs,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+    #[command(flatten)]
+    pub ops: ops::OpsArgs,
 }
 
 /// Operator commands.
@@ -44,6 +51,8 @@ pub enum Command {
     /// Dead letters of every service: list, show, replay.
     #[command(subcommand)]
     Dlq(dlq::cli::DlqCommand),
+    /// Write the daily process report (HTML, JSON, CSV) and exit.
+    Report(report::cli::ReportArgs),
 }
 
 /// Runs an operator command and exits, or runs the service until SIGTERM/SIGINT: stop
@@ -51,14 +60,36 @@ pub enum Command {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     match config.command.clone() {
         Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, command).await,
+        Some(Command::Report(args)) => return report::cli::run(&config.common, &config.ops, args).await,
         None => {}
     }
     let common = &config.common;
+    // The ledger side publishes its figures on `_status_tx`; until it does, the reports and
+    // the flow diagram show zeros for them.
+    let (_status_tx, status_rx) = status::channel();
+    let group = config.consumer.group.clone().unwrap_or_else(|| format!("elo-{NAME}-validate"));
+    let (_, ops_task) = start_ops_listener(&config, &group, status_rx).await?;
     let plan = ConsumerPlan {
         name: NAME,
         default_admin: DEFAULT_ADMIN,
         topics: vec![common.topics.commerce.clone(), common.topics.outcomes.clone()],
         default_batch: 200,
     };
-    elo_service::run_validating_consumer(plan, common, &config.consumer).await
+    let result = elo_service::run_validating_consumer(plan, common, &config.consumer).await;
+    ops_task.abort();
+    result
+}
+
+/// Starts the reports and flow-diagram listener (`--http-listen`).
+pub async fn start_ops_listener(
+    config: &Config,
+    group: &str,
+    status: status::StatusReceiver,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let common = &config.common;
+    let codec = Arc::new(elo_events::EventCodec::new(&common.registry.config()?)?);
+    let report = report::collect::ReportSources::new(common, &config.ops, codec)?;
+    let flow = flow::FlowSources::new(&common.kafka, &config.ops, &common.topics, group)?;
+    let state = Arc::new(http::OpsState::new(report, flow, status, common.topics.commerce.clone()));
+    http::serve(config.ops.http_listen, state).await
 }

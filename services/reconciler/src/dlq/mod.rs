@@ -182,7 +182,7 @@ pub fn parse_date(text: &str) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn letter(topic: &str, offset: i64, headers: &[(&str, &str)], ts: i64) -> DeadLetterEntry {
