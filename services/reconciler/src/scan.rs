@@ -22,12 +22,18 @@ impl Window {
     }
 }
 
+/// Producers stamp records (CreateTime), so timestamps are only nearly ordered: a partition's
+/// read stops at the first record this far past the window's end.
+const LATE_SLACK_MS: i64 = 10 * 60 * 1000;
+
 /// How long a partition may go without a record before the read gives up.
 const STALL: Duration = Duration::from_secs(20);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 fn consumer(kafka: &KafkaArgs) -> anyhow::Result<BaseConsumer> {
-    Ok(kafka.client_config(&[("group.id", "elo-reconciler-scan"), ("enable.auto.commit", "false")])?.create()?)
+    // A short fetch wait: partitions that reached their end must not hold up the others.
+    let overrides = [("group.id", "elo-reconciler-scan"), ("enable.auto.commit", "false"), ("fetch.wait.max.ms", "20")];
+    Ok(kafka.client_config(&overrides)?.create()?)
 }
 
 /// The offset of the first record at or after `ts` in each partition (`None`: none is), or
@@ -57,51 +63,63 @@ pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMu
     if partitions == 0 {
         return Ok(0);
     }
+    // The start comes from offsets-for-times; the end is found by reading, because Tansu 0.6
+    // answers the earliest offset for any time (a safe start, a useless end).
     let starts = window.from_ms.and_then(|ts| offsets_at(&consumer, topic, partitions, ts));
-    let ends = window.until_ms.and_then(|ts| offsets_at(&consumer, topic, partitions, ts));
-    let mut visited = 0u64;
+    let stop_after = window.until_ms.map(|u| u.saturating_add(LATE_SLACK_MS));
+    // Every partition at once (one fetch session), each read from its start to its end.
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: Vec<Option<i64>> = vec![None; partitions as usize];
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, TIMEOUT)?;
         let start = match &starts {
             Some(s) => s[p as usize].unwrap_or(high).max(low),
             None => low,
         };
-        let end = match &ends {
-            Some(e) => e[p as usize].unwrap_or(high).min(high),
-            None => high,
-        };
-        if end <= start {
+        if start < high {
+            tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+            ends[p as usize] = Some(high);
+        }
+    }
+    let mut open = ends.iter().filter(|e| e.is_some()).count();
+    if open == 0 {
+        return Ok(0);
+    }
+    consumer.assign(&tpl)?;
+    let mut visited = 0u64;
+    let mut last_progress = Instant::now();
+    while open > 0 {
+        if last_progress.elapsed() > STALL {
+            anyhow::bail!("reading {topic} stalled with {open} partition(s) unfinished");
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message?;
+        last_progress = Instant::now();
+        let p = message.partition();
+        let Some(end) = ends.get(p as usize).copied().flatten() else { continue };
+        let ts = message.timestamp().to_millis();
+        let past_window = stop_after.zip(ts).is_some_and(|(stop, ts)| ts >= stop);
+        if message.offset() >= end || past_window {
+            ends[p as usize] = None;
+            open -= 1;
             continue;
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
-        consumer.assign(&tpl)?;
-        let mut next = start;
-        let mut last_progress = Instant::now();
-        while next < end {
-            if last_progress.elapsed() > STALL {
-                anyhow::bail!("reading {topic} partition {p} stalled at offset {next} (end {end})");
-            }
-            let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let message = message?;
-            last_progress = Instant::now();
-            next = message.offset() + 1;
-            if message.offset() >= end {
-                break;
-            }
-            let record = Record {
-                topic: topic.to_owned(),
-                partition: p,
-                offset: message.offset(),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-                headers: headers::collect(message.headers()),
-                timestamp_ms: message.timestamp().to_millis(),
-            };
-            if window.contains(record.timestamp_ms) {
-                visited += 1;
-                visit(record);
-            }
+        if message.offset() + 1 >= end {
+            ends[p as usize] = None;
+            open -= 1;
+        }
+        let record = Record {
+            topic: topic.to_owned(),
+            partition: p,
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: headers::collect(message.headers()),
+            timestamp_ms: ts,
+        };
+        if window.contains(record.timestamp_ms) {
+            visited += 1;
+            visit(record);
         }
     }
     Ok(visited)
