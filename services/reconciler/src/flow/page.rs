@@ -78,7 +78,7 @@ pub fn html(snapshot: &FlowSnapshot, refresh_ms: u32) -> String {
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Elo live flow</title><link rel="icon" href="data:,"><meta name="viewport" content="width=device-width,initial-scale=1"><style>{STYLE}
 .step rect{{fill:#fff;stroke-width:3}}.step.ready rect{{stroke:#1a7f37}}.step.not-ready rect{{stroke:#cf222e}}.step.unreachable rect{{stroke:#8c959f;stroke-dasharray:6 4}}
 .step text{{text-anchor:middle}}.step .title{{font-weight:700;font-size:15px}}.step .service,.step .label{{fill:#57606a;font-size:12px}}.step .count{{font-size:26px;font-weight:700}}</style></head>
-<body><h1>Elo live flow</h1><p>Counts since each service started; backlog = records its consumer group has not committed; health = its readiness. Updated <span id="as-of">{}</span>, every {}&nbsp;s. <a href="/report">Today's report</a></p>
+<body><h1>Elo live flow</h1><p>Counts since each service started; backlog = records its consumer group has not committed; health = its readiness. Updated <span id="as-of">{}</span>, every {}&nbsp;s (<span id="refreshes">0</span> updates). <a href="/report">Today's report</a></p>
 {svg}<h2>Details</h2>{details}
 <script>
 "use strict";
@@ -103,7 +103,11 @@ function show(snapshot) {{
 async function refresh() {{
   try {{
     const r = await fetch("/api/flow", {{ cache: "no-store" }});
-    if (r.ok) show(await r.json());
+    if (r.ok) {{
+      show(await r.json());
+      const n = document.getElementById("refreshes");
+      n.textContent = String(Number(n.textContent) + 1);
+    }}
   }} catch (e) {{ /* the reconciler restarting: keep the last figures */ }}
 }}
 show({initial});
