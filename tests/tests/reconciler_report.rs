@@ -199,6 +199,25 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(quota_matches, "Salesforce quota used never matched the simulator's count");
+    // `reconciler report --date` writes the same figures as files.
+    let out = dir.path().join("reports");
+    let date = report["date"].as_str().unwrap().to_owned();
+    let written = reconciler(dir.path(), &topic, free_port(), "report-cli")
+        .env("ELO_RECONCILER_HTTP_LISTEN", format!("127.0.0.1:{rc_http}"))
+        .env("ELO_RECONCILER_DLQ_TOPICS", format!("{topic}.dlq,{topic}.sf-dlq,{topic}.rd-dlq,{topic}.rc-dlq"))
+        .env("ELO_RECONCILER_REPLAY_CHECKPOINTS", format!("{topic}.replays"))
+        .args(["report", "--date", &date, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "report CLI failed:\n{}", log(dir.path(), "report-cli"));
+    for ext in ["html", "json", "csv"] {
+        assert!(out.join(format!("elo-report-{date}.{ext}")).exists(), "no {ext} report written");
+    }
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(format!("elo-report-{date}.json"))).unwrap()).unwrap();
+    assert_eq!(file["orders_received"], report["orders_received"]);
+    assert_eq!(file["synced"], report["synced"]);
     let csv = client.get(format!("{report_url}?format=csv")).send().await.unwrap().text().await.unwrap();
     assert!(csv.lines().any(|l| l == format!("orders,,received,{orders}")), "{csv}");
 

@@ -15,6 +15,9 @@ pub mod report;
 pub mod scan;
 pub mod status;
 
+#[cfg(test)]
+mod cli_tests;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
