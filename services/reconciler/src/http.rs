@@ -31,11 +31,22 @@ pub struct OpsState {
     pub commerce_topic: String,
     served: AtomicU64,
     cache: tokio::sync::Mutex<Option<(Instant, FlowSnapshot)>>,
+    /// One report at a time: each reads a day of several topics, and a page reloaded many
+    /// times must not multiply that load on the brokers.
+    report_lock: tokio::sync::Mutex<()>,
 }
 
 impl OpsState {
     pub fn new(report: ReportSources, flow: FlowSources, status: StatusReceiver, commerce_topic: String) -> Self {
-        Self { report, flow, status, commerce_topic, served: AtomicU64::new(0), cache: tokio::sync::Mutex::new(None) }
+        Self {
+            report,
+            flow,
+            status,
+            commerce_topic,
+            served: AtomicU64::new(0),
+            cache: tokio::sync::Mutex::new(None),
+            report_lock: tokio::sync::Mutex::new(()),
+        }
     }
 
     async fn flow(&self) -> FlowSnapshot {
@@ -100,6 +111,7 @@ async fn report(State(state): State<Arc<OpsState>>, Query(q): Query<ReportQuery>
         return (StatusCode::BAD_REQUEST, format!("invalid date {date:?}: use YYYY-MM-DD\n")).into_response();
     }
     let format = q.format.unwrap_or(Format::Html);
+    let _one_at_a_time = state.report_lock.lock().await;
     let status = state.status.borrow().clone();
     match state.report.daily(&date, &status).await {
         Ok(report) => {
@@ -133,4 +145,47 @@ async fn flow_api(State(state): State<Arc<OpsState>>, Query(q): Query<FlowQuery>
 async fn status_api(State(state): State<Arc<OpsState>>) -> Response {
     let status = state.status.borrow().clone();
     axum::Json(status).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use clap::Parser;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The listener's routes with no broker behind them (requests that need none).
+    fn app() -> (Router, crate::status::StatusSender) {
+        let config = crate::Config::parse_from(["reconciler", "--kafka-brokers", "127.0.0.1:1"]);
+        let codec = Arc::new(elo_events::EventCodec::new(&config.common.registry.config().unwrap()).unwrap());
+        let report = ReportSources::new(&config.common, &config.ops, codec).unwrap();
+        let flow = FlowSources::new(&config.common.kafka, &config.ops, &config.common.topics, "g").unwrap();
+        let (tx, rx) = crate::status::channel();
+        (router(Arc::new(OpsState::new(report, flow, rx, "commerce.events".into()))), tx)
+    }
+
+    async fn get(app: Router, uri: &str) -> (StatusCode, String) {
+        let response = app.oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_bad_date_is_refused_and_the_ledger_status_is_served_as_published() {
+        let (app, tx) = app();
+        let (status, body) = get(app.clone(), "/report?date=2026-02-30").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, body) = get(app.clone(), "/api/status").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_str::<crate::status::LedgerStatus>(&body).unwrap(), Default::default());
+        tx.send_replace(crate::status::LedgerStatus { orders: 7, ..Default::default() });
+        let (_, body) = get(app.clone(), "/api/status").await;
+        assert_eq!(serde_json::from_str::<crate::status::LedgerStatus>(&body).unwrap().orders, 7);
+        let (status, body) = get(app, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("/flow") && body.contains("/report"));
+    }
 }
