@@ -44,6 +44,10 @@ pub enum DlqCommand {
         /// Replay records a previous run already replayed.
         #[arg(long)]
         again: bool,
+        /// Replay for this consumer group instead of the one that parked each record (a group
+        /// renamed since).
+        #[arg(long = "for-group")]
+        for_group: Option<String>,
         /// Compacted topic recording what was replayed, so a rerun continues where it stopped.
         #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replays")]
         checkpoint_topic: String,
@@ -163,8 +167,8 @@ pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()>
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        DlqCommand::Replay { select: args, dry_run, again, checkpoint_topic } => {
-            replay_command(common, &args, dry_run, again, &checkpoint_topic).await
+        DlqCommand::Replay { select: args, dry_run, again, for_group, checkpoint_topic } => {
+            replay_command(common, &args, dry_run, again, for_group.as_deref(), &checkpoint_topic).await
         }
     }
 }
@@ -174,11 +178,12 @@ async fn replay_command(
     args: &SelectArgs,
     dry_run: bool,
     again: bool,
+    for_group: Option<&str>,
     checkpoint_topic: &str,
 ) -> anyhow::Result<()> {
     let entries = select(&common.kafka, args).await?;
     let done = replayed(&common.kafka, checkpoint_topic).await?;
-    let actions = replay::plan(&entries, &done, again);
+    let actions = replay::plan(&entries, &done, again, for_group);
     if dry_run {
         for (e, a) in entries.iter().zip(&actions) {
             let what = match a {

@@ -32,19 +32,21 @@ pub enum Action {
 }
 
 /// Decides what to do with each selected dead letter. `done` holds the coordinates already
-/// replayed (from the checkpoint topic).
-pub fn plan(entries: &[DeadLetterEntry], done: &HashSet<String>, again: bool) -> Vec<Action> {
+/// replayed (from the checkpoint topic); `for_group` replaces the group that parked them (a
+/// consumer group renamed since).
+pub fn plan(entries: &[DeadLetterEntry], done: &HashSet<String>, again: bool, for_group: Option<&str>) -> Vec<Action> {
     entries
         .iter()
         .map(|e| {
-            if let Some(reason) = e.not_replayable() {
-                return Action::NotReplayable(reason);
+            if e.origin().is_none() || (e.group().is_none() && for_group.is_none()) {
+                return Action::NotReplayable(e.not_replayable().unwrap_or("no consumer group to replay for"));
             }
             if !again && done.contains(&e.coordinate()) {
                 return Action::AlreadyReplayed;
             }
-            let (topic, partition, _) = e.origin().expect("checked by not_replayable");
-            Action::Replay { topic, partition, group: e.group().expect("checked by not_replayable").to_owned() }
+            let (topic, partition, _) = e.origin().expect("checked above");
+            let group = for_group.or(e.group()).expect("checked above").to_owned();
+            Action::Replay { topic, partition, group }
         })
         .collect()
 }
@@ -167,20 +169,26 @@ mod tests {
         let outside = letter("order-ingest.dlq", 0, &[(dlq::ORIGIN_SOURCE, "magento-poll/orders")], 1);
         let entries = vec![sf(1), sf(2), outside];
         let done: HashSet<String> = ["salesforce-sink.dlq/1/1".to_owned()].into();
-        let actions = plan(&entries, &done, false);
+        let actions = plan(&entries, &done, false, None);
         assert_eq!(actions[0], Action::AlreadyReplayed);
         assert_eq!(
             actions[1],
             Action::Replay { topic: "commerce.events".into(), partition: 3, group: "elo-salesforce-sink".into() }
         );
         assert!(matches!(actions[2], Action::NotReplayable(_)));
-        assert!(matches!(plan(&entries, &done, true)[0], Action::Replay { .. }), "--again replays it anyway");
+        assert!(matches!(plan(&entries, &done, true, None)[0], Action::Replay { .. }), "--again replays it anyway");
+        let renamed = plan(&entries, &done, false, Some("elo-salesforce-sink-v2"));
+        assert!(matches!(&renamed[1], Action::Replay { group, .. } if group == "elo-salesforce-sink-v2"));
+        assert!(
+            matches!(renamed[2], Action::NotReplayable(_)),
+            "a group does not give a Magento record an origin topic"
+        );
     }
 
     #[tokio::test]
     async fn replays_go_to_the_origin_partition_marked_for_one_group_and_are_checkpointed() {
         let entries = vec![sf(1), sf(2)];
-        let actions = plan(&entries, &HashSet::new(), false);
+        let actions = plan(&entries, &HashSet::new(), false, None);
         let fake = Fake::default();
         let summary = execute(&fake, &entries, &actions, |_, _| {}).await.unwrap();
         assert_eq!(summary, Summary { replayed: 2, already_replayed: 0, not_replayable: 0 });
@@ -200,11 +208,11 @@ mod tests {
     async fn an_interrupted_replay_resumes_without_repeating_what_was_done() {
         let entries = vec![sf(1), sf(2), sf(3)];
         let first = Fake { fail_after: Some(1), ..Fake::default() };
-        let actions = plan(&entries, &HashSet::new(), false);
+        let actions = plan(&entries, &HashSet::new(), false, None);
         assert!(execute(&first, &entries, &actions, |_, _| {}).await.is_err());
         let done: HashSet<String> = first.checkpoints.lock().unwrap().iter().cloned().collect();
         let second = Fake::default();
-        let summary = execute(&second, &entries, &plan(&entries, &done, false), |_, _| {}).await.unwrap();
+        let summary = execute(&second, &entries, &plan(&entries, &done, false, None), |_, _| {}).await.unwrap();
         assert_eq!(summary, Summary { replayed: 2, already_replayed: 1, not_replayable: 0 });
         let replayed_of: Vec<_> =
             second.published.lock().unwrap().iter().map(|(_, _, h)| h.last().unwrap().1.clone()).collect();
