@@ -96,6 +96,7 @@ fn provisioned_topics() -> Vec<String> {
             "ELO_TOPIC_COMMANDS",
             "ELO_ORDER_INGEST_CHECKPOINT_TOPIC",
             "ELO_ORDER_INGEST_DLQ_TOPIC",
+            "ELO_RECONCILER_REPLAY_CHECKPOINTS",
         ] {
             topics.extend(env_default(&help, key));
         }

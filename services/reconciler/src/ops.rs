@@ -38,7 +38,7 @@ pub struct OpsArgs {
     #[arg(
         long = "replay-checkpoints",
         env = "ELO_RECONCILER_REPLAY_CHECKPOINTS",
-        default_value = "reconciler.replays"
+        default_value = "reconciler.replay.checkpoints"
     )]
     pub replay_checkpoints: String,
 }

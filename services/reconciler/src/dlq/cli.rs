@@ -49,7 +49,7 @@ pub enum DlqCommand {
         #[arg(long = "for-group")]
         for_group: Option<String>,
         /// Compacted topic recording what was replayed, so a rerun continues where it stopped.
-        #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replays")]
+        #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replay.checkpoints")]
         checkpoint_topic: String,
     },
 }

@@ -7,7 +7,7 @@
 //! of the consumer's guarantees hold: ordered per key, retried by class, and a record that
 //! fails again is parked in its DLQ again (with its `elo-replay-of`), never lost.
 //!
-//! Progress is checkpointed in a compacted topic (`reconciler.replays`, key = the dead letter's
+//! Progress is checkpointed in a compacted topic (`reconciler.replay.checkpoints`, key = the dead letter's
 //! coordinate) after each record is acknowledged: a replay interrupted and run again skips
 //! what was done. A crash between the publish and the checkpoint replays that one record twice,
 //! which is harmless: every handler is idempotent (upserts by external id, stale versions
