@@ -71,7 +71,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // the flow diagram show zeros for them.
     let (_status_tx, status_rx) = status::channel();
     let group = config.consumer.group.clone().unwrap_or_else(|| format!("elo-{NAME}-validate"));
-    let (_, ops_task) = start_ops_listener(&config, &group, status_rx).await?;
+    // The reports listener is for people: if it cannot start (its port taken), the ledger
+    // still runs, and the error says why the pages are missing.
+    let ops_task = match start_ops_listener(&config, &group, status_rx).await {
+        Ok((_, task)) => Some(task),
+        Err(error) => {
+            tracing::error!(error = %error, "reports and flow diagram unavailable; the reconciler runs without them");
+            None
+        }
+    };
     let plan = ConsumerPlan {
         name: NAME,
         default_admin: DEFAULT_ADMIN,
@@ -79,7 +87,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         default_batch: 200,
     };
     let result = elo_service::run_validating_consumer(plan, common, &config.consumer).await;
-    ops_task.abort();
+    if let Some(task) = ops_task {
+        task.abort();
+    }
     result
 }
 
