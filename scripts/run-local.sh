@@ -41,6 +41,12 @@ export ELO_RDSTATION_URL="${ELO_RDSTATION_URL:-http://${ELO_SANDBOX_RDSTATION_LI
 # Locally (no secret files, loopback RD) the sink gets its authorization code from the sandbox.
 export ELO_RDSTATION_SANDBOX_CONTROL="${ELO_RDSTATION_SANDBOX_CONTROL:-http://${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}}"
 
+# The reconciler serves the daily report and the live flow diagram, and asks the other
+# services' admin ports for their health and counts.
+RECONCILER_HTTP="${ELO_RECONCILER_HTTP_LISTEN:-127.0.0.1:9180}"
+export ELO_RECONCILER_HTTP_LISTEN="$RECONCILER_HTTP"
+export ELO_RECONCILER_SERVICE_ADMIN="${ELO_RECONCILER_SERVICE_ADMIN:-order-ingest=http://127.0.0.1:${PORTS[0]},salesforce-sink=http://127.0.0.1:${PORTS[1]},rdstation-sink=http://127.0.0.1:${PORTS[2]},reconciler=http://127.0.0.1:${PORTS[3]}}"
+
 # The sandbox simulates Magento, Salesforce and RD Station (no accounts needed locally).
 SANDBOX_CONTROL="${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}"
 # Each process gets its own session (setsid): Ctrl-C reaches this script only, which then
@@ -56,6 +62,7 @@ for i in "${!SERVICES[@]}"; do
 done
 
 echo "Elo is starting; logs in $LOGS. Press Ctrl-C to stop."
+echo "Daily report: http://$RECONCILER_HTTP/report  Live flow diagram: http://$RECONCILER_HTTP/flow"
 WIRED=0
 while true; do
   sleep "$INTERVAL"
@@ -94,5 +101,8 @@ while true; do
   ingest=$(curl -s "http://127.0.0.1:${PORTS[0]}/metrics")
   pushed=$(awk '/^order_ingest_notifications_total/ && /outcome="published"/ {s+=$2} END {print s+0}' <<<"$ingest")
   stock=$(awk '/^order_ingest_inventory_checks_total/ && /outcome="fetched"/ {s+=$2} END {print s+0}' <<<"$ingest")
-  echo "$(date +%H:%M:%S) $line notifications-published=$pushed stock-checks=$stock events-validated-by-salesforce-sink=$events orders-in-salesforce=$orders"
+  # Per-step counts from the reconciler's flow diagram (order inventory salesforce rdstation
+  # repair report; `-` while a service does not answer).
+  steps=$(curl -s --max-time 3 "http://$RECONCILER_HTTP/api/flow?format=line" || true)
+  echo "$(date +%H:%M:%S) $line notifications-published=$pushed stock-checks=$stock events-validated-by-salesforce-sink=$events orders-in-salesforce=$orders steps: ${steps:-unavailable}"
 done

@@ -477,3 +477,27 @@ pub fn rdstation_sink(dir: &Path, topic: &str, group: &str, rd_url: &str, rules:
         .stderr(log_file);
     command
 }
+
+/// A reconciler command on the shared stack with topics of its own
+/// (`topic.{outcomes,commands,inventory,rc-dlq}`, 3 partitions), group `topic.rc-group`,
+/// admin on `admin_port`, logging to `dir/<log>.log`. Add `dlq ...` or `report ...` arguments
+/// for an operator command.
+pub fn reconciler(dir: &Path, topic: &str, admin_port: u16, log: &str) -> Command {
+    let mut command = Command::new(binary("reconciler"));
+    command
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("ELO_RECONCILER_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("ELO_TOPIC_COMMERCE", topic)
+        .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
+        .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
+        .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
+        .env("ELO_DLQ_TOPIC", format!("{topic}.rc-dlq"))
+        .env("ELO_CONSUMER_GROUP", format!("{topic}.rc-group"))
+        .env("ELO_TOPIC_PARTITIONS", "3")
+        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
+        .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
+    command
+}

@@ -96,6 +96,7 @@ fn provisioned_topics() -> Vec<String> {
             "ELO_TOPIC_COMMANDS",
             "ELO_ORDER_INGEST_CHECKPOINT_TOPIC",
             "ELO_ORDER_INGEST_DLQ_TOPIC",
+            "ELO_RECONCILER_REPLAY_CHECKPOINTS",
         ] {
             topics.extend(env_default(&help, key));
         }
@@ -170,4 +171,18 @@ fn asyncapi_catalog_validates_and_lists_every_provisioned_topic_with_its_schema(
 fn asyncapi_catalog_renders_as_a_browsable_html_page() {
     let report = deploy_check(&["asyncapi-html"]);
     assert!(report.contains("index.html"), "{report}");
+}
+
+#[test]
+fn deployment_env_only_sets_variables_the_service_reads() {
+    for service in SERVICES {
+        let help = help(service);
+        let text = std::fs::read_to_string(root().join(format!("deploy/base/{service}.yaml"))).unwrap();
+        for key in text.lines().filter_map(|l| l.trim().strip_prefix("- name: ")).filter(|k| k.starts_with("ELO_")) {
+            if key.starts_with("ELO_RDKAFKA_") {
+                continue;
+            }
+            assert!(help.contains(&format!("[env: {key}=")), "{service}: {key} is set but not read");
+        }
+    }
 }

@@ -50,6 +50,7 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
         .find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
         .unwrap();
     let log = dir.path().join("run.log");
+    let reports = format!("127.0.0.1:{}", free_port());
     let mut stack = ChildGuard::spawn(
         "stack",
         Command::new(root.join("scripts/stack.sh"))
@@ -68,6 +69,7 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
             .env("ELO_SANDBOX_CONTROL_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("ELO_RUN_ORDERS_PER_SECOND", "20")
+            .env("ELO_RECONCILER_HTTP_LISTEN", &reports)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::null()),
     );
@@ -106,6 +108,30 @@ fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
         "no event flowed from the sandbox to the sinks:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
+
+    // The report and flow URLs are printed at start, and the status line carries the
+    // reconciler's per-step counts, with orders counted as they flow.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains(&format!("http://{reports}/report")) && text.contains(&format!("http://{reports}/flow")),
+        "{text}"
+    );
+    let step = |line: &str, id: &str| -> Option<u64> {
+        line.split("steps: ").nth(1)?.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{id}="))?.parse().ok())
+    };
+    let mut counted = false;
+    for _ in 0..60 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(last) = text.lines().rev().find(|l| l.contains("steps: ")) {
+            let all = ["order", "inventory", "salesforce", "rdstation", "repair", "report"];
+            if all.iter().all(|id| step(last, id).is_some()) && step(last, "order") > Some(0) {
+                counted = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(counted, "no status line with every step's count:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
 
     let spawned = descendants(stack.child.id());
     assert!(

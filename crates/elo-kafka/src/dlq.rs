@@ -34,6 +34,19 @@ pub const GROUP: &str = "elo-dlq-group";
 /// Where a record that never was on Kafka came from, e.g. `magento-poll/orders`.
 pub const ORIGIN_SOURCE: &str = "elo-dlq-origin-source";
 
+/// On a replayed record: the dead letter it replays, `<dlq topic>/<partition>/<offset>`.
+pub const REPLAY_OF: &str = "elo-replay-of";
+/// On a replayed record: the one consumer group it is for. Every other group skips it, without
+/// side effects, committing past it (see [`is_replay_for_other`]).
+pub const REPLAY_FOR: &str = "elo-replay-for";
+
+/// Whether `record` is a replay meant for another consumer group than `group`. A replay goes
+/// back to the origin topic, which other services read too; they already handled the
+/// original, so only the group that parked it may act on the copy.
+pub fn is_replay_for_other(record: &Record, group: &str) -> bool {
+    record.header(REPLAY_FOR).is_some_and(|target| target != group.as_bytes())
+}
+
 const MAX_MESSAGE: usize = 1024;
 
 /// Truncates on a character boundary.

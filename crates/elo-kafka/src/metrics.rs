@@ -30,7 +30,7 @@ pub(crate) static PRODUCE_LATENCY: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub(crate) static CONSUMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "elo_consumer_records_total",
-        "Records finished by the consumer runtime, by outcome (applied, dead_lettered).",
+        "Records finished by the consumer runtime, by outcome (applied, dead_lettered, skipped_replay: a replay meant for another group).",
         &["topic", "outcome"]
     )
     .expect("metric registers once")

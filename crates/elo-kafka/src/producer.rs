@@ -226,6 +226,19 @@ impl Producer {
         self.deliver(topic, None, key, payload, headers).await
     }
 
+    /// Sends a record with exactly the given headers to one partition (a DLQ replay goes back to
+    /// the partition it came from, so per-key order and co-partitioning hold).
+    pub async fn send_with_headers_to_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: OwnedHeaders,
+    ) -> Result<Delivery> {
+        self.deliver(topic, Some(partition), key, payload, headers).await
+    }
+
     async fn deliver(
         &self,
         topic: &str,

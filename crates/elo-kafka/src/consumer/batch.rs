@@ -40,6 +40,8 @@ pub(crate) struct BatchEnv<'a, H, D> {
     pub stop: &'a CancellationToken,
     /// Next offset to commit for the partition; moves as records finish.
     pub done: &'a AtomicI64,
+    /// This consumer's group: replays meant for another group are skipped.
+    pub group: &'a str,
 }
 
 /// How a batch ended.
@@ -68,6 +70,18 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
 ) -> BatchOutcome {
     let topic = records[0].topic.clone();
     let last = records.last().map(|r| r.offset).expect("batch is never empty");
+    // Replays for another group: finished without a handler call (the group they are for
+    // handles them). `done` still moves past them once the rest of the batch is finished.
+    let before = records.len();
+    records.retain(|r| !crate::dlq::is_replay_for_other(r, env.group));
+    let skipped = (before - records.len()) as u64;
+    if skipped > 0 {
+        metrics::CONSUMED.with_label_values(&[&topic, "skipped_replay"]).inc_by(skipped);
+    }
+    if records.is_empty() {
+        env.done.store(last + 1, Ordering::Release);
+        return BatchOutcome::Finished;
+    }
     let mut tries = vec![Tries::default(); records.len()];
     let mut waits = 0u32;
     loop {

@@ -112,7 +112,15 @@ impl Env {
         }
     }
     fn with<'a, H, D>(&'a self, handler: &'a H, dlq: &'a D) -> BatchEnv<'a, H, D> {
-        BatchEnv { handler, dlq, retry: &self.retry, permits: &self.permits, stop: &self.stop, done: &self.done }
+        BatchEnv {
+            handler,
+            dlq,
+            retry: &self.retry,
+            permits: &self.permits,
+            stop: &self.stop,
+            done: &self.done,
+            group: "g",
+        }
     }
 }
 
@@ -318,10 +326,24 @@ async fn a_waiting_partition_does_not_hold_the_concurrency_permit() {
         let stop = CancellationToken::new();
         let retry = RetryPolicy { initial: Duration::from_secs(5), max: Duration::from_secs(5), transient_attempts: 3 };
         let (slow_done, fast_done) = (AtomicI64::new(-1), AtomicI64::new(-1));
-        let slow_env =
-            BatchEnv { handler: &slow, dlq: &dlq, retry: &retry, permits: &permits, stop: &stop, done: &slow_done };
-        let fast_env =
-            BatchEnv { handler: &fast, dlq: &dlq, retry: &retry, permits: &permits, stop: &stop, done: &fast_done };
+        let slow_env = BatchEnv {
+            handler: &slow,
+            dlq: &dlq,
+            retry: &retry,
+            permits: &permits,
+            stop: &stop,
+            done: &slow_done,
+            group: "g",
+        };
+        let fast_env = BatchEnv {
+            handler: &fast,
+            dlq: &dlq,
+            retry: &retry,
+            permits: &permits,
+            stop: &stop,
+            done: &fast_done,
+            group: "g",
+        };
         let slow_batch = process_batch(&slow_env, vec![record(0, "S")]);
         let fast_batch = async {
             // Let the slow partition take the permit first.
@@ -345,4 +367,53 @@ fn codes_are_bounded() {
     assert_eq!(bounded_code("a b/c{}"), "abc");
     assert_eq!(bounded_code(""), "unknown");
     assert_eq!(bounded_code(&"x".repeat(100)).len(), 40);
+}
+
+fn replay(mut r: Record, group: &str) -> Record {
+    r.headers.push((crate::dlq::REPLAY_OF.into(), b"svc.dlq/0/7".to_vec()));
+    r.headers.push((crate::dlq::REPLAY_FOR.into(), group.as_bytes().to_vec()));
+    r
+}
+
+#[tokio::test]
+async fn a_replay_for_another_group_is_skipped_and_committed_past() {
+    let store = Store::new(|_, _| Ok(()));
+    let (env, dlq) = (Env::new(3), FakeDlq::default());
+    let batch = vec![record(0, "A"), replay(record(1, "B"), "other"), record(2, "C"), replay(record(3, "D"), "other")];
+    let outcome = process_batch(&env.with(&store, &dlq), batch).await;
+    assert_eq!(outcome, BatchOutcome::Finished);
+    assert_eq!((store.version("A"), store.version("C")), (Some(0), Some(2)));
+    assert_eq!(
+        (store.version("B"), store.version("D")),
+        (None, None),
+        "another group's replays never reach the handler"
+    );
+    assert_eq!(env.done.load(Ordering::SeqCst), 4, "done moves past the skipped tail");
+    assert!(dlq.parked.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_of_only_foreign_replays_finishes_without_a_handler_call() {
+    let store = Store::new(|_, _| Ok(()));
+    let (env, dlq) = (Env::new(3), FakeDlq::default());
+    let outcome = process_batch(&env.with(&store, &dlq), vec![replay(record(5, "A"), "other")]).await;
+    assert_eq!(outcome, BatchOutcome::Finished);
+    assert_eq!(store.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(env.done.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test]
+async fn a_replay_for_this_group_is_handled_and_a_new_failure_parks_it_again_with_its_replay_headers() {
+    let store = Store::new(|_, r| if r.offset == 1 { Err(HandlerError::permanent("still_bad", "no")) } else { Ok(()) });
+    let (env, dlq) = (Env::new(3), FakeDlq::default());
+    let batch = vec![replay(record(0, "A"), "g"), replay(record(1, "B"), "g")];
+    let outcome = process_batch(&env.with(&store, &dlq), batch).await;
+    assert_eq!(outcome, BatchOutcome::Finished);
+    assert_eq!(store.version("A"), Some(0), "the replay meant for us is applied");
+    let parked = dlq.parked.lock().unwrap();
+    assert_eq!(parked.len(), 1, "the record that fails again goes back to the DLQ");
+    let headers = parked[0].headers("g");
+    assert_eq!(header(&headers, crate::dlq::REPLAY_OF), "svc.dlq/0/7");
+    assert_eq!(header(&headers, crate::dlq::ERROR_CODE), "still_bad");
+    assert_eq!(env.done.load(Ordering::SeqCst), 2);
 }

@@ -96,6 +96,7 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
                 permits: &self.shared.permits,
                 stop: &self.stop,
                 done: &self.done,
+                group: &self.shared.settings.group_id,
             };
             let outcome = process_batch(&env, batch).instrument(span).await;
             metrics::BATCH_LATENCY.with_label_values(&[topic]).observe(started.elapsed().as_secs_f64());

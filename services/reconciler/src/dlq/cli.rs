@@ -1,0 +1,415 @@
+//! `reconciler dlq list|show|replay`.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use elo_events::{CommerceEvent, EventCodec, IntegrationCommand, InventoryEvent, SyncOutcome};
+use elo_kafka::{KafkaArgs, Producer, headers};
+use elo_service::CommonArgs;
+use elo_telemetry::Health;
+use serde_json::{Value, json};
+
+use super::replay::{self, Action, ReplayWriter};
+use super::{DEFAULT_DLQ_TOPICS, DeadLetterEntry, Filter, parse_instant};
+use crate::scan::{self, Window};
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (one line each, or JSON lines with --json).
+    List {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter, `<dlq topic>/<partition>/<offset>`, decoded, with its headers.
+    Show {
+        #[command(flatten)]
+        topics: DlqTopicsArgs,
+        coordinate: String,
+        /// Show e-mails, phones and names as they are (redacted by default).
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Replay dead letters through the normal path (the origin topic, for the group that parked
+    /// them). Records that fail again return to their DLQ.
+    Replay {
+        #[command(flatten)]
+        select: SelectArgs,
+        /// List what would be replayed; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replay records a previous run already replayed.
+        #[arg(long)]
+        again: bool,
+        /// Replay for this consumer group instead of the one that parked each record (a group
+        /// renamed since).
+        #[arg(long = "for-group")]
+        for_group: Option<String>,
+        /// Compacted topic recording what was replayed, so a rerun continues where it stopped.
+        #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replay.checkpoints")]
+        checkpoint_topic: String,
+    },
+}
+
+/// The deployment's DLQ topics.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DlqTopicsArgs {
+    /// Every DLQ topic (comma-separated).
+    #[arg(long = "dlq-topics", env = "ELO_RECONCILER_DLQ_TOPICS", value_delimiter = ',', default_values_t = DEFAULT_DLQ_TOPICS.map(String::from))]
+    pub dlq_topics: Vec<String>,
+}
+
+/// Which dead letters.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SelectArgs {
+    #[command(flatten)]
+    pub topics: DlqTopicsArgs,
+    /// Only these services' DLQs (repeatable), e.g. `salesforce-sink`.
+    #[arg(long = "service")]
+    pub services: Vec<String>,
+    /// Error class: permanent, transient, rate_limited, auth.
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Error code, e.g. DUPLICATES_DETECTED.
+    #[arg(long)]
+    pub code: Option<String>,
+    /// Record key, e.g. `c:42`.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Parked at or after: 2026-11-30, 2026-11-30T08:00Z, epoch ms, or 2h / 30m / 3d ago.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Parked before (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many records (oldest first per DLQ partition).
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl SelectArgs {
+    fn filter(&self) -> anyhow::Result<Filter> {
+        let now = now_ms();
+        let instant = |t: &Option<String>| t.as_deref().map(|t| parse_instant(t, now)).transpose();
+        Ok(Filter {
+            services: self.services.clone(),
+            class: self.class.clone(),
+            code: self.code.clone(),
+            key: self.key.clone(),
+            since_ms: instant(&self.since).map_err(anyhow::Error::msg)?,
+            until_ms: instant(&self.until).map_err(anyhow::Error::msg)?,
+        })
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Reads the selected dead letters from every matching DLQ topic.
+pub async fn select(kafka: &KafkaArgs, args: &SelectArgs) -> anyhow::Result<Vec<DeadLetterEntry>> {
+    let filter = args.filter()?;
+    let topics: Vec<String> = filter.topics(&args.topics.dlq_topics).into_iter().cloned().collect();
+    let (kafka, limit) = (kafka.clone(), args.limit.unwrap_or(usize::MAX));
+    tokio::task::spawn_blocking(move || {
+        let window = Window { from_ms: filter.since_ms, until_ms: filter.until_ms };
+        let mut out = Vec::new();
+        for topic in &topics {
+            scan::scan(&kafka, topic, window, |r| {
+                let e = DeadLetterEntry(r);
+                if out.len() < limit && filter.matches(&e) {
+                    out.push(e);
+                }
+            })?;
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { select: args, json } => {
+            let entries = select(&common.kafka, &args).await?;
+            if !json {
+                println!(
+                    "{:<28} {:<24} {:<10} {:<24} {:<26} {:<14} {:>3}  REPLAY OF",
+                    "DEAD LETTER", "PARKED", "CLASS", "CODE", "ORIGIN", "KEY", "TRY"
+                );
+            }
+            for e in &entries {
+                if json {
+                    println!("{}", summary_json(e));
+                } else {
+                    println!("{}", summary_line(e));
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s)", entries.len());
+            }
+            Ok(())
+        }
+        DlqCommand::Show { topics, coordinate, reveal } => {
+            let entry = find(&common.kafka, &topics, &coordinate).await?;
+            let codec = EventCodec::new(&common.registry.config()?)?;
+            let mut value = decoded_value(&codec, common, &entry).await;
+            if !reveal {
+                redact(&mut value);
+            }
+            let mut out = summary_json(&entry);
+            out["headers"] = Value::Object(
+                entry.0.headers.iter().map(|(k, v)| (k.clone(), json!(String::from_utf8_lossy(v)))).collect(),
+            );
+            out["value"] = value;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        DlqCommand::Replay { select: args, dry_run, again, for_group, checkpoint_topic } => {
+            replay_command(common, &args, dry_run, again, for_group.as_deref(), &checkpoint_topic).await
+        }
+    }
+}
+
+async fn replay_command(
+    common: &CommonArgs,
+    args: &SelectArgs,
+    dry_run: bool,
+    again: bool,
+    for_group: Option<&str>,
+    checkpoint_topic: &str,
+) -> anyhow::Result<()> {
+    let entries = select(&common.kafka, args).await?;
+    let done = replayed(&common.kafka, checkpoint_topic).await?;
+    let actions = replay::plan(&entries, &done, again, for_group);
+    if dry_run {
+        for (e, a) in entries.iter().zip(&actions) {
+            let what = match a {
+                Action::Replay { topic, partition, group } => {
+                    format!("would replay to {topic}/{partition} for {group}")
+                }
+                Action::AlreadyReplayed => "already replayed (use --again)".to_owned(),
+                Action::NotReplayable(why) => format!("not replayable: {why}"),
+            };
+            println!("{}  {}  {}  {what}", e.coordinate(), e.code(), e.key().unwrap_or_default());
+        }
+        let would = actions.iter().filter(|a| matches!(a, Action::Replay { .. })).count();
+        eprintln!("dry run: {would} of {} selected dead letter(s) would be replayed; nothing written", entries.len());
+        return Ok(());
+    }
+    let health = Health::new();
+    if common.topics.provision {
+        let spec = common.topics.spec(checkpoint_topic).compacted();
+        elo_kafka::ensure_topics(&common.kafka, &[spec], Duration::from_secs(10), &health).await?;
+    }
+    let writer =
+        KafkaReplays { producer: Producer::new(&common.kafka, health)?, checkpoint_topic: checkpoint_topic.to_owned() };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let style =
+            indicatif::ProgressStyle::with_template("replay [{bar:40}] {pos}/{len} ({per_sec}, eta {eta}) {msg}")
+                .expect("valid template");
+        indicatif::ProgressBar::new(entries.len() as u64).with_style(style)
+    });
+    let result = replay::execute(&writer, &entries, &actions, |e, _| {
+        if let Some(bar) = &bar {
+            bar.set_message(e.coordinate());
+            bar.inc(1);
+        }
+    })
+    .await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    writer.producer.flush(Duration::from_secs(10))?;
+    let summary = result?;
+    println!("{}", serde_json::to_string(&summary)?);
+    eprintln!(
+        "replayed {}, already replayed {}, not replayable {}; records that fail again return to their DLQ",
+        summary.replayed, summary.already_replayed, summary.not_replayable
+    );
+    Ok(())
+}
+
+/// The coordinates a previous replay already did.
+async fn replayed(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<HashSet<String>> {
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let mut done = HashSet::new();
+        scan::scan(&kafka, &topic, Window::default(), |r| {
+            if let (Some(k), Some(_)) = (r.key, r.payload) {
+                done.insert(String::from_utf8_lossy(&k).into_owned());
+            }
+        })?;
+        Ok(done)
+    })
+    .await?
+}
+
+struct KafkaReplays {
+    producer: Producer,
+    checkpoint_topic: String,
+}
+
+impl ReplayWriter for KafkaReplays {
+    async fn publish(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        hs: &[(String, Vec<u8>)],
+    ) -> anyhow::Result<String> {
+        let owned = headers::to_owned_headers(hs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        let d = self.producer.send_with_headers_to_partition(topic, partition, key, payload, owned).await?;
+        Ok(format!("{topic}/{}/{}", d.partition, d.offset))
+    }
+
+    async fn checkpoint(&self, coordinate: &str, landed: &str) -> anyhow::Result<()> {
+        let value = json!({ "replayed_to": landed, "at_ms": now_ms() }).to_string();
+        self.producer.send(&self.checkpoint_topic, coordinate.as_bytes(), value.as_bytes(), None).await?;
+        Ok(())
+    }
+}
+
+/// Finds one dead letter by coordinate.
+async fn find(kafka: &KafkaArgs, topics: &DlqTopicsArgs, coordinate: &str) -> anyhow::Result<DeadLetterEntry> {
+    let bad = || anyhow::anyhow!("expected <dlq topic>/<partition>/<offset>, got {coordinate:?}");
+    let mut parts = coordinate.rsplitn(3, '/');
+    let offset: i64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
+    let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let topic = parts.next().ok_or_else(bad)?.to_owned();
+    if !topics.dlq_topics.contains(&topic) {
+        anyhow::bail!("{topic} is not one of the DLQ topics ({})", topics.dlq_topics.join(", "));
+    }
+    let kafka = kafka.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut found = None;
+        scan::scan(&kafka, &topic, Window::default(), |r| {
+            if r.partition == partition && r.offset == offset {
+                found = Some(DeadLetterEntry(r));
+            }
+        })?;
+        anyhow::Ok(found)
+    })
+    .await??;
+    found.ok_or_else(|| anyhow::anyhow!("no dead letter at {coordinate}"))
+}
+
+/// One table row.
+fn summary_line(e: &DeadLetterEntry) -> String {
+    let parked = e.parked_ms().map(format_ms).unwrap_or_default();
+    let origin = match e.origin() {
+        Some((t, p, o)) => format!("{t}/{p}/{o}"),
+        None => e.header(elo_kafka::dlq::ORIGIN_SOURCE).unwrap_or("-").to_owned(),
+    };
+    let replay_of = e.header(elo_kafka::dlq::REPLAY_OF).unwrap_or("-");
+    format!(
+        "{:<28} {:<24} {:<10} {:<24} {:<26} {:<14} {:>3}  {replay_of}",
+        e.coordinate(),
+        parked,
+        e.class(),
+        e.code(),
+        origin,
+        e.key().unwrap_or_default(),
+        e.header(elo_kafka::dlq::ATTEMPTS).unwrap_or("-"),
+    )
+}
+
+fn summary_json(e: &DeadLetterEntry) -> Value {
+    use elo_kafka::dlq as h;
+    json!({
+        "dead_letter": e.coordinate(),
+        "service": e.service(),
+        "parked_ms": e.parked_ms(),
+        "class": e.class(),
+        "code": e.code(),
+        "message": e.header(h::ERROR_MESSAGE),
+        "key": e.key(),
+        "origin": e.origin().map(|(t, p, o)| format!("{t}/{p}/{o}")),
+        "origin_source": e.header(h::ORIGIN_SOURCE),
+        "group": e.group(),
+        "attempts": e.header(h::ATTEMPTS).and_then(|a| a.parse::<u32>().ok()),
+        "replay_of": e.header(h::REPLAY_OF),
+    })
+}
+
+/// `2026-11-30T08:15:02Z`.
+pub(crate) fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (day, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    format!("{}T{:02}:{:02}:{:02}Z", elo_events::time::civil_date(day), rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The value decoded by the topic it came from; undecodable bytes shown as text or size.
+async fn decoded_value(codec: &EventCodec, common: &CommonArgs, e: &DeadLetterEntry) -> Value {
+    let Some(payload) = e.0.payload.as_deref() else { return Value::Null };
+    let t = &common.topics;
+    let origin = e.origin().map(|(topic, _, _)| topic).unwrap_or_default();
+    let decoded = if origin == t.commerce {
+        Some(codec.decode::<CommerceEvent>(payload).await.map(|v| serde_json::to_value(v).unwrap_or_default()))
+    } else if origin == t.outcomes {
+        Some(codec.decode::<SyncOutcome>(payload).await.map(|v| serde_json::to_value(v).unwrap_or_default()))
+    } else if origin == t.commands {
+        Some(codec.decode::<IntegrationCommand>(payload).await.map(|v| serde_json::to_value(v).unwrap_or_default()))
+    } else if origin == t.inventory {
+        Some(codec.decode::<InventoryEvent>(payload).await.map(|v| serde_json::to_value(v).unwrap_or_default()))
+    } else {
+        None
+    };
+    match decoded {
+        Some(Ok(v)) => v,
+        Some(Err(error)) => json!({ "undecodable": error.to_string(), "raw": raw(payload) }),
+        None => raw(payload),
+    }
+}
+
+fn raw(payload: &[u8]) -> Value {
+    match std::str::from_utf8(payload) {
+        Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| json!(text)),
+        Err(_) => json!(format!("<{} bytes of binary>", payload.len())),
+    }
+}
+
+/// Hides personal data unless the operator asks for it (`--reveal`).
+pub(crate) fn redact(value: &mut Value) {
+    const PERSONAL: [&str; 6] = ["email", "phone", "telephone", "firstname", "lastname", "street"];
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if PERSONAL.iter().any(|p| k.contains(p)) && !k.contains("sha256") && !v.is_null() {
+                    *v = json!("<redacted>");
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn personal_fields_are_redacted_at_any_depth_hashes_are_not() {
+        let mut v = json!({"customer": {"email": "a@b.c", "firstname": "Ana", "phone": null},
+            "erasure": {"email_sha256": "ab"}, "items": [{"street": ["x"]}], "order": {"increment_id": "1"}});
+        redact(&mut v);
+        assert_eq!(v["customer"]["email"], "<redacted>");
+        assert_eq!(v["customer"]["firstname"], "<redacted>");
+        assert_eq!(v["customer"]["phone"], Value::Null);
+        assert_eq!(v["erasure"]["email_sha256"], "ab");
+        assert_eq!(v["items"][0]["street"], "<redacted>");
+        assert_eq!(v["order"]["increment_id"], "1");
+    }
+
+    #[test]
+    fn instants_format_as_utc() {
+        assert_eq!(format_ms(1_796_083_200_000 - 1_000), "2026-11-30T23:59:59Z");
+    }
+}
