@@ -7,6 +7,8 @@
 //! issue; until then the default group ends in `-validate`, so the applying version starts
 //! from the beginning of the topic and skips nothing.
 
+pub mod ledger;
+pub mod repair;
 pub mod status;
 
 use std::net::{Ipv4Addr, SocketAddr};
