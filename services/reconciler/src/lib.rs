@@ -1,19 +1,31 @@
-//! reconciler: Keeps a ledger of what each target should hold versus what sinks confirmed, and repairs drift.
+//! reconciler: keeps a ledger of what each target should hold versus what the sinks confirmed,
+//! finds what is overdue, failed or drifted, and repairs it through `integration.commands`.
 //!
-//! # Status
-//! The foundation version: it joins its consumer group, validates every record against Elo's
-//! Avro contracts (malformed records go to `reconciler.dlq` with their error class), exposes its
-//! probes and metrics, and drains and commits on SIGTERM. The ledger work lands with its own
-//! issue; until then the default group ends in `-validate`, so the applying version starts
-//! from the beginning of the topic and skips nothing.
+//! # Layout
+//! - [`ledger`]: one entry per order and customer and its pure transitions.
+//! - [`store`]: the ledger in a [`elo_kafka::StateStore`] (changelog `reconciler.ledger`), the
+//!   consumer handler folding `commerce.events` and `integration.outcomes` into it, and the
+//!   periodic check (figures, repairs, [`status::LedgerStatus`]).
+//! - [`repair`]: which command a problem calls for, attempts, backoff and escalation.
+//! - [`sweep`]: reads the source and the targets within an API budget to find drift.
+//! - [`metrics`]: every metric the service exports.
 
 pub mod ledger;
+pub mod metrics;
 pub mod repair;
 pub mod status;
+pub mod store;
+pub mod sweep;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-use elo_service::{CommonArgs, ConsumerArgs, ConsumerPlan};
+use elo_kafka::StateStore;
+use elo_service::{CommonArgs, ConsumerArgs, Service};
+
+use crate::repair::{Policy, TargetSpec};
+use crate::store::{KafkaCommands, Ledger, LedgerHandler};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
 pub const NAME: &str = "reconciler";
@@ -33,16 +45,164 @@ pub struct Config {
     pub common: CommonArgs,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
+    #[command(flatten)]
+    pub sweeps: sweep::SweepArgs,
+}
+
+/// Ledger, SLA and repair settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LedgerArgs {
+    /// Compacted changelog of the ledger (one entry per order and customer).
+    #[arg(long = "ledger-topic", env = "ELO_RECONCILER_LEDGER_TOPIC", default_value = "reconciler.ledger")]
+    pub ledger_topic: String,
+    /// Targets every order and customer must reach, with the SLA to confirm a new version in,
+    /// as `target:sla` (the sink is `<target>-sink`).
+    #[arg(long = "targets", env = "ELO_RECONCILER_TARGETS", default_value = "salesforce:5m,rdstation:10m", value_parser = parse_targets)]
+    pub targets: Targets,
+    /// Repair commands per problem before it is escalated.
+    #[arg(long = "repair-max-attempts", env = "ELO_RECONCILER_REPAIR_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Wait after the first repair command; doubles with each attempt.
+    #[arg(long = "repair-backoff", env = "ELO_RECONCILER_REPAIR_BACKOFF", default_value = "2m", value_parser = elo_service::parse_duration)]
+    pub backoff: Duration,
+    /// Longest wait between two repair commands for one record.
+    #[arg(long = "repair-max-backoff", env = "ELO_RECONCILER_REPAIR_MAX_BACKOFF", default_value = "30m", value_parser = elo_service::parse_duration)]
+    pub max_backoff: Duration,
+    /// How often the ledger is measured and repairs are sent.
+    #[arg(long = "check-interval", env = "ELO_RECONCILER_CHECK_INTERVAL", default_value = "10s", value_parser = elo_service::parse_duration)]
+    pub check_interval: Duration,
+    /// Repair commands sent per check at most (an outage of a sink must not flood Magento
+    /// with refetches when it ends).
+    #[arg(long = "max-commands-per-check", env = "ELO_RECONCILER_MAX_COMMANDS_PER_CHECK", default_value_t = 200)]
+    pub max_commands: usize,
+}
+
+/// The targets list.
+#[derive(Clone, Debug)]
+pub struct Targets(pub Vec<TargetSpec>);
+
+/// Parses `salesforce:5m,rdstation:10m`.
+pub fn parse_targets(text: &str) -> Result<Targets, String> {
+    let mut out = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, sla) = item.split_once(':').ok_or_else(|| format!("expected target:sla, got {item:?}"))?;
+        out.push(TargetSpec {
+            name: name.to_owned(),
+            sink: format!("{name}-sink"),
+            sla: elo_service::parse_duration(sla)?,
+        });
+    }
+    if out.is_empty() {
+        return Err("at least one target".into());
+    }
+    Ok(Targets(out))
+}
+
+impl LedgerArgs {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            targets: self.targets.0.clone(),
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            max_backoff: self.max_backoff.max(self.backoff),
+        }
+    }
 }
 
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    metrics::register_all();
     let common = &config.common;
-    let plan = ConsumerPlan {
-        name: NAME,
-        default_admin: DEFAULT_ADMIN,
-        topics: vec![common.topics.commerce.clone(), common.topics.outcomes.clone()],
-        default_batch: 200,
+    let t = &common.topics;
+    let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));
+    let specs = vec![
+        t.spec(&t.commerce),
+        t.spec(&t.outcomes),
+        t.spec(&t.commands),
+        t.spec(&dlq),
+        StateStore::<()>::changelog_spec(&config.ledger.ledger_topic, t.partitions).with_replication(t.replication),
+    ];
+    let sweeps = sweep::Sweeps::new(&config.sweeps, t.partitions)?;
+    let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, specs).await? else {
+        return Ok(());
     };
-    elo_service::run_validating_consumer(plan, common, &config.consumer).await
+    let (status_tx, _status_rx) = status::channel();
+    let commands =
+        KafkaCommands { codec: service.codec.clone(), producer: service.producer.clone(), topic: t.commands.clone() };
+    let ledger = Arc::new(Ledger::new(
+        StateStore::new(&common.kafka, service.producer.clone(), config.ledger.ledger_topic.clone()),
+        service.codec.clone(),
+        commands,
+        config.ledger.policy(),
+        t.commerce.clone(),
+        status_tx,
+    ));
+    let checker = tokio::spawn(check_loop(
+        ledger.clone(),
+        config.ledger.check_interval,
+        config.ledger.max_commands,
+        service.shutdown.clone(),
+    ));
+    let sweeper = tokio::spawn(sweeps.run(ledger.clone(), service.shutdown.clone()));
+    let settings =
+        config.consumer.settings(format!("elo-{NAME}"), vec![t.commerce.clone(), t.outcomes.clone()], dlq, 500);
+    let result = elo_kafka::run_consumer(
+        &common.kafka,
+        settings,
+        Arc::new(LedgerHandler(ledger)),
+        service.producer.clone(),
+        service.health.clone(),
+        service.shutdown.clone(),
+    )
+    .await;
+    service.shutdown.cancel();
+    let _ = checker.await;
+    let _ = sweeper.await;
+    service.finish().await;
+    result.map_err(Into::into)
+}
+
+/// Measures the ledger and sends repairs every `every` until shutdown.
+async fn check_loop<C: store::CommandSink>(
+    ledger: Arc<Ledger<C>>,
+    every: Duration,
+    max_commands: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tokio::select! {
+            _ = ledger.check(max_commands) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn targets_parse_with_their_slas() {
+        let t = parse_targets("salesforce:5m, rdstation:90s").unwrap().0;
+        assert_eq!(
+            t[0],
+            TargetSpec { name: "salesforce".into(), sink: "salesforce-sink".into(), sla: Duration::from_secs(300) }
+        );
+        assert_eq!(t[1].sla, Duration::from_secs(90));
+        assert!(parse_targets("salesforce").is_err());
+        assert!(parse_targets("").is_err());
+    }
 }

@@ -147,7 +147,9 @@ pub fn command_for(entry: &Entry, policy: &Policy, problem: &Problem, attempt: u
     let key = entry.key();
     let (command_type, target_service, entity_id) = match resend_to {
         Some(sink) => (CommandType::Resend, sink, key.clone()),
-        None if entry.kind == "customer" => (CommandType::RefetchCustomer, "order-ingest".into(), entry.entity_id.clone()),
+        None if entry.kind == "customer" => {
+            (CommandType::RefetchCustomer, "order-ingest".into(), entry.entity_id.clone())
+        }
         None => (CommandType::RefetchOrder, "order-ingest".into(), entry.entity_id.clone()),
     };
     let version = entry.version.to_string();
@@ -174,11 +176,8 @@ mod tests {
     use crate::ledger::tests::{event, outcome};
 
     fn policy() -> Policy {
-        let t = |name: &str| TargetSpec {
-            name: name.into(),
-            sink: format!("{name}-sink"),
-            sla: Duration::from_secs(60),
-        };
+        let t =
+            |name: &str| TargetSpec { name: name.into(), sink: format!("{name}-sink"), sla: Duration::from_secs(60) };
         Policy {
             targets: vec![t("salesforce"), t("rdstation")],
             max_attempts: 3,

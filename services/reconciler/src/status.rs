@@ -24,6 +24,13 @@ pub struct LedgerStatus {
     pub overdue: PerTarget,
     /// Records whose latest outcome is DEAD_LETTERED.
     pub failed: PerTarget,
+    /// Records a sweep found drifted (deleted or edited in the target, or newer in the source
+    /// `magento`) whose repair the target has not confirmed yet.
+    #[serde(default)]
+    pub drifted: PerTarget,
+    /// Records currently escalated (attempts exhausted, problem still open).
+    #[serde(default)]
+    pub escalated_open: u64,
     /// Orders flagged oversold by the inventory check.
     pub oversold_orders: u64,
     /// Drift found by sweeps since start, by target.

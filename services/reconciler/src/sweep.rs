@@ -1,0 +1,480 @@
+//! Sweeps: read the source and the targets, within an API budget, and flag what the ledger
+//! cannot see by itself.
+//!
+//! - **Magento window** (`magento`): orders updated in the last `--magento-sweep-window` (but
+//!   not in the last `--sweep-grace`, whose webhooks may still be on their way) are compared
+//!   with the ledger; a version the ledger lacks is `source_ahead` (a webhook Magento never
+//!   delivered) and is refetched. An order the ledger has never seen belongs to the partition
+//!   of its customer key (librdkafka's default partitioner, CRC32 of the key), so each replica
+//!   flags only its own.
+//! - **Salesforce by external id** (`salesforce`): the orders Salesforce confirmed are looked
+//!   up by `Elo_Id__c` in batches of 200 (one SOQL query each); one it lacks is `missing`
+//!   (deleted behind Elo's back) and resent. A cursor walks the ledger across rounds, so a
+//!   round's budget bounds the calls however large the ledger is.
+//!
+//! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
+//! the workspace's) and `--<sweep>-sweep-max-calls` per round.
+
+use std::collections::BTreeSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use order_ingest::poll::{Entity, EntitySearch, Keyset};
+use order_ingest::wiring::{MagentoAuth, MagentoSource};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::ledger::{DriftKind, Entry, Health};
+use crate::metrics;
+use crate::repair::SOURCE;
+use crate::store::{CommandSink, Ledger, now_ms};
+
+/// Sweep settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct SweepArgs {
+    /// Magento REST base URL (the sweep reads `GET /V1/orders` by `updated_at`).
+    #[arg(long = "magento-url", env = "ELO_MAGENTO_URL", default_value = "http://127.0.0.1:8701")]
+    pub magento_url: String,
+    /// Magento admin user (`POST /V1/integration/admin/token`); ignored with a token file.
+    #[arg(long = "magento-username", env = "ELO_MAGENTO_USERNAME", default_value = "admin")]
+    pub magento_username: String,
+    /// File holding the admin password (only a local sandbox may go without).
+    #[arg(long = "magento-password-file", env = "ELO_MAGENTO_PASSWORD_FILE")]
+    pub magento_password_file: Option<std::path::PathBuf>,
+    /// File holding an integration access token, sent as Bearer (preferred over admin).
+    #[arg(long = "magento-token-file", env = "ELO_MAGENTO_TOKEN_FILE")]
+    pub magento_token_file: Option<std::path::PathBuf>,
+    /// Magento store ids whose orders are swept.
+    #[arg(
+        long = "magento-store-ids",
+        env = "ELO_RECONCILER_MAGENTO_STORE_IDS",
+        default_value = "1,2",
+        value_delimiter = ','
+    )]
+    pub magento_store_ids: Vec<i64>,
+    /// How far back the Magento sweep looks (`0s`: no Magento sweep).
+    #[arg(long = "magento-sweep-window", env = "ELO_RECONCILER_MAGENTO_SWEEP_WINDOW", default_value = "2h", value_parser = parse_duration)]
+    pub magento_window: Duration,
+    /// Time between two Magento sweeps.
+    #[arg(long = "magento-sweep-interval", env = "ELO_RECONCILER_MAGENTO_SWEEP_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub magento_interval: Duration,
+    /// Magento searches per minute at most.
+    #[arg(long = "magento-sweep-calls-per-minute", env = "ELO_RECONCILER_MAGENTO_SWEEP_CALLS_PER_MINUTE", default_value_t = NonZeroU32::new(60).expect("non-zero"))]
+    pub magento_per_minute: NonZeroU32,
+    /// Magento searches per sweep round at most.
+    #[arg(long = "magento-sweep-max-calls", env = "ELO_RECONCILER_MAGENTO_SWEEP_MAX_CALLS", default_value_t = 100)]
+    pub magento_max_calls: u64,
+    /// Orders per Magento search page.
+    #[arg(long = "magento-sweep-page-size", env = "ELO_RECONCILER_MAGENTO_SWEEP_PAGE_SIZE", default_value_t = 100)]
+    pub magento_page_size: usize,
+    /// Versions younger than this are left to the webhook and the sinks (no false drift).
+    #[arg(long = "sweep-grace", env = "ELO_RECONCILER_SWEEP_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// Time between two Salesforce sweeps (`0s`: no Salesforce sweep).
+    #[arg(long = "salesforce-sweep-interval", env = "ELO_RECONCILER_SALESFORCE_SWEEP_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub salesforce_interval: Duration,
+    /// Salesforce queries per minute at most.
+    #[arg(long = "salesforce-sweep-calls-per-minute", env = "ELO_RECONCILER_SALESFORCE_SWEEP_CALLS_PER_MINUTE", default_value_t = NonZeroU32::new(30).expect("non-zero"))]
+    pub salesforce_per_minute: NonZeroU32,
+    /// Salesforce queries per sweep round at most (200 orders each).
+    #[arg(
+        long = "salesforce-sweep-max-calls",
+        env = "ELO_RECONCILER_SALESFORCE_SWEEP_MAX_CALLS",
+        default_value_t = 50
+    )]
+    pub salesforce_max_calls: u64,
+    /// External-id field of Salesforce orders.
+    #[arg(
+        long = "salesforce-order-external-id",
+        env = "ELO_RECONCILER_SALESFORCE_ORDER_EXTERNAL_ID",
+        default_value = "Elo_Id__c"
+    )]
+    pub salesforce_order_field: String,
+    #[command(flatten)]
+    pub salesforce: salesforce_sink::SalesforceArgs,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    elo_service::parse_duration(text)
+}
+
+/// What the sweeps did since start, per sweep.
+#[derive(Default, Debug)]
+pub struct Progress {
+    pub calls: AtomicU64,
+    pub checked: AtomicU64,
+    pub found: AtomicU64,
+    pub rounds: AtomicU64,
+}
+
+/// A sweep's API budget: a rate and a cap per round.
+struct Budget {
+    name: &'static str,
+    limiter: DefaultDirectRateLimiter,
+    per_round: u64,
+    progress: Arc<Progress>,
+}
+
+impl Budget {
+    fn new(name: &'static str, per_minute: NonZeroU32, per_round: u64) -> Self {
+        Self { name, limiter: RateLimiter::direct(Quota::per_minute(per_minute)), per_round, progress: Arc::default() }
+    }
+
+    /// Waits for the rate limiter and counts the call; `false` when the round's cap is spent.
+    async fn spend(&self, spent_this_round: &mut u64) -> bool {
+        if *spent_this_round >= self.per_round {
+            return false;
+        }
+        self.limiter.until_ready().await;
+        *spent_this_round += 1;
+        self.progress.calls.fetch_add(1, Ordering::Relaxed);
+        metrics::SWEEP_CALLS.with_label_values(&[self.name]).inc();
+        true
+    }
+
+    fn checked(&self, n: u64) {
+        self.progress.checked.fetch_add(n, Ordering::Relaxed);
+        metrics::SWEEP_CHECKED.with_label_values(&[self.name]).inc_by(n);
+    }
+
+    fn round(&self, result: &'static str) {
+        self.progress.rounds.fetch_add(1, Ordering::Relaxed);
+        metrics::SWEEP_ROUNDS.with_label_values(&[self.name, result]).inc();
+        if result == "complete" {
+            metrics::SWEEP_LAST.with_label_values(&[self.name]).set(now_ms() / 1000);
+        }
+    }
+}
+
+/// The partition librdkafka's default partitioner (`consistent_random`) gives a key: CRC32
+/// (IEEE, as zlib) of the key modulo the partition count.
+pub fn partition_for(key: &str, partitions: i32) -> i32 {
+    let mut crc: u32 = !0;
+    for &byte in key.as_bytes() {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    ((!crc) % partitions.max(1) as u32) as i32
+}
+
+/// Whether Magento's version of an entity is newer than anything the ledger saw.
+pub fn source_ahead(entry: Option<&Entry>, magento_version: i64) -> bool {
+    entry.is_none_or(|e| e.version < magento_version)
+}
+
+/// `SELECT <field> FROM Order WHERE <field> IN ('o:1','o:2')` (ids are Elo's own, quoted).
+pub fn soql_by_external_ids(field: &str, ids: &[String]) -> String {
+    let quoted: Vec<String> =
+        ids.iter().map(|id| format!("'{}'", id.replace('\\', "\\\\").replace('\'', "\\'"))).collect();
+    format!("SELECT {field} FROM Order WHERE {field} IN ({})", quoted.join(","))
+}
+
+/// The asked ids a query result lacks.
+pub fn missing_ids(asked: &[String], records: &[Value], field: &str) -> Vec<String> {
+    let found: BTreeSet<&str> = records.iter().filter_map(|r| r.get(field).and_then(Value::as_str)).collect();
+    asked.iter().filter(|id| !found.contains(id.as_str())).cloned().collect()
+}
+
+/// The external id the salesforce-sink gives an order.
+pub fn order_external_id(entity_id: &str) -> String {
+    format!("o:{entity_id}")
+}
+
+/// The configured sweeps.
+pub struct Sweeps {
+    args: SweepArgs,
+    partitions: i32,
+    magento: Option<(MagentoSource, Budget)>,
+    salesforce: Option<(salesforce_sink::client::SalesforceClient, Budget)>,
+}
+
+impl Sweeps {
+    pub fn new(args: &SweepArgs, partitions: i32) -> anyhow::Result<Self> {
+        let magento = if args.magento_window.is_zero() {
+            None
+        } else {
+            let source = MagentoSource::new("magento-sweep", args.magento_url.clone(), magento_auth(args)?)?;
+            Some((source, Budget::new("magento", args.magento_per_minute, args.magento_max_calls)))
+        };
+        let salesforce = if args.salesforce_interval.is_zero() {
+            None
+        } else {
+            let client = salesforce_sink::build_client(&args.salesforce)?;
+            Some((client, Budget::new("salesforce", args.salesforce_per_minute, args.salesforce_max_calls)))
+        };
+        Ok(Self { args: args.clone(), partitions, magento, salesforce })
+    }
+
+    /// Progress counters of each configured sweep, by name.
+    pub fn progress(&self) -> Vec<(&'static str, Arc<Progress>)> {
+        let mut out = Vec::new();
+        if let Some((_, b)) = &self.magento {
+            out.push((b.name, b.progress.clone()));
+        }
+        if let Some((_, b)) = &self.salesforce {
+            out.push((b.name, b.progress.clone()));
+        }
+        out
+    }
+
+    /// Runs every configured sweep on its interval until shutdown.
+    pub async fn run<C: CommandSink>(self, ledger: Arc<Ledger<C>>, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let magento = {
+            let (this, ledger, shutdown) = (this.clone(), ledger.clone(), shutdown.clone());
+            async move {
+                if this.magento.is_none() {
+                    return;
+                }
+                let mut cursor = None;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(this.args.magento_interval) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    tokio::select! {
+                        c = this.magento_round(&ledger, cursor.take()) => cursor = c,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
+        let salesforce = {
+            let (this, ledger, shutdown) = (this.clone(), ledger.clone(), shutdown.clone());
+            async move {
+                if this.salesforce.is_none() {
+                    return;
+                }
+                let mut cursor = String::new();
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(this.args.salesforce_interval) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    tokio::select! {
+                        c = this.salesforce_round(&ledger, std::mem::take(&mut cursor)) => cursor = c,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
+        tokio::join!(magento, salesforce);
+    }
+
+    /// One Magento round from `resume` (a round cut by its budget resumes there next time).
+    /// Returns where to resume, `None` when the window was covered.
+    pub async fn magento_round<C: CommandSink>(
+        &self,
+        ledger: &Ledger<C>,
+        resume: Option<(usize, Keyset)>,
+    ) -> Option<(usize, Keyset)> {
+        let (source, budget) = self.magento.as_ref()?;
+        let now = now_ms();
+        let until = now - self.args.grace.as_millis() as i64;
+        let (mut store_index, mut after) =
+            resume.unwrap_or((0, Keyset::new(now - self.args.magento_window.as_millis() as i64, 0)));
+        let mut spent = 0;
+        let stores = &self.args.magento_store_ids;
+        while store_index < stores.len() {
+            let store_id = stores[store_index];
+            if !budget.spend(&mut spent).await {
+                budget.round("partial");
+                return Some((store_index, after));
+            }
+            let items = match source.page_after(Entity::Orders, store_id, after, self.args.magento_page_size).await {
+                Ok((items, _)) => items,
+                Err(error) => {
+                    tracing::warn!(error = %error, store_id, "magento sweep: search failed; next round resumes here");
+                    budget.round("failed");
+                    return Some((store_index, after));
+                }
+            };
+            let mut reached_grace = items.len() < self.args.magento_page_size;
+            for item in &items {
+                let Ok(event) = order_ingest::normalize::order_event(item, None, &Default::default(), 0) else {
+                    continue; // order-ingest parks those itself
+                };
+                let version = event.source_version.updated_at;
+                if version > until {
+                    reached_grace = true;
+                    break;
+                }
+                after = Keyset::new(version, event.order.as_ref().map_or(0, |o| o.entity_id));
+                budget.checked(1);
+                let partition = partition_for(&event.customer_key, self.partitions);
+                if !ledger.partitions().contains(&partition) {
+                    continue; // another replica's
+                }
+                let key = crate::ledger::key("order", &event.source_version.entity_id);
+                if !source_ahead(ledger.store.get(partition, &key).as_ref(), version) {
+                    continue;
+                }
+                let found = ledger
+                    .flag(partition, &key, SOURCE, DriftKind::SourceAhead, version, || Entry::for_event(&event))
+                    .await;
+                match found {
+                    Ok(true) => {
+                        budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(error = %error, key, "magento sweep: cannot record drift"),
+                }
+            }
+            if reached_grace {
+                store_index += 1;
+                after = Keyset::new(now - self.args.magento_window.as_millis() as i64, 0);
+            }
+        }
+        budget.round("complete");
+        None
+    }
+
+    /// One Salesforce round over the confirmed orders after `cursor` (a ledger key); returns
+    /// where the next round starts (empty: from the beginning).
+    pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
+        let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
+        let field = &self.args.salesforce_order_field;
+        let now = now_ms();
+        let grace = self.args.grace.as_millis() as i64;
+        let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        // (key, partition, external id) of every order Salesforce confirmed a while ago.
+        let mut orders: Vec<(String, i32, String)> = Vec::new();
+        for partition in ledger.partitions() {
+            for (key, entry) in ledger.store.entries(partition) {
+                let confirmed_at = entry.targets.get("salesforce").map_or(i64::MAX, |t| t.at_ms);
+                if entry.kind == "order"
+                    && entry.health("salesforce", sla, now) == Health::Confirmed
+                    && now - confirmed_at > grace
+                {
+                    orders.push((key, partition, order_external_id(&entry.entity_id)));
+                }
+            }
+        }
+        orders.sort();
+        let start = orders.partition_point(|(k, ..)| k.as_str() <= cursor.as_str());
+        let mut spent = 0;
+        let mut next = String::new();
+        for chunk in orders[start..].chunks(200) {
+            if !budget.spend(&mut spent).await {
+                budget.round("partial");
+                return next;
+            }
+            let ids: Vec<String> = chunk.iter().map(|(.., id)| id.clone()).collect();
+            let records = match client.query(&soql_by_external_ids(field, &ids)).await {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::warn!(error = %error, "salesforce sweep: query failed; next round resumes here");
+                    budget.round("failed");
+                    return next;
+                }
+            };
+            budget.checked(chunk.len() as u64);
+            let missing: BTreeSet<String> = missing_ids(&ids, &records, field).into_iter().collect();
+            for (key, partition, id) in chunk {
+                if !missing.contains(id) {
+                    continue;
+                }
+                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, Entry::default).await {
+                    Ok(true) => {
+                        budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(error = %error, key, "salesforce sweep: cannot record drift"),
+                }
+            }
+            next.clone_from(&chunk[chunk.len() - 1].0);
+        }
+        budget.round("complete");
+        String::new()
+    }
+}
+
+/// Magento credentials: a Bearer token file, else the admin user (the local sandbox's
+/// password when no file is given and Magento is on this machine).
+fn magento_auth(args: &SweepArgs) -> anyhow::Result<MagentoAuth> {
+    use anyhow::Context;
+    let read = |path: &std::path::Path| -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?.trim().to_owned())
+    };
+    if let Some(path) = &args.magento_token_file {
+        return Ok(MagentoAuth::Bearer(read(path)?));
+    }
+    let password = match &args.magento_password_file {
+        Some(path) => read(path)?,
+        None => {
+            let host = args.magento_url.split("://").nth(1).unwrap_or_default();
+            let local = ["127.0.0.1", "localhost"].iter().any(|h| host.starts_with(h));
+            anyhow::ensure!(
+                local,
+                "ELO_MAGENTO_PASSWORD_FILE or ELO_MAGENTO_TOKEN_FILE is required for {}",
+                args.magento_url
+            );
+            "elo-sandbox-admin1".to_owned()
+        }
+    };
+    Ok(MagentoAuth::Admin { username: args.magento_username.clone(), password })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::ledger::tests::event;
+
+    #[test]
+    fn partitions_follow_librdkafkas_default_partitioner() {
+        // CRC32 check value of the IEEE polynomial.
+        assert_eq!(partition_for("123456789", i32::MAX), (0xCBF4_3926u32 % i32::MAX as u32) as i32);
+        assert_eq!(partition_for("123456789", 6), (0xCBF4_3926u32 % 6) as i32);
+        for key in ["c:1", "c:2", "g:abc"] {
+            assert!((0..6).contains(&partition_for(key, 6)));
+        }
+    }
+
+    #[test]
+    fn magento_is_ahead_when_the_ledger_lacks_the_version() {
+        let mut e = Entry::for_event(&event("order", "7", "c:1", 100));
+        e.apply_event(&event("order", "7", "c:1", 100), 0);
+        assert!(source_ahead(None, 100), "an order the ledger never saw");
+        assert!(source_ahead(Some(&e), 101), "a change whose webhook was lost");
+        assert!(!source_ahead(Some(&e), 100));
+        assert!(!source_ahead(Some(&e), 90));
+    }
+
+    #[test]
+    fn salesforce_lookups_find_the_missing_ids() {
+        let ids = vec!["o:1".to_owned(), "o:2".to_owned(), "o:3".to_owned()];
+        assert_eq!(
+            soql_by_external_ids("Elo_Id__c", &ids),
+            "SELECT Elo_Id__c FROM Order WHERE Elo_Id__c IN ('o:1','o:2','o:3')"
+        );
+        assert_eq!(soql_by_external_ids("F", &["o:'x".to_owned()]), "SELECT F FROM Order WHERE F IN ('o:\\'x')");
+        let found = vec![json!({"Elo_Id__c": "o:1"}), json!({"Elo_Id__c": "o:3", "attributes": {}})];
+        assert_eq!(missing_ids(&ids, &found, "Elo_Id__c"), vec!["o:2".to_owned()]);
+        assert!(
+            missing_ids(
+                &ids,
+                &[json!({"Elo_Id__c": "o:1"}), json!({"Elo_Id__c": "o:2"}), json!({"Elo_Id__c": "o:3"})],
+                "Elo_Id__c"
+            )
+            .is_empty()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_a_round_and_counts_every_call() {
+        let budget = Budget::new("test", NonZeroU32::new(600).unwrap(), 3);
+        let mut spent = 0;
+        for _ in 0..3 {
+            assert!(budget.spend(&mut spent).await);
+        }
+        assert!(!budget.spend(&mut spent).await, "the round's cap");
+        assert_eq!(budget.progress.calls.load(Ordering::Relaxed), 3);
+    }
+}
