@@ -12,10 +12,15 @@
 //!   (deleted behind Elo's back) and resent. A cursor walks the ledger across rounds, so a
 //!   round's budget bounds the calls however large the ledger is.
 //!
+//! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
+//!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
+//!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
+//!   resent to rdstation-sink, which rewrites the whole contact.
+//!
 //! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
 //! the workspace's) and `--<sweep>-sweep-max-calls` per round.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +29,8 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use order_ingest::poll::{Entity, EntitySearch, Keyset};
 use order_ingest::wiring::{MagentoAuth, MagentoSource};
+use rdstation_sink::client::{Budget as RdBudget, RdClient, RdSettings};
+use reqwest::Method;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +102,34 @@ pub struct SweepArgs {
     pub salesforce_order_field: String,
     #[command(flatten)]
     pub salesforce: salesforce_sink::SalesforceArgs,
+    /// Time between two RD Station sweeps (`0s`: no RD Station sweep).
+    #[arg(long = "rdstation-sweep-interval", env = "ELO_RECONCILER_RDSTATION_SWEEP_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub rd_interval: Duration,
+    /// RD segmentation listing every contact [default: the account's first standard one].
+    #[arg(long = "rdstation-sweep-segmentation", env = "ELO_RECONCILER_RDSTATION_SWEEP_SEGMENTATION")]
+    pub rd_segmentation: Option<u64>,
+    /// RD listing calls per minute at most (RD allows 120 per account for segmentations).
+    #[arg(long = "rdstation-sweep-calls-per-minute", env = "ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", default_value_t = NonZeroU32::new(20).expect("non-zero"))]
+    pub rd_per_minute: NonZeroU32,
+    /// RD listing calls per round at most (125 contacts each).
+    #[arg(long = "rdstation-sweep-max-calls", env = "ELO_RECONCILER_RDSTATION_SWEEP_MAX_CALLS", default_value_t = 200)]
+    pub rd_max_calls: u64,
+    /// RD Station Marketing API base URL.
+    #[arg(long = "rd-url", env = "ELO_RDSTATION_URL", default_value = "http://127.0.0.1:8703")]
+    pub rd_url: String,
+    /// OAuth client id of the RD Station app.
+    #[arg(long = "rd-client-id", env = "ELO_RDSTATION_CLIENT_ID", default_value = "elo-rd-client")]
+    pub rd_client_id: String,
+    /// File holding the OAuth client secret.
+    #[arg(long = "rd-client-secret-file", env = "ELO_RDSTATION_CLIENT_SECRET_FILE")]
+    pub rd_client_secret_file: Option<std::path::PathBuf>,
+    /// File holding the OAuth refresh token.
+    #[arg(long = "rd-refresh-token-file", env = "ELO_RDSTATION_REFRESH_TOKEN_FILE")]
+    pub rd_refresh_token_file: Option<std::path::PathBuf>,
+    /// Local development: the sandbox control API that issues authorization codes when no
+    /// refresh token file is given (loopback RD URLs only).
+    #[arg(long = "rd-sandbox-control", env = "ELO_RDSTATION_SANDBOX_CONTROL", default_value = "http://127.0.0.1:8700")]
+    pub rd_sandbox_control: String,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -191,6 +226,7 @@ pub struct Sweeps {
     partitions: i32,
     magento: Option<(MagentoSource, Budget)>,
     salesforce: Option<(salesforce_sink::client::SalesforceClient, Budget)>,
+    rdstation: Option<(RdClient, Budget)>,
 }
 
 impl Sweeps {
@@ -207,7 +243,13 @@ impl Sweeps {
             let client = salesforce_sink::build_client(&args.salesforce)?;
             Some((client, Budget::new("salesforce", args.salesforce_per_minute, args.salesforce_max_calls)))
         };
-        Ok(Self { args: args.clone(), partitions, magento, salesforce })
+        let rdstation = if args.rd_interval.is_zero() {
+            None
+        } else {
+            let client = RdClient::new(rd_settings(args)?)?;
+            Some((client, Budget::new("rdstation", args.rd_per_minute, args.rd_max_calls)))
+        };
+        Ok(Self { args: args.clone(), partitions, magento, salesforce, rdstation })
     }
 
     /// Progress counters of each configured sweep, by name.
@@ -217,6 +259,9 @@ impl Sweeps {
             out.push((b.name, b.progress.clone()));
         }
         if let Some((_, b)) = &self.salesforce {
+            out.push((b.name, b.progress.clone()));
+        }
+        if let Some((_, b)) = &self.rdstation {
             out.push((b.name, b.progress.clone()));
         }
         out
@@ -263,7 +308,25 @@ impl Sweeps {
                 }
             }
         };
-        tokio::join!(magento, salesforce);
+        let rdstation = {
+            let (this, ledger, shutdown) = (this.clone(), ledger.clone(), shutdown.clone());
+            async move {
+                if this.rdstation.is_none() {
+                    return;
+                }
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(this.args.rd_interval) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    tokio::select! {
+                        _ = this.rdstation_round(&ledger) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        };
+        tokio::join!(magento, salesforce, rdstation);
     }
 
     /// One Magento round from `resume` (a round cut by its budget resumes there next time).
@@ -394,6 +457,194 @@ impl Sweeps {
     }
 }
 
+impl Sweeps {
+    /// One RD Station round: lists the contacts segmentation page by page (125 a call) and
+    /// compares each contact Elo wrote with the ledger's fingerprint. A contact missing from
+    /// the list is only judged when the whole list was read.
+    pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
+        let Some((client, budget)) = self.rdstation.as_ref() else { return };
+        let now = now_ms();
+        let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, now);
+        let mut spent = 0;
+        let segmentation = match self.args.rd_segmentation {
+            Some(id) => id,
+            None => {
+                if !budget.spend(&mut spent).await {
+                    budget.round("partial");
+                    return;
+                }
+                match client.request(Method::GET, "/platform/segmentations", None, RdBudget::None).await {
+                    Ok(body) => match standard_segmentation(&body) {
+                        Some(id) => id,
+                        None => {
+                            tracing::warn!(
+                                "rdstation sweep: the account has no standard segmentation; set --rdstation-sweep-segmentation"
+                            );
+                            budget.round("failed");
+                            return;
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(error = %error, "rdstation sweep: cannot list segmentations");
+                        budget.round("failed");
+                        return;
+                    }
+                }
+            }
+        };
+        let mut listed: HashMap<String, String> = HashMap::new();
+        let mut complete = false;
+        for page in 1.. {
+            if !budget.spend(&mut spent).await {
+                break;
+            }
+            let path = format!("/platform/segmentations/{segmentation}/contacts?page={page}&page_size=125");
+            let body = match client.request(Method::GET, &path, None, RdBudget::None).await {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::warn!(error = %error, "rdstation sweep: listing failed");
+                    break;
+                }
+            };
+            let rows = body.get("contacts").and_then(Value::as_array).cloned().unwrap_or_default();
+            for row in &rows {
+                if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
+                    let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
+                    let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
+                    listed.insert(uuid.to_owned(), crate::ledger::contact_fp(email, name));
+                }
+            }
+            if rows.len() < 125 {
+                complete = true;
+                break;
+            }
+        }
+        budget.checked(expected.len() as u64);
+        for (uuid, kind) in contact_drift(&expected, &listed, complete) {
+            let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
+            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, Entry::default).await {
+                Ok(true) => {
+                    budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, key = %c.key, "rdstation sweep: cannot record drift"),
+            }
+        }
+        budget.round(if complete { "complete" } else { "partial" });
+    }
+}
+
+/// A contact the ledger expects in RD Station.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedContact {
+    pub uuid: String,
+    pub fp: String,
+    pub partition: i32,
+    /// The ledger entry whose customer block the contact follows (the one flagged).
+    pub key: String,
+}
+
+/// Per customer: the newest contact print, the contact uuid RD reported, when RD confirmed
+/// that entry's latest version more than `grace` ago and no drift is open on it.
+pub fn expected_contacts<C: CommandSink>(ledger: &Ledger<C>, grace: i64, now: i64) -> Vec<ExpectedContact> {
+    let sla = ledger.policy.targets.iter().find(|t| t.name == "rdstation").map(|t| t.sla).unwrap_or_default();
+    let mut out = Vec::new();
+    for partition in ledger.partitions() {
+        out.extend(expected_in(partition, &ledger.store.entries(partition), sla, grace, now));
+    }
+    out
+}
+
+/// [`expected_contacts`] over one partition's entries.
+pub fn expected_in(
+    partition: i32,
+    entries: &[(String, Entry)],
+    sla: Duration,
+    grace: i64,
+    now: i64,
+) -> Vec<ExpectedContact> {
+    let mut best: HashMap<&str, (&str, &Entry)> = HashMap::new();
+    let mut uuids: HashMap<&str, (i64, &str)> = HashMap::new();
+    for (key, entry) in entries {
+        if let Some(t) = entry.targets.get("rdstation")
+            && let Some(uuid) = t.ids.get("contact_uuid")
+        {
+            let slot = uuids.entry(&entry.customer_key).or_insert((t.at_ms, uuid));
+            if t.at_ms >= slot.0 {
+                *slot = (t.at_ms, uuid);
+            }
+        }
+        if let Some(print) = &entry.contact {
+            let slot = best.entry(&entry.customer_key).or_insert((key, entry));
+            if slot.1.contact.as_ref().is_none_or(|p| print.version > p.version) {
+                *slot = (key, entry);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (customer, (key, entry)) in best {
+        let Some((_, uuid)) = uuids.get(customer) else { continue };
+        let settled = entry.health("rdstation", sla, now) == Health::Confirmed
+            && entry.targets.get("rdstation").is_some_and(|t| now - t.at_ms > grace);
+        if let (true, Some(print)) = (settled, &entry.contact) {
+            out.push(ExpectedContact {
+                uuid: (*uuid).to_owned(),
+                fp: print.fp.clone(),
+                partition,
+                key: key.to_owned(),
+            });
+        }
+    }
+    out
+}
+
+/// Contacts that differ from the ledger (`altered`) or, when the listing is `complete`, are
+/// gone (`missing`).
+pub fn contact_drift(
+    expected: &[ExpectedContact],
+    listed: &HashMap<String, String>,
+    complete: bool,
+) -> Vec<(String, DriftKind)> {
+    expected
+        .iter()
+        .filter_map(|c| match listed.get(&c.uuid) {
+            Some(fp) if *fp != c.fp => Some((c.uuid.clone(), DriftKind::Altered)),
+            None if complete => Some((c.uuid.clone(), DriftKind::Missing)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The id of the first standard segmentation (RD's "all contacts").
+fn standard_segmentation(body: &Value) -> Option<u64> {
+    body.get("segmentations")?.as_array()?.iter().find(|s| s["standard"] == true)?.get("id")?.as_u64()
+}
+
+/// RD client settings: secrets from files; against a loopback URL (the local sandbox) the
+/// sandbox's client secret and control API stand in, as for rdstation-sink.
+fn rd_settings(args: &SweepArgs) -> anyhow::Result<RdSettings> {
+    let local = args.rd_url.starts_with("http://127.0.0.1") || args.rd_url.starts_with("http://localhost");
+    let client_secret = match &args.rd_client_secret_file {
+        Some(path) => RdSettings::read_secret(path)?,
+        None if local => "elo-rd-secret".to_owned(),
+        None => anyhow::bail!("the RD Station client secret file is required (ELO_RDSTATION_CLIENT_SECRET_FILE)"),
+    };
+    let (refresh_token, sandbox_control) = match &args.rd_refresh_token_file {
+        Some(path) => (Some(RdSettings::read_secret(path)?), None),
+        None if local => (None, Some(args.rd_sandbox_control.clone())),
+        None => anyhow::bail!("the RD Station refresh token file is required (ELO_RDSTATION_REFRESH_TOKEN_FILE)"),
+    };
+    Ok(RdSettings {
+        base_url: args.rd_url.clone(),
+        client_id: args.rd_client_id.clone(),
+        client_secret,
+        refresh_token,
+        sandbox_control,
+        contacts_per_minute: args.rd_per_minute,
+        request_timeout: Duration::from_secs(30),
+    })
+}
+
 /// Magento credentials: a Bearer token file, else the admin user (the local sandbox's
 /// password when no file is given and Magento is on this machine).
 fn magento_auth(args: &SweepArgs) -> anyhow::Result<MagentoAuth> {
@@ -465,6 +716,47 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    fn rd_entry(key: &str, version: i64, name: &str, uuid: &str, confirmed_at: i64) -> (String, Entry) {
+        let mut ev = event("order", key, "c:1", version);
+        ev.customer.as_mut().unwrap().firstname = Some(name.into());
+        ev.customer.as_mut().unwrap().lastname = None;
+        let mut e = Entry::for_event(&ev);
+        e.apply_event(&ev, 0);
+        let mut o =
+            crate::ledger::tests::outcome("rdstation", "order", key, version, elo_events::OutcomeStatus::Applied);
+        o.target_ids.insert("contact_uuid".into(), uuid.into());
+        e.apply_outcome(&o, confirmed_at);
+        (format!("order:{key}"), e)
+    }
+
+    #[test]
+    fn the_contact_follows_the_customers_newest_entry_and_drift_is_found() {
+        let sla = Duration::from_secs(60);
+        let entries = vec![rd_entry("1", 100, "Old", "u1", 10), rd_entry("2", 200, "New", "u1", 20)];
+        let expected = expected_in(3, &entries, sla, 5, 1_000);
+        assert_eq!(expected.len(), 1, "one contact per customer");
+        let email = elo_events::sample::order_placed(1).customer.unwrap().email;
+        assert_eq!(expected[0].key, "order:2");
+        assert_eq!(expected[0].fp, crate::ledger::contact_fp(&email, "New"));
+        assert_eq!((expected[0].uuid.as_str(), expected[0].partition), ("u1", 3));
+        assert!(expected_in(3, &entries, sla, 5_000, 1_000).is_empty(), "confirmed too recently: left alone");
+
+        let mut listed = HashMap::from([("u1".to_owned(), crate::ledger::contact_fp(&email, "New"))]);
+        assert!(contact_drift(&expected, &listed, true).is_empty());
+        listed.insert("u1".into(), crate::ledger::contact_fp(&email, "Edited"));
+        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Altered)]);
+        listed.clear();
+        assert!(contact_drift(&expected, &listed, false).is_empty(), "a partial listing proves no absence");
+        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Missing)]);
+    }
+
+    #[test]
+    fn the_standard_segmentation_is_found() {
+        let body = json!({"segmentations": [{"id": 4, "standard": false}, {"id": 1, "standard": true}]});
+        assert_eq!(standard_segmentation(&body), Some(1));
+        assert_eq!(standard_segmentation(&json!({"segmentations": []})), None);
     }
 
     #[tokio::test(start_paused = true)]
