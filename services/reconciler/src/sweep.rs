@@ -17,6 +17,9 @@
 //!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
 //!   resent to rdstation-sink, which rewrites the whole contact.
 //!
+//! Findings that a lagging ledger or a write in flight could explain (Magento versions, RD
+//! contacts) only count when a second round, `--sweep-grace` later, finds them again.
+//!
 //! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
 //! the workspace's) and `--<sweep>-sweep-max-calls` per round.
 
@@ -145,6 +148,26 @@ pub struct Progress {
     pub rounds: AtomicU64,
 }
 
+/// Findings that must hold across two rounds, `grace` apart, before they count: a version
+/// the ledger has not read yet (consumer lag) or a contact a newer event is rewriting is
+/// not drift, and will be gone by the next round.
+#[derive(Default)]
+pub struct Suspects {
+    first_seen: std::sync::Mutex<HashMap<String, i64>>,
+}
+
+impl Suspects {
+    /// Replaces the suspects with this round's `found`; returns those already suspected at
+    /// least `grace` ago (the confirmed findings).
+    pub fn confirm(&self, found: &[String], grace: i64, now: i64) -> BTreeSet<String> {
+        let mut first_seen = self.first_seen.lock().expect("suspects");
+        let next: HashMap<String, i64> =
+            found.iter().map(|k| (k.clone(), first_seen.get(k).copied().unwrap_or(now))).collect();
+        *first_seen = next;
+        first_seen.iter().filter(|(_, t)| now - **t >= grace).map(|(k, _)| k.clone()).collect()
+    }
+}
+
 /// A sweep's API budget: a rate and a cap per round.
 struct Budget {
     name: &'static str,
@@ -227,6 +250,8 @@ pub struct Sweeps {
     magento: Option<(MagentoSource, Budget)>,
     salesforce: Option<(salesforce_sink::client::SalesforceClient, Budget)>,
     rdstation: Option<(RdClient, Budget)>,
+    magento_suspects: Suspects,
+    rd_suspects: Suspects,
 }
 
 impl Sweeps {
@@ -249,7 +274,15 @@ impl Sweeps {
             let client = RdClient::new(rd_settings(args)?)?;
             Some((client, Budget::new("rdstation", args.rd_per_minute, args.rd_max_calls)))
         };
-        Ok(Self { args: args.clone(), partitions, magento, salesforce, rdstation })
+        Ok(Self {
+            args: args.clone(),
+            partitions,
+            magento,
+            salesforce,
+            rdstation,
+            magento_suspects: Suspects::default(),
+            rd_suspects: Suspects::default(),
+        })
     }
 
     /// Progress counters of each configured sweep, by name.
@@ -342,6 +375,7 @@ impl Sweeps {
         let (mut store_index, mut after) =
             resume.unwrap_or((0, Keyset::new(now - self.args.magento_window.as_millis() as i64, 0)));
         let mut spent = 0;
+        let mut suspects: Vec<(String, i32, i64, elo_events::CommerceEvent)> = Vec::new();
         let stores = &self.args.magento_store_ids;
         while store_index < stores.len() {
             let store_id = stores[store_index];
@@ -374,23 +408,32 @@ impl Sweeps {
                     continue; // another replica's
                 }
                 let key = crate::ledger::key("order", &event.source_version.entity_id);
-                if !source_ahead(ledger.store.get(partition, &key).as_ref(), version) {
-                    continue;
-                }
-                let found = ledger
-                    .flag(partition, &key, SOURCE, DriftKind::SourceAhead, version, || Entry::for_event(&event))
-                    .await;
-                match found {
-                    Ok(true) => {
-                        budget.progress.found.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(false) => {}
-                    Err(error) => tracing::warn!(error = %error, key, "magento sweep: cannot record drift"),
+                if source_ahead(ledger.store.get(partition, &key).as_ref(), version) {
+                    suspects.push((key, partition, version, event));
                 }
             }
             if reached_grace {
                 store_index += 1;
                 after = Keyset::new(now - self.args.magento_window.as_millis() as i64, 0);
+            }
+        }
+        let names: Vec<String> = suspects.iter().map(|(k, _, v, _)| format!("{k}@{v}")).collect();
+        let confirmed = self.magento_suspects.confirm(&names, self.args.grace.as_millis() as i64, now_ms());
+        for (key, partition, version, event) in suspects {
+            if !confirmed.contains(&format!("{key}@{version}"))
+                || !source_ahead(ledger.store.get(partition, &key).as_ref(), version)
+            {
+                continue;
+            }
+            let found = ledger
+                .flag(partition, &key, SOURCE, DriftKind::SourceAhead, version, || Entry::for_event(&event))
+                .await;
+            match found {
+                Ok(true) => {
+                    budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, key, "magento sweep: cannot record drift"),
             }
         }
         budget.round("complete");
@@ -520,7 +563,13 @@ impl Sweeps {
             }
         }
         budget.checked(expected.len() as u64);
-        for (uuid, kind) in contact_drift(&expected, &listed, complete) {
+        let drift = contact_drift(&expected, &listed, complete);
+        let names: Vec<String> = drift.iter().map(|(uuid, kind)| format!("{uuid}:{}", kind.as_str())).collect();
+        let confirmed = self.rd_suspects.confirm(&names, self.args.grace.as_millis() as i64, now_ms());
+        for (uuid, kind) in drift {
+            if !confirmed.contains(&format!("{uuid}:{}", kind.as_str())) {
+                continue;
+            }
             let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
             match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, Entry::default).await {
                 Ok(true) => {
@@ -750,6 +799,16 @@ mod tests {
         listed.clear();
         assert!(contact_drift(&expected, &listed, false).is_empty(), "a partial listing proves no absence");
         assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Missing)]);
+    }
+
+    #[test]
+    fn a_finding_counts_once_it_held_for_the_grace_period() {
+        let s = Suspects::default();
+        let found = |keys: &[&str]| keys.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+        assert!(s.confirm(&found(&["a", "b"]), 10, 100).is_empty(), "first sighting");
+        assert!(s.confirm(&found(&["a", "b"]), 10, 105).is_empty(), "not yet the grace period");
+        assert!(s.confirm(&found(&["a"]), 10, 110).contains("a"));
+        assert!(s.confirm(&found(&["a", "b"]), 10, 115).len() == 1, "b went away and starts over");
     }
 
     #[test]
