@@ -1,0 +1,310 @@
+//! The reconciler's acceptance on the real broker with the sandbox: Magento loses 1% of its
+//! webhooks, and once everything settled, 1% of the Salesforce orders are deleted and 1% of
+//! the RD Station contacts edited behind Elo's back. The reconciler (ledger, sweeps, repair
+//! commands through order-ingest and the sinks) must find and repair all of it within a
+//! bounded time, spending API calls within its budgets. The figures are printed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use elo_integration_tests::*;
+use sandbox::magento::webhook::{WebhookConfig, WebhookStyle};
+use sandbox::rdstation::RdConfig;
+use sandbox::salesforce::SalesforceConfig;
+use serde_json::{Value, json};
+
+const SECRET: &str = "e2e-webhook-secret-0123456789";
+/// Facts the Magento generator makes (orders and status changes).
+const FACTS: usize = 600;
+const MAGENTO_PER_MINUTE: u64 = 120;
+const SALESFORCE_PER_MINUTE: u64 = 60;
+const RD_PER_MINUTE: u64 = 60;
+
+fn reconciler(dir: &Path, topic: &str, admin: u16, magento: &str, salesforce: &str, rd: &str) -> Command {
+    let mut command = Command::new(binary("reconciler"));
+    command
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_REGISTRY_URL", registry_url())
+        .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("ELO_TOPIC_COMMERCE", topic)
+        .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
+        .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
+        .env("ELO_TOPIC_PARTITIONS", "3")
+        .env("ELO_DLQ_TOPIC", format!("{topic}.recon-dlq"))
+        .env("ELO_CONSUMER_GROUP", format!("{topic}.recon-group"))
+        .env("ELO_RECONCILER_LEDGER_TOPIC", format!("{topic}.ledger"))
+        // Debug builds on a shared machine: a generous SLA, so the initial load is not "overdue".
+        .env("ELO_RECONCILER_TARGETS", "salesforce:120s,rdstation:120s")
+        .env("ELO_RECONCILER_REPAIR_BACKOFF", "20s")
+        .env("ELO_RECONCILER_CHECK_INTERVAL", "2s")
+        .env("ELO_MAGENTO_URL", magento)
+        // The simulator's orders start on 2026-11-01: look back ten years.
+        .env("ELO_RECONCILER_MAGENTO_SWEEP_WINDOW", "5256000m")
+        .env("ELO_RECONCILER_MAGENTO_SWEEP_INTERVAL", "8s")
+        .env("ELO_RECONCILER_MAGENTO_SWEEP_CALLS_PER_MINUTE", MAGENTO_PER_MINUTE.to_string())
+        .env("ELO_RECONCILER_SWEEP_GRACE", "5s")
+        .env("ELO_SALESFORCE_LOGIN_URL", salesforce)
+        .env("ELO_RECONCILER_SALESFORCE_SWEEP_INTERVAL", "8s")
+        .env("ELO_RECONCILER_SALESFORCE_SWEEP_CALLS_PER_MINUTE", SALESFORCE_PER_MINUTE.to_string())
+        .env("ELO_RDSTATION_URL", rd)
+        .env("ELO_RDSTATION_CLIENT_SECRET_FILE", dir.join("rd-client-secret"))
+        .env("ELO_RDSTATION_REFRESH_TOKEN_FILE", dir.join("rd-refresh-token"))
+        .env("ELO_RECONCILER_RDSTATION_SWEEP_INTERVAL", "8s")
+        .env("ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", RD_PER_MINUTE.to_string())
+        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
+        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("reconciler.log")).expect("log file"));
+    command
+}
+
+/// `name{labels}` → value, from a Prometheus text page.
+async fn metrics(admin: u16) -> BTreeMap<String, f64> {
+    let Ok(response) = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await else { return BTreeMap::new() };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("reconciler_"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_owned(), v.parse().ok()?))))
+        .collect()
+}
+
+fn metric(m: &BTreeMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// Magento orders whose current status Salesforce does not show (missing or stale).
+fn salesforce_behind(magento: &sandbox::magento::MagentoApp, sf: &sandbox::salesforce::SalesforceApp) -> Vec<i64> {
+    let orders: Vec<(i64, String)> = magento
+        .sim
+        .lock()
+        .unwrap()
+        .orders
+        .iter()
+        .map(|(id, o)| (*id, o["status"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    let sim = sf.sim.lock().unwrap();
+    let in_sf: BTreeMap<String, String> = sim
+        .org
+        .records
+        .values()
+        .filter(|r| r.object == "Order")
+        .filter_map(|r| {
+            let id = r.fields.get("Elo_Id__c")?.as_str()?.to_owned();
+            Some((id, r.fields.get("Magento_Status__c").and_then(Value::as_str).unwrap_or_default().to_owned()))
+        })
+        .collect();
+    orders.into_iter().filter(|(id, status)| in_sf.get(&format!("o:{id}")) != Some(status)).map(|(id, _)| id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let topic = unique("e2e.recon");
+    let (magento, magento_url) = serve_magento(0).await;
+    let (sf, sf_url, _) = serve_salesforce(SalesforceConfig::default()).await;
+    let (rd, rd_url) = serve_rdstation(RdConfig {
+        contacts_per_minute: 1_000_000,
+        patches_per_contact_per_day: 1_000,
+        ..RdConfig::default()
+    })
+    .await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\nstage = \"Lead\"\n").unwrap();
+
+    let listen = free_port();
+    let commands = format!("{topic}.commands");
+    let _ingest = ChildGuard::spawn(
+        "order-ingest",
+        order_ingest(dir.path(), &topic, &magento_url, "ingest")
+            .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{listen}"))
+            .env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file),
+    );
+    let _sf_sink = ChildGuard::spawn(
+        "salesforce-sink",
+        salesforce_sink(dir.path(), &topic, &sf_url, "sf-sink").env("ELO_TOPIC_COMMANDS", &commands),
+    );
+    let _rd_sink = ChildGuard::spawn(
+        "rdstation-sink",
+        rdstation_sink(dir.path(), &topic, &format!("{topic}.rd-group"), &rd_url, &rules, "rd-sink")
+            .env("ELO_TOPIC_COMMANDS", &commands),
+    );
+    let admin = free_port();
+    let started = Instant::now();
+    let _reconciler =
+        ChildGuard::spawn("reconciler", &mut reconciler(dir.path(), &topic, admin, &magento_url, &sf_url, &rd_url));
+    let up = wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
+    assert!(up, "push endpoint never listened:\n{}", log(dir.path(), "ingest"));
+
+    // Magento loses 1% of its webhooks.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
+    {
+        let mut sim = magento.sim.lock().unwrap();
+        sim.webhook = WebhookConfig {
+            url: Some(format!("http://127.0.0.1:{listen}/webhooks/magento/orders")),
+            customer_url: None,
+            secret: SECRET.into(),
+            duplicate_rate: 0.0,
+            style: WebhookStyle::Plain,
+            ..Default::default()
+        };
+        sim.webhook_drop_rate = 0.01;
+        sim.generate(FACTS);
+    }
+    let generated = Instant::now();
+    let (orders, lost) = {
+        let sim = magento.sim.lock().unwrap();
+        (sim.orders.len(), sim.outbox.dropped_orders.clone())
+    };
+
+    // Phase 1: every order reaches Salesforce at its current status, lost webhooks included.
+    let deadline = generated + Duration::from_secs(150);
+    let mut behind = salesforce_behind(&magento, &sf);
+    while !behind.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        behind = salesforce_behind(&magento, &sf);
+    }
+    let m = metrics(admin).await;
+    assert!(
+        behind.is_empty(),
+        "{} orders never reached Salesforce at their current status ({:?}...), lost webhooks {lost:?}\nmetrics {m:#?}\n{}",
+        behind.len(),
+        &behind[..behind.len().min(10)],
+        log(dir.path(), "reconciler")
+    );
+    let converged = generated.elapsed();
+    let lost_found = metric(&m, "reconciler_drift_found_total{kind=\"source_ahead\",target=\"magento\"}");
+
+    // RD: every order's customer has a contact.
+    let contacts = || rd.sim.lock().unwrap().contacts.len();
+    let customers: BTreeSet<String> = magento
+        .sim
+        .lock()
+        .unwrap()
+        .orders
+        .values()
+        .filter_map(|o| o["customer_email"].as_str().map(str::to_lowercase))
+        .collect();
+    let all_contacts = wait_until(Duration::from_secs(60), || contacts() >= customers.len()).await;
+    assert!(all_contacts, "{} contacts for {} customers:\n{}", contacts(), customers.len(), log(dir.path(), "rd-sink"));
+    // Let the ledger see the last outcomes (the sweeps only judge what was confirmed a while ago).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    // Phase 2: behind Elo's back, 1% of the Salesforce orders deleted, 1% of the contacts edited.
+    let tampered = Instant::now();
+    let deleted: Vec<String> = {
+        let mut sim = sf.sim.lock().unwrap();
+        let mut ids: Vec<(String, String)> = sim
+            .org
+            .records
+            .iter()
+            .filter(|(_, r)| r.object == "Order")
+            .map(|(id, r)| (r.fields["Elo_Id__c"].as_str().unwrap().to_owned(), id.clone()))
+            .collect();
+        ids.sort();
+        let picked: Vec<(String, String)> = ids.into_iter().step_by(100).collect();
+        for (_, id) in &picked {
+            sim.org.records.remove(id);
+        }
+        picked.into_iter().map(|(external, _)| external).collect()
+    };
+    let edited: BTreeMap<String, Value> = {
+        let mut sim = rd.sim.lock().unwrap();
+        let uuids: Vec<String> = sim.contacts.keys().cloned().collect();
+        let mut edited = BTreeMap::new();
+        for uuid in uuids.into_iter().step_by(100) {
+            let contact = sim.contacts.get_mut(&uuid).unwrap();
+            edited.insert(uuid, contact.fields.get("name").cloned().unwrap_or(Value::Null));
+            contact.fields.insert("name".into(), json!("Edited Behind Elos Back"));
+        }
+        edited
+    };
+    assert!(!deleted.is_empty() && !edited.is_empty());
+
+    let repaired = || {
+        let sf_ok = {
+            let sim = sf.sim.lock().unwrap();
+            let present: BTreeSet<&str> = sim
+                .org
+                .records
+                .values()
+                .filter(|r| r.object == "Order")
+                .filter_map(|r| r.fields.get("Elo_Id__c").and_then(Value::as_str))
+                .collect();
+            deleted.iter().all(|d| present.contains(d.as_str()))
+        };
+        let rd_ok = {
+            let sim = rd.sim.lock().unwrap();
+            edited.iter().all(|(uuid, name)| sim.contacts.get(uuid).and_then(|c| c.fields.get("name")) == Some(name))
+        };
+        sf_ok && rd_ok
+    };
+    let done = wait_until(Duration::from_secs(120), repaired).await;
+    let repair_time = tampered.elapsed();
+    let m = metrics(admin).await;
+    assert!(done, "not repaired in 120 s; metrics {m:#?}\n{}", log(dir.path(), "reconciler"));
+
+    // The reconciler saw and counted what it repaired, and escalated nothing.
+    let missing_found = metric(&m, "reconciler_drift_found_total{kind=\"missing\",target=\"salesforce\"}");
+    let altered_found = metric(&m, "reconciler_drift_found_total{kind=\"altered\",target=\"rdstation\"}");
+    assert!(missing_found >= deleted.len() as f64, "{missing_found} missing found for {} deleted", deleted.len());
+    assert!(altered_found >= edited.len() as f64, "{altered_found} altered found for {} edited", edited.len());
+    let m = {
+        // The repaired counters follow the sinks' outcomes: give the ledger a moment to read them.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = metrics(admin).await;
+            let r1 = metric(&m, "reconciler_drift_repaired_total{kind=\"missing\",target=\"salesforce\"}");
+            let r2 = metric(&m, "reconciler_drift_repaired_total{kind=\"altered\",target=\"rdstation\"}");
+            if (r1 >= missing_found && r2 >= altered_found) || Instant::now() > deadline {
+                break m;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    assert_eq!(
+        metric(&m, "reconciler_drift_repaired_total{kind=\"missing\",target=\"salesforce\"}"),
+        missing_found,
+        "every Salesforce deletion found is confirmed repaired"
+    );
+    assert_eq!(
+        metric(&m, "reconciler_drift_repaired_total{kind=\"altered\",target=\"rdstation\"}"),
+        altered_found,
+        "every contact edit found is confirmed repaired"
+    );
+    let escalated: f64 = m.iter().filter(|(k, _)| k.starts_with("reconciler_escalated_total")).map(|(_, v)| v).sum();
+    assert_eq!(escalated, 0.0, "nothing escalated: {m:#?}");
+
+    // API calls within each sweep's budget (a full minute's burst, then the rate).
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let mut calls = BTreeMap::new();
+    for (sweep, per_minute) in
+        [("magento", MAGENTO_PER_MINUTE), ("salesforce", SALESFORCE_PER_MINUTE), ("rdstation", RD_PER_MINUTE)]
+    {
+        let spent = metric(&m, &format!("reconciler_sweep_api_calls_total{{sweep=\"{sweep}\"}}"));
+        let budget = per_minute as f64 * (minutes + 1.0);
+        assert!(spent > 0.0, "the {sweep} sweep ran");
+        assert!(spent <= budget, "{sweep}: {spent} calls over a budget of {budget:.0}");
+        calls.insert(sweep, (spent, budget.floor()));
+    }
+    let commands: f64 =
+        m.iter().filter(|(k, _)| k.starts_with("reconciler_repair_commands_total")).map(|(_, v)| v).sum();
+    shutdown.cancel();
+    eprintln!(
+        "reconciler drift figures: {orders} orders from {FACTS} facts; {} webhooks lost, {lost_found} lost latest \
+         versions found; all orders current in Salesforce {:.1} s after generation; {} Salesforce orders deleted and \
+         {} RD contacts edited, all repaired {:.1} s after the tampering; {commands} repair commands; sweep API calls \
+         (spent, budget over {minutes:.1} min): {calls:?}",
+        lost.len(),
+        converged.as_secs_f64(),
+        deleted.len(),
+        edited.len(),
+        repair_time.as_secs_f64()
+    );
+}
