@@ -61,6 +61,10 @@ pub struct LedgerArgs {
     /// as `target:sla` (the sink is `<target>-sink`).
     #[arg(long = "targets", env = "ELO_RECONCILER_TARGETS", default_value = "salesforce:5m,rdstation:10m", value_parser = parse_targets)]
     pub targets: Targets,
+    /// Settled records (every target confirmed, nothing open) leave the ledger after this long
+    /// without news, which bounds its size; a later version starts a new entry.
+    #[arg(long = "ledger-retention", env = "ELO_RECONCILER_LEDGER_RETENTION", default_value = "43200m", value_parser = elo_service::parse_duration)]
+    pub retention: Duration,
     /// Repair commands per problem before it is escalated.
     #[arg(long = "repair-max-attempts", env = "ELO_RECONCILER_REPAIR_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -137,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         commands,
         config.ledger.policy(),
         t.commerce.clone(),
+        config.ledger.retention,
         status_tx,
     ));
     let checker = tokio::spawn(check_loop(

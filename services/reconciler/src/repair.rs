@@ -85,6 +85,18 @@ pub fn problems(entry: &Entry, policy: &Policy, now_ms: i64) -> Vec<Problem> {
     out
 }
 
+/// Whether an entry may leave the ledger: every target confirmed its latest version, nothing
+/// is open (drift, repair), and nothing happened to it for `retention`. A later version of it
+/// starts a new entry; the sweeps only judge what the ledger holds.
+pub fn expired(entry: &Entry, policy: &Policy, retention: Duration, now_ms: i64) -> bool {
+    let last = entry.targets.values().map(|t| t.at_ms).chain([entry.seen_at_ms]).max().unwrap_or(0);
+    entry.version > 0
+        && entry.repair.is_none()
+        && entry.drift.is_empty()
+        && now_ms - last > retention.as_millis() as i64
+        && policy.targets.iter().all(|t| entry.health(&t.name, t.sla, now_ms) == Health::Confirmed)
+}
+
 /// What to do about an entity now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -192,6 +204,21 @@ mod tests {
         e.apply_outcome(&outcome("salesforce", "order", "7", 100, OutcomeStatus::Applied), 10);
         e.apply_outcome(&outcome("rdstation", "order", "7", 100, OutcomeStatus::Applied), 10);
         e
+    }
+
+    #[test]
+    fn only_settled_quiet_entries_expire() {
+        let p = policy();
+        let day = Duration::from_secs(86_400);
+        let e = confirmed_order();
+        assert!(!expired(&e, &p, day, 1_000), "recent");
+        assert!(expired(&e, &p, day, 2 * 86_400_000));
+        let mut open = e.clone();
+        open.flag_drift("salesforce", DriftKind::Missing, 0, 20);
+        assert!(!expired(&open, &p, day, 2 * 86_400_000), "drift open");
+        let mut unconfirmed = e.clone();
+        unconfirmed.targets.remove("rdstation");
+        assert!(!expired(&unconfirmed, &p, day, 2 * 86_400_000), "a target never confirmed");
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Ledger<C> {
     pub commands: C,
     pub policy: Policy,
     pub commerce_topic: String,
+    /// Settled entries leave the ledger after this long without news.
+    pub retention: std::time::Duration,
     /// Input topics holding each restored partition.
     held: Mutex<HashMap<i32, BTreeSet<String>>>,
     locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
@@ -73,6 +75,7 @@ impl<C: CommandSink> Ledger<C> {
         commands: C,
         policy: Policy,
         commerce_topic: String,
+        retention: std::time::Duration,
         status: StatusSender,
     ) -> Self {
         Self {
@@ -81,6 +84,7 @@ impl<C: CommandSink> Ledger<C> {
             commands,
             policy,
             commerce_topic,
+            retention,
             held: Mutex::default(),
             locks: Mutex::default(),
             totals: Mutex::default(),
@@ -275,6 +279,12 @@ impl<C: CommandSink> Ledger<C> {
                 continue; // revoked meanwhile
             }
             for (key, mut entry) in self.store.entries(partition) {
+                if repair::expired(&entry, &self.policy, self.retention, now) {
+                    if let Err(error) = self.store.remove(partition, &key).await {
+                        tracing::warn!(key, error = %error, "cannot retire a settled entry; next check tries again");
+                    }
+                    continue;
+                }
                 figures.count(&entry, &self.policy, now);
                 let before = entry.repair.clone();
                 let decision =
