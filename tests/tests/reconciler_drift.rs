@@ -22,7 +22,8 @@ const MAGENTO_PER_MINUTE: u64 = 120;
 const SALESFORCE_PER_MINUTE: u64 = 60;
 const RD_PER_MINUTE: u64 = 60;
 
-fn reconciler(dir: &Path, topic: &str, admin: u16, magento: &str, salesforce: &str, rd: &str) -> Command {
+fn reconciler(dir: &Path, topic: &str, admin: u16, urls: [&str; 3], log: &str) -> Command {
+    let [magento, salesforce, rd] = urls;
     let mut command = Command::new(binary("reconciler"));
     command
         .env("ELO_KAFKA_BROKERS", brokers())
@@ -56,7 +57,7 @@ fn reconciler(dir: &Path, topic: &str, admin: u16, magento: &str, salesforce: &s
         .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("reconciler.log")).expect("log file"));
+        .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
     command
 }
 
@@ -98,6 +99,23 @@ fn salesforce_behind(magento: &sandbox::magento::MagentoApp, sf: &sandbox::sales
     orders.into_iter().filter(|(id, status)| in_sf.get(&format!("o:{id}")) != Some(status)).map(|(id, _)| id).collect()
 }
 
+/// Asserts each sweep ran and spent no more than its budget over `elapsed` (a full minute's
+/// burst, then the rate); returns (spent, budget, minutes) per sweep.
+fn within_budget(m: &BTreeMap<String, f64>, elapsed: Duration) -> BTreeMap<&'static str, (f64, f64, f64)> {
+    let minutes = elapsed.as_secs_f64() / 60.0;
+    let mut calls = BTreeMap::new();
+    for (sweep, per_minute) in
+        [("magento", MAGENTO_PER_MINUTE), ("salesforce", SALESFORCE_PER_MINUTE), ("rdstation", RD_PER_MINUTE)]
+    {
+        let spent = metric(m, &format!("reconciler_sweep_api_calls_total{{sweep=\"{sweep}\"}}"));
+        let budget = (per_minute as f64 * (minutes + 1.0)).floor();
+        assert!(spent > 0.0, "the {sweep} sweep ran");
+        assert!(spent <= budget, "{sweep}: {spent} calls over a budget of {budget}");
+        calls.insert(sweep, (spent, budget, (minutes * 10.0).round() / 10.0));
+    }
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,9 +153,9 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
             .env("ELO_TOPIC_COMMANDS", &commands),
     );
     let admin = free_port();
-    let started = Instant::now();
-    let _reconciler =
-        ChildGuard::spawn("reconciler", &mut reconciler(dir.path(), &topic, admin, &magento_url, &sf_url, &rd_url));
+    let urls = [magento_url.as_str(), sf_url.as_str(), rd_url.as_str()];
+    let (first_admin, first_started) = (admin, Instant::now());
+    let mut first = ChildGuard::spawn("reconciler", &mut reconciler(dir.path(), &topic, admin, urls, "reconciler"));
     let up = wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
     assert!(up, "push endpoint never listened:\n{}", log(dir.path(), "ingest"));
 
@@ -196,6 +214,23 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     // Let the ledger see the last outcomes (the sweeps only judge what was confirmed a while ago).
     tokio::time::sleep(Duration::from_secs(8)).await;
 
+    // A restart: the ledger comes back from its changelog, not from the input's history (the
+    // group's offsets are committed, so without the restore it would know no order at all and
+    // the sweeps below would find nothing).
+    let first_calls = within_budget(&metrics(first_admin).await, first_started.elapsed());
+    first.signal("TERM");
+    assert!(first.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "graceful stop");
+    let restarted = Instant::now();
+    let admin = free_port();
+    let _second = ChildGuard::spawn("reconciler", &mut reconciler(dir.path(), &topic, admin, urls, "reconciler2"));
+    let mut restored = false;
+    while !restored && restarted.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        restored = metric(&metrics(admin).await, "reconciler_ledger_entries{kind=\"order\"}") >= orders as f64;
+    }
+    assert!(restored, "the ledger was not restored:\n{}", log(dir.path(), "reconciler2"));
+    let restore_time = restarted.elapsed();
+
     // Phase 2: behind Elo's back, 1% of the Salesforce orders deleted, 1% of the contacts edited.
     let tampered = Instant::now();
     let deleted: Vec<String> = {
@@ -248,7 +283,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let done = wait_until(Duration::from_secs(120), repaired).await;
     let repair_time = tampered.elapsed();
     let m = metrics(admin).await;
-    assert!(done, "not repaired in 120 s; metrics {m:#?}\n{}", log(dir.path(), "reconciler"));
+    assert!(done, "not repaired in 120 s; metrics {m:#?}\n{}", log(dir.path(), "reconciler2"));
 
     // The reconciler saw and counted what it repaired, and escalated nothing.
     let missing_found = metric(&m, "reconciler_drift_found_total{kind=\"missing\",target=\"salesforce\"}");
@@ -281,18 +316,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let escalated: f64 = m.iter().filter(|(k, _)| k.starts_with("reconciler_escalated_total")).map(|(_, v)| v).sum();
     assert_eq!(escalated, 0.0, "nothing escalated: {m:#?}");
 
-    // API calls within each sweep's budget (a full minute's burst, then the rate).
-    let minutes = started.elapsed().as_secs_f64() / 60.0;
-    let mut calls = BTreeMap::new();
-    for (sweep, per_minute) in
-        [("magento", MAGENTO_PER_MINUTE), ("salesforce", SALESFORCE_PER_MINUTE), ("rdstation", RD_PER_MINUTE)]
-    {
-        let spent = metric(&m, &format!("reconciler_sweep_api_calls_total{{sweep=\"{sweep}\"}}"));
-        let budget = per_minute as f64 * (minutes + 1.0);
-        assert!(spent > 0.0, "the {sweep} sweep ran");
-        assert!(spent <= budget, "{sweep}: {spent} calls over a budget of {budget:.0}");
-        calls.insert(sweep, (spent, budget.floor()));
-    }
+    let second_calls = within_budget(&m, restarted.elapsed());
     let commands: f64 =
         m.iter().filter(|(k, _)| k.starts_with("reconciler_repair_commands_total")).map(|(_, v)| v).sum();
     shutdown.cancel();
@@ -300,11 +324,13 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         "reconciler drift figures: {orders} orders from {FACTS} facts; {} webhooks lost, {lost_found} lost latest \
          versions found; all orders current in Salesforce {:.1} s after generation; {} Salesforce orders deleted and \
          {} RD contacts edited, all repaired {:.1} s after the tampering; {commands} repair commands; sweep API calls \
-         (spent, budget over {minutes:.1} min): {calls:?}",
+         (spent, budget, minutes) before the restart {first_calls:?} and after it {second_calls:?}; ledger \
+         restored in {:.1} s",
         lost.len(),
         converged.as_secs_f64(),
         deleted.len(),
         edited.len(),
-        repair_time.as_secs_f64()
+        repair_time.as_secs_f64(),
+        restore_time.as_secs_f64()
     );
 }
