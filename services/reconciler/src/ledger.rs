@@ -159,6 +159,14 @@ impl Entry {
         }
     }
 
+    /// Names the entity if the entry does not yet (an entry made by a sweep).
+    fn identify(&mut self, v: &elo_events::SourceVersion) {
+        if self.kind.is_empty() {
+            self.kind.clone_from(&v.entity_type);
+            self.entity_id.clone_from(&v.entity_id);
+        }
+    }
+
     /// A new entry for an event's entity.
     pub fn for_event(event: &CommerceEvent) -> Self {
         let v = &event.source_version;
@@ -175,6 +183,7 @@ impl Entry {
     pub fn apply_event(&mut self, event: &CommerceEvent, now_ms: i64) -> Effect {
         let mut effect = Effect::default();
         let v = event.source_version.updated_at;
+        self.identify(&event.source_version);
         self.store_id = Some(event.store.store_id);
         self.customer_key.clone_from(&event.customer_key);
         if let Some(order) = &event.order
@@ -208,6 +217,10 @@ impl Entry {
     pub fn apply_outcome(&mut self, outcome: &SyncOutcome, now_ms: i64) -> Effect {
         let mut effect = Effect::default();
         let v = outcome.source_version.updated_at;
+        self.identify(&outcome.source_version);
+        if self.customer_key.is_empty() {
+            self.customer_key.clone_from(&outcome.customer_key);
+        }
         let failed = match outcome.status {
             OutcomeStatus::Applied | OutcomeStatus::SkippedStale => false,
             OutcomeStatus::DeadLettered => true,

@@ -8,12 +8,14 @@
 //!   periodic check (figures, repairs, [`status::LedgerStatus`]).
 //! - [`repair`]: which command a problem calls for, attempts, backoff and escalation.
 //! - [`sweep`]: reads the source and the targets within an API budget to find drift.
+//! - [`stock`]: stock facts from `inventory.events`; quantities that stay negative.
 //! - [`metrics`]: every metric the service exports.
 
 pub mod ledger;
 pub mod metrics;
 pub mod repair;
 pub mod status;
+pub mod stock;
 pub mod store;
 pub mod sweep;
 
@@ -25,7 +27,7 @@ use elo_kafka::StateStore;
 use elo_service::{CommonArgs, ConsumerArgs, Service};
 
 use crate::repair::{Policy, TargetSpec};
-use crate::store::{KafkaCommands, Ledger, LedgerHandler};
+use crate::store::{KafkaCommands, Ledger, LedgerHandler, StockSide};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
 pub const NAME: &str = "reconciler";
@@ -65,6 +67,12 @@ pub struct LedgerArgs {
     /// without news, which bounds its size; a later version starts a new entry.
     #[arg(long = "ledger-retention", env = "ELO_RECONCILER_LEDGER_RETENTION", default_value = "43200m", value_parser = elo_service::parse_duration)]
     pub retention: Duration,
+    /// Compacted changelog of the stock facts (co-partitioned with `inventory.events`).
+    #[arg(long = "stock-topic", env = "ELO_RECONCILER_STOCK_TOPIC", default_value = "reconciler.stock")]
+    pub stock_topic: String,
+    /// A salable quantity negative for longer than this is reported.
+    #[arg(long = "negative-stock-grace", env = "ELO_RECONCILER_NEGATIVE_STOCK_GRACE", default_value = "60m", value_parser = elo_service::parse_duration)]
+    pub negative_stock_grace: Duration,
     /// Repair commands per problem before it is escalated.
     #[arg(long = "repair-max-attempts", env = "ELO_RECONCILER_REPAIR_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
@@ -117,6 +125,13 @@ impl LedgerArgs {
 
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (status_tx, _status_rx) = status::channel();
+    run_with_status(config, status_tx).await
+}
+
+/// [`run`], publishing the ledger's figures through `status_tx` (the HTTP side keeps a
+/// receiver: reports, the flow diagram, `make run`'s status line).
+pub async fn run_with_status(config: Config, status_tx: status::StatusSender) -> anyhow::Result<()> {
     metrics::register_all();
     let common = &config.common;
     let t = &common.topics;
@@ -125,25 +140,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         t.spec(&t.commerce),
         t.spec(&t.outcomes),
         t.spec(&t.commands),
+        t.spec(&t.inventory),
         t.spec(&dlq),
         StateStore::<()>::changelog_spec(&config.ledger.ledger_topic, t.partitions).with_replication(t.replication),
+        StateStore::<()>::changelog_spec(&config.ledger.stock_topic, t.partitions).with_replication(t.replication),
     ];
     let sweeps = sweep::Sweeps::new(&config.sweeps, t.partitions)?;
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, specs).await? else {
         return Ok(());
     };
-    let (status_tx, _status_rx) = status::channel();
     let commands =
         KafkaCommands { codec: service.codec.clone(), producer: service.producer.clone(), topic: t.commands.clone() };
-    let ledger = Arc::new(Ledger::new(
-        StateStore::new(&common.kafka, service.producer.clone(), config.ledger.ledger_topic.clone()),
-        service.codec.clone(),
-        commands,
-        config.ledger.policy(),
-        t.commerce.clone(),
-        config.ledger.retention,
-        status_tx,
-    ));
+    let ledger = Arc::new(
+        Ledger::new(
+            StateStore::new(&common.kafka, service.producer.clone(), config.ledger.ledger_topic.clone()),
+            service.codec.clone(),
+            commands,
+            config.ledger.policy(),
+            t.commerce.clone(),
+            config.ledger.retention,
+            status_tx,
+        )
+        .with_stock(StockSide::new(
+            StateStore::new(&common.kafka, service.producer.clone(), config.ledger.stock_topic.clone()),
+            t.inventory.clone(),
+            config.ledger.negative_stock_grace,
+        ))
+        .with_sweeps(sweeps.progress()),
+    );
     let checker = tokio::spawn(check_loop(
         ledger.clone(),
         config.ledger.check_interval,
@@ -151,8 +175,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         service.shutdown.clone(),
     ));
     let sweeper = tokio::spawn(sweeps.run(ledger.clone(), service.shutdown.clone()));
-    let settings =
-        config.consumer.settings(format!("elo-{NAME}"), vec![t.commerce.clone(), t.outcomes.clone()], dlq, 500);
+    let settings = config.consumer.settings(
+        format!("elo-{NAME}"),
+        vec![t.commerce.clone(), t.outcomes.clone(), t.inventory.clone()],
+        dlq,
+        500,
+    );
     let result = elo_kafka::run_consumer(
         &common.kafka,
         settings,

@@ -11,7 +11,7 @@ use crate::status::LedgerStatus;
 pub(crate) static RECORDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "reconciler_records_total",
-        "Records folded into the ledger, by source (event, outcome).",
+        "Records folded into the ledger, by source (event, outcome, inventory).",
         &["source"]
     )
     .expect("metric registers once")
@@ -72,6 +72,14 @@ pub(crate) static OVERSOLD: LazyLock<IntGauge> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+pub(crate) static NEGATIVE_STOCK: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "reconciler_negative_stock_skus",
+        "SKUs whose salable quantity stayed negative past the grace period."
+    )
+    .expect("metric registers once")
+});
+
 pub(crate) static ESCALATED_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("reconciler_escalated_open", "Records escalated whose problem is still open.")
         .expect("metric registers once")
@@ -125,11 +133,12 @@ pub(crate) fn publish(status: &LedgerStatus) {
     LEDGER_SIZE.with_label_values(&["customer"]).set(status.customers as i64);
     OVERSOLD.set(status.oversold_orders as i64);
     ESCALATED_OPEN.set(status.escalated_open as i64);
+    NEGATIVE_STOCK.set(status.negative_stock as i64);
 }
 
 /// Registers every series at zero so dashboards see them before the first event.
 pub fn register_all() {
-    for source in ["event", "outcome"] {
+    for source in ["event", "outcome", "inventory"] {
         RECORDS.with_label_values(&[source]).inc_by(0);
     }
     for sweep in ["magento", "salesforce", "rdstation"] {

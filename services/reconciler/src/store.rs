@@ -18,7 +18,9 @@ use elo_kafka::{HandlerError, Producer, Record, StateStore};
 use crate::ledger::{self, DriftKind, Effect, Entry, Health};
 use crate::metrics;
 use crate::repair::{self, Decision, Policy};
-use crate::status::{LedgerStatus, StatusSender};
+use crate::status::{Escalation, LIST_CAP, LedgerStatus, StatusSender, SweepStatus};
+use crate::stock::Stock;
+use crate::sweep::Progress;
 
 /// Where repair commands go.
 pub trait CommandSink: Send + Sync + 'static {
@@ -66,6 +68,98 @@ pub struct Ledger<C> {
     locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     totals: Mutex<Totals>,
     status: StatusSender,
+    stock: Option<StockSide>,
+    sweeps: Vec<(&'static str, Arc<Progress>)>,
+}
+
+/// The stock facts side: its own store, co-partitioned with `inventory.events`.
+pub struct StockSide {
+    pub store: StateStore<Stock>,
+    pub topic: String,
+    /// A quantity negative for longer than this is reported.
+    pub grace: std::time::Duration,
+    held: Mutex<BTreeSet<i32>>,
+    locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl StockSide {
+    pub fn new(store: StateStore<Stock>, topic: String, grace: std::time::Duration) -> Self {
+        Self { store, topic, grace, held: Mutex::default(), locks: Mutex::default() }
+    }
+
+    fn lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("locks").entry(partition).or_default().clone()
+    }
+
+    async fn start(&self, partition: i32) -> Result<(), HandlerError> {
+        let keys = self
+            .store
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::new(e.class(), e.code(), e.to_string()))?;
+        tracing::info!(partition, keys, "stock partition restored");
+        self.held.lock().expect("held").insert(partition);
+        Ok(())
+    }
+
+    fn stop(&self, partition: i32) {
+        let lock = self.lock(partition);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _guard = loop {
+            match lock.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => break None,
+            }
+        };
+        self.held.lock().expect("held").remove(&partition);
+        self.store.release(partition);
+    }
+
+    async fn handle(&self, codec: &EventCodec, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
+        let lock = self.lock(partition);
+        let _guard = lock.lock().await;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut touched: BTreeMap<String, Stock> = BTreeMap::new();
+        for record in batch {
+            match elo_service::decode_record::<elo_events::InventoryEvent>(codec, record).await {
+                Ok(event) => {
+                    let key = crate::stock::key(&event);
+                    let mut stock =
+                        touched.remove(&key).or_else(|| self.store.get(partition, &key)).unwrap_or_default();
+                    stock.apply(&event);
+                    touched.insert(key, stock);
+                    metrics::RECORDS.with_label_values(&["inventory"]).inc();
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        for (key, stock) in touched {
+            if let Err(error) = self.store.put(partition, &key, stock).await {
+                let e = HandlerError::new(error.class(), format!("stock_{}", error.code()), error.to_string());
+                return vec![Err(e); batch.len()];
+            }
+        }
+        results
+    }
+
+    /// SKUs negative past the grace period, sorted.
+    fn stuck(&self, now: i64) -> Vec<String> {
+        let held: Vec<i32> = self.held.lock().expect("held").iter().copied().collect();
+        let grace = self.grace.as_millis() as i64;
+        let mut out: Vec<String> = held
+            .into_iter()
+            .flat_map(|p| self.store.entries(p))
+            .filter(|(_, s)| s.stuck_negative(grace, now))
+            .map(|(k, _)| k)
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 impl<C: CommandSink> Ledger<C> {
@@ -89,7 +183,25 @@ impl<C: CommandSink> Ledger<C> {
             locks: Mutex::default(),
             totals: Mutex::default(),
             status,
+            stock: None,
+            sweeps: Vec::new(),
         }
+    }
+
+    /// Also follows stock facts (`inventory.events`).
+    pub fn with_stock(mut self, stock: StockSide) -> Self {
+        self.stock = Some(stock);
+        self
+    }
+
+    /// Reports these sweeps' progress in the status.
+    pub fn with_sweeps(mut self, sweeps: Vec<(&'static str, Arc<Progress>)>) -> Self {
+        self.sweeps = sweeps;
+        self
+    }
+
+    fn stock_topic(&self, topic: &str) -> Option<&StockSide> {
+        self.stock.as_ref().filter(|s| s.topic == topic)
     }
 
     /// The lock serialising every read-modify-write of partition `p`.
@@ -106,6 +218,9 @@ impl<C: CommandSink> Ledger<C> {
 
     /// Restores `partition` unless another topic of it already did.
     pub async fn start(&self, topic: &str, partition: i32) -> Result<(), HandlerError> {
+        if let Some(stock) = self.stock_topic(topic) {
+            return stock.start(partition).await;
+        }
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
         if self.held.lock().expect("held").contains_key(&partition) {
@@ -126,6 +241,9 @@ impl<C: CommandSink> Ledger<C> {
     /// a check or sweep working on the partition, so none writes its changelog after the new
     /// owner restored it (they re-check `held` once they have the lock).
     pub fn stop(&self, topic: &str, partition: i32) {
+        if let Some(stock) = self.stock_topic(topic) {
+            return stock.stop(partition);
+        }
         let lock = self.lock(partition);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let _guard = loop {
@@ -161,7 +279,11 @@ impl<C: CommandSink> Ledger<C> {
     /// Folds a batch of one partition into the ledger. Entries are written once per batch,
     /// before the records are reported done.
     pub async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
+        let Some(first) = batch.first() else { return Vec::new() };
+        if let Some(stock) = self.stock_topic(&first.topic) {
+            return stock.handle(&self.codec, batch).await;
+        }
+        let partition = first.partition;
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
         let now = now_ms();
@@ -285,7 +407,7 @@ impl<C: CommandSink> Ledger<C> {
                     }
                     continue;
                 }
-                figures.count(&entry, &self.policy, now);
+                figures.count(&key, &entry, &self.policy, now);
                 let before = entry.repair.clone();
                 let decision =
                     if sent < max_commands { repair::decide(&mut entry, &self.policy, now) } else { Decision::Wait };
@@ -314,12 +436,31 @@ impl<C: CommandSink> Ledger<C> {
                 }
             }
         }
-        let status = figures.into_status(
+        let mut status = figures.into_status(
             &self.policy,
             self.partitions().len() as u32,
             &self.totals.lock().expect("totals"),
             now,
         );
+        if let Some(stock) = &self.stock {
+            let stuck = stock.stuck(now);
+            status.negative_stock = stuck.len() as u64;
+            status.negative_stock_skus = stuck.into_iter().take(LIST_CAP).collect();
+        }
+        status.sweeps = self
+            .sweeps
+            .iter()
+            .map(|(name, p)| {
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let s = SweepStatus {
+                    calls: get(&p.calls),
+                    checked: get(&p.checked),
+                    found: get(&p.found),
+                    rounds: get(&p.rounds),
+                };
+                ((*name).to_owned(), s)
+            })
+            .collect();
         metrics::publish(&status);
         self.status.send_replace(status.clone());
         status
@@ -346,12 +487,27 @@ struct Figures {
     failed: BTreeMap<String, u64>,
     drifted: BTreeMap<String, u64>,
     escalated_open: u64,
+    oversold_keys: Vec<String>,
+    escalations: Vec<Escalation>,
 }
 
 impl Figures {
-    fn count(&mut self, entry: &Entry, policy: &Policy, now: i64) {
+    fn count(&mut self, key: &str, entry: &Entry, policy: &Policy, now: i64) {
+        if let Some(repair) = &entry.repair
+            && let Some(reason) = &repair.escalated
+            && self.escalations.len() < LIST_CAP
+        {
+            self.escalations.push(Escalation {
+                key: key.to_owned(),
+                reason: reason.clone(),
+                since_ms: repair.since_ms,
+            });
+        }
         if entry.version == 0 {
             return;
+        }
+        if entry.oversold && self.oversold_keys.len() < LIST_CAP {
+            self.oversold_keys.push(key.to_owned());
         }
         match entry.kind.as_str() {
             "order" => self.orders += 1,
@@ -389,11 +545,14 @@ impl Figures {
             drifted: zeroed(self.drifted),
             escalated_open: self.escalated_open,
             oversold_orders: self.oversold,
+            oversold: self.oversold_keys,
+            escalations: self.escalations,
             drift_found_total: totals.drift_found.clone(),
             repaired_total: totals.repaired.clone(),
             escalated_total: totals.escalated.clone(),
             partitions,
             as_of_ms: now,
+            ..LedgerStatus::default()
         }
     }
 }
@@ -416,5 +575,65 @@ impl<C: CommandSink> elo_kafka::Handler for LedgerHandler<C> {
 
     fn on_revoked(&self, topic: &str, partition: i32) {
         self.0.stop(topic, partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use elo_events::OutcomeStatus;
+
+    use super::*;
+    use crate::ledger::tests::{event, outcome};
+    use crate::repair::TargetSpec;
+
+    #[test]
+    fn the_status_counts_each_target_and_lists_what_reports_need() {
+        let t =
+            |name: &str| TargetSpec { name: name.into(), sink: format!("{name}-sink"), sla: Duration::from_secs(60) };
+        let policy = Policy {
+            targets: vec![t("salesforce"), t("rdstation")],
+            max_attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+        };
+        let mut confirmed = Entry::default();
+        confirmed.apply_event(&event("order", "1", "c:1", 100), 0);
+        confirmed.apply_outcome(&outcome("salesforce", "order", "1", 100, OutcomeStatus::Applied), 1);
+        confirmed.apply_outcome(&outcome("rdstation", "order", "1", 100, OutcomeStatus::DeadLettered), 1);
+        confirmed.oversold = true;
+        let mut overdue = Entry::default();
+        overdue.apply_event(&event("customer", "2", "c:2", 100), 0);
+        overdue.flag_drift("magento", DriftKind::SourceAhead, 200, 5);
+        overdue.repair = Some(crate::ledger::Repair {
+            attempts: 3,
+            next_at_ms: 0,
+            since_ms: 7,
+            escalated: Some("salesforce overdue after 3 attempts".into()),
+        });
+        let only_outcome = Entry::for_outcome(&outcome("salesforce", "order", "3", 100, OutcomeStatus::Applied));
+        let mut figures = Figures::default();
+        let now = 120_000;
+        figures.count("order:1", &confirmed, &policy, now);
+        figures.count("customer:2", &overdue, &policy, now);
+        figures.count("order:3", &only_outcome, &policy, now);
+        let totals = Totals::default();
+        let s = figures.into_status(&policy, 2, &totals, now);
+        assert_eq!((s.orders, s.customers, s.partitions), (1, 1, 2), "an entry without its event is not counted yet");
+        assert_eq!(s.confirmed, BTreeMap::from([("rdstation".into(), 0), ("salesforce".into(), 1)]));
+        assert_eq!(s.failed["rdstation"], 1);
+        assert_eq!((s.overdue["salesforce"], s.overdue["rdstation"]), (1, 1));
+        assert_eq!(s.drifted["magento"], 1);
+        assert_eq!((s.oversold_orders, s.oversold.clone()), (1, vec!["order:1".to_owned()]));
+        assert_eq!(s.escalated_open, 1);
+        assert_eq!(
+            s.escalations,
+            vec![Escalation {
+                key: "customer:2".into(),
+                reason: "salesforce overdue after 3 attempts".into(),
+                since_ms: 7
+            }]
+        );
     }
 }
