@@ -32,10 +32,13 @@ fn reconciler(dir: &Path, topic: &str, admin: u16, urls: [&str; 3], log: &str) -
         .env("ELO_TOPIC_COMMERCE", topic)
         .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
         .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))
+        .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
         .env("ELO_TOPIC_PARTITIONS", "3")
         .env("ELO_DLQ_TOPIC", format!("{topic}.recon-dlq"))
         .env("ELO_CONSUMER_GROUP", format!("{topic}.recon-group"))
         .env("ELO_RECONCILER_LEDGER_TOPIC", format!("{topic}.ledger"))
+        .env("ELO_RECONCILER_STOCK_TOPIC", format!("{topic}.stock"))
+        .env("ELO_RECONCILER_NEGATIVE_STOCK_GRACE", "1s")
         // Debug builds on a shared machine: a generous SLA, so the initial load is not "overdue".
         .env("ELO_RECONCILER_TARGETS", "salesforce:120s,rdstation:120s")
         .env("ELO_RECONCILER_REPAIR_BACKOFF", "20s")
@@ -317,6 +320,29 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     assert_eq!(escalated, 0.0, "nothing escalated: {m:#?}");
 
     let second_calls = within_budget(&m, restarted.elapsed());
+    // Stock facts that stay negative are reported: as many as the inventory topic says.
+    let codec = elo_events::EventCodec::new(&elo_events::RegistryConfig::local(registry_url())).unwrap();
+    let mut latest: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for record in read_all(&brokers(), &format!("{topic}.inventory"), 3) {
+        use rdkafka::Message;
+        let fact: elo_events::InventoryEvent = codec.decode(record.payload().unwrap()).await.unwrap();
+        let slot = latest.entry(format!("{}@{}", fact.sku, fact.stock_id)).or_insert((i64::MIN, 0));
+        if fact.occurred_at >= slot.0 {
+            *slot = (fact.occurred_at, fact.salable_qty.unscaled());
+        }
+    }
+    let negative = latest.values().filter(|(_, qty)| *qty < 0).count() as f64;
+    let mut reported = 0.0;
+    for _ in 0..40 {
+        reported = metric(&metrics(admin).await, "reconciler_negative_stock_skus");
+        if reported == negative {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!latest.is_empty(), "order-ingest published stock facts");
+    assert_eq!(reported, negative, "SKUs left negative, of {} with stock facts", latest.len());
+    let m = metrics(admin).await;
     let commands: f64 =
         m.iter().filter(|(k, _)| k.starts_with("reconciler_repair_commands_total")).map(|(_, v)| v).sum();
     shutdown.cancel();
@@ -325,12 +351,13 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
          versions found; all orders current in Salesforce {:.1} s after generation; {} Salesforce orders deleted and \
          {} RD contacts edited, all repaired {:.1} s after the tampering; {commands} repair commands; sweep API calls \
          (spent, budget, minutes) before the restart {first_calls:?} and after it {second_calls:?}; ledger \
-         restored in {:.1} s",
+         restored in {:.1} s; {negative} of {} SKUs left negative, all reported",
         lost.len(),
         converged.as_secs_f64(),
         deleted.len(),
         edited.len(),
         repair_time.as_secs_f64(),
-        restore_time.as_secs_f64()
+        restore_time.as_secs_f64(),
+        latest.len()
     );
 }
