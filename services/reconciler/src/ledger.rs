@@ -238,11 +238,12 @@ impl Entry {
         if !outcome.target_ids.is_empty() {
             target.ids.clone_from(&outcome.target_ids);
         }
-        // A confirmation after a sweep found the record drifted is the repair landing.
+        // A confirmation the sink made after a sweep found the record drifted is the repair
+        // landing (one it made before, read late, is not).
         if !failed
             && let Some(d) = self.drift.get(&outcome.target)
             && d.kind != DriftKind::SourceAhead
-            && now_ms >= d.found_ms
+            && outcome.occurred_at >= d.found_ms
         {
             effect.repaired.push((outcome.target.clone(), d.kind));
             self.drift.remove(&outcome.target);
@@ -382,7 +383,10 @@ pub(crate) mod tests {
         assert!(e.flag_drift("salesforce", DriftKind::Missing, 0, 20));
         assert!(!e.flag_drift("salesforce", DriftKind::Missing, 0, 30), "found once");
         assert_eq!(e.health("salesforce", SLA, 40), Health::Drifted(DriftKind::Missing));
-        let effect = e.apply_outcome(&outcome("salesforce", "order", "7", 100, OutcomeStatus::Applied), 50);
+        let late = outcome("salesforce", "order", "7", 100, OutcomeStatus::Applied);
+        assert!(e.apply_outcome(&late, 45).repaired.is_empty(), "made before the finding: not the repair");
+        let repair = SyncOutcome { occurred_at: 48, ..late };
+        let effect = e.apply_outcome(&repair, 50);
         assert_eq!(effect.repaired, vec![("salesforce".to_owned(), DriftKind::Missing)]);
         assert_eq!(e.health("salesforce", SLA, 60), Health::Confirmed);
     }
