@@ -12,6 +12,9 @@
 //!   (deleted behind Elo's back) and resent. A cursor walks the ledger across rounds, so a
 //!   round's budget bounds the calls however large the ledger is.
 //!
+//!   A second query per round asks for the orders whose `LastModifiedDate` is after the last
+//!   round: one Salesforce changed after Elo's confirmed write (beyond the grace) is `altered`
+//!   and resent too.
 //! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
 //!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
 //!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
@@ -238,6 +241,27 @@ pub fn missing_ids(asked: &[String], records: &[Value], field: &str) -> Vec<Stri
     asked.iter().filter(|id| !found.contains(id.as_str())).cloned().collect()
 }
 
+/// `SELECT <field>, LastModifiedDate FROM Order WHERE LastModifiedDate > <since> LIMIT 2000`:
+/// orders someone changed since the last round (one call: 2000 is a query page).
+pub fn soql_modified_since(field: &str, since_ms: i64) -> String {
+    let at = order_ingest::normalize::format_magento_time(since_ms.max(0)).replace(' ', "T");
+    format!(
+        "SELECT {field}, LastModifiedDate FROM Order WHERE LastModifiedDate > {at}Z ORDER BY LastModifiedDate ASC LIMIT 2000"
+    )
+}
+
+/// Salesforce's `2026-11-30T08:00:00.000+0000` (UTC), to the second.
+pub fn parse_sf_datetime(text: &str) -> Option<i64> {
+    order_ingest::normalize::parse_magento_time(text.get(..19)?)
+}
+
+/// Whether Salesforce changed a record after Elo's write was confirmed (`confirmed_ms`, when
+/// the outcome was read, later than the write itself) by more than `grace_ms`: someone else
+/// edited it.
+pub fn edited_after(confirmed_ms: i64, last_modified_ms: i64, grace_ms: i64) -> bool {
+    last_modified_ms > confirmed_ms + grace_ms
+}
+
 /// The external id the salesforce-sink gives an order.
 pub fn order_external_id(entity_id: &str) -> String {
     format!("o:{entity_id}")
@@ -252,6 +276,8 @@ pub struct Sweeps {
     rdstation: Option<(RdClient, Budget)>,
     magento_suspects: Suspects,
     rd_suspects: Suspects,
+    /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
+    salesforce_modified_since: std::sync::atomic::AtomicI64,
 }
 
 impl Sweeps {
@@ -282,6 +308,7 @@ impl Sweeps {
             rdstation,
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
+            salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -495,8 +522,81 @@ impl Sweeps {
             }
             next.clone_from(&chunk[chunk.len() - 1].0);
         }
+        if !self.salesforce_edits(ledger, client, budget, &mut spent).await {
+            return next;
+        }
         budget.round("complete");
         String::new()
+    }
+
+    /// The `LastModifiedDate` pass: orders changed in Salesforce after Elo's confirmed write
+    /// are `altered`. Returns false when the budget or an error cut it short (it resumes from
+    /// the same point next round).
+    async fn salesforce_edits<C: CommandSink>(
+        &self,
+        ledger: &Ledger<C>,
+        client: &salesforce_sink::client::SalesforceClient,
+        budget: &Budget,
+        spent: &mut u64,
+    ) -> bool {
+        let field = &self.args.salesforce_order_field;
+        let grace = self.args.grace.as_millis() as i64;
+        let started = now_ms();
+        let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
+        if since == 0 {
+            since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
+        }
+        if !budget.spend(spent).await {
+            budget.round("partial");
+            return false;
+        }
+        let records = match client.query(&soql_modified_since(field, since)).await {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(error = %error, "salesforce sweep: LastModifiedDate query failed");
+                budget.round("failed");
+                return false;
+            }
+        };
+        let mut last_seen = since;
+        for record in &records {
+            let (Some(external), Some(modified)) = (
+                record.get(field).and_then(Value::as_str),
+                record.get("LastModifiedDate").and_then(Value::as_str).and_then(parse_sf_datetime),
+            ) else {
+                continue;
+            };
+            last_seen = last_seen.max(modified);
+            let Some(id) = external.strip_prefix("o:") else { continue };
+            let key = crate::ledger::key("order", id);
+            let Some((partition, entry)) =
+                ledger.partitions().into_iter().find_map(|p| ledger.store.get(p, &key).map(|e| (p, e)))
+            else {
+                continue; // another replica's, or not in the ledger
+            };
+            // Only a record whose latest version Salesforce confirmed: a newer version the sink
+            // is writing now is not an edit.
+            let Some(confirmed) = entry.targets.get("salesforce") else { continue };
+            if entry.health("salesforce", sla, started) != Health::Confirmed
+                || !edited_after(confirmed.at_ms, modified, grace)
+            {
+                continue;
+            }
+            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, Entry::default).await {
+                Ok(true) => {
+                    budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, key, "salesforce sweep: cannot record drift"),
+            }
+        }
+        budget.checked(records.len() as u64);
+        // A full page may hold more: go on from its last change; otherwise from this round's
+        // start (minus the grace, for clock skew).
+        let next = if records.len() >= 2000 { last_seen } else { started - grace };
+        self.salesforce_modified_since.store(next, Ordering::Relaxed);
+        true
     }
 }
 
@@ -809,6 +909,18 @@ mod tests {
         assert!(s.confirm(&found(&["a", "b"]), 10, 105).is_empty(), "not yet the grace period");
         assert!(s.confirm(&found(&["a"]), 10, 110).contains("a"));
         assert!(s.confirm(&found(&["a", "b"]), 10, 115).len() == 1, "b went away and starts over");
+    }
+
+    #[test]
+    fn salesforce_edits_are_changes_after_the_confirmed_write() {
+        assert_eq!(
+            soql_modified_since("Elo_Id__c", 1_793_491_200_000),
+            "SELECT Elo_Id__c, LastModifiedDate FROM Order WHERE LastModifiedDate > 2026-11-01T00:00:00Z ORDER BY LastModifiedDate ASC LIMIT 2000"
+        );
+        assert_eq!(parse_sf_datetime("2026-11-01T00:00:05.123+0000"), Some(1_793_491_205_000));
+        assert_eq!(parse_sf_datetime("soon"), None);
+        assert!(!edited_after(10_000, 12_000, 5_000), "Elo's own write, confirmed a moment later");
+        assert!(edited_after(10_000, 20_000, 5_000));
     }
 
     #[test]
