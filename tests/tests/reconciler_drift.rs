@@ -236,7 +236,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
 
     // Phase 2: behind Elo's back, 1% of the Salesforce orders deleted, 1% of the contacts edited.
     let tampered = Instant::now();
-    let deleted: Vec<String> = {
+    let (deleted, sf_edited): (Vec<String>, (String, Value)) = {
         let mut sim = sf.sim.lock().unwrap();
         let mut ids: Vec<(String, String)> = sim
             .org
@@ -246,11 +246,18 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
             .map(|(id, r)| (r.fields["Elo_Id__c"].as_str().unwrap().to_owned(), id.clone()))
             .collect();
         ids.sort();
-        let picked: Vec<(String, String)> = ids.into_iter().step_by(100).collect();
+        let picked: Vec<(String, String)> = ids.iter().step_by(100).cloned().collect();
         for (_, id) in &picked {
             sim.org.records.remove(id);
         }
-        picked.into_iter().map(|(external, _)| external).collect()
+        // And one order's status edited by hand (found by LastModifiedDate), as the control
+        // API's PATCH /salesforce/records/{id} does.
+        let (external, id) = ids[50].clone();
+        let record = sim.org.records.get_mut(&id).unwrap();
+        let status = record.fields["Magento_Status__c"].clone();
+        record.fields.insert("Magento_Status__c".into(), json!("edited_by_hand"));
+        record.modified_ms = sandbox::now_ms();
+        (picked.into_iter().map(|(external, _)| external).collect(), (external, status))
     };
     let edited: BTreeMap<String, Value> = {
         let mut sim = rd.sim.lock().unwrap();
@@ -275,7 +282,13 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
                 .filter(|r| r.object == "Order")
                 .filter_map(|r| r.fields.get("Elo_Id__c").and_then(Value::as_str))
                 .collect();
-            deleted.iter().all(|d| present.contains(d.as_str()))
+            let (external, status) = &sf_edited;
+            let restored = sim.org.records.values().any(|r| {
+                r.object == "Order"
+                    && r.fields["Elo_Id__c"] == external.as_str()
+                    && r.fields["Magento_Status__c"] == *status
+            });
+            deleted.iter().all(|d| present.contains(d.as_str())) && restored
         };
         let rd_ok = {
             let sim = rd.sim.lock().unwrap();
@@ -291,6 +304,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     // The reconciler saw and counted what it repaired, and escalated nothing.
     let missing_found = metric(&m, "reconciler_drift_found_total{kind=\"missing\",target=\"salesforce\"}");
     let altered_found = metric(&m, "reconciler_drift_found_total{kind=\"altered\",target=\"rdstation\"}");
+    let sf_altered = metric(&m, "reconciler_drift_found_total{kind=\"altered\",target=\"salesforce\"}");
+    assert!(sf_altered >= 1.0, "the Salesforce edit was found by LastModifiedDate");
     assert!(missing_found >= deleted.len() as f64, "{missing_found} missing found for {} deleted", deleted.len());
     assert!(altered_found >= edited.len() as f64, "{altered_found} altered found for {} edited", edited.len());
     let m = {
@@ -349,7 +364,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     eprintln!(
         "reconciler drift figures: {orders} orders from {FACTS} facts; {} webhooks lost, {lost_found} lost latest \
          versions found; all orders current in Salesforce {:.1} s after generation; {} Salesforce orders deleted and \
-         {} RD contacts edited, all repaired {:.1} s after the tampering; {commands} repair commands; sweep API calls \
+         {} RD contacts edited and 1 Salesforce order edited, all repaired {:.1} s after the tampering; {commands} repair commands; sweep API calls \
          (spent, budget, minutes) before the restart {first_calls:?} and after it {second_calls:?}; ledger \
          restored in {:.1} s; {negative} of {} SKUs left negative, all reported",
         lost.len(),
