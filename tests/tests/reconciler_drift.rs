@@ -57,8 +57,8 @@ fn reconciler(dir: &Path, topic: &str, admin: u16, urls: [&str; 3], log: &str) -
         .env("ELO_RDSTATION_REFRESH_TOKEN_FILE", dir.join("rd-refresh-token"))
         .env("ELO_RECONCILER_RDSTATION_SWEEP_INTERVAL", "8s")
         .env("ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", RD_PER_MINUTE.to_string())
-        .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
-        .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
+        // librdkafka's default session timeout (45 s): the reconciler is only ever stopped
+        // gracefully here, and a loaded broker can leave heartbeats unanswered for seconds.
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
     command
