@@ -228,6 +228,14 @@ mod tests {
     }
 
     #[test]
+    fn the_defaults_parse() {
+        // Every default goes through its value parser (`2h` once did not).
+        let config = <Config as clap::Parser>::try_parse_from(["reconciler"]).expect("defaults parse");
+        assert_eq!(config.sweeps.magento_window, Duration::from_secs(7200));
+        assert_eq!(config.ledger.retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
     fn targets_parse_with_their_slas() {
         let t = parse_targets("salesforce:5m, rdstation:90s").unwrap().0;
         assert_eq!(

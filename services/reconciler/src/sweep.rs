@@ -69,7 +69,7 @@ pub struct SweepArgs {
     )]
     pub magento_store_ids: Vec<i64>,
     /// How far back the Magento sweep looks (`0s`: no Magento sweep).
-    #[arg(long = "magento-sweep-window", env = "ELO_RECONCILER_MAGENTO_SWEEP_WINDOW", default_value = "2h", value_parser = parse_duration)]
+    #[arg(long = "magento-sweep-window", env = "ELO_RECONCILER_MAGENTO_SWEEP_WINDOW", default_value = "120m", value_parser = parse_duration)]
     pub magento_window: Duration,
     /// Time between two Magento sweeps.
     #[arg(long = "magento-sweep-interval", env = "ELO_RECONCILER_MAGENTO_SWEEP_INTERVAL", default_value = "5m", value_parser = parse_duration)]
