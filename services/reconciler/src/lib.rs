@@ -6,11 +6,13 @@
 //! - [`store`]: the ledger in a [`elo_kafka::StateStore`] (changelog `reconciler.ledger`), the
 //!   consumer handler folding `commerce.events` and `integration.outcomes` into it, and the
 //!   periodic check (figures, repairs, [`status::LedgerStatus`]).
+//! - `figures`: one pass's counts and report lists, as a [`status::LedgerStatus`].
 //! - [`repair`]: which command a problem calls for, attempts, backoff and escalation.
 //! - [`sweep`]: reads the source and the targets within an API budget to find drift.
 //! - [`stock`]: stock facts from `inventory.events`; quantities that stay negative.
 //! - [`metrics`]: every metric the service exports.
 
+mod figures;
 pub mod ledger;
 pub mod metrics;
 pub mod repair;
@@ -27,7 +29,8 @@ use elo_kafka::StateStore;
 use elo_service::{CommonArgs, ConsumerArgs, Service};
 
 use crate::repair::{Policy, TargetSpec};
-use crate::store::{KafkaCommands, Ledger, LedgerHandler, StockSide};
+use crate::stock::StockSide;
+use crate::store::{KafkaCommands, Ledger, LedgerHandler};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
 pub const NAME: &str = "reconciler";

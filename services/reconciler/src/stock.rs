@@ -4,8 +4,14 @@
 //! and nobody corrected the stock. Kept in its own state store (`reconciler.stock`),
 //! co-partitioned with `inventory.events`.
 
-use elo_events::InventoryEvent;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use elo_events::{EventCodec, InventoryEvent};
+use elo_kafka::{HandlerError, Record, StateStore};
 use serde::{Deserialize, Serialize};
+
+use crate::metrics;
 
 /// The stock store's key of a fact.
 pub fn key(event: &InventoryEvent) -> String {
@@ -57,6 +63,96 @@ impl Stock {
     /// Negative for longer than `grace_ms` at `now_ms`.
     pub fn stuck_negative(&self, grace_ms: i64, now_ms: i64) -> bool {
         self.negative_since_ms.is_some_and(|since| now_ms - since > grace_ms)
+    }
+}
+
+/// The stock facts side: its own store, co-partitioned with `inventory.events`.
+pub struct StockSide {
+    pub store: StateStore<Stock>,
+    pub topic: String,
+    /// A quantity negative for longer than this is reported.
+    pub grace: std::time::Duration,
+    held: Mutex<BTreeSet<i32>>,
+    locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl StockSide {
+    pub fn new(store: StateStore<Stock>, topic: String, grace: std::time::Duration) -> Self {
+        Self { store, topic, grace, held: Mutex::default(), locks: Mutex::default() }
+    }
+
+    fn lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("locks").entry(partition).or_default().clone()
+    }
+
+    pub(crate) async fn start(&self, partition: i32) -> Result<(), HandlerError> {
+        let keys = self
+            .store
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::new(e.class(), e.code(), e.to_string()))?;
+        tracing::info!(partition, keys, "stock partition restored");
+        self.held.lock().expect("held").insert(partition);
+        Ok(())
+    }
+
+    pub(crate) fn stop(&self, partition: i32) {
+        let lock = self.lock(partition);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _guard = loop {
+            match lock.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => break None,
+            }
+        };
+        self.held.lock().expect("held").remove(&partition);
+        self.store.release(partition);
+    }
+
+    pub(crate) async fn handle(&self, codec: &EventCodec, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
+        let lock = self.lock(partition);
+        let _guard = lock.lock().await;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut touched: BTreeMap<String, Stock> = BTreeMap::new();
+        for record in batch {
+            match elo_service::decode_record::<elo_events::InventoryEvent>(codec, record).await {
+                Ok(event) => {
+                    let key = key(&event);
+                    let mut stock =
+                        touched.remove(&key).or_else(|| self.store.get(partition, &key)).unwrap_or_default();
+                    stock.apply(&event);
+                    touched.insert(key, stock);
+                    metrics::RECORDS.with_label_values(&["inventory"]).inc();
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        for (key, stock) in touched {
+            if let Err(error) = self.store.put(partition, &key, stock).await {
+                let e = HandlerError::new(error.class(), format!("stock_{}", error.code()), error.to_string());
+                return vec![Err(e); batch.len()];
+            }
+        }
+        results
+    }
+
+    /// SKUs negative past the grace period, sorted.
+    pub(crate) fn stuck(&self, now: i64) -> Vec<String> {
+        let held: Vec<i32> = self.held.lock().expect("held").iter().copied().collect();
+        let grace = self.grace.as_millis() as i64;
+        let mut out: Vec<String> = held
+            .into_iter()
+            .flat_map(|p| self.store.entries(p))
+            .filter(|(_, s)| s.stuck_negative(grace, now))
+            .map(|(k, _)| k)
+            .collect();
+        out.sort();
+        out
     }
 }
 

@@ -15,11 +15,12 @@ use std::sync::{Arc, Mutex};
 use elo_events::{CommerceEvent, EventCodec, IntegrationCommand, SyncOutcome};
 use elo_kafka::{HandlerError, Producer, Record, StateStore};
 
-use crate::ledger::{self, DriftKind, Effect, Entry, Health};
+use crate::figures::{Figures, Totals};
+use crate::ledger::{self, DriftKind, Effect, Entry};
 use crate::metrics;
 use crate::repair::{self, Decision, Policy};
-use crate::status::{Escalation, LIST_CAP, LedgerStatus, StatusSender, SweepStatus};
-use crate::stock::Stock;
+use crate::status::{LIST_CAP, LedgerStatus, StatusSender, SweepStatus};
+use crate::stock::StockSide;
 use crate::sweep::Progress;
 
 /// Where repair commands go.
@@ -46,14 +47,6 @@ impl CommandSink for KafkaCommands {
     }
 }
 
-/// Counters since start, for the status snapshot.
-#[derive(Default)]
-struct Totals {
-    drift_found: BTreeMap<String, u64>,
-    repaired: BTreeMap<String, u64>,
-    escalated: BTreeMap<String, u64>,
-}
-
 /// The ledger and everything that touches it.
 pub struct Ledger<C> {
     pub store: StateStore<Entry>,
@@ -70,96 +63,6 @@ pub struct Ledger<C> {
     status: StatusSender,
     stock: Option<StockSide>,
     sweeps: Vec<(&'static str, Arc<Progress>)>,
-}
-
-/// The stock facts side: its own store, co-partitioned with `inventory.events`.
-pub struct StockSide {
-    pub store: StateStore<Stock>,
-    pub topic: String,
-    /// A quantity negative for longer than this is reported.
-    pub grace: std::time::Duration,
-    held: Mutex<BTreeSet<i32>>,
-    locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl StockSide {
-    pub fn new(store: StateStore<Stock>, topic: String, grace: std::time::Duration) -> Self {
-        Self { store, topic, grace, held: Mutex::default(), locks: Mutex::default() }
-    }
-
-    fn lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().expect("locks").entry(partition).or_default().clone()
-    }
-
-    async fn start(&self, partition: i32) -> Result<(), HandlerError> {
-        let keys = self
-            .store
-            .restore_async(partition)
-            .await
-            .map_err(|e| HandlerError::new(e.class(), e.code(), e.to_string()))?;
-        tracing::info!(partition, keys, "stock partition restored");
-        self.held.lock().expect("held").insert(partition);
-        Ok(())
-    }
-
-    fn stop(&self, partition: i32) {
-        let lock = self.lock(partition);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let _guard = loop {
-            match lock.try_lock() {
-                Ok(guard) => break Some(guard),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(_) => break None,
-            }
-        };
-        self.held.lock().expect("held").remove(&partition);
-        self.store.release(partition);
-    }
-
-    async fn handle(&self, codec: &EventCodec, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
-        let lock = self.lock(partition);
-        let _guard = lock.lock().await;
-        let mut results = Vec::with_capacity(batch.len());
-        let mut touched: BTreeMap<String, Stock> = BTreeMap::new();
-        for record in batch {
-            match elo_service::decode_record::<elo_events::InventoryEvent>(codec, record).await {
-                Ok(event) => {
-                    let key = crate::stock::key(&event);
-                    let mut stock =
-                        touched.remove(&key).or_else(|| self.store.get(partition, &key)).unwrap_or_default();
-                    stock.apply(&event);
-                    touched.insert(key, stock);
-                    metrics::RECORDS.with_label_values(&["inventory"]).inc();
-                    results.push(Ok(()));
-                }
-                Err(e) => results.push(Err(e)),
-            }
-        }
-        for (key, stock) in touched {
-            if let Err(error) = self.store.put(partition, &key, stock).await {
-                let e = HandlerError::new(error.class(), format!("stock_{}", error.code()), error.to_string());
-                return vec![Err(e); batch.len()];
-            }
-        }
-        results
-    }
-
-    /// SKUs negative past the grace period, sorted.
-    fn stuck(&self, now: i64) -> Vec<String> {
-        let held: Vec<i32> = self.held.lock().expect("held").iter().copied().collect();
-        let grace = self.grace.as_millis() as i64;
-        let mut out: Vec<String> = held
-            .into_iter()
-            .flat_map(|p| self.store.entries(p))
-            .filter(|(_, s)| s.stuck_negative(grace, now))
-            .map(|(k, _)| k)
-            .collect();
-        out.sort();
-        out
-    }
 }
 
 impl<C: CommandSink> Ledger<C> {
@@ -476,87 +379,6 @@ fn command_name(command: &IntegrationCommand) -> &'static str {
     }
 }
 
-/// Figures gathered in one pass.
-#[derive(Default)]
-struct Figures {
-    orders: u64,
-    customers: u64,
-    oversold: u64,
-    confirmed: BTreeMap<String, u64>,
-    overdue: BTreeMap<String, u64>,
-    failed: BTreeMap<String, u64>,
-    drifted: BTreeMap<String, u64>,
-    escalated_open: u64,
-    oversold_keys: Vec<String>,
-    escalations: Vec<Escalation>,
-}
-
-impl Figures {
-    fn count(&mut self, key: &str, entry: &Entry, policy: &Policy, now: i64) {
-        if let Some(repair) = &entry.repair
-            && let Some(reason) = &repair.escalated
-            && self.escalations.len() < LIST_CAP
-        {
-            self.escalations.push(Escalation {
-                key: key.to_owned(),
-                reason: reason.clone(),
-                since_ms: repair.since_ms,
-            });
-        }
-        if entry.version == 0 {
-            return;
-        }
-        if entry.oversold && self.oversold_keys.len() < LIST_CAP {
-            self.oversold_keys.push(key.to_owned());
-        }
-        match entry.kind.as_str() {
-            "order" => self.orders += 1,
-            _ => self.customers += 1,
-        }
-        self.oversold += u64::from(entry.oversold);
-        self.escalated_open += u64::from(entry.repair.as_ref().is_some_and(|r| r.escalated.is_some()));
-        for t in &policy.targets {
-            let bucket = match entry.health(&t.name, t.sla, now) {
-                Health::Confirmed => &mut self.confirmed,
-                Health::Overdue => &mut self.overdue,
-                Health::Failed => &mut self.failed,
-                Health::Drifted(_) => &mut self.drifted,
-                Health::Pending => continue,
-            };
-            *bucket.entry(t.name.clone()).or_default() += 1;
-        }
-        if entry.drift.contains_key(repair::SOURCE) {
-            *self.drifted.entry(repair::SOURCE.to_owned()).or_default() += 1;
-        }
-    }
-
-    fn into_status(self, policy: &Policy, partitions: u32, totals: &Totals, now: i64) -> LedgerStatus {
-        let zeroed = |m: BTreeMap<String, u64>| {
-            let mut out: BTreeMap<String, u64> = policy.targets.iter().map(|t| (t.name.clone(), 0)).collect();
-            out.extend(m);
-            out
-        };
-        LedgerStatus {
-            orders: self.orders,
-            customers: self.customers,
-            confirmed: zeroed(self.confirmed),
-            overdue: zeroed(self.overdue),
-            failed: zeroed(self.failed),
-            drifted: zeroed(self.drifted),
-            escalated_open: self.escalated_open,
-            oversold_orders: self.oversold,
-            oversold: self.oversold_keys,
-            escalations: self.escalations,
-            drift_found_total: totals.drift_found.clone(),
-            repaired_total: totals.repaired.clone(),
-            escalated_total: totals.escalated.clone(),
-            partitions,
-            as_of_ms: now,
-            ..LedgerStatus::default()
-        }
-    }
-}
-
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
 }
@@ -575,65 +397,5 @@ impl<C: CommandSink> elo_kafka::Handler for LedgerHandler<C> {
 
     fn on_revoked(&self, topic: &str, partition: i32) {
         self.0.stop(topic, partition);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use elo_events::OutcomeStatus;
-
-    use super::*;
-    use crate::ledger::tests::{event, outcome};
-    use crate::repair::TargetSpec;
-
-    #[test]
-    fn the_status_counts_each_target_and_lists_what_reports_need() {
-        let t =
-            |name: &str| TargetSpec { name: name.into(), sink: format!("{name}-sink"), sla: Duration::from_secs(60) };
-        let policy = Policy {
-            targets: vec![t("salesforce"), t("rdstation")],
-            max_attempts: 3,
-            backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(1),
-        };
-        let mut confirmed = Entry::default();
-        confirmed.apply_event(&event("order", "1", "c:1", 100), 0);
-        confirmed.apply_outcome(&outcome("salesforce", "order", "1", 100, OutcomeStatus::Applied), 1);
-        confirmed.apply_outcome(&outcome("rdstation", "order", "1", 100, OutcomeStatus::DeadLettered), 1);
-        confirmed.oversold = true;
-        let mut overdue = Entry::default();
-        overdue.apply_event(&event("customer", "2", "c:2", 100), 0);
-        overdue.flag_drift("magento", DriftKind::SourceAhead, 200, 5);
-        overdue.repair = Some(crate::ledger::Repair {
-            attempts: 3,
-            next_at_ms: 0,
-            since_ms: 7,
-            escalated: Some("salesforce overdue after 3 attempts".into()),
-        });
-        let only_outcome = Entry::for_outcome(&outcome("salesforce", "order", "3", 100, OutcomeStatus::Applied));
-        let mut figures = Figures::default();
-        let now = 120_000;
-        figures.count("order:1", &confirmed, &policy, now);
-        figures.count("customer:2", &overdue, &policy, now);
-        figures.count("order:3", &only_outcome, &policy, now);
-        let totals = Totals::default();
-        let s = figures.into_status(&policy, 2, &totals, now);
-        assert_eq!((s.orders, s.customers, s.partitions), (1, 1, 2), "an entry without its event is not counted yet");
-        assert_eq!(s.confirmed, BTreeMap::from([("rdstation".into(), 0), ("salesforce".into(), 1)]));
-        assert_eq!(s.failed["rdstation"], 1);
-        assert_eq!((s.overdue["salesforce"], s.overdue["rdstation"]), (1, 1));
-        assert_eq!(s.drifted["magento"], 1);
-        assert_eq!((s.oversold_orders, s.oversold.clone()), (1, vec!["order:1".to_owned()]));
-        assert_eq!(s.escalated_open, 1);
-        assert_eq!(
-            s.escalations,
-            vec![Escalation {
-                key: "customer:2".into(),
-                reason: "salesforce overdue after 3 attempts".into(),
-                since_ms: 7
-            }]
-        );
     }
 }
