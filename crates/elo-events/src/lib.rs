@@ -7,6 +7,7 @@
 //!   [`SyncOutcome`], [`IntegrationCommand`]).
 //! - [`money`]: [`Decimal4`], money and quantities as Avro `decimal(18,4)`, never a float.
 //! - [`ids`]: deterministic event ids and customer keys.
+//! - [`resend`]: what a `RESEND` command names and the refetch that completes it.
 //! - [`codec`]: Confluent framing (magic byte 0, 4-byte schema id, Avro binary) with a
 //!   registry client, subject naming by TopicNameStrategy.
 //!
@@ -20,6 +21,7 @@
 pub mod codec;
 pub mod ids;
 pub mod money;
+pub mod resend;
 pub mod sample;
 pub mod schema;
 pub mod time;

@@ -26,6 +26,9 @@ use crate::events::{EventMapping, Sent};
 use crate::metrics;
 use crate::rules::Rules;
 
+mod resend;
+pub use resend::WithCommands;
+
 /// Everything the handler needs.
 pub struct Sink {
     pub client: RdClient,

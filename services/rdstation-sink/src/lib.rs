@@ -34,7 +34,7 @@ use elo_service::{CommonArgs, ConsumerArgs, Service};
 
 use crate::client::{RdClient, RdSettings};
 use crate::events::EventMapping;
-use crate::handler::{ContactBudget, Sink, SinkHandler};
+use crate::handler::{ContactBudget, Sink, SinkHandler, WithCommands};
 use crate::rules::Rules;
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
@@ -202,6 +202,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let specs = vec![
         t.spec(&t.commerce),
         t.spec(&t.outcomes),
+        t.spec(&t.commands),
         t.spec(&dlq),
         StateStore::<()>::changelog_spec(&config.rd.state_topic, t.partitions).with_replication(t.replication),
         StateStore::<()>::changelog_spec(&config.rd.sent_log_topic, t.partitions).with_replication(t.replication),
@@ -232,11 +233,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.rd.create_fields,
         service.shutdown.clone(),
     ));
-    let settings = config.consumer.settings(format!("elo-{NAME}"), vec![t.commerce.clone()], dlq, 50);
+    // RESEND commands ride the same group: `integration.commands` is co-partitioned with
+    // `commerce.events`, so a command meets the customer's state on this replica.
+    let topics = vec![t.commerce.clone(), t.commands.clone()];
+    let settings = config.consumer.settings(format!("elo-{NAME}"), topics, dlq, 50);
     let result = elo_kafka::run_consumer(
         &common.kafka,
         settings,
-        Arc::new(SinkHandler(sink.clone())),
+        Arc::new(WithCommands { inner: SinkHandler(sink.clone()), commands_topic: t.commands.clone() }),
         service.producer.clone(),
         service.health.clone(),
         service.shutdown.clone(),

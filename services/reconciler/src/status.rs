@@ -24,6 +24,13 @@ pub struct LedgerStatus {
     pub overdue: PerTarget,
     /// Records whose latest outcome is DEAD_LETTERED.
     pub failed: PerTarget,
+    /// Records a sweep found drifted (deleted or edited in the target, or newer in the source
+    /// `magento`) whose repair the target has not confirmed yet.
+    #[serde(default)]
+    pub drifted: PerTarget,
+    /// Records currently escalated (attempts exhausted, problem still open).
+    #[serde(default)]
+    pub escalated_open: u64,
     /// Orders flagged oversold by the inventory check.
     pub oversold_orders: u64,
     /// Drift found by sweeps since start, by target.
@@ -32,10 +39,53 @@ pub struct LedgerStatus {
     pub repaired_total: PerTarget,
     /// Records given up on (attempts exhausted), by target: they need a person.
     pub escalated_total: PerTarget,
+    /// SKUs (`sku@stock`) whose salable quantity stayed negative past the grace period.
+    #[serde(default)]
+    pub negative_stock: u64,
+    /// The first of them (at most [`LIST_CAP`]), for reports.
+    #[serde(default)]
+    pub negative_stock_skus: Vec<String>,
+    /// Oversold orders (ledger keys, at most [`LIST_CAP`]), for reports.
+    #[serde(default)]
+    pub oversold: Vec<String>,
+    /// Records escalated whose problem is still open (at most [`LIST_CAP`]), with the reason.
+    #[serde(default)]
+    pub escalations: Vec<Escalation>,
+    /// Progress of each configured sweep since start, by sweep (`magento`, `salesforce`,
+    /// `rdstation`).
+    #[serde(default)]
+    pub sweeps: BTreeMap<String, SweepStatus>,
     /// Partitions assigned and restored.
     pub partitions: u32,
     /// When this snapshot was taken, Unix milliseconds.
     pub as_of_ms: i64,
+}
+
+/// Longest list a snapshot carries (reports page through the metrics for totals).
+pub const LIST_CAP: usize = 100;
+
+/// A record the reconciler gave up on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Escalation {
+    /// Ledger key (`order:<id>`, `customer:<id>`).
+    pub key: String,
+    /// Why, e.g. `salesforce failed after 3 attempts (last error INVALID_FIELD)`.
+    pub reason: String,
+    /// When the first repair command for this problem went out, Unix ms.
+    pub since_ms: i64,
+}
+
+/// What a sweep did since the process started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SweepStatus {
+    /// API calls spent.
+    pub calls: u64,
+    /// Records compared.
+    pub checked: u64,
+    /// Drift findings recorded.
+    pub found: u64,
+    /// Rounds run (complete, partial or failed).
+    pub rounds: u64,
 }
 
 /// The sending half, owned by the ledger side.

@@ -20,6 +20,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod outcomes;
 pub mod quota;
+pub mod resend;
 pub mod setup;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -169,6 +170,8 @@ pub struct SinkHandler {
     codec: Arc<elo_events::EventCodec>,
     sink: Arc<OnceLock<handler::Sink>>,
     outcomes: outcomes::Outcomes,
+    /// `integration.commands` (RESEND, see [`resend`]) and the producer that forwards refetches.
+    commands: (String, elo_kafka::Producer),
     /// Handler calls per record so far (for outcomes), dropped when the record finishes.
     attempts: Mutex<std::collections::HashMap<(i32, i64), i32>>,
 }
@@ -181,6 +184,14 @@ impl elo_kafka::Handler for SinkHandler {
                 .with_retry_after(Duration::from_secs(2));
             return batch.iter().map(|_| Err(wait.clone())).collect();
         };
+        if batch.first().is_some_and(|r| r.topic == self.commands.0) {
+            let (topic, producer) = &self.commands;
+            let mut results = Vec::with_capacity(batch.len());
+            for record in batch {
+                results.push(resend::execute(sink, &self.codec, producer, topic, record).await.map(|_| ()));
+            }
+            return results;
+        }
         let started = Instant::now();
         let mut events = Vec::with_capacity(batch.len());
         for record in batch {
@@ -232,6 +243,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let topics = vec![
         common.topics.spec(&common.topics.commerce),
         common.topics.spec(&common.topics.outcomes),
+        common.topics.spec(&common.topics.commands),
         common.topics.spec(&dlq),
     ];
     let mapping = mapping::Mapping::load(config.salesforce.mapping_file.as_deref())?.resolve()?;
@@ -259,7 +271,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
     }
     let group = config.consumer.group.clone().unwrap_or_else(|| format!("elo-{NAME}"));
-    let mut settings = elo_kafka::ConsumerSettings::new(group, vec![common.topics.commerce.clone()], dlq);
+    let mut settings = elo_kafka::ConsumerSettings::new(
+        group,
+        vec![common.topics.commerce.clone(), common.topics.commands.clone()],
+        dlq,
+    );
     settings.max_batch = config.consumer.max_batch.unwrap_or(200).max(1);
     settings.batch_linger = Duration::from_millis(50);
     settings.max_in_flight = config.consumer.max_in_flight.max(1);
@@ -273,6 +289,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             service.codec.clone(),
             common.topics.outcomes.clone(),
         ),
+        commands: (common.topics.commands.clone(), service.producer.clone()),
         attempts: Mutex::default(),
     });
     let result = elo_kafka::run_consumer(

@@ -252,7 +252,8 @@ async fn magento_state(State(c): State<Control>) -> Json<Value> {
         "config": sim.config,
         "webhook": {"url": sim.webhook.url, "style": sim.webhook.style, "duplicate_rate": sim.webhook.duplicate_rate,
             "pending": sim.outbox.queue.len(), "delivered": sim.outbox.delivered, "duplicates_sent": sim.outbox.duplicates_sent,
-            "failed_attempts": sim.outbox.failed_attempts},
+            "failed_attempts": sim.outbox.failed_attempts, "drop_rate": sim.webhook_drop_rate,
+            "dropped": sim.outbox.dropped, "dropped_orders": sim.outbox.dropped_orders},
     }))
 }
 
@@ -271,10 +272,16 @@ async fn magento_webhook(
     if !(0.0..=1.0).contains(&settings.config.duplicate_rate) {
         return Err(bad_request("duplicate_rate must be between 0 and 1"));
     }
+    if !(0.0..=1.0).contains(&settings.drop_rate) {
+        return Err(bad_request("drop_rate must be between 0 and 1"));
+    }
     let mut sim = c.magento.sim.lock().expect("magento lock");
     sim.webhook = settings.config;
     sim.webhook_signature = settings.signature;
-    Ok(Json(json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook_signature})))
+    sim.webhook_drop_rate = settings.drop_rate;
+    Ok(Json(
+        json!({"url": sim.webhook.url, "style": sim.webhook.style, "signature": sim.webhook_signature, "drop_rate": sim.webhook_drop_rate}),
+    ))
 }
 
 /// The public half of the key `adobe-rsa` webhook signatures are made with, as PEM.

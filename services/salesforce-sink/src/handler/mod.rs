@@ -33,6 +33,7 @@ use crate::metrics;
 
 mod erasure;
 mod products;
+mod resend;
 
 /// What happened to one record.
 #[derive(Clone, Debug)]

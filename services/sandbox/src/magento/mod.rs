@@ -99,6 +99,9 @@ pub struct Magento {
     pub webhook: webhook::WebhookConfig,
     /// How notifications are signed.
     pub webhook_signature: webhook::SignatureScheme,
+    /// Probability (0..1) that a notification is never sent, as a real Magento loses some
+    /// (a crashed cron, a full queue): only a poll or a reconciliation finds those changes.
+    pub webhook_drop_rate: f64,
     pub outbox: webhook::Outbox,
     /// Facts per second the background generator adds (0 = stopped).
     pub rate_per_sec: f64,
@@ -131,6 +134,7 @@ impl Magento {
             generator: generator::Generator::new(generator),
             webhook: webhook::WebhookConfig::default(),
             webhook_signature: webhook::SignatureScheme::default(),
+            webhook_drop_rate: 0.0,
             outbox: webhook::Outbox::default(),
             rate_per_sec: 0.0,
         }
@@ -177,8 +181,22 @@ impl Magento {
         }
         if let Some(order) = self.orders.get(&order_id) {
             let n = webhook::notification(&self.webhook, order);
+            if self.lose(&n) {
+                self.outbox.dropped_orders.push(order_id);
+                return;
+            }
             self.outbox.queue.push_back(n);
         }
+    }
+
+    /// Whether this notification is lost (never sent), counting it if so.
+    fn lose(&mut self, n: &webhook::Notification) -> bool {
+        if self.webhook_drop_rate <= 0.0 || rand::random::<f64>() >= self.webhook_drop_rate {
+            return false;
+        }
+        self.outbox.dropped += 1;
+        tracing::debug!(id = %n.id, "webhook dropped (drop_rate)");
+        true
     }
 
     /// Queues a customer notification (saved or deleted) when a customer URL is set.
@@ -187,6 +205,9 @@ impl Magento {
             return;
         }
         let n = webhook::customer_notification(&self.webhook, customer, deleted, now_ms());
+        if self.lose(&n) {
+            return;
+        }
         self.outbox.queue.push_back(n);
     }
 

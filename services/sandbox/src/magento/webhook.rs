@@ -74,6 +74,9 @@ pub struct WebhookSettings {
     /// `"hmac"` (default) or `"adobe-rsa"`.
     #[serde(default)]
     pub signature: SignatureScheme,
+    /// Probability (0..1) that a notification is lost: never sent, not even retried.
+    #[serde(default)]
+    pub drop_rate: f64,
 }
 
 fn default_max_backoff_ms() -> i64 {
@@ -111,6 +114,9 @@ pub struct Outbox {
     pub delivered: u64,
     pub duplicates_sent: u64,
     pub failed_attempts: u64,
+    /// Notifications lost on purpose (`drop_rate`), and the orders whose were.
+    pub dropped: u64,
+    pub dropped_orders: Vec<i64>,
 }
 
 /// Signs `body` at time `t` (unix seconds) with `secret`.

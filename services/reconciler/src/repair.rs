@@ -1,0 +1,300 @@
+//! The repair policy: which command a problem calls for, how many attempts it gets and how far
+//! apart, and when to give up and escalate. Pure: [`decide`] reads and updates one ledger
+//! entry; the caller publishes the command and persists the entry.
+//!
+//! - Overdue or failed in a target, or the source ahead of the ledger (a lost webhook):
+//!   `REFETCH_ORDER` / `REFETCH_CUSTOMER` to order-ingest, which reloads the entity from Magento
+//!   and republishes it; the sinks apply it as any other version.
+//! - Drifted in one target (deleted or edited there behind Elo's back): `RESEND` to that
+//!   target's sink, whose entity id is the ledger key (`order:<id>`, `customer:<id>`). The sink
+//!   forgets what it believed the target holds for that entity, so the republished version is
+//!   written again rather than skipped as already applied.
+//!
+//! Attempt `n` (1-based) waits `backoff * 2^(n-1)` (capped) before the next one is allowed;
+//! after `max_attempts` commands the entity is escalated with the reason, and stays escalated
+//! (counted in the status and reports) until the problem clears.
+
+use std::time::Duration;
+
+use elo_events::{CommandType, IntegrationCommand};
+
+use crate::ledger::{DriftKind, Entry, Health, Repair};
+
+/// The source's name in the ledger's drift map.
+pub const SOURCE: &str = "magento";
+
+/// One target the ledger expects to confirm every order and customer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetSpec {
+    /// Target name as the sinks report it (`salesforce`, `rdstation`).
+    pub name: String,
+    /// The sink that writes it (the `RESEND` addressee).
+    pub sink: String,
+    /// Confirmation expected within this long after the ledger saw a version.
+    pub sla: Duration,
+}
+
+/// Repair settings.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub targets: Vec<TargetSpec>,
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Policy {
+    /// The wait after attempt `n` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
+    }
+}
+
+/// One problem of an entity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub target: String,
+    pub health: Health,
+}
+
+impl Problem {
+    /// Bounded reason text: `overdue`, `failed`, `drift`.
+    pub fn reason(&self) -> &'static str {
+        match self.health {
+            Health::Overdue => "overdue",
+            Health::Failed => "failed",
+            Health::Drifted(_) => "drift",
+            Health::Confirmed | Health::Pending => "none",
+        }
+    }
+}
+
+/// The entity's current problems, source first.
+pub fn problems(entry: &Entry, policy: &Policy, now_ms: i64) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(d) = entry.drift.get(SOURCE) {
+        out.push(Problem { target: SOURCE.to_owned(), health: Health::Drifted(d.kind) });
+    }
+    for t in &policy.targets {
+        let health = entry.health(&t.name, t.sla, now_ms);
+        if matches!(health, Health::Overdue | Health::Failed | Health::Drifted(_)) {
+            out.push(Problem { target: t.name.clone(), health });
+        }
+    }
+    out
+}
+
+/// Whether an entry may leave the ledger: every target confirmed its latest version, nothing
+/// is open (drift, repair), and nothing happened to it for `retention`. A later version of it
+/// starts a new entry; the sweeps only judge what the ledger holds.
+pub fn expired(entry: &Entry, policy: &Policy, retention: Duration, now_ms: i64) -> bool {
+    let last = entry.targets.values().map(|t| t.at_ms).chain([entry.seen_at_ms]).max().unwrap_or(0);
+    entry.version > 0
+        && entry.repair.is_none()
+        && entry.drift.is_empty()
+        && now_ms - last > retention.as_millis() as i64
+        && policy.targets.iter().all(|t| entry.health(&t.name, t.sla, now_ms) == Health::Confirmed)
+}
+
+/// What to do about an entity now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing wrong, or waiting for the backoff / an earlier command.
+    Wait,
+    /// The problems cleared: the open repair (if any) is closed.
+    Resolved { had_repair: bool },
+    /// Send this command (the entry's attempt count was raised).
+    Send(IntegrationCommand, Problem),
+    /// Attempts exhausted: escalate with this reason (recorded in the entry).
+    Escalate(Problem, String),
+}
+
+/// Decides and records the next step for `entry` (the caller persists it when it changed).
+pub fn decide(entry: &mut Entry, policy: &Policy, now_ms: i64) -> Decision {
+    let found = problems(entry, policy, now_ms);
+    let Some(problem) = found.into_iter().next() else {
+        let had_repair = entry.repair.take().is_some();
+        return if had_repair { Decision::Resolved { had_repair } } else { Decision::Wait };
+    };
+    let repair = entry.repair.get_or_insert_with(Repair::default);
+    if repair.escalated.is_some() || now_ms < repair.next_at_ms {
+        return Decision::Wait;
+    }
+    if repair.attempts >= policy.max_attempts {
+        let mut reason = format!("{} {} after {} attempts", problem.target, describe(problem.health), repair.attempts);
+        if let Some(code) = entry.targets.get(&problem.target).and_then(|t| t.error_code.as_ref()) {
+            reason.push_str(&format!(" (last error {code})"));
+        }
+        repair.escalated = Some(reason.clone());
+        return Decision::Escalate(problem, reason);
+    }
+    repair.attempts += 1;
+    if repair.attempts == 1 {
+        repair.since_ms = now_ms;
+    }
+    repair.next_at_ms = now_ms + policy.delay(repair.attempts).as_millis() as i64;
+    let attempt = repair.attempts;
+    let command = command_for(entry, policy, &problem, attempt, now_ms);
+    Decision::Send(command, problem)
+}
+
+fn describe(health: Health) -> String {
+    match health {
+        Health::Drifted(kind) => format!("drift ({})", kind.as_str()),
+        Health::Overdue => "overdue".into(),
+        Health::Failed => "failed".into(),
+        Health::Confirmed | Health::Pending => "ok".into(),
+    }
+}
+
+/// The command that repairs `problem`.
+pub fn command_for(entry: &Entry, policy: &Policy, problem: &Problem, attempt: u32, now_ms: i64) -> IntegrationCommand {
+    let resend_to = match problem.health {
+        Health::Drifted(DriftKind::Missing | DriftKind::Altered) => {
+            policy.targets.iter().find(|t| t.name == problem.target).map(|t| t.sink.clone())
+        }
+        _ => None,
+    };
+    let key = entry.key();
+    let (command_type, target_service, entity_id) = match resend_to {
+        Some(sink) => (CommandType::Resend, sink, key.clone()),
+        None if entry.kind == "customer" => {
+            (CommandType::RefetchCustomer, "order-ingest".into(), entry.entity_id.clone())
+        }
+        None => (CommandType::RefetchOrder, "order-ingest".into(), entry.entity_id.clone()),
+    };
+    let version = entry.version.to_string();
+    let attempt_text = attempt.to_string();
+    IntegrationCommand {
+        // Deterministic per (entity, version, attempt): a replayed decision is the same command.
+        command_id: elo_events::ids::event_id(&[crate::NAME, &key, &version, &problem.target, &attempt_text]),
+        command_type,
+        target_service,
+        customer_key: entry.customer_key.clone(),
+        entity_id,
+        store_id: entry.store_id,
+        reason: problem.reason().to_owned(),
+        requested_by: crate::NAME.to_owned(),
+        requested_at: now_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use elo_events::OutcomeStatus;
+
+    use super::*;
+    use crate::ledger::tests::{event, outcome};
+
+    fn policy() -> Policy {
+        let t =
+            |name: &str| TargetSpec { name: name.into(), sink: format!("{name}-sink"), sla: Duration::from_secs(60) };
+        Policy {
+            targets: vec![t("salesforce"), t("rdstation")],
+            max_attempts: 3,
+            backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(25),
+        }
+    }
+
+    fn confirmed_order() -> Entry {
+        let mut e = Entry::for_event(&event("order", "7", "c:1", 100));
+        e.apply_event(&event("order", "7", "c:1", 100), 0);
+        e.apply_outcome(&outcome("salesforce", "order", "7", 100, OutcomeStatus::Applied), 10);
+        e.apply_outcome(&outcome("rdstation", "order", "7", 100, OutcomeStatus::Applied), 10);
+        e
+    }
+
+    #[test]
+    fn only_settled_quiet_entries_expire() {
+        let p = policy();
+        let day = Duration::from_secs(86_400);
+        let e = confirmed_order();
+        assert!(!expired(&e, &p, day, 1_000), "recent");
+        assert!(expired(&e, &p, day, 2 * 86_400_000));
+        let mut open = e.clone();
+        open.flag_drift("salesforce", DriftKind::Missing, 0, 20);
+        assert!(!expired(&open, &p, day, 2 * 86_400_000), "drift open");
+        let mut unconfirmed = e.clone();
+        unconfirmed.targets.remove("rdstation");
+        assert!(!expired(&unconfirmed, &p, day, 2 * 86_400_000), "a target never confirmed");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let p = policy();
+        assert_eq!(p.delay(1), Duration::from_secs(10));
+        assert_eq!(p.delay(2), Duration::from_secs(20));
+        assert_eq!(p.delay(3), Duration::from_secs(25));
+        assert_eq!(p.delay(40), Duration::from_secs(25));
+    }
+
+    #[test]
+    fn a_healthy_entry_needs_nothing() {
+        let mut e = confirmed_order();
+        assert_eq!(decide(&mut e, &policy(), 1_000_000), Decision::Wait);
+        assert!(e.repair.is_none());
+    }
+
+    #[test]
+    fn an_overdue_order_is_refetched_with_backoff_then_escalated() {
+        let p = policy();
+        let mut e = Entry::for_event(&event("order", "7", "c:1", 100));
+        e.apply_event(&event("order", "7", "c:1", 100), 0);
+        assert_eq!(decide(&mut e, &p, 30_000), Decision::Wait, "within the SLA");
+        let Decision::Send(first, problem) = decide(&mut e, &p, 61_000) else { panic!("expected a command") };
+        assert_eq!(problem, Problem { target: "salesforce".into(), health: Health::Overdue });
+        assert_eq!(
+            (first.command_type, first.target_service.as_str(), first.entity_id.as_str()),
+            (CommandType::RefetchOrder, "order-ingest", "7")
+        );
+        assert_eq!((first.reason.as_str(), first.store_id, first.customer_key.as_str()), ("overdue", Some(1), "c:1"));
+        assert_eq!(decide(&mut e, &p, 70_000), Decision::Wait, "backing off 10 s");
+        let Decision::Send(second, _) = decide(&mut e, &p, 71_000) else { panic!("second attempt") };
+        assert_ne!(first.command_id, second.command_id, "each attempt is its own command");
+        assert_eq!(decide(&mut e, &p, 90_000), Decision::Wait, "backing off 20 s");
+        assert!(matches!(decide(&mut e, &p, 91_000), Decision::Send(..)));
+        let Decision::Escalate(_, reason) = decide(&mut e, &p, 116_000) else { panic!("escalation") };
+        assert_eq!(reason, "salesforce overdue after 3 attempts");
+        assert_eq!(decide(&mut e, &p, 500_000), Decision::Wait, "escalated once");
+        assert_eq!(e.repair.as_ref().unwrap().escalated.as_deref(), Some(reason.as_str()));
+        // The sink catches up: the repair closes, escalation included.
+        e.apply_outcome(&outcome("salesforce", "order", "7", 100, OutcomeStatus::Applied), 600_000);
+        e.apply_outcome(&outcome("rdstation", "order", "7", 100, OutcomeStatus::Applied), 600_000);
+        assert_eq!(decide(&mut e, &p, 600_001), Decision::Resolved { had_repair: true });
+        assert!(e.repair.is_none());
+    }
+
+    #[test]
+    fn a_failure_escalates_with_the_targets_error_code() {
+        let p = Policy { max_attempts: 1, ..policy() };
+        let mut e = confirmed_order();
+        e.apply_event(&event("order", "7", "c:1", 200), 20);
+        e.apply_outcome(&outcome("salesforce", "order", "7", 200, OutcomeStatus::DeadLettered), 30);
+        e.apply_outcome(&outcome("rdstation", "order", "7", 200, OutcomeStatus::Applied), 30);
+        let Decision::Send(c, problem) = decide(&mut e, &p, 40) else { panic!("a command") };
+        assert_eq!((c.command_type, c.reason.as_str()), (CommandType::RefetchOrder, "failed"));
+        assert_eq!(problem.health, Health::Failed);
+        let Decision::Escalate(_, reason) = decide(&mut e, &p, 20_000) else { panic!("escalation") };
+        assert_eq!(reason, "salesforce failed after 1 attempts (last error INVALID_FIELD)");
+    }
+
+    #[test]
+    fn drift_in_one_target_is_resent_to_its_sink_and_a_lost_webhook_refetched() {
+        let p = policy();
+        let mut e = confirmed_order();
+        e.flag_drift("rdstation", DriftKind::Altered, 0, 50);
+        let Decision::Send(c, _) = decide(&mut e, &p, 60) else { panic!("a command") };
+        assert_eq!(
+            (c.command_type, c.target_service.as_str(), c.entity_id.as_str(), c.reason.as_str()),
+            (CommandType::Resend, "rdstation-sink", "order:7", "drift")
+        );
+        let mut customer = Entry::for_event(&event("customer", "3", "c:3", 100));
+        customer.apply_event(&event("customer", "3", "c:3", 100), 0);
+        customer.flag_drift(SOURCE, DriftKind::SourceAhead, 200, 10);
+        let Decision::Send(c, problem) = decide(&mut customer, &p, 20) else { panic!("a command") };
+        assert_eq!(problem.target, "magento");
+        assert_eq!((c.command_type, c.entity_id.as_str()), (CommandType::RefetchCustomer, "3"));
+    }
+}

@@ -1,0 +1,401 @@
+//! The ledger in Kafka: a [`StateStore`] of [`Entry`] per partition (changelog
+//! `reconciler.ledger`, compacted, co-partitioned with `commerce.events` and
+//! `integration.outcomes`), the consumer handler that folds both topics into it, and the
+//! periodic check that measures it and sends repairs.
+//!
+//! Both input topics deliver partition `p` to this replica together (same partition count, the
+//! range assignor), and both write ledger partition `p`: the partition is restored when the
+//! first of its topics starts and released when the last one is revoked, and a per-partition
+//! lock keeps the two topics' workers, the check and the sweeps from overwriting each other's
+//! read-modify-write.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use elo_events::{CommerceEvent, EventCodec, IntegrationCommand, SyncOutcome};
+use elo_kafka::{HandlerError, Producer, Record, StateStore};
+
+use crate::figures::{Figures, Totals};
+use crate::ledger::{self, DriftKind, Effect, Entry};
+use crate::metrics;
+use crate::repair::{self, Decision, Policy};
+use crate::status::{LIST_CAP, LedgerStatus, StatusSender, SweepStatus};
+use crate::stock::StockSide;
+use crate::sweep::Progress;
+
+/// Where repair commands go.
+pub trait CommandSink: Send + Sync + 'static {
+    fn send(&self, command: &IntegrationCommand) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// `integration.commands` on the broker, keyed by customer (co-partitioned with its events).
+pub struct KafkaCommands {
+    pub codec: Arc<EventCodec>,
+    pub producer: Producer,
+    pub topic: String,
+}
+
+impl CommandSink for KafkaCommands {
+    async fn send(&self, command: &IntegrationCommand) -> Result<(), String> {
+        let bytes = self.codec.encode(&self.topic, command).await.map_err(|e| e.to_string())?;
+        let kind = format!("{:?}", command.command_type);
+        self.producer
+            .send(&self.topic, command.customer_key.as_bytes(), &bytes, Some(&kind))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The ledger and everything that touches it.
+pub struct Ledger<C> {
+    pub store: StateStore<Entry>,
+    pub codec: Arc<EventCodec>,
+    pub commands: C,
+    pub policy: Policy,
+    pub commerce_topic: String,
+    /// Settled entries leave the ledger after this long without news.
+    pub retention: std::time::Duration,
+    /// Input topics holding each restored partition.
+    held: Mutex<HashMap<i32, BTreeSet<String>>>,
+    locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    totals: Mutex<Totals>,
+    status: StatusSender,
+    stock: Option<StockSide>,
+    sweeps: Vec<(&'static str, Arc<Progress>)>,
+}
+
+impl<C: CommandSink> Ledger<C> {
+    pub fn new(
+        store: StateStore<Entry>,
+        codec: Arc<EventCodec>,
+        commands: C,
+        policy: Policy,
+        commerce_topic: String,
+        retention: std::time::Duration,
+        status: StatusSender,
+    ) -> Self {
+        Self {
+            store,
+            codec,
+            commands,
+            policy,
+            commerce_topic,
+            retention,
+            held: Mutex::default(),
+            locks: Mutex::default(),
+            totals: Mutex::default(),
+            status,
+            stock: None,
+            sweeps: Vec::new(),
+        }
+    }
+
+    /// Also follows stock facts (`inventory.events`).
+    pub fn with_stock(mut self, stock: StockSide) -> Self {
+        self.stock = Some(stock);
+        self
+    }
+
+    /// Reports these sweeps' progress in the status.
+    pub fn with_sweeps(mut self, sweeps: Vec<(&'static str, Arc<Progress>)>) -> Self {
+        self.sweeps = sweeps;
+        self
+    }
+
+    fn stock_topic(&self, topic: &str) -> Option<&StockSide> {
+        self.stock.as_ref().filter(|s| s.topic == topic)
+    }
+
+    /// The lock serialising every read-modify-write of partition `p`.
+    pub fn lock(&self, partition: i32) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("locks").entry(partition).or_default().clone()
+    }
+
+    /// Partitions restored on this replica.
+    pub fn partitions(&self) -> Vec<i32> {
+        let mut out: Vec<i32> = self.held.lock().expect("held").keys().copied().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Restores `partition` unless another topic of it already did.
+    pub async fn start(&self, topic: &str, partition: i32) -> Result<(), HandlerError> {
+        if let Some(stock) = self.stock_topic(topic) {
+            return stock.start(partition).await;
+        }
+        let lock = self.lock(partition);
+        let _guard = lock.lock().await;
+        if self.held.lock().expect("held").contains_key(&partition) {
+            self.held.lock().expect("held").entry(partition).or_default().insert(topic.to_owned());
+            return Ok(());
+        }
+        let keys = self
+            .store
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::new(e.class(), e.code(), e.to_string()))?;
+        tracing::info!(partition, keys, "ledger partition restored");
+        self.held.lock().expect("held").entry(partition).or_default().insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Forgets `partition` once no topic holds it. Runs on the poll thread: waits (bounded) for
+    /// a check or sweep working on the partition, so none writes its changelog after the new
+    /// owner restored it (they re-check `held` once they have the lock).
+    pub fn stop(&self, topic: &str, partition: i32) {
+        if let Some(stock) = self.stock_topic(topic) {
+            return stock.stop(partition);
+        }
+        let lock = self.lock(partition);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let _guard = loop {
+            match lock.try_lock() {
+                Ok(guard) => break Some(guard),
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(_) => {
+                    tracing::warn!(partition, "revoked while the ledger partition was still in use");
+                    break None;
+                }
+            }
+        };
+        let mut held = self.held.lock().expect("held");
+        if let Some(topics) = held.get_mut(&partition) {
+            topics.remove(topic);
+            if topics.is_empty() {
+                held.remove(&partition);
+                self.store.release(partition);
+            }
+        }
+    }
+
+    fn count(&self, effect: &Effect) {
+        let mut totals = self.totals.lock().expect("totals");
+        for (target, kind) in &effect.repaired {
+            metrics::REPAIRED.with_label_values(&[kind.as_str(), target]).inc();
+            *totals.repaired.entry(target.clone()).or_default() += 1;
+        }
+    }
+
+    /// Folds a batch of one partition into the ledger. Entries are written once per batch,
+    /// before the records are reported done.
+    pub async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        let Some(first) = batch.first() else { return Vec::new() };
+        if let Some(stock) = self.stock_topic(&first.topic) {
+            return stock.handle(&self.codec, batch).await;
+        }
+        let partition = first.partition;
+        let lock = self.lock(partition);
+        let _guard = lock.lock().await;
+        let now = now_ms();
+        let mut results: Vec<Result<(), HandlerError>> = Vec::with_capacity(batch.len());
+        let mut touched: BTreeMap<String, Option<Entry>> = BTreeMap::new();
+        let get = |touched: &BTreeMap<String, Option<Entry>>, key: &str| match touched.get(key) {
+            Some(entry) => entry.clone(),
+            None => self.store.get(partition, key),
+        };
+        for record in batch {
+            if record.topic == self.commerce_topic {
+                let event: CommerceEvent = match elo_service::decode_record(&self.codec, record).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        results.push(Err(e));
+                        continue;
+                    }
+                };
+                if ledger::is_erasure(&event) {
+                    // The person is gone: so is everything the ledger held about them.
+                    let mut keys: BTreeSet<String> = self
+                        .store
+                        .entries(partition)
+                        .into_iter()
+                        .filter(|(_, e)| e.customer_key == event.customer_key)
+                        .map(|(k, _)| k)
+                        .collect();
+                    keys.extend(
+                        touched
+                            .iter()
+                            .filter(|(_, e)| e.as_ref().is_some_and(|e| e.customer_key == event.customer_key))
+                            .map(|(k, _)| k.clone()),
+                    );
+                    for k in keys {
+                        touched.insert(k, None);
+                    }
+                } else {
+                    let v = &event.source_version;
+                    let key = ledger::key(&v.entity_type, &v.entity_id);
+                    let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_event(&event));
+                    let effect = entry.apply_event(&event, now);
+                    self.count(&effect);
+                    touched.insert(key, Some(entry));
+                }
+                metrics::RECORDS.with_label_values(&["event"]).inc();
+            } else {
+                let outcome: SyncOutcome = match elo_service::decode_record(&self.codec, record).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        results.push(Err(e));
+                        continue;
+                    }
+                };
+                let v = &outcome.source_version;
+                let key = ledger::key(&v.entity_type, &v.entity_id);
+                let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_outcome(&outcome));
+                let effect = entry.apply_outcome(&outcome, now);
+                self.count(&effect);
+                touched.insert(key, Some(entry));
+                metrics::RECORDS.with_label_values(&["outcome"]).inc();
+            }
+            results.push(Ok(()));
+        }
+        for (key, entry) in touched {
+            let written = match entry {
+                Some(entry) => self.store.put(partition, &key, entry).await,
+                None => self.store.remove(partition, &key).await,
+            };
+            if let Err(error) = written {
+                // Nothing is done until the ledger holds it: the batch comes again.
+                let e = HandlerError::new(error.class(), format!("ledger_{}", error.code()), error.to_string());
+                return vec![Err(e); batch.len()];
+            }
+        }
+        results
+    }
+
+    /// Records a sweep's finding on `key` in `partition` (creating the entry with `create` when
+    /// the ledger has none). Returns whether it was new.
+    pub async fn flag(
+        &self,
+        partition: i32,
+        key: &str,
+        target: &str,
+        kind: DriftKind,
+        version: i64,
+        create: impl FnOnce() -> Entry,
+    ) -> Result<bool, elo_kafka::Error> {
+        let lock = self.lock(partition);
+        let _guard = lock.lock().await;
+        if !self.held.lock().expect("held").contains_key(&partition) {
+            return Ok(false); // revoked meanwhile: the new owner's sweep will see it
+        }
+        let mut entry = self.store.get(partition, key).unwrap_or_else(create);
+        if !entry.flag_drift(target, kind, version, now_ms()) {
+            return Ok(false);
+        }
+        self.store.put(partition, key, entry).await?;
+        metrics::DRIFT_FOUND.with_label_values(&[kind.as_str(), target]).inc();
+        *self.totals.lock().expect("totals").drift_found.entry(target.to_owned()).or_default() += 1;
+        tracing::info!(partition, key, target, kind = kind.as_str(), "drift found");
+        Ok(true)
+    }
+
+    /// One pass over every restored partition: measures the ledger, sends the repairs the
+    /// policy calls for (bounded by `max_commands`), and publishes the status.
+    pub async fn check(&self, max_commands: usize) -> LedgerStatus {
+        let now = now_ms();
+        let mut figures = Figures::default();
+        let mut sent = 0usize;
+        for partition in self.partitions() {
+            let lock = self.lock(partition);
+            let _guard = lock.lock().await;
+            if !self.held.lock().expect("held").contains_key(&partition) {
+                continue; // revoked meanwhile
+            }
+            for (key, mut entry) in self.store.entries(partition) {
+                if repair::expired(&entry, &self.policy, self.retention, now) {
+                    if let Err(error) = self.store.remove(partition, &key).await {
+                        tracing::warn!(key, error = %error, "cannot retire a settled entry; next check tries again");
+                    }
+                    continue;
+                }
+                figures.count(&key, &entry, &self.policy, now);
+                let before = entry.repair.clone();
+                let decision =
+                    if sent < max_commands { repair::decide(&mut entry, &self.policy, now) } else { Decision::Wait };
+                match &decision {
+                    Decision::Wait => {}
+                    Decision::Resolved { .. } => {}
+                    Decision::Send(command, problem) => {
+                        if let Err(error) = self.commands.send(command).await {
+                            tracing::warn!(key, error = %error, "cannot send a repair command; next check tries again");
+                            continue;
+                        }
+                        sent += 1;
+                        metrics::COMMANDS.with_label_values(&[command_name(command), problem.reason()]).inc();
+                        tracing::info!(key, command = command_name(command), target = %problem.target, reason = problem.reason(), attempt = entry.repair.as_ref().map_or(0, |r| r.attempts), "repair requested");
+                    }
+                    Decision::Escalate(problem, reason) => {
+                        metrics::ESCALATED.with_label_values(&[problem.reason(), &problem.target]).inc();
+                        *self.totals.lock().expect("totals").escalated.entry(problem.target.clone()).or_default() += 1;
+                        tracing::error!(key, target = %problem.target, reason = %reason, "repair escalated: a person must look");
+                    }
+                }
+                if entry.repair != before
+                    && let Err(error) = self.store.put(partition, &key, entry).await
+                {
+                    tracing::warn!(key, error = %error, "cannot persist the repair state; next check tries again");
+                }
+            }
+        }
+        let mut status = figures.into_status(
+            &self.policy,
+            self.partitions().len() as u32,
+            &self.totals.lock().expect("totals"),
+            now,
+        );
+        if let Some(stock) = &self.stock {
+            let stuck = stock.stuck(now);
+            status.negative_stock = stuck.len() as u64;
+            status.negative_stock_skus = stuck.into_iter().take(LIST_CAP).collect();
+        }
+        status.sweeps = self
+            .sweeps
+            .iter()
+            .map(|(name, p)| {
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                let s = SweepStatus {
+                    calls: get(&p.calls),
+                    checked: get(&p.checked),
+                    found: get(&p.found),
+                    rounds: get(&p.rounds),
+                };
+                ((*name).to_owned(), s)
+            })
+            .collect();
+        metrics::publish(&status);
+        self.status.send_replace(status.clone());
+        status
+    }
+}
+
+fn command_name(command: &IntegrationCommand) -> &'static str {
+    match command.command_type {
+        elo_events::CommandType::RefetchOrder => "refetch_order",
+        elo_events::CommandType::RefetchCustomer => "refetch_customer",
+        elo_events::CommandType::Resend => "resend",
+        elo_events::CommandType::Unknown => "unknown",
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+/// The consumer runtime's handler.
+pub struct LedgerHandler<C>(pub Arc<Ledger<C>>);
+
+impl<C: CommandSink> elo_kafka::Handler for LedgerHandler<C> {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        self.0.handle(batch).await
+    }
+
+    async fn on_partition_start(&self, topic: &str, partition: i32) -> Result<(), HandlerError> {
+        self.0.start(topic, partition).await
+    }
+
+    fn on_revoked(&self, topic: &str, partition: i32) {
+        self.0.stop(topic, partition);
+    }
+}

@@ -1,0 +1,257 @@
+//! The RD Station sweep: the "all contacts" segmentation against the ledger's contact
+//! fingerprints (`altered`, `missing`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdstation_sink::client::{Budget as RdBudget, RdSettings};
+use reqwest::Method;
+use serde_json::Value;
+
+use super::{SweepArgs, Sweeps};
+use crate::ledger::{DriftKind, Entry, Health};
+use crate::store::{CommandSink, Ledger, now_ms};
+
+impl Sweeps {
+    /// One RD Station round: lists the contacts segmentation page by page (125 a call) and
+    /// compares each contact Elo wrote with the ledger's fingerprint. A contact missing from
+    /// the list is only judged when the whole list was read.
+    pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
+        let Some((client, budget)) = self.rdstation.as_ref() else { return };
+        let now = now_ms();
+        let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, now);
+        let mut spent = 0;
+        let segmentation = match self.args.rd_segmentation {
+            Some(id) => id,
+            None => {
+                if !budget.spend(&mut spent).await {
+                    budget.round("partial");
+                    return;
+                }
+                match client.request(Method::GET, "/platform/segmentations", None, RdBudget::None).await {
+                    Ok(body) => match standard_segmentation(&body) {
+                        Some(id) => id,
+                        None => {
+                            tracing::warn!(
+                                "rdstation sweep: the account has no standard segmentation; set --rdstation-sweep-segmentation"
+                            );
+                            budget.round("failed");
+                            return;
+                        }
+                    },
+                    Err(error) => {
+                        tracing::warn!(error = %error, "rdstation sweep: cannot list segmentations");
+                        budget.round("failed");
+                        return;
+                    }
+                }
+            }
+        };
+        let mut listed: HashMap<String, String> = HashMap::new();
+        let mut complete = false;
+        for page in 1.. {
+            if !budget.spend(&mut spent).await {
+                break;
+            }
+            let path = format!("/platform/segmentations/{segmentation}/contacts?page={page}&page_size=125");
+            let body = match client.request(Method::GET, &path, None, RdBudget::None).await {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::warn!(error = %error, "rdstation sweep: listing failed");
+                    break;
+                }
+            };
+            let rows = body.get("contacts").and_then(Value::as_array).cloned().unwrap_or_default();
+            for row in &rows {
+                if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
+                    let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
+                    let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
+                    listed.insert(uuid.to_owned(), crate::ledger::contact_fp(email, name));
+                }
+            }
+            if rows.len() < 125 {
+                complete = true;
+                break;
+            }
+        }
+        budget.checked(expected.len() as u64);
+        let drift = contact_drift(&expected, &listed, complete);
+        let names: Vec<String> = drift.iter().map(|(uuid, kind)| format!("{uuid}:{}", kind.as_str())).collect();
+        let confirmed = self.rd_suspects.confirm(&names, self.args.grace.as_millis() as i64, now_ms());
+        for (uuid, kind) in drift {
+            if !confirmed.contains(&format!("{uuid}:{}", kind.as_str())) {
+                continue;
+            }
+            let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
+            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, Entry::default).await {
+                Ok(true) => {
+                    budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, key = %c.key, "rdstation sweep: cannot record drift"),
+            }
+        }
+        budget.round(if complete { "complete" } else { "partial" });
+    }
+}
+
+/// A contact the ledger expects in RD Station.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedContact {
+    pub uuid: String,
+    pub fp: String,
+    pub partition: i32,
+    /// The ledger entry whose customer block the contact follows (the one flagged).
+    pub key: String,
+}
+
+/// Per customer: the newest contact print, the contact uuid RD reported, when RD confirmed
+/// that entry's latest version more than `grace` ago and no drift is open on it.
+pub fn expected_contacts<C: CommandSink>(ledger: &Ledger<C>, grace: i64, now: i64) -> Vec<ExpectedContact> {
+    let sla = ledger.policy.targets.iter().find(|t| t.name == "rdstation").map(|t| t.sla).unwrap_or_default();
+    let mut out = Vec::new();
+    for partition in ledger.partitions() {
+        out.extend(expected_in(partition, &ledger.store.entries(partition), sla, grace, now));
+    }
+    out
+}
+
+/// [`expected_contacts`] over one partition's entries.
+pub fn expected_in(
+    partition: i32,
+    entries: &[(String, Entry)],
+    sla: Duration,
+    grace: i64,
+    now: i64,
+) -> Vec<ExpectedContact> {
+    let mut best: HashMap<&str, (&str, &Entry)> = HashMap::new();
+    let mut uuids: HashMap<&str, (i64, &str)> = HashMap::new();
+    for (key, entry) in entries {
+        if let Some(t) = entry.targets.get("rdstation")
+            && let Some(uuid) = t.ids.get("contact_uuid")
+        {
+            let slot = uuids.entry(&entry.customer_key).or_insert((t.at_ms, uuid));
+            if t.at_ms >= slot.0 {
+                *slot = (t.at_ms, uuid);
+            }
+        }
+        if let Some(print) = &entry.contact {
+            let slot = best.entry(&entry.customer_key).or_insert((key, entry));
+            if slot.1.contact.as_ref().is_none_or(|p| print.version > p.version) {
+                *slot = (key, entry);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (customer, (key, entry)) in best {
+        let Some((_, uuid)) = uuids.get(customer) else { continue };
+        let settled = entry.health("rdstation", sla, now) == Health::Confirmed
+            && entry.targets.get("rdstation").is_some_and(|t| now - t.at_ms > grace);
+        if let (true, Some(print)) = (settled, &entry.contact) {
+            out.push(ExpectedContact {
+                uuid: (*uuid).to_owned(),
+                fp: print.fp.clone(),
+                partition,
+                key: key.to_owned(),
+            });
+        }
+    }
+    out
+}
+
+/// Contacts that differ from the ledger (`altered`) or, when the listing is `complete`, are
+/// gone (`missing`).
+pub fn contact_drift(
+    expected: &[ExpectedContact],
+    listed: &HashMap<String, String>,
+    complete: bool,
+) -> Vec<(String, DriftKind)> {
+    expected
+        .iter()
+        .filter_map(|c| match listed.get(&c.uuid) {
+            Some(fp) if *fp != c.fp => Some((c.uuid.clone(), DriftKind::Altered)),
+            None if complete => Some((c.uuid.clone(), DriftKind::Missing)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The id of the first standard segmentation (RD's "all contacts").
+fn standard_segmentation(body: &Value) -> Option<u64> {
+    body.get("segmentations")?.as_array()?.iter().find(|s| s["standard"] == true)?.get("id")?.as_u64()
+}
+
+/// RD client settings: secrets from files; against a loopback URL (the local sandbox) the
+/// sandbox's client secret and control API stand in, as for rdstation-sink.
+pub(super) fn rd_settings(args: &SweepArgs) -> anyhow::Result<RdSettings> {
+    let local = args.rd_url.starts_with("http://127.0.0.1") || args.rd_url.starts_with("http://localhost");
+    let client_secret = match &args.rd_client_secret_file {
+        Some(path) => RdSettings::read_secret(path)?,
+        None if local => "elo-rd-secret".to_owned(),
+        None => anyhow::bail!("the RD Station client secret file is required (ELO_RDSTATION_CLIENT_SECRET_FILE)"),
+    };
+    let (refresh_token, sandbox_control) = match &args.rd_refresh_token_file {
+        Some(path) => (Some(RdSettings::read_secret(path)?), None),
+        None if local => (None, Some(args.rd_sandbox_control.clone())),
+        None => anyhow::bail!("the RD Station refresh token file is required (ELO_RDSTATION_REFRESH_TOKEN_FILE)"),
+    };
+    Ok(RdSettings {
+        base_url: args.rd_url.clone(),
+        client_id: args.rd_client_id.clone(),
+        client_secret,
+        refresh_token,
+        sandbox_control,
+        contacts_per_minute: args.rd_per_minute,
+        request_timeout: Duration::from_secs(30),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::ledger::tests::event;
+
+    fn rd_entry(key: &str, version: i64, name: &str, uuid: &str, confirmed_at: i64) -> (String, Entry) {
+        let mut ev = event("order", key, "c:1", version);
+        ev.customer.as_mut().unwrap().firstname = Some(name.into());
+        ev.customer.as_mut().unwrap().lastname = None;
+        let mut e = Entry::for_event(&ev);
+        e.apply_event(&ev, 0);
+        let mut o =
+            crate::ledger::tests::outcome("rdstation", "order", key, version, elo_events::OutcomeStatus::Applied);
+        o.target_ids.insert("contact_uuid".into(), uuid.into());
+        e.apply_outcome(&o, confirmed_at);
+        (format!("order:{key}"), e)
+    }
+
+    #[test]
+    fn the_contact_follows_the_customers_newest_entry_and_drift_is_found() {
+        let sla = Duration::from_secs(60);
+        let entries = vec![rd_entry("1", 100, "Old", "u1", 10), rd_entry("2", 200, "New", "u1", 20)];
+        let expected = expected_in(3, &entries, sla, 5, 1_000);
+        assert_eq!(expected.len(), 1, "one contact per customer");
+        let email = elo_events::sample::order_placed(1).customer.unwrap().email;
+        assert_eq!(expected[0].key, "order:2");
+        assert_eq!(expected[0].fp, crate::ledger::contact_fp(&email, "New"));
+        assert_eq!((expected[0].uuid.as_str(), expected[0].partition), ("u1", 3));
+        assert!(expected_in(3, &entries, sla, 5_000, 1_000).is_empty(), "confirmed too recently: left alone");
+
+        let mut listed = HashMap::from([("u1".to_owned(), crate::ledger::contact_fp(&email, "New"))]);
+        assert!(contact_drift(&expected, &listed, true).is_empty());
+        listed.insert("u1".into(), crate::ledger::contact_fp(&email, "Edited"));
+        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Altered)]);
+        listed.clear();
+        assert!(contact_drift(&expected, &listed, false).is_empty(), "a partial listing proves no absence");
+        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Missing)]);
+    }
+
+    #[test]
+    fn the_standard_segmentation_is_found() {
+        let body = json!({"segmentations": [{"id": 4, "standard": false}, {"id": 1, "standard": true}]});
+        assert_eq!(standard_segmentation(&body), Some(1));
+        assert_eq!(standard_segmentation(&json!({"segmentations": []})), None);
+    }
+}

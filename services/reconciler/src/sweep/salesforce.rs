@@ -1,0 +1,223 @@
+//! The Salesforce sweep: confirmed orders by external id (gone: `missing`), then orders
+//! changed after Elo's confirmed write by `LastModifiedDate` (`altered`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use serde_json::Value;
+
+use super::{Budget, Sweeps};
+use crate::ledger::{DriftKind, Entry, Health};
+use crate::store::{CommandSink, Ledger, now_ms};
+
+/// `SELECT <field> FROM Order WHERE <field> IN ('o:1','o:2')` (ids are Elo's own, quoted).
+pub fn soql_by_external_ids(field: &str, ids: &[String]) -> String {
+    let quoted: Vec<String> =
+        ids.iter().map(|id| format!("'{}'", id.replace('\\', "\\\\").replace('\'', "\\'"))).collect();
+    format!("SELECT {field} FROM Order WHERE {field} IN ({})", quoted.join(","))
+}
+
+/// The asked ids a query result lacks.
+pub fn missing_ids(asked: &[String], records: &[Value], field: &str) -> Vec<String> {
+    let found: BTreeSet<&str> = records.iter().filter_map(|r| r.get(field).and_then(Value::as_str)).collect();
+    asked.iter().filter(|id| !found.contains(id.as_str())).cloned().collect()
+}
+
+/// `SELECT <field>, LastModifiedDate FROM Order WHERE LastModifiedDate > <since> LIMIT 2000`:
+/// orders someone changed since the last round (one call: 2000 is a query page).
+pub fn soql_modified_since(field: &str, since_ms: i64) -> String {
+    let at = order_ingest::normalize::format_magento_time(since_ms.max(0)).replace(' ', "T");
+    format!(
+        "SELECT {field}, LastModifiedDate FROM Order WHERE LastModifiedDate > {at}Z ORDER BY LastModifiedDate ASC LIMIT 2000"
+    )
+}
+
+/// Salesforce's `2026-11-30T08:00:00.000+0000` (UTC), to the second.
+pub fn parse_sf_datetime(text: &str) -> Option<i64> {
+    order_ingest::normalize::parse_magento_time(text.get(..19)?)
+}
+
+/// Whether Salesforce changed a record after Elo's write was confirmed (`confirmed_ms`, when
+/// the outcome was read, later than the write itself) by more than `grace_ms`: someone else
+/// edited it.
+pub fn edited_after(confirmed_ms: i64, last_modified_ms: i64, grace_ms: i64) -> bool {
+    last_modified_ms > confirmed_ms + grace_ms
+}
+
+/// The external id the salesforce-sink gives an order.
+pub fn order_external_id(entity_id: &str) -> String {
+    format!("o:{entity_id}")
+}
+
+impl Sweeps {
+    /// One Salesforce round over the confirmed orders after `cursor` (a ledger key); returns
+    /// where the next round starts (empty: from the beginning).
+    pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
+        let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
+        let field = &self.args.salesforce_order_field;
+        let now = now_ms();
+        let grace = self.args.grace.as_millis() as i64;
+        let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        // (key, partition, external id) of every order Salesforce confirmed a while ago.
+        let mut orders: Vec<(String, i32, String)> = Vec::new();
+        for partition in ledger.partitions() {
+            for (key, entry) in ledger.store.entries(partition) {
+                let confirmed_at = entry.targets.get("salesforce").map_or(i64::MAX, |t| t.at_ms);
+                if entry.kind == "order"
+                    && entry.health("salesforce", sla, now) == Health::Confirmed
+                    && now - confirmed_at > grace
+                {
+                    orders.push((key, partition, order_external_id(&entry.entity_id)));
+                }
+            }
+        }
+        orders.sort();
+        let start = orders.partition_point(|(k, ..)| k.as_str() <= cursor.as_str());
+        let mut spent = 0;
+        let mut next = String::new();
+        for chunk in orders[start..].chunks(200) {
+            if !budget.spend(&mut spent).await {
+                budget.round("partial");
+                return next;
+            }
+            let ids: Vec<String> = chunk.iter().map(|(.., id)| id.clone()).collect();
+            let records = match client.query(&soql_by_external_ids(field, &ids)).await {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::warn!(error = %error, "salesforce sweep: query failed; next round resumes here");
+                    budget.round("failed");
+                    return next;
+                }
+            };
+            budget.checked(chunk.len() as u64);
+            let missing: BTreeSet<String> = missing_ids(&ids, &records, field).into_iter().collect();
+            for (key, partition, id) in chunk {
+                if !missing.contains(id) {
+                    continue;
+                }
+                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, Entry::default).await {
+                    Ok(true) => {
+                        budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(error = %error, key, "salesforce sweep: cannot record drift"),
+                }
+            }
+            next.clone_from(&chunk[chunk.len() - 1].0);
+        }
+        if !self.salesforce_edits(ledger, client, budget, &mut spent).await {
+            return next;
+        }
+        budget.round("complete");
+        String::new()
+    }
+
+    /// The `LastModifiedDate` pass: orders changed in Salesforce after Elo's confirmed write
+    /// are `altered`. Returns false when the budget or an error cut it short (it resumes from
+    /// the same point next round).
+    async fn salesforce_edits<C: CommandSink>(
+        &self,
+        ledger: &Ledger<C>,
+        client: &salesforce_sink::client::SalesforceClient,
+        budget: &Budget,
+        spent: &mut u64,
+    ) -> bool {
+        let field = &self.args.salesforce_order_field;
+        let grace = self.args.grace.as_millis() as i64;
+        let started = now_ms();
+        let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
+        if since == 0 {
+            since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
+        }
+        if !budget.spend(spent).await {
+            budget.round("partial");
+            return false;
+        }
+        let records = match client.query(&soql_modified_since(field, since)).await {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(error = %error, "salesforce sweep: LastModifiedDate query failed");
+                budget.round("failed");
+                return false;
+            }
+        };
+        let mut last_seen = since;
+        for record in &records {
+            let (Some(external), Some(modified)) = (
+                record.get(field).and_then(Value::as_str),
+                record.get("LastModifiedDate").and_then(Value::as_str).and_then(parse_sf_datetime),
+            ) else {
+                continue;
+            };
+            last_seen = last_seen.max(modified);
+            let Some(id) = external.strip_prefix("o:") else { continue };
+            let key = crate::ledger::key("order", id);
+            let Some((partition, entry)) =
+                ledger.partitions().into_iter().find_map(|p| ledger.store.get(p, &key).map(|e| (p, e)))
+            else {
+                continue; // another replica's, or not in the ledger
+            };
+            // Only a record whose latest version Salesforce confirmed: a newer version the sink
+            // is writing now is not an edit.
+            let Some(confirmed) = entry.targets.get("salesforce") else { continue };
+            if entry.health("salesforce", sla, started) != Health::Confirmed
+                || !edited_after(confirmed.at_ms, modified, grace)
+            {
+                continue;
+            }
+            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, Entry::default).await {
+                Ok(true) => {
+                    budget.progress.found.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(error = %error, key, "salesforce sweep: cannot record drift"),
+            }
+        }
+        budget.checked(records.len() as u64);
+        // A full page may hold more: go on from its last change; otherwise from this round's
+        // start (minus the grace, for clock skew).
+        let next = if records.len() >= 2000 { last_seen } else { started - grace };
+        self.salesforce_modified_since.store(next, Ordering::Relaxed);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn salesforce_lookups_find_the_missing_ids() {
+        let ids = vec!["o:1".to_owned(), "o:2".to_owned(), "o:3".to_owned()];
+        assert_eq!(
+            soql_by_external_ids("Elo_Id__c", &ids),
+            "SELECT Elo_Id__c FROM Order WHERE Elo_Id__c IN ('o:1','o:2','o:3')"
+        );
+        assert_eq!(soql_by_external_ids("F", &["o:'x".to_owned()]), "SELECT F FROM Order WHERE F IN ('o:\\'x')");
+        let found = vec![json!({"Elo_Id__c": "o:1"}), json!({"Elo_Id__c": "o:3", "attributes": {}})];
+        assert_eq!(missing_ids(&ids, &found, "Elo_Id__c"), vec!["o:2".to_owned()]);
+        assert!(
+            missing_ids(
+                &ids,
+                &[json!({"Elo_Id__c": "o:1"}), json!({"Elo_Id__c": "o:2"}), json!({"Elo_Id__c": "o:3"})],
+                "Elo_Id__c"
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn salesforce_edits_are_changes_after_the_confirmed_write() {
+        assert_eq!(
+            soql_modified_since("Elo_Id__c", 1_793_491_200_000),
+            "SELECT Elo_Id__c, LastModifiedDate FROM Order WHERE LastModifiedDate > 2026-11-01T00:00:00Z ORDER BY LastModifiedDate ASC LIMIT 2000"
+        );
+        assert_eq!(parse_sf_datetime("2026-11-01T00:00:05.123+0000"), Some(1_793_491_205_000));
+        assert_eq!(parse_sf_datetime("soon"), None);
+        assert!(!edited_after(10_000, 12_000, 5_000), "Elo's own write, confirmed a moment later");
+        assert!(edited_after(10_000, 20_000, 5_000));
+    }
+}

@@ -1,0 +1,50 @@
+//! `RESEND` commands addressed to salesforce-sink on `integration.commands` (the reconciler
+//! sends them when a record Salesforce confirmed is gone or altered there). The sink forgets
+//! the version it confirmed for the entity, then asks order-ingest to refetch it: the
+//! republished version is then written again rather than skipped as already applied (see
+//! `elo_events::resend`). Other commands are not for this sink and are skipped.
+
+use elo_events::{CommandType, EventCodec, IntegrationCommand};
+use elo_kafka::{HandlerError, Producer, Record};
+
+use crate::handler::Sink;
+
+/// Executes one record of `integration.commands`; returns what happened (for logs/tests).
+pub async fn execute(
+    sink: &Sink,
+    codec: &EventCodec,
+    producer: &Producer,
+    topic: &str,
+    record: &Record,
+) -> Result<&'static str, HandlerError> {
+    let command: IntegrationCommand = elo_service::decode_record(codec, record).await?;
+    let Some(refetch) = plan(sink, &command, now_ms())? else { return Ok("skipped") };
+    let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
+    producer
+        .send(topic, refetch.customer_key.as_bytes(), &bytes, Some("RefetchOrder"))
+        .await
+        .map_err(|e| HandlerError::new(e.class(), format!("refetch_{}", e.code()), e.to_string()))?;
+    tracing::info!(command_id = %command.command_id, entity = %command.entity_id, "resend: confirmation forgotten, refetch requested");
+    Ok("executed")
+}
+
+/// Forgets the entity's confirmation and returns the refetch to send (`None`: not ours).
+pub fn plan(sink: &Sink, command: &IntegrationCommand, now: i64) -> Result<Option<IntegrationCommand>, HandlerError> {
+    if command.target_service != crate::NAME || command.command_type != CommandType::Resend {
+        return Ok(None);
+    }
+    let Some((kind, id)) = elo_events::resend::entity(command) else {
+        return Err(HandlerError::permanent(
+            "invalid_resend",
+            format!("{:?} names no order or customer", command.entity_id),
+        ));
+    };
+    // The sink's own keys: orders by Magento id, customers by customer key.
+    let key = if kind == "order" { format!("order:{id}") } else { format!("customer:{}", command.customer_key) };
+    sink.forget(&key);
+    Ok(elo_events::resend::refetch_after_resend(command, crate::NAME, now))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,108 @@
+//! A `RESEND` makes a repair land: an order deleted in Salesforce behind Elo's back is not
+//! rewritten by a republish of the version the sink confirmed (it is skipped as already
+//! applied, without a call) until the sink forgot that confirmation.
+
+use std::time::Duration;
+
+use elo_events::{CommandType, IntegrationCommand, OutcomeStatus};
+use salesforce_sink::client::{AuthFlow, ClientConfig, SalesforceClient};
+use salesforce_sink::handler::Sink;
+use salesforce_sink::mapping::Mapping;
+use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
+
+async fn serve() -> (SalesforceApp, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = SalesforceApp::new(
+        SalesforceConfig { instance_url: url.clone(), ..SalesforceConfig::default() },
+        Default::default(),
+        Default::default(),
+    );
+    let router = app.clone().router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    (app, url)
+}
+
+async fn sink(url: &str) -> Sink {
+    let client = SalesforceClient::new(ClientConfig {
+        login_url: url.into(),
+        api_version: "v66.0".into(),
+        auth: AuthFlow::ClientCredentials {
+            client_id: "elo-sandbox-client".into(),
+            client_secret: "elo-sandbox-secret".into(),
+        },
+        request_timeout: Duration::from_secs(10),
+        max_concurrent: 2,
+        quota_reserve_percent: 0,
+        quota_warn_hours: 4.0,
+        quota_probe_every: Duration::from_secs(3600),
+    })
+    .unwrap();
+    let mapping = Mapping::default().resolve().unwrap();
+    let org = salesforce_sink::setup::check(&client, &mapping).await.unwrap().unwrap();
+    Sink::new(client, mapping, org, Duration::from_secs(30))
+}
+
+fn order_id(app: &SalesforceApp, external: &str) -> Option<String> {
+    let sim = app.sim.lock().unwrap();
+    sim.org
+        .records
+        .iter()
+        .find(|(_, r)| r.object == "Order" && r.fields["Elo_Id__c"] == external)
+        .map(|(id, _)| id.clone())
+}
+
+fn resend(target: &str, entity: &str, key: &str) -> IntegrationCommand {
+    IntegrationCommand {
+        command_id: "r1".into(),
+        command_type: CommandType::Resend,
+        target_service: target.into(),
+        customer_key: key.into(),
+        entity_id: entity.into(),
+        store_id: Some(1),
+        reason: "drift".into(),
+        requested_by: "reconciler".into(),
+        requested_at: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_resend_rewrites_an_order_deleted_behind_the_sinks_back() {
+    let (app, url) = serve().await;
+    let sink = sink(&url).await;
+    let event = elo_events::sample::order_placed(3);
+    let id = event.order.as_ref().unwrap().entity_id;
+    let (external, entity) = (format!("o:{id}"), format!("order:{id}"));
+    let verdicts = sink.apply(&[Ok(event.clone())]).await;
+    assert!(verdicts[0].result.is_ok(), "{:?}", verdicts[0].result);
+    let first = order_id(&app, &external).expect("the order landed");
+
+    // Deleted behind Elo's back: the same version republished is skipped, no call made.
+    app.sim.lock().unwrap().org.records.remove(&first);
+    let before = app.sim.lock().unwrap().api_usage;
+    let verdicts = sink.apply(&[Ok(event.clone())]).await;
+    assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::Applied));
+    assert_eq!(app.sim.lock().unwrap().api_usage, before, "an equal version costs no call");
+    assert_eq!(order_id(&app, &external), None, "so without a RESEND the repair would not land");
+
+    // Another sink's RESEND is not ours; ours forgets and asks order-ingest to refetch.
+    let now = 1_000;
+    assert_eq!(
+        salesforce_sink::resend::plan(&sink, &resend("rdstation-sink", &entity, &event.customer_key), now).unwrap(),
+        None
+    );
+    let refetch = salesforce_sink::resend::plan(&sink, &resend("salesforce-sink", &entity, &event.customer_key), now)
+        .unwrap()
+        .expect("a refetch for order-ingest");
+    assert_eq!(
+        (refetch.command_type, refetch.target_service.as_str(), refetch.entity_id.as_str()),
+        (CommandType::RefetchOrder, "order-ingest", id.to_string().as_str())
+    );
+    let verdicts = sink.apply(&[Ok(event)]).await;
+    assert!(verdicts[0].result.is_ok(), "{:?}", verdicts[0].result);
+    assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::Applied));
+    assert!(order_id(&app, &external).is_some(), "the republished version is written again");
+
+    let bad = salesforce_sink::resend::plan(&sink, &resend("salesforce-sink", "3", "c:1"), now).unwrap_err();
+    assert_eq!((bad.class, bad.code.as_str()), (elo_kafka::ErrorClass::Permanent, "invalid_resend"));
+}
