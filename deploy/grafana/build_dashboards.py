@@ -90,7 +90,7 @@ def rate(metric, selector, by, window="$__rate_interval"):
 def consumer_panels(b, job):
     sel = f'job="{job}"'
     b.graph("Records finished", [(rate("elo_consumer_records_total", sel, "topic, outcome"), "{{topic}} {{outcome}}")], "ops")
-    b.graph("Consumer lag", [(f'sum by (topic) (kafka_consumergroup_lag{{{NS}, consumergroup="elo-{job}-validate"}})', "{{topic}}")],
+    b.graph("Consumer lag", [(f'sum by (topic) (kafka_consumergroup_lag{{{NS}, consumergroup="elo-{job}"}})', "{{topic}}")],
             "short", description="From Strimzi's Kafka Exporter; KEDA scales on the same lag.")
     b.graph("Handler errors by class", [(rate("elo_consumer_handler_errors_total", sel, "error_type, error_code"), "{{error_type}} {{error_code}}")], "ops")
     b.graph("Batch duration p99", [(f"histogram_quantile(0.99, {rate('elo_consumer_batch_duration_seconds_bucket', sel, 'le, topic')})", "{{topic}}")], "s")
@@ -132,7 +132,7 @@ def pipeline():
     for step, job in (("3. CRM updated (salesforce-sink)", "salesforce-sink"), ("4. Marketing segmentation (rdstation-sink)", "rdstation-sink")):
         b.row(step)
         b.graph("Records finished", [(rate("elo_consumer_records_total", f'job="{job}"', "outcome"), "{{outcome}}")], "ops")
-        b.graph("Consumer lag", [(f'sum(kafka_consumergroup_lag{{{NS}, consumergroup="elo-{job}-validate"}})', "lag")])
+        b.graph("Consumer lag", [(f'sum(kafka_consumergroup_lag{{{NS}, consumergroup="elo-{job}"}})', "lag")])
         b.graph("Waiting to retry", [(f'sum by (error_type) (elo_consumer_retrying_partitions{{{NS}, job="{job}"}})', "{{error_type}}")])
     b.row("5. Monitoring and correction (reconciler, every service)")
     b.graph("Dead letters", [(rate("elo_consumer_records_total", 'outcome="dead_lettered"', "job, topic", "5m"), "{{job}} {{topic}}")], "ops")

@@ -225,8 +225,8 @@ def check_rules_of_deploy(target, docs, expect_topics):
             fail(f"{target}: {svc} must scale on Kafka lag only")
         for t in triggers:
             m = t["metadata"]
-            if m["consumerGroup"] != f"elo-{svc}-validate":
-                fail(f"{target}: {svc} scales on group {m['consumerGroup']}, the service's group is elo-{svc}-validate")
+            if m["consumerGroup"] != f"elo-{svc}":
+                fail(f"{target}: {svc} scales on group {m['consumerGroup']}, the service's group is elo-{svc}")
             if m["bootstrapServers"] != data["ELO_KAFKA_BROKERS"]:
                 fail(f"{target}: {svc}'s KEDA trigger reads {m['bootstrapServers']}, the services {data['ELO_KAFKA_BROKERS']}")
             topic = topics.get(m["topic"])
@@ -354,7 +354,7 @@ def label_values_ok(where, expr):
             if n not in SERVICES:
                 fail(f"{where}: job {n!r} is no service (job is app.kubernetes.io/name)")
     for value in re.findall(r'\bconsumergroup\s*=\s*"([^"]*)"', expr):
-        if value not in {f"elo-{s}-validate" for s in CONSUMERS}:
+        if value not in {f"elo-{s}" for s in CONSUMERS}:
             fail(f"{where}: consumer group {value!r} is none of the groups the services join")
 
 

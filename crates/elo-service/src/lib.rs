@@ -255,7 +255,7 @@ mod metrics {
 /// Settings of a consumer service (every sink and the reconciler).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ConsumerArgs {
-    /// Consumer group id [default: elo-<service>-validate while the service only validates].
+    /// Consumer group id [default: elo-<service>].
     #[arg(long = "group", env = "ELO_CONSUMER_GROUP")]
     pub group: Option<String>,
     /// Dead-letter topic for records that cannot be applied [default: <service>.dlq].
