@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use elo_kafka::{ErrorClass, HandlerError, Record};
+use elo_kafka::{ErrorClass, HandlerError, Record, StateStore};
 use elo_service::{CommonArgs, ConsumerArgs, Service, parse_duration};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
@@ -97,6 +97,9 @@ pub struct SalesforceArgs {
     /// Warn when the forecast leaves fewer hours of quota than this.
     #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
     pub quota_warn_hours: f64,
+    /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
+    #[arg(long = "salesforce-state-topic", env = "ELO_SALESFORCE_STATE_TOPIC", default_value = "salesforce-sink.confirmed")]
+    pub state_topic: String,
 }
 
 /// salesforce-sink settings.
@@ -168,6 +171,8 @@ pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceC
 pub struct SinkHandler {
     codec: Arc<elo_events::EventCodec>,
     sink: Arc<OnceLock<handler::Sink>>,
+    /// The sink's confirmations (shared with it): restored before a partition's first batch.
+    state: Arc<StateStore<handler::Confirmed>>,
     outcomes: outcomes::Outcomes,
     /// Handler calls per record so far (for outcomes), dropped when the record finishes.
     attempts: Mutex<std::collections::HashMap<(i32, i64), i32>>,
@@ -190,7 +195,8 @@ impl elo_kafka::Handler for SinkHandler {
             }
             events.push(event);
         }
-        let verdicts = sink.apply(&events).await;
+        let partition = batch.first().map_or(0, |r| r.partition);
+        let verdicts = sink.apply_partition(partition, &events).await;
         let attempts: Vec<i32> = {
             let mut map = self.attempts.lock().expect("attempts lock");
             batch
@@ -218,8 +224,19 @@ impl elo_kafka::Handler for SinkHandler {
             .collect()
     }
 
+    async fn on_partition_start(&self, _topic: &str, partition: i32) -> Result<(), HandlerError> {
+        let keys = self
+            .state
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::transient("state_restore", e.to_string()))?;
+        tracing::debug!(partition, keys, "confirmed versions restored");
+        Ok(())
+    }
+
     fn on_revoked(&self, _topic: &str, partition: i32) {
         self.attempts.lock().expect("attempts lock").retain(|(p, _), _| *p != partition);
+        self.state.release(partition);
     }
 }
 
@@ -233,21 +250,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         common.topics.spec(&common.topics.commerce),
         common.topics.spec(&common.topics.outcomes),
         common.topics.spec(&dlq),
+        StateStore::<()>::changelog_spec(&config.salesforce.state_topic, common.topics.partitions)
+            .with_replication(common.topics.replication),
     ];
     let mapping = mapping::Mapping::load(config.salesforce.mapping_file.as_deref())?.resolve()?;
     let client = build_client(&config.salesforce)?;
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
+    let state = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.salesforce.state_topic.clone()));
     let cell = Arc::new(OnceLock::new());
     let fatal: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
+        let confirmations = handler::Confirmations::Store(state.clone());
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {
                 Ok(Some(org)) => {
-                    let _ = cell.set(handler::Sink::new(client, mapping, org, quota_pause));
+                    let sink = handler::Sink::new(client, mapping, org, quota_pause).with_confirmations(confirmations);
+                    let _ = cell.set(sink);
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -268,6 +290,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let handler = Arc::new(SinkHandler {
         codec: service.codec.clone(),
         sink: cell,
+        state,
         outcomes: outcomes::Outcomes::new(
             service.producer.clone(),
             service.codec.clone(),

@@ -407,3 +407,124 @@ async fn the_jwt_bearer_flow_signs_an_assertion_the_org_accepts() {
     assert!(matches!(refused, salesforce_sink::client::Error::Auth { .. }), "{refused}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+fn erased_event(placed: &CommerceEvent) -> CommerceEvent {
+    let mut erased = placed.clone();
+    erased.event_type = CommerceEventType::CustomerErased;
+    erased.order = None;
+    erased.customer = None;
+    erased.source_version = elo_events::SourceVersion {
+        entity_type: "customer".into(),
+        entity_id: "1".into(),
+        updated_at: placed.source_version.updated_at + 60_000,
+    };
+    erased.erasure =
+        Some(elo_events::CustomerErasure { customer_id: Some(1), email_sha256: "00".into(), reason: "request".into() });
+    erased
+}
+
+/// order-ingest's late-enrichment follow-up (same source version, new event id, stock and
+/// consent filled in) is applied over the first event, and the first, replayed, never wins back.
+#[tokio::test]
+async fn a_late_enrichment_follow_up_wins_over_the_first_event_and_never_the_reverse() {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    app.sim
+        .lock()
+        .unwrap()
+        .org
+        .schema
+        .add_field(
+            "Order",
+            serde_json::from_value(json!({"name": "Inventory_Status__c", "type": "string"})).unwrap(),
+        )
+        .unwrap();
+    let mapping: Mapping = serde_json::from_value(json!({"fields": {"order": {
+        "Name": "order.increment_id", "EffectiveDate": "order.created_date",
+        "Inventory_Status__c": "order.inventory_status"}}}))
+    .unwrap();
+    let sink = sink(&url, mapping.resolve().unwrap()).await;
+    let first = |n: u64| {
+        let mut e = order(n, "pending", 0);
+        e.order.as_mut().unwrap().inventory_status = elo_events::InventoryStatus::Unchecked;
+        e.customer.as_mut().unwrap().consent.status = elo_events::ConsentStatus::Unknown;
+        e
+    };
+    let follow_up = |n: u64| {
+        let mut e = order(n, "pending", 0);
+        e.event_id = format!("{}-enrichment", e.event_id);
+        e.order.as_mut().unwrap().inventory_status = elo_events::InventoryStatus::LowStock;
+        e
+    };
+    let inventory = |n: u64| {
+        let ext = format!("o:{}", first(n).order.unwrap().entity_id);
+        records(&app, "Order").into_iter().find(|o| o["Elo_Id__c"] == ext.as_str()).unwrap()["Inventory_Status__c"]
+            .clone()
+    };
+    // In two batches: the follow-up is written over the first.
+    assert_eq!(sink.apply(&[Ok(first(0))]).await[0].outcome, Some(OutcomeStatus::Applied));
+    assert_eq!(inventory(0), "UNCHECKED");
+    let v = sink.apply(&[Ok(follow_up(0))]).await;
+    assert_eq!((v[0].result.is_ok(), v[0].outcome), (true, Some(OutcomeStatus::Applied)));
+    assert_eq!(inventory(0), "LOW_STOCK");
+    // The first event replayed is older than the follow-up.
+    let v = sink.apply(&[Ok(first(0))]).await;
+    assert_eq!(v[0].outcome, Some(OutcomeStatus::SkippedStale));
+    assert_eq!(inventory(0), "LOW_STOCK");
+    // In one batch, whichever comes first, the follow-up wins.
+    let v = sink.apply(&[Ok(follow_up(1)), Ok(first(1))]).await;
+    assert_eq!(v[1].outcome, Some(OutcomeStatus::SkippedStale));
+    assert_eq!(inventory(1), "LOW_STOCK");
+}
+
+/// `"erasure": "delete"`: the person's Orders (activated ones included, their items with
+/// them), Contact and Account are deleted, found through the ids the sink kept; other
+/// customers' records stay; erasing again is a no-op.
+#[tokio::test]
+async fn erasure_in_delete_mode_removes_the_persons_records_found_through_the_kept_ids() {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let mapping: Mapping = serde_json::from_value(json!({"erasure": "delete"})).unwrap();
+    let sink = sink(&url, mapping.resolve().unwrap()).await;
+    let placed = order(0, "processing", 0);
+    let other = order(1, "pending", 0);
+    assert_ne!(placed.customer_key, other.customer_key);
+    let v = sink.apply(&[Ok(placed.clone()), Ok(other.clone())]).await;
+    assert!(v.iter().all(|v| v.result.is_ok()), "{v:?}");
+    let account_id = v[0].target_ids["Account"].clone();
+    assert_eq!(records(&app, "Order").iter().filter(|o| o["Status"] == "Activated").count(), 1);
+    // The external ids are changed behind the sink's back: only the kept ids find the records.
+    {
+        let mut sim = app.sim.lock().unwrap();
+        for r in sim.org.records.values_mut() {
+            if r.fields.get("Elo_Id__c").and_then(Value::as_str) == Some(placed.customer_key.as_str()) {
+                r.fields.insert("Elo_Id__c".into(), json!("renamed"));
+            }
+        }
+    }
+    let calls = app.sim.lock().unwrap().api_usage;
+    let v = sink.apply(&[Ok(erased_event(&placed))]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    assert_eq!(v[0].target_ids["Account"], account_id);
+    let key_of = |r: &Value| r["Elo_Id__c"].as_str().unwrap_or_default().to_owned();
+    let (accounts, contacts) = (records(&app, "Account"), records(&app, "Contact"));
+    assert_eq!(accounts.iter().map(key_of).collect::<Vec<_>>(), vec![other.customer_key.clone()]);
+    assert_eq!(contacts.iter().map(key_of).collect::<Vec<_>>(), vec![other.customer_key.clone()]);
+    let orders = records(&app, "Order");
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["AccountId"], json!(sink_account(&app, &other.customer_key)));
+    let items = records(&app, "OrderItem");
+    assert!(items.iter().all(|i| i["OrderId"] == json!(sink_id(&app, "Order", &orders[0]))), "{items:?}");
+    // One query for the orders, one Composite for them, one for the Contact and Account.
+    assert_eq!(app.sim.lock().unwrap().api_usage - calls, 3);
+    // Again (a redelivery): nothing left, no error.
+    assert!(sink.apply(&[Ok(erased_event(&placed))]).await[0].result.is_ok());
+}
+
+fn sink_account(app: &SalesforceApp, key: &str) -> String {
+    let sim = app.sim.lock().unwrap();
+    sim.org.records.values().find(|r| r.object == "Account" && r.fields["Elo_Id__c"] == key).unwrap().id.clone()
+}
+
+fn sink_id(app: &SalesforceApp, object: &str, fields: &Value) -> String {
+    let sim = app.sim.lock().unwrap();
+    sim.org.records.values().find(|r| r.object == object && Value::Object(r.fields.clone()) == *fields).unwrap().id.clone()
+}

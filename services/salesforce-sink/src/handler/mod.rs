@@ -13,9 +13,9 @@
 //! 403 `REQUEST_LIMIT_EXCEEDED` is `RateLimited` (the runtime waits, never drops); a session
 //! refused after one re-authentication is `Auth`.
 //!
-//! State: the confirmed version per order and per customer lives in memory and is rebuilt by
-//! replay (at-least-once re-delivers from the last commit, in order, and upserts are
-//! idempotent), so a restart costs calls, never correctness.
+//! State: the confirmed version and Salesforce ids per order and per customer live in a
+//! changelog-backed store ([`state`]), written before a batch is reported done, so a restart
+//! restores them and a replayed older version stays skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -33,6 +33,9 @@ use crate::metrics;
 
 mod erasure;
 mod products;
+pub mod state;
+
+pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
 #[derive(Clone, Debug)]
@@ -71,20 +74,8 @@ pub struct Sink {
     pub quota_pause: Duration,
     /// Price book entries known to exist (`pbe:s<store>:<sku>`).
     entries: Mutex<HashSet<String>>,
-    /// Confirmed source version (`updated_at`) and Salesforce ids per `order:<id>` and
-    /// `customer:<key>`. Bounded: past [`CONFIRMED_CAP`] entries it is cleared, which only
-    /// costs calls (per-key order means a replay ends on the newest version anyway).
-    confirmed: Mutex<HashMap<String, Confirmed>>,
-}
-
-/// Entries kept in the confirmed-version map before it is cleared.
-pub const CONFIRMED_CAP: usize = 500_000;
-
-/// What the sink knows Salesforce holds for one entity.
-#[derive(Clone, Debug)]
-struct Confirmed {
-    version: i64,
-    target_ids: BTreeMap<String, String>,
+    /// Confirmed version and Salesforce ids per `order:<id>` and `customer:<key>`.
+    confirmed: Confirmations,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -145,12 +136,38 @@ impl Sink {
             org,
             quota_pause,
             entries: Mutex::new(HashSet::new()),
-            confirmed: Mutex::new(HashMap::new()),
+            confirmed: Confirmations::memory(),
         }
     }
 
-    /// Applies decoded events (a decode failure stays that record's verdict).
+    /// Keeps confirmations in `confirmed` (the service passes its changelog-backed store).
+    pub fn with_confirmations(mut self, confirmed: Confirmations) -> Self {
+        self.confirmed = confirmed;
+        self
+    }
+
+    /// Restores a partition's confirmations (from `Handler::on_partition_start`).
+    pub async fn restore(&self, partition: i32) -> Result<usize, elo_kafka::Error> {
+        self.confirmed.restore(partition).await
+    }
+
+    /// Forgets a revoked partition's confirmations.
+    pub fn release(&self, partition: i32) {
+        self.confirmed.release(partition);
+    }
+
+    /// Applies decoded events of partition 0 (tests and benches; the service uses
+    /// [`Sink::apply_partition`]).
     pub async fn apply(&self, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Verdict> {
+        self.apply_partition(0, events).await
+    }
+
+    /// Applies decoded events of one partition (a decode failure stays that record's verdict).
+    pub async fn apply_partition(
+        &self,
+        partition: i32,
+        events: &[Result<CommerceEvent, HandlerError>],
+    ) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         let mut pending: Vec<(usize, &CommerceEvent)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
@@ -163,50 +180,49 @@ impl Sink {
             }
         }
         // Never stale: drop versions older than the confirmed one, and all but the newest
-        // version of an entity within the batch.
-        let mut newest: HashMap<String, (i64, usize)> = HashMap::new();
+        // version of an entity within the batch. A version is (source updated_at, enrichment
+        // rank): a late-enrichment follow-up beats the event it completes, never the reverse.
+        let at = |e: &CommerceEvent| (e.source_version.updated_at, enrichment_rank(e));
+        let mut newest: HashMap<String, ((i64, u8), usize)> = HashMap::new();
         for (i, e) in &pending {
             let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            let v = e.source_version.updated_at;
-            let entry = newest.entry(key).or_insert((v, *i));
-            if v >= entry.0 {
-                *entry = (v, *i);
+            let entry = newest.entry(key).or_insert((at(e), *i));
+            if at(e) >= entry.0 {
+                *entry = (at(e), *i);
             }
         }
         let mut work = Vec::new();
         let mut erasures = Vec::new();
-        {
-            let confirmed = self.confirmed.lock().expect("confirmed lock");
-            for (i, e) in &pending {
-                if e.event_type == CommerceEventType::CustomerErased {
-                    // Always applied (idempotent), after the batch's other writes.
-                    erasures.push((*i, *e));
-                    continue;
-                }
-                let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-                let v = e.source_version.updated_at;
-                match confirmed.get(&key) {
-                    Some(c) if v < c.version => {
-                        verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
-                        continue;
-                    }
-                    Some(c) if v == c.version => {
-                        // Already applied (a redelivery): reported again, no call.
-                        let mut verdict = Verdict::ok(OutcomeStatus::Applied);
-                        verdict.target_ids = c.target_ids.clone();
-                        verdicts[*i] = Some(verdict);
-                        continue;
-                    }
-                    _ => {}
-                }
-                if newest.get(&key).is_some_and(|(_, j)| j != i) {
+        for (i, e) in &pending {
+            if e.event_type == CommerceEventType::CustomerErased {
+                // Always applied (idempotent), after the batch's other writes.
+                erasures.push((*i, *e));
+                continue;
+            }
+            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
+            match self.confirmed.get(partition, &key) {
+                Some(c) if at(e) < c.at() => {
                     verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                     continue;
                 }
-                let write_customer =
-                    confirmed.get(&customer_entity(e)).is_none_or(|c| customer_version(e) >= c.version);
-                work.push(Work { index: *i, event: e, write_customer });
+                Some(c) if at(e) == c.at() => {
+                    // Already applied (a redelivery): reported again, no call.
+                    let mut verdict = Verdict::ok(OutcomeStatus::Applied);
+                    verdict.target_ids = c.target_ids;
+                    verdicts[*i] = Some(verdict);
+                    continue;
+                }
+                _ => {}
             }
+            if newest.get(&key).is_some_and(|(_, j)| j != i) {
+                verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
+                continue;
+            }
+            let write_customer = self
+                .confirmed
+                .get(partition, &customer_entity(e))
+                .is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            work.push(Work { index: *i, event: e, write_customer });
         }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
@@ -216,8 +232,25 @@ impl Sink {
             }
             None => true,
         });
+        self.write(&work, &mut verdicts).await;
+        self.confirm(partition, &work, &mut verdicts).await;
+        for (i, e) in erasures {
+            let verdict = match self.erase(partition, e).await {
+                Ok(ids) => Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) },
+                Err(error) => Verdict::failed(error),
+            };
+            verdicts[i] = Some(verdict);
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Verdict::failed(HandlerError::transient("not_attempted", "not attempted"))))
+            .collect()
+    }
+
+    /// Sends the graphs, then those that failed transiently once more per round.
+    async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        for request in builder.build(&work, false) {
+        for request in builder.build(work, false) {
             let results = self.send(&request).await;
             for (index, verdict) in results {
                 verdicts[index] = Some(verdict);
@@ -227,71 +260,85 @@ impl Sink {
         // sent again at once, one record per graph, before the batch is handed back: the
         // runtime would otherwise retry the whole suffix and spend every record's budget.
         for _ in 0..IN_CALL_RETRIES {
-            let again: Vec<&Work<'_>> =
-                work.iter().filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call)).collect();
+            let again: Vec<Work<'_>> = work
+                .iter()
+                .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
+                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+                .collect();
             if again.is_empty() {
                 break;
             }
-            let again: Vec<Work<'_>> = again
-                .into_iter()
-                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
-                .collect();
             for request in builder.build(&again, true) {
                 for (index, verdict) in self.send(&request).await {
                     verdicts[index] = Some(verdict);
                 }
             }
         }
-        // Confirm what was applied.
-        {
-            let mut confirmed = self.confirmed.lock().expect("confirmed lock");
-            if confirmed.len() > CONFIRMED_CAP {
-                confirmed.clear();
-            }
-            for w in &work {
-                let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
-                let v = w.event.source_version.updated_at;
-                if let Some(key) = order_entity(w.event) {
-                    confirmed.insert(key, Confirmed { version: v, target_ids: verdict.target_ids.clone() });
-                } else if w.event.customer.is_some() {
-                    let c = confirmed
-                        .entry(customer_entity(w.event))
-                        .or_insert(Confirmed { version: v, target_ids: verdict.target_ids.clone() });
-                    c.version = c.version.max(v);
-                }
-                if w.write_customer && w.event.order.is_some() {
-                    let cv = customer_version(w.event);
-                    let mut ids = verdict.target_ids.clone();
-                    ids.remove("Order");
-                    let c = confirmed
-                        .entry(customer_entity(w.event))
-                        .or_insert(Confirmed { version: cv, target_ids: BTreeMap::new() });
-                    c.version = c.version.max(cv);
-                    if !ids.is_empty() {
-                        c.target_ids = ids;
-                    }
-                }
-            }
-        }
-        for (i, e) in erasures {
-            let verdict = match self.erase(e).await {
-                Ok(ids) => {
-                    let mut confirmed = self.confirmed.lock().expect("confirmed lock");
-                    let c = confirmed
-                        .entry(customer_entity(e))
-                        .or_insert(Confirmed { version: e.source_version.updated_at, target_ids: BTreeMap::new() });
-                    // Nothing older than the erasure may write this person's data again.
-                    c.version = c.version.max(e.source_version.updated_at);
-                    Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) }
-                }
-                Err(error) => Verdict::failed(error),
+    }
+
+    /// Records what was applied (acknowledged by the changelog before the batch is reported
+    /// done; a failed state write fails its records `transient`, and the replay rewrites the
+    /// same upserts).
+    async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
+        let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
+            updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
+        };
+        for w in work {
+            let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+            let (v, rank) = (w.event.source_version.updated_at, enrichment_rank(w.event));
+            let customer_ids = || {
+                let mut ids = verdict.target_ids.clone();
+                ids.remove("Order");
+                ids
             };
-            verdicts[i] = Some(verdict);
+            if let Some(key) = order_entity(w.event) {
+                let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
+                let entry = updates.entry(key).or_default();
+                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect() };
+                entry.1.push(w.index);
+            } else if w.event.customer.is_some() {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                if (v, rank) > c.at() {
+                    (c.version, c.rank) = (v, rank);
+                }
+                let ids = customer_ids();
+                if !ids.is_empty() {
+                    c.target_ids = ids;
+                }
+                let entry = updates.entry(key).or_default();
+                entry.0 = c;
+                entry.1.push(w.index);
+            }
+            if w.write_customer && w.event.order.is_some() {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                let cv = (customer_version(w.event), rank);
+                if cv > c.at() {
+                    (c.version, c.rank) = cv;
+                }
+                let ids = customer_ids();
+                if !ids.is_empty() {
+                    c.target_ids = ids;
+                }
+                let entry = updates.entry(key).or_default();
+                entry.0 = c;
+                entry.1.push(w.index);
+            }
         }
-        verdicts
-            .into_iter()
-            .map(|v| v.unwrap_or_else(|| Verdict::failed(HandlerError::transient("not_attempted", "not attempted"))))
-            .collect()
+        let writes = updates.into_iter().map(|(key, (value, indexes))| async move {
+            (self.confirmed.put(partition, &key, value).await, indexes)
+        });
+        for (result, indexes) in futures::future::join_all(writes).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, partition, "confirmed version not stored; the records are retried");
+                let error = HandlerError::transient("state_write", e.to_string());
+                for i in indexes {
+                    verdicts[i] = Some(Verdict::failed(error.clone()));
+                }
+            }
+        }
     }
 
     /// Why an event cannot be mapped, if it cannot.

@@ -472,6 +472,18 @@ impl Org {
     pub fn delete(&mut self, object: &str, id: &str) -> Result<bool, SaveError> {
         let Some(record) = self.get(object, id) else { return Ok(false) };
         self.check_delete(record)?;
+        if object == "Order" {
+            // OrderItem is a detail of Order: its items go with it.
+            let items: Vec<String> = self
+                .records
+                .values()
+                .filter(|r| r.object == "OrderItem" && r.fields.get("OrderId").and_then(Value::as_str) == Some(id))
+                .map(|r| r.id.clone())
+                .collect();
+            for item in items {
+                self.records.remove(&item);
+            }
+        }
         self.records.remove(id);
         Ok(true)
     }
