@@ -98,7 +98,11 @@ pub struct SalesforceArgs {
     #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
     pub quota_warn_hours: f64,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
-    #[arg(long = "salesforce-state-topic", env = "ELO_SALESFORCE_STATE_TOPIC", default_value = "salesforce-sink.confirmed")]
+    #[arg(
+        long = "salesforce-state-topic",
+        env = "ELO_SALESFORCE_STATE_TOPIC",
+        default_value = "salesforce-sink.confirmed"
+    )]
     pub state_topic: String,
 }
 
@@ -258,7 +262,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
-    let state = Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.salesforce.state_topic.clone()));
+    let state =
+        Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.salesforce.state_topic.clone()));
     let cell = Arc::new(OnceLock::new());
     let fatal: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     {

@@ -433,10 +433,7 @@ async fn a_late_enrichment_follow_up_wins_over_the_first_event_and_never_the_rev
         .unwrap()
         .org
         .schema
-        .add_field(
-            "Order",
-            serde_json::from_value(json!({"name": "Inventory_Status__c", "type": "string"})).unwrap(),
-        )
+        .add_field("Order", serde_json::from_value(json!({"name": "Inventory_Status__c", "type": "string"})).unwrap())
         .unwrap();
     let mapping: Mapping = serde_json::from_value(json!({"fields": {"order": {
         "Name": "order.increment_id", "EffectiveDate": "order.created_date",
@@ -494,10 +491,15 @@ async fn erasure_in_delete_mode_removes_the_persons_records_found_through_the_ke
     // The external ids are changed behind the sink's back: only the kept ids find the records.
     {
         let mut sim = app.sim.lock().unwrap();
-        for r in sim.org.records.values_mut() {
-            if r.fields.get("Elo_Id__c").and_then(Value::as_str) == Some(placed.customer_key.as_str()) {
-                r.fields.insert("Elo_Id__c".into(), json!("renamed"));
-            }
+        let ids: Vec<String> = sim
+            .org
+            .records
+            .values()
+            .filter(|r| r.fields.get("Elo_Id__c").and_then(Value::as_str) == Some(placed.customer_key.as_str()))
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            sim.org.alter(&id, json!({"Elo_Id__c": "renamed"}).as_object().unwrap(), 0);
         }
     }
     let calls = app.sim.lock().unwrap().api_usage;
@@ -526,5 +528,11 @@ fn sink_account(app: &SalesforceApp, key: &str) -> String {
 
 fn sink_id(app: &SalesforceApp, object: &str, fields: &Value) -> String {
     let sim = app.sim.lock().unwrap();
-    sim.org.records.values().find(|r| r.object == object && Value::Object(r.fields.clone()) == *fields).unwrap().id.clone()
+    sim.org
+        .records
+        .values()
+        .find(|r| r.object == object && Value::Object(r.fields.clone()) == *fields)
+        .unwrap()
+        .id
+        .clone()
 }

@@ -65,8 +65,11 @@ impl Sink {
         let ids = &self.mapping.ids;
         let fail = |err: client::Error| from_client(&err, self.quota_pause);
         let id_list = |rows: Vec<Value>| rows.iter().filter_map(|r| r["Id"].as_str().map(str::to_owned)).collect();
-        let accounts =
-            self.client.query(&format!("SELECT Id FROM Account WHERE {} = '{key}'", ids.account)).await.map_err(fail)?;
+        let accounts = self
+            .client
+            .query(&format!("SELECT Id FROM Account WHERE {} = '{key}'", ids.account))
+            .await
+            .map_err(fail)?;
         let contacts = if business {
             self.client.query(&format!("SELECT Id FROM Contact WHERE {} = '{key}'", ids.contact)).await.map_err(fail)?
         } else {
@@ -127,7 +130,9 @@ impl Sink {
             }
             for order in &orders {
                 let id = order["Id"].as_str().unwrap_or_default();
-                requests.push(json!({"method": "DELETE", "url": url("Order", id), "referenceId": format!("x{}", requests.len())}));
+                requests.push(
+                    json!({"method": "DELETE", "url": url("Order", id), "referenceId": format!("x{}", requests.len())}),
+                );
             }
             // Drafts before deletes: chunks keep that order, each chunk all-or-none.
             for chunk in requests.chunks(COMPOSITE_MAX) {
@@ -136,11 +141,15 @@ impl Sink {
         }
         let mut requests = Vec::new();
         for id in contacts {
-            requests.push(json!({"method": "DELETE", "url": url("Contact", id), "referenceId": format!("c{}", requests.len())}));
+            requests.push(
+                json!({"method": "DELETE", "url": url("Contact", id), "referenceId": format!("c{}", requests.len())}),
+            );
             changed.insert("Contact".to_owned(), id.clone());
         }
         for id in accounts {
-            requests.push(json!({"method": "DELETE", "url": url("Account", id), "referenceId": format!("a{}", requests.len())}));
+            requests.push(
+                json!({"method": "DELETE", "url": url("Account", id), "referenceId": format!("a{}", requests.len())}),
+            );
             changed.insert("Account".to_owned(), id.clone());
         }
         for chunk in requests.chunks(COMPOSITE_MAX) {
@@ -173,7 +182,8 @@ impl Sink {
                 .iter()
                 .zip(&requests)
                 .filter(|(item, _)| {
-                    item_error(item).is_none_or(|e| e.1 == "PROCESSING_HALTED" || e.1 == "ALL_OR_NONE_OPERATION_ROLLED_BACK")
+                    item_error(item)
+                        .is_none_or(|e| e.1 == "PROCESSING_HALTED" || e.1 == "ALL_OR_NONE_OPERATION_ROLLED_BACK")
                 })
                 .map(|(_, r)| r.clone())
                 .collect();

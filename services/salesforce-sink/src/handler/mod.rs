@@ -327,9 +327,9 @@ impl Sink {
                 entry.1.push(w.index);
             }
         }
-        let writes = updates.into_iter().map(|(key, (value, indexes))| async move {
-            (self.confirmed.put(partition, &key, value).await, indexes)
-        });
+        let writes = updates
+            .into_iter()
+            .map(|(key, (value, indexes))| async move { (self.confirmed.put(partition, &key, value).await, indexes) });
         for (result, indexes) in futures::future::join_all(writes).await {
             if let Err(e) = result {
                 tracing::warn!(error = %e, partition, "confirmed version not stored; the records are retried");
