@@ -36,6 +36,9 @@ pub const NAME: &str = "salesforce-sink";
 /// Default admin address (/metrics, /health/livez, /health/readyz).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9102);
 
+/// Records per batch unless ELO_MAX_BATCH says otherwise.
+pub const DEFAULT_MAX_BATCH: usize = 5000;
+
 /// OAuth flow names for `--salesforce-auth`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthKind {
@@ -97,6 +100,17 @@ pub struct SalesforceArgs {
     /// Warn when the forecast leaves fewer hours of quota than this.
     #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
     pub quota_warn_hours: f64,
+    /// Batches of at least this many records go through Bulk API 2.0 jobs instead of Composite
+    /// Graph (0: never). A batch only fills that far when that many records wait on the
+    /// partition (a backfill, a backlog after an outage); see ELO_MAX_BATCH.
+    #[arg(long = "salesforce-bulk-min-records", env = "ELO_SALESFORCE_BULK_MIN_RECORDS", default_value_t = 2000)]
+    pub bulk_min_records: usize,
+    /// Wait between looks at a running Bulk API 2.0 job.
+    #[arg(long = "salesforce-bulk-poll", env = "ELO_SALESFORCE_BULK_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub bulk_poll: Duration,
+    /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
+    #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
+    pub bulk_timeout: Duration,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
     #[arg(
         long = "salesforce-state-topic",
@@ -270,10 +284,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
         let confirmations = handler::Confirmations::Store(state.clone());
+        let bulk = handler::BulkSettings {
+            min_records: config.salesforce.bulk_min_records,
+            poll: config.salesforce.bulk_poll,
+            timeout: config.salesforce.bulk_timeout,
+        };
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {
                 Ok(Some(org)) => {
-                    let sink = handler::Sink::new(client, mapping, org, quota_pause).with_confirmations(confirmations);
+                    let sink = handler::Sink::new(client, mapping, org, quota_pause)
+                        .with_confirmations(confirmations)
+                        .with_bulk(bulk);
                     let _ = cell.set(sink);
                 }
                 Ok(None) => {}
@@ -287,7 +308,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let group = config.consumer.group.clone().unwrap_or_else(|| format!("elo-{NAME}"));
     let mut settings = elo_kafka::ConsumerSettings::new(group, vec![common.topics.commerce.clone()], dlq);
-    settings.max_batch = config.consumer.max_batch.unwrap_or(200).max(1);
+    // Large enough that a backlog reaches Bulk API 2.0; live traffic stays in small batches
+    // (the 50 ms linger), which go out as Composite Graph at once.
+    settings.max_batch = config.consumer.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1);
     settings.batch_linger = Duration::from_millis(50);
     settings.max_in_flight = config.consumer.max_in_flight.max(1);
     settings.partition_buffer = config.consumer.partition_buffer.max(1);

@@ -536,3 +536,64 @@ fn sink_id(app: &SalesforceApp, object: &str, fields: &Value) -> String {
         .id
         .clone()
 }
+
+/// A batch above the Bulk threshold is written by Bulk API 2.0 upsert jobs (Accounts,
+/// Contacts, Orders, OrderItems, activations), the results are read back, a refused row fails
+/// its customer's records `permanent` with Salesforce's code, and everything else lands.
+#[tokio::test]
+async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_records() {
+    use salesforce_sink::handler::BulkSettings;
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let bulk = BulkSettings { min_records: 50, poll: Duration::from_millis(5), timeout: Duration::from_secs(30) };
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
+    let events: Vec<CommerceEvent> =
+        (0..90).map(|n| order(n, if n % 2 == 0 { "processing" } else { "pending" }, 0)).collect();
+    let refused = events[5].clone();
+    let email = refused.customer.as_ref().unwrap().email.clone();
+    app.sim
+        .lock()
+        .unwrap()
+        .org
+        .create("Contact", json!({"LastName": "Existing", "Email": email}).as_object().unwrap().clone(), 0)
+        .unwrap();
+    let before = app.sim.lock().unwrap().api_usage;
+    let v = sink.apply(&events.iter().cloned().map(Ok).collect::<Vec<_>>()).await;
+    let calls = app.sim.lock().unwrap().api_usage - before;
+    let jobs: Vec<(String, String)> =
+        app.sim.lock().unwrap().jobs.values().map(|j| (j.object.clone(), j.state.clone())).collect();
+    let objects: Vec<&str> = jobs.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(objects, ["Account", "Contact", "Order", "OrderItem", "Order"], "{jobs:?}");
+    assert!(jobs.iter().all(|(_, s)| s == "JobComplete"), "{jobs:?}");
+    for (e, v) in events.iter().zip(&v) {
+        if e.customer_key == refused.customer_key {
+            let error = v.result.as_ref().unwrap_err();
+            assert_eq!((error.class, error.code.as_str()), (ErrorClass::Permanent, "DUPLICATES_DETECTED"));
+            assert_eq!(v.outcome, Some(OutcomeStatus::DeadLettered));
+        } else {
+            assert!(v.result.is_ok(), "{:?}", v.result);
+            assert!(v.target_ids.contains_key("Order") && v.target_ids.contains_key("Account"), "{:?}", v.target_ids);
+        }
+    }
+    let landed: Vec<&CommerceEvent> = events.iter().filter(|e| e.customer_key != refused.customer_key).collect();
+    let orders = records(&app, "Order");
+    assert_eq!(orders.len(), landed.len());
+    for e in &landed {
+        let o = e.order.as_ref().unwrap();
+        let ext = format!("o:{}", o.entity_id);
+        let got = orders.iter().find(|r| r["Elo_Id__c"] == ext.as_str()).unwrap();
+        let want = if o.status == "processing" { "Activated" } else { "Draft" };
+        assert_eq!((got["Status"].as_str(), got["Magento_Status__c"].as_str()), (Some(want), Some(o.status.as_str())));
+        assert_eq!(got["Name"], json!(o.increment_id));
+    }
+    let items = records(&app, "OrderItem");
+    let expected_items: usize = landed.iter().map(|e| e.order.as_ref().unwrap().items.len()).sum();
+    assert_eq!(items.len(), expected_items);
+    assert!(items.iter().all(|i| i["Quantity"].as_f64().is_some_and(|q| q > 0.0)), "typed quantities: {:?}", items[0]);
+    // Five jobs of about seven calls each, plus the products: far fewer than one per record.
+    assert!(calls <= 40, "{calls} calls");
+    // A redelivery of the batch costs nothing.
+    let before = app.sim.lock().unwrap().api_usage;
+    let again = sink.apply(&landed.iter().map(|e| Ok((*e).clone())).collect::<Vec<_>>()).await;
+    assert!(again.iter().all(|v| v.outcome == Some(OutcomeStatus::Applied)));
+    assert_eq!(app.sim.lock().unwrap().api_usage, before);
+}

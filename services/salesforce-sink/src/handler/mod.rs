@@ -31,10 +31,12 @@ use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work, customer_versi
 use crate::mapping::{AccountMode, Resolved};
 use crate::metrics;
 
+mod bulk;
 mod erasure;
 mod products;
 pub mod state;
 
+pub use bulk::BulkSettings;
 pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
@@ -76,6 +78,8 @@ pub struct Sink {
     entries: Mutex<HashSet<String>>,
     /// Confirmed version and Salesforce ids per `order:<id>` and `customer:<key>`.
     confirmed: Confirmations,
+    /// When batches go through Bulk API 2.0.
+    bulk: BulkSettings,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -137,7 +141,14 @@ impl Sink {
             quota_pause,
             entries: Mutex::new(HashSet::new()),
             confirmed: Confirmations::memory(),
+            bulk: BulkSettings::default(),
         }
+    }
+
+    /// Uses Bulk API 2.0 as `bulk` says.
+    pub fn with_bulk(mut self, bulk: BulkSettings) -> Self {
+        self.bulk = bulk;
+        self
     }
 
     /// Keeps confirmations in `confirmed` (the service passes its changelog-backed store).
@@ -247,13 +258,18 @@ impl Sink {
             .collect()
     }
 
-    /// Sends the graphs, then those that failed transiently once more per round.
+    /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
+    /// transiently once more per round, one record per graph.
     async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        for request in builder.build(work, false) {
-            let results = self.send(&request).await;
-            for (index, verdict) in results {
-                verdicts[index] = Some(verdict);
+        if self.bulk.min_records > 0 && work.len() >= self.bulk.min_records {
+            self.write_bulk(work, verdicts).await;
+        } else {
+            for request in builder.build(work, false) {
+                let results = self.send(&request).await;
+                for (index, verdict) in results {
+                    verdicts[index] = Some(verdict);
+                }
             }
         }
         // Graphs that failed transiently (a lock, a record rolled back with another one) are
