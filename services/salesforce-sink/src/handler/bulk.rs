@@ -238,7 +238,10 @@ impl Sink {
                 }
             }
         }
-        let mut failed: HashMap<usize, HandlerError> = HashMap::new();
+        // Failed records, and whether to resend them at once through Composite Graph (a row's
+        // lock error: a few records) or leave them to the runtime's retry (a whole job failed:
+        // the batch comes back and the confirmed part of it is skipped).
+        let mut failed: HashMap<usize, (HandlerError, bool)> = HashMap::new();
         let mut ids: HashMap<usize, BTreeMap<String, String>> = HashMap::new();
         for mut job in jobs {
             job.rows.retain(|r| r.owners.iter().any(|i| !failed.contains_key(i)));
@@ -250,7 +253,7 @@ impl Sink {
                     tracing::warn!(object = %job.object, error_code = %error.code, rows = job.rows.len(), "bulk job failed");
                     for row in &job.rows {
                         for i in &row.owners {
-                            failed.entry(*i).or_insert_with(|| error.clone());
+                            failed.entry(*i).or_insert_with(|| (error.clone(), false));
                         }
                     }
                 }
@@ -275,7 +278,7 @@ impl Sink {
                             self.quota_pause,
                         );
                         for i in &row.owners {
-                            failed.entry(*i).or_insert_with(|| error.clone());
+                            failed.entry(*i).or_insert_with(|| (error.clone(), true));
                         }
                     }
                 }
@@ -284,8 +287,8 @@ impl Sink {
         metrics::RECORDS_PER_CALL.observe(work.len() as f64);
         for w in work {
             verdicts[w.index] = Some(match failed.remove(&w.index) {
-                Some(error) if error.class == ErrorClass::Transient => Verdict::graph_failed(error),
-                Some(error) => Verdict::failed(error),
+                Some((error, true)) if error.class == ErrorClass::Transient => Verdict::graph_failed(error),
+                Some((error, _)) => Verdict::failed(error),
                 None => Verdict {
                     target_ids: ids.remove(&w.index).unwrap_or_default(),
                     ..Verdict::ok(OutcomeStatus::Applied)
@@ -297,18 +300,11 @@ impl Sink {
     /// Runs one upsert job to the end; returns (external id, Salesforce id) of the successful
     /// rows and (external id, `sf__Error`) of the failed ones.
     async fn run_job(&self, job: &JobPlan) -> Result<(Vec<(String, String)>, Vec<(String, String)>), HandlerError> {
-        let fail = |e: crate::client::Error| from_client(&e, self.quota_pause);
-        let created = self
-            .client
-            .call(
-                "bulk",
-                Method::POST,
-                "/jobs/ingest",
-                Some(&json!({"object": job.object, "externalIdFieldName": job.ext_field, "contentType": "CSV",
-                             "operation": "upsert", "lineEnding": "LF"})),
-            )
-            .await
-            .map_err(fail)?;
+        let spec = json!({"object": job.object, "externalIdFieldName": job.ext_field, "contentType": "CSV",
+                          "operation": "upsert", "lineEnding": "LF"});
+        let created = self.step(Method::POST, "/jobs/ingest", Body::Json(&spec)).await?;
+        let created: Value =
+            serde_json::from_str(&created).map_err(|e| HandlerError::transient("decode_response", e.to_string()))?;
         let id = created["id"].as_str().unwrap_or_default().to_owned();
         let path = format!("/jobs/ingest/{id}");
         let result = self.finish_job(job, &path).await;
@@ -372,9 +368,15 @@ impl Sink {
 
     /// Reads a results CSV, trying a transient failure again a few times (the results stay).
     async fn results(&self, path: &str) -> Result<String, HandlerError> {
+        self.step(Method::GET, path, Body::None).await
+    }
+
+    /// One call of a job's life, tried again (up to four times in all) after a transient
+    /// failure, so one 503 does not cost a whole job.
+    async fn step(&self, method: Method, path: &str, body: Body<'_>) -> Result<String, HandlerError> {
         let mut tries = 0;
         loop {
-            match self.client.call_raw("bulk", Method::GET, path, Body::None).await {
+            match self.client.call_raw("bulk", method.clone(), path, body).await {
                 Ok(text) => return Ok(text),
                 Err(e) => {
                     let error = from_client(&e, self.quota_pause);
