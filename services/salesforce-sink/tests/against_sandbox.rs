@@ -597,3 +597,46 @@ async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_recor
     assert!(again.iter().all(|v| v.outcome == Some(OutcomeStatus::Applied)));
     assert_eq!(app.sim.lock().unwrap().api_usage, before);
 }
+
+/// A guest who registers later gets a second customer key with the same e-mail: the duplicate
+/// rule refuses a second Contact, so the sink matches the existing person by e-mail and writes
+/// the new key's orders to that Account and Contact (once looked up, at no extra call).
+#[tokio::test]
+async fn a_guest_who_registers_is_matched_by_e_mail_and_keeps_one_contact() {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await;
+    let guest = order(2, "pending", 0); // n % 3 == 2: a guest
+    assert!(guest.customer_key.starts_with("g:"), "{}", guest.customer_key);
+    assert!(sink.apply(&[Ok(guest.clone())]).await[0].result.is_ok());
+    // The same person, registered, orders again.
+    let mut registered = order(3, "processing", 0);
+    registered.customer_key = "c:777".into();
+    {
+        let c = registered.customer.as_mut().unwrap();
+        c.email = guest.customer.as_ref().unwrap().email.clone();
+        c.customer_id = Some(777);
+        c.is_guest = false;
+    }
+    let v = sink.apply(&[Ok(registered.clone())]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    let contacts = records(&app, "Contact");
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+    let account = sink_account(&app, &guest.customer_key);
+    let ext = format!("o:{}", registered.order.as_ref().unwrap().entity_id);
+    let order_record = records(&app, "Order").into_iter().find(|o| o["Elo_Id__c"] == ext.as_str()).unwrap();
+    assert_eq!(order_record["AccountId"], json!(account), "the registered order hangs off the guest's account");
+    // The next order of the registered key goes straight there: one call, no refusal.
+    // (Same products, so only the graph is needed.)
+    let mut next = registered.clone();
+    {
+        let o = next.order.as_mut().unwrap();
+        o.entity_id += 1000;
+        o.increment_id = format!("{}-next", o.increment_id);
+        o.items.iter_mut().for_each(|i| i.item_id += 1000);
+    }
+    let before = app.sim.lock().unwrap().api_usage;
+    let v = sink.apply(&[Ok(next)]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    assert_eq!(app.sim.lock().unwrap().api_usage - before, 1);
+    assert_eq!(records(&app, "Contact").len(), 1);
+}

@@ -31,6 +31,7 @@ use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work, customer_versi
 use crate::mapping::{AccountMode, Resolved};
 use crate::metrics;
 
+mod alias;
 mod bulk;
 mod erasure;
 mod products;
@@ -180,8 +181,16 @@ impl Sink {
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
+        // Keys known to be another key's person (a guest who registered) write to that key's
+        // Account and Contact.
+        let aliased: Vec<Option<CommerceEvent>> =
+            events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect();
         let mut pending: Vec<(usize, &CommerceEvent)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
+            let event = match (&aliased[i], event) {
+                (Some(e), _) => Ok(e),
+                (None, event) => event.as_ref(),
+            };
             match event {
                 Err(e) => verdicts[i] = Some(Verdict::failed(e.clone())),
                 Ok(e) => match self.unmappable(e) {
@@ -245,6 +254,21 @@ impl Sink {
         });
         self.write(&work, &mut verdicts).await;
         self.confirm(partition, &work, &mut verdicts).await;
+        // A second key for a person Salesforce already holds (the duplicate rule refused the
+        // Contact): matched by e-mail, remembered, and written to the existing records.
+        let matched = self.match_by_email(partition, &work, &verdicts).await;
+        if !matched.is_empty() {
+            let again: Vec<Work<'_>> = matched
+                .iter()
+                .map(|(i, e)| Work {
+                    index: *i,
+                    event: e,
+                    write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
+                })
+                .collect();
+            self.write(&again, &mut verdicts).await;
+            self.confirm(partition, &again, &mut verdicts).await;
+        }
         for (i, e) in erasures {
             let verdict = match self.erase(partition, e).await {
                 Ok(ids) => Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) },
@@ -311,7 +335,7 @@ impl Sink {
             if let Some(key) = order_entity(w.event) {
                 let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
                 let entry = updates.entry(key).or_default();
-                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect() };
+                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), alias: None };
                 entry.1.push(w.index);
             } else if w.event.customer.is_some() {
                 let key = customer_entity(w.event);

@@ -24,6 +24,10 @@ pub struct Confirmed {
     /// Salesforce ids by object (`Account`, `Contact`, `Order`).
     #[serde(default)]
     pub target_ids: BTreeMap<String, String>,
+    /// For a customer key: the key whose Account and Contact this person already has in
+    /// Salesforce (a guest who registered later: same e-mail, second key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
 }
 
 impl Confirmed {
