@@ -300,6 +300,16 @@ async fn person_accounts_and_an_exhausted_quota_pause_and_resume() {
 /// batch), so the Bulk path meets the faults, the kill and the restart too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_orders_straight_from_the_topic() {
+    many_orders(false).await;
+}
+
+/// The same in Person Accounts mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_orders_as_person_accounts() {
+    many_orders(true).await;
+}
+
+async fn many_orders(person: bool) {
     let facts: usize = std::env::var("ELO_SF_E2E_FACTS").ok().and_then(|s| s.parse().ok()).unwrap_or(6_700);
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("sf.bulk");
@@ -328,13 +338,19 @@ async fn many_orders_straight_from_the_topic() {
         produce(&producer, &topic, &records).await;
     }
     let orders: Vec<Value> = magento.sim.lock().unwrap().orders.values().cloned().collect();
-    let (sf, sf_url, faults) = serve_salesforce(SalesforceConfig::default()).await;
+    let (sf, sf_url, faults) =
+        serve_salesforce(SalesforceConfig { person_accounts: person, ..SalesforceConfig::default() }).await;
     sf.sim.lock().unwrap().config.lock_row_rate = 0.05;
     faults.set("salesforce", FaultConfig { error_rates: [(503, 0.05)].into(), ..Default::default() });
+    let mapping = dir.path().join("mapping.json");
+    std::fs::write(&mapping, if person { r#"{"account_mode": "person"}"# } else { "{}" }).unwrap();
     let started = Instant::now();
     let sink = |log: &str| {
         let mut command = salesforce_sink(dir.path(), &topic, &sf_url, log);
-        command.env("ELO_SALESFORCE_BULK_MIN_RECORDS", "500").env("ELO_SALESFORCE_BULK_POLL", "100ms");
+        command
+            .env("ELO_SALESFORCE_MAPPING_FILE", &mapping)
+            .env("ELO_SALESFORCE_BULK_MIN_RECORDS", "500")
+            .env("ELO_SALESFORCE_BULK_POLL", "100ms");
         ChildGuard::spawn("salesforce-sink", &mut command)
     };
     let mut first = sink("sink");
@@ -347,15 +363,16 @@ async fn many_orders_straight_from_the_topic() {
     // Tansu 0.6 strands a killed member's partitions while another member is active.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let _second = sink("sink2");
-    let done = wait_until(Duration::from_secs(400), || differences(&orders, &sf, "", false).is_empty()).await;
-    let diffs = differences(&orders, &sf, "", false);
+    let done = wait_until(Duration::from_secs(400), || differences(&orders, &sf, "", person).is_empty()).await;
+    let diffs = differences(&orders, &sf, "", person);
     assert!(done, "{} differences, first {:?}\n{}", diffs.len(), diffs.first(), log(dir.path(), "sink2"));
     let (calls, jobs) = {
         let sim = sf.sim.lock().unwrap();
         (sim.api_usage, sim.jobs.len())
     };
     eprintln!(
-        "{} orders ({} versions) in {:.1}s with {calls} Salesforce API calls ({:.1} per 1,000 orders, faults, the kill and {jobs} Bulk jobs included)",
+        "{} mode: {} orders ({} versions) in {:.1}s with {calls} Salesforce API calls ({:.1} per 1,000 orders, faults, the kill and {jobs} Bulk jobs included)",
+        if person { "person" } else { "business" },
         orders.len(),
         published.len(),
         started.elapsed().as_secs_f64(),
