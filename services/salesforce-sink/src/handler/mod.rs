@@ -51,6 +51,9 @@ pub struct Verdict {
     retry_in_call: bool,
 }
 
+/// Records whose graphs are built at once (about 20 full Composite Graph requests).
+const GRAPH_SLICE: usize = 1000;
+
 /// Extra rounds within one handler call for graphs that failed transiently.
 const IN_CALL_RETRIES: usize = 4;
 
@@ -289,10 +292,14 @@ impl Sink {
         if self.bulk.min_records > 0 && work.len() >= self.bulk.min_records {
             self.write_bulk(work, verdicts).await;
         } else {
-            for request in builder.build(work, false) {
-                let results = self.send(&request).await;
-                for (index, verdict) in results {
-                    verdicts[index] = Some(verdict);
+            // Built and sent a slice at a time: a backlog batch of thousands of records would
+            // otherwise hold every request body at once.
+            for slice in work.chunks(GRAPH_SLICE) {
+                for request in builder.build(slice, false) {
+                    let results = self.send(&request).await;
+                    for (index, verdict) in results {
+                        verdicts[index] = Some(verdict);
+                    }
                 }
             }
         }
