@@ -302,7 +302,7 @@ impl Salesforce {
     /// rows that had succeeded report the rollback.
     fn finish_collection(
         &mut self,
-        savepoint: model::OrgSavepoint,
+        savepoint: store::OrgSavepoint,
         all_or_none: bool,
         mut rows: Vec<Value>,
     ) -> SfResponse {

@@ -3,7 +3,7 @@
 use serde_json::{Map, Value, json};
 
 use super::schema::Schema;
-use super::store::{RecordStore, Savepoint, index_text};
+use super::store::{RecordStore, index_text};
 
 /// A response of the simulated API: status, JSON body (absent for 204) and extra headers.
 #[derive(Clone, Debug, PartialEq)]
@@ -190,7 +190,7 @@ pub struct Org {
     pub schema: Schema,
     /// Records by Id (indexed; read through `Deref`, written through the `Org` methods).
     pub records: RecordStore,
-    next_id: u64,
+    pub(super) next_id: u64,
     pub duplicate_rules: Vec<DuplicateRule>,
     pub standard_pricebook: String,
 }
@@ -231,59 +231,6 @@ impl Org {
             modified_ms: now,
         });
         id
-    }
-
-    /// Opens an all-or-none transaction (nested ones are savepoints).
-    pub fn savepoint(&mut self) -> OrgSavepoint {
-        OrgSavepoint { store: self.records.savepoint(), next_id: self.next_id }
-    }
-
-    /// Keeps what was written since `savepoint`.
-    pub fn release(&mut self, savepoint: OrgSavepoint) {
-        self.records.release(savepoint.store);
-    }
-
-    /// Undoes what was written since `savepoint`.
-    pub fn rollback(&mut self, savepoint: OrgSavepoint) {
-        self.records.rollback(savepoint.store);
-        self.next_id = savepoint.next_id;
-    }
-
-    /// Replaces a stored record (no validation: the caller already checked).
-    pub(super) fn replace(&mut self, record: SfRecord) {
-        self.records.put(record);
-    }
-
-    /// Drift: a record removed behind the integration's back (no rules apply).
-    pub fn remove_record(&mut self, id: &str) -> Option<SfRecord> {
-        self.records.take(id)
-    }
-
-    /// Drift: fields changed behind the integration's back (no validation, as an admin's data
-    /// fix would be). Returns the changed record.
-    pub fn alter(&mut self, id: &str, fields: &Map<String, Value>, now: i64) -> Option<&SfRecord> {
-        let mut record = self.records.get(id)?.clone();
-        record.fields.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
-        record.modified_ms = now;
-        self.records.put(record);
-        self.records.get(id)
-    }
-
-    /// Records of `object` whose stored `field` equals `text` ignoring case (index lookup).
-    pub(super) fn matching<'a>(
-        &'a self,
-        object: &str,
-        field: &str,
-        text: &str,
-    ) -> impl Iterator<Item = &'a SfRecord> + 'a {
-        let wanted = text.to_owned();
-        self.records
-            .candidates(object, field, &text.to_lowercase())
-            .filter(move |r| {
-                r.fields.get(field).and_then(Value::as_str).is_some_and(|v| v.eq_ignore_ascii_case(&wanted))
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
     }
 
     /// Records of `object` whose `field` equals `value`: ignoring case, as Salesforce matches
@@ -541,13 +488,6 @@ impl Org {
         self.records.take(id);
         Ok(true)
     }
-}
-
-/// A point an all-or-none request rolls back to.
-#[derive(Debug)]
-pub struct OrgSavepoint {
-    store: Savepoint,
-    next_id: u64,
 }
 
 /// Why an upsert failed.

@@ -11,7 +11,9 @@ use std::ops::Deref;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use super::model::SfRecord;
+use serde_json::Map;
+
+use super::model::{Org, SfRecord};
 
 /// Index: (object, field) → indexed text → ids.
 type Index = HashMap<(String, String), HashMap<String, BTreeSet<String>>>;
@@ -153,6 +155,69 @@ impl RecordStore {
         if !savepoint.outer {
             self.undo = Some(undo);
         }
+    }
+}
+
+/// A point an all-or-none request rolls back to.
+#[derive(Debug)]
+pub struct OrgSavepoint {
+    store: Savepoint,
+    next_id: u64,
+}
+
+/// Transactions and drift on the org, through the store.
+impl Org {
+    /// Opens an all-or-none transaction (nested ones are savepoints).
+    pub fn savepoint(&mut self) -> OrgSavepoint {
+        OrgSavepoint { store: self.records.savepoint(), next_id: self.next_id }
+    }
+
+    /// Keeps what was written since `savepoint`.
+    pub fn release(&mut self, savepoint: OrgSavepoint) {
+        self.records.release(savepoint.store);
+    }
+
+    /// Undoes what was written since `savepoint`.
+    pub fn rollback(&mut self, savepoint: OrgSavepoint) {
+        self.records.rollback(savepoint.store);
+        self.next_id = savepoint.next_id;
+    }
+
+    /// Replaces a stored record (no validation: the caller already checked).
+    pub(super) fn replace(&mut self, record: SfRecord) {
+        self.records.put(record);
+    }
+
+    /// Drift: a record removed behind the integration's back (no rules apply).
+    pub fn remove_record(&mut self, id: &str) -> Option<SfRecord> {
+        self.records.take(id)
+    }
+
+    /// Drift: fields changed behind the integration's back (no validation, as an admin's data
+    /// fix would be). Returns the changed record.
+    pub fn alter(&mut self, id: &str, fields: &Map<String, Value>, now: i64) -> Option<&SfRecord> {
+        let mut record = self.records.get(id)?.clone();
+        record.fields.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        record.modified_ms = now;
+        self.records.put(record);
+        self.records.get(id)
+    }
+
+    /// Records of `object` whose stored `field` equals `text` ignoring case (index lookup).
+    pub(super) fn matching<'a>(
+        &'a self,
+        object: &str,
+        field: &str,
+        text: &str,
+    ) -> impl Iterator<Item = &'a SfRecord> + 'a {
+        let wanted = text.to_owned();
+        self.records
+            .candidates(object, field, &text.to_lowercase())
+            .filter(move |r| {
+                r.fields.get(field).and_then(Value::as_str).is_some_and(|v| v.eq_ignore_ascii_case(&wanted))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 }
 
