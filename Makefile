@@ -6,7 +6,7 @@ CARGO ?= cargo
 TEST_KAFKA_PORT ?= 19092
 TEST_REGISTRY_PORT ?= 18081
 
-.PHONY: run test setup build fmt-check lint unit-and-integration bench clean-data images asyncapi-html
+.PHONY: run test setup build fmt-check lint unit-and-integration bench bench-salesforce clean-data images asyncapi-html
 
 ## run: install tools if missing, start broker + registry + all services; Ctrl-C stops all
 run: setup build
@@ -34,8 +34,17 @@ unit-and-integration:
 ## bench: throughput benchmarks, reported as ratios against a baseline of the same run
 bench: setup build
 	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
-	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins -p order-ingest && \
+	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins -p order-ingest -p salesforce-sink && \
 	    $(CARGO) run --release -p elo-integration-tests --bin elo-bench'
+
+## bench-salesforce: salesforce-sink's bench (ELO_BENCH=salesforce), each run on a fresh stack
+bench-salesforce: setup build
+	$(CARGO) build --release -p elo-integration-tests --bins -p salesforce-sink
+	for run in live graph bulk; do \
+	  ELO_BENCH=salesforce ELO_BENCH_SF_RUNS=$$run \
+	  ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
+	    scripts/stack.sh -- $(CARGO) run --release -p elo-integration-tests --bin elo-bench || exit 1; \
+	done
 
 ## images: one container image per service (Docker, else Podman); needs the base images' registries
 IMAGE_TAG ?= dev

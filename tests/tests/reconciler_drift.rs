@@ -248,15 +248,14 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         ids.sort();
         let picked: Vec<(String, String)> = ids.iter().step_by(100).cloned().collect();
         for (_, id) in &picked {
-            sim.org.records.remove(id);
+            sim.org.remove_record(id);
         }
         // And one order's status edited by hand (found by LastModifiedDate), as the control
         // API's PATCH /salesforce/records/{id} does.
         let (external, id) = ids[50].clone();
-        let record = sim.org.records.get_mut(&id).unwrap();
-        let status = record.fields["Magento_Status__c"].clone();
-        record.fields.insert("Magento_Status__c".into(), json!("edited_by_hand"));
-        record.modified_ms = sandbox::now_ms();
+        let status = sim.org.records.get(&id).unwrap().fields["Magento_Status__c"].clone();
+        let edit = serde_json::Map::from_iter([("Magento_Status__c".to_owned(), json!("edited_by_hand"))]);
+        sim.org.alter(&id, &edit, sandbox::now_ms());
         (picked.into_iter().map(|(external, _)| external).collect(), (external, status))
     };
     let edited: BTreeMap<String, Value> = {

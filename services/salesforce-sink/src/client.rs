@@ -210,6 +210,15 @@ impl SalesforceClient {
     /// Calls `{instance}/services/data/{version}{path}`; on 401 re-authenticates once and
     /// repeats this call only. `kind` labels the API-call metric.
     pub async fn call(&self, kind: &'static str, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let text = self.call_raw(kind, method, path, body.map_or(Body::None, Body::Json)).await?;
+        if text.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| Error::Decode(e.to_string()))
+    }
+
+    /// [`SalesforceClient::call`] returning the body as text (Bulk API 2.0's CSV results).
+    pub async fn call_raw(&self, kind: &'static str, method: Method, path: &str, body: Body<'_>) -> Result<String> {
         if !self.quota.admit() {
             return Err(Error::Status {
                 status: 403,
@@ -222,8 +231,12 @@ impl SalesforceClient {
         for attempt in 0..2 {
             let url = format!("{}/services/data/{}{}", session.instance_url, self.config.api_version, path);
             let mut request = self.http.request(method.clone(), &url).bearer_auth(&session.token);
-            if let Some(body) = body {
-                request = request.json(body);
+            match body {
+                Body::None => {}
+                Body::Json(body) => request = request.json(body),
+                Body::Csv(csv) => {
+                    request = request.header(reqwest::header::CONTENT_TYPE, "text/csv").body(csv.to_owned());
+                }
             }
             metrics::API_CALLS.with_label_values(&[kind]).inc();
             let response = request.send().await?;
@@ -243,10 +256,7 @@ impl SalesforceClient {
                 let (code, message) = error_of(&text);
                 return Err(Error::Status { status: status.as_u16(), code, message });
             }
-            if text.is_empty() {
-                return Ok(Value::Null);
-            }
-            return serde_json::from_str(&text).map_err(|e| Error::Decode(e.to_string()));
+            return Ok(text);
         }
         unreachable!("the loop returns on its second attempt")
     }
@@ -288,6 +298,15 @@ impl SalesforceClient {
         }
         Ok(out)
     }
+}
+
+/// A request body.
+#[derive(Clone, Copy, Debug)]
+pub enum Body<'a> {
+    None,
+    Json(&'a Value),
+    /// `text/csv` (a Bulk API 2.0 upload).
+    Csv(&'a str),
 }
 
 /// `api-usage=25/15000` (other entries, such as `api-bursts`, are ignored).

@@ -7,8 +7,10 @@
 //!   why not the `force` crate is written there.
 //! - [`mapping`]: the mapping file, its defaults and the startup check against describe.
 //! - [`graph`]: Composite Graph requests from a batch (≤ 500 nodes, ≤ 75 graphs).
-//! - [`handler`]: the batch: staleness, products (`handler/products.rs`), graphs, errors by
-//!   class, erasure (`handler/erasure.rs`).
+//! - [`handler`]: the batch: staleness, products (`handler/products.rs`), Composite Graph
+//!   calls (`handler/composite.rs`), Bulk API 2.0 for backlogs (`handler/bulk.rs`), errors by
+//!   class, erasure (`handler/erasure.rs`), a second key for one person (`handler/alias.rs`), and
+//!   the confirmed versions and ids in a `StateStore` (`handler/state.rs`).
 //! - [`quota`]: the reserve left to other integrations and the hours-left forecast.
 //! - [`setup`]: startup: the mapping checked against the org, price books found or created.
 //! - [`outcomes`]: `SyncOutcome` records; [`metrics`].
@@ -28,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use elo_kafka::{ErrorClass, HandlerError, Record};
+use elo_kafka::{ErrorClass, HandlerError, Record, StateStore};
 use elo_service::{CommonArgs, ConsumerArgs, Service, parse_duration};
 
 /// Service name, used in logs, metrics, the default group and the DLQ topic.
@@ -36,6 +38,9 @@ pub const NAME: &str = "salesforce-sink";
 
 /// Default admin address (/metrics, /health/livez, /health/readyz).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9102);
+
+/// Records per batch unless ELO_MAX_BATCH says otherwise.
+pub const DEFAULT_MAX_BATCH: usize = 5000;
 
 /// OAuth flow names for `--salesforce-auth`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -98,6 +103,24 @@ pub struct SalesforceArgs {
     /// Warn when the forecast leaves fewer hours of quota than this.
     #[arg(long = "salesforce-quota-warn-hours", env = "ELO_SALESFORCE_QUOTA_WARN_HOURS", default_value_t = 4.0)]
     pub quota_warn_hours: f64,
+    /// Batches of at least this many records go through Bulk API 2.0 jobs instead of Composite
+    /// Graph (0: never). A batch only fills that far when that many records wait on the
+    /// partition (a backfill, a backlog after an outage); see ELO_MAX_BATCH.
+    #[arg(long = "salesforce-bulk-min-records", env = "ELO_SALESFORCE_BULK_MIN_RECORDS", default_value_t = 2000)]
+    pub bulk_min_records: usize,
+    /// Wait between looks at a running Bulk API 2.0 job.
+    #[arg(long = "salesforce-bulk-poll", env = "ELO_SALESFORCE_BULK_POLL", default_value = "1s", value_parser = parse_duration)]
+    pub bulk_poll: Duration,
+    /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
+    #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
+    pub bulk_timeout: Duration,
+    /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
+    #[arg(
+        long = "salesforce-state-topic",
+        env = "ELO_SALESFORCE_STATE_TOPIC",
+        default_value = "salesforce-sink.confirmed"
+    )]
+    pub state_topic: String,
 }
 
 /// salesforce-sink settings.
@@ -169,6 +192,8 @@ pub fn build_client(args: &SalesforceArgs) -> anyhow::Result<client::SalesforceC
 pub struct SinkHandler {
     codec: Arc<elo_events::EventCodec>,
     sink: Arc<OnceLock<handler::Sink>>,
+    /// The sink's confirmations (shared with it): restored before a partition's first batch.
+    state: Arc<StateStore<handler::Confirmed>>,
     outcomes: outcomes::Outcomes,
     /// `integration.commands` (RESEND, see [`resend`]) and the producer that forwards refetches.
     commands: (String, elo_kafka::Producer),
@@ -201,7 +226,8 @@ impl elo_kafka::Handler for SinkHandler {
             }
             events.push(event);
         }
-        let verdicts = sink.apply(&events).await;
+        let partition = batch.first().map_or(0, |r| r.partition);
+        let verdicts = sink.apply_partition(partition, &events).await;
         let attempts: Vec<i32> = {
             let mut map = self.attempts.lock().expect("attempts lock");
             batch
@@ -229,8 +255,19 @@ impl elo_kafka::Handler for SinkHandler {
             .collect()
     }
 
+    async fn on_partition_start(&self, _topic: &str, partition: i32) -> Result<(), HandlerError> {
+        let keys = self
+            .state
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::transient("state_restore", e.to_string()))?;
+        tracing::debug!(partition, keys, "confirmed versions restored");
+        Ok(())
+    }
+
     fn on_revoked(&self, _topic: &str, partition: i32) {
         self.attempts.lock().expect("attempts lock").retain(|(p, _), _| *p != partition);
+        self.state.release(partition);
     }
 }
 
@@ -245,21 +282,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         common.topics.spec(&common.topics.outcomes),
         common.topics.spec(&common.topics.commands),
         common.topics.spec(&dlq),
+        StateStore::<()>::changelog_spec(&config.salesforce.state_topic, common.topics.partitions)
+            .with_replication(common.topics.replication),
     ];
     let mapping = mapping::Mapping::load(config.salesforce.mapping_file.as_deref())?.resolve()?;
     let client = build_client(&config.salesforce)?;
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, topics).await? else {
         return Ok(());
     };
+    let state =
+        Arc::new(StateStore::new(&common.kafka, service.producer.clone(), config.salesforce.state_topic.clone()));
     let cell = Arc::new(OnceLock::new());
     let fatal: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
     {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
+        let confirmations = handler::Confirmations::Store(state.clone());
+        let bulk = handler::BulkSettings {
+            min_records: config.salesforce.bulk_min_records,
+            poll: config.salesforce.bulk_poll,
+            timeout: config.salesforce.bulk_timeout,
+        };
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {
                 Ok(Some(org)) => {
-                    let _ = cell.set(handler::Sink::new(client, mapping, org, quota_pause));
+                    let sink = handler::Sink::new(client, mapping, org, quota_pause)
+                        .with_confirmations(confirmations)
+                        .with_bulk(bulk);
+                    let _ = cell.set(sink);
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -276,7 +326,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         vec![common.topics.commerce.clone(), common.topics.commands.clone()],
         dlq,
     );
-    settings.max_batch = config.consumer.max_batch.unwrap_or(200).max(1);
+    // Large enough that a backlog reaches Bulk API 2.0; live traffic stays in small batches
+    // (the 50 ms linger), which go out as Composite Graph at once.
+    settings.max_batch = config.consumer.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1);
     settings.batch_linger = Duration::from_millis(50);
     settings.max_in_flight = config.consumer.max_in_flight.max(1);
     settings.partition_buffer = config.consumer.partition_buffer.max(1);
@@ -284,6 +336,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let handler = Arc::new(SinkHandler {
         codec: service.codec.clone(),
         sink: cell,
+        state,
         outcomes: outcomes::Outcomes::new(
             service.producer.clone(),
             service.codec.clone(),

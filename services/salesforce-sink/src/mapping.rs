@@ -23,6 +23,18 @@ pub enum AccountMode {
     Person,
 }
 
+/// What `CUSTOMER_ERASED` does to the person's records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErasureMode {
+    /// Names become "Erased", e-mail and phone cleared; orders stay as the business's records.
+    #[default]
+    Anonymise,
+    /// The person's Orders (put back to Draft first: Salesforce refuses to delete activated
+    /// ones), Contact and Account are deleted.
+    Delete,
+}
+
 /// External-id fields the sink upserts by.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -70,6 +82,8 @@ pub struct Mapping {
     pub stores: BTreeMap<String, String>,
     /// Magento statuses whose orders are activated in Salesforce.
     pub activate_on: Vec<String>,
+    /// `anonymise` (default) or `delete`.
+    pub erasure: ErasureMode,
     pub fields: ObjectFields,
 }
 
@@ -81,6 +95,7 @@ impl Default for Mapping {
             stores: [("1".to_owned(), "Elo Store default".to_owned()), ("2".to_owned(), "Elo Store br".to_owned())]
                 .into(),
             activate_on: vec!["processing".into(), "complete".into(), "closed".into()],
+            erasure: ErasureMode::Anonymise,
             fields: ObjectFields::default(),
         }
     }
@@ -119,6 +134,12 @@ pub enum Source {
     OrderPaymentMethod,
     #[serde(rename = "order.shipping_method")]
     OrderShippingMethod,
+    /// order-ingest's stock check (`UNCHECKED` until enrichment finished, see the README).
+    #[serde(rename = "order.inventory_status")]
+    OrderInventoryStatus,
+    /// Marketing consent (`UNKNOWN` until enrichment finished).
+    #[serde(rename = "customer.consent")]
+    CustomerConsent,
     #[serde(rename = "billing.street")]
     BillingStreet,
     #[serde(rename = "billing.city")]
@@ -187,6 +208,8 @@ impl Source {
             Self::OrderGrandTotal => ctx.order.map(|o| money(o.totals.grand_total)),
             Self::OrderPaymentMethod => text(ctx.order.and_then(|o| o.payment_method.as_ref())),
             Self::OrderShippingMethod => text(ctx.order.and_then(|o| o.shipping_method.as_ref())),
+            Self::OrderInventoryStatus => ctx.order.and_then(|o| serde_json::to_value(o.inventory_status).ok()),
+            Self::CustomerConsent => ctx.customer.and_then(|c| serde_json::to_value(c.consent.status).ok()),
             Self::BillingStreet => address(billing, street),
             Self::BillingCity => address(billing, |a| a.city.clone()),
             Self::BillingRegion => address(billing, |a| a.region.clone()),
@@ -218,6 +241,7 @@ pub struct Resolved {
     pub ids: ExternalIds,
     pub stores: BTreeMap<i32, String>,
     pub activate_on: Vec<String>,
+    pub erasure: ErasureMode,
     pub account: BTreeMap<String, Source>,
     pub contact: BTreeMap<String, Source>,
     pub order: BTreeMap<String, Source>,
@@ -294,6 +318,7 @@ impl Mapping {
             ids: self.external_ids,
             stores,
             activate_on: self.activate_on,
+            erasure: self.erasure,
             account: self.fields.account.unwrap_or(account),
             contact: if self.account_mode == AccountMode::Person {
                 BTreeMap::new()

@@ -1,8 +1,10 @@
 //! `RESEND` commands addressed to salesforce-sink on `integration.commands` (the reconciler
-//! sends them when a record Salesforce confirmed is gone or altered there). The sink forgets
-//! the version it confirmed for the entity, then asks order-ingest to refetch it: the
+//! sends them when a record Salesforce confirmed is gone or altered there). The sink marks the
+//! version it confirmed for the entity for rewriting, then asks order-ingest to refetch it: the
 //! republished version is then written again rather than skipped as already applied (see
-//! `elo_events::resend`). Other commands are not for this sink and are skipped.
+//! `elo_events::resend`), while older versions stay skipped. `integration.commands` is keyed
+//! like `commerce.events` and has as many partitions, so the range assignor gives this replica
+//! the command's partition together with the entity's state. Other commands are skipped.
 
 use elo_events::{CommandType, EventCodec, IntegrationCommand};
 use elo_kafka::{HandlerError, Producer, Record};
@@ -18,7 +20,10 @@ pub async fn execute(
     record: &Record,
 ) -> Result<&'static str, HandlerError> {
     let command: IntegrationCommand = elo_service::decode_record(codec, record).await?;
-    let Some(refetch) = plan(sink, &command, now_ms())? else { return Ok("skipped") };
+    let Some((key, refetch)) = plan(&command, now_ms())? else { return Ok("skipped") };
+    sink.request_rewrite(record.partition, &key)
+        .await
+        .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
     let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
     producer
         .send(topic, refetch.customer_key.as_bytes(), &bytes, Some("RefetchOrder"))
@@ -28,8 +33,8 @@ pub async fn execute(
     Ok("executed")
 }
 
-/// Forgets the entity's confirmation and returns the refetch to send (`None`: not ours).
-pub fn plan(sink: &Sink, command: &IntegrationCommand, now: i64) -> Result<Option<IntegrationCommand>, HandlerError> {
+/// The state key to mark for rewriting and the refetch to send (`None`: not ours).
+pub fn plan(command: &IntegrationCommand, now: i64) -> Result<Option<(String, IntegrationCommand)>, HandlerError> {
     if command.target_service != crate::NAME || command.command_type != CommandType::Resend {
         return Ok(None);
     }
@@ -41,8 +46,7 @@ pub fn plan(sink: &Sink, command: &IntegrationCommand, now: i64) -> Result<Optio
     };
     // The sink's own keys: orders by Magento id, customers by customer key.
     let key = if kind == "order" { format!("order:{id}") } else { format!("customer:{}", command.customer_key) };
-    sink.forget(&key);
-    Ok(elo_events::resend::refetch_after_resend(command, crate::NAME, now))
+    Ok(elo_events::resend::refetch_after_resend(command, crate::NAME, now).map(|refetch| (key, refetch)))
 }
 
 fn now_ms() -> i64 {

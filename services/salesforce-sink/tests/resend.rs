@@ -1,6 +1,7 @@
 //! A `RESEND` makes a repair land: an order deleted in Salesforce behind Elo's back is not
 //! rewritten by a republish of the version the sink confirmed (it is skipped as already
-//! applied, without a call) until the sink forgot that confirmation.
+//! applied, without a call) until a RESEND marked that confirmation for rewriting; older
+//! versions stay skipped all along.
 
 use std::time::Duration;
 
@@ -78,31 +79,48 @@ async fn a_resend_rewrites_an_order_deleted_behind_the_sinks_back() {
     let first = order_id(&app, &external).expect("the order landed");
 
     // Deleted behind Elo's back: the same version republished is skipped, no call made.
-    app.sim.lock().unwrap().org.records.remove(&first);
+    app.sim.lock().unwrap().org.remove_record(&first);
     let before = app.sim.lock().unwrap().api_usage;
     let verdicts = sink.apply(&[Ok(event.clone())]).await;
     assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::Applied));
     assert_eq!(app.sim.lock().unwrap().api_usage, before, "an equal version costs no call");
     assert_eq!(order_id(&app, &external), None, "so without a RESEND the repair would not land");
 
-    // Another sink's RESEND is not ours; ours forgets and asks order-ingest to refetch.
+    // Another sink's RESEND is not ours; ours marks the confirmation and asks order-ingest to
+    // refetch.
     let now = 1_000;
     assert_eq!(
-        salesforce_sink::resend::plan(&sink, &resend("rdstation-sink", &entity, &event.customer_key), now).unwrap(),
+        salesforce_sink::resend::plan(&resend("rdstation-sink", &entity, &event.customer_key), now).unwrap(),
         None
     );
-    let refetch = salesforce_sink::resend::plan(&sink, &resend("salesforce-sink", &entity, &event.customer_key), now)
+    let (key, refetch) = salesforce_sink::resend::plan(&resend("salesforce-sink", &entity, &event.customer_key), now)
         .unwrap()
         .expect("a refetch for order-ingest");
     assert_eq!(
         (refetch.command_type, refetch.target_service.as_str(), refetch.entity_id.as_str()),
         (CommandType::RefetchOrder, "order-ingest", id.to_string().as_str())
     );
-    let verdicts = sink.apply(&[Ok(event)]).await;
+    assert!(sink.request_rewrite(0, &key).await.unwrap(), "there was a confirmation to mark");
+
+    // A late older version (a duplicate webhook, a replayed dead letter) arriving before the
+    // refetch must not be written: the confirmed version is kept, only its equal is rewritten.
+    let mut older = event.clone();
+    older.event_id = "older".into();
+    older.source_version.updated_at -= 60_000;
+    let verdicts = sink.apply(&[Ok(older)]).await;
+    assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::SkippedStale));
+    assert_eq!(order_id(&app, &external), None, "an older version never lands after a RESEND");
+
+    let verdicts = sink.apply(&[Ok(event.clone())]).await;
     assert!(verdicts[0].result.is_ok(), "{:?}", verdicts[0].result);
     assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::Applied));
     assert!(order_id(&app, &external).is_some(), "the republished version is written again");
 
-    let bad = salesforce_sink::resend::plan(&sink, &resend("salesforce-sink", "3", "c:1"), now).unwrap_err();
+    // The mark is spent: the same version again is a redelivery, no call.
+    let before = app.sim.lock().unwrap().api_usage;
+    sink.apply(&[Ok(event)]).await;
+    assert_eq!(app.sim.lock().unwrap().api_usage, before, "rewritten once, not on every redelivery");
+
+    let bad = salesforce_sink::resend::plan(&resend("salesforce-sink", "3", "c:1"), now).unwrap_err();
     assert_eq!((bad.class, bad.code.as_str()), (elo_kafka::ErrorClass::Permanent, "invalid_resend"));
 }

@@ -167,7 +167,7 @@ async fn salesforce_add_field(
 /// Drift: a record deleted behind Elo's back.
 async fn salesforce_delete(State(c): State<Control>, Path(id): Path<String>) -> ApiResult {
     let mut sim = c.salesforce.sim.lock().expect("sim lock");
-    match sim.org.records.remove(&id) {
+    match sim.org.remove_record(&id) {
         Some(_) => Ok(Json(json!({"deleted": id}))),
         None => Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such record"})))),
     }
@@ -176,14 +176,10 @@ async fn salesforce_delete(State(c): State<Control>, Path(id): Path<String>) -> 
 /// Drift: fields changed behind Elo's back (no validation, as an admin's data fix would be).
 async fn salesforce_alter(State(c): State<Control>, Path(id): Path<String>, Json(body): Json<Value>) -> ApiResult {
     let mut sim = c.salesforce.sim.lock().expect("sim lock");
-    let Some(record) = sim.org.records.get_mut(&id) else {
+    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
+    let Some(record) = sim.org.alter(&id, fields, crate::now_ms()) else {
         return Err((StatusCode::NOT_FOUND, Json(json!({"error": "no such record"}))));
     };
-    let Some(fields) = body.as_object() else { return Err(bad_request("expected an object")) };
-    for (k, v) in fields {
-        record.fields.insert(k.clone(), v.clone());
-    }
-    record.modified_ms = crate::now_ms();
     Ok(Json(record.to_json("v66.0")))
 }
 

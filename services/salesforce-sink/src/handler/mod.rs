@@ -13,9 +13,9 @@
 //! 403 `REQUEST_LIMIT_EXCEEDED` is `RateLimited` (the runtime waits, never drops); a session
 //! refused after one re-authentication is `Auth`.
 //!
-//! State: the confirmed version per order and per customer lives in memory and is rebuilt by
-//! replay (at-least-once re-delivers from the last commit, in order, and upserts are
-//! idempotent), so a restart costs calls, never correctness.
+//! State: the confirmed version and Salesforce ids per order and per customer live in a
+//! changelog-backed store ([`state`]), written before a batch is reported done, so a restart
+//! restores them and a replayed older version stays skipped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -23,17 +23,22 @@ use std::time::Duration;
 
 use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
-use reqwest::Method;
 use serde_json::Value;
 
 use crate::client::{self, SalesforceClient};
-use crate::graph::{self, Builder, GraphPlan, OrgIds, Owner, Work, customer_version};
+use crate::graph::{Builder, OrgIds, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
-use crate::metrics;
 
+mod alias;
+mod bulk;
+mod composite;
 mod erasure;
 mod products;
 mod resend;
+pub mod state;
+
+pub use bulk::BulkSettings;
+pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
 #[derive(Clone, Debug)]
@@ -45,6 +50,9 @@ pub struct Verdict {
     /// The failure came from its graph (a lock, a rollback), not from the whole call.
     retry_in_call: bool,
 }
+
+/// Records whose graphs are built at once (about 20 full Composite Graph requests).
+const GRAPH_SLICE: usize = 1000;
 
 /// Extra rounds within one handler call for graphs that failed transiently.
 const IN_CALL_RETRIES: usize = 4;
@@ -72,20 +80,10 @@ pub struct Sink {
     pub quota_pause: Duration,
     /// Price book entries known to exist (`pbe:s<store>:<sku>`).
     entries: Mutex<HashSet<String>>,
-    /// Confirmed source version (`updated_at`) and Salesforce ids per `order:<id>` and
-    /// `customer:<key>`. Bounded: past [`CONFIRMED_CAP`] entries it is cleared, which only
-    /// costs calls (per-key order means a replay ends on the newest version anyway).
-    confirmed: Mutex<HashMap<String, Confirmed>>,
-}
-
-/// Entries kept in the confirmed-version map before it is cleared.
-pub const CONFIRMED_CAP: usize = 500_000;
-
-/// What the sink knows Salesforce holds for one entity.
-#[derive(Clone, Debug)]
-struct Confirmed {
-    version: i64,
-    target_ids: BTreeMap<String, String>,
+    /// Confirmed version and Salesforce ids per `order:<id>` and `customer:<key>`.
+    confirmed: Confirmations,
+    /// When batches go through Bulk API 2.0.
+    bulk: BulkSettings,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -146,15 +144,56 @@ impl Sink {
             org,
             quota_pause,
             entries: Mutex::new(HashSet::new()),
-            confirmed: Mutex::new(HashMap::new()),
+            confirmed: Confirmations::memory(),
+            bulk: BulkSettings::default(),
         }
     }
 
-    /// Applies decoded events (a decode failure stays that record's verdict).
+    /// Uses Bulk API 2.0 as `bulk` says.
+    pub fn with_bulk(mut self, bulk: BulkSettings) -> Self {
+        self.bulk = bulk;
+        self
+    }
+
+    /// Keeps confirmations in `confirmed` (the service passes its changelog-backed store).
+    pub fn with_confirmations(mut self, confirmed: Confirmations) -> Self {
+        self.confirmed = confirmed;
+        self
+    }
+
+    /// Restores a partition's confirmations (from `Handler::on_partition_start`).
+    pub async fn restore(&self, partition: i32) -> Result<usize, elo_kafka::Error> {
+        self.confirmed.restore(partition).await
+    }
+
+    /// Forgets a revoked partition's confirmations.
+    pub fn release(&self, partition: i32) {
+        self.confirmed.release(partition);
+    }
+
+    /// Applies decoded events of partition 0 (tests and benches; the service uses
+    /// [`Sink::apply_partition`]).
     pub async fn apply(&self, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Verdict> {
+        self.apply_partition(0, events).await
+    }
+
+    /// Applies decoded events of one partition (a decode failure stays that record's verdict).
+    pub async fn apply_partition(
+        &self,
+        partition: i32,
+        events: &[Result<CommerceEvent, HandlerError>],
+    ) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
+        // Keys known to be another key's person (a guest who registered) write to that key's
+        // Account and Contact.
+        let aliased: Vec<Option<CommerceEvent>> =
+            events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect();
         let mut pending: Vec<(usize, &CommerceEvent)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
+            let event = match (&aliased[i], event) {
+                (Some(e), _) => Ok(e),
+                (None, event) => event.as_ref(),
+            };
             match event {
                 Err(e) => verdicts[i] = Some(Verdict::failed(e.clone())),
                 Ok(e) => match self.unmappable(e) {
@@ -164,50 +203,49 @@ impl Sink {
             }
         }
         // Never stale: drop versions older than the confirmed one, and all but the newest
-        // version of an entity within the batch.
-        let mut newest: HashMap<String, (i64, usize)> = HashMap::new();
+        // version of an entity within the batch. A version is (source updated_at, enrichment
+        // rank): a late-enrichment follow-up beats the event it completes, never the reverse.
+        let at = |e: &CommerceEvent| (e.source_version.updated_at, enrichment_rank(e));
+        let mut newest: HashMap<String, ((i64, u8), usize)> = HashMap::new();
         for (i, e) in &pending {
             let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            let v = e.source_version.updated_at;
-            let entry = newest.entry(key).or_insert((v, *i));
-            if v >= entry.0 {
-                *entry = (v, *i);
+            let entry = newest.entry(key).or_insert((at(e), *i));
+            if at(e) >= entry.0 {
+                *entry = (at(e), *i);
             }
         }
         let mut work = Vec::new();
         let mut erasures = Vec::new();
-        {
-            let confirmed = self.confirmed.lock().expect("confirmed lock");
-            for (i, e) in &pending {
-                if e.event_type == CommerceEventType::CustomerErased {
-                    // Always applied (idempotent), after the batch's other writes.
-                    erasures.push((*i, *e));
-                    continue;
-                }
-                let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-                let v = e.source_version.updated_at;
-                match confirmed.get(&key) {
-                    Some(c) if v < c.version => {
-                        verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
-                        continue;
-                    }
-                    Some(c) if v == c.version => {
-                        // Already applied (a redelivery): reported again, no call.
-                        let mut verdict = Verdict::ok(OutcomeStatus::Applied);
-                        verdict.target_ids = c.target_ids.clone();
-                        verdicts[*i] = Some(verdict);
-                        continue;
-                    }
-                    _ => {}
-                }
-                if newest.get(&key).is_some_and(|(_, j)| j != i) {
+        for (i, e) in &pending {
+            if e.event_type == CommerceEventType::CustomerErased {
+                // Always applied (idempotent), after the batch's other writes.
+                erasures.push((*i, *e));
+                continue;
+            }
+            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
+            match self.confirmed.get(partition, &key) {
+                Some(c) if at(e) < c.at() => {
                     verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                     continue;
                 }
-                let write_customer =
-                    confirmed.get(&customer_entity(e)).is_none_or(|c| customer_version(e) >= c.version);
-                work.push(Work { index: *i, event: e, write_customer });
+                Some(c) if at(e) == c.at() && !c.rewrite => {
+                    // Already applied (a redelivery): reported again, no call.
+                    let mut verdict = Verdict::ok(OutcomeStatus::Applied);
+                    verdict.target_ids = c.target_ids;
+                    verdicts[*i] = Some(verdict);
+                    continue;
+                }
+                _ => {}
             }
+            if newest.get(&key).is_some_and(|(_, j)| j != i) {
+                verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
+                continue;
+            }
+            let write_customer = self
+                .confirmed
+                .get(partition, &customer_entity(e))
+                .is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            work.push(Work { index: *i, event: e, write_customer });
         }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
@@ -217,74 +255,26 @@ impl Sink {
             }
             None => true,
         });
-        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        for request in builder.build(&work, false) {
-            let results = self.send(&request).await;
-            for (index, verdict) in results {
-                verdicts[index] = Some(verdict);
-            }
-        }
-        // Graphs that failed transiently (a lock, a record rolled back with another one) are
-        // sent again at once, one record per graph, before the batch is handed back: the
-        // runtime would otherwise retry the whole suffix and spend every record's budget.
-        for _ in 0..IN_CALL_RETRIES {
-            let again: Vec<&Work<'_>> =
-                work.iter().filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call)).collect();
-            if again.is_empty() {
-                break;
-            }
-            let again: Vec<Work<'_>> = again
-                .into_iter()
-                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+        self.write(&work, &mut verdicts).await;
+        self.confirm(partition, &work, &mut verdicts).await;
+        // A second key for a person Salesforce already holds (the duplicate rule refused the
+        // Contact): matched by e-mail, remembered, and written to the existing records.
+        let matched = self.match_by_email(partition, &work, &verdicts).await;
+        if !matched.is_empty() {
+            let again: Vec<Work<'_>> = matched
+                .iter()
+                .map(|(i, e)| Work {
+                    index: *i,
+                    event: e,
+                    write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
+                })
                 .collect();
-            for request in builder.build(&again, true) {
-                for (index, verdict) in self.send(&request).await {
-                    verdicts[index] = Some(verdict);
-                }
-            }
-        }
-        // Confirm what was applied.
-        {
-            let mut confirmed = self.confirmed.lock().expect("confirmed lock");
-            if confirmed.len() > CONFIRMED_CAP {
-                confirmed.clear();
-            }
-            for w in &work {
-                let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
-                let v = w.event.source_version.updated_at;
-                if let Some(key) = order_entity(w.event) {
-                    confirmed.insert(key, Confirmed { version: v, target_ids: verdict.target_ids.clone() });
-                } else if w.event.customer.is_some() {
-                    let c = confirmed
-                        .entry(customer_entity(w.event))
-                        .or_insert(Confirmed { version: v, target_ids: verdict.target_ids.clone() });
-                    c.version = c.version.max(v);
-                }
-                if w.write_customer && w.event.order.is_some() {
-                    let cv = customer_version(w.event);
-                    let mut ids = verdict.target_ids.clone();
-                    ids.remove("Order");
-                    let c = confirmed
-                        .entry(customer_entity(w.event))
-                        .or_insert(Confirmed { version: cv, target_ids: BTreeMap::new() });
-                    c.version = c.version.max(cv);
-                    if !ids.is_empty() {
-                        c.target_ids = ids;
-                    }
-                }
-            }
+            self.write(&again, &mut verdicts).await;
+            self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
-            let verdict = match self.erase(e).await {
-                Ok(ids) => {
-                    let mut confirmed = self.confirmed.lock().expect("confirmed lock");
-                    let c = confirmed
-                        .entry(customer_entity(e))
-                        .or_insert(Confirmed { version: e.source_version.updated_at, target_ids: BTreeMap::new() });
-                    // Nothing older than the erasure may write this person's data again.
-                    c.version = c.version.max(e.source_version.updated_at);
-                    Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) }
-                }
+            let verdict = match self.erase(partition, e).await {
+                Ok(ids) => Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) },
                 Err(error) => Verdict::failed(error),
             };
             verdicts[i] = Some(verdict);
@@ -293,6 +283,110 @@ impl Sink {
             .into_iter()
             .map(|v| v.unwrap_or_else(|| Verdict::failed(HandlerError::transient("not_attempted", "not attempted"))))
             .collect()
+    }
+
+    /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
+    /// transiently once more per round, one record per graph.
+    async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
+        if self.bulk.min_records > 0 && work.len() >= self.bulk.min_records {
+            self.write_bulk(work, verdicts).await;
+        } else {
+            // Built and sent a slice at a time: a backlog batch of thousands of records would
+            // otherwise hold every request body at once.
+            for slice in work.chunks(GRAPH_SLICE) {
+                for request in builder.build(slice, false) {
+                    let results = self.send(&request).await;
+                    for (index, verdict) in results {
+                        verdicts[index] = Some(verdict);
+                    }
+                }
+            }
+        }
+        // Graphs that failed transiently (a lock, a record rolled back with another one) are
+        // sent again at once, one record per graph, before the batch is handed back: the
+        // runtime would otherwise retry the whole suffix and spend every record's budget.
+        for _ in 0..IN_CALL_RETRIES {
+            let again: Vec<Work<'_>> = work
+                .iter()
+                .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
+                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+                .collect();
+            if again.is_empty() {
+                break;
+            }
+            for request in builder.build(&again, true) {
+                for (index, verdict) in self.send(&request).await {
+                    verdicts[index] = Some(verdict);
+                }
+            }
+        }
+    }
+
+    /// Records what was applied (acknowledged by the changelog before the batch is reported
+    /// done; a failed state write fails its records `transient`, and the replay rewrites the
+    /// same upserts).
+    async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
+        let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
+            updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
+        };
+        for w in work {
+            let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+            let (v, rank) = (w.event.source_version.updated_at, enrichment_rank(w.event));
+            let customer_ids = || {
+                let mut ids = verdict.target_ids.clone();
+                ids.remove("Order");
+                ids
+            };
+            if let Some(key) = order_entity(w.event) {
+                let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
+                let entry = updates.entry(key).or_default();
+                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false };
+                entry.1.push(w.index);
+            } else if w.event.customer.is_some() {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                if (v, rank) >= c.at() {
+                    (c.version, c.rank, c.rewrite) = (v, rank, false);
+                }
+                let ids = customer_ids();
+                if !ids.is_empty() {
+                    c.target_ids = ids;
+                }
+                let entry = updates.entry(key).or_default();
+                entry.0 = c;
+                entry.1.push(w.index);
+            }
+            if w.write_customer && w.event.order.is_some() {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                let cv = (customer_version(w.event), rank);
+                if cv >= c.at() {
+                    (c.version, c.rank) = cv;
+                    c.rewrite = false;
+                }
+                let ids = customer_ids();
+                if !ids.is_empty() {
+                    c.target_ids = ids;
+                }
+                let entry = updates.entry(key).or_default();
+                entry.0 = c;
+                entry.1.push(w.index);
+            }
+        }
+        let writes = updates
+            .into_iter()
+            .map(|(key, (value, indexes))| async move { (self.confirmed.put(partition, &key, value).await, indexes) });
+        for (result, indexes) in futures::future::join_all(writes).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, partition, "confirmed version not stored; the records are retried");
+                let error = HandlerError::transient("state_write", e.to_string());
+                for i in indexes {
+                    verdicts[i] = Some(Verdict::failed(error.clone()));
+                }
+            }
+        }
     }
 
     /// Why an event cannot be mapped, if it cannot.
@@ -323,97 +417,6 @@ impl Sink {
             CommerceEventType::CustomerErased => None,
             CommerceEventType::Unknown => Some("unknown event type".into()),
         }
-    }
-
-    /// Sends one Composite Graph request and reads each graph's result.
-    async fn send(&self, graphs: &[GraphPlan]) -> Vec<(usize, Verdict)> {
-        let records: usize = graphs.iter().map(|g| g.records.len()).sum();
-        let mut out = Vec::with_capacity(records);
-        if graphs.iter().all(|g| g.body["compositeRequest"].as_array().is_none_or(Vec::is_empty)) {
-            for g in graphs {
-                out.extend(g.records.iter().map(|i| (*i, Verdict::ok(OutcomeStatus::Applied))));
-            }
-            return out;
-        }
-        let body = graph::request_body(graphs);
-        let response = match self.client.call("graph", Method::POST, "/composite/graph", Some(&body)).await {
-            Ok(r) => r,
-            Err(e) => {
-                let error = from_client(&e, self.quota_pause);
-                tracing::warn!(error = %e, error_code = %error.code, records, "composite graph call failed");
-                for g in graphs {
-                    out.extend(g.records.iter().map(|i| (*i, Verdict::failed(error.clone()))));
-                }
-                return out;
-            }
-        };
-        metrics::RECORDS_PER_CALL.observe(records as f64);
-        let results = response["graphs"].as_array().cloned().unwrap_or_default();
-        for g in graphs {
-            let result = results.iter().find(|r| r["graphId"] == g.graph_id.as_str());
-            let items =
-                result.and_then(|r| r["graphResponse"]["compositeResponse"].as_array()).cloned().unwrap_or_default();
-            if result.is_some_and(|r| r["isSuccessful"] == true) {
-                let id_of = |reference: &str| {
-                    items.iter().find(|i| i["referenceId"] == reference).and_then(|i| i["body"]["id"].as_str())
-                };
-                for i in &g.records {
-                    let mut v = Verdict::ok(OutcomeStatus::Applied);
-                    if let Some(id) = id_of("a") {
-                        v.target_ids.insert("Account".into(), id.into());
-                    }
-                    if let Some(id) = id_of("c") {
-                        v.target_ids.insert("Contact".into(), id.into());
-                    }
-                    if let Some(id) = id_of(&format!("o{i}")) {
-                        v.target_ids.insert("Order".into(), id.into());
-                    }
-                    out.push((*i, v));
-                }
-                continue;
-            }
-            // The culprit: the first failure that is not a knock-on PROCESSING_HALTED.
-            let culprit = items.iter().find_map(|item| {
-                let e = item_error(item)?;
-                (e.1 != "PROCESSING_HALTED").then(|| (item["referenceId"].as_str().unwrap_or_default().to_owned(), e))
-            });
-            let Some((reference, (status, code, message, fields))) = culprit else {
-                let error = HandlerError::transient("graph_failed", "graph failed without a reported cause");
-                out.extend(g.records.iter().map(|i| (*i, Verdict::graph_failed(error.clone()))));
-                continue;
-            };
-            let object = reference_object(&reference);
-            let error = classify(status, &code, &format!("{object}: {message}"), &fields, self.quota_pause);
-            tracing::info!(error_code = %code, object, class = error.class.as_str(), "graph refused");
-            match g.owners.get(&reference) {
-                Some(Owner::Record(culprit)) if error.class == ErrorClass::Permanent => {
-                    for i in &g.records {
-                        let verdict = if i == culprit {
-                            Verdict::failed(error.clone())
-                        } else {
-                            Verdict::graph_failed(HandlerError::transient(
-                                "graph_rolled_back",
-                                format!("rolled back with a failing record of its graph ({code})"),
-                            ))
-                        };
-                        out.push((*i, verdict));
-                    }
-                }
-                _ => out.extend(g.records.iter().map(|i| (*i, Verdict::graph_failed(error.clone())))),
-            }
-        }
-        out
-    }
-}
-
-/// The object a graph node writes, from its reference id.
-fn reference_object(reference: &str) -> &'static str {
-    match reference.chars().next() {
-        Some('a') => "Account",
-        Some('c') => "Contact",
-        Some('o') | Some('x') => "Order",
-        Some('i') => "OrderItem",
-        _ => "unknown",
     }
 }
 

@@ -143,7 +143,8 @@ impl Job {
     }
 
     /// Applies the uploaded rows to the org.
-    pub fn process(&mut self, org: &mut Org, now: i64) {
+    /// `lock_row_rate`: share of rows refused with UNABLE_TO_LOCK_ROW (as Composite writes are).
+    pub fn process(&mut self, org: &mut Org, now: i64, lock_row_rate: f64) {
         if !self.line_ending_matches() {
             self.state = "Failed".into();
             self.error_message = Some(format!(
@@ -165,17 +166,39 @@ impl Job {
         for row in rows {
             let mut fields = Map::new();
             for (column, value) in self.header.iter().zip(&row) {
+                // `Account.Elo_Id__c`: a lookup by the parent's external id (relationship name,
+                // dot, an External ID field of the parent).
+                if let Some((relationship, field)) = column.split_once('.') {
+                    if !value.is_empty() {
+                        fields.insert(relationship.to_owned(), json!({ field: value }));
+                    }
+                    continue;
+                }
                 match value.as_str() {
                     "" => {}
                     "#N/A" => {
                         fields.insert(column.clone(), Value::Null);
                     }
                     v => {
-                        fields.insert(column.clone(), json!(v));
+                        // CSV is text: the platform types each cell by its field.
+                        let kind = org.schema.field(&self.object, column).map(|f| f.kind);
+                        let typed = match kind.as_deref() {
+                            Some("double" | "currency" | "percent" | "int") => {
+                                v.parse::<f64>().ok().and_then(serde_json::Number::from_f64).map(Value::Number)
+                            }
+                            Some("boolean") => v.parse::<bool>().ok().map(Value::Bool),
+                            _ => None,
+                        };
+                        fields.insert(column.clone(), typed.unwrap_or_else(|| json!(v)));
                     }
                 }
             }
+            let locked = lock_row_rate > 0.0 && rand::random::<f64>() < lock_row_rate;
             let result: Result<(String, bool), super::model::SaveError> = match self.operation.as_str() {
+                _ if locked => Err(super::model::SaveError::new(
+                    "UNABLE_TO_LOCK_ROW",
+                    "unable to obtain exclusive access to this record or 1 records: 001000000000000AAA",
+                )),
                 "insert" => org
                     .prepare(&self.object, &fields)
                     .and_then(|f| org.create(&self.object, f, now))
@@ -321,7 +344,7 @@ impl super::Salesforce {
                 // Each look advances a closed job one step: UploadComplete → InProgress → done.
                 match job.state.as_str() {
                     "UploadComplete" => job.state = "InProgress".into(),
-                    "InProgress" => job.process(&mut self.org, now),
+                    "InProgress" => job.process(&mut self.org, now, self.config.lock_row_rate),
                     _ => {}
                 }
                 SfResponse::json(200, job.info(version))

@@ -19,7 +19,7 @@ impl Salesforce {
         all_or_none: bool,
         headers: &HeaderMap,
     ) -> (Vec<Value>, bool) {
-        let snapshot = all_or_none.then(|| self.org.clone());
+        let savepoint = all_or_none.then(|| self.org.savepoint());
         let mut results: BTreeMap<String, Value> = BTreeMap::new();
         let mut items = Vec::new();
         let mut failed_at = None;
@@ -69,8 +69,12 @@ impl Salesforce {
             }
             items.push(json!({"body": response.body.clone().unwrap_or(Value::Null), "httpHeaders": {}, "httpStatusCode": response.status, "referenceId": reference}));
         }
-        if let (Some(failed), Some(snapshot)) = (failed_at, snapshot) {
-            self.org = snapshot;
+        match (failed_at, savepoint) {
+            (Some(_), Some(savepoint)) => self.org.rollback(savepoint),
+            (None, Some(savepoint)) => self.org.release(savepoint),
+            _ => {}
+        }
+        if let (Some(failed), true) = (failed_at, all_or_none) {
             for item in items.iter_mut().take(failed) {
                 *item = json!({"body": [{"errorCode": "PROCESSING_HALTED", "message": "The transaction was rolled back since another operation in the same transaction failed."}], "httpHeaders": {}, "httpStatusCode": 400, "referenceId": item["referenceId"]});
             }

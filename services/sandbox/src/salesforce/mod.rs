@@ -19,6 +19,7 @@ mod query;
 mod rules;
 pub mod schema;
 pub mod soql;
+pub mod store;
 
 pub use http::SalesforceApp;
 
@@ -299,10 +300,17 @@ impl Salesforce {
 
     /// Applies per-row results under `allOrNone`: on any failure the org is restored and the
     /// rows that had succeeded report the rollback.
-    fn finish_collection(&mut self, snapshot: Org, all_or_none: bool, mut rows: Vec<Value>) -> SfResponse {
+    fn finish_collection(
+        &mut self,
+        savepoint: store::OrgSavepoint,
+        all_or_none: bool,
+        mut rows: Vec<Value>,
+    ) -> SfResponse {
         let failed = rows.iter().any(|r| r["success"] == json!(false));
-        if all_or_none && failed {
-            self.org = snapshot;
+        if !(all_or_none && failed) {
+            self.org.release(savepoint);
+        } else {
+            self.org.rollback(savepoint);
             for row in rows.iter_mut().filter(|r| r["success"] == json!(true)) {
                 *row = json!({"id": null, "success": false, "errors": [{"statusCode": "ALL_OR_NONE_OPERATION_ROLLED_BACK", "message": "Record rolled back because not all records were valid and the request was using AllOrNone header", "fields": []}]});
             }
@@ -322,7 +330,7 @@ impl Salesforce {
             Err(e) => return e,
         };
         let records = records.clone();
-        let snapshot = self.org.clone();
+        let savepoint = self.org.savepoint();
         let mut rows = Vec::with_capacity(records.len());
         for record in &records {
             let row = record
@@ -335,7 +343,7 @@ impl Salesforce {
                 Err(e) => json!({"id": null, "success": false, "errors": [e.row()]}),
             });
         }
-        self.finish_collection(snapshot, all_or_none, rows)
+        self.finish_collection(savepoint, all_or_none, rows)
     }
 
     fn collections_upsert(&mut self, object: &str, field: &str, body: &Value, now: i64) -> SfResponse {

@@ -1,10 +1,9 @@
 //! The simulated org's data: objects, fields, records, validation rules.
 
-use std::collections::BTreeMap;
-
 use serde_json::{Map, Value, json};
 
 use super::schema::Schema;
+use super::store::{RecordStore, index_text};
 
 /// A response of the simulated API: status, JSON body (absent for 204) and extra headers.
 #[derive(Clone, Debug, PartialEq)]
@@ -189,8 +188,9 @@ pub struct Org {
     /// Objects and fields (kept with the data, so fields added at run time survive restarts).
     #[serde(default)]
     pub schema: Schema,
-    pub records: BTreeMap<String, SfRecord>,
-    next_id: u64,
+    /// Records by Id (indexed; read through `Deref`, written through the `Org` methods).
+    pub records: RecordStore,
+    pub(super) next_id: u64,
     pub duplicate_rules: Vec<DuplicateRule>,
     pub standard_pricebook: String,
 }
@@ -199,7 +199,7 @@ impl Default for Org {
     fn default() -> Self {
         let mut org = Self {
             schema: Schema::default(),
-            records: BTreeMap::new(),
+            records: RecordStore::default(),
             next_id: 1,
             duplicate_rules: vec![DuplicateRule { object: "Contact".into(), field: "Email".into() }],
             standard_pricebook: String::new(),
@@ -223,10 +223,13 @@ impl Org {
 
     pub(super) fn insert(&mut self, object: &str, fields: Map<String, Value>, now: i64) -> String {
         let id = self.new_id(object);
-        self.records.insert(
-            id.clone(),
-            SfRecord { id: id.clone(), object: object.to_owned(), fields, created_ms: now, modified_ms: now },
-        );
+        self.records.put(SfRecord {
+            id: id.clone(),
+            object: object.to_owned(),
+            fields,
+            created_ms: now,
+            modified_ms: now,
+        });
         id
     }
 
@@ -234,16 +237,24 @@ impl Org {
     /// external ids, unless the field is unique and case-sensitive.
     pub fn find_by(&self, object: &str, field: &str, value: &str) -> Vec<&SfRecord> {
         let ignore_case = field != "Id" && self.schema.field(object, field).is_none_or(|f| f.case_insensitive());
-        self.records
-            .values()
-            .filter(|r| r.object == object)
-            .filter(|r| match r.get(field) {
-                Some(Value::String(s)) if ignore_case => s.to_lowercase() == value.to_lowercase(),
-                Some(Value::String(s)) => s == value,
-                Some(Value::Number(n)) => n.to_string() == value,
-                _ => false,
-            })
-            .collect()
+        let matches = |r: &&SfRecord| match r.get(field) {
+            Some(Value::String(s)) if ignore_case => s.to_lowercase() == value.to_lowercase(),
+            Some(Value::String(s)) => s == value,
+            Some(Value::Number(n)) => n.to_string() == value,
+            _ => false,
+        };
+        match field {
+            "Id" => self.get(object, value).into_iter().collect(),
+            // Derived fields are not stored, so not indexed.
+            "CreatedDate" | "LastModifiedDate" | "SystemModstamp" => {
+                self.records.values().filter(|r| r.object == object).filter(matches).collect()
+            }
+            _ => {
+                // Numbers are indexed as written, which lower-casing leaves alone.
+                let text = index_text(&Value::String(value.to_owned())).unwrap_or_default();
+                self.records.candidates(object, field, &text).filter(matches).collect()
+            }
+        }
     }
 
     pub fn get(&self, object: &str, id: &str) -> Option<&SfRecord> {
@@ -358,11 +369,7 @@ impl Org {
         }
         for rule in self.duplicate_rules.iter().filter(|r| r.object == object) {
             let Some(Value::String(value)) = fields.get(&rule.field) else { continue };
-            let clash = self.records.values().any(|r| {
-                r.object == object
-                    && Some(r.id.as_str()) != existing
-                    && matches!(r.fields.get(&rule.field), Some(Value::String(v)) if v.eq_ignore_ascii_case(value))
-            });
+            let clash = self.matching(object, &rule.field, value).any(|r| Some(r.id.as_str()) != existing);
             if clash {
                 return Err(SaveError::new(
                     "DUPLICATES_DETECTED",
@@ -396,10 +403,8 @@ impl Org {
         if let (Some(book), Some(product)) = (book, product)
             && book != self.standard_pricebook
         {
-            let has_standard = self.records.values().any(|r| {
-                r.object == "PricebookEntry"
-                    && r.fields.get("Pricebook2Id").and_then(Value::as_str) == Some(self.standard_pricebook.as_str())
-                    && r.fields.get("Product2Id").and_then(Value::as_str) == Some(product)
+            let has_standard = self.matching("PricebookEntry", "Product2Id", product).any(|r| {
+                r.fields.get("Pricebook2Id").and_then(Value::as_str) == Some(self.standard_pricebook.as_str())
             });
             if !has_standard {
                 return Err(SaveError::new(
@@ -429,9 +434,10 @@ impl Org {
         let object = record.object.clone();
         self.derive_person_fields(&object, &mut merged)?;
         self.validate(&object, &merged, Some(id))?;
-        let record = self.records.get_mut(id).expect("checked above");
+        let mut record = self.records.get(id).expect("checked above").clone();
         record.fields = merged;
         record.modified_ms = now.max(record.modified_ms + 1);
+        self.records.put(record);
         self.sync_person_contact(id, now);
         Ok(())
     }
@@ -472,7 +478,14 @@ impl Org {
     pub fn delete(&mut self, object: &str, id: &str) -> Result<bool, SaveError> {
         let Some(record) = self.get(object, id) else { return Ok(false) };
         self.check_delete(record)?;
-        self.records.remove(id);
+        if object == "Order" {
+            // OrderItem is a detail of Order: its items go with it.
+            let items: Vec<String> = self.matching("OrderItem", "OrderId", id).map(|r| r.id.clone()).collect();
+            for item in items {
+                self.records.take(&item);
+            }
+        }
+        self.records.take(id);
         Ok(true)
     }
 }

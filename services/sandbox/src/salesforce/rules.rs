@@ -73,10 +73,7 @@ impl Org {
             .with_fields(&[field]));
         }
         if !is_activated(stored) && status == Some("Activated") {
-            let has_items = self
-                .records
-                .values()
-                .any(|r| r.object == "OrderItem" && r.fields.get("OrderId").and_then(Value::as_str) == Some(id));
+            let has_items = self.matching("OrderItem", "OrderId", id).next().is_some();
             if !has_items {
                 return Err(SaveError::new(
                     "FIELD_INTEGRITY_EXCEPTION",
@@ -187,15 +184,17 @@ impl Org {
         contact.insert("IsPersonAccount".into(), json!(true));
         match account.fields.get("PersonContactId").and_then(Value::as_str).map(str::to_owned) {
             Some(contact_id) => {
-                if let Some(record) = self.records.get_mut(&contact_id) {
+                if let Some(mut record) = self.records.get(&contact_id).cloned() {
                     record.fields.extend(contact);
                     record.modified_ms = now;
+                    self.replace(record);
                 }
             }
             None => {
                 let contact_id = self.insert("Contact", contact, now);
-                if let Some(account) = self.records.get_mut(account_id) {
+                if let Some(mut account) = self.records.get(account_id).cloned() {
                     account.fields.insert("PersonContactId".into(), json!(contact_id));
+                    self.replace(account);
                 }
             }
         }
@@ -213,13 +212,15 @@ impl Org {
         ] {
             let fields = json!({"Name": name, "DeveloperName": developer, "SobjectType": "Account", "IsActive": true, "IsPersonType": person});
             let fields = fields.as_object().cloned().unwrap_or_default();
-            self.records.entry(id.to_owned()).or_insert_with(|| SfRecord {
-                id: id.to_owned(),
-                object: "RecordType".into(),
-                fields,
-                created_ms: 0,
-                modified_ms: 0,
-            });
+            if !self.records.contains_key(id) {
+                self.replace(SfRecord {
+                    id: id.to_owned(),
+                    object: "RecordType".into(),
+                    fields,
+                    created_ms: 0,
+                    modified_ms: 0,
+                });
+            }
         }
     }
 }

@@ -13,8 +13,12 @@
 //!   buffers, against the same process idle on an empty topic. Target: under 150 MiB.
 //! - order-ingest push and poll ([`push`]): the release binary, with the load generator
 //!   (`elo-loadgen`) in a process of its own.
+//! - salesforce-sink ([`salesforce`], `ELO_BENCH=salesforce`): calls per 1,000 orders against
+//!   one call per record, freshness at 200 orders/s with 100 ms API latency, Bulk API 2.0
+//!   backfill rate against Composite Graph, peak RSS.
 
 mod push;
+mod salesforce;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +87,9 @@ async fn main() -> anyhow::Result<()> {
         };
         push::push(&mut rows, &kafka).await?;
         return push::poll(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("salesforce") {
+        return salesforce::run(&mut rows).await;
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("poll") {
         return push::poll(&mut rows).await;
