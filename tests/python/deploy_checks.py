@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SERVICES = ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"]
 CONSUMERS = ["salesforce-sink", "rdstation-sink", "reconciler"]
+# Domain event topics (bounded retention); a service's other topics are DLQs or state.
+EVENT_TOPICS = {"commerce.events", "inventory.events", "integration.outcomes", "integration.commands"}
 TARGETS = ["base", "overlays/dev", "overlays/prod"]
 K8S_VERSION = "1.37.0"
 
@@ -259,11 +261,13 @@ def check_rules_of_deploy(target, docs, expect_topics):
         if name.endswith(".dlq"):
             if cfg.get("cleanup.policy") != "delete" or not (0 < int(cfg.get("retention.ms", -1))):
                 fail(f"{target}: DLQ {name} needs a bounded time retention (cleanup.policy delete, retention.ms > 0)")
-        elif name.endswith((".checkpoints", "-changelog")):
-            if cfg.get("cleanup.policy") != "compact":
-                fail(f"{target}: {name} holds state and must be compacted")
-        elif cfg.get("cleanup.policy") != "delete" or int(cfg.get("retention.ms", -1)) <= 0:
-            fail(f"{target}: event topic {name} needs a bounded retention")
+        elif name in EVENT_TOPICS:
+            if cfg.get("cleanup.policy") != "delete" or int(cfg.get("retention.ms", -1)) <= 0:
+                fail(f"{target}: event topic {name} needs a bounded retention")
+        elif cfg.get("cleanup.policy") != "compact":
+            # Every other topic a service provisions is its own state (checkpoints, stores,
+            # sent-logs): only the newest record per key matters and it must never expire.
+            fail(f"{target}: {name} holds state and must be compacted")
     ce, out = topics.get("commerce.events"), topics.get("integration.outcomes")
     if ce and (int(data["ELO_TOPIC_PARTITIONS"]) != ce["spec"]["partitions"] or int(data["ELO_TOPIC_REPLICATION"]) != ce["spec"]["replicas"]):
         fail(f"{target}: ELO_TOPIC_PARTITIONS/REPLICATION in elo-config differ from the commerce.events KafkaTopic")

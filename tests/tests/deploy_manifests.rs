@@ -89,16 +89,10 @@ fn provisioned_topics() -> Vec<String> {
     let mut topics = Vec::new();
     for service in SERVICES {
         let help = help(service);
-        for key in [
-            "ELO_TOPIC_COMMERCE",
-            "ELO_TOPIC_INVENTORY",
-            "ELO_TOPIC_OUTCOMES",
-            "ELO_TOPIC_COMMANDS",
-            "ELO_ORDER_INGEST_CHECKPOINT_TOPIC",
-            "ELO_ORDER_INGEST_DLQ_TOPIC",
-            "ELO_RECONCILER_REPLAY_CHECKPOINTS",
-        ] {
-            topics.extend(env_default(&help, key));
+        // Every topic setting: the shared ELO_TOPIC_* names and each service's own *_TOPIC
+        // (DLQ, checkpoints, state stores, sent-logs), so a new store cannot miss its KafkaTopic.
+        for key in topic_settings(&help) {
+            topics.extend(env_default(&help, &key));
         }
         if help.contains("[env: ELO_DLQ_TOPIC=") {
             assert!(help.contains("[default: <service>.dlq]"), "{service}: the consumer DLQ default changed:\n{help}");
@@ -107,7 +101,7 @@ fn provisioned_topics() -> Vec<String> {
         if help.contains("[env: ELO_CONSUMER_GROUP=") {
             // KEDA scales on this group (deploy/base/scaling.yaml, checked by deploy_checks.py).
             assert!(
-                help.contains("[default: elo-<service>-validate while the service only validates]"),
+                help.contains("[default: elo-<service>]"),
                 "{service}: the consumer group default changed; update the ScaledObjects:\n{help}"
             );
         }
@@ -117,6 +111,24 @@ fn provisioned_topics() -> Vec<String> {
     topics
 }
 
+/// The environment variables in `help` that name one topic.
+fn topic_settings(help: &str) -> Vec<String> {
+    let mut keys: Vec<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('=').map(|(key, _)| key.to_owned()))
+        .filter(|key| {
+            let shared =
+                key.starts_with("ELO_TOPIC_") && !key.ends_with("_PARTITIONS") && !key.ends_with("_REPLICATION");
+            let own = key.ends_with("_TOPIC") && key != "ELO_DLQ_TOPIC";
+            shared || own || key == "ELO_RECONCILER_REPLAY_CHECKPOINTS"
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Runs `tests/python/deploy_checks.py <args>` and fails with its report unless every check held.
 fn deploy_check(args: &[&str]) -> String {
     let script = root().join("tests/python/deploy_checks.py");
@@ -124,6 +136,13 @@ fn deploy_check(args: &[&str]) -> String {
     let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "deploy_checks.py {args:?} failed:\n{report}");
     report
+}
+
+#[test]
+fn topic_settings_are_every_single_topic_variable() {
+    let help = "[env: ELO_TOPIC_COMMERCE=]\n[env: ELO_TOPIC_PARTITIONS=]\n[env: ELO_X_STATE_TOPIC=]\n\
+                [env: ELO_DLQ_TOPIC=]\n[env: ELO_PROVISION_TOPICS=]\n[env: ELO_RECONCILER_DLQ_TOPICS=]";
+    assert_eq!(topic_settings(help), ["ELO_TOPIC_COMMERCE", "ELO_X_STATE_TOPIC"]);
 }
 
 #[test]
