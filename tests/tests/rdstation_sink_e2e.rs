@@ -346,7 +346,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert!(at_kill < events.len(), "the kill came after the end ({at_kill} of {})", events.len());
 
-    // The second run meets injected 503s and 429s, and its access token expires every 3 s.
+    // The second run meets injected 503s and 429s, and its access token expires every 500 ms.
     rd.faults.set(
         "rdstation",
         sandbox::faults::FaultConfig { error_rates: [(503, 0.03), (429, 0.02)].into(), ..Default::default() },
@@ -355,7 +355,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
         let rd = rd.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 rd.sim.lock().unwrap().expire_tokens();
             }
         })
@@ -368,7 +368,6 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     })
     .await;
     assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));
-    expiring.abort();
     rd.faults.set("rdstation", sandbox::faults::FaultConfig::default());
     let counters = rd.counters.snapshot();
     assert!(counters["rdstation"]["POST /auth/token"].as_u64().unwrap() > 3, "tokens were refreshed: {counters}");
@@ -398,6 +397,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     let _sink = start();
     let done = wait_until(Duration::from_secs(120), || tokio::task::block_in_place(|| caught_up(&group, &topic))).await;
     assert!(done, "the restarted sink did not catch up:\n{}", log(dir.path(), "sink"));
+    expiring.abort();
     let sent = sent_events(&rd);
     assert_eq!(duplicates(&sent), duplicates(&after_kill), "a graceful restart re-sent events");
 

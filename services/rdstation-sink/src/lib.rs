@@ -100,6 +100,10 @@ pub struct RdArgs {
     /// The per-contact budget's sliding window.
     #[arg(long = "contact-update-window", env = "ELO_RDSTATION_CONTACT_UPDATE_WINDOW", default_value = "86400s", value_parser = elo_service::parse_duration)]
     pub contact_update_window: Duration,
+    /// Customers of one partition's batch worked at the same time (each customer's events stay
+    /// in order); also the most events per partition a crash can make RD receive twice.
+    #[arg(long = "customer-concurrency", env = "ELO_RDSTATION_CUSTOMER_CONCURRENCY", default_value_t = 8)]
+    pub customer_concurrency: usize,
     /// E-commerce event mapping file (TOML) [default: the embedded `config/events.toml`].
     #[arg(long = "events-file", env = "ELO_RDSTATION_EVENTS_FILE")]
     pub events_file: Option<PathBuf>,
@@ -222,6 +226,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         mapping,
         t.outcomes.clone(),
         ContactBudget { per_contact: config.rd.contact_updates.max(1), window: config.rd.contact_update_window },
+        config.rd.customer_concurrency.max(1),
         config.rd.create_fields,
     ));
     let reload_every = config.rd.rules_reload_interval;
