@@ -408,7 +408,20 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     assert_eq!(got.len(), want.len(), "missing: {:?}", want.difference(&got).take(5).collect::<Vec<_>>());
     assert_eq!(got, want);
 
-    // Contacts: what the rules dictate, from the independent aggregates.
+    // Contacts: what the rules dictate, from the independent aggregates. Contact writes the
+    // budget deferred land with the sweep, after the commit: wait for the stage and order count
+    // of every contact before comparing everything.
+    let settled = wait_until(Duration::from_secs(60), || {
+        let contacts = contacts_by_email(&rd);
+        expect.iter().filter(|(c, _)| people[**c].key != erased.key).all(|(c, e)| {
+            contacts.get(&people[*c].email).is_some_and(|k| {
+                k.funnel["lifecycle_stage"] == e.stage_and_segment().0
+                    && k.fields.get("cf_elo_order_count") == Some(&json!(e.frequency()))
+            })
+        })
+    })
+    .await;
+    assert!(settled, "the contacts did not settle:\n{}", log(dir.path(), "sink"));
     let contacts = contacts_by_email(&rd);
     assert!(
         !contacts.contains_key(&erased.email),

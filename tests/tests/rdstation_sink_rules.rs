@@ -155,7 +155,11 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     let done = wait_until(Duration::from_secs(120), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         let committed = tokio::task::block_in_place(|| committed(&brokers(), &group, &topic, 3)).values().sum::<i64>();
+        // Contact writes the budget deferred land with the sweep, after the commit.
+        let contacts = snapshot(&rd);
         committed >= ORDERS as i64
+            && contacts.len() == CUSTOMERS
+            && contacts.values().all(|(t, s, _)| t.contains("repeat-buyer") && s == "Client")
     })
     .await;
     assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));

@@ -91,6 +91,28 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The most access tokens one request refreshes before its 401 is an `auth` failure.
 pub const TOKENS_PER_REQUEST: u32 = 4;
 
+/// Requests of non-waiting clients ([`RdClient::without_waiting`]) that may queue for the
+/// budget.
+const QUEUE_WITHOUT_WAITING: u32 = 2;
+
+/// A place in the budget queue, given back when dropped (also when the wait is cancelled).
+struct Queued<'a> {
+    count: &'a AtomicU32,
+    ahead: u32,
+}
+
+impl<'a> Queued<'a> {
+    fn join(count: &'a AtomicU32) -> Self {
+        Self { count, ahead: count.fetch_add(1, AtomicOrdering::AcqRel) }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
+}
+
 /// What a request counts against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Budget {
@@ -156,6 +178,8 @@ struct Inner {
     budget: DefaultDirectRateLimiter,
     /// Budget cells taken by [`RdClient::reserve`] and not used yet.
     credits: AtomicU32,
+    /// Requests of non-waiting clients queued for the budget.
+    queued: AtomicU32,
 }
 
 impl RdClient {
@@ -177,14 +201,16 @@ impl RdClient {
                 refreshing: Mutex::new(()),
                 budget,
                 credits: AtomicU32::new(0),
+                queued: AtomicU32::new(0),
             }),
             wait_for_budget: true,
         })
     }
 
-    /// The same client, but a contact request finding the budget spent fails at once with
-    /// [`Error::BudgetSpent`] instead of waiting: the consumer's batches use it, so e-commerce
-    /// events never queue behind contact writes (those are deferred and coalesced).
+    /// The same client, but a contact request finding the budget spent (and already
+    /// [`QUEUE_WITHOUT_WAITING`] requests waiting for it) fails at once with
+    /// [`Error::BudgetSpent`]: the consumer's batches use it, so e-commerce events never queue
+    /// behind contact writes (those are deferred and coalesced).
     pub fn without_waiting(&self) -> Self {
         Self { inner: self.inner.clone(), wait_for_budget: false }
     }
@@ -208,7 +234,13 @@ impl RdClient {
                 self.inner.budget.until_ready().await;
             }
         } else if self.inner.budget.check().is_err() {
-            return Err(Error::BudgetSpent);
+            // A short queue may wait (a sync's next request, a light load); beyond it the
+            // budget is spent for now.
+            let place = Queued::join(&self.inner.queued);
+            if place.ahead >= QUEUE_WITHOUT_WAITING {
+                return Err(Error::BudgetSpent);
+            }
+            self.inner.budget.until_ready().await;
         }
         metrics::BUDGET_USED.inc();
         Ok(())

@@ -13,8 +13,11 @@
 //!   buffers, against the same process idle on an empty topic. Target: under 150 MiB.
 //! - order-ingest push and poll ([`push`]): the release binary, with the load generator
 //!   (`elo-loadgen`) in a process of its own.
+//! - rdstation-sink ([`rdstation`], `ELO_BENCH=rdstation`): budget share and 429s under a
+//!   backlog, freshness at 200 orders/s against 100 ms of RD latency, back-test speed, peak RSS.
 
 mod push;
+mod rdstation;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
         };
         push::push(&mut rows, &kafka).await?;
         return push::poll(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("rdstation") {
+        return rdstation::rdstation(&mut rows).await;
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("poll") {
         return push::poll(&mut rows).await;
@@ -248,6 +254,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     consumer_memory(&mut rows).await?;
+    rdstation::rdstation(&mut rows).await?;
 
     // order-ingest push and poll, the production binary against the Magento simulator. Last:
     // they write a few hundred thousand records, which slows the local broker's later reads.
