@@ -222,6 +222,12 @@ impl RdClient {
         self.inner.credits.fetch_add(1, AtomicOrdering::AcqRel);
     }
 
+    /// Drops the reserved cells not used: kept, they would add up to a burst beyond the
+    /// budget's pace.
+    pub fn forfeit_reserved(&self) {
+        self.inner.credits.store(0, AtomicOrdering::Release);
+    }
+
     /// Takes a reserved cell, if any.
     fn take_credit(&self) -> bool {
         self.inner.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()

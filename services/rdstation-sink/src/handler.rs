@@ -47,6 +47,11 @@ pub struct Sink {
     fields_checked: AtomicBool,
     fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
+    /// Partitions assigned to this member (restores of others are dropped).
+    assigned: Mutex<HashSet<i32>>,
+    restoring: Mutex<()>,
+    /// Where restores run off the consumer's poll thread.
+    runtime: Option<tokio::runtime::Handle>,
     /// Customers whose contact update waits for the per-contact budget, so the periodic flush
     /// does not scan every customer.
     deferred: Mutex<HashSet<(i32, String)>>,
@@ -92,14 +97,32 @@ impl Sink {
             fields_checked: AtomicBool::new(false),
             fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
+            assigned: Mutex::default(),
+            restoring: Mutex::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             deferred: Mutex::default(),
             partition_locks: Mutex::default(),
         }
     }
 
+    /// Restores the partition's state from the changelogs (blocking; one partition at a time),
+    /// unless it is restored already or no longer assigned.
     fn restore(&self, partition: i32) -> bool {
+        let _one_at_a_time = self.restoring.lock().expect("restoring lock");
+        if self.restored.lock().expect("restored lock").contains(&partition) {
+            return true;
+        }
+        if !self.assigned.lock().expect("assigned lock").contains(&partition) {
+            return false;
+        }
         let result = self.customers.restore(partition).and_then(|_| self.sent.restore(partition));
         match result {
+            Ok(_) if !self.assigned.lock().expect("assigned lock").contains(&partition) => {
+                // Revoked while restoring: the new owner's state, not ours.
+                self.customers.release(partition);
+                self.sent.release(partition);
+                false
+            }
             Ok(_) => {
                 let waiting = self.customers.entries(partition).into_iter().filter(|(_, s)| s.deferred);
                 self.deferred.lock().expect("deferred lock").extend(waiting.map(|(k, _)| (partition, k)));
@@ -177,16 +200,24 @@ impl Sink {
         };
         let (mut changed, mut failed) = (0, 0);
         for (partition, key) in targets {
+            // Cells reserved for the previous customer and not used would add up to a burst.
+            self.client.forfeit_reserved();
             // The budget is taken before the partition's lock, so the partition's batches do
-            // not wait while the sweep waits for the budget.
+            // not wait while the sweep waits for the budget; only for a contact that will be
+            // written now (not one whose per-contact budget is spent).
             if let Some(peek) = self.customers.get(partition, &key)
                 && (!only_deferred || peek.deferred)
+                && !peek.identity.email.is_empty()
             {
                 let now = now_ms();
+                let window = self.budget.window.as_millis() as i64;
+                let recent = peek.writes_ms.iter().filter(|t| now - **t < window).count();
                 let aggregate = peek.aggregate(now);
                 let desired = contacts::desired(&peek, &aggregate, &self.rules().evaluate(&aggregate));
-                for _ in 0..contacts::planned_requests(&peek, &desired) {
-                    self.client.reserve().await;
+                if recent < self.budget.per_contact {
+                    for _ in 0..contacts::planned_requests(&peek, &desired) {
+                        self.client.reserve().await;
+                    }
                 }
             }
             let lock = self.partition_lock(partition);
@@ -216,6 +247,7 @@ impl Sink {
                 }
             }
         }
+        self.client.forfeit_reserved();
         (changed, failed)
     }
 
@@ -531,8 +563,19 @@ impl elo_kafka::Handler for SinkHandler {
         self.0.handle_batch(batch).await
     }
 
+    /// Starts restoring the partition's state at once, but off the poll thread: a restore
+    /// takes seconds on a busy broker, and blocking the rebalance callback that long lets the
+    /// group session expire (the assignment is lost and the restore starts over). The first
+    /// batch waits for it (`ensure_restored`).
     fn on_assigned(&self, _topic: &str, partition: i32) {
-        self.0.restore(partition);
+        self.0.assigned.lock().expect("assigned lock").insert(partition);
+        let sink = self.0.clone();
+        match &self.0.runtime {
+            Some(runtime) => drop(runtime.spawn_blocking(move || sink.restore(partition))),
+            None => {
+                sink.restore(partition);
+            }
+        }
     }
 
     fn on_revoked(&self, _topic: &str, partition: i32) {
@@ -554,6 +597,7 @@ impl elo_kafka::Handler for SinkHandler {
                 }
             }
         };
+        self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);
