@@ -123,7 +123,7 @@ fn rules() -> Rules {
 async fn sync(client: &RdClient, state: &mut CustomerState, rules: &Rules) -> usize {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
-    contacts::sync(client, state, &desired).await.unwrap()
+    contacts::sync(client, state, &desired, &|_| Box::pin(async { Ok(()) })).await.unwrap()
 }
 
 fn rdstation_sink_now() -> i64 {

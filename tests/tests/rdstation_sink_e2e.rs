@@ -325,9 +325,9 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     produce(&producer, &topic, &records[..records.len() / 2]).await;
 
     // First run: killed with SIGKILL once a quarter of the events went out. RD answers after
-    // 20 ms, so requests are in flight at the kill (without latency the sink sends thousands of
-    // events between two looks, and the kill would land after the stream).
-    rd.faults.set("rdstation", sandbox::faults::FaultConfig { latency_fixed_ms: Some(20), ..Default::default() });
+    // 50 ms, so the kill lands mid-stream with requests in flight (without latency the sink
+    // sends the whole stream while the second half is still being produced).
+    rd.faults.set("rdstation", sandbox::faults::FaultConfig { latency_fixed_ms: Some(50), ..Default::default() });
     let group = unique("e2e.rd.group");
     // A session of 12 s (the harness's 6 s is lost to heartbeat timeouts on a loaded machine, and
     // Tansu then strands the partitions, see tansu_known_issues.rs).

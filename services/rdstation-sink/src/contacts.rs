@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::future::BoxFuture;
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
@@ -107,10 +108,23 @@ pub fn planned_requests(state: &CustomerState, desired: &Desired) -> u32 {
     n + u32::from(desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s)))
 }
 
+/// Writes a customer's state (to the state store), for [`sync`].
+pub type Persist<'a> = &'a (dyn Fn(CustomerState) -> BoxFuture<'a, Result<()>> + Send + Sync);
+
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
 /// step (a failure half-way leaves the state saying what did land). Returns the number of
 /// writes made (0: coalesced).
-pub async fn sync(client: &RdClient, state: &mut CustomerState, desired: &Desired) -> Result<usize> {
+///
+/// `persist` is called with the state right before tags are added, recording them as Elo's
+/// first: a crash after RD added them must not leave Elo taking its own tags for someone
+/// else's (it would then never remove them). The cost of that order: a marketer adding the
+/// very same tag between a crash and the next sync could see Elo remove it later.
+pub async fn sync(
+    client: &RdClient,
+    state: &mut CustomerState,
+    desired: &Desired,
+    persist: Persist<'_>,
+) -> Result<usize> {
     let mut writes = 0;
     let mut current_tags: Option<BTreeSet<String>> = None;
     if state.contact_uuid.is_none() {
@@ -161,11 +175,16 @@ pub async fn sync(client: &RdClient, state: &mut CustomerState, desired: &Desire
     let known = current_tags.as_ref().unwrap_or(&state.applied.tags);
     let missing: Vec<String> = desired.tags.iter().filter(|t| !known.contains(*t)).cloned().collect();
     if !missing.is_empty() {
-        let added = add_tags(client, &uuid, missing).await?;
+        let owned_before = state.applied.owned_tags.clone();
+        state.applied.owned_tags.extend(missing.iter().cloned());
+        persist(state.clone()).await?;
+        let added = add_tags(client, &uuid, missing.clone()).await?;
         if !added.is_empty() {
             writes += 1;
         }
-        state.applied.owned_tags.extend(added);
+        // Found on the contact already: someone else's, unless Elo's own attempt before a
+        // crash put it there (it was recorded as Elo's then).
+        state.applied.owned_tags.retain(|t| owned_before.contains(t) || !missing.contains(t) || added.contains(t));
     }
     // Only the tags Elo wants are remembered as applied: others' tags are not Elo's to track.
     state.applied.tags = desired.tags.clone();

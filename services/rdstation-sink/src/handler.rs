@@ -325,7 +325,16 @@ impl Sink {
         // coalesced with later ones) rather than holding back the partition's events.
         let client = if wait_for_budget { self.client.clone() } else { self.client.without_waiting() };
         let before = (state.applied.clone(), state.contact_uuid.clone());
-        let result = contacts::sync(&client, &mut state, &desired).await;
+        let customers = &self.customers;
+        let persist = |s: CustomerState| -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
+            Box::pin(async move {
+                customers
+                    .put(partition, key, s)
+                    .await
+                    .map_err(|e| crate::client::Error::Transient(format!("state write: {e}")))
+            })
+        };
+        let result = contacts::sync(&client, &mut state, &desired, &persist).await;
         if (&state.applied, &state.contact_uuid) != (&before.0, &before.1) {
             state.writes_ms.push(now);
         }
