@@ -333,7 +333,8 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     // Tansu then strands the partitions, see tansu_known_issues.rs).
     let start = || {
         let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
-        ChildGuard::spawn("rdstation-sink", command.env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "12000"))
+        command.env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "12000").env("ELO_RDSTATION_CUSTOMER_CONCURRENCY", "8");
+        ChildGuard::spawn("rdstation-sink", &mut command)
     };
     let mut sink = start();
     produce(&producer, &topic, &records[records.len() / 2..]).await;
@@ -379,9 +380,9 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     assert!(counters["rdstation"]["POST /auth/token"].as_u64().unwrap() > 3, "tokens were refreshed: {counters}");
     let after_kill = sent_events(&rd);
     eprintln!("killed at {at_kill} of {} events; re-sent after the kill: {}", events.len(), duplicates(&after_kill));
-    // In flight at the kill: at most one request per customer being worked, 8 per partition
-    // (ELO_RDSTATION_CUSTOMER_CONCURRENCY) of 3, can have been answered by RD without reaching
-    // the sent-log.
+    // In flight at the kill: at most one request per customer being worked, 8 per batch
+    // (ELO_RDSTATION_CUSTOMER_CONCURRENCY here) and one batch per partition (3), can have been
+    // answered by RD without reaching the sent-log.
     assert!(duplicates(&after_kill) <= 3 * 8, "re-sent {} events after a kill", duplicates(&after_kill));
 
     // Graceful stop; an erasure arrives; the restarted sink re-sends nothing.
