@@ -34,7 +34,7 @@ unit-and-integration:
 ## bench: throughput benchmarks, reported as ratios against a baseline of the same run
 bench: setup build
 	ELO_STACK_KAFKA_PORT=$(TEST_KAFKA_PORT) ELO_STACK_REGISTRY_PORT=$(TEST_REGISTRY_PORT) \
-	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins -p order-ingest -p salesforce-sink && \
+	  scripts/stack.sh -- bash -c '$(CARGO) build --release -p elo-integration-tests --bins -p order-ingest -p salesforce-sink -p rdstation-sink && \
 	    $(CARGO) run --release -p elo-integration-tests --bin elo-bench'
 
 ## bench-salesforce: salesforce-sink's bench (ELO_BENCH=salesforce), each run on a fresh stack

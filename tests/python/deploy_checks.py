@@ -207,8 +207,13 @@ def check_rules_of_deploy(target, docs, expect_topics):
             if env["name"].endswith("_FILE"):
                 mounts = [m for m in c.get("volumeMounts", []) if env["value"].startswith(m["mountPath"] + "/")]
                 vols = {v["name"]: v for v in spec.get("volumes", [])}
-                if not mounts or "secret" not in vols.get(mounts[0]["name"], {}):
-                    fail(f"{where}: {env['name']}={env['value']} is not inside a mounted Secret")
+                vol = vols.get(mounts[0]["name"], {}) if mounts else {}
+                # Credentials come from Secrets; other files (rules, mappings) from any mounted volume.
+                if re.search(r"PASSWORD|SECRET|TOKEN|KEY_FILE", env["name"]):
+                    if "secret" not in vol:
+                        fail(f"{where}: {env['name']}={env['value']} is not inside a mounted Secret")
+                elif not ({"secret", "configMap"} & set(vol)):
+                    fail(f"{where}: {env['name']}={env['value']} is not inside a mounted Secret or ConfigMap")
         if not any(
             set(p["spec"]["selector"]["matchLabels"].items()) <= set(labels.items()) for p in pdbs
         ):

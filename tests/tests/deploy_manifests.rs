@@ -47,6 +47,61 @@ fn config_map_only_sets_variables_the_services_read() {
     assert!(admin.ends_with(":9100"), "probes target 9100, admin listens on {admin}");
 }
 
+/// `ELO_*` names set in `env:` lists of a manifest (`- name: ELO_X` or `- {name: ELO_X, ...}`).
+fn env_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim().trim_start_matches("- ").trim_start_matches('{');
+            let rest = l.strip_prefix("name: ")?;
+            let name: String = rest.chars().take_while(|c| c.is_ascii_uppercase() || *c == '_').collect();
+            name.starts_with("ELO_").then_some(name)
+        })
+        .collect()
+}
+
+/// Every variable a Deployment (or an overlay's patch) sets is one its service reads, so a
+/// renamed flag cannot leave a credential file or the rules file silently unused.
+#[test]
+fn deployment_env_vars_are_read_by_their_service() {
+    let mut checked = 0;
+    for service in SERVICES {
+        let help = help(service);
+        let text = std::fs::read_to_string(root().join(format!("deploy/base/{service}.yaml"))).unwrap();
+        for name in env_names(&text).into_iter().filter(|n| !n.starts_with("ELO_RDKAFKA_")) {
+            assert!(help.contains(&format!("[env: {name}=")), "{service} sets {name}, which it does not read");
+            checked += 1;
+        }
+    }
+    let helps: Vec<String> = SERVICES.iter().map(|s| help(s)).collect();
+    for overlay in ["dev", "prod"] {
+        let text =
+            std::fs::read_to_string(root().join(format!("deploy/overlays/{overlay}/kustomization.yaml"))).unwrap();
+        for name in env_names(&text).into_iter().filter(|n| !n.starts_with("ELO_RDKAFKA_")) {
+            assert!(
+                helps.iter().any(|h| h.contains(&format!("[env: {name}="))),
+                "{overlay} sets {name}, read by no service"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "the sinks' credential and rules settings are in the manifests ({checked} checked)");
+}
+
+/// The rules and event mapping the rdstation-sink ConfigMap mounts are valid, and the mapping is
+/// the sink's embedded default (update both together).
+#[test]
+fn rdstation_config_map_holds_valid_rules_and_the_default_event_mapping() {
+    let dir = root().join("deploy/base/rdstation");
+    let rules = rdstation_sink::rules::Rules::load(&dir.join("rules.toml")).unwrap();
+    assert!(!rules.rules.is_empty());
+    rdstation_sink::events::EventMapping::load(&dir.join("events.toml")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("events.toml")).unwrap(),
+        rdstation_sink::events::DEFAULT_MAPPING,
+        "deploy/base/rdstation/events.toml differs from services/rdstation-sink/config/events.toml"
+    );
+}
+
 #[test]
 fn deployments_probe_the_admin_routes_and_outlast_the_drain() {
     let drain: u64 = config_map()

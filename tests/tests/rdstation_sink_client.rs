@@ -123,7 +123,7 @@ fn rules() -> Rules {
 async fn sync(client: &RdClient, state: &mut CustomerState, rules: &Rules) -> usize {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
-    contacts::sync(client, state, &desired).await.unwrap()
+    contacts::sync(client, state, &desired, &|_| Box::pin(async { Ok(()) })).await.unwrap()
 }
 
 fn rdstation_sink_now() -> i64 {
@@ -236,4 +236,47 @@ async fn without_a_refresh_token_the_local_sandbox_authorizes_through_its_contro
     rd.sim.lock().unwrap().expire_tokens();
     client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
     assert_eq!(rd.counters.snapshot()["rdstation"]["POST /auth/token"], 2);
+}
+
+/// Tokens expiring every few milliseconds while several requests run at once (the sink works
+/// customers concurrently): a request whose token was already replaced by another task's
+/// refresh, and expired again before it was used, must refresh again rather than fail the
+/// record as an `auth` error (which the runtime holds the partition for, with growing waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_survive_tokens_expiring_every_few_milliseconds() {
+    let (rd, url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    let client = client(&rd, &url, 1_000_000).await;
+    let expiring = {
+        let rd = rd.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                rd.sim.lock().unwrap().expire_tokens();
+            }
+        })
+    };
+    let tasks: Vec<_> = (0..12)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..40 {
+                    if let Err(e) =
+                        client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await
+                    {
+                        failures.push(e.to_string());
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for task in tasks {
+        failures.extend(task.await.unwrap());
+    }
+    expiring.abort();
+    let refreshes = rd.counters.snapshot()["rdstation"]["POST /auth/token"].as_u64().unwrap();
+    assert!(refreshes > 10, "the tokens did expire under the requests ({refreshes} token grants)");
+    assert!(failures.is_empty(), "{} of 480 requests failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
 }

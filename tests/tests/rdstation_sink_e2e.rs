@@ -306,8 +306,8 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut records = Vec::new();
     let mut expect: BTreeMap<usize, Expect> = BTreeMap::new();
-    // Each customer's tags over every prefix of their history: a tag may have been set by an
-    // intermediate state (tags are only ever added), never by anything else.
+    // Each customer's tags over every prefix of their history: the data must make some
+    // customer lose a tag an intermediate state called for (Elo then removes it).
     let mut possible_tags: BTreeMap<usize, BTreeSet<&'static str>> = BTreeMap::new();
     let mut events = BTreeSet::new();
     for n in 0..ORDERS {
@@ -324,10 +324,17 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     let producer = producer(&brokers());
     produce(&producer, &topic, &records[..records.len() / 2]).await;
 
-    // First run: killed with SIGKILL once a quarter of the events went out.
+    // First run: killed with SIGKILL once a quarter of the events went out. RD answers after
+    // 50 ms, so the kill lands mid-stream with requests in flight (without latency the sink
+    // sends the whole stream while the second half is still being produced).
+    rd.faults.set("rdstation", sandbox::faults::FaultConfig { latency_fixed_ms: Some(50), ..Default::default() });
     let group = unique("e2e.rd.group");
+    // A session of 12 s (the harness's 6 s is lost to heartbeat timeouts on a loaded machine, and
+    // Tansu then strands the partitions, see tansu_known_issues.rs).
     let start = || {
-        ChildGuard::spawn("rdstation-sink", &mut rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink"))
+        let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+        command.env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "12000").env("ELO_RDSTATION_CUSTOMER_CONCURRENCY", "8");
+        ChildGuard::spawn("rdstation-sink", &mut command)
     };
     let mut sink = start();
     produce(&producer, &topic, &records[records.len() / 2..]).await;
@@ -341,12 +348,12 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     sink.signal("KILL");
     sink.wait_timeout(Duration::from_secs(10)).expect("killed");
     let at_kill = rd.sim.lock().unwrap().events.len();
-    // Past the dead member's session (6 s), so the restarted sink is assigned every partition
+    // Past the dead member's session (12 s), so the restarted sink is assigned every partition
     // (see tansu_known_issues.rs).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(14)).await;
     assert!(at_kill < events.len(), "the kill came after the end ({at_kill} of {})", events.len());
 
-    // The second run meets injected 503s and 429s, and its access token expires every 3 s.
+    // The second run meets injected 503s and 429s, and its access token expires every 500 ms.
     rd.faults.set(
         "rdstation",
         sandbox::faults::FaultConfig { error_rates: [(503, 0.03), (429, 0.02)].into(), ..Default::default() },
@@ -355,7 +362,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
         let rd = rd.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(3)).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 rd.sim.lock().unwrap().expire_tokens();
             }
         })
@@ -368,15 +375,15 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     })
     .await;
     assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));
-    expiring.abort();
     rd.faults.set("rdstation", sandbox::faults::FaultConfig::default());
     let counters = rd.counters.snapshot();
     assert!(counters["rdstation"]["POST /auth/token"].as_u64().unwrap() > 3, "tokens were refreshed: {counters}");
     let after_kill = sent_events(&rd);
     eprintln!("killed at {at_kill} of {} events; re-sent after the kill: {}", events.len(), duplicates(&after_kill));
-    // In flight at the kill: at most one request per partition (3) can have been answered by RD
-    // without reaching the sent-log.
-    assert!(duplicates(&after_kill) <= 3, "re-sent {} events after a kill", duplicates(&after_kill));
+    // In flight at the kill: at most one request per customer being worked, 8 per batch
+    // (ELO_RDSTATION_CUSTOMER_CONCURRENCY here) and one batch per partition (3), can have been
+    // answered by RD without reaching the sent-log.
+    assert!(duplicates(&after_kill) <= 3 * 8, "re-sent {} events after a kill", duplicates(&after_kill));
 
     // Graceful stop; an erasure arrives; the restarted sink re-sends nothing.
     sink.signal("TERM");
@@ -398,6 +405,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     let _sink = start();
     let done = wait_until(Duration::from_secs(120), || tokio::task::block_in_place(|| caught_up(&group, &topic))).await;
     assert!(done, "the restarted sink did not catch up:\n{}", log(dir.path(), "sink"));
+    expiring.abort();
     let sent = sent_events(&rd);
     assert_eq!(duplicates(&sent), duplicates(&after_kill), "a graceful restart re-sent events");
 
@@ -407,7 +415,39 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     assert_eq!(got.len(), want.len(), "missing: {:?}", want.difference(&got).take(5).collect::<Vec<_>>());
     assert_eq!(got, want);
 
-    // Contacts: what the rules dictate, from the independent aggregates.
+    // Customers are worked in parallel, each in order: an order's events reached RD in its
+    // lifecycle's order (first arrivals; a re-sent event comes again later).
+    let rank = |t: &str| match t {
+        "ECOMMERCE_ORDER_PLACED" => 0,
+        "ECOMMERCE_ORDER_PAID" | "ECOMMERCE_ORDER_CANCELLED" => 1,
+        _ => 2,
+    };
+    let mut last_rank: BTreeMap<String, i32> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for e in &rd.sim.lock().unwrap().events {
+        let (order, kind) = (e["payload"]["order_id"].as_str().unwrap().to_owned(), e["event_type"].as_str().unwrap());
+        if !seen.insert((order.clone(), kind.to_owned())) {
+            continue;
+        }
+        let r = rank(kind);
+        let before = last_rank.insert(order.clone(), r).unwrap_or(-1);
+        assert!(before <= r, "order {order}: {kind} reached RD after a later event of its lifecycle");
+    }
+
+    // Contacts: what the rules dictate, from the independent aggregates. Contact writes the
+    // budget deferred land with the sweep, after the commit: wait for the stage and order count
+    // of every contact before comparing everything.
+    let settled = wait_until(Duration::from_secs(60), || {
+        let contacts = contacts_by_email(&rd);
+        expect.iter().filter(|(c, _)| people[**c].key != erased.key).all(|(c, e)| {
+            contacts.get(&people[*c].email).is_some_and(|k| {
+                k.funnel["lifecycle_stage"] == e.stage_and_segment().0
+                    && k.fields.get("cf_elo_order_count") == Some(&json!(e.frequency()))
+            })
+        })
+    })
+    .await;
+    assert!(settled, "the contacts did not settle:\n{}", log(dir.path(), "sink"));
     let contacts = contacts_by_email(&rd);
     assert!(
         !contacts.contains_key(&erased.email),
@@ -429,14 +469,12 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
         let f = &contact.fields;
         let tags: BTreeSet<&str> =
             f.get("tags").and_then(|t| t.as_array()).into_iter().flatten().map(|t| t.as_str().unwrap()).collect();
+        // Elo's tags follow the final aggregates exactly (a tag an earlier state called for,
+        // e.g. `buyer` before the only order was cancelled, is gone), outside tags stay.
         let final_tags = e.tags(p, now);
         let outside: BTreeSet<&str> = if c % 10 == 1 { ["from-crm"].into() } else { BTreeSet::new() };
-        assert!(
-            final_tags.is_subset(&tags) && outside.is_subset(&tags),
-            "customer {c}: tags {tags:?}, want {final_tags:?} + {outside:?}"
-        );
-        let allowed: BTreeSet<&str> = possible_tags[c].union(&outside).copied().collect();
-        assert!(tags.is_subset(&allowed), "customer {c}: tags {tags:?} beyond {allowed:?}");
+        let want: BTreeSet<&str> = final_tags.union(&outside).copied().collect();
+        assert_eq!(tags, want, "customer {c}");
         let (stage, segment) = e.stage_and_segment();
         assert_eq!(contact.funnel["lifecycle_stage"], stage, "customer {c}");
         assert_eq!(f["cf_elo_segment"], segment, "customer {c}");
@@ -452,6 +490,8 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
         checked += 1;
     }
     assert!(checked > CUSTOMERS * 2 / 3, "only {checked} customers had orders");
+    let lost = expect.iter().filter(|(c, e)| possible_tags[*c] != e.tags(&people[**c], now)).count();
+    assert!(lost > 0, "no customer lost a tag on the way: the removal went untested");
     let segments: BTreeSet<&str> = expect.values().map(|e| e.stage_and_segment().1).collect();
     assert_eq!(segments.len(), 4, "the data covers every segment: {segments:?}");
     assert_eq!(contacts.len(), checked, "one contact per customer, no duplicates from e-mail lookups");

@@ -34,7 +34,48 @@ tags = ["repeat-buyer"]
 stage = "Client"
 "#;
 
+/// V2 with a stricter `repeat` rule: customers with 3 orders no longer match it.
+const RULES_V3: &str = r#"
+[[rule]]
+name = "loyal"
+when = { frequency_gte = 4 }
+tags = ["loyal"]
+stage = "Client"
+fields = { cf_elo_tier = "gold" }
+
+[[rule]]
+name = "repeat"
+when = { frequency_gte = 4 }
+tags = ["repeat-buyer"]
+stage = "Client"
+"#;
+
 const CUSTOMERS: usize = 60;
+
+/// Contacts marketers tagged in RD before Elo saw them: customer 21's `repeat-buyer` is the
+/// marketers' own (Elo must never remove it), customer 22 carries an outside tag.
+const PRE_TAGGED: &[(usize, &[&str])] = &[(21, &["repeat-buyer"]), (22, &["from-crm"])];
+
+/// `rdstation-sink rules dry-run` of `rules` against the state of `topic`: key → changes.
+fn dry_run(topic: &str, rules: &std::path::Path) -> (BTreeMap<String, String>, String) {
+    let output = Command::new(binary("rdstation-sink"))
+        .args(["rules", "dry-run"])
+        .env("ELO_KAFKA_BROKERS", brokers())
+        .env("ELO_RDSTATION_STATE_TOPIC", format!("{topic}.rd-state"))
+        .env("ELO_RDSTATION_RULES_FILE", rules)
+        .env("ELO_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = String::from_utf8(output.stdout).unwrap();
+    let predicted = report
+        .lines()
+        .filter_map(|l| {
+            l.split_once(' ').filter(|(k, _)| k.starts_with("c:")).map(|(k, rest)| (k.to_owned(), rest.to_owned()))
+        })
+        .collect();
+    (predicted, report)
+}
 const ORDERS: usize = 200;
 
 /// email → (tags, stage, cf_elo_tier).
@@ -65,6 +106,17 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES_V1).unwrap();
 
+    {
+        let mut sim = rd.sim.lock().unwrap();
+        for (c, tags) in PRE_TAGGED {
+            let uuid = format!("00000000-0000-4000-b000-{c:012}");
+            let mut fields = serde_json::Map::new();
+            fields.insert("email".into(), format!("rules{c}@example.com").into());
+            fields.insert("tags".into(), serde_json::json!(tags));
+            let funnel = serde_json::json!({"lifecycle_stage": "Lead", "opportunity": false});
+            sim.contacts.insert(uuid.clone(), sandbox::rdstation::Contact { uuid, fields, funnel, created_ms: 0 });
+        }
+    }
     let topic = unique("e2e.rd-rules.commerce");
     create_topics(&brokers(), &[(&topic, 3)]).await;
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
@@ -103,7 +155,11 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     let done = wait_until(Duration::from_secs(120), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         let committed = tokio::task::block_in_place(|| committed(&brokers(), &group, &topic, 3)).values().sum::<i64>();
+        // Contact writes the budget deferred land with the sweep, after the commit.
+        let contacts = snapshot(&rd);
         committed >= ORDERS as i64
+            && contacts.len() == CUSTOMERS
+            && contacts.values().all(|(t, s, _)| t.contains("repeat-buyer") && s == "Client")
     })
     .await;
     assert!(done, "the sink did not catch up:\n{}", log(dir.path(), "sink"));
@@ -114,22 +170,7 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     // The dry run of the new rules, from the state in Kafka.
     let proposed = dir.path().join("proposed.toml");
     std::fs::write(&proposed, RULES_V2).unwrap();
-    let output = Command::new(binary("rdstation-sink"))
-        .args(["rules", "dry-run"])
-        .env("ELO_KAFKA_BROKERS", brokers())
-        .env("ELO_RDSTATION_STATE_TOPIC", format!("{topic}.rd-state"))
-        .env("ELO_RDSTATION_RULES_FILE", &proposed)
-        .env("ELO_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let report = String::from_utf8(output.stdout).unwrap();
-    let predicted: BTreeMap<String, String> = report
-        .lines()
-        .filter_map(|l| {
-            l.split_once(' ').filter(|(k, _)| k.starts_with("c:")).map(|(k, rest)| (k.to_owned(), rest.to_owned()))
-        })
-        .collect();
+    let (predicted, report) = dry_run(&topic, &proposed);
     let loyal: BTreeSet<String> = orders_of.iter().filter(|(_, n)| **n >= 4).map(|(k, _)| k.clone()).collect();
     assert_eq!(predicted.keys().cloned().collect::<BTreeSet<_>>(), loyal, "dry run:\n{report}");
     assert!(
@@ -178,6 +219,35 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
         assert_eq!((stage.as_str(), tier.as_str()), (Some("Client"), Some("gold")));
     }
 
+    // A stricter rule un-matches the customers with 3 orders: the dry run says Elo's tag goes,
+    // the running sink removes it, and tags Elo did not set stay (customer 21's marketers set
+    // `repeat-buyer` themselves; customer 22's `from-crm`).
+    std::fs::write(&proposed, RULES_V3).unwrap();
+    let (predicted, report) = dry_run(&topic, &proposed);
+    let marketers_own = ids::customer_key(Some(22), "rules21@example.com");
+    let unmatched: BTreeSet<String> =
+        orders_of.iter().filter(|(k, n)| **n < 4 && **k != marketers_own).map(|(k, _)| k.clone()).collect();
+    assert!(unmatched.len() > 10, "the data un-matches customers: {unmatched:?}");
+    assert_eq!(predicted.keys().cloned().collect::<BTreeSet<_>>(), unmatched, "dry run:\n{report}");
+    assert!(predicted.values().all(|c| c.ends_with("): -tag repeat-buyer")), "only the tag goes:\n{report}");
+    let before = after;
+    std::fs::write(dir.path().join("rules.next"), RULES_V3).unwrap();
+    std::fs::rename(dir.path().join("rules.next"), &rules).unwrap();
+    let removed = wait_until(Duration::from_secs(60), || {
+        let now = snapshot(&rd);
+        unmatched.iter().all(|k| !now[&email_of[k]].0.contains("repeat-buyer"))
+    })
+    .await;
+    assert!(removed, "Elo's tags were not removed:\n{}", log(dir.path(), "sink"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = snapshot(&rd);
+    let changed: BTreeSet<String> =
+        email_of.iter().filter(|(_, e)| before[*e] != after[*e]).map(|(k, _)| k.clone()).collect();
+    assert_eq!(changed, unmatched, "exactly the contacts the dry run named changed");
+    let tags_of = |c: usize| after[&format!("rules{c}@example.com")].0.clone();
+    assert!(tags_of(21).contains("repeat-buyer"), "the marketers' own tag stays: {:?}", tags_of(21));
+    assert_eq!(tags_of(22), BTreeSet::from(["from-crm".to_owned()]), "an outside tag stays, Elo's goes");
+
     // The metrics an operator needs.
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().text().await.unwrap();
     for needle in [
@@ -188,6 +258,7 @@ async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
         r#"rdstation_sink_rule_hits_total{rule="loyal"}"#,
         r#"rdstation_sink_events_sent_total{event_type="ECOMMERCE_ORDER_PLACED"} 200"#,
         r#"rdstation_sink_contact_writes_total{operation="tag"}"#,
+        r#"rdstation_sink_contact_writes_total{operation="untag"}"#,
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }

@@ -54,6 +54,11 @@ pub struct Applied {
     pub fields: Map<String, Value>,
     pub tags: BTreeSet<String>,
     pub stage: Option<String>,
+    /// Tags Elo itself added to the contact (it lacked them): the only ones Elo removes when
+    /// no rule asks for them any more. Tags the contact had already, from marketers or other
+    /// tools, are never Elo's, even when a rule asks for them too.
+    #[serde(default)]
+    pub owned_tags: BTreeSet<String>,
 }
 
 /// The state store value of one customer key.

@@ -12,6 +12,7 @@ use std::fmt;
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use elo_http_client::{HttpClient, HttpClientConfig};
@@ -41,6 +42,10 @@ pub enum Error {
     /// Local setup (unreadable secret files).
     #[error("rd station client setup: {0}")]
     Setup(String),
+    /// A client that does not wait ([`RdClient::without_waiting`]) found the contact budget
+    /// spent: nothing was sent; the caller defers the work.
+    #[error("the contact budget is spent for now")]
+    BudgetSpent,
 }
 
 impl Error {
@@ -49,6 +54,7 @@ impl Error {
         match self {
             Self::Auth { code } | Self::Refused { code, .. } => code,
             Self::RateLimited { .. } => "RATE_LIMIT_EXCEDDED",
+            Self::BudgetSpent => "budget_spent",
             Self::Transient(_) => "unavailable",
             Self::Setup(_) => "setup",
         }
@@ -64,7 +70,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Auth { .. } | Self::Setup(_) => ErrorClass::Auth,
-            Self::RateLimited { .. } => ErrorClass::RateLimited,
+            Self::RateLimited { .. } | Self::BudgetSpent => ErrorClass::RateLimited,
             Self::Transient(_) => ErrorClass::Transient,
             Self::Refused { .. } => ErrorClass::Permanent,
         }
@@ -81,6 +87,31 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The most access tokens one request refreshes before its 401 is an `auth` failure.
+pub const TOKENS_PER_REQUEST: u32 = 4;
+
+/// Requests of non-waiting clients ([`RdClient::without_waiting`]) that may queue for the
+/// budget.
+const QUEUE_WITHOUT_WAITING: u32 = 2;
+
+/// A place in the budget queue, given back when dropped (also when the wait is cancelled).
+struct Queued<'a> {
+    count: &'a AtomicU32,
+    ahead: u32,
+}
+
+impl<'a> Queued<'a> {
+    fn join(count: &'a AtomicU32) -> Self {
+        Self { count, ahead: count.fetch_add(1, AtomicOrdering::AcqRel) }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
+}
 
 /// What a request counts against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +165,8 @@ impl RdSettings {
 #[derive(Clone)]
 pub struct RdClient {
     inner: Arc<Inner>,
+    /// Contact requests wait for the budget (`true`) or fail with [`Error::BudgetSpent`].
+    wait_for_budget: bool,
 }
 
 struct Inner {
@@ -143,6 +176,10 @@ struct Inner {
     refresh_token: RwLock<Option<String>>,
     refreshing: Mutex<()>,
     budget: DefaultDirectRateLimiter,
+    /// Budget cells taken by [`RdClient::reserve`] and not used yet.
+    credits: AtomicU32,
+    /// Requests of non-waiting clients queued for the budget.
+    queued: AtomicU32,
 }
 
 impl RdClient {
@@ -163,20 +200,70 @@ impl RdClient {
                 settings,
                 refreshing: Mutex::new(()),
                 budget,
+                credits: AtomicU32::new(0),
+                queued: AtomicU32::new(0),
             }),
+            wait_for_budget: true,
         })
     }
 
-    /// Sends one request; on a 401 refreshes the access token once and sends it again.
+    /// The same client, but a contact request finding the budget spent (and already
+    /// [`QUEUE_WITHOUT_WAITING`] requests waiting for it) fails at once with
+    /// [`Error::BudgetSpent`]: the consumer's batches use it, so e-commerce events never queue
+    /// behind contact writes (those are deferred and coalesced).
+    pub fn without_waiting(&self) -> Self {
+        Self { inner: self.inner.clone(), wait_for_budget: false }
+    }
+
+    /// Waits until the budget has room and takes one request's worth for a later contact
+    /// request of a waiting client, so a background sweep can wait before it takes a lock.
+    pub async fn reserve(&self) {
+        self.inner.budget.until_ready().await;
+        self.inner.credits.fetch_add(1, AtomicOrdering::AcqRel);
+    }
+
+    /// Drops the reserved cells not used: kept, they would add up to a burst beyond the
+    /// budget's pace.
+    pub fn forfeit_reserved(&self) {
+        self.inner.credits.store(0, AtomicOrdering::Release);
+    }
+
+    /// Takes a reserved cell, if any.
+    fn take_credit(&self) -> bool {
+        self.inner.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
+    }
+
+    /// Takes the budget for one contact request (waiting, or not, as this client does).
+    async fn spend_budget(&self) -> Result<()> {
+        if self.wait_for_budget {
+            if !self.take_credit() {
+                self.inner.budget.until_ready().await;
+            }
+        } else if self.inner.budget.check().is_err() {
+            // A short queue may wait (a sync's next request, a light load); beyond it the
+            // budget is spent for now.
+            let place = Queued::join(&self.inner.queued);
+            if place.ahead >= QUEUE_WITHOUT_WAITING {
+                return Err(Error::BudgetSpent);
+            }
+            self.inner.budget.until_ready().await;
+        }
+        metrics::BUDGET_USED.inc();
+        Ok(())
+    }
+
+    /// Sends one request; on a 401 refreshes the access token (unless another task already
+    /// did) and sends it again, with at most [`TOKENS_PER_REQUEST`] tokens.
     /// Returns the JSON body (`Null` when empty).
     pub async fn request(&self, method: Method, path: &str, body: Option<&Value>, budget: Budget) -> Result<Value> {
-        let mut refreshed = false;
+        let mut tokens_tried = 0;
         loop {
-            let token = self.access_token().await?;
             if budget == Budget::Contacts {
-                self.inner.budget.until_ready().await;
-                metrics::BUDGET_USED.inc();
+                self.spend_budget().await?;
             }
+            // The token is read after the budget wait, so a wait does not hand RD a token that
+            // expired meanwhile.
+            let token = self.access_token().await?;
             let url = format!("{}{}", self.inner.settings.base_url.trim_end_matches('/'), path);
             let result = self
                 .inner
@@ -201,10 +288,18 @@ impl RdClient {
                 Err(error) => {
                     let error = classify(&error);
                     // RD answers 401 for expired and for invalid tokens (some integrations only
-                    // check one of `expired_token`/`invalid_token`): refresh once either way.
-                    if matches!(&error, Error::Auth { code } if code == "UNAUTHORIZED") && !refreshed {
-                        refreshed = true;
-                        self.refresh(&token).await?;
+                    // check one of `expired_token`/`invalid_token`): refresh either way. Not
+                    // just once per request: when another task refreshed first, the token it
+                    // got may have expired too before this request used it. Bad credentials
+                    // still end here: the refresh itself is refused.
+                    if matches!(&error, Error::Auth { code } if code == "UNAUTHORIZED")
+                        && tokens_tried < TOKENS_PER_REQUEST
+                    {
+                        // Only tokens this request had refreshed count: one another task
+                        // replaced meanwhile says nothing about our credentials.
+                        if self.refresh(&token).await? {
+                            tokens_tried += 1;
+                        }
                         continue;
                     }
                     if matches!(error, Error::RateLimited { .. }) {
@@ -225,13 +320,13 @@ impl RdClient {
     }
 
     /// Exchanges the refresh token for a new access token, unless another task already
-    /// replaced `stale` meanwhile.
-    async fn refresh(&self, stale: &str) -> Result<()> {
+    /// replaced `stale` meanwhile. Returns whether this call refreshed.
+    async fn refresh(&self, stale: &str) -> Result<bool> {
         let _guard = self.inner.refreshing.lock().await;
         if let Some(current) = self.inner.access_token.read().await.as_deref()
             && current != stale
         {
-            return Ok(());
+            return Ok(false);
         }
         let s = &self.inner.settings;
         let url = format!("{}/auth/token", s.base_url.trim_end_matches('/'));
@@ -262,7 +357,7 @@ impl RdClient {
         metrics::TOKEN_REFRESHES.inc();
         let expires_in = value.get("expires_in").and_then(Value::as_i64);
         tracing::info!(expires_in, "rd station access token refreshed");
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -6,13 +6,17 @@
 //!   body never carries `tags`: RD's PATCH replaces the list and would wipe tags marketers or
 //!   other tools set (§4 #12).
 //! - Tags go through `POST …/tag` (append), only the ones the contact lacks: the PATCH answer
-//!   tells which it has, and `/tag` refuses a tag the contact already has.
+//!   tells which it has, and `/tag` refuses a tag the contact already has. The tags Elo added
+//!   are remembered (`owned_tags`); when no rule asks for one any more it is removed, the only
+//!   way RD allows: read the contact's list and PATCH it back without that tag (one GET and
+//!   the PATCH the fields need anyway). Tags Elo did not add are never removed.
 //! - The lifecycle stage goes through the default funnel.
 //! - Nothing is written when the contact already holds what the sink last wrote (coalescing:
 //!   a customer whose orders do not change their segment costs no contact request).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::future::BoxFuture;
 use reqwest::Method;
 use serde_json::{Map, Value, json};
 
@@ -83,19 +87,83 @@ pub fn desired(state: &CustomerState, aggregate: &Aggregate, verdict: &Verdict) 
 
 /// Whether bringing the contact to `desired` takes any request.
 pub fn needs_write(state: &CustomerState, desired: &Desired) -> bool {
-    state.contact_uuid.is_none()
-        || desired.fields != state.applied.fields
-        || !desired.tags.is_subset(&state.applied.tags)
-        || desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s))
+    planned_requests(state, desired) > 0
 }
+
+/// Elo's tags the contact should lose.
+pub fn tags_to_remove(state: &CustomerState, desired: &Desired) -> BTreeSet<String> {
+    state.applied.owned_tags.difference(&desired.tags).cloned().collect()
+}
+
+/// How many contact requests bringing the contact to `desired` takes (at most; 0: none).
+pub fn planned_requests(state: &CustomerState, desired: &Desired) -> u32 {
+    let removing = state.contact_uuid.is_some() && !tags_to_remove(state, desired).is_empty();
+    let mut n = 0;
+    if removing {
+        n += 2;
+    } else {
+        n += u32::from(state.contact_uuid.is_none() || desired.fields != state.applied.fields);
+        n += u32::from(!desired.tags.is_subset(&state.applied.tags));
+    }
+    n + u32::from(desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s)))
+}
+
+/// Writes a customer's state (to the state store), for [`sync`].
+pub type Persist<'a> = &'a (dyn Fn(CustomerState) -> BoxFuture<'a, Result<()>> + Send + Sync);
 
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
 /// step (a failure half-way leaves the state saying what did land). Returns the number of
 /// writes made (0: coalesced).
-pub async fn sync(client: &RdClient, state: &mut CustomerState, desired: &Desired) -> Result<usize> {
+///
+/// `persist` is called with the state right before tags are added, recording them as Elo's
+/// first: a crash after RD added them must not leave Elo taking its own tags for someone
+/// else's (it would then never remove them). The cost of that order: a marketer adding the
+/// very same tag between a crash and the next sync could see Elo remove it later.
+pub async fn sync(
+    client: &RdClient,
+    state: &mut CustomerState,
+    desired: &Desired,
+    persist: Persist<'_>,
+) -> Result<usize> {
     let mut writes = 0;
     let mut current_tags: Option<BTreeSet<String>> = None;
-    if state.contact_uuid.is_none() || desired.fields != state.applied.fields {
+    if state.contact_uuid.is_none() {
+        // A contact Elo does not know holds no tag of Elo's.
+        state.applied.owned_tags.clear();
+    }
+    let remove = tags_to_remove(state, desired);
+    if let Some(uuid) = state.contact_uuid.clone().filter(|_| !remove.is_empty()) {
+        let path = format!("/platform/contacts/uuid:{uuid}");
+        match client.request(Method::GET, &path, None, Budget::Contacts).await {
+            Ok(contact) => {
+                // PATCH replaces the list: the contact's tags as read, less Elo's stale ones,
+                // plus the ones Elo wants (a tag added by someone else between the read and
+                // the write would be lost: the read is kept right before the write).
+                let have = tags_of(&contact);
+                let added: BTreeSet<String> = desired.tags.difference(&have).cloned().collect();
+                let list: BTreeSet<&String> = have.difference(&remove).chain(&desired.tags).collect();
+                let mut body = desired.fields.clone();
+                body.insert("tags".into(), json!(list));
+                let contact =
+                    client.request(Method::PATCH, &path, Some(&Value::Object(body)), Budget::Contacts).await?;
+                metrics::CONTACT_WRITES.with_label_values(&["upsert"]).inc();
+                metrics::CONTACT_WRITES.with_label_values(&["untag"]).inc();
+                writes += 1;
+                state.applied.fields = desired.fields.clone();
+                let owned = &mut state.applied.owned_tags;
+                owned.retain(|t| !remove.contains(t));
+                owned.extend(added);
+                current_tags = Some(tags_of(&contact));
+            }
+            // Deleted in RD meanwhile: the upsert below creates it again, without Elo's tags.
+            Err(Error::Refused { status: 404, .. }) => {
+                state.contact_uuid = None;
+                state.applied.owned_tags.clear();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if current_tags.is_none() && (state.contact_uuid.is_none() || desired.fields != state.applied.fields) {
         let contact = upsert(client, state, &desired.fields).await?;
         writes += 1;
         state.contact_uuid =
@@ -107,12 +175,19 @@ pub async fn sync(client: &RdClient, state: &mut CustomerState, desired: &Desire
     let known = current_tags.as_ref().unwrap_or(&state.applied.tags);
     let missing: Vec<String> = desired.tags.iter().filter(|t| !known.contains(*t)).cloned().collect();
     if !missing.is_empty() {
-        add_tags(client, &uuid, missing).await?;
-        writes += 1;
+        let owned_before = state.applied.owned_tags.clone();
+        state.applied.owned_tags.extend(missing.iter().cloned());
+        persist(state.clone()).await?;
+        let added = add_tags(client, &uuid, missing.clone()).await?;
+        if !added.is_empty() {
+            writes += 1;
+        }
+        // Found on the contact already: someone else's, unless Elo's own attempt before a
+        // crash put it there (it was recorded as Elo's then).
+        state.applied.owned_tags.retain(|t| owned_before.contains(t) || !missing.contains(t) || added.contains(t));
     }
-    state.applied.tags = desired.tags.union(current_tags.as_ref().unwrap_or(&BTreeSet::new())).cloned().collect();
     // Only the tags Elo wants are remembered as applied: others' tags are not Elo's to track.
-    state.applied.tags.retain(|t| desired.tags.contains(t));
+    state.applied.tags = desired.tags.clone();
     if let Some(stage) = &desired.stage
         && state.applied.stage.as_ref() != Some(stage)
     {
@@ -134,7 +209,10 @@ async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<Strin
                 return Ok(contact);
             }
             // Deleted in RD meanwhile: upsert by e-mail below creates it again.
-            Err(Error::Refused { status: 404, .. }) => state.contact_uuid = None,
+            Err(Error::Refused { status: 404, .. }) => {
+                state.contact_uuid = None;
+                state.applied.owned_tags.clear();
+            }
             Err(e) => return Err(e),
         }
     }
@@ -150,13 +228,13 @@ async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<Strin
 }
 
 /// Appends tags; if RD says one is there already (someone added it since we looked), reads
-/// the contact and appends only what is still missing.
-async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<()> {
+/// the contact and appends only what is still missing. Returns the tags Elo added.
+async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Vec<String>> {
     let path = format!("/platform/contacts/uuid:{uuid}/tag");
     match client.request(Method::POST, &path, Some(&json!({"tags": tags})), Budget::Contacts).await {
         Ok(_) => {
             metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
-            Ok(())
+            Ok(tags)
         }
         Err(Error::Refused { code, .. }) if code == "VALUES_MUST_BE_UNIQUE" => {
             let contact =
@@ -164,11 +242,11 @@ async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<()
             let have = tags_of(&contact);
             let missing: Vec<String> = tags.into_iter().filter(|t| !have.contains(t)).collect();
             if missing.is_empty() {
-                return Ok(());
+                return Ok(missing);
             }
             client.request(Method::POST, &path, Some(&json!({"tags": missing})), Budget::Contacts).await?;
             metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
-            Ok(())
+            Ok(missing)
         }
         Err(e) => Err(e),
     }

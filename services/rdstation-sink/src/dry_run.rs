@@ -12,8 +12,8 @@ use crate::aggregates::CustomerState;
 use crate::contacts;
 use crate::rules::Rules;
 
-/// The changes the rules call for on one contact (empty: nothing to do). Tags are only ever
-/// added; fields the mapping writes (lifetime value, last order) change with orders, not rules,
+/// The changes the rules call for on one contact (empty: nothing to do). Tags are added, and
+/// removed only when Elo added them (`-tag`); fields the mapping writes (lifetime value, last order) change with orders, not rules,
 /// and are listed too when they differ.
 pub fn changes(state: &CustomerState, rules: &Rules, now_ms: i64) -> Vec<String> {
     let aggregate = state.aggregate(now_ms);
@@ -21,6 +21,11 @@ pub fn changes(state: &CustomerState, rules: &Rules, now_ms: i64) -> Vec<String>
     let mut out = Vec::new();
     for tag in desired.tags.difference(&state.applied.tags) {
         out.push(format!("+tag {tag}"));
+    }
+    if state.contact_uuid.is_some() {
+        for tag in contacts::tags_to_remove(state, &desired) {
+            out.push(format!("-tag {tag}"));
+        }
     }
     if let Some(stage) = &desired.stage
         && state.applied.stage.as_ref() != Some(stage)

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use elo_events::{CommerceEvent, CommerceEventType, EventCodec, OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError, Producer, Record, StateStore};
+use futures::StreamExt;
 use reqwest::Method;
 
 use crate::aggregates::{Change, CustomerState};
@@ -27,6 +28,7 @@ use crate::metrics;
 use crate::rules::Rules;
 
 mod resend;
+mod sweep;
 pub use resend::WithCommands;
 
 /// Everything the handler needs.
@@ -40,6 +42,8 @@ pub struct Sink {
     pub mapping: EventMapping,
     pub outcomes_topic: String,
     pub budget: ContactBudget,
+    /// Customers of one partition's batch worked at the same time.
+    pub customer_concurrency: usize,
     /// Create the custom fields the mapping and rules need when RD lacks them.
     pub create_fields: bool,
     /// Whether RD's custom fields were checked (done on the first batch, not at startup:
@@ -47,6 +51,11 @@ pub struct Sink {
     fields_checked: AtomicBool,
     fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
+    /// Partitions assigned to this member (restores of others are dropped).
+    assigned: Mutex<HashSet<i32>>,
+    restoring: Mutex<()>,
+    /// Where restores run off the consumer's poll thread.
+    runtime: Option<tokio::runtime::Handle>,
     /// Customers whose contact update waits for the per-contact budget, so the periodic flush
     /// does not scan every customer.
     deferred: Mutex<HashSet<(i32, String)>>,
@@ -62,11 +71,6 @@ pub struct ContactBudget {
     pub window: std::time::Duration,
 }
 
-struct Touched {
-    first: usize,
-    state: CustomerState,
-}
-
 impl Sink {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -79,6 +83,7 @@ impl Sink {
         mapping: EventMapping,
         outcomes_topic: String,
         budget: ContactBudget,
+        customer_concurrency: usize,
         create_fields: bool,
     ) -> Self {
         Self {
@@ -91,18 +96,37 @@ impl Sink {
             mapping,
             outcomes_topic,
             budget,
+            customer_concurrency,
             create_fields,
             fields_checked: AtomicBool::new(false),
             fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
+            assigned: Mutex::default(),
+            restoring: Mutex::default(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             deferred: Mutex::default(),
             partition_locks: Mutex::default(),
         }
     }
 
+    /// Restores the partition's state from the changelogs (blocking; one partition at a time),
+    /// unless it is restored already or no longer assigned.
     fn restore(&self, partition: i32) -> bool {
+        let _one_at_a_time = self.restoring.lock().expect("restoring lock");
+        if self.restored.lock().expect("restored lock").contains(&partition) {
+            return true;
+        }
+        if !self.assigned.lock().expect("assigned lock").contains(&partition) {
+            return false;
+        }
         let result = self.customers.restore(partition).and_then(|_| self.sent.restore(partition));
         match result {
+            Ok(_) if !self.assigned.lock().expect("assigned lock").contains(&partition) => {
+                // Revoked while restoring: the new owner's state, not ours.
+                self.customers.release(partition);
+                self.sent.release(partition);
+                false
+            }
             Ok(_) => {
                 let waiting = self.customers.entries(partition).into_iter().filter(|(_, s)| s.deferred);
                 self.deferred.lock().expect("deferred lock").extend(waiting.map(|(k, _)| (partition, k)));
@@ -157,59 +181,6 @@ impl Sink {
         self.partition_locks.lock().expect("locks lock").entry(partition).or_default().clone()
     }
 
-    /// Brings every contact of the assigned partitions in line with the rules in use (after a
-    /// reload), one customer at a time between batches. Returns (contacts changed, failures).
-    pub async fn apply_rules(&self) -> (usize, usize) {
-        self.sweep(false).await
-    }
-
-    /// Lands the contacts whose write waited for the per-contact budget.
-    pub async fn flush_deferred(&self) -> (usize, usize) {
-        self.sweep(true).await
-    }
-
-    async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
-        let targets: Vec<(i32, String)> = if only_deferred {
-            self.deferred.lock().expect("deferred lock").iter().cloned().collect()
-        } else {
-            let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
-            partitions
-                .into_iter()
-                .flat_map(|p| self.customers.entries(p).into_iter().map(move |(k, _)| (p, k)))
-                .collect()
-        };
-        let (mut changed, mut failed) = (0, 0);
-        for (partition, key) in targets {
-            let lock = self.partition_lock(partition);
-            let _guard = lock.lock().await;
-            if !self.restored.lock().expect("restored lock").contains(&partition) {
-                continue;
-            }
-            let Some(state) = self.customers.get(partition, &key) else {
-                self.deferred.lock().expect("deferred lock").remove(&(partition, key));
-                continue;
-            };
-            if only_deferred && !state.deferred {
-                continue;
-            }
-            let now = now_ms();
-            if state.identity.email.is_empty()
-                || !only_deferred && crate::dry_run::changes(&state, &self.rules(), now).is_empty()
-            {
-                continue;
-            }
-            match self.settle(partition, &key, state, now).await {
-                Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => {}
-                Ok(()) => changed += 1,
-                Err(error) => {
-                    failed += 1;
-                    tracing::warn!(partition, key, error = %error, "rules sweep could not update a contact; will retry");
-                }
-            }
-        }
-        (changed, failed)
-    }
-
     fn rules(&self) -> Arc<Rules> {
         self.rules.read().expect("rules lock").clone()
     }
@@ -241,8 +212,16 @@ impl Sink {
         Ok(sent)
     }
 
-    /// Syncs one customer's contact and persists the state.
-    async fn settle(&self, partition: i32, key: &str, mut state: CustomerState, now: i64) -> Result<(), HandlerError> {
+    /// Syncs one customer's contact and persists the state; `wait_for_budget` off (batches):
+    /// a spent account budget defers the write to the sweep.
+    async fn settle(
+        &self,
+        partition: i32,
+        key: &str,
+        mut state: CustomerState,
+        now: i64,
+        wait_for_budget: bool,
+    ) -> Result<(), HandlerError> {
         if state.identity.email.is_empty() {
             // Orders without a customer block carry nothing to write to a contact yet.
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
@@ -272,15 +251,39 @@ impl Sink {
             self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
-        let result = contacts::sync(&self.client, &mut state, &desired).await;
-        if result.as_ref().is_ok_and(|w| *w > 0) {
+        // A batch does not wait for the account budget: its contact write is deferred (and
+        // coalesced with later ones) rather than holding back the partition's events.
+        let client = if wait_for_budget { self.client.clone() } else { self.client.without_waiting() };
+        let before = (state.applied.clone(), state.contact_uuid.clone());
+        let customers = &self.customers;
+        let persist = |s: CustomerState| -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
+            Box::pin(async move {
+                customers
+                    .put(partition, key, s)
+                    .await
+                    .map_err(|e| crate::client::Error::Transient(format!("state write: {e}")))
+            })
+        };
+        let result = contacts::sync(&client, &mut state, &desired, &persist).await;
+        if (&state.applied, &state.contact_uuid) != (&before.0, &before.1) {
             state.writes_ms.push(now);
-            state.deferred = false;
-            self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
         }
         match result {
-            Ok(0) => metrics::COALESCED.inc(),
-            Ok(_) => {}
+            Ok(writes) => {
+                if writes == 0 {
+                    metrics::COALESCED.inc();
+                }
+                state.deferred = false;
+                self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
+            }
+            Err(crate::client::Error::BudgetSpent) => {
+                if !state.deferred {
+                    metrics::DEFERRED.inc();
+                }
+                metrics::COALESCED.inc();
+                state.deferred = true;
+                self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
+            }
             Err(error) => {
                 tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
                 // A refused contact is parked (DLQ) but its aggregates are kept.
@@ -332,6 +335,58 @@ impl Sink {
         Ok(())
     }
 
+    /// One customer's records of a batch, in offset order: fold each into the state, send its
+    /// events (sequentially: the customer's order is RD's order), then sync the contact once.
+    async fn handle_customer(
+        &self,
+        partition: i32,
+        now: i64,
+        key: String,
+        records: Vec<(usize, CommerceEvent)>,
+    ) -> CustomerDone {
+        let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None };
+        // The state since the last erasure, and the first record that touched it.
+        let mut touched: Option<(usize, CustomerState)> = None;
+        for (i, event) in records {
+            if event.event_type == CommerceEventType::CustomerErased {
+                // Anything pending for this key is moot: the person is gone.
+                touched = None;
+                if let Err(error) = self.erase(partition, &out.key).await {
+                    out.failures.push((i, error));
+                    return out;
+                }
+                out.done.push((i, event, OutcomeStatus::Applied, Vec::new()));
+                continue;
+            }
+            let (first, state) =
+                touched.get_or_insert_with(|| (i, self.customers.get(partition, &out.key).unwrap_or_default()));
+            if *first < i {
+                metrics::COALESCED.inc();
+            }
+            let change = state.apply(&event);
+            match self.send_events(partition, &event).await {
+                Ok(sent) => {
+                    let status =
+                        if change == Change::Stale { OutcomeStatus::SkippedStale } else { OutcomeStatus::Applied };
+                    out.done.push((i, event, status, sent));
+                }
+                Err(error) => {
+                    out.failures.push((i, error));
+                    break;
+                }
+            }
+        }
+        if let Some((first, state)) = touched {
+            let uuid_before = state.contact_uuid.clone();
+            let result = self.settle(partition, &out.key, state, now, false).await;
+            out.uuid = self.customers.get(partition, &out.key).and_then(|s| s.contact_uuid).or(uuid_before);
+            if let Err(error) = result {
+                out.failures.push((first, error));
+            }
+        }
+        out
+    }
+
     async fn handle_batch(self: &Arc<Self>, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
         let started = Instant::now();
         let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
@@ -346,12 +401,20 @@ impl Sink {
         let _guard = lock.lock().await;
         let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = vec![Ok(()); batch.len()];
-        let mut touched: BTreeMap<String, Touched> = BTreeMap::new();
-        let mut done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)> = Vec::new();
+        // Records grouped by customer, in offset order within each; a retriable decode failure
+        // stops the batch there (the runtime retries from it).
+        let mut groups: Vec<(String, Vec<(usize, CommerceEvent)>)> = Vec::new();
+        let mut group_of: HashMap<String, usize> = HashMap::new();
         let mut stop: Option<usize> = None;
         for (i, record) in batch.iter().enumerate() {
-            let event = match elo_service::decode_record::<CommerceEvent>(&self.codec, record).await {
-                Ok(event) => event,
+            match elo_service::decode_record::<CommerceEvent>(&self.codec, record).await {
+                Ok(event) => {
+                    let g = *group_of.entry(event.customer_key.clone()).or_insert_with(|| {
+                        groups.push((event.customer_key.clone(), Vec::new()));
+                        groups.len() - 1
+                    });
+                    groups[g].1.push((i, event));
+                }
                 Err(error) => {
                     let retriable = error.class != ErrorClass::Permanent;
                     results[i] = Err(error);
@@ -359,65 +422,31 @@ impl Sink {
                         stop = Some(i);
                         break;
                     }
-                    continue;
-                }
-            };
-            let key = event.customer_key.clone();
-            if event.event_type == CommerceEventType::CustomerErased {
-                // Anything pending for this key is moot: the person is gone.
-                touched.remove(&key);
-                if let Err(error) = self.erase(partition, &key).await {
-                    results[i] = Err(error);
-                    stop = Some(i);
-                    break;
-                }
-                done.push((i, event, OutcomeStatus::Applied, Vec::new()));
-                continue;
-            }
-            let entry = touched.entry(key.clone()).or_insert_with(|| Touched {
-                first: i,
-                state: self.customers.get(partition, &key).unwrap_or_default(),
-            });
-            if entry.first > i {
-                entry.first = i;
-            } else if entry.first < i {
-                metrics::COALESCED.inc();
-            }
-            let change = entry.state.apply(&event);
-            match self.send_events(partition, &event).await {
-                Ok(sent) => {
-                    let status =
-                        if change == Change::Stale { OutcomeStatus::SkippedStale } else { OutcomeStatus::Applied };
-                    done.push((i, event, status, sent));
-                }
-                Err(error) => {
-                    results[i] = Err(error);
-                    stop = Some(i);
-                    break;
                 }
             }
         }
+        // Customers in parallel (bounded), each in order: RD sees every customer's events in
+        // the order they happened, and at most `customer_concurrency` requests of this
+        // partition are in flight (the most a crash can make RD see twice).
+        let customers: Vec<CustomerDone> = futures::stream::iter(groups)
+            .map(|(key, records)| self.handle_customer(partition, now, key, records))
+            .buffer_unordered(self.customer_concurrency.max(1))
+            .collect()
+            .await;
         let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-        for (key, t) in touched {
-            if let Some(uuid) = &t.state.contact_uuid {
-                uuids.insert(key.clone(), uuid.clone());
+        let mut done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)> = Vec::new();
+        for customer in customers {
+            if let Some(uuid) = customer.uuid {
+                uuids.insert(customer.key.clone(), uuid);
             }
-            let uuid_before = t.state.contact_uuid.clone();
-            match self.settle(partition, &key, t.state, now).await {
-                Ok(()) => {
-                    if let Some(state) = self.customers.get(partition, &key)
-                        && let Some(uuid) = state.contact_uuid.or(uuid_before)
-                    {
-                        uuids.insert(key, uuid);
-                    }
-                }
-                Err(error) => {
-                    if results[t.first].is_ok() {
-                        results[t.first] = Err(error);
-                    }
+            for (i, error) in customer.failures {
+                if results[i].is_ok() {
+                    results[i] = Err(error);
                 }
             }
+            done.extend(customer.done);
         }
+        done.sort_by_key(|(i, ..)| *i);
         let first_failure = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
         let latency = started.elapsed().as_millis() as i64;
         let outcomes = done.iter().filter(|(i, ..)| first_failure.is_none_or(|f| *i < f) && results[*i].is_ok()).map(
@@ -449,6 +478,14 @@ impl Sink {
     }
 }
 
+/// What one customer's share of a batch came to.
+struct CustomerDone {
+    key: String,
+    done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)>,
+    failures: Vec<(usize, HandlerError)>,
+    uuid: Option<String>,
+}
+
 fn kafka_failure(stage: &str, error: &elo_kafka::Error) -> HandlerError {
     HandlerError::new(error.class(), format!("{stage}_{}", error.code()), error.to_string())
 }
@@ -465,8 +502,19 @@ impl elo_kafka::Handler for SinkHandler {
         self.0.handle_batch(batch).await
     }
 
+    /// Starts restoring the partition's state at once, but off the poll thread: a restore
+    /// takes seconds on a busy broker, and blocking the rebalance callback that long lets the
+    /// group session expire (the assignment is lost and the restore starts over). The first
+    /// batch waits for it (`ensure_restored`).
     fn on_assigned(&self, _topic: &str, partition: i32) {
-        self.0.restore(partition);
+        self.0.assigned.lock().expect("assigned lock").insert(partition);
+        let sink = self.0.clone();
+        match &self.0.runtime {
+            Some(runtime) => drop(runtime.spawn_blocking(move || sink.restore(partition))),
+            None => {
+                sink.restore(partition);
+            }
+        }
     }
 
     fn on_revoked(&self, _topic: &str, partition: i32) {
@@ -488,6 +536,7 @@ impl elo_kafka::Handler for SinkHandler {
                 }
             }
         };
+        self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);

@@ -35,7 +35,7 @@ pub(crate) static TOKEN_REFRESHES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub(crate) static CONTACT_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_contact_writes_total",
-        "Contact writes by operation (upsert, tag, funnel, delete).",
+        "Contact writes by operation (upsert, tag, untag, funnel, delete).",
         &["operation"]
     )
     .expect("metric registers once")
@@ -82,7 +82,7 @@ pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 /// Registers every metric so `/metrics` lists them from the start.
 pub(crate) fn register_all() {
     let _ = (&*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED, &*DEFERRED);
-    for op in ["upsert", "tag", "funnel", "delete"] {
+    for op in ["upsert", "tag", "untag", "funnel", "delete"] {
         CONTACT_WRITES.with_label_values(&[op]).inc_by(0);
     }
 }

@@ -109,6 +109,46 @@ async fn the_25th_patch_of_one_contact_in_24h_is_429() {
     assert_eq!(status, 200, "the limit is per contact");
 }
 
+/// RD counts the 24 PATCHes per contact, not per identifier: switching between `email:` and
+/// `uuid:` does not buy a second allowance.
+#[tokio::test]
+async fn the_patch_limit_counts_the_contact_whichever_identifier_is_used() {
+    let rd = Rd::start(RdConfig::default()).await;
+    let (status, _, created) = rd
+        .send(reqwest::Method::PATCH, "/platform/contacts/email:cris@example.com", Some(json!({"name": "Cris 0"})))
+        .await;
+    assert_eq!(status, 200, "{created}");
+    let uuid = created["uuid"].as_str().unwrap().to_owned();
+    for i in 1..24 {
+        let path = if i % 2 == 0 {
+            "/platform/contacts/email:CRIS@example.com".to_owned()
+        } else {
+            format!("/platform/contacts/uuid:{uuid}")
+        };
+        let (status, _, body) =
+            rd.send(reqwest::Method::PATCH, &path, Some(json!({"name": format!("Cris {i}")}))).await;
+        assert_eq!(status, 200, "patch {i}: {body}");
+    }
+    let (status, _, body) = rd
+        .send(reqwest::Method::PATCH, &format!("/platform/contacts/uuid:{uuid}"), Some(json!({"name": "Cris 24"})))
+        .await;
+    assert_eq!(status, 429, "the 25th patch of one contact, by uuid after e-mails: {body}");
+}
+
+/// An injected 429 looks like RD's own: body and `Retry-After`.
+#[tokio::test]
+async fn an_injected_429_carries_retry_after() {
+    let rd = Rd::start(RdConfig::default()).await;
+    rd.app
+        .faults
+        .set("rdstation", sandbox::faults::FaultConfig { error_rates: [(429, 1.0)].into(), ..Default::default() });
+    let (status, headers, body) = rd.send(reqwest::Method::GET, "/platform/contacts/email:x@example.com", None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["errors"]["error_type"], "RATE_LIMIT_EXCEDDED");
+    let after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(after >= 1, "{after}");
+}
+
 #[tokio::test]
 async fn contact_requests_are_limited_per_account_per_minute() {
     let rd = Rd::start(RdConfig { contacts_per_minute: 120, ..RdConfig::default() }).await;

@@ -299,12 +299,16 @@ impl RdStation {
         if let Err(e) = self.validate_contact(map) {
             return e;
         }
-        let key = identifier.to_ascii_lowercase();
-        let window = self.patches.entry(key).or_default();
-        if let Err(e) = Self::limit(window, self.config.patches_per_contact_per_day, 86_400_000) {
-            return e;
+        // RD limits PATCH per contact, however it is identified (`email:` or `uuid:`); a
+        // contact about to be created has no calls yet.
+        let found = self.find(identifier);
+        if let Some(uuid) = &found {
+            let window = self.patches.entry(uuid.clone()).or_default();
+            if let Err(e) = Self::limit(window, self.config.patches_per_contact_per_day, 86_400_000) {
+                return e;
+            }
         }
-        let uuid = match self.find(identifier) {
+        let uuid = match found {
             Some(uuid) => uuid,
             None if kind == "email" => {
                 let uuid = self.uuid();
@@ -314,6 +318,7 @@ impl RdStation {
                     uuid.clone(),
                     Contact { uuid: uuid.clone(), fields, funnel: default_funnel(), created_ms: now_ms() },
                 );
+                self.patches.entry(uuid.clone()).or_default().push_back(now_ms());
                 uuid
             }
             None => return Self::not_found(),

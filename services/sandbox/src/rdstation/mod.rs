@@ -23,6 +23,9 @@ pub mod events;
 
 const BODY_LIMIT: usize = 200 * 1024;
 
+/// `Retry-After` (seconds) of an injected 429.
+pub const INJECTED_RETRY_AFTER_SECS: u64 = 1;
+
 /// Settings of the simulated account.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RdConfig {
@@ -393,7 +396,8 @@ async fn handle(State(app): State<RdStationApp>, request: Request) -> Response {
     };
     if let FaultDecision::Fail(status) = app.faults.decide("rdstation", parts.method.as_str(), &path).await {
         return to_http(match status {
-            429 => rate_limited(),
+            // Real RD's 429s carry `Retry-After`; an injected one asks for a short wait.
+            429 => rate_limited().with_header("retry-after", INJECTED_RETRY_AFTER_SECS.to_string()),
             _ => RdResponse::flat(status, "SERVICE_UNAVAILABLE", "Service unavailable (injected fault)."),
         });
     }

@@ -16,8 +16,11 @@
 //! - salesforce-sink ([`salesforce`], `ELO_BENCH=salesforce`): calls per 1,000 orders against
 //!   one call per record, freshness at 200 orders/s with 100 ms API latency, Bulk API 2.0
 //!   backfill rate against Composite Graph, peak RSS.
+//! - rdstation-sink ([`rdstation`], `ELO_BENCH=rdstation`): budget share and 429s under a
+//!   backlog, freshness at 200 orders/s against 100 ms of RD latency, back-test speed, peak RSS.
 
 mod push;
+mod rdstation;
 mod salesforce;
 
 use std::sync::Arc;
@@ -90,6 +93,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("salesforce") {
         return salesforce::run(&mut rows).await;
+    }
+    if std::env::var("ELO_BENCH").as_deref() == Ok("rdstation") {
+        return rdstation::rdstation(&mut rows).await;
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("poll") {
         return push::poll(&mut rows).await;
@@ -255,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     consumer_memory(&mut rows).await?;
+    rdstation::rdstation(&mut rows).await?;
 
     // order-ingest push and poll, the production binary against the Magento simulator. Last:
     // they write a few hundred thousand records, which slows the local broker's later reads.

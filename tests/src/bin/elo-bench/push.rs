@@ -74,7 +74,7 @@ async fn magento(orders: usize) -> anyhow::Result<(sandbox::magento::MagentoApp,
 }
 
 /// A binary built next to this one (the release profile under `make bench`).
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     anyhow::ensure!(path.exists(), "{} is missing (make bench builds it)", path.display());
     Ok(path)
