@@ -14,8 +14,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
 use crate::flow::{FlowSnapshot, FlowSources};
-use crate::report::collect::ReportSources;
 use crate::report::render::{self, Format};
+use crate::report::runner::{Answer, DailySource, ReportRunner};
 use crate::status::StatusReceiver;
 
 /// How often the flow page refreshes itself.
@@ -23,30 +23,38 @@ const REFRESH_MS: u32 = 3000;
 /// Figures younger than this are served again rather than asked for again (several open
 /// pages cost the services one round of questions per second at most).
 const FLOW_CACHE: Duration = Duration::from_secs(1);
+/// How long a report request waits for the report before being told to reload (the build
+/// goes on: the reload gets it).
+const REPORT_WAIT: Duration = Duration::from_secs(60);
 
 pub struct OpsState {
-    pub report: ReportSources,
+    source: Arc<dyn DailySource>,
+    report: Arc<ReportRunner>,
     pub flow: FlowSources,
     pub status: StatusReceiver,
     pub commerce_topic: String,
     served: AtomicU64,
     cache: tokio::sync::Mutex<Option<(Instant, FlowSnapshot)>>,
-    /// One report at a time: each reads a day of several topics, and a page reloaded many
-    /// times must not multiply that load on the brokers.
-    report_lock: tokio::sync::Mutex<()>,
 }
 
 impl OpsState {
-    pub fn new(report: ReportSources, flow: FlowSources, status: StatusReceiver, commerce_topic: String) -> Self {
+    pub fn new(report: impl DailySource, flow: FlowSources, status: StatusReceiver, commerce_topic: String) -> Self {
+        let source: Arc<dyn DailySource> = Arc::new(report);
         Self {
-            report,
+            report: ReportRunner::new(source.clone(), REPORT_WAIT),
+            source,
             flow,
             status,
             commerce_topic,
             served: AtomicU64::new(0),
             cache: tokio::sync::Mutex::new(None),
-            report_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// How long a report request waits before being told to reload.
+    pub fn with_report_wait(mut self, wait: Duration) -> Self {
+        self.report = ReportRunner::new(self.source.clone(), wait);
+        self
     }
 
     async fn flow(&self) -> FlowSnapshot {
@@ -111,14 +119,17 @@ async fn report(State(state): State<Arc<OpsState>>, Query(q): Query<ReportQuery>
         return (StatusCode::BAD_REQUEST, format!("invalid date {date:?}: use YYYY-MM-DD\n")).into_response();
     }
     let format = q.format.unwrap_or(Format::Html);
-    let _one_at_a_time = state.report_lock.lock().await;
+    let today = elo_events::time::date_of_ms(crate::dlq::cli::now_ms());
     let status = state.status.borrow().clone();
-    match state.report.daily(&date, &status).await {
-        Ok(report) => {
+    let retry = |text: String| (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], text).into_response();
+    match state.report.get(&date, &today, &status).await {
+        Answer::Ready(report) => {
             state.served.fetch_add(1, Ordering::Relaxed);
             ([(header::CONTENT_TYPE, format.content_type())], render::render(&report, format)).into_response()
         }
-        Err(error) => {
+        Answer::Busy(other) => retry(format!("the report of {other} is being built; one at a time: retry shortly\n")),
+        Answer::Building => retry(format!("the report of {date} is still being built: reload shortly\n")),
+        Answer::Failed(error) => {
             tracing::error!(error = %error, date, "report failed");
             (StatusCode::SERVICE_UNAVAILABLE, format!("cannot build the report: {error}\n")).into_response()
         }
@@ -155,6 +166,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use crate::report::collect::ReportSources;
 
     /// The listener's routes with no broker behind them (requests that need none).
     fn app() -> (Router, crate::status::StatusSender) {
@@ -187,5 +199,66 @@ mod tests {
         let (status, body) = get(app, "/").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("/flow") && body.contains("/report"));
+    }
+
+    /// Builds reports like the real source does: on a blocking thread that goes on when the
+    /// request is gone. Counts how many run at once.
+    struct SlowSource {
+        running: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+        builds: Arc<AtomicU64>,
+    }
+
+    impl DailySource for SlowSource {
+        fn build(
+            &self,
+            date: String,
+            _status: crate::status::LedgerStatus,
+        ) -> crate::report::runner::BoxFuture<'_, anyhow::Result<crate::report::DailyReport>> {
+            let (running, most, builds) = (self.running.clone(), self.most.clone(), self.builds.clone());
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    builds.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(300));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(crate::report::DailyReport { date, order_events: 5, ..Default::default() })
+                })
+                .await?
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn one_report_runs_at_a_time_even_when_requests_give_up() {
+        let config = crate::Config::parse_from(["reconciler", "--kafka-brokers", "127.0.0.1:1"]);
+        let flow = FlowSources::new(&config.common.kafka, &config.ops, &config.common.topics, "g").unwrap();
+        let (_tx, rx) = crate::status::channel();
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let builds = Arc::new(AtomicU64::new(0));
+        let source = SlowSource { running: Default::default(), most: most.clone(), builds: builds.clone() };
+        let state = OpsState::new(source, flow, rx, "commerce.events".into()).with_report_wait(Duration::from_secs(5));
+        let app = router(Arc::new(state));
+        // Reloads that give up after 50 ms, for the same day and for others.
+        for uri in [
+            "/report?date=2026-11-01&format=json",
+            "/report?date=2026-11-01&format=json",
+            "/report?date=2026-11-02&format=json",
+            "/report?date=2026-11-03&format=json",
+            "/report?date=2026-11-01&format=json",
+        ] {
+            let request = Request::get(uri).body(Body::empty()).unwrap();
+            let _ = tokio::time::timeout(Duration::from_millis(50), app.clone().oneshot(request)).await;
+        }
+        // The build that the first request started finishes and is shared, then cached.
+        let (status, body) = get(app.clone(), "/report?date=2026-11-01&format=json").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(serde_json::from_str::<crate::report::DailyReport>(&body).unwrap().order_events, 5);
+        let (status, _) = get(app.clone(), "/report?date=2026-11-01&format=json").await;
+        assert_eq!(status, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(most.load(Ordering::SeqCst), 1, "reports built at the same time");
+        assert_eq!(builds.load(Ordering::SeqCst), 1, "one build of 2026-11-01, shared and cached; other days refused");
     }
 }

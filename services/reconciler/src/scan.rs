@@ -53,9 +53,30 @@ fn offsets_at(consumer: &BaseConsumer, topic: &str, partitions: i32, ts: i64) ->
         .collect()
 }
 
+/// Limits on a read (or several reads sharing it): a deadline and a record cap, so a report
+/// cannot run or grow without end.
+#[derive(Debug, Default)]
+pub struct Budget {
+    pub deadline: Option<Instant>,
+    pub max_records: Option<u64>,
+    /// Records visited so far under this budget.
+    pub used: u64,
+}
+
 /// Calls `visit` with every record of `topic` whose timestamp is in `window`, partition by
 /// partition, in offset order. Returns the records visited. A missing topic reads as empty.
-pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMut(Record)) -> anyhow::Result<u64> {
+pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, visit: impl FnMut(Record)) -> anyhow::Result<u64> {
+    scan_within(kafka, topic, window, &mut Budget::default(), visit)
+}
+
+/// [`scan`] that stops with an error when `budget` runs out.
+pub fn scan_within(
+    kafka: &KafkaArgs,
+    topic: &str,
+    window: Window,
+    budget: &mut Budget,
+    mut visit: impl FnMut(Record),
+) -> anyhow::Result<u64> {
     let consumer = consumer(kafka)?;
     let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
     let partitions =
@@ -92,6 +113,9 @@ pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMu
         if last_progress.elapsed() > STALL {
             anyhow::bail!("reading {topic} stalled with {open} partition(s) unfinished");
         }
+        if budget.deadline.is_some_and(|d| Instant::now() >= d) {
+            anyhow::bail!("reading {topic} took too long (time budget spent)");
+        }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
         let message = message?;
         last_progress = Instant::now();
@@ -119,6 +143,10 @@ pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMu
         };
         if window.contains(record.timestamp_ms) {
             visited += 1;
+            budget.used += 1;
+            if budget.max_records.is_some_and(|m| budget.used > m) {
+                anyhow::bail!("reading {topic}: more than {} records, over the budget", budget.used - 1);
+            }
             visit(record);
         }
     }
