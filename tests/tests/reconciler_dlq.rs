@@ -34,7 +34,7 @@ fn key_of(record: &OwnedMessage) -> String {
 }
 
 fn run_cli(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
-    let output = reconciler(dir, topic, free_port(), "cli").args(args).output().expect("run reconciler");
+    let output = run_cli_unchecked(dir, topic, args);
     assert!(
         output.status.success(),
         "reconciler {args:?} failed: {}\n{}",
@@ -42,6 +42,10 @@ fn run_cli(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
         log(dir, "cli")
     );
     output
+}
+
+fn run_cli_unchecked(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
+    reconciler(dir, topic, free_port(), "cli").args(args).output().expect("run reconciler")
 }
 
 fn metric(text: &str, name: &str, label: &str) -> f64 {
@@ -150,13 +154,23 @@ async fn replays_land_when_fixed_return_when_not_and_other_consumers_skip_them()
     assert!(!shown.to_string().contains(&broken_email), "the e-mail is redacted");
 
     // Dry run: lists, writes nothing.
+    let checkpoints = format!("{topic}.replays");
+    let commerce_before = topic_count(&topic, 3);
     let dry = run_cli(dir.path(), &topic, &["dlq", "replay", &topics_arg, "--dry-run"]);
     let dry_text = String::from_utf8_lossy(&dry.stdout);
     assert_eq!(dry_text.lines().filter(|l| l.contains("would replay")).count(), parked.len(), "{dry_text}");
     assert_eq!(topic_count(&dlq, 3), parked.len() as i64);
+    assert_eq!(topic_count(&topic, 3), commerce_before, "a dry run publishes nothing");
+    assert_eq!(topic_count(&checkpoints, 3), 0, "a dry run checkpoints nothing");
+
+    // A replay for a group nobody runs is refused: every consumer would skip it.
+    let bogus = run_cli_unchecked(dir.path(), &topic, &["dlq", "replay", &topics_arg, "--for-group", "bogus"]);
+    assert!(!bogus.status.success(), "a replay for an unknown group must fail");
+    assert!(log(dir.path(), "cli").contains("bogus"), "the error names the group\n{}", log(dir.path(), "cli"));
+    assert_eq!(topic_count(&topic, 3), commerce_before, "nothing published for an unknown group");
+    assert_eq!(topic_count(&checkpoints, 3), 0, "nothing checkpointed for an unknown group");
 
     // Fix one customer upstream, then replay everything.
-    let commerce_before = topic_count(&topic, 3);
     assert!(sf.sim.lock().unwrap().org.delete("Contact", &fixed_clash).unwrap());
     let out = run_cli(dir.path(), &topic, &["dlq", "replay", &topics_arg]);
     let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();

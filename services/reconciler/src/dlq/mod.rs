@@ -6,6 +6,8 @@
 //! the `reconciler dlq ...` command line.
 
 pub mod cli;
+pub mod groups;
+pub mod redact;
 pub mod replay;
 
 use elo_kafka::{Record, dlq};
