@@ -83,22 +83,101 @@ pub fn router(state: Arc<OpsState>) -> Router {
         .with_state(state)
 }
 
+/// Limits of the listener (the same as order-ingest's push listener): it may be exposed to
+/// people's browsers, so a slow or greedy client must not hold it.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerLimits {
+    /// Time allowed to send a request's headers (and to stay idle between keep-alive requests).
+    pub header_read_timeout: Duration,
+    /// Time allowed for a whole request (a report waits at most [`REPORT_WAIT`] inside it).
+    pub request_timeout: Duration,
+    /// Connections served at once; more are shed with a 503.
+    pub max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: REPORT_WAIT + Duration::from_secs(10),
+            max_connections: 64,
+        }
+    }
+}
+
+const SHED: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Whether the listener is serving (1) or could not start (0).
+pub static LISTENER_UP: std::sync::LazyLock<prometheus::IntGauge> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_gauge!(
+        "reconciler_http_listener_up",
+        "1 while the reports and flow-diagram listener serves, 0 when it could not start."
+    )
+    .expect("metric registers once")
+});
+
+/// Whether `error` is the listen address being taken (the only start-up error that
+/// `--http-optional` tolerates).
+pub fn is_address_in_use(error: &anyhow::Error) -> bool {
+    error.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse))
+}
+
 /// Binds `addr` and serves until the task is aborted (the process ends).
 pub async fn serve(
     addr: SocketAddr,
     state: Arc<OpsState>,
+    limits: ListenerLimits,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for reports and the flow diagram: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::Error::new(e).context(format!("cannot listen on {addr} for reports and the flow diagram"))
+    })?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router(state)).await {
-            tracing::error!(error = %error, "reports listener failed");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, router(state), limits));
     tracing::info!(%bound, report = %format!("http://{bound}/report"), flow = %format!("http://{bound}/flow"), "reports and flow diagram listening");
     Ok((bound, task))
+}
+
+/// axum's router behind an accept loop with a header-read timeout, a request timeout and a
+/// connection cap (past it, a new connection gets an immediate 503).
+async fn accept_loop(listener: tokio::net::TcpListener, app: Router, limits: ListenerLimits) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let timeout = limits.request_timeout;
+    let app = app.layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], "request took too long\n")
+                    .into_response(),
+            }
+        },
+    ));
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let _ = stream.try_write(SHED);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "reports connection ended");
+            }
+            drop(permit);
+        });
+    }
 }
 
 async fn index() -> Html<&'static str> {
@@ -153,9 +232,13 @@ async fn flow_api(State(state): State<Arc<OpsState>>, Query(q): Query<FlowQuery>
     axum::Json(snapshot).into_response()
 }
 
+/// Names the commerce topic this reconciler reads, so `reconciler report` can tell whether
+/// the process answering is the one of its own deployment.
+pub const TOPIC_HEADER: &str = "x-elo-commerce-topic";
+
 async fn status_api(State(state): State<Arc<OpsState>>) -> Response {
     let status = state.status.borrow().clone();
-    axum::Json(status).into_response()
+    ([(TOPIC_HEADER, state.commerce_topic.clone())], axum::Json(status)).into_response()
 }
 
 #[cfg(test)]
@@ -199,6 +282,46 @@ mod tests {
         let (status, body) = get(app, "/").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("/flow") && body.contains("/report"));
+    }
+
+    fn state() -> Arc<OpsState> {
+        let config = crate::Config::parse_from(["reconciler", "--kafka-brokers", "127.0.0.1:1"]);
+        let codec = Arc::new(elo_events::EventCodec::new(&config.common.registry.config().unwrap()).unwrap());
+        let report = ReportSources::new(&config.common, &config.ops, codec).unwrap();
+        let flow = FlowSources::new(&config.common.kafka, &config.ops, &config.common.topics, "g").unwrap();
+        Arc::new(OpsState::new(report, flow, crate::status::channel().1, "commerce.events".into()))
+    }
+
+    #[tokio::test]
+    async fn a_slow_client_is_cut_off_and_connections_past_the_cap_are_shed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = ListenerLimits {
+            header_read_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_secs(5),
+            max_connections: 1,
+        };
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), state(), limits).await.unwrap();
+        // A client that never finishes its headers holds the only slot until the timeout.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut shed = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), shed.read_to_end(&mut answer)).await;
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 503"), "{:?}", String::from_utf8_lossy(&answer));
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut rest)).await;
+        assert!(started.elapsed() < Duration::from_secs(2), "the slow client was cut off: {:?}", started.elapsed());
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn only_a_taken_address_counts_as_address_in_use() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let error = serve(taken.local_addr().unwrap(), state(), ListenerLimits::default()).await.unwrap_err();
+        assert!(is_address_in_use(&error), "{error:#}");
+        assert!(!is_address_in_use(&anyhow::anyhow!("invalid registry url")));
     }
 
     /// Builds reports like the real source does: on a blocking thread that goes on when the

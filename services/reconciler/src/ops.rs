@@ -13,6 +13,11 @@ pub struct OpsArgs {
     /// Address of the reports and flow-diagram listener (`/report`, `/flow`, `/api/flow`).
     #[arg(long = "http-listen", env = "ELO_RECONCILER_HTTP_LISTEN", default_value = "127.0.0.1:9180")]
     pub http_listen: SocketAddr,
+    /// Keep running without the reports listener when its address is taken (several
+    /// reconcilers on one host); any other start-up error of the listener stops the service.
+    /// `reconciler_http_listener_up` says whether it serves.
+    #[arg(long = "http-optional", env = "ELO_RECONCILER_HTTP_OPTIONAL")]
+    pub http_optional: bool,
     /// Admin base URL of each service (`/health/readyz`, `/metrics`), `name=url`, comma-separated.
     #[arg(
         long = "service-admin",
