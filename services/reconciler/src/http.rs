@@ -13,16 +13,24 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 
-use crate::flow::{FlowSnapshot, FlowSources};
+use tokio::sync::watch;
+
+use crate::flow::{FlowSnapshot, FlowSources, Observed};
 use crate::report::render::{self, Format};
 use crate::report::runner::{Answer, DailySource, ReportRunner};
 use crate::status::StatusReceiver;
 
 /// How often the flow page refreshes itself.
 const REFRESH_MS: u32 = 3000;
-/// Figures younger than this are served again rather than asked for again (several open
-/// pages cost the services one round of questions per second at most).
-const FLOW_CACHE: Duration = Duration::from_secs(1);
+/// How often the background task asks the services and the broker for the diagram's figures
+/// while someone watches (several open pages cost one round per interval, whatever their
+/// number); a round that takes longer is abandoned.
+const FLOW_REFRESH: Duration = Duration::from_secs(1);
+const FLOW_DEADLINE: Duration = Duration::from_secs(5);
+/// Nobody asked for this long: the refreshes pause.
+const FLOW_IDLE: Duration = Duration::from_secs(30);
+/// A first request waits this long for the first round, then gets what is known.
+const FLOW_FIRST_WAIT: Duration = Duration::from_secs(1);
 /// How long a report request waits for the report before being told to reload (the build
 /// goes on: the reload gets it).
 const REPORT_WAIT: Duration = Duration::from_secs(60);
@@ -30,11 +38,14 @@ const REPORT_WAIT: Duration = Duration::from_secs(60);
 pub struct OpsState {
     source: Arc<dyn DailySource>,
     report: Arc<ReportRunner>,
-    pub flow: FlowSources,
+    flow: Arc<FlowSources>,
     pub status: StatusReceiver,
     pub commerce_topic: String,
     served: AtomicU64,
-    cache: tokio::sync::Mutex<Option<(Instant, FlowSnapshot)>>,
+    /// The latest observation, published by the refresher (started by the first request).
+    observed: tokio::sync::OnceCell<watch::Receiver<Option<Observed>>>,
+    /// When the diagram was last asked for.
+    last_asked: Arc<std::sync::Mutex<Instant>>,
 }
 
 impl OpsState {
@@ -43,11 +54,12 @@ impl OpsState {
         Self {
             report: ReportRunner::new(source.clone(), REPORT_WAIT),
             source,
-            flow,
+            flow: Arc::new(flow),
             status,
             commerce_topic,
             served: AtomicU64::new(0),
-            cache: tokio::sync::Mutex::new(None),
+            observed: tokio::sync::OnceCell::new(),
+            last_asked: Arc::new(std::sync::Mutex::new(Instant::now())),
         }
     }
 
@@ -57,19 +69,39 @@ impl OpsState {
         self
     }
 
+    /// The diagram from the latest observation; never waits on the services (beyond a
+    /// first request's short wait for the first round).
     async fn flow(&self) -> FlowSnapshot {
-        let mut cache = self.cache.lock().await;
-        if let Some((at, snapshot)) = cache.as_ref()
-            && at.elapsed() < FLOW_CACHE
-        {
-            return snapshot.clone();
+        *self.last_asked.lock().expect("flow clock") = Instant::now();
+        let mut rx = self.observed.get_or_init(|| async { self.start_refresher() }).await.clone();
+        if rx.borrow().is_none() {
+            let _ = tokio::time::timeout(FLOW_FIRST_WAIT, rx.wait_for(Option::is_some)).await;
         }
-        let mut observed = self.flow.observe().await;
+        let mut observed = rx.borrow().clone().unwrap_or_default();
         observed.reports_served = self.served.load(Ordering::Relaxed);
         let status = self.status.borrow().clone();
-        let snapshot = crate::flow::snapshot(&observed, &status, &self.commerce_topic, crate::dlq::cli::now_ms());
-        *cache = Some((Instant::now(), snapshot.clone()));
-        snapshot
+        crate::flow::snapshot(&observed, &status, &self.commerce_topic, crate::dlq::cli::now_ms())
+    }
+
+    /// One task refreshes the figures while someone watches; it ends with the process.
+    fn start_refresher(&self) -> watch::Receiver<Option<Observed>> {
+        let (tx, rx) = watch::channel(None);
+        let (flow, last_asked) = (self.flow.clone(), self.last_asked.clone());
+        tokio::spawn(async move {
+            loop {
+                let idle = last_asked.lock().expect("flow clock").elapsed() > FLOW_IDLE;
+                if !idle {
+                    match tokio::time::timeout(FLOW_DEADLINE, flow.observe()).await {
+                        Ok(observed) => {
+                            tx.send_replace(Some(observed));
+                        }
+                        Err(_) => tracing::warn!("the flow figures took too long to gather; showing the previous ones"),
+                    }
+                }
+                tokio::time::sleep(FLOW_REFRESH).await;
+            }
+        });
+        rx
     }
 }
 
@@ -322,6 +354,23 @@ mod tests {
         let error = serve(taken.local_addr().unwrap(), state(), ListenerLimits::default()).await.unwrap_err();
         assert!(is_address_in_use(&error), "{error:#}");
         assert!(!is_address_in_use(&anyhow::anyhow!("invalid registry url")));
+    }
+
+    #[tokio::test]
+    async fn the_flow_answers_at_once_whatever_the_broker_and_services_do() {
+        // Nothing answers: no broker at 127.0.0.1:1, no service admin ports.
+        let app = router(state());
+        for round in 0..3 {
+            let started = Instant::now();
+            let requests = (0..5).map(|_| get(app.clone(), "/api/flow"));
+            for (status, body) in futures::future::join_all(requests).await {
+                assert_eq!(status, StatusCode::OK, "{body}");
+                let snapshot: FlowSnapshot = serde_json::from_str(&body).unwrap();
+                assert_eq!(snapshot.steps.len(), 6);
+            }
+            let took = started.elapsed();
+            assert!(took < Duration::from_millis(1800), "round {round}: 5 requests took {took:?}");
+        }
     }
 
     /// Builds reports like the real source does: on a blocking thread that goes on when the

@@ -153,13 +153,6 @@ pub fn scan_within(
     Ok(visited)
 }
 
-/// Current high watermark of every partition of `topic` (empty when it does not exist).
-pub fn high_watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i64>> {
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) else { return Ok(Vec::new()) };
-    (0..t.partitions().len() as i32).map(|p| Ok(consumer.fetch_watermarks(topic, p, TIMEOUT)?.1)).collect()
-}
-
 /// A consumer for metadata and watermark queries (no group membership).
 pub fn metadata_consumer(kafka: &KafkaArgs) -> anyhow::Result<BaseConsumer> {
     consumer(kafka)

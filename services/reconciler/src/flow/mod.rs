@@ -10,6 +10,7 @@
 pub mod page;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use elo_kafka::KafkaArgs;
@@ -185,6 +186,14 @@ pub struct FlowSources {
     /// Topics each service group consumes.
     pub group_topics: Vec<(String, String, Vec<String>)>,
     pub http: reqwest::Client,
+    /// Kafka clients made once and reused by every refresh (one per group: committed offsets
+    /// are asked with the group's id).
+    clients: Arc<Mutex<Option<LagClients>>>,
+}
+
+struct LagClients {
+    meta: BaseConsumer,
+    groups: Vec<(String, BaseConsumer, Vec<String>)>,
 }
 
 impl FlowSources {
@@ -215,6 +224,7 @@ impl FlowSources {
             ops: ops.clone(),
             group_topics,
             http: reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?,
+            clients: Arc::default(),
         })
     }
 
@@ -243,7 +253,15 @@ impl FlowSources {
             }
         }
         let (kafka, groups, dlqs) = (self.kafka.clone(), self.group_topics.clone(), self.ops.dlq.dlq_topics.clone());
-        let lag = tokio::task::spawn_blocking(move || lags(&kafka, &groups, &dlqs)).await;
+        let clients = self.clients.clone();
+        let lag = tokio::task::spawn_blocking(move || {
+            let mut clients = clients.lock().expect("lag clients");
+            if clients.is_none() {
+                *clients = Some(LagClients::new(&kafka, &groups)?);
+            }
+            lags(clients.as_ref().expect("made above"), &dlqs)
+        })
+        .await;
         match lag {
             Ok(Ok((backlog, dead_letters))) => {
                 o.backlog = backlog;
@@ -258,27 +276,52 @@ impl FlowSources {
 
 type Lags = (BTreeMap<String, i64>, i64);
 
+impl LagClients {
+    fn new(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)]) -> anyhow::Result<Self> {
+        let groups = groups
+            .iter()
+            .map(|(service, group, topics)| {
+                let consumer: BaseConsumer =
+                    kafka.client_config(&[("group.id", group.as_str()), ("enable.auto.commit", "false")])?.create()?;
+                Ok((service.clone(), consumer, topics.clone()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { meta: crate::scan::metadata_consumer(kafka)?, groups })
+    }
+}
+
+/// Short: a refresh is repeated soon anyway, and a slow broker must not stall the diagram.
+const LAG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Low and high watermark of every partition of `topic` (empty when it does not exist).
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    let metadata = consumer.fetch_metadata(Some(topic), LAG_TIMEOUT)?;
+    let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) else { return Ok(Vec::new()) };
+    (0..t.partitions().len() as i32).map(|p| Ok(consumer.fetch_watermarks(topic, p, LAG_TIMEOUT)?)).collect()
+}
+
 /// Lag per service group, and the records held in the DLQ topics.
-fn lags(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)], dlqs: &[String]) -> anyhow::Result<Lags> {
-    let timeout = Duration::from_secs(5);
+fn lags(clients: &LagClients, dlqs: &[String]) -> anyhow::Result<Lags> {
     let mut out = BTreeMap::new();
-    for (service, group, topics) in groups {
-        let consumer: BaseConsumer =
-            kafka.client_config(&[("group.id", group.as_str()), ("enable.auto.commit", "false")])?.create()?;
+    // Each topic's watermarks once, whichever groups read it.
+    let mut marks: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for (service, consumer, topics) in &clients.groups {
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for topic in topics {
-            for (p, high) in crate::scan::high_watermarks(&consumer, topic)?.into_iter().enumerate() {
-                let (low, _) = consumer.fetch_watermarks(topic, p as i32, timeout)?;
+            if !marks.contains_key(topic) {
+                marks.insert(topic.clone(), watermarks(&clients.meta, topic)?);
+            }
+            for (p, (low, high)) in marks[topic].iter().enumerate() {
                 tpl.add_partition(topic, p as i32);
-                ends.push((topic.clone(), p as i32, low, high));
+                ends.push((topic.clone(), p as i32, *low, *high));
             }
         }
         if ends.is_empty() {
             out.insert(service.clone(), 0);
             continue;
         }
-        let committed = consumer.committed_offsets(tpl, timeout)?;
+        let committed = consumer.committed_offsets(tpl, LAG_TIMEOUT)?;
         let lag: i64 = ends
             .iter()
             .map(|(topic, p, low, high)| {
@@ -291,13 +334,9 @@ fn lags(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)], dlqs: &[Str
             .sum();
         out.insert(service.clone(), lag);
     }
-    let consumer = crate::scan::metadata_consumer(kafka)?;
     let mut held = 0i64;
     for topic in dlqs {
-        for (p, high) in crate::scan::high_watermarks(&consumer, topic)?.into_iter().enumerate() {
-            let (low, _) = consumer.fetch_watermarks(topic, p as i32, timeout)?;
-            held += high - low;
-        }
+        held += watermarks(&clients.meta, topic)?.iter().map(|(low, high)| high - low).sum::<i64>();
     }
     Ok((out, held))
 }
