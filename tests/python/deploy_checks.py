@@ -260,7 +260,8 @@ def check_rules_of_deploy(target, docs, expect_topics):
             if cfg.get("cleanup.policy") != "delete" or not (0 < int(cfg.get("retention.ms", -1))):
                 fail(f"{target}: DLQ {name} needs a bounded time retention (cleanup.policy delete, retention.ms > 0)")
         elif name.endswith((".checkpoints", "-changelog")):
-            if cfg.get("cleanup.policy") != "compact":
+            # compact,delete: state that is worth nothing past a bounded age (replay checkpoints).
+            if cfg.get("cleanup.policy") not in ("compact", "compact,delete"):
                 fail(f"{target}: {name} holds state and must be compacted")
         elif cfg.get("cleanup.policy") != "delete" or int(cfg.get("retention.ms", -1)) <= 0:
             fail(f"{target}: event topic {name} needs a bounded retention")
@@ -660,7 +661,8 @@ def cmd_asyncapi(args):
         cfg = k.get("topicConfiguration", {})
         for key, value in t.get("config", {}).items():
             got = cfg.get(key)
-            if (got if key != "cleanup.policy" else (got or [None])[0]) not in (value, str(value)) and str(got) != str(value):
+            policy = ",".join(got) if key == "cleanup.policy" and isinstance(got, list) else got
+            if policy not in (value, str(value)) and str(got) != str(value):
                 fail(f"channel {address}: {key} is {got}, the KafkaTopic says {value}")
         if not c["operations"]:
             fail(f"channel {address}: no operation sends or receives on it")

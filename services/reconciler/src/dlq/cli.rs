@@ -215,7 +215,12 @@ async fn replay_command(
     }
     let health = Health::new();
     if common.topics.provision {
-        let spec = common.topics.spec(checkpoint_topic).compacted();
+        // Compacted, and gone after the DLQs' 30 days (as deploy/base/topics.yaml says).
+        let spec = common
+            .topics
+            .spec(checkpoint_topic)
+            .with_config("cleanup.policy", "compact,delete")
+            .with_config("retention.ms", "2592000000");
         elo_kafka::ensure_topics(&common.kafka, &[spec], Duration::from_secs(10), &health).await?;
     }
     let writer =

@@ -140,6 +140,8 @@ mod tests {
         published: Mutex<Vec<Published>>,
         checkpoints: Mutex<Vec<String>>,
         fail_after: Option<usize>,
+        /// Checkpoints refused once this many were written (a crash after a publish).
+        checkpoint_fails_after: Option<usize>,
     }
 
     impl ReplayWriter for Fake {
@@ -159,6 +161,9 @@ mod tests {
             Ok(format!("{topic}/{partition}/{}", p.len()))
         }
         async fn checkpoint(&self, coordinate: &str, _landed: &str) -> anyhow::Result<()> {
+            if self.checkpoint_fails_after.is_some_and(|n| self.checkpoints.lock().unwrap().len() >= n) {
+                anyhow::bail!("process killed before the checkpoint");
+            }
             self.checkpoints.lock().unwrap().push(coordinate.to_owned());
             Ok(())
         }
@@ -217,5 +222,34 @@ mod tests {
         let replayed_of: Vec<_> =
             second.published.lock().unwrap().iter().map(|(_, _, h)| h.last().unwrap().1.clone()).collect();
         assert_eq!(replayed_of.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_publish_and_checkpoint_replays_that_one_record_again_and_no_other() {
+        let entries = vec![sf(1), sf(2), sf(3)];
+        let first = Fake { checkpoint_fails_after: Some(1), ..Fake::default() };
+        let actions = plan(&entries, &HashSet::new(), false, None);
+        assert!(execute(&first, &entries, &actions, |_, _| {}).await.is_err(), "the run stops at the failure");
+        assert_eq!(first.published.lock().unwrap().len(), 2, "the second record was published, not checkpointed");
+        let done: HashSet<String> = first.checkpoints.lock().unwrap().iter().cloned().collect();
+        let second = Fake::default();
+        let summary = execute(&second, &entries, &plan(&entries, &done, false, None), |_, _| {}).await.unwrap();
+        assert_eq!(summary, Summary { replayed: 2, already_replayed: 1, not_replayable: 0 });
+        let of = |f: &Fake| -> Vec<String> {
+            f.published
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, _, h)| {
+                    String::from_utf8(h.iter().find(|(k, _)| k == dlq::REPLAY_OF).unwrap().1.clone()).unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(of(&first), ["salesforce-sink.dlq/1/1", "salesforce-sink.dlq/1/2"]);
+        assert_eq!(
+            of(&second),
+            ["salesforce-sink.dlq/1/2", "salesforce-sink.dlq/1/3"],
+            "only the unconfirmed one twice"
+        );
     }
 }
