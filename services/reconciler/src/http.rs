@@ -80,7 +80,7 @@ impl OpsState {
         let mut observed = rx.borrow().clone().unwrap_or_default();
         observed.reports_served = self.served.load(Ordering::Relaxed);
         let status = self.status.borrow().clone();
-        crate::flow::snapshot(&observed, &status, &self.commerce_topic, crate::dlq::cli::now_ms())
+        crate::flow::snapshot(&observed, &status, &self.commerce_topic, crate::ops::now_ms())
     }
 
     /// One task refreshes the figures while someone watches; it ends with the process.
@@ -225,12 +225,12 @@ struct ReportQuery {
 }
 
 async fn report(State(state): State<Arc<OpsState>>, Query(q): Query<ReportQuery>) -> Response {
-    let date = q.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::dlq::cli::now_ms()));
+    let date = q.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::ops::now_ms()));
     if crate::dlq::parse_date(&date).is_none() {
         return (StatusCode::BAD_REQUEST, format!("invalid date {date:?}: use YYYY-MM-DD\n")).into_response();
     }
     let format = q.format.unwrap_or(Format::Html);
-    let today = elo_events::time::date_of_ms(crate::dlq::cli::now_ms());
+    let today = elo_events::time::date_of_ms(crate::ops::now_ms());
     let status = state.status.borrow().clone();
     let retry = |text: String| (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], text).into_response();
     match state.report.get(&date, &today, &status).await {

@@ -58,6 +58,11 @@ impl OpsArgs {
     }
 }
 
+/// Milliseconds since the Unix epoch (the clock the reports, the flow and the DLQ tools share).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// `name=value`.
 pub fn parse_pair(text: &str) -> Result<(String, String), String> {
     let (k, v) = text.split_once('=').ok_or_else(|| format!("expected name=value, got {text:?}"))?;

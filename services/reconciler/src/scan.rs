@@ -153,6 +153,46 @@ pub fn scan_within(
     Ok(visited)
 }
 
+/// The one record at `partition`/`offset` of `topic` (`None`: no such record, e.g. compacted
+/// away or past the end). Reads from that offset only, not the whole topic.
+pub fn read_at(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64) -> anyhow::Result<Option<Record>> {
+    let consumer = consumer(kafka)?;
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions =
+        metadata.topics().first().map_or(0, |t| if t.error().is_some() { 0 } else { t.partitions().len() as i32 });
+    if partition < 0 || partition >= partitions {
+        return Ok(None);
+    }
+    let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
+    if offset < low || offset >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + STALL;
+    while Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message?;
+        if message.offset() < offset {
+            continue;
+        }
+        if message.offset() > offset {
+            return Ok(None);
+        }
+        return Ok(Some(Record {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: headers::collect(message.headers()),
+            timestamp_ms: message.timestamp().to_millis(),
+        }));
+    }
+    anyhow::bail!("reading {topic}/{partition}/{offset} stalled")
+}
+
 /// A consumer for metadata and watermark queries (no group membership).
 pub fn metadata_consumer(kafka: &KafkaArgs) -> anyhow::Result<BaseConsumer> {
     consumer(kafka)

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::replay::{self, Action, ReplayWriter};
 use super::{DEFAULT_DLQ_TOPICS, DeadLetterEntry, Filter, parse_instant, redact};
+use crate::ops::now_ms;
 use crate::scan::{self, Window};
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -89,7 +90,7 @@ pub struct SelectArgs {
     /// Parked before (same forms as --since).
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many records (oldest first per DLQ partition).
+    /// At most this many records: the ones parked first (listed, and replayed, in DLQ order).
     #[arg(long)]
     pub limit: Option<usize>,
 }
@@ -109,27 +110,24 @@ impl SelectArgs {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Reads the selected dead letters from every matching DLQ topic.
 pub async fn select(kafka: &KafkaArgs, args: &SelectArgs) -> anyhow::Result<Vec<DeadLetterEntry>> {
     let filter = args.filter()?;
-    let topics: Vec<String> = filter.topics(&args.topics.dlq_topics).into_iter().cloned().collect();
-    let (kafka, limit) = (kafka.clone(), args.limit.unwrap_or(usize::MAX));
+    let topics: Vec<String> =
+        filter.checked_topics(&args.topics.dlq_topics).map_err(anyhow::Error::msg)?.into_iter().cloned().collect();
+    let (kafka, limit) = (kafka.clone(), args.limit);
     tokio::task::spawn_blocking(move || {
         let window = Window { from_ms: filter.since_ms, until_ms: filter.until_ms };
-        let mut out = Vec::new();
+        let mut out = super::Oldest::new(limit);
         for topic in &topics {
             scan::scan(&kafka, topic, window, |r| {
                 let e = DeadLetterEntry(r);
-                if out.len() < limit && filter.matches(&e) {
+                if filter.matches(&e) {
                     out.push(e);
                 }
             })?;
         }
-        Ok(out)
+        Ok(out.into_sorted())
     })
     .await?
 }
@@ -325,17 +323,8 @@ async fn find(kafka: &KafkaArgs, topics: &DlqTopicsArgs, coordinate: &str) -> an
         anyhow::bail!("{topic} is not one of the DLQ topics ({})", topics.dlq_topics.join(", "));
     }
     let kafka = kafka.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let mut found = None;
-        scan::scan(&kafka, &topic, Window::default(), |r| {
-            if r.partition == partition && r.offset == offset {
-                found = Some(DeadLetterEntry(r));
-            }
-        })?;
-        anyhow::Ok(found)
-    })
-    .await??;
-    found.ok_or_else(|| anyhow::anyhow!("no dead letter at {coordinate}"))
+    let found = tokio::task::spawn_blocking(move || scan::read_at(&kafka, &topic, partition, offset)).await??;
+    found.map(DeadLetterEntry).ok_or_else(|| anyhow::anyhow!("no dead letter at {coordinate}"))
 }
 
 /// One table row.

@@ -54,7 +54,7 @@ async fn live_status(ops: &OpsArgs, commerce_topic: &str) -> LedgerStatus {
 }
 
 pub async fn run(common: &CommonArgs, ops: &OpsArgs, args: ReportArgs) -> anyhow::Result<()> {
-    let date = args.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::dlq::cli::now_ms()));
+    let date = args.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::ops::now_ms()));
     let formats = if args.format.is_empty() { vec![Format::Html, Format::Json, Format::Csv] } else { args.format };
     let codec = Arc::new(EventCodec::new(&common.registry.config()?)?);
     let sources = ReportSources::new(common, ops, codec)?;

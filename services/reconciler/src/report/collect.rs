@@ -68,7 +68,7 @@ impl ReportSources {
     pub async fn daily(&self, date: &str, status: &LedgerStatus) -> anyhow::Result<DailyReport> {
         let day = parse_date(date).ok_or_else(|| anyhow::anyhow!("invalid date {date:?}: use YYYY-MM-DD"))?;
         let window = Window { from_ms: Some(day * 86_400_000), until_ms: Some((day + 1) * 86_400_000) };
-        let now = crate::dlq::cli::now_ms();
+        let now = crate::ops::now_ms();
         let builder = ReportBuilder::new(date, now);
         let mut builder = self.read(window, builder, now).await?;
         builder.ledger(status);
