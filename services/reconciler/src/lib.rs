@@ -62,7 +62,7 @@ pub enum Command {
 /// intake, drain, commit, exit.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     match config.command.clone() {
-        Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, command).await,
+        Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, &config.ops, command).await,
         Some(Command::Report(args)) => return report::cli::run(&config.common, &config.ops, args).await,
         None => {}
     }

@@ -39,9 +39,12 @@ pub struct OpsArgs {
     pub service_groups: Vec<(String, String)>,
     #[command(flatten)]
     pub dlq: DlqTopicsArgs,
-    /// Compacted topic where `dlq replay` records what it replayed.
+    /// Compacted topic where `dlq replay` records what it replayed, so a rerun continues where
+    /// it stopped (also read by the report). `--checkpoint-topic` is the same setting.
     #[arg(
         long = "replay-checkpoints",
+        visible_alias = "checkpoint-topic",
+        global = true,
         env = "ELO_RECONCILER_REPLAY_CHECKPOINTS",
         default_value = "reconciler.replay.checkpoints"
     )]

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::replay::{self, Action, ReplayWriter};
 use super::{DEFAULT_DLQ_TOPICS, DeadLetterEntry, Filter, parse_instant, redact};
-use crate::ops::now_ms;
+use crate::ops::{OpsArgs, now_ms};
 use crate::scan::{self, Window};
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -27,8 +27,6 @@ pub enum DlqCommand {
     },
     /// Show one dead letter, `<dlq topic>/<partition>/<offset>`, decoded, with its headers.
     Show {
-        #[command(flatten)]
-        topics: DlqTopicsArgs,
         coordinate: String,
         /// Show e-mails, phones and names as they are (redacted by default).
         #[arg(long)]
@@ -53,25 +51,20 @@ pub enum DlqCommand {
         /// topic (its records would be skipped by every running consumer).
         #[arg(long)]
         force: bool,
-        /// Compacted topic recording what was replayed, so a rerun continues where it stopped.
-        #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replay.checkpoints")]
-        checkpoint_topic: String,
     },
 }
 
-/// The deployment's DLQ topics.
+/// The deployment's DLQ topics (one setting for the service and every `dlq` subcommand).
 #[derive(Clone, Debug, clap::Args)]
 pub struct DlqTopicsArgs {
     /// Every DLQ topic (comma-separated).
-    #[arg(long = "dlq-topics", env = "ELO_RECONCILER_DLQ_TOPICS", value_delimiter = ',', default_values_t = DEFAULT_DLQ_TOPICS.map(String::from))]
+    #[arg(long = "dlq-topics", global = true, env = "ELO_RECONCILER_DLQ_TOPICS", value_delimiter = ',', default_values_t = DEFAULT_DLQ_TOPICS.map(String::from))]
     pub dlq_topics: Vec<String>,
 }
 
 /// Which dead letters.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SelectArgs {
-    #[command(flatten)]
-    pub topics: DlqTopicsArgs,
     /// Only these services' DLQs (repeatable), e.g. `salesforce-sink`.
     #[arg(long = "service")]
     pub services: Vec<String>,
@@ -111,10 +104,14 @@ impl SelectArgs {
 }
 
 /// Reads the selected dead letters from every matching DLQ topic.
-pub async fn select(kafka: &KafkaArgs, args: &SelectArgs) -> anyhow::Result<Vec<DeadLetterEntry>> {
+pub async fn select(
+    kafka: &KafkaArgs,
+    dlq_topics: &[String],
+    args: &SelectArgs,
+) -> anyhow::Result<Vec<DeadLetterEntry>> {
     let filter = args.filter()?;
     let topics: Vec<String> =
-        filter.checked_topics(&args.topics.dlq_topics).map_err(anyhow::Error::msg)?.into_iter().cloned().collect();
+        filter.checked_topics(dlq_topics).map_err(anyhow::Error::msg)?.into_iter().cloned().collect();
     let (kafka, limit) = (kafka.clone(), args.limit);
     tokio::task::spawn_blocking(move || {
         let window = Window { from_ms: filter.since_ms, until_ms: filter.until_ms };
@@ -132,10 +129,11 @@ pub async fn select(kafka: &KafkaArgs, args: &SelectArgs) -> anyhow::Result<Vec<
     .await?
 }
 
-pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()> {
+pub async fn run(common: &CommonArgs, ops: &OpsArgs, command: DlqCommand) -> anyhow::Result<()> {
+    let dlq_topics = &ops.dlq.dlq_topics;
     match command {
         DlqCommand::List { select: args, json } => {
-            let entries = select(&common.kafka, &args).await?;
+            let entries = select(&common.kafka, dlq_topics, &args).await?;
             if !json {
                 println!(
                     "{:<28} {:<24} {:<10} {:<24} {:<26} {:<14} {:>3}  REPLAY OF",
@@ -154,16 +152,16 @@ pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()>
             }
             Ok(())
         }
-        DlqCommand::Show { topics, coordinate, reveal } => {
-            let entry = find(&common.kafka, &topics, &coordinate).await?;
+        DlqCommand::Show { coordinate, reveal } => {
+            let entry = find(&common.kafka, dlq_topics, &coordinate).await?;
             let codec = EventCodec::new(&common.registry.config()?)?;
             let value = decoded_value(&codec, common, &entry, reveal).await;
             println!("{}", serde_json::to_string_pretty(&shown(&entry, value, reveal))?);
             Ok(())
         }
-        DlqCommand::Replay { select: args, dry_run, again, for_group, force, checkpoint_topic } => {
+        DlqCommand::Replay { select: args, dry_run, again, for_group, force } => {
             let options = ReplayOptions { dry_run, again, force, for_group };
-            replay_command(common, &args, &options, &checkpoint_topic).await
+            replay_command(common, dlq_topics, &args, &options, &ops.replay_checkpoints).await
         }
     }
 }
@@ -177,11 +175,12 @@ struct ReplayOptions {
 
 async fn replay_command(
     common: &CommonArgs,
+    dlq_topics: &[String],
     args: &SelectArgs,
     options: &ReplayOptions,
     checkpoint_topic: &str,
 ) -> anyhow::Result<()> {
-    let entries = select(&common.kafka, args).await?;
+    let entries = select(&common.kafka, dlq_topics, args).await?;
     let done = replayed(&common.kafka, checkpoint_topic).await?;
     let actions = replay::plan(&entries, &done, options.again, options.for_group.as_deref());
     let missing = missing_groups(&common.kafka, &actions).await?;
@@ -313,14 +312,14 @@ impl ReplayWriter for KafkaReplays {
 }
 
 /// Finds one dead letter by coordinate.
-async fn find(kafka: &KafkaArgs, topics: &DlqTopicsArgs, coordinate: &str) -> anyhow::Result<DeadLetterEntry> {
+async fn find(kafka: &KafkaArgs, dlq_topics: &[String], coordinate: &str) -> anyhow::Result<DeadLetterEntry> {
     let bad = || anyhow::anyhow!("expected <dlq topic>/<partition>/<offset>, got {coordinate:?}");
     let mut parts = coordinate.rsplitn(3, '/');
     let offset: i64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
     let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let topic = parts.next().ok_or_else(bad)?.to_owned();
-    if !topics.dlq_topics.contains(&topic) {
-        anyhow::bail!("{topic} is not one of the DLQ topics ({})", topics.dlq_topics.join(", "));
+    if !dlq_topics.contains(&topic) {
+        anyhow::bail!("{topic} is not one of the DLQ topics ({})", dlq_topics.join(", "));
     }
     let kafka = kafka.clone();
     let found = tokio::task::spawn_blocking(move || scan::read_at(&kafka, &topic, partition, offset)).await??;
