@@ -180,6 +180,19 @@ async fn replays_land_when_fixed_return_when_not_and_other_consumers_skip_them()
     let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["replayed"], parked.len(), "{summary}");
     assert_eq!(topic_count(&topic, 3), commerce_before + parked.len() as i64, "each dead letter republished once");
+    // Replayed by key: with the partitions unchanged, each lands where its original was.
+    let replays: Vec<OwnedMessage> =
+        read_all(&brokers(), &topic, 3).into_iter().filter(|r| header(r, "elo-replay-of").is_some()).collect();
+    assert_eq!(replays.len(), parked.len());
+    for r in &replays {
+        let of = header(r, "elo-replay-of").unwrap();
+        let letter = parked.iter().find(|p| format!("{dlq}/{}/{}", p.partition(), p.offset()) == of).unwrap();
+        assert_eq!(
+            header(letter, "elo-dlq-origin-partition").unwrap(),
+            r.partition().to_string(),
+            "{of} replayed on another partition"
+        );
+    }
 
     // The fixed customer's orders land; the other's records come back to the DLQ, once each.
     let landed = wait_until(Duration::from_secs(90), || sf_orders() == others + orders_of(&fixed_key)).await;

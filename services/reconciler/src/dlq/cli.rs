@@ -199,7 +199,8 @@ async fn replay_command(
         for (e, a) in entries.iter().zip(&actions) {
             let what = match a {
                 Action::Replay { topic, partition, group } => {
-                    format!("would replay to {topic}/{partition} for {group}")
+                    let on = partition.map_or_else(|| "by key".to_owned(), |p| format!("partition {p}"));
+                    format!("would replay to {topic} ({on}) for {group}")
                 }
                 Action::AlreadyReplayed => "already replayed (use --again)".to_owned(),
                 Action::NotReplayable(why) => format!("not replayable: {why}"),
@@ -294,13 +295,16 @@ impl ReplayWriter for KafkaReplays {
     async fn publish(
         &self,
         topic: &str,
-        partition: i32,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         hs: &[(String, Vec<u8>)],
     ) -> anyhow::Result<String> {
         let owned = headers::to_owned_headers(hs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
-        let d = self.producer.send_with_headers_to_partition(topic, partition, key, payload, owned).await?;
+        let d = match partition {
+            Some(p) => self.producer.send_with_headers_to_partition(topic, p, key, payload, owned).await?,
+            None => self.producer.send_with_headers(topic, key, payload, owned).await?,
+        };
         Ok(format!("{topic}/{}/{}", d.partition, d.offset))
     }
 
