@@ -228,6 +228,23 @@ async fn replays_land_when_fixed_return_when_not_and_other_consumers_skip_them()
     // Nothing lost: every replayed letter either landed (fixed) or came back (broken).
     assert_eq!(fixed_letters + again.len(), parked.len());
 
+    // The day's report: the replays are counted apart, not as new orders; the replays the sink
+    // handled need nobody, the letters that came back do.
+    let handled = wait_until(Duration::from_secs(30), || caught_up(&format!("{topic}.sf-group"))).await;
+    assert!(handled, "the sink did not commit past the replays");
+    let report = run_cli(dir.path(), &topic, &["report", &topics_arg, "--format", "json", "--out", "-"]);
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["replayed_records"], parked.len(), "{report}");
+    assert_eq!(report["needs_person"]["dead_letters"], broken_letters.len(), "{report}");
+    assert!(
+        report["needs_person"]["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e.as_str().unwrap().contains(&broken_key)),
+        "only the unfixed customer's letters need a person: {report}"
+    );
+
     // The other consumer of the topic skipped every replay and committed past it.
     let skipped = wait_until(Duration::from_secs(60), || caught_up(&format!("{topic}.rc-group"))).await;
     assert!(skipped, "the reconciler did not commit past the replays\n{}", log(dir.path(), "reconciler"));

@@ -308,8 +308,8 @@ impl ReplayWriter for KafkaReplays {
         Ok(format!("{topic}/{}/{}", d.partition, d.offset))
     }
 
-    async fn checkpoint(&self, coordinate: &str, landed: &str) -> anyhow::Result<()> {
-        let value = json!({ "replayed_to": landed, "at_ms": now_ms() }).to_string();
+    async fn checkpoint(&self, coordinate: &str, landed: &str, group: &str) -> anyhow::Result<()> {
+        let value = json!({ "replayed_to": landed, "group": group, "at_ms": now_ms() }).to_string();
         self.producer.send(&self.checkpoint_topic, coordinate.as_bytes(), value.as_bytes(), None).await?;
         Ok(())
     }

@@ -30,3 +30,26 @@ pub fn consumes(kafka: &KafkaArgs, group: &str, topic: &str) -> anyhow::Result<b
     let committed = consumer.committed_offsets(tpl, TIMEOUT)?;
     Ok(committed.elements().iter().any(|e| matches!(e.offset(), Offset::Offset(o) if o >= 0)))
 }
+
+/// The committed offset of `group` on each of `partitions` that has one. Blocking.
+pub fn committed(
+    kafka: &KafkaArgs,
+    group: &str,
+    partitions: &[(String, i32)],
+) -> anyhow::Result<Vec<((String, i32), i64)>> {
+    let consumer: BaseConsumer =
+        kafka.client_config(&[("group.id", group), ("enable.auto.commit", "false")])?.create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (topic, p) in partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, TIMEOUT)?;
+    Ok(committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) if o >= 0 => Some(((e.topic().to_owned(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
+}

@@ -75,8 +75,9 @@ pub trait ReplayWriter {
         payload: Option<&[u8]>,
         headers: &[(String, Vec<u8>)],
     ) -> impl Future<Output = anyhow::Result<String>>;
-    /// Records that `coordinate` was replayed to `landed`.
-    fn checkpoint(&self, coordinate: &str, landed: &str) -> impl Future<Output = anyhow::Result<()>>;
+    /// Records that `coordinate` was replayed to `landed` (`<topic>/<partition>/<offset>`) for
+    /// `group`.
+    fn checkpoint(&self, coordinate: &str, landed: &str, group: &str) -> impl Future<Output = anyhow::Result<()>>;
 }
 
 /// What a replay run did.
@@ -104,7 +105,7 @@ pub async fn execute<W: ReplayWriter>(
                     .publish(topic, *partition, entry.0.key.as_deref(), entry.0.payload.as_deref(), &headers)
                     .await
                     .map_err(|e| e.context(format!("replaying {}", entry.coordinate())))?;
-                writer.checkpoint(&entry.coordinate(), &landed).await?;
+                writer.checkpoint(&entry.coordinate(), &landed, group).await?;
                 summary.replayed += 1;
             }
             Action::AlreadyReplayed => summary.already_replayed += 1,
@@ -165,7 +166,7 @@ mod tests {
             p.push((topic.to_owned(), partition, headers.to_vec()));
             Ok(format!("{topic}/{}/{}", partition.unwrap_or(0), p.len()))
         }
-        async fn checkpoint(&self, coordinate: &str, _landed: &str) -> anyhow::Result<()> {
+        async fn checkpoint(&self, coordinate: &str, _landed: &str, _group: &str) -> anyhow::Result<()> {
             if self.checkpoint_fails_after.is_some_and(|n| self.checkpoints.lock().unwrap().len() >= n) {
                 anyhow::bail!("process killed before the checkpoint");
             }

@@ -9,7 +9,7 @@
 //! per-account budget (`rdstation_sink_budget_requests_total`, since it started). Both are
 //! live figures, so they are shown for today only; past days say unknown.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,12 +89,13 @@ impl ReportSources {
         tokio::task::spawn_blocking(move || {
             let mut budget =
                 Budget { deadline: Some(Instant::now() + budget.time), max_records: Some(budget.records), used: 0 };
-            let mut replayed = HashSet::new();
+            let mut checkpoints = HashMap::new();
             scan::scan_within(&kafka, &ops.replay_checkpoints, Window::default(), &mut budget, |r| {
-                if let (Some(k), Some(_)) = (r.key, r.payload) {
-                    replayed.insert(String::from_utf8_lossy(&k).into_owned());
+                if let (Some(k), Some(v)) = (r.key, r.payload) {
+                    checkpoints.insert(String::from_utf8_lossy(&k).into_owned(), Checkpoint::parse(&v));
                 }
             })?;
+            let replayed = handled_replays(&kafka, &checkpoints);
             for topic in &ops.dlq.dlq_topics {
                 scan::scan_within(&kafka, topic, window, &mut budget, |r| {
                     let e = DeadLetterEntry(r);
@@ -154,6 +155,64 @@ impl ReportSources {
     }
 }
 
+/// A replay checkpoint's value: where the replay was written and for which group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Checkpoint {
+    pub landed: Option<(String, i32, i64)>,
+    pub group: Option<String>,
+}
+
+impl Checkpoint {
+    pub(crate) fn parse(value: &[u8]) -> Self {
+        let v: serde_json::Value = serde_json::from_slice(value).unwrap_or_default();
+        let landed = v["replayed_to"].as_str().and_then(|t| {
+            let mut parts = t.rsplitn(3, '/');
+            let offset = parts.next()?.parse().ok()?;
+            let partition = parts.next()?.parse().ok()?;
+            Some((parts.next()?.to_owned(), partition, offset))
+        });
+        Self { landed, group: v["group"].as_str().map(str::to_owned) }
+    }
+
+    /// Whether the group handled the replay: its committed offset is past it. A checkpoint
+    /// from before the group was recorded counts as handled (as it always did).
+    pub(crate) fn handled(&self, committed: &BTreeMap<(String, String, i32), i64>) -> bool {
+        match (&self.landed, &self.group) {
+            (Some((topic, partition, offset)), Some(group)) => {
+                committed.get(&(group.clone(), topic.clone(), *partition)).is_some_and(|c| c > offset)
+            }
+            _ => true,
+        }
+    }
+}
+
+/// The dead letters whose replay the group it was for has handled (committed past). A letter
+/// replayed but not yet handled still needs a person's eye. Blocking.
+fn handled_replays(kafka: &KafkaArgs, checkpoints: &HashMap<String, Checkpoint>) -> HashSet<String> {
+    let mut wanted: BTreeMap<String, std::collections::BTreeSet<(String, i32)>> = BTreeMap::new();
+    for c in checkpoints.values() {
+        if let (Some((topic, partition, _)), Some(group)) = (&c.landed, &c.group) {
+            wanted.entry(group.clone()).or_default().insert((topic.clone(), *partition));
+        }
+    }
+    let mut committed = BTreeMap::new();
+    for (group, partitions) in wanted {
+        let partitions: Vec<(String, i32)> = partitions.into_iter().collect();
+        match crate::dlq::groups::committed(kafka, &group, &partitions) {
+            Ok(offsets) => {
+                for ((topic, partition), offset) in offsets {
+                    committed.insert((group.clone(), topic, partition), offset);
+                }
+            }
+            // Unknown: those replays count as not handled yet.
+            Err(error) => {
+                tracing::warn!(error = %error, group, "cannot read the committed offsets of a replay's group")
+            }
+        }
+    }
+    checkpoints.iter().filter(|(_, c)| c.handled(&committed)).map(|(k, _)| k.clone()).collect()
+}
+
 /// Feeds one commerce.events record: a replay (`elo-replay-of`) is the same event again,
 /// counted apart and kept out of the traffic and latency figures.
 pub(crate) fn commerce_record(
@@ -188,6 +247,17 @@ mod tests {
     use elo_events::sample;
 
     use super::*;
+
+    #[test]
+    fn a_replay_counts_as_handled_only_once_its_group_committed_past_it() {
+        let c = Checkpoint::parse(br#"{"replayed_to":"commerce.events/2/40","group":"g","at_ms":1}"#);
+        assert_eq!(c.landed, Some(("commerce.events".to_owned(), 2, 40)));
+        let at = |offset: i64| BTreeMap::from([(("g".to_owned(), "commerce.events".to_owned(), 2), offset)]);
+        assert!(!c.handled(&BTreeMap::new()), "no committed offset: not handled");
+        assert!(!c.handled(&at(40)), "committed up to the replay, not past it");
+        assert!(c.handled(&at(41)));
+        assert!(Checkpoint::parse(br#"{"replayed_to":"commerce.events/2/40","at_ms":1}"#).handled(&BTreeMap::new()));
+    }
 
     #[test]
     fn replayed_commerce_records_are_counted_apart_not_as_new_traffic() {
