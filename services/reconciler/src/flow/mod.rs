@@ -78,6 +78,8 @@ pub struct Observed {
     pub backlog: BTreeMap<String, i64>,
     /// Records held in all DLQ topics.
     pub dead_letters: Option<i64>,
+    /// Replays recorded in the checkpoint topic (one per dead letter, once compacted).
+    pub replayed: Option<i64>,
     /// Reports served by this process.
     pub reports_served: u64,
 }
@@ -130,6 +132,10 @@ pub fn snapshot(o: &Observed, status: &LedgerStatus, commerce_topic: &str, as_of
     let mut report_details = BTreeMap::new();
     if let Some(d) = o.dead_letters {
         report_details.insert("dead_letters_held".into(), d.max(0) as u64);
+        // Held counts every letter the DLQs keep, replayed or not; this says how many were.
+        if let Some(r) = o.replayed {
+            report_details.insert("dead_letters_replayed".into(), r.clamp(0, d.max(0)) as u64);
+        }
     }
     let steps = vec![
         FlowStep {
@@ -253,19 +259,21 @@ impl FlowSources {
             }
         }
         let (kafka, groups, dlqs) = (self.kafka.clone(), self.group_topics.clone(), self.ops.dlq.dlq_topics.clone());
+        let checkpoints = self.ops.replay_checkpoints.clone();
         let clients = self.clients.clone();
         let lag = tokio::task::spawn_blocking(move || {
             let mut clients = clients.lock().expect("lag clients");
             if clients.is_none() {
                 *clients = Some(LagClients::new(&kafka, &groups)?);
             }
-            lags(clients.as_ref().expect("made above"), &dlqs)
+            lags(clients.as_ref().expect("made above"), &dlqs, &checkpoints)
         })
         .await;
         match lag {
-            Ok(Ok((backlog, dead_letters))) => {
+            Ok(Ok((backlog, dead_letters, replayed))) => {
                 o.backlog = backlog;
                 o.dead_letters = Some(dead_letters);
+                o.replayed = Some(replayed);
             }
             Ok(Err(error)) => tracing::warn!(error = %error, "cannot read consumer lag for the flow diagram"),
             Err(error) => tracing::warn!(error = %error, "lag task failed"),
@@ -274,7 +282,8 @@ impl FlowSources {
     }
 }
 
-type Lags = (BTreeMap<String, i64>, i64);
+/// Lag per service, letters held in the DLQs, replays checkpointed.
+type Lags = (BTreeMap<String, i64>, i64, i64);
 
 impl LagClients {
     fn new(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)]) -> anyhow::Result<Self> {
@@ -301,7 +310,7 @@ fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i64, 
 }
 
 /// Lag per service group, and the records held in the DLQ topics.
-fn lags(clients: &LagClients, dlqs: &[String]) -> anyhow::Result<Lags> {
+fn lags(clients: &LagClients, dlqs: &[String], checkpoints: &str) -> anyhow::Result<Lags> {
     let mut out = BTreeMap::new();
     // Each topic's watermarks once, whichever groups read it.
     let mut marks: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
@@ -338,7 +347,8 @@ fn lags(clients: &LagClients, dlqs: &[String]) -> anyhow::Result<Lags> {
     for topic in dlqs {
         held += watermarks(&clients.meta, topic)?.iter().map(|(low, high)| high - low).sum::<i64>();
     }
-    Ok((out, held))
+    let replayed = watermarks(&clients.meta, checkpoints)?.iter().map(|(low, high)| high - low).sum::<i64>();
+    Ok((out, held, replayed))
 }
 
 #[cfg(test)]
@@ -366,6 +376,7 @@ elo_consumer_records_total{topic=\"commerce.events\",outcome=\"dead_lettered\"} 
         o.backlog.insert("salesforce-sink".into(), 7);
         o.backlog.insert("reconciler".into(), 0);
         o.dead_letters = Some(3);
+        o.replayed = Some(5);
         o.reports_served = 2;
         o
     }
@@ -389,6 +400,10 @@ elo_consumer_records_total{topic=\"commerce.events\",outcome=\"dead_lettered\"} 
         assert_eq!((s.steps[3].count, s.steps[3].health), (None, Health::Unreachable), "no answer is not zero");
         assert_eq!(s.steps[4].count, Some(5));
         assert_eq!(s.steps[5].details["dead_letters_held"], 3);
+        assert_eq!(
+            s.steps[5].details["dead_letters_replayed"], 3,
+            "never more than held (duplicates before compaction)"
+        );
         assert_eq!(s.line(), "order=120 inventory=100 salesforce=110 rdstation=- repair=5 report=2");
     }
 
