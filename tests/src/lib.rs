@@ -496,6 +496,11 @@ pub fn reconciler(dir: &Path, topic: &str, admin_port: u16, log: &str) -> Comman
         .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
         .env("ELO_DLQ_TOPIC", format!("{topic}.rc-dlq"))
         .env("ELO_CONSUMER_GROUP", format!("{topic}.rc-group"))
+        // Each run its own replay checkpoints: a replay of one run never counts in another.
+        .env("ELO_RECONCILER_REPLAY_CHECKPOINTS", format!("{topic}.replays"))
+        // Its own ledger and stock stores: another run's state is never restored into this one.
+        .env("ELO_RECONCILER_LEDGER_TOPIC", format!("{topic}.ledger"))
+        .env("ELO_RECONCILER_STOCK_TOPIC", format!("{topic}.stock"))
         .env("ELO_TOPIC_PARTITIONS", "3")
         .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "6000")
         .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")

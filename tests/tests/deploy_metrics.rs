@@ -133,6 +133,8 @@ async fn every_metric_in_alerts_and_dashboards_is_exported_by_the_running_servic
             .env("ELO_KAFKA_BROKERS", brokers())
             .env("ELO_REGISTRY_URL", registry_url())
             .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            // The reconciler's reports listener: a port of its own (a taken one stops it).
+            .env("ELO_RECONCILER_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("ELO_TOPIC_COMMERCE", &topic)
             .env("ELO_TOPIC_INVENTORY", format!("{topic}.inventory"))
             .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))

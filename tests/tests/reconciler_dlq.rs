@@ -34,7 +34,7 @@ fn key_of(record: &OwnedMessage) -> String {
 }
 
 fn run_cli(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
-    let output = reconciler(dir, topic, free_port(), "cli").args(args).output().expect("run reconciler");
+    let output = run_cli_unchecked(dir, topic, args);
     assert!(
         output.status.success(),
         "reconciler {args:?} failed: {}\n{}",
@@ -42,6 +42,10 @@ fn run_cli(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
         log(dir, "cli")
     );
     output
+}
+
+fn run_cli_unchecked(dir: &std::path::Path, topic: &str, args: &[&str]) -> Output {
+    reconciler(dir, topic, free_port(), "cli").args(args).output().expect("run reconciler")
 }
 
 fn metric(text: &str, name: &str, label: &str) -> f64 {
@@ -150,18 +154,45 @@ async fn replays_land_when_fixed_return_when_not_and_other_consumers_skip_them()
     assert!(!shown.to_string().contains(&broken_email), "the e-mail is redacted");
 
     // Dry run: lists, writes nothing.
+    let checkpoints = format!("{topic}.replays");
+    let commerce_before = topic_count(&topic, 3);
     let dry = run_cli(dir.path(), &topic, &["dlq", "replay", &topics_arg, "--dry-run"]);
     let dry_text = String::from_utf8_lossy(&dry.stdout);
     assert_eq!(dry_text.lines().filter(|l| l.contains("would replay")).count(), parked.len(), "{dry_text}");
     assert_eq!(topic_count(&dlq, 3), parked.len() as i64);
+    assert_eq!(topic_count(&topic, 3), commerce_before, "a dry run publishes nothing");
+    assert_eq!(topic_count(&checkpoints, 3), 0, "a dry run checkpoints nothing");
+
+    // A replay for a group nobody runs is refused: every consumer would skip it.
+    let bogus = run_cli_unchecked(dir.path(), &topic, &["dlq", "replay", &topics_arg, "--for-group", "bogus"]);
+    assert!(!bogus.status.success(), "a replay for an unknown group must fail");
+    assert!(
+        log(dir.path(), "cli").contains("no consumer group bogus"),
+        "the error names the group\n{}",
+        log(dir.path(), "cli")
+    );
+    assert_eq!(topic_count(&topic, 3), commerce_before, "nothing published for an unknown group");
+    assert_eq!(topic_count(&checkpoints, 3), 0, "nothing checkpointed for an unknown group");
 
     // Fix one customer upstream, then replay everything.
-    let commerce_before = topic_count(&topic, 3);
     assert!(sf.sim.lock().unwrap().org.delete("Contact", &fixed_clash).unwrap());
     let out = run_cli(dir.path(), &topic, &["dlq", "replay", &topics_arg]);
     let summary: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["replayed"], parked.len(), "{summary}");
     assert_eq!(topic_count(&topic, 3), commerce_before + parked.len() as i64, "each dead letter republished once");
+    // Replayed by key: with the partitions unchanged, each lands where its original was.
+    let replays: Vec<OwnedMessage> =
+        read_all(&brokers(), &topic, 3).into_iter().filter(|r| header(r, "elo-replay-of").is_some()).collect();
+    assert_eq!(replays.len(), parked.len());
+    for r in &replays {
+        let of = header(r, "elo-replay-of").unwrap();
+        let letter = parked.iter().find(|p| format!("{dlq}/{}/{}", p.partition(), p.offset()) == of).unwrap();
+        assert_eq!(
+            header(letter, "elo-dlq-origin-partition").unwrap(),
+            r.partition().to_string(),
+            "{of} replayed on another partition"
+        );
+    }
 
     // The fixed customer's orders land; the other's records come back to the DLQ, once each.
     let landed = wait_until(Duration::from_secs(90), || sf_orders() == others + orders_of(&fixed_key)).await;
@@ -196,6 +227,23 @@ async fn replays_land_when_fixed_return_when_not_and_other_consumers_skip_them()
     );
     // Nothing lost: every replayed letter either landed (fixed) or came back (broken).
     assert_eq!(fixed_letters + again.len(), parked.len());
+
+    // The day's report: the replays are counted apart, not as new orders; the replays the sink
+    // handled need nobody, the letters that came back do.
+    let handled = wait_until(Duration::from_secs(30), || caught_up(&format!("{topic}.sf-group"))).await;
+    assert!(handled, "the sink did not commit past the replays");
+    let report = run_cli(dir.path(), &topic, &["report", &topics_arg, "--format", "json", "--out", "-"]);
+    let report: Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["replayed_records"], parked.len(), "{report}");
+    assert_eq!(report["needs_person"]["dead_letters"], broken_letters.len(), "{report}");
+    assert!(
+        report["needs_person"]["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e.as_str().unwrap().contains(&broken_key)),
+        "only the unfixed customer's letters need a person: {report}"
+    );
 
     // The other consumer of the topic skipped every replay and committed past it.
     let skipped = wait_until(Duration::from_secs(60), || caught_up(&format!("{topic}.rc-group"))).await;

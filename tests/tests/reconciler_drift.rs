@@ -29,6 +29,8 @@ fn reconciler(dir: &Path, topic: &str, admin: u16, urls: [&str; 3], log: &str) -
         .env("ELO_KAFKA_BROKERS", brokers())
         .env("ELO_REGISTRY_URL", registry_url())
         .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        // Its own reports port: a taken one stops the service (make run may hold 9180).
+        .env("ELO_RECONCILER_HTTP_LISTEN", format!("127.0.0.1:{}", elo_integration_tests::free_port()))
         .env("ELO_TOPIC_COMMERCE", topic)
         .env("ELO_TOPIC_OUTCOMES", format!("{topic}.outcomes"))
         .env("ELO_TOPIC_COMMANDS", format!("{topic}.commands"))

@@ -26,11 +26,15 @@ fn chromium() -> String {
 /// Chromium logged (every `console.*` call, uncaught error and failed load).
 fn headless(dir: &Path, url: &str, mode: &str, budget_ms: u32) -> (String, Vec<String>) {
     let profile = tempfile::tempdir_in(dir).unwrap();
-    let output = Command::new(chromium())
+    // Output to files (a pipe nobody reads while waiting could fill and hang Chromium), and a
+    // deadline: a hung browser fails the test instead of holding it until nextest kills it.
+    let (out_path, err_path) = (profile.path().join("stdout"), profile.path().join("stderr"));
+    let mut child = Command::new(chromium())
         .args([
             "--headless",
             "--no-sandbox",
             "--disable-gpu",
+            "--disable-dev-shm-usage",
             "--no-first-run",
             "--hide-scrollbars",
             "--window-size=1400,1000",
@@ -42,12 +46,35 @@ fn headless(dir: &Path, url: &str, mode: &str, budget_ms: u32) -> (String, Vec<S
             url,
         ])
         .stdin(Stdio::null())
-        .output()
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .expect("run chromium (apt-get install chromium)");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chromium did not finish {url} within 60 s:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     let console: Vec<String> = stderr.lines().filter(|l| l.contains(":CONSOLE")).map(str::to_owned).collect();
-    assert!(output.status.success(), "chromium failed on {url}:\n{stderr}");
-    (String::from_utf8_lossy(&output.stdout).into_owned(), console)
+    assert!(status.success(), "chromium failed on {url}:\n{stderr}");
+    (std::fs::read_to_string(&out_path).unwrap(), console)
+}
+
+/// Today (UTC) as `YYYY-MM-DD`.
+fn today() -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    elo_events::time::date_of_ms(ms)
 }
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
@@ -59,6 +86,14 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let topic = unique("rc.report");
     let client = reqwest::Client::new();
+    // The console check must be able to fail: a page that logs an error is caught.
+    let (_, control_console) =
+        headless(dir.path(), "data:text/html,<script>console.error('elo-console-control')</script>", "--dump-dom", 500);
+    assert!(
+        control_console.iter().any(|l| l.contains("elo-console-control")),
+        "console messages are not detected: {control_console:?}"
+    );
+    let start_day = today();
     let [magento, salesforce, rdstation, control] = [free_port(), free_port(), free_port(), free_port()];
     let control_url = format!("http://127.0.0.1:{control}");
     let _sandbox = ChildGuard::spawn(
@@ -174,10 +209,27 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
         log(dir.path(), "rd")
     );
 
-    // The report, as JSON over HTTP, against the same ground truth.
+    // The report, as JSON over HTTP, against the same ground truth. The data is of the day the
+    // run started; a run across 00:00 UTC splits it over two days (checked by their sum).
     let report_url = format!("http://127.0.0.1:{rc_http}/report");
-    let report = get_json(&client, &format!("{report_url}?format=json")).await;
-    assert_eq!(report["orders_received"].as_u64(), m["orders"].as_u64(), "orders received: {report}");
+    let report = get_json(&client, &format!("{report_url}?format=json&date={start_day}")).await;
+    let crossed_midnight = today() != start_day;
+    if crossed_midnight {
+        let next = get_json(&client, &format!("{report_url}?format=json&date={}", today())).await;
+        let sum = |f: &str| report[f].as_u64().unwrap() + next[f].as_u64().unwrap();
+        assert!(sum("orders_received") >= orders, "orders received over both days: {report} {next}");
+        assert!(sum("order_events") >= orders);
+    } else {
+        assert_eq!(report["orders_received"].as_u64(), m["orders"].as_u64(), "orders received: {report}");
+    }
+    let inventory = &report["inventory"];
+    let checked: u64 =
+        ["ok", "low_stock", "oversold", "unchecked"].iter().map(|k| inventory[k].as_u64().unwrap()).sum();
+    assert_eq!(checked, report["orders_received"].as_u64().unwrap(), "one inventory status per order: {inventory}");
+    assert_eq!(report["replayed_records"], 0, "nothing was replayed");
+    let sf_figures = &report["synced"]["salesforce"];
+    assert_eq!(sf_figures["dead_lettered"], 0);
+    assert!(sf_figures["customers"].as_u64().unwrap() > 0);
     assert_eq!(report["synced"]["salesforce"]["orders"].as_u64(), Some(sf_orders(&sf)), "orders in Salesforce");
     assert_eq!(report["synced"]["rdstation"]["customers"].as_u64(), Some(rd_contacts(&rd)), "contacts in RD Station");
     assert_eq!(report["failures"], json!([]), "nothing was parked");
@@ -218,8 +270,10 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
         serde_json::from_str(&std::fs::read_to_string(out.join(format!("elo-report-{date}.json"))).unwrap()).unwrap();
     assert_eq!(file["orders_received"], report["orders_received"]);
     assert_eq!(file["synced"], report["synced"]);
-    let csv = client.get(format!("{report_url}?format=csv")).send().await.unwrap().text().await.unwrap();
-    assert!(csv.lines().any(|l| l == format!("orders,,received,{orders}")), "{csv}");
+    let csv =
+        client.get(format!("{report_url}?format=csv&date={start_day}")).send().await.unwrap().text().await.unwrap();
+    let received = report["orders_received"].as_u64().unwrap();
+    assert!(csv.lines().any(|l| l == format!("orders,,received,{received}")), "{csv}");
 
     // Both pages in headless Chromium: screenshots taken, no console message, the six steps
     // with their counts, and the diagram updating itself.
@@ -231,13 +285,16 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
         let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("no {name} screenshot: {e}"));
         assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "{name} screenshot is not a real PNG");
     }
-    let (report_dom, console) = headless(dir.path(), &report_url, "--dump-dom", 1000);
+    let (report_dom, console) = headless(dir.path(), &format!("{report_url}?date={start_day}"), "--dump-dom", 1000);
     assert!(console.is_empty(), "{console:?}");
-    assert!(report_dom.contains(&format!("id=\"orders-received\"><b>{orders}</b>")), "report page figures");
+    assert!(report_dom.contains(&format!("id=\"orders-received\"><b>{received}</b>")), "report page figures");
+    let flow_before = get_json(&client, &flow_url).await;
     let (dom, console) = headless(dir.path(), &format!("http://127.0.0.1:{rc_http}/flow"), "--dump-dom", 7000);
     assert!(console.is_empty(), "flow page logged to the console: {console:?}");
     let flow = get_json(&client, &flow_url).await;
-    for step in flow["steps"].as_array().unwrap() {
+    let ids: Vec<&str> = flow["steps"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["order", "inventory", "salesforce", "rdstation", "repair", "report"], "the six steps in order");
+    for (i, step) in flow["steps"].as_array().unwrap().iter().enumerate() {
         let id = step["id"].as_str().unwrap();
         assert!(dom.contains(&format!("id=\"step-{id}\"")), "step {id} missing from the diagram");
         let count = step["count"].as_u64().unwrap_or_else(|| panic!("step {id} has no count: {step}"));
@@ -247,8 +304,10 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
             .and_then(|rest| rest.split('<').next())
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no count shown for {id}"));
-        // The page may have refreshed a moment before or after this read.
-        assert!(shown > 0 || count == 0 || id == "repair" || id == "report", "step {id} shows {shown}");
+        // The page read /api/flow between these two reads: its figure lies between theirs.
+        let before = flow_before["steps"][i]["count"].as_u64().unwrap();
+        let (low, high) = (before.min(count), before.max(count));
+        assert!((low..=high).contains(&shown), "step {id} shows {shown}, the API said {before} then {count}");
     }
     let shown_orders: u64 =
         dom.split("id=\"count-order\">").nth(1).and_then(|r| r.split('<').next()).unwrap().parse().unwrap();

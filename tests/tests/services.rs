@@ -69,6 +69,8 @@ async fn services_serve_probes_and_metrics_and_stop_cleanly() {
                 .env("ELO_KAFKA_BROKERS", brokers())
                 .env("ELO_REGISTRY_URL", registry_url())
                 .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{port}"))
+                // The reconciler's reports listener: a port of its own (a taken one stops it).
+                .env("ELO_RECONCILER_HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
                 // Topics of this test only, so parallel tests do not interfere.
                 .env("ELO_TOPIC_COMMERCE", format!("{prefix}.commerce"))
                 .env("ELO_TOPIC_INVENTORY", format!("{prefix}.inventory"))

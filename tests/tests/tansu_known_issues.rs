@@ -11,25 +11,20 @@ use elo_integration_tests::brokers;
 /// partitions after the session timeout: the survivor gets only its own back, and the dead
 /// member's partitions are never consumed. Elo's consumers always leave the group on a
 /// graceful stop (tested in `consumer_runtime.rs`), so only crashes are exposed; a restarted
-/// replica rejoining the group triggers a fresh assignment.
+/// replica rejoining the group triggers a fresh assignment. Timing-dependent under load (a
+/// starved heartbeat can get the member expelled before the kill), so the script tries up to
+/// three times.
 #[test]
 fn tansu_0_6_strands_the_partitions_of_a_member_killed_while_another_is_active() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/tansu_member_crash.py");
     let out = Command::new("python3").arg(script).arg(brokers()).output().expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let line = |prefix: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no {prefix:?} in {stdout}"))
-            .trim()
-            .to_owned()
-    };
-    let before = line("b assignment while a lives");
-    let after = line("final b assignment");
-    assert_ne!(before, "[0, 1, 2, 3]", "the group never split, so nothing was shown: {stdout}");
-    assert_eq!(after, before, "Tansu now reassigns a dead member's partitions; the bug is fixed: {stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("try 1:")), "the script made no try: {stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "stranded"),
+        "Tansu reassigned a dead member's partitions in every try (or the group never split); the bug may be fixed: {stdout}"
+    );
 }
 
 /// An idempotent producer with a record that timed out during a broker outage bumps its epoch

@@ -43,8 +43,10 @@ pub const REPLAY_FOR: &str = "elo-replay-for";
 /// Whether `record` is a replay meant for another consumer group than `group`. A replay goes
 /// back to the origin topic, which other services read too; they already handled the
 /// original, so only the group that parked it may act on the copy.
+/// A record is a replay only with both marks: a stray `elo-replay-for` alone (a producer's
+/// own header) never makes a consumer drop a record.
 pub fn is_replay_for_other(record: &Record, group: &str) -> bool {
-    record.header(REPLAY_FOR).is_some_and(|target| target != group.as_bytes())
+    record.header(REPLAY_OF).is_some() && record.header(REPLAY_FOR).is_some_and(|target| target != group.as_bytes())
 }
 
 const MAX_MESSAGE: usize = 1024;

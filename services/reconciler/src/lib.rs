@@ -160,19 +160,25 @@ pub fn group(config: &Config) -> String {
 /// listener through a watch channel.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     match config.command.clone() {
-        Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, command).await,
+        Some(Command::Dlq(command)) => return dlq::cli::run(&config.common, &config.ops, command).await,
         Some(Command::Report(args)) => return report::cli::run(&config.common, &config.ops, args).await,
         None => {}
     }
     let (status_tx, status_rx) = status::channel();
-    // The reports listener is for people: if it cannot start (its port taken), the ledger
-    // still runs, and the error says why the pages are missing.
+    // The reports listener is for people: with --http-optional a taken port leaves the
+    // ledger running (the gauge and the error say why the pages are missing); any other
+    // start-up error is a misconfiguration and stops the service.
     let ops_task = match start_ops_listener(&config, &group(&config), status_rx).await {
-        Ok((_, task)) => Some(task),
-        Err(error) => {
-            tracing::error!(error = %error, "reports and flow diagram unavailable; the reconciler runs without them");
+        Ok((_, task)) => {
+            http::LISTENER_UP.set(1);
+            Some(task)
+        }
+        Err(error) if config.ops.http_optional && http::is_address_in_use(&error) => {
+            http::LISTENER_UP.set(0);
+            tracing::error!(error = %format!("{error:#}"), "reports and flow diagram unavailable; the reconciler runs without them");
             None
         }
+        Err(error) => return Err(error),
     };
     let result = run_with_status(config, status_tx).await;
     if let Some(task) = ops_task {
@@ -192,7 +198,7 @@ pub async fn start_ops_listener(
     let report = report::collect::ReportSources::new(common, &config.ops, codec)?;
     let flow = flow::FlowSources::new(&common.kafka, &config.ops, &common.topics, group)?;
     let state = Arc::new(http::OpsState::new(report, flow, status, common.topics.commerce.clone()));
-    http::serve(config.ops.http_listen, state).await
+    http::serve(config.ops.http_listen, state, http::ListenerLimits::default()).await
 }
 
 /// [`run`], publishing the ledger's figures through `status_tx` (the HTTP side keeps a

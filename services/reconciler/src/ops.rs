@@ -13,6 +13,11 @@ pub struct OpsArgs {
     /// Address of the reports and flow-diagram listener (`/report`, `/flow`, `/api/flow`).
     #[arg(long = "http-listen", env = "ELO_RECONCILER_HTTP_LISTEN", default_value = "127.0.0.1:9180")]
     pub http_listen: SocketAddr,
+    /// Keep running without the reports listener when its address is taken (several
+    /// reconcilers on one host); any other start-up error of the listener stops the service.
+    /// `reconciler_http_listener_up` says whether it serves.
+    #[arg(long = "http-optional", env = "ELO_RECONCILER_HTTP_OPTIONAL")]
+    pub http_optional: bool,
     /// Admin base URL of each service (`/health/readyz`, `/metrics`), `name=url`, comma-separated.
     #[arg(
         long = "service-admin",
@@ -34,9 +39,12 @@ pub struct OpsArgs {
     pub service_groups: Vec<(String, String)>,
     #[command(flatten)]
     pub dlq: DlqTopicsArgs,
-    /// Compacted topic where `dlq replay` records what it replayed.
+    /// Compacted topic where `dlq replay` records what it replayed, so a rerun continues where
+    /// it stopped (also read by the report). `--checkpoint-topic` is the same setting.
     #[arg(
         long = "replay-checkpoints",
+        visible_alias = "checkpoint-topic",
+        global = true,
         env = "ELO_RECONCILER_REPLAY_CHECKPOINTS",
         default_value = "reconciler.replay.checkpoints"
     )]
@@ -51,6 +59,11 @@ impl OpsArgs {
     pub fn group(&self, service: &str) -> Option<&str> {
         self.service_groups.iter().find(|(s, _)| s == service).map(|(_, g)| g.as_str())
     }
+}
+
+/// Milliseconds since the Unix epoch (the clock the reports, the flow and the DLQ tools share).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// `name=value`.

@@ -53,9 +53,30 @@ fn offsets_at(consumer: &BaseConsumer, topic: &str, partitions: i32, ts: i64) ->
         .collect()
 }
 
+/// Limits on a read (or several reads sharing it): a deadline and a record cap, so a report
+/// cannot run or grow without end.
+#[derive(Debug, Default)]
+pub struct Budget {
+    pub deadline: Option<Instant>,
+    pub max_records: Option<u64>,
+    /// Records visited so far under this budget.
+    pub used: u64,
+}
+
 /// Calls `visit` with every record of `topic` whose timestamp is in `window`, partition by
 /// partition, in offset order. Returns the records visited. A missing topic reads as empty.
-pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMut(Record)) -> anyhow::Result<u64> {
+pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, visit: impl FnMut(Record)) -> anyhow::Result<u64> {
+    scan_within(kafka, topic, window, &mut Budget::default(), visit)
+}
+
+/// [`scan`] that stops with an error when `budget` runs out.
+pub fn scan_within(
+    kafka: &KafkaArgs,
+    topic: &str,
+    window: Window,
+    budget: &mut Budget,
+    mut visit: impl FnMut(Record),
+) -> anyhow::Result<u64> {
     let consumer = consumer(kafka)?;
     let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
     let partitions =
@@ -92,6 +113,9 @@ pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMu
         if last_progress.elapsed() > STALL {
             anyhow::bail!("reading {topic} stalled with {open} partition(s) unfinished");
         }
+        if budget.deadline.is_some_and(|d| Instant::now() >= d) {
+            anyhow::bail!("reading {topic} took too long (time budget spent)");
+        }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
         let message = message?;
         last_progress = Instant::now();
@@ -119,17 +143,54 @@ pub fn scan(kafka: &KafkaArgs, topic: &str, window: Window, mut visit: impl FnMu
         };
         if window.contains(record.timestamp_ms) {
             visited += 1;
+            budget.used += 1;
+            if budget.max_records.is_some_and(|m| budget.used > m) {
+                anyhow::bail!("reading {topic}: more than {} records, over the budget", budget.used - 1);
+            }
             visit(record);
         }
     }
     Ok(visited)
 }
 
-/// Current high watermark of every partition of `topic` (empty when it does not exist).
-pub fn high_watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i64>> {
+/// The one record at `partition`/`offset` of `topic` (`None`: no such record, e.g. compacted
+/// away or past the end). Reads from that offset only, not the whole topic.
+pub fn read_at(kafka: &KafkaArgs, topic: &str, partition: i32, offset: i64) -> anyhow::Result<Option<Record>> {
+    let consumer = consumer(kafka)?;
     let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) else { return Ok(Vec::new()) };
-    (0..t.partitions().len() as i32).map(|p| Ok(consumer.fetch_watermarks(topic, p, TIMEOUT)?.1)).collect()
+    let partitions =
+        metadata.topics().first().map_or(0, |t| if t.error().is_some() { 0 } else { t.partitions().len() as i32 });
+    if partition < 0 || partition >= partitions {
+        return Ok(None);
+    }
+    let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
+    if offset < low || offset >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + STALL;
+    while Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message?;
+        if message.offset() < offset {
+            continue;
+        }
+        if message.offset() > offset {
+            return Ok(None);
+        }
+        return Ok(Some(Record {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: headers::collect(message.headers()),
+            timestamp_ms: message.timestamp().to_millis(),
+        }));
+    }
+    anyhow::bail!("reading {topic}/{partition}/{offset} stalled")
 }
 
 /// A consumer for metadata and watermark queries (no group membership).

@@ -71,15 +71,19 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
     let topic = records[0].topic.clone();
     let last = records.last().map(|r| r.offset).expect("batch is never empty");
     // Replays for another group: finished without a handler call (the group they are for
-    // handles them). `done` still moves past them once the rest of the batch is finished.
-    let before = records.len();
-    records.retain(|r| !crate::dlq::is_replay_for_other(r, env.group));
-    let skipped = (before - records.len()) as u64;
-    if skipped > 0 {
-        metrics::CONSUMED.with_label_values(&[&topic, "skipped_replay"]).inc_by(skipped);
-    }
+    // handles them). `done` still moves past them once the records before them are finished;
+    // they are counted only then, so a batch redelivered after a stop counts them once.
+    let mut skipped = Skipped { topic: topic.clone(), offsets: Vec::new() };
+    records.retain(|r| {
+        let other = crate::dlq::is_replay_for_other(r, env.group);
+        if other {
+            tracing::debug!(topic = %r.topic, partition = r.partition, offset = r.offset, "replay for another group skipped");
+            skipped.offsets.push(r.offset);
+        }
+        !other
+    });
     if records.is_empty() {
-        env.done.store(last + 1, Ordering::Release);
+        skipped.commit(env.done, last + 1);
         return BatchOutcome::Finished;
     }
     let mut tries = vec![Tries::default(); records.len()];
@@ -164,12 +168,12 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
             metrics::CONSUMED.with_label_values(&[&topic, "dead_lettered"]).inc();
         }
         let Some((at, error)) = cut else {
-            env.done.store(last + 1, Ordering::Release);
+            skipped.commit(env.done, last + 1);
             return BatchOutcome::Finished;
         };
         if at > 0 {
             // Everything before the cut is finished: commit it even if the wait is long.
-            env.done.store(records[at].offset, Ordering::Release);
+            skipped.commit(env.done, records[at].offset);
             records.drain(..at);
             tries.drain(..at);
             waits = 0;
@@ -183,6 +187,25 @@ pub(crate) async fn process_batch<H: Handler, D: DeadLetterSink>(
         };
         if stopped {
             return BatchOutcome::Stopped;
+        }
+    }
+}
+
+/// The batch's skipped replays not yet committed past.
+struct Skipped {
+    topic: String,
+    /// Ascending.
+    offsets: Vec<i64>,
+}
+
+impl Skipped {
+    /// Moves `done` to `to` and counts the skipped replays now behind it.
+    fn commit(&mut self, done: &AtomicI64, to: i64) {
+        done.store(to, Ordering::Release);
+        let behind = self.offsets.partition_point(|o| *o < to);
+        if behind > 0 {
+            metrics::CONSUMED.with_label_values(&[&self.topic, "skipped_replay"]).inc_by(behind as u64);
+            self.offsets.drain(..behind);
         }
     }
 }

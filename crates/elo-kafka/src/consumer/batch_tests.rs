@@ -417,3 +417,68 @@ async fn a_replay_for_this_group_is_handled_and_a_new_failure_parks_it_again_wit
     assert_eq!(header(&headers, crate::dlq::ERROR_CODE), "still_bad");
     assert_eq!(env.done.load(Ordering::SeqCst), 2);
 }
+
+fn skipped_count(topic: &str) -> u64 {
+    metrics::CONSUMED.with_label_values(&[topic, "skipped_replay"]).get()
+}
+
+fn on(topic: &str, mut r: Record) -> Record {
+    r.topic = topic.into();
+    r
+}
+
+#[tokio::test]
+async fn a_skipped_replay_before_a_wait_is_committed_and_counted_once_the_records_before_it_are() {
+    let topic = "t-skip-wait";
+    let store = Store::new(|_, r| if r.offset == 2 { Err(HandlerError::transient("busy", "again")) } else { Ok(()) });
+    let (env, dlq) = (Env::new(u32::MAX), FakeDlq::default());
+    let batch = vec![
+        on(topic, record(0, "A")),
+        on(topic, replay(record(1, "R"), "other")),
+        on(topic, record(2, "C")),
+        on(topic, record(3, "D")),
+    ];
+    let batch_env = env.with(&store, &dlq);
+    let run = process_batch(&batch_env, batch);
+    let check = async {
+        while store.calls.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(env.done.load(Ordering::SeqCst), 2, "A and the skipped replay are finished; C waits");
+        assert_eq!(skipped_count(topic), 1);
+        env.stop.cancel();
+    };
+    let (outcome, ()) = tokio::join!(run, check);
+    assert_eq!(outcome, BatchOutcome::Stopped);
+    assert_eq!(skipped_count(topic), 1);
+}
+
+#[tokio::test]
+async fn a_skipped_replay_ahead_of_a_stopped_wait_is_neither_committed_nor_counted() {
+    let topic = "t-skip-stop";
+    let store = Store::new(|_, _| Err(HandlerError::new(ErrorClass::Auth, "auth", "refused")));
+    let (env, dlq) = (Env::new(3), FakeDlq::default());
+    let batch = vec![on(topic, replay(record(0, "R"), "other")), on(topic, record(1, "A"))];
+    let batch_env = env.with(&store, &dlq);
+    let run = process_batch(&batch_env, batch);
+    let check = async {
+        while store.calls.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        env.stop.cancel();
+    };
+    let (outcome, ()) = tokio::join!(run, check);
+    assert_eq!(outcome, BatchOutcome::Stopped);
+    assert_eq!(env.done.load(Ordering::SeqCst), -1, "nothing finished: the batch is redelivered whole");
+    assert_eq!(skipped_count(topic), 0, "counted when redelivered and finished, not now");
+}
+
+#[tokio::test]
+async fn a_stray_replay_for_header_without_replay_of_is_handled_not_skipped() {
+    let store = Store::new(|_, _| Ok(()));
+    let (env, dlq) = (Env::new(3), FakeDlq::default());
+    let mut r = record(0, "A");
+    r.headers.push((crate::dlq::REPLAY_FOR.into(), b"other".to_vec()));
+    assert_eq!(process_batch(&env.with(&store, &dlq), vec![r]).await, BatchOutcome::Finished);
+    assert_eq!(store.version("A"), Some(0));
+}

@@ -11,7 +11,8 @@ use elo_telemetry::Health;
 use serde_json::{Value, json};
 
 use super::replay::{self, Action, ReplayWriter};
-use super::{DEFAULT_DLQ_TOPICS, DeadLetterEntry, Filter, parse_instant};
+use super::{DEFAULT_DLQ_TOPICS, DeadLetterEntry, Filter, parse_instant, redact};
+use crate::ops::{OpsArgs, now_ms};
 use crate::scan::{self, Window};
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -26,8 +27,6 @@ pub enum DlqCommand {
     },
     /// Show one dead letter, `<dlq topic>/<partition>/<offset>`, decoded, with its headers.
     Show {
-        #[command(flatten)]
-        topics: DlqTopicsArgs,
         coordinate: String,
         /// Show e-mails, phones and names as they are (redacted by default).
         #[arg(long)]
@@ -48,25 +47,24 @@ pub enum DlqCommand {
         /// renamed since).
         #[arg(long = "for-group")]
         for_group: Option<String>,
-        /// Compacted topic recording what was replayed, so a rerun continues where it stopped.
-        #[arg(long, env = "ELO_RECONCILER_REPLAY_CHECKPOINTS", default_value = "reconciler.replay.checkpoints")]
-        checkpoint_topic: String,
+        /// Replay even for a group that has neither members nor committed offsets on the origin
+        /// topic (its records would be skipped by every running consumer).
+        #[arg(long)]
+        force: bool,
     },
 }
 
-/// The deployment's DLQ topics.
+/// The deployment's DLQ topics (one setting for the service and every `dlq` subcommand).
 #[derive(Clone, Debug, clap::Args)]
 pub struct DlqTopicsArgs {
     /// Every DLQ topic (comma-separated).
-    #[arg(long = "dlq-topics", env = "ELO_RECONCILER_DLQ_TOPICS", value_delimiter = ',', default_values_t = DEFAULT_DLQ_TOPICS.map(String::from))]
+    #[arg(long = "dlq-topics", global = true, env = "ELO_RECONCILER_DLQ_TOPICS", value_delimiter = ',', default_values_t = DEFAULT_DLQ_TOPICS.map(String::from))]
     pub dlq_topics: Vec<String>,
 }
 
 /// Which dead letters.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SelectArgs {
-    #[command(flatten)]
-    pub topics: DlqTopicsArgs,
     /// Only these services' DLQs (repeatable), e.g. `salesforce-sink`.
     #[arg(long = "service")]
     pub services: Vec<String>,
@@ -85,7 +83,7 @@ pub struct SelectArgs {
     /// Parked before (same forms as --since).
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many records (oldest first per DLQ partition).
+    /// At most this many records: the ones parked first (listed, and replayed, in DLQ order).
     #[arg(long)]
     pub limit: Option<usize>,
 }
@@ -105,35 +103,37 @@ impl SelectArgs {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Reads the selected dead letters from every matching DLQ topic.
-pub async fn select(kafka: &KafkaArgs, args: &SelectArgs) -> anyhow::Result<Vec<DeadLetterEntry>> {
+pub async fn select(
+    kafka: &KafkaArgs,
+    dlq_topics: &[String],
+    args: &SelectArgs,
+) -> anyhow::Result<Vec<DeadLetterEntry>> {
     let filter = args.filter()?;
-    let topics: Vec<String> = filter.topics(&args.topics.dlq_topics).into_iter().cloned().collect();
-    let (kafka, limit) = (kafka.clone(), args.limit.unwrap_or(usize::MAX));
+    let topics: Vec<String> =
+        filter.checked_topics(dlq_topics).map_err(anyhow::Error::msg)?.into_iter().cloned().collect();
+    let (kafka, limit) = (kafka.clone(), args.limit);
     tokio::task::spawn_blocking(move || {
         let window = Window { from_ms: filter.since_ms, until_ms: filter.until_ms };
-        let mut out = Vec::new();
+        let mut out = super::Oldest::new(limit);
         for topic in &topics {
             scan::scan(&kafka, topic, window, |r| {
                 let e = DeadLetterEntry(r);
-                if out.len() < limit && filter.matches(&e) {
+                if filter.matches(&e) {
                     out.push(e);
                 }
             })?;
         }
-        Ok(out)
+        Ok(out.into_sorted())
     })
     .await?
 }
 
-pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()> {
+pub async fn run(common: &CommonArgs, ops: &OpsArgs, command: DlqCommand) -> anyhow::Result<()> {
+    let dlq_topics = &ops.dlq.dlq_topics;
     match command {
         DlqCommand::List { select: args, json } => {
-            let entries = select(&common.kafka, &args).await?;
+            let entries = select(&common.kafka, dlq_topics, &args).await?;
             if !json {
                 println!(
                     "{:<28} {:<24} {:<10} {:<24} {:<26} {:<14} {:>3}  REPLAY OF",
@@ -142,7 +142,7 @@ pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()>
             }
             for e in &entries {
                 if json {
-                    println!("{}", summary_json(e));
+                    println!("{}", summary_json(e, false));
                 } else {
                     println!("{}", summary_line(e));
                 }
@@ -152,43 +152,55 @@ pub async fn run(common: &CommonArgs, command: DlqCommand) -> anyhow::Result<()>
             }
             Ok(())
         }
-        DlqCommand::Show { topics, coordinate, reveal } => {
-            let entry = find(&common.kafka, &topics, &coordinate).await?;
+        DlqCommand::Show { coordinate, reveal } => {
+            let entry = find(&common.kafka, dlq_topics, &coordinate).await?;
             let codec = EventCodec::new(&common.registry.config()?)?;
-            let mut value = decoded_value(&codec, common, &entry).await;
-            if !reveal {
-                redact(&mut value);
-            }
-            let mut out = summary_json(&entry);
-            out["headers"] = Value::Object(
-                entry.0.headers.iter().map(|(k, v)| (k.clone(), json!(String::from_utf8_lossy(v)))).collect(),
-            );
-            out["value"] = value;
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let value = decoded_value(&codec, common, &entry, reveal).await;
+            println!("{}", serde_json::to_string_pretty(&shown(&entry, value, reveal))?);
             Ok(())
         }
-        DlqCommand::Replay { select: args, dry_run, again, for_group, checkpoint_topic } => {
-            replay_command(common, &args, dry_run, again, for_group.as_deref(), &checkpoint_topic).await
+        DlqCommand::Replay { select: args, dry_run, again, for_group, force } => {
+            let options = ReplayOptions { dry_run, again, force, for_group };
+            replay_command(common, dlq_topics, &args, &options, &ops.replay_checkpoints).await
         }
     }
 }
 
-async fn replay_command(
-    common: &CommonArgs,
-    args: &SelectArgs,
+struct ReplayOptions {
     dry_run: bool,
     again: bool,
-    for_group: Option<&str>,
+    force: bool,
+    for_group: Option<String>,
+}
+
+async fn replay_command(
+    common: &CommonArgs,
+    dlq_topics: &[String],
+    args: &SelectArgs,
+    options: &ReplayOptions,
     checkpoint_topic: &str,
 ) -> anyhow::Result<()> {
-    let entries = select(&common.kafka, args).await?;
+    let entries = select(&common.kafka, dlq_topics, args).await?;
     let done = replayed(&common.kafka, checkpoint_topic).await?;
-    let actions = replay::plan(&entries, &done, again, for_group);
-    if dry_run {
+    let actions = replay::plan(&entries, &done, options.again, options.for_group.as_deref());
+    let missing = missing_groups(&common.kafka, &actions).await?;
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|(g, t)| format!("{g} (on {t})")).collect();
+        let text = format!(
+            "no consumer group {} has members or committed offsets: every running consumer would skip these replays",
+            names.join(", ")
+        );
+        if !options.force && !options.dry_run {
+            anyhow::bail!("{text}; check --for-group, or pass --force to replay anyway");
+        }
+        eprintln!("warning: {text}");
+    }
+    if options.dry_run {
         for (e, a) in entries.iter().zip(&actions) {
             let what = match a {
                 Action::Replay { topic, partition, group } => {
-                    format!("would replay to {topic}/{partition} for {group}")
+                    let on = partition.map_or_else(|| "by key".to_owned(), |p| format!("partition {p}"));
+                    format!("would replay to {topic} ({on}) for {group}")
                 }
                 Action::AlreadyReplayed => "already replayed (use --again)".to_owned(),
                 Action::NotReplayable(why) => format!("not replayable: {why}"),
@@ -201,7 +213,12 @@ async fn replay_command(
     }
     let health = Health::new();
     if common.topics.provision {
-        let spec = common.topics.spec(checkpoint_topic).compacted();
+        // Compacted, and gone after the DLQs' 30 days (as deploy/base/topics.yaml says).
+        let spec = common
+            .topics
+            .spec(checkpoint_topic)
+            .with_config("cleanup.policy", "compact,delete")
+            .with_config("retention.ms", "2592000000");
         elo_kafka::ensure_topics(&common.kafka, &[spec], Duration::from_secs(10), &health).await?;
     }
     let writer =
@@ -232,6 +249,28 @@ async fn replay_command(
     Ok(())
 }
 
+/// The (group, topic) pairs the plan replays for that no consumer group answers to.
+async fn missing_groups(kafka: &KafkaArgs, actions: &[Action]) -> anyhow::Result<Vec<(String, String)>> {
+    let wanted: std::collections::BTreeSet<(String, String)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Replay { topic, group, .. } => Some((group.clone(), topic.clone())),
+            _ => None,
+        })
+        .collect();
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut missing = Vec::new();
+        for (group, topic) in wanted {
+            if !super::groups::consumes(&kafka, &group, &topic)? {
+                missing.push((group, topic));
+            }
+        }
+        Ok(missing)
+    })
+    .await?
+}
+
 /// The coordinates a previous replay already did.
 async fn replayed(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<HashSet<String>> {
     let (kafka, topic) = (kafka.clone(), topic.to_owned());
@@ -256,45 +295,39 @@ impl ReplayWriter for KafkaReplays {
     async fn publish(
         &self,
         topic: &str,
-        partition: i32,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         hs: &[(String, Vec<u8>)],
     ) -> anyhow::Result<String> {
         let owned = headers::to_owned_headers(hs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
-        let d = self.producer.send_with_headers_to_partition(topic, partition, key, payload, owned).await?;
+        let d = match partition {
+            Some(p) => self.producer.send_with_headers_to_partition(topic, p, key, payload, owned).await?,
+            None => self.producer.send_with_headers(topic, key, payload, owned).await?,
+        };
         Ok(format!("{topic}/{}/{}", d.partition, d.offset))
     }
 
-    async fn checkpoint(&self, coordinate: &str, landed: &str) -> anyhow::Result<()> {
-        let value = json!({ "replayed_to": landed, "at_ms": now_ms() }).to_string();
+    async fn checkpoint(&self, coordinate: &str, landed: &str, group: &str) -> anyhow::Result<()> {
+        let value = json!({ "replayed_to": landed, "group": group, "at_ms": now_ms() }).to_string();
         self.producer.send(&self.checkpoint_topic, coordinate.as_bytes(), value.as_bytes(), None).await?;
         Ok(())
     }
 }
 
 /// Finds one dead letter by coordinate.
-async fn find(kafka: &KafkaArgs, topics: &DlqTopicsArgs, coordinate: &str) -> anyhow::Result<DeadLetterEntry> {
+async fn find(kafka: &KafkaArgs, dlq_topics: &[String], coordinate: &str) -> anyhow::Result<DeadLetterEntry> {
     let bad = || anyhow::anyhow!("expected <dlq topic>/<partition>/<offset>, got {coordinate:?}");
     let mut parts = coordinate.rsplitn(3, '/');
     let offset: i64 = parts.next().and_then(|o| o.parse().ok()).ok_or_else(bad)?;
     let partition: i32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let topic = parts.next().ok_or_else(bad)?.to_owned();
-    if !topics.dlq_topics.contains(&topic) {
-        anyhow::bail!("{topic} is not one of the DLQ topics ({})", topics.dlq_topics.join(", "));
+    if !dlq_topics.contains(&topic) {
+        anyhow::bail!("{topic} is not one of the DLQ topics ({})", dlq_topics.join(", "));
     }
     let kafka = kafka.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        let mut found = None;
-        scan::scan(&kafka, &topic, Window::default(), |r| {
-            if r.partition == partition && r.offset == offset {
-                found = Some(DeadLetterEntry(r));
-            }
-        })?;
-        anyhow::Ok(found)
-    })
-    .await??;
-    found.ok_or_else(|| anyhow::anyhow!("no dead letter at {coordinate}"))
+    let found = tokio::task::spawn_blocking(move || scan::read_at(&kafka, &topic, partition, offset)).await??;
+    found.map(DeadLetterEntry).ok_or_else(|| anyhow::anyhow!("no dead letter at {coordinate}"))
 }
 
 /// One table row.
@@ -317,15 +350,35 @@ fn summary_line(e: &DeadLetterEntry) -> String {
     )
 }
 
-fn summary_json(e: &DeadLetterEntry) -> Value {
+/// `dlq show`'s output: the summary, the headers and the value (already redacted by
+/// [`decoded_value`] unless `reveal`), personal data hidden unless `reveal`.
+fn shown(entry: &DeadLetterEntry, value: Value, reveal: bool) -> Value {
+    let mut out = summary_json(entry, reveal);
+    out["headers"] = Value::Object(
+        entry
+            .0
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let v = String::from_utf8_lossy(v);
+                (k.clone(), json!(if reveal { v.into_owned() } else { redact::header(k, &v) }))
+            })
+            .collect(),
+    );
+    out["value"] = value;
+    out
+}
+
+fn summary_json(e: &DeadLetterEntry, reveal: bool) -> Value {
     use elo_kafka::dlq as h;
+    let message = e.header(h::ERROR_MESSAGE).map(|m| if reveal { m.to_owned() } else { redact::text(m) });
     json!({
         "dead_letter": e.coordinate(),
         "service": e.service(),
         "parked_ms": e.parked_ms(),
         "class": e.class(),
         "code": e.code(),
-        "message": e.header(h::ERROR_MESSAGE),
+        "message": message,
         "key": e.key(),
         "origin": e.origin().map(|(t, p, o)| format!("{t}/{p}/{o}")),
         "origin_source": e.header(h::ORIGIN_SOURCE),
@@ -343,7 +396,7 @@ pub(crate) fn format_ms(ms: i64) -> String {
 }
 
 /// The value decoded by the topic it came from; undecodable bytes shown as text or size.
-async fn decoded_value(codec: &EventCodec, common: &CommonArgs, e: &DeadLetterEntry) -> Value {
+async fn decoded_value(codec: &EventCodec, common: &CommonArgs, e: &DeadLetterEntry, reveal: bool) -> Value {
     let Some(payload) = e.0.payload.as_deref() else { return Value::Null };
     let t = &common.topics;
     let origin = e.origin().map(|(topic, _, _)| topic).unwrap_or_default();
@@ -359,35 +412,32 @@ async fn decoded_value(codec: &EventCodec, common: &CommonArgs, e: &DeadLetterEn
         None
     };
     match decoded {
-        Some(Ok(v)) => v,
-        Some(Err(error)) => json!({ "undecodable": error.to_string(), "raw": raw(payload) }),
-        None => raw(payload),
-    }
-}
-
-fn raw(payload: &[u8]) -> Value {
-    match std::str::from_utf8(payload) {
-        Ok(text) => serde_json::from_str(text).unwrap_or_else(|_| json!(text)),
-        Err(_) => json!(format!("<{} bytes of binary>", payload.len())),
-    }
-}
-
-/// Hides personal data unless the operator asks for it (`--reveal`).
-pub(crate) fn redact(value: &mut Value) {
-    const PERSONAL: [&str; 6] = ["email", "phone", "telephone", "firstname", "lastname", "street"];
-    match value {
-        Value::Object(map) => {
-            for (k, v) in map.iter_mut() {
-                let k = k.to_ascii_lowercase();
-                if PERSONAL.iter().any(|p| k.contains(p)) && !k.contains("sha256") && !v.is_null() {
-                    *v = json!("<redacted>");
-                } else {
-                    redact(v);
-                }
+        Some(Ok(mut v)) => {
+            if !reveal {
+                redact::value(&mut v);
             }
+            v
         }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        _ => {}
+        Some(Err(error)) => json!({ "undecodable": error.to_string(), "raw": raw(payload, reveal) }),
+        None => raw(payload, reveal),
+    }
+}
+
+/// A payload no schema decodes: JSON as JSON (redacted unless `reveal`), other text only when
+/// revealed, otherwise (and binary always) as size and hash.
+fn raw(payload: &[u8], reveal: bool) -> Value {
+    match std::str::from_utf8(payload) {
+        Ok(text) => match serde_json::from_str(text) {
+            Ok(mut v) => {
+                if !reveal {
+                    redact::value(&mut v);
+                }
+                v
+            }
+            Err(_) if reveal => json!(text),
+            Err(_) => redact::opaque(payload),
+        },
+        Err(_) => redact::opaque(payload),
     }
 }
 
@@ -396,16 +446,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn personal_fields_are_redacted_at_any_depth_hashes_are_not() {
-        let mut v = json!({"customer": {"email": "a@b.c", "firstname": "Ana", "phone": null},
-            "erasure": {"email_sha256": "ab"}, "items": [{"street": ["x"]}], "order": {"increment_id": "1"}});
-        redact(&mut v);
-        assert_eq!(v["customer"]["email"], "<redacted>");
-        assert_eq!(v["customer"]["firstname"], "<redacted>");
-        assert_eq!(v["customer"]["phone"], Value::Null);
-        assert_eq!(v["erasure"]["email_sha256"], "ab");
-        assert_eq!(v["items"][0]["street"], "<redacted>");
-        assert_eq!(v["order"]["increment_id"], "1");
+    fn show_and_list_hide_personal_data_in_payloads_and_messages_unless_revealed() {
+        let truncated = br#"{"entity_id":"9","customer_taxvat":"123.456.789-09","customer_email":"a@b.c","grand"#;
+        let mut entry = crate::dlq::tests::letter(
+            "order-ingest.dlq",
+            3,
+            &[
+                (elo_kafka::dlq::ERROR_MESSAGE, "invalid phone +55 11 98765-4321 for a@b.c"),
+                ("x-forwarded-for", "200.100.50.25"),
+                ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ],
+            1,
+        );
+        entry.0.payload = Some(truncated.to_vec());
+        let hidden = shown(&entry, raw(truncated, false), false).to_string();
+        let listed = summary_json(&entry, false).to_string();
+        for secret in ["123.456.789-09", "a@b.c", "98765-4321", "200.100.50.25"] {
+            assert!(!hidden.contains(secret), "{secret} in {hidden}");
+            assert!(!listed.contains(secret), "{secret} in {listed}");
+        }
+        assert!(hidden.contains(&format!("<{} bytes, sha256 ", truncated.len())), "{hidden}");
+        assert!(hidden.contains("0af7651916cd43dd8448eb211c80319c"), "the trace context stays: {hidden}");
+        let json = br#"{"entity_id":"9","customer_taxvat":"123.456.789-09","remote_ip":"10.1.1.1"}"#;
+        let hidden = shown(&entry, raw(json, false), false);
+        assert_eq!(hidden["value"]["entity_id"], "9");
+        assert_eq!(hidden["value"]["customer_taxvat"], redact::REDACTED);
+        assert_eq!(hidden["value"]["remote_ip"], redact::REDACTED);
+        let revealed = shown(&entry, raw(truncated, true), true).to_string();
+        assert!(revealed.contains("123.456.789-09") && revealed.contains("98765-4321"), "--reveal shows all");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! the `reconciler dlq ...` command line.
 
 pub mod cli;
+pub mod groups;
+pub mod redact;
 pub mod replay;
 
 use elo_kafka::{Record, dlq};
@@ -115,6 +117,16 @@ impl Filter {
             && self.until_ms.is_none_or(|u| parked.is_some_and(|p| p < u))
     }
 
+    /// The DLQ topics to read, from `all` (every DLQ topic of the deployment). A service with
+    /// no DLQ topic among them is an error (a typo must not select nothing in silence).
+    pub fn checked_topics<'a>(&self, all: &'a [String]) -> Result<Vec<&'a String>, String> {
+        let known: Vec<&str> = all.iter().map(|t| t.strip_suffix(".dlq").unwrap_or(t)).collect();
+        if let Some(unknown) = self.services.iter().find(|s| !known.contains(&s.as_str())) {
+            return Err(format!("no DLQ topic for service {unknown:?}; the services are {}", known.join(", ")));
+        }
+        Ok(self.topics(all))
+    }
+
     /// The DLQ topics to read, from `all` (every DLQ topic of the deployment).
     pub fn topics<'a>(&self, all: &'a [String]) -> Vec<&'a String> {
         all.iter()
@@ -123,6 +135,63 @@ impl Filter {
                 self.services.is_empty() || self.services.iter().any(|s| s == service)
             })
             .collect()
+    }
+}
+
+/// The selected letters, at most `limit` of them: the ones parked first. Memory is bounded by
+/// the limit (a heap of the oldest so far), not by the DLQ.
+pub struct Oldest {
+    limit: Option<usize>,
+    heap: std::collections::BinaryHeap<Ordered>,
+}
+
+/// Ordered by when parked, then where.
+struct Ordered(DeadLetterEntry);
+
+impl Ordered {
+    fn key(&self) -> (i64, &str, i32, i64) {
+        let r = &self.0.0;
+        (r.timestamp_ms.unwrap_or(i64::MIN), &r.topic, r.partition, r.offset)
+    }
+}
+
+impl PartialEq for Ordered {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Ordered {}
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+impl Oldest {
+    pub fn new(limit: Option<usize>) -> Self {
+        Self { limit, heap: std::collections::BinaryHeap::new() }
+    }
+
+    pub fn push(&mut self, entry: DeadLetterEntry) {
+        if self.limit == Some(0) {
+            return;
+        }
+        self.heap.push(Ordered(entry));
+        if self.limit.is_some_and(|l| self.heap.len() > l) {
+            self.heap.pop();
+        }
+    }
+
+    /// In DLQ order (topic, partition, offset): a replay keeps each key's order.
+    pub fn into_sorted(self) -> Vec<DeadLetterEntry> {
+        let mut out: Vec<DeadLetterEntry> = self.heap.into_iter().map(|o| o.0).collect();
+        out.sort_by(|a, b| (&a.0.topic, a.0.partition, a.0.offset).cmp(&(&b.0.topic, b.0.partition, b.0.offset)));
+        out
     }
 }
 
@@ -261,6 +330,25 @@ pub(crate) mod tests {
         assert_eq!(Filter::default().topics(&all).len(), 4);
         let f = Filter { services: vec!["rdstation-sink".into()], ..Filter::default() };
         assert_eq!(f.topics(&all), [&"rdstation-sink.dlq".to_owned()]);
+        assert_eq!(f.checked_topics(&all).unwrap(), [&"rdstation-sink.dlq".to_owned()]);
+        let typo = Filter { services: vec!["rdstation".into()], ..Filter::default() };
+        let error = typo.checked_topics(&all).unwrap_err();
+        assert!(error.contains("\"rdstation\"") && error.contains("rdstation-sink"), "{error}");
+    }
+
+    #[test]
+    fn a_limit_keeps_the_oldest_letters_in_dlq_order() {
+        let mut oldest = Oldest::new(Some(2));
+        for (offset, ts) in [(0, 50), (1, 10), (2, 40), (3, 20)] {
+            oldest.push(letter("a.dlq", offset, &[], ts));
+        }
+        let kept: Vec<i64> = oldest.into_sorted().iter().map(|e| e.0.offset).collect();
+        assert_eq!(kept, [1, 3], "the two parked first, in offset order");
+        let mut all = Oldest::new(None);
+        all.push(letter("b.dlq", 5, &[], 1));
+        all.push(letter("a.dlq", 9, &[], 2));
+        let kept: Vec<String> = all.into_sorted().iter().map(DeadLetterEntry::coordinate).collect();
+        assert_eq!(kept, ["a.dlq/1/9", "b.dlq/1/5"]);
     }
 
     #[test]

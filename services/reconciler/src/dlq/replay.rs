@@ -1,7 +1,9 @@
 //! Replaying dead letters through the normal path.
 //!
 //! A replay republishes the original key, value and headers (incl. `traceparent`) to the
-//! origin topic and partition, marked `elo-replay-of: <dlq topic/partition/offset>` and
+//! origin topic, on the partition the key maps to now (the producers' partitioner; the origin
+//! partition for a record without key), so after partitions were added the replay still sits
+//! with the key's newer records. It is marked `elo-replay-of: <dlq topic/partition/offset>` and
 //! `elo-replay-for: <group that parked it>`. Only that group's consumer handles it (every other
 //! consumer of the topic skips it, committing past it: see `elo_kafka::dlq::REPLAY_FOR`), so all
 //! of the consumer's guarantees hold: ordered per key, retried by class, and a record that
@@ -23,8 +25,9 @@ use super::DeadLetterEntry;
 /// What a replay does with one dead letter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Republish to this topic and partition, for this group.
-    Replay { topic: String, partition: i32, group: String },
+    /// Republish to this topic, for this group: on the partition its key maps to (`None`), or
+    /// on this one (a record without key).
+    Replay { topic: String, partition: Option<i32>, group: String },
     /// Already replayed (checkpoint found); `--again` replays it anyway.
     AlreadyReplayed,
     /// Cannot be replayed, and why.
@@ -46,6 +49,7 @@ pub fn plan(entries: &[DeadLetterEntry], done: &HashSet<String>, again: bool, fo
             }
             let (topic, partition, _) = e.origin().expect("checked above");
             let group = for_group.or(e.group()).expect("checked above").to_owned();
+            let partition = if e.0.key.is_some() { None } else { Some(partition) };
             Action::Replay { topic, partition, group }
         })
         .collect()
@@ -61,17 +65,19 @@ pub fn replay_headers(entry: &DeadLetterEntry, group: &str) -> Vec<(String, Vec<
 
 /// Where replays are written: Kafka in production, a fake in tests.
 pub trait ReplayWriter {
-    /// Publishes the record and waits for the broker's acknowledgement; returns where it landed.
+    /// Publishes the record (on `partition`, or by key) and waits for the broker's
+    /// acknowledgement; returns where it was written.
     fn publish(
         &self,
         topic: &str,
-        partition: i32,
+        partition: Option<i32>,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: &[(String, Vec<u8>)],
     ) -> impl Future<Output = anyhow::Result<String>>;
-    /// Records that `coordinate` was replayed to `landed`.
-    fn checkpoint(&self, coordinate: &str, landed: &str) -> impl Future<Output = anyhow::Result<()>>;
+    /// Records that `coordinate` was replayed to `landed` (`<topic>/<partition>/<offset>`) for
+    /// `group`.
+    fn checkpoint(&self, coordinate: &str, landed: &str, group: &str) -> impl Future<Output = anyhow::Result<()>>;
 }
 
 /// What a replay run did.
@@ -99,7 +105,7 @@ pub async fn execute<W: ReplayWriter>(
                     .publish(topic, *partition, entry.0.key.as_deref(), entry.0.payload.as_deref(), &headers)
                     .await
                     .map_err(|e| e.context(format!("replaying {}", entry.coordinate())))?;
-                writer.checkpoint(&entry.coordinate(), &landed).await?;
+                writer.checkpoint(&entry.coordinate(), &landed, group).await?;
                 summary.replayed += 1;
             }
             Action::AlreadyReplayed => summary.already_replayed += 1,
@@ -133,20 +139,22 @@ mod tests {
         )
     }
 
-    type Published = (String, i32, Vec<(String, Vec<u8>)>);
+    type Published = (String, Option<i32>, Vec<(String, Vec<u8>)>);
 
     #[derive(Default)]
     struct Fake {
         published: Mutex<Vec<Published>>,
         checkpoints: Mutex<Vec<String>>,
         fail_after: Option<usize>,
+        /// Checkpoints refused once this many were written (a crash after a publish).
+        checkpoint_fails_after: Option<usize>,
     }
 
     impl ReplayWriter for Fake {
         async fn publish(
             &self,
             topic: &str,
-            partition: i32,
+            partition: Option<i32>,
             _key: Option<&[u8]>,
             _payload: Option<&[u8]>,
             headers: &[(String, Vec<u8>)],
@@ -156,9 +164,12 @@ mod tests {
                 anyhow::bail!("broker down");
             }
             p.push((topic.to_owned(), partition, headers.to_vec()));
-            Ok(format!("{topic}/{partition}/{}", p.len()))
+            Ok(format!("{topic}/{}/{}", partition.unwrap_or(0), p.len()))
         }
-        async fn checkpoint(&self, coordinate: &str, _landed: &str) -> anyhow::Result<()> {
+        async fn checkpoint(&self, coordinate: &str, _landed: &str, _group: &str) -> anyhow::Result<()> {
+            if self.checkpoint_fails_after.is_some_and(|n| self.checkpoints.lock().unwrap().len() >= n) {
+                anyhow::bail!("process killed before the checkpoint");
+            }
             self.checkpoints.lock().unwrap().push(coordinate.to_owned());
             Ok(())
         }
@@ -173,7 +184,8 @@ mod tests {
         assert_eq!(actions[0], Action::AlreadyReplayed);
         assert_eq!(
             actions[1],
-            Action::Replay { topic: "commerce.events".into(), partition: 3, group: "elo-salesforce-sink".into() }
+            Action::Replay { topic: "commerce.events".into(), partition: None, group: "elo-salesforce-sink".into() },
+            "keyed: the partition the key maps to now"
         );
         assert!(matches!(actions[2], Action::NotReplayable(_)));
         assert!(matches!(plan(&entries, &done, true, None)[0], Action::Replay { .. }), "--again replays it anyway");
@@ -186,7 +198,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn replays_go_to_the_origin_partition_marked_for_one_group_and_are_checkpointed() {
+    async fn replays_go_to_the_origin_topic_marked_for_one_group_and_are_checkpointed() {
+        let mut keyless = sf(3);
+        keyless.0.key = None;
+        assert!(
+            matches!(&plan(&[keyless], &HashSet::new(), false, None)[0], Action::Replay { partition: Some(3), .. }),
+            "a record without key goes back to its origin partition"
+        );
         let entries = vec![sf(1), sf(2)];
         let actions = plan(&entries, &HashSet::new(), false, None);
         let fake = Fake::default();
@@ -194,7 +212,7 @@ mod tests {
         assert_eq!(summary, Summary { replayed: 2, already_replayed: 0, not_replayable: 0 });
         let published = fake.published.lock().unwrap();
         let (topic, partition, headers) = &published[0];
-        assert_eq!((topic.as_str(), *partition), ("commerce.events", 3));
+        assert_eq!((topic.as_str(), *partition), ("commerce.events", None), "by key");
         let get =
             |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8(v.clone()).unwrap());
         assert_eq!(get("traceparent").as_deref(), Some("00-aa-bb-01"));
@@ -217,5 +235,34 @@ mod tests {
         let replayed_of: Vec<_> =
             second.published.lock().unwrap().iter().map(|(_, _, h)| h.last().unwrap().1.clone()).collect();
         assert_eq!(replayed_of.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_publish_and_checkpoint_replays_that_one_record_again_and_no_other() {
+        let entries = vec![sf(1), sf(2), sf(3)];
+        let first = Fake { checkpoint_fails_after: Some(1), ..Fake::default() };
+        let actions = plan(&entries, &HashSet::new(), false, None);
+        assert!(execute(&first, &entries, &actions, |_, _| {}).await.is_err(), "the run stops at the failure");
+        assert_eq!(first.published.lock().unwrap().len(), 2, "the second record was published, not checkpointed");
+        let done: HashSet<String> = first.checkpoints.lock().unwrap().iter().cloned().collect();
+        let second = Fake::default();
+        let summary = execute(&second, &entries, &plan(&entries, &done, false, None), |_, _| {}).await.unwrap();
+        assert_eq!(summary, Summary { replayed: 2, already_replayed: 1, not_replayable: 0 });
+        let of = |f: &Fake| -> Vec<String> {
+            f.published
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, _, h)| {
+                    String::from_utf8(h.iter().find(|(k, _)| k == dlq::REPLAY_OF).unwrap().1.clone()).unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(of(&first), ["salesforce-sink.dlq/1/1", "salesforce-sink.dlq/1/2"]);
+        assert_eq!(
+            of(&second),
+            ["salesforce-sink.dlq/1/2", "salesforce-sink.dlq/1/3"],
+            "only the unconfirmed one twice"
+        );
     }
 }

@@ -10,6 +10,7 @@
 pub mod page;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use elo_kafka::KafkaArgs;
@@ -77,6 +78,8 @@ pub struct Observed {
     pub backlog: BTreeMap<String, i64>,
     /// Records held in all DLQ topics.
     pub dead_letters: Option<i64>,
+    /// Replays recorded in the checkpoint topic (one per dead letter, once compacted).
+    pub replayed: Option<i64>,
     /// Reports served by this process.
     pub reports_served: u64,
 }
@@ -129,6 +132,10 @@ pub fn snapshot(o: &Observed, status: &LedgerStatus, commerce_topic: &str, as_of
     let mut report_details = BTreeMap::new();
     if let Some(d) = o.dead_letters {
         report_details.insert("dead_letters_held".into(), d.max(0) as u64);
+        // Held counts every letter the DLQs keep, replayed or not; this says how many were.
+        if let Some(r) = o.replayed {
+            report_details.insert("dead_letters_replayed".into(), r.clamp(0, d.max(0)) as u64);
+        }
     }
     let steps = vec![
         FlowStep {
@@ -185,6 +192,14 @@ pub struct FlowSources {
     /// Topics each service group consumes.
     pub group_topics: Vec<(String, String, Vec<String>)>,
     pub http: reqwest::Client,
+    /// Kafka clients made once and reused by every refresh (one per group: committed offsets
+    /// are asked with the group's id).
+    clients: Arc<Mutex<Option<LagClients>>>,
+}
+
+struct LagClients {
+    meta: BaseConsumer,
+    groups: Vec<(String, BaseConsumer, Vec<String>)>,
 }
 
 impl FlowSources {
@@ -215,6 +230,7 @@ impl FlowSources {
             ops: ops.clone(),
             group_topics,
             http: reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?,
+            clients: Arc::default(),
         })
     }
 
@@ -243,11 +259,21 @@ impl FlowSources {
             }
         }
         let (kafka, groups, dlqs) = (self.kafka.clone(), self.group_topics.clone(), self.ops.dlq.dlq_topics.clone());
-        let lag = tokio::task::spawn_blocking(move || lags(&kafka, &groups, &dlqs)).await;
+        let checkpoints = self.ops.replay_checkpoints.clone();
+        let clients = self.clients.clone();
+        let lag = tokio::task::spawn_blocking(move || {
+            let mut clients = clients.lock().expect("lag clients");
+            if clients.is_none() {
+                *clients = Some(LagClients::new(&kafka, &groups)?);
+            }
+            lags(clients.as_ref().expect("made above"), &dlqs, &checkpoints)
+        })
+        .await;
         match lag {
-            Ok(Ok((backlog, dead_letters))) => {
+            Ok(Ok((backlog, dead_letters, replayed))) => {
                 o.backlog = backlog;
                 o.dead_letters = Some(dead_letters);
+                o.replayed = Some(replayed);
             }
             Ok(Err(error)) => tracing::warn!(error = %error, "cannot read consumer lag for the flow diagram"),
             Err(error) => tracing::warn!(error = %error, "lag task failed"),
@@ -256,29 +282,55 @@ impl FlowSources {
     }
 }
 
-type Lags = (BTreeMap<String, i64>, i64);
+/// Lag per service, letters held in the DLQs, replays checkpointed.
+type Lags = (BTreeMap<String, i64>, i64, i64);
+
+impl LagClients {
+    fn new(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)]) -> anyhow::Result<Self> {
+        let groups = groups
+            .iter()
+            .map(|(service, group, topics)| {
+                let consumer: BaseConsumer =
+                    kafka.client_config(&[("group.id", group.as_str()), ("enable.auto.commit", "false")])?.create()?;
+                Ok((service.clone(), consumer, topics.clone()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self { meta: crate::scan::metadata_consumer(kafka)?, groups })
+    }
+}
+
+/// Short: a refresh is repeated soon anyway, and a slow broker must not stall the diagram.
+const LAG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Low and high watermark of every partition of `topic` (empty when it does not exist).
+fn watermarks(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    let metadata = consumer.fetch_metadata(Some(topic), LAG_TIMEOUT)?;
+    let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) else { return Ok(Vec::new()) };
+    (0..t.partitions().len() as i32).map(|p| Ok(consumer.fetch_watermarks(topic, p, LAG_TIMEOUT)?)).collect()
+}
 
 /// Lag per service group, and the records held in the DLQ topics.
-fn lags(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)], dlqs: &[String]) -> anyhow::Result<Lags> {
-    let timeout = Duration::from_secs(5);
+fn lags(clients: &LagClients, dlqs: &[String], checkpoints: &str) -> anyhow::Result<Lags> {
     let mut out = BTreeMap::new();
-    for (service, group, topics) in groups {
-        let consumer: BaseConsumer =
-            kafka.client_config(&[("group.id", group.as_str()), ("enable.auto.commit", "false")])?.create()?;
+    // Each topic's watermarks once, whichever groups read it.
+    let mut marks: BTreeMap<String, Vec<(i64, i64)>> = BTreeMap::new();
+    for (service, consumer, topics) in &clients.groups {
         let mut tpl = TopicPartitionList::new();
         let mut ends = Vec::new();
         for topic in topics {
-            for (p, high) in crate::scan::high_watermarks(&consumer, topic)?.into_iter().enumerate() {
-                let (low, _) = consumer.fetch_watermarks(topic, p as i32, timeout)?;
+            if !marks.contains_key(topic) {
+                marks.insert(topic.clone(), watermarks(&clients.meta, topic)?);
+            }
+            for (p, (low, high)) in marks[topic].iter().enumerate() {
                 tpl.add_partition(topic, p as i32);
-                ends.push((topic.clone(), p as i32, low, high));
+                ends.push((topic.clone(), p as i32, *low, *high));
             }
         }
         if ends.is_empty() {
             out.insert(service.clone(), 0);
             continue;
         }
-        let committed = consumer.committed_offsets(tpl, timeout)?;
+        let committed = consumer.committed_offsets(tpl, LAG_TIMEOUT)?;
         let lag: i64 = ends
             .iter()
             .map(|(topic, p, low, high)| {
@@ -291,15 +343,12 @@ fn lags(kafka: &KafkaArgs, groups: &[(String, String, Vec<String>)], dlqs: &[Str
             .sum();
         out.insert(service.clone(), lag);
     }
-    let consumer = crate::scan::metadata_consumer(kafka)?;
     let mut held = 0i64;
     for topic in dlqs {
-        for (p, high) in crate::scan::high_watermarks(&consumer, topic)?.into_iter().enumerate() {
-            let (low, _) = consumer.fetch_watermarks(topic, p as i32, timeout)?;
-            held += high - low;
-        }
+        held += watermarks(&clients.meta, topic)?.iter().map(|(low, high)| high - low).sum::<i64>();
     }
-    Ok((out, held))
+    let replayed = watermarks(&clients.meta, checkpoints)?.iter().map(|(low, high)| high - low).sum::<i64>();
+    Ok((out, held, replayed))
 }
 
 #[cfg(test)]
@@ -327,6 +376,7 @@ elo_consumer_records_total{topic=\"commerce.events\",outcome=\"dead_lettered\"} 
         o.backlog.insert("salesforce-sink".into(), 7);
         o.backlog.insert("reconciler".into(), 0);
         o.dead_letters = Some(3);
+        o.replayed = Some(5);
         o.reports_served = 2;
         o
     }
@@ -350,6 +400,10 @@ elo_consumer_records_total{topic=\"commerce.events\",outcome=\"dead_lettered\"} 
         assert_eq!((s.steps[3].count, s.steps[3].health), (None, Health::Unreachable), "no answer is not zero");
         assert_eq!(s.steps[4].count, Some(5));
         assert_eq!(s.steps[5].details["dead_letters_held"], 3);
+        assert_eq!(
+            s.steps[5].details["dead_letters_replayed"], 3,
+            "never more than held (duplicates before compaction)"
+        );
         assert_eq!(s.line(), "order=120 inventory=100 salesforce=110 rdstation=- repair=5 report=2");
     }
 

@@ -24,17 +24,26 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
-/// The running reconciler's ledger figures, if one answers on the reports listener; zeros
-/// otherwise (the Kafka figures do not depend on it).
-async fn live_status(ops: &OpsArgs) -> LedgerStatus {
+/// The running reconciler's ledger figures, if one of this deployment (same commerce topic)
+/// answers on the reports listener; zeros otherwise (the Kafka figures do not depend on it).
+async fn live_status(ops: &OpsArgs, commerce_topic: &str) -> LedgerStatus {
     let url = format!("http://{}/api/status", ops.http_listen);
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).build();
     let answer = match client {
         Ok(c) => c.get(&url).send().await.ok(),
         Err(_) => None,
     };
+    let ours = |r: &reqwest::Response| {
+        r.headers().get(crate::http::TOPIC_HEADER).and_then(|v| v.to_str().ok()) == Some(commerce_topic)
+    };
     match answer {
-        Some(r) if r.status().is_success() => r.json().await.unwrap_or_default(),
+        Some(r) if r.status().is_success() && ours(&r) => r.json().await.unwrap_or_default(),
+        Some(r) if r.status().is_success() => {
+            eprintln!(
+                "the reconciler at {url} reads another commerce topic than {commerce_topic}: its ledger figures are not used (zeros shown)"
+            );
+            LedgerStatus::default()
+        }
         _ => {
             eprintln!(
                 "no reconciler answers at {url}: ledger figures (repairs, escalations, overdue) are shown as zeros"
@@ -45,11 +54,11 @@ async fn live_status(ops: &OpsArgs) -> LedgerStatus {
 }
 
 pub async fn run(common: &CommonArgs, ops: &OpsArgs, args: ReportArgs) -> anyhow::Result<()> {
-    let date = args.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::dlq::cli::now_ms()));
+    let date = args.date.unwrap_or_else(|| elo_events::time::date_of_ms(crate::ops::now_ms()));
     let formats = if args.format.is_empty() { vec![Format::Html, Format::Json, Format::Csv] } else { args.format };
     let codec = Arc::new(EventCodec::new(&common.registry.config()?)?);
     let sources = ReportSources::new(common, ops, codec)?;
-    let report = sources.daily(&date, &live_status(ops).await).await?;
+    let report = sources.daily(&date, &live_status(ops, &common.topics.commerce).await).await?;
     if args.out.as_os_str() == "-" {
         anyhow::ensure!(formats.len() == 1, "--out - writes one format: pass exactly one --format");
         print!("{}", render::render(&report, formats[0]));

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod collect;
 pub mod render;
+pub mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +30,10 @@ pub struct DailyReport {
     pub order_events: u64,
     /// Customer events (changed, erased) received.
     pub customer_events: u64,
+    /// Records replayed from a DLQ onto commerce.events this day (`elo-replay-of`): the same
+    /// events again, so they are not in the figures above.
+    #[serde(default)]
+    pub replayed_records: u64,
     /// The inventory check of the day's orders (latest status of each order).
     pub inventory: InventoryFigures,
     /// Per target (`salesforce`, `rdstation`): what the sinks confirmed this day.
@@ -113,6 +118,16 @@ pub struct QuotaFigures {
     pub source: String,
 }
 
+impl DailyReport {
+    /// Sets the live ledger's figures (they are "now", so a cached report gets fresh ones).
+    pub fn apply_ledger(&mut self, status: &LedgerStatus) {
+        self.repairs.drift_found = status.drift_found_total.clone();
+        self.repairs.repaired = status.repaired_total.clone();
+        self.needs_person.escalated = status.escalated_total.clone();
+        self.needs_person.overdue = status.overdue.clone();
+    }
+}
+
 /// Accumulates one day's records.
 #[derive(Debug, Default)]
 pub struct ReportBuilder {
@@ -146,6 +161,11 @@ impl ReportBuilder {
             CommerceEventType::CustomerChanged | CommerceEventType::CustomerErased => self.report.customer_events += 1,
             CommerceEventType::Unknown => {}
         }
+    }
+
+    /// A commerce record that is a replay of a dead letter.
+    pub fn replayed_record(&mut self) {
+        self.report.replayed_records += 1;
     }
 
     /// A sink outcome published this day.
@@ -200,10 +220,7 @@ impl ReportBuilder {
 
     /// The live ledger's figures (zeros while nothing publishes them).
     pub fn ledger(&mut self, status: &LedgerStatus) {
-        self.report.repairs.drift_found = status.drift_found_total.clone();
-        self.report.repairs.repaired = status.repaired_total.clone();
-        self.report.needs_person.escalated = status.escalated_total.clone();
-        self.report.needs_person.overdue = status.overdue.clone();
+        self.report.apply_ledger(status);
     }
 
     pub fn quota(&mut self, target: &str, figures: QuotaFigures) {

@@ -66,6 +66,7 @@ pub fn csv(r: &DailyReport) -> String {
     row("orders", "", "received", r.orders_received.to_string());
     row("orders", "", "order_events", r.order_events.to_string());
     row("orders", "", "customer_events", r.customer_events.to_string());
+    row("orders", "", "replayed_records", r.replayed_records.to_string());
     let inv = &r.inventory;
     for (metric, value) in
         [("ok", inv.ok), ("low_stock", inv.low_stock), ("oversold", inv.oversold), ("unchecked", inv.unchecked)]
@@ -210,6 +211,7 @@ pub fn html(r: &DailyReport) -> String {
     h.push_str(&card("orders-received", "orders received", r.orders_received));
     h.push_str(&card("order-events", "order events", r.order_events));
     h.push_str(&card("customer-events", "customer events", r.customer_events));
+    h.push_str(&card("replayed-records", "replayed from a DLQ", r.replayed_records));
     for (target, t) in &r.synced {
         h.push_str(&card(&format!("synced-{target}"), &format!("orders synced to {target}"), t.orders));
     }
