@@ -1,8 +1,9 @@
 //! `RESEND` commands addressed to salesforce-sink on `integration.commands` (the reconciler
-//! sends them when a record Salesforce confirmed is gone or altered there). The sink forgets
-//! the version it confirmed for the entity, then asks order-ingest to refetch it: the
-//! republished version is then written again rather than skipped as already applied (see
-//! `elo_events::resend`). Other commands are not for this sink and are skipped.
+//! sends them when a record Salesforce confirmed is gone or altered there). The sink marks
+//! the entity for one rewrite of the version it confirmed (keeping that version as the
+//! stale-write guard and erasure floor), then asks order-ingest to refetch it: the
+//! republished version is then written again rather than skipped as already applied, while
+//! older versions stay skipped (see `elo_events::resend`). Other commands are not for this sink and are skipped.
 
 use elo_events::{CommandType, EventCodec, IntegrationCommand};
 use elo_kafka::{HandlerError, Producer, Record};
@@ -21,14 +22,19 @@ pub async fn execute(
     let Some(refetch) = plan(sink, &command, now_ms())? else { return Ok("skipped") };
     let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
     producer
-        .send(topic, refetch.customer_key.as_bytes(), &bytes, Some("RefetchOrder"))
+        .send(topic, refetch.customer_key.as_bytes(), &bytes, Some(header(&refetch)))
         .await
         .map_err(|e| HandlerError::new(e.class(), format!("refetch_{}", e.code()), e.to_string()))?;
     tracing::info!(command_id = %command.command_id, entity = %command.entity_id, "resend: confirmation forgotten, refetch requested");
     Ok("executed")
 }
 
-/// Forgets the entity's confirmation and returns the refetch to send (`None`: not ours).
+/// The record header naming the refetch's type.
+fn header(refetch: &IntegrationCommand) -> &'static str {
+    if refetch.command_type == CommandType::RefetchCustomer { "RefetchCustomer" } else { "RefetchOrder" }
+}
+
+/// Marks the entity for one rewrite and returns the refetch to send (`None`: not ours).
 pub fn plan(sink: &Sink, command: &IntegrationCommand, now: i64) -> Result<Option<IntegrationCommand>, HandlerError> {
     if command.target_service != crate::NAME || command.command_type != CommandType::Resend {
         return Ok(None);

@@ -76,6 +76,8 @@ pub struct Sink {
     /// `customer:<key>`. Bounded: past [`CONFIRMED_CAP`] entries it is cleared, which only
     /// costs calls (per-key order means a replay ends on the newest version anyway).
     confirmed: Mutex<HashMap<String, Confirmed>>,
+    /// Keys a `RESEND` asked to write again at their confirmed version (one-shot, see resend.rs).
+    rewrite: Mutex<HashSet<String>>,
 }
 
 /// Entries kept in the confirmed-version map before it is cleared.
@@ -147,6 +149,7 @@ impl Sink {
             quota_pause,
             entries: Mutex::new(HashSet::new()),
             confirmed: Mutex::new(HashMap::new()),
+            rewrite: Mutex::new(HashSet::new()),
         }
     }
 
@@ -178,6 +181,7 @@ impl Sink {
         let mut erasures = Vec::new();
         {
             let confirmed = self.confirmed.lock().expect("confirmed lock");
+            let rewrite = self.rewrite.lock().expect("rewrite lock");
             for (i, e) in &pending {
                 if e.event_type == CommerceEventType::CustomerErased {
                     // Always applied (idempotent), after the batch's other writes.
@@ -191,7 +195,7 @@ impl Sink {
                         verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                         continue;
                     }
-                    Some(c) if v == c.version => {
+                    Some(c) if v == c.version && !rewrite.contains(&key) => {
                         // Already applied (a redelivery): reported again, no call.
                         let mut verdict = Verdict::ok(OutcomeStatus::Applied);
                         verdict.target_ids = c.target_ids.clone();
@@ -251,6 +255,7 @@ impl Sink {
             }
             for w in &work {
                 let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+                self.rewritten(&order_entity(w.event).unwrap_or_else(|| customer_entity(w.event)));
                 let v = w.event.source_version.updated_at;
                 if let Some(key) = order_entity(w.event) {
                     confirmed.insert(key, Confirmed { version: v, target_ids: verdict.target_ids.clone() });
