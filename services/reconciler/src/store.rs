@@ -223,6 +223,15 @@ impl<C: CommandSink> Ledger<C> {
                     for k in keys {
                         touched.insert(k, None);
                     }
+                    // Remembered a while: the erasure's own outcomes (they carry target ids),
+                    // late older versions and sweep findings must not bring the person back.
+                    let mark = Entry::erasure_mark(&event.customer_key, event.source_version.updated_at, now);
+                    touched.insert(ledger::erased_key(&event.customer_key), Some(mark));
+                } else if ledger::erasure_hides(
+                    get(&touched, &ledger::erased_key(&event.customer_key)).as_ref(),
+                    Some(event.source_version.updated_at),
+                ) {
+                    tracing::debug!("an event from before its customer's erasure: ignored");
                 } else {
                     let v = &event.source_version;
                     let key = ledger::key(&v.entity_type, &v.entity_id);
@@ -242,6 +251,15 @@ impl<C: CommandSink> Ledger<C> {
                 };
                 let v = &outcome.source_version;
                 let key = ledger::key(&v.entity_type, &v.entity_id);
+                if ledger::erasure_hides(
+                    get(&touched, &ledger::erased_key(&outcome.customer_key)).as_ref(),
+                    Some(v.updated_at),
+                ) {
+                    // The erasure's own outcome (or older news): nothing to keep about the person.
+                    metrics::RECORDS.with_label_values(&["outcome"]).inc();
+                    results.push(Ok(()));
+                    continue;
+                }
                 let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_outcome(&outcome));
                 let effect = entry.apply_outcome(&outcome, now);
                 self.count(&effect);
@@ -264,8 +282,10 @@ impl<C: CommandSink> Ledger<C> {
         results
     }
 
-    /// Records a sweep's finding on `key` in `partition` (creating the entry with `create` when
-    /// the ledger has none). Returns whether it was new.
+    /// Records a sweep's finding on `key` in `partition`. When the ledger has no entry only
+    /// `create` may make one (a fully identified entity: a lost webhook's order); a target's
+    /// drift on an entry that has gone meanwhile is dropped, never recorded on a nameless
+    /// entry. Findings about an erased customer are dropped too. Returns whether it was new.
     pub async fn flag(
         &self,
         partition: i32,
@@ -273,15 +293,18 @@ impl<C: CommandSink> Ledger<C> {
         target: &str,
         kind: DriftKind,
         version: i64,
-        create: impl FnOnce() -> Entry,
+        create: impl FnOnce() -> Option<Entry>,
     ) -> Result<bool, elo_kafka::Error> {
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
         if !self.held.lock().expect("held").contains_key(&partition) {
             return Ok(false); // revoked meanwhile: the new owner's sweep will see it
         }
-        let mut entry = self.store.get(partition, key).unwrap_or_else(create);
-        if !entry.flag_drift(target, kind, version, now_ms()) {
+        let Some(mut entry) = self.store.get(partition, key).or_else(create) else { return Ok(false) };
+        if entry.kind.is_empty()
+            || ledger::erasure_hides(self.store.get(partition, &ledger::erased_key(&entry.customer_key)).as_ref(), None)
+            || !entry.flag_drift(target, kind, version, now_ms())
+        {
             return Ok(false);
         }
         self.store.put(partition, key, entry).await?;
@@ -308,6 +331,9 @@ impl<C: CommandSink> Ledger<C> {
                     if let Err(error) = self.store.remove(partition, &key).await {
                         tracing::warn!(key, error = %error, "cannot retire a settled entry; next check tries again");
                     }
+                    continue;
+                }
+                if entry.is_erasure_mark() {
                     continue;
                 }
                 figures.count(&key, &entry, &self.policy, now);

@@ -79,7 +79,7 @@ impl Sweeps {
                 continue;
             }
             let found = ledger
-                .flag(partition, &key, SOURCE, DriftKind::SourceAhead, version, || Entry::for_event(&event))
+                .flag(partition, &key, SOURCE, DriftKind::SourceAhead, version, || Some(Entry::for_event(&event)))
                 .await;
             match found {
                 Ok(true) => {

@@ -84,7 +84,7 @@ impl Sweeps {
                 continue;
             }
             let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
-            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, Entry::default).await {
+            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
                 }

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use serde_json::Value;
 
 use super::{Budget, Sweeps};
-use crate::ledger::{DriftKind, Entry, Health};
+use crate::ledger::{DriftKind, Health};
 use crate::store::{CommandSink, Ledger, now_ms};
 
 /// `SELECT <field> FROM Order WHERE <field> IN ('o:1','o:2')` (ids are Elo's own, quoted).
@@ -95,7 +95,7 @@ impl Sweeps {
                 if !missing.contains(id) {
                     continue;
                 }
-                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, Entry::default).await {
+                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, || None).await {
                     Ok(true) => {
                         budget.progress.found.fetch_add(1, Ordering::Relaxed);
                     }
@@ -166,7 +166,7 @@ impl Sweeps {
             {
                 continue;
             }
-            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, Entry::default).await {
+            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
                 }
