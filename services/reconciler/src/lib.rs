@@ -19,6 +19,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod ops;
+pub mod plan;
 pub mod repair;
 pub mod report;
 pub mod scan;

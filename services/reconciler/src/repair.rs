@@ -122,10 +122,26 @@ pub enum Decision {
 
 /// Decides and records the next step for `entry` (the caller persists it when it changed).
 pub fn decide(entry: &mut Entry, policy: &Policy, now_ms: i64) -> Decision {
+    decide_with(entry, policy, now_ms, &std::collections::BTreeSet::new())
+}
+
+/// [`decide`], with overdue repairs for the `suspended` targets held back (a down or lagging
+/// sink: see [`crate::plan`]).
+pub fn decide_with(
+    entry: &mut Entry,
+    policy: &Policy,
+    now_ms: i64,
+    suspended: &std::collections::BTreeSet<String>,
+) -> Decision {
     if entry.kind.is_empty() || entry.is_erasure_mark() {
         return Decision::Wait; // nothing a command could name
     }
-    let found = problems(entry, policy, now_ms);
+    let mut found = problems(entry, policy, now_ms);
+    let any = !found.is_empty();
+    found.retain(|p| !(p.health == Health::Overdue && suspended.contains(&p.target)));
+    if any && found.is_empty() {
+        return Decision::Wait; // only suspended problems: the repair (if any) stays open
+    }
     let Some(problem) = found.into_iter().next() else {
         let had_repair = entry.repair.take().is_some();
         return if had_repair { Decision::Resolved { had_repair } } else { Decision::Wait };
