@@ -162,6 +162,8 @@ pub struct Progress {
 #[derive(Default)]
 pub struct Suspects {
     first_seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// For [`Suspects::merge`]: (first seen, last seen) per finding.
+    seen: std::sync::Mutex<HashMap<String, (i64, i64)>>,
 }
 
 impl Suspects {
@@ -173,6 +175,24 @@ impl Suspects {
             found.iter().map(|k| (k.clone(), first_seen.get(k).copied().unwrap_or(now))).collect();
         *first_seen = next;
         first_seen.iter().filter(|(_, t)| now - **t >= grace).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// For a sweep that covers its window in parts (a round cut short by its budget or an
+    /// error): adds this part's `found` to the suspects instead of replacing them, forgets
+    /// suspects not seen again within `horizon`, and returns those of `found` first seen at
+    /// least `grace` ago. A finding of part A thus survives the rounds that cover part B.
+    pub fn merge(&self, found: &[String], grace: i64, horizon: i64, now: i64) -> BTreeSet<String> {
+        let mut seen = self.seen.lock().expect("suspects");
+        seen.retain(|_, (_, last)| now - *last <= horizon);
+        let mut out = BTreeSet::new();
+        for k in found {
+            let slot = seen.entry(k.clone()).or_insert((now, now));
+            slot.1 = now;
+            if now - slot.0 >= grace {
+                out.insert(k.clone());
+            }
+        }
+        out
     }
 }
 
@@ -399,6 +419,21 @@ mod tests {
         assert!(s.confirm(&found(&["a", "b"]), 10, 105).is_empty(), "not yet the grace period");
         assert!(s.confirm(&found(&["a"]), 10, 110).contains("a"));
         assert!(s.confirm(&found(&["a", "b"]), 10, 115).len() == 1, "b went away and starts over");
+    }
+
+    #[test]
+    fn findings_of_a_window_covered_in_parts_are_confirmed() {
+        // Two parts per window; each round covers one part, alternately.
+        let s = Suspects::default();
+        let part_a = vec!["order:1@5".to_owned()];
+        let part_b = vec!["order:9@7".to_owned()];
+        let mut confirmed = BTreeSet::new();
+        for round in 0..6i64 {
+            let found = if round % 2 == 0 { &part_a } else { &part_b };
+            confirmed.extend(s.merge(found, 10, 1_000, 100 + round * 10));
+        }
+        assert!(confirmed.contains("order:1@5") && confirmed.contains("order:9@7"), "{confirmed:?}");
+        assert!(s.merge(&part_a, 10, 1_000, 10_000).is_empty(), "not seen within the horizon: starts over");
     }
 
     #[tokio::test(start_paused = true)]
