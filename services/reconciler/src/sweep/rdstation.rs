@@ -62,7 +62,12 @@ impl Sweeps {
                     break;
                 }
             };
-            let rows = body.get("contacts").and_then(Value::as_array).cloned().unwrap_or_default();
+            let Some(rows) = listed_rows(&body) else {
+                // Not a listing: judging it as an empty account would flag every contact.
+                tracing::warn!(page, "rdstation sweep: listing without a contacts array; round failed");
+                budget.round("failed");
+                return;
+            };
             for row in &rows {
                 if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
                     let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
@@ -94,6 +99,11 @@ impl Sweeps {
         }
         budget.round(if complete { "complete" } else { "partial" });
     }
+}
+
+/// The rows of one listing page; `None` when the body is not a listing (no `contacts` array).
+pub(super) fn listed_rows(body: &Value) -> Option<Vec<Value>> {
+    body.get("contacts").and_then(Value::as_array).cloned()
 }
 
 /// A contact the ledger expects in RD Station.
@@ -253,5 +263,12 @@ mod tests {
         let body = json!({"segmentations": [{"id": 4, "standard": false}, {"id": 1, "standard": true}]});
         assert_eq!(standard_segmentation(&body), Some(1));
         assert_eq!(standard_segmentation(&json!({"segmentations": []})), None);
+    }
+
+    #[test]
+    fn a_body_without_contacts_is_not_an_empty_listing() {
+        assert_eq!(listed_rows(&json!({"errors": {"error_type": "x"}})), None);
+        assert_eq!(listed_rows(&json!({"contacts": "nope"})), None);
+        assert_eq!(listed_rows(&json!({"contacts": []})), Some(vec![]));
     }
 }
