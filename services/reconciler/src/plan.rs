@@ -75,6 +75,7 @@ pub fn plan(
     let start = if n == 0 { 0 } else { start % n };
     plan.next_start = start;
     let mut sent = 0usize;
+    let mut budget_hit = false;
     for i in 0..n {
         let (partition, key, entry) = &entries[(start + i) % n];
         if repair::expired(entry, policy, retention, now) {
@@ -82,9 +83,12 @@ pub fn plan(
             continue;
         }
         if sent >= max_commands {
-            // Budget spent: the next check starts here.
-            plan.next_start = (start + i) % n;
-            break;
+            // Budget spent: the next check starts here (the rest is still retired if due).
+            if !budget_hit {
+                plan.next_start = (start + i) % n;
+                budget_hit = true;
+            }
+            continue;
         }
         let mut entry = entry.clone();
         let before = entry.repair.clone();

@@ -206,6 +206,7 @@ impl<C: CommandSink> Ledger<C> {
         let partition = first.partition;
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
+        let generation = self.generation(partition);
         let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = Vec::with_capacity(batch.len());
         let mut touched: BTreeMap<String, Option<Entry>> = BTreeMap::new();
@@ -286,6 +287,12 @@ impl<C: CommandSink> Ledger<C> {
             results.push(Ok(()));
         }
         for (key, entry) in touched {
+            if self.generation(partition) != generation {
+                // Released (stop gave up waiting) or restored anew meanwhile: the batch comes
+                // again to whoever holds the partition now.
+                let e = HandlerError::transient("ledger_partition_released", "the ledger partition was released");
+                return vec![Err(e); batch.len()];
+            }
             let written = match entry {
                 Some(entry) => self.store.put(partition, &key, entry).await,
                 None => self.store.remove(partition, &key).await,

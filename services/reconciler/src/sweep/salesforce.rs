@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use reqwest::Method;
 use serde_json::Value;
 
 use super::{Budget, Sweeps};
@@ -81,8 +82,12 @@ impl Sweeps {
                 return next;
             }
             let ids: Vec<String> = chunk.iter().map(|(.., id)| id.clone()).collect();
-            let records = match client.query(&soql_by_external_ids(field, &ids)).await {
-                Ok(r) => r,
+            let records = match query_charged(client, budget, &mut spent, &soql_by_external_ids(field, &ids)).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    budget.round("partial"); // a partial answer would read as missing orders
+                    return next;
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, "salesforce sweep: query failed; next round resumes here");
                     budget.round("failed");
@@ -134,8 +139,12 @@ impl Sweeps {
             budget.round("partial");
             return false;
         }
-        let records = match client.query(&soql_modified_since(field, since)).await {
-            Ok(r) => r,
+        let records = match query_charged(client, budget, spent, &soql_modified_since(field, since)).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                budget.round("partial");
+                return false;
+            }
             Err(error) => {
                 tracing::warn!(error = %error, "salesforce sweep: LastModifiedDate query failed");
                 budget.round("failed");
@@ -181,6 +190,41 @@ impl Sweeps {
         self.salesforce_modified_since.store(next, Ordering::Relaxed);
         true
     }
+}
+
+/// Runs a SOQL query page by page (`nextRecordsUrl`), every page after the first (which the
+/// caller paid) paid from the round's budget. `Ok(None)`: the budget ran out mid-query (a
+/// partial answer would read as missing records).
+async fn query_charged(
+    client: &salesforce_sink::client::SalesforceClient,
+    budget: &Budget,
+    spent: &mut u64,
+    soql: &str,
+) -> Result<Option<Vec<Value>>, salesforce_sink::client::Error> {
+    let path = format!("/query?q={}", soql_encode(soql));
+    let mut page = client.call("query", Method::GET, &path, None).await?;
+    let mut out = Vec::new();
+    loop {
+        out.extend(page["records"].as_array().cloned().unwrap_or_default());
+        let Some(next) = page["nextRecordsUrl"].as_str() else { return Ok(Some(out)) };
+        if !budget.spend(spent).await {
+            return Ok(None);
+        }
+        let prefix = format!("/services/data/{}", client.api_version());
+        let path = next.strip_prefix(&prefix).unwrap_or(next).to_owned();
+        page = client.call("query", Method::GET, &path, None).await?;
+    }
+}
+
+/// A SOQL statement as a query-string value.
+fn soql_encode(soql: &str) -> String {
+    soql.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b' ' => "+".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
