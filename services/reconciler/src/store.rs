@@ -191,6 +191,10 @@ impl<C: CommandSink> Ledger<C> {
     fn count(&self, effect: &Effect) {
         let mut totals = self.totals.lock().expect("totals");
         for (target, kind) in &effect.repaired {
+            // Bounded label: a target the policy does not know is not a series of its own.
+            let known = target == repair::SOURCE || self.policy.targets.iter().any(|t| &t.name == target);
+            let target = if known { target.clone() } else { "other".to_owned() };
+            let target = &target;
             metrics::REPAIRED.with_label_values(&[kind.as_str(), target]).inc();
             *totals.repaired.entry(target.clone()).or_default() += 1;
         }
@@ -210,6 +214,8 @@ impl<C: CommandSink> Ledger<C> {
         let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = Vec::with_capacity(batch.len());
         let mut touched: BTreeMap<String, Option<Entry>> = BTreeMap::new();
+        // Counted once the batch is written (a batch that comes again is not counted twice).
+        let mut effects: Vec<Effect> = Vec::new();
         let get = |touched: &BTreeMap<String, Option<Entry>>, key: &str| match touched.get(key) {
             Some(entry) => entry.clone(),
             None => self.store.get(partition, key),
@@ -255,7 +261,7 @@ impl<C: CommandSink> Ledger<C> {
                     let key = ledger::key(&v.entity_type, &v.entity_id);
                     let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_event(&event));
                     let effect = entry.apply_event(&event, now);
-                    self.count(&effect);
+                    effects.push(effect);
                     touched.insert(key, Some(entry));
                 }
                 metrics::RECORDS.with_label_values(&["event"]).inc();
@@ -280,7 +286,7 @@ impl<C: CommandSink> Ledger<C> {
                 }
                 let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_outcome(&outcome));
                 let effect = entry.apply_outcome(&outcome, now);
-                self.count(&effect);
+                effects.push(effect);
                 touched.insert(key, Some(entry));
                 metrics::RECORDS.with_label_values(&["outcome"]).inc();
             }
@@ -302,6 +308,9 @@ impl<C: CommandSink> Ledger<C> {
                 let e = HandlerError::new(error.class(), format!("ledger_{}", error.code()), error.to_string());
                 return vec![Err(e); batch.len()];
             }
+        }
+        for effect in &effects {
+            self.count(effect);
         }
         results
     }
