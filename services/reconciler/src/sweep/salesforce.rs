@@ -131,6 +131,9 @@ impl Sweeps {
         let grace = self.args.grace.as_millis() as i64;
         let started = now_ms();
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        if ledger.partitions().is_empty() {
+            return true; // nothing of ours to judge: the cursor stays where it is
+        }
         let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
         if since == 0 {
             since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
@@ -184,11 +187,22 @@ impl Sweeps {
             }
         }
         budget.checked(records.len() as u64);
-        // A full page may hold more: go on from its last change; otherwise from this round's
-        // start (minus the grace, for clock skew).
-        let next = if records.len() >= 2000 { last_seen } else { started - grace };
-        self.salesforce_modified_since.store(next, Ordering::Relaxed);
+        self.salesforce_modified_since
+            .store(next_since(records.len(), since, last_seen, started, grace), Ordering::Relaxed);
         true
+    }
+}
+
+/// Where the next `LastModifiedDate` pass starts. A full page may hold more: go on from the
+/// second *before* its last change (the query is strict `>` at one-second precision, so
+/// same-second records past the page are read again rather than skipped; findings are
+/// idempotent), unless that makes no progress (a page all within one second); otherwise
+/// from this round's start minus the grace (clock skew).
+fn next_since(records: usize, since: i64, last_seen: i64, started: i64, grace: i64) -> i64 {
+    match records >= 2000 {
+        true if last_seen - 1_000 > since => last_seen - 1_000,
+        true => last_seen,
+        false => started - grace,
     }
 }
 
@@ -263,5 +277,16 @@ mod tests {
         assert_eq!(parse_sf_datetime("soon"), None);
         assert!(!edited_after(10_000, 12_000, 5_000), "Elo's own write, confirmed a moment later");
         assert!(edited_after(10_000, 20_000, 5_000));
+    }
+
+    #[test]
+    fn a_full_page_resumes_within_its_last_second() {
+        assert_eq!(
+            next_since(2000, 0, 50_000, 90_000, 5_000),
+            49_000,
+            "same-second records past the page are read again"
+        );
+        assert_eq!(next_since(2000, 49_500, 50_000, 90_000, 5_000), 50_000, "a page within one second moves on");
+        assert_eq!(next_since(10, 0, 50_000, 90_000, 5_000), 85_000);
     }
 }
