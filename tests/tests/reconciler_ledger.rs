@@ -96,3 +96,15 @@ async fn a_check_in_flight_writes_nothing_after_its_partition_was_released() {
     ledger.store.restore(0).unwrap();
     assert_eq!(ledger.store.get(0, &key).expect("the entry").repair, None, "in the changelog");
 }
+
+#[tokio::test]
+async fn the_sweep_places_customers_on_the_topics_actual_partitions() {
+    let topic = unique("e2e.parts");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let kafka = KafkaArgs::local(brokers());
+    assert_eq!(
+        reconciler::sweep::topic_partitions(&kafka, &topic, 6).await,
+        3,
+        "the topic's, not the configured count"
+    );
+}

@@ -248,6 +248,38 @@ pub fn partition_for(key: &str, partitions: i32) -> i32 {
     ((!crc) % partitions.max(1) as u32) as i32
 }
 
+/// The partition count `topic` really has: the Magento sweep must place customers where the
+/// producers did, whatever `ELO_TOPIC_PARTITIONS` says. `configured` when it cannot be read.
+pub async fn topic_partitions(kafka: &elo_kafka::KafkaArgs, topic: &str, configured: i32) -> i32 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (kafka, name) = (kafka.clone(), topic.to_owned());
+    let found = tokio::task::spawn_blocking(move || -> Option<i32> {
+        let consumer: BaseConsumer = kafka.client_config(&[]).ok()?.create().ok()?;
+        let metadata = consumer.fetch_metadata(Some(&name), Duration::from_secs(10)).ok()?;
+        let n = metadata.topics().first()?.partitions().len() as i32;
+        (n > 0).then_some(n)
+    })
+    .await
+    .ok()
+    .flatten();
+    match found {
+        Some(n) if n != configured => {
+            tracing::warn!(
+                topic,
+                actual = n,
+                configured,
+                "topic partition count differs from the configured one; using the actual count"
+            );
+            n
+        }
+        Some(n) => n,
+        None => {
+            tracing::warn!(topic, configured, "cannot read the topic's partition count; using the configured one");
+            configured
+        }
+    }
+}
+
 /// The configured sweeps.
 pub struct Sweeps {
     args: SweepArgs,
@@ -291,6 +323,12 @@ impl Sweeps {
             rd_suspects: Suspects::default(),
             salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// Places customers on `partitions` partitions (see [`topic_partitions`]).
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
     }
 
     /// Progress counters of each configured sweep, by name.
