@@ -289,6 +289,8 @@ pub struct Sweeps {
     rdstation: Option<(RdClient, Budget)>,
     magento_suspects: Suspects,
     rd_suspects: Suspects,
+    /// Where the RD listing resumes (page) and what it read so far, across rounds.
+    rd_listing: std::sync::Mutex<(u32, HashMap<String, String>)>,
     /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
     salesforce_modified_since: std::sync::atomic::AtomicI64,
 }
@@ -321,6 +323,7 @@ impl Sweeps {
             rdstation,
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
+            rd_listing: std::sync::Mutex::new((1, HashMap::new())),
             salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
     }
