@@ -266,6 +266,8 @@ fn caught_up(group: &str, topic: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart() {
+    // A broker of its own: see `use_private_broker`.
+    let (_broker, _broker_dir) = elo_integration_tests::use_private_broker();
     let dir = tempfile::tempdir().unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let (rd, rd_url) = serve_rdstation(RdConfig {

@@ -123,6 +123,8 @@ fn within_budget(m: &BTreeMap<String, f64>, elapsed: Duration) -> BTreeMap<&'sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
+    // A broker of its own: see `use_private_broker`.
+    let (_broker, _broker_dir) = elo_integration_tests::use_private_broker();
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("secret");
     std::fs::write(&secret_file, SECRET).unwrap();
@@ -164,7 +166,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let up = wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
     assert!(up, "push endpoint never listened:\n{}", log(dir.path(), "ingest"));
 
-    // Magento loses 1% of its webhooks.
+    // Magento loses every webhook of 1% of its orders (those whose id ends in 07: chosen, not
+    // drawn, so every run loses some), so only the sweep can bring them in.
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(sandbox::magento::webhook::dispatch(magento.clone(), shutdown.clone()));
     {
@@ -177,14 +180,25 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
             style: WebhookStyle::Plain,
             ..Default::default()
         };
-        sim.webhook_drop_rate = 0.01;
+        sim.webhook_drop_rate = 0.0;
         sim.generate(FACTS);
+        // Still under the lock: the dispatcher has sent nothing yet.
+        let lost_id = |n: &sandbox::magento::webhook::Notification| {
+            n.id.strip_prefix("order-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|id| id.parse::<i64>().ok())
+                .filter(|id| id % 100 == 7)
+        };
+        let lost: BTreeSet<i64> = sim.outbox.queue.iter().filter_map(lost_id).collect();
+        sim.outbox.queue.retain(|n| lost_id(n).is_none());
+        sim.outbox.dropped_orders = lost.into_iter().collect();
     }
     let generated = Instant::now();
     let (orders, lost) = {
         let sim = magento.sim.lock().unwrap();
         (sim.orders.len(), sim.outbox.dropped_orders.clone())
     };
+    assert!(!lost.is_empty(), "some orders lose their webhooks");
 
     // Phase 1: every order reaches Salesforce at its current status, lost webhooks included.
     let deadline = generated + Duration::from_secs(150);
@@ -203,6 +217,12 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     );
     let converged = generated.elapsed();
     let lost_found = metric(&m, "reconciler_drift_found_total{kind=\"source_ahead\",target=\"magento\"}");
+    assert!(
+        lost_found >= lost.len() as f64,
+        "the Magento sweep found {lost_found} lost orders of {}:\n{}",
+        lost.len(),
+        log(dir.path(), "reconciler")
+    );
 
     // RD: every order's customer has a contact.
     let contacts = || rd.sim.lock().unwrap().contacts.len();
@@ -217,7 +237,16 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let all_contacts = wait_until(Duration::from_secs(60), || contacts() >= customers.len()).await;
     assert!(all_contacts, "{} contacts for {} customers:\n{}", contacts(), customers.len(), log(dir.path(), "rd-sink"));
     // Let the ledger see the last outcomes (the sweeps only judge what was confirmed a while ago).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    let mut settled = false;
+    let settling = Instant::now();
+    while !settled && settling.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let m = metrics(admin).await;
+        settled = ["salesforce", "rdstation"]
+            .iter()
+            .all(|t| metric(&m, &format!("reconciler_records{{state=\"confirmed\",target=\"{t}\"}}")) >= orders as f64);
+    }
+    assert!(settled, "the ledger never saw every order confirmed:\n{}", log(dir.path(), "reconciler"));
 
     // A restart: the ledger comes back from its changelog, not from the input's history (the
     // group's offsets are committed, so without the restore it would know no order at all and

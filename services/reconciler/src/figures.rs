@@ -42,6 +42,11 @@ impl Figures {
                 since_ms: repair.since_ms,
             });
         }
+        self.escalated_open += u64::from(entry.repair.as_ref().is_some_and(|r| r.escalated.is_some()));
+        if entry.drift.contains_key(repair::SOURCE) {
+            // Also before its event came: a lost webhook of a new order has only this entry.
+            *self.drifted.entry(repair::SOURCE.to_owned()).or_default() += 1;
+        }
         if entry.version == 0 {
             return;
         }
@@ -53,7 +58,6 @@ impl Figures {
             _ => self.customers += 1,
         }
         self.oversold += u64::from(entry.oversold);
-        self.escalated_open += u64::from(entry.repair.as_ref().is_some_and(|r| r.escalated.is_some()));
         for t in &policy.targets {
             let bucket = match entry.health(&t.name, t.sla, now) {
                 Health::Confirmed => &mut self.confirmed,
@@ -63,9 +67,6 @@ impl Figures {
                 Health::Pending => continue,
             };
             *bucket.entry(t.name.clone()).or_default() += 1;
-        }
-        if entry.drift.contains_key(repair::SOURCE) {
-            *self.drifted.entry(repair::SOURCE.to_owned()).or_default() += 1;
         }
     }
 
@@ -154,5 +155,25 @@ mod tests {
                 since_ms: 7
             }]
         );
+    }
+
+    #[test]
+    fn a_lost_webhook_for_a_new_order_is_counted_drifted_and_escalated() {
+        let policy = Policy {
+            targets: vec![],
+            max_attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+        };
+        // The Magento sweep's entry for an order the ledger never saw: version 0.
+        let mut lost = Entry::for_event(&event("order", "9", "c:9", 500));
+        lost.flag_drift("magento", DriftKind::SourceAhead, 500, 5);
+        lost.repair =
+            Some(crate::ledger::Repair { attempts: 3, next_at_ms: 0, since_ms: 7, escalated: Some("x".into()) });
+        let mut figures = Figures::default();
+        figures.count("order:9", &lost, &policy, 10);
+        let s = figures.into_status(&policy, 1, &Totals::default(), 10);
+        assert_eq!(s.drifted.get("magento"), Some(&1));
+        assert_eq!(s.escalated_open, 1);
     }
 }

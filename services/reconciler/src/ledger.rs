@@ -18,6 +18,29 @@ pub fn key(entity_type: &str, entity_id: &str) -> String {
     format!("{entity_type}:{entity_id}")
 }
 
+/// The `kind` of an erasure mark: the entry `erased:<customer key>` a `CUSTOMER_ERASED`
+/// leaves behind, so the outcomes of the erasure itself, late versions from before it and
+/// sweep findings about the person's orders do not bring entries (and target ids) back.
+pub const ERASED: &str = "erased";
+
+/// How long an erasure mark is kept (longer than any sweep window or replayed backlog).
+pub const ERASURE_MEMORY: Duration = Duration::from_secs(7 * 86_400);
+
+/// How long a drift repaired by a RESEND is remembered: if it comes back within this time the
+/// earlier attempts still count, so a repair that only *looks* applied ends in an escalation.
+pub const REDRIFT_MEMORY: Duration = Duration::from_secs(86_400);
+
+/// The key of a customer key's erasure mark.
+pub fn erased_key(customer_key: &str) -> String {
+    key(ERASED, customer_key)
+}
+
+/// Whether an erasure mark hides news of `version` (at or before the erasure), or, for
+/// a sweep finding (`None`), anything while the mark lives.
+pub fn erasure_hides(mark: Option<&Entry>, version: Option<i64>) -> bool {
+    mark.is_some_and(|m| m.kind == ERASED && version.is_none_or(|v| v <= m.version))
+}
+
 /// What a target holds for one entity, as its sink reported it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
@@ -110,6 +133,16 @@ pub struct Entry {
     /// kept: a hash of the e-mail and name), for the RD Station sweep.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact: Option<ContactPrint>,
+    /// Attempts spent on drift repairs that closed recently, by target (see [`REDRIFT_MEMORY`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub redrift: BTreeMap<String, Redrift>,
+}
+
+/// The attempts a closed drift repair spent, remembered until `until_ms`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redrift {
+    pub attempts: u32,
+    pub until_ms: i64,
 }
 
 /// A contact's fingerprint at a source version.
@@ -171,6 +204,16 @@ impl Entry {
     pub fn for_event(event: &CommerceEvent) -> Self {
         let v = &event.source_version;
         Self::new(&v.entity_type, &v.entity_id, &event.customer_key)
+    }
+
+    /// The erasure mark of an erased customer key (`version`: the erasure's source version).
+    pub fn erasure_mark(customer_key: &str, version: i64, now_ms: i64) -> Self {
+        Self { version, seen_at_ms: now_ms, ..Self::new(ERASED, customer_key, customer_key) }
+    }
+
+    /// Whether this entry is an erasure mark rather than an entity.
+    pub fn is_erasure_mark(&self) -> bool {
+        self.kind == ERASED
     }
 
     /// A new entry for an outcome's entity (the outcome came first).
@@ -247,6 +290,9 @@ impl Entry {
         {
             effect.repaired.push((outcome.target.clone(), d.kind));
             self.drift.remove(&outcome.target);
+            let attempts = self.repair.as_ref().map_or(0, |r| r.attempts);
+            let until_ms = now_ms + REDRIFT_MEMORY.as_millis() as i64;
+            self.redrift.insert(outcome.target.clone(), Redrift { attempts, until_ms });
         }
         effect
     }
@@ -274,6 +320,14 @@ impl Entry {
             return false;
         }
         self.drift.insert(target.to_owned(), Drift { kind, found_ms: now_ms, version });
+        // The same drift again soon after a RESEND "repaired" it: the attempts carry over.
+        self.redrift.retain(|_, r| r.until_ms > now_ms);
+        if kind != DriftKind::SourceAhead
+            && self.repair.is_none()
+            && let Some(r) = self.redrift.get(target).filter(|r| r.attempts > 0)
+        {
+            self.repair = Some(Repair { attempts: r.attempts, next_at_ms: now_ms, since_ms: now_ms, escalated: None });
+        }
         true
     }
 
@@ -428,5 +482,38 @@ pub(crate) mod tests {
         e.repair = Some(Repair { attempts: 1, next_at_ms: 9, since_ms: 3, escalated: None });
         let json = serde_json::to_vec(&e).unwrap();
         assert_eq!(serde_json::from_slice::<Entry>(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn an_erasure_mark_hides_the_erasures_outcomes_and_older_news_only() {
+        let mark = Entry::erasure_mark("c:9", 500, 1_000);
+        assert!(mark.is_erasure_mark());
+        assert_eq!(mark.key(), erased_key("c:9"));
+        assert!(erasure_hides(Some(&mark), Some(500)), "the erasure's own outcome");
+        assert!(erasure_hides(Some(&mark), Some(400)), "a late older version");
+        assert!(!erasure_hides(Some(&mark), Some(600)), "the key's life after the erasure");
+        assert!(erasure_hides(Some(&mark), None), "sweep findings while the mark lives");
+        assert!(!erasure_hides(None, None));
+        let plain = Entry::for_event(&event("customer", "9", "c:9", 100));
+        assert!(!erasure_hides(Some(&plain), None), "only marks hide");
+    }
+
+    #[test]
+    fn a_drift_found_again_soon_keeps_its_attempts() {
+        let mut e = Entry::for_event(&event("order", "7", "c:1", 100));
+        e.apply_event(&event("order", "7", "c:1", 100), 0);
+        e.flag_drift("rdstation", DriftKind::Altered, 0, 1_000);
+        e.repair = Some(Repair { attempts: 2, next_at_ms: 0, since_ms: 1_000, escalated: None });
+        let mut applied = outcome("rdstation", "order", "7", 100, OutcomeStatus::Applied);
+        applied.occurred_at = 2_000;
+        assert_eq!(e.apply_outcome(&applied, 2_000).repaired, vec![("rdstation".to_owned(), DriftKind::Altered)]);
+        e.repair = None; // the check closes it
+        e.flag_drift("rdstation", DriftKind::Altered, 0, 3_000);
+        assert_eq!(e.repair.as_ref().map(|r| r.attempts), Some(2), "the attempts carry over");
+        // Long after, a new drift starts afresh.
+        e.drift.clear();
+        e.repair = None;
+        e.flag_drift("rdstation", DriftKind::Altered, 0, 3_000 + REDRIFT_MEMORY.as_millis() as i64 + 1);
+        assert!(e.repair.is_none());
     }
 }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod ledger;
 pub mod metrics;
 pub mod ops;
+pub mod plan;
 pub mod repair;
 pub mod report;
 pub mod scan;
@@ -221,6 +222,7 @@ pub async fn run_with_status(config: Config, status_tx: status::StatusSender) ->
     let Some(service) = Service::start(NAME, common, DEFAULT_ADMIN, specs).await? else {
         return Ok(());
     };
+    let sweeps = sweeps.with_partitions(sweep::topic_partitions(&common.kafka, &t.commerce, t.partitions).await);
     let commands =
         KafkaCommands { codec: service.codec.clone(), producer: service.producer.clone(), topic: t.commands.clone() };
     let ledger = Arc::new(

@@ -90,6 +90,16 @@ pub fn problems(entry: &Entry, policy: &Policy, now_ms: i64) -> Vec<Problem> {
 /// starts a new entry; the sweeps only judge what the ledger holds.
 pub fn expired(entry: &Entry, policy: &Policy, retention: Duration, now_ms: i64) -> bool {
     let last = entry.targets.values().map(|t| t.at_ms).chain([entry.seen_at_ms]).max().unwrap_or(0);
+    if entry.kind.is_empty() {
+        return true; // a ghost (a finding recorded on an entry that had gone): names nothing
+    }
+    if entry.is_erasure_mark() {
+        return now_ms - entry.seen_at_ms > crate::ledger::ERASURE_MEMORY.as_millis() as i64;
+    }
+    if entry.version == 0 {
+        // Only outcomes, never their event (e.g. the outcomes of an erasure): once quiet.
+        return entry.drift.is_empty() && now_ms - last > retention.as_millis() as i64;
+    }
     entry.version > 0
         && entry.repair.is_none()
         && entry.drift.is_empty()
@@ -112,7 +122,26 @@ pub enum Decision {
 
 /// Decides and records the next step for `entry` (the caller persists it when it changed).
 pub fn decide(entry: &mut Entry, policy: &Policy, now_ms: i64) -> Decision {
-    let found = problems(entry, policy, now_ms);
+    decide_with(entry, policy, now_ms, &std::collections::BTreeSet::new())
+}
+
+/// [`decide`], with overdue repairs for the `suspended` targets held back (a down or lagging
+/// sink: see [`crate::plan`]).
+pub fn decide_with(
+    entry: &mut Entry,
+    policy: &Policy,
+    now_ms: i64,
+    suspended: &std::collections::BTreeSet<String>,
+) -> Decision {
+    if entry.kind.is_empty() || entry.is_erasure_mark() {
+        return Decision::Wait; // nothing a command could name
+    }
+    let mut found = problems(entry, policy, now_ms);
+    let any = !found.is_empty();
+    found.retain(|p| !(p.health == Health::Overdue && suspended.contains(&p.target)));
+    if any && found.is_empty() {
+        return Decision::Wait; // only suspended problems: the repair (if any) stays open
+    }
     let Some(problem) = found.into_iter().next() else {
         let had_repair = entry.repair.take().is_some();
         return if had_repair { Decision::Resolved { had_repair } } else { Decision::Wait };
@@ -296,5 +325,66 @@ mod tests {
         let Decision::Send(c, problem) = decide(&mut customer, &p, 20) else { panic!("a command") };
         assert_eq!(problem.target, "magento");
         assert_eq!((c.command_type, c.entity_id.as_str()), (CommandType::RefetchCustomer, "3"));
+    }
+
+    #[test]
+    fn a_drift_that_keeps_coming_back_escalates() {
+        // Every sweep re-finds it, the RESEND gets an APPLIED that wrote nothing, the drift
+        // closes: the attempts must still add up.
+        let p = policy();
+        let mut e = confirmed_order();
+        let mut now = 1_000_000;
+        let mut escalated = false;
+        for _ in 0..10 {
+            now += 600_000;
+            e.flag_drift("rdstation", DriftKind::Altered, 0, now);
+            match decide(&mut e, &p, now + 1) {
+                Decision::Escalate(..) => {
+                    escalated = true;
+                    break;
+                }
+                Decision::Send(..) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            let mut applied = outcome("rdstation", "order", "7", 100, OutcomeStatus::Applied);
+            applied.occurred_at = now + 2;
+            e.apply_outcome(&applied, now + 3);
+            assert_eq!(decide(&mut e, &p, now + 4), Decision::Resolved { had_repair: true });
+        }
+        assert!(escalated, "a drift repaired in vain over and over ends with a person");
+    }
+
+    #[test]
+    fn a_ghost_entry_gets_no_command_and_expires() {
+        // A sweep's finding recorded on an entry that had gone (no kind, no customer key).
+        let p = policy();
+        let mut ghost = Entry::default();
+        ghost.flag_drift("salesforce", DriftKind::Missing, 0, 10);
+        for now in [20, 100_000, 1_000_000] {
+            if let Decision::Send(c, _) = decide(&mut ghost, &p, now) {
+                panic!("a command for a ghost: {c:?}");
+            }
+        }
+        assert!(expired(&ghost, &p, Duration::from_secs(60), 10_000_000), "a ghost leaves the ledger");
+    }
+
+    #[test]
+    fn an_entry_whose_event_never_came_expires() {
+        // Outcomes only (e.g. of an erasure): version 0 forever.
+        let p = policy();
+        let mut e = Entry::for_outcome(&outcome("salesforce", "customer", "3", 500, OutcomeStatus::Applied));
+        e.apply_outcome(&outcome("salesforce", "customer", "3", 500, OutcomeStatus::Applied), 10);
+        let day = Duration::from_secs(86_400);
+        assert!(!expired(&e, &p, day, 1_000), "recent: its event may still come");
+        assert!(expired(&e, &p, day, 2 * 86_400_000));
+    }
+
+    #[test]
+    fn an_erasure_mark_gets_no_command_and_leaves_after_a_week() {
+        let p = policy();
+        let mut mark = Entry::erasure_mark("c:9", 500, 1_000);
+        assert_eq!(decide(&mut mark, &p, 10_000_000), Decision::Wait);
+        assert!(!expired(&mark, &p, Duration::from_secs(60), 10_000_000), "kept past the retention");
+        assert!(expired(&mark, &p, Duration::from_secs(60), 1_001 + crate::ledger::ERASURE_MEMORY.as_millis() as i64));
     }
 }

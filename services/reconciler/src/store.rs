@@ -18,7 +18,7 @@ use elo_kafka::{HandlerError, Producer, Record, StateStore};
 use crate::figures::{Figures, Totals};
 use crate::ledger::{self, DriftKind, Effect, Entry};
 use crate::metrics;
-use crate::repair::{self, Decision, Policy};
+use crate::repair::{self, Policy};
 use crate::status::{LIST_CAP, LedgerStatus, StatusSender, SweepStatus};
 use crate::stock::StockSide;
 use crate::sweep::Progress;
@@ -58,6 +58,12 @@ pub struct Ledger<C> {
     pub retention: std::time::Duration,
     /// Input topics holding each restored partition.
     held: Mutex<HashMap<i32, BTreeSet<String>>>,
+    /// Which restore of each held partition this is (a write planned under one restore is
+    /// dropped under another).
+    generations: Mutex<HashMap<i32, u64>>,
+    next_generation: std::sync::atomic::AtomicU64,
+    /// Where the next check's command budget starts.
+    rotation: std::sync::atomic::AtomicUsize,
     locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     totals: Mutex<Totals>,
     status: StatusSender,
@@ -83,6 +89,9 @@ impl<C: CommandSink> Ledger<C> {
             commerce_topic,
             retention,
             held: Mutex::default(),
+            generations: Mutex::default(),
+            next_generation: Default::default(),
+            rotation: Default::default(),
             locks: Mutex::default(),
             totals: Mutex::default(),
             status,
@@ -112,6 +121,11 @@ impl<C: CommandSink> Ledger<C> {
         self.locks.lock().expect("locks").entry(partition).or_default().clone()
     }
 
+    /// The current restore of `partition` (`None`: not held).
+    fn generation(&self, partition: i32) -> Option<u64> {
+        self.generations.lock().expect("generations").get(&partition).copied()
+    }
+
     /// Partitions restored on this replica.
     pub fn partitions(&self) -> Vec<i32> {
         let mut out: Vec<i32> = self.held.lock().expect("held").keys().copied().collect();
@@ -136,6 +150,8 @@ impl<C: CommandSink> Ledger<C> {
             .await
             .map_err(|e| HandlerError::new(e.class(), e.code(), e.to_string()))?;
         tracing::info!(partition, keys, "ledger partition restored");
+        let generation = self.next_generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.generations.lock().expect("generations").insert(partition, generation);
         self.held.lock().expect("held").entry(partition).or_default().insert(topic.to_owned());
         Ok(())
     }
@@ -166,6 +182,7 @@ impl<C: CommandSink> Ledger<C> {
             topics.remove(topic);
             if topics.is_empty() {
                 held.remove(&partition);
+                self.generations.lock().expect("generations").remove(&partition);
                 self.store.release(partition);
             }
         }
@@ -174,6 +191,10 @@ impl<C: CommandSink> Ledger<C> {
     fn count(&self, effect: &Effect) {
         let mut totals = self.totals.lock().expect("totals");
         for (target, kind) in &effect.repaired {
+            // Bounded label: a target the policy does not know is not a series of its own.
+            let known = target == repair::SOURCE || self.policy.targets.iter().any(|t| &t.name == target);
+            let target = if known { target.clone() } else { "other".to_owned() };
+            let target = &target;
             metrics::REPAIRED.with_label_values(&[kind.as_str(), target]).inc();
             *totals.repaired.entry(target.clone()).or_default() += 1;
         }
@@ -189,9 +210,12 @@ impl<C: CommandSink> Ledger<C> {
         let partition = first.partition;
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
+        let generation = self.generation(partition);
         let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = Vec::with_capacity(batch.len());
         let mut touched: BTreeMap<String, Option<Entry>> = BTreeMap::new();
+        // Counted once the batch is written (a batch that comes again is not counted twice).
+        let mut effects: Vec<Effect> = Vec::new();
         let get = |touched: &BTreeMap<String, Option<Entry>>, key: &str| match touched.get(key) {
             Some(entry) => entry.clone(),
             None => self.store.get(partition, key),
@@ -223,12 +247,21 @@ impl<C: CommandSink> Ledger<C> {
                     for k in keys {
                         touched.insert(k, None);
                     }
+                    // Remembered a while: the erasure's own outcomes (they carry target ids),
+                    // late older versions and sweep findings must not bring the person back.
+                    let mark = Entry::erasure_mark(&event.customer_key, event.source_version.updated_at, now);
+                    touched.insert(ledger::erased_key(&event.customer_key), Some(mark));
+                } else if ledger::erasure_hides(
+                    get(&touched, &ledger::erased_key(&event.customer_key)).as_ref(),
+                    Some(event.source_version.updated_at),
+                ) {
+                    tracing::debug!("an event from before its customer's erasure: ignored");
                 } else {
                     let v = &event.source_version;
                     let key = ledger::key(&v.entity_type, &v.entity_id);
                     let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_event(&event));
                     let effect = entry.apply_event(&event, now);
-                    self.count(&effect);
+                    effects.push(effect);
                     touched.insert(key, Some(entry));
                 }
                 metrics::RECORDS.with_label_values(&["event"]).inc();
@@ -242,15 +275,30 @@ impl<C: CommandSink> Ledger<C> {
                 };
                 let v = &outcome.source_version;
                 let key = ledger::key(&v.entity_type, &v.entity_id);
+                if ledger::erasure_hides(
+                    get(&touched, &ledger::erased_key(&outcome.customer_key)).as_ref(),
+                    Some(v.updated_at),
+                ) {
+                    // The erasure's own outcome (or older news): nothing to keep about the person.
+                    metrics::RECORDS.with_label_values(&["outcome"]).inc();
+                    results.push(Ok(()));
+                    continue;
+                }
                 let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_outcome(&outcome));
                 let effect = entry.apply_outcome(&outcome, now);
-                self.count(&effect);
+                effects.push(effect);
                 touched.insert(key, Some(entry));
                 metrics::RECORDS.with_label_values(&["outcome"]).inc();
             }
             results.push(Ok(()));
         }
         for (key, entry) in touched {
+            if self.generation(partition) != generation {
+                // Released (stop gave up waiting) or restored anew meanwhile: the batch comes
+                // again to whoever holds the partition now.
+                let e = HandlerError::transient("ledger_partition_released", "the ledger partition was released");
+                return vec![Err(e); batch.len()];
+            }
             let written = match entry {
                 Some(entry) => self.store.put(partition, &key, entry).await,
                 None => self.store.remove(partition, &key).await,
@@ -261,11 +309,16 @@ impl<C: CommandSink> Ledger<C> {
                 return vec![Err(e); batch.len()];
             }
         }
+        for effect in &effects {
+            self.count(effect);
+        }
         results
     }
 
-    /// Records a sweep's finding on `key` in `partition` (creating the entry with `create` when
-    /// the ledger has none). Returns whether it was new.
+    /// Records a sweep's finding on `key` in `partition`. When the ledger has no entry only
+    /// `create` may make one (a fully identified entity: a lost webhook's order); a target's
+    /// drift on an entry that has gone meanwhile is dropped, never recorded on a nameless
+    /// entry. Findings about an erased customer are dropped too. Returns whether it was new.
     pub async fn flag(
         &self,
         partition: i32,
@@ -273,15 +326,18 @@ impl<C: CommandSink> Ledger<C> {
         target: &str,
         kind: DriftKind,
         version: i64,
-        create: impl FnOnce() -> Entry,
+        create: impl FnOnce() -> Option<Entry>,
     ) -> Result<bool, elo_kafka::Error> {
         let lock = self.lock(partition);
         let _guard = lock.lock().await;
         if !self.held.lock().expect("held").contains_key(&partition) {
             return Ok(false); // revoked meanwhile: the new owner's sweep will see it
         }
-        let mut entry = self.store.get(partition, key).unwrap_or_else(create);
-        if !entry.flag_drift(target, kind, version, now_ms()) {
+        let Some(mut entry) = self.store.get(partition, key).or_else(create) else { return Ok(false) };
+        if entry.kind.is_empty()
+            || ledger::erasure_hides(self.store.get(partition, &ledger::erased_key(&entry.customer_key)).as_ref(), None)
+            || !entry.flag_drift(target, kind, version, now_ms())
+        {
             return Ok(false);
         }
         self.store.put(partition, key, entry).await?;
@@ -292,50 +348,85 @@ impl<C: CommandSink> Ledger<C> {
     }
 
     /// One pass over every restored partition: measures the ledger, sends the repairs the
-    /// policy calls for (bounded by `max_commands`), and publishes the status.
+    /// policy calls for (bounded by `max_commands`, see [`crate::plan`]), and publishes the
+    /// status. The plan is made on a snapshot; commands go out with no partition lock held;
+    /// each write re-checks under the lock that this replica still holds the same restore of
+    /// the partition and that the entry's repair state did not move meanwhile.
     pub async fn check(&self, max_commands: usize) -> LedgerStatus {
         let now = now_ms();
         let mut figures = Figures::default();
-        let mut sent = 0usize;
+        let mut snapshot: Vec<(i32, String, Entry)> = Vec::new();
+        let mut generations = HashMap::new();
         for partition in self.partitions() {
+            let Some(generation) = self.generation(partition) else { continue };
+            generations.insert(partition, generation);
+            let mut entries = self.store.entries(partition);
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            snapshot.extend(entries.into_iter().map(|(k, e)| (partition, k, e)));
+        }
+        for (_, key, entry) in &snapshot {
+            if !entry.is_erasure_mark() && !repair::expired(entry, &self.policy, self.retention, now) {
+                figures.count(key, entry, &self.policy, now);
+            }
+        }
+        let start = self.rotation.load(std::sync::atomic::Ordering::Relaxed);
+        let mut plan = crate::plan::plan(&snapshot, &self.policy, self.retention, now, max_commands, start);
+        drop(snapshot);
+        self.rotation.store(plan.next_start, std::sync::atomic::Ordering::Relaxed);
+        for target in &plan.suspended {
+            tracing::warn!(target = %target, "most of the target's entries are overdue: the sink is down or lagging; overdue repairs suspended");
+        }
+        // Commands first, outside any lock; an entry whose command failed keeps its old state.
+        for planned in &mut plan.planned {
+            let Some((command, problem)) = &planned.command else { continue };
+            if let Err(error) = self.commands.send(command).await {
+                tracing::warn!(key = %planned.key, error = %error, "cannot send a repair command; next check tries again");
+                planned.entry.repair.clone_from(&planned.before);
+                planned.command = None;
+                continue;
+            }
+            metrics::COMMANDS.with_label_values(&[command_name(command), problem.reason()]).inc();
+            tracing::info!(key = %planned.key, command = command_name(command), target = %problem.target, reason = problem.reason(), attempt = planned.entry.repair.as_ref().map_or(0, |r| r.attempts), "repair requested");
+        }
+        for ((target, reason), (count, keys)) in &plan.escalations {
+            metrics::ESCALATED.with_label_values(&[*reason, target.as_str()]).inc_by(*count);
+            *self.totals.lock().expect("totals").escalated.entry(target.clone()).or_default() += count;
+            tracing::error!(target = %target, reason, count, keys = ?keys, "repairs escalated: a person must look");
+        }
+        let mut by_partition: BTreeMap<i32, (Vec<String>, Vec<crate::plan::Planned>)> = BTreeMap::new();
+        for (partition, key) in plan.expired {
+            by_partition.entry(partition).or_default().0.push(key);
+        }
+        for planned in plan.planned {
+            by_partition.entry(planned.partition).or_default().1.push(planned);
+        }
+        for (partition, (expired, planned)) in by_partition {
             let lock = self.lock(partition);
             let _guard = lock.lock().await;
-            if !self.held.lock().expect("held").contains_key(&partition) {
-                continue; // revoked meanwhile
+            let generation = generations.get(&partition).copied();
+            for key in expired {
+                if self.generation(partition) != generation {
+                    break; // released (or restored again) meanwhile: not ours to write
+                }
+                let still = self
+                    .store
+                    .get(partition, &key)
+                    .is_some_and(|e| repair::expired(&e, &self.policy, self.retention, now));
+                if still && let Err(error) = self.store.remove(partition, &key).await {
+                    tracing::warn!(key, error = %error, "cannot retire a settled entry; next check tries again");
+                }
             }
-            for (key, mut entry) in self.store.entries(partition) {
-                if repair::expired(&entry, &self.policy, self.retention, now) {
-                    if let Err(error) = self.store.remove(partition, &key).await {
-                        tracing::warn!(key, error = %error, "cannot retire a settled entry; next check tries again");
-                    }
-                    continue;
+            for planned in planned {
+                if self.generation(partition) != generation {
+                    break;
                 }
-                figures.count(&key, &entry, &self.policy, now);
-                let before = entry.repair.clone();
-                let decision =
-                    if sent < max_commands { repair::decide(&mut entry, &self.policy, now) } else { Decision::Wait };
-                match &decision {
-                    Decision::Wait => {}
-                    Decision::Resolved { .. } => {}
-                    Decision::Send(command, problem) => {
-                        if let Err(error) = self.commands.send(command).await {
-                            tracing::warn!(key, error = %error, "cannot send a repair command; next check tries again");
-                            continue;
-                        }
-                        sent += 1;
-                        metrics::COMMANDS.with_label_values(&[command_name(command), problem.reason()]).inc();
-                        tracing::info!(key, command = command_name(command), target = %problem.target, reason = problem.reason(), attempt = entry.repair.as_ref().map_or(0, |r| r.attempts), "repair requested");
-                    }
-                    Decision::Escalate(problem, reason) => {
-                        metrics::ESCALATED.with_label_values(&[problem.reason(), &problem.target]).inc();
-                        *self.totals.lock().expect("totals").escalated.entry(problem.target.clone()).or_default() += 1;
-                        tracing::error!(key, target = %problem.target, reason = %reason, "repair escalated: a person must look");
-                    }
+                let Some(mut current) = self.store.get(partition, &planned.key) else { continue };
+                if planned.entry.repair == planned.before || current.repair != planned.before {
+                    continue; // moved meanwhile (or the command was not sent): next check decides again
                 }
-                if entry.repair != before
-                    && let Err(error) = self.store.put(partition, &key, entry).await
-                {
-                    tracing::warn!(key, error = %error, "cannot persist the repair state; next check tries again");
+                current.repair = planned.entry.repair;
+                if let Err(error) = self.store.put(partition, &planned.key, current).await {
+                    tracing::warn!(key = %planned.key, error = %error, "cannot persist the repair state; next check tries again");
                 }
             }
         }

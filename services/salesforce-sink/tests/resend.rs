@@ -124,3 +124,82 @@ async fn a_resend_rewrites_an_order_deleted_behind_the_sinks_back() {
     let bad = salesforce_sink::resend::plan(&resend("salesforce-sink", "3", "c:1"), now).unwrap_err();
     assert_eq!((bad.class, bad.code.as_str()), (elo_kafka::ErrorClass::Permanent, "invalid_resend"));
 }
+
+fn order_field(app: &SalesforceApp, external: &str, field: &str) -> Option<serde_json::Value> {
+    let sim = app.sim.lock().unwrap();
+    sim.org
+        .records
+        .values()
+        .find(|r| r.object == "Order" && r.fields["Elo_Id__c"] == external)
+        .map(|r| r.fields[field].clone())
+}
+
+#[tokio::test]
+async fn a_resend_never_lets_an_older_version_overwrite_a_newer_one() {
+    let (app, url) = serve().await;
+    let sink = sink(&url).await;
+    let old = elo_events::sample::order_placed(5);
+    let id = old.order.as_ref().unwrap().entity_id;
+    let mut new = old.clone();
+    new.source_version.updated_at += 100_000;
+    new.order.as_mut().unwrap().status = "complete".into();
+    let external = format!("o:{id}");
+    assert!(sink.apply(&[Ok(new.clone())]).await[0].result.is_ok());
+    assert_eq!(order_field(&app, &external, "Magento_Status__c"), Some(serde_json::json!("complete")));
+
+    // The RESEND is executed; a late duplicate (or DLQ replay) of the older version follows.
+    let (key, _) =
+        salesforce_sink::resend::plan(&resend("salesforce-sink", &format!("order:{id}"), &old.customer_key), 1)
+            .unwrap()
+            .expect("a refetch");
+    assert!(sink.request_rewrite(0, &key).await.unwrap());
+    let verdicts = sink.apply(&[Ok(old)]).await;
+    assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::SkippedStale));
+    assert_eq!(
+        order_field(&app, &external, "Magento_Status__c"),
+        Some(serde_json::json!("complete")),
+        "the newer version stays"
+    );
+    // The refetched (current) version is still written again once.
+    let before = app.sim.lock().unwrap().api_usage;
+    assert!(sink.apply(&[Ok(new.clone())]).await[0].result.is_ok());
+    assert!(app.sim.lock().unwrap().api_usage > before, "the equal version is rewritten after a RESEND");
+    let before = app.sim.lock().unwrap().api_usage;
+    assert!(sink.apply(&[Ok(new)]).await[0].result.is_ok());
+    assert_eq!(app.sim.lock().unwrap().api_usage, before, "the rewrite mark is one-shot");
+}
+
+#[tokio::test]
+async fn a_resend_keeps_the_erasure_floor() {
+    let (app, url) = serve().await;
+    let sink = sink(&url).await;
+    let mut changed = elo_events::sample::order_placed(4);
+    changed.event_type = elo_events::CommerceEventType::CustomerChanged;
+    changed.order = None;
+    changed.source_version.entity_type = "customer".into();
+    assert!(sink.apply(&[Ok(changed.clone())]).await[0].result.is_ok());
+    let mut erased = changed.clone();
+    erased.event_type = elo_events::CommerceEventType::CustomerErased;
+    erased.customer = None;
+    erased.source_version.updated_at += 60_000;
+    assert!(sink.apply(&[Ok(erased.clone())]).await[0].result.is_ok());
+    let email = |app: &SalesforceApp| {
+        let sim = app.sim.lock().unwrap();
+        sim.org
+            .records
+            .values()
+            .filter(|r| r.object == "Contact" || r.object == "Account")
+            .any(|r| r.fields.values().any(|v| v.as_str().is_some_and(|s| s.contains('@'))))
+    };
+    assert!(!email(&app), "erased");
+
+    // A RESEND sent before the erasure, processed after it, then the pre-erasure version.
+    let entity = format!("customer:{}", changed.customer_key);
+    let (key, _) = salesforce_sink::resend::plan(&resend("salesforce-sink", &entity, &changed.customer_key), 1)
+        .unwrap()
+        .expect("a refetch");
+    sink.request_rewrite(0, &key).await.unwrap();
+    let verdicts = sink.apply(&[Ok(changed)]).await;
+    assert_eq!(verdicts[0].outcome, Some(OutcomeStatus::SkippedStale));
+    assert!(!email(&app), "no personal data written again after the erasure");
+}

@@ -162,6 +162,8 @@ pub struct Progress {
 #[derive(Default)]
 pub struct Suspects {
     first_seen: std::sync::Mutex<HashMap<String, i64>>,
+    /// For [`Suspects::merge`]: (first seen, last seen) per finding.
+    seen: std::sync::Mutex<HashMap<String, (i64, i64)>>,
 }
 
 impl Suspects {
@@ -173,6 +175,24 @@ impl Suspects {
             found.iter().map(|k| (k.clone(), first_seen.get(k).copied().unwrap_or(now))).collect();
         *first_seen = next;
         first_seen.iter().filter(|(_, t)| now - **t >= grace).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// For a sweep that covers its window in parts (a round cut short by its budget or an
+    /// error): adds this part's `found` to the suspects instead of replacing them, forgets
+    /// suspects not seen again within `horizon`, and returns those of `found` first seen at
+    /// least `grace` ago. A finding of part A thus survives the rounds that cover part B.
+    pub fn merge(&self, found: &[String], grace: i64, horizon: i64, now: i64) -> BTreeSet<String> {
+        let mut seen = self.seen.lock().expect("suspects");
+        seen.retain(|_, (_, last)| now - *last <= horizon);
+        let mut out = BTreeSet::new();
+        for k in found {
+            let slot = seen.entry(k.clone()).or_insert((now, now));
+            slot.1 = now;
+            if now - slot.0 >= grace {
+                out.insert(k.clone());
+            }
+        }
+        out
     }
 }
 
@@ -228,6 +248,38 @@ pub fn partition_for(key: &str, partitions: i32) -> i32 {
     ((!crc) % partitions.max(1) as u32) as i32
 }
 
+/// The partition count `topic` really has: the Magento sweep must place customers where the
+/// producers did, whatever `ELO_TOPIC_PARTITIONS` says. `configured` when it cannot be read.
+pub async fn topic_partitions(kafka: &elo_kafka::KafkaArgs, topic: &str, configured: i32) -> i32 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (kafka, name) = (kafka.clone(), topic.to_owned());
+    let found = tokio::task::spawn_blocking(move || -> Option<i32> {
+        let consumer: BaseConsumer = kafka.client_config(&[]).ok()?.create().ok()?;
+        let metadata = consumer.fetch_metadata(Some(&name), Duration::from_secs(10)).ok()?;
+        let n = metadata.topics().first()?.partitions().len() as i32;
+        (n > 0).then_some(n)
+    })
+    .await
+    .ok()
+    .flatten();
+    match found {
+        Some(n) if n != configured => {
+            tracing::warn!(
+                topic,
+                actual = n,
+                configured,
+                "topic partition count differs from the configured one; using the actual count"
+            );
+            n
+        }
+        Some(n) => n,
+        None => {
+            tracing::warn!(topic, configured, "cannot read the topic's partition count; using the configured one");
+            configured
+        }
+    }
+}
+
 /// The configured sweeps.
 pub struct Sweeps {
     args: SweepArgs,
@@ -237,6 +289,8 @@ pub struct Sweeps {
     rdstation: Option<(RdClient, Budget)>,
     magento_suspects: Suspects,
     rd_suspects: Suspects,
+    /// Where the RD listing resumes (page) and what it read so far, across rounds.
+    rd_listing: std::sync::Mutex<(u32, HashMap<String, String>)>,
     /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
     salesforce_modified_since: std::sync::atomic::AtomicI64,
 }
@@ -269,8 +323,15 @@ impl Sweeps {
             rdstation,
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
+            rd_listing: std::sync::Mutex::new((1, HashMap::new())),
             salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
+    }
+
+    /// Places customers on `partitions` partitions (see [`topic_partitions`]).
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
     }
 
     /// Progress counters of each configured sweep, by name.
@@ -399,6 +460,21 @@ mod tests {
         assert!(s.confirm(&found(&["a", "b"]), 10, 105).is_empty(), "not yet the grace period");
         assert!(s.confirm(&found(&["a"]), 10, 110).contains("a"));
         assert!(s.confirm(&found(&["a", "b"]), 10, 115).len() == 1, "b went away and starts over");
+    }
+
+    #[test]
+    fn findings_of_a_window_covered_in_parts_are_confirmed() {
+        // Two parts per window; each round covers one part, alternately.
+        let s = Suspects::default();
+        let part_a = vec!["order:1@5".to_owned()];
+        let part_b = vec!["order:9@7".to_owned()];
+        let mut confirmed = BTreeSet::new();
+        for round in 0..6i64 {
+            let found = if round % 2 == 0 { &part_a } else { &part_b };
+            confirmed.extend(s.merge(found, 10, 1_000, 100 + round * 10));
+        }
+        assert!(confirmed.contains("order:1@5") && confirmed.contains("order:9@7"), "{confirmed:?}");
+        assert!(s.merge(&part_a, 10, 1_000, 10_000).is_empty(), "not seen within the horizon: starts over");
     }
 
     #[tokio::test(start_paused = true)]

@@ -48,33 +48,42 @@ impl Sweeps {
                 }
             }
         };
-        let mut listed: HashMap<String, String> = HashMap::new();
-        let mut complete = false;
-        for page in 1.. {
-            if !budget.spend(&mut spent).await {
-                break;
-            }
-            let path = format!("/platform/segmentations/{segmentation}/contacts?page={page}&page_size=125");
-            let body = match client.request(Method::GET, &path, None, RdBudget::None).await {
-                Ok(body) => body,
-                Err(error) => {
-                    tracing::warn!(error = %error, "rdstation sweep: listing failed");
-                    break;
+        // A listing longer than one round's budget resumes where the last round stopped, with
+        // what that round read, so big accounts are read to the end.
+        let resume = std::mem::take(&mut *self.rd_listing.lock().expect("rd listing"));
+        let spent = std::sync::Mutex::new(spent);
+        let walked = walk_listing(resume, |page| {
+            let spent = &spent;
+            async move {
+                let mut n = *spent.lock().expect("spent");
+                let paid = budget.spend(&mut n).await;
+                *spent.lock().expect("spent") = n;
+                if !paid {
+                    return None;
                 }
-            };
-            let rows = body.get("contacts").and_then(Value::as_array).cloned().unwrap_or_default();
-            for row in &rows {
-                if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
-                    let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
-                    let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
-                    listed.insert(uuid.to_owned(), crate::ledger::contact_fp(email, name));
-                }
+                let path = format!("/platform/segmentations/{segmentation}/contacts?page={page}&page_size=125");
+                Some(client.request(Method::GET, &path, None, RdBudget::None).await.map_err(|e| e.to_string()))
             }
-            if rows.len() < 125 {
-                complete = true;
-                break;
+        })
+        .await;
+        let (listed, complete) = match walked {
+            Walked::Done(listed) => {
+                *self.rd_listing.lock().expect("rd listing") = Listing::default();
+                (listed, true)
             }
-        }
+            Walked::Cut(listing) => {
+                let listed = listing.1.clone();
+                *self.rd_listing.lock().expect("rd listing") = listing;
+                (listed, false)
+            }
+            Walked::Malformed(listing) => {
+                // Not a listing: judging it as an empty account would flag every contact.
+                tracing::warn!(page = listing.0, "rdstation sweep: listing without a contacts array; round failed");
+                *self.rd_listing.lock().expect("rd listing") = listing;
+                budget.round("failed");
+                return;
+            }
+        };
         budget.checked(expected.len() as u64);
         let drift = contact_drift(&expected, &listed, complete);
         let names: Vec<String> = drift.iter().map(|(uuid, kind)| format!("{uuid}:{}", kind.as_str())).collect();
@@ -84,7 +93,7 @@ impl Sweeps {
                 continue;
             }
             let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
-            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, Entry::default).await {
+            match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
                 }
@@ -93,6 +102,57 @@ impl Sweeps {
             }
         }
         budget.round(if complete { "complete" } else { "partial" });
+    }
+}
+
+/// The rows of one listing page; `None` when the body is not a listing (no `contacts` array).
+pub(super) fn listed_rows(body: &Value) -> Option<Vec<Value>> {
+    body.get("contacts").and_then(Value::as_array).cloned()
+}
+
+/// Where an RD listing stands: the next page (0 or 1: the first) and the contacts read so far
+/// (uuid -> fingerprint).
+pub(super) type Listing = (u32, HashMap<String, String>);
+
+/// How a walk through the listing ended.
+#[derive(Debug)]
+pub(super) enum Walked {
+    /// Read to its last page.
+    Done(HashMap<String, String>),
+    /// Cut short (budget, error): resume from here.
+    Cut(Listing),
+    /// A page without a `contacts` array: the round failed (resume from that page).
+    Malformed(Listing),
+}
+
+/// Walks the listing from `resume`; `fetch(page)` is `None` when the budget is spent.
+pub(super) async fn walk_listing<F, Fut>(resume: Listing, mut fetch: F) -> Walked
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Option<Result<Value, String>>>,
+{
+    let (mut page, mut listed) = (resume.0.max(1), resume.1);
+    loop {
+        let body = match fetch(page).await {
+            None => return Walked::Cut((page, listed)),
+            Some(Ok(body)) => body,
+            Some(Err(error)) => {
+                tracing::warn!(error = %error, "rdstation sweep: listing failed");
+                return Walked::Cut((page, listed));
+            }
+        };
+        let Some(rows) = listed_rows(&body) else { return Walked::Malformed((page, listed)) };
+        for row in &rows {
+            if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
+                let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
+                let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
+                listed.insert(uuid.to_owned(), crate::ledger::contact_fp(email, name));
+            }
+        }
+        if rows.len() < 125 {
+            return Walked::Done(listed);
+        }
+        page += 1;
     }
 }
 
@@ -253,5 +313,45 @@ mod tests {
         let body = json!({"segmentations": [{"id": 4, "standard": false}, {"id": 1, "standard": true}]});
         assert_eq!(standard_segmentation(&body), Some(1));
         assert_eq!(standard_segmentation(&json!({"segmentations": []})), None);
+    }
+
+    #[test]
+    fn a_body_without_contacts_is_not_an_empty_listing() {
+        assert_eq!(listed_rows(&json!({"errors": {"error_type": "x"}})), None);
+        assert_eq!(listed_rows(&json!({"contacts": "nope"})), None);
+        assert_eq!(listed_rows(&json!({"contacts": []})), Some(vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_listing_longer_than_a_rounds_budget_is_read_to_the_end() {
+        // 300 contacts, 125 a page, two pages per round.
+        let page_of = |page: u32| {
+            let rows: Vec<Value> = (0..300)
+                .skip((page as usize - 1) * 125)
+                .take(125)
+                .map(|i| json!({"uuid": format!("u{i}"), "email": format!("c{i}@example.com"), "name": "N"}))
+                .collect();
+            json!({ "contacts": rows })
+        };
+        let mut resume = Listing::default();
+        for round in 0..3 {
+            let mut calls = 0;
+            let walked = walk_listing(std::mem::take(&mut resume), |page| {
+                calls += 1;
+                let body = (calls <= 2).then(|| Ok(page_of(page)));
+                async move { body }
+            })
+            .await;
+            match walked {
+                Walked::Done(listed) => {
+                    assert_eq!(listed.len(), 300, "every contact, across rounds");
+                    assert_eq!(round, 1);
+                    return;
+                }
+                Walked::Cut(listing) => resume = listing,
+                Walked::Malformed(_) => panic!("malformed"),
+            }
+        }
+        panic!("never read to the end");
     }
 }

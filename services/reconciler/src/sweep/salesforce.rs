@@ -4,10 +4,11 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
+use reqwest::Method;
 use serde_json::Value;
 
 use super::{Budget, Sweeps};
-use crate::ledger::{DriftKind, Entry, Health};
+use crate::ledger::{DriftKind, Health};
 use crate::store::{CommandSink, Ledger, now_ms};
 
 /// `SELECT <field> FROM Order WHERE <field> IN ('o:1','o:2')` (ids are Elo's own, quoted).
@@ -81,8 +82,12 @@ impl Sweeps {
                 return next;
             }
             let ids: Vec<String> = chunk.iter().map(|(.., id)| id.clone()).collect();
-            let records = match client.query(&soql_by_external_ids(field, &ids)).await {
-                Ok(r) => r,
+            let records = match query_charged(client, budget, &mut spent, &soql_by_external_ids(field, &ids)).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    budget.round("partial"); // a partial answer would read as missing orders
+                    return next;
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, "salesforce sweep: query failed; next round resumes here");
                     budget.round("failed");
@@ -95,7 +100,7 @@ impl Sweeps {
                 if !missing.contains(id) {
                     continue;
                 }
-                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, Entry::default).await {
+                match ledger.flag(*partition, key, "salesforce", DriftKind::Missing, 0, || None).await {
                     Ok(true) => {
                         budget.progress.found.fetch_add(1, Ordering::Relaxed);
                     }
@@ -126,6 +131,9 @@ impl Sweeps {
         let grace = self.args.grace.as_millis() as i64;
         let started = now_ms();
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
+        if ledger.partitions().is_empty() {
+            return true; // nothing of ours to judge: the cursor stays where it is
+        }
         let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
         if since == 0 {
             since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
@@ -134,8 +142,12 @@ impl Sweeps {
             budget.round("partial");
             return false;
         }
-        let records = match client.query(&soql_modified_since(field, since)).await {
-            Ok(r) => r,
+        let records = match query_charged(client, budget, spent, &soql_modified_since(field, since)).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                budget.round("partial");
+                return false;
+            }
             Err(error) => {
                 tracing::warn!(error = %error, "salesforce sweep: LastModifiedDate query failed");
                 budget.round("failed");
@@ -166,7 +178,7 @@ impl Sweeps {
             {
                 continue;
             }
-            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, Entry::default).await {
+            match ledger.flag(partition, &key, "salesforce", DriftKind::Altered, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
                 }
@@ -175,12 +187,58 @@ impl Sweeps {
             }
         }
         budget.checked(records.len() as u64);
-        // A full page may hold more: go on from its last change; otherwise from this round's
-        // start (minus the grace, for clock skew).
-        let next = if records.len() >= 2000 { last_seen } else { started - grace };
-        self.salesforce_modified_since.store(next, Ordering::Relaxed);
+        self.salesforce_modified_since
+            .store(next_since(records.len(), since, last_seen, started, grace), Ordering::Relaxed);
         true
     }
+}
+
+/// Where the next `LastModifiedDate` pass starts. A full page may hold more: go on from the
+/// second *before* its last change (the query is strict `>` at one-second precision, so
+/// same-second records past the page are read again rather than skipped; findings are
+/// idempotent), unless that makes no progress (a page all within one second); otherwise
+/// from this round's start minus the grace (clock skew).
+fn next_since(records: usize, since: i64, last_seen: i64, started: i64, grace: i64) -> i64 {
+    match records >= 2000 {
+        true if last_seen - 1_000 > since => last_seen - 1_000,
+        true => last_seen,
+        false => started - grace,
+    }
+}
+
+/// Runs a SOQL query page by page (`nextRecordsUrl`), every page after the first (which the
+/// caller paid) paid from the round's budget. `Ok(None)`: the budget ran out mid-query (a
+/// partial answer would read as missing records).
+async fn query_charged(
+    client: &salesforce_sink::client::SalesforceClient,
+    budget: &Budget,
+    spent: &mut u64,
+    soql: &str,
+) -> Result<Option<Vec<Value>>, salesforce_sink::client::Error> {
+    let path = format!("/query?q={}", soql_encode(soql));
+    let mut page = client.call("query", Method::GET, &path, None).await?;
+    let mut out = Vec::new();
+    loop {
+        out.extend(page["records"].as_array().cloned().unwrap_or_default());
+        let Some(next) = page["nextRecordsUrl"].as_str() else { return Ok(Some(out)) };
+        if !budget.spend(spent).await {
+            return Ok(None);
+        }
+        let prefix = format!("/services/data/{}", client.api_version());
+        let path = next.strip_prefix(&prefix).unwrap_or(next).to_owned();
+        page = client.call("query", Method::GET, &path, None).await?;
+    }
+}
+
+/// A SOQL statement as a query-string value.
+fn soql_encode(soql: &str) -> String {
+    soql.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b' ' => "+".into(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -219,5 +277,16 @@ mod tests {
         assert_eq!(parse_sf_datetime("soon"), None);
         assert!(!edited_after(10_000, 12_000, 5_000), "Elo's own write, confirmed a moment later");
         assert!(edited_after(10_000, 20_000, 5_000));
+    }
+
+    #[test]
+    fn a_full_page_resumes_within_its_last_second() {
+        assert_eq!(
+            next_since(2000, 0, 50_000, 90_000, 5_000),
+            49_000,
+            "same-second records past the page are read again"
+        );
+        assert_eq!(next_since(2000, 49_500, 50_000, 90_000, 5_000), 50_000, "a page within one second moves on");
+        assert_eq!(next_since(10, 0, 50_000, 90_000, 5_000), 85_000);
     }
 }

@@ -1,0 +1,110 @@
+//! The reconciler's ledger on the real broker: a check whose repair command is still on its
+//! way when the partition is revoked and assigned again writes nothing over the new restore
+//! (the stale write would reach the changelog the new owner restored from).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use elo_events::{EventCodec, IntegrationCommand, RegistryConfig};
+use elo_integration_tests::*;
+use elo_kafka::{KafkaArgs, Producer, StateStore};
+use reconciler::ledger::Entry;
+use reconciler::repair::{Policy, TargetSpec};
+use reconciler::store::{CommandSink, Ledger};
+
+/// A command sink whose sends wait for the test's go.
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl CommandSink for Gated {
+    async fn send(&self, _command: &IntegrationCommand) -> Result<(), String> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _go = self.gate.acquire().await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_in_flight_writes_nothing_after_its_partition_was_released() {
+    let topic = unique("e2e.ledger");
+    let changelog = format!("{topic}.ledger");
+    create_topics(&brokers(), &[(&changelog, 1)]).await;
+    let kafka = KafkaArgs::local(brokers());
+    let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
+    let store = StateStore::<Entry>::new(&kafka, producer, changelog);
+    let codec = Arc::new(EventCodec::new(&RegistryConfig::local(registry_url())).unwrap());
+    let (gate, waiting) = (Arc::new(tokio::sync::Semaphore::new(0)), Arc::new(AtomicUsize::new(0)));
+    let policy = Policy {
+        targets: vec![TargetSpec {
+            name: "salesforce".into(),
+            sink: "salesforce-sink".into(),
+            sla: Duration::from_secs(1),
+        }],
+        max_attempts: 3,
+        backoff: Duration::from_secs(10),
+        max_backoff: Duration::from_secs(10),
+    };
+    let ledger = Arc::new(Ledger::new(
+        store,
+        codec,
+        Gated { gate: gate.clone(), waiting: waiting.clone() },
+        policy,
+        topic.clone(),
+        Duration::from_secs(86_400),
+        reconciler::status::channel().0,
+    ));
+    ledger.start(&topic, 0).await.unwrap();
+    // One order, long overdue in Salesforce.
+    let mut entry = Entry::default();
+    entry.apply_event(&elo_events::sample::order_placed(1), 0);
+    let key = entry.key();
+    ledger.store.put(0, &key, entry).await.unwrap();
+
+    let check = tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.check(10).await }
+    });
+    assert!(
+        wait_until(Duration::from_secs(10), || waiting.load(Ordering::SeqCst) == 1).await,
+        "the refetch is on its way"
+    );
+
+    // Revoked (on the poll thread) and assigned again while the command is in flight.
+    let stopped = Instant::now();
+    tokio::task::spawn_blocking({
+        let (ledger, topic) = (ledger.clone(), topic.clone());
+        move || ledger.stop(&topic, 0)
+    })
+    .await
+    .unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(5), "the revocation waited {:?} for a check", stopped.elapsed());
+    let restart = tokio::spawn({
+        let (ledger, topic) = (ledger.clone(), topic.clone());
+        async move { ledger.start(&topic, 0).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(30), check).await.expect("the check ends").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), restart).await.expect("the restore ends").unwrap().unwrap();
+
+    // Nothing of the old check reached the new restore, in memory or in the changelog.
+    let held = ledger.store.get(0, &key).expect("the entry");
+    assert_eq!(held.repair, None, "a repair state written after the release");
+    ledger.store.restore(0).unwrap();
+    assert_eq!(ledger.store.get(0, &key).expect("the entry").repair, None, "in the changelog");
+}
+
+#[tokio::test]
+async fn the_sweep_places_customers_on_the_topics_actual_partitions() {
+    let topic = unique("e2e.parts");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let kafka = KafkaArgs::local(brokers());
+    assert_eq!(
+        reconciler::sweep::topic_partitions(&kafka, &topic, 6).await,
+        3,
+        "the topic's, not the configured count"
+    );
+}
