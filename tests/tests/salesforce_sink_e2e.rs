@@ -300,7 +300,7 @@ async fn person_accounts_and_an_exhausted_quota_pause_and_resume() {
 /// (order-ingest's own throughput is not what this measures), through the same faults plus a
 /// token revocation and a `kill -9` of the sink mid-batch: Salesforce ends exactly in step, and
 /// the run reports the calls it took. About 5,000 orders (6,700 facts; `ELO_SF_E2E_FACTS`
-/// changes it). The backlog goes through Bulk API 2.0 (threshold lowered to 500 records per
+/// changes it). The backlog goes through Bulk API 2.0 (threshold lowered to 200 records per
 /// batch), so the Bulk path meets the faults, the kill and the restart too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_orders_straight_from_the_topic() {
@@ -357,7 +357,7 @@ async fn many_orders(person: bool) {
         let mut command = salesforce_sink(dir.path(), &topic, &sf_url, log);
         command
             .env("ELO_SALESFORCE_MAPPING_FILE", &mapping)
-            .env("ELO_SALESFORCE_BULK_MIN_RECORDS", "500")
+            .env("ELO_SALESFORCE_BULK_MIN_RECORDS", "200")
             .env("ELO_SALESFORCE_BULK_POLL", "100ms");
         ChildGuard::spawn("salesforce-sink", &mut command)
     };

@@ -51,6 +51,10 @@ pub struct Target {
     /// Bounded error code of a failure, e.g. `DUPLICATES_DETECTED`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
+    /// Error class of a failure (`permanent`, `transient`, ...): a permanent one is not
+    /// repaired by sending the same data again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
     /// When the outcome was read, Unix ms.
     pub at_ms: i64,
     /// Ids the target assigned, by role (`order`, `contact_uuid`, ...).
@@ -277,6 +281,7 @@ impl Entry {
         target.version = v;
         target.failed = failed;
         target.error_code = if failed { outcome.error_code.clone() } else { None };
+        target.error_class = if failed { outcome.error_class.clone() } else { None };
         target.at_ms = now_ms;
         if !outcome.target_ids.is_empty() {
             target.ids.clone_from(&outcome.target_ids);

@@ -146,9 +146,23 @@ pub fn decide_with(
         let had_repair = entry.repair.take().is_some();
         return if had_repair { Decision::Resolved { had_repair } } else { Decision::Wait };
     };
+    let permanent = problem.health == Health::Failed
+        && entry.targets.get(&problem.target).is_some_and(|t| t.error_class.as_deref() == Some("permanent"));
+    let code = entry.targets.get(&problem.target).and_then(|t| t.error_code.clone());
     let repair = entry.repair.get_or_insert_with(Repair::default);
     if repair.escalated.is_some() || now_ms < repair.next_at_ms {
         return Decision::Wait;
+    }
+    if permanent {
+        // The target refused this data (a duplicate rule, a required field): a refetch sends
+        // the same data and parks it again. A person fixes it, then replays the dead letter.
+        let reason = format!(
+            "{} refused the record permanently ({}): fix it upstream, then `reconciler dlq replay`",
+            problem.target,
+            code.as_deref().unwrap_or("no code")
+        );
+        repair.escalated = Some(reason.clone());
+        return Decision::Escalate(problem, reason);
     }
     if repair.attempts >= policy.max_attempts {
         let mut reason = format!("{} {} after {} attempts", problem.target, describe(problem.health), repair.attempts);
@@ -307,6 +321,27 @@ mod tests {
         assert_eq!(problem.health, Health::Failed);
         let Decision::Escalate(_, reason) = decide(&mut e, &p, 20_000) else { panic!("escalation") };
         assert_eq!(reason, "salesforce failed after 1 attempts (last error INVALID_FIELD)");
+    }
+
+    #[test]
+    fn a_permanent_refusal_is_escalated_at_once_without_a_refetch() {
+        // A refetch would send the same data and park it again (a duplicate rule refusing a
+        // Contact): a person fixes it and replays the dead letter.
+        let p = policy();
+        let mut e = confirmed_order();
+        e.apply_event(&event("order", "7", "c:1", 200), 20);
+        let mut refused = outcome("salesforce", "order", "7", 200, OutcomeStatus::DeadLettered);
+        refused.error_class = Some("permanent".into());
+        refused.error_code = Some("DUPLICATES_DETECTED".into());
+        e.apply_outcome(&refused, 30);
+        e.apply_outcome(&outcome("rdstation", "order", "7", 200, OutcomeStatus::Applied), 30);
+        let Decision::Escalate(problem, reason) = decide(&mut e, &p, 40) else { panic!("escalated at once") };
+        assert_eq!(problem.health, Health::Failed);
+        assert!(reason.contains("DUPLICATES_DETECTED") && reason.contains("dlq replay"), "{reason}");
+        assert_eq!(decide(&mut e, &p, 500_000), Decision::Wait, "no command, ever");
+        // The replayed record lands: the repair closes.
+        e.apply_outcome(&outcome("salesforce", "order", "7", 200, OutcomeStatus::Applied), 600_000);
+        assert_eq!(decide(&mut e, &p, 600_001), Decision::Resolved { had_repair: true });
     }
 
     #[test]
