@@ -184,3 +184,22 @@ fn read_partition<V: DeserializeOwned>(
     );
     Ok(state)
 }
+
+/// Waits on the poll thread (from `Handler::on_revoked`), at most `within`, for whatever holds
+/// a partition's lock (a batch, a sweep, a periodic check) to let go, so nothing writes the
+/// partition's changelog after its new owner restored it; `None` when it did not in time (the
+/// holder must then re-check ownership before writing). Bounded because a blocked poll thread
+/// would cost the whole group its session.
+pub fn wait_for_partition_lock<T>(
+    lock: &tokio::sync::Mutex<T>,
+    within: std::time::Duration,
+) -> Option<tokio::sync::MutexGuard<'_, T>> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match lock.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(_) => return None,
+        }
+    }
+}

@@ -523,19 +523,10 @@ impl elo_kafka::Handler for SinkHandler {
         // partition's changelog after the new owner restored it; the sweep re-checks
         // `restored` once it has the lock.
         let lock = self.0.partition_lock(partition);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let _guard = loop {
-            match lock.try_lock() {
-                Ok(guard) => break Some(guard),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(_) => {
-                    tracing::warn!(partition, "revoked while the partition's state was still in use");
-                    break None;
-                }
-            }
-        };
+        let _guard = elo_kafka::state::wait_for_partition_lock(&lock, std::time::Duration::from_secs(10));
+        if _guard.is_none() {
+            tracing::warn!(partition, "revoked while the partition's state was still in use");
+        }
         self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);

@@ -164,19 +164,10 @@ impl<C: CommandSink> Ledger<C> {
             return stock.stop(partition);
         }
         let lock = self.lock(partition);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let _guard = loop {
-            match lock.try_lock() {
-                Ok(guard) => break Some(guard),
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10))
-                }
-                Err(_) => {
-                    tracing::warn!(partition, "revoked while the ledger partition was still in use");
-                    break None;
-                }
-            }
-        };
+        let _guard = elo_kafka::state::wait_for_partition_lock(&lock, std::time::Duration::from_secs(10));
+        if _guard.is_none() {
+            tracing::warn!(partition, "revoked while the ledger partition was still in use");
+        }
         let mut held = self.held.lock().expect("held");
         if let Some(topics) = held.get_mut(&partition) {
             topics.remove(topic);
