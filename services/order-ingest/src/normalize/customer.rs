@@ -6,7 +6,7 @@ use elo_events::{
 use serde_json::Value;
 
 use super::time::parse_magento_time;
-use super::{NormalizeError, Stores, int, opt_int, opt_text, store_ref, text, time};
+use super::{NormalizeError, Stores, int, leaf, opt_text, store_ref, text, time};
 
 /// Marketing consent from a customer record (`extension_attributes.is_subscribed`, Magento's
 /// newsletter subscription, the opt-in LGPD's "consent" basis rests on). Unknown without a record.
@@ -26,9 +26,9 @@ pub fn consent_of(customer: Option<&Value>) -> MarketingConsent {
 
 /// `CUSTOMER_CHANGED` from a customer record (`GET /V1/customers/{id}`), keyed `c:<id>`.
 pub fn customer_event(customer: &Value, stores: &Stores, produced_at: i64) -> Result<CommerceEvent, NormalizeError> {
-    let id = int(customer, "id")?;
-    let updated_at = time(customer, "updated_at")?;
-    let email = ids::normalise_email(text(customer, "email")?);
+    let id = int(&leaf(customer, "id"), "id")?;
+    let updated_at = time(&leaf(customer, "updated_at"), "updated_at")?;
+    let email = ids::normalise_email(text(&leaf(customer, "email"), "email")?);
     let entity = id.to_string();
     // The default billing address holds the phone Magento knows for the person.
     let addresses = customer.get("addresses").and_then(Value::as_array);
@@ -43,16 +43,16 @@ pub fn customer_event(customer: &Value, stores: &Stores, produced_at: i64) -> Re
         occurred_at: updated_at,
         produced_at,
         customer_key: ids::customer_key(Some(id), &email),
-        store: store_ref(stores, opt_int(customer, "store_id").unwrap_or(0)),
+        store: store_ref(stores, leaf(customer, "store_id").int().unwrap_or(0)),
         order: None,
         customer: Some(Customer {
             customer_id: Some(id),
             is_guest: false,
             email,
-            firstname: opt_text(customer, "firstname"),
-            lastname: opt_text(customer, "lastname"),
-            group_id: opt_int(customer, "group_id").map(|g| g as i32),
-            phone: billing.and_then(|b| opt_text(b, "telephone")),
+            firstname: opt_text(&leaf(customer, "firstname")),
+            lastname: opt_text(&leaf(customer, "lastname")),
+            group_id: leaf(customer, "group_id").int().map(|g| g as i32),
+            phone: billing.and_then(|b| opt_text(&leaf(b, "telephone"))),
             consent: consent_of(Some(customer)),
         }),
         erasure: None,

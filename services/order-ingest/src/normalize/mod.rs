@@ -20,9 +20,12 @@ use serde_json::Value;
 use sha2::Digest;
 
 mod customer;
+pub(crate) mod raw;
 mod time;
 
 pub use customer::{ErasureRequest, consent_of, customer_event, erasure_events};
+pub(crate) use raw::RawOrder;
+use raw::{RawAddress, RawItem, Scalar};
 pub use time::{format_magento_time, parse_magento_time};
 
 /// Why a payload cannot become an event (a 4xx on push, a DLQ record on poll).
@@ -47,102 +50,116 @@ impl NormalizeError {
 #[derive(Clone, Debug, Default)]
 pub struct Stores(pub HashMap<i64, (String, i32)>);
 
-fn text<'a>(v: &'a Value, field: &'static str) -> Result<&'a str, NormalizeError> {
-    v.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or(NormalizeError::Missing(field))
+fn text<'s>(v: &'s Scalar<'_>, field: &'static str) -> Result<&'s str, NormalizeError> {
+    v.text().ok_or(NormalizeError::Missing(field))
 }
 
-fn opt_text(v: &Value, field: &str) -> Option<String> {
-    v.get(field).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned)
-}
-
-fn int(v: &Value, field: &'static str) -> Result<i64, NormalizeError> {
-    match v.get(field) {
-        Some(Value::Number(n)) => n.as_i64().ok_or(NormalizeError::Invalid { field, reason: "not an integer".into() }),
-        Some(Value::String(s)) => {
-            s.parse().map_err(|_| NormalizeError::Invalid { field, reason: format!("{s:?} is not an integer") })
-        }
-        _ => Err(NormalizeError::Missing(field)),
+/// A field of a parsed record as a [`Scalar`] (customer records stay `Value`s: they are few).
+fn leaf<'v>(record: &'v Value, field: &str) -> Scalar<'v> {
+    match record.get(field) {
+        None | Some(Value::Null) => Scalar::Null,
+        Some(Value::String(s)) => Scalar::Str(s.as_str().into()),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Scalar::Int)
+            .or_else(|| n.as_u64().map(Scalar::BigUint))
+            .unwrap_or_else(|| Scalar::Float(n.as_f64().unwrap_or_default())),
+        Some(Value::Bool(b)) => Scalar::Bool(*b),
+        Some(Value::Array(_) | Value::Object(_)) => Scalar::Compound,
     }
 }
 
-fn opt_int(v: &Value, field: &str) -> Option<i64> {
-    match v.get(field) {
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(s)) => s.parse().ok(),
-        _ => None,
+fn opt_text(v: &Scalar<'_>) -> Option<String> {
+    v.text().map(str::to_owned)
+}
+
+fn int(v: &Scalar<'_>, field: &'static str) -> Result<i64, NormalizeError> {
+    match v {
+        Scalar::Int(i) => Ok(*i),
+        Scalar::BigUint(_) | Scalar::Float(_) => {
+            Err(NormalizeError::Invalid { field, reason: "not an integer".into() })
+        }
+        Scalar::Str(s) => {
+            s.parse().map_err(|_| NormalizeError::Invalid { field, reason: format!("{s:?} is not an integer") })
+        }
+        Scalar::Null | Scalar::Bool(_) | Scalar::Compound => Err(NormalizeError::Missing(field)),
     }
 }
 
 /// A money or quantity field; absent means zero (Magento omits zero amounts on some lines).
-fn decimal(v: &Value, field: &'static str) -> Result<Decimal4, NormalizeError> {
-    match v.get(field) {
-        None | Some(Value::Null) => Ok(Decimal4::ZERO),
-        // Magento's JSON is read with `crate::json::parse_lossless`: fractions arrive as their
-        // text; a number here is an integer (exact), or a float from a caller that skipped it.
-        Some(Value::Number(n)) => {
-            Decimal4::parse(&n.to_string()).map_err(|e| NormalizeError::Invalid { field, reason: e.to_string() })
-        }
-        Some(Value::String(s)) => {
-            Decimal4::parse(s).map_err(|e| NormalizeError::Invalid { field, reason: e.to_string() })
-        }
-        Some(other) => Err(NormalizeError::Invalid { field, reason: format!("{other} is not a number") }),
+fn decimal(v: &Scalar<'_>, field: &'static str) -> Result<Decimal4, NormalizeError> {
+    let invalid = |reason: String| NormalizeError::Invalid { field, reason };
+    let parse = |text: &str| Decimal4::parse(text).map_err(|e| invalid(e.to_string()));
+    match v {
+        Scalar::Null => Ok(Decimal4::ZERO),
+        // Magento's JSON is read with `crate::json`'s lossless reading: fractions arrive as
+        // their text; a number here is an integer (exact), or a float from a caller that
+        // skipped it (written the way serde_json writes it).
+        Scalar::Str(s) => parse(s),
+        Scalar::Int(i) => parse(&i.to_string()),
+        Scalar::BigUint(u) => parse(&u.to_string()),
+        Scalar::Float(f) => parse(&serde_json::Number::from_f64(*f).map_or_else(|| f.to_string(), |n| n.to_string())),
+        Scalar::Bool(b) => Err(invalid(format!("{b} is not a number"))),
+        Scalar::Compound => Err(invalid("an object or a list is not a number".into())),
     }
 }
 
-fn time(v: &Value, field: &'static str) -> Result<i64, NormalizeError> {
+fn time(v: &Scalar<'_>, field: &'static str) -> Result<i64, NormalizeError> {
     let raw = text(v, field)?;
     parse_magento_time(raw)
         .ok_or(NormalizeError::Invalid { field, reason: format!("{raw:?} is not YYYY-MM-DD HH:MM:SS") })
 }
 
-fn address(v: &Value) -> Option<Address> {
-    if !v.is_object() {
-        return None;
-    }
-    Some(Address {
-        firstname: opt_text(v, "firstname"),
-        lastname: opt_text(v, "lastname"),
+fn address(v: &RawAddress<'_>) -> Address {
+    Address {
+        firstname: opt_text(&v.firstname),
+        lastname: opt_text(&v.lastname),
         street: v
-            .get("street")
-            .and_then(Value::as_array)
-            .map(|s| s.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-            .unwrap_or_default(),
-        city: opt_text(v, "city"),
-        region: v.get("region").and_then(|r| r.as_str().map(str::to_owned).or_else(|| opt_text(r, "region"))),
-        region_code: opt_text(v, "region_code"),
-        postcode: opt_text(v, "postcode"),
-        country_id: opt_text(v, "country_id"),
-        telephone: opt_text(v, "telephone"),
-    })
+            .street
+            .0
+            .iter()
+            .flatten()
+            .filter_map(|s| match s {
+                Scalar::Str(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .collect(),
+        city: opt_text(&v.city),
+        region: v.region.0.as_deref().map(str::to_owned),
+        region_code: opt_text(&v.region_code),
+        postcode: opt_text(&v.postcode),
+        country_id: opt_text(&v.country_id),
+        telephone: opt_text(&v.telephone),
+    }
 }
 
 /// Sellable lines: configurable parent + child collapsed, bundles kept with their children.
-fn items(order: &Value) -> Result<Vec<OrderItem>, NormalizeError> {
-    let lines = order.get("items").and_then(Value::as_array).ok_or(NormalizeError::Missing("items"))?;
-    let by_id: HashMap<i64, &Value> = lines.iter().filter_map(|l| Some((opt_int(l, "item_id")?, l))).collect();
-    let mut out = Vec::new();
-    for line in lines {
-        let parent = opt_int(line, "parent_item_id").and_then(|p| by_id.get(&p).copied());
-        let kind = opt_text(line, "product_type").unwrap_or_else(|| "simple".into());
-        if parent.is_some_and(|p| p.get("product_type").and_then(Value::as_str) == Some("configurable")) {
+fn items(order: &RawOrder<'_>) -> Result<Vec<OrderItem>, NormalizeError> {
+    let lines: Vec<&RawItem<'_>> =
+        order.items.0.as_ref().ok_or(NormalizeError::Missing("items"))?.iter().map(|l| &l.0).collect();
+    let by_id: HashMap<i64, &RawItem<'_>> = lines.iter().filter_map(|l| Some((l.item_id.int()?, *l))).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for line in &lines {
+        let parent = line.parent_item_id.int().and_then(|p| by_id.get(&p).copied());
+        let kind = line.product_type.text().unwrap_or("simple");
+        if parent.is_some_and(|p| matches!(&p.product_type, Scalar::Str(t) if t == "configurable")) {
             continue; // its parent line already carries the sku, price and quantity
         }
-        let item_id = int(line, "item_id")?;
-        let child = (kind == "configurable")
-            .then(|| lines.iter().find(|l| opt_int(l, "parent_item_id") == Some(item_id)))
-            .flatten();
+        let item_id = int(&line.item_id, "item_id")?;
+        let child =
+            (kind == "configurable").then(|| lines.iter().find(|l| l.parent_item_id.int() == Some(item_id))).flatten();
         out.push(OrderItem {
             item_id,
-            sku: text(line, "sku")?.to_owned(),
-            name: opt_text(line, "name").unwrap_or_default(),
-            product_id: child.and_then(|c| opt_int(c, "product_id")).or_else(|| opt_int(line, "product_id")),
-            product_type: kind,
-            qty_ordered: decimal(line, "qty_ordered")?,
-            price: decimal(line, "price")?,
-            row_total: decimal(line, "row_total")?,
-            tax: decimal(line, "tax_amount")?,
-            discount: decimal(line, "discount_amount")?,
-            parent_item_id: parent.and_then(|p| opt_int(p, "item_id")),
+            sku: text(&line.sku, "sku")?.to_owned(),
+            name: opt_text(&line.name).unwrap_or_default(),
+            product_id: child.and_then(|c| c.product_id.int()).or_else(|| line.product_id.int()),
+            product_type: kind.to_owned(),
+            qty_ordered: decimal(&line.qty_ordered, "qty_ordered")?,
+            price: decimal(&line.price, "price")?,
+            row_total: decimal(&line.row_total, "row_total")?,
+            tax: decimal(&line.tax_amount, "tax_amount")?,
+            discount: decimal(&line.discount_amount, "discount_amount")?,
+            parent_item_id: parent.and_then(|p| p.item_id.int()),
         });
     }
     if out.is_empty() {
@@ -168,7 +185,11 @@ pub(crate) fn version_id(kind: &str, event: &CommerceEvent) -> String {
     });
     let content = (&event.event_type, &event.customer_key, event.store.store_id, person, order);
     let bytes = serde_json::to_vec(&content).expect("plain data serialises");
-    let digest: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let digest = sha2::Sha256::digest(&bytes).iter().fold(String::with_capacity(64), |mut hex, b| {
+        use std::fmt::Write;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
     let version = &event.source_version;
     ids::event_id(&["magento", kind, &version.entity_id, &version.updated_at.to_string(), &digest])
 }
@@ -181,21 +202,31 @@ pub fn order_event(
     stores: &Stores,
     produced_at: i64,
 ) -> Result<CommerceEvent, NormalizeError> {
-    let entity_id = int(order, "entity_id")?;
-    let created_at = time(order, "created_at")?;
-    let updated_at = time(order, "updated_at")?;
-    let email = ids::normalise_email(text(order, "customer_email")?);
-    let is_guest = opt_int(order, "customer_is_guest") == Some(1) || opt_int(order, "customer_id").is_none();
-    let customer_id = if is_guest { None } else { opt_int(order, "customer_id") };
-    let store_id = int(order, "store_id")?;
+    order_event_of(&RawOrder::of_value(order), customer, stores, produced_at)
+}
+
+/// [`order_event`] over the typed view (the push path reads a webhook body straight into it).
+pub(crate) fn order_event_of(
+    order: &RawOrder<'_>,
+    customer: Option<&Value>,
+    stores: &Stores,
+    produced_at: i64,
+) -> Result<CommerceEvent, NormalizeError> {
+    let entity_id = int(&order.entity_id, "entity_id")?;
+    let created_at = time(&order.created_at, "created_at")?;
+    let updated_at = time(&order.updated_at, "updated_at")?;
+    let email = ids::normalise_email(text(&order.customer_email, "customer_email")?);
+    let is_guest = order.customer_is_guest.int() == Some(1) || order.customer_id.int().is_none();
+    let customer_id = if is_guest { None } else { order.customer_id.int() };
+    let store_id = int(&order.store_id, "store_id")?;
     let items = items(order)?;
     let total_qty = items
         .iter()
         .filter(|i| i.parent_item_id.is_none())
         .try_fold(Decimal4::ZERO, |acc, i| acc.checked_add(i.qty_ordered))
         .ok_or(NormalizeError::Invalid { field: "qty_ordered", reason: "overflow".into() })?;
-    let shipping = order.pointer("/extension_attributes/shipping_assignments/0/shipping");
-    let billing = order.get("billing_address").and_then(address);
+    let shipping = order.shipping();
+    let billing = order.billing_address.0.as_ref().map(address);
     let event_type =
         if created_at == updated_at { CommerceEventType::OrderPlaced } else { CommerceEventType::OrderChanged };
     let entity = entity_id.to_string();
@@ -210,33 +241,33 @@ pub fn order_event(
         store: store_ref(stores, store_id),
         order: Some(Order {
             entity_id,
-            increment_id: text(order, "increment_id")?.to_owned(),
-            state: text(order, "state")?.to_owned(),
-            status: text(order, "status")?.to_owned(),
-            currency: opt_text(order, "order_currency_code").ok_or(NormalizeError::Missing("order_currency_code"))?,
+            increment_id: text(&order.increment_id, "increment_id")?.to_owned(),
+            state: text(&order.state, "state")?.to_owned(),
+            status: text(&order.status, "status")?.to_owned(),
+            currency: opt_text(&order.order_currency_code).ok_or(NormalizeError::Missing("order_currency_code"))?,
             created_at,
             totals: OrderTotals {
-                grand_total: decimal(order, "grand_total")?,
-                subtotal: decimal(order, "subtotal")?,
-                tax: decimal(order, "tax_amount")?,
-                shipping: decimal(order, "shipping_amount")?,
-                discount: decimal(order, "discount_amount")?,
+                grand_total: decimal(&order.grand_total, "grand_total")?,
+                subtotal: decimal(&order.subtotal, "subtotal")?,
+                tax: decimal(&order.tax_amount, "tax_amount")?,
+                shipping: decimal(&order.shipping_amount, "shipping_amount")?,
+                discount: decimal(&order.discount_amount, "discount_amount")?,
                 total_qty_ordered: total_qty,
             },
             items,
-            shipping_address: shipping.and_then(|s| s.get("address")).and_then(address),
+            shipping_address: shipping.and_then(|s| s.address.0.as_ref()).map(address),
             billing_address: billing.clone(),
-            payment_method: order.pointer("/payment/method").and_then(Value::as_str).map(str::to_owned),
-            shipping_method: shipping.and_then(|s| s.get("method")).and_then(Value::as_str).map(str::to_owned),
+            payment_method: order.payment.0.as_ref().and_then(|p| opt_text_any(&p.method)),
+            shipping_method: shipping.and_then(|s| opt_text_any(&s.method)),
             inventory_status: InventoryStatus::Unchecked,
         }),
         customer: Some(Customer {
             customer_id,
             is_guest,
             email,
-            firstname: opt_text(order, "customer_firstname"),
-            lastname: opt_text(order, "customer_lastname"),
-            group_id: opt_int(order, "customer_group_id").map(|g| g as i32),
+            firstname: opt_text(&order.customer_firstname),
+            lastname: opt_text(&order.customer_lastname),
+            group_id: order.customer_group_id.int().map(|g| g as i32),
             phone: billing.and_then(|b| b.telephone),
             consent: consent_of(customer),
         }),
@@ -244,6 +275,14 @@ pub fn order_event(
     };
     event.event_id = version_id("order", &event);
     Ok(event)
+}
+
+/// Any text, the empty one included (as `Value::as_str` read it).
+fn opt_text_any(v: &Scalar<'_>) -> Option<String> {
+    match v {
+        Scalar::Str(s) => Some(s.to_string()),
+        _ => None,
+    }
 }
 
 fn store_ref(stores: &Stores, store_id: i64) -> StoreRef {

@@ -226,3 +226,69 @@ fn a_repeated_erasure_request_is_a_new_fact_and_a_retried_delivery_is_not() {
     let same_second = ErasureRequest { request_ref: Some("req-3".into()), ..request };
     assert_ne!(erasure_events(&same_second, &Stores::default(), 0).unwrap()[0].event_id, first[0].event_id);
 }
+
+/// The push path reads a webhook's bytes straight into the typed view; poll and refetch read a
+/// parsed `Value`. One fact must give one event (id included) whichever way it came in.
+fn from_bytes(order: &Value) -> Result<CommerceEvent, NormalizeError> {
+    let bytes = serde_json::to_vec(order).unwrap();
+    let text = crate::json::quote_fractions(&bytes);
+    let raw: raw::RawOrder<'_> = serde_json::from_slice(&text).expect("lenient view reads any object");
+    order_event_of(&raw, None, &stores(), 7)
+}
+
+#[test]
+fn bytes_and_parsed_values_give_the_same_event() {
+    for order in sandbox_orders(300) {
+        let lossless = crate::json::parse_lossless(&serde_json::to_vec(&order).unwrap()).unwrap();
+        assert_eq!(from_bytes(&order), order_event(&lossless, None, &stores(), 7), "{order}");
+    }
+}
+
+#[test]
+fn loose_types_are_read_alike_and_refused_by_field_name() {
+    let base = sandbox_orders(1).remove(0);
+    let with = |edit: &dyn Fn(&mut Value)| {
+        let mut order = base.clone();
+        edit(&mut order);
+        order
+    };
+    let cases = [
+        with(&|o| o["entity_id"] = Value::from(o["entity_id"].to_string())), // id as text
+        with(&|o| o["billing_address"] = Value::from("not an address")),
+        with(&|o| o["billing_address"]["region"] = serde_json::json!({"region": "São Paulo", "region_id": 508})),
+        with(&|o| o["billing_address"]["street"] = serde_json::json!(["Rua \"A\" \\ 1", 2, null])),
+        with(&|o| o["customer_firstname"] = Value::from("Zoë \u{1F600} \"quoted\"")),
+        with(&|o| o["extension_attributes"] = Value::from(3)),
+        with(&|o| o["payment"] = serde_json::json!({"method": ""})),
+        with(&|o| o["customer_is_guest"] = Value::from(true)),
+    ];
+    for order in &cases {
+        let lossless = crate::json::parse_lossless(&serde_json::to_vec(order).unwrap()).unwrap();
+        let (typed, parsed) = (from_bytes(order), order_event(&lossless, None, &stores(), 7));
+        assert!(typed.is_ok(), "{typed:?}: {order}");
+        assert_eq!(typed, parsed, "{order}");
+    }
+    let event = from_bytes(&cases[2]).unwrap();
+    assert_eq!(event.order.unwrap().billing_address.unwrap().region.as_deref(), Some("São Paulo"));
+    assert_eq!(from_bytes(&cases[1]).unwrap().order.unwrap().billing_address, None);
+    let street = from_bytes(&cases[3]).unwrap().order.unwrap().billing_address.unwrap().street;
+    assert_eq!(street, vec!["Rua \"A\" \\ 1".to_owned()], "escapes decoded, non-text lines dropped");
+
+    let refused = [
+        (with(&|o| o["entity_id"] = Value::from("12a")), "entity_id"),
+        (with(&|o| o["entity_id"] = Value::from(1.5)), "entity_id"),
+        (with(&|o| o["store_id"] = serde_json::json!({"id": 1})), "store_id"),
+        (with(&|o| o["grand_total"] = Value::from(true)), "grand_total"),
+        (with(&|o| o["grand_total"] = serde_json::json!([1])), "grand_total"),
+        (with(&|o| o["items"] = Value::from("none")), "items"),
+        (with(&|o| o["items"] = serde_json::json!(["not a line"])), "item_id"),
+        (with(&|o| o["items"][0]["sku"] = Value::from("")), "sku"),
+        (with(&|o| o["updated_at"] = Value::from("yesterday")), "updated_at"),
+    ];
+    for (order, field) in &refused {
+        let lossless = crate::json::parse_lossless(&serde_json::to_vec(order).unwrap()).unwrap();
+        let (typed, parsed) = (from_bytes(order), order_event(&lossless, None, &stores(), 7));
+        assert_eq!(typed.as_ref().map_err(NormalizeError::field), Err(*field), "{order}");
+        assert_eq!(typed, parsed);
+    }
+}

@@ -23,7 +23,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::normalize::{ErasureRequest, NormalizeError, Stores, customer_event, erasure_events, order_event};
+use crate::normalize::raw::{Lenient, Scalar};
+use crate::normalize::{
+    ErasureRequest, NormalizeError, RawOrder, Stores, customer_event, erasure_events, order_event, order_event_of,
+};
+use crate::now_ms;
 use crate::source::{MagentoApi, SourceError};
 
 mod serve;
@@ -167,15 +171,48 @@ fn now_secs() -> i64 {
 // The refusal is the handler's answer as is; boxing it would only add an allocation.
 #[allow(clippy::result_large_err)]
 fn authenticate<P, S>(state: &PushState<P, S>, headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
-    if let Err(reason) = state.config.verifier.verify(headers, body, now_secs()) {
-        metrics::NOTIFICATIONS.with_label_values(&["unauthorized"]).inc();
-        return Err(refuse(StatusCode::UNAUTHORIZED, "invalid_signature", reason));
-    }
+    verified(state, headers, body)?;
     // Amounts keep their decimal text: never rounded through an f64.
-    crate::json::parse_lossless(body).map_err(|e| {
-        metrics::NOTIFICATIONS.with_label_values(&["malformed"]).inc();
-        refuse(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not JSON: {e}"))
+    crate::json::parse_lossless(body).map_err(malformed)
+}
+
+/// The signature check alone.
+#[allow(clippy::result_large_err)]
+fn verified<P, S>(state: &PushState<P, S>, headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
+    state.config.verifier.verify(headers, body, now_secs()).map_err(|reason| {
+        metrics::NOTIFICATIONS.with_label_values(&["unauthorized"]).inc();
+        refuse(StatusCode::UNAUTHORIZED, "invalid_signature", reason)
     })
+}
+
+fn malformed(e: serde_json::Error) -> Response {
+    metrics::NOTIFICATIONS.with_label_values(&["malformed"]).inc();
+    refuse(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not JSON: {e}"))
+}
+
+/// An order notification as read off the wire: the Adobe Commerce webhook's full `order`, or a
+/// CloudEvent's partial `data.value` (read straight into the typed view: no JSON tree).
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct OrderNotification<'a> {
+    #[serde(borrow)]
+    order: Lenient<RawOrder<'a>>,
+    #[serde(borrow)]
+    data: Lenient<CloudData<'a>>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct CloudData<'a> {
+    #[serde(borrow)]
+    value: Lenient<PartialOrder<'a>>,
+}
+
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct PartialOrder<'a> {
+    #[serde(borrow)]
+    entity_id: Scalar<'a>,
 }
 
 fn invalid(code: &str, message: impl Into<String>) -> Response {
@@ -204,26 +241,31 @@ async fn receive_order<P: Publisher, S: MagentoApi>(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    let mut payload = match authenticate(&state, &headers, &body) {
-        Ok(payload) => payload,
-        Err(refusal) => return refusal,
+    if let Err(refusal) = verified(&state, &headers, &body) {
+        return refusal;
+    }
+    // Amounts keep their decimal text: never rounded through an f64.
+    let text = crate::json::quote_fractions(&body);
+    // JSON that is not an object reads as an empty notification (a 422 below, not a 400).
+    let notification = match serde_json::from_slice::<Lenient<OrderNotification<'_>>>(&text) {
+        Ok(notification) => notification.0.unwrap_or_default(),
+        Err(e) => return malformed(e),
     };
-    // Full order (plain style, taken out of the payload: no copy) or partial (CloudEvents:
-    // data.value) that must be refetched.
-    let order = if let Some(order) = payload.get_mut("order").filter(|o| o.get("items").is_some()) {
-        order.take()
-    } else if let Some(partial) = payload.pointer("/data/value") {
-        let Some(id) = partial.get("entity_id").and_then(Value::as_i64) else {
-            return invalid("invalid_payload", "data.value.entity_id is missing");
-        };
-        match state.source.order(id).await {
-            Ok(order) => order,
-            Err(error) => return source_failed("order", id, error),
+    // Full order (plain style) or partial (CloudEvents: data.value) that must be refetched.
+    let normalized = match (notification.order.0, notification.data.0.and_then(|d| d.value.0)) {
+        (Some(order), _) if order.items.0.is_some() => order_event_of(&order, None, &state.config.stores, now_ms()),
+        (_, Some(partial)) => {
+            let Scalar::Int(id) = partial.entity_id else {
+                return invalid("invalid_payload", "data.value.entity_id is missing");
+            };
+            match state.source.order(id).await {
+                Ok(order) => order_event(&order, None, &state.config.stores, now_ms()),
+                Err(error) => return source_failed("order", id, error),
+            }
         }
-    } else {
-        return invalid("invalid_payload", "expected {\"order\": {...}} or a CloudEvent with data.value");
+        _ => return invalid("invalid_payload", "expected {\"order\": {...}} or a CloudEvent with data.value"),
     };
-    match order_event(&order, None, &state.config.stores, crate::now_ms()) {
+    match normalized {
         Ok(event) => publish_all(&state.publisher, vec![event], started).await,
         Err(e @ (NormalizeError::Missing(_) | NormalizeError::Invalid { .. })) => {
             invalid("invalid_order", e.to_string())
@@ -307,9 +349,9 @@ async fn receive_customer<P: Publisher, S: MagentoApi>(
                 },
                 (None, None) => return invalid("invalid_payload", "customer.id is missing"),
             };
-            customer_event(&record, &state.config.stores, crate::now_ms()).map(|e| vec![e])
+            customer_event(&record, &state.config.stores, now_ms()).map(|e| vec![e])
         }
-        Ok(CustomerNotice::Erase(request)) => erasure_events(&request, &state.config.stores, crate::now_ms()),
+        Ok(CustomerNotice::Erase(request)) => erasure_events(&request, &state.config.stores, now_ms()),
     };
     match events {
         Ok(events) => publish_all(&state.publisher, events, started).await,

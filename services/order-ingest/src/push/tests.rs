@@ -91,8 +91,12 @@ async fn refusals_publish_nothing() {
     assert_eq!((s, b["error"].as_str()), (StatusCode::BAD_REQUEST, Some("malformed_json")));
     let big = vec![b' '; 65 * 1024];
     assert_eq!(status(&app, signed(&big, "s3cret", now_secs())).await.0, StatusCode::PAYLOAD_TOO_LARGE);
-    let (s, _) = status(&app, signed(br#"{"hello": "world"}"#, "s3cret", now_secs())).await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    for not_an_order in [&br#"{"hello": "world"}"#[..], br#"[{"items": []}, {"value": 1}]"#, br#""order""#] {
+        let (s, b) = status(&app, signed(not_an_order, "s3cret", now_secs())).await;
+        assert_eq!((s, b["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_payload")));
+    }
+    let (s, b) = status(&app, signed(br#"{"data": {"value": {"entity_id": "7x"}}}"#, "s3cret", now_secs())).await;
+    assert_eq!((s, b["message"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("data.value.entity_id is missing")));
     let mut broken = shop.0.lock().unwrap().orders[&1].clone();
     broken["customer_email"] = Value::Null;
     let (s, b) =
