@@ -184,8 +184,20 @@ pub(crate) fn version_id(kind: &str, event: &CommerceEvent) -> String {
         (head, &o.totals, &o.items, &o.billing_address, &o.payment_method)
     });
     let content = (&event.event_type, &event.customer_key, event.store.store_id, person, order);
-    let bytes = serde_json::to_vec(&content).expect("plain data serialises");
-    let digest = sha2::Sha256::digest(&bytes).iter().fold(String::with_capacity(64), |mut hex, b| {
+    // Serialised straight into the hasher: no buffer per event.
+    struct Hashing(sha2::Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hashing = Hashing(sha2::Sha256::new());
+    serde_json::to_writer(&mut hashing, &content).expect("plain data serialises");
+    let digest = hashing.0.finalize().iter().fold(String::with_capacity(64), |mut hex, b| {
         use std::fmt::Write;
         let _ = write!(hex, "{b:02x}");
         hex
