@@ -12,6 +12,7 @@
 //! - [`stock`]: stock facts from `inventory.events`; quantities that stay negative.
 //! - [`metrics`]: every metric the service exports.
 
+pub mod contact;
 pub mod dlq;
 mod figures;
 pub mod flow;

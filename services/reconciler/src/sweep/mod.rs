@@ -40,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics;
 use crate::store::{CommandSink, Ledger, now_ms};
 
+#[cfg(test)]
+mod contact_tests;
 mod magento;
 mod rdstation;
 mod salesforce;
@@ -290,7 +292,7 @@ pub struct Sweeps {
     magento_suspects: Suspects,
     rd_suspects: Suspects,
     /// Where the RD listing resumes (page) and what it read so far, across rounds.
-    rd_listing: std::sync::Mutex<(u32, HashMap<String, String>)>,
+    rd_listing: std::sync::Mutex<rdstation::Listing>,
     /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
     salesforce_modified_since: std::sync::atomic::AtomicI64,
 }
