@@ -20,6 +20,9 @@ impl Sweeps {
     /// the list is only judged when the whole list was read.
     pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
         let Some((client, budget)) = self.rdstation.as_ref() else { return };
+        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+            return; // nothing held here
+        }
         let now = now_ms();
         let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, now);
         let mut spent = 0;

@@ -55,6 +55,9 @@ impl Sweeps {
     /// where the next round starts (empty: from the beginning).
     pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
         let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
+        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+            return cursor; // nothing held here
+        }
         let field = &self.args.salesforce_order_field;
         let now = now_ms();
         let grace = self.args.grace.as_millis() as i64;
