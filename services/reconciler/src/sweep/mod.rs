@@ -541,8 +541,7 @@ mod tests {
         // Three partitions on two replicas: 1/2 + 1/3 of the rate, within it.
         assert_eq!((cost(2, 3), cost(1, 3)), (2, 3));
         for (replicas, partitions) in [(2usize, 3i32), (3, 3), (4, 12), (5, 12), (7, 12)] {
-            let held: Vec<usize> =
-                (0..replicas).map(|r| (partitions as usize + replicas - 1 - r) / replicas).collect();
+            let held: Vec<usize> = (0..replicas).map(|r| (partitions as usize + replicas - 1 - r) / replicas).collect();
             assert_eq!(held.iter().sum::<usize>(), partitions as usize);
             let rate: f64 = held.iter().map(|h| 1.0 / f64::from(cost(*h, partitions))).sum();
             assert!(rate <= 1.0 + 1e-9, "{replicas} replicas on {partitions} partitions spend {rate} of the rate");
@@ -560,6 +559,10 @@ mod tests {
             assert!(budget.spend(&mut spent).await);
         }
         assert!(budget.spend(&mut spent).await);
-        assert!(started.elapsed() >= Duration::from_millis(250), "then 3 cells at 10 a second: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "then 3 cells at 10 a second: {:?}",
+            started.elapsed()
+        );
     }
 }

@@ -90,13 +90,21 @@ impl Sweeps {
         };
         budget.checked(expected.len() as u64);
         let drift = contact_drift(&expected, &listed, complete);
-        let names: Vec<String> = drift.iter().map(|(uuid, kind)| format!("{uuid}:{}", kind.as_str())).collect();
+        tracing::info!(
+            expected = expected.len(),
+            listed = listed.len(),
+            complete,
+            drift = drift.len(),
+            "rdstation sweep round"
+        );
+        let name = |i: usize, kind: DriftKind| format!("{}:{}", expected[i].key, kind.as_str());
+        let names: Vec<String> = drift.iter().map(|(i, kind)| name(*i, *kind)).collect();
         let confirmed = self.rd_suspects.confirm(&names, self.args.grace.as_millis() as i64, now_ms());
-        for (uuid, kind) in drift {
-            if !confirmed.contains(&format!("{uuid}:{}", kind.as_str())) {
+        for (i, kind) in drift {
+            if !confirmed.contains(&name(i, kind)) {
                 continue;
             }
-            let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
+            let c = &expected[i];
             match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
@@ -163,7 +171,9 @@ where
 /// A contact the ledger expects in RD Station.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpectedContact {
-    pub uuid: String,
+    /// The contact's uuid, when an outcome named it (a write the sink deferred names none: the
+    /// contact is then found by its e-mail).
+    pub uuid: Option<String>,
     pub print: ContactPrint,
     pub partition: i32,
     /// The ledger entry whose customer block the contact follows (the one flagged).
@@ -171,7 +181,7 @@ pub struct ExpectedContact {
 }
 
 /// Per customer: the contact the sink writes (its contact mark) and the contact uuid RD
-/// reported, when RD confirmed the entry that brought the newest customer block more than
+/// reported if any, when RD confirmed the entry that brought the newest customer block more than
 /// `grace` ago and no drift is open on it.
 pub fn expected_contacts<C: CommandSink>(ledger: &Ledger<C>, grace: i64, now: i64) -> Vec<ExpectedContact> {
     let sla = ledger.policy.targets.iter().find(|t| t.name == "rdstation").map(|t| t.sla).unwrap_or_default();
@@ -205,36 +215,40 @@ pub fn expected_in(
     let mut out = Vec::new();
     for (_, mark) in entries.iter().filter(|(_, e)| e.kind == CONTACT) {
         let Some(print) = &mark.contact else { continue };
-        let Some((_, uuid)) = uuids.get(mark.customer_key.as_str()) else { continue };
+        let uuid = uuids.get(mark.customer_key.as_str()).map(|(_, u)| (*u).to_owned());
         // The entry whose event brought the newest block: gone (retired), nothing to flag.
         let Some(entry) = by_key.get(print.key.as_str()) else { continue };
         let settled = entry.health("rdstation", sla, now) == Health::Confirmed
             && entry.targets.get("rdstation").is_some_and(|t| now - t.at_ms > grace);
         if settled {
-            out.push(ExpectedContact {
-                uuid: (*uuid).to_owned(),
-                print: print.clone(),
-                partition,
-                key: print.key.clone(),
-            });
+            out.push(ExpectedContact { uuid, print: print.clone(), partition, key: print.key.clone() });
         }
     }
     out
 }
 
-/// Contacts that differ from the ledger (`altered`) or, when the listing is `complete`, are
-/// gone (`missing`).
+/// The expected contacts (by index) that differ from the listing (`altered`) or, when the
+/// listing is `complete`, are gone (`missing`). A contact is looked up by its uuid, or by its
+/// e-mail when no outcome named the uuid.
 pub fn contact_drift(
     expected: &[ExpectedContact],
     listed: &HashMap<String, Listed>,
     complete: bool,
-) -> Vec<(String, DriftKind)> {
+) -> Vec<(usize, DriftKind)> {
+    let by_email: HashMap<&str, &Listed> = listed.values().map(|l| (l.email.as_str(), l)).collect();
     expected
         .iter()
-        .filter_map(|c| match listed.get(&c.uuid) {
-            Some(l) if !c.print.matches(l) => Some((c.uuid.clone(), DriftKind::Altered)),
-            None if complete => Some((c.uuid.clone(), DriftKind::Missing)),
-            _ => None,
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let found = match &c.uuid {
+                Some(uuid) => listed.get(uuid),
+                None => by_email.get(c.print.email.as_str()).copied(),
+            };
+            match found {
+                Some(l) if !c.print.matches(l) => Some((i, DriftKind::Altered)),
+                None if complete => Some((i, DriftKind::Missing)),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -307,16 +321,26 @@ mod tests {
         assert_eq!(expected.len(), 1, "one contact per customer");
         let email = elo_events::sample::order_placed(1).customer.unwrap().email;
         assert_eq!(expected[0].key, "order:2", "the older block read later changes nothing");
-        assert_eq!((expected[0].uuid.as_str(), expected[0].partition), ("u1", 3));
+        assert_eq!((expected[0].uuid.as_deref(), expected[0].partition), (Some("u1"), 3));
         assert!(expected_in(3, &entries, sla, 5_000, 1_000).is_empty(), "confirmed too recently: left alone");
 
         let mut listed = HashMap::from([("u1".to_owned(), Listed::of(&email, "New"))]);
         assert!(contact_drift(&expected, &listed, true).is_empty());
         listed.insert("u1".into(), Listed::of(&email, "Edited"));
-        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Altered)]);
+        assert_eq!(contact_drift(&expected, &listed, true), vec![(0, DriftKind::Altered)]);
         listed.clear();
         assert!(contact_drift(&expected, &listed, false).is_empty(), "a partial listing proves no absence");
-        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Missing)]);
+        assert_eq!(contact_drift(&expected, &listed, true), vec![(0, DriftKind::Missing)]);
+
+        // No outcome named the uuid (the sink deferred the write): found by its e-mail.
+        let mut unnamed = expected.clone();
+        unnamed[0].uuid = None;
+        let mut listed = HashMap::from([("u9".to_owned(), Listed::of(&email, "New"))]);
+        assert!(contact_drift(&unnamed, &listed, true).is_empty());
+        listed.insert("u9".into(), Listed::of(&email, "Edited"));
+        assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Altered)]);
+        listed.insert("u9".into(), Listed::of("someone.else@example.com", "New"));
+        assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Missing)]);
     }
 
     #[test]
