@@ -1,6 +1,7 @@
 //! The reconciler's ledger on the real broker: a check whose repair command is still on its
 //! way when the partition is revoked and assigned again writes nothing over the new restore
-//! (the stale write would reach the changelog the new owner restored from).
+//! (the stale write would reach the changelog the new owner restored from); sweep cursors
+//! survive a restart and move only on the partitions a replica holds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -107,4 +108,53 @@ async fn the_sweep_places_customers_on_the_topics_actual_partitions() {
         3,
         "the topic's, not the configured count"
     );
+}
+
+/// A ledger on `changelog` that sends no commands.
+fn plain_ledger(changelog: &str, topic: &str) -> Ledger<Gated> {
+    let kafka = KafkaArgs::local(brokers());
+    let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
+    let gated = Gated { gate: Arc::new(tokio::sync::Semaphore::new(0)), waiting: Arc::default() };
+    Ledger::new(
+        StateStore::<Entry>::new(&kafka, producer, changelog),
+        Arc::new(EventCodec::new(&RegistryConfig::local(registry_url())).unwrap()),
+        gated,
+        Policy {
+            targets: vec![],
+            max_attempts: 3,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
+        },
+        topic.to_owned(),
+        Duration::from_secs(86_400),
+        reconciler::status::channel().0,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_salesforce_edit_cursor_survives_a_restart_and_follows_the_partitions() {
+    use reconciler::cursor::{SALESFORCE_MODIFIED, get, set};
+    let topic = unique("e2e.cursor");
+    let changelog = format!("{topic}.ledger");
+    create_topics(&brokers(), &[(&changelog, 2)]).await;
+    let first = plain_ledger(&changelog, &topic);
+    for p in [0, 1] {
+        first.start(&topic, p).await.unwrap();
+    }
+    assert_eq!(get(&first, SALESFORCE_MODIFIED), None, "never swept");
+    set(&first, &[0, 1], SALESFORCE_MODIFIED, 1_000).await.unwrap();
+    set(&first, &[1], SALESFORCE_MODIFIED, 2_000).await.unwrap();
+    assert_eq!(get(&first, SALESFORCE_MODIFIED), Some(1_000), "the earliest of the held partitions");
+    // Released meanwhile: not moved (the new owner moves it).
+    tokio::task::block_in_place(|| first.stop(&topic, 0));
+    set(&first, &[0, 1], SALESFORCE_MODIFIED, 3_000).await.unwrap();
+
+    // A restarted replica resumes from the changelog, partition by partition.
+    let second = plain_ledger(&changelog, &topic);
+    second.start(&topic, 0).await.unwrap();
+    assert_eq!(get(&second, SALESFORCE_MODIFIED), Some(1_000), "partition 0 kept its cursor");
+    second.start(&topic, 1).await.unwrap();
+    assert_eq!(get(&second, SALESFORCE_MODIFIED), Some(1_000));
+    tokio::task::block_in_place(|| second.stop(&topic, 0));
+    assert_eq!(get(&second, SALESFORCE_MODIFIED), Some(3_000), "partition 1 alone");
 }

@@ -205,10 +205,10 @@ impl Entry {
         self.kind == ERASED
     }
 
-    /// Whether this entry is a mark (erasure, contact) rather than an entity: no command
-    /// names it and no figure counts it.
+    /// Whether this entry is a mark (erasure, contact, sweep cursor) rather than an entity:
+    /// no command names it and no figure counts it.
     pub fn is_mark(&self) -> bool {
-        self.kind == ERASED || self.kind == crate::contact::CONTACT
+        [ERASED, crate::contact::CONTACT, crate::cursor::CURSOR].contains(&self.kind.as_str())
     }
 
     /// A new entry for an outcome's entity (the outcome came first).

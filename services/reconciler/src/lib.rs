@@ -13,6 +13,7 @@
 //! - [`metrics`]: every metric the service exports.
 
 pub mod contact;
+pub mod cursor;
 pub mod dlq;
 mod figures;
 pub mod flow;

@@ -96,8 +96,10 @@ pub fn expired(entry: &Entry, policy: &Policy, retention: Duration, now_ms: i64)
     if entry.is_erasure_mark() {
         return now_ms - entry.seen_at_ms > crate::ledger::ERASURE_MEMORY.as_millis() as i64;
     }
-    if entry.kind == crate::contact::CONTACT {
-        return false; // kept as long as the sink keeps the identity: until the erasure
+    if entry.kind == crate::contact::CONTACT || entry.kind == crate::cursor::CURSOR {
+        // A contact mark lives as long as the sink keeps the identity (until the erasure); a
+        // cursor as long as the sweep.
+        return false;
     }
     if entry.version == 0 {
         // Only outcomes, never their event (e.g. the outcomes of an erasure): once quiet.

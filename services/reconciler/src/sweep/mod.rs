@@ -332,8 +332,6 @@ pub struct Sweeps {
     rd_suspects: Suspects,
     /// Where the RD listing resumes (page) and what it read so far, across rounds.
     rd_listing: std::sync::Mutex<rdstation::Listing>,
-    /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
-    salesforce_modified_since: std::sync::atomic::AtomicI64,
 }
 
 impl Sweeps {
@@ -365,7 +363,6 @@ impl Sweeps {
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
             rd_listing: std::sync::Mutex::new((1, HashMap::new())),
-            salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
     }
 

@@ -134,13 +134,14 @@ impl Sweeps {
         let grace = self.args.grace.as_millis() as i64;
         let started = now_ms();
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
-        if ledger.partitions().is_empty() {
-            return true; // nothing of ours to judge: the cursor stays where it is
+        let held = ledger.partitions();
+        if held.is_empty() {
+            return true; // nothing of ours to judge: the cursors stay where they are
         }
-        let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
-        if since == 0 {
-            since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
-        }
+        // Where the held partitions' last pass stopped (kept in the ledger: a restart or a
+        // failover resumes there); the first pass ever looks one interval back.
+        let since = crate::cursor::get(ledger, crate::cursor::SALESFORCE_MODIFIED)
+            .unwrap_or(started - self.args.salesforce_interval.as_millis() as i64 - grace);
         if !budget.spend(spent).await {
             budget.round("partial");
             return false;
@@ -190,8 +191,10 @@ impl Sweeps {
             }
         }
         budget.checked(records.len() as u64);
-        self.salesforce_modified_since
-            .store(next_since(records.len(), since, last_seen, started, grace), Ordering::Relaxed);
+        let next = next_since(records.len(), since, last_seen, started, grace);
+        if let Err(error) = crate::cursor::set(ledger, &held, crate::cursor::SALESFORCE_MODIFIED, next).await {
+            tracing::warn!(error = %error, "salesforce sweep: cannot keep the LastModifiedDate cursor; the next pass reads again from the last one kept");
+        }
         true
     }
 }
