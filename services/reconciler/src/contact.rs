@@ -28,12 +28,28 @@ pub fn contact_key(customer_key: &str) -> String {
     ledger::key(CONTACT, customer_key)
 }
 
-/// Fingerprint of a text: its words joined by one space, SHA-256, first 12 bytes in hex.
-pub fn fp(text: &str) -> String {
+/// SHA-256 of a text's words joined by one space.
+fn digest(text: &str) -> [u8; 32] {
     use sha2::Digest;
     let words = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let digest = sha2::Sha256::digest(words.as_bytes());
-    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(words.as_bytes()).into()
+}
+
+/// Fingerprint of a text, as kept in the ledger: [`digest`], first 12 bytes in hex.
+pub fn fp(text: &str) -> String {
+    digest(text).iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first 8 bytes of [`digest`]: what a listing keeps per name split (a listing of a
+/// big account is held in memory while it is read).
+fn short(text: &str) -> u64 {
+    let d = digest(text);
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// The first 8 bytes of a kept fingerprint (`None`: not hex, matches nothing listed).
+fn short_of(fp: &str) -> Option<u64> {
+    fp.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok())
 }
 
 /// The contact the sink writes, as fingerprints.
@@ -72,16 +88,21 @@ impl ContactPrint {
 
     /// Whether a listed contact holds what the sink wrote.
     pub fn matches(&self, listed: &Listed) -> bool {
-        if listed.email != self.email {
+        if short_of(&self.email) != Some(listed.email) {
             return false;
         }
-        let empty = fp("");
-        let first = self.first.as_ref().unwrap_or(&empty);
-        let last = self.last.as_ref().unwrap_or(&empty);
-        if *first == empty && *last == empty {
+        let empty = short("");
+        let part = |p: &Option<String>| p.as_deref().map_or(Some(empty), short_of);
+        let (Some(first), Some(last)) = (part(&self.first), part(&self.last)) else { return false };
+        if first == empty && last == empty {
             return true; // no name written: whatever the contact holds is not Elo's
         }
-        listed.splits.iter().any(|(f, l)| f == first && l == last)
+        listed.splits.iter().any(|&(f, l)| f == first && l == last)
+    }
+
+    /// The e-mail fingerprint's short form, for finding a listed contact by e-mail.
+    pub fn email_short(&self) -> Option<u64> {
+        short_of(&self.email)
     }
 }
 
@@ -89,15 +110,15 @@ impl ContactPrint {
 /// first and a last part (one entry per split, both empty for no name).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Listed {
-    pub email: String,
-    pub splits: Vec<(String, String)>,
+    pub email: u64,
+    pub splits: Vec<(u64, u64)>,
 }
 
 impl Listed {
     pub fn of(email: &str, name: &str) -> Self {
         let words: Vec<&str> = name.split_whitespace().collect();
-        let splits = (0..=words.len()).map(|k| (fp(&words[..k].join(" ")), fp(&words[k..].join(" ")))).collect();
-        Self { email: fp(&elo_events::ids::normalise_email(email)), splits }
+        let splits = (0..=words.len()).map(|k| (short(&words[..k].join(" ")), short(&words[k..].join(" ")))).collect();
+        Self { email: short(&elo_events::ids::normalise_email(email)), splits }
     }
 }
 

@@ -235,14 +235,14 @@ pub fn contact_drift(
     listed: &HashMap<String, Listed>,
     complete: bool,
 ) -> Vec<(usize, DriftKind)> {
-    let by_email: HashMap<&str, &Listed> = listed.values().map(|l| (l.email.as_str(), l)).collect();
+    let by_email: HashMap<u64, &Listed> = listed.values().map(|l| (l.email, l)).collect();
     expected
         .iter()
         .enumerate()
         .filter_map(|(i, c)| {
             let found = match &c.uuid {
                 Some(uuid) => listed.get(uuid),
-                None => by_email.get(c.print.email.as_str()).copied(),
+                None => c.print.email_short().and_then(|e| by_email.get(&e)).copied(),
             };
             match found {
                 Some(l) if !c.print.matches(l) => Some((i, DriftKind::Altered)),
