@@ -1,6 +1,7 @@
 //! The reconciler's acceptance on the real broker with the sandbox: Magento loses 1% of its
-//! webhooks, and once everything settled, 1% of the Salesforce orders are deleted and 1% of
-//! the RD Station contacts edited behind Elo's back. The reconciler (ledger, sweeps, repair
+//! webhooks, and once everything settled, 1% of the Salesforce orders are deleted (one order
+//! and one Account edited, one Account deleted) and 1% of the RD Station contacts edited
+//! behind Elo's back. The reconciler (ledger, sweeps, repair
 //! commands through order-ingest and the sinks) must find and repair all of it within a
 //! bounded time, spending API calls within its budgets: counted by the sandbox side (a proxy
 //! in front of each API the reconciler calls), per account, with two replicas sweeping at
@@ -300,7 +301,9 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
 
     // Phase 2: behind Elo's back, 1% of the Salesforce orders deleted, 1% of the contacts edited.
     let tampered = Instant::now();
-    let (deleted, sf_edited): (Vec<String>, (String, Value)) = {
+    // And two Accounts: one deleted (of an order still there), one renamed.
+    type Accounts = ((String, String), (String, Value));
+    let (deleted, sf_edited, accounts): (Vec<String>, (String, Value), Accounts) = {
         let mut sim = sf.sim.lock().unwrap();
         let mut ids: Vec<(String, String)> = sim
             .org
@@ -320,7 +323,23 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         let status = sim.org.records.get(&id).unwrap().fields["Magento_Status__c"].clone();
         let edit = serde_json::Map::from_iter([("Magento_Status__c".to_owned(), json!("edited_by_hand"))]);
         sim.org.alter(&id, &edit, sandbox::now_ms());
-        (picked.into_iter().map(|(external, _)| external).collect(), (external, status))
+        let account_of =
+            |id: &str| sim.org.records.get(id).and_then(|r| r.fields["AccountId"].as_str()).map(str::to_owned);
+        let (gone_order, order_id) = ids[30].clone();
+        let gone = account_of(&order_id).expect("an order with an Account");
+        let renamed =
+            ids[70..].iter().filter_map(|(_, id)| account_of(id)).find(|a| *a != gone).expect("another Account");
+        sim.org.remove_record(&gone);
+        let account = sim.org.records.get(&renamed).unwrap();
+        let (account_external, name) =
+            (account.fields["Elo_Id__c"].as_str().unwrap().to_owned(), account.fields["Name"].clone());
+        let edit = serde_json::Map::from_iter([("Name".to_owned(), json!("Edited By Hand"))]);
+        sim.org.alter(&renamed, &edit, sandbox::now_ms());
+        (
+            picked.into_iter().map(|(external, _)| external).collect(),
+            (external, status),
+            ((gone_order, gone), (account_external, name)),
+        )
     };
     let edited: BTreeMap<String, Value> = {
         let mut sim = rd.sim.lock().unwrap();
@@ -351,7 +370,18 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
                 && r.fields["Elo_Id__c"] == external.as_str()
                 && r.fields["Magento_Status__c"] == *status
         });
-        deleted.iter().all(|d| present.contains(d.as_str())) && restored
+        // The deleted Account's order points to an Account again; the renamed one has its name back.
+        let ((gone_order, gone), (renamed, name)) = &accounts;
+        let rehomed = sim.org.records.values().any(|r| {
+            r.object == "Order"
+                && r.fields["Elo_Id__c"] == gone_order.as_str()
+                && r.fields["AccountId"].as_str().is_some_and(|a| a != gone && sim.org.records.get(a).is_some())
+        });
+        let renamed_back =
+            sim.org.records.values().any(|r| {
+                r.object == "Account" && r.fields["Elo_Id__c"] == renamed.as_str() && r.fields["Name"] == *name
+            });
+        deleted.iter().all(|d| present.contains(d.as_str())) && restored && rehomed && renamed_back
     };
     let rd_restored = || {
         let sim = rd.sim.lock().unwrap();
@@ -412,8 +442,10 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     let missing_found = metric(&m, "reconciler_drift_found_total{kind=\"missing\",target=\"salesforce\"}");
     let altered_found = metric(&m, "reconciler_drift_found_total{kind=\"altered\",target=\"rdstation\"}");
     let sf_altered = metric(&m, "reconciler_drift_found_total{kind=\"altered\",target=\"salesforce\"}");
-    assert!(sf_altered >= 1.0, "the Salesforce edit was found by LastModifiedDate");
-    assert!(missing_found >= deleted.len() as f64, "{missing_found} missing found for {} deleted", deleted.len());
+    assert!(sf_altered >= 2.0, "the order and the Account edits were found by LastModifiedDate: {sf_altered}");
+    // The deleted orders, and the deleted Account (on its order).
+    let gone = deleted.len() + 1;
+    assert!(missing_found >= gone as f64, "{missing_found} missing found for {gone} deleted");
     assert!(altered_found >= edited.len() as f64, "{altered_found} altered found for {} edited", edited.len());
     let m = {
         // The repaired counters follow the sinks' outcomes: give the ledger a moment to read them.
@@ -471,7 +503,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     eprintln!(
         "reconciler drift figures: {orders} orders from {FACTS} facts; {} webhooks lost, {lost_found} lost latest \
          versions found; all orders current in Salesforce {:.1} s after generation; {} Salesforce orders deleted and \
-         {} RD contacts edited and 1 Salesforce order edited, all repaired {:.1} s after the tampering; {commands} repair commands; API calls the \
+         {} RD contacts edited and 1 Salesforce order and 2 Accounts edited or deleted, all repaired {:.1} s after the tampering; {commands} repair commands; API calls the \
          sandbox saw (calls, account budget, minutes since the first start) before the restart {first_calls:?} and at \
          the end, two replicas sweeping since the restart, {second_calls:?}; ledger restored on two replicas in {:.1} s; {negative} of {} SKUs left negative, all reported",
         lost.len(),

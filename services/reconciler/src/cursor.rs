@@ -13,6 +13,9 @@ pub const CURSOR: &str = "cursor";
 /// The Salesforce `LastModifiedDate` pass's cursor (Unix ms).
 pub const SALESFORCE_MODIFIED: &str = "salesforce-modified";
 
+/// The same for Salesforce Accounts.
+pub const SALESFORCE_ACCOUNTS_MODIFIED: &str = "salesforce-accounts-modified";
+
 /// The ledger key of cursor `name`.
 pub fn cursor_key(name: &str) -> String {
     ledger::key(CURSOR, name)

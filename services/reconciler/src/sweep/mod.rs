@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{CommandSink, Ledger};
 use budget::Budget;
 
+mod accounts;
 mod budget;
 #[cfg(test)]
 mod contact_tests;
@@ -52,6 +53,7 @@ mod magento;
 mod rdstation;
 mod salesforce;
 
+pub use accounts::{AccountRef, accounts_in, soql_accounts_by_id, soql_accounts_modified_since};
 pub use magento::source_ahead;
 pub use rdstation::{ExpectedContact, contact_drift, expected_contacts, expected_in};
 pub use salesforce::{
