@@ -14,7 +14,8 @@
 //!
 //!   A second query per round asks for the orders whose `LastModifiedDate` is after the last
 //!   round: one Salesforce changed after Elo's confirmed write (beyond the grace) is `altered`
-//!   and resent too.
+//!   and resent too. The orders' Accounts are looked up by `Id` with each batch and by
+//!   `LastModifiedDate` likewise ([`accounts`]).
 //! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
 //!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
 //!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
