@@ -21,6 +21,10 @@ async fn restores_what_was_written(broker: Broker) {
     let health = elo_telemetry::Health::new();
     let producer = Producer::new(&kafka, health).unwrap();
     let store: StateStore<Aggregate> = StateStore::new(&kafka, producer.clone(), &changelog);
+    // Writes go to partitions this member holds (restored; empty at first).
+    for partition in 0..2 {
+        assert_eq!(store.restore_async(partition).await.unwrap(), 0);
+    }
     let mut expected: BTreeMap<(i32, String), Aggregate> = BTreeMap::new();
     for round in 0..3u32 {
         for customer in 0..40 {

@@ -23,13 +23,18 @@ pub enum Error {
     Timeout(Duration),
     #[error("could not create topic {topic}: {reason}")]
     TopicCreation { topic: String, reason: String },
+    /// A state write for a partition this member does not hold (never restored, or released
+    /// on revoke): the new owner restored it, and a late write would overwrite its state.
+    #[error("state partition {0} is not assigned to this member")]
+    PartitionNotAssigned(i32),
 }
 
 impl Error {
     /// How a caller should treat this failure.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Self::QueueFull | Self::Timeout(_) => ErrorClass::Transient,
+            // The record comes again to whoever holds the partition now.
+            Self::QueueFull | Self::Timeout(_) | Self::PartitionNotAssigned(_) => ErrorClass::Transient,
             Self::Kafka(e) => e.rdkafka_error_code().map_or(ErrorClass::Transient, class_of_code),
             Self::Config(_) | Self::TopicCreation { .. } => ErrorClass::Permanent,
         }
@@ -68,6 +73,7 @@ impl Error {
             Self::QueueFull => "queue_full",
             Self::Timeout(_) => "timeout",
             Self::TopicCreation { .. } => "topic_creation",
+            Self::PartitionNotAssigned(_) => "partition_not_assigned",
         }
     }
 }

@@ -109,21 +109,44 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateStore
             .unwrap_or_default()
     }
 
-    /// Writes `key` = `value` to the changelog (acknowledged), then to memory.
-    pub async fn put(&self, partition: i32, key: &str, value: V) -> Result<()> {
-        let bytes = serde_json::to_vec(&value).map_err(|e| Error::Config(format!("state value: {e}")))?;
-        self.producer.send_to_partition(&self.changelog, partition, key.as_bytes(), Some(&bytes)).await?;
-        self.partitions.write().expect("state lock").entry(partition).or_default().insert(key.to_owned(), value);
-        Ok(())
+    /// Whether `partition` is restored here (and not released since).
+    pub fn holds(&self, partition: i32) -> bool {
+        self.partitions.read().expect("state lock").contains_key(&partition)
     }
 
-    /// Deletes `key` (a tombstone in the changelog, compacted away later).
-    pub async fn remove(&self, partition: i32, key: &str) -> Result<()> {
-        self.producer.send_to_partition(&self.changelog, partition, key.as_bytes(), None).await?;
-        if let Some(map) = self.partitions.write().expect("state lock").get_mut(&partition) {
-            map.remove(key);
+    /// Writes `key` = `value` to the changelog (acknowledged), then to memory. Refused with
+    /// [`Error::PartitionNotAssigned`] unless the partition is restored here: a write after
+    /// the release would reach the changelog the new owner restored from, and re-create the
+    /// released map. (A release while the write is on its way is reported the same way.)
+    pub async fn put(&self, partition: i32, key: &str, value: V) -> Result<()> {
+        if !self.holds(partition) {
+            return Err(Error::PartitionNotAssigned(partition));
         }
-        Ok(())
+        let bytes = serde_json::to_vec(&value).map_err(|e| Error::Config(format!("state value: {e}")))?;
+        self.producer.send_to_partition(&self.changelog, partition, key.as_bytes(), Some(&bytes)).await?;
+        match self.partitions.write().expect("state lock").get_mut(&partition) {
+            Some(map) => {
+                map.insert(key.to_owned(), value);
+                Ok(())
+            }
+            None => Err(Error::PartitionNotAssigned(partition)),
+        }
+    }
+
+    /// Deletes `key` (a tombstone in the changelog, compacted away later); refused like
+    /// [`StateStore::put`] for a partition not restored here.
+    pub async fn remove(&self, partition: i32, key: &str) -> Result<()> {
+        if !self.holds(partition) {
+            return Err(Error::PartitionNotAssigned(partition));
+        }
+        self.producer.send_to_partition(&self.changelog, partition, key.as_bytes(), None).await?;
+        match self.partitions.write().expect("state lock").get_mut(&partition) {
+            Some(map) => {
+                map.remove(key);
+                Ok(())
+            }
+            None => Err(Error::PartitionNotAssigned(partition)),
+        }
     }
 }
 
@@ -201,5 +224,29 @@ pub fn wait_for_partition_lock<T>(
             Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
             Err(_) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorClass;
+
+    #[tokio::test]
+    async fn a_partition_not_restored_or_released_refuses_writes() {
+        // No broker: a refused write must not even try to reach the changelog.
+        let kafka = KafkaArgs::local("127.0.0.1:1");
+        let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
+        let store: StateStore<u32> = StateStore::new(&kafka, producer, "state-test");
+        let refused = |r: Result<()>| matches!(r, Err(Error::PartitionNotAssigned(3)));
+        assert!(refused(store.put(3, "k", 1).await), "never restored");
+        assert!(refused(store.remove(3, "k").await));
+        assert!(store.get(3, "k").is_none() && !store.holds(3), "nothing re-created");
+        store.partitions.write().unwrap().insert(3, HashMap::from([("k".to_owned(), 1)]));
+        store.release(3);
+        assert!(refused(store.put(3, "k", 2).await), "released");
+        assert!(!store.holds(3) && store.get(3, "k").is_none(), "the released map is not re-created");
+        let e = store.put(3, "k", 2).await.unwrap_err();
+        assert_eq!((e.class(), e.code()), (ErrorClass::Transient, "partition_not_assigned"));
     }
 }

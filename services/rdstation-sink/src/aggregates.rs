@@ -99,8 +99,7 @@ impl CustomerState {
             id.email = elo_events::ids::normalise_email(&customer.email);
             id.customer_id = customer.customer_id;
             id.is_guest = customer.is_guest;
-            id.firstname = customer.firstname.clone().or(id.firstname.take());
-            id.lastname = customer.lastname.clone().or(id.lastname.take());
+            merge_name(&mut id.firstname, &mut id.lastname, customer.firstname.clone(), customer.lastname.clone());
             let phone = customer.phone.clone().or_else(|| address.as_ref().and_then(|a| a.telephone.clone()));
             id.phone = phone.or(id.phone.take());
             if let Some(a) = address {
@@ -166,6 +165,19 @@ impl CustomerState {
             guest: self.identity.is_guest,
             last_order_id: last_order.map(|o| o.increment_id.clone()),
         }
+    }
+}
+
+/// The contact's name-merge rule: a customer block's first and last name replace the held
+/// ones part by part, and a part the block omits keeps its earlier value. Generic so the
+/// reconciler's RD sweep folds its fingerprints of the parts by this very rule (it must expect
+/// exactly the name this sink writes).
+pub fn merge_name<T>(first: &mut Option<T>, last: &mut Option<T>, block_first: Option<T>, block_last: Option<T>) {
+    if let Some(f) = block_first {
+        *first = Some(f);
+    }
+    if let Some(l) = block_last {
+        *last = Some(l);
     }
 }
 

@@ -133,10 +133,10 @@ pub struct Entry {
     pub drift: BTreeMap<String, Drift>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repair: Option<Repair>,
-    /// Fingerprint of the contact the latest customer block calls for (no personal data is
-    /// kept: a hash of the e-mail and name), for the RD Station sweep.
+    /// A contact mark's print of the contact rdstation-sink writes (see [`crate::contact`]).
+    /// Entity entries of earlier releases carry an older print here, which nothing reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub contact: Option<ContactPrint>,
+    pub contact: Option<crate::contact::ContactPrint>,
     /// Attempts spent on drift repairs that closed recently, by target (see [`REDRIFT_MEMORY`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub redrift: BTreeMap<String, Redrift>,
@@ -147,21 +147,6 @@ pub struct Entry {
 pub struct Redrift {
     pub attempts: u32,
     pub until_ms: i64,
-}
-
-/// A contact's fingerprint at a source version.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ContactPrint {
-    pub version: i64,
-    pub fp: String,
-}
-
-/// The fingerprint of a contact's e-mail and name, as rdstation-sink writes them (normalised
-/// e-mail; first and last name joined by a space).
-pub fn contact_fp(email: &str, name: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("{}\n{}", elo_events::ids::normalise_email(email), name.trim()));
-    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
 /// The state of one entity in one target, at a given time.
@@ -220,6 +205,12 @@ impl Entry {
         self.kind == ERASED
     }
 
+    /// Whether this entry is a mark (erasure, contact, sweep cursor) rather than an entity:
+    /// no command names it and no figure counts it.
+    pub fn is_mark(&self) -> bool {
+        [ERASED, crate::contact::CONTACT, crate::cursor::CURSOR].contains(&self.kind.as_str())
+    }
+
     /// A new entry for an outcome's entity (the outcome came first).
     pub fn for_outcome(outcome: &SyncOutcome) -> Self {
         let v = &outcome.source_version;
@@ -237,13 +228,6 @@ impl Entry {
             && v >= self.version
         {
             self.oversold = order.inventory_status == InventoryStatus::Oversold;
-        }
-        if let Some(c) = &event.customer
-            && self.contact.as_ref().is_none_or(|p| v >= p.version)
-        {
-            let name =
-                [c.firstname.as_deref(), c.lastname.as_deref()].into_iter().flatten().collect::<Vec<_>>().join(" ");
-            self.contact = Some(ContactPrint { version: v, fp: contact_fp(&c.email, &name) });
         }
         if v > self.version {
             self.version = v;
@@ -460,22 +444,6 @@ pub(crate) mod tests {
         let effect = e.apply_event(&event("order", "7", "c:1", 200), 40);
         assert_eq!(effect.repaired, vec![("magento".to_owned(), DriftKind::SourceAhead)]);
         assert!(e.drift.is_empty());
-    }
-
-    #[test]
-    fn the_contact_print_follows_the_newest_customer_block() {
-        let mut e = Entry::default();
-        let mut first = event("order", "7", "c:1", 100);
-        let c = first.customer.as_mut().unwrap();
-        (c.email, c.firstname, c.lastname) = ("Ana@Example.com".into(), Some("Ana".into()), Some("Lima".into()));
-        e.apply_event(&first, 0);
-        assert_eq!(e.contact.as_ref().unwrap().fp, contact_fp("ana@example.com", "Ana Lima"));
-        assert_ne!(contact_fp("ana@example.com", "Ana Lima"), contact_fp("ana@example.com", "Ana X"));
-        let mut older = first.clone();
-        older.source_version.updated_at = 50;
-        older.customer.as_mut().unwrap().lastname = Some("Old".into());
-        e.apply_event(&older, 1);
-        assert_eq!(e.contact.as_ref().unwrap().fp, contact_fp("ana@example.com", "Ana Lima"), "older blocks lose");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`stock`]: stock facts from `inventory.events`; quantities that stay negative.
 //! - [`metrics`]: every metric the service exports.
 
+pub mod contact;
+pub mod cursor;
 pub mod dlq;
 mod figures;
 pub mod flow;

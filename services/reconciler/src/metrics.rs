@@ -67,6 +67,11 @@ pub(crate) static LEDGER_SIZE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+pub(crate) static LEDGER_PARTITIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!("reconciler_ledger_partitions", "Ledger partitions this replica holds.")
+        .expect("metric registers once")
+});
+
 pub(crate) static OVERSOLD: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!("reconciler_oversold_orders", "Orders whose latest version is flagged oversold.")
         .expect("metric registers once")
@@ -131,6 +136,7 @@ pub(crate) fn publish(status: &LedgerStatus) {
     }
     LEDGER_SIZE.with_label_values(&["order"]).set(status.orders as i64);
     LEDGER_SIZE.with_label_values(&["customer"]).set(status.customers as i64);
+    LEDGER_PARTITIONS.set(i64::from(status.partitions));
     OVERSOLD.set(status.oversold_orders as i64);
     ESCALATED_OPEN.set(status.escalated_open as i64);
     NEGATIVE_STOCK.set(status.negative_stock as i64);

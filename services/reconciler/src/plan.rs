@@ -49,7 +49,7 @@ pub fn suspended_targets(entries: &[(i32, String, Entry)], policy: &Policy, now:
     let mut out = BTreeSet::new();
     for t in &policy.targets {
         let (mut total, mut overdue) = (0usize, 0usize);
-        for (_, _, e) in entries.iter().filter(|(_, _, e)| e.version > 0 && !e.is_erasure_mark()) {
+        for (_, _, e) in entries.iter().filter(|(_, _, e)| e.version > 0 && !e.is_mark()) {
             total += 1;
             overdue += usize::from(e.health(&t.name, t.sla, now) == Health::Overdue);
         }

@@ -96,6 +96,11 @@ pub fn expired(entry: &Entry, policy: &Policy, retention: Duration, now_ms: i64)
     if entry.is_erasure_mark() {
         return now_ms - entry.seen_at_ms > crate::ledger::ERASURE_MEMORY.as_millis() as i64;
     }
+    if entry.kind == crate::contact::CONTACT || entry.kind == crate::cursor::CURSOR {
+        // A contact mark lives as long as the sink keeps the identity (until the erasure); a
+        // cursor as long as the sweep.
+        return false;
+    }
     if entry.version == 0 {
         // Only outcomes, never their event (e.g. the outcomes of an erasure): once quiet.
         return entry.drift.is_empty() && now_ms - last > retention.as_millis() as i64;
@@ -133,7 +138,7 @@ pub fn decide_with(
     now_ms: i64,
     suspended: &std::collections::BTreeSet<String>,
 ) -> Decision {
-    if entry.kind.is_empty() || entry.is_erasure_mark() {
+    if entry.kind.is_empty() || entry.is_mark() {
         return Decision::Wait; // nothing a command could name
     }
     let mut found = problems(entry, policy, now_ms);

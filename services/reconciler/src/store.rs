@@ -253,6 +253,11 @@ impl<C: CommandSink> Ledger<C> {
                     let mut entry = get(&touched, &key).unwrap_or_else(|| Entry::for_event(&event));
                     let effect = entry.apply_event(&event, now);
                     effects.push(effect);
+                    // The contact rdstation-sink writes, folded by its rule (the RD sweep's yardstick).
+                    let mark_key = crate::contact::contact_key(&event.customer_key);
+                    if let Some(mark) = crate::contact::fold(get(&touched, &mark_key), &event, &key, now) {
+                        touched.insert(mark_key, Some(mark));
+                    }
                     touched.insert(key, Some(entry));
                 }
                 metrics::RECORDS.with_label_values(&["event"]).inc();
@@ -356,7 +361,7 @@ impl<C: CommandSink> Ledger<C> {
             snapshot.extend(entries.into_iter().map(|(k, e)| (partition, k, e)));
         }
         for (_, key, entry) in &snapshot {
-            if !entry.is_erasure_mark() && !repair::expired(entry, &self.policy, self.retention, now) {
+            if !entry.is_mark() && !repair::expired(entry, &self.policy, self.retention, now) {
                 figures.count(key, entry, &self.policy, now);
             }
         }

@@ -61,6 +61,9 @@ impl Sweeps {
         resume: Option<(usize, Keyset)>,
     ) -> Option<(usize, Keyset)> {
         let (source, budget) = self.magento.as_ref()?;
+        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+            return resume; // nothing held here: another replica's turn
+        }
         let now = now_ms();
         let until = now - self.args.grace.as_millis() as i64;
         let window_start = now - self.args.magento_window.as_millis() as i64;

@@ -14,7 +14,8 @@
 //!
 //!   A second query per round asks for the orders whose `LastModifiedDate` is after the last
 //!   round: one Salesforce changed after Elo's confirmed write (beyond the grace) is `altered`
-//!   and resent too.
+//!   and resent too. The orders' Accounts are looked up by `Id` with each batch and by
+//!   `LastModifiedDate` likewise ([`accounts`]).
 //! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
 //!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
 //!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
@@ -24,26 +25,36 @@
 //! contacts) only count when a second round, `--sweep-grace` later, finds them again.
 //!
 //! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
-//! the workspace's) and `--<sweep>-sweep-max-calls` per round.
+//! the workspace's) and `--<sweep>-sweep-max-calls` per round. The rate is the account's, not
+//! the replica's: every replica runs the sweeps over the partitions it holds, and the
+//! account-wide reads (the Magento window, the Salesforce `LastModifiedDate` query, the RD
+//! listing) are made by each, so each replica spends the share of the rate its partitions
+//! are of the whole (a call costs `partitions / held` of the limiter's cells, rounded up): the
+//! replicas together stay within the rate, and a replica holding nothing sweeps nothing.
+//! The price: more replicas do not sweep faster (each reads the whole account at its share).
 
 use std::collections::{BTreeSet, HashMap};
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use order_ingest::wiring::{MagentoAuth, MagentoSource};
 use rdstation_sink::client::RdClient;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
-use crate::store::{CommandSink, Ledger, now_ms};
+use crate::store::{CommandSink, Ledger};
+use budget::Budget;
 
+mod accounts;
+mod budget;
+#[cfg(test)]
+mod contact_tests;
 mod magento;
 mod rdstation;
 mod salesforce;
 
+pub use accounts::{AccountRef, accounts_in, soql_accounts_by_id, soql_accounts_modified_since};
 pub use magento::source_ahead;
 pub use rdstation::{ExpectedContact, contact_drift, expected_contacts, expected_in};
 pub use salesforce::{
@@ -196,45 +207,6 @@ impl Suspects {
     }
 }
 
-/// A sweep's API budget: a rate and a cap per round.
-struct Budget {
-    name: &'static str,
-    limiter: DefaultDirectRateLimiter,
-    per_round: u64,
-    progress: Arc<Progress>,
-}
-
-impl Budget {
-    fn new(name: &'static str, per_minute: NonZeroU32, per_round: u64) -> Self {
-        Self { name, limiter: RateLimiter::direct(Quota::per_minute(per_minute)), per_round, progress: Arc::default() }
-    }
-
-    /// Waits for the rate limiter and counts the call; `false` when the round's cap is spent.
-    async fn spend(&self, spent_this_round: &mut u64) -> bool {
-        if *spent_this_round >= self.per_round {
-            return false;
-        }
-        self.limiter.until_ready().await;
-        *spent_this_round += 1;
-        self.progress.calls.fetch_add(1, Ordering::Relaxed);
-        metrics::SWEEP_CALLS.with_label_values(&[self.name]).inc();
-        true
-    }
-
-    fn checked(&self, n: u64) {
-        self.progress.checked.fetch_add(n, Ordering::Relaxed);
-        metrics::SWEEP_CHECKED.with_label_values(&[self.name]).inc_by(n);
-    }
-
-    fn round(&self, result: &'static str) {
-        self.progress.rounds.fetch_add(1, Ordering::Relaxed);
-        metrics::SWEEP_ROUNDS.with_label_values(&[self.name, result]).inc();
-        if result == "complete" {
-            metrics::SWEEP_LAST.with_label_values(&[self.name]).set(now_ms() / 1000);
-        }
-    }
-}
-
 /// The partition librdkafka's default partitioner (`consistent_random`) gives a key: CRC32
 /// (IEEE, as zlib) of the key modulo the partition count.
 pub fn partition_for(key: &str, partitions: i32) -> i32 {
@@ -290,9 +262,7 @@ pub struct Sweeps {
     magento_suspects: Suspects,
     rd_suspects: Suspects,
     /// Where the RD listing resumes (page) and what it read so far, across rounds.
-    rd_listing: std::sync::Mutex<(u32, HashMap<String, String>)>,
-    /// Where the next `LastModifiedDate` pass starts (Unix ms; 0: one interval back).
-    salesforce_modified_since: std::sync::atomic::AtomicI64,
+    rd_listing: std::sync::Mutex<rdstation::Listing>,
 }
 
 impl Sweeps {
@@ -324,7 +294,6 @@ impl Sweeps {
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
             rd_listing: std::sync::Mutex::new((1, HashMap::new())),
-            salesforce_modified_since: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -475,16 +444,5 @@ mod tests {
         }
         assert!(confirmed.contains("order:1@5") && confirmed.contains("order:9@7"), "{confirmed:?}");
         assert!(s.merge(&part_a, 10, 1_000, 10_000).is_empty(), "not seen within the horizon: starts over");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_budget_caps_a_round_and_counts_every_call() {
-        let budget = Budget::new("test", NonZeroU32::new(600).unwrap(), 3);
-        let mut spent = 0;
-        for _ in 0..3 {
-            assert!(budget.spend(&mut spent).await);
-        }
-        assert!(!budget.spend(&mut spent).await, "the round's cap");
-        assert_eq!(budget.progress.calls.load(Ordering::Relaxed), 3);
     }
 }

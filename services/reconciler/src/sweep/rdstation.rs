@@ -1,5 +1,5 @@
-//! The RD Station sweep: the "all contacts" segmentation against the ledger's contact
-//! fingerprints (`altered`, `missing`).
+//! The RD Station sweep: the "all contacts" segmentation against the contacts the ledger
+//! expects rdstation-sink to have written (`altered`, `missing`; see [`crate::contact`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::{SweepArgs, Sweeps};
+use crate::contact::{CONTACT, ContactPrint, Listed};
 use crate::ledger::{DriftKind, Entry, Health};
 use crate::store::{CommandSink, Ledger, now_ms};
 
@@ -19,6 +20,9 @@ impl Sweeps {
     /// the list is only judged when the whole list was read.
     pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
         let Some((client, budget)) = self.rdstation.as_ref() else { return };
+        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+            return; // nothing held here
+        }
         let now = now_ms();
         let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, now);
         let mut spent = 0;
@@ -86,13 +90,21 @@ impl Sweeps {
         };
         budget.checked(expected.len() as u64);
         let drift = contact_drift(&expected, &listed, complete);
-        let names: Vec<String> = drift.iter().map(|(uuid, kind)| format!("{uuid}:{}", kind.as_str())).collect();
+        tracing::info!(
+            expected = expected.len(),
+            listed = listed.len(),
+            complete,
+            drift = drift.len(),
+            "rdstation sweep round"
+        );
+        let name = |i: usize, kind: DriftKind| format!("{}:{}", expected[i].key, kind.as_str());
+        let names: Vec<String> = drift.iter().map(|(i, kind)| name(*i, *kind)).collect();
         let confirmed = self.rd_suspects.confirm(&names, self.args.grace.as_millis() as i64, now_ms());
-        for (uuid, kind) in drift {
-            if !confirmed.contains(&format!("{uuid}:{}", kind.as_str())) {
+        for (i, kind) in drift {
+            if !confirmed.contains(&name(i, kind)) {
                 continue;
             }
-            let Some(c) = expected.iter().find(|c| c.uuid == uuid) else { continue };
+            let c = &expected[i];
             match ledger.flag(c.partition, &c.key, "rdstation", kind, 0, || None).await {
                 Ok(true) => {
                     budget.progress.found.fetch_add(1, Ordering::Relaxed);
@@ -111,14 +123,14 @@ pub(super) fn listed_rows(body: &Value) -> Option<Vec<Value>> {
 }
 
 /// Where an RD listing stands: the next page (0 or 1: the first) and the contacts read so far
-/// (uuid -> fingerprint).
-pub(super) type Listing = (u32, HashMap<String, String>);
+/// (uuid -> fingerprints).
+pub(super) type Listing = (u32, HashMap<String, Listed>);
 
 /// How a walk through the listing ended.
 #[derive(Debug)]
 pub(super) enum Walked {
     /// Read to its last page.
-    Done(HashMap<String, String>),
+    Done(HashMap<String, Listed>),
     /// Cut short (budget, error): resume from here.
     Cut(Listing),
     /// A page without a `contacts` array: the round failed (resume from that page).
@@ -146,7 +158,7 @@ where
             if let Some(uuid) = row.get("uuid").and_then(Value::as_str) {
                 let email = row.get("email").and_then(Value::as_str).unwrap_or_default();
                 let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
-                listed.insert(uuid.to_owned(), crate::ledger::contact_fp(email, name));
+                listed.insert(uuid.to_owned(), Listed::of(email, name));
             }
         }
         if rows.len() < 125 {
@@ -159,15 +171,18 @@ where
 /// A contact the ledger expects in RD Station.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpectedContact {
-    pub uuid: String,
-    pub fp: String,
+    /// The contact's uuid, when an outcome named it (a write the sink deferred names none: the
+    /// contact is then found by its e-mail).
+    pub uuid: Option<String>,
+    pub print: ContactPrint,
     pub partition: i32,
     /// The ledger entry whose customer block the contact follows (the one flagged).
     pub key: String,
 }
 
-/// Per customer: the newest contact print, the contact uuid RD reported, when RD confirmed
-/// that entry's latest version more than `grace` ago and no drift is open on it.
+/// Per customer: the contact the sink writes (its contact mark) and the contact uuid RD
+/// reported if any, when RD confirmed the entry that brought the newest customer block more than
+/// `grace` ago and no drift is open on it.
 pub fn expected_contacts<C: CommandSink>(ledger: &Ledger<C>, grace: i64, now: i64) -> Vec<ExpectedContact> {
     let sla = ledger.policy.targets.iter().find(|t| t.name == "rdstation").map(|t| t.sla).unwrap_or_default();
     let mut out = Vec::new();
@@ -185,9 +200,9 @@ pub fn expected_in(
     grace: i64,
     now: i64,
 ) -> Vec<ExpectedContact> {
-    let mut best: HashMap<&str, (&str, &Entry)> = HashMap::new();
+    let by_key: HashMap<&str, &Entry> = entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
     let mut uuids: HashMap<&str, (i64, &str)> = HashMap::new();
-    for (key, entry) in entries {
+    for (_, entry) in entries {
         if let Some(t) = entry.targets.get("rdstation")
             && let Some(uuid) = t.ids.get("contact_uuid")
         {
@@ -196,43 +211,44 @@ pub fn expected_in(
                 *slot = (t.at_ms, uuid);
             }
         }
-        if let Some(print) = &entry.contact {
-            let slot = best.entry(&entry.customer_key).or_insert((key, entry));
-            if slot.1.contact.as_ref().is_none_or(|p| print.version > p.version) {
-                *slot = (key, entry);
-            }
-        }
     }
     let mut out = Vec::new();
-    for (customer, (key, entry)) in best {
-        let Some((_, uuid)) = uuids.get(customer) else { continue };
+    for (_, mark) in entries.iter().filter(|(_, e)| e.kind == CONTACT) {
+        let Some(print) = &mark.contact else { continue };
+        let uuid = uuids.get(mark.customer_key.as_str()).map(|(_, u)| (*u).to_owned());
+        // The entry whose event brought the newest block: gone (retired), nothing to flag.
+        let Some(entry) = by_key.get(print.key.as_str()) else { continue };
         let settled = entry.health("rdstation", sla, now) == Health::Confirmed
             && entry.targets.get("rdstation").is_some_and(|t| now - t.at_ms > grace);
-        if let (true, Some(print)) = (settled, &entry.contact) {
-            out.push(ExpectedContact {
-                uuid: (*uuid).to_owned(),
-                fp: print.fp.clone(),
-                partition,
-                key: key.to_owned(),
-            });
+        if settled {
+            out.push(ExpectedContact { uuid, print: print.clone(), partition, key: print.key.clone() });
         }
     }
     out
 }
 
-/// Contacts that differ from the ledger (`altered`) or, when the listing is `complete`, are
-/// gone (`missing`).
+/// The expected contacts (by index) that differ from the listing (`altered`) or, when the
+/// listing is `complete`, are gone (`missing`). A contact is looked up by its uuid, or by its
+/// e-mail when no outcome named the uuid.
 pub fn contact_drift(
     expected: &[ExpectedContact],
-    listed: &HashMap<String, String>,
+    listed: &HashMap<String, Listed>,
     complete: bool,
-) -> Vec<(String, DriftKind)> {
+) -> Vec<(usize, DriftKind)> {
+    let by_email: HashMap<u64, &Listed> = listed.values().map(|l| (l.email, l)).collect();
     expected
         .iter()
-        .filter_map(|c| match listed.get(&c.uuid) {
-            Some(fp) if *fp != c.fp => Some((c.uuid.clone(), DriftKind::Altered)),
-            None if complete => Some((c.uuid.clone(), DriftKind::Missing)),
-            _ => None,
+        .enumerate()
+        .filter_map(|(i, c)| {
+            let found = match &c.uuid {
+                Some(uuid) => listed.get(uuid),
+                None => c.print.email_short().and_then(|e| by_email.get(&e)).copied(),
+            };
+            match found {
+                Some(l) if !c.print.matches(l) => Some((i, DriftKind::Altered)),
+                None if complete => Some((i, DriftKind::Missing)),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -274,38 +290,57 @@ mod tests {
     use super::*;
     use crate::ledger::tests::event;
 
-    fn rd_entry(key: &str, version: i64, name: &str, uuid: &str, confirmed_at: i64) -> (String, Entry) {
-        let mut ev = event("order", key, "c:1", version);
-        ev.customer.as_mut().unwrap().firstname = Some(name.into());
-        ev.customer.as_mut().unwrap().lastname = None;
-        let mut e = Entry::for_event(&ev);
-        e.apply_event(&ev, 0);
-        let mut o =
-            crate::ledger::tests::outcome("rdstation", "order", key, version, elo_events::OutcomeStatus::Applied);
-        o.target_ids.insert("contact_uuid".into(), uuid.into());
-        e.apply_outcome(&o, confirmed_at);
-        (format!("order:{key}"), e)
+    /// The ledger after one order event per (order, version, first name), in this order, each
+    /// confirmed by RD at `confirmed_at` with contact `u1`.
+    fn rd_ledger(orders: &[(&str, i64, &str)], confirmed_at: i64) -> Vec<(String, Entry)> {
+        let mut entries: Vec<(String, Entry)> = Vec::new();
+        let mut mark = None;
+        for (id, version, name) in orders {
+            let mut ev = event("order", id, "c:1", *version);
+            ev.customer.as_mut().unwrap().firstname = Some((*name).into());
+            ev.customer.as_mut().unwrap().lastname = None;
+            let key = format!("order:{id}");
+            let mut e = Entry::for_event(&ev);
+            e.apply_event(&ev, 0);
+            let mut o =
+                crate::ledger::tests::outcome("rdstation", "order", id, *version, elo_events::OutcomeStatus::Applied);
+            o.target_ids.insert("contact_uuid".into(), "u1".into());
+            e.apply_outcome(&o, confirmed_at);
+            mark = crate::contact::fold(mark.clone(), &ev, &key, 0).or(mark);
+            entries.push((key, e));
+        }
+        entries.push((crate::contact::contact_key("c:1"), mark.unwrap()));
+        entries
     }
 
     #[test]
-    fn the_contact_follows_the_customers_newest_entry_and_drift_is_found() {
+    fn the_contact_follows_the_customers_newest_block_and_drift_is_found() {
         let sla = Duration::from_secs(60);
-        let entries = vec![rd_entry("1", 100, "Old", "u1", 10), rd_entry("2", 200, "New", "u1", 20)];
+        let entries = rd_ledger(&[("2", 200, "New"), ("1", 100, "Old")], 10);
         let expected = expected_in(3, &entries, sla, 5, 1_000);
         assert_eq!(expected.len(), 1, "one contact per customer");
         let email = elo_events::sample::order_placed(1).customer.unwrap().email;
-        assert_eq!(expected[0].key, "order:2");
-        assert_eq!(expected[0].fp, crate::ledger::contact_fp(&email, "New"));
-        assert_eq!((expected[0].uuid.as_str(), expected[0].partition), ("u1", 3));
+        assert_eq!(expected[0].key, "order:2", "the older block read later changes nothing");
+        assert_eq!((expected[0].uuid.as_deref(), expected[0].partition), (Some("u1"), 3));
         assert!(expected_in(3, &entries, sla, 5_000, 1_000).is_empty(), "confirmed too recently: left alone");
 
-        let mut listed = HashMap::from([("u1".to_owned(), crate::ledger::contact_fp(&email, "New"))]);
+        let mut listed = HashMap::from([("u1".to_owned(), Listed::of(&email, "New"))]);
         assert!(contact_drift(&expected, &listed, true).is_empty());
-        listed.insert("u1".into(), crate::ledger::contact_fp(&email, "Edited"));
-        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Altered)]);
+        listed.insert("u1".into(), Listed::of(&email, "Edited"));
+        assert_eq!(contact_drift(&expected, &listed, true), vec![(0, DriftKind::Altered)]);
         listed.clear();
         assert!(contact_drift(&expected, &listed, false).is_empty(), "a partial listing proves no absence");
-        assert_eq!(contact_drift(&expected, &listed, true), vec![("u1".to_owned(), DriftKind::Missing)]);
+        assert_eq!(contact_drift(&expected, &listed, true), vec![(0, DriftKind::Missing)]);
+
+        // No outcome named the uuid (the sink deferred the write): found by its e-mail.
+        let mut unnamed = expected.clone();
+        unnamed[0].uuid = None;
+        let mut listed = HashMap::from([("u9".to_owned(), Listed::of(&email, "New"))]);
+        assert!(contact_drift(&unnamed, &listed, true).is_empty());
+        listed.insert("u9".into(), Listed::of(&email, "Edited"));
+        assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Altered)]);
+        listed.insert("u9".into(), Listed::of("someone.else@example.com", "New"));
+        assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Missing)]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The Salesforce sweep: confirmed orders by external id (gone: `missing`), then orders
-//! changed after Elo's confirmed write by `LastModifiedDate` (`altered`).
+//! The Salesforce sweep: confirmed orders by external id (gone: `missing`) with their
+//! Accounts by id, then orders and Accounts changed after Elo's confirmed write by
+//! `LastModifiedDate` (`altered`); see also [`super::accounts`].
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -55,12 +56,15 @@ impl Sweeps {
     /// where the next round starts (empty: from the beginning).
     pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
         let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
+        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+            return cursor; // nothing held here
+        }
         let field = &self.args.salesforce_order_field;
         let now = now_ms();
         let grace = self.args.grace.as_millis() as i64;
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
-        // (key, partition, external id) of every order Salesforce confirmed a while ago.
-        let mut orders: Vec<(String, i32, String)> = Vec::new();
+        // (key, partition, external id, Account id) of every order Salesforce confirmed a while ago.
+        let mut orders: Vec<(String, i32, String, Option<String>)> = Vec::new();
         for partition in ledger.partitions() {
             for (key, entry) in ledger.store.entries(partition) {
                 let confirmed_at = entry.targets.get("salesforce").map_or(i64::MAX, |t| t.at_ms);
@@ -68,7 +72,8 @@ impl Sweeps {
                     && entry.health("salesforce", sla, now) == Health::Confirmed
                     && now - confirmed_at > grace
                 {
-                    orders.push((key, partition, order_external_id(&entry.entity_id)));
+                    let account = entry.targets.get("salesforce").and_then(|t| t.ids.get("Account")).cloned();
+                    orders.push((key, partition, order_external_id(&entry.entity_id), account));
                 }
             }
         }
@@ -81,7 +86,7 @@ impl Sweeps {
                 budget.round("partial");
                 return next;
             }
-            let ids: Vec<String> = chunk.iter().map(|(.., id)| id.clone()).collect();
+            let ids: Vec<String> = chunk.iter().map(|(_, _, id, _)| id.clone()).collect();
             let records = match query_charged(client, budget, &mut spent, &soql_by_external_ids(field, &ids)).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
@@ -96,7 +101,7 @@ impl Sweeps {
             };
             budget.checked(chunk.len() as u64);
             let missing: BTreeSet<String> = missing_ids(&ids, &records, field).into_iter().collect();
-            for (key, partition, id) in chunk {
+            for (key, partition, id, _) in chunk {
                 if !missing.contains(id) {
                     continue;
                 }
@@ -107,6 +112,16 @@ impl Sweeps {
                     Ok(false) => {}
                     Err(error) => tracing::warn!(error = %error, key, "salesforce sweep: cannot record drift"),
                 }
+            }
+            // The Accounts of the orders still there (a gone order is rewritten with its Account).
+            let accounts: Vec<(String, i32, String)> = chunk
+                .iter()
+                .filter(|(_, _, id, _)| !missing.contains(id))
+                .filter_map(|(key, partition, _, account)| Some((key.clone(), *partition, account.clone()?)))
+                .collect();
+            if !self.salesforce_accounts_exist(ledger, client, budget, &mut spent, &accounts).await {
+                budget.round("partial");
+                return next;
             }
             next.clone_from(&chunk[chunk.len() - 1].0);
         }
@@ -131,13 +146,14 @@ impl Sweeps {
         let grace = self.args.grace.as_millis() as i64;
         let started = now_ms();
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
-        if ledger.partitions().is_empty() {
-            return true; // nothing of ours to judge: the cursor stays where it is
+        let held = ledger.partitions();
+        if held.is_empty() {
+            return true; // nothing of ours to judge: the cursors stay where they are
         }
-        let mut since = self.salesforce_modified_since.load(Ordering::Relaxed);
-        if since == 0 {
-            since = started - self.args.salesforce_interval.as_millis() as i64 - grace;
-        }
+        // Where the held partitions' last pass stopped (kept in the ledger: a restart or a
+        // failover resumes there); the first pass ever looks one interval back.
+        let since = crate::cursor::get(ledger, crate::cursor::SALESFORCE_MODIFIED)
+            .unwrap_or(started - self.args.salesforce_interval.as_millis() as i64 - grace);
         if !budget.spend(spent).await {
             budget.round("partial");
             return false;
@@ -187,8 +203,14 @@ impl Sweeps {
             }
         }
         budget.checked(records.len() as u64);
-        self.salesforce_modified_since
-            .store(next_since(records.len(), since, last_seen, started, grace), Ordering::Relaxed);
+        let next = next_since(records.len(), since, last_seen, started, grace);
+        if let Err(error) = crate::cursor::set(ledger, &held, crate::cursor::SALESFORCE_MODIFIED, next).await {
+            tracing::warn!(error = %error, "salesforce sweep: cannot keep the LastModifiedDate cursor; the next pass reads again from the last one kept");
+        }
+        if !self.salesforce_account_edits(ledger, client, budget, spent, &held).await {
+            budget.round("partial");
+            return false;
+        }
         true
     }
 }
@@ -198,7 +220,7 @@ impl Sweeps {
 /// same-second records past the page are read again rather than skipped; findings are
 /// idempotent), unless that makes no progress (a page all within one second); otherwise
 /// from this round's start minus the grace (clock skew).
-fn next_since(records: usize, since: i64, last_seen: i64, started: i64, grace: i64) -> i64 {
+pub(super) fn next_since(records: usize, since: i64, last_seen: i64, started: i64, grace: i64) -> i64 {
     match records >= 2000 {
         true if last_seen - 1_000 > since => last_seen - 1_000,
         true => last_seen,
@@ -209,7 +231,7 @@ fn next_since(records: usize, since: i64, last_seen: i64, started: i64, grace: i
 /// Runs a SOQL query page by page (`nextRecordsUrl`), every page after the first (which the
 /// caller paid) paid from the round's budget. `Ok(None)`: the budget ran out mid-query (a
 /// partial answer would read as missing records).
-async fn query_charged(
+pub(super) async fn query_charged(
     client: &salesforce_sink::client::SalesforceClient,
     budget: &Budget,
     spent: &mut u64,
