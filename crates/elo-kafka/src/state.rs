@@ -63,9 +63,7 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateStore
     /// Returns the number of keys restored.
     pub fn restore(&self, partition: i32) -> Result<usize> {
         let state = read_partition::<V>(&self.kafka, &self.changelog, partition)?;
-        let keys = state.len();
-        self.partitions.write().expect("state lock").insert(partition, state);
-        Ok(keys)
+        Ok(self.install(partition, state))
     }
 
     /// [`StateStore::restore`] on a blocking thread, for `Handler::on_partition_start`.
@@ -74,9 +72,15 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateStore
         let state = tokio::task::spawn_blocking(move || read_partition::<V>(&kafka, &changelog, partition))
             .await
             .map_err(|e| Error::Config(format!("state restore task failed: {e}")))??;
-        let keys = state.len();
-        self.partitions.write().expect("state lock").insert(partition, state);
-        Ok(keys)
+        Ok(self.install(partition, state))
+    }
+
+    /// Keeps a restored partition's state unless the partition is held already: a second
+    /// restore (two input topics' workers of one partition, say) read the changelog only up to
+    /// its own start, so replacing the map would drop the writes made since the first one.
+    /// Returns the keys held.
+    fn install(&self, partition: i32, state: HashMap<String, V>) -> usize {
+        self.partitions.write().expect("state lock").entry(partition).or_insert(state).len()
     }
 
     /// Forgets a partition's state (call from `Handler::on_revoked`).
@@ -248,5 +252,20 @@ mod tests {
         assert!(!store.holds(3) && store.get(3, "k").is_none(), "the released map is not re-created");
         let e = store.put(3, "k", 2).await.unwrap_err();
         assert_eq!((e.class(), e.code()), (ErrorClass::Transient, "partition_not_assigned"));
+    }
+
+    #[test]
+    fn a_second_restore_of_a_held_partition_keeps_the_writes_made_since_the_first() {
+        let kafka = KafkaArgs::local("127.0.0.1:1");
+        let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
+        let store: StateStore<u32> = StateStore::new(&kafka, producer, "state-test");
+        assert_eq!(store.install(5, HashMap::from([("k".to_owned(), 1)])), 1);
+        // A write acknowledged after the first restore, then a restore that read less.
+        store.partitions.write().unwrap().get_mut(&5).unwrap().insert("k".to_owned(), 2);
+        store.install(5, HashMap::from([("k".to_owned(), 1)]));
+        assert_eq!(store.get(5, "k"), Some(2), "the held state wins over a stale restore");
+        store.release(5);
+        store.install(5, HashMap::from([("k".to_owned(), 1)]));
+        assert_eq!(store.get(5, "k"), Some(1), "after a release the restore is the state");
     }
 }
