@@ -3,8 +3,9 @@
 //!
 //! **Push, Adobe Commerce webhooks** (the full order in the body, `x-elo-webhook-signature`):
 //! [`PLAIN_BODIES`] orders, each sent once before the warm-up (`elo-loadgen --prime`) so the
-//! consent and stock caches hold them, as they do for a store's steady stream of repeat
-//! customers and hot SKUs; then C requests kept in flight (closed loop) by `elo-loadgen`, a
+//! consent and stock caches hold them (the simulator's orders are older than any reading, so
+//! cached stock serves them; a new order in production always reads its stock, see
+//! `order_ingest::inventory`); then C requests kept in flight (closed loop) by `elo-loadgen`, a
 //! process of its own: [`WARMUP`] unmeasured, then [`WINDOW`] measured, at C = 32 and 128, and
 //! an open-loop run paced at half the best rate (latency counts from when a request was due).
 //! This is the path the targets are about: what order-ingest itself costs between a webhook
