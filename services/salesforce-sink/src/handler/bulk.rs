@@ -180,12 +180,16 @@ impl Sink {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut jobs: Vec<JobPlan> = PHASES.iter().map(|_| JobPlan::default()).collect();
         let mut index: Vec<HashMap<String, usize>> = PHASES.iter().map(|_| HashMap::new()).collect();
-        for request in builder.build(work, false) {
+        // Rows are built a slice of records at a time (the graphs of a whole backlog batch as
+        // JSON would hold tens of KB per record) and kept as cells only.
+        let requests =
+            crate::graph::slices(work, super::GRAPH_SLICE).into_iter().flat_map(|s| builder.build(&s, false));
+        for request in requests {
             for graph in request {
-                let nodes = graph.body["compositeRequest"].as_array().cloned().unwrap_or_default();
+                let Some(nodes) = graph.body["compositeRequest"].as_array() else { continue };
                 // Activation nodes name their order by reference (`@{o7.id}`): by external id here.
                 let mut order_ext: HashMap<String, (String, String)> = HashMap::new();
-                for node in &nodes {
+                for node in nodes {
                     let reference = node["referenceId"].as_str().unwrap_or_default();
                     let url = node["url"].as_str().unwrap_or_default();
                     let parts: Vec<&str> = url.rsplit('/').take(3).collect();
@@ -206,7 +210,8 @@ impl Sink {
                     let Some(phase) = PHASES.iter().position(|p| reference.starts_with(*p)) else { continue };
                     let owners: BTreeSet<usize> = match graph.owners.get(reference) {
                         Some(Owner::Record(i)) => [*i].into(),
-                        _ => graph.records.iter().copied().collect(),
+                        Some(Owner::Customer(records)) => records.iter().copied().collect(),
+                        None => graph.records.iter().copied().collect(),
                     };
                     let mut cells = BTreeMap::new();
                     for (k, v) in node["body"].as_object().into_iter().flatten() {

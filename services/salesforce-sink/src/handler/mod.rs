@@ -26,13 +26,14 @@ use elo_kafka::{ErrorClass, HandlerError};
 use serde_json::Value;
 
 use crate::client::{self, SalesforceClient};
-use crate::graph::{Builder, OrgIds, Work, customer_version};
+use crate::graph::{self, Builder, OrgIds, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
 
 mod alias;
 mod bulk;
 mod composite;
 mod erasure;
+mod pool;
 mod products;
 mod resend;
 pub mod state;
@@ -51,8 +52,13 @@ pub struct Verdict {
     retry_in_call: bool,
 }
 
-/// Records whose graphs are built at once (about 20 full Composite Graph requests).
-const GRAPH_SLICE: usize = 1000;
+/// Records whose graphs are built at once (a few full Composite Graph requests; also the
+/// slice a Bulk API 2.0 batch's rows are built from).
+const GRAPH_SLICE: usize = 250;
+
+/// Customers share a graph up to this many nodes (a few small orders' worth), so a request
+/// of 500 nodes is not cut short by the 75-graph limit.
+const MERGE_NODES: usize = 30;
 
 /// Extra rounds within one handler call for graphs that failed transiently.
 const IN_CALL_RETRIES: usize = 4;
@@ -84,6 +90,8 @@ pub struct Sink {
     confirmed: Confirmations,
     /// When batches go through Bulk API 2.0.
     bulk: BulkSettings,
+    /// Composite Graph requests shared by the partitions' batches.
+    pool: pool::Pool,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -146,7 +154,20 @@ impl Sink {
             entries: Mutex::new(HashSet::new()),
             confirmed: Confirmations::memory(),
             bulk: BulkSettings::default(),
+            pool: pool::Pool::new(Duration::ZERO),
         }
+    }
+
+    /// Lets graphs wait up to `linger` for other batches' graphs to share a request (see
+    /// `handler/pool.rs`); zero sends each batch's requests at once.
+    pub fn with_graph_linger(mut self, linger: Duration) -> Self {
+        self.pool = pool::Pool::new(linger);
+        self
+    }
+
+    /// Whether a batch of `records` goes through Bulk API 2.0.
+    pub fn bulk_sized(&self, records: usize) -> bool {
+        self.bulk.min_records > 0 && records >= self.bulk.min_records
     }
 
     /// Uses Bulk API 2.0 as `bulk` says.
@@ -289,17 +310,14 @@ impl Sink {
     /// transiently once more per round, one record per graph.
     async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        if self.bulk.min_records > 0 && work.len() >= self.bulk.min_records {
+        if self.bulk_sized(work.len()) {
             self.write_bulk(work, verdicts).await;
         } else {
             // Built and sent a slice at a time: a backlog batch of thousands of records would
             // otherwise hold every request body at once.
-            for slice in work.chunks(GRAPH_SLICE) {
-                for request in builder.build(slice, false) {
-                    let results = self.send(&request).await;
-                    for (index, verdict) in results {
-                        verdicts[index] = Some(verdict);
-                    }
+            for slice in graph::slices(work, GRAPH_SLICE) {
+                for (index, verdict) in self.ride(builder.graphs(&slice, false, MERGE_NODES)).await {
+                    verdicts[index] = Some(verdict);
                 }
             }
         }
