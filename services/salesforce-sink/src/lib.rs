@@ -341,6 +341,21 @@ impl MemoryBudget {
     }
 }
 
+/// The sink's librdkafka defaults (an operator's `ELO_RDKAFKA_*` or `--kafka-option` wins):
+/// a short fetch wait, so a record reaches the graph pool soon after it is produced (the
+/// freshness budget), and a smaller prefetch queue (4 MiB instead of the runtime's 16): the
+/// partition buffers already hold a Bulk-sized batch, more prefetch is only memory.
+fn consumer_kafka(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<elo_kafka::KafkaArgs> {
+    let mut kafka = kafka.clone();
+    let set = kafka.properties()?;
+    for (key, value) in [("fetch.wait.max.ms", "100"), ("queued.max.messages.kbytes", "4096")] {
+        if !set.contains_key(key) {
+            kafka.options.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    Ok(kafka)
+}
+
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit. Returns an error when the
 /// mapping does not fit the org (the error names the field).
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -420,8 +435,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         attempts: Mutex::default(),
         budget: MemoryBudget::new(config.salesforce.inflight_bytes),
     });
+    let kafka = consumer_kafka(&common.kafka)?;
     let result = elo_kafka::run_consumer(
-        &common.kafka,
+        &kafka,
         settings,
         handler,
         service.producer.clone(),
