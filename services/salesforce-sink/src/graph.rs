@@ -73,6 +73,9 @@ pub struct Work<'a> {
     pub event: &'a CommerceEvent,
     /// Whether its customer data may be written (not older than what Salesforce has).
     pub write_customer: bool,
+    /// The digest of the customer data Salesforce holds for its key, when the sink confirmed
+    /// it (and its Account): customer nodes with the same digest are left out.
+    pub held_digest: Option<u64>,
 }
 
 /// `work` cut into slices of about `records` records, never splitting one customer key
@@ -154,6 +157,16 @@ pub struct Builder<'a> {
 impl Builder<'_> {
     fn url(&self, rest: &str) -> String {
         format!("/services/data/{}{rest}", self.version)
+    }
+
+    /// A digest of the customer data `event` would write (its Account and Contact nodes).
+    pub fn customer_digest(&self, event: &CommerceEvent) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let Some(customer) = &event.customer else { return 0 };
+        let nodes = Value::Array(self.customer_nodes(&event.customer_key, "", event, customer));
+        let mut hasher = std::hash::DefaultHasher::new();
+        nodes.to_string().hash(&mut hasher);
+        hasher.finish().max(1)
     }
 
     /// Account (and Contact) nodes for a customer, referenced `a<tag>` and `c<tag>`.
@@ -259,7 +272,12 @@ impl Builder<'_> {
                 .filter(|w| w.write_customer)
                 .filter_map(|w| w.event.customer.as_ref().map(|c| (w.event, c)))
                 .max_by_key(|(e, _)| customer_version(e));
-            let head = customer.map(|(e, c)| self.customer_nodes(key, &tag, e, c)).unwrap_or_default();
+            // Salesforce already holds exactly this customer data: only the orders are written.
+            let held = members.iter().find_map(|w| w.held_digest);
+            let head = customer
+                .filter(|(e, _)| held.is_none_or(|d| d != self.customer_digest(e)))
+                .map(|(e, c)| self.customer_nodes(key, &tag, e, c))
+                .unwrap_or_default();
             let mut current = Part::new(head.clone());
             for w in &members {
                 let mine = match &w.event.order {
@@ -401,8 +419,11 @@ mod tests {
         let org = org();
         let b = Builder { mapping: &mapping, org: &org, version: "v66.0" };
         let events = [event(1, "c:1", "pending"), event(2, "c:2", "processing"), event(3, "c:1", "pending")];
-        let work: Vec<Work<'_>> =
-            events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
+        let work: Vec<Work<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Work { index: i, event: e, write_customer: true, held_digest: None })
+            .collect();
         let requests = b.build(&work, false);
         assert_eq!(requests.len(), 1, "three small orders fit one call");
         let graphs = &requests[0];
@@ -429,8 +450,11 @@ mod tests {
         let org = org();
         let b = Builder { mapping: &mapping, org: &org, version: "v66.0" };
         let events: Vec<CommerceEvent> = (0..400).map(|n| event(n, &format!("c:{n}"), "pending")).collect();
-        let work: Vec<Work<'_>> =
-            events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
+        let work: Vec<Work<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Work { index: i, event: e, write_customer: true, held_digest: None })
+            .collect();
         let requests = b.build(&work, false);
         for r in &requests {
             let nodes: usize = r.iter().map(|g| g.body["compositeRequest"].as_array().unwrap().len()).sum();

@@ -122,7 +122,7 @@ pub struct SalesforceArgs {
     /// Encoded bytes of records decoded and written at once across partitions: a batch is
     /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds
     /// memory under a backlog whatever ELO_MAX_BATCH says.
-    #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 2 << 20)]
+    #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 256 << 10)]
     pub inflight_bytes: usize,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
     #[arg(

@@ -244,7 +244,9 @@ impl Sink {
                 continue;
             }
             let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            match self.confirmed.get(partition, &key) {
+            let confirmed = self.confirmed.get(partition, &key);
+            let rewriting = confirmed.as_ref().is_some_and(|c| c.rewrite);
+            match confirmed {
                 Some(c) if at(e) < c.at() => {
                     verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                     continue;
@@ -262,11 +264,13 @@ impl Sink {
                 verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                 continue;
             }
-            let write_customer = self
-                .confirmed
-                .get(partition, &customer_entity(e))
-                .is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
-            work.push(Work { index: *i, event: e, write_customer });
+            let customer = self.confirmed.get(partition, &customer_entity(e));
+            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            // A rewrite (RESEND) writes the customer in full: it may be gone from Salesforce.
+            let held_digest = customer
+                .filter(|c| !c.rewrite && !rewriting && c.digest != 0 && c.target_ids.contains_key("Account"))
+                .map(|c| c.digest);
+            work.push(Work { index: *i, event: e, write_customer, held_digest });
         }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
@@ -288,6 +292,7 @@ impl Sink {
                     index: *i,
                     event: e,
                     write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
+                    held_digest: None,
                 })
                 .collect();
             self.write(&again, &mut verdicts).await;
@@ -328,7 +333,7 @@ impl Sink {
             let again: Vec<Work<'_>> = work
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
-                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+                .map(|w| Work { index: w.index, event: w.event, ..*w })
                 .collect();
             if again.is_empty() {
                 break;
@@ -345,6 +350,7 @@ impl Sink {
     /// done; a failed state write fails its records `transient`, and the replay rewrites the
     /// same upserts).
     async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
         let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
             updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
@@ -360,13 +366,15 @@ impl Sink {
             if let Some(key) = order_entity(w.event) {
                 let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
                 let entry = updates.entry(key).or_default();
-                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false };
+                entry.0 =
+                    Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false, digest: 0 };
                 entry.1.push(w.index);
             } else if w.event.customer.is_some() {
                 let key = customer_entity(w.event);
                 let mut c = current(&key, &updates);
                 if (v, rank) >= c.at() {
                     (c.version, c.rank, c.rewrite) = (v, rank, false);
+                    c.digest = builder.customer_digest(w.event);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
@@ -383,6 +391,7 @@ impl Sink {
                 if cv >= c.at() {
                     (c.version, c.rank) = cv;
                     c.rewrite = false;
+                    c.digest = builder.customer_digest(w.event);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
