@@ -114,11 +114,17 @@ pub struct SalesforceArgs {
     /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
     #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
     pub bulk_timeout: Duration,
-    /// Longest a Composite Graph write waits for other partitions' writes to share its
-    /// request (busy stream: about one full request per linger; after a quiet spell a write
-    /// leaves at once). Part of the freshness budget; 0 sends every batch's requests at once.
-    #[arg(long = "salesforce-graph-linger", env = "ELO_SALESFORCE_GRAPH_LINGER", default_value = "400ms", value_parser = parse_duration)]
+    /// Longest a Composite Graph write waits for the other busy partitions' writes to share
+    /// its request (it leaves as soon as they have all boarded, or at 500 nodes; after a quiet
+    /// spell at once). 0 sends every batch's requests at once.
+    #[arg(long = "salesforce-graph-linger", env = "ELO_SALESFORCE_GRAPH_LINGER", default_value = "200ms", value_parser = parse_duration)]
     pub graph_linger: Duration,
+    /// How long a busy partition (its previous batch taken within the last second) waits to
+    /// fill its next batch: the records arriving meanwhile share its request, so this sets
+    /// the calls per order of a busy stream; it counts against the freshness budget. A record
+    /// after a quiet spell does not wait.
+    #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "250ms", value_parser = parse_duration)]
+    pub busy_linger: Duration,
     /// Encoded bytes of records decoded and written at once across partitions: a batch is
     /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds
     /// memory under a backlog whatever ELO_MAX_BATCH says.
@@ -418,6 +424,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     settings.max_batch = config.consumer.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1);
     // Short: the graph pool does the waiting for company (ELO_SALESFORCE_GRAPH_LINGER).
     settings.batch_linger = Duration::from_millis(20);
+    settings.busy_linger = config.salesforce.busy_linger;
     settings.max_in_flight = config.consumer.max_in_flight.max(1);
     settings.partition_buffer = config.consumer.partition_buffer.max(1);
     settings.partition_buffer_bytes = config.consumer.partition_buffer_bytes.max(1);

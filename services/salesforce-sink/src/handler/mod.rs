@@ -280,7 +280,7 @@ impl Sink {
             }
             None => true,
         });
-        self.write(&work, &mut verdicts).await;
+        self.write(partition, &work, &mut verdicts).await;
         self.confirm(partition, &work, &mut verdicts).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
@@ -295,7 +295,7 @@ impl Sink {
                     held_digest: None,
                 })
                 .collect();
-            self.write(&again, &mut verdicts).await;
+            self.write(partition, &again, &mut verdicts).await;
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
@@ -313,7 +313,7 @@ impl Sink {
 
     /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
     /// transiently once more per round, one record per graph.
-    async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         if self.bulk_sized(work.len()) {
             self.write_bulk(work, verdicts).await;
@@ -321,7 +321,7 @@ impl Sink {
             // Built and sent a slice at a time: a backlog batch of thousands of records would
             // otherwise hold every request body at once.
             for slice in graph::slices(work, GRAPH_SLICE) {
-                for (index, verdict) in self.ride(builder.graphs(&slice, false, MERGE_NODES)).await {
+                for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
                     verdicts[index] = Some(verdict);
                 }
             }

@@ -2,16 +2,19 @@
 //!
 //! Each partition hands its batches over one at a time, so on a busy stream every partition's
 //! batch is small and one request per batch would spend a call on a few orders. Instead the
-//! graphs of the batches in flight board one "train" that departs as one request when its
-//! nodes reach Salesforce's 500, or when the linger (`ELO_SALESFORCE_GRAPH_LINGER`) since the
-//! previous departure has passed. After a quiet spell the first graph leaves at once (a lone
-//! order pays no linger); a busy stream leaves at most once per linger, in full requests.
+//! graphs of the batches in flight board one "train" that departs as one request when every
+//! partition that rode within the last second has boarded, when its nodes reach Salesforce's
+//! 500, or at the latest `ELO_SALESFORCE_GRAPH_LINGER` after its first graph boarded. After a
+//! quiet spell nobody is expected and the first graph leaves at once (a lone order pays no
+//! linger). On a busy stream the partitions' batches thus go out together, and the runtime's
+//! busy linger (`ELO_SALESFORCE_BUSY_LINGER`, applied before a busy partition's batch is
+//! taken, so records arriving meanwhile are in it) sets how full the requests are.
 //!
 //! Any rider of a train departs it when it is due (not only the first), so a batch cancelled
 //! while waiting cannot strand the others; a rider whose train was lost (its departing batch
 //! cancelled mid-call) gets a transient failure and the runtime retries its records.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -33,6 +36,7 @@ struct Rider {
 struct Train {
     id: u64,
     due: Instant,
+    partitions: BTreeSet<i32>,
     graphs: Vec<GraphPlan>,
     nodes: usize,
     riders: Vec<Rider>,
@@ -41,8 +45,26 @@ struct Train {
 #[derive(Default)]
 struct State {
     boarding: Option<Train>,
-    last_departure: Option<Instant>,
+    /// When each partition last left on a train: those within [`EXPECT_WITHIN`] are waited for.
+    recent: HashMap<i32, Instant>,
     next_id: u64,
+}
+
+/// A partition that rode this recently is expected on the next train.
+const EXPECT_WITHIN: Duration = Duration::from_secs(1);
+
+impl State {
+    fn departs(&mut self, train: &Train, now: Instant) {
+        for p in &train.partitions {
+            self.recent.insert(*p, now);
+        }
+        self.recent.retain(|_, t| now.duration_since(*t) <= EXPECT_WITHIN);
+    }
+
+    /// Every partition expected has boarded `train`.
+    fn complete(&self, train: &Train, now: Instant) -> bool {
+        self.recent.iter().all(|(p, t)| now.duration_since(*t) > EXPECT_WITHIN || train.partitions.contains(p))
+    }
 }
 
 /// The shared departures (see the module docs).
@@ -57,44 +79,59 @@ impl Pool {
         Self { state: Mutex::default(), linger }
     }
 
-    /// Boards `graphs`; returns the train's id and due time, and a train that had to leave
-    /// first because these graphs would have taken it past 500 nodes.
-    fn board(&self, graphs: Vec<GraphPlan>, reply: oneshot::Sender<Verdicts>) -> (u64, Instant, Option<Train>) {
+    /// Boards `graphs` of `partition`; returns the train's id, its due time and whether it is
+    /// ready to leave now, and a train that had to leave first because these graphs would
+    /// have taken it past 500 nodes.
+    fn board(
+        &self,
+        partition: i32,
+        graphs: Vec<GraphPlan>,
+        reply: oneshot::Sender<Verdicts>,
+    ) -> (u64, Instant, bool, Option<Train>) {
         let nodes: usize = graphs.iter().map(GraphPlan::nodes).sum();
         let mut state = self.state.lock().expect("pool lock");
         let now = Instant::now();
         let mut full = None;
         if state.boarding.as_ref().is_some_and(|t| t.nodes > 0 && t.nodes + nodes > MAX_NODES) {
             full = state.boarding.take();
-            state.last_departure = Some(now);
+            if let Some(train) = &full {
+                state.departs(train, now);
+            }
         }
         if state.boarding.is_none() {
-            // Quiet (nothing left within the linger): at once; busy: one linger after the last.
-            let due = match state.last_departure {
-                Some(last) if now < last + self.linger => last + self.linger,
-                _ => now,
-            };
             let id = state.next_id;
             state.next_id += 1;
-            state.boarding = Some(Train { id, due, graphs: Vec::new(), nodes: 0, riders: Vec::new() });
+            state.boarding = Some(Train {
+                id,
+                due: now + self.linger,
+                partitions: BTreeSet::new(),
+                graphs: Vec::new(),
+                nodes: 0,
+                riders: Vec::new(),
+            });
         }
-        let train = state.boarding.as_mut().expect("a train is boarding");
+        let mut train = state.boarding.take().expect("a train is boarding");
         let first = train.graphs.len();
         for mut g in graphs {
             g.rename(format!("g{}", train.graphs.len()));
             train.graphs.push(g);
         }
         train.nodes += nodes;
+        train.partitions.insert(partition);
         train.riders.push(Rider { graphs: first..train.graphs.len(), reply });
-        (train.id, train.due, full)
+        let ready = train.nodes >= MAX_NODES || state.complete(&train, now);
+        let (id, due) = (train.id, train.due);
+        state.boarding = Some(train);
+        (id, due, ready, full)
     }
 
     /// Takes train `id` if it is still boarding.
     fn take(&self, id: u64) -> Option<Train> {
         let mut state = self.state.lock().expect("pool lock");
         if state.boarding.as_ref().is_some_and(|t| t.id == id) {
-            state.last_departure = Some(Instant::now());
-            return state.boarding.take();
+            let train = state.boarding.take()?;
+            state.departs(&train, Instant::now());
+            return Some(train);
         }
         None
     }
@@ -102,7 +139,7 @@ impl Pool {
 
 impl Sink {
     /// Sends `graphs` with whatever other batches send meanwhile; their records' verdicts.
-    pub(super) async fn ride(&self, graphs: Vec<GraphPlan>) -> Verdicts {
+    pub(super) async fn ride(&self, partition: i32, graphs: Vec<GraphPlan>) -> Verdicts {
         if graphs.is_empty() {
             return Vec::new();
         }
@@ -115,22 +152,14 @@ impl Sink {
         }
         let records: Vec<usize> = graphs.iter().flat_map(|g| g.records.iter().copied()).collect();
         let (reply, mut rx) = oneshot::channel();
-        let (id, due, full) = self.pool.board(graphs, reply);
+        let (id, due, ready, full) = self.pool.board(partition, graphs, reply);
         let leave_full = async {
             if let Some(train) = full {
                 self.depart(train).await;
             }
         };
         let own = async {
-            let full = self
-                .pool
-                .state
-                .lock()
-                .expect("pool lock")
-                .boarding
-                .as_ref()
-                .is_some_and(|t| t.id == id && t.nodes >= MAX_NODES);
-            if !full {
+            if !ready {
                 tokio::select! {
                     result = &mut rx => return result.ok(),
                     _ = tokio::time::sleep_until(due) => {}
