@@ -123,7 +123,7 @@ pub struct SalesforceArgs {
     /// fill its next batch: the records arriving meanwhile share its request, so this sets
     /// the calls per order of a busy stream; it counts against the freshness budget. A record
     /// after a quiet spell does not wait.
-    #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "250ms", value_parser = parse_duration)]
+    #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "300ms", value_parser = parse_duration)]
     pub busy_linger: Duration,
     /// Encoded bytes of records decoded and written at once across partitions: a batch is
     /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds

@@ -3,7 +3,8 @@
 //! Each partition hands its batches over one at a time, so on a busy stream every partition's
 //! batch is small and one request per batch would spend a call on a few orders. Instead the
 //! graphs of the batches in flight board one "train" that departs as one request when every
-//! partition that rode within the last second has boarded, when its nodes reach Salesforce's
+//! partition that rode within the last second (and is not on a train still out) has boarded,
+//! when its nodes reach Salesforce's
 //! 500, or at the latest `ELO_SALESFORCE_GRAPH_LINGER` after its first graph boarded. After a
 //! quiet spell nobody is expected and the first graph leaves at once (a lone order pays no
 //! linger). On a busy stream the partitions' batches thus go out together, and the runtime's
@@ -47,6 +48,8 @@ struct State {
     boarding: Option<Train>,
     /// When each partition last left on a train: those within [`EXPECT_WITHIN`] are waited for.
     recent: HashMap<i32, Instant>,
+    /// Partitions whose batch is on a train that has not come back: not waited for.
+    in_flight: HashMap<i32, usize>,
     next_id: u64,
 }
 
@@ -57,13 +60,35 @@ impl State {
     fn departs(&mut self, train: &Train, now: Instant) {
         for p in &train.partitions {
             self.recent.insert(*p, now);
+            *self.in_flight.entry(*p).or_default() += 1;
         }
         self.recent.retain(|_, t| now.duration_since(*t) <= EXPECT_WITHIN);
     }
 
     /// Every partition expected has boarded `train`.
     fn complete(&self, train: &Train, now: Instant) -> bool {
-        self.recent.iter().all(|(p, t)| now.duration_since(*t) > EXPECT_WITHIN || train.partitions.contains(p))
+        self.recent.iter().all(|(p, t)| {
+            now.duration_since(*t) > EXPECT_WITHIN
+                || train.partitions.contains(p)
+                || self.in_flight.get(p).is_some_and(|n| *n > 0)
+        })
+    }
+}
+
+/// Marks a departed train's partitions back (also when the departing batch is cancelled).
+struct Landing<'a> {
+    pool: &'a Pool,
+    partitions: BTreeSet<i32>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.state.lock().expect("pool lock");
+        for p in &self.partitions {
+            if let Some(n) = state.in_flight.get_mut(p) {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 }
 
@@ -180,6 +205,7 @@ impl Sink {
     /// Sends a train (one request unless its riders took it past the limits) and hands each
     /// rider its verdicts.
     async fn depart(&self, train: Train) {
+        let _landing = Landing { pool: &self.pool, partitions: train.partitions.clone() };
         let requests = graph::pack(train.graphs);
         let sent = futures::future::join_all(requests.iter().map(|r| self.send_graphs(r))).await;
         let mut by_graph: HashMap<String, Verdicts> = HashMap::new();

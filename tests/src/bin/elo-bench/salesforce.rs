@@ -127,13 +127,7 @@ fn rss_kib(pid: u32, field: &str) -> Option<f64> {
 }
 
 /// The release sink with the test harness's settings for `topic`; its admin address.
-fn sink(
-    dir: &Path,
-    topic: &str,
-    url: &str,
-    log: &str,
-    extra: &[(&str, &str)],
-) -> anyhow::Result<(ChildGuard, String)> {
+fn sink(dir: &Path, topic: &str, url: &str, log: &str, extra: &[(&str, &str)]) -> anyhow::Result<(ChildGuard, String)> {
     let base = salesforce_sink(dir, topic, url, log);
     let mut command = Command::new(sibling("salesforce-sink")?);
     let mut admin = String::new();
