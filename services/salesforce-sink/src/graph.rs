@@ -33,8 +33,8 @@ pub struct OrgIds {
 /// Who a graph node belongs to, to blame the right record when it fails.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Owner {
-    /// The account/contact nodes: every record of the graph depends on them.
-    Customer,
+    /// The account/contact nodes: these records of the graph (that customer's) depend on them.
+    Customer(Vec<usize>),
     /// A node of the record at this batch index.
     Record(usize),
 }
@@ -47,15 +47,58 @@ pub struct GraphPlan {
     pub owners: BTreeMap<String, Owner>,
     /// Batch indices applied by this graph.
     pub records: Vec<usize>,
+    /// Record → the reference suffix of its customer's nodes (`a<n>`, `c<n>`): a graph may
+    /// hold several customers (see [`Builder::graphs`]).
+    pub customers: BTreeMap<usize, String>,
     pub body: Value,
 }
 
+impl GraphPlan {
+    /// Nodes in this graph.
+    pub fn nodes(&self) -> usize {
+        self.body["compositeRequest"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Renames the graph (graph ids must be unique within a request).
+    pub fn rename(&mut self, id: String) {
+        self.body["graphId"] = Value::String(id.clone());
+        self.graph_id = id;
+    }
+}
+
 /// A record to write, after staleness checks.
+#[derive(Clone, Copy)]
 pub struct Work<'a> {
     pub index: usize,
     pub event: &'a CommerceEvent,
     /// Whether its customer data may be written (not older than what Salesforce has).
     pub write_customer: bool,
+    /// The digest of the customer data Salesforce holds for its key, when the sink confirmed
+    /// it (and its Account): customer nodes with the same digest are left out.
+    pub held_digest: Option<u64>,
+}
+
+/// `work` cut into slices of about `records` records, never splitting one customer key
+/// across slices (its graph picks the newest customer data among its records, and a later
+/// slice must not write older customer data over it). Slices bound what is built at once.
+pub fn slices<'a>(work: &[Work<'a>], records: usize) -> Vec<Vec<Work<'a>>> {
+    let mut groups: Vec<Vec<Work<'a>>> = Vec::new();
+    let mut by_key: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for w in work {
+        let at = *by_key.entry(w.event.customer_key.as_str()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[at].push(*w);
+    }
+    let mut out: Vec<Vec<Work<'a>>> = Vec::new();
+    for group in groups {
+        match out.last_mut() {
+            Some(last) if last.len() + group.len() <= records.max(1) => last.extend(group),
+            _ => out.push(group),
+        }
+    }
+    out
 }
 
 /// When the event's customer data was true: an order carries the customer as at placement
@@ -116,8 +159,18 @@ impl Builder<'_> {
         format!("/services/data/{}{rest}", self.version)
     }
 
-    /// Account (and Contact) nodes for a customer.
-    fn customer_nodes(&self, key: &str, event: &CommerceEvent, customer: &Customer) -> Vec<Value> {
+    /// A digest of the customer data `event` would write (its Account and Contact nodes).
+    pub fn customer_digest(&self, event: &CommerceEvent) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let Some(customer) = &event.customer else { return 0 };
+        let nodes = Value::Array(self.customer_nodes(&event.customer_key, "", event, customer));
+        let mut hasher = std::hash::DefaultHasher::new();
+        nodes.to_string().hash(&mut hasher);
+        hasher.finish().max(1)
+    }
+
+    /// Account (and Contact) nodes for a customer, referenced `a<tag>` and `c<tag>`.
+    fn customer_nodes(&self, key: &str, tag: &str, event: &CommerceEvent, customer: &Customer) -> Vec<Value> {
         let m = self.mapping;
         let ctx = Context { event, customer: Some(customer), order: None, item: None };
         let mut account = fields(&m.account, &ctx);
@@ -129,7 +182,7 @@ impl Builder<'_> {
         let mut nodes = vec![node(
             "PATCH",
             self.url(&format!("/sobjects/Account/{}/{}", m.ids.account, segment(key))),
-            "a",
+            &format!("a{tag}"),
             account,
         )];
         if m.mode == AccountMode::Business {
@@ -138,7 +191,7 @@ impl Builder<'_> {
             nodes.push(node(
                 "PATCH",
                 self.url(&format!("/sobjects/Contact/{}/{}", m.ids.contact, segment(key))),
-                "c",
+                &format!("c{tag}"),
                 contact,
             ));
         }
@@ -192,42 +245,47 @@ impl Builder<'_> {
     /// transiently, so one unlucky write no longer rolls back a customer's whole history),
     /// packed into requests within the limits.
     pub fn build(&self, work: &[Work<'_>], per_record: bool) -> Vec<Vec<GraphPlan>> {
+        pack(self.graphs(work, per_record, 0))
+    }
+
+    /// The graphs for `work`: one per customer key (split past 500 nodes; one per record when
+    /// `per_record`). With `merge_nodes` > 0, consecutive customers share a graph while it
+    /// stays within that many nodes: a busy stream of small orders is then not held to 75
+    /// customers per request by Salesforce's graph limit, at the price of a failure rolling
+    /// back the few customers sharing the graph (they are resent at once, one record per graph).
+    pub fn graphs(&self, work: &[Work<'_>], per_record: bool, merge_nodes: usize) -> Vec<GraphPlan> {
         let mut groups: Vec<(&str, Vec<&Work<'_>>)> = Vec::new();
+        let mut by_key: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for w in work {
-            match groups.iter_mut().find(|(k, _)| *k == w.event.customer_key) {
-                Some((_, members)) => members.push(w),
-                None => groups.push((&w.event.customer_key, vec![w])),
-            }
+            let at = *by_key.entry(w.event.customer_key.as_str()).or_insert_with(|| {
+                groups.push((&w.event.customer_key, Vec::new()));
+                groups.len() - 1
+            });
+            groups[at].1.push(w);
         }
-        let mut graphs = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         for (key, members) in groups {
+            let tag = members.first().map_or(0, |w| w.index).to_string();
             // The newest customer data in the group that may be written.
             let customer = members
                 .iter()
                 .filter(|w| w.write_customer)
                 .filter_map(|w| w.event.customer.as_ref().map(|c| (w.event, c)))
                 .max_by_key(|(e, _)| customer_version(e));
-            let head = customer.map(|(e, c)| self.customer_nodes(key, e, c)).unwrap_or_default();
-            let mut current = GraphPlan {
-                graph_id: format!("g{}", graphs.len()),
-                owners: BTreeMap::new(),
-                records: Vec::new(),
-                body: Value::Null,
-            };
-            let mut nodes = head.clone();
+            // Salesforce already holds exactly this customer data: only the orders are written.
+            let held = members.iter().find_map(|w| w.held_digest);
+            let head = customer
+                .filter(|(e, _)| held.is_none_or(|d| d != self.customer_digest(e)))
+                .map(|(e, c)| self.customer_nodes(key, &tag, e, c))
+                .unwrap_or_default();
+            let mut current = Part::new(head.clone());
             for w in &members {
                 let mine = match &w.event.order {
                     Some(order) => self.order_nodes(w.index, w.event, order),
                     None => Vec::new(),
                 };
-                if (per_record || nodes.len() + mine.len() > MAX_NODES) && !current.records.is_empty() {
-                    graphs.push(finish(current, std::mem::replace(&mut nodes, head.clone())));
-                    current = GraphPlan {
-                        graph_id: format!("g{}", graphs.len()),
-                        owners: BTreeMap::new(),
-                        records: Vec::new(),
-                        body: Value::Null,
-                    };
+                if (per_record || current.nodes.len() + mine.len() > MAX_NODES) && !current.records.is_empty() {
+                    parts.push(std::mem::replace(&mut current, Part::new(head.clone())).customer(&tag));
                 }
                 for n in &mine {
                     current
@@ -235,46 +293,100 @@ impl Builder<'_> {
                         .insert(n["referenceId"].as_str().unwrap_or_default().to_owned(), Owner::Record(w.index));
                 }
                 current.records.push(w.index);
-                nodes.extend(mine);
+                current.nodes.extend(mine);
             }
-            graphs.push(finish(current, nodes));
+            parts.push(current.customer(&tag));
         }
-        // Pack graphs into requests.
-        let mut requests: Vec<Vec<GraphPlan>> = Vec::new();
-        let mut size = 0;
-        for graph in graphs {
-            let n = graph.body["compositeRequest"].as_array().map_or(0, Vec::len);
-            if n == 0 {
-                // Nothing to write (e.g. an erasure): still reported through its records.
-                requests.push(vec![graph]);
-                continue;
-            }
-            match requests.last_mut() {
-                Some(last) if size + n <= MAX_NODES && last.len() < MAX_GRAPHS && !is_empty(last) => {
-                    last.push(graph);
-                    size += n;
+        let mut graphs: Vec<GraphPlan> = Vec::new();
+        let mut merged: Option<Part> = None;
+        for part in parts {
+            merged = match merged {
+                Some(mut m)
+                    if !per_record && !part.nodes.is_empty() && m.nodes.len() + part.nodes.len() <= merge_nodes =>
+                {
+                    m.absorb(part);
+                    Some(m)
                 }
-                _ => {
-                    requests.push(vec![graph]);
-                    size = n;
+                Some(m) => {
+                    graphs.push(m.finish(graphs.len()));
+                    Some(part)
                 }
-            }
+                None => Some(part),
+            };
         }
-        requests
+        if let Some(m) = merged {
+            graphs.push(m.finish(graphs.len()));
+        }
+        graphs
     }
+}
+
+/// A graph being built: its nodes, their owners, its records and their customers' tags.
+struct Part {
+    owners: BTreeMap<String, Owner>,
+    records: Vec<usize>,
+    customers: BTreeMap<usize, String>,
+    nodes: Vec<Value>,
+}
+
+impl Part {
+    fn new(head: Vec<Value>) -> Self {
+        Self { owners: BTreeMap::new(), records: Vec::new(), customers: BTreeMap::new(), nodes: head }
+    }
+
+    /// Owns the nodes not owned by a record (the customer's) for this part's records.
+    fn customer(mut self, tag: &str) -> Self {
+        for n in &self.nodes {
+            let reference = n["referenceId"].as_str().unwrap_or_default().to_owned();
+            self.owners.entry(reference).or_insert_with(|| Owner::Customer(self.records.clone()));
+        }
+        for r in &self.records {
+            self.customers.insert(*r, tag.to_owned());
+        }
+        self
+    }
+
+    fn absorb(&mut self, other: Part) {
+        self.owners.extend(other.owners);
+        self.records.extend(other.records);
+        self.customers.extend(other.customers);
+        self.nodes.extend(other.nodes);
+    }
+
+    fn finish(self, n: usize) -> GraphPlan {
+        let graph_id = format!("g{n}");
+        let body = json!({"graphId": graph_id, "compositeRequest": self.nodes});
+        GraphPlan { graph_id, owners: self.owners, records: self.records, customers: self.customers, body }
+    }
+}
+
+/// Packs graphs into requests within Salesforce's limits (500 nodes, 75 graphs); a graph
+/// with nothing to write (e.g. an erasure) goes alone and costs no call.
+pub fn pack(graphs: Vec<GraphPlan>) -> Vec<Vec<GraphPlan>> {
+    let mut requests: Vec<Vec<GraphPlan>> = Vec::new();
+    let mut size = 0;
+    for graph in graphs {
+        let n = graph.nodes();
+        if n == 0 {
+            requests.push(vec![graph]);
+            continue;
+        }
+        match requests.last_mut() {
+            Some(last) if size + n <= MAX_NODES && last.len() < MAX_GRAPHS && !is_empty(last) => {
+                last.push(graph);
+                size += n;
+            }
+            _ => {
+                requests.push(vec![graph]);
+                size = n;
+            }
+        }
+    }
+    requests
 }
 
 fn is_empty(request: &[GraphPlan]) -> bool {
     request.iter().all(|g| g.body["compositeRequest"].as_array().is_none_or(Vec::is_empty))
-}
-
-fn finish(mut graph: GraphPlan, nodes: Vec<Value>) -> GraphPlan {
-    for n in &nodes {
-        let reference = n["referenceId"].as_str().unwrap_or_default().to_owned();
-        graph.owners.entry(reference).or_insert(Owner::Customer);
-    }
-    graph.body = json!({"graphId": graph.graph_id, "compositeRequest": nodes});
-    graph
 }
 
 /// The request body for a set of graphs.
@@ -307,8 +419,11 @@ mod tests {
         let org = org();
         let b = Builder { mapping: &mapping, org: &org, version: "v66.0" };
         let events = [event(1, "c:1", "pending"), event(2, "c:2", "processing"), event(3, "c:1", "pending")];
-        let work: Vec<Work<'_>> =
-            events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
+        let work: Vec<Work<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Work { index: i, event: e, write_customer: true, held_digest: None })
+            .collect();
         let requests = b.build(&work, false);
         assert_eq!(requests.len(), 1, "three small orders fit one call");
         let graphs = &requests[0];
@@ -320,8 +435,8 @@ mod tests {
             .iter()
             .map(|n| n["referenceId"].as_str().unwrap())
             .collect();
-        assert_eq!(&refs[..3], &["a", "c", "o0"], "account, contact, then the order");
-        assert_eq!(graphs[0].owners["a"], Owner::Customer);
+        assert_eq!(&refs[..3], &["a0", "c0", "o0"], "account, contact, then the order");
+        assert_eq!(graphs[0].owners["a0"], Owner::Customer(vec![0, 2]));
         assert_eq!(graphs[0].owners["o2"], Owner::Record(2));
         // Processing activates, after the items.
         let last = graphs[1].body["compositeRequest"].as_array().unwrap().last().unwrap().clone();
@@ -335,8 +450,11 @@ mod tests {
         let org = org();
         let b = Builder { mapping: &mapping, org: &org, version: "v66.0" };
         let events: Vec<CommerceEvent> = (0..400).map(|n| event(n, &format!("c:{n}"), "pending")).collect();
-        let work: Vec<Work<'_>> =
-            events.iter().enumerate().map(|(i, e)| Work { index: i, event: e, write_customer: true }).collect();
+        let work: Vec<Work<'_>> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Work { index: i, event: e, write_customer: true, held_digest: None })
+            .collect();
         let requests = b.build(&work, false);
         for r in &requests {
             let nodes: usize = r.iter().map(|g| g.body["compositeRequest"].as_array().unwrap().len()).sum();

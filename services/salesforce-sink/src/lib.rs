@@ -114,6 +114,22 @@ pub struct SalesforceArgs {
     /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
     #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
     pub bulk_timeout: Duration,
+    /// Longest a Composite Graph write waits for the other busy partitions' writes to share
+    /// its request (it leaves as soon as they have all boarded, or at 500 nodes; after a quiet
+    /// spell at once). 0 sends every batch's requests at once.
+    #[arg(long = "salesforce-graph-linger", env = "ELO_SALESFORCE_GRAPH_LINGER", default_value = "200ms", value_parser = parse_duration)]
+    pub graph_linger: Duration,
+    /// How long a busy partition (its previous batch taken within the last second) waits to
+    /// fill its next batch: the records arriving meanwhile share its request, so this sets
+    /// the calls per order of a busy stream; it counts against the freshness budget. A record
+    /// after a quiet spell does not wait.
+    #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "300ms", value_parser = parse_duration)]
+    pub busy_linger: Duration,
+    /// Encoded bytes of records decoded and written at once across partitions: a batch is
+    /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds
+    /// memory under a backlog whatever ELO_MAX_BATCH says.
+    #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 256 << 10)]
+    pub inflight_bytes: usize,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
     #[arg(
         long = "salesforce-state-topic",
@@ -199,6 +215,8 @@ pub struct SinkHandler {
     commands: (String, elo_kafka::Producer),
     /// Handler calls per record so far (for outcomes), dropped when the record finishes.
     attempts: Mutex<std::collections::HashMap<(i32, i64), i32>>,
+    /// Bytes of records in flight across partitions.
+    budget: MemoryBudget,
 }
 
 impl elo_kafka::Handler for SinkHandler {
@@ -217,6 +235,42 @@ impl elo_kafka::Handler for SinkHandler {
             }
             return results;
         }
+        // Records are decoded and written a chunk at a time under a process-wide byte budget,
+        // so memory follows the budget, not the batch: a backlog batch (the runtime's
+        // ELO_MAX_BATCH) is only the signal for Bulk API 2.0, which takes the whole budget.
+        let bulk = sink.bulk_sized(batch.len());
+        let mut results = Vec::with_capacity(batch.len());
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let take = if bulk { rest.len() } else { chunk_len(rest, self.budget.chunk_bytes) };
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
+            let bytes: usize = chunk.iter().map(Record::size_bytes).sum();
+            let _permit = self.budget.acquire(if bulk { usize::MAX } else { bytes }).await;
+            results.extend(self.handle_chunk(sink, chunk).await);
+        }
+        results
+    }
+
+    async fn on_partition_start(&self, _topic: &str, partition: i32) -> Result<(), HandlerError> {
+        let keys = self
+            .state
+            .restore_async(partition)
+            .await
+            .map_err(|e| HandlerError::transient("state_restore", e.to_string()))?;
+        tracing::debug!(partition, keys, "confirmed versions restored");
+        Ok(())
+    }
+
+    fn on_revoked(&self, _topic: &str, partition: i32) {
+        self.attempts.lock().expect("attempts lock").retain(|(p, _), _| *p != partition);
+        self.state.release(partition);
+    }
+}
+
+impl SinkHandler {
+    /// Decodes, applies and reports one chunk of a partition's batch.
+    async fn handle_chunk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
         let started = Instant::now();
         let mut events = Vec::with_capacity(batch.len());
         for record in batch {
@@ -254,21 +308,58 @@ impl elo_kafka::Handler for SinkHandler {
             })
             .collect()
     }
+}
 
-    async fn on_partition_start(&self, _topic: &str, partition: i32) -> Result<(), HandlerError> {
-        let keys = self
-            .state
-            .restore_async(partition)
-            .await
-            .map_err(|e| HandlerError::transient("state_restore", e.to_string()))?;
-        tracing::debug!(partition, keys, "confirmed versions restored");
-        Ok(())
+/// Records from the front of `records` that fit `bytes` (at least one).
+fn chunk_len(records: &[Record], bytes: usize) -> usize {
+    let mut total = 0;
+    records
+        .iter()
+        .position(|r| {
+            total += r.size_bytes();
+            total > bytes
+        })
+        .unwrap_or(records.len())
+        .max(1)
+}
+
+/// The process-wide budget of encoded record bytes being decoded and written at once.
+pub struct MemoryBudget {
+    permits: tokio::sync::Semaphore,
+    /// Budget in KiB (a semaphore permit each).
+    total_kib: u32,
+    /// Largest chunk of a partition's batch handled at once: a quarter of the budget, so
+    /// several partitions' chunks are in flight together (and share Composite Graph calls).
+    pub chunk_bytes: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: usize) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 4);
+        let permits = tokio::sync::Semaphore::new(total_kib as usize);
+        Self { permits, total_kib, chunk_bytes: (bytes / 4).max(1) }
     }
 
-    fn on_revoked(&self, _topic: &str, partition: i32) {
-        self.attempts.lock().expect("attempts lock").retain(|(p, _), _| *p != partition);
-        self.state.release(partition);
+    /// Waits until `bytes` fit the budget (more than the whole budget waits for all of it).
+    pub async fn acquire(&self, bytes: usize) -> tokio::sync::SemaphorePermit<'_> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.total_kib);
+        self.permits.acquire_many(kib).await.expect("the budget is never closed")
     }
+}
+
+/// The sink's librdkafka defaults (an operator's `ELO_RDKAFKA_*` or `--kafka-option` wins):
+/// a short fetch wait, so a record reaches the graph pool soon after it is produced (the
+/// freshness budget), and a smaller prefetch queue (4 MiB instead of the runtime's 16): the
+/// partition buffers already hold a Bulk-sized batch, more prefetch is only memory.
+fn consumer_kafka(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<elo_kafka::KafkaArgs> {
+    let mut kafka = kafka.clone();
+    let set = kafka.properties()?;
+    for (key, value) in [("fetch.wait.max.ms", "100"), ("queued.max.messages.kbytes", "4096")] {
+        if !set.contains_key(key) {
+            kafka.options.push((key.to_owned(), value.to_owned()));
+        }
+    }
+    Ok(kafka)
 }
 
 /// Runs until SIGTERM/SIGINT: stop intake, drain, commit, exit. Returns an error when the
@@ -297,6 +388,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
+        let graph_linger = config.salesforce.graph_linger;
         let confirmations = handler::Confirmations::Store(state.clone());
         let bulk = handler::BulkSettings {
             min_records: config.salesforce.bulk_min_records,
@@ -308,7 +400,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 Ok(Some(org)) => {
                     let sink = handler::Sink::new(client, mapping, org, quota_pause)
                         .with_confirmations(confirmations)
-                        .with_bulk(bulk);
+                        .with_bulk(bulk)
+                        .with_graph_linger(graph_linger);
                     let _ = cell.set(sink);
                 }
                 Ok(None) => {}
@@ -329,9 +422,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Large enough that a backlog reaches Bulk API 2.0; live traffic stays in small batches
     // (the 50 ms linger), which go out as Composite Graph at once.
     settings.max_batch = config.consumer.max_batch.unwrap_or(DEFAULT_MAX_BATCH).max(1);
-    settings.batch_linger = Duration::from_millis(50);
+    // Short: the graph pool does the waiting for company (ELO_SALESFORCE_GRAPH_LINGER).
+    settings.batch_linger = Duration::from_millis(20);
+    settings.busy_linger = config.salesforce.busy_linger;
     settings.max_in_flight = config.consumer.max_in_flight.max(1);
     settings.partition_buffer = config.consumer.partition_buffer.max(1);
+    settings.partition_buffer_bytes = config.consumer.partition_buffer_bytes.max(1);
     settings.drain_timeout = config.consumer.drain_timeout;
     let handler = Arc::new(SinkHandler {
         codec: service.codec.clone(),
@@ -344,9 +440,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         commands: (common.topics.commands.clone(), service.producer.clone()),
         attempts: Mutex::default(),
+        budget: MemoryBudget::new(config.salesforce.inflight_bytes),
     });
+    let kafka = consumer_kafka(&common.kafka)?;
     let result = elo_kafka::run_consumer(
-        &common.kafka,
+        &kafka,
         settings,
         handler,
         service.producer.clone(),

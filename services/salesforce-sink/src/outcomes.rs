@@ -63,27 +63,41 @@ impl Outcomes {
     ) -> Vec<Result<(), HandlerError>> {
         let now = now_ms();
         let _ = started;
-        let sends = events.iter().zip(verdicts).zip(attempts).map(|((event, verdict), attempts)| async move {
-            let (Ok(event), Some(status)) = (event, verdict.outcome) else { return Ok(()) };
-            let object = if event.order.is_some() { "Order" } else { "Account" };
-            let result = match status {
-                OutcomeStatus::Applied => "applied",
-                OutcomeStatus::SkippedStale => "skipped_stale",
-                OutcomeStatus::DeadLettered => "failed",
-                OutcomeStatus::Unknown => "not_handled",
-            };
-            metrics::RECORDS.with_label_values(&[object, result]).inc();
-            if status == OutcomeStatus::Applied {
-                metrics::LATENCY.observe((now - event.occurred_at).max(0) as f64 / 1000.0);
-            }
-            let record = outcome(event, verdict, status, *attempts, now);
-            let payload = self.codec.encode(&self.topic, &record).await.map_err(|e| elo_service::codec_failure(&e))?;
-            self.producer
-                .send(&self.topic, event.customer_key.as_bytes(), &payload, Some("SYNC_OUTCOME"))
-                .await
-                .map(|_| ())
-                .map_err(|e| HandlerError::transient("outcome_publish", e.to_string()))
-        });
-        futures::future::join_all(sends).await
+        // A few hundred at a time: a Bulk batch's thousands of encoded outcomes are not held at once.
+        let mut out = Vec::with_capacity(events.len());
+        for start in (0..events.len()).step_by(256) {
+            let end = (start + 256).min(events.len()).min(verdicts.len()).min(attempts.len());
+            let sends = (start..end).map(|i| self.publish_one(&events[i], &verdicts[i], attempts[i], now));
+            out.extend(futures::future::join_all(sends).await);
+        }
+        out
+    }
+
+    async fn publish_one(
+        &self,
+        event: &Result<CommerceEvent, HandlerError>,
+        verdict: &Verdict,
+        attempts: i32,
+        now: i64,
+    ) -> Result<(), HandlerError> {
+        let (Ok(event), Some(status)) = (event, verdict.outcome) else { return Ok(()) };
+        let object = if event.order.is_some() { "Order" } else { "Account" };
+        let result = match status {
+            OutcomeStatus::Applied => "applied",
+            OutcomeStatus::SkippedStale => "skipped_stale",
+            OutcomeStatus::DeadLettered => "failed",
+            OutcomeStatus::Unknown => "not_handled",
+        };
+        metrics::RECORDS.with_label_values(&[object, result]).inc();
+        if status == OutcomeStatus::Applied {
+            metrics::LATENCY.observe((now - event.occurred_at).max(0) as f64 / 1000.0);
+        }
+        let record = outcome(event, verdict, status, attempts, now);
+        let payload = self.codec.encode(&self.topic, &record).await.map_err(|e| elo_service::codec_failure(&e))?;
+        self.producer
+            .send(&self.topic, event.customer_key.as_bytes(), &payload, Some("SYNC_OUTCOME"))
+            .await
+            .map(|_| ())
+            .map_err(|e| HandlerError::transient("outcome_publish", e.to_string()))
     }
 }

@@ -132,6 +132,11 @@ pub struct ConsumerSettings {
     pub max_batch: usize,
     /// How long a worker waits to fill a batch once it has one record.
     pub batch_linger: Duration,
+    /// The linger instead of `batch_linger` while the partition is busy (its previous batch
+    /// was taken within `busy_window`): a busy stream fills larger batches while a record
+    /// after a quiet spell leaves at once. Zero (the default): always `batch_linger`.
+    pub busy_linger: Duration,
+    pub busy_window: Duration,
     /// Records buffered per partition before the partition is paused.
     pub partition_buffer: usize,
     /// Bytes buffered per partition before the partition is paused.
@@ -154,6 +159,8 @@ impl ConsumerSettings {
             dlq_topic: dlq_topic.into(),
             max_batch: 1,
             batch_linger: Duration::ZERO,
+            busy_linger: Duration::ZERO,
+            busy_window: Duration::from_secs(1),
             partition_buffer: 5000,
             partition_buffer_bytes: 4 << 20,
             max_in_flight: 8,

@@ -195,3 +195,45 @@ async fn no_record_is_handled_before_the_partition_start_succeeds() {
     assert_eq!(ctx.shared.handler.handled_before_start.load(Ordering::SeqCst), 0, "none before");
     assert_eq!(ctx.shared.handler.tries.load(Ordering::SeqCst), 3);
 }
+
+/// Records the size of each batch it is handed.
+#[derive(Default)]
+struct Sizes(StdMutex<Vec<usize>>);
+
+impl Handler for Sizes {
+    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        self.0.lock().unwrap().push(batch.len());
+        batch.iter().map(|_| Ok(())).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_record_goes_at_once_and_a_busy_partition_lingers_to_fill_its_batch() {
+    let mut ctx = context_with(Sizes::default(), 100);
+    {
+        let settings = &mut Arc::get_mut(&mut ctx.shared).unwrap().settings;
+        settings.max_batch = 100;
+        settings.busy_linger = Duration::from_secs(2);
+        settings.busy_window = Duration::from_secs(5);
+    }
+    let control = FakeControl::default();
+    ctx.assign(&control, ("t".into(), 0));
+    let sizes = || ctx.shared.handler.0.lock().unwrap().clone();
+    // Quiet partition: the first record is handed over at once, not after the busy linger.
+    let started = std::time::Instant::now();
+    ctx.dispatch(&control, record(0));
+    while sizes().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(1), "a lone record waited {:?}", started.elapsed());
+    // Busy now: records trickling in 100 ms apart land in one batch (without the busy linger
+    // each would be a batch of its own).
+    for offset in 1..=5 {
+        ctx.dispatch(&control, record(offset));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while sizes().iter().sum::<usize>() < 6 && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sizes(), vec![1, 5]);
+}

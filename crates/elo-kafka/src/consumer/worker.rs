@@ -83,7 +83,11 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
         if !self.start().await {
             return;
         }
-        while let Some(batch) = self.next_batch(&mut rx).await {
+        let mut last_take: Option<Instant> = None;
+        loop {
+            let busy = last_take.is_some_and(|t| t.elapsed() <= self.shared.settings.busy_window);
+            let Some(batch) = self.next_batch(&mut rx, busy).await else { break };
+            last_take = Some(Instant::now());
             let (first, last, size) = (batch[0].offset, batch[batch.len() - 1].offset, batch.len());
             let (topic, partition) = (&self.tp.0, self.tp.1);
             let span = tracing::info_span!("consume_batch", topic = %topic, partition, first_offset = first, last_offset = last, size);
@@ -131,8 +135,9 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
         }
     }
 
-    /// Up to `max_batch` records, waiting up to `batch_linger` to fill; `None` on stop.
-    async fn next_batch(&self, rx: &mut mpsc::Receiver<Record>) -> Option<Vec<Record>> {
+    /// Up to `max_batch` records, waiting up to `batch_linger` to fill (`busy_linger` when
+    /// `busy`: the previous batch was taken within `busy_window`); `None` on stop.
+    async fn next_batch(&self, rx: &mut mpsc::Receiver<Record>, busy: bool) -> Option<Vec<Record>> {
         let settings = &self.shared.settings;
         let first = tokio::select! {
             biased;
@@ -140,11 +145,12 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
             next = rx.recv() => next?,
         };
         let mut batch = vec![first];
-        let linger_until = tokio::time::Instant::now() + settings.batch_linger;
+        let linger = if busy { settings.batch_linger.max(settings.busy_linger) } else { settings.batch_linger };
+        let linger_until = tokio::time::Instant::now() + linger;
         while batch.len() < settings.max_batch {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
-                Err(_) if settings.batch_linger.is_zero() => break,
+                Err(_) if linger.is_zero() => break,
                 Err(_) => match tokio::time::timeout_at(linger_until, rx.recv()).await {
                     Ok(Some(r)) => batch.push(r),
                     _ => break,

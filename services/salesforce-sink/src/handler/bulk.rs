@@ -10,6 +10,7 @@
 //! job that fails as a whole fails its records `transient`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use elo_events::OutcomeStatus;
@@ -43,7 +44,8 @@ impl Default for BulkSettings {
 #[derive(Debug)]
 struct Row {
     ext: String,
-    cells: BTreeMap<String, String>,
+    /// Column (shared by every row of the job: a backlog has thousands) → cell.
+    cells: BTreeMap<Arc<str>, String>,
     owners: BTreeSet<usize>,
 }
 
@@ -53,6 +55,16 @@ struct JobPlan {
     object: String,
     ext_field: String,
     rows: Vec<Row>,
+}
+
+/// The one shared copy of a column name.
+fn intern(columns: &mut HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(shared) = columns.get(name) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(name);
+    columns.insert(name.to_owned(), shared.clone());
+    shared
 }
 
 /// The phases, in dependency order, by the first letter of a graph node's reference.
@@ -94,7 +106,7 @@ impl JobPlan {
     fn csv(&self) -> String {
         let mut columns: BTreeSet<&str> = BTreeSet::new();
         for row in &self.rows {
-            columns.extend(row.cells.keys().map(String::as_str));
+            columns.extend(row.cells.keys().map(|c| &**c));
         }
         let columns: Vec<&str> = std::iter::once(self.ext_field.as_str())
             .chain(columns.into_iter().filter(|c| *c != self.ext_field))
@@ -128,17 +140,27 @@ fn row_error(text: &str) -> (String, String, Vec<String>) {
     (code.trim().to_owned(), message.trim().to_owned(), fields)
 }
 
-/// Rows of a results CSV as maps from column to cell.
-fn parse_results(csv: &str) -> Vec<HashMap<String, String>> {
-    let rows = sandbox_free_csv(csv);
-    let mut rows = rows.into_iter();
-    let header = rows.next().unwrap_or_default();
-    rows.map(|r| header.iter().cloned().zip(r).collect()).collect()
+/// Two columns of a results CSV, row by row (a job's results hold every column it was sent).
+fn result_pairs(csv: &str, key: &str, value: &str) -> Vec<(String, String)> {
+    let mut columns: Option<(Option<usize>, Option<usize>)> = None;
+    let mut out = Vec::new();
+    read_csv(csv, |mut row| match columns {
+        None => {
+            let at = |name: &str| row.iter().position(|c| c == name);
+            columns = Some((at(key), at(value)));
+        }
+        Some((k, v)) => {
+            let mut take = |i: Option<usize>| i.and_then(|i| row.get_mut(i)).map(std::mem::take).unwrap_or_default();
+            let key = take(k);
+            out.push((key, take(v)));
+        }
+    });
+    out
 }
 
 /// RFC 4180 CSV (quoted cells, doubled quotes, LF or CRLF).
-fn sandbox_free_csv(text: &str) -> Vec<Vec<String>> {
-    let (mut rows, mut row, mut cell) = (Vec::new(), Vec::new(), String::new());
+fn read_csv(text: &str, mut each: impl FnMut(Vec<String>)) {
+    let (mut row, mut cell) = (Vec::new(), String::new());
     let (mut quoted, mut any) = (false, false);
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -161,7 +183,7 @@ fn sandbox_free_csv(text: &str) -> Vec<Vec<String>> {
                 chars.next();
             }
             row.push(std::mem::take(&mut cell));
-            rows.push(std::mem::take(&mut row));
+            each(std::mem::take(&mut row));
             any = false;
         } else {
             cell.push(c);
@@ -169,9 +191,8 @@ fn sandbox_free_csv(text: &str) -> Vec<Vec<String>> {
     }
     if any {
         row.push(cell);
-        rows.push(row);
+        each(row);
     }
-    rows
 }
 
 impl Sink {
@@ -180,12 +201,17 @@ impl Sink {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut jobs: Vec<JobPlan> = PHASES.iter().map(|_| JobPlan::default()).collect();
         let mut index: Vec<HashMap<String, usize>> = PHASES.iter().map(|_| HashMap::new()).collect();
-        for request in builder.build(work, false) {
+        let mut columns: HashMap<String, Arc<str>> = HashMap::new();
+        // Rows are built a slice of records at a time (the graphs of a whole backlog batch as
+        // JSON would hold tens of KB per record) and kept as cells only.
+        let requests =
+            crate::graph::slices(work, super::GRAPH_SLICE).into_iter().flat_map(|s| builder.build(&s, false));
+        for request in requests {
             for graph in request {
-                let nodes = graph.body["compositeRequest"].as_array().cloned().unwrap_or_default();
+                let Some(nodes) = graph.body["compositeRequest"].as_array() else { continue };
                 // Activation nodes name their order by reference (`@{o7.id}`): by external id here.
                 let mut order_ext: HashMap<String, (String, String)> = HashMap::new();
-                for node in &nodes {
+                for node in nodes {
                     let reference = node["referenceId"].as_str().unwrap_or_default();
                     let url = node["url"].as_str().unwrap_or_default();
                     let parts: Vec<&str> = url.rsplit('/').take(3).collect();
@@ -206,18 +232,19 @@ impl Sink {
                     let Some(phase) = PHASES.iter().position(|p| reference.starts_with(*p)) else { continue };
                     let owners: BTreeSet<usize> = match graph.owners.get(reference) {
                         Some(Owner::Record(i)) => [*i].into(),
-                        _ => graph.records.iter().copied().collect(),
+                        Some(Owner::Customer(records)) => records.iter().copied().collect(),
+                        None => graph.records.iter().copied().collect(),
                     };
-                    let mut cells = BTreeMap::new();
+                    let mut cells: BTreeMap<Arc<str>, String> = BTreeMap::new();
                     for (k, v) in node["body"].as_object().into_iter().flatten() {
                         match v.as_object() {
                             Some(lookup) => {
                                 for (f, x) in lookup {
-                                    cells.insert(format!("{k}.{f}"), cell(x));
+                                    cells.insert(intern(&mut columns, &format!("{k}.{f}")), cell(x));
                                 }
                             }
                             None => {
-                                cells.insert(k.clone(), cell(v));
+                                cells.insert(intern(&mut columns, k), cell(v));
                             }
                         }
                     }
@@ -354,13 +381,10 @@ impl Sink {
         let mut out = (Vec::new(), Vec::new());
         for kind in ["successfulResults", "failedResults"] {
             let text = self.results(&format!("{path}/{kind}")).await?;
-            for row in parse_results(&text) {
-                let ext = row.get(&job.ext_field).cloned().unwrap_or_default();
-                if kind == "successfulResults" {
-                    out.0.push((ext, row.get("sf__Id").cloned().unwrap_or_default()));
-                } else {
-                    out.1.push((ext, row.get("sf__Error").cloned().unwrap_or_default()));
-                }
+            if kind == "successfulResults" {
+                out.0 = result_pairs(&text, &job.ext_field, "sf__Id");
+            } else {
+                out.1 = result_pairs(&text, &job.ext_field, "sf__Error");
             }
         }
         Ok(out)
@@ -404,7 +428,12 @@ mod tests {
         assert_eq!(fields, vec!["LastName"]);
         assert_eq!(decode("c%3A42"), "c:42");
         assert_eq!(cell(&Value::Null), "#N/A");
-        let rows = parse_results("\"sf__Id\",\"Elo_Id__c\"\n\"001\",\"c:1, \"\"x\"\"\"\n");
-        assert_eq!(rows[0]["Elo_Id__c"], "c:1, \"x\"");
+        let rows = result_pairs("\"sf__Id\",\"Elo_Id__c\"\n\"001\",\"c:1, \"\"x\"\"\"\n", "Elo_Id__c", "sf__Id");
+        assert_eq!(rows, vec![("c:1, \"x\"".to_owned(), "001".to_owned())]);
+        let csv = "\"sf__Id\",\"Elo_Id__c\"\n\"001\",\"c:1\"\n\"002\",\"c:2\"\n";
+        assert_eq!(
+            result_pairs(csv, "Elo_Id__c", "sf__Id"),
+            vec![("c:1".into(), "001".into()), ("c:2".into(), "002".into())]
+        );
     }
 }

@@ -38,6 +38,8 @@ impl Sink {
             ErasureMode::Delete => self.delete(&accounts, &contacts).await?,
         };
         let mut after = known.clone();
+        // What Salesforce holds is no longer that data: the next write writes it in full.
+        after.digest = 0;
         // Nothing older than the erasure (any enrichment) may write this person's data again.
         if (e.source_version.updated_at, u8::MAX) > after.at() {
             (after.version, after.rank) = (e.source_version.updated_at, u8::MAX);

@@ -26,13 +26,14 @@ use elo_kafka::{ErrorClass, HandlerError};
 use serde_json::Value;
 
 use crate::client::{self, SalesforceClient};
-use crate::graph::{Builder, OrgIds, Work, customer_version};
+use crate::graph::{self, Builder, OrgIds, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
 
 mod alias;
 mod bulk;
 mod composite;
 mod erasure;
+mod pool;
 mod products;
 mod resend;
 pub mod state;
@@ -51,8 +52,13 @@ pub struct Verdict {
     retry_in_call: bool,
 }
 
-/// Records whose graphs are built at once (about 20 full Composite Graph requests).
-const GRAPH_SLICE: usize = 1000;
+/// Records whose graphs are built at once (a few full Composite Graph requests; also the
+/// slice a Bulk API 2.0 batch's rows are built from).
+const GRAPH_SLICE: usize = 250;
+
+/// Customers share a graph up to this many nodes (a few small orders' worth), so a request
+/// of 500 nodes is not cut short by the 75-graph limit.
+const MERGE_NODES: usize = 30;
 
 /// Extra rounds within one handler call for graphs that failed transiently.
 const IN_CALL_RETRIES: usize = 4;
@@ -84,6 +90,8 @@ pub struct Sink {
     confirmed: Confirmations,
     /// When batches go through Bulk API 2.0.
     bulk: BulkSettings,
+    /// Composite Graph requests shared by the partitions' batches.
+    pool: pool::Pool,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -146,7 +154,20 @@ impl Sink {
             entries: Mutex::new(HashSet::new()),
             confirmed: Confirmations::memory(),
             bulk: BulkSettings::default(),
+            pool: pool::Pool::new(Duration::ZERO),
         }
+    }
+
+    /// Lets graphs wait up to `linger` for other batches' graphs to share a request (see
+    /// `handler/pool.rs`); zero sends each batch's requests at once.
+    pub fn with_graph_linger(mut self, linger: Duration) -> Self {
+        self.pool = pool::Pool::new(linger);
+        self
+    }
+
+    /// Whether a batch of `records` goes through Bulk API 2.0.
+    pub fn bulk_sized(&self, records: usize) -> bool {
+        self.bulk.min_records > 0 && records >= self.bulk.min_records
     }
 
     /// Uses Bulk API 2.0 as `bulk` says.
@@ -223,7 +244,9 @@ impl Sink {
                 continue;
             }
             let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            match self.confirmed.get(partition, &key) {
+            let confirmed = self.confirmed.get(partition, &key);
+            let rewriting = confirmed.as_ref().is_some_and(|c| c.rewrite);
+            match confirmed {
                 Some(c) if at(e) < c.at() => {
                     verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                     continue;
@@ -241,11 +264,13 @@ impl Sink {
                 verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                 continue;
             }
-            let write_customer = self
-                .confirmed
-                .get(partition, &customer_entity(e))
-                .is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
-            work.push(Work { index: *i, event: e, write_customer });
+            let customer = self.confirmed.get(partition, &customer_entity(e));
+            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            // A rewrite (RESEND) writes the customer in full: it may be gone from Salesforce.
+            let held_digest = customer
+                .filter(|c| !c.rewrite && !rewriting && c.digest != 0 && c.target_ids.contains_key("Account"))
+                .map(|c| c.digest);
+            work.push(Work { index: *i, event: e, write_customer, held_digest });
         }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
@@ -255,7 +280,7 @@ impl Sink {
             }
             None => true,
         });
-        self.write(&work, &mut verdicts).await;
+        self.write(partition, &work, &mut verdicts).await;
         self.confirm(partition, &work, &mut verdicts).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
@@ -267,9 +292,10 @@ impl Sink {
                     index: *i,
                     event: e,
                     write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
+                    held_digest: None,
                 })
                 .collect();
-            self.write(&again, &mut verdicts).await;
+            self.write(partition, &again, &mut verdicts).await;
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
@@ -287,19 +313,16 @@ impl Sink {
 
     /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
     /// transiently once more per round, one record per graph.
-    async fn write(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        if self.bulk.min_records > 0 && work.len() >= self.bulk.min_records {
+        if self.bulk_sized(work.len()) {
             self.write_bulk(work, verdicts).await;
         } else {
             // Built and sent a slice at a time: a backlog batch of thousands of records would
             // otherwise hold every request body at once.
-            for slice in work.chunks(GRAPH_SLICE) {
-                for request in builder.build(slice, false) {
-                    let results = self.send(&request).await;
-                    for (index, verdict) in results {
-                        verdicts[index] = Some(verdict);
-                    }
+            for slice in graph::slices(work, GRAPH_SLICE) {
+                for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
+                    verdicts[index] = Some(verdict);
                 }
             }
         }
@@ -310,7 +333,7 @@ impl Sink {
             let again: Vec<Work<'_>> = work
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
-                .map(|w| Work { index: w.index, event: w.event, write_customer: w.write_customer })
+                .map(|w| Work { index: w.index, event: w.event, ..*w })
                 .collect();
             if again.is_empty() {
                 break;
@@ -327,6 +350,7 @@ impl Sink {
     /// done; a failed state write fails its records `transient`, and the replay rewrites the
     /// same upserts).
     async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
         let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
             updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
@@ -342,13 +366,15 @@ impl Sink {
             if let Some(key) = order_entity(w.event) {
                 let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
                 let entry = updates.entry(key).or_default();
-                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false };
+                entry.0 =
+                    Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false, digest: 0 };
                 entry.1.push(w.index);
             } else if w.event.customer.is_some() {
                 let key = customer_entity(w.event);
                 let mut c = current(&key, &updates);
                 if (v, rank) >= c.at() {
                     (c.version, c.rank, c.rewrite) = (v, rank, false);
+                    c.digest = builder.customer_digest(w.event);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
@@ -365,6 +391,7 @@ impl Sink {
                 if cv >= c.at() {
                     (c.version, c.rank) = cv;
                     c.rewrite = false;
+                    c.digest = builder.customer_digest(w.event);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {

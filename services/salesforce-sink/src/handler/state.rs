@@ -34,6 +34,15 @@ pub struct Confirmed {
     /// (an erasure's floor included) is kept, so a late duplicate can never win.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rewrite: bool,
+    /// For a customer key: a digest of the customer data written at `version` (the Account
+    /// and Contact fields). A later order whose customer data has the same digest leaves
+    /// those nodes out (a repeat buyer costs the order's nodes only); 0: unknown.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub digest: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Confirmed {

@@ -6,7 +6,8 @@
 //!
 //! - **Live** ([`LIVE_ORDERS`] at [`LIVE_RATE`]/s, the first [`WARMUP_ORDERS`] unmeasured):
 //!   freshness p50/p99, from the event's publication to the Order's creation in the simulator
-//!   (the simulator stamps `CreatedDate` when it writes), and Salesforce calls per 1,000 orders.
+//!   (the simulator stamps `CreatedDate` when it writes), and Salesforce calls per 1,000 orders
+//!   (every call: the simulator's usage count plus the sink's token requests from its /metrics).
 //!   order-ingest's own webhook-to-topic latency is measured by the push bench (`ELO_BENCH=push`).
 //! - **Backlog** ([`BACKLOG_ORDERS`] published before the sink starts): orders per second
 //!   through Composite Graph (Bulk off), then through Bulk API 2.0 (the default threshold), each
@@ -102,17 +103,39 @@ fn order_ids(sf: &SalesforceApp) -> HashMap<String, i64> {
         .collect()
 }
 
+/// The sink's OAuth token requests so far (the simulator's usage counter, like Salesforce's
+/// API quota, leaves them out; the bench counts every call), from its /metrics.
+async fn token_calls(admin: &str) -> u64 {
+    let Ok(response) = reqwest::get(format!("http://{admin}/metrics")).await else { return 0 };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("salesforce_sink_api_calls_total{kind=\"token\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<f64>().ok())
+        .map_or(0, |n| n as u64)
+}
+
+/// Every Salesforce call the sink made so far: the simulator's count plus token requests.
+async fn calls(sf: &SalesforceApp, admin: &str) -> u64 {
+    let api = sf.sim.lock().expect("sf lock").api_usage;
+    api + token_calls(admin).await
+}
+
 fn rss_kib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The release sink with the test harness's settings for `topic`.
-fn sink(dir: &Path, topic: &str, url: &str, log: &str, extra: &[(&str, &str)]) -> anyhow::Result<ChildGuard> {
+/// The release sink with the test harness's settings for `topic`; its admin address.
+fn sink(dir: &Path, topic: &str, url: &str, log: &str, extra: &[(&str, &str)]) -> anyhow::Result<(ChildGuard, String)> {
     let base = salesforce_sink(dir, topic, url, log);
     let mut command = Command::new(sibling("salesforce-sink")?);
+    let mut admin = String::new();
     for (key, value) in base.get_envs() {
         if let Some(value) = value {
+            if key == "ELO_ADMIN_LISTEN" {
+                admin = value.to_string_lossy().into_owned();
+            }
             command.env(key, value);
         }
     }
@@ -120,7 +143,7 @@ fn sink(dir: &Path, topic: &str, url: &str, log: &str, extra: &[(&str, &str)]) -
         command.env(k, v);
     }
     command.stdout(std::process::Stdio::null()).stderr(std::fs::File::create(dir.join(format!("{log}.log")))?);
-    Ok(ChildGuard::spawn("salesforce-sink", &mut command))
+    Ok((ChildGuard::spawn("salesforce-sink", &mut command), admin))
 }
 
 async fn publish(
@@ -178,7 +201,7 @@ pub(crate) async fn run(rows: &mut Vec<Value>) -> anyhow::Result<()> {
         producer.flush(Duration::from_secs(30))?;
         let (sf, url) = salesforce().await?;
         let started = Instant::now();
-        let guard = sink(dir.path(), &topic, &url, name, &[("ELO_SALESFORCE_BULK_MIN_RECORDS", bulk_min)])?;
+        let (guard, admin) = sink(dir.path(), &topic, &url, name, &[("ELO_SALESFORCE_BULK_MIN_RECORDS", bulk_min)])?;
         let pid = guard.pid() as u32;
         let (done, peak) = drain(&sf, &backlog, pid, Duration::from_secs(600)).await;
         peak_rss = peak_rss.max(peak).max(rss_kib(pid, "VmHWM:").unwrap_or(0.0));
@@ -188,10 +211,8 @@ pub(crate) async fn run(rows: &mut Vec<Value>) -> anyhow::Result<()> {
             dir.path().join(format!("{name}.log")).display()
         );
         let elapsed = started.elapsed();
-        let (calls, jobs) = {
-            let sim = sf.sim.lock().expect("sf lock");
-            (sim.api_usage, sim.jobs.len())
-        };
+        let jobs = sf.sim.lock().expect("sf lock").jobs.len();
+        let calls = calls(&sf, &admin).await;
         let rate = crate::rate(backlog.len(), elapsed);
         println!(
             "  backlog via {name}: {} orders in {:.1}s ({rate:.0} orders/s, sink start and group join included), {calls} calls, {jobs} bulk jobs",
@@ -224,7 +245,7 @@ async fn live(rows: &mut Vec<Value>, codec: &EventCodec, producer: &FutureProduc
     create_topics(&brokers(), &[(&topic, 3)]).await;
     let (sf, url) = salesforce().await?;
     let events = orders(LIVE_ORDERS + 1);
-    let guard = sink(dir, &topic, &url, "live", &[])?;
+    let (guard, admin) = sink(dir, &topic, &url, "live", &[])?;
     let pid = guard.pid() as u32;
     // One order first: the sink is up, assigned and has checked the org.
     publish(producer, codec, &topic, &events[0]).await?;
@@ -238,7 +259,7 @@ async fn live(rows: &mut Vec<Value>, codec: &EventCodec, producer: &FutureProduc
         let due = started + Duration::from_secs_f64(i as f64 / LIVE_RATE);
         tokio::time::sleep_until(due.into()).await;
         if i == WARMUP_ORDERS {
-            calls_at_warm = sf.sim.lock().expect("sf lock").api_usage;
+            calls_at_warm = calls(&sf, &admin).await;
         }
         sent_at.insert(format!("o:{}", e.order.as_ref().map_or(0, |o| o.entity_id)), now_ms());
         publish(producer, codec, &topic, e).await?;
@@ -249,7 +270,7 @@ async fn live(rows: &mut Vec<Value>, codec: &EventCodec, producer: &FutureProduc
     let (done, peak) = drain(&sf, events, pid, Duration::from_secs(180)).await;
     peak_rss = peak_rss.max(peak).max(rss_kib(pid, "VmHWM:").unwrap_or(0.0));
     anyhow::ensure!(done, "the live run did not finish; see {}", dir.join("live.log").display());
-    let calls = sf.sim.lock().expect("sf lock").api_usage - calls_at_warm;
+    let calls = calls(&sf, &admin).await - calls_at_warm;
     let created = order_ids(&sf);
     let measured = &events[WARMUP_ORDERS..];
     let mut latencies: Vec<i64> = measured
