@@ -167,6 +167,9 @@ pub struct RdClient {
     inner: Arc<Inner>,
     /// Contact requests wait for the budget (`true`) or fail with [`Error::BudgetSpent`].
     wait_for_budget: bool,
+    /// Budget cells taken by [`RdClient::reserve`] and not used yet; shared by clones, fresh
+    /// for each [`RdClient::reserving`] client (so one contact's reservation is its own).
+    credits: Arc<AtomicU32>,
 }
 
 struct Inner {
@@ -176,8 +179,6 @@ struct Inner {
     refresh_token: RwLock<Option<String>>,
     refreshing: Mutex<()>,
     budget: DefaultDirectRateLimiter,
-    /// Budget cells taken by [`RdClient::reserve`] and not used yet.
-    credits: AtomicU32,
     /// Requests of non-waiting clients queued for the budget.
     queued: AtomicU32,
 }
@@ -200,10 +201,10 @@ impl RdClient {
                 settings,
                 refreshing: Mutex::new(()),
                 budget,
-                credits: AtomicU32::new(0),
                 queued: AtomicU32::new(0),
             }),
             wait_for_budget: true,
+            credits: Arc::default(),
         })
     }
 
@@ -212,25 +213,26 @@ impl RdClient {
     /// [`Error::BudgetSpent`]: the consumer's batches use it, so e-commerce events never queue
     /// behind contact writes (those are deferred and coalesced).
     pub fn without_waiting(&self) -> Self {
-        Self { inner: self.inner.clone(), wait_for_budget: false }
+        Self { inner: self.inner.clone(), wait_for_budget: false, credits: Arc::default() }
+    }
+
+    /// A waiting client with a reservation of its own (empty): the sweep reserves one contact's
+    /// requests on it while the previous contact is being written. Cells it reserves and does
+    /// not use are dropped with it (kept, they would add up to a burst beyond the pace).
+    pub fn reserving(&self) -> Self {
+        Self { inner: self.inner.clone(), wait_for_budget: true, credits: Arc::default() }
     }
 
     /// Waits until the budget has room and takes one request's worth for a later contact
-    /// request of a waiting client, so a background sweep can wait before it takes a lock.
+    /// request of this client, so a background sweep can wait before it takes a lock.
     pub async fn reserve(&self) {
         self.inner.budget.until_ready().await;
-        self.inner.credits.fetch_add(1, AtomicOrdering::AcqRel);
-    }
-
-    /// Drops the reserved cells not used: kept, they would add up to a burst beyond the
-    /// budget's pace.
-    pub fn forfeit_reserved(&self) {
-        self.inner.credits.store(0, AtomicOrdering::Release);
+        self.credits.fetch_add(1, AtomicOrdering::AcqRel);
     }
 
     /// Takes a reserved cell, if any.
     fn take_credit(&self) -> bool {
-        self.inner.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
+        self.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
     }
 
     /// Takes the budget for one contact request (waiting, or not, as this client does).
