@@ -336,12 +336,16 @@ impl Sink {
         self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))
     }
 
-    async fn erase(&self, partition: i32, key: &str) -> Result<(), HandlerError> {
-        let Some(state) = self.customers.get(partition, key) else { return Ok(()) };
+    /// Deletes the contact and replaces the customer's state with an erasure floor (not a
+    /// tombstone: an older event arriving later would otherwise recreate the contact).
+    async fn erase(&self, partition: i32, key: &str, erased_at_ms: i64) -> Result<(), HandlerError> {
+        let state = self.customers.get(partition, key).unwrap_or_default();
         if let Some(uuid) = &state.contact_uuid {
             contacts::delete(&self.client, uuid).await.map_err(|e| e.to_handler_error())?;
         }
-        self.customers.remove(partition, key).await.map_err(|e| kafka_failure("state", &e))
+        self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
+        let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
+        self.customers.put(partition, key, floor).await.map_err(|e| kafka_failure("state", &e))
     }
 
     async fn publish_outcome(
@@ -398,7 +402,7 @@ impl Sink {
                 }
                 // Anything pending for this key is moot: the person is gone.
                 touched = None;
-                if let Err(error) = self.erase(partition, &out.key).await {
+                if let Err(error) = self.erase(partition, &out.key, event.occurred_at).await {
                     out.failures.push((i, error));
                     return out;
                 }
@@ -407,6 +411,11 @@ impl Sink {
             }
             let (first, state) =
                 touched.get_or_insert_with(|| (i, self.customers.get(partition, &out.key).unwrap_or_default()));
+            if state.before_erasure(&event) {
+                // The person was erased after this happened: nothing of it reaches RD.
+                out.done.push((i, event, OutcomeStatus::SkippedStale, Vec::new()));
+                continue;
+            }
             if *first < i {
                 metrics::COALESCED.inc();
             }
