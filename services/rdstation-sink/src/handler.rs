@@ -60,8 +60,9 @@ pub struct Sink {
     /// does not scan every customer.
     deferred: Mutex<HashSet<(i32, String)>>,
     /// Set when a batch found the account budget spent, until the sweep has gone through the
-    /// deferred writes: meanwhile batches defer every contact write without asking the budget,
-    /// so their customers' events never queue behind contact writes.
+    /// deferred writes: meanwhile batches never queue for the budget (a contact write takes
+    /// only a cell free at that instant, else it is deferred), so their customers' events never
+    /// wait behind contact writes.
     contact_backlog: AtomicBool,
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
@@ -292,10 +293,9 @@ impl Sink {
         // coalesced with later ones) rather than holding back the partition's events.
         let client = match write {
             Write::Sweep(client) => client.clone(),
-            Write::Batch if self.contact_backlog.load(Ordering::Acquire) => {
-                self.defer(partition, key, &mut state);
-                return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
-            }
+            // Under a backlog a batch takes only a cell the budget has free at this instant
+            // (never waiting behind the sweep; the rest of the sync is deferred to it).
+            Write::Batch if self.contact_backlog.load(Ordering::Acquire) => self.client.only_if_free(),
             Write::Batch => self.client.without_waiting(),
         };
         let before = (state.applied.clone(), state.contact_uuid.clone());
