@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use elo_events::{Customer, EventCodec, RegistryConfig, ids, sample};
+use elo_events::{CommerceEvent, Customer, EventCodec, RegistryConfig, ids, sample};
 use elo_integration_tests::*;
 use sandbox::rdstation::{RdConfig, RdStationApp};
 use serde_json::Value;
@@ -323,4 +323,86 @@ async fn a_busy_customer_stays_within_the_per_contact_budget_and_the_last_state_
         .unwrap_or(0);
     assert!(deferred > 0, "the budget never held an update back: {patches} PATCHes");
     assert_eq!(rd.sim.lock().unwrap().events.len(), ORDERS as usize, "events are not held back");
+}
+
+/// An erasure deletes the contact and leaves a floor in the sink's state: an order placed
+/// before the erasure that arrives after it (late, replayed) neither recreates the contact nor
+/// sends its event; an order placed after the erasure is worked as usual, counting only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_event_arriving_after_an_erasure_does_not_bring_the_contact_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES_V1).unwrap();
+    let topic = unique("e2e.rd-erasure.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    // Orders of one customer, `at` ms after the first.
+    let order = |n: i64, at: i64| {
+        let mut event = sample::order_placed(0);
+        let order = event.order.as_mut().unwrap();
+        order.entity_id = 95_000 + n;
+        order.increment_id = format!("ER{n:05}");
+        order.created_at += at;
+        event.source_version.entity_id = order.entity_id.to_string();
+        event.source_version.updated_at += at;
+        event.occurred_at += at;
+        event.event_id = ids::event_id(&["erasure-e2e", &n.to_string()]);
+        event
+    };
+    let first = order(1, 0);
+    let email = first.customer.as_ref().unwrap().email.to_lowercase();
+    let mut erasure = sample::order_placed(0);
+    erasure.event_type = elo_events::CommerceEventType::CustomerErased;
+    erasure.event_id = ids::event_id(&["erasure-e2e", "erase"]);
+    erasure.occurred_at += 10_000;
+    erasure.order = None;
+    erasure.customer = None;
+    erasure.erasure = Some(elo_events::CustomerErasure {
+        customer_id: first.customer.as_ref().unwrap().customer_id,
+        email_sha256: ids::email_sha256(&email),
+        reason: "customer request".into(),
+    });
+    let contact = |rd: &RdStationApp| {
+        rd.sim
+            .lock()
+            .unwrap()
+            .contacts
+            .values()
+            .find(|c| c.fields.get("email") == Some(&Value::from(email.clone())))
+            .map(|c| c.fields.clone())
+    };
+    let events_of = |rd: &RdStationApp, id: &str| {
+        rd.sim.lock().unwrap().events.iter().filter(|e| e["payload"]["order_id"] == id).count()
+    };
+
+    let mut command = rdstation_sink(dir.path(), &topic, &unique("e2e.rd-erasure.group"), &rd_url, &rules, "sink");
+    command.env("ELO_MAX_BATCH", "1");
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let producer = producer(&brokers());
+    let encode = |e: CommerceEvent| {
+        let (codec, topic) = (&codec, &topic);
+        async move { (e.customer_key.clone(), codec.encode(topic, &e).await.unwrap()) }
+    };
+    produce(&producer, &topic, &[encode(first).await]).await;
+    let created = wait_until(Duration::from_secs(60), || contact(&rd).is_some()).await;
+    assert!(created, "the contact was never created:\n{}", log(dir.path(), "sink"));
+    produce(&producer, &topic, &[encode(erasure).await]).await;
+    let deleted = wait_until(Duration::from_secs(60), || contact(&rd).is_none()).await;
+    assert!(deleted, "the erasure did not delete the contact:\n{}", log(dir.path(), "sink"));
+
+    // Placed 5 s before the erasure, arriving after it; then one placed 20 s after it.
+    produce(&producer, &topic, &[encode(order(2, 5_000)).await, encode(order(3, 30_000)).await]).await;
+    let back = wait_until(Duration::from_secs(60), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        events_of(&rd, "ER00003") > 0 && contact(&rd).is_some_and(|c| c.get("cf_elo_order_count").is_some())
+    })
+    .await;
+    assert!(back, "the order after the erasure was not worked:\n{}", log(dir.path(), "sink"));
+    assert_eq!(events_of(&rd, "ER00002"), 0, "the late order's event reached RD");
+    let fields = contact(&rd).unwrap();
+    assert_eq!(fields["cf_elo_order_count"], Value::from(1), "only the order after the erasure counts: {fields:?}");
+    assert_eq!(fields["cf_last_order_id"], Value::from("ER00003"), "{fields:?}");
 }

@@ -76,6 +76,11 @@ pub struct CustomerState {
     /// latest state once the window has room.
     #[serde(default)]
     pub deferred: bool,
+    /// Set by `CUSTOMER_ERASED` (its `occurred_at`), in place of everything else the state
+    /// held: an event that happened before the erasure and arrives after it (late, replayed)
+    /// must not bring the person back into RD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erased_at_ms: Option<i64>,
 }
 
 /// Whether an event changed the state.
@@ -87,6 +92,16 @@ pub enum Change {
 }
 
 impl CustomerState {
+    /// The erasure floor left for a customer erased at `at_ms`.
+    pub fn erased(at_ms: i64) -> Self {
+        Self { erased_at_ms: Some(at_ms), ..Self::default() }
+    }
+
+    /// Whether `event` happened before this customer was erased (and must be ignored).
+    pub fn before_erasure(&self, event: &CommerceEvent) -> bool {
+        self.erased_at_ms.is_some_and(|floor| event.occurred_at <= floor)
+    }
+
     /// Folds one event in; idempotent (the same event twice is the same as once).
     pub fn apply(&mut self, event: &CommerceEvent) -> Change {
         let version = event.source_version.updated_at;
@@ -242,5 +257,23 @@ mod tests {
         assert_eq!(agg.recency_days, Some(3));
         assert_eq!(agg.region.as_deref(), Some("SP"));
         assert_eq!(state.identity.email, "customer0@example.com");
+    }
+
+    #[test]
+    fn an_erasure_floor_marks_older_events_and_survives_the_changelog() {
+        let older = sample::order_placed(0);
+        let mut newer = sample::order_placed(1);
+        newer.customer_key = older.customer_key.clone();
+        let floor = CustomerState::erased(older.occurred_at);
+        assert!(floor.before_erasure(&older));
+        assert!(!floor.before_erasure(&newer));
+        assert!(floor.identity.email.is_empty() && floor.orders.is_empty() && floor.contact_uuid.is_none());
+        let bytes = serde_json::to_vec(&floor).unwrap();
+        let back: CustomerState = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back.erased_at_ms, Some(older.occurred_at));
+        // States written before the floor existed read as never erased.
+        let plain = serde_json::to_vec(&CustomerState::default()).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("erased_at_ms"));
+        assert!(!serde_json::from_slice::<CustomerState>(&plain).unwrap().before_erasure(&older));
     }
 }

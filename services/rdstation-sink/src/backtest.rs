@@ -21,6 +21,18 @@ use crate::rules::Rules;
 
 const WEEK_MS: i64 = 7 * 86_400_000;
 
+/// Bytes per fetch response (librdkafka `fetch.max.bytes`; an operator may change it with
+/// `ELO_RDKAFKA_FETCH_MAX_BYTES`). Small on purpose: Tansu 0.6 (the local broker) looks up
+/// each record's headers with a query that scans its whole header table (no index), so a
+/// response of librdkafka's default size (Tansu caps it at 5 MiB, thousands of records) takes
+/// minutes once the broker holds a few ten thousand records with headers, and librdkafka times
+/// the request out and sends it again, for ever: the back-test hung. A few hundred records
+/// per response keep every request well inside the timeout; on Kafka it costs little.
+const FETCH_BYTES: &str = "65536";
+
+/// No record for this long while records remain: the back-test fails instead of hanging.
+const STALL: Duration = Duration::from_secs(120);
+
 /// `rules backtest` options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BacktestArgs {
@@ -96,8 +108,17 @@ pub async fn run(config: &crate::Config, args: &BacktestArgs) -> anyhow::Result<
     let kafka = &config.common.kafka;
     let topic = config.common.topics.commerce.clone();
     let codec = EventCodec::new(&config.common.registry.config()?)?;
-    let consumer: BaseConsumer =
-        kafka.client_config(&[("group.id", "elo-rdstation-backtest"), ("enable.auto.commit", "false")])?.create()?;
+    let consumer: BaseConsumer = kafka
+        .client_config_with(
+            &[
+                ("fetch.max.bytes", FETCH_BYTES),
+                ("max.partition.fetch.bytes", FETCH_BYTES),
+                // librdkafka requires fetch.max.bytes >= message.max.bytes.
+                ("message.max.bytes", FETCH_BYTES),
+            ],
+            &[("group.id", "elo-rdstation-backtest"), ("enable.auto.commit", "false")],
+        )?
+        .create()?;
     let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
     let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len() as i32);
     anyhow::ensure!(partitions > 0, "topic {topic} not found");
@@ -119,9 +140,19 @@ pub async fn run(config: &crate::Config, args: &BacktestArgs) -> anyhow::Result<
     );
     let mut events = Vec::new();
     let mut skipped = 0u64;
+    let mut last_record = std::time::Instant::now();
     while !ends.is_empty() {
-        let Some(message) = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(500))) else { continue };
+        let Some(message) = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(500))) else {
+            anyhow::ensure!(
+                last_record.elapsed() < STALL,
+                "no record from the broker in {STALL:?} ({} of {remaining} read; partitions left: {:?})",
+                events.len() as u64 + skipped,
+                ends.keys().collect::<Vec<_>>()
+            );
+            continue;
+        };
         let message = message?;
+        last_record = std::time::Instant::now();
         let (partition, offset) = (message.partition(), message.offset());
         match message.payload() {
             Some(bytes) => match codec.decode::<CommerceEvent>(bytes).await {

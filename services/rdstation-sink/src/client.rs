@@ -167,6 +167,11 @@ pub struct RdClient {
     inner: Arc<Inner>,
     /// Contact requests wait for the budget (`true`) or fail with [`Error::BudgetSpent`].
     wait_for_budget: bool,
+    /// A non-waiting client's contact request may queue behind up to this many others.
+    queue: u32,
+    /// Budget cells taken by [`RdClient::reserve`] and not used yet; shared by clones, fresh
+    /// for each [`RdClient::reserving`] client (so one contact's reservation is its own).
+    credits: Arc<AtomicU32>,
 }
 
 struct Inner {
@@ -176,15 +181,22 @@ struct Inner {
     refresh_token: RwLock<Option<String>>,
     refreshing: Mutex<()>,
     budget: DefaultDirectRateLimiter,
-    /// Budget cells taken by [`RdClient::reserve`] and not used yet.
-    credits: AtomicU32,
     /// Requests of non-waiting clients queued for the budget.
     queued: AtomicU32,
 }
 
 impl RdClient {
+    /// A client with the shared HTTP client's default cap on requests in flight (8).
     pub fn new(settings: RdSettings) -> Result<Self> {
+        Self::with_concurrency(settings, HttpClientConfig::new("rdstation").max_concurrency)
+    }
+
+    /// A client allowing `max_concurrency` requests in flight. The sink needs one per customer
+    /// it works at once: with the default cap of 8 and RD answering in 100 ms, at most 80
+    /// events/s could go out, whatever the customer concurrency (the bench's bottleneck).
+    pub fn with_concurrency(settings: RdSettings, max_concurrency: usize) -> Result<Self> {
         let mut config = HttpClientConfig::new("rdstation");
+        config.max_concurrency = max_concurrency.max(1);
         config.request_timeout = settings.request_timeout;
         config.max_attempts = 1;
         let http = HttpClient::new(config).map_err(|e| Error::Setup(e.to_string()))?;
@@ -200,10 +212,11 @@ impl RdClient {
                 settings,
                 refreshing: Mutex::new(()),
                 budget,
-                credits: AtomicU32::new(0),
                 queued: AtomicU32::new(0),
             }),
             wait_for_budget: true,
+            queue: QUEUE_WITHOUT_WAITING,
+            credits: Arc::default(),
         })
     }
 
@@ -212,25 +225,38 @@ impl RdClient {
     /// [`Error::BudgetSpent`]: the consumer's batches use it, so e-commerce events never queue
     /// behind contact writes (those are deferred and coalesced).
     pub fn without_waiting(&self) -> Self {
-        Self { inner: self.inner.clone(), wait_for_budget: false }
+        Self {
+            inner: self.inner.clone(),
+            wait_for_budget: false,
+            queue: QUEUE_WITHOUT_WAITING,
+            credits: Arc::default(),
+        }
+    }
+
+    /// A client whose contact requests only take the budget when it has room at this instant
+    /// (no queueing): batches use it while the sweep works through a backlog, so a cell the
+    /// sweep cannot use right away (it waits for a partition's lock) is not lost.
+    pub fn only_if_free(&self) -> Self {
+        Self { inner: self.inner.clone(), wait_for_budget: false, queue: 0, credits: Arc::default() }
+    }
+
+    /// A waiting client with a reservation of its own (empty): the sweep reserves one contact's
+    /// requests on it while the previous contact is being written. Cells it reserves and does
+    /// not use are dropped with it (kept, they would add up to a burst beyond the pace).
+    pub fn reserving(&self) -> Self {
+        Self { inner: self.inner.clone(), wait_for_budget: true, queue: 0, credits: Arc::default() }
     }
 
     /// Waits until the budget has room and takes one request's worth for a later contact
-    /// request of a waiting client, so a background sweep can wait before it takes a lock.
+    /// request of this client, so a background sweep can wait before it takes a lock.
     pub async fn reserve(&self) {
         self.inner.budget.until_ready().await;
-        self.inner.credits.fetch_add(1, AtomicOrdering::AcqRel);
-    }
-
-    /// Drops the reserved cells not used: kept, they would add up to a burst beyond the
-    /// budget's pace.
-    pub fn forfeit_reserved(&self) {
-        self.inner.credits.store(0, AtomicOrdering::Release);
+        self.credits.fetch_add(1, AtomicOrdering::AcqRel);
     }
 
     /// Takes a reserved cell, if any.
     fn take_credit(&self) -> bool {
-        self.inner.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
+        self.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
     }
 
     /// Takes the budget for one contact request (waiting, or not, as this client does).
@@ -243,7 +269,7 @@ impl RdClient {
             // A short queue may wait (a sync's next request, a light load); beyond it the
             // budget is spent for now.
             let place = Queued::join(&self.inner.queued);
-            if place.ahead >= QUEUE_WITHOUT_WAITING {
+            if place.ahead >= self.queue {
                 return Err(Error::BudgetSpent);
             }
             self.inner.budget.until_ready().await;

@@ -16,6 +16,10 @@ use crate::rules::Rules;
 /// removed only when Elo added them (`-tag`); fields the mapping writes (lifetime value, last order) change with orders, not rules,
 /// and are listed too when they differ.
 pub fn changes(state: &CustomerState, rules: &Rules, now_ms: i64) -> Vec<String> {
+    if state.identity.email.is_empty() {
+        // No contact is written without an e-mail (a guest order without one, an erasure floor).
+        return Vec::new();
+    }
     let aggregate = state.aggregate(now_ms);
     let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
     let mut out = Vec::new();

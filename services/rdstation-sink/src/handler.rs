@@ -59,10 +59,25 @@ pub struct Sink {
     /// Customers whose contact update waits for the per-contact budget, so the periodic flush
     /// does not scan every customer.
     deferred: Mutex<HashSet<(i32, String)>>,
+    /// Set when a batch found the account budget spent, until the sweep has gone through the
+    /// deferred writes: meanwhile batches never queue for the budget (a contact write takes
+    /// only a cell free at that instant, else it is deferred), so their customers' events never
+    /// wait behind contact writes.
+    contact_backlog: AtomicBool,
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
     partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Who writes a contact: a batch (never waits for the account budget: the write is deferred)
+/// or the sweep (with the budget it reserved for this contact).
+pub(crate) enum Write<'a> {
+    Batch,
+    Sweep(&'a RdClient),
+}
+
+/// An acknowledged event's sent-log write, not awaited yet.
+type SentWrite<'a> = futures::future::BoxFuture<'a, Result<(), HandlerError>>;
 
 /// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +120,7 @@ impl Sink {
             restoring: Mutex::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             deferred: Mutex::default(),
+            contact_backlog: AtomicBool::new(false),
             partition_locks: Mutex::default(),
         }
     }
@@ -186,9 +202,21 @@ impl Sink {
     }
 
     /// Sends the events `event` calls for that RD has not acknowledged yet; returns their types.
-    async fn send_events(&self, partition: i32, event: &CommerceEvent) -> Result<Vec<String>, HandlerError> {
+    /// The sent-log write of the last event sent is left in `pending` (the caller awaits it
+    /// together with the customer's state write, one broker round trip instead of two); any
+    /// earlier pending write is awaited before the next request, so at most one event per
+    /// customer is ever acknowledged by RD without being in the sent-log or in flight.
+    async fn send_events<'a>(
+        &'a self,
+        partition: i32,
+        event: &CommerceEvent,
+        pending: &mut Option<SentWrite<'a>>,
+    ) -> Result<Vec<String>, HandlerError> {
         let mut sent = Vec::new();
         for rd in self.mapping.events_for(event) {
+            if let Some(write) = pending.take() {
+                write.await?;
+            }
             if self.sent.get(partition, &rd.id).is_some() {
                 metrics::EVENTS_SKIPPED.with_label_values(&[&rd.event_type]).inc();
                 continue;
@@ -206,21 +234,36 @@ impl Sink {
                 rd_event_uuid: answer.get("event_uuid").and_then(|v| v.as_str()).map(str::to_owned),
                 sent_at_ms: now_ms(),
             };
-            self.sent.put(partition, &rd.id, entry).await.map_err(|e| kafka_failure("sent_log", &e))?;
+            let (log, id) = (&self.sent, rd.id);
+            *pending = Some(Box::pin(async move {
+                log.put(partition, &id, entry).await.map_err(|e| kafka_failure("sent_log", &e))
+            }));
             sent.push(rd.event_type);
         }
         Ok(sent)
     }
 
-    /// Syncs one customer's contact and persists the state; `wait_for_budget` off (batches):
-    /// a spent account budget defers the write to the sweep.
+    /// Marks the customer's contact write as deferred (the sweep lands it, coalesced with
+    /// whatever comes later).
+    fn defer(&self, partition: i32, key: &str, state: &mut CustomerState) {
+        if !state.deferred {
+            metrics::DEFERRED.inc();
+        }
+        metrics::COALESCED.inc();
+        state.deferred = true;
+        self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
+    }
+
+    /// Syncs one customer's contact and persists the state. A batch never waits for the
+    /// account budget: a spent budget (or a backlog the sweep is still working through) defers
+    /// the write to the sweep.
     async fn settle(
         &self,
         partition: i32,
         key: &str,
         mut state: CustomerState,
         now: i64,
-        wait_for_budget: bool,
+        write: Write<'_>,
     ) -> Result<(), HandlerError> {
         if state.identity.email.is_empty() {
             // Orders without a customer block carry nothing to write to a contact yet.
@@ -243,17 +286,18 @@ impl Sink {
         // waits for the sweep, which lands the latest state when the window has room.
         state.writes_ms.retain(|t| now - t < self.budget.window.as_millis() as i64);
         if state.writes_ms.len() >= self.budget.per_contact {
-            if !state.deferred {
-                metrics::DEFERRED.inc();
-            }
-            metrics::COALESCED.inc();
-            state.deferred = true;
-            self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
+            self.defer(partition, key, &mut state);
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         // A batch does not wait for the account budget: its contact write is deferred (and
         // coalesced with later ones) rather than holding back the partition's events.
-        let client = if wait_for_budget { self.client.clone() } else { self.client.without_waiting() };
+        let client = match write {
+            Write::Sweep(client) => client.clone(),
+            // Under a backlog a batch takes only a cell the budget has free at this instant
+            // (never waiting behind the sweep; the rest of the sync is deferred to it).
+            Write::Batch if self.contact_backlog.load(Ordering::Acquire) => self.client.only_if_free(),
+            Write::Batch => self.client.without_waiting(),
+        };
         let before = (state.applied.clone(), state.contact_uuid.clone());
         let customers = &self.customers;
         let persist = |s: CustomerState| -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
@@ -277,12 +321,8 @@ impl Sink {
                 self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
             }
             Err(crate::client::Error::BudgetSpent) => {
-                if !state.deferred {
-                    metrics::DEFERRED.inc();
-                }
-                metrics::COALESCED.inc();
-                state.deferred = true;
-                self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
+                self.contact_backlog.store(true, Ordering::Release);
+                self.defer(partition, key, &mut state);
             }
             Err(error) => {
                 tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
@@ -296,12 +336,16 @@ impl Sink {
         self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))
     }
 
-    async fn erase(&self, partition: i32, key: &str) -> Result<(), HandlerError> {
-        let Some(state) = self.customers.get(partition, key) else { return Ok(()) };
+    /// Deletes the contact and replaces the customer's state with an erasure floor (not a
+    /// tombstone: an older event arriving later would otherwise recreate the contact).
+    async fn erase(&self, partition: i32, key: &str, erased_at_ms: i64) -> Result<(), HandlerError> {
+        let state = self.customers.get(partition, key).unwrap_or_default();
         if let Some(uuid) = &state.contact_uuid {
             contacts::delete(&self.client, uuid).await.map_err(|e| e.to_handler_error())?;
         }
-        self.customers.remove(partition, key).await.map_err(|e| kafka_failure("state", &e))
+        self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
+        let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
+        self.customers.put(partition, key, floor).await.map_err(|e| kafka_failure("state", &e))
     }
 
     async fn publish_outcome(
@@ -347,11 +391,18 @@ impl Sink {
         let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None };
         // The state since the last erasure, and the first record that touched it.
         let mut touched: Option<(usize, CustomerState)> = None;
+        let mut pending: Option<SentWrite<'_>> = None;
         for (i, event) in records {
             if event.event_type == CommerceEventType::CustomerErased {
+                if let Some(write) = pending.take()
+                    && let Err(error) = write.await
+                {
+                    out.failures.push((i, error));
+                    return out;
+                }
                 // Anything pending for this key is moot: the person is gone.
                 touched = None;
-                if let Err(error) = self.erase(partition, &out.key).await {
+                if let Err(error) = self.erase(partition, &out.key, event.occurred_at).await {
                     out.failures.push((i, error));
                     return out;
                 }
@@ -360,11 +411,16 @@ impl Sink {
             }
             let (first, state) =
                 touched.get_or_insert_with(|| (i, self.customers.get(partition, &out.key).unwrap_or_default()));
+            if state.before_erasure(&event) {
+                // The person was erased after this happened: nothing of it reaches RD.
+                out.done.push((i, event, OutcomeStatus::SkippedStale, Vec::new()));
+                continue;
+            }
             if *first < i {
                 metrics::COALESCED.inc();
             }
             let change = state.apply(&event);
-            match self.send_events(partition, &event).await {
+            match self.send_events(partition, &event, &mut pending).await {
                 Ok(sent) => {
                     let status =
                         if change == Change::Stale { OutcomeStatus::SkippedStale } else { OutcomeStatus::Applied };
@@ -376,12 +432,29 @@ impl Sink {
                 }
             }
         }
-        if let Some((first, state)) = touched {
-            let uuid_before = state.contact_uuid.clone();
-            let result = self.settle(partition, &out.key, state, now, false).await;
-            out.uuid = self.customers.get(partition, &out.key).and_then(|s| s.contact_uuid).or(uuid_before);
-            if let Err(error) = result {
-                out.failures.push((first, error));
+        let logged = async {
+            match pending {
+                Some(write) => write.await,
+                None => Ok(()),
+            }
+        };
+        match touched {
+            Some((first, state)) => {
+                let uuid_before = state.contact_uuid.clone();
+                // The last event's sent-log write and the state write travel together.
+                let (logged, result) =
+                    futures::join!(logged, self.settle(partition, &out.key, state, now, Write::Batch));
+                out.uuid = self.customers.get(partition, &out.key).and_then(|s| s.contact_uuid).or(uuid_before);
+                for error in [logged.err(), result.err()].into_iter().flatten() {
+                    out.failures.push((first, error));
+                }
+            }
+            None => {
+                if let Err(error) = logged.await
+                    && let Some(last) = out.done.last().map(|(i, ..)| *i)
+                {
+                    out.failures.push((last, error));
+                }
             }
         }
         out

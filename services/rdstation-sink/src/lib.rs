@@ -201,7 +201,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Refuse bad local configuration before touching the broker.
     let rules = config.rd.rules()?;
     let mapping = config.rd.mapping()?;
-    let client = RdClient::new(config.rd.settings()?)?;
+    // One request in flight per customer worked at once, plus the sweep's and the rules'.
+    let in_flight = config.rd.customer_concurrency.max(1) * config.consumer.max_in_flight.max(1) + 4;
+    let client = RdClient::with_concurrency(config.rd.settings()?, in_flight)?;
     let common = &config.common;
     let t = &common.topics;
     let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));

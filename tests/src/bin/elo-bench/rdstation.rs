@@ -42,7 +42,9 @@ const RATE: f64 = 200.0;
 const WARMUP: Duration = Duration::from_secs(15);
 const BUDGET_WINDOW: Duration = Duration::from_secs(60);
 const FRESH_WINDOW: Duration = Duration::from_secs(45);
-const BACKTEST_LIMIT: Duration = Duration::from_secs(180);
+const BACKTEST_LIMIT: Duration = Duration::from_secs(300);
+/// The back-test's fetch size (`rdstation_sink::backtest`), used by the raw read too.
+const FETCH_BYTES: &str = "65536";
 const RULES: &str = include_str!("../../../../services/rdstation-sink/config/rules.example.toml");
 
 /// One order of customer `c`, numbered `n`, placed now (status `pending`: one PLACED event).
@@ -154,6 +156,43 @@ fn metric(text: &str, name: &str) -> f64 {
     text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
 }
 
+/// Sum of every series of `name` whose labels contain `filter` (`""`: all).
+fn metric_sum(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?;
+            (labels.is_empty() || labels.starts_with('{')).then_some(())?;
+            labels.contains(filter).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Where the sink's time went between two `/metrics` scrapes: mean batch duration, mean RD
+/// request, mean produce acknowledgement per topic (state, sent-log, outcomes), records done.
+fn breakdown(before: &str, after: &str, state_topic: &str, sent_topic: &str) -> (String, Value) {
+    let delta = |name: &str, filter: &str| metric_sum(after, name, filter) - metric_sum(before, name, filter);
+    let mean_ms = |name: &str, filter: &str| {
+        let n = delta(&format!("{name}_count"), filter);
+        if n > 0.0 { delta(&format!("{name}_sum"), filter) / n * 1000.0 } else { 0.0 }
+    };
+    let batch = mean_ms("elo_consumer_batch_duration_seconds", "");
+    let batches = delta("elo_consumer_batch_duration_seconds_count", "");
+    let records = delta("elo_consumer_records_total", "");
+    let http = mean_ms("elo_http_client_request_duration_seconds", "rdstation");
+    let state = mean_ms("elo_kafka_produce_latency_seconds", &format!("\"{state_topic}\""));
+    let sent = mean_ms("elo_kafka_produce_latency_seconds", &format!("\"{sent_topic}\""));
+    let outcomes = mean_ms("elo_kafka_produce_latency_seconds", ".outcomes\"");
+    let deferred = delta("rdstation_sink_deferred_updates_total", "");
+    let text = format!(
+        "{batches:.0} batches ({:.1} records each), mean batch {batch:.0} ms; mean RD request {http:.0} ms; mean produce ack: state {state:.0} ms, sent-log {sent:.0} ms, outcomes {outcomes:.0} ms; {deferred:.0} contact updates deferred",
+        if batches > 0.0 { records / batches } else { 0.0 }
+    );
+    let json = serde_json::json!({"batches": batches, "records": records, "batch_ms": batch, "rd_request_ms": http, "state_ack_ms": state, "sent_log_ack_ms": sent, "outcome_ack_ms": outcomes, "deferred": deferred});
+    (text, json)
+}
+
 fn peak_rss_mib(pid: i32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib: f64 = status
@@ -229,6 +268,11 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     let count = (RATE * (WARMUP + FRESH_WINDOW).as_secs_f64()) as usize;
     let sent_file = dir.path().join("fresh.sent");
     let mut fresh = generator(&topic, BACKLOG_ORDERS, count, (BACKLOG_CUSTOMERS, 100_000), RATE, &sent_file)?;
+    let scrape = || async { reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await?.text().await };
+    tokio::time::sleep(WARMUP).await;
+    let metrics_before = scrape().await?;
+    tokio::time::sleep(FRESH_WINDOW).await;
+    let metrics_after = scrape().await?;
     wait_exit(&mut fresh, WARMUP + FRESH_WINDOW + Duration::from_secs(60), "the load generator")?;
     let sent: Vec<(String, i64)> = std::fs::read_to_string(&sent_file)?
         .lines()
@@ -284,7 +328,10 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
         latencies.len(),
         p50 / direct_p50
     );
-    rows.push(serde_json::json!({"benchmark": "rdstation freshness order -> RD", "unit": "ms", "rate": RATE, "latency_ms": LATENCY_MS, "p50": p50, "p99": p99, "orders": latencies.len(), "baseline": "direct post p50", "baseline_value": direct_p50, "ratio": p50 / direct_p50}));
+    let (state_topic, sent_topic) = (format!("{topic}.rd-state"), format!("{topic}.rd-sent"));
+    let (text, parts) = breakdown(&metrics_before, &metrics_after, &state_topic, &sent_topic);
+    println!("rdstation freshness window breakdown   {text}");
+    rows.push(serde_json::json!({"benchmark": "rdstation freshness order -> RD", "unit": "ms", "rate": RATE, "latency_ms": LATENCY_MS, "p50": p50, "p99": p99, "orders": latencies.len(), "baseline": "direct post p50", "baseline_value": direct_p50, "ratio": p50 / direct_p50, "breakdown": parts}));
 
     let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics")).await?.text().await?;
     let rate_limited = metric(&metrics, "rdstation_sink_rate_limited_total");
@@ -297,6 +344,11 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
         BACKLOG_ORDERS + count
     );
     rows.push(serde_json::json!({"benchmark": "rdstation-sink peak RSS", "unit": "MiB", "elo": rss}));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "rdstation load average (1/5/15 min)    {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
     drop(sink);
 
     // Back-test over the whole history, against a raw read of the same records.
@@ -322,6 +374,17 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     };
     let backtest = t.elapsed();
     anyhow::ensure!(status.success(), "backtest failed: {status:?}");
+    // Tansu 0.6 scans its whole header table for every record it serves: the figure depends
+    // on how many records with headers the broker holds (the sink's outcomes carry one).
+    if let Ok(data) = std::env::var("ELO_STACK_DATA")
+        && let Ok(out) =
+            Command::new("sqlite3").arg(format!("{data}/tansu/tansu.db")).arg("select count(*) from header").output()
+    {
+        let headers = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        println!(
+            "rdstation rules backtest              broker holds {headers} header rows (Tansu scans them per record served)"
+        );
+    }
     let t = Instant::now();
     let read = tokio::task::block_in_place(|| raw_read(&topic, records as usize))?;
     let raw = t.elapsed();
@@ -340,6 +403,9 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
 fn raw_read(topic: &str, expect: usize) -> anyhow::Result<usize> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
+        .set("fetch.max.bytes", FETCH_BYTES)
+        .set("max.partition.fetch.bytes", FETCH_BYTES)
+        .set("message.max.bytes", FETCH_BYTES)
         .set("group.id", unique("bench.rd.raw"))
         .set("enable.auto.commit", "false")
         .create()?;
@@ -348,7 +414,7 @@ fn raw_read(topic: &str, expect: usize) -> anyhow::Result<usize> {
         partitions.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&partitions)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + BACKTEST_LIMIT;
     let mut n = 0;
     while n < expect && Instant::now() < deadline {
         if let Some(message) = consumer.poll(Duration::from_millis(200)) {
