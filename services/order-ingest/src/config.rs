@@ -163,19 +163,13 @@ pub enum Command {
 
 /// Every publish here waits for its acknowledgement (a webhook's 200 depends on it), so a
 /// batching delay is pure latency when idle (measured: 4,009 webhooks/s, p99 14 ms with the
-/// shared 5 ms default; 10,504/s, p99 8 ms with 0). With one produce request in flight per
-/// connection, whatever arrives while it is out goes in the next one, so batches form exactly
-/// when busy: with five in flight and no linger, each request carried a message or two and a
-/// broker's per-request cost capped the path (`make bench`, 128 webhooks in flight on Tansu:
-/// 3,524/s with five, 4,873/s with one; 32 in flight alike). An operator's own `linger.ms` or
-/// `max.in.flight` (`ELO_RDKAFKA_*` or `--kafka-option`) wins.
+/// shared 5 ms default; 10,504/s, p99 8 ms with 0). librdkafka still batches whatever piles up
+/// while requests are in flight, so batches form exactly when busy. An operator's own
+/// `linger.ms` (`ELO_RDKAFKA_LINGER_MS` or `--kafka-option`) wins.
 pub fn no_idle_linger(kafka: &mut elo_kafka::KafkaArgs) -> anyhow::Result<()> {
     let props = kafka.properties()?;
     if !props.contains_key("linger.ms") && !props.contains_key("queue.buffering.max.ms") {
         kafka.options.push(("linger.ms".to_owned(), "0".to_owned()));
-        if !props.contains_key("max.in.flight.requests.per.connection") && !props.contains_key("max.in.flight") {
-            kafka.options.push(("max.in.flight.requests.per.connection".to_owned(), "1".to_owned()));
-        }
     }
     Ok(())
 }
@@ -345,7 +339,6 @@ mod tests {
         crate::config::no_idle_linger(&mut kafka).unwrap();
         let producer = kafka.client_config_with(&[("linger.ms", "5")], &[]).unwrap();
         assert_eq!(producer.get("linger.ms"), Some("0"), "the shared default is overridden");
-        assert_eq!(producer.get("max.in.flight.requests.per.connection"), Some("1"), "busy batches form");
         let mut tuned = elo_kafka::KafkaArgs::local("127.0.0.1:9092");
         tuned.options.push(("linger.ms".into(), "20".into()));
         crate::config::no_idle_linger(&mut tuned).unwrap();

@@ -23,7 +23,7 @@
 //! [`crate::raw_producer_config`]) sends the same orders' encoded events to the same topic with
 //! C sends in flight, each awaiting its acknowledgement, for the same warm-up and window, just
 //! before each push run (the box is shared and noisy), once with the shared producer defaults
-//! (5 ms linger) and once with order-ingest's own settings (no linger, one request in flight);
+//! (5 ms linger) and once with order-ingest's own settings (no linger);
 //! the ceiling is the better of the two, so neither configuration's weak end flatters the
 //! path. For the half-rate run it is paced at the same rate with order-ingest's settings. The
 //! push ratio is push/s over the ceiling at the same C (target: at least 0.70).
@@ -392,19 +392,14 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     }
     let encoded = Arc::new(encoded);
     // Two raw configurations, the ceiling being the better at each concurrency: Elo's shared
-    // producer defaults (5 ms linger, up to 5 requests in flight: batches well when many sends
-    // are in flight) and order-ingest's own (no linger, one request in flight: quick when few
-    // are). Either alone would flatter the push path at one end.
+    // producer defaults (5 ms linger: batches well when many sends are in flight) and
+    // order-ingest's own (no linger: quick when few are). Either alone would flatter the push
+    // path at one end.
     let shared: FutureProducer = crate::raw_producer_config(kafka).create()?;
     let mut ingest_settings = crate::raw_producer_config(kafka);
     ingest_settings.set("linger.ms", "0");
-    if kafka.idempotence {
-        ingest_settings.set("max.in.flight.requests.per.connection", "1");
-    }
-    let raw = [
-        ("shared defaults (linger 5 ms)", shared),
-        ("order-ingest's settings (linger 0, 1 request in flight)", ingest_settings.create()?),
-    ];
+    let raw =
+        [("shared defaults (linger 5 ms)", shared), ("order-ingest's settings (linger 0)", ingest_settings.create()?)];
 
     let workload = |bodies, prime| Workload {
         url: &url,
