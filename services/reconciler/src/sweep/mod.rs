@@ -133,6 +133,11 @@ pub struct SweepArgs {
     /// RD listing calls per minute at most (RD allows 120 per account for segmentations).
     #[arg(long = "rdstation-sweep-calls-per-minute", env = "ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", default_value_t = NonZeroU32::new(20).expect("non-zero"))]
     pub rd_per_minute: NonZeroU32,
+    /// How long a contact whose write rdstation-sink deferred (its outcome says
+    /// `contact_deferred`) is left alone: the sink's deferred-writes pass lands it later and
+    /// publishes no outcome of its own.
+    #[arg(long = "rdstation-sweep-deferred-hold", env = "ELO_RECONCILER_RDSTATION_SWEEP_DEFERRED_HOLD", default_value = "1h", value_parser = parse_duration)]
+    pub rd_deferred_hold: Duration,
     /// RD listing calls per round at most (125 contacts each).
     #[arg(long = "rdstation-sweep-max-calls", env = "ELO_RECONCILER_RDSTATION_SWEEP_MAX_CALLS", default_value_t = 200)]
     pub rd_max_calls: u64,
