@@ -56,7 +56,7 @@ mod salesforce;
 
 pub use accounts::{AccountRef, accounts_in, soql_accounts_by_id, soql_accounts_modified_since};
 pub use magento::source_ahead;
-pub use rdstation::{ExpectedContact, contact_drift, expected_contacts, expected_in};
+pub use rdstation::{CONTACT_DEFERRED, ExpectedContact, contact_drift, expected_contacts, expected_in};
 pub use salesforce::{
     edited_after, missing_ids, order_external_id, parse_sf_datetime, soql_by_external_ids, soql_modified_since,
 };

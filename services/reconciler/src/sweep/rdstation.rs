@@ -20,7 +20,7 @@ impl Sweeps {
     /// the list is only judged when the whole list was read.
     pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
         let Some((client, budget)) = self.rdstation.as_ref() else { return };
-        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+        if !budget.set_share(ledger.held_count(), self.partitions) {
             return; // nothing held here
         }
         let now = now_ms();

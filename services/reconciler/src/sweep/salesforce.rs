@@ -56,7 +56,7 @@ impl Sweeps {
     /// where the next round starts (empty: from the beginning).
     pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
         let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
-        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+        if !budget.set_share(ledger.held_count(), self.partitions) {
             return cursor; // nothing held here
         }
         let field = &self.args.salesforce_order_field;
