@@ -54,7 +54,10 @@ mod magento;
 mod rdstation;
 mod salesforce;
 
-pub use accounts::{AccountRef, accounts_in, soql_accounts_by_id, soql_accounts_modified_since};
+pub use accounts::{
+    AccountRef, AccountSuspects, accounts_in, confirm_account_edits, missing_accounts, soql_accounts_by_id,
+    soql_accounts_modified_since,
+};
 pub use magento::source_ahead;
 pub use rdstation::{CONTACT_DEFERRED, ExpectedContact, contact_drift, expected_contacts, expected_in};
 pub use salesforce::{
@@ -266,6 +269,10 @@ pub struct Sweeps {
     rdstation: Option<(RdClient, Budget)>,
     magento_suspects: Suspects,
     rd_suspects: Suspects,
+    account_suspects: std::sync::Mutex<accounts::AccountSuspects>,
+    /// The Account external-id field (salesforce-sink's mapping): the customer key it was
+    /// created for.
+    account_external_id: String,
     /// Where the RD listing resumes (page) and what it read so far, across rounds.
     rd_listing: std::sync::Mutex<rdstation::Listing>,
 }
@@ -278,6 +285,8 @@ impl Sweeps {
             let source = MagentoSource::new("magento-sweep", args.magento_url.clone(), magento_auth(args)?)?;
             Some((source, Budget::new("magento", args.magento_per_minute, args.magento_max_calls)))
         };
+        let account_external_id =
+            salesforce_sink::mapping::Mapping::load(args.salesforce.mapping_file.as_deref())?.resolve()?.ids.account;
         let salesforce = if args.salesforce_interval.is_zero() {
             None
         } else {
@@ -298,6 +307,8 @@ impl Sweeps {
             rdstation,
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
+            account_suspects: std::sync::Mutex::default(),
+            account_external_id,
             rd_listing: std::sync::Mutex::new((1, HashMap::new())),
         })
     }
