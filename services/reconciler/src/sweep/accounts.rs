@@ -1,9 +1,10 @@
 //! The Salesforce sweep's Accounts: the Accounts the sink's confirmed writes named (its outcomes
 //! carry the `Account` id) are looked up by `Id` with the orders they belong to (one query per
-//! batch of orders), and changed by `LastModifiedDate` after Elo's confirmed write. A deleted or
-//! edited Account is drift of the entry last confirmed with it (by confirmation time): its
-//! `RESEND` rewrites the Account with it (the sink upserts the Account by external id in the
-//! same graph).
+//! batch of orders), and changed by `LastModifiedDate` after Elo's confirmed write. An edited
+//! Account is drift of the entry last confirmed with it (by confirmation time): its `RESEND`
+//! rewrites the Account with it (the sink upserts the Account by external id in the same
+//! graph). A deleted one is drift of every held entry pointing at it (their `RESEND`s recreate
+//! it and point each at it again, in one round).
 //!
 //! Elo's own writes are not drift: an Account is judged only when every held entry naming it
 //! is confirmed (a returning customer's newer order rewrites it before its outcome is read),
@@ -36,6 +37,9 @@ pub struct AccountRef {
     pub settled: bool,
     /// The customer keys of the entries naming it.
     pub customer_keys: BTreeSet<String>,
+    /// Every held entry naming it (partition, key): a gone Account is missing on each, since
+    /// each points at it (one rewrite each, in one round, rather than one a round).
+    pub named_by: Vec<(i32, String)>,
 }
 
 impl AccountRef {
@@ -64,6 +68,7 @@ pub fn accounts_in(
         let slot = out.entry(account.clone()).or_insert_with(|| AccountRef { settled: true, ..AccountRef::default() });
         slot.settled &= confirmed;
         slot.customer_keys.insert(entry.customer_key.clone());
+        slot.named_by.push((partition, key.clone()));
         if confirmed && (slot.key.is_empty() || t.at_ms > slot.confirmed_ms) {
             (slot.partition, slot.key, slot.confirmed_ms) = (partition, key.clone(), t.at_ms);
         }
@@ -80,8 +85,8 @@ pub(super) fn held_accounts<C: CommandSink>(ledger: &Ledger<C>, held: &[i32], no
     accounts
 }
 
-/// Of the asked Account ids, those gone from `records` that this replica judges, with the
-/// entry whose rewrite brings each back.
+/// Of the asked Account ids, those gone from `records` that this replica judges: the entries
+/// pointing at each (their rewrites bring it back, and point them at it).
 pub fn missing_accounts(
     asked: &[String],
     records: &[Value],
@@ -89,7 +94,8 @@ pub fn missing_accounts(
 ) -> Vec<(i32, String)> {
     missing_ids(asked, records, "Id")
         .into_iter()
-        .filter_map(|id| accounts.get(&id).filter(|a| a.judged_here(None)).map(|a| (a.partition, a.key.clone())))
+        .filter_map(|id| accounts.get(&id).filter(|a| a.judged_here(None)))
+        .flat_map(|a| a.named_by.iter().cloned())
         .collect()
 }
 
@@ -289,6 +295,7 @@ mod tests {
             confirmed_ms: 30,
             settled: true,
             customer_keys: ["c:1".to_owned()].into(),
+            named_by: vec![(4, "order:1".into()), (4, "order:2".into())],
         };
         assert_eq!(out["001A"], want);
         assert_eq!(out["001B"].key, "order:3");
@@ -306,10 +313,19 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_account_is_missing_on_the_entry_confirmed_last_not_the_greatest_key() {
+    fn an_account_is_rewritten_by_the_entry_confirmed_last_not_the_greatest_key() {
         // "order:99" sorts after "order:100", but order 100 was written (confirmed) later.
         let accounts = held(&[written("100", "001A", 50), written("99", "001A", 20)]);
-        assert_eq!(missing_accounts(&["001A".into()], &[], &accounts), vec![(4, "order:100".to_owned())]);
+        assert_eq!(accounts["001A"].key, "order:100");
+        let mut suspects = AccountSuspects::new();
+        let found = || vec![("001A".to_owned(), 5_000, None)];
+        assert!(confirm_account_edits(&mut suspects, found(), &accounts, 1_000, 6_000).is_empty());
+        let flagged = confirm_account_edits(&mut suspects, found(), &accounts, 1_000, 7_000);
+        assert_eq!(flagged.iter().map(|a| a.key.as_str()).collect::<Vec<_>>(), vec!["order:100"]);
+        // Gone: every order pointing at it is rewritten, in one round.
+        let mut gone = missing_accounts(&["001A".into()], &[], &accounts);
+        gone.sort();
+        assert_eq!(gone, vec![(4, "order:100".to_owned()), (4, "order:99".to_owned())]);
         assert!(missing_accounts(&["001A".into()], &[json!({"Id": "001A"})], &accounts).is_empty());
     }
 
