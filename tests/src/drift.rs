@@ -74,6 +74,8 @@ pub fn reconciler_command(
         .env("ELO_RDSTATION_REFRESH_TOKEN_FILE", dir.join("rd-refresh-token"))
         .env("ELO_RECONCILER_RDSTATION_SWEEP_INTERVAL", "10ms")
         .env("ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", rd_rate.per_minute.to_string())
+        // A contact write the sink deferred lands within seconds here.
+        .env("ELO_RECONCILER_RDSTATION_SWEEP_DEFERRED_HOLD", "20s")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
     command

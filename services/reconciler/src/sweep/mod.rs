@@ -139,7 +139,7 @@ pub struct SweepArgs {
     /// How long a contact whose write rdstation-sink deferred (its outcome says
     /// `contact_deferred`) is left alone: the sink's deferred-writes pass lands it later and
     /// publishes no outcome of its own.
-    #[arg(long = "rdstation-sweep-deferred-hold", env = "ELO_RECONCILER_RDSTATION_SWEEP_DEFERRED_HOLD", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long = "rdstation-sweep-deferred-hold", env = "ELO_RECONCILER_RDSTATION_SWEEP_DEFERRED_HOLD", default_value = "60m", value_parser = parse_duration)]
     pub rd_deferred_hold: Duration,
     /// RD listing calls per round at most (125 contacts each).
     #[arg(long = "rdstation-sweep-max-calls", env = "ELO_RECONCILER_RDSTATION_SWEEP_MAX_CALLS", default_value_t = 200)]
