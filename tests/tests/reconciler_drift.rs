@@ -130,6 +130,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     );
     let converged = generated.elapsed();
     let lost_found = metric(&m, "reconciler_drift_found_total{kind=\"source_ahead\",target=\"magento\"}");
+    // A lower bound here only: while the generated backlog is being delivered, a webhook still
+    // on its way after the grace is refetched too (harmless). Phase 2 below is exact.
     assert!(
         lost_found >= lost.len() as f64,
         "the Magento sweep found {lost_found} lost orders of {}:\n{}",
@@ -262,7 +264,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     assert!(!deleted.is_empty() && !edited.is_empty());
 
     // Every deleted and edited order restored, every edited contact rewritten.
-    let sf_repaired = || {
+    // What is not repaired in Salesforce yet (empty: all of it).
+    let sf_left = || {
         let sim = sf.sim.lock().unwrap();
         let present: BTreeSet<&str> = sim
             .org
@@ -288,8 +291,19 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
             sim.org.records.values().any(|r| {
                 r.object == "Account" && r.fields["Elo_Id__c"] == renamed.as_str() && r.fields["Name"] == *name
             });
-        deleted.iter().all(|d| present.contains(d.as_str())) && restored && rehomed && renamed_back
+        let mut left: Vec<String> = deleted.iter().filter(|d| !present.contains(d.as_str())).cloned().collect();
+        for (ok, what) in [
+            (restored, "the edited order"),
+            (rehomed, "the deleted Account's order"),
+            (renamed_back, "the renamed Account"),
+        ] {
+            if !ok {
+                left.push(what.to_owned());
+            }
+        }
+        left
     };
+    let sf_repaired = || sf_left().is_empty();
     let rd_restored = || {
         let sim = rd.sim.lock().unwrap();
         edited
@@ -340,8 +354,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
     };
     assert!(
         done,
-        "not repaired in 150 s (Salesforce whole: {}); RD contacts left (uuid, name before, name now): {rd_left:?}; their orders in Magento {orders_of_left:#?}; metrics {m:#?}\n{}",
-        sf_repaired(),
+        "not repaired in 150 s (Salesforce left: {:?}); RD contacts left (uuid, name before, name now): {rd_left:?}; their orders in Magento {orders_of_left:#?}; metrics {m:#?}\n{}",
+        sf_left(),
         logs()
     );
 

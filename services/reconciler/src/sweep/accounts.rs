@@ -37,8 +37,10 @@ pub struct AccountRef {
     pub settled: bool,
     /// The customer keys of the entries naming it.
     pub customer_keys: BTreeSet<String>,
-    /// Every held entry naming it (partition, key): a gone Account is missing on each, since
-    /// each points at it (one rewrite each, in one round, rather than one a round).
+    /// Every held entry pointing at it (partition, key): those naming it and every other entry
+    /// of its customer keys (an order written without its customer's data, e.g. a status change
+    /// of an older order, names no Account yet points at the customer's). A gone Account is
+    /// missing on each (one rewrite each, in one round, rather than one a round).
     pub named_by: Vec<(i32, String)>,
 }
 
@@ -75,12 +77,41 @@ pub fn accounts_in(
     }
 }
 
-/// The held Accounts (see [`accounts_in`]).
+/// Adds to each Account's `named_by` the other entries of `entries` (of `partition`) written to
+/// Salesforce under one of its customer keys.
+pub fn customers_point_at_accounts(
+    partition: i32,
+    entries: &[(String, Entry)],
+    accounts: &mut HashMap<String, AccountRef>,
+) {
+    let mut of_customer: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (key, entry) in entries {
+        if !entry.is_mark() && entry.targets.contains_key("salesforce") {
+            of_customer.entry(entry.customer_key.as_str()).or_default().push(key);
+        }
+    }
+    for account in accounts.values_mut() {
+        let extra: Vec<(i32, String)> = account
+            .customer_keys
+            .iter()
+            .flat_map(|c| of_customer.get(c.as_str()).into_iter().flatten())
+            .map(|k| (partition, (*k).to_owned()))
+            .filter(|e| !account.named_by.contains(e))
+            .collect();
+        account.named_by.extend(extra);
+    }
+}
+
+/// The held Accounts (see [`accounts_in`], [`customers_point_at_accounts`]).
 pub(super) fn held_accounts<C: CommandSink>(ledger: &Ledger<C>, held: &[i32], now: i64) -> HashMap<String, AccountRef> {
     let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
     let mut accounts = HashMap::new();
-    for &partition in held {
-        accounts_in(partition, &ledger.store.entries(partition), sla, now, &mut accounts);
+    let entries: Vec<(i32, Vec<(String, Entry)>)> = held.iter().map(|&p| (p, ledger.store.entries(p))).collect();
+    for (partition, entries) in &entries {
+        accounts_in(*partition, entries, sla, now, &mut accounts);
+    }
+    for (partition, entries) in &entries {
+        customers_point_at_accounts(*partition, entries, &mut accounts);
     }
     accounts
 }
@@ -327,6 +358,24 @@ mod tests {
         gone.sort();
         assert_eq!(gone, vec![(4, "order:100".to_owned()), (4, "order:99".to_owned())]);
         assert!(missing_accounts(&["001A".into()], &[json!({"Id": "001A"})], &accounts).is_empty());
+    }
+
+    #[test]
+    fn a_gone_account_is_missing_also_on_orders_that_named_no_account() {
+        // Order 3's last write was a status change of an older order: the sink wrote no
+        // customer data, so its outcome named no Account; it still points at the customer's.
+        let mut status_change = written("3", "001A", 40);
+        let mut o = outcome("salesforce", "order", "3", 100, OutcomeStatus::Applied);
+        o.target_ids.insert("Order".into(), "801C".into());
+        status_change.1.apply_outcome(&o, 45);
+        assert!(!status_change.1.targets["salesforce"].ids.contains_key("Account"));
+        let other_customer = written_by("c:2", "4", "001B", 40);
+        let entries = vec![written("1", "001A", 10), status_change, other_customer];
+        let mut accounts = held(&entries);
+        customers_point_at_accounts(4, &entries, &mut accounts);
+        let mut gone = missing_accounts(&["001A".into()], &[], &accounts);
+        gone.sort();
+        assert_eq!(gone, vec![(4, "order:1".to_owned()), (4, "order:3".to_owned())]);
     }
 
     #[test]

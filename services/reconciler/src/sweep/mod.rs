@@ -18,19 +18,22 @@
 //!   `LastModifiedDate` likewise ([`accounts`]).
 //! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
 //!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
-//!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
-//!   resent to rdstation-sink, which rewrites the whole contact.
+//!   keeps for its customer is `altered`, one whose uuid RD reported and that is gone from a
+//!   complete listing `missing`; both are resent to rdstation-sink, which rewrites the whole
+//!   contact. A contact whose write the sink deferred is left alone for a while.
 //!
 //! Findings that a lagging ledger or a write in flight could explain (Magento versions, RD
-//! contacts) only count when a second round, `--sweep-grace` later, finds them again.
+//! contacts, Account edits) only count when a second round, `--sweep-grace` later, finds them
+//! again.
 //!
 //! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
 //! the workspace's) and `--<sweep>-sweep-max-calls` per round. The rate is the account's, not
 //! the replica's: every replica runs the sweeps over the partitions it holds, and the
 //! account-wide reads (the Magento window, the Salesforce `LastModifiedDate` query, the RD
 //! listing) are made by each, so each replica spends the share of the rate its partitions
-//! are of the whole (a call costs `partitions / held` of the limiter's cells, rounded up): the
-//! replicas together stay within the rate, and a replica holding nothing sweeps nothing.
+//! are of the whole (a call costs `partitions / held` of the limiter's cells, rounded up, from
+//! the partitions held when the call is made): the replicas together stay within the rate, and
+//! a replica holding nothing sweeps nothing.
 //! The price: more replicas do not sweep faster (each reads the whole account at its share).
 
 use std::collections::{BTreeSet, HashMap};
@@ -55,8 +58,8 @@ mod rdstation;
 mod salesforce;
 
 pub use accounts::{
-    AccountRef, AccountSuspects, accounts_in, confirm_account_edits, missing_accounts, soql_accounts_by_id,
-    soql_accounts_modified_since,
+    AccountRef, AccountSuspects, accounts_in, confirm_account_edits, customers_point_at_accounts, missing_accounts,
+    soql_accounts_by_id, soql_accounts_modified_since,
 };
 pub use magento::source_ahead;
 pub use rdstation::{CONTACT_DEFERRED, ExpectedContact, contact_drift, expected_contacts, expected_in};
