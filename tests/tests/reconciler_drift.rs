@@ -225,8 +225,14 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         // entries of its own (one drift per entry and target).
         let taken: BTreeSet<&String> = picked.iter().chain([&ids[50]]).filter_map(|(e, _)| account.get(e)).collect();
         let mut free = ids[20..].iter().filter(|(e, _)| account.get(e).is_some_and(|a| !taken.contains(a)));
-        let (gone_order, _) = free.next().expect("an order with an Account").clone();
+        // The deleted Account is of a customer with one order: salesforce-sink rewrites an
+        // Account only with the customer's newest data, so only that order's rewrite can
+        // recreate it (an older order's would refer to an Account not there yet).
+        let orders_of = |a: &String| account.values().filter(|b| *b == a).count();
+        let (gone_order, _) =
+            free.find(|(e, _)| orders_of(&account[e]) == 1).expect("a customer with one order").clone();
         let gone = account[&gone_order].clone();
+        let free = ids[70..].iter().filter(|(e, _)| account.get(e).is_some_and(|a| !taken.contains(a)));
         let renamed = free.map(|(e, _)| account[e].clone()).find(|a| *a != gone).expect("another Account");
         // Every order pointing at the deleted Account is rewritten.
         let pointing = account.iter().filter(|(_, a)| **a == gone).map(|(e, _)| e.clone());
