@@ -6,6 +6,7 @@
 //! one with [`TansuProcess`]. Every test uses random topic and group names, so tests can run
 //! in parallel against one broker.
 
+pub mod drift;
 pub mod proxy;
 pub mod runtime_suite;
 

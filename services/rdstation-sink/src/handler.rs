@@ -388,7 +388,7 @@ impl Sink {
         key: String,
         records: Vec<(usize, CommerceEvent)>,
     ) -> CustomerDone {
-        let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None };
+        let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None, deferred: false };
         // The state since the last erasure, and the first record that touched it.
         let mut touched: Option<(usize, CustomerState)> = None;
         let mut pending: Option<SentWrite<'_>> = None;
@@ -444,7 +444,9 @@ impl Sink {
                 // The last event's sent-log write and the state write travel together.
                 let (logged, result) =
                     futures::join!(logged, self.settle(partition, &out.key, state, now, Write::Batch));
-                out.uuid = self.customers.get(partition, &out.key).and_then(|s| s.contact_uuid).or(uuid_before);
+                let settled = self.customers.get(partition, &out.key);
+                out.deferred = settled.as_ref().is_some_and(|s| s.deferred);
+                out.uuid = settled.and_then(|s| s.contact_uuid).or(uuid_before);
                 for error in [logged.err(), result.err()].into_iter().flatten() {
                     out.failures.push((first, error));
                 }
@@ -507,10 +509,14 @@ impl Sink {
             .collect()
             .await;
         let mut uuids: BTreeMap<String, String> = BTreeMap::new();
+        let mut deferred: HashSet<String> = HashSet::new();
         let mut done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)> = Vec::new();
         for customer in customers {
             if let Some(uuid) = customer.uuid {
                 uuids.insert(customer.key.clone(), uuid);
+            }
+            if customer.deferred {
+                deferred.insert(customer.key.clone());
             }
             for (i, error) in customer.failures {
                 if results[i].is_ok() {
@@ -527,6 +533,11 @@ impl Sink {
                 let mut ids = BTreeMap::new();
                 if let Some(uuid) = uuids.get(&event.customer_key) {
                     ids.insert("contact_uuid".to_owned(), uuid.clone());
+                }
+                // RD does not hold this contact as the event leaves it yet: the reconciler's
+                // sweep leaves it alone until the deferred-writes pass lands it.
+                if deferred.contains(&event.customer_key) {
+                    ids.insert("contact_deferred".to_owned(), "1".to_owned());
                 }
                 if !sent.is_empty() {
                     ids.insert("events".to_owned(), sent.join(","));
@@ -557,6 +568,8 @@ struct CustomerDone {
     done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)>,
     failures: Vec<(usize, HandlerError)>,
     uuid: Option<String>,
+    /// The contact write was deferred (budget spent): RD holds an older contact, or none.
+    deferred: bool,
 }
 
 fn kafka_failure(stage: &str, error: &elo_kafka::Error) -> HandlerError {

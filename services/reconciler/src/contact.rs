@@ -7,7 +7,9 @@
 //! writes first and last name joined by a space, trimmed (and no name at all when empty). The
 //! ledger folds the same blocks in the same order (both read `commerce.events`, partition by
 //! partition) into one mark per customer key, `contact:<customer key>`, with the same merge
-//! function. No personal data is kept: only fingerprints of the e-mail and of each name part.
+//! function. Only fingerprints of the e-mail and of each name part are kept: unsalted SHA-256
+//! prefixes, so pseudonymised, not anonymous (a candidate e-mail or name can be matched against
+//! them); the ledger's changelog is personal data in that sense.
 //! A listed contact is compared by splitting its name at each space into a first and a last
 //! part (whitespace is normalised on both sides, so an edit of whitespace alone is not seen).
 //!

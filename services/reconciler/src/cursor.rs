@@ -2,7 +2,8 @@
 //! `seen_at_ms`): a restart or a failover resumes where the partition's last sweep stopped,
 //! rather than a fixed time back (missing what changed while no replica swept) or from
 //! scratch. A replica reads the earliest cursor of the partitions it holds (findings are
-//! idempotent, so reading a stretch twice is harmless) and moves only those it still holds.
+//! idempotent, so reading a stretch twice is harmless; a held partition without a cursor yet
+//! counts as the first pass's default, one interval back) and moves only those it still holds.
 
 use crate::ledger::{self, Entry};
 use crate::store::{CommandSink, Ledger};
@@ -21,15 +22,16 @@ pub fn cursor_key(name: &str) -> String {
     ledger::key(CURSOR, name)
 }
 
-/// The earliest of cursor `name` over `partitions` (`None`: none has it yet).
-pub fn earliest(entries: impl IntoIterator<Item = Option<Entry>>) -> Option<i64> {
-    entries.into_iter().flatten().filter(|e| e.kind == CURSOR).map(|e| e.seen_at_ms).min()
+/// The earliest cursor of the held partitions' entries (`None`: the partition has none yet,
+/// and counts as `first`, where a first pass starts).
+pub fn earliest(entries: impl IntoIterator<Item = Option<Entry>>, first: i64) -> i64 {
+    entries.into_iter().map(|e| e.filter(|e| e.kind == CURSOR).map_or(first, |e| e.seen_at_ms)).min().unwrap_or(first)
 }
 
 /// Cursor `name` of the partitions held here (see [`earliest`]).
-pub fn get<C: CommandSink>(ledger: &Ledger<C>, name: &str) -> Option<i64> {
+pub fn get<C: CommandSink>(ledger: &Ledger<C>, name: &str, first: i64) -> i64 {
     let key = cursor_key(name);
-    earliest(ledger.partitions().into_iter().map(|p| ledger.store.get(p, &key)))
+    earliest(ledger.partitions().into_iter().map(|p| ledger.store.get(p, &key)), first)
 }
 
 /// Moves cursor `name` to `value` on those of `partitions` still held (the store refuses a
@@ -66,10 +68,11 @@ mod tests {
     #[test]
     fn the_earliest_cursor_of_the_held_partitions_is_read() {
         let at = |ms: i64| Some(Entry { kind: CURSOR.into(), seen_at_ms: ms, ..Entry::default() });
-        assert_eq!(earliest([at(300), None, at(200)]), Some(200));
-        assert_eq!(earliest([None, None]), None, "no partition swept yet");
+        assert_eq!(earliest([at(300), at(200)], 250), 200);
+        assert_eq!(earliest([at(300), None, at(200)], 100), 100, "a partition never swept: one interval back");
+        assert_eq!(earliest([None, None], 100), 100, "no partition swept yet");
         let order = Some(Entry { kind: "order".into(), seen_at_ms: 5, ..Entry::default() });
-        assert_eq!(earliest([order, at(9)]), Some(9), "only cursor entries");
+        assert_eq!(earliest([order, at(9)], 50), 9, "only cursor entries");
         assert!(Entry { kind: CURSOR.into(), ..Entry::default() }.is_mark(), "no command or figure for it");
     }
 }

@@ -57,7 +57,7 @@ pub struct Ledger<C> {
     /// Settled entries leave the ledger after this long without news.
     pub retention: std::time::Duration,
     /// Input topics holding each restored partition.
-    held: Mutex<HashMap<i32, BTreeSet<String>>>,
+    held: Arc<Mutex<HashMap<i32, BTreeSet<String>>>>,
     /// Which restore of each held partition this is (a write planned under one restore is
     /// dropped under another).
     generations: Mutex<HashMap<i32, u64>>,
@@ -88,7 +88,7 @@ impl<C: CommandSink> Ledger<C> {
             policy,
             commerce_topic,
             retention,
-            held: Mutex::default(),
+            held: Arc::default(),
             generations: Mutex::default(),
             next_generation: Default::default(),
             rotation: Default::default(),
@@ -131,6 +131,12 @@ impl<C: CommandSink> Ledger<C> {
         let mut out: Vec<i32> = self.held.lock().expect("held").keys().copied().collect();
         out.sort_unstable();
         out
+    }
+
+    /// How many partitions this replica holds, read live (the sweeps' budget share).
+    pub fn held_count(&self) -> Arc<dyn Fn() -> usize + Send + Sync> {
+        let held = self.held.clone();
+        Arc::new(move || held.lock().expect("held").len())
     }
 
     /// Restores `partition` unless another topic of it already did.

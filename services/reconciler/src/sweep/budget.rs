@@ -20,9 +20,13 @@ pub(super) struct Budget {
     burst: u32,
     per_round: u64,
     pub(super) progress: Arc<Progress>,
-    /// (partitions held here, partitions in all), set by each round.
-    share: std::sync::Mutex<(u32, u32)>,
+    /// (partitions held here now, partitions in all), set by each round; the count is read
+    /// at every call, so a rebalance mid-round changes the cost at once.
+    share: std::sync::Mutex<(Held, u32)>,
 }
+
+/// How many partitions this replica holds now (see [`crate::store::Ledger::held_count`]).
+pub(super) type Held = Arc<dyn Fn() -> usize + Send + Sync>;
 
 impl Budget {
     pub(super) fn new(name: &'static str, per_minute: NonZeroU32, per_round: u64) -> Self {
@@ -33,22 +37,28 @@ impl Budget {
             burst: burst.get(),
             per_round,
             progress: Arc::default(),
-            share: std::sync::Mutex::new((1, 1)),
+            share: std::sync::Mutex::new((Arc::new(|| 1), 1)),
         }
     }
 
-    /// Sets this replica's share of the account's rate: `held` of `total` partitions.
-    /// Returns false when it holds none (nothing of its own to judge: no round).
-    pub(super) fn set_share(&self, held: usize, total: i32) -> bool {
-        let total = u32::try_from(total).unwrap_or(1).max(held as u32).max(1);
-        *self.share.lock().expect("share") = (held as u32, total);
-        held > 0
+    /// Sets this replica's share of the account's rate: `held()` (read at every call) of
+    /// `total` partitions. Returns false when it holds none now (nothing of its own to judge:
+    /// no round).
+    pub(super) fn set_share(&self, held: Held, total: i32) -> bool {
+        let now = held();
+        *self.share.lock().expect("share") = (held, u32::try_from(total).unwrap_or(1).max(1));
+        now > 0
     }
 
-    /// What one call costs in limiter cells: `total / held`, rounded up.
-    pub(super) fn cost(&self) -> u32 {
-        let (held, total) = *self.share.lock().expect("share");
-        total.div_ceil(held.max(1)).max(1)
+    /// What one call costs in limiter cells now: `total / held`, rounded up (`None`: this
+    /// replica holds nothing now).
+    pub(super) fn cost(&self) -> Option<u32> {
+        let (held, total) = {
+            let share = self.share.lock().expect("share");
+            (share.0.clone(), share.1)
+        };
+        let held = u32::try_from(held()).unwrap_or(u32::MAX);
+        (held > 0).then(|| total.max(held).div_ceil(held).max(1))
     }
 
     /// Waits for the rate limiter and counts the call; `false` when the round's cap is spent.
@@ -56,7 +66,8 @@ impl Budget {
         if *spent_this_round >= self.per_round {
             return false;
         }
-        let mut cost = self.cost();
+        // Priced when it is made: a rebalance since the round began changes the share.
+        let Some(mut cost) = self.cost() else { return false }; // released everything
         while cost > 0 {
             let n = cost.min(self.burst);
             // Cannot fail: `n` is at most the burst.
@@ -100,13 +111,17 @@ mod tests {
         assert_eq!(budget.progress.calls.load(Ordering::Relaxed), 3);
     }
 
+    fn fixed(n: usize) -> Held {
+        Arc::new(move || n)
+    }
+
     #[test]
     fn replicas_share_the_accounts_rate_by_the_partitions_they_hold() {
         let budget = Budget::new("test", NonZeroU32::new(60).unwrap(), 100);
-        assert!(!budget.set_share(0, 3), "holding nothing: no round");
+        assert!(!budget.set_share(fixed(0), 3), "holding nothing: no round");
         let cost = |held, total| {
-            budget.set_share(held, total);
-            budget.cost()
+            budget.set_share(fixed(held), total);
+            budget.cost().unwrap()
         };
         assert_eq!(cost(3, 3), 1, "one replica: the whole rate");
         // Three partitions on two replicas: 1/2 + 1/3 of the rate, within it.
@@ -123,7 +138,7 @@ mod tests {
     async fn a_call_costs_the_replicas_share_of_the_rate() {
         // 600 a minute, burst 60: one replica of three (cost 3) gets 20 calls from the burst.
         let budget = Budget::new("test", NonZeroU32::new(600).unwrap(), 1_000);
-        budget.set_share(1, 3);
+        budget.set_share(fixed(1), 3);
         let started = std::time::Instant::now();
         let mut spent = 0;
         for _ in 0..20 {
@@ -135,5 +150,23 @@ mod tests {
             "then 3 cells at 10 a second: {:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebalance_mid_round_reprices_the_next_call() {
+        use std::sync::atomic::AtomicUsize;
+        let budget = Budget::new("test", NonZeroU32::new(60).unwrap(), 100);
+        let held = Arc::new(AtomicUsize::new(3));
+        let live = held.clone();
+        assert!(budget.set_share(Arc::new(move || live.load(Ordering::Relaxed)), 3));
+        assert_eq!(budget.cost(), Some(1), "all three partitions: the whole rate");
+        let mut spent = 0;
+        assert!(budget.spend(&mut spent).await);
+        held.store(1, Ordering::Relaxed); // two replicas joined: one partition left here
+        assert_eq!(budget.cost(), Some(3), "a third of the rate from the next call on");
+        held.store(0, Ordering::Relaxed);
+        assert_eq!(budget.cost(), None);
+        assert!(!budget.spend(&mut spent).await, "holding nothing: no more calls");
+        assert_eq!(spent, 1);
     }
 }

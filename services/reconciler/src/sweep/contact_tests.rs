@@ -57,7 +57,7 @@ fn ledger(events: &[CommerceEvent]) -> Vec<(String, Entry)> {
 /// What the sweep finds when RD lists the contact with `name`.
 fn judge(entries: &[(String, Entry)], name: &str) -> Vec<DriftKind> {
     let email = event("order", "1", "c:1", 1).customer.unwrap().email;
-    let expected = expected_in(0, entries, SLA, 5, 1_000_000);
+    let expected = expected_in(0, entries, SLA, 5, 0, 1_000_000);
     assert_eq!(expected.len(), 1, "the contact is judged");
     let listed = HashMap::from([("u1".to_owned(), crate::contact::Listed::of(&email, name))]);
     contact_drift(&expected, &listed, true).into_iter().map(|(_, kind)| kind).collect()

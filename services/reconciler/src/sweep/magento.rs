@@ -61,7 +61,7 @@ impl Sweeps {
         resume: Option<(usize, Keyset)>,
     ) -> Option<(usize, Keyset)> {
         let (source, budget) = self.magento.as_ref()?;
-        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+        if !budget.set_share(ledger.held_count(), self.partitions) {
             return resume; // nothing held here: another replica's turn
         }
         let now = now_ms();

@@ -18,19 +18,22 @@
 //!   `LastModifiedDate` likewise ([`accounts`]).
 //! - **RD Station contacts** (`rdstation`): the account's "all contacts" segmentation is listed
 //!   (125 a page); a contact whose e-mail and name no longer match the fingerprint the ledger
-//!   keeps for its customer is `altered`, one gone from a complete listing `missing`; both are
-//!   resent to rdstation-sink, which rewrites the whole contact.
+//!   keeps for its customer is `altered`, one whose uuid RD reported and that is gone from a
+//!   complete listing `missing`; both are resent to rdstation-sink, which rewrites the whole
+//!   contact. A contact whose write the sink deferred is left alone for a while.
 //!
 //! Findings that a lagging ledger or a write in flight could explain (Magento versions, RD
-//! contacts) only count when a second round, `--sweep-grace` later, finds them again.
+//! contacts, Account edits) only count when a second round, `--sweep-grace` later, finds them
+//! again.
 //!
 //! Each sweep spends at most `--<sweep>-sweep-calls-per-minute` (a `governor` rate limiter,
 //! the workspace's) and `--<sweep>-sweep-max-calls` per round. The rate is the account's, not
 //! the replica's: every replica runs the sweeps over the partitions it holds, and the
 //! account-wide reads (the Magento window, the Salesforce `LastModifiedDate` query, the RD
 //! listing) are made by each, so each replica spends the share of the rate its partitions
-//! are of the whole (a call costs `partitions / held` of the limiter's cells, rounded up): the
-//! replicas together stay within the rate, and a replica holding nothing sweeps nothing.
+//! are of the whole (a call costs `partitions / held` of the limiter's cells, rounded up, from
+//! the partitions held when the call is made): the replicas together stay within the rate, and
+//! a replica holding nothing sweeps nothing.
 //! The price: more replicas do not sweep faster (each reads the whole account at its share).
 
 use std::collections::{BTreeSet, HashMap};
@@ -54,9 +57,12 @@ mod magento;
 mod rdstation;
 mod salesforce;
 
-pub use accounts::{AccountRef, accounts_in, soql_accounts_by_id, soql_accounts_modified_since};
+pub use accounts::{
+    AccountRef, AccountSuspects, accounts_in, confirm_account_edits, customers_point_at_accounts, missing_accounts,
+    soql_accounts_by_id, soql_accounts_modified_since,
+};
 pub use magento::source_ahead;
-pub use rdstation::{ExpectedContact, contact_drift, expected_contacts, expected_in};
+pub use rdstation::{CONTACT_DEFERRED, ExpectedContact, contact_drift, expected_contacts, expected_in};
 pub use salesforce::{
     edited_after, missing_ids, order_external_id, parse_sf_datetime, soql_by_external_ids, soql_modified_since,
 };
@@ -133,6 +139,11 @@ pub struct SweepArgs {
     /// RD listing calls per minute at most (RD allows 120 per account for segmentations).
     #[arg(long = "rdstation-sweep-calls-per-minute", env = "ELO_RECONCILER_RDSTATION_SWEEP_CALLS_PER_MINUTE", default_value_t = NonZeroU32::new(20).expect("non-zero"))]
     pub rd_per_minute: NonZeroU32,
+    /// How long a contact whose write rdstation-sink deferred (its outcome says
+    /// `contact_deferred`) is left alone: the sink's deferred-writes pass lands it later and
+    /// publishes no outcome of its own.
+    #[arg(long = "rdstation-sweep-deferred-hold", env = "ELO_RECONCILER_RDSTATION_SWEEP_DEFERRED_HOLD", default_value = "60m", value_parser = parse_duration)]
+    pub rd_deferred_hold: Duration,
     /// RD listing calls per round at most (125 contacts each).
     #[arg(long = "rdstation-sweep-max-calls", env = "ELO_RECONCILER_RDSTATION_SWEEP_MAX_CALLS", default_value_t = 200)]
     pub rd_max_calls: u64,
@@ -261,6 +272,10 @@ pub struct Sweeps {
     rdstation: Option<(RdClient, Budget)>,
     magento_suspects: Suspects,
     rd_suspects: Suspects,
+    account_suspects: std::sync::Mutex<accounts::AccountSuspects>,
+    /// The Account external-id field (salesforce-sink's mapping): the customer key it was
+    /// created for.
+    account_external_id: String,
     /// Where the RD listing resumes (page) and what it read so far, across rounds.
     rd_listing: std::sync::Mutex<rdstation::Listing>,
 }
@@ -273,6 +288,8 @@ impl Sweeps {
             let source = MagentoSource::new("magento-sweep", args.magento_url.clone(), magento_auth(args)?)?;
             Some((source, Budget::new("magento", args.magento_per_minute, args.magento_max_calls)))
         };
+        let account_external_id =
+            salesforce_sink::mapping::Mapping::load(args.salesforce.mapping_file.as_deref())?.resolve()?.ids.account;
         let salesforce = if args.salesforce_interval.is_zero() {
             None
         } else {
@@ -293,6 +310,8 @@ impl Sweeps {
             rdstation,
             magento_suspects: Suspects::default(),
             rd_suspects: Suspects::default(),
+            account_suspects: std::sync::Mutex::default(),
+            account_external_id,
             rd_listing: std::sync::Mutex::new((1, HashMap::new())),
         })
     }

@@ -20,11 +20,12 @@ impl Sweeps {
     /// the list is only judged when the whole list was read.
     pub async fn rdstation_round<C: CommandSink>(&self, ledger: &Ledger<C>) {
         let Some((client, budget)) = self.rdstation.as_ref() else { return };
-        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+        if !budget.set_share(ledger.held_count(), self.partitions) {
             return; // nothing held here
         }
         let now = now_ms();
-        let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, now);
+        let hold = self.args.rd_deferred_hold.as_millis() as i64;
+        let expected = expected_contacts(ledger, self.args.grace.as_millis() as i64, hold, now);
         let mut spent = 0;
         let segmentation = match self.args.rd_segmentation {
             Some(id) => id,
@@ -180,14 +181,24 @@ pub struct ExpectedContact {
     pub key: String,
 }
 
+/// The outcome id rdstation-sink sets when it deferred the contact write (account or contact
+/// budget spent): RD holds an older contact, or none yet, until its deferred-writes pass lands it.
+pub const CONTACT_DEFERRED: &str = "contact_deferred";
+
 /// Per customer: the contact the sink writes (its contact mark) and the contact uuid RD
 /// reported if any, when RD confirmed the entry that brought the newest customer block more than
-/// `grace` ago and no drift is open on it.
-pub fn expected_contacts<C: CommandSink>(ledger: &Ledger<C>, grace: i64, now: i64) -> Vec<ExpectedContact> {
+/// `grace` ago and no drift is open on it. A contact whose newest outcome says the write was
+/// deferred is left alone for `deferred_hold` (that pass publishes no outcome of its own).
+pub fn expected_contacts<C: CommandSink>(
+    ledger: &Ledger<C>,
+    grace: i64,
+    deferred_hold: i64,
+    now: i64,
+) -> Vec<ExpectedContact> {
     let sla = ledger.policy.targets.iter().find(|t| t.name == "rdstation").map(|t| t.sla).unwrap_or_default();
     let mut out = Vec::new();
     for partition in ledger.partitions() {
-        out.extend(expected_in(partition, &ledger.store.entries(partition), sla, grace, now));
+        out.extend(expected_in(partition, &ledger.store.entries(partition), sla, grace, deferred_hold, now));
     }
     out
 }
@@ -198,14 +209,24 @@ pub fn expected_in(
     entries: &[(String, Entry)],
     sla: Duration,
     grace: i64,
+    deferred_hold: i64,
     now: i64,
 ) -> Vec<ExpectedContact> {
     let by_key: HashMap<&str, &Entry> = entries.iter().map(|(k, e)| (k.as_str(), e)).collect();
     let mut uuids: HashMap<&str, (i64, &str)> = HashMap::new();
+    // Per customer: when RD's newest outcome was read, and whether it deferred the write.
+    let mut newest: HashMap<&str, (i64, bool)> = HashMap::new();
     for (_, entry) in entries {
-        if let Some(t) = entry.targets.get("rdstation")
-            && let Some(uuid) = t.ids.get("contact_uuid")
-        {
+        let Some(t) = entry.targets.get("rdstation") else { continue };
+        if entry.is_mark() {
+            continue;
+        }
+        let deferred = t.ids.contains_key(CONTACT_DEFERRED);
+        let slot = newest.entry(&entry.customer_key).or_insert((t.at_ms, deferred));
+        if t.at_ms >= slot.0 {
+            *slot = (t.at_ms, deferred);
+        }
+        if let Some(uuid) = t.ids.get("contact_uuid") {
             let slot = uuids.entry(&entry.customer_key).or_insert((t.at_ms, uuid));
             if t.at_ms >= slot.0 {
                 *slot = (t.at_ms, uuid);
@@ -216,6 +237,9 @@ pub fn expected_in(
     for (_, mark) in entries.iter().filter(|(_, e)| e.kind == CONTACT) {
         let Some(print) = &mark.contact else { continue };
         let uuid = uuids.get(mark.customer_key.as_str()).map(|(_, u)| (*u).to_owned());
+        if newest.get(mark.customer_key.as_str()).is_some_and(|(at, deferred)| *deferred && now - at < deferred_hold) {
+            continue; // RD holds an older contact (or none) until the deferred write lands
+        }
         // The entry whose event brought the newest block: gone (retired), nothing to flag.
         let Some(entry) = by_key.get(print.key.as_str()) else { continue };
         let settled = entry.health("rdstation", sla, now) == Health::Confirmed
@@ -229,7 +253,8 @@ pub fn expected_in(
 
 /// The expected contacts (by index) that differ from the listing (`altered`) or, when the
 /// listing is `complete`, are gone (`missing`). A contact is looked up by its uuid, or by its
-/// e-mail when no outcome named the uuid.
+/// e-mail when no outcome named the uuid; such a contact is never `missing` (no outcome said
+/// RD has it: the sink may not have created it yet).
 pub fn contact_drift(
     expected: &[ExpectedContact],
     listed: &HashMap<String, Listed>,
@@ -246,7 +271,7 @@ pub fn contact_drift(
             };
             match found {
                 Some(l) if !c.print.matches(l) => Some((i, DriftKind::Altered)),
-                None if complete => Some((i, DriftKind::Missing)),
+                None if complete && c.uuid.is_some() => Some((i, DriftKind::Missing)),
                 _ => None,
             }
         })
@@ -290,6 +315,8 @@ mod tests {
     use super::*;
     use crate::ledger::tests::event;
 
+    const HOLD: i64 = 3_600_000;
+
     /// The ledger after one order event per (order, version, first name), in this order, each
     /// confirmed by RD at `confirmed_at` with contact `u1`.
     fn rd_ledger(orders: &[(&str, i64, &str)], confirmed_at: i64) -> Vec<(String, Entry)> {
@@ -317,12 +344,12 @@ mod tests {
     fn the_contact_follows_the_customers_newest_block_and_drift_is_found() {
         let sla = Duration::from_secs(60);
         let entries = rd_ledger(&[("2", 200, "New"), ("1", 100, "Old")], 10);
-        let expected = expected_in(3, &entries, sla, 5, 1_000);
+        let expected = expected_in(3, &entries, sla, 5, HOLD, 1_000);
         assert_eq!(expected.len(), 1, "one contact per customer");
         let email = elo_events::sample::order_placed(1).customer.unwrap().email;
         assert_eq!(expected[0].key, "order:2", "the older block read later changes nothing");
         assert_eq!((expected[0].uuid.as_deref(), expected[0].partition), (Some("u1"), 3));
-        assert!(expected_in(3, &entries, sla, 5_000, 1_000).is_empty(), "confirmed too recently: left alone");
+        assert!(expected_in(3, &entries, sla, 5_000, HOLD, 1_000).is_empty(), "confirmed too recently: left alone");
 
         let mut listed = HashMap::from([("u1".to_owned(), Listed::of(&email, "New"))]);
         assert!(contact_drift(&expected, &listed, true).is_empty());
@@ -340,7 +367,48 @@ mod tests {
         listed.insert("u9".into(), Listed::of(&email, "Edited"));
         assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Altered)]);
         listed.insert("u9".into(), Listed::of("someone.else@example.com", "New"));
-        assert_eq!(contact_drift(&unnamed, &listed, true), vec![(0, DriftKind::Missing)]);
+        assert!(contact_drift(&unnamed, &listed, true).is_empty(), "no uuid: RD never said it has it");
+    }
+
+    /// The ledger of `rd_ledger`, its outcomes replaced by ones naming no contact: the sink
+    /// deferred the write (account budget spent), with `ids` as the outcome's target ids.
+    fn deferred_ledger(ids: &[(&str, &str)]) -> Vec<(String, Entry)> {
+        let mut entries = rd_ledger(&[("1", 100, "New")], 10);
+        let entry = &mut entries[0].1;
+        let target = entry.targets.get_mut("rdstation").unwrap();
+        target.ids = ids.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        entries
+    }
+
+    /// Two sweep rounds, a grace apart, over a complete listing of other contacts: what would
+    /// be flagged (a flag is what sends a repair command).
+    fn two_rounds(entries: &[(String, Entry)]) -> Vec<String> {
+        let (sla, grace) = (Duration::from_secs(60), 5);
+        let listed = HashMap::from([("u7".to_owned(), Listed::of("someone.else@example.com", "X"))]);
+        let suspects = super::super::Suspects::default();
+        let mut flagged = Vec::new();
+        for now in [1_000, 1_000 + grace] {
+            let expected = expected_in(0, entries, sla, grace, HOLD, now);
+            let names: Vec<String> = contact_drift(&expected, &listed, true)
+                .into_iter()
+                .map(|(i, kind)| format!("{}:{}", expected[i].key, kind.as_str()))
+                .collect();
+            flagged.extend(suspects.confirm(&names, grace, now));
+        }
+        flagged
+    }
+
+    #[test]
+    fn a_deferred_creation_is_not_missing() {
+        // The outcome says the write was deferred: the contact is left alone.
+        let deferred = deferred_ledger(&[(CONTACT_DEFERRED, "1")]);
+        assert!(two_rounds(&deferred).is_empty());
+        let expected = expected_in(0, &deferred, Duration::from_secs(60), 5, HOLD, 10 + HOLD);
+        assert_eq!(expected.len(), 1, "judged again once the hold is over");
+        // An outcome of an older sink, naming no contact: never judged missing (no uuid to miss).
+        assert!(two_rounds(&deferred_ledger(&[])).is_empty());
+        // The control: a contact RD named and that is gone is missing.
+        assert_eq!(two_rounds(&rd_ledger(&[("1", 100, "New")], 10)), vec!["order:1:missing".to_owned()]);
     }
 
     #[test]

@@ -52,11 +52,17 @@ pub fn order_external_id(entity_id: &str) -> String {
 }
 
 impl Sweeps {
+    /// Where a `LastModifiedDate` pass starts for a partition never swept: one interval (and
+    /// the grace) back.
+    pub(super) fn first_since(&self, started: i64) -> i64 {
+        started - self.args.salesforce_interval.as_millis() as i64 - self.args.grace.as_millis() as i64
+    }
+
     /// One Salesforce round over the confirmed orders after `cursor` (a ledger key); returns
     /// where the next round starts (empty: from the beginning).
     pub async fn salesforce_round<C: CommandSink>(&self, ledger: &Ledger<C>, cursor: String) -> String {
         let Some((client, budget)) = self.salesforce.as_ref() else { return String::new() };
-        if !budget.set_share(ledger.partitions().len(), self.partitions) {
+        if !budget.set_share(ledger.held_count(), self.partitions) {
             return cursor; // nothing held here
         }
         let field = &self.args.salesforce_order_field;
@@ -65,6 +71,7 @@ impl Sweeps {
         let sla = ledger.policy.targets.iter().find(|t| t.name == "salesforce").map(|t| t.sla).unwrap_or_default();
         // (key, partition, external id, Account id) of every order Salesforce confirmed a while ago.
         let mut orders: Vec<(String, i32, String, Option<String>)> = Vec::new();
+        let accounts = super::accounts::held_accounts(ledger, &ledger.partitions(), now);
         for partition in ledger.partitions() {
             for (key, entry) in ledger.store.entries(partition) {
                 let confirmed_at = entry.targets.get("salesforce").map_or(i64::MAX, |t| t.at_ms);
@@ -114,12 +121,12 @@ impl Sweeps {
                 }
             }
             // The Accounts of the orders still there (a gone order is rewritten with its Account).
-            let accounts: Vec<(String, i32, String)> = chunk
+            let ids: BTreeSet<String> = chunk
                 .iter()
                 .filter(|(_, _, id, _)| !missing.contains(id))
-                .filter_map(|(key, partition, _, account)| Some((key.clone(), *partition, account.clone()?)))
+                .filter_map(|(.., account)| account.clone())
                 .collect();
-            if !self.salesforce_accounts_exist(ledger, client, budget, &mut spent, &accounts).await {
+            if !self.salesforce_accounts_exist(ledger, client, budget, &mut spent, ids, &accounts).await {
                 budget.round("partial");
                 return next;
             }
@@ -152,8 +159,7 @@ impl Sweeps {
         }
         // Where the held partitions' last pass stopped (kept in the ledger: a restart or a
         // failover resumes there); the first pass ever looks one interval back.
-        let since = crate::cursor::get(ledger, crate::cursor::SALESFORCE_MODIFIED)
-            .unwrap_or(started - self.args.salesforce_interval.as_millis() as i64 - grace);
+        let since = crate::cursor::get(ledger, crate::cursor::SALESFORCE_MODIFIED, self.first_since(started));
         if !budget.spend(spent).await {
             budget.round("partial");
             return false;
