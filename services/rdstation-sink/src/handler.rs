@@ -388,7 +388,8 @@ impl Sink {
         key: String,
         records: Vec<(usize, CommerceEvent)>,
     ) -> CustomerDone {
-        let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None };
+        let indices = records.iter().map(|(i, _)| *i).collect();
+        let mut out = CustomerDone { key, records: indices, done: Vec::new(), failures: Vec::new(), uuid: None };
         // The state since the last erasure, and the first record that touched it.
         let mut touched: Option<(usize, CustomerState)> = None;
         let mut pending: Option<SentWrite<'_>> = None;
@@ -506,20 +507,7 @@ impl Sink {
             .buffer_unordered(self.customer_concurrency.max(1))
             .collect()
             .await;
-        let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-        let mut done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)> = Vec::new();
-        for customer in customers {
-            if let Some(uuid) = customer.uuid {
-                uuids.insert(customer.key.clone(), uuid);
-            }
-            for (i, error) in customer.failures {
-                if results[i].is_ok() {
-                    results[i] = Err(error);
-                }
-            }
-            done.extend(customer.done);
-        }
-        done.sort_by_key(|(i, ..)| *i);
+        let (uuids, done) = merge(&mut results, customers);
         let first_failure = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
         let latency = started.elapsed().as_millis() as i64;
         let outcomes = done.iter().filter(|(i, ..)| first_failure.is_none_or(|f| *i < f) && results[*i].is_ok()).map(
@@ -551,10 +539,55 @@ impl Sink {
     }
 }
 
+/// Folds the customers' shares of a batch into the per-record results; returns the contact
+/// uuids by customer key and the records done, in offset order.
+fn merge(
+    results: &mut [Result<(), HandlerError>],
+    customers: Vec<CustomerDone>,
+) -> (BTreeMap<String, String>, Vec<Done>) {
+    let mut uuids: BTreeMap<String, String> = BTreeMap::new();
+    let mut done: Vec<Done> = Vec::new();
+    for customer in customers {
+        if let Some(uuid) = customer.uuid {
+            uuids.insert(customer.key.clone(), uuid);
+        }
+        // A customer stops at its first record that fails; its records after that one were not
+        // processed. They must not read as done (the runtime would commit them when it parks
+        // the failed one): they wait for it as `RateLimited` with no delay, which the runtime
+        // retries from (after parking the failed record, if it does) without spending their
+        // own transient budget and never parks.
+        let reported: HashSet<usize> =
+            customer.done.iter().map(|(i, ..)| *i).chain(customer.failures.iter().map(|(i, _)| *i)).collect();
+        for (i, error) in customer.failures {
+            if results[i].is_ok() {
+                results[i] = Err(error);
+            }
+        }
+        for i in customer.records.into_iter().filter(|i| !reported.contains(i)) {
+            if results[i].is_ok() {
+                results[i] = Err(HandlerError::new(
+                    ErrorClass::RateLimited,
+                    "waiting_for_earlier_record",
+                    "an earlier record of the same customer failed; retried after it",
+                )
+                .with_retry_after(std::time::Duration::ZERO));
+            }
+        }
+        done.extend(customer.done);
+    }
+    done.sort_by_key(|(i, ..)| *i);
+    (uuids, done)
+}
+
+/// A record done: its index in the batch, the event, its outcome and the RD events sent.
+type Done = (usize, CommerceEvent, OutcomeStatus, Vec<String>);
+
 /// What one customer's share of a batch came to.
 struct CustomerDone {
     key: String,
-    done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)>,
+    /// The batch indices of all the customer's records, in offset order.
+    records: Vec<usize>,
+    done: Vec<Done>,
     failures: Vec<(usize, HandlerError)>,
     uuid: Option<String>,
 }
@@ -605,5 +638,58 @@ impl elo_kafka::Handler for SinkHandler {
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use elo_events::sample;
+
+    use super::*;
+
+    fn customer(key: &str, records: &[usize], failures: Vec<(usize, HandlerError)>, done: &[usize]) -> CustomerDone {
+        let done =
+            done.iter().map(|i| (*i, sample::order_placed(*i as u64), OutcomeStatus::Applied, Vec::new())).collect();
+        CustomerDone { key: key.into(), records: records.to_vec(), done, failures, uuid: None }
+    }
+
+    /// What the runtime does with the results (elo-kafka `consumer::batch`): the records it
+    /// commits without a retry, those it parks, and where it retries from.
+    fn runtime(results: &[Result<(), HandlerError>]) -> (Vec<usize>, Vec<usize>, Option<usize>) {
+        let cut = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
+        let before = |i: &usize| cut.is_none_or(|c| *i < c);
+        let committed = (0..results.len()).filter(|i| before(i) && results[*i].is_ok()).collect();
+        let parked = (0..results.len()).filter(|i| before(i) && results[*i].is_err()).collect();
+        (committed, parked, cut)
+    }
+
+    #[test]
+    fn records_after_a_customers_failure_wait_for_it_and_are_never_committed_unprocessed() {
+        // Customer a's records at 0, 2 and 3; b's at 1. a's first is refused for good: a stops
+        // there, so 2 and 3 were never processed.
+        let refused = HandlerError::permanent("rd_400", "refused");
+        let mut results = vec![Ok(()); 4];
+        merge(
+            &mut results,
+            vec![customer("a", &[0, 2, 3], vec![(0, refused)], &[]), customer("b", &[1], vec![], &[1])],
+        );
+        let (committed, parked, cut) = runtime(&results);
+        assert_eq!(parked, [0], "the refused record is parked");
+        assert_eq!(committed, [1], "only the other customer's record is committed");
+        assert_eq!(cut, Some(2), "a's later records are retried after the park");
+        for i in [2, 3] {
+            let error = results[i].as_ref().expect_err("a later record of the customer is not Ok");
+            // Waiting spends none of the record's own transient budget and never parks it.
+            assert_eq!(error.class, ErrorClass::RateLimited);
+            assert_eq!(error.code, "waiting_for_earlier_record");
+            assert_eq!(error.retry_after, Some(std::time::Duration::ZERO));
+        }
+
+        // A transient failure: the runtime retries from it; the later ones wait, unparked.
+        let mut results = vec![Ok(()); 3];
+        let failed = HandlerError::transient("rd_503", "unavailable");
+        merge(&mut results, vec![customer("a", &[0, 1, 2], vec![(0, failed)], &[])]);
+        assert_eq!(runtime(&results), (vec![], vec![], Some(0)));
+        assert!(results[1..].iter().all(|r| r.as_ref().is_err_and(|e| e.class == ErrorClass::RateLimited)));
     }
 }
