@@ -340,9 +340,7 @@ impl Sink {
     /// tombstone: an older event arriving later would otherwise recreate the contact).
     async fn erase(&self, partition: i32, key: &str, erased_at_ms: i64) -> Result<(), HandlerError> {
         let state = self.customers.get(partition, key).unwrap_or_default();
-        if let Some(uuid) = &state.contact_uuid {
-            contacts::delete(&self.client, uuid).await.map_err(|e| e.to_handler_error())?;
-        }
+        contacts::erase(&self.client, &state).await.map_err(|e| e.to_handler_error())?;
         self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
         let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
         self.customers.put(partition, key, floor).await.map_err(|e| kafka_failure("state", &e))
