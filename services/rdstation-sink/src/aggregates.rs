@@ -81,6 +81,10 @@ pub struct CustomerState {
     /// must not bring the person back into RD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erased_at_ms: Option<i64>,
+    /// RD answered the contact's write with 429 and a `Retry-After`: the write is deferred
+    /// (the sweep lands it) and not tried before this time, while the customer's events flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_not_before_ms: Option<i64>,
 }
 
 /// Whether an event changed the state.
@@ -104,6 +108,11 @@ impl CustomerState {
         self.erased_at_ms.is_some_and(|floor| {
             event.occurred_at <= floor || event.order.as_ref().is_some_and(|o| o.created_at <= floor)
         })
+    }
+
+    /// Whether the contact may be written at `now_ms` (no 429 asked to wait past it).
+    pub fn contact_writable(&self, now_ms: i64) -> bool {
+        self.contact_not_before_ms.is_none_or(|t| now_ms >= t)
     }
 
     /// Folds one event in; idempotent (the same event twice is the same as once).

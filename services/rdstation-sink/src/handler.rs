@@ -282,10 +282,11 @@ impl Sink {
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         // The per-contact budget (RD: 24 PATCH, 24 tag posts and 24 funnel updates per contact
-        // per 24 h): a sync is at most one of each, so syncs are counted. Over budget the write
-        // waits for the sweep, which lands the latest state when the window has room.
+        // per 24 h): a sync is at most one of each, so syncs are counted. Over budget (or
+        // before the time a 429 named) the write waits for the sweep, which lands the latest
+        // state when the window has room.
         state.writes_ms.retain(|t| now - t < self.budget.window.as_millis() as i64);
-        if state.writes_ms.len() >= self.budget.per_contact {
+        if state.writes_ms.len() >= self.budget.per_contact || !state.contact_writable(now) {
             self.defer(partition, key, &mut state);
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
@@ -318,20 +319,24 @@ impl Sink {
                     metrics::COALESCED.inc();
                 }
                 state.deferred = false;
+                state.contact_not_before_ms = None;
                 self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
             }
-            Err(crate::client::Error::BudgetSpent) => {
-                self.contact_backlog.store(true, Ordering::Release);
-                self.defer(partition, key, &mut state);
-            }
-            Err(error) => {
-                tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
-                // A refused contact is parked (DLQ) but its aggregates are kept.
-                if error.class() == ErrorClass::Permanent {
-                    self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))?;
+            Err(error) => match on_sync_error(&mut state, &error, now) {
+                SyncFailure::Defer => {
+                    if matches!(error, crate::client::Error::BudgetSpent) {
+                        self.contact_backlog.store(true, Ordering::Release);
+                    }
+                    self.defer(partition, key, &mut state);
                 }
-                return Err(error.to_handler_error());
-            }
+                SyncFailure::Fail { error: failure, keep } => {
+                    tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
+                    if keep {
+                        self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))?;
+                    }
+                    return Err(failure);
+                }
+            },
         }
         self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))
     }
@@ -537,6 +542,33 @@ impl Sink {
     }
 }
 
+/// How long a contact waits after a 429 that named no `Retry-After`.
+const RETRY_AFTER_UNSAID: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a failed contact sync means for the customer's records.
+#[derive(Debug)]
+enum SyncFailure {
+    /// The write waits in the state for the sweep; the records are done.
+    Defer,
+    /// The records fail with `error`; `keep` persists the state first.
+    Fail { error: HandlerError, keep: bool },
+}
+
+fn on_sync_error(state: &mut CustomerState, error: &crate::client::Error, now: i64) -> SyncFailure {
+    match error {
+        crate::client::Error::BudgetSpent => SyncFailure::Defer,
+        // RD's 429 for this contact may ask to wait for hours: only this contact's write waits
+        // (in the state, so a restart keeps it), never the partition's other customers.
+        crate::client::Error::RateLimited { retry_after } => {
+            let after = retry_after.unwrap_or(RETRY_AFTER_UNSAID).as_millis() as i64;
+            state.contact_not_before_ms = Some(now.saturating_add(after));
+            SyncFailure::Defer
+        }
+        // A refused contact is parked (DLQ) but its aggregates are kept.
+        error => SyncFailure::Fail { error: error.to_handler_error(), keep: error.class() == ErrorClass::Permanent },
+    }
+}
+
 /// Folds the customers' shares of a batch into the per-record results; returns the contact
 /// uuids by customer key and the records done, in offset order.
 fn merge(
@@ -689,5 +721,33 @@ mod tests {
         merge(&mut results, vec![customer("a", &[0, 1, 2], vec![(0, failed)], &[])]);
         assert_eq!(runtime(&results), (vec![], vec![], Some(0)));
         assert!(results[1..].iter().all(|r| r.as_ref().is_err_and(|e| e.class == ErrorClass::RateLimited)));
+    }
+
+    #[test]
+    fn a_contact_429_defers_that_contact_instead_of_holding_the_partition() {
+        use crate::client::Error;
+        let now = 1_000_000;
+        let hours = std::time::Duration::from_secs(3 * 3600);
+        let mut state = CustomerState::default();
+        let verdict = on_sync_error(&mut state, &Error::RateLimited { retry_after: Some(hours) }, now);
+        assert!(matches!(verdict, SyncFailure::Defer), "{verdict:?}");
+        assert_eq!(state.contact_not_before_ms, Some(now + hours.as_millis() as i64));
+        assert!(!state.contact_writable(now + 1000) && state.contact_writable(now + hours.as_millis() as i64));
+        // Without a Retry-After the contact still waits a while, not a hot loop.
+        let mut state = CustomerState::default();
+        assert!(matches!(
+            on_sync_error(&mut state, &Error::RateLimited { retry_after: None }, now),
+            SyncFailure::Defer
+        ));
+        assert!(state.contact_not_before_ms.is_some_and(|t| t > now));
+        // Other failures still fail the records (5xx retried, a refusal parked with its state kept).
+        let mut state = CustomerState::default();
+        match on_sync_error(&mut state, &Error::Transient("HTTP 503".into()), now) {
+            SyncFailure::Fail { error, keep: false } => assert_eq!(error.class, ErrorClass::Transient),
+            other => panic!("{other:?}"),
+        }
+        let refused = Error::Refused { status: 400, code: "INVALID".into(), message: "no".into() };
+        assert!(matches!(on_sync_error(&mut state, &refused, now), SyncFailure::Fail { keep: true, .. }));
+        assert_eq!(state.contact_not_before_ms, None);
     }
 }
