@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SERVICES = ["order-ingest", "salesforce-sink", "rdstation-sink", "reconciler"]
 CONSUMERS = ["salesforce-sink", "rdstation-sink", "reconciler"]
+# Services that must run as one process: rdstation-sink's per-account RD budget (contact
+# requests per minute) is enforced in the process, so N pods would spend N times RD's limit.
+SINGLE_REPLICA = ["rdstation-sink"]
 # Domain event topics (bounded retention); a service's other topics are DLQs or state.
 EVENT_TOPICS = {"commerce.events", "inventory.events", "integration.outcomes", "integration.commands"}
 TARGETS = ["base", "overlays/dev", "overlays/prod"]
@@ -219,8 +222,23 @@ def check_rules_of_deploy(target, docs, expect_topics):
         ):
             fail(f"{where}: no PodDisruptionBudget selects its pods")
 
+    # One process per RD account: one replica, nothing that scales it, and a disruption budget
+    # that still lets a node drain evict the one pod.
+    for svc in SINGLE_REPLICA:
+        d = deployments.get(svc)
+        if d and d["spec"].get("replicas", 1) != 1:
+            fail(f"{target}: {svc} runs {d['spec']['replicas']} replicas; its RD budget is per process, run one")
+        for kind, autoscalers in (("ScaledObject", scaled), ("HorizontalPodAutoscaler", hpas)):
+            for name, a in autoscalers.items():
+                if a["spec"]["scaleTargetRef"]["name"] == svc:
+                    fail(f"{target}: {kind} {name} scales {svc}, whose RD budget is per process")
+        for p in pdbs:
+            if p["spec"]["selector"]["matchLabels"].get("app.kubernetes.io/name") == svc:
+                if "minAvailable" in p["spec"] or p["spec"].get("maxUnavailable", 0) in (0, "0%"):
+                    fail(f"{target}: {svc}'s PodDisruptionBudget would block every eviction of its one pod")
+
     # Scaling: consumers on their own lag (KEDA), order-ingest on CPU (HPA).
-    for svc in CONSUMERS:
+    for svc in (s for s in CONSUMERS if s not in SINGLE_REPLICA):
         so = scaled.get(svc)
         if not so:
             fail(f"{target}: no ScaledObject for {svc}")

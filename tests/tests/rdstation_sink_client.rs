@@ -280,3 +280,31 @@ async fn concurrent_requests_survive_tokens_expiring_every_few_milliseconds() {
     assert!(refreshes > 10, "the tokens did expire under the requests ({refreshes} token grants)");
     assert!(failures.is_empty(), "{} of 480 requests failed: {:?}", failures.len(), &failures[..failures.len().min(3)]);
 }
+
+#[tokio::test]
+async fn erasing_a_customer_whose_contact_was_never_written_deletes_it_by_email() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let client = client(&rd, &url, 6000).await;
+    // The contact write was deferred (no uuid kept), but RD knows the person's e-mail: their
+    // events carried it, or a marketer created the contact.
+    client
+        .request(Method::POST, "/platform/contacts", Some(&json!({"email": "gone+1@example.com"})), Budget::Contacts)
+        .await
+        .unwrap();
+    client
+        .request(Method::POST, "/platform/contacts", Some(&json!({"email": "kept@example.com"})), Budget::Contacts)
+        .await
+        .unwrap();
+    let mut state = CustomerState::default();
+    state.identity.email = "gone+1@example.com".into();
+    assert!(state.contact_uuid.is_none());
+    contacts::erase(&client, &state).await.unwrap();
+    assert!(contact(&rd, "gone+1@example.com").is_none(), "the erased person's contact is gone");
+    assert!(contact(&rd, "kept@example.com").is_some(), "nobody else's");
+    // Erasing again (a replay) finds nothing: already gone is done.
+    contacts::erase(&client, &state).await.unwrap();
+    // Nothing known about the person: nothing to delete, nothing asked.
+    let before = rd.counters.snapshot();
+    contacts::erase(&client, &CustomerState::default()).await.unwrap();
+    assert_eq!(rd.counters.snapshot(), before);
+}

@@ -406,3 +406,62 @@ async fn an_older_event_arriving_after_an_erasure_does_not_bring_the_contact_bac
     assert_eq!(fields["cf_elo_order_count"], Value::from(1), "only the order after the erasure counts: {fields:?}");
     assert_eq!(fields["cf_last_order_id"], Value::from("ER00003"), "{fields:?}");
 }
+
+/// A customer's first record of a batch refused for good (RD answers 400): it is parked, and
+/// the customer's later records of the same batch are still worked afterwards, never
+/// committed unprocessed.
+#[tokio::test]
+async fn records_after_a_refused_one_of_the_same_customer_are_worked_after_it_is_parked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
+    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES_V1).unwrap();
+    // A mapping that sends the payment method (a string) as ORDER_PLACED's `shipping_price` (a
+    // number): RD refuses the order that has one, and accepts those without.
+    let default = rdstation_sink::events::DEFAULT_MAPPING;
+    assert!(default.contains("shipping_price = \"order.shipping\""));
+    let mapping =
+        default.replacen("shipping_price = \"order.shipping\"", "shipping_price = \"order.payment_method\"", 1);
+    let events_file = dir.path().join("events.toml");
+    std::fs::write(&events_file, mapping).unwrap();
+    let topic = unique("e2e.rd-park.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let order = |n: i64, payment: Option<&str>| {
+        let mut event = sample::order_placed(0);
+        let order = event.order.as_mut().unwrap();
+        order.entity_id = 96_000 + n;
+        order.increment_id = format!("PK{n:05}");
+        order.payment_method = payment.map(str::to_owned);
+        order.created_at += n;
+        event.source_version.entity_id = order.entity_id.to_string();
+        event.source_version.updated_at += n;
+        event.occurred_at += n;
+        event.event_id = ids::event_id(&["park-e2e", &n.to_string()]);
+        event
+    };
+    let events_of = |rd: &RdStationApp, id: &str| {
+        rd.sim.lock().unwrap().events.iter().filter(|e| e["payload"]["order_id"] == id).count()
+    };
+
+    let mut command = rdstation_sink(dir.path(), &topic, &unique("e2e.rd-park.group"), &rd_url, &rules, "sink");
+    command.env("ELO_RDSTATION_EVENTS_FILE", &events_file);
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let producer = producer(&brokers());
+    let mut records = Vec::new();
+    for e in [order(1, Some("checkmo")), order(2, None), order(3, None)] {
+        records.push((e.customer_key.clone(), codec.encode(&topic, &e).await.unwrap()));
+    }
+    // One produce call: the three land together and the sink reads them as one batch.
+    produce(&producer, &topic, &records).await;
+    let landed = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        events_of(&rd, "PK00002") > 0 && events_of(&rd, "PK00003") > 0
+    })
+    .await;
+    assert!(landed, "the customer's records after the refused one were never worked:\n{}", log(dir.path(), "sink"));
+    assert_eq!(events_of(&rd, "PK00001"), 0, "RD refused the first order's event");
+    assert!(log(dir.path(), "sink").contains("parked"), "the refused record was parked:\n{}", log(dir.path(), "sink"));
+}

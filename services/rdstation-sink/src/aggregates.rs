@@ -81,6 +81,10 @@ pub struct CustomerState {
     /// must not bring the person back into RD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erased_at_ms: Option<i64>,
+    /// RD answered the contact's write with 429 and a `Retry-After`: the write is deferred
+    /// (the sweep lands it) and not tried before this time, while the customer's events flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_not_before_ms: Option<i64>,
 }
 
 /// Whether an event changed the state.
@@ -97,9 +101,18 @@ impl CustomerState {
         Self { erased_at_ms: Some(at_ms), ..Self::default() }
     }
 
-    /// Whether `event` happened before this customer was erased (and must be ignored).
+    /// Whether `event` belongs to the person before they were erased (and must be ignored):
+    /// it happened before the erasure, or it is about an order created before it (an order
+    /// shipped, cancelled or refunded after the erasure is still the erased person's).
     pub fn before_erasure(&self, event: &CommerceEvent) -> bool {
-        self.erased_at_ms.is_some_and(|floor| event.occurred_at <= floor)
+        self.erased_at_ms.is_some_and(|floor| {
+            event.occurred_at <= floor || event.order.as_ref().is_some_and(|o| o.created_at <= floor)
+        })
+    }
+
+    /// Whether the contact may be written at `now_ms` (no 429 asked to wait past it).
+    pub fn contact_writable(&self, now_ms: i64) -> bool {
+        self.contact_not_before_ms.is_none_or(|t| now_ms >= t)
     }
 
     /// Folds one event in; idempotent (the same event twice is the same as once).
@@ -267,6 +280,19 @@ mod tests {
         let floor = CustomerState::erased(older.occurred_at);
         assert!(floor.before_erasure(&older));
         assert!(!floor.before_erasure(&newer));
+        // An order placed before the erasure and shipped (updated) after it is still the erased
+        // person's: it must not recreate the contact.
+        let mut shipped = older.clone();
+        shipped.occurred_at = older.occurred_at + DAY_MS;
+        shipped.source_version.updated_at = shipped.occurred_at;
+        shipped.order.as_mut().unwrap().status = "complete".into();
+        assert!(shipped.order.as_ref().unwrap().created_at <= older.occurred_at);
+        assert!(floor.before_erasure(&shipped), "an order created before the erasure stays erased");
+        // A customer event (no order) after the floor is a new registration.
+        let mut registered = newer.clone();
+        registered.order = None;
+        registered.occurred_at = older.occurred_at + DAY_MS;
+        assert!(!floor.before_erasure(&registered));
         assert!(floor.identity.email.is_empty() && floor.orders.is_empty() && floor.contact_uuid.is_none());
         let bytes = serde_json::to_vec(&floor).unwrap();
         let back: CustomerState = serde_json::from_slice(&bytes).unwrap();

@@ -253,8 +253,22 @@ async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Ve
 }
 
 /// Deletes the contact (erasure); a contact already gone is fine.
-pub async fn delete(client: &RdClient, uuid: &str) -> Result<()> {
-    match client.request(Method::DELETE, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await {
+/// Removes an erased customer's contact from RD: by uuid once known (it follows e-mail
+/// changes), else by e-mail. A contact whose write was deferred has no uuid yet, but RD may
+/// hold it all the same (the customer's events carried the e-mail, or a marketer created it).
+pub async fn erase(client: &RdClient, state: &CustomerState) -> Result<()> {
+    match &state.contact_uuid {
+        Some(uuid) => delete(client, &format!("uuid:{uuid}")).await,
+        None if !state.identity.email.is_empty() => {
+            delete(client, &format!("email:{}", percent_encode(&state.identity.email))).await
+        }
+        None => Ok(()),
+    }
+}
+
+/// Deletes the contact `identifier` (`uuid:…` or `email:…`); one already gone is deleted.
+async fn delete(client: &RdClient, identifier: &str) -> Result<()> {
+    match client.request(Method::DELETE, &format!("/platform/contacts/{identifier}"), None, Budget::Contacts).await {
         Ok(_) | Err(Error::Refused { status: 404, .. }) => {
             metrics::CONTACT_WRITES.with_label_values(&["delete"]).inc();
             Ok(())

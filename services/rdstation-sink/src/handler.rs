@@ -1,14 +1,21 @@
 //! The consumer handler: a batch of one partition's `commerce.events` becomes RD e-commerce
 //! events (each at most once per order and type, through the sent-log), per-customer state in
-//! the state store, and one contact sync per customer touched by the batch (coalesced).
+//! the state store, and at most one contact sync per customer touched by the batch
+//! (coalesced; the write itself and the erasure are in `handler/contact.rs`).
 //!
-//! Order of effects, so a crash or a retry at any point repeats nothing RD acknowledged:
+//! Customers of a batch are worked in parallel (bounded), each in offset order; a customer
+//! stops at its first failed record, and its later records wait for it (they are never
+//! reported done unprocessed). Order of effects, so a crash or a retry at any point repeats
+//! nothing RD acknowledged:
 //! 1. fold the record into the customer's state (in memory, idempotent);
 //! 2. send the events the order calls for that the sent-log lacks; each acknowledged event is
-//!    written to the sent-log at once (a crash between RD's answer and that write is the only
-//!    way an event is sent twice: the one in flight);
-//! 3. after the batch, sync each touched customer's contact, then persist its state;
-//! 4. publish an outcome per record on `integration.outcomes`.
+//!    written to the sent-log before the customer's next request (a crash between RD's answer
+//!    and that write is the only way an event is sent twice: the one in flight);
+//! 3. after the customer's records, sync its contact (or defer the write to the sweep when the
+//!    budgets are spent or RD's 429 asks to wait), and persist its state together with the
+//!    last sent-log write;
+//! 4. publish an outcome per record done before the batch's first retriable failure on
+//!    `integration.outcomes`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +34,7 @@ use crate::events::{EventMapping, Sent};
 use crate::metrics;
 use crate::rules::Rules;
 
+mod contact;
 mod resend;
 mod sweep;
 pub use resend::WithCommands;
@@ -243,111 +251,6 @@ impl Sink {
         Ok(sent)
     }
 
-    /// Marks the customer's contact write as deferred (the sweep lands it, coalesced with
-    /// whatever comes later).
-    fn defer(&self, partition: i32, key: &str, state: &mut CustomerState) {
-        if !state.deferred {
-            metrics::DEFERRED.inc();
-        }
-        metrics::COALESCED.inc();
-        state.deferred = true;
-        self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
-    }
-
-    /// Syncs one customer's contact and persists the state. A batch never waits for the
-    /// account budget: a spent budget (or a backlog the sweep is still working through) defers
-    /// the write to the sweep.
-    async fn settle(
-        &self,
-        partition: i32,
-        key: &str,
-        mut state: CustomerState,
-        now: i64,
-        write: Write<'_>,
-    ) -> Result<(), HandlerError> {
-        if state.identity.email.is_empty() {
-            // Orders without a customer block carry nothing to write to a contact yet.
-            return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
-        }
-        let aggregate = state.aggregate(now);
-        let verdict = self.rules().evaluate(&aggregate);
-        for hit in &verdict.hits {
-            metrics::RULE_HITS.with_label_values(&[hit]).inc();
-        }
-        let desired = contacts::desired(&state, &aggregate, &verdict);
-        if !contacts::needs_write(&state, &desired) {
-            metrics::COALESCED.inc();
-            state.deferred = false;
-            self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
-            return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
-        }
-        // The per-contact budget (RD: 24 PATCH, 24 tag posts and 24 funnel updates per contact
-        // per 24 h): a sync is at most one of each, so syncs are counted. Over budget the write
-        // waits for the sweep, which lands the latest state when the window has room.
-        state.writes_ms.retain(|t| now - t < self.budget.window.as_millis() as i64);
-        if state.writes_ms.len() >= self.budget.per_contact {
-            self.defer(partition, key, &mut state);
-            return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
-        }
-        // A batch does not wait for the account budget: its contact write is deferred (and
-        // coalesced with later ones) rather than holding back the partition's events.
-        let client = match write {
-            Write::Sweep(client) => client.clone(),
-            // Under a backlog a batch takes only a cell the budget has free at this instant
-            // (never waiting behind the sweep; the rest of the sync is deferred to it).
-            Write::Batch if self.contact_backlog.load(Ordering::Acquire) => self.client.only_if_free(),
-            Write::Batch => self.client.without_waiting(),
-        };
-        let before = (state.applied.clone(), state.contact_uuid.clone());
-        let customers = &self.customers;
-        let persist = |s: CustomerState| -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
-            Box::pin(async move {
-                customers
-                    .put(partition, key, s)
-                    .await
-                    .map_err(|e| crate::client::Error::Transient(format!("state write: {e}")))
-            })
-        };
-        let result = contacts::sync(&client, &mut state, &desired, &persist).await;
-        if (&state.applied, &state.contact_uuid) != (&before.0, &before.1) {
-            state.writes_ms.push(now);
-        }
-        match result {
-            Ok(writes) => {
-                if writes == 0 {
-                    metrics::COALESCED.inc();
-                }
-                state.deferred = false;
-                self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
-            }
-            Err(crate::client::Error::BudgetSpent) => {
-                self.contact_backlog.store(true, Ordering::Release);
-                self.defer(partition, key, &mut state);
-            }
-            Err(error) => {
-                tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
-                // A refused contact is parked (DLQ) but its aggregates are kept.
-                if error.class() == ErrorClass::Permanent {
-                    self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))?;
-                }
-                return Err(error.to_handler_error());
-            }
-        }
-        self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))
-    }
-
-    /// Deletes the contact and replaces the customer's state with an erasure floor (not a
-    /// tombstone: an older event arriving later would otherwise recreate the contact).
-    async fn erase(&self, partition: i32, key: &str, erased_at_ms: i64) -> Result<(), HandlerError> {
-        let state = self.customers.get(partition, key).unwrap_or_default();
-        if let Some(uuid) = &state.contact_uuid {
-            contacts::delete(&self.client, uuid).await.map_err(|e| e.to_handler_error())?;
-        }
-        self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
-        let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
-        self.customers.put(partition, key, floor).await.map_err(|e| kafka_failure("state", &e))
-    }
-
     async fn publish_outcome(
         &self,
         event: &CommerceEvent,
@@ -388,7 +291,9 @@ impl Sink {
         key: String,
         records: Vec<(usize, CommerceEvent)>,
     ) -> CustomerDone {
-        let mut out = CustomerDone { key, done: Vec::new(), failures: Vec::new(), uuid: None, deferred: false };
+        let indices = records.iter().map(|(i, _)| *i).collect();
+        let mut out =
+            CustomerDone { key, records: indices, done: Vec::new(), failures: Vec::new(), uuid: None, deferred: false };
         // The state since the last erasure, and the first record that touched it.
         let mut touched: Option<(usize, CustomerState)> = None;
         let mut pending: Option<SentWrite<'_>> = None;
@@ -508,24 +413,7 @@ impl Sink {
             .buffer_unordered(self.customer_concurrency.max(1))
             .collect()
             .await;
-        let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-        let mut deferred: HashSet<String> = HashSet::new();
-        let mut done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)> = Vec::new();
-        for customer in customers {
-            if let Some(uuid) = customer.uuid {
-                uuids.insert(customer.key.clone(), uuid);
-            }
-            if customer.deferred {
-                deferred.insert(customer.key.clone());
-            }
-            for (i, error) in customer.failures {
-                if results[i].is_ok() {
-                    results[i] = Err(error);
-                }
-            }
-            done.extend(customer.done);
-        }
-        done.sort_by_key(|(i, ..)| *i);
+        let (uuids, deferred, done) = merge(&mut results, customers);
         let first_failure = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
         let latency = started.elapsed().as_millis() as i64;
         let outcomes = done.iter().filter(|(i, ..)| first_failure.is_none_or(|f| *i < f) && results[*i].is_ok()).map(
@@ -562,10 +450,59 @@ impl Sink {
     }
 }
 
+/// Folds the customers' shares of a batch into the per-record results; returns the contact
+/// uuids by customer key and the records done, in offset order.
+fn merge(
+    results: &mut [Result<(), HandlerError>],
+    customers: Vec<CustomerDone>,
+) -> (BTreeMap<String, String>, HashSet<String>, Vec<Done>) {
+    let mut uuids: BTreeMap<String, String> = BTreeMap::new();
+    let mut deferred: HashSet<String> = HashSet::new();
+    let mut done: Vec<Done> = Vec::new();
+    for customer in customers {
+        if let Some(uuid) = customer.uuid {
+            uuids.insert(customer.key.clone(), uuid);
+        }
+        if customer.deferred {
+            deferred.insert(customer.key.clone());
+        }
+        // A customer stops at its first record that fails; its records after that one were not
+        // processed. They must not read as done (the runtime would commit them when it parks
+        // the failed one): they wait for it as `RateLimited` with no delay, which the runtime
+        // retries from (after parking the failed record, if it does) without spending their
+        // own transient budget and never parks.
+        let reported: HashSet<usize> =
+            customer.done.iter().map(|(i, ..)| *i).chain(customer.failures.iter().map(|(i, _)| *i)).collect();
+        for (i, error) in customer.failures {
+            if results[i].is_ok() {
+                results[i] = Err(error);
+            }
+        }
+        for i in customer.records.into_iter().filter(|i| !reported.contains(i)) {
+            if results[i].is_ok() {
+                results[i] = Err(HandlerError::new(
+                    ErrorClass::RateLimited,
+                    "waiting_for_earlier_record",
+                    "an earlier record of the same customer failed; retried after it",
+                )
+                .with_retry_after(std::time::Duration::ZERO));
+            }
+        }
+        done.extend(customer.done);
+    }
+    done.sort_by_key(|(i, ..)| *i);
+    (uuids, deferred, done)
+}
+
+/// A record done: its index in the batch, the event, its outcome and the RD events sent.
+type Done = (usize, CommerceEvent, OutcomeStatus, Vec<String>);
+
 /// What one customer's share of a batch came to.
 struct CustomerDone {
     key: String,
-    done: Vec<(usize, CommerceEvent, OutcomeStatus, Vec<String>)>,
+    /// The batch indices of all the customer's records, in offset order.
+    records: Vec<usize>,
+    done: Vec<Done>,
     failures: Vec<(usize, HandlerError)>,
     uuid: Option<String>,
     /// The contact write was deferred (budget spent): RD holds an older contact, or none.
@@ -618,5 +555,58 @@ impl elo_kafka::Handler for SinkHandler {
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use elo_events::sample;
+
+    use super::*;
+
+    fn customer(key: &str, records: &[usize], failures: Vec<(usize, HandlerError)>, done: &[usize]) -> CustomerDone {
+        let done =
+            done.iter().map(|i| (*i, sample::order_placed(*i as u64), OutcomeStatus::Applied, Vec::new())).collect();
+        CustomerDone { key: key.into(), records: records.to_vec(), done, failures, uuid: None, deferred: false }
+    }
+
+    /// What the runtime does with the results (elo-kafka `consumer::batch`): the records it
+    /// commits without a retry, those it parks, and where it retries from.
+    fn runtime(results: &[Result<(), HandlerError>]) -> (Vec<usize>, Vec<usize>, Option<usize>) {
+        let cut = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
+        let before = |i: &usize| cut.is_none_or(|c| *i < c);
+        let committed = (0..results.len()).filter(|i| before(i) && results[*i].is_ok()).collect();
+        let parked = (0..results.len()).filter(|i| before(i) && results[*i].is_err()).collect();
+        (committed, parked, cut)
+    }
+
+    #[test]
+    fn records_after_a_customers_failure_wait_for_it_and_are_never_committed_unprocessed() {
+        // Customer a's records at 0, 2 and 3; b's at 1. a's first is refused for good: a stops
+        // there, so 2 and 3 were never processed.
+        let refused = HandlerError::permanent("rd_400", "refused");
+        let mut results = vec![Ok(()); 4];
+        merge(
+            &mut results,
+            vec![customer("a", &[0, 2, 3], vec![(0, refused)], &[]), customer("b", &[1], vec![], &[1])],
+        );
+        let (committed, parked, cut) = runtime(&results);
+        assert_eq!(parked, [0], "the refused record is parked");
+        assert_eq!(committed, [1], "only the other customer's record is committed");
+        assert_eq!(cut, Some(2), "a's later records are retried after the park");
+        for i in [2, 3] {
+            let error = results[i].as_ref().expect_err("a later record of the customer is not Ok");
+            // Waiting spends none of the record's own transient budget and never parks it.
+            assert_eq!(error.class, ErrorClass::RateLimited);
+            assert_eq!(error.code, "waiting_for_earlier_record");
+            assert_eq!(error.retry_after, Some(std::time::Duration::ZERO));
+        }
+
+        // A transient failure: the runtime retries from it; the later ones wait, unparked.
+        let mut results = vec![Ok(()); 3];
+        let failed = HandlerError::transient("rd_503", "unavailable");
+        merge(&mut results, vec![customer("a", &[0, 1, 2], vec![(0, failed)], &[])]);
+        assert_eq!(runtime(&results), (vec![], vec![], Some(0)));
+        assert!(results[1..].iter().all(|r| r.as_ref().is_err_and(|e| e.class == ErrorClass::RateLimited)));
     }
 }

@@ -69,7 +69,8 @@ impl Sink {
 
     /// Reserves the budget the contact's write will take, before the partition's lock, so the
     /// partition's batches do not wait while the sweep waits for the budget; only for a
-    /// contact that will be written now (not one whose per-contact budget is spent).
+    /// contact that will be written now (not one whose per-contact budget is spent, nor one a
+    /// 429 told to wait).
     async fn reserve_for(&self, partition: i32, key: String, only_deferred: bool) -> Reserved {
         let client = self.client.reserving();
         if let Some(peek) = self.customers.get(partition, &key)
@@ -81,7 +82,7 @@ impl Sink {
             let recent = peek.writes_ms.iter().filter(|t| now - **t < window).count();
             let aggregate = peek.aggregate(now);
             let desired = contacts::desired(&peek, &aggregate, &self.rules().evaluate(&aggregate));
-            if recent < self.budget.per_contact {
+            if recent < self.budget.per_contact && peek.contact_writable(now) {
                 for _ in 0..contacts::planned_requests(&peek, &desired) {
                     client.reserve().await;
                 }
