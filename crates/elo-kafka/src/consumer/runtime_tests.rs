@@ -236,4 +236,14 @@ async fn a_lone_record_goes_at_once_and_a_busy_partition_lingers_to_fill_its_bat
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(sizes(), vec![1, 5]);
+    // Quiet again (past the busy window since the last take): a lone record goes at once,
+    // not after the busy linger.
+    tokio::time::sleep(Duration::from_millis(5_300)).await;
+    let quiet = std::time::Instant::now();
+    ctx.dispatch(&control, record(6));
+    while sizes().len() < 3 && quiet.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(quiet.elapsed() < Duration::from_secs(1), "a record after a quiet spell waited {:?}", quiet.elapsed());
+    assert_eq!(sizes(), vec![1, 5, 1]);
 }

@@ -85,8 +85,7 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
         }
         let mut last_take: Option<Instant> = None;
         loop {
-            let busy = last_take.is_some_and(|t| t.elapsed() <= self.shared.settings.busy_window);
-            let Some(batch) = self.next_batch(&mut rx, busy).await else { break };
+            let Some(batch) = self.next_batch(&mut rx, last_take).await else { break };
             last_take = Some(Instant::now());
             let (first, last, size) = (batch[0].offset, batch[batch.len() - 1].offset, batch.len());
             let (topic, partition) = (&self.tp.0, self.tp.1);
@@ -136,8 +135,10 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
     }
 
     /// Up to `max_batch` records, waiting up to `batch_linger` to fill (`busy_linger` when
-    /// `busy`: the previous batch was taken within `busy_window`); `None` on stop.
-    async fn next_batch(&self, rx: &mut mpsc::Receiver<Record>, busy: bool) -> Option<Vec<Record>> {
+    /// busy: the previous batch was taken within `busy_window` of this one's first record
+    /// arriving, judged on its arrival, so a record after a quiet spell goes at once); `None`
+    /// on stop.
+    async fn next_batch(&self, rx: &mut mpsc::Receiver<Record>, last_take: Option<Instant>) -> Option<Vec<Record>> {
         let settings = &self.shared.settings;
         let first = tokio::select! {
             biased;
@@ -145,6 +146,7 @@ impl<H: Handler, D: DeadLetterSink> PartitionWorker<H, D> {
             next = rx.recv() => next?,
         };
         let mut batch = vec![first];
+        let busy = last_take.is_some_and(|t| t.elapsed() <= settings.busy_window);
         let linger = if busy { settings.batch_linger.max(settings.busy_linger) } else { settings.batch_linger };
         let linger_until = tokio::time::Instant::now() + linger;
         while batch.len() < settings.max_batch {

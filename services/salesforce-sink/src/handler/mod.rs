@@ -36,6 +36,16 @@ mod erasure;
 mod pool;
 mod products;
 mod resend;
+
+/// Whether a repeat buyer's unchanged customer data (same digest as the last write) is left
+/// out of its orders' graphs. Off: a review found it made staleness permanent (an in-call
+/// retry of an older order rewrote older customer data while the newer digest was kept, so
+/// the next order skipped the repair), ignored a RESEND when another order of the customer
+/// shared the graph, and left an Account deleted or merged in Salesforce unrepaired (every
+/// later order failing on the missing parent). Rewriting the two customer nodes costs a few
+/// more calls per 1,000 orders; turning it back on needs those three fixed first.
+const SKIP_UNCHANGED_CUSTOMERS: bool = false;
+
 pub mod state;
 
 pub use bulk::BulkSettings;
@@ -268,7 +278,13 @@ impl Sink {
             let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
             // A rewrite (RESEND) writes the customer in full: it may be gone from Salesforce.
             let held_digest = customer
-                .filter(|c| !c.rewrite && !rewriting && c.digest != 0 && c.target_ids.contains_key("Account"))
+                .filter(|c| {
+                    SKIP_UNCHANGED_CUSTOMERS
+                        && !c.rewrite
+                        && !rewriting
+                        && c.digest != 0
+                        && c.target_ids.contains_key("Account")
+                })
                 .map(|c| c.digest);
             work.push(Work { index: *i, event: e, write_customer, held_digest });
         }
