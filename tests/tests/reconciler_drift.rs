@@ -232,8 +232,14 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         let (gone_order, _) =
             free.find(|(e, _)| orders_of(&account[e]) == 1).expect("a customer with one order").clone();
         let gone = account[&gone_order].clone();
+        // The renamed one too: an Account of a customer with several orders is repaired only
+        // if the entry resent is the one carrying the customer's newest data (a known gap,
+        // see the reconciler's README), which this test would hit at random.
         let free = ids[70..].iter().filter(|(e, _)| account.get(e).is_some_and(|a| !taken.contains(a)));
-        let renamed = free.map(|(e, _)| account[e].clone()).find(|a| *a != gone).expect("another Account");
+        let renamed = free
+            .map(|(e, _)| account[e].clone())
+            .find(|a| *a != gone && orders_of(a) == 1)
+            .expect("another Account of a customer with one order");
         // Every order pointing at the deleted Account is rewritten.
         let pointing = account.iter().filter(|(_, a)| **a == gone).map(|(e, _)| e.clone());
         let missing: BTreeSet<String> = picked.iter().map(|(e, _)| e.clone()).chain(pointing).collect();

@@ -2,7 +2,7 @@
 //! restored when the partition is assigned, so an older version arriving after a restart is
 //! still skipped (with the versions in memory it would overwrite newer data in Salesforce).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use elo_events::{CommerceEventType, EventCodec, OutcomeStatus, RegistryConfig, SyncOutcome};
 use elo_integration_tests::*;
@@ -62,10 +62,20 @@ async fn after_a_restart_an_older_version_replayed_is_skipped() {
     // Same customer key: the older version was handled before the marker (per-key order).
     assert_eq!(marker.customer_key, older.customer_key);
     assert_eq!(status_of(entity_id).as_deref(), Some("complete"), "the older version overwrote the newer one");
-    let mut outcomes = Vec::new();
-    for record in read_all(&brokers(), &format!("{topic}.outcomes"), 3) {
-        outcomes.push(codec.decode::<SyncOutcome>(record.payload().unwrap()).await.unwrap());
+    // Outcomes follow the Salesforce write: wait for the older version's (a busy box was seen
+    // reading the topic between the marker's write and its batch's outcomes).
+    let mut skipped = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while skipped.is_none() && Instant::now() < deadline {
+        for record in read_all(&brokers(), &format!("{topic}.outcomes"), 3) {
+            let outcome = codec.decode::<SyncOutcome>(record.payload().unwrap()).await.unwrap();
+            if outcome.event_id == older.event_id {
+                skipped = Some(outcome.status);
+            }
+        }
+        if skipped.is_none() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
-    let skipped = outcomes.iter().find(|o| o.event_id == older.event_id).map(|o| o.status);
     assert_eq!(skipped, Some(OutcomeStatus::SkippedStale), "the older version is reported skipped");
 }
