@@ -488,6 +488,34 @@ pub async fn rd_refresh_token(rd: &sandbox::rdstation::RdStationApp, url: &str) 
     answer["refresh_token"].as_str().expect("refresh token").to_owned()
 }
 
+/// Writes the secret files the RD clients read from `dir` (`rd-client-secret`,
+/// `rd-refresh-token`), the token obtained from the simulator as an app would.
+pub async fn write_rd_credentials(dir: &Path, rd: &sandbox::rdstation::RdStationApp, url: &str) {
+    std::fs::write(dir.join("rd-client-secret"), "elo-rd-secret\n").expect("secret file");
+    std::fs::write(dir.join("rd-refresh-token"), rd_refresh_token(rd, url).await).expect("token file");
+}
+
+/// Order `n` of customer `c` (registered, e-mail `<label><c>@example.com`), placed at `at`
+/// with status `pending` (one PLACED event), entity id `base + n`: a history of many customers
+/// for the RD Station sink's bench and back-test.
+pub fn rd_order(label: &str, base: i64, n: usize, c: usize, at: i64) -> elo_events::CommerceEvent {
+    let mut event = elo_events::sample::order_placed(n as u64);
+    let email = format!("{label}{c}@example.com");
+    event.customer_key = elo_events::ids::customer_key(Some(c as i64 + 1), &email);
+    let order = event.order.as_mut().expect("sample order");
+    order.entity_id = base + n as i64;
+    order.increment_id = format!("{}{n:08}", label.to_uppercase());
+    order.status = "pending".into();
+    order.created_at = at;
+    event.source_version.entity_id = order.entity_id.to_string();
+    event.source_version.updated_at = at;
+    event.occurred_at = at;
+    event.event_id = elo_events::ids::event_id(&[&format!("rd-{label}"), &n.to_string()]);
+    let customer = event.customer.take().expect("sample customer");
+    event.customer = Some(elo_events::Customer { customer_id: Some(c as i64 + 1), is_guest: false, email, ..customer });
+    event
+}
+
 /// An rdstation-sink command on the shared stack reading `topic` (3 partitions) with topics of
 /// its own (`topic.{outcomes,rd-dlq,rd-state,rd-sent}`), group `group`, RD at `rd_url` with the
 /// given secret files and rules file, logging to `dir/<log>.log` (appended, so restarts keep

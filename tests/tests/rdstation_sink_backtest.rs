@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use elo_events::{CommerceEvent, Customer, EventCodec, RegistryConfig, ids, sample};
+use elo_events::{EventCodec, RegistryConfig};
 use elo_integration_tests::*;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -45,24 +45,6 @@ fn history(start: i64) -> Vec<(usize, i64)> {
         }
     }
     orders
-}
-
-fn order(n: usize, c: usize, at: i64) -> CommerceEvent {
-    let mut event = sample::order_placed(n as u64);
-    let email = format!("backtest{c}@example.com");
-    event.customer_key = ids::customer_key(Some(c as i64 + 1), &email);
-    let order = event.order.as_mut().expect("sample order");
-    order.entity_id = 2_000_000 + n as i64;
-    order.increment_id = format!("BT{n:08}");
-    order.status = "pending".into();
-    order.created_at = at;
-    event.source_version.entity_id = order.entity_id.to_string();
-    event.source_version.updated_at = at;
-    event.occurred_at = at;
-    event.event_id = ids::event_id(&["rd-backtest", &n.to_string()]);
-    let customer = event.customer.take().expect("sample customer");
-    event.customer = Some(Customer { customer_id: Some(c as i64 + 1), is_guest: false, email, ..customer });
-    event
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +82,7 @@ async fn backtest_reads_the_whole_history_with_the_right_weekly_counts_on_a_slow
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let mut deliveries = Vec::new();
     for (n, (c, at)) in orders.iter().enumerate().rev() {
-        let event = order(n, *c, *at);
+        let event = rd_order("backtest", 2_000_000, n, *c, *at);
         let bytes = codec.encode(&topic, &event).await.unwrap();
         let record = FutureRecord::to(&topic).key(&event.customer_key).payload(&bytes);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());

@@ -276,8 +276,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
         ..RdConfig::default()
     })
     .await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES).unwrap();
 

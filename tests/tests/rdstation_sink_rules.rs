@@ -101,8 +101,7 @@ fn snapshot(rd: &RdStationApp) -> BTreeMap<String, (BTreeSet<String>, Value, Val
 async fn a_rule_change_lands_without_restart_exactly_as_the_dry_run_said() {
     let dir = tempfile::tempdir().unwrap();
     let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES_V1).unwrap();
 
@@ -274,8 +273,7 @@ async fn a_busy_customer_stays_within_the_per_contact_budget_and_the_last_state_
     const ORDERS: i64 = 30;
     let dir = tempfile::tempdir().unwrap();
     let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES_V1).unwrap();
     let topic = unique("e2e.rd-budget.commerce");
@@ -332,8 +330,7 @@ async fn a_busy_customer_stays_within_the_per_contact_budget_and_the_last_state_
 async fn an_older_event_arriving_after_an_erasure_does_not_bring_the_contact_back() {
     let dir = tempfile::tempdir().unwrap();
     let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES_V1).unwrap();
     let topic = unique("e2e.rd-erasure.commerce");
@@ -414,8 +411,7 @@ async fn an_older_event_arriving_after_an_erasure_does_not_bring_the_contact_bac
 async fn records_after_a_refused_one_of_the_same_customer_are_worked_after_it_is_parked() {
     let dir = tempfile::tempdir().unwrap();
     let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, RULES_V1).unwrap();
     // A mapping that sends the payment method (a string) as ORDER_PLACED's `shipping_price` (a

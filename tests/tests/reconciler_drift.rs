@@ -44,8 +44,7 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         ..RdConfig::default()
     })
     .await;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n").unwrap();
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await).unwrap();
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\nstage = \"Lead\"\n").unwrap();
 

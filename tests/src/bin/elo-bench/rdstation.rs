@@ -23,10 +23,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use elo_events::{CommerceEvent, Customer, EventCodec, RegistryConfig, ids, sample};
+use elo_events::{EventCodec, RegistryConfig};
 use elo_integration_tests::{
-    ChildGuard, brokers, create_topics, free_port, rd_refresh_token, rdstation_sink, registry_url, serve_rdstation,
-    unique, wait_until,
+    ChildGuard, brokers, create_topics, free_port, rd_order, rdstation_sink, registry_url, serve_rdstation, unique,
+    wait_until, write_rd_credentials,
 };
 use elo_kafka::KafkaArgs;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -46,25 +46,6 @@ const BACKTEST_LIMIT: Duration = Duration::from_secs(300);
 /// The back-test's fetch size (`rdstation_sink::backtest`), used by the raw read too.
 const FETCH_BYTES: &str = "65536";
 const RULES: &str = include_str!("../../../../services/rdstation-sink/config/rules.example.toml");
-
-/// One order of customer `c`, numbered `n`, placed now (status `pending`: one PLACED event).
-fn order(n: usize, c: usize, now: i64) -> CommerceEvent {
-    let mut event = sample::order_placed(n as u64);
-    let email = format!("bench{c}@example.com");
-    event.customer_key = ids::customer_key(Some(c as i64 + 1), &email);
-    let order = event.order.as_mut().expect("sample order");
-    order.entity_id = 1_000_000 + n as i64;
-    order.increment_id = format!("RDB{n:08}");
-    order.status = "pending".into();
-    order.created_at = now;
-    event.source_version.entity_id = order.entity_id.to_string();
-    event.source_version.updated_at = now;
-    event.occurred_at = now;
-    event.event_id = ids::event_id(&["rd-bench", &n.to_string()]);
-    let customer = event.customer.take().expect("sample customer");
-    event.customer = Some(Customer { customer_id: Some(c as i64 + 1), is_guest: false, email, ..customer });
-    event
-}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -98,7 +79,7 @@ async fn load() -> anyhow::Result<()> {
         }
         let n = first + i;
         let now = now_ms();
-        let event = order(n, customer_base + n % customers, now);
+        let event = rd_order("bench", 1_000_000, n, customer_base + n % customers, now);
         let bytes = codec.encode(&topic, &event).await?;
         let key = event.customer_key.clone();
         let delivery = producer
@@ -214,8 +195,7 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (rd, rd_url) = serve_rdstation(RdConfig::default()).await;
     let limit_per_minute = rd.sim.lock().expect("rd lock").config.contacts_per_minute as f64;
-    std::fs::write(dir.path().join("rd-client-secret"), "elo-rd-secret\n")?;
-    std::fs::write(dir.path().join("rd-refresh-token"), rd_refresh_token(&rd, &rd_url).await)?;
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
     rd.faults
         .set("rdstation", sandbox::faults::FaultConfig { latency_fixed_ms: Some(LATENCY_MS), ..Default::default() });
     let rules = dir.path().join("rules.toml");
@@ -314,7 +294,7 @@ pub(crate) async fn rdstation(rows: &mut Vec<Value>) -> anyhow::Result<()> {
     let mapping = rdstation_sink::events::EventMapping::default_mapping();
     let mut direct = Vec::new();
     for n in 0..50 {
-        let body = &mapping.events_for(&order(10_000_000 + n, 900_000 + n, now_ms()))[0].body;
+        let body = &mapping.events_for(&rd_order("bench", 1_000_000, 10_000_000 + n, 900_000 + n, now_ms()))[0].body;
         let t = Instant::now();
         let status =
             http.post(format!("{rd_url}/platform/events")).bearer_auth(&token).json(body).send().await?.status();
