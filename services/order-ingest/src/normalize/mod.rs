@@ -56,17 +56,8 @@ fn text<'s>(v: &'s Scalar<'_>, field: &'static str) -> Result<&'s str, Normalize
 
 /// A field of a parsed record as a [`Scalar`] (customer records stay `Value`s: they are few).
 fn leaf<'v>(record: &'v Value, field: &str) -> Scalar<'v> {
-    match record.get(field) {
-        None | Some(Value::Null) => Scalar::Null,
-        Some(Value::String(s)) => Scalar::Str(s.as_str().into()),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .map(Scalar::Int)
-            .or_else(|| n.as_u64().map(Scalar::BigUint))
-            .unwrap_or_else(|| Scalar::Float(n.as_f64().unwrap_or_default())),
-        Some(Value::Bool(b)) => Scalar::Bool(*b),
-        Some(Value::Array(_) | Value::Object(_)) => Scalar::Compound,
-    }
+    // Reading a `Value` as a `Scalar` cannot fail: every JSON value is one.
+    record.get(field).and_then(|v| serde::Deserialize::deserialize(v).ok()).unwrap_or_default()
 }
 
 fn opt_text(v: &Scalar<'_>) -> Option<String> {
