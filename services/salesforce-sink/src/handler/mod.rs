@@ -354,10 +354,18 @@ impl Sink {
         // sent again at once, one record per graph, before the batch is handed back: the
         // runtime would otherwise retry the whole suffix and spend every record's budget.
         for _ in 0..IN_CALL_RETRIES {
+            let newest = newest_customer_data(work, verdicts);
             let again: Vec<Work<'_>> = work
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
-                .map(|w| Work { index: w.index, event: w.event, ..*w })
+                .map(|w| Work {
+                    // Only the batch's newest customer data of the key is written again: an
+                    // older order retried alone would otherwise write its own, older data over
+                    // what an applied graph of the same batch wrote (and the confirmed version).
+                    write_customer: w.write_customer
+                        && newest.get(w.event.customer_key.as_str()) == Some(&customer_version(w.event)),
+                    ..*w
+                })
                 .collect();
             if again.is_empty() {
                 break;
@@ -469,6 +477,22 @@ impl Sink {
             CommerceEventType::Unknown => Some("unknown event type".into()),
         }
     }
+}
+
+/// Per customer key, the newest customer version among the records that may write their
+/// customer data and have not failed for good (applied, or about to be sent again): what a
+/// retry may write. A record refused for good no longer counts, so its older siblings still
+/// create the Account when nothing newer reached Salesforce.
+fn newest_customer_data<'a>(work: &[Work<'a>], verdicts: &[Option<Verdict>]) -> HashMap<&'a str, i64> {
+    let mut newest: HashMap<&'a str, i64> = HashMap::new();
+    for w in work.iter().filter(|w| w.write_customer && w.event.customer.is_some()) {
+        let live = verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok() || v.retry_in_call);
+        if live {
+            let at = newest.entry(w.event.customer_key.as_str()).or_insert(i64::MIN);
+            *at = (*at).max(customer_version(w.event));
+        }
+    }
+    newest
 }
 
 #[cfg(test)]
