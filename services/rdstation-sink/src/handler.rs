@@ -66,7 +66,7 @@ pub struct Sink {
     runtime: Option<tokio::runtime::Handle>,
     /// Customers whose contact update waits for the per-contact budget, so the periodic flush
     /// does not scan every customer.
-    deferred: Mutex<HashSet<(i32, String)>>,
+    deferred: Mutex<HashMap<(i32, String), Deferral>>,
     /// Set when a batch found the account budget spent, until the sweep has gone through the
     /// deferred writes: meanwhile batches never queue for the budget (a contact write takes
     /// only a cell free at that instant, else it is deferred), so their customers' events never
@@ -87,11 +87,25 @@ pub(crate) enum Write<'a> {
 /// An acknowledged event's sent-log write, not awaited yet.
 type SentWrite<'a> = futures::future::BoxFuture<'a, Result<(), HandlerError>>;
 
+/// A contact write waiting for the sweep: not tried before `due_ms` (its per-contact budget
+/// has room, a 429's wait is over, or the backoff after `failures` transient failures ran out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Deferral {
+    pub due_ms: i64,
+    pub failures: u32,
+}
+
 /// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
 #[derive(Clone, Copy, Debug)]
 pub struct ContactBudget {
     pub per_contact: usize,
     pub window: std::time::Duration,
+}
+
+impl ContactBudget {
+    pub fn window_ms(&self) -> i64 {
+        self.window.as_millis() as i64
+    }
 }
 
 impl Sink {
@@ -152,8 +166,13 @@ impl Sink {
                 false
             }
             Ok(_) => {
+                let now = now_ms();
                 let waiting = self.customers.entries(partition).into_iter().filter(|(_, s)| s.deferred);
-                self.deferred.lock().expect("deferred lock").extend(waiting.map(|(k, _)| (partition, k)));
+                let waiting = waiting.map(|(k, s)| {
+                    let due_ms = s.writable_at(self.budget.per_contact, self.budget.window_ms(), now);
+                    ((partition, k), Deferral { due_ms, failures: 0 })
+                });
+                self.deferred.lock().expect("deferred lock").extend(waiting);
                 self.restored.lock().expect("restored lock").insert(partition);
                 true
             }
@@ -552,7 +571,7 @@ impl elo_kafka::Handler for SinkHandler {
         }
         self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
-        self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
+        self.0.deferred.lock().expect("deferred lock").retain(|(p, _), _| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
     }

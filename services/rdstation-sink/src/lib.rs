@@ -15,6 +15,7 @@
 
 pub mod aggregates;
 pub mod backtest;
+pub mod budget;
 pub mod client;
 pub mod contacts;
 pub mod dry_run;
@@ -318,8 +319,11 @@ async fn maintain(
             _ = shutdown.cancelled() => return,
         };
         if full {
+            // One pass: contacts that failed transiently are deferred now (retried by the
+            // deferred-writes pass with backoff), those RD refused are recorded; neither may
+            // keep the rules pass, and with it the deferred writes, from ending.
             tracing::info!(changed, failed, "rules applied to the assigned contacts");
-            sweep_pending = failed > 0;
+            sweep_pending = false;
         } else if changed + failed > 0 {
             tracing::info!(changed, failed, "deferred contact updates landed");
         }
