@@ -131,9 +131,11 @@ const TIER_V1: &str = "[[rule]]\nname = \"tier\"\nfields = { cf_elo_tier = \"gol
 /// An integer for a field RD holds as a string: RD refuses every contact it matches.
 const TIER_V2: &str = "[[rule]]\nname = \"tier\"\nwhen = { frequency_lte = 1 }\nfields = { cf_elo_tier = 5 }\n";
 
-/// M6: RD refuses (400) the contacts a new rule set changes. Each is tried once, recorded as
-/// a `DEAD_LETTERED` outcome with class `permanent`, and not retried on every sweep; the
-/// deferred writes keep landing meanwhile (a customer over its cap gets its latest state).
+/// M6: RD refuses (400) the contacts a new rule set changes, in the rules pass. Each is tried
+/// once, recorded as a `DEAD_LETTERED` outcome with class `permanent`, and not retried on
+/// every sweep; the deferred writes keep landing meanwhile (a customer over its cap gets its
+/// latest state). Before, the rules pass started over on every tick and the deferred write
+/// never landed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_writes_still_land() {
     const REFUSED: usize = 3;
@@ -158,7 +160,10 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
 
     let group = unique("e2e.rd-refused.group");
     let mut command = rdstation_sink(dir.path(), &topic, &group, &proxy.url, &rules, "sink");
-    command.env("ELO_RDSTATION_CONTACT_UPDATES", "1").env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "20s");
+    command
+        .env("ELO_MAX_BATCH", "1")
+        .env("ELO_RDSTATION_CONTACT_UPDATES", "1")
+        .env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "20s");
     let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
     let alive = |sink: &mut ChildGuard| {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
@@ -170,9 +175,11 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
     })
     .await;
     assert!(gold, "the first rules never landed:\n{}", log(dir.path(), "sink"));
+    // Past every contact's cap window (1 per 20 s), so the rules pass itself meets RD's refusal.
+    tokio::time::sleep(Duration::from_secs(21)).await;
 
-    // Customer REFUSED orders twice more: its cap (1 per 20 s) defers the write. Then the new
-    // rules, which RD refuses for the one-order customers.
+    // Customer REFUSED orders twice more (one batch each): the first is written, its cap
+    // defers the second. Then the new rules, which RD refuses for the one-order customers.
     let busy = order(REFUSED, REFUSED);
     let more = [order(10, REFUSED), order(11, REFUSED)];
     let mut records = Vec::new();
@@ -197,8 +204,7 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
         let records = tokio::task::block_in_place(|| read_all(&brokers(), &outcomes_topic, 3));
         refused.clear();
         for record in records {
-            let outcome: SyncOutcome =
-                futures::executor::block_on(codec.decode(record.payload().unwrap())).unwrap();
+            let outcome: SyncOutcome = futures::executor::block_on(codec.decode(record.payload().unwrap())).unwrap();
             if outcome.status == OutcomeStatus::DeadLettered {
                 refused.insert(outcome.customer_key.clone(), outcome);
             }

@@ -148,8 +148,9 @@ async fn a_429_pauses_every_request_of_the_account_for_its_retry_after() {
     assert!(after >= Duration::from_secs(2), "RD asks to wait {after:?}");
     assert_eq!(proxy.calls(), 3);
     // A batch's contact write does not go out: it is deferred.
-    let batch = client.without_waiting().request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts);
-    assert!(matches!(batch.await, Err(Error::BudgetSpent)), "a non-waiting contact request during the pause");
+    let batch = client.without_waiting();
+    let result = batch.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await;
+    assert!(matches!(result, Err(Error::BudgetSpent)), "a non-waiting contact request during the pause: {result:?}");
     // A waiting one, and an event, wait for the pause instead of meeting another 429.
     let waiting = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts);
     assert!(tokio::time::timeout(Duration::from_secs(1), waiting).await.is_err(), "a contact request went out");

@@ -12,8 +12,8 @@
 //! A 429 from RD pauses the whole budget (every request of the account) for its
 //! `Retry-After`, capped at one window (see [`AccountBudget::pause`]).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +106,13 @@ impl AccountBudget {
                 Err(None) => changed.await,
             }
         }
+    }
+
+    /// Whether a 429 pause runs.
+    pub fn paused(&self) -> bool {
+        let mut state = self.state.lock().expect("budget lock");
+        state.prune(Instant::now());
+        state.paused_until.is_some()
     }
 
     /// Waits while a 429 pause runs (for requests that take no slot: events).

@@ -278,6 +278,11 @@ impl RdClient {
         self.credits.lock().expect("credits lock").push(slot);
     }
 
+    /// Contact requests the account allows in a window.
+    pub fn budget_limit(&self) -> u32 {
+        self.inner.settings.contacts_per_minute.get()
+    }
+
     /// Contact writes this client sent (answered or not).
     pub fn writes_sent(&self) -> u32 {
         self.writes_sent.load(AtomicOrdering::Acquire)
@@ -293,6 +298,8 @@ impl RdClient {
             },
             Mode::Queue(queue) => match self.inner.budget.try_acquire() {
                 Some(slot) => slot,
+                // A 429 pause lasts up to a minute: not a short queue.
+                None if self.inner.budget.paused() => return Err(Error::BudgetSpent),
                 None => {
                     // A short queue may wait (a sync's next request, a light load); beyond it
                     // the budget is spent for now.

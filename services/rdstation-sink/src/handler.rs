@@ -301,7 +301,6 @@ impl Sink {
     }
 }
 
-
 pub(crate) fn kafka_failure(stage: &str, error: &elo_kafka::Error) -> HandlerError {
     HandlerError::new(error.class(), format!("{stage}_{}", error.code()), error.to_string())
 }

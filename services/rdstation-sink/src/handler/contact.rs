@@ -19,7 +19,10 @@ impl Sink {
         metrics::COALESCED.inc();
         state.deferred = true;
         let due_ms = state.writable_at(self.budget.per_contact, self.budget.window_ms(), now);
-        self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()), Deferral { due_ms, failures: 0 });
+        self.deferred
+            .lock()
+            .expect("deferred lock")
+            .insert((partition, key.to_owned()), Deferral { due_ms, failures: 0 });
     }
 
     /// The contact is as Elo wants it (or refused for good): nothing waits for the sweep.

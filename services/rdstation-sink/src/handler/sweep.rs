@@ -103,7 +103,9 @@ impl Sink {
             if peek.writable_at(self.budget.per_contact, self.budget.window_ms(), now) <= now
                 && peek.refused != Some(contacts::fingerprint(&desired))
             {
-                for _ in 0..contacts::planned_requests(&peek, &desired) {
+                // Never more than the whole budget: reserved slots are held until used, so
+                // asking for more would wait for ever.
+                for _ in 0..contacts::planned_requests(&peek, &desired).min(client.budget_limit()) {
                     client.reserve().await;
                 }
             }
@@ -152,7 +154,8 @@ impl Sink {
             entry.due_ms = entry.due_ms.max(due_ms);
             return None;
         }
-        let failures = self.deferred.lock().expect("deferred lock").get(&(partition, key.clone())).map_or(0, |d| d.failures);
+        let failures =
+            self.deferred.lock().expect("deferred lock").get(&(partition, key.clone())).map_or(0, |d| d.failures);
         match self.settle(partition, &key, state, now, Write::Sweep(&client)).await {
             Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => None,
             Ok(()) => Some(true),
@@ -192,7 +195,11 @@ impl Sink {
             target: "rdstation".into(),
             event_id,
             customer_key: key.to_owned(),
-            source_version: SourceVersion { entity_type: "customer".into(), entity_id: key.to_owned(), updated_at: now },
+            source_version: SourceVersion {
+                entity_type: "customer".into(),
+                entity_id: key.to_owned(),
+                updated_at: now,
+            },
             status: OutcomeStatus::DeadLettered,
             error_class: Some(error.class.as_str().to_owned()),
             error_code: Some(error.code.to_string()),
