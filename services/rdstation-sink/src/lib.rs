@@ -263,9 +263,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
-/// in use stay) and applies new rules to every contact of the assigned partitions (again on the
-/// next tick if some contact could not be updated); otherwise lands the contact updates the
-/// per-contact budget held back.
+/// in use stay) and applies new rules to every contact of the assigned partitions, once (a
+/// contact that failed transiently is deferred, one RD refused is recorded); otherwise lands the
+/// contact updates that are due (budgets with room, backoff over).
 async fn maintain(
     rules_file: Option<PathBuf>,
     every: Duration,
