@@ -36,9 +36,10 @@ fn metric(text: &str, name: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-/// M9 (with M7 and M4 end to end): 40 new customers and one customer with 12 orders against
-/// RD's own limit of 30 contact requests a minute (the sink's budget is the same 30, so any
-/// overrun is a 429) and a per-contact cap of 3 writes per 20 s.
+/// M9 (with M7, M8 and M4 end to end): 40 new customers and one more, who then orders 11
+/// times more, one order a second, against RD's own limit of 30 contact requests a minute
+/// (the sink's budget is the same 30, so any overrun is a 429) and a per-contact cap of 3
+/// writes per 20 s, checked where RD counts (a counting proxy).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_budgets_spent_rd_sees_no_429_each_contact_keeps_its_cap_and_the_latest_state_wins() {
     const CUSTOMERS: usize = 40;
@@ -55,12 +56,9 @@ async fn with_the_budgets_spent_rd_sees_no_429_each_contact_keeps_its_cap_and_th
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut records = Vec::new();
-    // The busy customer first, so its orders meet its cap while the account budget lasts.
+    // The busy customer's first order with the others; its next ones later, one at a time.
     let busy = rd_order("spent", 80_000, 0, CUSTOMERS, at);
-    for n in 0..BUSY_ORDERS {
-        let event = rd_order("spent", 80_000, n, CUSTOMERS, at + n as i64);
-        records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
-    }
+    records.push((busy.customer_key.clone(), codec.encode(&topic, &busy).await.unwrap()));
     for c in 0..CUSTOMERS {
         let event = rd_order("spent", 80_000, BUSY_ORDERS + c, c, at);
         records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
@@ -78,6 +76,19 @@ async fn with_the_budgets_spent_rd_sees_no_429_each_contact_keeps_its_cap_and_th
         .env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "20s");
     let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
     let busy_email = busy.customer.as_ref().unwrap().email.clone();
+    let first = wait_until(Duration::from_secs(240), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        contacts(&rd).len() == CUSTOMERS + 1
+    })
+    .await;
+    assert!(first, "the first contacts never landed:\n{}", log(dir.path(), "sink"));
+    // The busy customer's orders one a second: its cap (3 per 20 s) holds most writes back.
+    let producer = producer(&brokers());
+    for n in 1..BUSY_ORDERS {
+        let event = rd_order("spent", 80_000, n, CUSTOMERS, at + n as i64);
+        produce(&producer, &topic, &[(event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap())]).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let landed = wait_until(Duration::from_secs(240), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         let all = contacts(&rd);
@@ -123,7 +134,13 @@ async fn with_the_budgets_spent_rd_sees_no_429_each_contact_keeps_its_cap_and_th
     let key = busy.customer_key.clone();
     let records = tokio::task::block_in_place(|| read_all(&brokers(), &state_topic, 3));
     let writes = records.iter().filter(|r| r.key() == Some(key.as_bytes())).count();
-    assert!(writes <= 2 * BUSY_ORDERS, "{writes} state records for the busy customer ({BUSY_ORDERS} orders)");
+    eprintln!(
+        "busy customer: {writes} state records, {} writes at RD; {} contact requests",
+        busy_writes.len(),
+        contact.len()
+    );
+    // (13 seen: 12 batches and the landing; a rewrite per sweep would add one a second.)
+    assert!(writes <= BUSY_ORDERS + 4, "{writes} state records for the busy customer ({BUSY_ORDERS} orders)");
     assert_eq!(rd.sim.lock().unwrap().events.len(), CUSTOMERS + BUSY_ORDERS, "events are not held back");
 }
 
@@ -134,8 +151,8 @@ const TIER_V2: &str = "[[rule]]\nname = \"tier\"\nwhen = { frequency_lte = 1 }\n
 /// M6: RD refuses (400) the contacts a new rule set changes, in the rules pass. Each is tried
 /// once, recorded as a `DEAD_LETTERED` outcome with class `permanent`, and not retried on
 /// every sweep; the deferred writes keep landing meanwhile (a customer over its cap gets its
-/// latest state). Before, the rules pass started over on every tick and the deferred write
-/// never landed.
+/// latest state). Before, the rules pass started over on every tick, sending the refused
+/// contacts again each time, with no outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_writes_still_land() {
     const REFUSED: usize = 3;
@@ -187,12 +204,20 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
         records.push((event.customer_key.clone(), codec.encode(&topic, event).await.unwrap()));
     }
     produce(&producer, &topic, &records).await;
+    let busy_email = busy.customer.as_ref().unwrap().email.clone();
+    let count = |rd: &RdStationApp| contacts(rd).get(&busy_email).and_then(|f| f.get("cf_elo_order_count").cloned());
+    // Its second order written (so the new rules, for one-order customers, do not match it).
+    let second = wait_until(Duration::from_secs(60), || {
+        alive(&mut sink);
+        count(&rd) == Some(Value::from(2))
+    })
+    .await;
+    assert!(second, "the second order's write never landed:\n{}", log(dir.path(), "sink"));
     std::fs::write(&rules, TIER_V2).unwrap();
 
-    let busy_email = busy.customer.as_ref().unwrap().email.clone();
     let landed = wait_until(Duration::from_secs(90), || {
         alive(&mut sink);
-        contacts(&rd).get(&busy_email).and_then(|f| f.get("cf_elo_order_count").cloned()) == Some(Value::from(3))
+        count(&rd) == Some(Value::from(3))
     })
     .await;
     assert!(landed, "the deferred write never landed (the sweeps stuck?):\n{}", log(dir.path(), "sink"));

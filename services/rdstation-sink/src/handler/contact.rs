@@ -91,7 +91,10 @@ impl Sink {
         let sent_before = client.writes_sent();
         let result = contacts::sync(&client, &mut state, &desired, &persist).await;
         if counts_against_contact(&state, &before, sent_before, client.writes_sent()) {
-            state.writes_ms.push(now);
+            // When the writes were sent, not when the batch began: a batch may wait (lock,
+            // budget) before its sync, and a count dated earlier than RD's would let the next
+            // write in before RD's window has room.
+            state.writes_ms.push(super::now_ms().max(now));
         }
         match result {
             Ok(writes) => {
