@@ -15,6 +15,7 @@
 
 pub mod aggregates;
 pub mod backtest;
+pub mod budget;
 pub mod client;
 pub mod contacts;
 pub mod dry_run;
@@ -262,9 +263,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
-/// in use stay) and applies new rules to every contact of the assigned partitions (again on the
-/// next tick if some contact could not be updated); otherwise lands the contact updates the
-/// per-contact budget held back.
+/// in use stay) and applies new rules to every contact of the assigned partitions, once (a
+/// contact that failed transiently is deferred, one RD refused is recorded); otherwise lands the
+/// contact updates that are due (budgets with room, backoff over).
 async fn maintain(
     rules_file: Option<PathBuf>,
     every: Duration,
@@ -318,8 +319,11 @@ async fn maintain(
             _ = shutdown.cancelled() => return,
         };
         if full {
+            // One pass: contacts that failed transiently are deferred now (retried by the
+            // deferred-writes pass with backoff), those RD refused are recorded; neither may
+            // keep the rules pass, and with it the deferred writes, from ending.
             tracing::info!(changed, failed, "rules applied to the assigned contacts");
-            sweep_pending = failed > 0;
+            sweep_pending = false;
         } else if changed + failed > 0 {
             tracing::info!(changed, failed, "deferred contact updates landed");
         }

@@ -3,15 +3,31 @@
 //!
 //! The sweep is the contact writer under a backlog, so it keeps the account budget busy: while
 //! one contact is written (under its partition's lock), the budget for the next one is already
-//! being reserved. A cell the budget offers while nobody waits for it is lost (burst of one).
+//! being reserved. Under the lock it never waits for the budget: a contact needing more
+//! requests than were reserved for it (a batch changed it meanwhile) takes only slots free at
+//! that instant, else stays deferred.
+//!
+//! A contact is only tried when it is due: its per-contact budget has room, a 429's wait is
+//! over, and after a transient failure its backoff ran out (a contact not due is neither
+//! written nor its state rewritten). A contact RD refused (4xx) is recorded in its state with
+//! an outcome (`DEAD_LETTERED`, class `permanent`, RD's code) and not tried again until its
+//! data or the rules change it.
 
 use std::sync::atomic::Ordering;
 
 use futures::future::maybe_done;
 
-use super::{Sink, Write, now_ms};
+use elo_events::{OutcomeStatus, SourceVersion, SyncOutcome};
+use elo_kafka::{ErrorClass, HandlerError};
+
+use super::{Deferral, Sink, Write, kafka_failure, now_ms};
 use crate::client::RdClient;
 use crate::contacts;
+
+/// Backoff of a contact whose sweep write failed transiently: 10 s, doubling, at most 10 min.
+pub(crate) fn backoff_ms(failures: u32) -> i64 {
+    (10_000i64 << failures.saturating_sub(1).min(6)).min(600_000)
+}
 
 /// A contact the sweep will write, with the budget reserved for it.
 struct Reserved {
@@ -23,6 +39,8 @@ struct Reserved {
 impl Sink {
     /// Brings every contact of the assigned partitions in line with the rules in use (after a
     /// reload), one customer at a time between batches. Returns (contacts changed, failures).
+    /// A contact that failed transiently is deferred (the deferred-writes pass retries it with
+    /// backoff), so one pass is enough.
     pub async fn apply_rules(&self) -> (usize, usize) {
         self.sweep(false).await
     }
@@ -37,7 +55,9 @@ impl Sink {
 
     async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
         let targets: Vec<(i32, String)> = if only_deferred {
-            self.deferred.lock().expect("deferred lock").iter().cloned().collect()
+            let now = now_ms();
+            let deferred = self.deferred.lock().expect("deferred lock");
+            deferred.iter().filter(|(_, d)| d.due_ms <= now).map(|(k, _)| k.clone()).collect()
         } else {
             let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
             partitions
@@ -78,12 +98,14 @@ impl Sink {
             && !peek.identity.email.is_empty()
         {
             let now = now_ms();
-            let window = self.budget.window.as_millis() as i64;
-            let recent = peek.writes_ms.iter().filter(|t| now - **t < window).count();
             let aggregate = peek.aggregate(now);
             let desired = contacts::desired(&peek, &aggregate, &self.rules().evaluate(&aggregate));
-            if recent < self.budget.per_contact && peek.contact_writable(now) {
-                for _ in 0..contacts::planned_requests(&peek, &desired) {
+            if peek.writable_at(self.budget.per_contact, self.budget.window_ms(), now) <= now
+                && peek.refused != Some(contacts::fingerprint(&desired))
+            {
+                // Never more than the whole budget: reserved slots are held until used, so
+                // asking for more would wait for ever.
+                for _ in 0..contacts::planned_requests(&peek, &desired).min(client.budget_limit()) {
                     client.reserve().await;
                 }
             }
@@ -105,6 +127,7 @@ impl Sink {
             return None;
         };
         if only_deferred && !state.deferred {
+            self.deferred.lock().expect("deferred lock").remove(&(partition, key));
             return None;
         }
         let now = now_ms();
@@ -113,13 +136,84 @@ impl Sink {
         {
             return None;
         }
+        // Not due (its budget has no room, a 429's wait runs): it waits, untouched, in the
+        // deferred set; nothing is written, not even its state.
+        let due_ms = state.writable_at(self.budget.per_contact, self.budget.window_ms(), now);
+        if due_ms > now {
+            if !state.deferred {
+                // A rules pass found it over budget: the deferred-writes pass lands it.
+                let mut state = state;
+                state.deferred = true;
+                crate::metrics::DEFERRED.inc();
+                if let Err(failure) = self.customers.put(partition, &key, state).await {
+                    tracing::warn!(partition, key, error = %failure, "cannot mark the contact deferred");
+                }
+            }
+            let mut deferred = self.deferred.lock().expect("deferred lock");
+            let entry = deferred.entry((partition, key)).or_default();
+            entry.due_ms = entry.due_ms.max(due_ms);
+            return None;
+        }
+        let failures =
+            self.deferred.lock().expect("deferred lock").get(&(partition, key.clone())).map_or(0, |d| d.failures);
         match self.settle(partition, &key, state, now, Write::Sweep(&client)).await {
             Ok(()) if self.customers.get(partition, &key).is_some_and(|s| s.deferred) => None,
             Ok(()) => Some(true),
+            Err(error) if error.class == ErrorClass::Permanent => {
+                // `settle` recorded the refusal in the state; the outcome says why.
+                tracing::warn!(partition, key, error = %error, "rd station refused a contact; not retried until it changes");
+                if let Err(failure) = self.publish_refusal(&key, &error).await {
+                    tracing::warn!(partition, key, error = %failure, "cannot publish the refused contact's outcome");
+                }
+                Some(false)
+            }
             Err(error) => {
-                tracing::warn!(partition, key, error = %error, "rules sweep could not update a contact; will retry");
+                let failures = failures + 1;
+                let due_ms = now + backoff_ms(failures);
+                tracing::warn!(partition, key, error = %error, retry_in_ms = due_ms - now, "sweep could not update a contact; will retry");
+                // Deferred (also after a rules pass), so a restart still lands it.
+                if let Some(mut state) = self.customers.get(partition, &key).filter(|s| !s.deferred) {
+                    state.deferred = true;
+                    if let Err(failure) = self.customers.put(partition, &key, state).await {
+                        tracing::warn!(partition, key, error = %failure, "cannot mark the contact deferred");
+                    }
+                }
+                self.deferred.lock().expect("deferred lock").insert((partition, key), Deferral { due_ms, failures });
                 Some(false)
             }
         }
+    }
+
+    /// The outcome of a contact RD refused during a sweep (no record to dead-letter: the
+    /// outcome carries the error class and RD's code).
+    async fn publish_refusal(&self, key: &str, error: &HandlerError) -> Result<(), HandlerError> {
+        let now = now_ms();
+        let event_id = elo_events::ids::event_id(&[crate::NAME, "sweep", key, &now.to_string()]);
+        let outcome = SyncOutcome {
+            outcome_id: elo_events::ids::event_id(&[crate::NAME, &event_id]),
+            sink: crate::NAME.into(),
+            target: "rdstation".into(),
+            event_id,
+            customer_key: key.to_owned(),
+            source_version: SourceVersion {
+                entity_type: "customer".into(),
+                entity_id: key.to_owned(),
+                updated_at: now,
+            },
+            status: OutcomeStatus::DeadLettered,
+            error_class: Some(error.class.as_str().to_owned()),
+            error_code: Some(error.code.to_string()),
+            target_ids: Default::default(),
+            attempts: 1,
+            latency_ms: 0,
+            occurred_at: now,
+        };
+        let bytes =
+            self.codec.encode(&self.outcomes_topic, &outcome).await.map_err(|e| elo_service::codec_failure(&e))?;
+        self.producer
+            .send(&self.outcomes_topic, key.as_bytes(), &bytes, Some("OUTCOME"))
+            .await
+            .map_err(|e| kafka_failure("outcome", &e))?;
+        Ok(())
     }
 }
