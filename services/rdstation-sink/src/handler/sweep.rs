@@ -20,7 +20,8 @@ use futures::future::maybe_done;
 use elo_events::{OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError};
 
-use super::{Deferral, Sink, Write, kafka_failure, now_ms};
+use super::{Deferral, RULES_MARKER, Sink, Write, kafka_failure, now_ms};
+use crate::aggregates::CustomerState;
 use crate::client::RdClient;
 use crate::contacts;
 
@@ -81,14 +82,48 @@ impl Sink {
     /// reload), one customer at a time between batches. Returns (contacts changed, failures).
     /// A contact that failed transiently is deferred (the deferred-writes pass retries it with
     /// backoff), so one pass is enough.
+    ///
+    /// It covers the partitions pending a pass ([`Sink::rules_changed`], or restored with a
+    /// marker naming other rules); each partition's marker records the rules once the pass
+    /// went through it, so a pass a restart or rebalance cut short is run again.
     pub async fn apply_rules(&self) -> (usize, usize) {
-        self.sweep(false).await
+        let partitions: Vec<i32> = self.rules_pending.lock().expect("rules pending lock").drain().collect();
+        let fingerprint = self.rules().fingerprint();
+        let targets = partitions.iter().flat_map(|&p| {
+            self.customers.entries(p).into_iter().filter(|(k, _)| k != RULES_MARKER).map(move |(k, _)| (p, k))
+        });
+        let result = self.sweep(Walk::rules_pass(targets, std::time::Instant::now())).await;
+        for partition in partitions {
+            let lock = self.partition_lock(partition);
+            let _guard = lock.lock().await;
+            // Revoked meanwhile: the partition's changelog is its new owner's now.
+            if !self.restored.lock().expect("restored lock").contains(&partition) {
+                continue;
+            }
+            let marker = CustomerState { rules_applied: Some(fingerprint), ..CustomerState::default() };
+            if let Err(error) = self.customers.put(partition, RULES_MARKER, marker).await {
+                // Without the marker a restore runs the pass again: harmless.
+                tracing::warn!(partition, error = %error, "cannot record the rules applied to the partition");
+            }
+        }
+        result
+    }
+
+    /// New rules: every restored partition needs a pass.
+    pub fn rules_changed(&self) {
+        let restored = self.restored.lock().expect("restored lock").clone();
+        self.rules_pending.lock().expect("rules pending lock").extend(restored);
+    }
+
+    /// Whether some partition waits for a rules pass.
+    pub fn rules_pending(&self) -> bool {
+        !self.rules_pending.lock().expect("rules pending lock").is_empty()
     }
 
     /// Lands the contacts whose write the budgets deferred. When it has gone through them
     /// all, batches may write contacts themselves again (when the budget has room).
     pub async fn flush_deferred(&self) -> (usize, usize) {
-        let result = self.sweep(true).await;
+        let result = self.sweep(Walk::deferred(self.due_deferred())).await;
         self.contact_backlog.store(false, Ordering::Release);
         result
     }
@@ -100,16 +135,7 @@ impl Sink {
         deferred.iter().filter(|(_, d)| d.due_ms <= now).map(|(k, _)| k.clone()).collect()
     }
 
-    async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
-        let mut walk = if only_deferred {
-            Walk::deferred(self.due_deferred())
-        } else {
-            let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
-            Walk::rules_pass(
-                partitions.into_iter().flat_map(|p| self.customers.entries(p).into_iter().map(move |(k, _)| (p, k))),
-                std::time::Instant::now(),
-            )
-        };
+    async fn sweep(&self, mut walk: Walk) -> (usize, usize) {
         let (mut changed, mut failed) = (0, 0);
         let reserve = |(p, k, deferred_only): Target| Box::pin(maybe_done(self.reserve_for(p, k, deferred_only)));
         let mut next = walk.next(std::time::Instant::now(), || self.due_deferred()).map(reserve);
