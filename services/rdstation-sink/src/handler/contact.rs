@@ -218,8 +218,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_added_to_the_stored_state_only() {
-        let mut stored = CustomerState::default();
-        stored.writes_ms = vec![1_000, 50_000];
+        let stored = CustomerState { writes_ms: vec![1_000, 50_000], ..Default::default() };
         let counted = with_write(stored.clone(), 70_000, 60_000);
         // The write outside the window is dropped, the new one counted, nothing else changed.
         assert_eq!(counted.writes_ms, vec![50_000, 70_000]);
