@@ -187,9 +187,17 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
         records.push((event.customer_key.clone(), codec.encode(&topic, event).await.unwrap()));
     }
     produce(&producer, &topic, &records).await;
+    // The new rules only once the first of them is written (else the rules pass may meet the
+    // busy customer with one order, which the new rules match: a fourth refusal).
+    let busy_email = busy.customer.as_ref().unwrap().email.clone();
+    let second = wait_until(Duration::from_secs(60), || {
+        alive(&mut sink);
+        contacts(&rd).get(&busy_email).and_then(|f| f.get("cf_elo_order_count").cloned()) == Some(Value::from(2))
+    })
+    .await;
+    assert!(second, "the busy customer's second order never reached RD:\n{}", log(dir.path(), "sink"));
     std::fs::write(&rules, TIER_V2).unwrap();
 
-    let busy_email = busy.customer.as_ref().unwrap().email.clone();
     let landed = wait_until(Duration::from_secs(90), || {
         alive(&mut sink);
         contacts(&rd).get(&busy_email).and_then(|f| f.get("cf_elo_order_count").cloned()) == Some(Value::from(3))
