@@ -96,8 +96,11 @@ impl Sink {
         for partition in partitions {
             let lock = self.partition_lock(partition);
             let _guard = lock.lock().await;
-            // Revoked meanwhile: the partition's changelog is its new owner's now.
-            if !self.restored.lock().expect("restored lock").contains(&partition) {
+            // Revoked meanwhile (the changelog is its new owner's now), or revoked and restored
+            // again (pending again: the next pass records it).
+            if !self.restored.lock().expect("restored lock").contains(&partition)
+                || self.rules_pending.lock().expect("rules pending lock").contains(&partition)
+            {
                 continue;
             }
             let marker = CustomerState { rules_applied: Some(fingerprint), ..CustomerState::default() };
