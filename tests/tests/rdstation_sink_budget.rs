@@ -249,3 +249,46 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
     let refusals = proxy.log().iter().filter(|c| c.method == "PATCH" && c.status == 400).count();
     assert_eq!(refusals, REFUSED, "refused PATCHes: {:?}", proxy.log());
 }
+
+/// A contact write RD answers 503 (it may have applied it, and RD counts it) is saved
+/// against the contact's cap, even though the record fails and is retried: the retries stop
+/// at the cap (the write is then deferred) instead of sending RD a write per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_failed_with_a_5xx_are_saved_against_the_contacts_cap() {
+    const CAP: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    let proxy = counting_proxy(&rd_url).await;
+    write_rd_credentials(dir.path(), &rd, &proxy.url).await;
+    let patch = sandbox::faults::FaultConfig { error_rate: 1.0, ..Default::default() };
+    let faults = sandbox::faults::FaultConfig {
+        endpoints: [("PATCH /platform/contacts/{id}".to_owned(), patch)].into(),
+        ..Default::default()
+    };
+    rd.faults.set("rdstation", faults);
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\nfields = { cf_elo_segment = \"all\" }\n").unwrap();
+    let topic = unique("e2e.rd-5xx.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let event = rd_order("fivexx", 90_000, 0, 0, at);
+    let record = (event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap());
+    produce(&producer(&brokers()), &topic, &[record]).await;
+
+    let group = unique("e2e.rd-5xx.group");
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &proxy.url, &rules, "sink");
+    command.env("ELO_RDSTATION_CONTACT_UPDATES", CAP.to_string()).env("ELO_RDSTATION_CONTACT_UPDATE_WINDOW", "60m");
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let patches = || proxy.log().iter().filter(|c| c.method == "PATCH").count();
+    let capped = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        patches() >= CAP
+    })
+    .await;
+    assert!(capped, "the contact write was never retried up to its cap:\n{}", log(dir.path(), "sink"));
+    // The runtime keeps retrying a transient failure (200 ms, 400 ms, ... backoff): without
+    // the failed writes saved, RD would see a PATCH per retry.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(patches(), CAP, "RD got more writes for one contact than its cap: {:?}", proxy.log());
+}

@@ -90,6 +90,11 @@ pub struct CustomerState {
     /// not by a sweep) until something changes it: new data or new rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<u64>,
+    /// Only on a partition's rules marker ([`crate::handler::RULES_MARKER`]): the fingerprint
+    /// ([`crate::rules::Rules::fingerprint`]) of the rules last applied to every contact of
+    /// the partition, so a pass cut short by a restart or a rebalance is run after the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_applied: Option<u64>,
 }
 
 /// Whether an event changed the state.

@@ -292,10 +292,18 @@ impl RdClient {
     async fn spend_budget(&self) -> Result<Slot> {
         let slot = match self.mode {
             Mode::Wait => self.inner.budget.acquire().await,
-            Mode::Reserved => match self.credits.lock().expect("credits lock").pop() {
-                Some(slot) => slot,
-                None => self.inner.budget.try_acquire().ok_or(Error::BudgetSpent)?,
-            },
+            Mode::Reserved => {
+                // A slot reserved before a 429 must not go out into the pause (RD would
+                // answer 429 again): the contact stays deferred and the reservation is freed.
+                if self.inner.budget.paused() {
+                    self.credits.lock().expect("credits lock").clear();
+                    return Err(Error::BudgetSpent);
+                }
+                match self.credits.lock().expect("credits lock").pop() {
+                    Some(slot) => slot,
+                    None => self.inner.budget.try_acquire().ok_or(Error::BudgetSpent)?,
+                }
+            }
             Mode::Queue(queue) => match self.inner.budget.try_acquire() {
                 Some(slot) => slot,
                 // A 429 pause lasts up to a minute: not a short queue.
@@ -504,6 +512,32 @@ mod tests {
             r#"{"errors":{"tags":[{"error_type":"VALUES_MUST_BE_UNIQUE","error_message":"Values must be unique."}]}}"#;
         assert_eq!(error_type(field).unwrap().0, "VALUES_MUST_BE_UNIQUE");
         assert!(error_type("not json").is_none());
+    }
+
+    fn test_settings() -> RdSettings {
+        RdSettings {
+            base_url: "http://127.0.0.1:9".into(),
+            client_id: "id".into(),
+            client_secret: "secret".into(),
+            refresh_token: Some("refresh".into()),
+            sandbox_control: None,
+            contacts_per_minute: NonZeroU32::new(10).unwrap(),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reserved_slot_is_not_spent_into_a_429_pause() {
+        let client = RdClient::new(test_settings()).unwrap().reserving();
+        // The sweep reserved the contact's request before RD's 429 paused the account.
+        client.reserve().await;
+        client.inner.budget.pause(Duration::from_secs(30));
+        assert!(matches!(client.spend_budget().await, Err(Error::BudgetSpent)), "sent into the pause");
+        // The reservation is freed, not kept: the whole budget is there once the pause ends.
+        assert!(client.credits.lock().unwrap().is_empty());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let slots: Vec<_> = (0..10).map_while(|_| client.inner.budget.try_acquire()).collect();
+        assert_eq!(slots.len(), 10);
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Sink {
     fields_checked: AtomicBool,
     fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
+    /// Restored partitions whose contacts the rules in use were not applied to yet (new rules,
+    /// or a restore found the partition's marker naming other rules).
+    rules_pending: Mutex<HashSet<i32>>,
     /// Partitions assigned to this member (restores of others are dropped).
     assigned: Mutex<HashSet<i32>>,
     restoring: Mutex<()>,
@@ -92,6 +95,17 @@ type SentWrite<'a> = futures::future::BoxFuture<'a, Result<(), HandlerError>>;
 pub(crate) struct Deferral {
     pub due_ms: i64,
     pub failures: u32,
+}
+
+/// The key of a partition's rules marker in the customers' store (no customer key starts
+/// with a NUL): its state holds only `rules_applied`, no e-mail, so nothing writes it to RD.
+pub const RULES_MARKER: &str = "\u{0}elo:rules-applied";
+
+/// Whether a restored partition's contacts need a rules pass: its marker names no rules, or
+/// other rules than those in use (new rules while the partition was elsewhere, or a pass cut
+/// short by a restart or a rebalance).
+pub(crate) fn needs_rules_pass(marker: Option<&CustomerState>, rules: &Rules) -> bool {
+    marker.and_then(|m| m.rules_applied) != Some(rules.fingerprint())
 }
 
 /// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
@@ -137,6 +151,7 @@ impl Sink {
             fields_checked: AtomicBool::new(false),
             fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
+            rules_pending: Mutex::default(),
             assigned: Mutex::default(),
             restoring: Mutex::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -172,6 +187,9 @@ impl Sink {
                     ((partition, k), Deferral { due_ms, failures: 0 })
                 });
                 self.deferred.lock().expect("deferred lock").extend(waiting);
+                if needs_rules_pass(self.customers.get(partition, RULES_MARKER).as_ref(), &self.rules()) {
+                    self.rules_pending.lock().expect("rules pending lock").insert(partition);
+                }
                 self.restored.lock().expect("restored lock").insert(partition);
                 true
             }
@@ -344,8 +362,33 @@ impl elo_kafka::Handler for SinkHandler {
         }
         self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
+        self.0.rules_pending.lock().expect("rules pending lock").remove(&partition);
         self.0.deferred.lock().expect("deferred lock").retain(|(p, _), _| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_restored_without_a_record_of_the_rules_in_use_gets_a_rules_pass() {
+        let v1 = Rules::parse("[[rule]]\nname = \"a\"\ntags = [\"x\"]\n", "v1").unwrap();
+        let v2 = Rules::parse("[[rule]]\nname = \"a\"\ntags = [\"y\"]\n", "v2").unwrap();
+        // The same rules, laid out differently, are the same rules.
+        let v1_again = Rules::parse("# tags\n[[rule]]\nname = \"a\"\ntags = [ \"x\" ]\n", "v1b").unwrap();
+        assert_eq!(v1.fingerprint(), v1_again.fingerprint());
+        let marker = |rules: &Rules| CustomerState { rules_applied: Some(rules.fingerprint()), ..Default::default() };
+        // Never recorded (first start, or a pass a restart cut short before its end).
+        assert!(needs_rules_pass(None, &v1));
+        // Applied before the restart or on the previous owner: nothing to do.
+        assert!(!needs_rules_pass(Some(&marker(&v1)), &v1_again));
+        // The rules changed while the partition was elsewhere (or the pass never finished).
+        assert!(needs_rules_pass(Some(&marker(&v1)), &v2));
+        // The marker is no customer: no e-mail, so no sweep or dry run writes it to RD.
+        assert!(marker(&v1).identity.email.is_empty());
+        assert!(crate::dry_run::changes(&marker(&v1), &v2, 0).is_empty());
     }
 }

@@ -275,7 +275,6 @@ async fn maintain(
 ) {
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = rules_file.as_ref().and_then(modified);
-    let mut sweep_pending = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -292,7 +291,7 @@ async fn maintain(
                             let count = new.rules.len();
                             *sink.rules.write().expect("rules lock") = Arc::new(new);
                             tracing::info!(rules = count, "segmentation rules reloaded");
-                            sweep_pending = true;
+                            sink.rules_changed();
                             seen = now;
                         }
                         Ok(missing) => {
@@ -312,7 +311,7 @@ async fn maintain(
             }
         }
         let sweep = async {
-            if sweep_pending { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
+            if sink.rules_pending() { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
         };
         let (full, (changed, failed)) = tokio::select! {
             r = sweep => r,
@@ -323,7 +322,6 @@ async fn maintain(
             // deferred-writes pass with backoff), those RD refused are recorded; neither may
             // keep the rules pass, and with it the deferred writes, from ending.
             tracing::info!(changed, failed, "rules applied to the assigned contacts");
-            sweep_pending = false;
         } else if changed + failed > 0 {
             tracing::info!(changed, failed, "deferred contact updates landed");
         }

@@ -90,11 +90,12 @@ impl Sink {
         };
         let sent_before = client.writes_sent();
         let result = contacts::sync(&client, &mut state, &desired, &persist).await;
-        if counts_against_contact(&state, &before, sent_before, client.writes_sent()) {
-            // When the writes were sent, not when the batch began: a batch may wait (lock,
-            // budget) before its sync, and a count dated earlier than RD's would let the next
-            // write in before RD's window has room.
-            state.writes_ms.push(super::now_ms().max(now));
+        // RD counts a write when it receives it: after the sync, not at the batch's start (a
+        // batch under load can take seconds, and an early stamp frees the cap early).
+        let written_at = now.max(super::now_ms());
+        let counted = counts_against_contact(&state, &before, sent_before, client.writes_sent());
+        if counted {
+            state.writes_ms.push(written_at);
         }
         match result {
             Ok(writes) => {
@@ -123,6 +124,14 @@ impl Sink {
                     tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
                     if keep {
                         self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))?;
+                    } else if counted {
+                        // The records are retried, so their folding must not be stored, but
+                        // RD may have applied the write (5xx, timeout) and counts it: the
+                        // stored state gets the write, or every retry would send another one
+                        // past the cap.
+                        let stored = self.customers.get(partition, key).unwrap_or_default();
+                        let stored = with_write(stored, written_at, self.budget.window_ms());
+                        self.customers.put(partition, key, stored).await.map_err(|e| kafka_failure("state", &e))?;
                     }
                     return Err(failure);
                 }
@@ -155,6 +164,14 @@ fn counts_against_contact(
     sent_after: u32,
 ) -> bool {
     sent_after > sent_before || (&state.applied, &state.contact_uuid) != (&before.0, &before.1)
+}
+
+/// The stored state with one more write counted against the contact (older ones past the
+/// window dropped). Nothing else of the failed attempt is kept.
+fn with_write(mut stored: CustomerState, written_at: i64, window_ms: i64) -> CustomerState {
+    stored.writes_ms.retain(|t| written_at - t < window_ms);
+    stored.writes_ms.push(written_at);
+    stored
 }
 
 /// What a failed contact sync means for the customer's records.
@@ -197,6 +214,15 @@ mod tests {
         let mut landed = state.clone();
         landed.contact_uuid = Some("u".into());
         assert!(counts_against_contact(&landed, &before, 0, 0));
+    }
+
+    #[test]
+    fn a_failed_write_is_added_to_the_stored_state_only() {
+        let stored = CustomerState { writes_ms: vec![1_000, 50_000], ..Default::default() };
+        let counted = with_write(stored.clone(), 70_000, 60_000);
+        // The write outside the window is dropped, the new one counted, nothing else changed.
+        assert_eq!(counted.writes_ms, vec![50_000, 70_000]);
+        assert_eq!((counted.applied, counted.contact_uuid), (stored.applied, stored.contact_uuid));
     }
 
     #[test]

@@ -20,13 +20,54 @@ use futures::future::maybe_done;
 use elo_events::{OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError};
 
-use super::{Deferral, Sink, Write, kafka_failure, now_ms};
+use super::{Deferral, RULES_MARKER, Sink, Write, kafka_failure, now_ms};
+use crate::aggregates::CustomerState;
 use crate::client::RdClient;
 use crate::contacts;
 
 /// Backoff of a contact whose sweep write failed transiently: 10 s, doubling, at most 10 min.
 pub(crate) fn backoff_ms(failures: u32) -> i64 {
     (10_000i64 << failures.saturating_sub(1).min(6)).min(600_000)
+}
+
+/// A contact for the sweep, and whether only a deferred write of it is landed.
+type Target = (i32, String, bool);
+
+/// How often a rules pass lands the deferred writes that came due meanwhile: a pass over
+/// every contact at the account's budget can take hours, and a contact deferred after the
+/// pass walked past it must not wait for its end.
+const FLUSH_DURING_PASS: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The order a sweep works its contacts in: a deferred-writes pass its due contacts; a rules
+/// pass every contact, with the deferred writes due at the time put first every
+/// [`FLUSH_DURING_PASS`].
+struct Walk {
+    queue: std::collections::VecDeque<Target>,
+    /// When a rules pass last took the due deferred writes in (`None`: not a rules pass).
+    flushed: Option<std::time::Instant>,
+}
+
+impl Walk {
+    fn deferred(due: Vec<(i32, String)>) -> Self {
+        Self { queue: due.into_iter().map(|(p, k)| (p, k, true)).collect(), flushed: None }
+    }
+
+    fn rules_pass(targets: impl IntoIterator<Item = (i32, String)>, now: std::time::Instant) -> Self {
+        Self { queue: targets.into_iter().map(|(p, k)| (p, k, false)).collect(), flushed: Some(now) }
+    }
+
+    fn next(&mut self, now: std::time::Instant, due: impl FnOnce() -> Vec<(i32, String)>) -> Option<Target> {
+        if let Some(flushed) = self.flushed
+            && now.duration_since(flushed) >= FLUSH_DURING_PASS
+            && !self.queue.is_empty()
+        {
+            self.flushed = Some(now);
+            for (p, k) in due().into_iter().rev() {
+                self.queue.push_front((p, k, true));
+            }
+        }
+        self.queue.pop_front()
+    }
 }
 
 /// A contact the sweep will write, with the budget reserved for it.
@@ -41,39 +82,72 @@ impl Sink {
     /// reload), one customer at a time between batches. Returns (contacts changed, failures).
     /// A contact that failed transiently is deferred (the deferred-writes pass retries it with
     /// backoff), so one pass is enough.
+    ///
+    /// It covers the partitions pending a pass ([`Sink::rules_changed`], or restored with a
+    /// marker naming other rules); each partition's marker records the rules once the pass
+    /// went through it, so a pass a restart or rebalance cut short is run again.
     pub async fn apply_rules(&self) -> (usize, usize) {
-        self.sweep(false).await
+        let partitions: Vec<i32> = self.rules_pending.lock().expect("rules pending lock").drain().collect();
+        let fingerprint = self.rules().fingerprint();
+        let targets = partitions.iter().flat_map(|&p| {
+            self.customers.entries(p).into_iter().filter(|(k, _)| k != RULES_MARKER).map(move |(k, _)| (p, k))
+        });
+        let result = self.sweep(Walk::rules_pass(targets, std::time::Instant::now())).await;
+        for partition in partitions {
+            let lock = self.partition_lock(partition);
+            let _guard = lock.lock().await;
+            // Revoked meanwhile (the changelog is its new owner's now), or revoked and restored
+            // again (pending again: the next pass records it).
+            if !self.restored.lock().expect("restored lock").contains(&partition)
+                || self.rules_pending.lock().expect("rules pending lock").contains(&partition)
+            {
+                continue;
+            }
+            let marker = CustomerState { rules_applied: Some(fingerprint), ..CustomerState::default() };
+            if let Err(error) = self.customers.put(partition, RULES_MARKER, marker).await {
+                // Without the marker a restore runs the pass again: harmless.
+                tracing::warn!(partition, error = %error, "cannot record the rules applied to the partition");
+            }
+        }
+        result
+    }
+
+    /// New rules: every restored partition needs a pass.
+    pub fn rules_changed(&self) {
+        let restored = self.restored.lock().expect("restored lock").clone();
+        self.rules_pending.lock().expect("rules pending lock").extend(restored);
+    }
+
+    /// Whether some partition waits for a rules pass.
+    pub fn rules_pending(&self) -> bool {
+        !self.rules_pending.lock().expect("rules pending lock").is_empty()
     }
 
     /// Lands the contacts whose write the budgets deferred. When it has gone through them
     /// all, batches may write contacts themselves again (when the budget has room).
     pub async fn flush_deferred(&self) -> (usize, usize) {
-        let result = self.sweep(true).await;
+        let result = self.sweep(Walk::deferred(self.due_deferred())).await;
         self.contact_backlog.store(false, Ordering::Release);
         result
     }
 
-    async fn sweep(&self, only_deferred: bool) -> (usize, usize) {
-        let targets: Vec<(i32, String)> = if only_deferred {
-            let now = now_ms();
-            let deferred = self.deferred.lock().expect("deferred lock");
-            deferred.iter().filter(|(_, d)| d.due_ms <= now).map(|(k, _)| k.clone()).collect()
-        } else {
-            let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
-            partitions
-                .into_iter()
-                .flat_map(|p| self.customers.entries(p).into_iter().map(move |(k, _)| (p, k)))
-                .collect()
-        };
+    /// The deferred contacts whose write is due now.
+    fn due_deferred(&self) -> Vec<(i32, String)> {
+        let now = now_ms();
+        let deferred = self.deferred.lock().expect("deferred lock");
+        deferred.iter().filter(|(_, d)| d.due_ms <= now).map(|(k, _)| k.clone()).collect()
+    }
+
+    async fn sweep(&self, mut walk: Walk) -> (usize, usize) {
         let (mut changed, mut failed) = (0, 0);
-        let mut upcoming = targets.into_iter();
-        let mut next = upcoming.next().map(|(p, k)| Box::pin(maybe_done(self.reserve_for(p, k, only_deferred))));
+        let reserve = |(p, k, deferred_only): Target| Box::pin(maybe_done(self.reserve_for(p, k, deferred_only)));
+        let mut next = walk.next(std::time::Instant::now(), || self.due_deferred()).map(reserve);
         while let Some(mut reserving) = next.take() {
             reserving.as_mut().await;
-            let target = reserving.as_mut().take_output().expect("the reservation is done");
+            let (target, deferred_only) = reserving.as_mut().take_output().expect("the reservation is done");
             // The next contact's budget is reserved while this one is written.
-            next = upcoming.next().map(|(p, k)| Box::pin(maybe_done(self.reserve_for(p, k, only_deferred))));
-            let land = self.land(target, only_deferred);
+            next = walk.next(std::time::Instant::now(), || self.due_deferred()).map(reserve);
+            let land = self.land(target, deferred_only);
             let landed = match next.as_mut() {
                 Some(reserving) => futures::join!(land, reserving.as_mut()).0,
                 None => land.await,
@@ -91,7 +165,7 @@ impl Sink {
     /// partition's batches do not wait while the sweep waits for the budget; only for a
     /// contact that will be written now (not one whose per-contact budget is spent, nor one a
     /// 429 told to wait).
-    async fn reserve_for(&self, partition: i32, key: String, only_deferred: bool) -> Reserved {
+    async fn reserve_for(&self, partition: i32, key: String, only_deferred: bool) -> (Reserved, bool) {
         let client = self.client.reserving();
         if let Some(peek) = self.customers.get(partition, &key)
             && (!only_deferred || peek.deferred)
@@ -110,7 +184,7 @@ impl Sink {
                 }
             }
         }
-        Reserved { partition, key, client }
+        (Reserved { partition, key, client }, only_deferred)
     }
 
     /// Writes one contact under its partition's lock: `Some(true)` written, `Some(false)`
@@ -215,5 +289,29 @@ impl Sink {
             .await
             .map_err(|e| kafka_failure("outcome", &e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_long_rules_pass_lands_deferred_writes_that_come_due_during_it() {
+        let start = Instant::now();
+        let mut walk = Walk::rules_pass((0..1000).map(|n| (0, format!("c{n}"))), start);
+        let due = || vec![(1, "late".to_owned())];
+        // Within the first second the pass walks on.
+        assert_eq!(walk.next(start, due), Some((0, "c0".into(), false)));
+        assert_eq!(walk.next(start + Duration::from_millis(500), due), Some((0, "c1".into(), false)));
+        // A second later the deferred writes due then go first, then the pass goes on.
+        let later = start + FLUSH_DURING_PASS;
+        assert_eq!(walk.next(later, due), Some((1, "late".into(), true)));
+        assert_eq!(walk.next(later, due), Some((0, "c2".into(), false)));
+        // A deferred-writes pass is just its due contacts.
+        let mut walk = Walk::deferred(vec![(2, "d".into())]);
+        assert_eq!(walk.next(later + Duration::from_secs(60), due), Some((2, "d".into(), true)));
+        assert_eq!(walk.next(later + Duration::from_secs(60), due), None);
     }
 }
