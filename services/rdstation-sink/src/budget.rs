@@ -140,6 +140,17 @@ impl AccountBudget {
         state.paused_until = Some(state.paused_until.map_or(until, |t| t.max(until)));
     }
 
+    /// Counts the whole budget as spent until `until`: at start-up, for the requests a
+    /// previous process (crashed, killed, or replaced by a rollout) may have sent in its last
+    /// window, which this one cannot see; without it a restart under a backlog lets RD see up
+    /// to twice the budget in a minute.
+    pub fn assume_spent_until(&self, until: Instant) {
+        let mut state = self.state.lock().expect("budget lock");
+        for _ in 0..self.limit {
+            state.expiries.push(Reverse(until));
+        }
+    }
+
     /// `Err(Some(t))`: try again at `t`; `Err(None)`: when a slot is given back.
     fn admit(self: &Arc<Self>) -> Result<Slot, Option<Instant>> {
         let now = Instant::now();
@@ -180,6 +191,20 @@ mod tests {
         let started = Instant::now();
         let _d = budget.acquire().await;
         assert_eq!(started.elapsed(), Duration::from_secs(1), "admitted when the first one stops counting");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_budget_assumed_spent_at_start_admits_nothing_until_then() {
+        let budget = AccountBudget::new(3, Duration::from_secs(60));
+        budget.assume_spent_until(Instant::now() + Duration::from_secs(60));
+        assert!(budget.try_acquire().is_none(), "a previous process may have spent it");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(budget.try_acquire().is_none());
+        let started = Instant::now();
+        let _first = budget.acquire().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "admitted once the window has passed");
+        let (_second, _third) = (budget.try_acquire().expect("room"), budget.try_acquire().expect("room"));
+        assert!(budget.try_acquire().is_none(), "and the whole budget, no more");
     }
 
     #[tokio::test(start_paused = true)]

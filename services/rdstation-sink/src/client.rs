@@ -278,6 +278,14 @@ impl RdClient {
         self.credits.lock().expect("credits lock").push(slot);
     }
 
+    /// Counts the account's budget as spent for `hold` from now (start-up: a previous process
+    /// may have spent it; see [`AccountBudget::assume_spent_until`]). Zero: no hold.
+    pub fn hold_budget(&self, hold: Duration) {
+        if !hold.is_zero() {
+            self.inner.budget.assume_spent_until(tokio::time::Instant::now() + hold);
+        }
+    }
+
     /// Contact requests the account allows in a window.
     pub fn budget_limit(&self) -> u32 {
         self.inner.settings.contacts_per_minute.get()

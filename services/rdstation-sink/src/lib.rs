@@ -85,6 +85,12 @@ pub struct RdArgs {
     /// Advanced). The default keeps 5% headroom for clock and latency jitter.
     #[arg(long = "rd-contacts-per-minute", env = "ELO_RDSTATION_CONTACTS_PER_MINUTE", default_value_t = NonZeroU32::new(114).expect("non-zero"))]
     pub contacts_per_minute: NonZeroU32,
+    /// At start-up, contact requests wait this long, as if the account's budget were spent:
+    /// a previous process (crashed, killed, replaced by a rollout) may have spent it in its
+    /// last minute, which this one cannot see. E-commerce events are not held. `0s` for an
+    /// account nothing else used in the last minute (tests).
+    #[arg(long = "rd-start-hold", env = "ELO_RDSTATION_START_HOLD", default_value = "60s", value_parser = elo_service::parse_duration)]
+    pub start_hold: Duration,
     /// RD request timeout, e.g. `30s`.
     #[arg(long = "rd-timeout", env = "ELO_RDSTATION_TIMEOUT", default_value = "30s", value_parser = elo_service::parse_duration)]
     pub rd_timeout: Duration,
@@ -205,6 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // One request in flight per customer worked at once, plus the sweep's and the rules'.
     let in_flight = config.rd.customer_concurrency.max(1) * config.consumer.max_in_flight.max(1) + 4;
     let client = RdClient::with_concurrency(config.rd.settings()?, in_flight)?;
+    client.hold_budget(config.rd.start_hold);
     let common = &config.common;
     let t = &common.topics;
     let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));
