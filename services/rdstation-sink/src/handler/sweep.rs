@@ -45,15 +45,20 @@ struct Walk {
     queue: std::collections::VecDeque<Target>,
     /// When a rules pass last took the due deferred writes in (`None`: not a rules pass).
     flushed: Option<std::time::Instant>,
+    /// Deferred writes taken in and not worked yet: taken in again they would pile up (every
+    /// second, all of them, while they land at the budget's pace).
+    queued: std::collections::HashSet<(i32, String)>,
 }
 
 impl Walk {
     fn deferred(due: Vec<(i32, String)>) -> Self {
-        Self { queue: due.into_iter().map(|(p, k)| (p, k, true)).collect(), flushed: None }
+        let queue = due.into_iter().map(|(p, k)| (p, k, true)).collect();
+        Self { queue, flushed: None, queued: Default::default() }
     }
 
     fn rules_pass(targets: impl IntoIterator<Item = (i32, String)>, now: std::time::Instant) -> Self {
-        Self { queue: targets.into_iter().map(|(p, k)| (p, k, false)).collect(), flushed: Some(now) }
+        let queue = targets.into_iter().map(|(p, k)| (p, k, false)).collect();
+        Self { queue, flushed: Some(now), queued: Default::default() }
     }
 
     fn next(&mut self, now: std::time::Instant, due: impl FnOnce() -> Vec<(i32, String)>) -> Option<Target> {
@@ -62,11 +67,17 @@ impl Walk {
             && !self.queue.is_empty()
         {
             self.flushed = Some(now);
-            for (p, k) in due().into_iter().rev() {
+            let fresh: Vec<(i32, String)> = due().into_iter().filter(|t| !self.queued.contains(t)).collect();
+            for (p, k) in fresh.into_iter().rev() {
+                self.queued.insert((p, k.clone()));
                 self.queue.push_front((p, k, true));
             }
         }
-        self.queue.pop_front()
+        let next = self.queue.pop_front()?;
+        if next.2 {
+            self.queued.remove(&(next.0, next.1.clone()));
+        }
+        Some(next)
     }
 }
 
@@ -101,6 +112,11 @@ impl Sink {
             if !self.restored.lock().expect("restored lock").contains(&partition)
                 || self.rules_pending.lock().expect("rules pending lock").contains(&partition)
             {
+                continue;
+            }
+            // Rules reloaded during the pass: this pass applied the older ones, and the next
+            // one (pending already) records the new.
+            if self.rules().fingerprint() != fingerprint {
                 continue;
             }
             let marker = CustomerState { rules_applied: Some(fingerprint), ..CustomerState::default() };
@@ -309,6 +325,15 @@ mod tests {
         let later = start + FLUSH_DURING_PASS;
         assert_eq!(walk.next(later, due), Some((1, "late".into(), true)));
         assert_eq!(walk.next(later, due), Some((0, "c2".into(), false)));
+        // Still due a second later but not worked yet: taken in once, not again.
+        let mut walk = Walk::rules_pass((0..1000).map(|n| (0, format!("c{n}"))), start);
+        let many = || (0..50).map(|n| (1, format!("d{n}"))).collect::<Vec<_>>();
+        assert_eq!(walk.next(start + FLUSH_DURING_PASS, many), Some((1, "d0".into(), true)));
+        for second in 2..20 {
+            let _ = walk.next(start + FLUSH_DURING_PASS * second, many);
+        }
+        // (The one worked each second is due again and taken in again; the 49 waiting are not.)
+        assert_eq!(walk.queue.len(), 1000 + 49, "each due write queued once: {}", walk.queue.len());
         // A deferred-writes pass is just its due contacts.
         let mut walk = Walk::deferred(vec![(2, "d".into())]);
         assert_eq!(walk.next(later + Duration::from_secs(60), due), Some((2, "d".into(), true)));
