@@ -94,3 +94,25 @@ async fn a_new_customers_older_order_still_creates_the_account_when_the_newest_i
     let (_, _, lastname) = customer(&app, &first.customer_key).expect("the Account was created");
     assert_eq!(lastname, json!(first.customer.as_ref().unwrap().lastname.clone().unwrap_or_default()));
 }
+
+#[tokio::test]
+async fn a_retry_never_writes_less_enriched_customer_data_of_the_same_version() {
+    let (app, sink) = setup().await;
+    let first = elo_events::sample::order_placed(7);
+    retire_a_product(&app, &sink, &first.store).await;
+    // Two orders placed at the same instant: the newest data by version ties, and the one with
+    // checked stock and known consent is the more complete (order-ingest's late enrichment).
+    let mut complete = repeat(&first, 401, 120_000, "Complete");
+    let item = complete.order.as_ref().unwrap().items[0].clone();
+    complete.order.as_mut().unwrap().items =
+        (0..497).map(|k| elo_events::OrderItem { item_id: 600_000 + k, ..item.clone() }).collect();
+    let mut partial = repeat(&first, 402, 120_000, "Partial");
+    partial.order.as_mut().unwrap().inventory_status = elo_events::InventoryStatus::Unchecked;
+    partial.customer.as_mut().unwrap().consent.status = elo_events::ConsentStatus::Unknown;
+    let mut refused = repeat(&first, 403, 30_000, "Old");
+    refused.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let verdicts = sink.apply(&[Ok(complete), Ok(partial), Ok(refused)]).await;
+    assert!(verdicts[0].result.is_ok() && verdicts[1].result.is_ok(), "{verdicts:?}");
+    let (_, _, lastname) = customer(&app, &first.customer_key).expect("the Account landed");
+    assert_eq!(lastname, json!("Complete"), "the more enriched data of the version stays");
+}

@@ -363,7 +363,8 @@ impl Sink {
                     // older order retried alone would otherwise write its own, older data over
                     // what an applied graph of the same batch wrote (and the confirmed version).
                     write_customer: w.write_customer
-                        && newest.get(w.event.customer_key.as_str()) == Some(&customer_version(w.event)),
+                        && newest.get(w.event.customer_key.as_str())
+                            == Some(&(customer_version(w.event), enrichment_rank(w.event))),
                     ..*w
                 })
                 .collect();
@@ -479,17 +480,17 @@ impl Sink {
     }
 }
 
-/// Per customer key, the newest customer version among the records that may write their
+/// Per customer key, the newest customer (version, enrichment rank) among the records that may write their
 /// customer data and have not failed for good (applied, or about to be sent again): what a
 /// retry may write. A record refused for good no longer counts, so its older siblings still
 /// create the Account when nothing newer reached Salesforce.
-fn newest_customer_data<'a>(work: &[Work<'a>], verdicts: &[Option<Verdict>]) -> HashMap<&'a str, i64> {
-    let mut newest: HashMap<&'a str, i64> = HashMap::new();
+fn newest_customer_data<'a>(work: &[Work<'a>], verdicts: &[Option<Verdict>]) -> HashMap<&'a str, (i64, u8)> {
+    let mut newest: HashMap<&'a str, (i64, u8)> = HashMap::new();
     for w in work.iter().filter(|w| w.write_customer && w.event.customer.is_some()) {
         let live = verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok() || v.retry_in_call);
         if live {
-            let at = newest.entry(w.event.customer_key.as_str()).or_insert(i64::MIN);
-            *at = (*at).max(customer_version(w.event));
+            let at = newest.entry(w.event.customer_key.as_str()).or_insert((i64::MIN, 0));
+            *at = (*at).max((customer_version(w.event), enrichment_rank(w.event)));
         }
     }
     newest
