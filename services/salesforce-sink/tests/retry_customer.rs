@@ -61,8 +61,10 @@ async fn a_retry_never_writes_older_customer_data_than_the_batch_already_wrote()
     assert!(verdicts[0].result.is_ok() && verdicts[1].result.is_ok(), "{verdicts:?}");
     assert_eq!(verdicts[2].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", verdicts[2].result);
     // The older order, retried alone, carried the newest customer data, not its own.
-    let (_, _, lastname) = customer(&app, &first.customer_key).expect("the Account landed");
+    let (account, _, lastname) = customer(&app, &first.customer_key).expect("the Account landed");
     assert_eq!(lastname, json!("New"), "the newest customer data stays");
+    // Resent without its customer's nodes, it still names the Account in its outcome.
+    assert_eq!(verdicts[1].target_ids.get("Account"), Some(&account), "{:?}", verdicts[1].target_ids);
 }
 
 /// A product whose price book entry is deactivated after a first order: its items are refused

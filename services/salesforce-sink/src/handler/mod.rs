@@ -376,6 +376,17 @@ impl Sink {
                     verdicts[index] = Some(verdict);
                 }
             }
+            // A record resent without its customer's nodes (the batch already wrote newer data)
+            // still names the Account and Contact in its outcome, as its first graph did.
+            let written = customer_ids_written(work, verdicts);
+            for w in again.iter().filter(|w| !w.write_customer) {
+                let Some(ids) = written.get(w.event.customer_key.as_str()) else { continue };
+                if let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) {
+                    for (object, id) in ids {
+                        verdict.target_ids.entry(object.clone()).or_insert_with(|| id.clone());
+                    }
+                }
+            }
         }
     }
 
@@ -478,6 +489,23 @@ impl Sink {
             CommerceEventType::Unknown => Some("unknown event type".into()),
         }
     }
+}
+
+/// Per customer key, the Account/Contact ids an applied record of the batch wrote.
+fn customer_ids_written<'a>(
+    work: &[Work<'a>],
+    verdicts: &[Option<Verdict>],
+) -> HashMap<&'a str, BTreeMap<String, String>> {
+    let mut written = HashMap::new();
+    for w in work.iter().filter(|w| w.write_customer) {
+        let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+        if verdict.target_ids.contains_key("Account") {
+            let mut ids = verdict.target_ids.clone();
+            ids.remove("Order");
+            written.insert(w.event.customer_key.as_str(), ids);
+        }
+    }
+    written
 }
 
 /// Per customer key, the newest customer (version, enrichment rank) among the records that may write their
