@@ -43,6 +43,24 @@ fn all_ok(verdicts: &[salesforce_sink::handler::Verdict]) {
     }
 }
 
+/// [`repeat`] with 497 items: its graph holds 500 nodes, so it rides alone and the customer's
+/// other orders share another graph. Item ids from `first_item`.
+fn filling_a_graph(first: &CommerceEvent, n: u64, later_ms: i64, lastname: &str, first_item: i64) -> CommerceEvent {
+    let mut e = repeat(first, n, later_ms, lastname);
+    let item = e.order.as_ref().unwrap().items[0].clone();
+    e.order.as_mut().unwrap().items =
+        (0..497).map(|k| elo_events::OrderItem { item_id: first_item + k, ..item.clone() }).collect();
+    e
+}
+
+/// [`repeat`] with an item of the product [`retire_a_product`] retired: refused for good, it
+/// rolls back the rest of its graph.
+fn refused(first: &CommerceEvent, n: u64, later_ms: i64, lastname: &str) -> CommerceEvent {
+    let mut e = repeat(first, n, later_ms, lastname);
+    e.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    e
+}
+
 #[tokio::test]
 async fn a_retry_never_writes_older_customer_data_than_the_batch_already_wrote() {
     let (app, sink) = setup().await;
@@ -50,13 +68,9 @@ async fn a_retry_never_writes_older_customer_data_than_the_batch_already_wrote()
     retire_a_product(&app, &sink, &first.store).await;
     // One customer: its newest order (renamed "New") fills a graph of 500 nodes by itself, so
     // its two older orders ("Old") share a second graph, which the retired item fails.
-    let mut newest = repeat(&first, 101, 120_000, "New");
-    let item = newest.order.as_ref().unwrap().items[0].clone();
-    newest.order.as_mut().unwrap().items =
-        (0..497).map(|k| elo_events::OrderItem { item_id: 500_000 + k, ..item.clone() }).collect();
+    let newest = filling_a_graph(&first, 101, 120_000, "New", 500_000);
     let older = repeat(&first, 102, 60_000, "Old");
-    let mut refused = repeat(&first, 103, 30_000, "Old");
-    refused.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let refused = refused(&first, 103, 30_000, "Old");
     let verdicts = sink.apply(&[Ok(newest.clone()), Ok(older.clone()), Ok(refused)]).await;
     assert!(verdicts[0].result.is_ok() && verdicts[1].result.is_ok(), "{verdicts:?}");
     assert_eq!(verdicts[2].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", verdicts[2].result);
@@ -88,8 +102,7 @@ async fn a_new_customers_older_order_still_creates_the_account_when_the_newest_i
     retire_a_product(&app, &sink, &first.store).await;
     // A customer Salesforce has never seen: its newest order is refused, which rolls back the
     // older one sharing its graph; the older one, retried alone, must bring the customer.
-    let mut refused = repeat(&first, 301, 60_000, "Newest");
-    refused.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let refused = refused(&first, 301, 60_000, "Newest");
     let verdicts = sink.apply(&[Ok(first.clone()), Ok(refused)]).await;
     assert!(verdicts[0].result.is_ok(), "{:?}", verdicts[0].result);
     assert_eq!(verdicts[1].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", verdicts[1].result);
@@ -104,15 +117,11 @@ async fn a_retry_never_writes_less_enriched_customer_data_of_the_same_version() 
     retire_a_product(&app, &sink, &first.store).await;
     // Two orders placed at the same instant: the newest data by version ties, and the one with
     // checked stock and known consent is the more complete (order-ingest's late enrichment).
-    let mut complete = repeat(&first, 401, 120_000, "Complete");
-    let item = complete.order.as_ref().unwrap().items[0].clone();
-    complete.order.as_mut().unwrap().items =
-        (0..497).map(|k| elo_events::OrderItem { item_id: 600_000 + k, ..item.clone() }).collect();
+    let complete = filling_a_graph(&first, 401, 120_000, "Complete", 600_000);
     let mut partial = repeat(&first, 402, 120_000, "Partial");
     partial.order.as_mut().unwrap().inventory_status = elo_events::InventoryStatus::Unchecked;
     partial.customer.as_mut().unwrap().consent.status = elo_events::ConsentStatus::Unknown;
-    let mut refused = repeat(&first, 403, 30_000, "Old");
-    refused.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let refused = refused(&first, 403, 30_000, "Old");
     let verdicts = sink.apply(&[Ok(complete), Ok(partial), Ok(refused)]).await;
     assert!(verdicts[0].result.is_ok() && verdicts[1].result.is_ok(), "{verdicts:?}");
     let (_, _, lastname) = customer(&app, &first.customer_key).expect("the Account landed");
