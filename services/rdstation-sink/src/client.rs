@@ -551,13 +551,9 @@ mod tests {
     #[test]
     fn settings_debug_hides_secrets() {
         let settings = RdSettings {
-            base_url: "http://x".into(),
-            client_id: "id".into(),
             client_secret: "very-secret".into(),
             refresh_token: Some("refresh-secret".into()),
-            sandbox_control: None,
-            contacts_per_minute: NonZeroU32::new(120).unwrap(),
-            request_timeout: Duration::from_secs(5),
+            ..test_settings()
         };
         let text = format!("{settings:?}");
         assert!(!text.contains("very-secret") && !text.contains("refresh-secret"), "{text}");
