@@ -292,3 +292,44 @@ async fn writes_that_failed_with_a_5xx_are_saved_against_the_contacts_cap() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(patches(), CAP, "RD got more writes for one contact than its cap: {:?}", proxy.log());
 }
+
+/// At start-up the account's budget counts as spent for `ELO_RDSTATION_START_HOLD`: a
+/// previous process's last minute is invisible to this one. Contact requests wait out the
+/// hold; the order's e-commerce event does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contact_requests_wait_out_the_start_up_hold_and_events_do_not() {
+    const HOLD: Duration = Duration::from_secs(15);
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    let proxy = counting_proxy(&rd_url).await;
+    write_rd_credentials(dir.path(), &rd, &proxy.url).await;
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\nfields = { cf_elo_segment = \"all\" }\n").unwrap();
+    let topic = unique("e2e.rd-hold.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let event = rd_order("hold", 95_000, 0, 0, at);
+    let record = (event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap());
+    produce(&producer(&brokers()), &topic, &[record]).await;
+
+    let group = unique("e2e.rd-hold.group");
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &proxy.url, &rules, "sink");
+    command.env("ELO_RDSTATION_START_HOLD", format!("{}s", HOLD.as_secs()));
+    let started = Instant::now();
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    // The custom-field check is sent before the hold (events need it); the contact's own
+    // requests are what the hold is about.
+    let contact_request = |c: &&Call| c.path.starts_with("/platform/contacts/") && !c.path.ends_with("/fields");
+    let landed = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        proxy.log().iter().any(|c| contact_request(&c))
+    })
+    .await;
+    assert!(landed, "the contact never landed:\n{}", log(dir.path(), "sink"));
+    let calls = proxy.log();
+    let contact = calls.iter().find(contact_request).unwrap().at;
+    let event = calls.iter().find(|c| c.path == "/platform/events").expect("the order's event reached RD").at;
+    assert!(contact >= started + HOLD, "a contact request {:?} after start, inside the hold", contact - started);
+    assert!(event < started + HOLD, "the event waited for the hold: {:?} after start", event - started);
+}

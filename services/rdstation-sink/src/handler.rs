@@ -211,7 +211,7 @@ impl Sink {
     /// Checks (and creates) the custom fields once; until that succeeds records wait with the
     /// class of RD's answer (missing fields with creation off wait as `auth`: an operator must
     /// act, nothing is dropped).
-    async fn ensure_fields(&self) -> Result<(), HandlerError> {
+    pub async fn ensure_fields(&self) -> Result<(), HandlerError> {
         if self.fields_checked.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -211,7 +211,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // One request in flight per customer worked at once, plus the sweep's and the rules'.
     let in_flight = config.rd.customer_concurrency.max(1) * config.consumer.max_in_flight.max(1) + 4;
     let client = RdClient::with_concurrency(config.rd.settings()?, in_flight)?;
-    client.hold_budget(config.rd.start_hold);
     let common = &config.common;
     let t = &common.topics;
     let dlq = config.consumer.dlq_topic.clone().unwrap_or_else(|| format!("{NAME}.dlq"));
@@ -242,6 +241,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.rd.customer_concurrency.max(1),
         config.rd.create_fields,
     ));
+    // The custom fields are checked before the start-up hold: batches need them for every
+    // record, e-commerce events included, which must not wait out the hold (a failed check
+    // is retried by the batches, which then do wait). A couple of requests, sent at once.
+    if let Err(error) = sink.ensure_fields().await {
+        tracing::warn!(error = %error, "custom fields not checked at start-up; batches will retry");
+    }
+    client.hold_budget(config.rd.start_hold);
     let reload_every = config.rd.rules_reload_interval;
     let maintenance = tokio::spawn(maintain(
         config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
