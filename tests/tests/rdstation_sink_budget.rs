@@ -333,3 +333,78 @@ async fn contact_requests_wait_out_the_start_up_hold_and_events_do_not() {
     assert!(contact >= started + HOLD, "a contact request {:?} after start, inside the hold", contact - started);
     assert!(event < started + HOLD, "the event waited for the hold: {:?} after start", event - started);
 }
+
+/// RD allows 15,000 tag posts per account per day. Each partition spends an equal share, kept
+/// in its state store: a restarted sink remembers the day's posts, and past the share tags
+/// still land (read + PATCH) with no 429. Here the account allows 6 a day over 3 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_days_tag_posts_survive_a_restart_and_past_them_tags_still_land_without_a_429() {
+    const PER_DAY: usize = 6;
+    const FIRST: usize = 12;
+    const SECOND: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let config = RdConfig { contacts_per_minute: 1_000_000, tags_per_account_per_day: PER_DAY, ..RdConfig::default() };
+    let (rd, rd_url) = serve_rdstation(config).await;
+    let proxy = counting_proxy(&rd_url).await;
+    write_rd_credentials(dir.path(), &rd, &proxy.url).await;
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\ntags = [\"elo-customer\"]\n").unwrap();
+    let topic = unique("e2e.rd-tags.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let orders = async |customers: std::ops::Range<usize>| {
+        let mut records = Vec::new();
+        for c in customers {
+            let event = rd_order("tags", 70_000, c, c, at);
+            records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
+        }
+        produce(&producer(&brokers()), &topic, &records).await;
+    };
+    let tagged = |n: usize| {
+        let all = contacts(&rd);
+        all.len() == n
+            && all
+                .values()
+                .all(|f| f.get("tags").and_then(Value::as_array).is_some_and(|t| t.contains(&"elo-customer".into())))
+    };
+    let group = unique("e2e.rd-tags.group");
+    let sink_command = || {
+        let mut command = rdstation_sink(dir.path(), &topic, &group, &proxy.url, &rules, "sink");
+        command.env("ELO_RDSTATION_TAG_POSTS_PER_DAY", PER_DAY.to_string());
+        command
+    };
+
+    orders(0..FIRST).await;
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut sink_command());
+    let landed = wait_until(Duration::from_secs(120), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        tagged(FIRST)
+    })
+    .await;
+    assert!(landed, "the first customers were not all tagged:\n{}", log(dir.path(), "sink"));
+    sink.signal("TERM");
+    assert!(sink.wait_timeout(Duration::from_secs(30)).is_some(), "the sink did not stop");
+    let posts = |calls: &[Call]| calls.iter().filter(|c| c.method == "POST" && c.path.ends_with("/tag")).count();
+    let first_posts = posts(&proxy.log());
+    assert!(first_posts > 0, "no tag post was used");
+
+    // A new process: the partitions' ledgers come back from the changelog.
+    orders(FIRST..FIRST + SECOND).await;
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut sink_command());
+    let landed = wait_until(Duration::from_secs(120), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        tagged(FIRST + SECOND)
+    })
+    .await;
+    let calls = proxy.log();
+    assert!(landed, "the later customers were not all tagged ({} calls):\n{}", calls.len(), log(dir.path(), "sink"));
+    assert!(
+        calls.iter().all(|c| c.status != 429),
+        "RD answered 429: {:?}",
+        calls.iter().filter(|c| c.status == 429).collect::<Vec<_>>()
+    );
+    let all_posts = posts(&calls);
+    eprintln!("tag posts: {first_posts} before the restart, {all_posts} in all (the account allows {PER_DAY})");
+    assert!(all_posts <= PER_DAY, "{all_posts} tag posts in a day; the account allows {PER_DAY}");
+}

@@ -223,7 +223,10 @@ async fn a_contact_write_that_failed_after_it_was_sent_still_counts() {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(&state, &aggregate, &Rules::default().evaluate(&aggregate));
     let batch = client.without_waiting();
-    let error = contacts::sync(&batch, &mut state, &desired, &|_| Box::pin(async { Ok(()) })).await.unwrap_err();
+    let error =
+        contacts::sync(&batch, &mut state, &desired, &|_| Box::pin(async { Ok(()) }), &|| Box::pin(async { Ok(true) }))
+            .await
+            .unwrap_err();
     assert_eq!(error.class(), ErrorClass::Transient, "{error}");
     assert_eq!(proxy.log().iter().filter(|c| c.method == "PATCH").count(), 1);
     assert_eq!(batch.writes_sent(), 1, "the failed PATCH counts: RD may have applied it");
@@ -238,9 +241,66 @@ fn rules() -> Rules {
 }
 
 async fn sync(client: &RdClient, state: &mut CustomerState, rules: &Rules) -> usize {
+    sync_with_tag_posts(client, state, rules, true).await
+}
+
+/// A sync whose partition has tag posts left (`tag_posts_left`) or has spent its daily share.
+async fn sync_with_tag_posts(
+    client: &RdClient,
+    state: &mut CustomerState,
+    rules: &Rules,
+    tag_posts_left: bool,
+) -> usize {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
-    contacts::sync(client, state, &desired, &|_| Box::pin(async { Ok(()) })).await.unwrap()
+    let persist =
+        |_| -> futures::future::BoxFuture<'_, rdstation_sink::client::Result<()>> { Box::pin(async { Ok(()) }) };
+    contacts::sync(client, state, &desired, &persist, &move || Box::pin(async move { Ok(tag_posts_left) }))
+        .await
+        .unwrap()
+}
+
+/// Past the partition's daily share of tag posts (RD: 15,000 per account per day), tags still
+/// land, through a read and a PATCH of the whole list: no tag post reaches RD, and the tags
+/// others set survive.
+#[tokio::test]
+async fn with_the_days_tag_posts_spent_tags_land_through_a_patch_and_outside_tags_survive() {
+    let (rd, url) = serve_rdstation(RdConfig { tags_per_account_per_day: 0, ..RdConfig::default() }).await;
+    let proxy = counting_proxy(&url).await;
+    let client = client(&rd, &proxy.url, 6000).await;
+    let rules = rules();
+    contacts::ensure_fields(&client, &contacts::needed_fields(&rules), true).await.unwrap();
+    client
+        .request(
+            Method::POST,
+            "/platform/contacts",
+            Some(&json!({"email": "customer1@example.com", "tags": ["black-friday"]})),
+            Budget::Contacts,
+        )
+        .await
+        .unwrap();
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    assert_eq!(sync_with_tag_posts(&client, &mut state, &rules, false).await, 3, "upsert, tags by PATCH, funnel");
+    let c = contact(&rd, "customer1@example.com").unwrap();
+    assert_eq!(tags(&c), ["black-friday", "buyer"]);
+    assert!(state.applied.owned_tags.contains("buyer"), "the tag Elo added is Elo's");
+    assert!(!state.applied.owned_tags.contains("black-friday"));
+
+    // A second order: a new tag, and someone else's tag added meanwhile survives.
+    let uuid = state.contact_uuid.clone().unwrap();
+    rd.sim.lock().unwrap().contacts.get_mut(&uuid).unwrap().fields["tags"] =
+        json!(["black-friday", "buyer", "vip-manual"]);
+    let mut second = elo_events::sample::order_placed(98);
+    second.customer = elo_events::sample::order_placed(1).customer;
+    second.customer_key = elo_events::sample::order_placed(1).customer_key;
+    state.apply(&second);
+    sync_with_tag_posts(&client, &mut state, &rules, false).await;
+    let c = contact(&rd, "customer1@example.com").unwrap();
+    assert_eq!(tags(&c), ["black-friday", "buyer", "repeat", "vip-manual"]);
+    let calls = proxy.log();
+    assert!(calls.iter().all(|c| !c.path.ends_with("/tag")), "a tag post reached RD: {calls:?}");
+    assert!(calls.iter().all(|c| c.status != 429), "{calls:?}");
 }
 
 fn rdstation_sink_now() -> i64 {

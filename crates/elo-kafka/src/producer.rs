@@ -184,6 +184,18 @@ impl Producer {
         }
     }
 
+    /// How many partitions `topic` has, from the brokers' metadata (blocking: call it off the
+    /// async workers, e.g. in `spawn_blocking`). `None` when the brokers do not list the topic.
+    pub fn partition_count(&self, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+        let metadata = self.inner.client().fetch_metadata(Some(topic), Timeout::After(timeout))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0))
+    }
+
     /// The client context (connection state), for tests and probes.
     pub fn connection(&self) -> &ConnectionContext {
         &self.connection

@@ -95,6 +95,10 @@ pub struct CustomerState {
     /// the partition, so a pass cut short by a restart or a rebalance is run after the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_applied: Option<u64>,
+    /// Only on a partition's tag-post marker ([`crate::handler::TAG_POSTS_MARKER`]): the tag
+    /// posts the partition sent in the last day, against its share of RD's daily limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag_posts: Option<crate::tag_posts::TagPostLedger>,
 }
 
 /// Whether an event changed the state.

@@ -10,6 +10,9 @@
 //!   are remembered (`owned_tags`); when no rule asks for one any more it is removed, the only
 //!   way RD allows: read the contact's list and PATCH it back without that tag (one GET and
 //!   the PATCH the fields need anyway). Tags Elo did not add are never removed.
+//! - Tag posts have their own account-wide daily limit (15,000): each partition spends its
+//!   share ([`crate::tag_posts`]); past it, tags are added by reading the contact's list and
+//!   PATCHing it back with Elo's tags added (two contact requests instead of one post).
 //! - The lifecycle stage goes through the default funnel.
 //! - Nothing is written when the contact already holds what the sink last wrote (coalescing:
 //!   a customer whose orders do not change their segment costs no contact request).
@@ -87,7 +90,7 @@ pub fn desired(state: &CustomerState, aggregate: &Aggregate, verdict: &Verdict) 
 
 /// Whether bringing the contact to `desired` takes any request.
 pub fn needs_write(state: &CustomerState, desired: &Desired) -> bool {
-    planned_requests(state, desired) > 0
+    planned_requests(state, desired, true) > 0
 }
 
 /// A stable fingerprint of a desired contact (FNV-1a over its JSON: kept in the state, so it
@@ -103,20 +106,28 @@ pub fn tags_to_remove(state: &CustomerState, desired: &Desired) -> BTreeSet<Stri
 }
 
 /// How many contact requests bringing the contact to `desired` takes (at most; 0: none).
-pub fn planned_requests(state: &CustomerState, desired: &Desired) -> u32 {
+/// Without `tag_posts_left` (the partition's daily share of tag posts is spent) adding tags
+/// takes a read and a PATCH instead of one post.
+pub fn planned_requests(state: &CustomerState, desired: &Desired, tag_posts_left: bool) -> u32 {
     let removing = state.contact_uuid.is_some() && !tags_to_remove(state, desired).is_empty();
     let mut n = 0;
     if removing {
         n += 2;
     } else {
         n += u32::from(state.contact_uuid.is_none() || desired.fields != state.applied.fields);
-        n += u32::from(!desired.tags.is_subset(&state.applied.tags));
+        if !desired.tags.is_subset(&state.applied.tags) {
+            n += if tag_posts_left { 1 } else { 2 };
+        }
     }
     n + u32::from(desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s)))
 }
 
 /// Writes a customer's state (to the state store), for [`sync`].
 pub type Persist<'a> = &'a (dyn Fn(CustomerState) -> BoxFuture<'a, Result<()>> + Send + Sync);
+
+/// Takes one tag post from the partition's daily share, recorded before the post is sent
+/// ([`crate::tag_posts`]); `Ok(false)`: the share is spent, tags go through a PATCH.
+pub type TakeTagPost<'a> = &'a (dyn Fn() -> BoxFuture<'a, Result<bool>> + Send + Sync);
 
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
 /// step (a failure half-way leaves the state saying what did land). Returns the number of
@@ -131,6 +142,7 @@ pub async fn sync(
     state: &mut CustomerState,
     desired: &Desired,
     persist: Persist<'_>,
+    take_tag_post: TakeTagPost<'_>,
 ) -> Result<usize> {
     let mut writes = 0;
     let mut current_tags: Option<BTreeSet<String>> = None;
@@ -185,7 +197,7 @@ pub async fn sync(
         let owned_before = state.applied.owned_tags.clone();
         state.applied.owned_tags.extend(missing.iter().cloned());
         persist(state.clone()).await?;
-        let added = add_tags(client, &uuid, missing.clone()).await?;
+        let added = add_tags(client, &uuid, missing.clone(), take_tag_post).await?;
         if !added.is_empty() {
             writes += 1;
         }
@@ -234,9 +246,19 @@ async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<Strin
     Ok(contact)
 }
 
-/// Appends tags; if RD says one is there already (someone added it since we looked), reads
-/// the contact and appends only what is still missing. Returns the tags Elo added.
-async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Vec<String>> {
+/// Appends tags with a tag post; if RD says one is there already (someone added it since we
+/// looked), reads the contact and appends only what is still missing. Past the partition's
+/// daily share of tag posts, the tags go through [`add_tags_by_patch`]. Returns the tags Elo
+/// added.
+async fn add_tags(
+    client: &RdClient,
+    uuid: &str,
+    tags: Vec<String>,
+    take_tag_post: TakeTagPost<'_>,
+) -> Result<Vec<String>> {
+    if !take_tag_post().await? {
+        return add_tags_by_patch(client, uuid, tags).await;
+    }
     let path = format!("/platform/contacts/uuid:{uuid}/tag");
     match client.request(Method::POST, &path, Some(&json!({"tags": tags})), Budget::Contacts).await {
         Ok(_) => {
@@ -251,12 +273,42 @@ async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Ve
             if missing.is_empty() {
                 return Ok(missing);
             }
+            if !take_tag_post().await? {
+                return patch_tags(client, uuid, have, missing).await;
+            }
             client.request(Method::POST, &path, Some(&json!({"tags": missing})), Budget::Contacts).await?;
             metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
             Ok(missing)
         }
         Err(e) => Err(e),
     }
+}
+
+/// Adds tags without a tag post: reads the contact's tags and PATCHes the list back with the
+/// missing ones added (PATCH replaces the list, so the read is kept right before the write; a
+/// tag someone adds between the two is lost, as when Elo removes its own tags).
+async fn add_tags_by_patch(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Vec<String>> {
+    let contact =
+        client.request(Method::GET, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await?;
+    let have = tags_of(&contact);
+    let missing: Vec<String> = tags.into_iter().filter(|t| !have.contains(t)).collect();
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    patch_tags(client, uuid, have, missing).await
+}
+
+async fn patch_tags(
+    client: &RdClient,
+    uuid: &str,
+    have: BTreeSet<String>,
+    missing: Vec<String>,
+) -> Result<Vec<String>> {
+    let list: BTreeSet<&String> = have.iter().chain(&missing).collect();
+    let path = format!("/platform/contacts/uuid:{uuid}");
+    client.request(Method::PATCH, &path, Some(&json!({"tags": list})), Budget::Contacts).await?;
+    metrics::CONTACT_WRITES.with_label_values(&["tag_by_patch"]).inc();
+    Ok(missing)
 }
 
 /// Deletes the contact (erasure); a contact already gone is fine.

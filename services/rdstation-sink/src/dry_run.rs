@@ -70,7 +70,7 @@ pub async fn run(config: &crate::Config) -> anyhow::Result<()> {
         let mut entries = store.entries(partition);
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         // The partition's rules marker is no contact.
-        for (key, state) in entries.into_iter().filter(|(k, _)| k != crate::handler::RULES_MARKER) {
+        for (key, state) in entries.into_iter().filter(|(k, _)| !crate::handler::is_marker(k)) {
             total += 1;
             let diff = changes(&state, &rules, now);
             if !diff.is_empty() {

@@ -18,7 +18,7 @@
 //!    `integration.outcomes`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use elo_events::{CommerceEvent, EventCodec, OutcomeStatus, SourceVersion, SyncOutcome};
@@ -77,6 +77,10 @@ pub struct Sink {
     /// One per partition: a batch and the rules sweep never work on a partition's state at
     /// the same time (either would overwrite the other's aggregates).
     partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each partition's share of RD's daily tag posts ([`crate::tag_posts`]).
+    tag_post_share: AtomicU32,
+    /// Tag posts are counted one at a time (read the partition's ledger, count, save it).
+    tag_posts_lock: tokio::sync::Mutex<()>,
 }
 
 /// Who writes a contact: a batch (never waits for the account budget: the write is deferred)
@@ -101,12 +105,26 @@ pub(crate) struct Deferral {
 /// with a NUL): its state holds only `rules_applied`, no e-mail, so nothing writes it to RD.
 pub const RULES_MARKER: &str = "\u{0}elo:rules-applied";
 
+/// The key of a partition's tag-post ledger in the customers' store (see [`RULES_MARKER`]).
+pub const TAG_POSTS_MARKER: &str = "\u{0}elo:tag-posts";
+
+/// Whether a key of the customers' store is one of the partition's markers, not a customer.
+pub fn is_marker(key: &str) -> bool {
+    key.starts_with('\u{0}')
+}
+
+/// RD counts tag posts per day.
+const TAG_POST_WINDOW_MS: i64 = 86_400_000;
+
 /// Whether a restored partition's contacts need a rules pass: its marker names no rules, or
 /// other rules than those in use (new rules while the partition was elsewhere, or a pass cut
 /// short by a restart or a rebalance).
 pub(crate) fn needs_rules_pass(marker: Option<&CustomerState>, rules: &Rules) -> bool {
     marker.and_then(|m| m.rules_applied) != Some(rules.fingerprint())
 }
+
+/// RD's limit on tag posts per account per day (saas-apis.md §3).
+pub const RD_TAG_POSTS_PER_DAY: u32 = 15_000;
 
 /// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
 #[derive(Clone, Copy, Debug)]
@@ -158,7 +176,56 @@ impl Sink {
             deferred: Mutex::default(),
             contact_backlog: AtomicBool::new(false),
             partition_locks: Mutex::default(),
+            tag_post_share: AtomicU32::new(crate::tag_posts::share(RD_TAG_POSTS_PER_DAY, 1)),
+            tag_posts_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Sets each partition's share of the account's daily tag posts (RD: 15,000), from the
+    /// input topic's partition count.
+    pub fn set_tag_posts_per_day(&self, per_day: u32, partitions: i32) {
+        let share = crate::tag_posts::share(per_day, partitions);
+        tracing::info!(per_day, partitions, share, "tag posts per partition per day");
+        self.tag_post_share.store(share, Ordering::Release);
+    }
+
+    /// Whether the partition's tag posts of the last day leave room for one more.
+    pub(crate) fn tag_posts_left(&self, partition: i32, now_ms: i64) -> bool {
+        let ledger = self.customers.get(partition, TAG_POSTS_MARKER).and_then(|m| m.tag_posts).unwrap_or_default();
+        ledger.left(self.tag_post_share.load(Ordering::Acquire), TAG_POST_WINDOW_MS, now_ms) > 0
+    }
+
+    /// Counts one tag post against the partition's share and saves the ledger before the post
+    /// is sent (a crash after RD took it must not forget it); `Ok(false)`: the share is spent.
+    pub(crate) async fn take_tag_post(&self, partition: i32) -> crate::client::Result<bool> {
+        let _one_at_a_time = self.tag_posts_lock.lock().await;
+        let now = now_ms();
+        let share = self.tag_post_share.load(Ordering::Acquire);
+        let mut marker = self.customers.get(partition, TAG_POSTS_MARKER).unwrap_or_default();
+        let mut ledger = marker.tag_posts.take().unwrap_or_default();
+        let taken = ledger.take(share, TAG_POST_WINDOW_MS, now);
+        if taken {
+            marker.tag_posts = Some(ledger);
+            self.customers
+                .put(partition, TAG_POSTS_MARKER, marker)
+                .await
+                .map_err(|e| crate::client::Error::Transient(format!("tag post ledger write: {e}")))?;
+        }
+        self.report_tag_posts_left(now);
+        Ok(taken)
+    }
+
+    fn report_tag_posts_left(&self, now: i64) {
+        let share = self.tag_post_share.load(Ordering::Acquire);
+        let restored: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
+        let left: u32 = restored
+            .into_iter()
+            .map(|p| {
+                let ledger = self.customers.get(p, TAG_POSTS_MARKER).and_then(|m| m.tag_posts).unwrap_or_default();
+                ledger.left(share, TAG_POST_WINDOW_MS, now)
+            })
+            .sum();
+        metrics::TAG_POSTS_LEFT.set(i64::from(left));
     }
 
     /// Restores the partition's state from the changelogs (blocking; one partition at a time),
@@ -191,6 +258,7 @@ impl Sink {
                     self.rules_pending.lock().expect("rules pending lock").insert(partition);
                 }
                 self.restored.lock().expect("restored lock").insert(partition);
+                self.report_tag_posts_left(now);
                 true
             }
             Err(error) => {

@@ -23,6 +23,7 @@ pub mod events;
 pub mod handler;
 mod metrics;
 pub mod rules;
+pub mod tag_posts;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -107,6 +108,10 @@ pub struct RdArgs {
     /// The per-contact budget's sliding window.
     #[arg(long = "contact-update-window", env = "ELO_RDSTATION_CONTACT_UPDATE_WINDOW", default_value = "86400s", value_parser = elo_service::parse_duration)]
     pub contact_update_window: Duration,
+    /// Tag posts (`POST …/tag`) the account allows per day (RD: 15,000). Each partition of the
+    /// input topic spends an equal share; past it, tags go through a read and a PATCH.
+    #[arg(long = "tag-posts-per-day", env = "ELO_RDSTATION_TAG_POSTS_PER_DAY", default_value_t = handler::RD_TAG_POSTS_PER_DAY)]
+    pub tag_posts_per_day: u32,
     /// Customers of one batch worked at the same time (each customer's events stay in order).
     /// Times ELO_MAX_IN_FLIGHT (batches at once): the most events a crash can make RD receive
     /// twice. 32 × 4 keeps 200 orders/s flowing against 100 ms of RD latency plus the sent-log
@@ -241,6 +246,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.rd.customer_concurrency.max(1),
         config.rd.create_fields,
     ));
+    // The tag-post shares follow the input topic's real partition count (it may differ from
+    // the count the service would create it with).
+    let partitions = {
+        let (producer, topic) = (service.producer.clone(), t.commerce.clone());
+        tokio::task::spawn_blocking(move || producer.partition_count(&topic, Duration::from_secs(10))).await?
+    };
+    match partitions {
+        Ok(Some(n)) => sink.set_tag_posts_per_day(config.rd.tag_posts_per_day, n),
+        // Not knowing, assume the most partitions the service would create: a smaller share.
+        other => {
+            tracing::warn!(result = ?other.map_err(|e| e.to_string()), "cannot read the input topic's partition count");
+            sink.set_tag_posts_per_day(config.rd.tag_posts_per_day, t.partitions.max(1));
+        }
+    }
     // The custom fields are checked before the start-up hold: batches need them for every
     // record, e-commerce events included, which must not wait out the hold (a failed check
     // is retried by the batches, which then do wait). A couple of requests, sent at once.

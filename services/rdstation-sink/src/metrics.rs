@@ -35,7 +35,7 @@ pub(crate) static TOKEN_REFRESHES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub(crate) static CONTACT_WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_contact_writes_total",
-        "Contact writes by operation (upsert, tag, untag, funnel, delete).",
+        "Contact writes by operation (upsert, tag, tag_by_patch, untag, funnel, delete).",
         &["operation"]
     )
     .expect("metric registers once")
@@ -70,6 +70,13 @@ pub(crate) static EVENTS_SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+pub(crate) static TAG_POSTS_LEFT: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "rdstation_sink_tag_posts_left",
+        "Tag posts left in the last 24 h for the partitions this replica owns (their shares of RD's daily limit; past it tags go through a PATCH)."
+    )
+    .expect("metric registers once")
+});
 pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_rule_hits_total",
@@ -81,8 +88,9 @@ pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Registers every metric so `/metrics` lists them from the start.
 pub(crate) fn register_all() {
-    let _ = (&*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED, &*DEFERRED);
-    for op in ["upsert", "tag", "untag", "funnel", "delete"] {
+    let _ =
+        (&*TAG_POSTS_LEFT, &*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED, &*DEFERRED);
+    for op in ["upsert", "tag", "tag_by_patch", "untag", "funnel", "delete"] {
         CONTACT_WRITES.with_label_values(&[op]).inc_by(0);
     }
 }

@@ -20,7 +20,7 @@ use futures::future::maybe_done;
 use elo_events::{OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError};
 
-use super::{Deferral, RULES_MARKER, Sink, Write, kafka_failure, now_ms};
+use super::{Deferral, RULES_MARKER, Sink, Write, is_marker, kafka_failure, now_ms};
 use crate::aggregates::CustomerState;
 use crate::client::RdClient;
 use crate::contacts;
@@ -101,7 +101,7 @@ impl Sink {
         let partitions: Vec<i32> = self.rules_pending.lock().expect("rules pending lock").drain().collect();
         let fingerprint = self.rules().fingerprint();
         let targets = partitions.iter().flat_map(|&p| {
-            self.customers.entries(p).into_iter().filter(|(k, _)| k != RULES_MARKER).map(move |(k, _)| (p, k))
+            self.customers.entries(p).into_iter().filter(|(k, _)| !is_marker(k)).map(move |(k, _)| (p, k))
         });
         let result = self.sweep(Walk::rules_pass(targets, std::time::Instant::now())).await;
         for partition in partitions {
@@ -195,7 +195,8 @@ impl Sink {
             {
                 // Never more than the whole budget: reserved slots are held until used, so
                 // asking for more would wait for ever.
-                for _ in 0..contacts::planned_requests(&peek, &desired).min(client.budget_limit()) {
+                let tag_posts_left = self.tag_posts_left(partition, now);
+                for _ in 0..contacts::planned_requests(&peek, &desired, tag_posts_left).min(client.budget_limit()) {
                     client.reserve().await;
                 }
             }
