@@ -408,3 +408,66 @@ async fn the_days_tag_posts_survive_a_restart_and_past_them_tags_still_land_with
     eprintln!("tag posts: {first_posts} before the restart, {all_posts} in all (the account allows {PER_DAY})");
     assert!(all_posts <= PER_DAY, "{all_posts} tag posts in a day; the account allows {PER_DAY}");
 }
+
+/// The sent-log is bounded: an entry is dropped (a tombstone in its changelog) once its event
+/// is older than the retention, and an event that old, replayed (a backfill, an offset reset),
+/// is not sent again: RD still gets each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_events_is_not_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"everyone\"\nfields = { cf_elo_segment = \"all\" }\n").unwrap();
+    let topic = unique("e2e.rd-retention.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let first = rd_order("retention", 60_000, 0, 0, now());
+    let first_record = (first.customer_key.clone(), codec.encode(&topic, &first).await.unwrap());
+    let producer = producer(&brokers());
+    produce(&producer, &topic, std::slice::from_ref(&first_record)).await;
+
+    let group = unique("e2e.rd-retention.group");
+    let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+    // Pruned every 2 s.
+    command.env("ELO_RDSTATION_SENT_LOG_RETENTION", "8s");
+    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
+    let sent = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        rd.sim.lock().unwrap().events.len() == 1
+    })
+    .await;
+    assert!(sent, "the order's event never reached RD:\n{}", log(dir.path(), "sink"));
+
+    // The entry goes once the event is 8 s old.
+    let sent_log = format!("{topic}.rd-sent");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pruned = loop {
+        let records = tokio::task::block_in_place(|| read_all(&brokers(), &sent_log, 3));
+        assert!(!records.is_empty(), "nothing in the sent-log");
+        if records.iter().any(|r| r.payload().is_none()) {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    assert!(pruned, "the sent-log entry was never pruned:\n{}", log(dir.path(), "sink"));
+
+    // The old event again, then a new order of the same customer (same partition, after it):
+    // once the new order's event is at RD, the replay was handled, and not sent.
+    let second = rd_order("retention", 60_000, 1, 0, now());
+    let second_record = (second.customer_key.clone(), codec.encode(&topic, &second).await.unwrap());
+    produce(&producer, &topic, &[first_record, second_record]).await;
+    let handled = wait_until(Duration::from_secs(60), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        rd.sim.lock().unwrap().events.len() >= 2
+    })
+    .await;
+    assert!(handled, "the new order's event never reached RD:\n{}", log(dir.path(), "sink"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let events = rd.sim.lock().unwrap().events.clone();
+    assert_eq!(events.len(), 2, "RD got an event again after its sent-log entry was pruned: {events:#?}");
+}

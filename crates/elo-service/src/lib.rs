@@ -314,7 +314,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => Ok(Duration::from_millis(n)),
         "s" | "" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {text:?} (use ms, s or m)")),
+        "h" => Ok(Duration::from_secs(n * 3_600)),
+        "d" => Ok(Duration::from_secs(n * 86_400)),
+        _ => Err(format!("invalid duration unit in {text:?} (use ms, s, m, h or d)")),
     }
 }
 
@@ -364,7 +366,9 @@ mod tests {
         assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("5h"), Ok(Duration::from_secs(5 * 3_600)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert!(parse_duration("5w").is_err());
         assert!(parse_duration("abc").is_err());
     }
 }

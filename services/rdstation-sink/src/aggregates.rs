@@ -5,6 +5,12 @@
 //!
 //! Orders are kept by entity id with their latest source version: an older version of an order
 //! never overwrites a newer one, and frequency counts each order once however often it comes.
+//!
+//! The history is bounded: past [`ORDERS_KEPT`] orders, a customer's oldest ones are folded
+//! into [`Settled`] totals (what the aggregates read: count, money, SKUs, stores, the last
+//! purchase), whole timestamps at a time. A folded order is settled: a later event about it
+//! (or a first event about an order created no later than the folded ones) changes nothing,
+//! so a cancellation of an order more than `ORDERS_KEPT` orders back is not reflected.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +21,32 @@ use serde_json::{Map, Value};
 /// Order statuses that do not count as a purchase.
 const NOT_PURCHASES: &[&str] = &["canceled", "cancelled", "closed"];
 const DAY_MS: i64 = 86_400_000;
+
+/// The orders kept one by one per customer; older ones are folded into [`Settled`] totals, so
+/// a customer who orders every day does not grow the state store (and its restore) for ever.
+pub const ORDERS_KEPT: usize = 100;
+
+/// A customer's oldest orders, folded into the totals the aggregates read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Settled {
+    /// Folded orders that count as purchases, and their grand totals (ten-thousandths).
+    pub purchases: u64,
+    pub total: i64,
+    /// The newest folded purchase's `created_at`.
+    pub last_purchase_at: Option<i64>,
+    /// The newest folded order (`created_at`, increment id).
+    pub last_order: Option<(i64, String)>,
+    pub skus: BTreeSet<String>,
+    pub stores: BTreeSet<String>,
+    /// Every order created at or before this was folded (or is kept in `orders`).
+    pub up_to: i64,
+}
+
+impl Settled {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
 
 /// Who the customer is, from the newest event that said so.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +98,9 @@ pub struct Applied {
 pub struct CustomerState {
     pub identity: Identity,
     pub orders: BTreeMap<String, OrderFacts>,
+    /// The orders folded out of `orders` (past [`ORDERS_KEPT`]).
+    #[serde(default, skip_serializing_if = "Settled::is_empty")]
+    pub settled: Settled,
     /// RD contact uuid, once known: an e-mail change then updates the same contact.
     pub contact_uuid: Option<String>,
     pub applied: Applied,
@@ -172,7 +207,11 @@ impl CustomerState {
         }
         if let Some(order) = &event.order {
             let key = order.entity_id.to_string();
-            let newer = self.orders.get(&key).is_none_or(|o| version >= o.version);
+            let settled = !self.settled.is_empty() && order.created_at <= self.settled.up_to;
+            let newer = match self.orders.get(&key) {
+                Some(o) => version >= o.version,
+                None => !settled,
+            };
             if newer {
                 let skus = order
                     .items
@@ -194,29 +233,62 @@ impl CustomerState {
                         version,
                     },
                 );
+                self.fold_oldest(ORDERS_KEPT);
                 changed = true;
             }
         }
         if changed || event.order.is_none() && event.customer.is_none() { Change::Applied } else { Change::Stale }
     }
 
+    /// Folds the oldest orders into `settled` until at most `keep` are left, all the orders of
+    /// a `created_at` together (a timestamp is either settled or not).
+    fn fold_oldest(&mut self, keep: usize) {
+        while self.orders.len() > keep {
+            let Some(oldest) = self.orders.values().map(|o| o.created_at).min() else { return };
+            let folded: Vec<String> =
+                self.orders.iter().filter(|(_, o)| o.created_at == oldest).map(|(k, _)| k.clone()).collect();
+            for key in folded {
+                let Some(order) = self.orders.remove(&key) else { continue };
+                let settled = &mut self.settled;
+                let newest = (order.created_at, order.increment_id.clone());
+                if settled.last_order.as_ref().is_none_or(|last| newest > *last) {
+                    settled.last_order = Some(newest);
+                }
+                settled.up_to = settled.up_to.max(order.created_at);
+                if !NOT_PURCHASES.contains(&order.status.as_str()) {
+                    settled.purchases += 1;
+                    settled.total += order.total;
+                    settled.last_purchase_at = settled.last_purchase_at.max(Some(order.created_at));
+                    settled.skus.extend(order.skus);
+                    settled.stores.extend(order.store);
+                }
+            }
+        }
+    }
+
     /// The aggregates rules are evaluated on, at `now_ms`.
     pub fn aggregate(&self, now_ms: i64) -> Aggregate {
         let purchases: Vec<&OrderFacts> =
             self.orders.values().filter(|o| !NOT_PURCHASES.contains(&o.status.as_str())).collect();
-        let last = purchases.iter().map(|o| o.created_at).max();
-        let last_order = self.orders.values().max_by_key(|o| (o.created_at, o.increment_id.clone()));
+        let settled = &self.settled;
+        let last = purchases.iter().map(|o| o.created_at).max().max(settled.last_purchase_at);
+        let last_order = self
+            .orders
+            .values()
+            .map(|o| (o.created_at, &o.increment_id))
+            .max()
+            .max(settled.last_order.as_ref().map(|(at, id)| (*at, id)));
         Aggregate {
-            frequency: purchases.len() as u64,
-            monetary: purchases.iter().map(|o| o.total).sum::<i64>() as f64 / 10_000.0,
+            frequency: settled.purchases + purchases.len() as u64,
+            monetary: (settled.total + purchases.iter().map(|o| o.total).sum::<i64>()) as f64 / 10_000.0,
             recency_days: last.map(|t| ((now_ms - t).max(0) / DAY_MS) as u64),
-            skus: purchases.iter().flat_map(|o| o.skus.iter().cloned()).collect(),
-            stores: purchases.iter().filter_map(|o| o.store.clone()).collect(),
+            skus: purchases.iter().flat_map(|o| o.skus.iter().cloned()).chain(settled.skus.iter().cloned()).collect(),
+            stores: purchases.iter().filter_map(|o| o.store.clone()).chain(settled.stores.iter().cloned()).collect(),
             region: self.identity.state.clone(),
             country: self.identity.country.clone(),
             consent: if self.identity.consent.is_empty() { "unknown".into() } else { self.identity.consent.clone() },
             guest: self.identity.is_guest,
-            last_order_id: last_order.map(|o| o.increment_id.clone()),
+            last_order_id: last_order.map(|(_, id)| id.clone()),
         }
     }
 }
@@ -290,6 +362,59 @@ mod tests {
         assert_eq!(state.aggregate(0).frequency, 0, "a cancelled order is no purchase");
         assert_eq!(state.apply(&placed), Change::Stale, "the older version does not come back");
         assert_eq!(state.aggregate(0).frequency, 0);
+    }
+
+    /// A customer with far more orders than are kept one by one: the state stays bounded,
+    /// the aggregates are those of every order (computed here from the orders themselves), and
+    /// replaying the whole history changes nothing.
+    #[test]
+    fn a_long_history_is_folded_into_totals_without_changing_the_aggregates() {
+        let first = sample::order_placed(0);
+        let orders: Vec<CommerceEvent> = (0..ORDERS_KEPT as u64 * 3 + 7)
+            .map(|n| {
+                let mut e = sample::order_placed(n);
+                e.customer_key = first.customer_key.clone();
+                e.customer = first.customer.clone();
+                let o = e.order.as_mut().unwrap();
+                // Two orders per second (Magento's resolution), some cancelled.
+                o.created_at = first.order.as_ref().unwrap().created_at + (n as i64 / 2) * 1_000;
+                if n % 5 == 0 {
+                    o.status = "canceled".into();
+                }
+                e.source_version.updated_at = o.created_at;
+                e
+            })
+            .collect();
+        let mut state = CustomerState::default();
+        for e in &orders {
+            assert_eq!(state.apply(e), Change::Applied);
+        }
+        assert!(state.orders.len() <= ORDERS_KEPT, "{} orders kept", state.orders.len());
+        assert!(!state.settled.is_empty());
+
+        let purchases: Vec<&elo_events::Order> =
+            orders.iter().map(|e| e.order.as_ref().unwrap()).filter(|o| o.status != "canceled").collect();
+        let now = purchases.last().unwrap().created_at + 2 * DAY_MS;
+        let agg = state.aggregate(now);
+        assert_eq!(agg.frequency, purchases.len() as u64);
+        let money: i64 = purchases.iter().map(|o| o.totals.grand_total.unscaled()).sum();
+        assert!((agg.monetary - money as f64 / 10_000.0).abs() < 1e-6, "{} vs {money}", agg.monetary);
+        assert_eq!(agg.recency_days, Some(2));
+        let skus: BTreeSet<String> = purchases.iter().flat_map(|o| o.items.iter().map(|i| i.sku.clone())).collect();
+        assert_eq!(agg.skus, skus);
+        let last =
+            orders.iter().map(|e| e.order.as_ref().unwrap()).max_by_key(|o| (o.created_at, o.increment_id.clone()));
+        assert_eq!(agg.last_order_id.as_deref(), Some(last.unwrap().increment_id.as_str()));
+
+        // Replaying every event (a rebalance, a reset) changes nothing, folded orders included.
+        let before = state.clone();
+        for e in &orders {
+            state.apply(e);
+        }
+        assert_eq!(state, before, "a replay of the history changed the state");
+        // The settled totals survive the changelog.
+        let back: CustomerState = serde_json::from_slice(&serde_json::to_vec(&state).unwrap()).unwrap();
+        assert_eq!(back, state);
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct Sink {
     tag_post_share: AtomicU32,
     /// Tag posts are counted one at a time (read the partition's ledger, count, save it).
     tag_posts_lock: tokio::sync::Mutex<()>,
+    /// How long the sent-log remembers an event, from when it occurred; an event older than
+    /// this is not sent at all (so a pruned entry can never let an event through twice).
+    sent_log_retention_ms: std::sync::atomic::AtomicI64,
 }
 
 /// Who writes a contact: a batch (never waits for the account budget: the write is deferred)
@@ -122,6 +125,9 @@ const TAG_POST_WINDOW_MS: i64 = 86_400_000;
 pub(crate) fn needs_rules_pass(marker: Option<&CustomerState>, rules: &Rules) -> bool {
     marker.and_then(|m| m.rules_applied) != Some(rules.fingerprint())
 }
+
+/// The sent-log's default retention (30 days).
+pub const DEFAULT_SENT_LOG_RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// RD's limit on tag posts per account per day (saas-apis.md §3).
 pub const RD_TAG_POSTS_PER_DAY: u32 = 15_000;
@@ -178,7 +184,48 @@ impl Sink {
             partition_locks: Mutex::default(),
             tag_post_share: AtomicU32::new(crate::tag_posts::share(RD_TAG_POSTS_PER_DAY, 1)),
             tag_posts_lock: tokio::sync::Mutex::new(()),
+            sent_log_retention_ms: std::sync::atomic::AtomicI64::new(DEFAULT_SENT_LOG_RETENTION_MS),
         }
+    }
+
+    /// Sets how long the sent-log remembers an event (and so how old an event may be and
+    /// still be sent).
+    pub fn set_sent_log_retention(&self, retention: std::time::Duration) {
+        let ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        self.sent_log_retention_ms.store(ms, Ordering::Release);
+    }
+
+    /// The oldest `occurred_at` an event may have to be sent at `now_ms`, and that a sent-log
+    /// entry may have to be kept.
+    fn sent_log_horizon(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.sent_log_retention_ms.load(Ordering::Acquire))
+    }
+
+    /// Drops the sent-log entries of events older than the retention (tombstones in its
+    /// changelog), partition by partition under the partition's lock. Returns how many.
+    pub async fn prune_sent_log(&self) -> usize {
+        let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
+        let mut pruned = 0;
+        for partition in partitions {
+            let lock = self.partition_lock(partition);
+            let _guard = lock.lock().await;
+            if !self.restored.lock().expect("restored lock").contains(&partition) {
+                continue;
+            }
+            let horizon = self.sent_log_horizon(now_ms());
+            let old = self.sent.entries(partition).into_iter().filter(|(_, s)| s.aged_from_ms() < horizon);
+            for (key, _) in old {
+                match self.sent.remove(partition, &key).await {
+                    Ok(()) => pruned += 1,
+                    Err(error) => {
+                        tracing::warn!(partition, error = %error, "cannot prune the sent-log; will retry");
+                        break;
+                    }
+                }
+            }
+        }
+        metrics::SENT_LOG_PRUNED.inc_by(pruned as u64);
+        pruned
     }
 
     /// Sets each partition's share of the account's daily tag posts (RD: 15,000), from the
@@ -333,6 +380,12 @@ impl Sink {
                 metrics::EVENTS_SKIPPED.with_label_values(&[&rd.event_type]).inc();
                 continue;
             }
+            // Past the sent-log's retention its entry may be gone: sending could repeat it.
+            // (An event that old is no news for RD's automations either.)
+            if event.occurred_at < self.sent_log_horizon(now_ms()) {
+                metrics::EVENTS_TOO_OLD.with_label_values(&[&rd.event_type]).inc();
+                continue;
+            }
             let answer = self
                 .client
                 .request(Method::POST, "/platform/events", Some(&rd.body), Budget::None)
@@ -345,6 +398,7 @@ impl Sink {
                 source_event_id: event.event_id.clone(),
                 rd_event_uuid: answer.get("event_uuid").and_then(|v| v.as_str()).map(str::to_owned),
                 sent_at_ms: now_ms(),
+                occurred_at_ms: Some(event.occurred_at),
             };
             let (log, id) = (&self.sent, rd.id);
             *pending = Some(Box::pin(async move {

@@ -127,6 +127,12 @@ pub struct RdArgs {
     /// Compacted changelog of the per-customer state (aggregates, contact mapping).
     #[arg(long = "state-topic", env = "ELO_RDSTATION_STATE_TOPIC", default_value = "rdstation-sink.customers")]
     pub state_topic: String,
+    /// How long the sent-log remembers an event RD acknowledged, from when the event
+    /// occurred. Events older than this are not sent at all (a replay of older history cannot
+    /// repeat them); keep it at least as long as you may replay `commerce.events` and expect
+    /// RD to get what it missed.
+    #[arg(long = "sent-log-retention", env = "ELO_RDSTATION_SENT_LOG_RETENTION", default_value = "30d", value_parser = elo_service::parse_duration)]
+    pub sent_log_retention: Duration,
     /// Compacted changelog of the events RD acknowledged (the sent-log).
     #[arg(long = "sent-log-topic", env = "ELO_RDSTATION_SENT_LOG_TOPIC", default_value = "rdstation-sink.sent-events")]
     pub sent_log_topic: String,
@@ -246,6 +252,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.rd.customer_concurrency.max(1),
         config.rd.create_fields,
     ));
+    sink.set_sent_log_retention(config.rd.sent_log_retention);
     // The tag-post shares follow the input topic's real partition count (it may differ from
     // the count the service would create it with).
     let partitions = {
@@ -268,6 +275,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     client.hold_budget(config.rd.start_hold);
     let reload_every = config.rd.rules_reload_interval;
+    let pruning = tokio::spawn(prune_sent_log(sink.clone(), config.rd.sent_log_retention, service.shutdown.clone()));
     let maintenance = tokio::spawn(maintain(
         config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
         if reload_every.is_zero() { Duration::from_secs(10) } else { reload_every },
@@ -290,8 +298,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await;
     service.shutdown.cancel();
     let _ = maintenance.await;
+    let _ = pruning.await;
     service.finish().await;
     result.map_err(Into::into)
+}
+
+/// Prunes the sent-log of events past the retention, every quarter of it (at most hourly).
+async fn prune_sent_log(sink: Arc<Sink>, retention: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3_600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let pruned = tokio::select! {
+            n = sink.prune_sent_log() => n,
+            _ = shutdown.cancelled() => return,
+        };
+        if pruned > 0 {
+            tracing::info!(pruned, "sent-log entries past the retention dropped");
+        }
+    }
 }
 
 /// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules

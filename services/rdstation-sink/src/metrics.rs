@@ -77,6 +77,21 @@ pub(crate) static TAG_POSTS_LEFT: LazyLock<IntGauge> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+pub(crate) static EVENTS_TOO_OLD: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "rdstation_sink_events_too_old_total",
+        "Events not sent because they occurred before the sent-log's retention (ELO_RDSTATION_SENT_LOG_RETENTION), by type.",
+        &["event_type"]
+    )
+    .expect("metric registers once")
+});
+pub(crate) static SENT_LOG_PRUNED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "rdstation_sink_sent_log_pruned_total",
+        "Sent-log entries dropped because their events are older than the retention."
+    )
+    .expect("metric registers once")
+});
 pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_rule_hits_total",
