@@ -485,3 +485,35 @@ async fn erasing_a_customer_whose_contact_was_never_written_deletes_it_by_email(
     contacts::erase(&client, &CustomerState::default()).await.unwrap();
     assert_eq!(rd.counters.snapshot(), before);
 }
+
+/// Each hop of a redirect would be a request RD counts and the budget did not: the client
+/// does not follow them. A 3xx (a wrong base URL) waits for an operator (class `auth`: the
+/// records are held, never dead-lettered) and nothing reaches the redirect's target.
+#[tokio::test]
+async fn a_redirect_is_not_followed_outside_the_budget_and_holds_records_for_an_operator() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let proxy = counting_proxy(&url).await;
+    let refresh = rd_refresh_token(&rd, &proxy.url).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let moved = format!("http://{}", listener.local_addr().unwrap());
+    let target = proxy.url.clone();
+    let router = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let to = format!("{target}{}", uri.path());
+        async move { axum::response::Redirect::temporary(&to) }
+    });
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let client = RdClient::new(RdSettings {
+        base_url: moved,
+        client_id: "elo-rd-client".into(),
+        client_secret: "elo-rd-secret".into(),
+        refresh_token: Some(refresh),
+        sandbox_control: None,
+        contacts_per_minute: NonZeroU32::new(6000).unwrap(),
+        request_timeout: Duration::from_secs(5),
+    })
+    .unwrap();
+    let before = proxy.calls();
+    let error = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Auth, "{error}");
+    assert_eq!(proxy.calls(), before, "the redirect was followed: {:?}", proxy.log());
+}

@@ -104,6 +104,10 @@ pub struct HttpClientConfig {
     pub max_concurrency: usize,
     /// Requests started per second (bursts of up to one second's worth); `None` = unlimited.
     pub rate_per_second: Option<NonZeroU32>,
+    /// Follow 3xx redirects (reqwest's default, up to 10). Off for a downstream whose requests
+    /// are counted against a budget: each hop is another request the API counts, and a 3xx is
+    /// then returned as [`Error::Status`] for the caller to classify.
+    pub follow_redirects: bool,
 }
 
 impl HttpClientConfig {
@@ -118,6 +122,7 @@ impl HttpClientConfig {
             max_backoff: Duration::from_secs(30),
             max_concurrency: 8,
             rate_per_second: None,
+            follow_redirects: true,
         }
     }
 }
@@ -156,7 +161,13 @@ pub struct HttpClient {
 impl HttpClient {
     /// Builds the client.
     pub fn new(config: HttpClientConfig) -> Result<Self, Error> {
+        let redirects = if config.follow_redirects {
+            reqwest::redirect::Policy::default()
+        } else {
+            reqwest::redirect::Policy::none()
+        };
         let client = reqwest::Client::builder()
+            .redirect(redirects)
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
             .user_agent(concat!("elo/", env!("CARGO_PKG_VERSION")))

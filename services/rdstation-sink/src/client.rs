@@ -224,6 +224,9 @@ impl RdClient {
         config.max_concurrency = max_concurrency.max(1) + 4;
         config.request_timeout = settings.request_timeout;
         config.max_attempts = 1;
+        // A redirect would be a request the budget did not count (RD's API does not redirect:
+        // a 3xx means a wrong base URL, an operator's problem, see `classify`).
+        config.follow_redirects = false;
         let http = HttpClient::new(config).map_err(|e| Error::Setup(e.to_string()))?;
         let budget = AccountBudget::new(settings.contacts_per_minute.get() as usize, BUDGET_WINDOW);
         metrics::BUDGET_LIMIT.set(i64::from(settings.contacts_per_minute.get()));
@@ -501,6 +504,9 @@ fn classify(error: &elo_http_client::Error) -> Error {
         401 | 403 => Error::Auth { code },
         429 => Error::RateLimited { retry_after: error.retry_after() },
         408 => Error::Transient("request timeout".into()),
+        // Not followed (each hop would be a request outside the budget): a wrong base URL,
+        // which waits for an operator like bad credentials, never a record refused.
+        300..=399 => Error::Auth { code: format!("redirected_{}", status.as_u16()) },
         s if s >= 500 => Error::Transient(format!("HTTP {s}")),
         s => Error::Refused { status: s, code, message },
     }

@@ -23,6 +23,7 @@ impl Sink {
         now: i64,
         key: String,
         records: Vec<(usize, CommerceEvent)>,
+        erasing: &crate::client::RdClient,
     ) -> CustomerDone {
         let indices = records.iter().map(|(i, _)| *i).collect();
         let mut out =
@@ -40,7 +41,7 @@ impl Sink {
                 }
                 // Anything pending for this key is moot: the person is gone.
                 touched = None;
-                if let Err(error) = self.erase(partition, &out.key, event.occurred_at).await {
+                if let Err(error) = self.erase(erasing, partition, &out.key, event.occurred_at).await {
                     out.failures.push((i, error));
                     return out;
                 }
@@ -110,9 +111,6 @@ impl Sink {
         if let Err(error) = self.ensure_fields().await {
             return vec![Err(error); batch.len()];
         }
-        let lock = self.partition_lock(partition);
-        let _guard = lock.lock().await;
-        let now = now_ms();
         let mut results: Vec<Result<(), HandlerError>> = vec![Ok(()); batch.len()];
         // Records grouped by customer, in offset order within each; a retriable decode failure
         // stops the batch there (the runtime retries from it).
@@ -138,11 +136,23 @@ impl Sink {
                 }
             }
         }
+        // The erasures' requests are reserved before the partition's lock, as the sweep does:
+        // waiting for the budget under the lock would hold the sweep (and its reservations)
+        // back, and with a small budget neither would ever go on.
+        let erasing = self.client.reserving();
+        let erasures =
+            groups.iter().flat_map(|(_, r)| r).filter(|(_, e)| e.event_type == CommerceEventType::CustomerErased);
+        for _ in 0..(erasures.count() as u32).min(self.client.budget_limit()) {
+            erasing.reserve().await;
+        }
+        let lock = self.partition_lock(partition);
+        let _guard = lock.lock().await;
+        let now = now_ms();
         // Customers in parallel (bounded), each in order: RD sees every customer's events in
         // the order they happened, and at most `customer_concurrency` requests of this
         // partition are in flight (the most a crash can make RD see twice).
         let customers: Vec<CustomerDone> = futures::stream::iter(groups)
-            .map(|(key, records)| self.handle_customer(partition, now, key, records))
+            .map(|(key, records)| self.handle_customer(partition, now, key, records, &erasing))
             .buffer_unordered(self.customer_concurrency.max(1))
             .collect()
             .await;

@@ -145,9 +145,17 @@ impl Sink {
 
     /// Deletes the contact and replaces the customer's state with an erasure floor (not a
     /// tombstone: an older event arriving later would otherwise recreate the contact).
-    pub(super) async fn erase(&self, partition: i32, key: &str, erased_at_ms: i64) -> Result<(), HandlerError> {
+    /// `client` holds the budget reserved for it before the partition's lock (past that it
+    /// takes only a slot free at once, else the erasure is retried).
+    pub(super) async fn erase(
+        &self,
+        client: &crate::client::RdClient,
+        partition: i32,
+        key: &str,
+        erased_at_ms: i64,
+    ) -> Result<(), HandlerError> {
         let state = self.customers.get(partition, key).unwrap_or_default();
-        contacts::erase(&self.client, &state).await.map_err(|e| e.to_handler_error())?;
+        contacts::erase(client, &state).await.map_err(|e| e.to_handler_error())?;
         self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
         let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
         self.customers.put(partition, key, floor).await.map_err(|e| kafka_failure("state", &e))

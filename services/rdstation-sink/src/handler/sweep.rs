@@ -238,6 +238,7 @@ impl Sink {
                 crate::metrics::DEFERRED.inc();
                 if let Err(failure) = self.customers.put(partition, &key, state).await {
                     tracing::warn!(partition, key, error = %failure, "cannot mark the contact deferred");
+                    self.unsaved_deferral(partition);
                 }
             }
             let mut deferred = self.deferred.lock().expect("deferred lock");
@@ -267,12 +268,21 @@ impl Sink {
                     state.deferred = true;
                     if let Err(failure) = self.customers.put(partition, &key, state).await {
                         tracing::warn!(partition, key, error = %failure, "cannot mark the contact deferred");
+                        self.unsaved_deferral(partition);
                     }
                 }
                 self.deferred.lock().expect("deferred lock").insert((partition, key), Deferral { due_ms, failures });
                 Some(false)
             }
         }
+    }
+
+    /// A contact's deferred flag could not be saved: after a restart nothing would say its
+    /// write is still due, so the partition's rules marker must not say it is done either.
+    /// The partition gets another rules pass (which the marker is written after); contacts
+    /// already as the rules want cost nothing in it.
+    fn unsaved_deferral(&self, partition: i32) {
+        self.rules_pending.lock().expect("rules pending lock").insert(partition);
     }
 
     /// The outcome of a contact RD refused during a sweep (no record to dead-letter: the
