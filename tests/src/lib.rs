@@ -543,6 +543,10 @@ pub fn rdstation_sink(dir: &Path, topic: &str, group: &str, rd_url: &str, rules:
         .env("ELO_RDSTATION_CONTACTS_PER_MINUTE", "30000")
         // Each test's RD account is fresh: no previous process spent its budget.
         .env("ELO_RDSTATION_START_HOLD", "0s")
+        // Orders from `elo_events::sample` are dated from 2026-11-01 and the e2e's history
+        // spans 120 days: all of it is to reach RD, whatever the day the tests run (the
+        // retention itself is tested with its own setting).
+        .env("ELO_RDSTATION_SENT_LOG_RETENTION", "3650d")
         .env("ELO_DRAIN_TIMEOUT", "10s")
         // A killed member's session ends quickly (Tansu 0.6 strands the partitions of a member
         // killed while another is active: restart after its session timed out).

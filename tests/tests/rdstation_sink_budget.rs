@@ -409,9 +409,10 @@ async fn the_days_tag_posts_survive_a_restart_and_past_them_tags_still_land_with
     assert!(all_posts <= PER_DAY, "{all_posts} tag posts in a day; the account allows {PER_DAY}");
 }
 
-/// The sent-log is bounded: an entry is dropped (a tombstone in its changelog) once its event
-/// is older than the retention, and an event that old, replayed (a backfill, an offset reset),
-/// is not sent again: RD still gets each event once.
+/// The sent-log is bounded: an entry is dropped (a tombstone in its changelog) once its order
+/// is older than the retention, and an order that old gets no event again: not from a replay
+/// (a backfill, an offset reset), nor from a new version (a status change months later calls
+/// for ORDER_PLACED again, whose entry is gone). RD still gets each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_events_is_not_resent() {
     let dir = tempfile::tempdir().unwrap();
@@ -430,7 +431,7 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
 
     let group = unique("e2e.rd-retention.group");
     let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
-    // Pruned every 2 s.
+    // Pruned every 2 s, once the order is 8.8 s old (the retention and its margin).
     command.env("ELO_RDSTATION_SENT_LOG_RETENTION", "8s");
     let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
     let sent = wait_until(Duration::from_secs(90), || {
@@ -456,11 +457,18 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
     };
     assert!(pruned, "the sent-log entry was never pruned:\n{}", log(dir.path(), "sink"));
 
-    // The old event again, then a new order of the same customer (same partition, after it):
-    // once the new order's event is at RD, the replay was handled, and not sent.
+    // The old event again, a new version of its order (paid now: it calls for ORDER_PLACED and
+    // ORDER_PAID), then a new order of the same customer (same partition, after them): once
+    // the new order's event is at RD, the others were handled, and nothing of theirs sent.
+    let mut paid = first.clone();
+    paid.source_version.updated_at = now();
+    paid.occurred_at = paid.source_version.updated_at;
+    paid.order.as_mut().unwrap().status = "processing".into();
+    paid.event_id = elo_events::ids::event_id(&["rd-retention", "paid"]);
+    let paid_record = (paid.customer_key.clone(), codec.encode(&topic, &paid).await.unwrap());
     let second = rd_order("retention", 60_000, 1, 0, now());
     let second_record = (second.customer_key.clone(), codec.encode(&topic, &second).await.unwrap());
-    produce(&producer, &topic, &[first_record, second_record]).await;
+    produce(&producer, &topic, &[first_record, paid_record, second_record]).await;
     let handled = wait_until(Duration::from_secs(60), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         rd.sim.lock().unwrap().events.len() >= 2

@@ -4,7 +4,11 @@
 //! contact, coalescing, and the custom fields created at startup.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use elo_integration_tests::proxy::{CountingProxy, counting_proxy, max_in_window};
 use elo_integration_tests::{rd_refresh_token, serve_rdstation};
@@ -223,10 +227,9 @@ async fn a_contact_write_that_failed_after_it_was_sent_still_counts() {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(&state, &aggregate, &Rules::default().evaluate(&aggregate));
     let batch = client.without_waiting();
-    let error =
-        contacts::sync(&batch, &mut state, &desired, &|_| Box::pin(async { Ok(()) }), &|| Box::pin(async { Ok(true) }))
-            .await
-            .unwrap_err();
+    let error = contacts::sync(&batch, &mut state, &desired, &|_| Box::pin(async { Ok(()) }), &TestTagPosts::new(true))
+        .await
+        .unwrap_err();
     assert_eq!(error.class(), ErrorClass::Transient, "{error}");
     assert_eq!(proxy.log().iter().filter(|c| c.method == "PATCH").count(), 1);
     assert_eq!(batch.writes_sent(), 1, "the failed PATCH counts: RD may have applied it");
@@ -241,30 +244,58 @@ fn rules() -> Rules {
 }
 
 async fn sync(client: &RdClient, state: &mut CustomerState, rules: &Rules) -> usize {
-    sync_with_tag_posts(client, state, rules, true).await
+    sync_with_tag_posts(client, state, rules, &TestTagPosts::new(true)).await.unwrap()
 }
 
-/// A sync whose partition has tag posts left (`tag_posts_left`) or has spent its daily share.
+/// A partition's tag posts for a test: posts left or none, and what was taken and given back.
+struct TestTagPosts {
+    left: bool,
+    taken: AtomicU32,
+    given_back: AtomicU32,
+}
+
+impl TestTagPosts {
+    fn new(left: bool) -> Self {
+        Self { left, taken: AtomicU32::new(0), given_back: AtomicU32::new(0) }
+    }
+}
+
+impl contacts::TagPosts for TestTagPosts {
+    fn left(&self) -> bool {
+        self.left
+    }
+
+    fn take(&self) -> BoxFuture<'_, rdstation_sink::client::Result<bool>> {
+        if self.left {
+            self.taken.fetch_add(1, SeqCst);
+        }
+        Box::pin(async move { Ok(self.left) })
+    }
+
+    fn give_back(&self) -> BoxFuture<'_, rdstation_sink::client::Result<()>> {
+        self.given_back.fetch_add(1, SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
 async fn sync_with_tag_posts(
     client: &RdClient,
     state: &mut CustomerState,
     rules: &Rules,
-    tag_posts_left: bool,
-) -> usize {
+    tag_posts: &TestTagPosts,
+) -> rdstation_sink::client::Result<usize> {
     let aggregate = state.aggregate(rdstation_sink_now());
     let desired = contacts::desired(state, &aggregate, &rules.evaluate(&aggregate));
-    let persist =
-        |_| -> futures::future::BoxFuture<'_, rdstation_sink::client::Result<()>> { Box::pin(async { Ok(()) }) };
-    contacts::sync(client, state, &desired, &persist, &move || Box::pin(async move { Ok(tag_posts_left) }))
-        .await
-        .unwrap()
+    let persist = |_| -> BoxFuture<'_, rdstation_sink::client::Result<()>> { Box::pin(async { Ok(()) }) };
+    contacts::sync(client, state, &desired, &persist, tag_posts).await
 }
 
 /// Past the partition's daily share of tag posts (RD: 15,000 per account per day), tags still
-/// land, through a read and a PATCH of the whole list: no tag post reaches RD, and the tags
-/// others set survive.
+/// land, through a read and one PATCH carrying fields and tags (RD allows 24 PATCHes per contact
+/// a day: a sync never sends two). A contact whose uuid Elo does not know yet is upserted
+/// first and its tags wait for the next sync. No tag post reaches RD; others' tags survive.
 #[tokio::test]
-async fn with_the_days_tag_posts_spent_tags_land_through_a_patch_and_outside_tags_survive() {
+async fn with_the_days_tag_posts_spent_tags_land_through_one_patch_per_sync_and_outside_tags_survive() {
     let (rd, url) = serve_rdstation(RdConfig { tags_per_account_per_day: 0, ..RdConfig::default() }).await;
     let proxy = counting_proxy(&url).await;
     let client = client(&rd, &proxy.url, 6000).await;
@@ -279,15 +310,26 @@ async fn with_the_days_tag_posts_spent_tags_land_through_a_patch_and_outside_tag
         )
         .await
         .unwrap();
+    let spent = TestTagPosts::new(false);
     let mut state = CustomerState::default();
     state.apply(&elo_events::sample::order_placed(1));
-    assert_eq!(sync_with_tag_posts(&client, &mut state, &rules, false).await, 3, "upsert, tags by PATCH, funnel");
+    let patches = || proxy.log().iter().filter(|c| c.method == "PATCH").count();
+    // Unknown to Elo: upserted, and its tags wait (deferred) rather than a second PATCH.
+    let first = sync_with_tag_posts(&client, &mut state, &rules, &spent).await;
+    assert!(matches!(first, Err(Error::BudgetSpent)), "{first:?}");
+    assert_eq!(patches(), 1);
+    assert!(state.contact_uuid.is_some());
+    // The next sync: one read, one PATCH with fields and tags, the funnel.
+    assert_eq!(sync_with_tag_posts(&client, &mut state, &rules, &spent).await.unwrap(), 2, "tags by PATCH, funnel");
+    assert_eq!(patches(), 2, "one PATCH per sync: {:?}", proxy.log());
     let c = contact(&rd, "customer1@example.com").unwrap();
     assert_eq!(tags(&c), ["black-friday", "buyer"]);
+    assert_eq!(c["cf_elo_segment"], "buyer");
     assert!(state.applied.owned_tags.contains("buyer"), "the tag Elo added is Elo's");
     assert!(!state.applied.owned_tags.contains("black-friday"));
 
-    // A second order: a new tag, and someone else's tag added meanwhile survives.
+    // A second order: a new tag and a new field value in one PATCH; someone else's tag added
+    // meanwhile survives.
     let uuid = state.contact_uuid.clone().unwrap();
     rd.sim.lock().unwrap().contacts.get_mut(&uuid).unwrap().fields["tags"] =
         json!(["black-friday", "buyer", "vip-manual"]);
@@ -295,12 +337,38 @@ async fn with_the_days_tag_posts_spent_tags_land_through_a_patch_and_outside_tag
     second.customer = elo_events::sample::order_placed(1).customer;
     second.customer_key = elo_events::sample::order_placed(1).customer_key;
     state.apply(&second);
-    sync_with_tag_posts(&client, &mut state, &rules, false).await;
+    sync_with_tag_posts(&client, &mut state, &rules, &spent).await.unwrap();
+    assert_eq!(patches(), 3, "one PATCH per sync: {:?}", proxy.log());
     let c = contact(&rd, "customer1@example.com").unwrap();
     assert_eq!(tags(&c), ["black-friday", "buyer", "repeat", "vip-manual"]);
+    assert_eq!(c["cf_elo_order_count"], 2);
     let calls = proxy.log();
     assert!(calls.iter().all(|c| !c.path.ends_with("/tag")), "a tag post reached RD: {calls:?}");
     assert!(calls.iter().all(|c| c.status != 429), "{calls:?}");
+}
+
+/// A tag post counted against the share and then never sent (no budget slot: the account's
+/// budget was spent meanwhile) is given back, or a backlog would burn the day's share in
+/// minutes without one post reaching RD.
+#[tokio::test]
+async fn a_tag_post_that_never_left_is_given_back_to_the_share() {
+    let (rd, proxy, client) = proxied(2, 10_000, 8).await;
+    let rules = rules();
+    // The custom fields, set up through a client of its own (its own budget).
+    let setup = self::client(&rd, &proxy.url, 6000).await;
+    contacts::ensure_fields(&setup, &contacts::needed_fields(&rules), true).await.unwrap();
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    let posts = TestTagPosts::new(true);
+    // A request spends one slot of 2, the upsert the other; the tag post finds none (a batch
+    // under a backlog never waits).
+    let batch = client.only_if_free();
+    batch.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    let result = sync_with_tag_posts(&batch, &mut state, &rules, &posts).await;
+    assert!(matches!(result, Err(Error::BudgetSpent)), "{result:?}");
+    assert_eq!(posts.taken.load(SeqCst), 1, "{:?}", proxy.log());
+    assert_eq!(posts.given_back.load(SeqCst), 1, "the unsent post was kept");
+    assert!(proxy.log().iter().all(|c| !c.path.ends_with("/tag")));
 }
 
 fn rdstation_sink_now() -> i64 {
@@ -497,10 +565,29 @@ async fn a_redirect_is_not_followed_outside_the_budget_and_holds_records_for_an_
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let moved = format!("http://{}", listener.local_addr().unwrap());
     let target = proxy.url.clone();
-    let router = axum::Router::new().fallback(move |uri: axum::http::Uri| {
-        let to = format!("{target}{}", uri.path());
-        async move { axum::response::Redirect::temporary(&to) }
-    });
+    // The token endpoint is passed through (the client gets its token), the API redirected.
+    let token_url = format!("{}/auth/token", proxy.url);
+    let router = axum::Router::new()
+        .route(
+            "/auth/token",
+            axum::routing::post(move |body: String| {
+                let token_url = token_url.clone();
+                async move {
+                    let answer = reqwest::Client::new()
+                        .post(&token_url)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await
+                        .unwrap();
+                    (axum::http::StatusCode::from_u16(answer.status().as_u16()).unwrap(), answer.text().await.unwrap())
+                }
+            }),
+        )
+        .fallback(move |uri: axum::http::Uri| {
+            let to = format!("{target}{}", uri.path());
+            async move { axum::response::Redirect::temporary(&to) }
+        });
     tokio::spawn(async move { axum::serve(listener, router).await });
     let client = RdClient::new(RdSettings {
         base_url: moved,
@@ -514,6 +601,7 @@ async fn a_redirect_is_not_followed_outside_the_budget_and_holds_records_for_an_
     .unwrap();
     let before = proxy.calls();
     let error = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap_err();
+    assert!(matches!(&error, Error::Auth { code } if code == "redirected_307"), "{error:?}");
     assert_eq!(error.class(), ErrorClass::Auth, "{error}");
     assert_eq!(proxy.calls(), before, "the redirect was followed: {:?}", proxy.log());
 }

@@ -334,12 +334,7 @@ async fn contacts_segments_and_events_land_exactly_through_a_kill_and_a_restart(
     // Tansu then strands the partitions, see tansu_known_issues.rs).
     let start = || {
         let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
-        // The history spans 120 days, all of it to reach RD: the sent-log keeps a year (by
-        // default events older than its 30 days are not sent).
-        command
-            .env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "12000")
-            .env("ELO_RDSTATION_CUSTOMER_CONCURRENCY", "8")
-            .env("ELO_RDSTATION_SENT_LOG_RETENTION", "365d");
+        command.env("ELO_RDKAFKA_SESSION_TIMEOUT_MS", "12000").env("ELO_RDSTATION_CUSTOMER_CONCURRENCY", "8");
         ChildGuard::spawn("rdstation-sink", &mut command)
     };
     let mut sink = start();

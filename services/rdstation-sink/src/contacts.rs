@@ -11,8 +11,10 @@
 //!   way RD allows: read the contact's list and PATCH it back without that tag (one GET and
 //!   the PATCH the fields need anyway). Tags Elo did not add are never removed.
 //! - Tag posts have their own account-wide daily limit (15,000): each partition spends its
-//!   share ([`crate::tag_posts`]); past it, tags are added by reading the contact's list and
-//!   PATCHing it back with Elo's tags added (two contact requests instead of one post).
+//!   share ([`crate::tag_posts`]); past it, tags are added like removed ones: read the
+//!   contact's list and PATCH it back, fields and tags in one PATCH (RD allows 24 PATCHes per
+//!   contact a day, so a sync never sends two). A contact Elo does not know yet is first
+//!   upserted; its tags then wait for the next sync (deferred), which knows its uuid.
 //! - The lifecycle stage goes through the default funnel.
 //! - Nothing is written when the contact already holds what the sink last wrote (coalescing:
 //!   a customer whose orders do not change their segment costs no contact request).
@@ -106,28 +108,40 @@ pub fn tags_to_remove(state: &CustomerState, desired: &Desired) -> BTreeSet<Stri
 }
 
 /// How many contact requests bringing the contact to `desired` takes (at most; 0: none).
-/// Without `tag_posts_left` (the partition's daily share of tag posts is spent) adding tags
-/// takes a read and a PATCH instead of one post.
+/// Without `tag_posts_left` (the partition's daily share of tag posts is spent) tags are added
+/// by the read and PATCH that removing them takes.
 pub fn planned_requests(state: &CustomerState, desired: &Desired, tag_posts_left: bool) -> u32 {
-    let removing = state.contact_uuid.is_some() && !tags_to_remove(state, desired).is_empty();
+    let adding = !desired.tags.is_subset(&state.applied.tags);
     let mut n = 0;
-    if removing {
+    if by_patch(state, desired, tag_posts_left) {
         n += 2;
     } else {
         n += u32::from(state.contact_uuid.is_none() || desired.fields != state.applied.fields);
-        if !desired.tags.is_subset(&state.applied.tags) {
-            n += if tag_posts_left { 1 } else { 2 };
-        }
+        n += u32::from(adding && tag_posts_left);
     }
     n + u32::from(desired.stage.as_ref().is_some_and(|s| state.applied.stage.as_ref() != Some(s)))
+}
+
+/// Whether the contact's tags go through a read and one PATCH (fields and tags together):
+/// Elo removes one of its tags, or adds tags with no tag posts left. Only for a contact whose
+/// uuid Elo knows.
+fn by_patch(state: &CustomerState, desired: &Desired, tag_posts_left: bool) -> bool {
+    let adding = !desired.tags.is_subset(&state.applied.tags);
+    state.contact_uuid.is_some() && (!tags_to_remove(state, desired).is_empty() || adding && !tag_posts_left)
 }
 
 /// Writes a customer's state (to the state store), for [`sync`].
 pub type Persist<'a> = &'a (dyn Fn(CustomerState) -> BoxFuture<'a, Result<()>> + Send + Sync);
 
-/// Takes one tag post from the partition's daily share, recorded before the post is sent
-/// ([`crate::tag_posts`]); `Ok(false)`: the share is spent, tags go through a PATCH.
-pub type TakeTagPost<'a> = &'a (dyn Fn() -> BoxFuture<'a, Result<bool>> + Send + Sync);
+/// The partition's daily share of tag posts ([`crate::tag_posts`]), for [`sync`].
+pub trait TagPosts: Send + Sync {
+    /// Whether the share has room for a post now.
+    fn left(&self) -> bool;
+    /// Counts one post against the share (saved before the post is sent); `Ok(false)`: spent.
+    fn take(&self) -> BoxFuture<'_, Result<bool>>;
+    /// Gives back a post taken and never sent (no budget slot, no token).
+    fn give_back(&self) -> BoxFuture<'_, Result<()>>;
+}
 
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
 /// step (a failure half-way leaves the state saying what did land). Returns the number of
@@ -142,7 +156,7 @@ pub async fn sync(
     state: &mut CustomerState,
     desired: &Desired,
     persist: Persist<'_>,
-    take_tag_post: TakeTagPost<'_>,
+    tag_posts: &dyn TagPosts,
 ) -> Result<usize> {
     let mut writes = 0;
     let mut current_tags: Option<BTreeSet<String>> = None;
@@ -151,7 +165,8 @@ pub async fn sync(
         state.applied.owned_tags.clear();
     }
     let remove = tags_to_remove(state, desired);
-    if let Some(uuid) = state.contact_uuid.clone().filter(|_| !remove.is_empty()) {
+    let tag_posts_left = tag_posts.left();
+    if let Some(uuid) = state.contact_uuid.clone().filter(|_| by_patch(state, desired, tag_posts_left)) {
         let path = format!("/platform/contacts/uuid:{uuid}");
         match client.request(Method::GET, &path, None, Budget::Contacts).await {
             Ok(contact) => {
@@ -166,7 +181,8 @@ pub async fn sync(
                 let contact =
                     client.request(Method::PATCH, &path, Some(&Value::Object(body)), Budget::Contacts).await?;
                 metrics::CONTACT_WRITES.with_label_values(&["upsert"]).inc();
-                metrics::CONTACT_WRITES.with_label_values(&["untag"]).inc();
+                let kind = if remove.is_empty() { "tag_by_patch" } else { "untag" };
+                metrics::CONTACT_WRITES.with_label_values(&[kind]).inc();
                 writes += 1;
                 state.applied.fields = desired.fields.clone();
                 let owned = &mut state.applied.owned_tags;
@@ -194,10 +210,15 @@ pub async fn sync(
     let known = current_tags.as_ref().unwrap_or(&state.applied.tags);
     let missing: Vec<String> = desired.tags.iter().filter(|t| !known.contains(*t)).cloned().collect();
     if !missing.is_empty() {
+        if !tag_posts_left {
+            // Just upserted (its uuid was unknown): a second PATCH would be two in one sync.
+            // The next sync reads and PATCHes its tags.
+            return Err(Error::BudgetSpent);
+        }
         let owned_before = state.applied.owned_tags.clone();
         state.applied.owned_tags.extend(missing.iter().cloned());
         persist(state.clone()).await?;
-        let added = add_tags(client, &uuid, missing.clone(), take_tag_post).await?;
+        let added = add_tags(client, &uuid, missing.clone(), tag_posts).await?;
         if !added.is_empty() {
             writes += 1;
         }
@@ -247,24 +268,14 @@ async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<Strin
 }
 
 /// Appends tags with a tag post; if RD says one is there already (someone added it since we
-/// looked), reads the contact and appends only what is still missing. Past the partition's
-/// daily share of tag posts, the tags go through [`add_tags_by_patch`]. Returns the tags Elo
-/// added.
-async fn add_tags(
-    client: &RdClient,
-    uuid: &str,
-    tags: Vec<String>,
-    take_tag_post: TakeTagPost<'_>,
-) -> Result<Vec<String>> {
-    if !take_tag_post().await? {
-        return add_tags_by_patch(client, uuid, tags).await;
-    }
+/// looked), reads the contact and appends only what is still missing. Each post is counted
+/// against the partition's daily share first; with the share spent (another contact took the
+/// last one since the sync began) the contact waits for its next sync (`BudgetSpent`: deferred),
+/// which PATCHes the tags. Returns the tags Elo added.
+async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>, tag_posts: &dyn TagPosts) -> Result<Vec<String>> {
     let path = format!("/platform/contacts/uuid:{uuid}/tag");
-    match client.request(Method::POST, &path, Some(&json!({"tags": tags})), Budget::Contacts).await {
-        Ok(_) => {
-            metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
-            Ok(tags)
-        }
+    match post_tags(client, &path, &tags, tag_posts).await {
+        Ok(()) => Ok(tags),
         Err(Error::Refused { code, .. }) if code == "VALUES_MUST_BE_UNIQUE" => {
             let contact =
                 client.request(Method::GET, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await?;
@@ -273,42 +284,34 @@ async fn add_tags(
             if missing.is_empty() {
                 return Ok(missing);
             }
-            if !take_tag_post().await? {
-                return patch_tags(client, uuid, have, missing).await;
-            }
-            client.request(Method::POST, &path, Some(&json!({"tags": missing})), Budget::Contacts).await?;
-            metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
+            post_tags(client, &path, &missing, tag_posts).await?;
             Ok(missing)
         }
         Err(e) => Err(e),
     }
 }
 
-/// Adds tags without a tag post: reads the contact's tags and PATCHes the list back with the
-/// missing ones added (PATCH replaces the list, so the read is kept right before the write; a
-/// tag someone adds between the two is lost, as when Elo removes its own tags).
-async fn add_tags_by_patch(client: &RdClient, uuid: &str, tags: Vec<String>) -> Result<Vec<String>> {
-    let contact =
-        client.request(Method::GET, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await?;
-    let have = tags_of(&contact);
-    let missing: Vec<String> = tags.into_iter().filter(|t| !have.contains(t)).collect();
-    if missing.is_empty() {
-        return Ok(missing);
+/// One tag post, counted against the share before it is sent, and given back when it never
+/// left (no budget slot, no access token).
+async fn post_tags(client: &RdClient, path: &str, tags: &[String], tag_posts: &dyn TagPosts) -> Result<()> {
+    if !tag_posts.take().await? {
+        return Err(Error::BudgetSpent);
     }
-    patch_tags(client, uuid, have, missing).await
-}
-
-async fn patch_tags(
-    client: &RdClient,
-    uuid: &str,
-    have: BTreeSet<String>,
-    missing: Vec<String>,
-) -> Result<Vec<String>> {
-    let list: BTreeSet<&String> = have.iter().chain(&missing).collect();
-    let path = format!("/platform/contacts/uuid:{uuid}");
-    client.request(Method::PATCH, &path, Some(&json!({"tags": list})), Budget::Contacts).await?;
-    metrics::CONTACT_WRITES.with_label_values(&["tag_by_patch"]).inc();
-    Ok(missing)
+    let sent_before = client.writes_sent();
+    match client.request(Method::POST, path, Some(&json!({"tags": tags})), Budget::Contacts).await {
+        Ok(_) => {
+            metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
+            Ok(())
+        }
+        Err(error) => {
+            if client.writes_sent() == sent_before
+                && let Err(failure) = tag_posts.give_back().await
+            {
+                tracing::warn!(error = %failure, "cannot give back a tag post that was never sent");
+            }
+            Err(error)
+        }
+    }
 }
 
 /// Deletes the contact (erasure); a contact already gone is fine.

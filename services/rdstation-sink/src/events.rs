@@ -85,17 +85,17 @@ pub struct Sent {
     pub source_event_id: String,
     pub rd_event_uuid: Option<String>,
     pub sent_at_ms: i64,
-    /// The source event's `occurred_at`: the entry is pruned once that is older than the
-    /// sent-log's retention, the same test that stops such an event from being sent at all.
+    /// The order's `created_at` (it never changes, whatever version of the order comes
+    /// later): the entry ages from it, and an order older than the retention gets no event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub occurred_at_ms: Option<i64>,
+    pub order_created_at_ms: Option<i64>,
 }
 
 impl Sent {
-    /// When the entry ages out of the sent-log (entries written before `occurred_at_ms`
-    /// existed age from when they were sent, which is never before the event occurred).
+    /// When the entry ages out of the sent-log (entries written before `order_created_at_ms`
+    /// existed age from when they were sent, which is never before the order was created).
     pub fn aged_from_ms(&self) -> i64 {
-        self.occurred_at_ms.unwrap_or(self.sent_at_ms)
+        self.order_created_at_ms.unwrap_or(self.sent_at_ms)
     }
 }
 

@@ -79,11 +79,35 @@ pub struct Sink {
     partition_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
     /// Each partition's share of RD's daily tag posts ([`crate::tag_posts`]).
     tag_post_share: AtomicU32,
-    /// Tag posts are counted one at a time (read the partition's ledger, count, save it).
-    tag_posts_lock: tokio::sync::Mutex<()>,
+    /// A partition's tag posts are counted one at a time (read its ledger, count, save it).
+    tag_post_locks: Mutex<HashMap<i32, Arc<tokio::sync::Mutex<()>>>>,
+    /// Reservations are collected by one task at a time (the sweep's for a contact, a batch's
+    /// for its erasures): two collecting a slot at a time, each holding what it has, could
+    /// hold the whole budget between them and wait for ever.
+    reserving: tokio::sync::Mutex<()>,
     /// How long the sent-log remembers an event, from when it occurred; an event older than
     /// this is not sent at all (so a pruned entry can never let an event through twice).
     sent_log_retention_ms: std::sync::atomic::AtomicI64,
+}
+
+/// A partition's share of RD's daily tag posts, as [`contacts::sync`] spends it.
+pub(crate) struct PartitionTagPosts<'a> {
+    pub sink: &'a Sink,
+    pub partition: i32,
+}
+
+impl contacts::TagPosts for PartitionTagPosts<'_> {
+    fn left(&self) -> bool {
+        self.sink.tag_posts_left(self.partition, now_ms())
+    }
+
+    fn take(&self) -> futures::future::BoxFuture<'_, crate::client::Result<bool>> {
+        Box::pin(self.sink.take_tag_post(self.partition))
+    }
+
+    fn give_back(&self) -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
+        Box::pin(self.sink.give_back_tag_post(self.partition))
+    }
 }
 
 /// Who writes a contact: a batch (never waits for the account budget: the write is deferred)
@@ -126,8 +150,8 @@ pub(crate) fn needs_rules_pass(marker: Option<&CustomerState>, rules: &Rules) ->
     marker.and_then(|m| m.rules_applied) != Some(rules.fingerprint())
 }
 
-/// The sent-log's default retention (30 days).
-pub const DEFAULT_SENT_LOG_RETENTION_MS: i64 = 30 * 86_400_000;
+/// The sent-log's default retention (90 days).
+pub const DEFAULT_SENT_LOG_RETENTION_MS: i64 = 90 * 86_400_000;
 
 /// RD's limit on tag posts per account per day (saas-apis.md §3).
 pub const RD_TAG_POSTS_PER_DAY: u32 = 15_000;
@@ -182,8 +206,10 @@ impl Sink {
             deferred: Mutex::default(),
             contact_backlog: AtomicBool::new(false),
             partition_locks: Mutex::default(),
-            tag_post_share: AtomicU32::new(crate::tag_posts::share(RD_TAG_POSTS_PER_DAY, 1)),
-            tag_posts_lock: tokio::sync::Mutex::new(()),
+            // No tag posts (tags by PATCH) until the input topic's partitions are known.
+            tag_post_share: AtomicU32::new(0),
+            tag_post_locks: Mutex::default(),
+            reserving: tokio::sync::Mutex::new(()),
             sent_log_retention_ms: std::sync::atomic::AtomicI64::new(DEFAULT_SENT_LOG_RETENTION_MS),
         }
     }
@@ -195,32 +221,50 @@ impl Sink {
         self.sent_log_retention_ms.store(ms, Ordering::Release);
     }
 
-    /// The oldest `occurred_at` an event may have to be sent at `now_ms`, and that a sent-log
-    /// entry may have to be kept.
+    /// The oldest order (by `created_at`) that may get an RD event at `now_ms`.
     fn sent_log_horizon(&self, now_ms: i64) -> i64 {
         now_ms.saturating_sub(self.sent_log_retention_ms.load(Ordering::Acquire))
     }
 
-    /// Drops the sent-log entries of events older than the retention (tombstones in its
-    /// changelog), partition by partition under the partition's lock. Returns how many.
+    /// Entries of orders created before this are pruned: the horizon less a margin (a tenth
+    /// of the retention, at most a day), so a replica whose clock runs behind the pruning
+    /// one's, or a Magento clock ahead of the sink's for entries aged from when they were
+    /// sent, never finds an order young enough to send whose entry is gone.
+    fn prune_horizon(&self, now_ms: i64) -> i64 {
+        let retention = self.sent_log_retention_ms.load(Ordering::Acquire);
+        let margin = (retention / 10).min(86_400_000);
+        now_ms.saturating_sub(retention.saturating_add(margin))
+    }
+
+    /// Drops the sent-log entries of orders older than the retention (tombstones in its
+    /// changelog), partition by partition, a chunk at a time under the partition's lock (the
+    /// lock is let go between chunks: batches are not held up by a long prune). Returns how
+    /// many.
     pub async fn prune_sent_log(&self) -> usize {
+        const CHUNK: usize = 512;
         let partitions: Vec<i32> = self.restored.lock().expect("restored lock").iter().copied().collect();
         let mut pruned = 0;
         for partition in partitions {
-            let lock = self.partition_lock(partition);
-            let _guard = lock.lock().await;
-            if !self.restored.lock().expect("restored lock").contains(&partition) {
-                continue;
-            }
-            let horizon = self.sent_log_horizon(now_ms());
-            let old = self.sent.entries(partition).into_iter().filter(|(_, s)| s.aged_from_ms() < horizon);
-            for (key, _) in old {
-                match self.sent.remove(partition, &key).await {
-                    Ok(()) => pruned += 1,
-                    Err(error) => {
-                        tracing::warn!(partition, error = %error, "cannot prune the sent-log; will retry");
-                        break;
-                    }
+            let horizon = self.prune_horizon(now_ms());
+            let old: Vec<String> = self
+                .sent
+                .entries(partition)
+                .into_iter()
+                .filter(|(_, s)| s.aged_from_ms() < horizon)
+                .map(|(k, _)| k)
+                .collect();
+            for chunk in old.chunks(CHUNK) {
+                let lock = self.partition_lock(partition);
+                let _guard = lock.lock().await;
+                if !self.restored.lock().expect("restored lock").contains(&partition) {
+                    break;
+                }
+                let removals = chunk.iter().map(|key| self.sent.remove(partition, key));
+                let results = futures::future::join_all(removals).await;
+                pruned += results.iter().filter(|r| r.is_ok()).count();
+                if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
+                    tracing::warn!(partition, error = %error, "cannot prune the sent-log; will retry");
+                    break;
                 }
             }
         }
@@ -232,8 +276,9 @@ impl Sink {
     /// input topic's partition count.
     pub fn set_tag_posts_per_day(&self, per_day: u32, partitions: i32) {
         let share = crate::tag_posts::share(per_day, partitions);
-        tracing::info!(per_day, partitions, share, "tag posts per partition per day");
-        self.tag_post_share.store(share, Ordering::Release);
+        if self.tag_post_share.swap(share, Ordering::AcqRel) != share {
+            tracing::info!(per_day, partitions, share, "tag posts per partition per day");
+        }
     }
 
     /// Whether the partition's tag posts of the last day leave room for one more.
@@ -245,13 +290,33 @@ impl Sink {
     /// Counts one tag post against the partition's share and saves the ledger before the post
     /// is sent (a crash after RD took it must not forget it); `Ok(false)`: the share is spent.
     pub(crate) async fn take_tag_post(&self, partition: i32) -> crate::client::Result<bool> {
-        let _one_at_a_time = self.tag_posts_lock.lock().await;
-        let now = now_ms();
         let share = self.tag_post_share.load(Ordering::Acquire);
+        self.update_tag_posts(partition, |ledger, now| ledger.take(share, TAG_POST_WINDOW_MS, now)).await
+    }
+
+    /// Gives back a tag post taken and never sent.
+    pub(crate) async fn give_back_tag_post(&self, partition: i32) -> crate::client::Result<()> {
+        self.update_tag_posts(partition, |ledger, _| {
+            ledger.give_back();
+            true
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Changes the partition's ledger under its lock and saves it when `change` says so.
+    async fn update_tag_posts(
+        &self,
+        partition: i32,
+        change: impl FnOnce(&mut crate::tag_posts::TagPostLedger, i64) -> bool,
+    ) -> crate::client::Result<bool> {
+        let lock = self.tag_post_locks.lock().expect("tag post locks").entry(partition).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
+        let now = now_ms();
         let mut marker = self.customers.get(partition, TAG_POSTS_MARKER).unwrap_or_default();
         let mut ledger = marker.tag_posts.take().unwrap_or_default();
-        let taken = ledger.take(share, TAG_POST_WINDOW_MS, now);
-        if taken {
+        let changed = change(&mut ledger, now);
+        if changed {
             marker.tag_posts = Some(ledger);
             self.customers
                 .put(partition, TAG_POSTS_MARKER, marker)
@@ -259,7 +324,7 @@ impl Sink {
                 .map_err(|e| crate::client::Error::Transient(format!("tag post ledger write: {e}")))?;
         }
         self.report_tag_posts_left(now);
-        Ok(taken)
+        Ok(changed)
     }
 
     fn report_tag_posts_left(&self, now: i64) {
@@ -380,9 +445,11 @@ impl Sink {
                 metrics::EVENTS_SKIPPED.with_label_values(&[&rd.event_type]).inc();
                 continue;
             }
-            // Past the sent-log's retention its entry may be gone: sending could repeat it.
-            // (An event that old is no news for RD's automations either.)
-            if event.occurred_at < self.sent_log_horizon(now_ms()) {
+            // An order older than the sent-log's retention may have lost its entries: sending
+            // could repeat them (every version of an order calls for ORDER_PLACED again). Its
+            // later events (a refund months on) are no news for RD's automations either.
+            let created_at = event.order.as_ref().map_or(event.occurred_at, |o| o.created_at);
+            if created_at < self.sent_log_horizon(now_ms()) {
                 metrics::EVENTS_TOO_OLD.with_label_values(&[&rd.event_type]).inc();
                 continue;
             }
@@ -398,7 +465,7 @@ impl Sink {
                 source_event_id: event.event_id.clone(),
                 rd_event_uuid: answer.get("event_uuid").and_then(|v| v.as_str()).map(str::to_owned),
                 sent_at_ms: now_ms(),
-                occurred_at_ms: Some(event.occurred_at),
+                order_created_at_ms: Some(created_at),
             };
             let (log, id) = (&self.sent, rd.id);
             *pending = Some(Box::pin(async move {

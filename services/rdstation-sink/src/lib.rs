@@ -127,11 +127,10 @@ pub struct RdArgs {
     /// Compacted changelog of the per-customer state (aggregates, contact mapping).
     #[arg(long = "state-topic", env = "ELO_RDSTATION_STATE_TOPIC", default_value = "rdstation-sink.customers")]
     pub state_topic: String,
-    /// How long the sent-log remembers an event RD acknowledged, from when the event
-    /// occurred. Events older than this are not sent at all (a replay of older history cannot
-    /// repeat them); keep it at least as long as you may replay `commerce.events` and expect
-    /// RD to get what it missed.
-    #[arg(long = "sent-log-retention", env = "ELO_RDSTATION_SENT_LOG_RETENTION", default_value = "30d", value_parser = elo_service::parse_duration)]
+    /// How long the sent-log remembers the events of an order, from the order's creation.
+    /// Orders older than this get no RD event at all (neither a replay of older history nor a
+    /// late change of an old order can repeat one whose entry is gone).
+    #[arg(long = "sent-log-retention", env = "ELO_RDSTATION_SENT_LOG_RETENTION", default_value = "90d", value_parser = elo_service::parse_duration)]
     pub sent_log_retention: Duration,
     /// Compacted changelog of the events RD acknowledged (the sent-log).
     #[arg(long = "sent-log-topic", env = "ELO_RDSTATION_SENT_LOG_TOPIC", default_value = "rdstation-sink.sent-events")]
@@ -254,19 +253,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     sink.set_sent_log_retention(config.rd.sent_log_retention);
     // The tag-post shares follow the input topic's real partition count (it may differ from
-    // the count the service would create it with).
-    let partitions = {
-        let (producer, topic) = (service.producer.clone(), t.commerce.clone());
-        tokio::task::spawn_blocking(move || producer.partition_count(&topic, Duration::from_secs(10))).await?
-    };
-    match partitions {
-        Ok(Some(n)) => sink.set_tag_posts_per_day(config.rd.tag_posts_per_day, n),
-        // Not knowing, assume the most partitions the service would create: a smaller share.
-        other => {
-            tracing::warn!(result = ?other.map_err(|e| e.to_string()), "cannot read the input topic's partition count");
-            sink.set_tag_posts_per_day(config.rd.tag_posts_per_day, t.partitions.max(1));
-        }
-    }
+    // the count the service would create it with, and partitions may be added later: read
+    // again with every prune tick). Not knowing it, no share: tags go by PATCH meanwhile.
+    refresh_tag_post_shares(&sink, &service.producer, &t.commerce, config.rd.tag_posts_per_day).await;
     // The custom fields are checked before the start-up hold: batches need them for every
     // record, e-commerce events included, which must not wait out the hold (a failed check
     // is retried by the batches, which then do wait). A couple of requests, sent at once.
@@ -275,7 +264,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     client.hold_budget(config.rd.start_hold);
     let reload_every = config.rd.rules_reload_interval;
-    let pruning = tokio::spawn(prune_sent_log(sink.clone(), config.rd.sent_log_retention, service.shutdown.clone()));
+    let pruning = tokio::spawn(prune_sent_log(
+        sink.clone(),
+        config.rd.sent_log_retention,
+        (service.producer.clone(), t.commerce.clone(), config.rd.tag_posts_per_day),
+        service.shutdown.clone(),
+    ));
     let maintenance = tokio::spawn(maintain(
         config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
         if reload_every.is_zero() { Duration::from_secs(10) } else { reload_every },
@@ -303,14 +297,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     result.map_err(Into::into)
 }
 
-/// Prunes the sent-log of events past the retention, every quarter of it (at most hourly).
-async fn prune_sent_log(sink: Arc<Sink>, retention: Duration, shutdown: tokio_util::sync::CancellationToken) {
-    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3_600));
+/// Reads the input topic's partition count and sets each partition's tag-post share from it;
+/// share 0 (tags by PATCH) when the count cannot be read.
+async fn refresh_tag_post_shares(sink: &Sink, producer: &elo_kafka::Producer, topic: &str, per_day: u32) {
+    let partitions = {
+        let (producer, topic) = (producer.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || producer.partition_count(&topic, Duration::from_secs(10))).await
+    };
+    match partitions {
+        Ok(Ok(Some(n))) => sink.set_tag_posts_per_day(per_day, n),
+        other => {
+            let reason = match other {
+                Ok(Ok(_)) => "the topic is not listed".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(
+                topic,
+                reason,
+                "cannot read the input topic's partition count; no tag posts until it is known"
+            );
+            sink.set_tag_posts_per_day(0, 1);
+        }
+    }
+}
+
+/// Prunes the sent-log of orders past the retention, every quarter of it (at most every 10
+/// minutes), and re-reads the tag-post shares.
+async fn prune_sent_log(
+    sink: Arc<Sink>,
+    retention: Duration,
+    (producer, topic, tag_posts_per_day): (elo_kafka::Producer, String, u32),
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
+        refresh_tag_post_shares(&sink, &producer, &topic, tag_posts_per_day).await;
         let pruned = tokio::select! {
             n = sink.prune_sent_log() => n,
             _ = shutdown.cancelled() => return,

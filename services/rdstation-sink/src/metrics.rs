@@ -80,7 +80,7 @@ pub(crate) static TAG_POSTS_LEFT: LazyLock<IntGauge> = LazyLock::new(|| {
 pub(crate) static EVENTS_TOO_OLD: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "rdstation_sink_events_too_old_total",
-        "Events not sent because they occurred before the sent-log's retention (ELO_RDSTATION_SENT_LOG_RETENTION), by type.",
+        "Events not sent because their order was created before the sent-log's retention (ELO_RDSTATION_SENT_LOG_RETENTION), by type.",
         &["event_type"]
     )
     .expect("metric registers once")

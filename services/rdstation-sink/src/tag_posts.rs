@@ -49,6 +49,16 @@ impl TagPostLedger {
         *self.hours.entry(now_ms.div_euclid(HOUR_MS)).or_default() += 1;
         true
     }
+
+    /// Gives back the latest post taken (it was never sent).
+    pub fn give_back(&mut self) {
+        if let Some(mut newest) = self.hours.last_entry() {
+            *newest.get_mut() = newest.get().saturating_sub(1);
+            if *newest.get() == 0 {
+                newest.remove();
+            }
+        }
+    }
 }
 
 /// The first hour bucket that still has a moment inside the window ending at `now_ms`.
@@ -87,6 +97,18 @@ mod tests {
         // Old hours are dropped: the ledger stays a day's worth of buckets.
         assert!(ledger.hours.len() <= 25, "{:?}", ledger.hours);
         assert!(!ledger.hours.contains_key(&(start / HOUR_MS)));
+    }
+
+    #[test]
+    fn a_post_given_back_is_free_again() {
+        let mut ledger = TagPostLedger::default();
+        assert!(ledger.take(1, DAY_MS, 5 * DAY_MS));
+        assert!(!ledger.take(1, DAY_MS, 5 * DAY_MS + 1));
+        ledger.give_back();
+        assert_eq!(ledger.left(1, DAY_MS, 5 * DAY_MS + 2), 1);
+        assert!(ledger.hours.is_empty());
+        ledger.give_back();
+        assert!(ledger.hours.is_empty(), "nothing to give back");
     }
 
     #[test]

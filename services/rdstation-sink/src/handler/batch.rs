@@ -142,8 +142,12 @@ impl Sink {
         let erasing = self.client.reserving();
         let erasures =
             groups.iter().flat_map(|(_, r)| r).filter(|(_, e)| e.event_type == CommerceEventType::CustomerErased);
-        for _ in 0..(erasures.count() as u32).min(self.client.budget_limit()) {
-            erasing.reserve().await;
+        let erasures = (erasures.count() as u32).min(self.client.budget_limit());
+        if erasures > 0 {
+            let _one_collector = self.reserving.lock().await;
+            for _ in 0..erasures {
+                erasing.reserve().await;
+            }
         }
         let lock = self.partition_lock(partition);
         let _guard = lock.lock().await;

@@ -89,10 +89,8 @@ impl Sink {
             })
         };
         let sent_before = client.writes_sent();
-        let take_tag_post = || -> futures::future::BoxFuture<'_, crate::client::Result<bool>> {
-            Box::pin(self.take_tag_post(partition))
-        };
-        let result = contacts::sync(&client, &mut state, &desired, &persist, &take_tag_post).await;
+        let tag_posts = super::PartitionTagPosts { sink: self, partition };
+        let result = contacts::sync(&client, &mut state, &desired, &persist, &tag_posts).await;
         // RD counts a write when it receives it: after the sync, not at the batch's start (a
         // batch under load can take seconds, and an early stamp frees the cap early).
         let written_at = now.max(super::now_ms());

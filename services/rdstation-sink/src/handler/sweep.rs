@@ -196,7 +196,9 @@ impl Sink {
                 // Never more than the whole budget: reserved slots are held until used, so
                 // asking for more would wait for ever.
                 let tag_posts_left = self.tag_posts_left(partition, now);
-                for _ in 0..contacts::planned_requests(&peek, &desired, tag_posts_left).min(client.budget_limit()) {
+                let planned = contacts::planned_requests(&peek, &desired, tag_posts_left).min(client.budget_limit());
+                let _one_collector = self.reserving.lock().await;
+                for _ in 0..planned {
                     client.reserve().await;
                 }
             }
