@@ -412,7 +412,8 @@ async fn the_days_tag_posts_survive_a_restart_and_past_them_tags_still_land_with
 /// The sent-log is bounded: an entry is dropped (a tombstone in its changelog) once its order
 /// is older than the retention, and an order that old gets no event again: not from a replay
 /// (a backfill, an offset reset), nor from a new version (a status change months later calls
-/// for ORDER_PLACED again, whose entry is gone). RD still gets each event once.
+/// for ORDER_PLACED again, whose entry is gone), and not after the retention is raised (the
+/// partition remembers how far it pruned). RD still gets each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_events_is_not_resent() {
     let dir = tempfile::tempdir().unwrap();
@@ -424,16 +425,19 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
     create_topics(&brokers(), &[(&topic, 3)]).await;
     let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let group = unique("e2e.rd-retention.group");
+    let sink_with = |retention: &str| {
+        let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
+        command.env("ELO_RDSTATION_SENT_LOG_RETENTION", retention);
+        ChildGuard::spawn("rdstation-sink", &mut command)
+    };
+    // Pruned every 5 s, once the order is 22 s old (the retention and its margin); the order is
+    // produced once the sink runs, so it is sent well within its 20 s.
+    let mut sink = sink_with("20s");
     let first = rd_order("retention", 60_000, 0, 0, now());
     let first_record = (first.customer_key.clone(), codec.encode(&topic, &first).await.unwrap());
     let producer = producer(&brokers());
     produce(&producer, &topic, std::slice::from_ref(&first_record)).await;
-
-    let group = unique("e2e.rd-retention.group");
-    let mut command = rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink");
-    // Pruned every 2 s, once the order is 8.8 s old (the retention and its margin).
-    command.env("ELO_RDSTATION_SENT_LOG_RETENTION", "8s");
-    let mut sink = ChildGuard::spawn("rdstation-sink", &mut command);
     let sent = wait_until(Duration::from_secs(90), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         rd.sim.lock().unwrap().events.len() == 1
@@ -441,9 +445,8 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
     .await;
     assert!(sent, "the order's event never reached RD:\n{}", log(dir.path(), "sink"));
 
-    // The entry goes once the event is 8 s old.
     let sent_log = format!("{topic}.rd-sent");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let pruned = loop {
         let records = tokio::task::block_in_place(|| read_all(&brokers(), &sent_log, 3));
         assert!(!records.is_empty(), "nothing in the sent-log");
@@ -457,6 +460,10 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
     };
     assert!(pruned, "the sent-log entry was never pruned:\n{}", log(dir.path(), "sink"));
 
+    // The retention raised to ten years, on a new process.
+    sink.signal("TERM");
+    assert!(sink.wait_timeout(Duration::from_secs(30)).is_some(), "the sink did not stop");
+    let mut sink = sink_with("3650d");
     // The old event again, a new version of its order (paid now: it calls for ORDER_PLACED and
     // ORDER_PAID), then a new order of the same customer (same partition, after them): once
     // the new order's event is at RD, the others were handled, and nothing of theirs sent.
@@ -469,7 +476,7 @@ async fn sent_log_entries_past_the_retention_are_pruned_and_a_replay_of_their_ev
     let second = rd_order("retention", 60_000, 1, 0, now());
     let second_record = (second.customer_key.clone(), codec.encode(&topic, &second).await.unwrap());
     produce(&producer, &topic, &[first_record, paid_record, second_record]).await;
-    let handled = wait_until(Duration::from_secs(60), || {
+    let handled = wait_until(Duration::from_secs(90), || {
         assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
         rd.sim.lock().unwrap().events.len() >= 2
     })

@@ -265,14 +265,15 @@ impl contacts::TagPosts for TestTagPosts {
         self.left
     }
 
-    fn take(&self) -> BoxFuture<'_, rdstation_sink::client::Result<bool>> {
+    fn take(&self) -> BoxFuture<'_, rdstation_sink::client::Result<Option<i64>>> {
         if self.left {
             self.taken.fetch_add(1, SeqCst);
         }
-        Box::pin(async move { Ok(self.left) })
+        Box::pin(async move { Ok(self.left.then_some(7)) })
     }
 
-    fn give_back(&self) -> BoxFuture<'_, rdstation_sink::client::Result<()>> {
+    fn give_back(&self, hour: i64) -> BoxFuture<'_, rdstation_sink::client::Result<()>> {
+        assert_eq!(hour, 7, "given back to another hour than the post's");
         self.given_back.fetch_add(1, SeqCst);
         Box::pin(async { Ok(()) })
     }
@@ -293,7 +294,8 @@ async fn sync_with_tag_posts(
 /// Past the partition's daily share of tag posts (RD: 15,000 per account per day), tags still
 /// land, through a read and one PATCH carrying fields and tags (RD allows 24 PATCHes per contact
 /// a day: a sync never sends two). A contact whose uuid Elo does not know yet is upserted
-/// first and its tags wait for the next sync. No tag post reaches RD; others' tags survive.
+/// first (its stage too) and its tags wait for the next sync. No tag post reaches RD; others'
+/// tags survive.
 #[tokio::test]
 async fn with_the_days_tag_posts_spent_tags_land_through_one_patch_per_sync_and_outside_tags_survive() {
     let (rd, url) = serve_rdstation(RdConfig { tags_per_account_per_day: 0, ..RdConfig::default() }).await;
@@ -314,13 +316,16 @@ async fn with_the_days_tag_posts_spent_tags_land_through_one_patch_per_sync_and_
     let mut state = CustomerState::default();
     state.apply(&elo_events::sample::order_placed(1));
     let patches = || proxy.log().iter().filter(|c| c.method == "PATCH").count();
-    // Unknown to Elo: upserted, and its tags wait (deferred) rather than a second PATCH.
+    // Unknown to Elo: upserted with its stage, and its tags wait (deferred, not as a spent
+    // account budget) rather than a second PATCH.
     let first = sync_with_tag_posts(&client, &mut state, &rules, &spent).await;
-    assert!(matches!(first, Err(Error::BudgetSpent)), "{first:?}");
+    assert!(matches!(first, Err(Error::Deferred(_))), "{first:?}");
     assert_eq!(patches(), 1);
     assert!(state.contact_uuid.is_some());
-    // The next sync: one read, one PATCH with fields and tags, the funnel.
-    assert_eq!(sync_with_tag_posts(&client, &mut state, &rules, &spent).await.unwrap(), 2, "tags by PATCH, funnel");
+    assert_eq!(contact(&rd, "customer1@example.com").unwrap()["funnel"]["lifecycle_stage"], "Qualified Lead");
+    assert!(state.applied.tags.is_empty(), "the tags are not recorded as applied before they land");
+    // The next sync: one read and one PATCH with fields and tags.
+    assert_eq!(sync_with_tag_posts(&client, &mut state, &rules, &spent).await.unwrap(), 1, "tags by PATCH");
     assert_eq!(patches(), 2, "one PATCH per sync: {:?}", proxy.log());
     let c = contact(&rd, "customer1@example.com").unwrap();
     assert_eq!(tags(&c), ["black-friday", "buyer"]);
@@ -369,6 +374,53 @@ async fn a_tag_post_that_never_left_is_given_back_to_the_share() {
     assert_eq!(posts.taken.load(SeqCst), 1, "{:?}", proxy.log());
     assert_eq!(posts.given_back.load(SeqCst), 1, "the unsent post was kept");
     assert!(proxy.log().iter().all(|c| !c.path.ends_with("/tag")));
+    // Not sent: the contact holds no tag because of Elo, so none is Elo's to remove later.
+    assert!(state.applied.owned_tags.is_empty(), "{:?}", state.applied.owned_tags);
+}
+
+/// RD refuses a tag post when the contact holds one of the tags already (someone added it
+/// since Elo looked: a marketer, an automation). Nothing more is sent in that sync (no read,
+/// no second post outside what the sweep reserved); the tag is not recorded as Elo's, and the
+/// next sync reads the contact and PATCHes the rest. A later rule change that drops the tag
+/// leaves it on the contact: it was never Elo's.
+#[tokio::test]
+async fn a_tag_the_contact_already_holds_is_not_taken_for_elos_and_the_next_sync_patches_the_rest() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let proxy = counting_proxy(&url).await;
+    let client = client(&rd, &proxy.url, 6000).await;
+    contacts::ensure_fields(&client, &contacts::needed_fields(&rules()), true).await.unwrap();
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    let posts = TestTagPosts::new(true);
+    // Elo writes the contact with a rule's field and no tag first, so it knows the uuid; then
+    // the rule also tags (a rules reload: the fields do not change, so no upsert shows the tags).
+    let untagged = Rules::parse("[[rule]]\nname = \"buyer\"\nfields = { cf_elo_segment = \"buyer\" }\n", "v1").unwrap();
+    let rules = Rules::parse(
+        "[[rule]]\nname = \"buyer\"\ntags = [\"buyer\", \"elo\"]\nfields = { cf_elo_segment = \"buyer\" }\n",
+        "v2",
+    )
+    .unwrap();
+    sync_with_tag_posts(&client, &mut state, &untagged, &posts).await.unwrap();
+    let uuid = state.contact_uuid.clone().unwrap();
+    // An automation tags it "buyer" behind Elo's back.
+    rd.sim.lock().unwrap().contacts.get_mut(&uuid).unwrap().fields.insert("tags".into(), json!(["buyer"]));
+    let before = proxy.log().len();
+    let result = sync_with_tag_posts(&client, &mut state, &rules, &posts).await;
+    assert!(matches!(result, Err(Error::Deferred(_))), "{result:?}");
+    let calls: Vec<String> = proxy.log()[before..].iter().map(|c| format!("{} {}", c.method, c.path)).collect();
+    assert_eq!(calls.iter().filter(|c| c.ends_with("/tag")).count(), 1, "one tag post: {calls:?}");
+    assert!(!calls.iter().any(|c| c.starts_with("GET")), "no read outside the sweep's reservation: {calls:?}");
+    assert!(!state.applied.owned_tags.contains("buyer"), "someone else's tag taken for Elo's");
+    // The next sync reads and PATCHes: no tag post again.
+    sync_with_tag_posts(&client, &mut state, &rules, &posts).await.unwrap();
+    assert_eq!(posts.taken.load(SeqCst), 1, "a second tag post was sent");
+    assert!(!state.tags_unknown);
+    let c = contact(&rd, "customer1@example.com").unwrap();
+    assert_eq!(tags(&c), ["buyer", "elo"]);
+    assert!(state.applied.owned_tags.contains("elo") && !state.applied.owned_tags.contains("buyer"));
+    // Rules without the tags: Elo's goes, the automation's stays.
+    sync_with_tag_posts(&client, &mut state, &untagged, &posts).await.unwrap();
+    assert_eq!(tags(&contact(&rd, "customer1@example.com").unwrap()), ["buyer"]);
 }
 
 fn rdstation_sink_now() -> i64 {

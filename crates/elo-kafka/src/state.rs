@@ -113,6 +113,17 @@ impl<V: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> StateStore
             .unwrap_or_default()
     }
 
+    /// The keys of `partition` whose value matches `keep` (no value is cloned: for sweeps over
+    /// large stores, e.g. pruning).
+    pub fn keys_where(&self, partition: i32, keep: impl Fn(&V) -> bool) -> Vec<String> {
+        self.partitions
+            .read()
+            .expect("state lock")
+            .get(&partition)
+            .map(|m| m.iter().filter(|(_, v)| keep(v)).map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `partition` is restored here (and not released since).
     pub fn holds(&self, partition: i32) -> bool {
         self.partitions.read().expect("state lock").contains_key(&partition)

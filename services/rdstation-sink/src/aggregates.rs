@@ -130,6 +130,14 @@ pub struct CustomerState {
     /// the partition, so a pass cut short by a restart or a rebalance is run after the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules_applied: Option<u64>,
+    /// RD refused a tag post because the contact holds one of the tags already (someone else
+    /// added it): the next sync reads the contact's tags and PATCHes them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tags_unknown: bool,
+    /// Only on a partition's sent-log marker ([`crate::handler::SENT_LOG_PRUNED_MARKER`]): the
+    /// orders created before this lost their sent-log entries and get no RD event again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruned_before: Option<i64>,
     /// Only on a partition's tag-post marker ([`crate::handler::TAG_POSTS_MARKER`]): the tag
     /// posts the partition sent in the last day, against its share of RD's daily limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]

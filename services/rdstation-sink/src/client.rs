@@ -51,6 +51,11 @@ pub enum Error {
     /// spent: nothing was sent; the caller defers the work.
     #[error("the contact budget is spent for now")]
     BudgetSpent,
+    /// Part of a contact's sync waits for its next sync (its tags: the partition's tag posts
+    /// are spent, or RD said the contact holds one already): deferred, without meaning the
+    /// account's budget is spent.
+    #[error("the rest of the contact's sync waits for its next sync: {0}")]
+    Deferred(&'static str),
 }
 
 impl Error {
@@ -60,6 +65,7 @@ impl Error {
             Self::Auth { code } | Self::Refused { code, .. } => code,
             Self::RateLimited { .. } => "RATE_LIMIT_EXCEDDED",
             Self::BudgetSpent => "budget_spent",
+            Self::Deferred(reason) => reason,
             Self::Transient(_) => "unavailable",
             Self::Setup(_) => "setup",
         }
@@ -75,7 +81,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Auth { .. } | Self::Setup(_) => ErrorClass::Auth,
-            Self::RateLimited { .. } | Self::BudgetSpent => ErrorClass::RateLimited,
+            Self::RateLimited { .. } | Self::BudgetSpent | Self::Deferred(_) => ErrorClass::RateLimited,
             Self::Transient(_) => ErrorClass::Transient,
             Self::Refused { .. } => ErrorClass::Permanent,
         }
@@ -279,6 +285,12 @@ impl RdClient {
     pub async fn reserve(&self) {
         let slot = self.inner.budget.acquire().await;
         self.credits.lock().expect("credits lock").push(slot);
+    }
+
+    /// Frees one slot reserved and not used (a reservation that turned out not to be needed),
+    /// so it does not sit idle until the client is dropped.
+    pub fn release_reserved(&self) {
+        drop(self.credits.lock().expect("credits lock").pop());
     }
 
     /// Counts the account's budget as spent for `hold` from now (start-up: a previous process

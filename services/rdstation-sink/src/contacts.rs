@@ -6,7 +6,8 @@
 //!   body never carries `tags`: RD's PATCH replaces the list and would wipe tags marketers or
 //!   other tools set (§4 #12).
 //! - Tags go through `POST …/tag` (append), only the ones the contact lacks: the PATCH answer
-//!   tells which it has, and `/tag` refuses a tag the contact already has. The tags Elo added
+//!   tells which it has, and `/tag` refuses a tag the contact already has (then the tags wait
+//!   for the next sync, which reads the contact and PATCHes them). The tags Elo added
 //!   are remembered (`owned_tags`); when no rule asks for one any more it is removed, the only
 //!   way RD allows: read the contact's list and PATCH it back without that tag (one GET and
 //!   the PATCH the fields need anyway). Tags Elo did not add are never removed.
@@ -123,11 +124,13 @@ pub fn planned_requests(state: &CustomerState, desired: &Desired, tag_posts_left
 }
 
 /// Whether the contact's tags go through a read and one PATCH (fields and tags together):
-/// Elo removes one of its tags, or adds tags with no tag posts left. Only for a contact whose
+/// Elo removes one of its tags, adds tags with no tag posts left, or RD refused a tag post
+/// because the contact holds one of them already (`tags_unknown`). Only for a contact whose
 /// uuid Elo knows.
 fn by_patch(state: &CustomerState, desired: &Desired, tag_posts_left: bool) -> bool {
     let adding = !desired.tags.is_subset(&state.applied.tags);
-    state.contact_uuid.is_some() && (!tags_to_remove(state, desired).is_empty() || adding && !tag_posts_left)
+    let changed = !tags_to_remove(state, desired).is_empty() || adding && (!tag_posts_left || state.tags_unknown);
+    state.contact_uuid.is_some() && changed
 }
 
 /// Writes a customer's state (to the state store), for [`sync`].
@@ -137,10 +140,11 @@ pub type Persist<'a> = &'a (dyn Fn(CustomerState) -> BoxFuture<'a, Result<()>> +
 pub trait TagPosts: Send + Sync {
     /// Whether the share has room for a post now.
     fn left(&self) -> bool;
-    /// Counts one post against the share (saved before the post is sent); `Ok(false)`: spent.
-    fn take(&self) -> BoxFuture<'_, Result<bool>>;
-    /// Gives back a post taken and never sent (no budget slot, no token).
-    fn give_back(&self) -> BoxFuture<'_, Result<()>>;
+    /// Counts one post against the share (saved before the post is sent): the hour it was
+    /// counted in, or `None` when the share is spent.
+    fn take(&self) -> BoxFuture<'_, Result<Option<i64>>>;
+    /// Gives back a post counted in `hour` and never sent (no budget slot, no token).
+    fn give_back(&self, hour: i64) -> BoxFuture<'_, Result<()>>;
 }
 
 /// Brings the contact to `desired`, updating `state.applied` and `state.contact_uuid` step by
@@ -188,6 +192,7 @@ pub async fn sync(
                 let owned = &mut state.applied.owned_tags;
                 owned.retain(|t| !remove.contains(t));
                 owned.extend(added);
+                state.tags_unknown = false;
                 current_tags = Some(tags_of(&contact));
             }
             // Deleted in RD meanwhile: the upsert below creates it again, without Elo's tags.
@@ -209,25 +214,44 @@ pub async fn sync(
     let uuid = state.contact_uuid.clone().ok_or_else(|| Error::Transient("contact uuid unknown".into()))?;
     let known = current_tags.as_ref().unwrap_or(&state.applied.tags);
     let missing: Vec<String> = desired.tags.iter().filter(|t| !known.contains(*t)).cloned().collect();
-    if !missing.is_empty() {
-        if !tag_posts_left {
-            // Just upserted (its uuid was unknown): a second PATCH would be two in one sync.
-            // The next sync reads and PATCHes its tags.
-            return Err(Error::BudgetSpent);
-        }
+    // The tags wait for the contact's next sync (deferred): it reads the contact and PATCHes
+    // them (`by_patch`). The rest of this sync (the stage) still goes out.
+    let mut tags_wait: Option<&'static str> = None;
+    if !missing.is_empty() && !tag_posts_left {
+        // Just upserted (its uuid was unknown): a second PATCH would be two in one sync.
+        tags_wait = Some("tag_posts_spent");
+    } else if !missing.is_empty() {
         let owned_before = state.applied.owned_tags.clone();
         state.applied.owned_tags.extend(missing.iter().cloned());
         persist(state.clone()).await?;
-        let added = add_tags(client, &uuid, missing.clone(), tag_posts).await?;
-        if !added.is_empty() {
-            writes += 1;
+        let sent_before = client.writes_sent();
+        match add_tags(client, &uuid, &missing, tag_posts).await {
+            Ok(TagPost::Added) => writes += 1,
+            Ok(TagPost::SharesSpent) => {
+                state.applied.owned_tags = owned_before;
+                tags_wait = Some("tag_posts_spent");
+            }
+            Ok(TagPost::ContactHasOne) => {
+                // Someone else's tag (an automation, a marketer) is among them: which of them
+                // the contact holds is unknown, so none is recorded as Elo's, and the next
+                // sync reads the contact.
+                state.applied.owned_tags = owned_before;
+                state.tags_unknown = true;
+                tags_wait = Some("tags_changed_in_rd");
+            }
+            Err(error) => {
+                if client.writes_sent() == sent_before {
+                    // Never sent: the contact holds none of them because of Elo.
+                    state.applied.owned_tags = owned_before;
+                }
+                return Err(error);
+            }
         }
-        // Found on the contact already: someone else's, unless Elo's own attempt before a
-        // crash put it there (it was recorded as Elo's then).
-        state.applied.owned_tags.retain(|t| owned_before.contains(t) || !missing.contains(t) || added.contains(t));
     }
-    // Only the tags Elo wants are remembered as applied: others' tags are not Elo's to track.
-    state.applied.tags = desired.tags.clone();
+    if tags_wait.is_none() {
+        // Only the tags Elo wants are remembered as applied: others' tags are not Elo's to track.
+        state.applied.tags = desired.tags.clone();
+    }
     if let Some(stage) = &desired.stage
         && state.applied.stage.as_ref() != Some(stage)
     {
@@ -237,7 +261,10 @@ pub async fn sync(
         writes += 1;
         state.applied.stage = Some(stage.clone());
     }
-    Ok(writes)
+    match tags_wait {
+        Some(reason) => Err(Error::Deferred(reason)),
+        None => Ok(writes),
+    }
 }
 
 async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<String, Value>) -> Result<Value> {
@@ -267,45 +294,31 @@ async fn upsert(client: &RdClient, state: &mut CustomerState, fields: &Map<Strin
     Ok(contact)
 }
 
-/// Appends tags with a tag post; if RD says one is there already (someone added it since we
-/// looked), reads the contact and appends only what is still missing. Each post is counted
-/// against the partition's daily share first; with the share spent (another contact took the
-/// last one since the sync began) the contact waits for its next sync (`BudgetSpent`: deferred),
-/// which PATCHes the tags. Returns the tags Elo added.
-async fn add_tags(client: &RdClient, uuid: &str, tags: Vec<String>, tag_posts: &dyn TagPosts) -> Result<Vec<String>> {
-    let path = format!("/platform/contacts/uuid:{uuid}/tag");
-    match post_tags(client, &path, &tags, tag_posts).await {
-        Ok(()) => Ok(tags),
-        Err(Error::Refused { code, .. }) if code == "VALUES_MUST_BE_UNIQUE" => {
-            let contact =
-                client.request(Method::GET, &format!("/platform/contacts/uuid:{uuid}"), None, Budget::Contacts).await?;
-            let have = tags_of(&contact);
-            let missing: Vec<String> = tags.into_iter().filter(|t| !have.contains(t)).collect();
-            if missing.is_empty() {
-                return Ok(missing);
-            }
-            post_tags(client, &path, &missing, tag_posts).await?;
-            Ok(missing)
-        }
-        Err(e) => Err(e),
-    }
+/// What a tag post did.
+enum TagPost {
+    Added,
+    /// The partition's share was spent (another contact took the last post since the sync
+    /// began): nothing sent.
+    SharesSpent,
+    /// RD refused it with `VALUES_MUST_BE_UNIQUE`: the contact holds one of the tags already.
+    ContactHasOne,
 }
 
-/// One tag post, counted against the share before it is sent, and given back when it never
-/// left (no budget slot, no access token).
-async fn post_tags(client: &RdClient, path: &str, tags: &[String], tag_posts: &dyn TagPosts) -> Result<()> {
-    if !tag_posts.take().await? {
-        return Err(Error::BudgetSpent);
-    }
+/// Appends tags with one tag post, counted against the partition's daily share first and
+/// given back when it never left (no budget slot, no access token).
+async fn add_tags(client: &RdClient, uuid: &str, tags: &[String], tag_posts: &dyn TagPosts) -> Result<TagPost> {
+    let Some(hour) = tag_posts.take().await? else { return Ok(TagPost::SharesSpent) };
+    let path = format!("/platform/contacts/uuid:{uuid}/tag");
     let sent_before = client.writes_sent();
-    match client.request(Method::POST, path, Some(&json!({"tags": tags})), Budget::Contacts).await {
+    match client.request(Method::POST, &path, Some(&json!({"tags": tags})), Budget::Contacts).await {
         Ok(_) => {
             metrics::CONTACT_WRITES.with_label_values(&["tag"]).inc();
-            Ok(())
+            Ok(TagPost::Added)
         }
+        Err(Error::Refused { code, .. }) if code == "VALUES_MUST_BE_UNIQUE" => Ok(TagPost::ContactHasOne),
         Err(error) => {
             if client.writes_sent() == sent_before
-                && let Err(failure) = tag_posts.give_back().await
+                && let Err(failure) = tag_posts.give_back(hour).await
             {
                 tracing::warn!(error = %failure, "cannot give back a tag post that was never sent");
             }

@@ -101,12 +101,12 @@ impl contacts::TagPosts for PartitionTagPosts<'_> {
         self.sink.tag_posts_left(self.partition, now_ms())
     }
 
-    fn take(&self) -> futures::future::BoxFuture<'_, crate::client::Result<bool>> {
+    fn take(&self) -> futures::future::BoxFuture<'_, crate::client::Result<Option<i64>>> {
         Box::pin(self.sink.take_tag_post(self.partition))
     }
 
-    fn give_back(&self) -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
-        Box::pin(self.sink.give_back_tag_post(self.partition))
+    fn give_back(&self, hour: i64) -> futures::future::BoxFuture<'_, crate::client::Result<()>> {
+        Box::pin(self.sink.give_back_tag_post(self.partition, hour))
     }
 }
 
@@ -134,6 +134,9 @@ pub const RULES_MARKER: &str = "\u{0}elo:rules-applied";
 
 /// The key of a partition's tag-post ledger in the customers' store (see [`RULES_MARKER`]).
 pub const TAG_POSTS_MARKER: &str = "\u{0}elo:tag-posts";
+
+/// The key of a partition's sent-log pruning high-water mark in the customers' store.
+pub const SENT_LOG_PRUNED_MARKER: &str = "\u{0}elo:sent-log-pruned";
 
 /// Whether a key of the customers' store is one of the partition's markers, not a customer.
 pub fn is_marker(key: &str) -> bool {
@@ -246,13 +249,16 @@ impl Sink {
         let mut pruned = 0;
         for partition in partitions {
             let horizon = self.prune_horizon(now_ms());
-            let old: Vec<String> = self
-                .sent
-                .entries(partition)
-                .into_iter()
-                .filter(|(_, s)| s.aged_from_ms() < horizon)
-                .map(|(k, _)| k)
-                .collect();
+            let old = self.sent.keys_where(partition, |s| s.aged_from_ms() < horizon);
+            if old.is_empty() {
+                continue;
+            }
+            // Recorded first: orders created before the horizon get no event from now on, even
+            // if the retention is raised later (their entries are gone).
+            if let Err(error) = self.record_pruned_before(partition, horizon).await {
+                tracing::warn!(partition, error = %error, "cannot record the sent-log's pruning; will retry");
+                continue;
+            }
             for chunk in old.chunks(CHUNK) {
                 let lock = self.partition_lock(partition);
                 let _guard = lock.lock().await;
@@ -272,6 +278,26 @@ impl Sink {
         pruned
     }
 
+    /// The oldest order `created_at` that may get an RD event in `partition`: the retention's
+    /// horizon, or the partition's pruning high-water mark when that is later (the retention
+    /// was raised after entries were pruned).
+    fn send_horizon(&self, partition: i32, now_ms: i64) -> i64 {
+        let pruned = self.customers.get(partition, SENT_LOG_PRUNED_MARKER).and_then(|m| m.pruned_before);
+        self.sent_log_horizon(now_ms).max(pruned.unwrap_or(i64::MIN))
+    }
+
+    /// Raises the partition's pruning high-water mark to `horizon` (under its partition lock).
+    async fn record_pruned_before(&self, partition: i32, horizon: i64) -> Result<(), elo_kafka::Error> {
+        let lock = self.partition_lock(partition);
+        let _guard = lock.lock().await;
+        let mut marker = self.customers.get(partition, SENT_LOG_PRUNED_MARKER).unwrap_or_default();
+        if marker.pruned_before.is_some_and(|p| p >= horizon) {
+            return Ok(());
+        }
+        marker.pruned_before = Some(horizon);
+        self.customers.put(partition, SENT_LOG_PRUNED_MARKER, marker).await
+    }
+
     /// Sets each partition's share of the account's daily tag posts (RD: 15,000), from the
     /// input topic's partition count.
     pub fn set_tag_posts_per_day(&self, per_day: u32, partitions: i32) {
@@ -288,16 +314,23 @@ impl Sink {
     }
 
     /// Counts one tag post against the partition's share and saves the ledger before the post
-    /// is sent (a crash after RD took it must not forget it); `Ok(false)`: the share is spent.
-    pub(crate) async fn take_tag_post(&self, partition: i32) -> crate::client::Result<bool> {
+    /// is sent (a crash after RD took it must not forget it): the hour it was counted in, or
+    /// `None` when the share is spent.
+    pub(crate) async fn take_tag_post(&self, partition: i32) -> crate::client::Result<Option<i64>> {
         let share = self.tag_post_share.load(Ordering::Acquire);
-        self.update_tag_posts(partition, |ledger, now| ledger.take(share, TAG_POST_WINDOW_MS, now)).await
+        let mut hour = None;
+        self.update_tag_posts(partition, |ledger, now| {
+            hour = ledger.take(share, TAG_POST_WINDOW_MS, now);
+            hour.is_some()
+        })
+        .await?;
+        Ok(hour)
     }
 
-    /// Gives back a tag post taken and never sent.
-    pub(crate) async fn give_back_tag_post(&self, partition: i32) -> crate::client::Result<()> {
+    /// Gives back a tag post counted in `hour` and never sent.
+    pub(crate) async fn give_back_tag_post(&self, partition: i32, hour: i64) -> crate::client::Result<()> {
         self.update_tag_posts(partition, |ledger, _| {
-            ledger.give_back();
+            ledger.give_back(hour);
             true
         })
         .await
@@ -449,7 +482,7 @@ impl Sink {
             // could repeat them (every version of an order calls for ORDER_PLACED again). Its
             // later events (a refund months on) are no news for RD's automations either.
             let created_at = event.order.as_ref().map_or(event.occurred_at, |o| o.created_at);
-            if created_at < self.sent_log_horizon(now_ms()) {
+            if created_at < self.send_horizon(partition, now_ms()) {
                 metrics::EVENTS_TOO_OLD.with_label_values(&[&rd.event_type]).inc();
                 continue;
             }

@@ -298,7 +298,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Reads the input topic's partition count and sets each partition's tag-post share from it;
-/// share 0 (tags by PATCH) when the count cannot be read.
+/// when it cannot be read the share stays as it was (0, tags by PATCH, before the first read).
 async fn refresh_tag_post_shares(sink: &Sink, producer: &elo_kafka::Producer, topic: &str, per_day: u32) {
     let partitions = {
         let (producer, topic) = (producer.clone(), topic.to_owned());
@@ -312,25 +312,25 @@ async fn refresh_tag_post_shares(sink: &Sink, producer: &elo_kafka::Producer, to
                 Ok(Err(e)) => e.to_string(),
                 Err(e) => e.to_string(),
             };
+            // The last share read stays (none before the first read: tags by PATCH until then).
             tracing::warn!(
                 topic,
                 reason,
-                "cannot read the input topic's partition count; no tag posts until it is known"
+                "cannot read the input topic's partition count; the tag-post share stays as it was"
             );
-            sink.set_tag_posts_per_day(0, 1);
         }
     }
 }
 
-/// Prunes the sent-log of orders past the retention, every quarter of it (at most every 10
-/// minutes), and re-reads the tag-post shares.
+/// Prunes the sent-log of orders past the retention, every quarter of it (at most hourly), and
+/// re-reads the tag-post shares.
 async fn prune_sent_log(
     sink: Arc<Sink>,
     retention: Duration,
     (producer, topic, tag_posts_per_day): (elo_kafka::Producer, String, u32),
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3_600));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

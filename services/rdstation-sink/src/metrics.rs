@@ -88,7 +88,7 @@ pub(crate) static EVENTS_TOO_OLD: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub(crate) static SENT_LOG_PRUNED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "rdstation_sink_sent_log_pruned_total",
-        "Sent-log entries dropped because their events are older than the retention."
+        "Sent-log entries dropped because their orders are older than the retention."
     )
     .expect("metric registers once")
 });
@@ -103,8 +103,8 @@ pub(crate) static RULE_HITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Registers every metric so `/metrics` lists them from the start.
 pub(crate) fn register_all() {
-    let _ =
-        (&*TAG_POSTS_LEFT, &*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES, &*COALESCED, &*DEFERRED);
+    let _ = (&*TAG_POSTS_LEFT, &*SENT_LOG_PRUNED, &*BUDGET_USED, &*BUDGET_LIMIT, &*RATE_LIMITED, &*TOKEN_REFRESHES);
+    let _ = (&*COALESCED, &*DEFERRED, &*EVENTS_TOO_OLD);
     for op in ["upsert", "tag", "tag_by_patch", "untag", "funnel", "delete"] {
         CONTACT_WRITES.with_label_values(&[op]).inc_by(0);
     }

@@ -40,22 +40,24 @@ impl TagPostLedger {
     }
 
     /// Counts one tag post at `now_ms` if the share has room; drops hours out of the window.
-    pub fn take(&mut self, share: u32, window_ms: i64, now_ms: i64) -> bool {
+    /// Returns the hour it was counted in (for [`TagPostLedger::give_back`]).
+    pub fn take(&mut self, share: u32, window_ms: i64, now_ms: i64) -> Option<i64> {
         let first = first_counted_hour(window_ms, now_ms);
         self.hours = self.hours.split_off(&first);
         if self.used(window_ms, now_ms) >= share {
-            return false;
+            return None;
         }
-        *self.hours.entry(now_ms.div_euclid(HOUR_MS)).or_default() += 1;
-        true
+        let hour = now_ms.div_euclid(HOUR_MS);
+        *self.hours.entry(hour).or_default() += 1;
+        Some(hour)
     }
 
-    /// Gives back the latest post taken (it was never sent).
-    pub fn give_back(&mut self) {
-        if let Some(mut newest) = self.hours.last_entry() {
-            *newest.get_mut() = newest.get().saturating_sub(1);
-            if *newest.get() == 0 {
-                newest.remove();
+    /// Gives back a post counted in `hour` and never sent.
+    pub fn give_back(&mut self, hour: i64) {
+        if let Some(n) = self.hours.get_mut(&hour) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.hours.remove(&hour);
             }
         }
     }
@@ -82,33 +84,37 @@ mod tests {
     fn a_partition_spends_its_share_then_gets_it_back_as_hours_leave_the_day() {
         let mut ledger = TagPostLedger::default();
         let start = 1_000 * DAY_MS + 10 * 60_000; // 00:10
-        assert!(ledger.take(3, DAY_MS, start));
-        assert!(ledger.take(3, DAY_MS, start + HOUR_MS)); // 01:10
-        assert!(ledger.take(3, DAY_MS, start + HOUR_MS + 1));
-        assert!(!ledger.take(3, DAY_MS, start + 2 * HOUR_MS), "the share is spent");
+        assert!(ledger.take(3, DAY_MS, start).is_some());
+        assert!(ledger.take(3, DAY_MS, start + HOUR_MS).is_some()); // 01:10
+        assert!(ledger.take(3, DAY_MS, start + HOUR_MS + 1).is_some());
+        assert!(ledger.take(3, DAY_MS, start + 2 * HOUR_MS).is_none(), "the share is spent");
         assert_eq!(ledger.left(3, DAY_MS, start + 2 * HOUR_MS), 0);
         // 24 h after 00:10 the 00:xx hour still overlaps the window (00:10-00:59 of the day
         // before is not all out): counted, so the ledger never says less than RD counts.
-        assert!(!ledger.take(3, DAY_MS, start + DAY_MS));
+        assert!(ledger.take(3, DAY_MS, start + DAY_MS).is_none());
         // Once the whole 00:xx hour has left the window, its post is free again.
         assert_eq!(ledger.left(3, DAY_MS, 1_001 * DAY_MS + HOUR_MS), 1);
-        assert!(ledger.take(3, DAY_MS, 1_001 * DAY_MS + HOUR_MS));
-        assert!(!ledger.take(3, DAY_MS, 1_001 * DAY_MS + HOUR_MS));
+        assert!(ledger.take(3, DAY_MS, 1_001 * DAY_MS + HOUR_MS).is_some());
+        assert!(ledger.take(3, DAY_MS, 1_001 * DAY_MS + HOUR_MS).is_none());
         // Old hours are dropped: the ledger stays a day's worth of buckets.
         assert!(ledger.hours.len() <= 25, "{:?}", ledger.hours);
         assert!(!ledger.hours.contains_key(&(start / HOUR_MS)));
     }
 
     #[test]
-    fn a_post_given_back_is_free_again() {
+    fn a_post_given_back_is_free_again_and_leaves_the_other_hours_alone() {
         let mut ledger = TagPostLedger::default();
-        assert!(ledger.take(1, DAY_MS, 5 * DAY_MS));
-        assert!(!ledger.take(1, DAY_MS, 5 * DAY_MS + 1));
-        ledger.give_back();
-        assert_eq!(ledger.left(1, DAY_MS, 5 * DAY_MS + 2), 1);
-        assert!(ledger.hours.is_empty());
-        ledger.give_back();
-        assert!(ledger.hours.is_empty(), "nothing to give back");
+        let before_the_hour = 5 * DAY_MS + HOUR_MS - 1;
+        let first = ledger.take(2, DAY_MS, before_the_hour).unwrap();
+        let second = ledger.take(2, DAY_MS, before_the_hour + 2).unwrap();
+        assert_ne!(first, second);
+        assert!(ledger.take(2, DAY_MS, before_the_hour + 3).is_none());
+        // The first post (10:59:59) never left; the second (11:00:01) did.
+        ledger.give_back(first);
+        assert_eq!(ledger.left(2, DAY_MS, before_the_hour + 4), 1);
+        assert_eq!(ledger.hours.get(&second), Some(&1), "the hour of the post sent keeps it");
+        ledger.give_back(first);
+        assert_eq!(ledger.hours.len(), 1, "nothing more to give back in that hour");
     }
 
     #[test]
@@ -125,7 +131,7 @@ mod tests {
     #[test]
     fn the_ledger_survives_the_changelog() {
         let mut ledger = TagPostLedger::default();
-        assert!(ledger.take(5, DAY_MS, 42 * DAY_MS));
+        assert!(ledger.take(5, DAY_MS, 42 * DAY_MS).is_some());
         let back: TagPostLedger = serde_json::from_slice(&serde_json::to_vec(&ledger).unwrap()).unwrap();
         assert_eq!(back, ledger);
         assert_eq!(back.used(DAY_MS, 42 * DAY_MS + 1), 1);

@@ -39,9 +39,10 @@ impl Sink {
                     out.failures.push((i, error));
                     return out;
                 }
-                // Anything pending for this key is moot: the person is gone.
-                touched = None;
-                if let Err(error) = self.erase(erasing, partition, &out.key, event.occurred_at).await {
+                // Anything pending for this key is moot: the person is gone. Its events of this
+                // batch did reach RD (with the e-mail), so the erasure uses what they said.
+                let seen = touched.take().map(|(_, state)| state);
+                if let Err(error) = self.erase(erasing, partition, &out.key, seen, event.occurred_at).await {
                     out.failures.push((i, error));
                     return out;
                 }

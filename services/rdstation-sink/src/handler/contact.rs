@@ -143,6 +143,7 @@ impl Sink {
 
     /// Deletes the contact and replaces the customer's state with an erasure floor (not a
     /// tombstone: an older event arriving later would otherwise recreate the contact).
+    /// `seen`: the state as the batch's earlier records of this customer left it.
     /// `client` holds the budget reserved for it before the partition's lock (past that it
     /// takes only a slot free at once, else the erasure is retried).
     pub(super) async fn erase(
@@ -150,9 +151,17 @@ impl Sink {
         client: &crate::client::RdClient,
         partition: i32,
         key: &str,
+        seen: Option<CustomerState>,
         erased_at_ms: i64,
     ) -> Result<(), HandlerError> {
-        let state = self.customers.get(partition, key).unwrap_or_default();
+        // The customer's state as this batch left it (earlier records of the same batch, not
+        // stored yet: a first order and its erasure in one batch), else as stored.
+        let state = seen.unwrap_or_else(|| self.customers.get(partition, key).unwrap_or_default());
+        if state.contact_uuid.is_none() && state.identity.email.is_empty() {
+            // Nothing to delete (never seen, or erased already): its reservation is not held
+            // idle for the rest of the batch, where other customers' writes may wait for it.
+            client.release_reserved();
+        }
         contacts::erase(client, &state).await.map_err(|e| e.to_handler_error())?;
         self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
         let floor = CustomerState::erased(state.erased_at_ms.unwrap_or(i64::MIN).max(erased_at_ms));
@@ -194,7 +203,7 @@ enum SyncFailure {
 
 fn on_sync_error(state: &mut CustomerState, error: &crate::client::Error, now: i64) -> SyncFailure {
     match error {
-        crate::client::Error::BudgetSpent => SyncFailure::Defer,
+        crate::client::Error::BudgetSpent | crate::client::Error::Deferred(_) => SyncFailure::Defer,
         // RD's 429 for this contact may ask to wait for hours: only this contact's write waits
         // (in the state, so a restart keeps it), never the partition's other customers.
         crate::client::Error::RateLimited { retry_after } => {
