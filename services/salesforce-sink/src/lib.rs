@@ -126,7 +126,7 @@ pub struct SalesforceArgs {
     #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "300ms", value_parser = parse_duration)]
     pub busy_linger: Duration,
     /// Encoded bytes of records decoded and written at once across partitions: a batch is
-    /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds
+    /// applied in chunks of a quarter of this (a Bulk API 2.0 batch too). Bounds
     /// memory under a backlog whatever ELO_MAX_BATCH says.
     #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 256 << 10)]
     pub inflight_bytes: usize,
@@ -237,17 +237,22 @@ impl elo_kafka::Handler for SinkHandler {
         }
         // Records are decoded and written a chunk at a time under a process-wide byte budget,
         // so memory follows the budget, not the batch: a backlog batch (the runtime's
-        // ELO_MAX_BATCH) is only the signal for Bulk API 2.0, which takes the whole budget.
-        let bulk = sink.bulk_sized(batch.len());
+        // ELO_MAX_BATCH) is only the signal for Bulk API 2.0, which reads it in chunks too.
+        if sink.bulk_sized(batch.len()) {
+            return self.handle_bulk(sink, batch).await;
+        }
         let mut results = Vec::with_capacity(batch.len());
         let mut rest = batch;
         while !rest.is_empty() {
-            let take = if bulk { rest.len() } else { chunk_len(rest, self.budget.chunk_bytes) };
-            let (chunk, tail) = rest.split_at(take);
+            let (chunk, tail) = rest.split_at(chunk_len(rest, self.budget.chunk_bytes));
             rest = tail;
             let bytes: usize = chunk.iter().map(Record::size_bytes).sum();
-            let _permit = self.budget.acquire(if bulk { usize::MAX } else { bytes }).await;
-            results.extend(self.handle_chunk(sink, chunk).await);
+            let _permit = self.budget.acquire(bytes).await;
+            let started = Instant::now();
+            let events = self.decode(chunk).await;
+            let partition = chunk.first().map_or(0, |r| r.partition);
+            let verdicts = sink.apply_partition(partition, &events).await;
+            results.extend(self.report(chunk, &events, verdicts, started).await);
         }
         results
     }
@@ -269,19 +274,62 @@ impl elo_kafka::Handler for SinkHandler {
 }
 
 impl SinkHandler {
-    /// Decodes, applies and reports one chunk of a partition's batch.
-    async fn handle_chunk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+    /// A Bulk API 2.0 batch, read a chunk at a time under the byte budget three times (the
+    /// newest versions, the rows spooled for the jobs, then confirmations and outcomes after
+    /// the jobs), so it is never held decoded; the jobs run holding no budget.
+    async fn handle_bulk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
         let started = Instant::now();
-        let mut events = Vec::with_capacity(batch.len());
-        for record in batch {
+        let partition = batch.first().map_or(0, |r| r.partition);
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        while at < batch.len() {
+            let end = at + chunk_len(&batch[at..], self.budget.chunk_bytes);
+            chunks.push(at..end);
+            at = end;
+        }
+        let mut bulk = handler::BulkBatch::new(partition, batch.len());
+        for range in &chunks {
+            let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
+            sink.bulk_note(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await);
+        }
+        for range in &chunks {
+            let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
+            sink.bulk_prepare(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await).await;
+        }
+        sink.bulk_run(&mut bulk).await;
+        let mut results = Vec::with_capacity(batch.len());
+        for range in &chunks {
+            let chunk = &batch[range.clone()];
+            let _permit = self.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
+            let events = self.decode(chunk).await;
+            let verdicts = sink.bulk_finish(&mut bulk, range.start, &events).await;
+            results.extend(self.report(chunk, &events, verdicts, started).await);
+        }
+        results
+    }
+
+    async fn decode(&self, records: &[Record]) -> Vec<Result<elo_events::CommerceEvent, HandlerError>> {
+        let mut events = Vec::with_capacity(records.len());
+        for record in records {
             let event = elo_service::decode_record::<elo_events::CommerceEvent>(&self.codec, record).await;
-            if let Ok(e) = &event {
-                metrics::DECODED.with_label_values(&[NAME, &record.topic, e.event_type.as_str()]).inc();
-            }
             events.push(event);
         }
-        let partition = batch.first().map_or(0, |r| r.partition);
-        let verdicts = sink.apply_partition(partition, &events).await;
+        events
+    }
+
+    /// Counts the attempts, publishes the outcomes of a chunk; its records' results.
+    async fn report(
+        &self,
+        batch: &[Record],
+        events: &[Result<elo_events::CommerceEvent, HandlerError>],
+        verdicts: Vec<handler::Verdict>,
+        started: Instant,
+    ) -> Vec<Result<(), HandlerError>> {
+        for (record, event) in batch.iter().zip(events) {
+            if let Ok(e) = event {
+                metrics::DECODED.with_label_values(&[NAME, &record.topic, e.event_type.as_str()]).inc();
+            }
+        }
         let attempts: Vec<i32> = {
             let mut map = self.attempts.lock().expect("attempts lock");
             batch
@@ -298,7 +346,7 @@ impl SinkHandler {
                 })
                 .collect()
         };
-        let published = self.outcomes.publish(&events, &verdicts, &attempts, started).await;
+        let published = self.outcomes.publish(events, &verdicts, &attempts, started).await;
         verdicts
             .into_iter()
             .zip(published)

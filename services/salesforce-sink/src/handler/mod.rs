@@ -48,7 +48,7 @@ const SKIP_UNCHANGED_CUSTOMERS: bool = false;
 
 pub mod state;
 
-pub use bulk::BulkSettings;
+pub use bulk::{BulkBatch, BulkSettings};
 pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
@@ -60,6 +60,14 @@ pub struct Verdict {
     pub target_ids: BTreeMap<String, String>,
     /// The failure came from its graph (a lock, a rollback), not from the whole call.
     retry_in_call: bool,
+}
+
+/// Entity key → its newest version in a batch and that record's batch index.
+type Newest = HashMap<String, ((i64, u8), usize)>;
+
+/// A version: (source updated_at, enrichment rank).
+fn version_of(e: &CommerceEvent) -> (i64, u8) {
+    (e.source_version.updated_at, enrichment_rank(e))
 }
 
 /// Records whose graphs are built at once (a few full Composite Graph requests; also the
@@ -214,11 +222,54 @@ impl Sink {
         partition: i32,
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
+        if self.bulk_sized(events.len()) {
+            // Through the same steps as the service's chunked reading (see `bulk::BulkBatch`).
+            let chunks: Vec<_> = (0..events.len()).step_by(GRAPH_SLICE).collect();
+            let range = |at: usize| at..(at + GRAPH_SLICE).min(events.len());
+            let mut batch = bulk::BulkBatch::new(partition, events.len());
+            for at in &chunks {
+                self.bulk_note(&mut batch, *at, &events[range(*at)]);
+            }
+            for at in &chunks {
+                self.bulk_prepare(&mut batch, *at, &events[range(*at)]).await;
+            }
+            self.bulk_run(&mut batch).await;
+            let mut out = Vec::with_capacity(events.len());
+            for at in &chunks {
+                out.extend(self.bulk_finish(&mut batch, *at, &events[range(*at)]).await);
+            }
+            return out;
+        }
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
-        // Keys known to be another key's person (a guest who registered) write to that key's
-        // Account and Contact.
-        let aliased: Vec<Option<CommerceEvent>> =
-            events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect();
+        let aliased = self.aliases(partition, events);
+        let mut newest = HashMap::new();
+        self.note_newest(events, &aliased, 0, &mut newest);
+        let (mut work, erasures) = self.select(partition, events, &aliased, &newest, 0, &mut verdicts);
+        let failed = self.ensure_entries(&work).await;
+        work.retain(|w| match failed.get(&w.index) {
+            Some(error) => {
+                verdicts[w.index] = Some(Verdict::failed(error.clone()));
+                false
+            }
+            None => true,
+        });
+        self.write(partition, &work, &mut verdicts).await;
+        self.settle(partition, &work, erasures, verdicts).await
+    }
+
+    /// Each event under its key's alias, if it has one (a guest who registered).
+    fn aliases(&self, partition: i32, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Option<CommerceEvent>> {
+        events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect()
+    }
+
+    /// The events that can be written (a decode failure or an unmappable event gets its
+    /// verdict here), under their aliases.
+    fn pending<'e>(
+        &self,
+        events: &'e [Result<CommerceEvent, HandlerError>],
+        aliased: &'e [Option<CommerceEvent>],
+        verdicts: &mut [Option<Verdict>],
+    ) -> Vec<(usize, &'e CommerceEvent)> {
         let mut pending: Vec<(usize, &CommerceEvent)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             let event = match (&aliased[i], event) {
@@ -233,18 +284,45 @@ impl Sink {
                 },
             }
         }
+        pending
+    }
+
+    /// Notes the newest version of each entity among `events` (batch indices from `offset`):
+    /// of several versions of an entity in a batch only the newest is written.
+    fn note_newest(
+        &self,
+        events: &[Result<CommerceEvent, HandlerError>],
+        aliased: &[Option<CommerceEvent>],
+        offset: usize,
+        newest: &mut Newest,
+    ) {
+        let mut scratch = vec![None; events.len()];
+        for (i, e) in self.pending(events, aliased, &mut scratch) {
+            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
+            let entry = newest.entry(key).or_insert((version_of(e), offset + i));
+            if version_of(e) >= entry.0 {
+                *entry = (version_of(e), offset + i);
+            }
+        }
+    }
+
+    /// The records to write: versions older than the confirmed one, redeliveries and all but
+    /// the newest version of an entity in the batch get their verdicts here; erasures apart.
+    #[allow(clippy::type_complexity)]
+    fn select<'e>(
+        &self,
+        partition: i32,
+        events: &'e [Result<CommerceEvent, HandlerError>],
+        aliased: &'e [Option<CommerceEvent>],
+        newest: &Newest,
+        offset: usize,
+        verdicts: &mut [Option<Verdict>],
+    ) -> (Vec<Work<'e>>, Vec<(usize, &'e CommerceEvent)>) {
+        let pending = self.pending(events, aliased, verdicts);
         // Never stale: drop versions older than the confirmed one, and all but the newest
         // version of an entity within the batch. A version is (source updated_at, enrichment
         // rank): a late-enrichment follow-up beats the event it completes, never the reverse.
-        let at = |e: &CommerceEvent| (e.source_version.updated_at, enrichment_rank(e));
-        let mut newest: HashMap<String, ((i64, u8), usize)> = HashMap::new();
-        for (i, e) in &pending {
-            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            let entry = newest.entry(key).or_insert((at(e), *i));
-            if at(e) >= entry.0 {
-                *entry = (at(e), *i);
-            }
-        }
+        let at = version_of;
         let mut work = Vec::new();
         let mut erasures = Vec::new();
         for (i, e) in &pending {
@@ -270,7 +348,7 @@ impl Sink {
                 }
                 _ => {}
             }
-            if newest.get(&key).is_some_and(|(_, j)| j != i) {
+            if newest.get(&key).is_some_and(|(_, j)| *j != offset + i) {
                 verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                 continue;
             }
@@ -288,19 +366,22 @@ impl Sink {
                 .map(|c| c.digest);
             work.push(Work { index: *i, event: e, write_customer, held_digest });
         }
-        let failed = self.ensure_entries(&work).await;
-        work.retain(|w| match failed.get(&w.index) {
-            Some(error) => {
-                verdicts[w.index] = Some(Verdict::failed(error.clone()));
-                false
-            }
-            None => true,
-        });
-        self.write(partition, &work, &mut verdicts).await;
-        self.confirm(partition, &work, &mut verdicts).await;
+        (work, erasures)
+    }
+
+    /// After the writes: confirms what was applied, matches records the duplicate rule
+    /// refused by e-mail, applies the erasures; every record's verdict.
+    async fn settle(
+        &self,
+        partition: i32,
+        work: &[Work<'_>],
+        erasures: Vec<(usize, &CommerceEvent)>,
+        mut verdicts: Vec<Option<Verdict>>,
+    ) -> Vec<Verdict> {
+        self.confirm(partition, work, &mut verdicts).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
-        let matched = self.match_by_email(partition, &work, &verdicts).await;
+        let matched = self.match_by_email(partition, work, &verdicts).await;
         if !matched.is_empty() {
             let again: Vec<Work<'_>> = matched
                 .iter()
@@ -327,24 +408,25 @@ impl Sink {
             .collect()
     }
 
-    /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
-    /// transiently once more per round, one record per graph.
+    /// Sends the graphs, then those that failed transiently once more per round, one record
+    /// per graph.
     async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        if self.bulk_sized(work.len()) {
-            self.write_bulk(work, verdicts).await;
-        } else {
-            // Built and sent a slice at a time: a backlog batch of thousands of records would
-            // otherwise hold every request body at once.
-            for slice in graph::slices(work, GRAPH_SLICE) {
-                for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
-                    verdicts[index] = Some(verdict);
-                }
+        // Built and sent a slice at a time: a backlog batch of thousands of records would
+        // otherwise hold every request body at once.
+        for slice in graph::slices(work, GRAPH_SLICE) {
+            for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
+                verdicts[index] = Some(verdict);
             }
         }
-        // Graphs that failed transiently (a lock, a record rolled back with another one) are
-        // sent again at once, one record per graph, before the batch is handed back: the
-        // runtime would otherwise retry the whole suffix and spend every record's budget.
+        self.retry_in_call(work, verdicts).await;
+    }
+
+    /// Graphs that failed transiently (a lock, a record rolled back with another one) are
+    /// sent again at once, one record per graph, before the batch is handed back: the
+    /// runtime would otherwise retry the whole suffix and spend every record's budget.
+    async fn retry_in_call(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         for _ in 0..IN_CALL_RETRIES {
             let again: Vec<Work<'_>> = work
                 .iter()
