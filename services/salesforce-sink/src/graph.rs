@@ -160,13 +160,16 @@ impl Builder<'_> {
     }
 
     /// A digest of the customer data `event` would write (its Account and Contact nodes).
+    /// Kept in the changelog, so the same in every build: FNV-1a (64 bits) of the nodes'
+    /// JSON, not std's `DefaultHasher` (whose algorithm may change between Rust releases).
     pub fn customer_digest(&self, event: &CommerceEvent) -> u64 {
-        use std::hash::{Hash, Hasher};
         let Some(customer) = &event.customer else { return 0 };
         let nodes = Value::Array(self.customer_nodes(&event.customer_key, "", event, customer));
-        let mut hasher = std::hash::DefaultHasher::new();
-        nodes.to_string().hash(&mut hasher);
-        hasher.finish().max(1)
+        let digest = nodes
+            .to_string()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3));
+        digest.max(1)
     }
 
     /// Account (and Contact) nodes for a customer, referenced `a<tag>` and `c<tag>`.
@@ -411,6 +414,16 @@ mod tests {
             o.status = status.into();
         }
         e
+    }
+
+    /// The digest is kept in the changelog, so it must come out the same from every build:
+    /// std's `DefaultHasher` is not promised to stay the same between Rust releases.
+    #[test]
+    fn the_customer_digest_is_the_same_in_every_build() {
+        let mapping = Mapping::default().resolve().unwrap();
+        let org = org();
+        let b = Builder { mapping: &mapping, org: &org, version: "v66.0" };
+        assert_eq!(b.customer_digest(&event(1, "c:1", "pending")), 2_596_269_640_960_887_441);
     }
 
     #[test]

@@ -67,3 +67,41 @@ async fn customers_sharing_a_graph_keep_their_own_ids_and_blame() {
         assert_eq!(key_of(&v.target_ids["Contact"]), e.customer_key, "the record's own contact");
     }
 }
+
+/// Orders of distinct registered customers (`n` is also the customer), as many nodes each
+/// (Account, Contact, Order, one item, the activation).
+fn distinct(range: std::ops::Range<u64>) -> Vec<Result<CommerceEvent, elo_kafka::HandlerError>> {
+    range
+        .map(|n| {
+            let mut e = order(n, "processing", 0);
+            e.customer_key = format!("c:{}", 100_000 + n);
+            let c = e.customer.as_mut().unwrap();
+            (c.customer_id, c.is_guest, c.email) = (Some(100_000 + n as i64), false, format!("buyer{n}@example.com"));
+            Ok(e)
+        })
+        .collect()
+}
+
+/// Under a backlog each partition's chunk is most of a request: a chunk that would overflow
+/// the boarding train fills it up to 500 nodes and rides on in the next one, instead of
+/// sending the train a third empty (three chunks of 300 nodes: two calls, not three).
+#[tokio::test]
+async fn a_chunk_that_overflows_a_train_fills_it_and_rides_on_in_the_next() {
+    let (_app, url) = serve(SalesforceConfig::default()).await;
+    let linger = Duration::from_secs(3);
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_graph_linger(linger);
+    // The same products and price book entries (SKU and store follow n mod 200 and n mod 2),
+    // and partition 9 busy, so the three below wait for each other.
+    let warm = sink.apply_partition(9, &distinct(400..580)).await;
+    assert!(warm.iter().all(|v| v.result.is_ok()));
+    let graph_calls = || salesforce_sink::metrics::API_CALLS.with_label_values(&["graph"]).get();
+    let before = graph_calls();
+    let (p0, p1, p2) = (distinct(0..60), distinct(60..120), distinct(120..180));
+    let (a, b, c) =
+        tokio::join!(sink.apply_partition(0, &p0), sink.apply_partition(1, &p1), sink.apply_partition(2, &p2));
+    for v in a.iter().chain(&b).chain(&c) {
+        assert!(v.result.is_ok(), "{:?}", v.result);
+        assert!(v.target_ids.contains_key("Order") && v.target_ids.contains_key("Account"), "{:?}", v.target_ids);
+    }
+    assert_eq!(graph_calls() - before, 2, "900 nodes in three chunks of 300: two full requests");
+}

@@ -94,7 +94,13 @@ impl Spool {
 
     /// Spools one row; the same external id again (an account in two chunks) is one row,
     /// sent with the newest data.
-    fn add(&mut self, ext: String, cells: Vec<(usize, String)>, owners: &BTreeSet<usize>, rank: i64) -> std::io::Result<()> {
+    fn add(
+        &mut self,
+        ext: String,
+        cells: Vec<(usize, String)>,
+        owners: &BTreeSet<usize>,
+        rank: i64,
+    ) -> std::io::Result<()> {
         let file = match &mut self.file {
             Some(f) => f,
             None => self.file.insert(BufWriter::new(tempfile::tempfile()?)),
@@ -137,8 +143,13 @@ impl Spool {
             return Ok(None);
         }
         // The external id first, the other columns by name.
-        let mut names: Vec<(usize, &str)> =
-            self.columns.iter().enumerate().filter(|(_, c)| **c != self.ext_field).map(|(i, c)| (i, c.as_str())).collect();
+        let mut names: Vec<(usize, &str)> = self
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c != self.ext_field)
+            .map(|(i, c)| (i, c.as_str()))
+            .collect();
         names.sort_by(|a, b| a.1.cmp(b.1));
         let mut position = vec![usize::MAX; self.columns.len()];
         let mut header = vec![quote(&self.ext_field)];
@@ -397,7 +408,12 @@ impl<F: FnMut(String, String)> ResultPairs<F> {
         Self { csv: CsvReader::default(), names: (key.to_owned(), value.to_owned()), columns: None, each }
     }
 
-    fn row(columns: &mut Option<(Option<usize>, Option<usize>)>, names: &(String, String), each: &mut F, mut row: Vec<String>) {
+    fn row(
+        columns: &mut Option<(Option<usize>, Option<usize>)>,
+        names: &(String, String),
+        each: &mut F,
+        mut row: Vec<String>,
+    ) {
         match *columns {
             None => {
                 let at = |name: &str| row.iter().position(|c| c == name);
@@ -639,7 +655,10 @@ impl Sink {
         let fail = |e: crate::client::Error| from_client(&e, self.quota_pause);
         let body = || plan.body();
         let upload = Upload(&body);
-        self.client.call_raw("bulk", Method::PUT, &format!("{path}/batches"), Body::CsvStream(&upload)).await.map_err(fail)?;
+        self.client
+            .call_raw("bulk", Method::PUT, &format!("{path}/batches"), Body::CsvStream(&upload))
+            .await
+            .map_err(fail)?;
         self.client.call("bulk", Method::PATCH, path, Some(&json!({"state": "UploadComplete"}))).await.map_err(fail)?;
         let started = Instant::now();
         let mut wait = self.bulk.poll / 4;

@@ -4,8 +4,9 @@
 //! batch is small and one request per batch would spend a call on a few orders. Instead the
 //! graphs of the batches in flight board one "train" that departs as one request when every
 //! partition that rode within the last second (and is not on a train still out) has boarded,
-//! when its nodes reach Salesforce's
-//! 500, or at the latest `ELO_SALESFORCE_GRAPH_LINGER` after its first graph boarded. After a
+//! when its nodes reach Salesforce's 500 (a batch whose graphs do not all fit fills the train
+//! and rides on in the next one, so backlog requests leave full), or at the latest
+//! `ELO_SALESFORCE_GRAPH_LINGER` after its first graph boarded. After a
 //! quiet spell nobody is expected and the first graph leaves at once (a lone order pays no
 //! linger). On a busy stream the partitions' batches thus go out together, and the runtime's
 //! busy linger (`ELO_SALESFORCE_BUSY_LINGER`, applied before a busy partition's batch is
@@ -25,13 +26,22 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Sink, Verdict};
-use crate::graph::{self, GraphPlan, MAX_NODES};
+use crate::graph::{self, GraphPlan, MAX_GRAPHS, MAX_NODES};
 
 type Verdicts = Vec<(usize, Verdict)>;
 
 struct Rider {
     graphs: Range<usize>,
     reply: oneshot::Sender<Verdicts>,
+}
+
+/// A batch's place on one train.
+struct Seat {
+    id: u64,
+    due: Instant,
+    /// The train may leave now (full, or every partition expected has boarded).
+    ready: bool,
+    rx: oneshot::Receiver<Verdicts>,
 }
 
 struct Train {
@@ -104,50 +114,60 @@ impl Pool {
         Self { state: Mutex::default(), linger }
     }
 
-    /// Boards `graphs` of `partition`; returns the train's id, its due time and whether it is
-    /// ready to leave now, and a train that had to leave first because these graphs would
-    /// have taken it past 500 nodes.
-    fn board(
-        &self,
-        partition: i32,
-        graphs: Vec<GraphPlan>,
-        reply: oneshot::Sender<Verdicts>,
-    ) -> (u64, Instant, bool, Option<Train>) {
-        let nodes: usize = graphs.iter().map(GraphPlan::nodes).sum();
+    /// Boards `graphs` of `partition`: as many as fit the boarding train (500 nodes, 75
+    /// graphs); when more are left, that train is full and leaves, and the rest board the
+    /// next one (a backlog's chunks are most of a request each: sending a train as it is
+    /// when a chunk does not fit would leave it a third empty). Returns the seats (the last
+    /// one on the train still boarding) and the full trains this boarding sends off.
+    fn board(&self, partition: i32, graphs: Vec<GraphPlan>) -> (Vec<Seat>, Vec<Train>) {
         let mut state = self.state.lock().expect("pool lock");
         let now = Instant::now();
-        let mut full = None;
-        if state.boarding.as_ref().is_some_and(|t| t.nodes > 0 && t.nodes + nodes > MAX_NODES) {
-            full = state.boarding.take();
-            if let Some(train) = &full {
-                state.departs(train, now);
+        let (mut seats, mut full) = (Vec::new(), Vec::new());
+        let mut graphs = graphs.into_iter().peekable();
+        while graphs.peek().is_some() {
+            if state.boarding.is_none() {
+                let id = state.next_id;
+                state.next_id += 1;
+                state.boarding = Some(Train {
+                    id,
+                    due: now + self.linger,
+                    partitions: BTreeSet::new(),
+                    graphs: Vec::new(),
+                    nodes: 0,
+                    riders: Vec::new(),
+                });
+            }
+            let mut train = state.boarding.take().expect("a train is boarding");
+            let first = train.graphs.len();
+            while let Some(g) = graphs.peek() {
+                let fits = train.nodes + g.nodes() <= MAX_NODES && train.graphs.len() < MAX_GRAPHS;
+                // An empty train takes any graph (the builder keeps graphs within 500 nodes).
+                if !fits && !train.graphs.is_empty() {
+                    break;
+                }
+                let mut g = graphs.next().expect("peeked");
+                train.nodes += g.nodes();
+                g.rename(format!("g{}", train.graphs.len()));
+                train.graphs.push(g);
+            }
+            if train.graphs.len() > first {
+                let (reply, rx) = oneshot::channel();
+                train.partitions.insert(partition);
+                train.riders.push(Rider { graphs: first..train.graphs.len(), reply });
+                seats.push(Seat { id: train.id, due: train.due, ready: false, rx });
+            }
+            if graphs.peek().is_some() {
+                state.departs(&train, now);
+                full.push(train);
+            } else {
+                let ready = train.nodes >= MAX_NODES || state.complete(&train, now);
+                if let Some(seat) = seats.last_mut().filter(|s| s.id == train.id) {
+                    seat.ready = ready;
+                }
+                state.boarding = Some(train);
             }
         }
-        if state.boarding.is_none() {
-            let id = state.next_id;
-            state.next_id += 1;
-            state.boarding = Some(Train {
-                id,
-                due: now + self.linger,
-                partitions: BTreeSet::new(),
-                graphs: Vec::new(),
-                nodes: 0,
-                riders: Vec::new(),
-            });
-        }
-        let mut train = state.boarding.take().expect("a train is boarding");
-        let first = train.graphs.len();
-        for mut g in graphs {
-            g.rename(format!("g{}", train.graphs.len()));
-            train.graphs.push(g);
-        }
-        train.nodes += nodes;
-        train.partitions.insert(partition);
-        train.riders.push(Rider { graphs: first..train.graphs.len(), reply });
-        let ready = train.nodes >= MAX_NODES || state.complete(&train, now);
-        let (id, due) = (train.id, train.due);
-        state.boarding = Some(train);
-        (id, due, ready, full)
+        (seats, full)
     }
 
     /// Takes train `id` if it is still boarding.
@@ -176,14 +196,10 @@ impl Sink {
             return out;
         }
         let records: Vec<usize> = graphs.iter().flat_map(|g| g.records.iter().copied()).collect();
-        let (reply, mut rx) = oneshot::channel();
-        let (id, due, ready, full) = self.pool.board(partition, graphs, reply);
-        let leave_full = async {
-            if let Some(train) = full {
-                self.depart(train).await;
-            }
-        };
-        let own = async {
+        let (seats, full) = self.pool.board(partition, graphs);
+        let leave_full = futures::future::join_all(full.into_iter().map(|train| self.depart(train)));
+        let riding = futures::future::join_all(seats.into_iter().map(|seat| async move {
+            let Seat { id, due, ready, mut rx } = seat;
             if !ready {
                 tokio::select! {
                     result = &mut rx => return result.ok(),
@@ -194,12 +210,26 @@ impl Sink {
                 self.depart(train).await;
             }
             rx.await.ok()
-        };
-        let ((), verdicts) = tokio::join!(leave_full, own);
-        verdicts.unwrap_or_else(|| {
-            let error = HandlerError::transient("graph_pool", "the request carrying these records was abandoned");
-            records.into_iter().map(|i| (i, Verdict::failed(error.clone()))).collect()
-        })
+        }));
+        let (_, seats) = tokio::join!(leave_full, riding);
+        let mut out = Vec::with_capacity(records.len());
+        for verdicts in seats {
+            match verdicts {
+                Some(verdicts) => out.extend(verdicts),
+                None => {
+                    // Lost with its train: this batch's records are failed transiently (the
+                    // runtime retries them; verdicts already given stand).
+                    let error =
+                        HandlerError::transient("graph_pool", "the request carrying these records was abandoned");
+                    let given: BTreeSet<usize> = out.iter().map(|(i, _)| *i).collect();
+                    out.extend(
+                        records.iter().filter(|i| !given.contains(i)).map(|i| (*i, Verdict::failed(error.clone()))),
+                    );
+                    return out;
+                }
+            }
+        }
+        out
     }
 
     /// Sends a train (one request unless its riders took it past the limits) and hands each
