@@ -449,7 +449,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     let sink = handler::Sink::new(client, mapping, org, quota_pause)
                         .with_confirmations(confirmations)
                         .with_bulk(bulk)
-                        .with_graph_linger(graph_linger);
+                        .with_graph_linger(graph_linger)
+                        .with_stop(shutdown.clone());
                     let _ = cell.set(sink);
                 }
                 Ok(None) => {}

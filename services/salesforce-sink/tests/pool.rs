@@ -105,3 +105,24 @@ async fn a_chunk_that_overflows_a_train_fills_it_and_rides_on_in_the_next() {
     }
     assert_eq!(graph_calls() - before, 2, "900 nodes in three chunks of 300: two full requests");
 }
+
+/// A graph waiting for company leaves as soon as the service stops (the drain should not
+/// sit out the linger).
+#[tokio::test]
+async fn a_waiting_graph_leaves_when_the_service_stops() {
+    let (_app, url) = serve(SalesforceConfig::default()).await;
+    let linger = Duration::from_secs(5);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sink =
+        sink(&url, Mapping::default().resolve().unwrap()).await.with_graph_linger(linger).with_stop(stop.clone());
+    // Partition 9 busy: partition 0's graph waits for it.
+    assert!(sink.apply_partition(9, &batch(0..6)).await.iter().all(|v| v.result.is_ok()));
+    let started = Instant::now();
+    let events = batch(6..12);
+    let (verdicts, ()) = tokio::join!(sink.apply_partition(0, &events), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(verdicts.iter().all(|v| v.result.is_ok()), "sent, not dropped");
+    assert!(started.elapsed() < linger / 2, "waited {:?} after the stop", started.elapsed());
+}

@@ -214,8 +214,7 @@ async fn a_bulk_batch_read_in_chunks_keeps_the_newest_versions_and_one_row_per_c
     let bulk = BulkSettings { min_records: 50, poll: Duration::from_millis(5), timeout: Duration::from_secs(30) };
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
     // Registered customers only (n % 97 is the customer: each has orders in every chunk).
-    let mut events: Vec<CommerceEvent> =
-        (0..900).filter(|n| n % 3 != 2).map(|n| order(n, "pending", 0)).collect();
+    let mut events: Vec<CommerceEvent> = (0..900).filter(|n| n % 3 != 2).map(|n| order(n, "pending", 0)).collect();
     // Order of events[3]: a newer version (activated) in the third chunk, an older one after it.
     let mut newer = events[3].clone();
     newer.order.as_mut().unwrap().status = "processing".into();

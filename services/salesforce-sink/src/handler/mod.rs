@@ -179,7 +179,15 @@ impl Sink {
     /// Lets graphs wait up to `linger` for other batches' graphs to share a request (see
     /// `handler/pool.rs`); zero sends each batch's requests at once.
     pub fn with_graph_linger(mut self, linger: Duration) -> Self {
+        let stop = self.pool.stop.clone();
         self.pool = pool::Pool::new(linger);
+        self.pool.stop = stop;
+        self
+    }
+
+    /// Graphs waiting for company leave at once when `stop` fires (the service's shutdown).
+    pub fn with_stop(mut self, stop: tokio_util::sync::CancellationToken) -> Self {
+        self.pool.stop = stop;
         self
     }
 

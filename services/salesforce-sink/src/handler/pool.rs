@@ -24,6 +24,7 @@ use std::time::Duration;
 use elo_kafka::HandlerError;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::{Sink, Verdict};
 use crate::graph::{self, GraphPlan, MAX_GRAPHS, MAX_NODES};
@@ -106,12 +107,14 @@ impl Drop for Landing<'_> {
 pub(super) struct Pool {
     state: Mutex<State>,
     linger: Duration,
+    /// The service's stop signal: a graph waiting for company leaves at once when it fires.
+    pub(super) stop: CancellationToken,
 }
 
 impl Pool {
     /// `linger`: the longest a graph waits for company (zero: every batch sends its own).
     pub(super) fn new(linger: Duration) -> Self {
-        Self { state: Mutex::default(), linger }
+        Self { state: Mutex::default(), linger, stop: CancellationToken::new() }
     }
 
     /// Boards `graphs` of `partition`: as many as fit the boarding train (500 nodes, 75
@@ -204,6 +207,8 @@ impl Sink {
                 tokio::select! {
                     result = &mut rx => return result.ok(),
                     _ = tokio::time::sleep_until(due) => {}
+                    // Stopping: nobody else is coming, and the drain should not wait.
+                    _ = self.pool.stop.cancelled() => {}
                 }
             }
             if let Some(train) = self.pool.take(id) {
