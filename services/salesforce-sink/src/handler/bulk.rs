@@ -561,6 +561,8 @@ impl Sink {
 
     /// Runs the batch's jobs in order; every planned record gets its verdict.
     pub async fn bulk_run(&self, batch: &mut BulkBatch) {
+        // Every chunk is prepared: the newest versions are no longer needed.
+        batch.newest = HashMap::new();
         let mut outcome = Outcome::default();
         for job in &mut batch.jobs {
             let plan = match job.upload(&outcome.failed) {
