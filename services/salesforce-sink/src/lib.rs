@@ -8,7 +8,8 @@
 //! - [`mapping`]: the mapping file, its defaults and the startup check against describe.
 //! - [`graph`]: Composite Graph requests from a batch (≤ 500 nodes, ≤ 75 graphs).
 //! - [`handler`]: the batch: staleness, products (`handler/products.rs`), Composite Graph
-//!   calls (`handler/composite.rs`), Bulk API 2.0 for backlogs (`handler/bulk.rs`), errors by
+//!   calls (`handler/composite.rs`), Bulk API 2.0 for backlogs (`handler/bulk.rs`, its CSV
+//!   spool, upload and results in `handler/bulk_csv.rs`), errors by
 //!   class, erasure (`handler/erasure.rs`), a second key for one person (`handler/alias.rs`), and
 //!   the confirmed versions and ids in a `StateStore` (`handler/state.rs`).
 //! - [`quota`]: the reserve left to other integrations and the hours-left forecast.

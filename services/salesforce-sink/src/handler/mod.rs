@@ -31,6 +31,7 @@ use crate::mapping::{AccountMode, Resolved};
 
 mod alias;
 mod bulk;
+mod bulk_csv;
 mod composite;
 mod erasure;
 mod pool;
