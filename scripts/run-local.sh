@@ -40,6 +40,8 @@ export ELO_SALESFORCE_LOGIN_URL="${ELO_SALESFORCE_LOGIN_URL:-http://${ELO_SANDBO
 export ELO_RDSTATION_URL="${ELO_RDSTATION_URL:-http://${ELO_SANDBOX_RDSTATION_LISTEN:-127.0.0.1:8703}}"
 # Locally (no secret files, loopback RD) the sink gets its authorization code from the sandbox.
 export ELO_RDSTATION_SANDBOX_CONTROL="${ELO_RDSTATION_SANDBOX_CONTROL:-http://${ELO_SANDBOX_CONTROL_LISTEN:-127.0.0.1:8700}}"
+# The sandbox's RD account starts with the run: no earlier process spent its budget.
+export ELO_RDSTATION_START_HOLD="${ELO_RDSTATION_START_HOLD:-0s}"
 
 # The reconciler serves the daily report and the live flow diagram, and asks the other
 # services' admin ports for their health and counts.

@@ -79,7 +79,8 @@ mkdir -p "$DATA/tansu"
 PIDS+=($!)
 wait_port "$KAFKA_PORT" tansu
 
-REGISTRY_BIN="${ELO_REGISTRY_BIN:-$ROOT/target/debug/schema-registry}"
+# The registry cargo built (debug profile), wherever CARGO_TARGET_DIR puts builds.
+REGISTRY_BIN="${ELO_REGISTRY_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/schema-registry}"
 setsid "$REGISTRY_BIN" --listen "127.0.0.1:$REGISTRY_PORT" --admin-listen 127.0.0.1:0 \
   --data-file "$DATA/registry.json" >"$DATA/schema-registry.log" 2>&1 &
 PIDS+=($!)

@@ -541,6 +541,8 @@ pub fn rdstation_sink(dir: &Path, topic: &str, group: &str, rd_url: &str, rules:
         .env("ELO_RDSTATION_RULES_FILE", rules)
         .env("ELO_RDSTATION_RULES_RELOAD_INTERVAL", "1s")
         .env("ELO_RDSTATION_CONTACTS_PER_MINUTE", "30000")
+        // Each test's RD account is fresh: no previous process spent its budget.
+        .env("ELO_RDSTATION_START_HOLD", "0s")
         .env("ELO_DRAIN_TIMEOUT", "10s")
         // A killed member's session ends quickly (Tansu 0.6 strands the partitions of a member
         // killed while another is active: restart after its session timed out).

@@ -6,6 +6,7 @@
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
+use elo_integration_tests::proxy::{CountingProxy, counting_proxy, max_in_window};
 use elo_integration_tests::{rd_refresh_token, serve_rdstation};
 use elo_kafka::ErrorClass;
 use rdstation_sink::aggregates::CustomerState;
@@ -94,22 +95,138 @@ async fn a_429_is_a_rate_limit_with_rd_retry_after() {
 }
 
 #[tokio::test]
-async fn the_budget_spaces_contact_requests_but_not_events() {
+async fn the_budget_holds_contact_requests_to_its_limit_per_window_but_not_events() {
     let (rd, url) = serve_rdstation(RdConfig { contacts_per_minute: 10_000, ..RdConfig::default() }).await;
-    // 600/min = one request per 100 ms, burst of one.
-    let client = client(&rd, &url, 600).await;
-    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
-    let started = Instant::now();
+    let client = client(&rd, &url, 5).await;
     for _ in 0..5 {
         client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
     }
-    let spent = started.elapsed();
-    assert!(spent >= Duration::from_millis(450), "5 contact requests after one took {spent:?}");
+    let error = client
+        .only_if_free()
+        .request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::BudgetSpent), "a sixth contact request in the minute: {error}");
     let started = Instant::now();
     for _ in 0..5 {
         let _ = client.request(Method::GET, "/platform/segmentations", None, Budget::None).await;
     }
-    assert!(started.elapsed() < Duration::from_millis(400), "unbudgeted requests are not spaced");
+    assert!(started.elapsed() < Duration::from_secs(5), "unbudgeted requests do not wait for the budget");
+}
+
+/// The client's calls to the simulator go through a counting proxy (`per_minute` budget).
+async fn proxied(per_minute: u32, rd_limit: usize, concurrency: usize) -> (RdStationApp, CountingProxy, RdClient) {
+    let (rd, url) = serve_rdstation(RdConfig { contacts_per_minute: rd_limit, ..RdConfig::default() }).await;
+    let proxy = counting_proxy(&url).await;
+    let refresh = rd_refresh_token(&rd, &proxy.url).await;
+    let client = RdClient::with_concurrency(
+        RdSettings {
+            base_url: proxy.url.clone(),
+            client_id: "elo-rd-client".into(),
+            client_secret: "elo-rd-secret".into(),
+            refresh_token: Some(refresh),
+            sandbox_control: None,
+            contacts_per_minute: NonZeroU32::new(per_minute).unwrap(),
+            request_timeout: Duration::from_secs(20),
+        },
+        concurrency,
+    )
+    .unwrap();
+    (rd, proxy, client)
+}
+
+/// M3: RD's 429 pauses the whole account, not only the call that got it: no request (contact
+/// or event, waiting or not) reaches RD again before its `Retry-After`.
+#[tokio::test]
+async fn a_429_pauses_every_request_of_the_account_for_its_retry_after() {
+    let (_rd, proxy, client) = proxied(6000, 2, 8).await;
+    for _ in 0..2 {
+        client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    }
+    let error = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap_err();
+    let Error::RateLimited { retry_after: Some(after) } = error else { panic!("expected a 429, got {error}") };
+    assert!(after >= Duration::from_secs(2), "RD asks to wait {after:?}");
+    assert_eq!(proxy.calls(), 3);
+    // A batch's contact write does not go out: it is deferred.
+    let batch = client.without_waiting();
+    let result = batch.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await;
+    assert!(matches!(result, Err(Error::BudgetSpent)), "a non-waiting contact request during the pause: {result:?}");
+    // A waiting one, and an event, wait for the pause instead of meeting another 429.
+    let waiting = client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts);
+    assert!(tokio::time::timeout(Duration::from_secs(1), waiting).await.is_err(), "a contact request went out");
+    let event = client.request(Method::GET, "/platform/segmentations", None, Budget::None);
+    assert!(tokio::time::timeout(Duration::from_secs(1), event).await.is_err(), "an event went out");
+    assert_eq!(proxy.calls(), 3, "nothing reached RD during its Retry-After: {:?}", proxy.log());
+}
+
+/// M4: counted where RD counts (at the proxy, on arrival), the account never exceeds its
+/// budget in any rolling minute, even when requests admitted by the budget queue behind a
+/// slow one (one connection; the first answer takes 5 s). Takes a little over a minute: a
+/// window has to be filled and passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rd_never_sees_more_than_the_budget_in_a_rolling_minute_when_requests_queue() {
+    const BUDGET: u32 = 60;
+    const REQUESTS: usize = 62;
+    let (_rd, proxy, client) = proxied(BUDGET, 10_000, 1).await;
+    proxy.hold(1, Duration::from_secs(5));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, done) = (client.clone(), done.clone());
+            tokio::spawn(async move {
+                while done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < REQUESTS {
+                    client.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let arrivals: Vec<Instant> = proxy.log().iter().map(|c| c.at).collect();
+    assert_eq!(arrivals.len(), REQUESTS);
+    let most = max_in_window(&arrivals, Duration::from_secs(60));
+    assert!(most <= BUDGET as usize, "RD saw {most} contact requests in a rolling minute (budget {BUDGET})");
+}
+
+/// M5: the sweep reserves a contact's requests before it takes the partition's lock; a
+/// contact needing more than it reserved (a batch changed it meanwhile) must not wait for the
+/// budget under the lock: it fails at once (the contact stays deferred), with nothing sent.
+#[tokio::test]
+async fn the_sweeps_client_never_waits_for_the_budget_beyond_its_reservation() {
+    let (_rd, proxy, client) = proxied(1, 10_000, 8).await;
+    let sweep = client.reserving();
+    sweep.reserve().await;
+    sweep.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts).await.unwrap();
+    let more = sweep.request(Method::GET, "/platform/contacts/fields", None, Budget::Contacts);
+    match tokio::time::timeout(Duration::from_secs(5), more).await {
+        Ok(Err(Error::BudgetSpent)) => {}
+        Ok(other) => panic!("expected BudgetSpent, got {other:?}"),
+        Err(_) => panic!("the sweep waited for the budget (a minute at 1/min) while holding the lock"),
+    }
+    assert_eq!(proxy.calls(), 1);
+}
+
+/// M8: a contact write that RD may have applied (sent, then a 5xx) counts against the
+/// contact's budget: the client reports it sent, whatever the answer.
+#[tokio::test]
+async fn a_contact_write_that_failed_after_it_was_sent_still_counts() {
+    let (rd, proxy, client) = proxied(6000, 10_000, 8).await;
+    let patch = sandbox::faults::FaultConfig { error_rate: 1.0, ..Default::default() };
+    let faults = sandbox::faults::FaultConfig {
+        endpoints: [("PATCH /platform/contacts/{id}".to_owned(), patch)].into(),
+        ..Default::default()
+    };
+    rd.faults.set("rdstation", faults);
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    let aggregate = state.aggregate(rdstation_sink_now());
+    let desired = contacts::desired(&state, &aggregate, &Rules::default().evaluate(&aggregate));
+    let batch = client.without_waiting();
+    let error = contacts::sync(&batch, &mut state, &desired, &|_| Box::pin(async { Ok(()) })).await.unwrap_err();
+    assert_eq!(error.class(), ErrorClass::Transient, "{error}");
+    assert_eq!(proxy.log().iter().filter(|c| c.method == "PATCH").count(), 1);
+    assert_eq!(batch.writes_sent(), 1, "the failed PATCH counts: RD may have applied it");
 }
 
 fn rules() -> Rules {

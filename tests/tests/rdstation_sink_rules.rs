@@ -461,3 +461,59 @@ async fn records_after_a_refused_one_of_the_same_customer_are_worked_after_it_is
     assert_eq!(events_of(&rd, "PK00001"), 0, "RD refused the first order's event");
     assert!(log(dir.path(), "sink").contains("parked"), "the refused record was parked:\n{}", log(dir.path(), "sink"));
 }
+
+/// New rules written while the sink is down (or a rules pass a restart or rebalance cut
+/// short) reach every contact after the restart, without any new event: each partition's
+/// state records the rules applied to it, and a restore finding other rules runs the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_changed_while_the_sink_was_down_are_applied_after_the_restart() {
+    const PEOPLE: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let (rd, rd_url) = serve_rdstation(RdConfig { contacts_per_minute: 1_000_000, ..RdConfig::default() }).await;
+    write_rd_credentials(dir.path(), &rd, &rd_url).await;
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"all\"\ntags = [\"wave-one\"]\n").unwrap();
+    let topic = unique("e2e.rd-restart-rules.commerce");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let codec = EventCodec::new(&RegistryConfig::local(registry_url())).unwrap();
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut records = Vec::new();
+    for c in 0..PEOPLE {
+        let event = rd_order("restartrules", 95_000, c, c, at);
+        records.push((event.customer_key.clone(), codec.encode(&topic, &event).await.unwrap()));
+    }
+    produce(&producer(&brokers()), &topic, &records).await;
+    let all_tagged = |tag: &str| {
+        let contacts = snapshot(&rd);
+        contacts.len() == PEOPLE && contacts.values().all(|(tags, _, _)| tags.contains(tag))
+    };
+
+    let group = unique("e2e.rd-restart-rules.group");
+    let mut sink =
+        ChildGuard::spawn("rdstation-sink", &mut rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink"));
+    let first = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink"));
+        all_tagged("wave-one")
+    })
+    .await;
+    assert!(first, "the first rules never landed:\n{}", log(dir.path(), "sink"));
+    sink.signal("TERM");
+    assert!(sink.wait_timeout(Duration::from_secs(30)).is_some(), "the sink did not stop");
+
+    std::fs::write(&rules, "[[rule]]\nname = \"all\"\ntags = [\"wave-two\"]\n").unwrap();
+    let mut sink =
+        ChildGuard::spawn("rdstation-sink", &mut rdstation_sink(dir.path(), &topic, &group, &rd_url, &rules, "sink2"));
+    let second = wait_until(Duration::from_secs(90), || {
+        assert!(sink.child.try_wait().unwrap().is_none(), "the sink exited:\n{}", log(dir.path(), "sink2"));
+        all_tagged("wave-two")
+    })
+    .await;
+    assert!(
+        second,
+        "the new rules never reached the contacts after the restart: {:?}\n{}",
+        snapshot(&rd),
+        log(dir.path(), "sink2")
+    );
+    // Elo's own old tag is gone, as with a reload without restart.
+    assert!(snapshot(&rd).values().all(|(tags, _, _)| !tags.contains("wave-one")), "{:?}", snapshot(&rd));
+}

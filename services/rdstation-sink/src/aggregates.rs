@@ -85,6 +85,16 @@ pub struct CustomerState {
     /// (the sweep lands it) and not tried before this time, while the customer's events flow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub contact_not_before_ms: Option<i64>,
+    /// RD refused (4xx) the contact as Elo wanted it then: that contact's fingerprint
+    /// ([`crate::contacts::fingerprint`]). The same contact is not sent again (not by a batch,
+    /// not by a sweep) until something changes it: new data or new rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
+    /// Only on a partition's rules marker ([`crate::handler::RULES_MARKER`]): the fingerprint
+    /// ([`crate::rules::Rules::fingerprint`]) of the rules last applied to every contact of
+    /// the partition, so a pass cut short by a restart or a rebalance is run after the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_applied: Option<u64>,
 }
 
 /// Whether an event changed the state.
@@ -113,6 +123,17 @@ impl CustomerState {
     /// Whether the contact may be written at `now_ms` (no 429 asked to wait past it).
     pub fn contact_writable(&self, now_ms: i64) -> bool {
         self.contact_not_before_ms.is_none_or(|t| now_ms >= t)
+    }
+
+    /// When the contact may be written next (never before `now_ms`): once its per-contact
+    /// budget (`per_contact` writes in any `window_ms`) has room and no 429 asks to wait.
+    pub fn writable_at(&self, per_contact: usize, window_ms: i64, now_ms: i64) -> i64 {
+        let per_contact = per_contact.max(1);
+        let mut recent: Vec<i64> = self.writes_ms.iter().copied().filter(|t| now_ms - t < window_ms).collect();
+        recent.sort_unstable();
+        // The write that must leave the window for the count to drop below the budget.
+        let budget = if recent.len() >= per_contact { recent[recent.len() - per_contact] + window_ms } else { now_ms };
+        budget.max(self.contact_not_before_ms.unwrap_or(now_ms)).max(now_ms)
     }
 
     /// Folds one event in; idempotent (the same event twice is the same as once).
@@ -232,6 +253,21 @@ mod tests {
     use elo_events::sample;
 
     use super::*;
+
+    #[test]
+    fn a_contact_over_its_budget_is_writable_when_its_oldest_counted_write_leaves_the_window() {
+        let state = CustomerState { writes_ms: vec![5_000, 1_000, 3_000], ..CustomerState::default() };
+        // 3 per 10 s: full until the oldest (1 s) leaves at 11 s.
+        assert_eq!(state.writable_at(3, 10_000, 6_000), 11_000);
+        // 4 per 10 s: room now.
+        assert_eq!(state.writable_at(4, 10_000, 6_000), 6_000);
+        // 2 per 10 s: the second oldest (3 s) must leave too.
+        assert_eq!(state.writable_at(2, 10_000, 6_000), 13_000);
+        // A 429's wait counts too, and writes out of the window do not.
+        let waiting = CustomerState { contact_not_before_ms: Some(20_000), ..state };
+        assert_eq!(waiting.writable_at(3, 10_000, 6_000), 20_000);
+        assert_eq!(waiting.writable_at(3, 10_000, 30_000), 30_000);
+    }
 
     #[test]
     fn replays_and_stale_versions_change_nothing() {

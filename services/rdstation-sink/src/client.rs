@@ -4,9 +4,8 @@
 //!
 //! Every call is sent once ([`HttpClient::send_once`]): the consumer runtime owns retries
 //! (classified, with backoff, honouring `Retry-After`), and a retry inside the client would
-//! spend contact budget behind the limiter's back. The budget is a GCRA limiter with a burst
-//! of one, so the requests of any 60 s window stay under the plan's limit (RD counts in a
-//! sliding window; a burst at the start of a window would be counted again in the next one).
+//! spend contact budget behind the limiter's back. The budget ([`crate::budget`]) counts
+//! contact requests as RD sees them, in a rolling window; a 429 pauses it for every request.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -17,12 +16,18 @@ use std::time::Duration;
 
 use elo_http_client::{HttpClient, HttpClientConfig};
 use elo_kafka::{ErrorClass, HandlerError};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::Method;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::{Mutex, RwLock, Semaphore};
 
+use crate::budget::{AccountBudget, Slot};
 use crate::metrics;
+
+/// The window of the per-account budget (RD counts contact requests per minute).
+const BUDGET_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long the account waits after a 429 that named no `Retry-After` (at most one window).
+pub const RETRY_AFTER_UNSAID: Duration = Duration::from_secs(60);
 
 /// Failures of an RD Station call, by what the caller should do about them.
 #[derive(Debug, thiserror::Error)]
@@ -165,13 +170,28 @@ impl RdSettings {
 #[derive(Clone)]
 pub struct RdClient {
     inner: Arc<Inner>,
-    /// Contact requests wait for the budget (`true`) or fail with [`Error::BudgetSpent`].
-    wait_for_budget: bool,
-    /// A non-waiting client's contact request may queue behind up to this many others.
-    queue: u32,
-    /// Budget cells taken by [`RdClient::reserve`] and not used yet; shared by clones, fresh
-    /// for each [`RdClient::reserving`] client (so one contact's reservation is its own).
-    credits: Arc<AtomicU32>,
+    /// How a contact request takes the budget.
+    mode: Mode,
+    /// Slots taken by [`RdClient::reserve`] and not used yet; shared by clones, fresh for
+    /// each [`RdClient::reserving`] client (so one contact's reservation is its own).
+    credits: Arc<std::sync::Mutex<Vec<Slot>>>,
+    /// Contact writes (budgeted, not `GET`) this client sent, answered or not: RD may have
+    /// applied any of them, so the per-contact budget counts them all. Fresh for each
+    /// non-waiting or reserving client (one per contact sync).
+    writes_sent: Arc<AtomicU32>,
+}
+
+/// How a contact request takes the account budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Waits for a slot.
+    Wait,
+    /// Takes a free slot, or queues behind at most this many others, else
+    /// [`Error::BudgetSpent`].
+    Queue(u32),
+    /// Uses its reserved slots first, then only a slot free at this instant, never waiting
+    /// (the sweep, which holds a partition's lock while it writes).
+    Reserved,
 }
 
 struct Inner {
@@ -180,7 +200,11 @@ struct Inner {
     access_token: RwLock<Option<String>>,
     refresh_token: RwLock<Option<String>>,
     refreshing: Mutex<()>,
-    budget: DefaultDirectRateLimiter,
+    budget: Arc<AccountBudget>,
+    /// RD requests in flight. Taken before the budget slot, so a slot is never held while a
+    /// request queues for the connection (the HTTP client's own cap is set above this one
+    /// and never makes a request wait once it holds its slot).
+    permits: Semaphore,
     /// Requests of non-waiting clients queued for the budget.
     queued: AtomicU32,
 }
@@ -196,13 +220,12 @@ impl RdClient {
     /// events/s could go out, whatever the customer concurrency (the bench's bottleneck).
     pub fn with_concurrency(settings: RdSettings, max_concurrency: usize) -> Result<Self> {
         let mut config = HttpClientConfig::new("rdstation");
-        config.max_concurrency = max_concurrency.max(1);
+        // Room above our own permits for the token refreshes (sent without one).
+        config.max_concurrency = max_concurrency.max(1) + 4;
         config.request_timeout = settings.request_timeout;
         config.max_attempts = 1;
         let http = HttpClient::new(config).map_err(|e| Error::Setup(e.to_string()))?;
-        let period = Duration::from_secs(60) / settings.contacts_per_minute.get();
-        let budget =
-            RateLimiter::direct(Quota::with_period(period).expect("positive period").allow_burst(NonZeroU32::MIN));
+        let budget = AccountBudget::new(settings.contacts_per_minute.get() as usize, BUDGET_WINDOW);
         metrics::BUDGET_LIMIT.set(i64::from(settings.contacts_per_minute.get()));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -212,12 +235,17 @@ impl RdClient {
                 settings,
                 refreshing: Mutex::new(()),
                 budget,
+                permits: Semaphore::new(max_concurrency.max(1)),
                 queued: AtomicU32::new(0),
             }),
-            wait_for_budget: true,
-            queue: QUEUE_WITHOUT_WAITING,
+            mode: Mode::Wait,
             credits: Arc::default(),
+            writes_sent: Arc::default(),
         })
+    }
+
+    fn with_mode(&self, mode: Mode) -> Self {
+        Self { inner: self.inner.clone(), mode, credits: Arc::default(), writes_sent: Arc::default() }
     }
 
     /// The same client, but a contact request finding the budget spent (and already
@@ -225,71 +253,113 @@ impl RdClient {
     /// [`Error::BudgetSpent`]: the consumer's batches use it, so e-commerce events never queue
     /// behind contact writes (those are deferred and coalesced).
     pub fn without_waiting(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            wait_for_budget: false,
-            queue: QUEUE_WITHOUT_WAITING,
-            credits: Arc::default(),
-        }
+        self.with_mode(Mode::Queue(QUEUE_WITHOUT_WAITING))
     }
 
     /// A client whose contact requests only take the budget when it has room at this instant
-    /// (no queueing): batches use it while the sweep works through a backlog, so a cell the
-    /// sweep cannot use right away (it waits for a partition's lock) is not lost.
+    /// (no queueing): batches use it while the sweep works through a backlog.
     pub fn only_if_free(&self) -> Self {
-        Self { inner: self.inner.clone(), wait_for_budget: false, queue: 0, credits: Arc::default() }
+        self.with_mode(Mode::Queue(0))
     }
 
-    /// A waiting client with a reservation of its own (empty): the sweep reserves one contact's
-    /// requests on it while the previous contact is being written. Cells it reserves and does
-    /// not use are dropped with it (kept, they would add up to a burst beyond the pace).
+    /// A client with a reservation of its own (empty): the sweep reserves one contact's
+    /// requests on it (waiting) before it takes the partition's lock; under the lock it
+    /// spends them, then only slots free at that instant: it never waits for the budget while
+    /// it holds the lock (a contact needing more than it reserved, because a batch changed it
+    /// meanwhile, stays deferred for the next pass). Slots it does not use are freed with it.
     pub fn reserving(&self) -> Self {
-        Self { inner: self.inner.clone(), wait_for_budget: true, queue: 0, credits: Arc::default() }
+        self.with_mode(Mode::Reserved)
     }
 
     /// Waits until the budget has room and takes one request's worth for a later contact
     /// request of this client, so a background sweep can wait before it takes a lock.
     pub async fn reserve(&self) {
-        self.inner.budget.until_ready().await;
-        self.credits.fetch_add(1, AtomicOrdering::AcqRel);
+        let slot = self.inner.budget.acquire().await;
+        self.credits.lock().expect("credits lock").push(slot);
     }
 
-    /// Takes a reserved cell, if any.
-    fn take_credit(&self) -> bool {
-        self.credits.fetch_update(AtomicOrdering::AcqRel, AtomicOrdering::Acquire, |c| c.checked_sub(1)).is_ok()
+    /// Counts the account's budget as spent for `hold` from now (start-up: a previous process
+    /// may have spent it; see [`AccountBudget::assume_spent_until`]). Zero: no hold.
+    pub fn hold_budget(&self, hold: Duration) {
+        if !hold.is_zero() {
+            self.inner.budget.assume_spent_until(tokio::time::Instant::now() + hold);
+        }
+    }
+
+    /// Contact requests the account allows in a window.
+    pub fn budget_limit(&self) -> u32 {
+        self.inner.settings.contacts_per_minute.get()
+    }
+
+    /// Contact writes this client sent (answered or not).
+    pub fn writes_sent(&self) -> u32 {
+        self.writes_sent.load(AtomicOrdering::Acquire)
     }
 
     /// Takes the budget for one contact request (waiting, or not, as this client does).
-    async fn spend_budget(&self) -> Result<()> {
-        if self.wait_for_budget {
-            if !self.take_credit() {
-                self.inner.budget.until_ready().await;
+    async fn spend_budget(&self) -> Result<Slot> {
+        let slot = match self.mode {
+            Mode::Wait => self.inner.budget.acquire().await,
+            Mode::Reserved => {
+                // A slot reserved before a 429 must not go out into the pause (RD would
+                // answer 429 again): the contact stays deferred and the reservation is freed.
+                if self.inner.budget.paused() {
+                    self.credits.lock().expect("credits lock").clear();
+                    return Err(Error::BudgetSpent);
+                }
+                match self.credits.lock().expect("credits lock").pop() {
+                    Some(slot) => slot,
+                    None => self.inner.budget.try_acquire().ok_or(Error::BudgetSpent)?,
+                }
             }
-        } else if self.inner.budget.check().is_err() {
-            // A short queue may wait (a sync's next request, a light load); beyond it the
-            // budget is spent for now.
-            let place = Queued::join(&self.inner.queued);
-            if place.ahead >= self.queue {
-                return Err(Error::BudgetSpent);
-            }
-            self.inner.budget.until_ready().await;
-        }
+            Mode::Queue(queue) => match self.inner.budget.try_acquire() {
+                Some(slot) => slot,
+                // A 429 pause lasts up to a minute: not a short queue.
+                None if self.inner.budget.paused() => return Err(Error::BudgetSpent),
+                None => {
+                    // A short queue may wait (a sync's next request, a light load); beyond it
+                    // the budget is spent for now.
+                    let place = Queued::join(&self.inner.queued);
+                    if place.ahead >= queue {
+                        return Err(Error::BudgetSpent);
+                    }
+                    self.inner.budget.acquire().await
+                }
+            },
+        };
         metrics::BUDGET_USED.inc();
-        Ok(())
+        Ok(slot)
     }
 
     /// Sends one request; on a 401 refreshes the access token (unless another task already
     /// did) and sends it again, with at most [`TOKENS_PER_REQUEST`] tokens.
     /// Returns the JSON body (`Null` when empty).
+    ///
+    /// Order: a request permit, a token (a refresh happens here, before the budget), the
+    /// budget slot, then the request at once: the slot is held only around the request itself.
     pub async fn request(&self, method: Method, path: &str, body: Option<&Value>, budget: Budget) -> Result<Value> {
         let mut tokens_tried = 0;
         loop {
-            if budget == Budget::Contacts {
-                self.spend_budget().await?;
+            let _permit = self.inner.permits.acquire().await.expect("permits never closed");
+            let mut token = self.access_token().await?;
+            let mut slot = match budget {
+                Budget::Contacts => Some(self.spend_budget().await?),
+                Budget::None => {
+                    self.inner.budget.unpaused().await;
+                    None
+                }
+            };
+            // A wait for the budget may have outlived the token: another task's refresh
+            // replaced it meanwhile (a read, no refresh while holding the slot).
+            if let Some(current) = self.inner.access_token.read().await.clone() {
+                token = current;
             }
-            // The token is read after the budget wait, so a wait does not hand RD a token that
-            // expired meanwhile.
-            let token = self.access_token().await?;
+            if let Some(slot) = slot.as_mut() {
+                slot.sent();
+                if method != Method::GET {
+                    self.writes_sent.fetch_add(1, AtomicOrdering::AcqRel);
+                }
+            }
             let url = format!("{}{}", self.inner.settings.base_url.trim_end_matches('/'), path);
             let result = self
                 .inner
@@ -305,6 +375,7 @@ impl RdClient {
             match result {
                 Ok(response) => {
                     let bytes = response.bytes().await.map_err(|e| Error::Transient(e.to_string()))?;
+                    drop(slot);
                     return Ok(if bytes.is_empty() {
                         Value::Null
                     } else {
@@ -312,6 +383,7 @@ impl RdClient {
                     });
                 }
                 Err(error) => {
+                    drop(slot);
                     let error = classify(&error);
                     // RD answers 401 for expired and for invalid tokens (some integrations only
                     // check one of `expired_token`/`invalid_token`): refresh either way. Not
@@ -321,6 +393,7 @@ impl RdClient {
                     if matches!(&error, Error::Auth { code } if code == "UNAUTHORIZED")
                         && tokens_tried < TOKENS_PER_REQUEST
                     {
+                        drop(_permit);
                         // Only tokens this request had refreshed count: one another task
                         // replaced meanwhile says nothing about our credentials.
                         if self.refresh(&token).await? {
@@ -328,8 +401,10 @@ impl RdClient {
                         }
                         continue;
                     }
-                    if matches!(error, Error::RateLimited { .. }) {
+                    if let Error::RateLimited { retry_after } = &error {
                         metrics::RATE_LIMITED.inc();
+                        // The whole account waits, not only this call.
+                        self.inner.budget.pause(retry_after.unwrap_or(RETRY_AFTER_UNSAID));
                     }
                     return Err(error);
                 }
@@ -447,16 +522,38 @@ mod tests {
         assert!(error_type("not json").is_none());
     }
 
+    fn test_settings() -> RdSettings {
+        RdSettings {
+            base_url: "http://127.0.0.1:9".into(),
+            client_id: "id".into(),
+            client_secret: "secret".into(),
+            refresh_token: Some("refresh".into()),
+            sandbox_control: None,
+            contacts_per_minute: NonZeroU32::new(10).unwrap(),
+            request_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reserved_slot_is_not_spent_into_a_429_pause() {
+        let client = RdClient::new(test_settings()).unwrap().reserving();
+        // The sweep reserved the contact's request before RD's 429 paused the account.
+        client.reserve().await;
+        client.inner.budget.pause(Duration::from_secs(30));
+        assert!(matches!(client.spend_budget().await, Err(Error::BudgetSpent)), "sent into the pause");
+        // The reservation is freed, not kept: the whole budget is there once the pause ends.
+        assert!(client.credits.lock().unwrap().is_empty());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let slots: Vec<_> = (0..10).map_while(|_| client.inner.budget.try_acquire()).collect();
+        assert_eq!(slots.len(), 10);
+    }
+
     #[test]
     fn settings_debug_hides_secrets() {
         let settings = RdSettings {
-            base_url: "http://x".into(),
-            client_id: "id".into(),
             client_secret: "very-secret".into(),
             refresh_token: Some("refresh-secret".into()),
-            sandbox_control: None,
-            contacts_per_minute: NonZeroU32::new(120).unwrap(),
-            request_timeout: Duration::from_secs(5),
+            ..test_settings()
         };
         let text = format!("{settings:?}");
         assert!(!text.contains("very-secret") && !text.contains("refresh-secret"), "{text}");

@@ -90,6 +90,13 @@ pub fn needs_write(state: &CustomerState, desired: &Desired) -> bool {
     planned_requests(state, desired) > 0
 }
 
+/// A stable fingerprint of a desired contact (FNV-1a over its JSON: kept in the state, so it
+/// must not change between builds as `DefaultHasher` may).
+pub fn fingerprint(desired: &Desired) -> u64 {
+    let text = json!([desired.fields, desired.tags, desired.stage]).to_string();
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// Elo's tags the contact should lose.
 pub fn tags_to_remove(state: &CustomerState, desired: &Desired) -> BTreeSet<String> {
     state.applied.owned_tags.difference(&desired.tags).cloned().collect()

@@ -69,7 +69,8 @@ pub async fn run(config: &crate::Config) -> anyhow::Result<()> {
         tokio::task::block_in_place(|| store.restore(partition))?;
         let mut entries = store.entries(partition);
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        for (key, state) in entries {
+        // The partition's rules marker is no contact.
+        for (key, state) in entries.into_iter().filter(|(k, _)| k != crate::handler::RULES_MARKER) {
             total += 1;
             let diff = changes(&state, &rules, now);
             if !diff.is_empty() {

@@ -20,20 +20,19 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
-use elo_events::{CommerceEvent, CommerceEventType, EventCodec, OutcomeStatus, SourceVersion, SyncOutcome};
+use elo_events::{CommerceEvent, EventCodec, OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError, Producer, Record, StateStore};
-use futures::StreamExt;
 use reqwest::Method;
 
-use crate::aggregates::{Change, CustomerState};
+use crate::aggregates::CustomerState;
 use crate::client::{Budget, RdClient};
 use crate::contacts;
 use crate::events::{EventMapping, Sent};
 use crate::metrics;
 use crate::rules::Rules;
 
+mod batch;
 mod contact;
 mod resend;
 mod sweep;
@@ -59,6 +58,9 @@ pub struct Sink {
     fields_checked: AtomicBool,
     fields_lock: tokio::sync::Mutex<()>,
     restored: Mutex<HashSet<i32>>,
+    /// Restored partitions whose contacts the rules in use were not applied to yet (new rules,
+    /// or a restore found the partition's marker naming other rules).
+    rules_pending: Mutex<HashSet<i32>>,
     /// Partitions assigned to this member (restores of others are dropped).
     assigned: Mutex<HashSet<i32>>,
     restoring: Mutex<()>,
@@ -66,7 +68,7 @@ pub struct Sink {
     runtime: Option<tokio::runtime::Handle>,
     /// Customers whose contact update waits for the per-contact budget, so the periodic flush
     /// does not scan every customer.
-    deferred: Mutex<HashSet<(i32, String)>>,
+    deferred: Mutex<HashMap<(i32, String), Deferral>>,
     /// Set when a batch found the account budget spent, until the sweep has gone through the
     /// deferred writes: meanwhile batches never queue for the budget (a contact write takes
     /// only a cell free at that instant, else it is deferred), so their customers' events never
@@ -87,11 +89,36 @@ pub(crate) enum Write<'a> {
 /// An acknowledged event's sent-log write, not awaited yet.
 type SentWrite<'a> = futures::future::BoxFuture<'a, Result<(), HandlerError>>;
 
+/// A contact write waiting for the sweep: not tried before `due_ms` (its per-contact budget
+/// has room, a 429's wait is over, or the backoff after `failures` transient failures ran out).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Deferral {
+    pub due_ms: i64,
+    pub failures: u32,
+}
+
+/// The key of a partition's rules marker in the customers' store (no customer key starts
+/// with a NUL): its state holds only `rules_applied`, no e-mail, so nothing writes it to RD.
+pub const RULES_MARKER: &str = "\u{0}elo:rules-applied";
+
+/// Whether a restored partition's contacts need a rules pass: its marker names no rules, or
+/// other rules than those in use (new rules while the partition was elsewhere, or a pass cut
+/// short by a restart or a rebalance).
+pub(crate) fn needs_rules_pass(marker: Option<&CustomerState>, rules: &Rules) -> bool {
+    marker.and_then(|m| m.rules_applied) != Some(rules.fingerprint())
+}
+
 /// Writes allowed per contact in a sliding window (RD: 24 in 24 h).
 #[derive(Clone, Copy, Debug)]
 pub struct ContactBudget {
     pub per_contact: usize,
     pub window: std::time::Duration,
+}
+
+impl ContactBudget {
+    pub fn window_ms(&self) -> i64 {
+        self.window.as_millis() as i64
+    }
 }
 
 impl Sink {
@@ -124,6 +151,7 @@ impl Sink {
             fields_checked: AtomicBool::new(false),
             fields_lock: tokio::sync::Mutex::new(()),
             restored: Mutex::default(),
+            rules_pending: Mutex::default(),
             assigned: Mutex::default(),
             restoring: Mutex::default(),
             runtime: tokio::runtime::Handle::try_current().ok(),
@@ -152,8 +180,16 @@ impl Sink {
                 false
             }
             Ok(_) => {
+                let now = now_ms();
                 let waiting = self.customers.entries(partition).into_iter().filter(|(_, s)| s.deferred);
-                self.deferred.lock().expect("deferred lock").extend(waiting.map(|(k, _)| (partition, k)));
+                let waiting = waiting.map(|(k, s)| {
+                    let due_ms = s.writable_at(self.budget.per_contact, self.budget.window_ms(), now);
+                    ((partition, k), Deferral { due_ms, failures: 0 })
+                });
+                self.deferred.lock().expect("deferred lock").extend(waiting);
+                if needs_rules_pass(self.customers.get(partition, RULES_MARKER).as_ref(), &self.rules()) {
+                    self.rules_pending.lock().expect("rules pending lock").insert(partition);
+                }
                 self.restored.lock().expect("restored lock").insert(partition);
                 true
             }
@@ -175,7 +211,7 @@ impl Sink {
     /// Checks (and creates) the custom fields once; until that succeeds records wait with the
     /// class of RD's answer (missing fields with creation off wait as `auth`: an operator must
     /// act, nothing is dropped).
-    async fn ensure_fields(&self) -> Result<(), HandlerError> {
+    pub async fn ensure_fields(&self) -> Result<(), HandlerError> {
         if self.fields_checked.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -281,235 +317,9 @@ impl Sink {
             .map_err(|e| kafka_failure("outcome", &e))?;
         Ok(())
     }
-
-    /// One customer's records of a batch, in offset order: fold each into the state, send its
-    /// events (sequentially: the customer's order is RD's order), then sync the contact once.
-    async fn handle_customer(
-        &self,
-        partition: i32,
-        now: i64,
-        key: String,
-        records: Vec<(usize, CommerceEvent)>,
-    ) -> CustomerDone {
-        let indices = records.iter().map(|(i, _)| *i).collect();
-        let mut out =
-            CustomerDone { key, records: indices, done: Vec::new(), failures: Vec::new(), uuid: None, deferred: false };
-        // The state since the last erasure, and the first record that touched it.
-        let mut touched: Option<(usize, CustomerState)> = None;
-        let mut pending: Option<SentWrite<'_>> = None;
-        for (i, event) in records {
-            if event.event_type == CommerceEventType::CustomerErased {
-                if let Some(write) = pending.take()
-                    && let Err(error) = write.await
-                {
-                    out.failures.push((i, error));
-                    return out;
-                }
-                // Anything pending for this key is moot: the person is gone.
-                touched = None;
-                if let Err(error) = self.erase(partition, &out.key, event.occurred_at).await {
-                    out.failures.push((i, error));
-                    return out;
-                }
-                out.done.push((i, event, OutcomeStatus::Applied, Vec::new()));
-                continue;
-            }
-            let (first, state) =
-                touched.get_or_insert_with(|| (i, self.customers.get(partition, &out.key).unwrap_or_default()));
-            if state.before_erasure(&event) {
-                // The person was erased after this happened: nothing of it reaches RD.
-                out.done.push((i, event, OutcomeStatus::SkippedStale, Vec::new()));
-                continue;
-            }
-            if *first < i {
-                metrics::COALESCED.inc();
-            }
-            let change = state.apply(&event);
-            match self.send_events(partition, &event, &mut pending).await {
-                Ok(sent) => {
-                    let status =
-                        if change == Change::Stale { OutcomeStatus::SkippedStale } else { OutcomeStatus::Applied };
-                    out.done.push((i, event, status, sent));
-                }
-                Err(error) => {
-                    out.failures.push((i, error));
-                    break;
-                }
-            }
-        }
-        let logged = async {
-            match pending {
-                Some(write) => write.await,
-                None => Ok(()),
-            }
-        };
-        match touched {
-            Some((first, state)) => {
-                let uuid_before = state.contact_uuid.clone();
-                // The last event's sent-log write and the state write travel together.
-                let (logged, result) =
-                    futures::join!(logged, self.settle(partition, &out.key, state, now, Write::Batch));
-                let settled = self.customers.get(partition, &out.key);
-                out.deferred = settled.as_ref().is_some_and(|s| s.deferred);
-                out.uuid = settled.and_then(|s| s.contact_uuid).or(uuid_before);
-                for error in [logged.err(), result.err()].into_iter().flatten() {
-                    out.failures.push((first, error));
-                }
-            }
-            None => {
-                if let Err(error) = logged.await
-                    && let Some(last) = out.done.last().map(|(i, ..)| *i)
-                {
-                    out.failures.push((last, error));
-                }
-            }
-        }
-        out
-    }
-
-    async fn handle_batch(self: &Arc<Self>, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let started = Instant::now();
-        let Some(partition) = batch.first().map(|r| r.partition) else { return Vec::new() };
-        if !self.ensure_restored(partition).await {
-            let error = HandlerError::transient("state_not_restored", "the partition's state could not be restored");
-            return vec![Err(error); batch.len()];
-        }
-        if let Err(error) = self.ensure_fields().await {
-            return vec![Err(error); batch.len()];
-        }
-        let lock = self.partition_lock(partition);
-        let _guard = lock.lock().await;
-        let now = now_ms();
-        let mut results: Vec<Result<(), HandlerError>> = vec![Ok(()); batch.len()];
-        // Records grouped by customer, in offset order within each; a retriable decode failure
-        // stops the batch there (the runtime retries from it).
-        let mut groups: Vec<(String, Vec<(usize, CommerceEvent)>)> = Vec::new();
-        let mut group_of: HashMap<String, usize> = HashMap::new();
-        let mut stop: Option<usize> = None;
-        for (i, record) in batch.iter().enumerate() {
-            match elo_service::decode_record::<CommerceEvent>(&self.codec, record).await {
-                Ok(event) => {
-                    let g = *group_of.entry(event.customer_key.clone()).or_insert_with(|| {
-                        groups.push((event.customer_key.clone(), Vec::new()));
-                        groups.len() - 1
-                    });
-                    groups[g].1.push((i, event));
-                }
-                Err(error) => {
-                    let retriable = error.class != ErrorClass::Permanent;
-                    results[i] = Err(error);
-                    if retriable {
-                        stop = Some(i);
-                        break;
-                    }
-                }
-            }
-        }
-        // Customers in parallel (bounded), each in order: RD sees every customer's events in
-        // the order they happened, and at most `customer_concurrency` requests of this
-        // partition are in flight (the most a crash can make RD see twice).
-        let customers: Vec<CustomerDone> = futures::stream::iter(groups)
-            .map(|(key, records)| self.handle_customer(partition, now, key, records))
-            .buffer_unordered(self.customer_concurrency.max(1))
-            .collect()
-            .await;
-        let (uuids, deferred, done) = merge(&mut results, customers);
-        let first_failure = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
-        let latency = started.elapsed().as_millis() as i64;
-        let outcomes = done.iter().filter(|(i, ..)| first_failure.is_none_or(|f| *i < f) && results[*i].is_ok()).map(
-            |(i, event, status, sent)| {
-                let mut ids = BTreeMap::new();
-                if let Some(uuid) = uuids.get(&event.customer_key) {
-                    ids.insert("contact_uuid".to_owned(), uuid.clone());
-                }
-                // RD does not hold this contact as the event leaves it yet: the reconciler's
-                // sweep leaves it alone until the deferred-writes pass lands it.
-                if deferred.contains(&event.customer_key) {
-                    ids.insert("contact_deferred".to_owned(), "1".to_owned());
-                }
-                if !sent.is_empty() {
-                    ids.insert("events".to_owned(), sent.join(","));
-                }
-                async move { (*i, self.publish_outcome(event, *status, ids, latency).await) }
-            },
-        );
-        // Concurrently: the producer batches the acknowledgements.
-        for (i, result) in futures::future::join_all(outcomes).await {
-            if let Err(error) = result {
-                results[i] = Err(error);
-            }
-        }
-        if let Some(stop) = stop
-            && let Err(error) = results[stop].clone()
-        {
-            for r in results.iter_mut().skip(stop + 1) {
-                *r = Err(error.clone());
-            }
-        }
-        results
-    }
 }
 
-/// Folds the customers' shares of a batch into the per-record results; returns the contact
-/// uuids by customer key and the records done, in offset order.
-fn merge(
-    results: &mut [Result<(), HandlerError>],
-    customers: Vec<CustomerDone>,
-) -> (BTreeMap<String, String>, HashSet<String>, Vec<Done>) {
-    let mut uuids: BTreeMap<String, String> = BTreeMap::new();
-    let mut deferred: HashSet<String> = HashSet::new();
-    let mut done: Vec<Done> = Vec::new();
-    for customer in customers {
-        if let Some(uuid) = customer.uuid {
-            uuids.insert(customer.key.clone(), uuid);
-        }
-        if customer.deferred {
-            deferred.insert(customer.key.clone());
-        }
-        // A customer stops at its first record that fails; its records after that one were not
-        // processed. They must not read as done (the runtime would commit them when it parks
-        // the failed one): they wait for it as `RateLimited` with no delay, which the runtime
-        // retries from (after parking the failed record, if it does) without spending their
-        // own transient budget and never parks.
-        let reported: HashSet<usize> =
-            customer.done.iter().map(|(i, ..)| *i).chain(customer.failures.iter().map(|(i, _)| *i)).collect();
-        for (i, error) in customer.failures {
-            if results[i].is_ok() {
-                results[i] = Err(error);
-            }
-        }
-        for i in customer.records.into_iter().filter(|i| !reported.contains(i)) {
-            if results[i].is_ok() {
-                results[i] = Err(HandlerError::new(
-                    ErrorClass::RateLimited,
-                    "waiting_for_earlier_record",
-                    "an earlier record of the same customer failed; retried after it",
-                )
-                .with_retry_after(std::time::Duration::ZERO));
-            }
-        }
-        done.extend(customer.done);
-    }
-    done.sort_by_key(|(i, ..)| *i);
-    (uuids, deferred, done)
-}
-
-/// A record done: its index in the batch, the event, its outcome and the RD events sent.
-type Done = (usize, CommerceEvent, OutcomeStatus, Vec<String>);
-
-/// What one customer's share of a batch came to.
-struct CustomerDone {
-    key: String,
-    /// The batch indices of all the customer's records, in offset order.
-    records: Vec<usize>,
-    done: Vec<Done>,
-    failures: Vec<(usize, HandlerError)>,
-    uuid: Option<String>,
-    /// The contact write was deferred (budget spent): RD holds an older contact, or none.
-    deferred: bool,
-}
-
-fn kafka_failure(stage: &str, error: &elo_kafka::Error) -> HandlerError {
+pub(crate) fn kafka_failure(stage: &str, error: &elo_kafka::Error) -> HandlerError {
     HandlerError::new(error.class(), format!("{stage}_{}", error.code()), error.to_string())
 }
 
@@ -552,7 +362,8 @@ impl elo_kafka::Handler for SinkHandler {
         }
         self.0.assigned.lock().expect("assigned lock").remove(&partition);
         self.0.restored.lock().expect("restored lock").remove(&partition);
-        self.0.deferred.lock().expect("deferred lock").retain(|(p, _)| *p != partition);
+        self.0.rules_pending.lock().expect("rules pending lock").remove(&partition);
+        self.0.deferred.lock().expect("deferred lock").retain(|(p, _), _| *p != partition);
         self.0.customers.release(partition);
         self.0.sent.release(partition);
     }
@@ -560,53 +371,24 @@ impl elo_kafka::Handler for SinkHandler {
 
 #[cfg(test)]
 mod tests {
-    use elo_events::sample;
-
     use super::*;
 
-    fn customer(key: &str, records: &[usize], failures: Vec<(usize, HandlerError)>, done: &[usize]) -> CustomerDone {
-        let done =
-            done.iter().map(|i| (*i, sample::order_placed(*i as u64), OutcomeStatus::Applied, Vec::new())).collect();
-        CustomerDone { key: key.into(), records: records.to_vec(), done, failures, uuid: None, deferred: false }
-    }
-
-    /// What the runtime does with the results (elo-kafka `consumer::batch`): the records it
-    /// commits without a retry, those it parks, and where it retries from.
-    fn runtime(results: &[Result<(), HandlerError>]) -> (Vec<usize>, Vec<usize>, Option<usize>) {
-        let cut = results.iter().position(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent));
-        let before = |i: &usize| cut.is_none_or(|c| *i < c);
-        let committed = (0..results.len()).filter(|i| before(i) && results[*i].is_ok()).collect();
-        let parked = (0..results.len()).filter(|i| before(i) && results[*i].is_err()).collect();
-        (committed, parked, cut)
-    }
-
     #[test]
-    fn records_after_a_customers_failure_wait_for_it_and_are_never_committed_unprocessed() {
-        // Customer a's records at 0, 2 and 3; b's at 1. a's first is refused for good: a stops
-        // there, so 2 and 3 were never processed.
-        let refused = HandlerError::permanent("rd_400", "refused");
-        let mut results = vec![Ok(()); 4];
-        merge(
-            &mut results,
-            vec![customer("a", &[0, 2, 3], vec![(0, refused)], &[]), customer("b", &[1], vec![], &[1])],
-        );
-        let (committed, parked, cut) = runtime(&results);
-        assert_eq!(parked, [0], "the refused record is parked");
-        assert_eq!(committed, [1], "only the other customer's record is committed");
-        assert_eq!(cut, Some(2), "a's later records are retried after the park");
-        for i in [2, 3] {
-            let error = results[i].as_ref().expect_err("a later record of the customer is not Ok");
-            // Waiting spends none of the record's own transient budget and never parks it.
-            assert_eq!(error.class, ErrorClass::RateLimited);
-            assert_eq!(error.code, "waiting_for_earlier_record");
-            assert_eq!(error.retry_after, Some(std::time::Duration::ZERO));
-        }
-
-        // A transient failure: the runtime retries from it; the later ones wait, unparked.
-        let mut results = vec![Ok(()); 3];
-        let failed = HandlerError::transient("rd_503", "unavailable");
-        merge(&mut results, vec![customer("a", &[0, 1, 2], vec![(0, failed)], &[])]);
-        assert_eq!(runtime(&results), (vec![], vec![], Some(0)));
-        assert!(results[1..].iter().all(|r| r.as_ref().is_err_and(|e| e.class == ErrorClass::RateLimited)));
+    fn a_partition_restored_without_a_record_of_the_rules_in_use_gets_a_rules_pass() {
+        let v1 = Rules::parse("[[rule]]\nname = \"a\"\ntags = [\"x\"]\n", "v1").unwrap();
+        let v2 = Rules::parse("[[rule]]\nname = \"a\"\ntags = [\"y\"]\n", "v2").unwrap();
+        // The same rules, laid out differently, are the same rules.
+        let v1_again = Rules::parse("# tags\n[[rule]]\nname = \"a\"\ntags = [ \"x\" ]\n", "v1b").unwrap();
+        assert_eq!(v1.fingerprint(), v1_again.fingerprint());
+        let marker = |rules: &Rules| CustomerState { rules_applied: Some(rules.fingerprint()), ..Default::default() };
+        // Never recorded (first start, or a pass a restart cut short before its end).
+        assert!(needs_rules_pass(None, &v1));
+        // Applied before the restart or on the previous owner: nothing to do.
+        assert!(!needs_rules_pass(Some(&marker(&v1)), &v1_again));
+        // The rules changed while the partition was elsewhere (or the pass never finished).
+        assert!(needs_rules_pass(Some(&marker(&v1)), &v2));
+        // The marker is no customer: no e-mail, so no sweep or dry run writes it to RD.
+        assert!(marker(&v1).identity.email.is_empty());
+        assert!(crate::dry_run::changes(&marker(&v1), &v2, 0).is_empty());
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod aggregates;
 pub mod backtest;
+pub mod budget;
 pub mod client;
 pub mod contacts;
 pub mod dry_run;
@@ -84,6 +85,12 @@ pub struct RdArgs {
     /// Advanced). The default keeps 5% headroom for clock and latency jitter.
     #[arg(long = "rd-contacts-per-minute", env = "ELO_RDSTATION_CONTACTS_PER_MINUTE", default_value_t = NonZeroU32::new(114).expect("non-zero"))]
     pub contacts_per_minute: NonZeroU32,
+    /// At start-up, contact requests wait this long, as if the account's budget were spent:
+    /// a previous process (crashed, killed, replaced by a rollout) may have spent it in its
+    /// last minute, which this one cannot see. E-commerce events are not held. `0s` for an
+    /// account nothing else used in the last minute (tests).
+    #[arg(long = "rd-start-hold", env = "ELO_RDSTATION_START_HOLD", default_value = "60s", value_parser = elo_service::parse_duration)]
+    pub start_hold: Duration,
     /// RD request timeout, e.g. `30s`.
     #[arg(long = "rd-timeout", env = "ELO_RDSTATION_TIMEOUT", default_value = "30s", value_parser = elo_service::parse_duration)]
     pub rd_timeout: Duration,
@@ -234,6 +241,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.rd.customer_concurrency.max(1),
         config.rd.create_fields,
     ));
+    // The custom fields are checked before the start-up hold: batches need them for every
+    // record, e-commerce events included, which must not wait out the hold (a failed check
+    // is retried by the batches, which then do wait). A couple of requests, sent at once.
+    if let Err(error) = sink.ensure_fields().await {
+        tracing::warn!(error = %error, "custom fields not checked at start-up; batches will retry");
+    }
+    client.hold_budget(config.rd.start_hold);
     let reload_every = config.rd.rules_reload_interval;
     let maintenance = tokio::spawn(maintain(
         config.rd.rules_file.clone().filter(|_| !reload_every.is_zero()),
@@ -262,9 +276,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Every tick: reloads the rules file when it changed (an invalid file is logged and the rules
-/// in use stay) and applies new rules to every contact of the assigned partitions (again on the
-/// next tick if some contact could not be updated); otherwise lands the contact updates the
-/// per-contact budget held back.
+/// in use stay) and applies new rules to every contact of the assigned partitions, once (a
+/// contact that failed transiently is deferred, one RD refused is recorded); otherwise lands the
+/// contact updates that are due (budgets with room, backoff over).
 async fn maintain(
     rules_file: Option<PathBuf>,
     every: Duration,
@@ -274,7 +288,6 @@ async fn maintain(
 ) {
     let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut seen: Option<SystemTime> = rules_file.as_ref().and_then(modified);
-    let mut sweep_pending = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -291,7 +304,7 @@ async fn maintain(
                             let count = new.rules.len();
                             *sink.rules.write().expect("rules lock") = Arc::new(new);
                             tracing::info!(rules = count, "segmentation rules reloaded");
-                            sweep_pending = true;
+                            sink.rules_changed();
                             seen = now;
                         }
                         Ok(missing) => {
@@ -311,15 +324,17 @@ async fn maintain(
             }
         }
         let sweep = async {
-            if sweep_pending { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
+            if sink.rules_pending() { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
         };
         let (full, (changed, failed)) = tokio::select! {
             r = sweep => r,
             _ = shutdown.cancelled() => return,
         };
         if full {
+            // One pass: contacts that failed transiently are deferred now (retried by the
+            // deferred-writes pass with backoff), those RD refused are recorded; neither may
+            // keep the rules pass, and with it the deferred writes, from ending.
             tracing::info!(changed, failed, "rules applied to the assigned contacts");
-            sweep_pending = failed > 0;
         } else if changed + failed > 0 {
             tracing::info!(changed, failed, "deferred contact updates landed");
         }

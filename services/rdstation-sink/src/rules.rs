@@ -141,6 +141,14 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 impl Rules {
+    /// A fingerprint of the rule set (FNV-1a over its parsed form): equal rules, equal
+    /// fingerprints, whatever the file's layout or comments.
+    pub fn fingerprint(&self) -> u64 {
+        format!("{self:?}")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    }
+
     pub fn load(path: &Path) -> Result<Self, RulesError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| RulesError::Io { path: path.display().to_string(), message: e.to_string() })?;

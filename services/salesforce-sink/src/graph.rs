@@ -274,7 +274,7 @@ impl Builder<'_> {
                 .iter()
                 .filter(|w| w.write_customer)
                 .filter_map(|w| w.event.customer.as_ref().map(|c| (w.event, c)))
-                .max_by_key(|(e, _)| customer_version(e));
+                .max_by_key(|(e, _)| (customer_version(e), crate::handler::enrichment_rank(e)));
             // Salesforce already holds exactly this customer data: only the orders are written.
             let held = members.iter().find_map(|w| w.held_digest);
             let head = customer

@@ -5,20 +5,30 @@ use std::sync::atomic::Ordering;
 
 use elo_kafka::{ErrorClass, HandlerError};
 
-use super::{Sink, Write, kafka_failure};
+use super::{Deferral, Sink, Write, kafka_failure};
 use crate::aggregates::CustomerState;
 use crate::{contacts, metrics};
 
 impl Sink {
     /// Marks the customer's contact write as deferred (the sweep lands it, coalesced with
-    /// whatever comes later).
-    pub(super) fn defer(&self, partition: i32, key: &str, state: &mut CustomerState) {
+    /// whatever comes later, once its per-contact budget has room and a 429's wait is over).
+    pub(super) fn defer(&self, partition: i32, key: &str, state: &mut CustomerState, now: i64) {
         if !state.deferred {
             metrics::DEFERRED.inc();
         }
         metrics::COALESCED.inc();
         state.deferred = true;
-        self.deferred.lock().expect("deferred lock").insert((partition, key.to_owned()));
+        let due_ms = state.writable_at(self.budget.per_contact, self.budget.window_ms(), now);
+        self.deferred
+            .lock()
+            .expect("deferred lock")
+            .insert((partition, key.to_owned()), Deferral { due_ms, failures: 0 });
+    }
+
+    /// The contact is as Elo wants it (or refused for good): nothing waits for the sweep.
+    pub(super) fn undefer(&self, partition: i32, key: &str, state: &mut CustomerState) {
+        state.deferred = false;
+        self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
     }
 
     /// Syncs one customer's contact and persists the state. A batch never waits for the
@@ -42,19 +52,21 @@ impl Sink {
             metrics::RULE_HITS.with_label_values(&[hit]).inc();
         }
         let desired = contacts::desired(&state, &aggregate, &verdict);
-        if !contacts::needs_write(&state, &desired) {
+        let fingerprint = contacts::fingerprint(&desired);
+        // Nothing to write, or exactly what RD refused already (sent again only once new data
+        // or new rules change it).
+        if !contacts::needs_write(&state, &desired) || state.refused == Some(fingerprint) {
             metrics::COALESCED.inc();
-            state.deferred = false;
-            self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
+            self.undefer(partition, key, &mut state);
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         // The per-contact budget (RD: 24 PATCH, 24 tag posts and 24 funnel updates per contact
         // per 24 h): a sync is at most one of each, so syncs are counted. Over budget (or
         // before the time a 429 named) the write waits for the sweep, which lands the latest
         // state when the window has room.
-        state.writes_ms.retain(|t| now - t < self.budget.window.as_millis() as i64);
-        if state.writes_ms.len() >= self.budget.per_contact || !state.contact_writable(now) {
-            self.defer(partition, key, &mut state);
+        state.writes_ms.retain(|t| now - t < self.budget.window_ms());
+        if state.writable_at(self.budget.per_contact, self.budget.window_ms(), now) > now {
+            self.defer(partition, key, &mut state, now);
             return self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e));
         }
         // A batch does not wait for the account budget: its contact write is deferred (and
@@ -76,30 +88,50 @@ impl Sink {
                     .map_err(|e| crate::client::Error::Transient(format!("state write: {e}")))
             })
         };
+        let sent_before = client.writes_sent();
         let result = contacts::sync(&client, &mut state, &desired, &persist).await;
-        if (&state.applied, &state.contact_uuid) != (&before.0, &before.1) {
-            state.writes_ms.push(now);
+        // RD counts a write when it receives it: after the sync, not at the batch's start (a
+        // batch under load can take seconds, and an early stamp frees the cap early).
+        let written_at = now.max(super::now_ms());
+        let counted = counts_against_contact(&state, &before, sent_before, client.writes_sent());
+        if counted {
+            state.writes_ms.push(written_at);
         }
         match result {
             Ok(writes) => {
                 if writes == 0 {
                     metrics::COALESCED.inc();
                 }
-                state.deferred = false;
                 state.contact_not_before_ms = None;
-                self.deferred.lock().expect("deferred lock").remove(&(partition, key.to_owned()));
+                state.refused = None;
+                self.undefer(partition, key, &mut state);
             }
             Err(error) => match on_sync_error(&mut state, &error, now) {
                 SyncFailure::Defer => {
                     if matches!(error, crate::client::Error::BudgetSpent) {
                         self.contact_backlog.store(true, Ordering::Release);
                     }
-                    self.defer(partition, key, &mut state);
+                    self.defer(partition, key, &mut state, now);
                 }
                 SyncFailure::Fail { error: failure, keep } => {
+                    if failure.class == ErrorClass::Permanent {
+                        // Recorded: neither the sweeps nor the next batch send this contact
+                        // again until something changes it (the record goes to the DLQ, a
+                        // sweep's refusal to the outcomes, with its class).
+                        state.refused = Some(fingerprint);
+                        self.undefer(partition, key, &mut state);
+                    }
                     tracing::warn!(key, email = %elo_telemetry::redact::email(&state.identity.email), error = %error, error_code = error.code(), "contact sync failed");
                     if keep {
                         self.customers.put(partition, key, state).await.map_err(|e| kafka_failure("state", &e))?;
+                    } else if counted {
+                        // The records are retried, so their folding must not be stored, but
+                        // RD may have applied the write (5xx, timeout) and counts it: the
+                        // stored state gets the write, or every retry would send another one
+                        // past the cap.
+                        let stored = self.customers.get(partition, key).unwrap_or_default();
+                        let stored = with_write(stored, written_at, self.budget.window_ms());
+                        self.customers.put(partition, key, stored).await.map_err(|e| kafka_failure("state", &e))?;
                     }
                     return Err(failure);
                 }
@@ -120,7 +152,27 @@ impl Sink {
 }
 
 /// How long a contact waits after a 429 that named no `Retry-After`.
-const RETRY_AFTER_UNSAID: std::time::Duration = std::time::Duration::from_secs(60);
+const RETRY_AFTER_UNSAID: std::time::Duration = crate::client::RETRY_AFTER_UNSAID;
+
+/// Whether a sync counts against the contact's budget (RD: 24 updates per 24 h): it changed
+/// what Elo knows RD holds, or it sent any write, answered or not. A write that timed out or
+/// got a 5xx may have been applied by RD all the same, and RD counts it.
+fn counts_against_contact(
+    state: &CustomerState,
+    before: &(crate::aggregates::Applied, Option<String>),
+    sent_before: u32,
+    sent_after: u32,
+) -> bool {
+    sent_after > sent_before || (&state.applied, &state.contact_uuid) != (&before.0, &before.1)
+}
+
+/// The stored state with one more write counted against the contact (older ones past the
+/// window dropped). Nothing else of the failed attempt is kept.
+fn with_write(mut stored: CustomerState, written_at: i64, window_ms: i64) -> CustomerState {
+    stored.writes_ms.retain(|t| written_at - t < window_ms);
+    stored.writes_ms.push(written_at);
+    stored
+}
 
 /// What a failed contact sync means for the customer's records.
 #[derive(Debug)]
@@ -149,6 +201,38 @@ fn on_sync_error(state: &mut CustomerState, error: &crate::client::Error, now: i
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sync_counts_against_the_contact_when_it_sent_a_write_whatever_the_answer() {
+        let state = CustomerState::default();
+        let before = (state.applied.clone(), state.contact_uuid.clone());
+        // A PATCH sent and answered 503 (or timed out): RD may have applied it.
+        assert!(counts_against_contact(&state, &before, 0, 1));
+        // Nothing sent (the budget was spent before the first request): no count.
+        assert!(!counts_against_contact(&state, &before, 2, 2));
+        // A write known to have landed counts.
+        let mut landed = state.clone();
+        landed.contact_uuid = Some("u".into());
+        assert!(counts_against_contact(&landed, &before, 0, 0));
+    }
+
+    #[test]
+    fn a_failed_write_is_added_to_the_stored_state_only() {
+        let stored = CustomerState { writes_ms: vec![1_000, 50_000], ..Default::default() };
+        let counted = with_write(stored.clone(), 70_000, 60_000);
+        // The write outside the window is dropped, the new one counted, nothing else changed.
+        assert_eq!(counted.writes_ms, vec![50_000, 70_000]);
+        assert_eq!((counted.applied, counted.contact_uuid), (stored.applied, stored.contact_uuid));
+    }
+
+    #[test]
+    fn a_failed_sweep_write_backs_off() {
+        use super::super::sweep::backoff_ms;
+        assert_eq!(backoff_ms(1), 10_000);
+        assert_eq!(backoff_ms(2), 20_000);
+        assert!(backoff_ms(3) > backoff_ms(2));
+        assert_eq!(backoff_ms(50), 600_000);
+    }
 
     #[test]
     fn a_contact_429_defers_that_contact_instead_of_holding_the_partition() {

@@ -35,11 +35,14 @@ impl Sink {
         let _guard = lock.lock().await;
         if let Some(mut state) = self.customers.get(partition, &command.customer_key) {
             state.applied = Default::default();
+            state.refused = None;
             // Written in full by the next deferred-writes pass, whether or not the refetched
             // event is new to this sink (a republished version it already counted is not
             // processed again, so waiting for it would leave the contact as it was found).
             state.deferred = true;
-            self.deferred.lock().expect("deferred lock").insert((partition, command.customer_key.clone()));
+            let due_ms = state.writable_at(self.budget.per_contact, self.budget.window_ms(), now_ms());
+            let deferral = super::Deferral { due_ms, failures: 0 };
+            self.deferred.lock().expect("deferred lock").insert((partition, command.customer_key.clone()), deferral);
             self.customers
                 .put(partition, &command.customer_key, state)
                 .await

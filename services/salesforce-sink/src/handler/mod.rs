@@ -449,10 +449,19 @@ impl Sink {
     async fn retry_in_call(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         for _ in 0..IN_CALL_RETRIES {
+            let newest = newest_customer_data(work, verdicts);
             let again: Vec<Work<'_>> = work
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
-                .map(|w| Work { index: w.index, event: w.event, ..*w })
+                .map(|w| Work {
+                    // Only the batch's newest customer data of the key is written again: an
+                    // older order retried alone would otherwise write its own, older data over
+                    // what an applied graph of the same batch wrote (and the confirmed version).
+                    write_customer: w.write_customer
+                        && newest.get(w.event.customer_key.as_str())
+                            == Some(&(customer_version(w.event), enrichment_rank(w.event))),
+                    ..*w
+                })
                 .collect();
             if again.is_empty() {
                 break;
@@ -460,6 +469,17 @@ impl Sink {
             for request in builder.build(&again, true) {
                 for (index, verdict) in self.send(&request).await {
                     verdicts[index] = Some(verdict);
+                }
+            }
+            // A record resent without its customer's nodes (the batch already wrote newer data)
+            // still names the Account and Contact in its outcome, as its first graph did.
+            let written = customer_ids_written(work, verdicts);
+            for w in again.iter().filter(|w| !w.write_customer) {
+                let Some(ids) = written.get(w.event.customer_key.as_str()) else { continue };
+                if let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) {
+                    for (object, id) in ids {
+                        verdict.target_ids.entry(object.clone()).or_insert_with(|| id.clone());
+                    }
                 }
             }
         }
@@ -564,6 +584,39 @@ impl Sink {
             CommerceEventType::Unknown => Some("unknown event type".into()),
         }
     }
+}
+
+/// Per customer key, the Account/Contact ids an applied record of the batch wrote.
+fn customer_ids_written<'a>(
+    work: &[Work<'a>],
+    verdicts: &[Option<Verdict>],
+) -> HashMap<&'a str, BTreeMap<String, String>> {
+    let mut written = HashMap::new();
+    for w in work.iter().filter(|w| w.write_customer) {
+        let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
+        if verdict.target_ids.contains_key("Account") {
+            let mut ids = verdict.target_ids.clone();
+            ids.remove("Order");
+            written.insert(w.event.customer_key.as_str(), ids);
+        }
+    }
+    written
+}
+
+/// Per customer key, the newest customer (version, enrichment rank) among the records that may write their
+/// customer data and have not failed for good (applied, or about to be sent again): what a
+/// retry may write. A record refused for good no longer counts, so its older siblings still
+/// create the Account when nothing newer reached Salesforce.
+fn newest_customer_data<'a>(work: &[Work<'a>], verdicts: &[Option<Verdict>]) -> HashMap<&'a str, (i64, u8)> {
+    let mut newest: HashMap<&'a str, (i64, u8)> = HashMap::new();
+    for w in work.iter().filter(|w| w.write_customer && w.event.customer.is_some()) {
+        let live = verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok() || v.retry_in_call);
+        if live {
+            let at = newest.entry(w.event.customer_key.as_str()).or_insert((i64::MIN, 0));
+            *at = (*at).max((customer_version(w.event), enrichment_rank(w.event)));
+        }
+    }
+    newest
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! - rdstation-sink ([`rdstation`], `ELO_BENCH=rdstation`): budget share and 429s under a
 //!   backlog, freshness at 200 orders/s against 100 ms of RD latency, back-test speed, peak RSS.
 
+mod hop;
 mod push;
 mod rdstation;
 mod salesforce;
@@ -82,12 +83,15 @@ async fn main() -> anyhow::Result<()> {
         // Only the consumer memory case (it needs no release build to be meaningful).
         return consumer_memory(&mut rows).await;
     }
-    if std::env::var("ELO_BENCH").as_deref() == Ok("push") {
+    if std::env::var("ELO_BENCH").as_deref() == Ok("push") || hop::requested() {
         // Only order-ingest push and poll (`poll`: poll only).
         let kafka = KafkaArgs {
             idempotence: std::env::var("ELO_KAFKA_IDEMPOTENCE").map_or(true, |v| v != "false"),
             ..KafkaArgs::local(brokers())
         };
+        if hop::requested() {
+            return hop::serve(&kafka).await;
+        }
         push::push(&mut rows, &kafka).await?;
         return push::poll(&mut rows).await;
     }

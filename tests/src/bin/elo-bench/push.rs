@@ -28,6 +28,12 @@
 //! path. For the half-rate run it is paced at the same rate with order-ingest's settings. The
 //! push ratio is push/s over the ceiling at the same C (target: at least 0.70).
 //!
+//! **The HTTP hop alone** ([`crate::hop`]): after each push run with full orders, the same
+//! load generator against a service that only reads the request, produces one record of the
+//! average event's size and answers once it is acknowledged. It splits the gap between the
+//! raw producer and order-ingest into what any webhook front costs on this machine and what
+//! order-ingest's own work costs on top.
+//!
 //! **Poll.** A fresh simulator with [`POLL_ORDERS`] orders, order-ingest polling it from
 //! scratch (production page size and budget, 1 s interval): orders per second from the first
 //! event acknowledged to the last (the topic stops growing). Customers are polled in the same
@@ -188,6 +194,8 @@ struct Measured {
     concurrency: usize,
     push: Value,
     raw: (f64, f64, f64),
+    /// The HTTP hop alone ([`crate::hop`]) right after the push run, when measured.
+    hop: Option<Value>,
     diagnostic: String,
 }
 
@@ -211,6 +219,8 @@ struct Workload<'a> {
     raw: &'a [(&'static str, FutureProducer)],
     topic: &'a str,
     encoded: &'a Arc<Vec<(String, Vec<u8>)>>,
+    /// Where the HTTP hop alone listens, to measure it beside this workload.
+    hop_url: Option<&'a str>,
 }
 
 impl Workload<'_> {
@@ -240,7 +250,11 @@ impl Workload<'_> {
                 self.magento.counters.snapshot()["magento"],
                 candidates.join(", ")
             );
-            runs.push(Measured { concurrency: c, push, raw, diagnostic });
+            let hop = match self.hop_url {
+                Some(url) => Some(loadgen(url, self.bodies, c, 0.0, false)?),
+                None => None,
+            };
+            runs.push(Measured { concurrency: c, push, raw, hop, diagnostic });
         }
         Ok(runs)
     }
@@ -291,6 +305,24 @@ fn print_runs(title: &str, runs: &[Measured], half: &(Value, (f64, f64)), rows: 
     }
     for run in runs {
         println!("{}", run.diagnostic);
+    }
+    for run in runs {
+        let Some(hop) = &run.hop else { continue };
+        let hop_rate = hop["rate"].as_f64().unwrap_or(0.0);
+        println!(
+            "  {} in flight, the HTTP hop alone (read the request, produce one record, await its ack, answer): {hop_rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms = {:.2} of the raw ceiling; order-ingest does {:.2} of the hop's rate",
+            run.concurrency,
+            hop["p50_ms"].as_f64().unwrap_or(0.0),
+            hop["p99_ms"].as_f64().unwrap_or(0.0),
+            hop_rate / run.raw.0,
+            run.rate() / hop_rate.max(1.0),
+        );
+        rows.push(serde_json::json!({
+            "benchmark": format!("HTTP hop alone, {} in flight", run.concurrency), "unit": "requests/s",
+            "elo": hop_rate, "p50_ms": hop["p50_ms"], "p99_ms": hop["p99_ms"],
+            "baseline": "raw producer, same in flight, measured just before", "baseline_value": run.raw.0,
+            "ratio": hop_rate / run.raw.0,
+        }));
     }
     println!(
         "  half the best rate, paced at {:.0}/s (open loop, up to {} in flight): {:.0}/s, p50 {:.1} ms, p99 {:.1} ms; raw producer paced the same: p50 {raw_half_p50:.1} ms, p99 {raw_half_p99:.1} ms",
@@ -401,7 +433,16 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let raw =
         [("shared defaults (linger 5 ms)", shared), ("order-ingest's settings (linger 0)", ingest_settings.create()?)];
 
-    let workload = |bodies, prime| Workload {
+    // The HTTP hop alone, sending records the size of the average encoded event.
+    let hop_port = free_port();
+    let average = encoded.iter().map(|(_, e)| e.len()).sum::<usize>() / encoded.len().max(1);
+    let _hop = crate::hop::spawn(hop_port, &topic, average)?;
+    let ready =
+        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", hop_port)).is_ok()).await;
+    anyhow::ensure!(ready, "the HTTP hop never listened");
+    let hop_url = format!("http://127.0.0.1:{hop_port}/webhooks/magento/orders");
+
+    let workload = |bodies, prime, hop_url| Workload {
         url: &url,
         bodies,
         prime,
@@ -410,11 +451,12 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         raw: &raw,
         topic: &topic,
         encoded: &encoded,
+        hop_url,
     };
-    let plain = workload(&plain_file, true);
+    let plain = workload(&plain_file, true, Some(hop_url.as_str()));
     let plain_runs = plain.closed_loop().await?;
     let plain_half = plain.half_rate(&plain_runs).await?;
-    let cloud = workload(&cloud_file, false);
+    let cloud = workload(&cloud_file, false, None);
     let cloud_runs = cloud.closed_loop().await?;
     let cloud_half = cloud.half_rate(&cloud_runs).await?;
     drop(ingest_process);

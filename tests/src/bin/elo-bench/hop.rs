@@ -1,0 +1,75 @@
+//! The HTTP hop alone: a web service that does nothing but what any webhook front must (read
+//! the request, produce one record, await its acknowledgement, answer), run as its own process
+//! in place of order-ingest. Measured beside the raw producer and order-ingest it splits the
+//! gap between them: what the HTTP round trip and the webhooks' arrival pattern cost on this
+//! machine, and what order-ingest's own work (signature, parsing, normalising, enrichment,
+//! encoding) costs on top.
+//!
+//! The record sent is the request body cut to the average encoded event's size, keyed by a hash
+//! of the body (the events' keys spread over the partitions the same way), with order-ingest's
+//! producer settings (no linger).
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// Environment of the hop process (set by [`spawn`]).
+const LISTEN: &str = "ELO_BENCH_HOP_LISTEN";
+const TOPIC: &str = "ELO_BENCH_HOP_TOPIC";
+const PAYLOAD_BYTES: &str = "ELO_BENCH_HOP_PAYLOAD_BYTES";
+
+struct Hop {
+    producer: FutureProducer,
+    topic: String,
+    payload_bytes: usize,
+}
+
+/// True when this process was started as the hop (see [`spawn`]).
+pub(crate) fn requested() -> bool {
+    std::env::var_os(LISTEN).is_some()
+}
+
+/// Serves until killed.
+pub(crate) async fn serve(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<()> {
+    let listen = std::env::var(LISTEN)?;
+    let mut settings = crate::raw_producer_config(kafka);
+    settings.set("linger.ms", "0");
+    let hop = std::sync::Arc::new(Hop {
+        producer: settings.create()?,
+        topic: std::env::var(TOPIC)?,
+        payload_bytes: std::env::var(PAYLOAD_BYTES)?.parse()?,
+    });
+    let router = axum::Router::new().route("/webhooks/magento/orders", axum::routing::post(receive)).with_state(hop);
+    axum::serve(tokio::net::TcpListener::bind(&listen).await?, router).await?;
+    Ok(())
+}
+
+async fn receive(State(hop): State<std::sync::Arc<Hop>>, body: Bytes) -> StatusCode {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    body.hash(&mut hasher);
+    let key = format!("customer-{}", hasher.finish() % 1_000);
+    let payload = &body[..body.len().min(hop.payload_bytes)];
+    let record = FutureRecord::to(&hop.topic).key(key.as_bytes()).payload(payload);
+    let acknowledged = match hop.producer.send_result(record) {
+        Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
+        Err(_) => false,
+    };
+    if acknowledged { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+/// This executable started as the hop on `listen`, producing to `topic`.
+pub(crate) fn spawn(
+    listen: u16,
+    topic: &str,
+    payload_bytes: usize,
+) -> anyhow::Result<elo_integration_tests::ChildGuard> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .env(LISTEN, format!("127.0.0.1:{listen}"))
+        .env(TOPIC, topic)
+        .env(PAYLOAD_BYTES, payload_bytes.to_string())
+        .stdout(std::process::Stdio::null());
+    Ok(elo_integration_tests::ChildGuard::spawn("elo-bench (HTTP hop)", &mut command))
+}
