@@ -115,6 +115,14 @@ pub struct SalesforceArgs {
     /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
     #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
     pub bulk_timeout: Duration,
+    /// Bytes the Bulk API 2.0 jobs' row spools may take on disk at once, all partitions
+    /// together (below the pod's 64 MiB `/tmp`): a batch whose rows would pass it runs as
+    /// several Bulk batches in turn.
+    #[arg(long = "salesforce-bulk-spool-bytes", env = "ELO_SALESFORCE_BULK_SPOOL_BYTES", default_value_t = 48 << 20)]
+    pub bulk_spool_bytes: usize,
+    /// Directory of the Bulk API 2.0 row spools (default: the system's temporary directory).
+    #[arg(long = "salesforce-bulk-spool-dir", env = "ELO_SALESFORCE_BULK_SPOOL_DIR")]
+    pub bulk_spool_dir: Option<std::path::PathBuf>,
     /// Longest a Composite Graph write waits for the other busy partitions' writes to share
     /// its request (it leaves as soon as they have all boarded, or at 500 nodes; after a quiet
     /// spell at once). 0 sends every batch's requests at once.
@@ -288,23 +296,32 @@ impl SinkHandler {
             chunks.push(at..end);
             at = end;
         }
-        let mut bulk = handler::BulkBatch::new(partition, batch.len());
-        for range in &chunks {
-            let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
-            sink.bulk_note(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await);
-        }
-        for range in &chunks {
-            let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
-            sink.bulk_prepare(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await).await;
-        }
-        sink.bulk_run(&mut bulk).await;
         let mut results = Vec::with_capacity(batch.len());
-        for range in &chunks {
-            let chunk = &batch[range.clone()];
-            let _permit = self.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
-            let events = self.decode(chunk).await;
-            let verdicts = sink.bulk_finish(&mut bulk, range.start, &events).await;
-            results.extend(self.report(chunk, &events, verdicts, started).await);
+        let mut start = 0;
+        // Several Bulk batches in turn when the rows would pass the spool bound.
+        while start < chunks.len() {
+            let mut bulk = handler::BulkBatch::new(partition, batch.len());
+            for range in &chunks[start..] {
+                let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
+                sink.bulk_note(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await);
+            }
+            let mut end = start;
+            while let Some(range) = chunks.get(end) {
+                let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
+                if !sink.bulk_prepare(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await).await {
+                    break;
+                }
+                end += 1;
+            }
+            sink.bulk_run(&mut bulk).await;
+            for range in &chunks[start..end] {
+                let chunk = &batch[range.clone()];
+                let _permit = self.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
+                let events = self.decode(chunk).await;
+                let verdicts = sink.bulk_finish(&mut bulk, range.start, &events).await;
+                results.extend(self.report(chunk, &events, verdicts, started).await);
+            }
+            start = end;
         }
         results
     }
@@ -443,6 +460,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             min_records: config.salesforce.bulk_min_records,
             poll: config.salesforce.bulk_poll,
             timeout: config.salesforce.bulk_timeout,
+            spool_bytes: config.salesforce.bulk_spool_bytes,
+            spool_dir: config.salesforce.bulk_spool_dir.clone(),
         };
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {

@@ -149,7 +149,12 @@ fn sink_id(app: &SalesforceApp, object: &str, fields: &Value) -> String {
 async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_records() {
     use salesforce_sink::handler::BulkSettings;
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let bulk = BulkSettings { min_records: 50, poll: Duration::from_millis(5), timeout: Duration::from_secs(30) };
+    let bulk = BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
     let events: Vec<CommerceEvent> =
         (0..90).map(|n| order(n, if n % 2 == 0 { "processing" } else { "pending" }, 0)).collect();
@@ -211,7 +216,12 @@ async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_recor
 async fn a_bulk_batch_read_in_chunks_keeps_the_newest_versions_and_one_row_per_customer() {
     use salesforce_sink::handler::BulkSettings;
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let bulk = BulkSettings { min_records: 50, poll: Duration::from_millis(5), timeout: Duration::from_secs(30) };
+    let bulk = BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
     // Registered customers only (n % 97 is the customer: each has orders in every chunk).
     let mut events: Vec<CommerceEvent> = (0..900).filter(|n| n % 3 != 2).map(|n| order(n, "pending", 0)).collect();

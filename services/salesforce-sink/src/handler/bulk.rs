@@ -15,15 +15,20 @@
 //! and after the jobs to confirm and report. Uploads stream from the spool and results are
 //! parsed as they arrive, so a job's CSV is never held whole either.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use elo_events::{CommerceEvent, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
 use reqwest::Method;
 use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::bulk_csv::{ResultPairs, Spool, UploadPlan, cell, decode, row_error};
+use super::enrichment_rank;
 use super::{GRAPH_SLICE, Newest, Sink, Verdict, classify, from_client};
 use crate::client::{Body, Upload};
 use crate::graph::{Builder, Owner, Work, customer_version};
@@ -39,11 +44,62 @@ pub struct BulkSettings {
     pub poll: Duration,
     /// A job not finished by then is aborted and its records retried.
     pub timeout: Duration,
+    /// Bytes the process's job spools may take on disk at once (the pod's `/tmp` is a 64 MiB
+    /// `emptyDir`): a batch whose rows would pass it runs as several Bulk batches in turn.
+    pub spool_bytes: usize,
+    /// Where the spools go (default: the system's temporary directory).
+    pub spool_dir: Option<PathBuf>,
 }
 
 impl Default for BulkSettings {
     fn default() -> Self {
-        Self { min_records: 1000, poll: Duration::from_secs(1), timeout: Duration::from_secs(600) }
+        Self {
+            min_records: 1000,
+            poll: Duration::from_secs(1),
+            timeout: Duration::from_secs(600),
+            spool_bytes: 48 << 20,
+            spool_dir: None,
+        }
+    }
+}
+
+/// The process-wide bound on spooled bytes (KiB permits), shared by the partitions' batches.
+pub(super) struct SpoolBudget {
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+    /// Most KiB held at once (tests check the bound with it).
+    peak_kib: AtomicU64,
+}
+
+impl SpoolBudget {
+    pub(super) fn new(bytes: usize) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 4);
+        Self { permits: Arc::new(Semaphore::new(total_kib as usize)), total_kib, peak_kib: AtomicU64::new(0) }
+    }
+
+    fn kib(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.total_kib)
+    }
+
+    fn held(&self, permit: OwnedSemaphorePermit) -> OwnedSemaphorePermit {
+        let used = u64::from(self.total_kib) - self.permits.available_permits() as u64;
+        self.peak_kib.fetch_max(used, Ordering::Relaxed);
+        permit
+    }
+
+    /// Waits for room for `bytes` (a chunk larger than the whole bound takes all of it).
+    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
+        let permit = self.permits.clone().acquire_many_owned(self.kib(bytes)).await.expect("never closed");
+        self.held(permit)
+    }
+
+    /// Room for `bytes` if there is some now.
+    fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_many_owned(self.kib(bytes)).ok().map(|p| self.held(p))
+    }
+
+    pub(super) fn peak_bytes(&self) -> u64 {
+        self.peak_kib.load(Ordering::Relaxed) * 1024
     }
 }
 
@@ -51,11 +107,20 @@ impl Default for BulkSettings {
 const PHASES: [char; 5] = ['a', 'c', 'o', 'i', 'x'];
 
 /// A record the batch writes: what its [`Work`] said when its rows were built.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Planned {
     write_customer: bool,
     held_digest: Option<u64>,
+    /// Written under its key's alias (the alias known when its rows were built: one found by
+    /// a later chunk must not change which key the record is settled under).
+    aliased: bool,
+    /// The customer key it was written under.
+    customer: Box<str>,
 }
+
+/// Customer data that reached Salesforce for a key in this batch (its (version, enrichment
+/// rank) and the Account/Contact ids): a retry never writes older data.
+type Landed = HashMap<Box<str>, ((i64, u8), BTreeMap<String, String>)>;
 
 /// A Bulk API 2.0 batch read a chunk at a time (see the module docs): [`Sink::bulk_note`]
 /// over every chunk, [`Sink::bulk_prepare`] over every chunk, [`Sink::bulk_run`], then
@@ -67,6 +132,11 @@ pub struct BulkBatch {
     verdicts: Vec<Option<Verdict>>,
     planned: BTreeMap<usize, Planned>,
     erasures: BTreeSet<usize>,
+    /// Records the first pass could not read: their newest versions were not noted.
+    unread: HashSet<usize>,
+    landed: Landed,
+    /// The batch's room in the spool bound, held until its jobs are done.
+    permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl BulkBatch {
@@ -79,6 +149,9 @@ impl BulkBatch {
             verdicts: vec![None; records],
             planned: BTreeMap::new(),
             erasures: BTreeSet::new(),
+            unread: HashSet::new(),
+            landed: HashMap::new(),
+            permits: Vec::new(),
         }
     }
 }
@@ -89,6 +162,8 @@ impl BulkBatch {
 struct Outcome {
     failed: HashMap<usize, (HandlerError, bool)>,
     ids: HashMap<usize, BTreeMap<String, String>>,
+    /// Per record, the newest customer data of its Account/Contact rows that landed.
+    landed: HashMap<usize, (i64, u8)>,
 }
 
 impl Sink {
@@ -97,55 +172,97 @@ impl Sink {
     pub fn bulk_note(&self, batch: &mut BulkBatch, offset: usize, events: &[Result<CommerceEvent, HandlerError>]) {
         let aliased = self.aliases(batch.partition, events);
         self.note_newest(events, &aliased, offset, &mut batch.newest);
+        batch.unread.extend(events.iter().enumerate().filter(|(_, e)| e.is_err()).map(|(i, _)| offset + i));
     }
 
     /// Pass two over a chunk: staleness, products, and the chunk's rows spooled for the jobs.
+    /// `false`: the spool bound has no room for the chunk now and the batch holds some
+    /// already; nothing of the chunk was taken (run the batch, then start the next one here).
     pub async fn bulk_prepare(
         &self,
         batch: &mut BulkBatch,
         offset: usize,
         events: &[Result<CommerceEvent, HandlerError>],
-    ) {
+    ) -> bool {
         let partition = batch.partition;
         let aliased = self.aliases(partition, events);
         let mut verdicts = vec![None; events.len()];
-        let (work, erasures) = self.select(partition, events, &aliased, &batch.newest, offset, &mut verdicts);
+        let (mut work, mut erasures) = self.select(partition, events, &aliased, &batch.newest, offset, &mut verdicts);
+        // Read now but not by the first pass: its version was not weighed against the batch's
+        // others (it may be an entity's newest), so it is retried rather than judged.
+        let unread = |i: usize| events[i].is_ok() && batch.unread.contains(&(offset + i));
+        for (_, verdict) in verdicts.iter_mut().enumerate().filter(|(i, _)| unread(*i)) {
+            let error = HandlerError::transient("bulk_reread", "not readable in the batch's first pass; retried");
+            *verdict = Some(Verdict::failed(error));
+        }
+        work.retain(|w| !unread(w.index));
+        erasures.retain(|(i, _)| !unread(*i));
         let failed = self.ensure_entries(&work).await;
         // Indices from here on are the batch's.
         let mut planned = Vec::with_capacity(work.len());
+        let mut plans = Vec::with_capacity(work.len());
         for w in work {
             match failed.get(&w.index) {
                 Some(error) => verdicts[w.index] = Some(Verdict::failed(error.clone())),
                 None => {
-                    let planned_work = Work { index: offset + w.index, ..w };
-                    batch.planned.insert(
-                        planned_work.index,
-                        Planned { write_customer: w.write_customer, held_digest: w.held_digest },
-                    );
-                    planned.push(planned_work);
+                    plans.push((
+                        offset + w.index,
+                        Planned {
+                            write_customer: w.write_customer,
+                            held_digest: w.held_digest,
+                            aliased: aliased[w.index].is_some(),
+                            customer: w.event.customer_key.as_str().into(),
+                        },
+                    ));
+                    planned.push(Work { index: offset + w.index, ..w });
                 }
             }
         }
+        self.spool(batch, &planned);
+        let bytes: usize = batch.jobs.iter().map(Spool::staged_bytes).sum();
+        if bytes > 0 {
+            // A batch holding no room waits for some; one holding some never waits (no two
+            // partitions wait on each other) but runs what it has.
+            let permit = match batch.permits.is_empty() {
+                true => Some(self.spool_budget.reserve(bytes).await),
+                false => self.spool_budget.try_reserve(bytes),
+            };
+            let Some(permit) = permit else {
+                batch.jobs.iter_mut().for_each(Spool::discard);
+                return false;
+            };
+            let dir = self.bulk.spool_dir.as_deref();
+            match batch.jobs.iter_mut().try_for_each(|job| job.write_staged(dir)) {
+                Ok(()) => {
+                    batch.jobs.iter_mut().for_each(Spool::commit);
+                    batch.permits.push(permit);
+                }
+                Err(e) => {
+                    // Only this chunk's records fail (retried); the rows spooled before stay whole.
+                    batch.jobs.iter_mut().for_each(Spool::discard);
+                    let error = HandlerError::transient("bulk_spool", format!("rows not spooled: {e}"));
+                    tracing::warn!(error = %e, records = plans.len(), "bulk rows not spooled; the records are retried");
+                    for (g, _) in plans.drain(..) {
+                        verdicts[g - offset] = Some(Verdict::failed(error.clone()));
+                    }
+                }
+            }
+        }
+        batch.planned.extend(plans);
         batch.erasures.extend(erasures.iter().map(|(i, _)| offset + i));
         for (i, v) in verdicts.into_iter().enumerate() {
             if v.is_some() {
                 batch.verdicts[offset + i] = v;
             }
         }
-        if let Err(e) = self.spool(batch, &planned) {
-            let error = HandlerError::transient("bulk_spool", e.to_string());
-            tracing::warn!(error = %e, "bulk rows not spooled; the records are retried");
-            for w in &planned {
-                batch.verdicts[w.index] = Some(Verdict::failed(error.clone()));
-                batch.planned.remove(&w.index);
-            }
-        }
+        true
     }
 
-    /// Spools the rows of `work` (batch indices) into the batch's jobs.
-    fn spool(&self, batch: &mut BulkBatch, work: &[Work<'_>]) -> std::io::Result<()> {
+    /// Stages the rows of `work` (batch indices) in the batch's jobs.
+    fn spool(&self, batch: &mut BulkBatch, work: &[Work<'_>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        let customer_at: HashMap<usize, i64> = work.iter().map(|w| (w.index, customer_version(w.event))).collect();
+        let customer_at: HashMap<usize, (i64, u8)> =
+            work.iter().map(|w| (w.index, (customer_version(w.event), enrichment_rank(w.event)))).collect();
         for request in crate::graph::slices(work, GRAPH_SLICE).into_iter().flat_map(|s| builder.build(&s, false)) {
             for graph in request {
                 let Some(nodes) = graph.body["compositeRequest"].as_array() else { continue };
@@ -177,9 +294,9 @@ impl Sink {
                     };
                     // Customer rows of one key in two chunks: the newer customer data wins.
                     let rank = if phase < 2 {
-                        owners.iter().filter_map(|i| customer_at.get(i)).copied().max().unwrap_or(0)
+                        owners.iter().filter_map(|i| customer_at.get(i)).copied().max().unwrap_or((0, 0))
                     } else {
-                        0
+                        (0, 0)
                     };
                     let job = &mut batch.jobs[phase];
                     let mut cells: Vec<(usize, String)> = Vec::new();
@@ -196,11 +313,10 @@ impl Sink {
                     if job.object.is_empty() {
                         (job.object, job.ext_field) = (object, field);
                     }
-                    job.add(value, cells, &owners, rank)?;
+                    job.add(value, cells, &owners, rank);
                 }
             }
         }
-        Ok(())
     }
 
     /// Runs the batch's jobs in order; every planned record gets its verdict.
@@ -208,19 +324,16 @@ impl Sink {
         // Every chunk is prepared: the newest versions are no longer needed.
         batch.newest = HashMap::new();
         let mut outcome = Outcome::default();
-        for job in &mut batch.jobs {
-            let plan = match job.upload(&outcome.failed) {
-                Ok(Some(plan)) => plan,
-                Ok(None) => continue,
-                Err(e) => {
-                    let error = HandlerError::transient("bulk_spool", e.to_string());
-                    for i in batch.planned.keys() {
-                        outcome.failed.entry(*i).or_insert_with(|| (error.clone(), false));
-                    }
-                    continue;
-                }
+        for (phase, job) in batch.jobs.iter_mut().enumerate() {
+            let Some(plan) = job.upload(&outcome.failed) else {
+                *job = Spool::new();
+                continue;
             };
-            if let Err(error) = self.run_job(job, &plan, &mut outcome).await {
+            let result = match self.pool.stop.is_cancelled() {
+                true => Err(stopped()),
+                false => self.run_job(job, &plan, phase < 2, &mut outcome).await,
+            };
+            if let Err(error) = result {
                 tracing::warn!(object = %job.object, error_code = %error.code, rows = plan.rows, "bulk job failed");
                 for row in job.rows.values() {
                     for i in &row.owners {
@@ -231,21 +344,38 @@ impl Sink {
             // The spool is done with: its file and index go.
             *job = Spool::new();
         }
+        batch.permits.clear();
         metrics::RECORDS_PER_CALL.observe(batch.planned.len() as f64);
-        for i in batch.planned.keys() {
+        for (i, at) in &outcome.landed {
+            let Some(p) = batch.planned.get(i) else { continue };
+            let mut ids = outcome.ids.get(i).cloned().unwrap_or_default();
+            ids.remove("Order");
+            let entry = batch.landed.entry(p.customer.clone()).or_insert(((i64::MIN, 0), BTreeMap::new()));
+            if *at >= entry.0 {
+                *entry = (*at, ids);
+            }
+        }
+        for (i, p) in &batch.planned {
             batch.verdicts[*i] = Some(match outcome.failed.remove(i) {
                 Some((error, true)) if error.class == ErrorClass::Transient => Verdict::graph_failed(error),
                 Some((error, _)) => Verdict::failed(error),
-                None => Verdict {
-                    target_ids: outcome.ids.remove(i).unwrap_or_default(),
-                    ..Verdict::ok(OutcomeStatus::Applied)
-                },
+                None => {
+                    let mut ids = outcome.ids.remove(i).unwrap_or_default();
+                    // Customer rows of a record with older data than its key's row are the row's.
+                    if let Some((_, landed)) = batch.landed.get(&p.customer) {
+                        for (object, id) in landed {
+                            ids.entry(object.clone()).or_insert_with(|| id.clone());
+                        }
+                    }
+                    Verdict { target_ids: ids, ..Verdict::ok(OutcomeStatus::Applied) }
+                }
             });
         }
     }
 
-    /// Pass three over a chunk: records whose rows hit a lock resent through Composite Graph,
-    /// confirmations, e-mail matches and erasures; the chunk's verdicts.
+    /// Pass three over a chunk: records whose rows hit a lock resent through Composite Graph
+    /// (never with older customer data than what landed for the key), confirmations, e-mail
+    /// matches and erasures; the chunk's verdicts.
     pub async fn bulk_finish(
         &self,
         batch: &mut BulkBatch,
@@ -254,28 +384,62 @@ impl Sink {
     ) -> Vec<Verdict> {
         let partition = batch.partition;
         let aliased = self.aliases(partition, events);
-        let event = |i: usize| aliased[i].as_ref().or(events[i].as_ref().ok());
         let range = offset..offset + events.len();
-        let work: Vec<Work<'_>> = batch
-            .planned
-            .range(range.clone())
-            .filter_map(|(g, p)| {
-                let event = event(g - offset)?;
-                Some(Work { index: g - offset, event, write_customer: p.write_customer, held_digest: p.held_digest })
-            })
-            .collect();
+        let mut verdicts: Vec<Option<Verdict>> = batch.verdicts[range.clone()].iter_mut().map(Option::take).collect();
+        let mut work: Vec<Work<'_>> = Vec::new();
+        for (g, p) in batch.planned.range(range.clone()) {
+            let i = g - offset;
+            let event = if p.aliased { aliased[i].as_ref() } else { events[i].as_ref().ok() };
+            match event {
+                Some(event) => {
+                    work.push(Work { index: i, event, write_customer: p.write_customer, held_digest: p.held_digest })
+                }
+                // Written, but not readable now to be confirmed: retried (the upserts repeat).
+                None => {
+                    let error = HandlerError::transient("bulk_reread", "not readable after its write; retried");
+                    verdicts[i] = Some(Verdict::failed(error));
+                }
+            }
+        }
         let erasures: Vec<(usize, &CommerceEvent)> = batch
             .erasures
             .range(range.clone())
             .filter_map(|g| Some((g - offset, events[g - offset].as_ref().ok()?)))
             .collect();
-        let mut verdicts: Vec<Option<Verdict>> = batch.verdicts[range].iter_mut().map(Option::take).collect();
-        self.retry_in_call(&work, &mut verdicts).await;
+        let landed = &batch.landed;
+        let floor = |key: &str| landed.get(key).map(|(at, _)| *at);
+        let wrote = self.retry_in_call(&work, &mut verdicts, &floor).await;
+        for w in &work {
+            let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) else { continue };
+            if let Some((_, ids)) = landed.get(w.event.customer_key.as_str()) {
+                for (object, id) in ids {
+                    verdict.target_ids.entry(object.clone()).or_insert_with(|| id.clone());
+                }
+            }
+        }
+        // What the retries wrote is what later chunks' retries must not go below.
+        for w in work.iter().filter(|w| wrote.contains(&w.index)) {
+            let Some(verdict) = verdicts[w.index].as_ref() else { continue };
+            let mut ids = verdict.target_ids.clone();
+            ids.remove("Order");
+            let at = (customer_version(w.event), enrichment_rank(w.event));
+            let entry =
+                batch.landed.entry(w.event.customer_key.as_str().into()).or_insert(((i64::MIN, 0), ids.clone()));
+            if at >= entry.0 {
+                *entry = (at, ids);
+            }
+        }
         self.settle(partition, &work, erasures, verdicts).await
     }
 
     /// Runs one upsert job to the end, its results read into `outcome`.
-    async fn run_job(&self, job: &Spool, plan: &UploadPlan, outcome: &mut Outcome) -> Result<(), HandlerError> {
+    async fn run_job(
+        &self,
+        job: &Spool,
+        plan: &UploadPlan,
+        customer: bool,
+        outcome: &mut Outcome,
+    ) -> Result<(), HandlerError> {
         let spec = json!({"object": job.object, "externalIdFieldName": job.ext_field, "contentType": "CSV",
                           "operation": "upsert", "lineEnding": "LF"});
         let created = self.step(Method::POST, "/jobs/ingest", Body::Json(&spec)).await?;
@@ -283,7 +447,7 @@ impl Sink {
             serde_json::from_str(&created).map_err(|e| HandlerError::transient("decode_response", e.to_string()))?;
         let id = created["id"].as_str().unwrap_or_default().to_owned();
         let path = format!("/jobs/ingest/{id}");
-        let result = self.finish_job(job, plan, &path, outcome).await;
+        let result = self.finish_job(job, plan, &path, customer, outcome).await;
         if result.is_err() {
             // Best effort: a job left open or running would still write later.
             let _ = self.client.call("bulk", Method::PATCH, &path, Some(&json!({"state": "Aborted"}))).await;
@@ -296,6 +460,7 @@ impl Sink {
         job: &Spool,
         plan: &UploadPlan,
         path: &str,
+        customer: bool,
         outcome: &mut Outcome,
     ) -> Result<(), HandlerError> {
         let fail = |e: crate::client::Error| from_client(&e, self.quota_pause);
@@ -309,7 +474,12 @@ impl Sink {
         let started = Instant::now();
         let mut wait = self.bulk.poll / 4;
         loop {
-            tokio::time::sleep(wait).await;
+            // On shutdown the job is aborted (by the caller): its records go back to the topic
+            // for the next owner, and no job keeps writing behind its back.
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.pool.stop.cancelled() => return Err(stopped()),
+            }
             wait = (wait * 2).min(self.bulk.poll);
             match self.client.call("bulk", Method::GET, path, None).await {
                 Ok(info) => match info["state"].as_str() {
@@ -335,9 +505,19 @@ impl Sink {
                 ));
             }
         }
-        let Outcome { failed, ids } = outcome;
+        let Outcome { failed, ids, landed } = outcome;
+        // Rows in neither result file (Salesforce lists them in `unprocessedrecords/`) are
+        // not applied: their records are retried.
+        let mut seen = vec![false; plan.keep.len()];
         let successes = |ext: String, id: String| {
             let Some(row) = job.rows.get(ext.as_str()) else { return };
+            seen[row.line as usize] = true;
+            if customer {
+                for i in &row.owners {
+                    let at = landed.entry(*i as usize).or_insert(row.rank);
+                    *at = (*at).max(row.rank);
+                }
+            }
             if job.object != "OrderItem" {
                 for i in &row.owners {
                     ids.entry(*i as usize).or_default().insert(job.object.clone(), id.clone());
@@ -347,13 +527,27 @@ impl Sink {
         self.results(&format!("{path}/successfulResults"), &job.ext_field, "sf__Id", successes).await?;
         let failures = |ext: String, error: String| {
             let Some(row) = job.rows.get(ext.as_str()) else { return };
+            seen[row.line as usize] = true;
             let (code, message, fields) = row_error(&error);
             let error = classify(400, &code, &format!("{}: {message} (bulk)", job.object), &fields, self.quota_pause);
             for i in &row.owners {
                 failed.entry(*i as usize).or_insert_with(|| (error.clone(), true));
             }
         };
-        self.results(&format!("{path}/failedResults"), &job.ext_field, "sf__Error", failures).await
+        self.results(&format!("{path}/failedResults"), &job.ext_field, "sf__Error", failures).await?;
+        let unprocessed =
+            HandlerError::transient("bulk_unprocessed", format!("{}: row not processed (bulk)", job.object));
+        for row in job.rows.values().filter(|r| plan.keep[r.line as usize] && !seen[r.line as usize]) {
+            for i in &row.owners {
+                failed.entry(*i as usize).or_insert_with(|| (unprocessed.clone(), false));
+            }
+        }
+        Ok(())
+    }
+
+    /// The spool bound's peak so far, in bytes.
+    pub fn bulk_spool_peak(&self) -> u64 {
+        self.spool_budget.peak_bytes()
     }
 
     /// Reads two columns of a results CSV as it arrives, trying a transient failure again a
@@ -404,4 +598,8 @@ impl Sink {
             }
         }
     }
+}
+
+fn stopped() -> HandlerError {
+    HandlerError::transient("bulk_stopped", "the service is stopping: job aborted, records retried")
 }

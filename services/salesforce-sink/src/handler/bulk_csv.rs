@@ -1,8 +1,15 @@
 //! The Bulk API 2.0 CSV side of `bulk.rs`: rows spooled to a temporary file per job, the
 //! upload made from the spool as it is sent, and results CSVs read as they arrive.
+//!
+//! A chunk's rows are staged in memory, then written to the job files at once: a write that
+//! fails (disk full) is cut back off the files and only that chunk's records fail. Each upload
+//! reads the file with its own position (`read_at`), so a re-sent upload is whole.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
 
 use elo_kafka::HandlerError;
 use serde_json::Value;
@@ -12,22 +19,34 @@ use serde_json::Value;
 pub(super) struct RowInfo {
     /// The spool line that is uploaded (of several for one external id: the newest data).
     pub(super) line: u32,
-    /// When the row's data was true (customer rows: the customer version), to pick the line.
-    pub(super) rank: i64,
+    /// When the row's data was true (customer rows: the customer version and enrichment
+    /// rank), to pick the line.
+    pub(super) rank: (i64, u8),
     /// Batch indices of the records it belongs to.
     pub(super) owners: Vec<u32>,
 }
+
+/// A row staged for the spool: external id, owners, rank (its line is in the staged bytes).
+type StagedRow = (Box<str>, Vec<u32>, (i64, u8));
 
 /// One job's rows: an object upserted by an external-id field, rows spooled to a file as
 /// JSON lines `[ext, [[column, cell], ...]]`.
 pub(super) struct Spool {
     pub(super) object: String,
     pub(super) ext_field: String,
-    pub(super) file: Option<BufWriter<std::fs::File>>,
+    pub(super) file: Option<Arc<std::fs::File>>,
+    /// Bytes of the file holding whole rows.
+    pub(super) len: u64,
     pub(super) columns: Vec<String>,
     pub(super) column_at: HashMap<String, usize>,
     pub(super) rows: HashMap<Box<str>, RowInfo>,
     pub(super) lines: u32,
+    /// The chunk being spooled: its lines and rows, not yet in the file.
+    staged: Vec<u8>,
+    staged_rows: Vec<StagedRow>,
+    /// Tests: writes past this many bytes fail as on a full disk (after writing up to it).
+    #[cfg(test)]
+    pub(super) full_at: Option<u64>,
 }
 
 impl Spool {
@@ -36,10 +55,15 @@ impl Spool {
             object: String::new(),
             ext_field: String::new(),
             file: None,
+            len: 0,
             columns: Vec::new(),
             column_at: HashMap::new(),
             rows: HashMap::new(),
             lines: 0,
+            staged: Vec::new(),
+            staged_rows: Vec::new(),
+            #[cfg(test)]
+            full_at: None,
         }
     }
 
@@ -52,48 +76,94 @@ impl Spool {
         self.columns.len() - 1
     }
 
-    /// Spools one row; the same external id again (an account in two chunks) is one row,
-    /// sent with the newest data.
-    pub(super) fn add(
-        &mut self,
-        ext: String,
-        cells: Vec<(usize, String)>,
-        owners: &BTreeSet<usize>,
-        rank: i64,
-    ) -> std::io::Result<()> {
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => self.file.insert(BufWriter::new(tempfile::tempfile()?)),
-        };
-        serde_json::to_writer(&mut *file, &(&ext, &cells))?;
-        file.write_all(b"\n")?;
-        let line = self.lines;
-        self.lines += 1;
-        let owners = owners.iter().map(|i| *i as u32);
-        match self.rows.get_mut(ext.as_str()) {
-            Some(row) => {
-                if rank >= row.rank {
-                    (row.line, row.rank) = (line, rank);
-                }
-                row.owners.extend(owners);
-                row.owners.sort_unstable();
-                row.owners.dedup();
-            }
+    /// Stages one row of the chunk being spooled; the same external id again (an account in
+    /// two chunks) is one row, sent with the newest data.
+    pub(super) fn add(&mut self, ext: String, cells: Vec<(usize, String)>, owners: &BTreeSet<usize>, rank: (i64, u8)) {
+        serde_json::to_writer(&mut self.staged, &(&ext, &cells)).expect("rows serialize");
+        self.staged.push(b'\n');
+        self.staged_rows.push((ext.into_boxed_str(), owners.iter().map(|i| *i as u32).collect(), rank));
+    }
+
+    /// Bytes staged.
+    pub(super) fn staged_bytes(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Writes the staged rows after the file's whole rows (in `dir`); on failure the file is
+    /// cut back to its whole rows, and the staged rows stay staged (see [`Spool::commit`],
+    /// [`Spool::discard`]).
+    pub(super) fn write_staged(&mut self, dir: Option<&Path>) -> std::io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let file = match &self.file {
+            Some(f) => f.clone(),
             None => {
-                self.rows.insert(ext.into_boxed_str(), RowInfo { line, rank, owners: owners.collect() });
+                let f = match dir {
+                    Some(dir) => tempfile::tempfile_in(dir)?,
+                    None => tempfile::tempfile()?,
+                };
+                self.file.insert(Arc::new(f)).clone()
             }
+        };
+        let result = self.write_at(&file);
+        if result.is_err() {
+            let _ = file.set_len(self.len);
+        }
+        result
+    }
+
+    #[cfg(not(test))]
+    fn write_at(&self, file: &std::fs::File) -> std::io::Result<()> {
+        file.write_all_at(&self.staged, self.len)
+    }
+
+    #[cfg(test)]
+    fn write_at(&self, file: &std::fs::File) -> std::io::Result<()> {
+        let room = self.full_at.map_or(usize::MAX, |at| at.saturating_sub(self.len) as usize);
+        file.write_all_at(&self.staged[..self.staged.len().min(room)], self.len)?;
+        if room < self.staged.len() {
+            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
         }
         Ok(())
     }
 
+    /// The staged rows, written, become the job's.
+    pub(super) fn commit(&mut self) {
+        self.len += self.staged.len() as u64;
+        self.staged = Vec::new();
+        for (ext, owners, rank) in std::mem::take(&mut self.staged_rows) {
+            let line = self.lines;
+            self.lines += 1;
+            match self.rows.get_mut(&ext) {
+                Some(row) => {
+                    if rank >= row.rank {
+                        (row.line, row.rank) = (line, rank);
+                    }
+                    row.owners.extend(owners);
+                    row.owners.sort_unstable();
+                    row.owners.dedup();
+                }
+                None => {
+                    self.rows.insert(ext, RowInfo { line, rank, owners });
+                }
+            }
+        }
+    }
+
+    /// Drops the staged rows (and whatever of them reached the file).
+    pub(super) fn discard(&mut self) {
+        if let Some(file) = &self.file {
+            let _ = file.set_len(self.len);
+        }
+        self.staged = Vec::new();
+        self.staged_rows = Vec::new();
+    }
+
     /// The upload: a CSV made from the spool as it is sent, of the rows some of whose
     /// records have not failed.
-    pub(super) fn upload(
-        &mut self,
-        failed: &HashMap<usize, (HandlerError, bool)>,
-    ) -> std::io::Result<Option<UploadPlan>> {
-        let Some(file) = &mut self.file else { return Ok(None) };
-        file.flush()?;
+    pub(super) fn upload(&self, failed: &HashMap<usize, (HandlerError, bool)>) -> Option<UploadPlan> {
+        let file = self.file.as_ref()?;
         let mut keep = vec![false; self.lines as usize];
         let mut rows = 0;
         for row in self.rows.values() {
@@ -103,7 +173,7 @@ impl Spool {
             }
         }
         if rows == 0 {
-            return Ok(None);
+            return None;
         }
         // The external id first, the other columns by name.
         let mut names: Vec<(usize, &str)> = self
@@ -121,13 +191,15 @@ impl Spool {
             header.push(quote(name));
         }
         let header = format!("{}\n", header.join(","));
-        Ok(Some(UploadPlan { file: file.get_ref().try_clone()?, keep, position, header, rows }))
+        Some(UploadPlan { file: file.clone(), len: self.len, keep, position, header, rows })
     }
 }
 
 /// A job's upload, made anew for each try.
 pub(super) struct UploadPlan {
-    pub(super) file: std::fs::File,
+    pub(super) file: Arc<std::fs::File>,
+    /// Bytes of whole rows (a later chunk's failed write is not read).
+    pub(super) len: u64,
     pub(super) keep: Vec<bool>,
     /// Spool column → CSV column.
     pub(super) position: Vec<usize>,
@@ -140,11 +212,11 @@ impl UploadPlan {
         Ok(reqwest::Body::wrap_stream(futures::stream::iter(self.rows()?)))
     }
 
+    /// The CSV from the spool's start, read with a position of its own.
     pub(super) fn rows(&self) -> std::io::Result<CsvRows> {
-        let mut file = self.file.try_clone()?;
-        file.seek(std::io::SeekFrom::Start(0))?;
+        let at = At { file: self.file.clone(), pos: 0, end: self.len };
         Ok(CsvRows {
-            reader: BufReader::new(file),
+            reader: BufReader::new(at),
             keep: self.keep.clone(),
             position: self.position.clone(),
             width: self.position.iter().filter(|p| **p != usize::MAX).count() + 1,
@@ -155,9 +227,28 @@ impl UploadPlan {
     }
 }
 
+/// A reader of a shared file with its own position (`pread`): readers never move each other.
+pub(super) struct At {
+    file: Arc<std::fs::File>,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for At {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let room = (self.end.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        if room == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..room], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// The CSV of a spool, about [`UPLOAD_PIECE`] bytes at a time.
 pub(super) struct CsvRows {
-    pub(super) reader: BufReader<std::fs::File>,
+    pub(super) reader: BufReader<At>,
     pub(super) keep: Vec<bool>,
     pub(super) position: Vec<usize>,
     pub(super) width: usize,
@@ -407,14 +498,16 @@ mod tests {
         spool.ext_field = "Elo_Id__c".into();
         let (name, city) = (spool.column("Name"), spool.column("BillingCity"));
         let owners = |i: &[usize]| i.iter().copied().collect::<BTreeSet<usize>>();
-        spool.add("c:1".into(), vec![(name, "New \"Ana\"".into()), (city, "Rio".into())], &owners(&[0]), 20).unwrap();
-        spool.add("c:2".into(), vec![(name, "Bo".into())], &owners(&[1]), 5).unwrap();
+        spool.add("c:1".into(), vec![(name, "New \"Ana\"".into()), (city, "Rio".into())], &owners(&[0]), (20, 0));
+        spool.add("c:2".into(), vec![(name, "Bo".into())], &owners(&[1]), (5, 0));
         // The same account again with older data (an older order later in the batch).
-        spool.add("c:1".into(), vec![(name, "Old".into())], &owners(&[2]), 10).unwrap();
-        spool.add("c:3".into(), vec![(city, "Natal".into())], &owners(&[3]), 5).unwrap();
+        spool.add("c:1".into(), vec![(name, "Old".into())], &owners(&[2]), (10, 0));
+        spool.add("c:3".into(), vec![(city, "Natal".into())], &owners(&[3]), (5, 0));
         let failed: HashMap<usize, (HandlerError, bool)> =
             [(3, (HandlerError::permanent("X", "x"), false))].into_iter().collect();
-        let plan = spool.upload(&failed).unwrap().unwrap();
+        spool.write_staged(None).unwrap();
+        spool.commit();
+        let plan = spool.upload(&failed).unwrap();
         let csv: Vec<u8> = plan.rows().unwrap().flat_map(Result::unwrap).collect();
         assert_eq!(
             String::from_utf8(csv).unwrap(),
@@ -424,5 +517,63 @@ mod tests {
         assert_eq!(spool.rows["c:1"].owners, vec![0, 2]);
         // Made anew for a second try.
         assert_eq!(plan.rows().unwrap().count(), plan.rows().unwrap().count());
+    }
+
+    /// Each upload reads the spool from its start on its own: a retry made while an earlier
+    /// try's body is still read (a re-sent upload) gets every row, not what is left.
+    #[test]
+    fn every_upload_reads_the_spool_from_its_start() {
+        let mut spool = Spool::new();
+        spool.ext_field = "Elo_Id__c".into();
+        let name = spool.column("Name");
+        let owners: BTreeSet<usize> = [0].into();
+        for n in 0..5_000 {
+            spool.add(format!("c:{n}"), vec![(name, format!("Name {n}"))], &owners, (1, 0));
+        }
+        spool.write_staged(None).unwrap();
+        spool.commit();
+        let plan = spool.upload(&HashMap::new()).unwrap();
+        let whole: Vec<u8> = plan.rows().unwrap().flat_map(Result::unwrap).collect();
+        let mut first = plan.rows().unwrap();
+        let mut second = plan.rows().unwrap();
+        let _ = (first.next(), first.next());
+        let again: Vec<u8> = second.by_ref().flat_map(Result::unwrap).collect();
+        assert_eq!(again.len(), whole.len(), "the second upload is whole");
+        let rest: usize = first.map(|p| p.unwrap().len()).sum();
+        assert!(rest > 0, "the first is not cut short by the second");
+    }
+
+    /// A chunk whose rows do not fit the disk leaves nothing behind: the rows spooled before
+    /// and after it upload whole, and only its rows are missing.
+    #[test]
+    fn a_chunk_that_does_not_fit_the_disk_spoils_nothing_else() {
+        let mut spool = Spool::new();
+        spool.ext_field = "Elo_Id__c".into();
+        let name = spool.column("Name");
+        let chunk = |spool: &mut Spool, from: usize, to: usize| {
+            for n in from..to {
+                spool.add(format!("c:{n}"), vec![(name, format!("Name {n}"))], &[n].into(), (1, 0));
+            }
+        };
+        chunk(&mut spool, 0, 10);
+        spool.write_staged(None).unwrap();
+        spool.commit();
+        // The disk fills up halfway through the second chunk.
+        spool.full_at = Some(spool.len + 200);
+        chunk(&mut spool, 10, 30);
+        let error = spool.write_staged(None).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::StorageFull);
+        spool.discard();
+        spool.full_at = None;
+        chunk(&mut spool, 30, 35);
+        spool.write_staged(None).unwrap();
+        spool.commit();
+        let plan = spool.upload(&HashMap::new()).unwrap();
+        let csv: Vec<u8> = plan.rows().unwrap().flat_map(Result::unwrap).collect();
+        let csv = String::from_utf8(csv).unwrap();
+        let ids: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+        let want: Vec<String> = (0..10).chain(30..35).map(|n| format!("\"c:{n}\"")).collect();
+        assert_eq!(ids, want);
+        assert_eq!(plan.rows, 15);
     }
 }

@@ -109,6 +109,8 @@ pub struct Sink {
     confirmed: Confirmations,
     /// When batches go through Bulk API 2.0.
     bulk: BulkSettings,
+    /// The bound on the Bulk jobs' spooled bytes, shared by the partitions.
+    spool_budget: bulk::SpoolBudget,
     /// Composite Graph requests shared by the partitions' batches.
     pool: pool::Pool,
 }
@@ -172,6 +174,7 @@ impl Sink {
             quota_pause,
             entries: Mutex::new(HashSet::new()),
             confirmed: Confirmations::memory(),
+            spool_budget: bulk::SpoolBudget::new(BulkSettings::default().spool_bytes),
             bulk: BulkSettings::default(),
             pool: pool::Pool::new(Duration::ZERO),
         }
@@ -199,6 +202,7 @@ impl Sink {
 
     /// Uses Bulk API 2.0 as `bulk` says.
     pub fn with_bulk(mut self, bulk: BulkSettings) -> Self {
+        self.spool_budget = bulk::SpoolBudget::new(bulk.spool_bytes);
         self.bulk = bulk;
         self
     }
@@ -245,19 +249,27 @@ impl Sink {
     ) -> Vec<Verdict> {
         if self.bulk_sized(events.len()) {
             // Through the same steps as the service's chunked reading (see `bulk::BulkBatch`).
-            let chunks: Vec<_> = (0..events.len()).step_by(GRAPH_SLICE).collect();
-            let range = |at: usize| at..(at + GRAPH_SLICE).min(events.len());
-            let mut batch = bulk::BulkBatch::new(partition, events.len());
-            for at in &chunks {
-                self.bulk_note(&mut batch, *at, &events[range(*at)]);
-            }
-            for at in &chunks {
-                self.bulk_prepare(&mut batch, *at, &events[range(*at)]).await;
-            }
-            self.bulk_run(&mut batch).await;
+            let chunks: Vec<_> =
+                (0..events.len()).step_by(GRAPH_SLICE).map(|at| at..(at + GRAPH_SLICE).min(events.len())).collect();
             let mut out = Vec::with_capacity(events.len());
-            for at in &chunks {
-                out.extend(self.bulk_finish(&mut batch, *at, &events[range(*at)]).await);
+            let mut start = 0;
+            // Several Bulk batches in turn when the rows would pass the spool bound.
+            while start < chunks.len() {
+                let mut batch = bulk::BulkBatch::new(partition, events.len());
+                for range in &chunks[start..] {
+                    self.bulk_note(&mut batch, range.start, &events[range.clone()]);
+                }
+                let mut end = start;
+                while end < chunks.len()
+                    && self.bulk_prepare(&mut batch, chunks[end].start, &events[chunks[end].clone()]).await
+                {
+                    end += 1;
+                }
+                self.bulk_run(&mut batch).await;
+                for range in &chunks[start..end] {
+                    out.extend(self.bulk_finish(&mut batch, range.start, &events[range.clone()]).await);
+                }
+                start = end;
             }
             return out;
         }
@@ -440,13 +452,22 @@ impl Sink {
                 verdicts[index] = Some(verdict);
             }
         }
-        self.retry_in_call(work, verdicts).await;
+        self.retry_in_call(work, verdicts, &|_| None).await;
     }
 
     /// Graphs that failed transiently (a lock, a record rolled back with another one) are
     /// sent again at once, one record per graph, before the batch is handed back: the
     /// runtime would otherwise retry the whole suffix and spend every record's budget.
-    async fn retry_in_call(&self, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    /// `floor`: per customer key, the customer data that already reached Salesforce outside
+    /// `work` (a Bulk batch's other chunks); a retry never writes older. Returns the records
+    /// that wrote their customer data and were applied.
+    async fn retry_in_call(
+        &self,
+        work: &[Work<'_>],
+        verdicts: &mut [Option<Verdict>],
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
+    ) -> HashSet<usize> {
+        let mut wrote = HashSet::new();
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         for _ in 0..IN_CALL_RETRIES {
             let newest = newest_customer_data(work, verdicts);
@@ -459,7 +480,9 @@ impl Sink {
                     // what an applied graph of the same batch wrote (and the confirmed version).
                     write_customer: w.write_customer
                         && newest.get(w.event.customer_key.as_str())
-                            == Some(&(customer_version(w.event), enrichment_rank(w.event))),
+                            == Some(&(customer_version(w.event), enrichment_rank(w.event)))
+                        && floor(&w.event.customer_key)
+                            .is_none_or(|f| (customer_version(w.event), enrichment_rank(w.event)) >= f),
                     ..*w
                 })
                 .collect();
@@ -469,6 +492,11 @@ impl Sink {
             for request in builder.build(&again, true) {
                 for (index, verdict) in self.send(&request).await {
                     verdicts[index] = Some(verdict);
+                }
+            }
+            for w in again.iter().filter(|w| w.write_customer) {
+                if verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok()) {
+                    wrote.insert(w.index);
                 }
             }
             // A record resent without its customer's nodes (the batch already wrote newer data)
@@ -483,6 +511,7 @@ impl Sink {
                 }
             }
         }
+        wrote
     }
 
     /// Records what was applied (acknowledged by the changelog before the batch is reported

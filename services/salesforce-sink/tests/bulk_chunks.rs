@@ -1,0 +1,238 @@
+//! A Bulk API 2.0 batch read a chunk at a time (250 records here, two chunks) behaves like one
+//! batch: an alias found in one chunk serves the next, a lock retry never writes older
+//! customer data than what landed, a decode failure between the passes loses no version,
+//! rows Salesforce did not process are retried, and a stop aborts the open jobs.
+
+use std::time::{Duration, Instant};
+
+use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
+use elo_kafka::{ErrorClass, HandlerError};
+use salesforce_sink::handler::{BulkBatch, BulkSettings, Sink, Verdict};
+use salesforce_sink::mapping::Mapping;
+use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
+use serde_json::{Value, json};
+
+mod common;
+
+use common::*;
+
+fn settings() -> BulkSettings {
+    BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+async fn setup(config: SalesforceConfig, bulk: BulkSettings) -> (SalesforceApp, Sink) {
+    let (app, url) = serve(config).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
+    (app, sink)
+}
+
+/// 300 orders of registered customers (no guest shares a registered customer's e-mail).
+fn batch() -> Vec<CommerceEvent> {
+    (0..450).filter(|n| n % 3 != 2).map(|n| order(n, "pending", 0)).collect()
+}
+
+/// `e` of another customer, `key` with `email`, its order placed `at_ms` after the original.
+fn of_customer(e: &mut CommerceEvent, key: &str, email: &str, lastname: &str, at_ms: i64) {
+    e.customer_key = key.into();
+    let c = e.customer.as_mut().unwrap();
+    (c.email, c.lastname) = (email.into(), Some(lastname.into()));
+    c.customer_id = key.trim_start_matches("c:").parse().ok();
+    let o = e.order.as_mut().unwrap();
+    o.created_at += at_ms;
+    e.source_version.updated_at = o.created_at;
+}
+
+fn order_ext(e: &CommerceEvent) -> String {
+    format!("o:{}", e.order.as_ref().unwrap().entity_id)
+}
+
+fn find(app: &SalesforceApp, object: &str, ext: &str) -> Option<(String, Value)> {
+    let sim = app.sim.lock().unwrap();
+    sim.org
+        .records
+        .iter()
+        .find(|(_, r)| r.object == object && r.fields.get("Elo_Id__c") == Some(&json!(ext)))
+        .map(|(id, r)| (id.clone(), Value::Object(r.fields.clone())))
+}
+
+fn oks(events: &[CommerceEvent]) -> Vec<Result<CommerceEvent, HandlerError>> {
+    events.iter().cloned().map(Ok).collect()
+}
+
+/// A key refused by the duplicate rule in the first chunk is matched by e-mail and stored as an
+/// alias there; its orders in the second chunk are written to the same person, not refused.
+#[tokio::test]
+async fn a_key_aliased_in_an_earlier_chunk_is_applied_in_the_later_ones() {
+    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let (email, existing) = ("alias@example.com", "c:6000");
+    let account = {
+        let mut sim = app.sim.lock().unwrap();
+        let fields = json!({"Name": "Existing", "Elo_Id__c": existing});
+        let account = sim.org.create("Account", fields.as_object().unwrap().clone(), 0).unwrap();
+        let contact = json!({"LastName": "Existing", "Email": email, "Elo_Id__c": existing, "AccountId": account});
+        sim.org.create("Contact", contact.as_object().unwrap().clone(), 0).unwrap();
+        account
+    };
+    let mut events = batch();
+    of_customer(&mut events[10], "c:5000", email, "Alias", 0);
+    of_customer(&mut events[260], "c:5000", email, "Alias", 1_000);
+    let v = sink.apply(&oks(&events)).await;
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+    }
+    for i in [10, 260] {
+        assert_eq!(v[i].outcome, Some(OutcomeStatus::Applied));
+        let (_, order) = find(&app, "Order", &order_ext(&events[i])).expect("the order landed");
+        assert_eq!(order["AccountId"], json!(account), "record {i} hangs off the existing person");
+    }
+}
+
+/// The older of a customer's two orders (first chunk) hits a lock on its Order row after the
+/// Bulk jobs wrote the customer's newest data (second chunk): its retry does not write its own,
+/// older customer data over it, and still names the Account.
+#[tokio::test]
+async fn a_lock_retry_in_an_earlier_chunk_never_writes_older_customer_data() {
+    let mut events = batch();
+    of_customer(&mut events[20], "c:7000", "stale@example.com", "Old", 0);
+    of_customer(&mut events[270], "c:7000", "stale@example.com", "New", 60_000);
+    let config = SalesforceConfig { bulk_locked_once: vec![order_ext(&events[20])], ..Default::default() };
+    let (app, sink) = setup(config, settings()).await;
+    let v = sink.apply(&oks(&events)).await;
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+    }
+    assert!(app.sim.lock().unwrap().config.bulk_locked_once.is_empty(), "the lock fired");
+    let (account, _) = find(&app, "Account", "c:7000").unwrap();
+    let (_, contact) = find(&app, "Contact", "c:7000").unwrap();
+    assert_eq!(contact["LastName"], json!("New"), "the newest customer data stays");
+    assert_eq!(v[20].target_ids.get("Account"), Some(&account), "{:?}", v[20].target_ids);
+}
+
+/// Runs a batch through the passes by hand, each pass reading its own copy of the chunks.
+async fn passes(
+    sink: &Sink,
+    note: &[Vec<Result<CommerceEvent, HandlerError>>],
+    prepare: &[Vec<Result<CommerceEvent, HandlerError>>],
+    finish: &[Vec<Result<CommerceEvent, HandlerError>>],
+) -> Vec<Verdict> {
+    let total = note.iter().map(Vec::len).sum();
+    let offsets: Vec<usize> = note
+        .iter()
+        .scan(0, |at, c| {
+            let o = *at;
+            *at += c.len();
+            Some(o)
+        })
+        .collect();
+    let mut batch = BulkBatch::new(0, total);
+    for (o, c) in offsets.iter().zip(note) {
+        sink.bulk_note(&mut batch, *o, c);
+    }
+    for (o, c) in offsets.iter().zip(prepare) {
+        let _ = sink.bulk_prepare(&mut batch, *o, c).await;
+    }
+    sink.bulk_run(&mut batch).await;
+    let mut out = Vec::new();
+    for (o, c) in offsets.iter().zip(finish) {
+        out.extend(sink.bulk_finish(&mut batch, *o, c).await);
+    }
+    out
+}
+
+/// A record that could not be read in one pass (the registry briefly out) is never taken for
+/// older than it is, nor counted applied without its confirmation: it is applied or retried.
+#[tokio::test]
+async fn a_read_failure_between_the_passes_loses_no_version() {
+    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let mut events = batch();
+    // The newest version of the order of record 10 is record 260 (second chunk).
+    let mut newer = events[10].clone();
+    newer.order.as_mut().unwrap().status = "processing".into();
+    newer.source_version.updated_at += 5_000;
+    newer.event_type = CommerceEventType::OrderChanged;
+    events[260] = newer.clone();
+    let chunks = |events: &[CommerceEvent]| vec![oks(&events[..250]), oks(&events[250..])];
+    let unreadable = || Err(HandlerError::transient("schema_registry", "registry unreachable"));
+    let mut note = chunks(&events);
+    note[1][10] = unreadable();
+    let mut finish = chunks(&events);
+    finish[0][100] = unreadable();
+    let v = passes(&sink, &note, &chunks(&events), &finish).await;
+    let (_, order) = find(&app, "Order", &order_ext(&newer)).expect("the order landed");
+    let landed = order["Magento_Status__c"] == json!("processing");
+    let retried = v[260].result.as_ref().is_err_and(|e| e.class == ErrorClass::Transient);
+    assert!(landed || retried, "the newest version neither landed nor is retried: {:?} {:?}", v[260], order);
+    assert_ne!(v[260].outcome, Some(OutcomeStatus::SkippedStale));
+    let error = v[100].result.as_ref().expect_err("not confirmed: retried, not counted applied");
+    assert_eq!(error.class, ErrorClass::Transient);
+}
+
+/// A row in neither result file (Salesforce did not process it) fails its record
+/// transiently: it is retried, never counted applied.
+#[tokio::test]
+async fn rows_salesforce_did_not_process_are_retried() {
+    let events = batch();
+    let config = SalesforceConfig { bulk_unprocessed: vec![order_ext(&events[7])], ..Default::default() };
+    let (_app, sink) = setup(config, settings()).await;
+    let v = sink.apply(&oks(&events)).await;
+    let error = v[7].result.as_ref().expect_err("not processed: not applied");
+    assert_eq!(error.class, ErrorClass::Transient, "{error:?}");
+    assert_eq!(v[7].outcome, None);
+    for (i, v) in v.iter().enumerate().filter(|(i, _)| *i != 7) {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+    }
+}
+
+/// When the service stops, a Bulk batch waiting on its job aborts it at once (the records are
+/// retried by the next owner; no job is left to write behind its back).
+#[tokio::test]
+async fn a_stop_aborts_the_open_bulk_jobs() {
+    let bulk = BulkSettings { poll: Duration::from_secs(8), ..settings() };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk).with_stop(stop.clone());
+    let events = oks(&batch());
+    let started = Instant::now();
+    let stopper = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.cancel();
+    };
+    let (v, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(6), sink.apply(&events)), stopper);
+    let v = v.expect("the batch returned soon after the stop");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    for (i, v) in v.iter().enumerate() {
+        let error = v.result.as_ref().expect_err("not applied");
+        assert_eq!(error.class, ErrorClass::Transient, "record {i}: {error:?}");
+    }
+    let states: Vec<String> = app.sim.lock().unwrap().jobs.values().map(|j| j.state.clone()).collect();
+    assert!(!states.is_empty() && states.iter().all(|s| s == "Aborted"), "{states:?}");
+}
+
+/// The jobs' spools never take more than `spool_bytes` on disk: a batch whose rows would pass
+/// it runs as several Bulk batches in turn, and every record still lands once.
+#[tokio::test]
+async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
+    let events = batch();
+    // Unbounded first, to learn what the whole batch spools.
+    let (_, whole) = setup(SalesforceConfig::default(), settings()).await;
+    assert!(whole.apply(&oks(&events)).await.iter().all(|v| v.result.is_ok()));
+    let unbounded = whole.bulk_spool_peak();
+    // A bound the first chunk (250 of 300 records) fits but not both: two Bulk batches.
+    let bound = unbounded as usize - 8 * 1024;
+    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let v = sink.apply(&oks(&events)).await;
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok() && v.target_ids.contains_key("Order"), "record {i}: {:?}", v.result);
+    }
+    assert!(sink.bulk_spool_peak() <= bound as u64, "{} > {bound}", sink.bulk_spool_peak());
+    assert!(sink.bulk_spool_peak() > 0);
+    let jobs = app.sim.lock().unwrap().jobs.len();
+    assert_eq!(jobs, 8, "two Bulk batches of four jobs (no activations)");
+    let ids: std::collections::BTreeSet<i64> = events.iter().map(|e| e.order.as_ref().unwrap().entity_id).collect();
+    assert_eq!(records(&app, "Order").len(), ids.len(), "every order once");
+}
