@@ -126,32 +126,3 @@ async fn a_waiting_graph_leaves_when_the_service_stops() {
     assert!(verdicts.iter().all(|v| v.result.is_ok()), "sent, not dropped");
     assert!(started.elapsed() < linger / 2, "waited {:?} after the stop", started.elapsed());
 }
-
-/// A partition still out whose batch has more chunks behind it is waited for: the rest of a
-/// chunk that overflowed a request waits for that partition's next chunk instead of leaving
-/// a fifth full (two calls for 900 nodes, not three).
-#[tokio::test]
-async fn a_partition_with_more_of_its_batch_behind_is_waited_for_while_out() {
-    let (_app, url) = serve(SalesforceConfig::default()).await;
-    let linger = Duration::from_secs(3);
-    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_graph_linger(linger);
-    // Products and price book entries known; partitions 0 and 1 busy.
-    let (w0, w1) = (distinct(400..490), distinct(490..580));
-    let (a, b) = tokio::join!(sink.apply_partition(0, &w0), sink.apply_partition(1, &w1));
-    assert!(a.iter().chain(&b).all(|v| v.result.is_ok()));
-    let graph_calls = || salesforce_sink::metrics::API_CALLS.with_label_values(&["graph"]).get();
-    let before = graph_calls();
-    let (first, second, other) = (distinct(0..60), distinct(60..120), distinct(120..180));
-    let started = Instant::now();
-    let (verdicts, v1) = tokio::join!(
-        async {
-            let mut v = sink.apply_chunk(0, &first, true).await;
-            v.extend(sink.apply_chunk(0, &second, false).await);
-            v
-        },
-        sink.apply_chunk(1, &other, false)
-    );
-    assert!(verdicts.iter().chain(&v1).all(|v| v.result.is_ok()));
-    assert_eq!(graph_calls() - before, 2, "900 nodes: two requests");
-    assert!(started.elapsed() < linger, "the next chunk came, not the linger: {:?}", started.elapsed());
-}
