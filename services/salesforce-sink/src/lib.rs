@@ -260,7 +260,7 @@ impl elo_kafka::Handler for SinkHandler {
             let started = Instant::now();
             let events = self.decode(chunk).await;
             let partition = chunk.first().map_or(0, |r| r.partition);
-            let verdicts = sink.apply_chunk(partition, &events, !rest.is_empty()).await;
+            let verdicts = sink.apply_partition(partition, &events).await;
             results.extend(self.report(chunk, &events, verdicts, started).await);
         }
         results

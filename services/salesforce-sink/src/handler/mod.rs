@@ -235,18 +235,6 @@ impl Sink {
         partition: i32,
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
-        self.apply_chunk(partition, events, false).await
-    }
-
-    /// [`Sink::apply_partition`] for a chunk of a partition's batch; `more`: more of the
-    /// batch follows at once (a backlog), so the graph pool waits for that partition's next
-    /// chunk even while this one is out, and backlog requests leave full.
-    pub async fn apply_chunk(
-        &self,
-        partition: i32,
-        events: &[Result<CommerceEvent, HandlerError>],
-        more: bool,
-    ) -> Vec<Verdict> {
         if self.bulk_sized(events.len()) {
             // Through the same steps as the service's chunked reading (see `bulk::BulkBatch`).
             let chunks: Vec<_> =
@@ -286,7 +274,7 @@ impl Sink {
             }
             None => true,
         });
-        self.write(partition, more, &work, &mut verdicts).await;
+        self.write(partition, &work, &mut verdicts).await;
         self.settle(partition, &work, erasures, verdicts).await
     }
 
@@ -425,7 +413,7 @@ impl Sink {
                     held_digest: None,
                 })
                 .collect();
-            self.write(partition, false, &again, &mut verdicts).await;
+            self.write(partition, &again, &mut verdicts).await;
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
@@ -443,12 +431,12 @@ impl Sink {
 
     /// Sends the graphs, then those that failed transiently once more per round, one record
     /// per graph.
-    async fn write(&self, partition: i32, more: bool, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         // Built and sent a slice at a time: a backlog batch of thousands of records would
         // otherwise hold every request body at once.
         for slice in graph::slices(work, GRAPH_SLICE) {
-            for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES), more).await {
+            for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
                 verdicts[index] = Some(verdict);
             }
         }

@@ -59,10 +59,8 @@ struct State {
     boarding: Option<Train>,
     /// When each partition last left on a train: those within [`EXPECT_WITHIN`] are waited for.
     recent: HashMap<i32, Instant>,
-    /// Partitions whose batch is on a train that has not come back: not waited for, unless
-    /// they said more of their batch follows at once (a backlog's next chunk).
+    /// Partitions whose batch is on a train that has not come back: not waited for.
     in_flight: HashMap<i32, usize>,
-    coming: HashMap<i32, bool>,
     next_id: u64,
 }
 
@@ -83,7 +81,7 @@ impl State {
         self.recent.iter().all(|(p, t)| {
             now.duration_since(*t) > EXPECT_WITHIN
                 || train.partitions.contains(p)
-                || (self.in_flight.get(p).is_some_and(|n| *n > 0) && !self.coming.get(p).copied().unwrap_or(false))
+                || self.in_flight.get(p).is_some_and(|n| *n > 0)
         })
     }
 }
@@ -124,9 +122,8 @@ impl Pool {
     /// next one (a backlog's chunks are most of a request each: sending a train as it is
     /// when a chunk does not fit would leave it a third empty). Returns the seats (the last
     /// one on the train still boarding) and the full trains this boarding sends off.
-    fn board(&self, partition: i32, graphs: Vec<GraphPlan>, more: bool) -> (Vec<Seat>, Vec<Train>) {
+    fn board(&self, partition: i32, graphs: Vec<GraphPlan>) -> (Vec<Seat>, Vec<Train>) {
         let mut state = self.state.lock().expect("pool lock");
-        state.coming.insert(partition, more);
         let now = Instant::now();
         let (mut seats, mut full) = (Vec::new(), Vec::new());
         let mut graphs = graphs.into_iter().peekable();
@@ -190,7 +187,7 @@ impl Pool {
 
 impl Sink {
     /// Sends `graphs` with whatever other batches send meanwhile; their records' verdicts.
-    pub(super) async fn ride(&self, partition: i32, graphs: Vec<GraphPlan>, more: bool) -> Verdicts {
+    pub(super) async fn ride(&self, partition: i32, graphs: Vec<GraphPlan>) -> Verdicts {
         if graphs.is_empty() {
             return Vec::new();
         }
@@ -202,7 +199,7 @@ impl Sink {
             return out;
         }
         let records: Vec<usize> = graphs.iter().flat_map(|g| g.records.iter().copied()).collect();
-        let (seats, full) = self.pool.board(partition, graphs, more);
+        let (seats, full) = self.pool.board(partition, graphs);
         let leave_full = futures::future::join_all(full.into_iter().map(|train| self.depart(train)));
         let riding = futures::future::join_all(seats.into_iter().map(|seat| async move {
             let Seat { id, due, ready, mut rx } = seat;
