@@ -236,3 +236,19 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     let ids: std::collections::BTreeSet<i64> = events.iter().map(|e| e.order.as_ref().unwrap().entity_id).collect();
     assert_eq!(records(&app, "Order").len(), ids.len(), "every order once");
 }
+
+/// Rows that cannot be spooled (here: no spool directory) fail their records `transient` with
+/// a class of their own (retried, never dead-lettered), and no job is started for them.
+#[tokio::test]
+async fn rows_that_cannot_be_spooled_are_retried_with_their_own_error_class() {
+    let gone = std::env::temp_dir().join(format!("elo-no-such-spool-dir-{}", std::process::id()));
+    let bulk = BulkSettings { spool_dir: Some(gone), ..settings() };
+    let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
+    let v = sink.apply(&oks(&batch())).await;
+    for (i, v) in v.iter().enumerate() {
+        let error = v.result.as_ref().expect_err("not spooled: not applied");
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Transient, "bulk_spool"), "record {i}");
+        assert_eq!(v.outcome, None);
+    }
+    assert!(app.sim.lock().unwrap().jobs.is_empty());
+}
