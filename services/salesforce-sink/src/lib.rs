@@ -285,9 +285,10 @@ impl elo_kafka::Handler for SinkHandler {
 impl SinkHandler {
     /// A Bulk API 2.0 batch, read a chunk at a time under the byte budget three times (the
     /// newest versions, the rows spooled for the jobs, then confirmations and outcomes after
-    /// the jobs), so it is never held decoded; the jobs run holding no budget.
+    /// the jobs), so it is never held decoded; the jobs run holding no budget. The loop is
+    /// the sink's own (`Sink::apply_bulk`, also what the tests drive): it never waits for
+    /// spool room while holding budget.
     async fn handle_bulk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let started = Instant::now();
         let partition = batch.first().map_or(0, |r| r.partition);
         let mut chunks = Vec::new();
         let mut at = 0;
@@ -296,34 +297,9 @@ impl SinkHandler {
             chunks.push(at..end);
             at = end;
         }
-        let mut results = Vec::with_capacity(batch.len());
-        let mut start = 0;
-        // Several Bulk batches in turn when the rows would pass the spool bound.
-        while start < chunks.len() {
-            let mut bulk = handler::BulkBatch::new(partition, batch.len());
-            for range in &chunks[start..] {
-                let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
-                sink.bulk_note(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await);
-            }
-            let mut end = start;
-            while let Some(range) = chunks.get(end) {
-                let _permit = self.budget.acquire(batch[range.clone()].iter().map(Record::size_bytes).sum()).await;
-                if !sink.bulk_prepare(&mut bulk, range.start, &self.decode(&batch[range.clone()]).await).await {
-                    break;
-                }
-                end += 1;
-            }
-            sink.bulk_run(&mut bulk).await;
-            for range in &chunks[start..end] {
-                let chunk = &batch[range.clone()];
-                let _permit = self.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
-                let events = self.decode(chunk).await;
-                let verdicts = sink.bulk_finish(&mut bulk, range.start, &events).await;
-                results.extend(self.report(chunk, &events, verdicts, started).await);
-            }
-            start = end;
-        }
-        results
+        let mut reader = BulkReader { handler: self, batch, started: Instant::now(), results: Vec::new() };
+        sink.apply_bulk(partition, batch.len(), &chunks, &mut reader).await;
+        reader.results
     }
 
     async fn decode(&self, records: &[Record]) -> Vec<Result<elo_events::CommerceEvent, HandlerError>> {
@@ -373,6 +349,31 @@ impl SinkHandler {
                 (result, _) => result,
             })
             .collect()
+    }
+}
+
+/// A Bulk batch's chunks read from its records under the in-flight budget, their verdicts
+/// reported as they come.
+struct BulkReader<'a> {
+    handler: &'a SinkHandler,
+    batch: &'a [Record],
+    started: Instant,
+    results: Vec<Result<(), HandlerError>>,
+}
+
+impl<'a> handler::BulkChunks for BulkReader<'a> {
+    type Held = tokio::sync::SemaphorePermit<'a>;
+
+    async fn read(&self, range: std::ops::Range<usize>) -> (Self::Held, handler::Events) {
+        let chunk = &self.batch[range];
+        let permit = self.handler.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
+        (permit, self.handler.decode(chunk).await)
+    }
+
+    async fn done(&mut self, range: std::ops::Range<usize>, events: &handler::Events, verdicts: Vec<handler::Verdict>) {
+        let chunk = &self.batch[range];
+        let results = self.handler.report(chunk, events, verdicts, self.started).await;
+        self.results.extend(results);
     }
 }
 

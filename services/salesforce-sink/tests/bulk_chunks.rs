@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
-use salesforce_sink::handler::{BulkBatch, BulkSettings, Sink, Verdict};
+use salesforce_sink::handler::{BulkBatch, BulkChunks, BulkSettings, Events, Sink, Verdict};
 use salesforce_sink::mapping::Mapping;
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use serde_json::{Value, json};
@@ -251,4 +251,63 @@ async fn rows_that_cannot_be_spooled_are_retried_with_their_own_error_class() {
         assert_eq!(v.outcome, None);
     }
     assert!(app.sim.lock().unwrap().jobs.is_empty());
+}
+
+/// A partition's batch read like the service reads it: each chunk under a permit of a shared
+/// in-flight budget (one permit a chunk).
+struct Budgeted<'a> {
+    events: &'a [CommerceEvent],
+    budget: std::sync::Arc<tokio::sync::Semaphore>,
+    out: Vec<Verdict>,
+}
+
+impl BulkChunks for Budgeted<'_> {
+    type Held = tokio::sync::OwnedSemaphorePermit;
+
+    async fn read(&self, range: std::ops::Range<usize>) -> (Self::Held, Events) {
+        let permit = self.budget.clone().acquire_owned().await.unwrap();
+        // Another partition gets its turn while this one reads (decoding awaits the registry).
+        tokio::task::yield_now().await;
+        (permit, oks(&self.events[range]))
+    }
+
+    async fn done(&mut self, _range: std::ops::Range<usize>, _events: &Events, verdicts: Vec<Verdict>) {
+        self.out.extend(verdicts);
+    }
+}
+
+/// Several partitions in Bulk at once under a small in-flight budget (four chunks) and a spool
+/// bound of about one chunk's rows: a partition holding spool room waits only for budget, and
+/// none holding budget waits for spool room, so all finish (no deadlock) and every record lands.
+#[tokio::test]
+async fn partitions_in_bulk_at_once_under_small_budgets_all_finish() {
+    let events = batch();
+    let (_, whole) = setup(SalesforceConfig::default(), settings()).await;
+    assert!(whole.apply(&oks(&events)).await.iter().all(|v| v.result.is_ok()));
+    // A third of the batch's rows is one chunk of 100: room for one chunk and a bit.
+    let bound = whole.bulk_spool_peak() as usize / 2;
+    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
+    let partitions: Vec<Vec<CommerceEvent>> = (0..5u64)
+        .map(|p| (0..450).filter(|n| n % 3 != 2).map(|n| order(10_000 * (p + 1) + n, "pending", 0)).collect())
+        .collect();
+    let chunks: Vec<_> = (0..300).step_by(100).map(|at| at..at + 100).collect();
+    let runs = partitions.iter().enumerate().map(|(p, events)| {
+        let (sink, chunks, budget) = (&sink, &chunks, budget.clone());
+        async move {
+            let mut reader = Budgeted { events, budget, out: Vec::new() };
+            sink.apply_bulk(p as i32, events.len(), chunks, &mut reader).await;
+            reader.out
+        }
+    });
+    let all = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(runs))
+        .await
+        .expect("every partition finished (no partition waits for another in a cycle)");
+    for (p, v) in all.iter().enumerate() {
+        assert_eq!(v.len(), 300);
+        for (i, v) in v.iter().enumerate() {
+            assert!(v.result.is_ok(), "partition {p} record {i}: {:?}", v.result);
+        }
+    }
+    assert_eq!(records(&app, "Order").len(), 5 * 300, "every order once");
 }

@@ -137,6 +137,22 @@ pub struct BulkBatch {
     landed: Landed,
     /// The batch's room in the spool bound, held until its jobs are done.
     permits: Vec<OwnedSemaphorePermit>,
+    /// Room awaited (holding no chunk) for a chunk read again next (see [`Prepared::NeedsRoom`]).
+    reserved: Option<(OwnedSemaphorePermit, usize)>,
+}
+
+/// What [`Sink::bulk_prepare`] did with a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepared {
+    /// Its rows are spooled (or it had none): go on with the next chunk.
+    Taken,
+    /// The spool bound has no room for it now and the batch holds some already: nothing of
+    /// the chunk was taken; run the batch, then start the next one at this chunk.
+    Full,
+    /// The batch holds no room and the bound has none free for the chunk's `usize` bytes:
+    /// nothing was taken. Drop the chunk (and its budget), await [`Sink::bulk_reserve`], then
+    /// read the chunk again and prepare it again.
+    NeedsRoom(usize),
 }
 
 impl BulkBatch {
@@ -152,6 +168,7 @@ impl BulkBatch {
             unread: HashSet::new(),
             landed: HashMap::new(),
             permits: Vec::new(),
+            reserved: None,
         }
     }
 }
@@ -175,15 +192,14 @@ impl Sink {
         batch.unread.extend(events.iter().enumerate().filter(|(_, e)| e.is_err()).map(|(i, _)| offset + i));
     }
 
-    /// Pass two over a chunk: staleness, products, and the chunk's rows spooled for the jobs.
-    /// `false`: the spool bound has no room for the chunk now and the batch holds some
-    /// already; nothing of the chunk was taken (run the batch, then start the next one here).
+    /// Pass two over a chunk: staleness, products, and the chunk's rows spooled for the jobs
+    /// (see [`Prepared`]). It never waits for spool room: the caller may hold budget.
     pub async fn bulk_prepare(
         &self,
         batch: &mut BulkBatch,
         offset: usize,
         events: &[Result<CommerceEvent, HandlerError>],
-    ) -> bool {
+    ) -> Prepared {
         let partition = batch.partition;
         let aliased = self.aliases(partition, events);
         let mut verdicts = vec![None; events.len()];
@@ -221,15 +237,19 @@ impl Sink {
         self.spool(batch, &planned);
         let bytes: usize = batch.jobs.iter().map(Spool::staged_bytes).sum();
         if bytes > 0 {
-            // A batch holding no room waits for some; one holding some never waits (no two
-            // partitions wait on each other) but runs what it has.
-            let permit = match batch.permits.is_empty() {
-                true => Some(self.spool_budget.reserve(bytes).await),
-                false => self.spool_budget.try_reserve(bytes),
+            // Never waits here (the caller may hold budget): room awaited for this chunk before
+            // it was read again, else room free now; a batch holding none asks the caller to
+            // await some without the chunk, one holding some runs what it has.
+            let permit = match batch.reserved.take() {
+                Some((permit, reserved)) if reserved >= bytes => Some(permit),
+                _ => self.spool_budget.try_reserve(bytes),
             };
             let Some(permit) = permit else {
                 batch.jobs.iter_mut().for_each(Spool::discard);
-                return false;
+                return match batch.permits.is_empty() {
+                    true => Prepared::NeedsRoom(bytes),
+                    false => Prepared::Full,
+                };
             };
             let dir = self.bulk.spool_dir.as_deref();
             match batch.jobs.iter_mut().try_for_each(|job| job.write_staged(dir)) {
@@ -255,7 +275,14 @@ impl Sink {
                 batch.verdicts[offset + i] = v;
             }
         }
-        true
+        Prepared::Taken
+    }
+
+    /// Waits for `bytes` of room in the spool bound for the batch's next chunk (call it
+    /// holding no chunk and no budget; see [`Prepared::NeedsRoom`]).
+    pub async fn bulk_reserve(&self, batch: &mut BulkBatch, bytes: usize) {
+        batch.reserved = None;
+        batch.reserved = Some((self.spool_budget.reserve(bytes).await, bytes));
     }
 
     /// Stages the rows of `work` (batch indices) in the batch's jobs.
@@ -345,6 +372,7 @@ impl Sink {
             *job = Spool::new();
         }
         batch.permits.clear();
+        batch.reserved = None;
         metrics::RECORDS_PER_CALL.observe(batch.planned.len() as f64);
         for (i, at) in &outcome.landed {
             let Some(p) = batch.planned.get(i) else { continue };

@@ -32,6 +32,7 @@ use crate::mapping::{AccountMode, Resolved};
 mod alias;
 mod bulk;
 mod bulk_csv;
+mod bulk_loop;
 mod composite;
 mod erasure;
 mod pool;
@@ -49,7 +50,8 @@ const SKIP_UNCHANGED_CUSTOMERS: bool = false;
 
 pub mod state;
 
-pub use bulk::{BulkBatch, BulkSettings};
+pub use bulk::{BulkBatch, BulkSettings, Prepared};
+pub use bulk_loop::{BulkChunks, Events};
 pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
@@ -93,6 +95,24 @@ impl Verdict {
     fn graph_failed(error: HandlerError) -> Self {
         let retry_in_call = error.class == ErrorClass::Transient;
         Self { retry_in_call, ..Self::failed(error) }
+    }
+}
+
+/// Chunks of events already decoded, for [`Sink::apply_bulk`].
+struct Decoded<'e> {
+    events: &'e [Result<CommerceEvent, HandlerError>],
+    out: Vec<Verdict>,
+}
+
+impl BulkChunks for Decoded<'_> {
+    type Held = ();
+
+    async fn read(&self, range: std::ops::Range<usize>) -> ((), Events) {
+        ((), self.events[range].to_vec())
+    }
+
+    async fn done(&mut self, _range: std::ops::Range<usize>, _events: &Events, verdicts: Vec<Verdict>) {
+        self.out.extend(verdicts);
     }
 }
 
@@ -236,30 +256,12 @@ impl Sink {
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
         if self.bulk_sized(events.len()) {
-            // Through the same steps as the service's chunked reading (see `bulk::BulkBatch`).
+            // Through the service's loop (see `bulk_loop`), the events as they are.
             let chunks: Vec<_> =
                 (0..events.len()).step_by(GRAPH_SLICE).map(|at| at..(at + GRAPH_SLICE).min(events.len())).collect();
-            let mut out = Vec::with_capacity(events.len());
-            let mut start = 0;
-            // Several Bulk batches in turn when the rows would pass the spool bound.
-            while start < chunks.len() {
-                let mut batch = bulk::BulkBatch::new(partition, events.len());
-                for range in &chunks[start..] {
-                    self.bulk_note(&mut batch, range.start, &events[range.clone()]);
-                }
-                let mut end = start;
-                while end < chunks.len()
-                    && self.bulk_prepare(&mut batch, chunks[end].start, &events[chunks[end].clone()]).await
-                {
-                    end += 1;
-                }
-                self.bulk_run(&mut batch).await;
-                for range in &chunks[start..end] {
-                    out.extend(self.bulk_finish(&mut batch, range.start, &events[range.clone()]).await);
-                }
-                start = end;
-            }
-            return out;
+            let mut reader = Decoded { events, out: Vec::with_capacity(events.len()) };
+            self.apply_bulk(partition, events.len(), &chunks, &mut reader).await;
+            return reader.out;
         }
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         let aliased = self.aliases(partition, events);
