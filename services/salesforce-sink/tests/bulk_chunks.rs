@@ -311,3 +311,22 @@ async fn partitions_in_bulk_at_once_under_small_budgets_all_finish() {
     }
     assert_eq!(records(&app, "Order").len(), 5 * 300, "every order once");
 }
+
+/// A Bulk batch whose future is dropped mid-job (the runtime aborts a revoked partition's task
+/// after the drain timeout) still aborts its open job at Salesforce: no orphan job lands older
+/// rows over the new owner's writes later.
+#[tokio::test]
+async fn a_bulk_batch_dropped_mid_job_aborts_its_job() {
+    let bulk = BulkSettings { poll: Duration::from_secs(8), ..settings() };
+    let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
+    let events = oks(&batch());
+    let dropped = tokio::time::timeout(Duration::from_millis(500), sink.apply(&events)).await;
+    assert!(dropped.is_err(), "the batch was still waiting on its job when dropped");
+    let states = || -> Vec<String> { app.sim.lock().unwrap().jobs.values().map(|j| j.state.clone()).collect() };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !states().iter().all(|s| s == "Aborted") {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let states = states();
+    assert!(!states.is_empty() && states.iter().all(|s| s == "Aborted"), "{states:?}");
+}

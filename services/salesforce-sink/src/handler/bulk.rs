@@ -475,10 +475,14 @@ impl Sink {
             serde_json::from_str(&created).map_err(|e| HandlerError::transient("decode_response", e.to_string()))?;
         let id = created["id"].as_str().unwrap_or_default().to_owned();
         let path = format!("/jobs/ingest/{id}");
+        // A job left open or running would still land its rows later, older data over the
+        // next owner's writes: aborted when this future ends without it done, even when the
+        // future is dropped (a revoked partition's task is aborted after the drain timeout).
+        let mut guard = AbortOnDrop { job: Some((self.client.clone(), path.clone())) };
         let result = self.finish_job(job, plan, &path, customer, outcome).await;
-        if result.is_err() {
-            // Best effort: a job left open or running would still write later.
-            let _ = self.client.call("bulk", Method::PATCH, &path, Some(&json!({"state": "Aborted"}))).await;
+        let armed = guard.job.take();
+        if let (Err(_), Some((client, path))) = (&result, armed) {
+            abort_job(client, path).await;
         }
         result
     }
@@ -624,6 +628,36 @@ impl Sink {
                     tokio::time::sleep(self.bulk.poll).await;
                 }
             }
+        }
+    }
+}
+
+/// Aborts its job, if still armed, when dropped (see [`Sink::run_job`]).
+struct AbortOnDrop {
+    job: Option<(crate::client::SalesforceClient, String)>,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some((client, path)) = self.job.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(abort_job(client, path))),
+            Err(_) => {
+                metrics::BULK_ABORTS.with_label_values(&["failed"]).inc();
+                tracing::warn!(job = %path, "bulk job dropped without a runtime to abort it; it may still write");
+            }
+        }
+    }
+}
+
+/// Sends `PATCH state Aborted` for the job at `path`; a failure is logged and counted (the job
+/// may still write: Salesforce ends it at its own timeout).
+async fn abort_job(client: crate::client::SalesforceClient, path: String) {
+    match client.call("bulk", Method::PATCH, &path, Some(&json!({"state": "Aborted"}))).await {
+        Ok(_) => metrics::BULK_ABORTS.with_label_values(&["sent"]).inc(),
+        Err(e) => {
+            metrics::BULK_ABORTS.with_label_values(&["failed"]).inc();
+            tracing::warn!(job = %path, error = %e, "bulk job not aborted; it may still write");
         }
     }
 }
