@@ -464,6 +464,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             spool_bytes: config.salesforce.bulk_spool_bytes,
             spool_dir: config.salesforce.bulk_spool_dir.clone(),
         };
+        if bulk.min_records > 0 {
+            bulk.check_spool_dir()?;
+        }
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {
                 Ok(Some(org)) => {

@@ -237,20 +237,46 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     assert_eq!(records(&app, "Order").len(), ids.len(), "every order once");
 }
 
-/// Rows that cannot be spooled (here: no spool directory) fail their records `transient` with
-/// a class of their own (retried, never dead-lettered), and no job is started for them.
+/// Rows that cannot be spooled (here: no spool directory) go through Composite Graph: every
+/// record lands, applied, and no job is started for them.
 #[tokio::test]
-async fn rows_that_cannot_be_spooled_are_retried_with_their_own_error_class() {
+async fn rows_that_cannot_be_spooled_land_through_composite_graph() {
     let gone = std::env::temp_dir().join(format!("elo-no-such-spool-dir-{}", std::process::id()));
-    let bulk = BulkSettings { spool_dir: Some(gone), ..settings() };
+    let bulk = BulkSettings { spool_dir: Some(gone.clone()), ..settings() };
+    assert!(bulk.check_spool_dir().unwrap_err().to_string().contains(&gone.display().to_string()));
     let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
-    let v = sink.apply(&oks(&batch())).await;
+    let events = batch();
+    let v = sink.apply(&oks(&events)).await;
     for (i, v) in v.iter().enumerate() {
-        let error = v.result.as_ref().expect_err("not spooled: not applied");
-        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Transient, "bulk_spool"), "record {i}");
-        assert_eq!(v.outcome, None);
+        assert!(v.result.is_ok() && v.target_ids.contains_key("Order"), "record {i}: {:?}", v.result);
+        assert_eq!(v.outcome, Some(OutcomeStatus::Applied), "record {i}");
     }
     assert!(app.sim.lock().unwrap().jobs.is_empty());
+    assert_eq!(records(&app, "Order").len(), events.len());
+}
+
+/// The spool directory goes away mid-run (a full or broken disk): later backlog batches still
+/// land through Composite Graph, and no record is dead-lettered however often it comes back.
+#[tokio::test]
+async fn a_spool_dir_lost_mid_run_dead_letters_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bulk = BulkSettings { spool_dir: Some(dir.path().to_owned()), ..settings() };
+    bulk.check_spool_dir().expect("a writable directory passes the startup check");
+    let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
+    assert!(sink.apply(&oks(&batch())).await.iter().all(|v| v.result.is_ok()));
+    let jobs = app.sim.lock().unwrap().jobs.len();
+    assert!(jobs > 0, "the first batch went through Bulk");
+    drop(dir);
+    let later: Vec<CommerceEvent> = (0..450).filter(|n| n % 3 != 2).map(|n| order(50_000 + n, "pending", 0)).collect();
+    for attempt in 0..3 {
+        let v = sink.apply(&oks(&later)).await;
+        for (i, v) in v.iter().enumerate() {
+            assert!(v.result.is_ok(), "attempt {attempt} record {i}: {:?}", v.result);
+            assert_ne!(v.outcome, Some(OutcomeStatus::DeadLettered), "attempt {attempt} record {i}");
+        }
+    }
+    assert_eq!(app.sim.lock().unwrap().jobs.len(), jobs, "no job for rows that were not spooled");
+    assert_eq!(records(&app, "Order").len(), 2 * later.len(), "every order once");
 }
 
 /// A partition's batch read like the service reads it: each chunk under a permit of a shared

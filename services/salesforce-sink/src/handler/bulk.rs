@@ -63,6 +63,25 @@ impl Default for BulkSettings {
     }
 }
 
+/// The spool directory cannot take a file.
+#[derive(Debug, thiserror::Error)]
+#[error("Bulk API 2.0 spool directory {dir} is not writable (ELO_SALESFORCE_BULK_SPOOL_DIR): {source}")]
+pub struct SpoolDirError {
+    pub dir: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl BulkSettings {
+    /// Creates and removes a file in the spool directory: a bad directory stops the service
+    /// at startup with its name, rather than sending every backlog batch the slow way.
+    pub fn check_spool_dir(&self) -> Result<(), SpoolDirError> {
+        let dir = self.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let probe = tempfile::NamedTempFile::new_in(&dir).and_then(|f| f.close());
+        probe.map_err(|source| SpoolDirError { dir: dir.display().to_string(), source })
+    }
+}
+
 /// The process-wide bound on spooled bytes (KiB permits), shared by the partitions' batches.
 pub(super) struct SpoolBudget {
     permits: Arc<Semaphore>,
@@ -137,6 +156,8 @@ pub struct BulkBatch {
     landed: Landed,
     /// The batch's room in the spool bound, held until its jobs are done.
     permits: Vec<OwnedSemaphorePermit>,
+    /// Records whose rows could not be spooled: written through Composite Graph instead.
+    unspooled: BTreeSet<usize>,
     /// Room awaited (holding no chunk) for a chunk read again next (see [`Prepared::NeedsRoom`]).
     reserved: Option<(OwnedSemaphorePermit, usize)>,
 }
@@ -168,6 +189,7 @@ impl BulkBatch {
             unread: HashSet::new(),
             landed: HashMap::new(),
             permits: Vec::new(),
+            unspooled: BTreeSet::new(),
             reserved: None,
         }
     }
@@ -258,13 +280,13 @@ impl Sink {
                     batch.permits.push(permit);
                 }
                 Err(e) => {
-                    // Only this chunk's records fail (retried); the rows spooled before stay whole.
+                    // Only this chunk leaves the jobs (the rows spooled before stay whole): its
+                    // records go through Composite Graph after the jobs (in `bulk_finish`, never
+                    // below the customer data the jobs landed), so a full or broken spool
+                    // directory slows a backlog but never uses up its retries.
                     batch.jobs.iter_mut().for_each(Spool::discard);
-                    let error = HandlerError::transient("bulk_spool", format!("rows not spooled: {e}"));
-                    tracing::warn!(error = %e, records = plans.len(), "bulk rows not spooled; the records are retried");
-                    for (g, _) in plans.drain(..) {
-                        verdicts[g - offset] = Some(Verdict::failed(error.clone()));
-                    }
+                    tracing::warn!(error = %e, records = plans.len(), "bulk rows not spooled; the records go through Composite Graph");
+                    batch.unspooled.extend(plans.iter().map(|(g, _)| *g));
                 }
             }
         }
@@ -383,7 +405,12 @@ impl Sink {
                 *entry = (*at, ids);
             }
         }
+        let unspooled = HandlerError::transient("bulk_spool", "rows not spooled; sent through Composite Graph");
         for (i, p) in &batch.planned {
+            if batch.unspooled.contains(i) {
+                batch.verdicts[*i] = Some(Verdict::graph_failed(unspooled.clone()));
+                continue;
+            }
             batch.verdicts[*i] = Some(match outcome.failed.remove(i) {
                 Some((error, true)) if error.class == ErrorClass::Transient => Verdict::graph_failed(error),
                 Some((error, _)) => Verdict::failed(error),
@@ -436,7 +463,26 @@ impl Sink {
             .collect();
         let landed = &batch.landed;
         let floor = |key: &str| landed.get(key).map(|(at, _)| *at);
-        let wrote = self.retry_in_call(&work, &mut verdicts, &floor).await;
+        // Records whose rows were not spooled: their graphs as the Composite path sends them,
+        // customer data only where it is not older than what the jobs landed for the key.
+        let unspooled: Vec<Work<'_>> = work
+            .iter()
+            .filter(|w| batch.unspooled.contains(&(offset + w.index)))
+            .map(|w| Work {
+                write_customer: w.write_customer
+                    && floor(&w.event.customer_key)
+                        .is_none_or(|f| (customer_version(w.event), enrichment_rank(w.event)) >= f),
+                ..*w
+            })
+            .collect();
+        self.ride_graphs(partition, &unspooled, &mut verdicts).await;
+        let mut wrote = self.retry_in_call(&work, &mut verdicts, &floor).await;
+        wrote.extend(
+            unspooled
+                .iter()
+                .filter(|w| w.write_customer && verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok()))
+                .map(|w| w.index),
+        );
         for w in &work {
             let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) else { continue };
             if let Some((_, ids)) = landed.get(w.event.customer_key.as_str()) {

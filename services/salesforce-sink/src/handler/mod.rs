@@ -434,6 +434,12 @@ impl Sink {
     /// Sends the graphs, then those that failed transiently once more per round, one record
     /// per graph.
     async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        self.ride_graphs(partition, work, verdicts).await;
+        self.retry_in_call(work, verdicts, &|_| None).await;
+    }
+
+    /// The Composite Graph requests of `work` (customers sharing graphs), sent once.
+    async fn ride_graphs(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         // Built and sent a slice at a time: a backlog batch of thousands of records would
         // otherwise hold every request body at once.
@@ -442,7 +448,6 @@ impl Sink {
                 verdicts[index] = Some(verdict);
             }
         }
-        self.retry_in_call(work, verdicts, &|_| None).await;
     }
 
     /// Graphs that failed transiently (a lock, a record rolled back with another one) are
