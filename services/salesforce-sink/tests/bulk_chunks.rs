@@ -356,3 +356,22 @@ async fn a_bulk_batch_dropped_mid_job_aborts_its_job() {
     let states = states();
     assert!(!states.is_empty() && states.iter().all(|s| s == "Aborted"), "{states:?}");
 }
+
+/// After a stop a Bulk batch writes nothing more through Composite Graph (here: rows that could
+/// not be spooled): its records stay transient for the next owner.
+#[tokio::test]
+async fn after_a_stop_a_bulk_batch_sends_no_graphs() {
+    let gone = std::env::temp_dir().join(format!("elo-no-such-spool-dir-stop-{}", std::process::id()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let bulk = BulkSettings { spool_dir: Some(gone), ..settings() };
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk).with_stop(stop.clone());
+    stop.cancel();
+    let v = sink.apply(&oks(&batch())).await;
+    for (i, v) in v.iter().enumerate() {
+        let error = v.result.as_ref().expect_err("stopped: not applied");
+        assert_eq!(error.class, ErrorClass::Transient, "record {i}: {error:?}");
+        assert_eq!(v.outcome, None);
+    }
+    assert!(records(&app, "Order").is_empty(), "no order written after the stop");
+}

@@ -475,8 +475,13 @@ impl Sink {
                 ..*w
             })
             .collect();
-        self.ride_graphs(partition, &unspooled, &mut verdicts).await;
-        let mut wrote = self.retry_in_call(&work, &mut verdicts, &floor).await;
+        // After a stop no more writes: the records stay transient for the next owner.
+        let stopped = self.pool.stop.is_cancelled();
+        let mut wrote = HashSet::new();
+        if !stopped {
+            self.ride_graphs(partition, &unspooled, &mut verdicts).await;
+            wrote = self.retry_in_call(&work, &mut verdicts, &floor).await;
+        }
         wrote.extend(
             unspooled
                 .iter()
@@ -548,6 +553,10 @@ impl Sink {
             .call_raw("bulk", Method::PUT, &format!("{path}/batches"), Body::CsvStream(&upload))
             .await
             .map_err(fail)?;
+        // Stopped while uploading: the job is aborted while still Open (it never runs).
+        if self.pool.stop.is_cancelled() {
+            return Err(stopped());
+        }
         self.client.call("bulk", Method::PATCH, path, Some(&json!({"state": "UploadComplete"}))).await.map_err(fail)?;
         let started = Instant::now();
         let mut wait = self.bulk.poll / 4;
