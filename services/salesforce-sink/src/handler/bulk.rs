@@ -508,7 +508,9 @@ impl Sink {
                 *entry = (at, ids);
             }
         }
-        self.settle(partition, &work, erasures, verdicts).await
+        let landed = &batch.landed;
+        let floor = |key: &str| landed.get(key).map(|(at, _)| *at);
+        self.settle(partition, &work, erasures, verdicts, &floor).await
     }
 
     /// Runs one upsert job to the end, its results read into `outcome`.

@@ -277,7 +277,7 @@ impl Sink {
             None => true,
         });
         self.write(partition, &work, &mut verdicts).await;
-        self.settle(partition, &work, erasures, verdicts).await
+        self.settle(partition, &work, erasures, verdicts, &|_| None).await
     }
 
     /// Each event under its key's alias, if it has one (a guest who registered).
@@ -400,6 +400,7 @@ impl Sink {
         work: &[Work<'_>],
         erasures: Vec<(usize, &CommerceEvent)>,
         mut verdicts: Vec<Option<Verdict>>,
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
     ) -> Vec<Verdict> {
         self.confirm(partition, work, &mut verdicts).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
@@ -408,14 +409,23 @@ impl Sink {
         if !matched.is_empty() {
             let again: Vec<Work<'_>> = matched
                 .iter()
-                .map(|(i, e)| Work {
-                    index: *i,
-                    event: e,
-                    write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
-                    held_digest: None,
+                .map(|(i, e)| {
+                    // Never older customer data than landed outside `work` (a Bulk batch's
+                    // other chunks), under the key it was written with or the matched one.
+                    let at = (customer_version(e), enrichment_rank(e));
+                    let original = work.iter().find(|w| w.index == *i);
+                    let below = |key: &str| floor(key).is_some_and(|f| at < f);
+                    Work {
+                        index: *i,
+                        event: e,
+                        write_customer: original.is_some_and(|w| w.write_customer && !below(&w.event.customer_key))
+                            && !below(&e.customer_key),
+                        held_digest: None,
+                    }
                 })
                 .collect();
-            self.write(partition, &again, &mut verdicts).await;
+            self.ride_graphs(partition, &again, &mut verdicts).await;
+            self.retry_in_call(&again, &mut verdicts, floor).await;
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
