@@ -375,3 +375,48 @@ async fn after_a_stop_a_bulk_batch_sends_no_graphs() {
     }
     assert!(records(&app, "Order").is_empty(), "no order written after the stop");
 }
+
+/// A product whose price book entry is deactivated: its items are refused for good.
+async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::StoreRef) {
+    let mut probe = elo_events::sample::order_placed(40);
+    probe.store = store.clone();
+    probe.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    assert!(sink.apply(&[Ok(probe.clone())]).await.iter().all(|v| v.result.is_ok()));
+    let mut sim = app.sim.lock().unwrap();
+    let entry = format!("pbe:s{}:RETIRED", probe.store.store_id);
+    let id = sim.org.records.iter().find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry))).unwrap().0.clone();
+    let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
+    sim.org.alter(&id, &edit, sandbox::now_ms());
+}
+
+/// A customer's newer order (second chunk) is dead-lettered after the Bulk jobs landed its
+/// newer customer data; the older order (first chunk) is applied. The key's confirmed customer
+/// version is what landed, so a later order with customer data between the two does not
+/// overwrite the newer data.
+#[tokio::test]
+async fn customer_data_landed_by_a_dead_lettered_record_is_not_overwritten_by_an_older_one() {
+    let mut events = batch();
+    of_customer(&mut events[20], "c:7100", "landed@example.com", "Old", 0);
+    of_customer(&mut events[270], "c:7100", "landed@example.com", "New", 60_000);
+    events[270].order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    retire_a_product(&app, &sink, &events[270].store).await;
+    let v = sink.apply(&oks(&events)).await;
+    assert!(v[20].result.is_ok(), "{:?}", v[20].result);
+    assert_eq!(v[270].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", v[270].result);
+    let (_, contact) = find(&app, "Contact", "c:7100").unwrap();
+    assert_eq!(contact["LastName"], json!("New"), "the newer customer data landed by Bulk");
+    let mut middle = order(9_100, "pending", 0);
+    of_customer(&mut middle, "c:7100", "landed@example.com", "Middle", 30_000);
+    middle.store = events[20].store.clone();
+    // Customer data between the two (by the order's creation time).
+    let (old_at, new_at) =
+        (events[20].order.as_ref().unwrap().created_at, events[270].order.as_ref().unwrap().created_at);
+    assert!(old_at + 1_000 < new_at);
+    middle.order.as_mut().unwrap().created_at = new_at - 1_000;
+    middle.source_version.updated_at = new_at - 1_000;
+    let v = sink.apply(&[Ok(middle)]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    let (_, contact) = find(&app, "Contact", "c:7100").unwrap();
+    assert_eq!(contact["LastName"], json!("New"), "older customer data never overwrites what landed");
+}

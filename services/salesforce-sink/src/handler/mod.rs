@@ -402,7 +402,7 @@ impl Sink {
         mut verdicts: Vec<Option<Verdict>>,
         floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
     ) -> Vec<Verdict> {
-        self.confirm(partition, work, &mut verdicts).await;
+        self.confirm(partition, work, &mut verdicts, floor).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
         let matched = self.match_by_email(partition, work, &verdicts).await;
@@ -426,7 +426,7 @@ impl Sink {
                 .collect();
             self.ride_graphs(partition, &again, &mut verdicts).await;
             self.retry_in_call(&again, &mut verdicts, floor).await;
-            self.confirm(partition, &again, &mut verdicts).await;
+            self.confirm(partition, &again, &mut verdicts, floor).await;
         }
         for (i, e) in erasures {
             let verdict = match self.erase(partition, e).await {
@@ -522,7 +522,16 @@ impl Sink {
     /// Records what was applied (acknowledged by the changelog before the batch is reported
     /// done; a failed state write fails its records `transient`, and the replay rewrites the
     /// same upserts).
-    async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    /// `floor`: per customer key, customer data that reached Salesforce outside `work` (a Bulk
+    /// batch's rows of a newer record, dead-lettered after): the key's confirmed customer
+    /// version is raised to it, so an older one later never writes over it.
+    async fn confirm(
+        &self,
+        partition: i32,
+        work: &[Work<'_>],
+        verdicts: &mut [Option<Verdict>],
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
+    ) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
         let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
@@ -573,6 +582,17 @@ impl Sink {
                 let entry = updates.entry(key).or_default();
                 entry.0 = c;
                 entry.1.push(w.index);
+            }
+            if let Some(landed) = floor(&w.event.customer_key) {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                if landed > c.at() {
+                    // The data is not at hand: no digest (never taken for unchanged).
+                    (c.version, c.rank, c.rewrite, c.digest) = (landed.0, landed.1, false, 0);
+                    let entry = updates.entry(key).or_default();
+                    entry.0 = c;
+                    entry.1.push(w.index);
+                }
             }
         }
         let writes = updates
