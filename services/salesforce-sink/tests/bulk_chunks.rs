@@ -237,6 +237,21 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     assert_eq!(records(&app, "Order").len(), ids.len(), "every order once");
 }
 
+/// A chunk whose rows alone are larger than the whole spool bound is not spooled past it: its
+/// records go through Composite Graph (the bytes written to spools never pass the bound).
+#[tokio::test]
+async fn a_chunk_larger_than_the_spool_bound_never_passes_it() {
+    let bound = 2048;
+    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let events = batch();
+    let v = sink.apply(&oks(&events)).await;
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok() && v.target_ids.contains_key("Order"), "record {i}: {:?}", v.result);
+    }
+    assert!(sink.bulk_spool_peak() <= bound as u64, "{} > {bound}", sink.bulk_spool_peak());
+    assert_eq!(records(&app, "Order").len(), events.len());
+}
+
 /// Rows that cannot be spooled (here: no spool directory) go through Composite Graph: every
 /// record lands, applied, and no job is started for them.
 #[tokio::test]

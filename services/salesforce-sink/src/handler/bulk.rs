@@ -86,39 +86,64 @@ impl BulkSettings {
 pub(super) struct SpoolBudget {
     permits: Arc<Semaphore>,
     total_kib: u32,
-    /// Most KiB held at once (tests check the bound with it).
-    peak_kib: AtomicU64,
+    /// Bytes written to the spools and not yet released (tests check the bound with it).
+    live: Arc<AtomicU64>,
+    /// Most live bytes at once.
+    peak: Arc<AtomicU64>,
+}
+
+/// Bytes a batch wrote to its spools, counted live until it is dropped.
+struct LiveBytes {
+    live: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for LiveBytes {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl SpoolBudget {
     pub(super) fn new(bytes: usize) -> Self {
-        let total_kib = u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX >> 4);
-        Self { permits: Arc::new(Semaphore::new(total_kib as usize)), total_kib, peak_kib: AtomicU64::new(0) }
+        // Rounded down: each reservation rounds its bytes up, so the live bytes stay within.
+        let total_kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX >> 4);
+        Self {
+            permits: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+            live: Arc::default(),
+            peak: Arc::default(),
+        }
     }
 
     fn kib(&self, bytes: usize) -> u32 {
         u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.total_kib)
     }
 
-    fn held(&self, permit: OwnedSemaphorePermit) -> OwnedSemaphorePermit {
-        let used = u64::from(self.total_kib) - self.permits.available_permits() as u64;
-        self.peak_kib.fetch_max(used, Ordering::Relaxed);
-        permit
+    /// Whether `bytes` could ever fit the bound.
+    fn fits(&self, bytes: usize) -> bool {
+        bytes.div_ceil(1024) <= self.total_kib as usize
     }
 
     /// Waits for room for `bytes` (a chunk larger than the whole bound takes all of it).
     async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let permit = self.permits.clone().acquire_many_owned(self.kib(bytes)).await.expect("never closed");
-        self.held(permit)
+        self.permits.clone().acquire_many_owned(self.kib(bytes)).await.expect("never closed")
     }
 
     /// Room for `bytes` if there is some now.
     fn try_reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().try_acquire_many_owned(self.kib(bytes)).ok().map(|p| self.held(p))
+        self.permits.clone().try_acquire_many_owned(self.kib(bytes)).ok()
+    }
+
+    /// Counts `bytes` written to a spool until the returned value is dropped.
+    fn written(&self, bytes: usize) -> LiveBytes {
+        let now = self.live.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        LiveBytes { live: self.live.clone(), bytes: bytes as u64 }
     }
 
     pub(super) fn peak_bytes(&self) -> u64 {
-        self.peak_kib.load(Ordering::Relaxed) * 1024
+        self.peak.load(Ordering::Relaxed)
     }
 }
 
@@ -155,7 +180,7 @@ pub struct BulkBatch {
     unread: HashSet<usize>,
     landed: Landed,
     /// The batch's room in the spool bound, held until its jobs are done.
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Vec<(OwnedSemaphorePermit, LiveBytes)>,
     /// Records whose rows could not be spooled: written through Composite Graph instead.
     unspooled: BTreeSet<usize>,
     /// Room awaited (holding no chunk) for a chunk read again next (see [`Prepared::NeedsRoom`]).
@@ -258,7 +283,17 @@ impl Sink {
         }
         self.spool(batch, &planned);
         let bytes: usize = batch.jobs.iter().map(Spool::staged_bytes).sum();
-        if bytes > 0 {
+        if !self.spool_budget.fits(bytes) {
+            // Larger than the whole bound: never spooled past it, its records go through
+            // Composite Graph after the jobs (as rows that cannot be spooled do).
+            batch.jobs.iter_mut().for_each(Spool::discard);
+            tracing::warn!(
+                bytes,
+                records = plans.len(),
+                "bulk chunk larger than the spool bound; sent through Composite Graph"
+            );
+            batch.unspooled.extend(plans.iter().map(|(g, _)| *g));
+        } else if bytes > 0 {
             // Never waits here (the caller may hold budget): room awaited for this chunk before
             // it was read again, else room free now; a batch holding none asks the caller to
             // await some without the chunk, one holding some runs what it has.
@@ -277,7 +312,7 @@ impl Sink {
             match batch.jobs.iter_mut().try_for_each(|job| job.write_staged(dir)) {
                 Ok(()) => {
                     batch.jobs.iter_mut().for_each(Spool::commit);
-                    batch.permits.push(permit);
+                    batch.permits.push((permit, self.spool_budget.written(bytes)));
                 }
                 Err(e) => {
                     // Only this chunk leaves the jobs (the rows spooled before stay whole): its
