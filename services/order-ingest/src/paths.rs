@@ -34,29 +34,39 @@ pub(crate) async fn load_erasures(
     }
 }
 
-/// `budgeted`: the push path, whose enrichment past `ELO_ORDER_INGEST_ENRICHMENT_BUDGET` is
-/// finished by a follow-up worker (stopped with the service) instead of holding the webhook.
+/// `push`: the push path, whose enrichment past `ELO_ORDER_INGEST_ENRICHMENT_BUDGET` is
+/// finished by a follow-up worker, and whose cached consents are refreshed ahead of expiry by
+/// another (both stopped with the service), so a webhook waits for Magento as little as
+/// possible.
 pub(crate) fn shared_publisher(
     service: &Service,
     config: &Config,
     source: Arc<wiring::MagentoSource>,
     erased: Arc<erasure::ErasedKeys>,
-    budgeted: bool,
+    push: bool,
 ) -> SharedPublisher {
     let timeout = Duration::from_millis(config.common.kafka.delivery_timeout_ms) + Duration::from_secs(5);
     let log =
         compacted::KafkaErasureLog { producer: service.producer.clone(), topic: config.erased_topic.clone(), timeout };
-    let enricher = enriching_publisher(service, config, source);
-    let enricher = if budgeted && !config.enrichment_budget.is_zero() {
+    let mut enricher = enriching_publisher(service, config, source);
+    if !push {
+        return erasure::ErasureGuard::new(Arc::new(enricher), erased, log);
+    }
+    let stop = service.shutdown.clone();
+    let mut late_queue = None;
+    if !config.enrichment_budget.is_zero() {
         // Bounded: past 1,024 waiting follow-ups, late orders simply stay unchecked (counted).
         let (late, queue) = tokio::sync::mpsc::channel(1024);
-        let enricher = Arc::new(enricher.with_budget(enrich::Budget { limit: config.enrichment_budget, late }));
-        let stop = service.shutdown.clone();
-        tokio::spawn(enrich::follow_ups(queue, enricher.clone(), erased.clone(), stop));
-        enricher
-    } else {
-        Arc::new(enricher)
-    };
+        enricher = enricher.with_budget(enrich::Budget { limit: config.enrichment_budget, late });
+        late_queue = Some(queue);
+    }
+    // Bounded too: past 1,024 due, a consent simply expires and is read inline as before.
+    let (refresh, due) = tokio::sync::mpsc::channel(1024);
+    let enricher = Arc::new(enricher.with_consent_refresh(refresh));
+    if let Some(queue) = late_queue {
+        tokio::spawn(enrich::follow_ups(queue, enricher.clone(), erased.clone(), stop.clone()));
+    }
+    tokio::spawn(enrich::refresh_consents(due, enricher.clone(), stop));
     erasure::ErasureGuard::new(enricher, erased, log)
 }
 

@@ -8,6 +8,11 @@
 //!   to `inventory.events` (keyed by SKU) before the order, and the order carries the worst
 //!   condition found.
 //!
+//! On the push path a cached consent is refreshed ahead of its expiry, in the background
+//! ([`refresh_consents`]): a returning customer's webhook is served from the cache (still within
+//! its TTL) instead of waiting for Magento every TTL, which put a 20 ms Magento call under
+//! ~1% of warm webhooks, their p99.
+//!
 //! Enrichment failures never block an order: consent stays `UNKNOWN`, inventory `UNCHECKED`.
 //! The `event_id` identifies the source fact only, so a redelivered order keeps its id even if
 //! the stock observed the second time differs.
@@ -40,9 +45,20 @@ pub struct Enricher<P, M> {
     magento: M,
     inventory: Option<InventoryChecker>,
     consent_ttl: Duration,
-    consents: Mutex<HashMap<i64, (MarketingConsent, Instant)>>,
+    consents: Mutex<HashMap<i64, CachedConsent>>,
     consent_flights: crate::flight::Flights<i64>,
     budget: Option<Budget>,
+    /// Where consents due for a refresh are queued ([`refresh_consents`]); `None`: they expire.
+    refresh: Option<tokio::sync::mpsc::Sender<i64>>,
+}
+
+/// A customer's consent as last read.
+struct CachedConsent {
+    consent: MarketingConsent,
+    /// When it was read, for the TTL (staggered by customer: [`crate::flight::staggered`]).
+    at: Instant,
+    /// Queued for a refresh ahead of its expiry (once per reading).
+    refresh_queued: bool,
 }
 
 /// The push path's enrichment budget: past `limit`, the order is published as it is (`UNKNOWN`
@@ -61,7 +77,14 @@ impl<P, M> Enricher<P, M> {
     /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
     pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
         let (consents, consent_flights) = (Mutex::new(HashMap::new()), Default::default());
-        Self { inner, magento, inventory, consent_ttl, consents, consent_flights, budget: None }
+        Self { inner, magento, inventory, consent_ttl, consents, consent_flights, budget: None, refresh: None }
+    }
+
+    /// Consents in the last quarter of their TTL are served and queued on `refresh` for
+    /// [`refresh_consents`] (push path).
+    pub fn with_consent_refresh(mut self, refresh: tokio::sync::mpsc::Sender<i64>) -> Self {
+        self.refresh = Some(refresh);
+        self
     }
 
     /// Enrichment past `budget.limit` is finished later (push path).
@@ -78,8 +101,43 @@ impl<P, M> Enricher<P, M> {
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
     fn cached_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
-        let cache = self.consents.lock().expect("consent lock");
-        cache.get(&customer_id).filter(|(_, at)| at.elapsed() < self.consent_ttl).map(|(consent, _)| consent.clone())
+        let mut cache = self.consents.lock().expect("consent lock");
+        let entry = cache.get_mut(&customer_id)?;
+        let age = entry.at.elapsed();
+        if age >= self.consent_ttl {
+            return None;
+        }
+        // Due soon: a reading is queued once; a full queue leaves it to expire as before.
+        if age >= self.consent_ttl - self.consent_ttl / 4
+            && !entry.refresh_queued
+            && let Some(refresh) = &self.refresh
+        {
+            entry.refresh_queued = refresh.try_send(customer_id).is_ok();
+        }
+        Some(entry.consent.clone())
+    }
+
+    /// Reads `customer_id`'s consent again for a cached entry; an entry dropped meanwhile (the
+    /// customer changed) stays dropped, and a failed read leaves the entry to expire.
+    async fn refresh_consent(&self, customer_id: i64) {
+        self.consent_flights
+            .run(&customer_id, async {
+                match self.magento.customer(customer_id).await {
+                    Ok(customer) => {
+                        let consent = crate::normalize::consent_of(Some(&customer));
+                        let at = crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id);
+                        if let Some(entry) = self.consents.lock().expect("consent lock").get_mut(&customer_id) {
+                            *entry = CachedConsent { consent, at, refresh_queued: false };
+                        }
+                        metrics::CONSENT_REFRESHES.with_label_values(&["refreshed"]).inc();
+                    }
+                    Err(error) => {
+                        metrics::CONSENT_REFRESHES.with_label_values(&["failed"]).inc();
+                        tracing::debug!(customer_id, error = %error, "consent refresh failed; the entry expires");
+                    }
+                }
+            })
+            .await;
     }
 
     /// The customer's consent: cached, or looked up once however many orders ask at once.
@@ -100,12 +158,10 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                 let mut cache = self.consents.lock().expect("consent lock");
                 if cache.len() >= CONSENT_SWEEP_AT {
                     let ttl = self.consent_ttl;
-                    cache.retain(|_, (_, at)| at.elapsed() < ttl);
+                    cache.retain(|_, cached| cached.at.elapsed() < ttl);
                 }
-                cache.insert(
-                    customer_id,
-                    (consent.clone(), crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id)),
-                );
+                let at = crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id);
+                cache.insert(customer_id, CachedConsent { consent: consent.clone(), at, refresh_queued: false });
                 Some(consent)
             }
             Err(error) => {
@@ -217,6 +273,28 @@ pub async fn follow_ups<P: Publisher + InventoryPublisher, M: MagentoApi>(
     }
 }
 
+/// Consent refreshes ahead of expiry, a few at a time (they share the push path's Magento
+/// pool with webhook refetches), until `stop`.
+pub async fn refresh_consents<P: Publisher + InventoryPublisher, M: MagentoApi>(
+    queue: tokio::sync::mpsc::Receiver<i64>,
+    enricher: std::sync::Arc<Enricher<P, M>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    let due = futures::stream::unfold(queue, |mut queue| async move { queue.recv().await.map(|id| (id, queue)) });
+    let refreshes = due.for_each_concurrent(REFRESH_CONCURRENCY, |id| {
+        let enricher = enricher.clone();
+        async move { enricher.refresh_consent(id).await }
+    });
+    tokio::select! {
+        _ = refreshes => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// Consent refreshes in flight at once.
+const REFRESH_CONCURRENCY: usize = 4;
+
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {
     async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
         if event.order.is_none() {
@@ -238,6 +316,15 @@ mod metrics {
     use std::sync::LazyLock;
 
     use prometheus::{IntCounterVec, register_int_counter_vec};
+
+    pub(super) static CONSENT_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "order_ingest_consent_refreshes_total",
+            "Cached consents read again ahead of their expiry (push path), by outcome (refreshed, failed).",
+            &["outcome"]
+        )
+        .expect("metric registers once")
+    });
 
     pub(super) static LATE: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(

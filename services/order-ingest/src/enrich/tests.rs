@@ -231,3 +231,75 @@ async fn past_the_budget_the_order_goes_out_unchecked_and_its_enrichment_follows
     assert_ne!(follow.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
     assert_ne!(follow.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
 }
+
+/// The sandbox's Magento behind a gate: while the test holds it closed, customer reads wait.
+#[derive(Clone)]
+struct Gated {
+    shop: Shop,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MagentoApi for Gated {
+    async fn order(&self, entity_id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        self.shop.order(entity_id).await
+    }
+    async fn customer(&self, customer_id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        let _open = self.gate.read().await;
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shop.customer(customer_id).await
+    }
+    async fn salable_qty(
+        &self,
+        sku: &str,
+        stock_id: i32,
+    ) -> Result<Option<elo_events::Decimal4>, crate::source::SourceError> {
+        self.shop.salable_qty(sku, stock_id).await
+    }
+}
+
+/// A returning customer's order never waits for Magento once their consent is cached: in the
+/// last quarter of its TTL the consent is served and read again in the background, so it has
+/// not expired when the next order comes (without the refresh, that order waited for a read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_consent_is_refreshed_before_it_expires_so_orders_never_wait_for_it() {
+    let shop = Shop::generated(60);
+    let magento = Gated { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    let ttl = Duration::from_millis(800);
+    let (refresh, due) = tokio::sync::mpsc::channel(16);
+    let enricher =
+        Arc::new(Enricher::new(Recorder::default(), magento.clone(), None, ttl).with_consent_refresh(refresh));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(refresh_consents(due, enricher.clone(), stop.clone()));
+    let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+    let id = order["customer_id"].as_i64().unwrap();
+    let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = false;
+    let stored = Instant::now();
+    enricher.publish(&event).await.unwrap();
+    // The entry counts as read up to a quarter of the TTL early (staggered by customer).
+    let early = stored - crate::flight::staggered(stored, ttl, &id);
+    let publish_closed = || async {
+        let closed = magento.gate.write().await;
+        let published = tokio::time::timeout(Duration::from_millis(300), enricher.publish(&event)).await;
+        drop(closed);
+        published.is_ok()
+    };
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = true;
+    // Inside the refresh window (3/4 to 4/4 of the TTL): served from the cache, refresh queued.
+    tokio::time::sleep_until((stored + ttl * 7 / 8 - early).into()).await;
+    assert!(publish_closed().await, "served from the cache while Magento is unavailable");
+    tokio::time::sleep(Duration::from_millis(50)).await; // the queued refresh reads
+    // Past the first reading's expiry: the refreshed entry serves, Magento is not waited for.
+    tokio::time::sleep_until((stored + ttl + Duration::from_millis(100) - early).into()).await;
+    assert!(publish_closed().await, "the refreshed consent serves past the first reading's TTL");
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 2, "one read, one refresh");
+    let events = enricher.inner().events.lock().unwrap().clone();
+    let consent = |i: usize| events[i].customer.as_ref().unwrap().consent.status;
+    assert_eq!(
+        (consent(0), consent(2)),
+        (ConsentStatus::Declined, ConsentStatus::Granted),
+        "the refresh read it again"
+    );
+    stop.cancel();
+}
