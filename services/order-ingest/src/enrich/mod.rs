@@ -46,6 +46,9 @@ pub struct Enricher<P, M> {
     inventory: Option<InventoryChecker>,
     consent_ttl: Duration,
     consents: Mutex<HashMap<i64, CachedConsent>>,
+    /// When each customer's consent was last invalidated (their own change, an erasure): a
+    /// Magento read started before that must not be cached (it may hold the old value).
+    invalidated: Mutex<HashMap<i64, Instant>>,
     consent_flights: crate::flight::Flights<i64>,
     budget: Option<Budget>,
     /// Where consents due for a refresh are queued ([`refresh_consents`]); `None`: they expire.
@@ -77,7 +80,18 @@ impl<P, M> Enricher<P, M> {
     /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
     pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
         let (consents, consent_flights) = (Mutex::new(HashMap::new()), Default::default());
-        Self { inner, magento, inventory, consent_ttl, consents, consent_flights, budget: None, refresh: None }
+        let invalidated = Mutex::new(HashMap::new());
+        Self {
+            inner,
+            magento,
+            inventory,
+            consent_ttl,
+            consents,
+            invalidated,
+            consent_flights,
+            budget: None,
+            refresh: None,
+        }
     }
 
     /// Consents in the last quarter of their TTL are served and queued on `refresh` for
@@ -99,7 +113,16 @@ impl<P, M> Enricher<P, M> {
     }
 }
 
+/// How long an invalidation is remembered: longer than any customer read can take (request
+/// timeouts times attempts).
+const INVALIDATION_KEPT: Duration = Duration::from_secs(600);
+
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
+    /// Whether the customer's consent was invalidated at or after `since`.
+    fn invalidated_since(&self, customer_id: i64, since: Instant) -> bool {
+        self.invalidated.lock().expect("invalidated lock").get(&customer_id).is_some_and(|at| *at >= since)
+    }
+
     fn cached_consent(&self, customer_id: i64) -> Option<MarketingConsent> {
         let mut cache = self.consents.lock().expect("consent lock");
         let entry = cache.get_mut(&customer_id)?;
@@ -113,6 +136,9 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
             && let Some(refresh) = &self.refresh
         {
             entry.refresh_queued = refresh.try_send(customer_id).is_ok();
+            if !entry.refresh_queued {
+                metrics::CONSENT_REFRESHES.with_label_values(&["dropped"]).inc();
+            }
         }
         Some(entry.consent.clone())
     }
@@ -122,11 +148,26 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
     async fn refresh_consent(&self, customer_id: i64) {
         self.consent_flights
             .run(&customer_id, async {
+                // Dropped (the customer changed, was erased), expired while queued, or read
+                // again inline meanwhile: nothing to refresh, no Magento call.
+                let due = self
+                    .consents
+                    .lock()
+                    .expect("consent lock")
+                    .get(&customer_id)
+                    .is_some_and(|entry| entry.refresh_queued && entry.at.elapsed() < self.consent_ttl);
+                if !due {
+                    return;
+                }
+                let started = Instant::now();
                 match self.magento.customer(customer_id).await {
                     Ok(customer) => {
                         let consent = crate::normalize::consent_of(Some(&customer));
                         let at = crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id);
-                        if let Some(entry) = self.consents.lock().expect("consent lock").get_mut(&customer_id) {
+                        let mut cache = self.consents.lock().expect("consent lock");
+                        if let Some(entry) =
+                            cache.get_mut(&customer_id).filter(|_| !self.invalidated_since(customer_id, started))
+                        {
                             *entry = CachedConsent { consent, at, refresh_queued: false };
                         }
                         metrics::CONSENT_REFRESHES.with_label_values(&["refreshed"]).inc();
@@ -152,10 +193,16 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
         if let Some(consent) = self.cached_consent(customer_id) {
             return Some(consent); // fetched while this one waited
         }
+        let started = Instant::now();
         match self.magento.customer(customer_id).await {
             Ok(customer) => {
                 let consent = crate::normalize::consent_of(Some(&customer));
                 let mut cache = self.consents.lock().expect("consent lock");
+                if self.invalidated_since(customer_id, started) {
+                    // The customer changed while this read was on its way: used for this
+                    // order (as read), not cached; the next order reads again.
+                    return Some(consent);
+                }
                 if cache.len() >= CONSENT_SWEEP_AT {
                     let ttl = self.consent_ttl;
                     cache.retain(|_, cached| cached.at.elapsed() < ttl);
@@ -179,11 +226,20 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
     }
 
     /// Customer changes and erasures carry nothing to enrich; they do make the customer's cached
-    /// consent stale (the next order looks it up again).
+    /// consent stale (the next order looks it up again), and a read already on its way too.
     async fn publish_unenriched(&self, event: &CommerceEvent) -> Result<(), PublishError> {
         let changed = event.customer.as_ref().and_then(|c| c.customer_id);
         if let Some(id) = changed.or_else(|| event.erasure.as_ref().and_then(|e| e.customer_id)) {
-            self.consents.lock().expect("consent lock").remove(&id);
+            // Under the cache's lock, as the reads' check-and-insert: no read can slip a stale
+            // value in between the mark and the removal.
+            let mut cache = self.consents.lock().expect("consent lock");
+            let mut invalidated = self.invalidated.lock().expect("invalidated lock");
+            if invalidated.len() >= CONSENT_SWEEP_AT {
+                // Reads take at most a few request timeouts: older marks guard nothing.
+                invalidated.retain(|_, at| at.elapsed() < INVALIDATION_KEPT);
+            }
+            invalidated.insert(id, Instant::now());
+            cache.remove(&id);
         }
         self.inner.publish(event).await
     }
@@ -320,7 +376,7 @@ mod metrics {
     pub(super) static CONSENT_REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "order_ingest_consent_refreshes_total",
-            "Cached consents read again ahead of their expiry (push path), by outcome (refreshed, failed).",
+            "Cached consents read again ahead of their expiry (push path), by outcome (refreshed, failed, dropped: the queue was full).",
             &["outcome"]
         )
         .expect("metric registers once")

@@ -101,6 +101,43 @@ async fn a_customer_change_notification_refreshes_the_cached_consent() {
     assert_eq!((consent(0), consent(2)), (ConsentStatus::Declined, ConsentStatus::Granted));
 }
 
+/// The customer changes while an order's consent read is on its way (Magento saves the
+/// customer during checkout): the read, older than the change, is not cached, so the next
+/// order reads the consent again instead of serving the old one for a whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consent_read_overtaken_by_the_customers_change_is_not_cached() {
+    let shop = Shop::generated(60);
+    let magento = Gated { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    let recorder = Recorder::default();
+    let enricher = Arc::new(Enricher::new(recorder.clone(), magento.clone(), None, Duration::from_secs(60)));
+    let order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
+    let id = order["customer_id"].as_i64().unwrap();
+    let event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = false;
+    // The order's read waits at the gate, already counted as started.
+    let closed = magento.gate.write().await;
+    let in_flight = tokio::spawn({
+        let (enricher, event) = (enricher.clone(), event.clone());
+        async move { enricher.publish(&event).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The customer opts in; customer_save_after arrives before the old read answers.
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = true;
+    let record = shop.0.lock().unwrap().customers[&id].to_json();
+    let changed = crate::normalize::customer_event(&record, &Default::default(), 0).unwrap();
+    // The read answers with what Magento held when it was made.
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = false;
+    enricher.publish(&changed).await.unwrap();
+    drop(closed);
+    in_flight.await.unwrap().unwrap();
+    shop.0.lock().unwrap().customers.get_mut(&id).unwrap().subscribed = true;
+    enricher.publish(&event).await.unwrap();
+    let events = recorder.events.lock().unwrap();
+    let consent = |i: usize| events[i].customer.as_ref().unwrap().consent.status;
+    assert_eq!(events.len(), 3);
+    assert_eq!(consent(2), ConsentStatus::Granted, "the read older than the change was cached and served");
+}
+
 /// Drops the first stock fact (the broker refused it), records the rest.
 #[derive(Default, Clone)]
 struct LosesFirstFact(Recorder, Arc<std::sync::atomic::AtomicBool>);
@@ -265,7 +302,9 @@ impl MagentoApi for Gated {
 async fn a_cached_consent_is_refreshed_before_it_expires_so_orders_never_wait_for_it() {
     let shop = Shop::generated(60);
     let magento = Gated { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
-    let ttl = Duration::from_millis(800);
+    // Seconds, not milliseconds: the checks below sleep to points inside the TTL, and a late
+    // wake-up on a loaded machine must not cross them.
+    let ttl = Duration::from_secs(4);
     let (refresh, due) = tokio::sync::mpsc::channel(16);
     let enricher =
         Arc::new(Enricher::new(Recorder::default(), magento.clone(), None, ttl).with_consent_refresh(refresh));
