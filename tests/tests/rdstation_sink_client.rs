@@ -405,8 +405,22 @@ async fn a_tag_the_contact_already_holds_is_not_taken_for_elos_and_the_next_sync
     // An automation tags it "buyer" behind Elo's back.
     rd.sim.lock().unwrap().contacts.get_mut(&uuid).unwrap().fields.insert("tags".into(), json!(["buyer"]));
     let before = proxy.log().len();
-    let result = sync_with_tag_posts(&client, &mut state, &rules, &posts).await;
+    // What the sync saves to the state store, last first.
+    let saved: std::sync::Mutex<Vec<CustomerState>> = Default::default();
+    let persist = |s: CustomerState| -> BoxFuture<'_, rdstation_sink::client::Result<()>> {
+        saved.lock().unwrap().push(s);
+        Box::pin(async { Ok(()) })
+    };
+    let aggregate = state.aggregate(rdstation_sink_now());
+    let desired = contacts::desired(&state, &aggregate, &rules.evaluate(&aggregate));
+    let result = contacts::sync(&client, &mut state, &desired, &persist, &posts).await;
     assert!(matches!(result, Err(Error::Deferred(_))), "{result:?}");
+    let stored = saved.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !stored.applied.owned_tags.contains("buyer") && stored.tags_unknown,
+        "the stored state claims the automation's tag (a later failure would keep it): {:?}",
+        stored.applied.owned_tags
+    );
     let calls: Vec<String> = proxy.log()[before..].iter().map(|c| format!("{} {}", c.method, c.path)).collect();
     assert_eq!(calls.iter().filter(|c| c.ends_with("/tag")).count(), 1, "one tag post: {calls:?}");
     assert!(!calls.iter().any(|c| c.starts_with("GET")), "no read outside the sweep's reservation: {calls:?}");

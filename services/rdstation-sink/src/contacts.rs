@@ -229,6 +229,9 @@ pub async fn sync(
             Ok(TagPost::Added) => writes += 1,
             Ok(TagPost::SharesSpent) => {
                 state.applied.owned_tags = owned_before;
+                // Saved now: a later step failing keeps the stored state, which must not
+                // claim tags Elo never added.
+                persist(state.clone()).await?;
                 tags_wait = Some("tag_posts_spent");
             }
             Ok(TagPost::ContactHasOne) => {
@@ -237,12 +240,16 @@ pub async fn sync(
                 // sync reads the contact.
                 state.applied.owned_tags = owned_before;
                 state.tags_unknown = true;
+                persist(state.clone()).await?;
                 tags_wait = Some("tags_changed_in_rd");
             }
             Err(error) => {
                 if client.writes_sent() == sent_before {
                     // Never sent: the contact holds none of them because of Elo.
                     state.applied.owned_tags = owned_before;
+                    if let Err(failure) = persist(state.clone()).await {
+                        tracing::warn!(error = %failure, "cannot save the contact's tags as not Elo's");
+                    }
                 }
                 return Err(error);
             }
