@@ -620,6 +620,43 @@ async fn erasing_a_customer_whose_contact_was_never_written_deletes_it_by_email(
     assert_eq!(rd.counters.snapshot(), before);
 }
 
+/// The customer changed e-mail and their new orders' events reached RD (which creates a contact
+/// for an unknown e-mail) before the contact write moved the known contact to it: RD holds two
+/// contacts of the person. An erasure deletes both: the known one by uuid, the other by the
+/// e-mail Elo holds now. Someone else's contact is kept.
+#[tokio::test]
+async fn erasing_a_customer_whose_email_changed_before_the_contact_followed_deletes_both_contacts() {
+    let (rd, url) = serve_rdstation(RdConfig::default()).await;
+    let client = client(&rd, &url, 6000).await;
+    let rules = rules();
+    contacts::ensure_fields(&client, &contacts::needed_fields(&rules), true).await.unwrap();
+    let mut state = CustomerState::default();
+    state.apply(&elo_events::sample::order_placed(1));
+    sync(&client, &mut state, &rules).await;
+    assert!(state.contact_uuid.is_some() && contact(&rd, "customer1@example.com").is_some());
+    // The new e-mail reaches RD through the events, as a contact of its own; Elo's contact
+    // write that would move the known contact to it has not happened (deferred, or not yet due).
+    state.identity.email = "ana.new@example.com".into();
+    for email in ["ana.new@example.com", "kept@example.com"] {
+        client
+            .request(Method::POST, "/platform/contacts", Some(&json!({ "email": email })), Budget::Contacts)
+            .await
+            .unwrap();
+    }
+    contacts::erase(&client, &state).await.unwrap();
+    assert!(contact(&rd, "customer1@example.com").is_none(), "the contact Elo wrote is gone");
+    assert!(contact(&rd, "ana.new@example.com").is_none(), "the contact under the new e-mail is gone too");
+    assert!(contact(&rd, "kept@example.com").is_some(), "nobody else's");
+    // With nothing changed, an erasure asks for the known contact only.
+    let mut other = CustomerState::default();
+    other.apply(&elo_events::sample::order_placed(2));
+    sync(&client, &mut other, &rules).await;
+    let before = rd.counters.snapshot()["rdstation"]["DELETE /platform/contacts/{id}"].as_u64().unwrap_or(0);
+    contacts::erase(&client, &other).await.unwrap();
+    let after = rd.counters.snapshot()["rdstation"]["DELETE /platform/contacts/{id}"].as_u64().unwrap_or(0);
+    assert_eq!(after - before, 1, "one DELETE when the e-mail never changed");
+}
+
 /// Each hop of a redirect would be a request RD counts and the budget did not: the client
 /// does not follow them. A 3xx (a wrong base URL) waits for an operator (class `auth`: the
 /// records are held, never dead-lettered) and nothing reaches the redirect's target.

@@ -334,18 +334,21 @@ async fn add_tags(client: &RdClient, uuid: &str, tags: &[String], tag_posts: &dy
     }
 }
 
-/// Deletes the contact (erasure); a contact already gone is fine.
-/// Removes an erased customer's contact from RD: by uuid once known (it follows e-mail
-/// changes), else by e-mail. A contact whose write was deferred has no uuid yet, but RD may
-/// hold it all the same (the customer's events carried the e-mail, or a marketer created it).
+/// Removes an erased customer's contacts from RD (one already gone is fine): by uuid once known
+/// (it follows e-mail changes), and by the e-mail Elo holds now when that is not the e-mail the
+/// known contact was written with. A contact whose write was deferred has no uuid yet, and a
+/// changed e-mail may not have reached the known contact yet, but RD may hold a contact under
+/// it all the same (the customer's events carried the e-mail, or a marketer created it).
 pub async fn erase(client: &RdClient, state: &CustomerState) -> Result<()> {
-    match &state.contact_uuid {
-        Some(uuid) => delete(client, &format!("uuid:{uuid}")).await,
-        None if !state.identity.email.is_empty() => {
-            delete(client, &format!("email:{}", percent_encode(&state.identity.email))).await
+    let email = state.identity.email.as_str();
+    let written = state.applied.fields.get("email").and_then(Value::as_str);
+    if let Some(uuid) = &state.contact_uuid {
+        delete(client, &format!("uuid:{uuid}")).await?;
+        if written == Some(email) {
+            return Ok(());
         }
-        None => Ok(()),
     }
+    if email.is_empty() { Ok(()) } else { delete(client, &format!("email:{}", percent_encode(email))).await }
 }
 
 /// Deletes the contact `identifier` (`uuid:…` or `email:…`); one already gone is deleted.
