@@ -254,7 +254,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     sink.set_sent_log_retention(config.rd.sent_log_retention);
     // The tag-post shares follow the input topic's real partition count (it may differ from
     // the count the service would create it with, and partitions may be added later: read
-    // again with every prune tick). Not knowing it, no share: tags go by PATCH meanwhile.
+    // again every five minutes). Not knowing it, no share: tags go by PATCH meanwhile.
     refresh_tag_post_shares(&sink, &service.producer, &t.commerce, config.rd.tag_posts_per_day).await;
     // The custom fields are checked before the start-up hold: batches need them for every
     // record, e-commerce events included, which must not wait out the hold (a failed check
@@ -264,9 +264,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     client.hold_budget(config.rd.start_hold);
     let reload_every = config.rd.rules_reload_interval;
-    let pruning = tokio::spawn(prune_sent_log(
+    let pruning = tokio::spawn(prune_sent_log(sink.clone(), config.rd.sent_log_retention, service.shutdown.clone()));
+    let shares = tokio::spawn(follow_tag_post_shares(
         sink.clone(),
-        config.rd.sent_log_retention,
         (service.producer.clone(), t.commerce.clone(), config.rd.tag_posts_per_day),
         service.shutdown.clone(),
     ));
@@ -293,6 +293,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     service.shutdown.cancel();
     let _ = maintenance.await;
     let _ = pruning.await;
+    let _ = shares.await;
     service.finish().await;
     result.map_err(Into::into)
 }
@@ -322,21 +323,35 @@ async fn refresh_tag_post_shares(sink: &Sink, producer: &elo_kafka::Producer, to
     }
 }
 
-/// Prunes the sent-log of orders past the retention, every quarter of it (at most hourly), and
-/// re-reads the tag-post shares.
-async fn prune_sent_log(
+/// How often the input topic's partition count is read again for the tag-post shares: partitions
+/// added to it make every partition's share smaller, and until the count is read the old
+/// partitions spend their old shares beside the new ones' (over RD's daily limit, for as long
+/// as this interval at most).
+const TAG_POST_SHARE_REFRESH: Duration = Duration::from_secs(300);
+
+/// Re-reads the tag-post shares every [`TAG_POST_SHARE_REFRESH`].
+async fn follow_tag_post_shares(
     sink: Arc<Sink>,
-    retention: Duration,
     (producer, topic, tag_posts_per_day): (elo_kafka::Producer, String, u32),
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TAG_POST_SHARE_REFRESH) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        refresh_tag_post_shares(&sink, &producer, &topic, tag_posts_per_day).await;
+    }
+}
+
+/// Prunes the sent-log of orders past the retention, every quarter of it (at most hourly).
+async fn prune_sent_log(sink: Arc<Sink>, retention: Duration, shutdown: tokio_util::sync::CancellationToken) {
     let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3_600));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        refresh_tag_post_shares(&sink, &producer, &topic, tag_posts_per_day).await;
         let pruned = tokio::select! {
             n = sink.prune_sent_log() => n,
             _ = shutdown.cancelled() => return,
