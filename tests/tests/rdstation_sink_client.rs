@@ -303,15 +303,7 @@ async fn with_the_days_tag_posts_spent_tags_land_through_one_patch_per_sync_and_
     let client = client(&rd, &proxy.url, 6000).await;
     let rules = rules();
     contacts::ensure_fields(&client, &contacts::needed_fields(&rules), true).await.unwrap();
-    client
-        .request(
-            Method::POST,
-            "/platform/contacts",
-            Some(&json!({"email": "customer1@example.com", "tags": ["black-friday"]})),
-            Budget::Contacts,
-        )
-        .await
-        .unwrap();
+    marketer_creates(&client, json!({"email": "customer1@example.com", "tags": ["black-friday"]})).await;
     let spent = TestTagPosts::new(false);
     let mut state = CustomerState::default();
     state.apply(&elo_events::sample::order_placed(1));
@@ -437,6 +429,11 @@ async fn a_tag_the_contact_already_holds_is_not_taken_for_elos_and_the_next_sync
     assert_eq!(tags(&contact(&rd, "customer1@example.com").unwrap()), ["buyer"]);
 }
 
+/// A contact created outside Elo (a marketer, a form, another tool) through RD's API.
+async fn marketer_creates(client: &RdClient, contact: Value) {
+    client.request(Method::POST, "/platform/contacts", Some(&contact), Budget::Contacts).await.unwrap();
+}
+
 fn rdstation_sink_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
@@ -454,15 +451,7 @@ async fn contacts_keep_outside_tags_follow_email_changes_and_coalesce() {
     assert!(created.is_empty(), "a second check creates nothing");
 
     // A marketer created the contact and tagged it before Elo saw the customer.
-    client
-        .request(
-            Method::POST,
-            "/platform/contacts",
-            Some(&json!({"email": "customer1@example.com", "tags": ["black-friday"]})),
-            Budget::Contacts,
-        )
-        .await
-        .unwrap();
+    marketer_creates(&client, json!({"email": "customer1@example.com", "tags": ["black-friday"]})).await;
     let mut state = CustomerState::default();
     state.apply(&elo_events::sample::order_placed(1));
     assert_eq!(sync(&client, &mut state, &rules).await, 3, "upsert, tag, funnel");
@@ -598,14 +587,8 @@ async fn erasing_a_customer_whose_contact_was_never_written_deletes_it_by_email(
     let client = client(&rd, &url, 6000).await;
     // The contact write was deferred (no uuid kept), but RD knows the person's e-mail: their
     // events carried it, or a marketer created the contact.
-    client
-        .request(Method::POST, "/platform/contacts", Some(&json!({"email": "gone+1@example.com"})), Budget::Contacts)
-        .await
-        .unwrap();
-    client
-        .request(Method::POST, "/platform/contacts", Some(&json!({"email": "kept@example.com"})), Budget::Contacts)
-        .await
-        .unwrap();
+    marketer_creates(&client, json!({"email": "gone+1@example.com"})).await;
+    marketer_creates(&client, json!({"email": "kept@example.com"})).await;
     let mut state = CustomerState::default();
     state.identity.email = "gone+1@example.com".into();
     assert!(state.contact_uuid.is_none());
@@ -638,10 +621,7 @@ async fn erasing_a_customer_whose_email_changed_before_the_contact_followed_dele
     // write that would move the known contact to it has not happened (deferred, or not yet due).
     state.identity.email = "ana.new@example.com".into();
     for email in ["ana.new@example.com", "kept@example.com"] {
-        client
-            .request(Method::POST, "/platform/contacts", Some(&json!({ "email": email })), Budget::Contacts)
-            .await
-            .unwrap();
+        marketer_creates(&client, json!({ "email": email })).await;
     }
     contacts::erase(&client, &state).await.unwrap();
     assert!(contact(&rd, "customer1@example.com").is_none(), "the contact Elo wrote is gone");
