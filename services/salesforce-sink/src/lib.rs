@@ -130,6 +130,16 @@ pub struct SalesforceArgs {
     /// memory under a backlog whatever ELO_MAX_BATCH says.
     #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 256 << 10)]
     pub inflight_bytes: usize,
+    /// A repeat buyer's unchanged Account/Contact is left out of its orders' graphs only
+    /// within this long after the customer's last full write; past it the next order writes
+    /// them again, repairing a Contact or Account changed behind Elo's back. 0: never left out.
+    #[arg(
+        long = "salesforce-customer-rewrite-after",
+        env = "ELO_SALESFORCE_CUSTOMER_REWRITE_AFTER",
+        default_value = "1h",
+        value_parser = parse_duration
+    )]
+    pub customer_rewrite_after: Duration,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
     #[arg(
         long = "salesforce-state-topic",
@@ -389,6 +399,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
         let graph_linger = config.salesforce.graph_linger;
+        let rewrite_after = config.salesforce.customer_rewrite_after;
         let confirmations = handler::Confirmations::Store(state.clone());
         let bulk = handler::BulkSettings {
             min_records: config.salesforce.bulk_min_records,
@@ -402,6 +413,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .with_confirmations(confirmations)
                         .with_bulk(bulk)
                         .with_graph_linger(graph_linger)
+                        .with_customer_rewrite_after(rewrite_after)
                         .with_stop(shutdown.clone());
                     let _ = cell.set(sink);
                 }

@@ -24,6 +24,9 @@ pub async fn execute(
     sink.request_rewrite(record.partition, &key)
         .await
         .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
+    sink.forget_customer_digest(record.partition, &command.customer_key)
+        .await
+        .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
     let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
     producer
         .send(topic, refetch.customer_key.as_bytes(), &bytes, Some(header(&refetch)))

@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::client::{self, SalesforceClient};
 use crate::graph::{self, Builder, OrgIds, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
+use skip::{restore_gone_accounts, set_digest};
 
 mod alias;
 mod bulk;
@@ -36,15 +37,11 @@ mod erasure;
 mod pool;
 mod products;
 mod resend;
+mod skip;
 
-/// Whether a repeat buyer's unchanged customer data (same digest as the last write) is left
-/// out of its orders' graphs. Off: a review found it made staleness permanent (an in-call
-/// retry of an older order rewrote older customer data while the newer digest was kept, so
-/// the next order skipped the repair), ignored a RESEND when another order of the customer
-/// shared the graph, and left an Account deleted or merged in Salesforce unrepaired (every
-/// later order failing on the missing parent). Rewriting the two customer nodes costs a few
-/// more calls per 1,000 orders; turning it back on needs those three fixed first.
-const SKIP_UNCHANGED_CUSTOMERS: bool = false;
+/// Default of `ELO_SALESFORCE_CUSTOMER_REWRITE_AFTER`: how long after a full write of a
+/// customer its unchanged data may be left out of its orders' graphs (see `handler/skip.rs`).
+pub const CUSTOMER_REWRITE_AFTER: Duration = Duration::from_secs(3600);
 
 pub mod state;
 
@@ -102,6 +99,8 @@ pub struct Sink {
     bulk: BulkSettings,
     /// Composite Graph requests shared by the partitions' batches.
     pool: pool::Pool,
+    /// How long after a full write a repeat buyer's unchanged customer data is left out.
+    customer_rewrite_after: Duration,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -109,7 +108,15 @@ fn order_entity(e: &CommerceEvent) -> Option<String> {
 }
 
 fn customer_entity(e: &CommerceEvent) -> String {
-    format!("customer:{}", e.customer_key)
+    customer_entity_key(&e.customer_key)
+}
+
+fn customer_entity_key(customer_key: &str) -> String {
+    format!("customer:{customer_key}")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Keeps personal data out of messages that reach the DLQ and logs.
@@ -165,7 +172,15 @@ impl Sink {
             confirmed: Confirmations::memory(),
             bulk: BulkSettings::default(),
             pool: pool::Pool::new(Duration::ZERO),
+            customer_rewrite_after: CUSTOMER_REWRITE_AFTER,
         }
+    }
+
+    /// Leaves a repeat buyer's unchanged customer data out only within `after` of its last
+    /// full write (zero: never left out).
+    pub fn with_customer_rewrite_after(mut self, after: Duration) -> Self {
+        self.customer_rewrite_after = after;
+        self
     }
 
     /// Lets graphs wait up to `linger` for other batches' graphs to share a request (see
@@ -222,6 +237,7 @@ impl Sink {
         partition: i32,
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
+        let started = now_ms();
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         // Keys known to be another key's person (a guest who registered) write to that key's
         // Account and Contact.
@@ -255,6 +271,8 @@ impl Sink {
         }
         let mut work = Vec::new();
         let mut erasures = Vec::new();
+        // Customer keys with a RESEND of any of their entries in the batch: written in full.
+        let mut rewrites: HashSet<&str> = HashSet::new();
         for (i, e) in &pending {
             if e.event_type == CommerceEventType::CustomerErased {
                 // Always applied (idempotent), after the batch's other writes.
@@ -283,18 +301,18 @@ impl Sink {
                 continue;
             }
             let customer = self.confirmed.get(partition, &customer_entity(e));
-            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
-            // A rewrite (RESEND) writes the customer in full: it may be gone from Salesforce.
-            let held_digest = customer
-                .filter(|c| {
-                    SKIP_UNCHANGED_CUSTOMERS
-                        && !c.rewrite
-                        && !rewriting
-                        && c.digest != 0
-                        && c.target_ids.contains_key("Account")
-                })
-                .map(|c| c.digest);
-            work.push(Work { index: *i, event: e, write_customer, held_digest });
+            if rewriting || customer.as_ref().is_some_and(|c| c.rewrite) {
+                rewrites.insert(e.customer_key.as_str());
+            }
+            // A record written under an alias (another key's Account and Contact) never writes
+            // customer nodes: they stay the owning key's data, so the digest the owner's
+            // partition confirmed stays true, and no digest is recorded for the alias.
+            let write_customer = aliased[*i].is_none()
+                && customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            work.push(Work { index: *i, event: e, write_customer, held_digest: None });
+        }
+        if !self.bulk_sized(work.len()) {
+            self.plan_skips(partition, &mut work, &rewrites);
         }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
@@ -304,22 +322,25 @@ impl Sink {
             }
             None => true,
         });
-        self.write(partition, &work, &mut verdicts).await;
+        self.write(partition, &mut work, &mut verdicts).await;
+        self.name_held_customers(partition, &work, &mut verdicts);
         self.confirm(partition, &work, &mut verdicts).await;
+        self.forget_resent_digests(partition, &rewrites, started).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
         let matched = self.match_by_email(partition, &work, &verdicts).await;
         if !matched.is_empty() {
-            let again: Vec<Work<'_>> = matched
+            let mut again: Vec<Work<'_>> = matched
                 .iter()
                 .map(|(i, e)| Work {
                     index: *i,
                     event: e,
-                    write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
+                    // Written under the alias just found: the existing person's data stays.
+                    write_customer: false,
                     held_digest: None,
                 })
                 .collect();
-            self.write(partition, &again, &mut verdicts).await;
+            self.write(partition, &mut again, &mut verdicts).await;
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
@@ -336,8 +357,9 @@ impl Sink {
     }
 
     /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
-    /// transiently once more per round, one record per graph.
-    async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    /// transiently once more per round, one record per graph (and those refused because the
+    /// Account their graph left out is gone, with their customer's nodes).
+    async fn write(&self, partition: i32, work: &mut [Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         if self.bulk_sized(work.len()) {
             self.write_bulk(work, verdicts).await;
@@ -354,6 +376,7 @@ impl Sink {
         // sent again at once, one record per graph, before the batch is handed back: the
         // runtime would otherwise retry the whole suffix and spend every record's budget.
         for _ in 0..IN_CALL_RETRIES {
+            restore_gone_accounts(work, verdicts);
             let newest = newest_customer_data(work, verdicts);
             let again: Vec<Work<'_>> = work
                 .iter()
@@ -396,6 +419,7 @@ impl Sink {
     async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
+        let now = now_ms();
         let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
             updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
         };
@@ -410,15 +434,14 @@ impl Sink {
             if let Some(key) = order_entity(w.event) {
                 let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
                 let entry = updates.entry(key).or_default();
-                entry.0 =
-                    Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false, digest: 0 };
+                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), ..Confirmed::default() };
                 entry.1.push(w.index);
-            } else if w.event.customer.is_some() {
+            } else if w.write_customer && w.event.customer.is_some() {
                 let key = customer_entity(w.event);
                 let mut c = current(&key, &updates);
                 if (v, rank) >= c.at() {
                     (c.version, c.rank, c.rewrite) = (v, rank, false);
-                    c.digest = builder.customer_digest(w.event);
+                    set_digest(&mut c, builder.customer_digest(w.event), w.held_digest, now);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
@@ -435,7 +458,7 @@ impl Sink {
                 if cv >= c.at() {
                     (c.version, c.rank) = cv;
                     c.rewrite = false;
-                    c.digest = builder.customer_digest(w.event);
+                    set_digest(&mut c, builder.customer_digest(w.event), w.held_digest, now);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
