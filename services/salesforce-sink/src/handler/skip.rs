@@ -61,12 +61,13 @@ impl Sink {
         }
     }
 
-    /// A record whose graph left its customer out (Salesforce holds that data) still names
-    /// the Account and Contact in its outcome: the reconciler learns the Accounts to watch
-    /// from the outcomes.
+    /// A record whose graph left its customer data out (Salesforce holds it) still names the
+    /// Account and Contact in its outcome, as a full write would have: the reconciler learns
+    /// the Accounts to watch from the outcomes. (A record whose customer data is older than
+    /// confirmed never writes or names them, skip or not.)
     pub(super) fn name_held_customers(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let mut known: HashMap<&str, Option<Confirmed>> = HashMap::new();
-        for w in work.iter().filter(|w| w.held_digest.is_some()) {
+        for w in work.iter().filter(|w| w.write_customer && w.held_digest.is_some()) {
             let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) else { continue };
             if verdict.target_ids.contains_key("Account") {
                 continue;
