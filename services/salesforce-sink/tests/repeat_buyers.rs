@@ -179,6 +179,7 @@ async fn a_key_written_under_an_alias_leaves_the_owners_customer_data_as_it_is()
         let verdicts = sink.apply(&[Ok(e.clone())]).await;
         all_ok(&verdicts);
         assert_eq!(order_account(&app, &e), Some(json!(account)), "hangs off the guest's Account");
+        assert_eq!(verdicts[0].target_ids.get("Account"), Some(&account), "the outcome names it");
         assert_eq!(
             customer(&app, &guest.customer_key).unwrap(),
             (account.clone(), name.clone(), json!(lastname(&guest))),

@@ -324,6 +324,8 @@ impl Sink {
         });
         self.write(partition, &mut work, &mut verdicts).await;
         self.name_held_customers(partition, &work, &mut verdicts);
+        let under_alias: Vec<Work<'_>> = work.iter().filter(|w| aliased[w.index].is_some()).copied().collect();
+        self.name_alias_customers(partition, events, &under_alias, &mut verdicts);
         self.confirm(partition, &work, &mut verdicts).await;
         self.forget_resent_digests(partition, &rewrites, started).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
@@ -341,6 +343,7 @@ impl Sink {
                 })
                 .collect();
             self.write(partition, &mut again, &mut verdicts).await;
+            self.name_alias_customers(partition, events, &again, &mut verdicts);
             self.confirm(partition, &again, &mut verdicts).await;
         }
         for (i, e) in erasures {
