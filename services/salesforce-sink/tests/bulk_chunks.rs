@@ -404,6 +404,33 @@ async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::
     sim.org.alter(&id, &edit, sandbox::now_ms());
 }
 
+/// A new customer's only order of the batch is dead-lettered after the Bulk jobs landed its
+/// customer data (its Account and Contact rows went in, an item row was refused): no applied
+/// record of the key confirms anything, yet the key's confirmed customer version is what
+/// landed, so a later order with older customer data does not overwrite it.
+#[tokio::test]
+async fn customer_data_landed_by_a_customers_only_record_that_was_dead_lettered_is_not_overwritten() {
+    let mut events = batch();
+    of_customer(&mut events[270], "c:7200", "only@example.com", "New", 60_000);
+    events[270].order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    retire_a_product(&app, &sink, &events[270].store).await;
+    let v = sink.apply(&oks(&events)).await;
+    assert_eq!(v[270].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", v[270].result);
+    let (_, contact) = find(&app, "Contact", "c:7200").unwrap();
+    assert_eq!(contact["LastName"], json!("New"), "the customer data landed by Bulk");
+    let mut older = order(9_200, "pending", 0);
+    of_customer(&mut older, "c:7200", "only@example.com", "Older", 30_000);
+    older.store = events[270].store.clone();
+    let new_at = events[270].order.as_ref().unwrap().created_at;
+    older.order.as_mut().unwrap().created_at = new_at - 1_000;
+    older.source_version.updated_at = new_at - 1_000;
+    let v = sink.apply(&[Ok(older)]).await;
+    assert!(v[0].result.is_ok(), "{:?}", v[0].result);
+    let (_, contact) = find(&app, "Contact", "c:7200").unwrap();
+    assert_eq!(contact["LastName"], json!("New"), "older customer data overwrote what Bulk landed");
+}
+
 /// A customer's newer order (second chunk) is dead-lettered after the Bulk jobs landed its
 /// newer customer data; the older order (first chunk) is applied. The key's confirmed customer
 /// version is what landed, so a later order with customer data between the two does not

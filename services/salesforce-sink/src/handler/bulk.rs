@@ -568,10 +568,13 @@ impl Sink {
         // future is dropped (a revoked partition's task is aborted after the drain timeout).
         let mut guard = AbortOnDrop { job: Some((self.client.clone(), path.clone())) };
         let result = self.finish_job(job, plan, &path, customer, outcome).await;
-        let armed = guard.job.take();
-        if let (Err(_), Some((client, path))) = (&result, armed) {
+        if result.is_err()
+            && let Some((client, path)) = guard.job.clone()
+        {
+            // Still armed while the abort is sent: dropped during it, the guard sends another.
             abort_job(client, path).await;
         }
+        guard.job = None;
         result
     }
 

@@ -538,6 +538,21 @@ impl Sink {
             updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
         };
         for w in work {
+            // What Bulk landed for the customer counts whatever became of the record that
+            // carried it (dead-lettered after its Account and Contact rows landed: a later,
+            // older version must still not overwrite them). If this write fails, the record
+            // is retried rather than parked, so the floor is written next time.
+            if let Some(landed) = floor(&w.event.customer_key) {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                if landed > c.at() {
+                    // The data is not at hand: no digest (never taken for unchanged).
+                    (c.version, c.rank, c.rewrite, c.digest) = (landed.0, landed.1, false, 0);
+                    let entry = updates.entry(key).or_default();
+                    entry.0 = c;
+                    entry.1.push(w.index);
+                }
+            }
             let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
             let (v, rank) = (w.event.source_version.updated_at, enrichment_rank(w.event));
             let customer_ids = || {
@@ -582,17 +597,6 @@ impl Sink {
                 let entry = updates.entry(key).or_default();
                 entry.0 = c;
                 entry.1.push(w.index);
-            }
-            if let Some(landed) = floor(&w.event.customer_key) {
-                let key = customer_entity(w.event);
-                let mut c = current(&key, &updates);
-                if landed > c.at() {
-                    // The data is not at hand: no digest (never taken for unchanged).
-                    (c.version, c.rank, c.rewrite, c.digest) = (landed.0, landed.1, false, 0);
-                    let entry = updates.entry(key).or_default();
-                    entry.0 = c;
-                    entry.1.push(w.index);
-                }
             }
         }
         let writes = updates
