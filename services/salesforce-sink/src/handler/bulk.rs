@@ -239,6 +239,16 @@ impl Sink {
         batch.unread.extend(events.iter().enumerate().filter(|(_, e)| e.is_err()).map(|(i, _)| offset + i));
     }
 
+    /// After pass one: how many entities of the batch are still to be written (their newest
+    /// version not yet confirmed), i.e. about what pass two keeps. A retried backlog batch,
+    /// mostly confirmed already, has few.
+    pub fn bulk_writes(&self, batch: &BulkBatch) -> usize {
+        let pending = |key: &str, at: (i64, u8)| {
+            self.confirmed.get(batch.partition, key).is_none_or(|c| at > c.at() || (at == c.at() && c.rewrite))
+        };
+        batch.newest.iter().filter(|(key, (at, _))| pending(key, *at)).count()
+    }
+
     /// Pass two over a chunk: staleness, products, and the chunk's rows spooled for the jobs
     /// (see [`Prepared`]). It never waits for spool room: the caller may hold budget.
     pub async fn bulk_prepare(

@@ -29,7 +29,8 @@ impl Sink {
     /// A Bulk batch of `records` records of `partition`, read in the chunks `chunks` (in order,
     /// covering the batch): the newest versions, the rows spooled, the jobs (no chunk held),
     /// then confirmations and verdicts. Rows that would pass the spool bound run as several
-    /// Bulk batches in turn.
+    /// Bulk batches in turn. A batch with fewer than the Bulk threshold of records still to
+    /// write (not confirmed yet) goes through Composite Graph a chunk at a time instead.
     ///
     /// No hold-and-wait: a chunk that needs room in the spool bound while its batch holds
     /// none is dropped, with its budget, while the room is awaited, then read again; a batch
@@ -48,6 +49,19 @@ impl Sink {
             for range in &chunks[start..] {
                 let (_held, events) = reader.read(range.clone()).await;
                 self.bulk_note(&mut batch, range.start, &events);
+            }
+            // Few records left to write (the runtime hands a batch back from its first failure,
+            // so a retried backlog batch is mostly confirmed): Composite Graph, as for a batch
+            // that small. In Bulk a failed job (a 503 on its upload or close) fails its records
+            // for the runtime to retry, and each retry would run jobs again for them, spending
+            // their retries until they are dead-lettered.
+            if !self.bulk_sized(self.bulk_writes(&batch)) {
+                for range in &chunks[start..] {
+                    let (_held, events) = reader.read(range.clone()).await;
+                    let verdicts = self.apply_composite(partition, &events).await;
+                    reader.done(range.clone(), &events, verdicts).await;
+                }
+                return;
             }
             let mut end = start;
             while let Some(range) = chunks.get(end) {

@@ -263,6 +263,12 @@ impl Sink {
             self.apply_bulk(partition, events.len(), &chunks, &mut reader).await;
             return reader.out;
         }
+        self.apply_composite(partition, events).await
+    }
+
+    /// Applies decoded events of one partition through Composite Graph (a batch too small for
+    /// Bulk API 2.0, or a Bulk-sized one with few records left to write: see `bulk_loop`).
+    async fn apply_composite(&self, partition: i32, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Verdict> {
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
         let aliased = self.aliases(partition, events);
         let mut newest = HashMap::new();
