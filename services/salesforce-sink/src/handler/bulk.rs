@@ -242,7 +242,7 @@ impl Sink {
     /// After pass one: how many entities of the batch are still to be written (their newest
     /// version not yet confirmed), i.e. about what pass two keeps. A retried backlog batch,
     /// mostly confirmed already, has few.
-    pub fn bulk_writes(&self, batch: &BulkBatch) -> usize {
+    pub(super) fn bulk_writes(&self, batch: &BulkBatch) -> usize {
         let pending = |key: &str, at: (i64, u8)| {
             self.confirmed.get(batch.partition, key).is_none_or(|c| at > c.at() || (at == c.at() && c.rewrite))
         };
