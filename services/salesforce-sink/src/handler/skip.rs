@@ -19,9 +19,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use elo_events::CommerceEvent;
-use elo_kafka::HandlerError;
-
 use super::{Confirmed, Sink, Verdict, customer_entity_key, customer_ids_written, now_ms};
 use crate::graph::Work;
 
@@ -83,19 +80,13 @@ impl Sink {
         }
     }
 
-    /// A record written under an alias names the owner's Account and Contact it references
-    /// (the ids stored with the alias), as when it wrote them.
-    pub(super) fn name_alias_customers(
-        &self,
-        partition: i32,
-        events: &[Result<CommerceEvent, HandlerError>],
-        work: &[Work<'_>],
-        verdicts: &mut [Option<Verdict>],
-    ) {
-        for w in work {
-            let Some(Ok(own)) = events.get(w.index) else { continue };
-            let Some(verdict) = verdicts[w.index].as_mut().filter(|v| v.result.is_ok()) else { continue };
-            let Some(alias) = self.confirmed.get(partition, &customer_entity_key(&own.customer_key)) else { continue };
+    /// Records written under an alias (`own`: index and their own customer key) name the
+    /// owner's Account and Contact they reference (the ids stored with the alias), as when
+    /// they wrote them.
+    pub(super) fn name_alias_customers(&self, partition: i32, own: &[(usize, &str)], verdicts: &mut [Option<Verdict>]) {
+        for (index, own_key) in own {
+            let Some(verdict) = verdicts[*index].as_mut().filter(|v| v.result.is_ok()) else { continue };
+            let Some(alias) = self.confirmed.get(partition, &customer_entity_key(own_key)) else { continue };
             for (object, id) in alias.target_ids.iter().filter(|(o, _)| *o != "Order") {
                 verdict.target_ids.entry(object.clone()).or_insert_with(|| id.clone());
             }
