@@ -333,6 +333,83 @@ async fn a_retry_never_writes_older_customer_data_than_the_digest_it_records() {
     assert_eq!(customer(&app, &first.customer_key).unwrap().2, json!("Newer"));
 }
 
+/// Another customer's refused item rolls back the graph the customer shares with it; in the
+/// retry round the customer's newest order is refused (its product was retired meanwhile)
+/// while an older one, resent with the newest order's customer data ("New", the head its key's
+/// graphs carry), lands. What was recorded as held must be what landed, not the older order's
+/// own data ("Mid"): a later order carrying "Mid" again is written.
+#[tokio::test]
+async fn only_the_customer_data_a_retry_carried_is_recorded_as_held() {
+    let (app, sink) = setup().await;
+    let first = elo_events::sample::order_placed(3);
+    all_ok(&sink.apply(&[Ok(first.clone())]).await);
+    assert_ne!(lastname(&first), "New");
+    retire_a_product(&app, &sink, &first.store).await;
+    // A product retired only once the batch's first graph has been answered.
+    let mut probe = elo_events::sample::order_placed(41);
+    probe.store = first.store.clone();
+    probe.order.as_mut().unwrap().items[0].sku = "LATER".into();
+    all_ok(&sink.apply(&[Ok(probe)]).await);
+    let mut other = elo_events::sample::order_placed(4);
+    assert_ne!(other.customer_key, first.customer_key);
+    other.store = first.store.clone();
+    other.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let mut older = repeat(&first, 101, 60_000, "Mid");
+    let mut newest = repeat(&first, 102, 120_000, "New");
+    newest.order.as_mut().unwrap().items[0].sku = "LATER".into();
+    // Calls are answered 50 ms after they arrive: the product is retired between the rounds.
+    let slow = sandbox::faults::FaultConfig { latency_fixed_ms: Some(50), ..Default::default() };
+    app.faults.set("salesforce", slow);
+    let graphs = |app: &SalesforceApp| {
+        let counts = app.counters.snapshot();
+        counts["salesforce"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.ends_with("/composite/graph"))
+            .map(|(_, n)| n.as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let graphs_before = graphs(&app);
+    let retire_later = {
+        let app = app.clone();
+        let entry = format!("pbe:s{}:LATER", first.store.store_id);
+        tokio::spawn(async move {
+            // The first graph arrived; once it is handled (the usage counts it), retire.
+            while graphs(&app) == graphs_before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let usage = app.sim.lock().unwrap().api_usage;
+            while app.sim.lock().unwrap().api_usage == usage {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut sim = app.sim.lock().unwrap();
+            let id = sim
+                .org
+                .records
+                .iter()
+                .find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry)))
+                .unwrap()
+                .0
+                .clone();
+            let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
+            sim.org.alter(&id, &edit, sandbox::now_ms());
+        })
+    };
+    // One item each: the two customers' graphs are small enough to share one graph.
+    for e in [&mut other, &mut older, &mut newest] {
+        e.order.as_mut().unwrap().items.truncate(1);
+    }
+    let verdicts = sink.apply(&[Ok(other), Ok(older), Ok(newest)]).await;
+    retire_later.await.unwrap();
+    app.faults.set("salesforce", sandbox::faults::FaultConfig::default());
+    assert!(verdicts[1].result.is_ok(), "{verdicts:?}");
+    assert_eq!(verdicts[2].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", verdicts[2].result);
+    assert_eq!(customer(&app, &first.customer_key).unwrap().2, json!("New"), "the head of the key's graphs landed");
+    all_ok(&sink.apply(&[Ok(repeat(&first, 104, 180_000, "Mid"))]).await);
+    assert_eq!(customer(&app, &first.customer_key).unwrap().2, json!("Mid"), "the next order carrying it writes it");
+}
+
 #[tokio::test]
 async fn an_order_whose_unchanged_customer_data_was_left_out_still_names_the_account() {
     let (app, sink) = setup().await;

@@ -506,11 +506,15 @@ impl Sink {
     ) -> HashSet<usize> {
         let mut wrote = HashSet::new();
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
+        let position: HashMap<usize, usize> = work.iter().enumerate().map(|(at, w)| (w.index, at)).collect();
+        // Which records may write their customer data at all, whatever an earlier round resent.
+        let may_write: Vec<bool> = work.iter().map(|w| w.write_customer).collect();
         for _ in 0..IN_CALL_RETRIES {
             restore_gone_accounts(work, verdicts);
-            restore_gone_accounts(work, verdicts);
-            let newest = newest_customer_data(work, verdicts);
-            let again: Vec<Work<'_>> = work
+            let view: Vec<Work<'_>> =
+                work.iter().zip(&may_write).map(|(w, &may)| Work { write_customer: may, ..*w }).collect();
+            let newest = newest_customer_data(&view, verdicts);
+            let again: Vec<Work<'_>> = view
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
                 .map(|w| Work {
@@ -527,6 +531,14 @@ impl Sink {
                 .collect();
             if again.is_empty() {
                 break;
+            }
+            // What a record resends is what it is confirmed with: one resent without its
+            // customer data (another record's newer data heads its key's graphs) must not
+            // record its own data as what Salesforce holds.
+            for a in &again {
+                if let Some(&at) = position.get(&a.index) {
+                    work[at].write_customer = a.write_customer;
+                }
             }
             for request in builder.build(&again, true) {
                 for (index, verdict) in self.send(&request).await {
