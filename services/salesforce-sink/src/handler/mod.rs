@@ -291,6 +291,13 @@ impl Sink {
         self.note_newest(events, &aliased, 0, &mut newest);
         let (mut work, erasures, rewrites) = self.select(partition, events, &aliased, &newest, 0, &mut verdicts);
         self.plan_skips(partition, &mut work, &rewrites);
+        // A record written under an alias writes its newer customer data over the owner's
+        // Account and Contact (the same person's, as without the skip) and is never left out:
+        // the owner's fingerprint lives on the owner's partition and does not describe what
+        // an alias wrote.
+        for w in work.iter_mut().filter(|w| aliased[w.index].is_some()) {
+            w.held_digest = None;
+        }
         let failed = self.ensure_entries(&work).await;
         work.retain(|w| match failed.get(&w.index) {
             Some(error) => {
@@ -414,11 +421,7 @@ impl Sink {
             if rewriting || customer.as_ref().is_some_and(|c| c.rewrite) {
                 rewrites.insert(e.customer_key.as_str());
             }
-            // A record written under an alias (another key's Account and Contact) never writes
-            // customer nodes: they stay the owning key's data, so the digest the owner's
-            // partition confirmed stays true, and no digest is recorded for the alias.
-            let write_customer = aliased[*i].is_none()
-                && customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
             work.push(Work { index: *i, event: e, write_customer, held_digest: None });
         }
         (work, erasures, rewrites)
@@ -441,12 +444,19 @@ impl Sink {
         if !matched.is_empty() {
             let mut again: Vec<Work<'_>> = matched
                 .iter()
-                .map(|(i, e)| Work {
-                    index: *i,
-                    event: e,
-                    // Written under the alias just found: the existing person's data stays.
-                    write_customer: false,
-                    held_digest: None,
+                .map(|(i, e)| {
+                    // Never older customer data than landed outside `work` (a Bulk batch's
+                    // other chunks), under the key it was written with or the matched one.
+                    let at = (customer_version(e), enrichment_rank(e));
+                    let original = work.iter().find(|w| w.index == *i);
+                    let below = |key: &str| floor(key).is_some_and(|f| at < f);
+                    Work {
+                        index: *i,
+                        event: e,
+                        write_customer: original.is_some_and(|w| w.write_customer && !below(&w.event.customer_key))
+                            && !below(&e.customer_key),
+                        held_digest: None,
+                    }
                 })
                 .collect();
             self.ride_graphs(partition, &again, &mut verdicts).await;
@@ -562,6 +572,10 @@ impl Sink {
                 }
             }
         }
+        // Refused for a gone Account in the last round: the runtime retries them (the skip is
+        // planned again, and the next call's first retry round sends the customer's nodes).
+        restore_gone_accounts(work, verdicts);
+        skip::hold_gone_for_the_runtime(verdicts);
         wrote
     }
 

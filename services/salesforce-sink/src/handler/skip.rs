@@ -11,13 +11,18 @@
 //!   sweeps Accounts, not Contacts);
 //! - no RESEND of any of the customer's entries is in the batch (a RESEND also forgets the
 //!   digest, so the customer's next event is written in full);
-//! - the records are written under their own key: one written under an alias never writes
-//!   customer nodes (see `apply_partition`), so no digest is recorded for an alias.
+//! - the records are written under their own key: one written under an alias (a guest who
+//!   registered) writes its newer customer data over the owner's Account and Contact, as
+//!   without the skip, and is never left out: the owner's fingerprint is kept on the owner's
+//!   partition and does not know what an alias wrote. The owner's own orders may then be left
+//!   out against it until the window ends: the alias's (newer) data stays meanwhile.
 //!
 //! An order refused because its Account is gone while its graph left the customer out is
 //! sent again at once with the customer's nodes (in every retry round).
 
 use std::collections::{HashMap, HashSet};
+
+use elo_kafka::HandlerError;
 
 use super::{Confirmed, Sink, Verdict, customer_entity_key, customer_ids_written, now_ms};
 use crate::graph::Work;
@@ -36,7 +41,8 @@ impl Sink {
                     return None;
                 }
                 let c = self.confirmed.get(partition, &customer_entity_key(key))?;
-                let fresh = c.digest_at > 0 && now.saturating_sub(c.digest_at) < window;
+                // A `digest_at` ahead of this clock (another replica's) is not taken as fresh.
+                let fresh = c.digest_at > 0 && (0..window).contains(&now.saturating_sub(c.digest_at));
                 (fresh && c.digest != 0 && c.alias.is_none() && !c.rewrite && c.target_ids.contains_key("Account"))
                     .then_some(c.digest)
             });
@@ -134,5 +140,14 @@ pub(super) fn restore_gone_accounts(work: &mut [Work<'_>], verdicts: &mut [Optio
             tracing::info!(record = w.index, "account gone: resent with its customer's nodes");
             v.retry_in_call = true;
         }
+    }
+}
+
+/// After the last retry round: records marked for a resend with their customer's nodes (their
+/// Account is gone) that no round is left for fail transiently instead of being dead-lettered.
+pub(super) fn hold_gone_for_the_runtime(verdicts: &mut [Option<Verdict>]) {
+    for v in verdicts.iter_mut().flatten().filter(|v| v.retry_in_call && account_gone(v)) {
+        let message = "the Account is gone; resent with the customer's nodes on the next try";
+        *v = Verdict::failed(HandlerError::transient("account_gone", message));
     }
 }
