@@ -33,6 +33,18 @@ pub static BULK_ABORTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Customer heads (Account and Contact nodes) of a graph, by whether they were `written` or
+/// `left_out` (Salesforce holds that data: the repeat-buyer skip) or `gone` (an order found its
+/// Account gone after it was left out, and is resent with it).
+pub static CUSTOMER_HEADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "salesforce_sink_customer_heads_total",
+        "Customers' Account/Contact nodes in graphs: written, left out (held already), or resent because the Account was gone.",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// Records carried per Composite Graph call.
 pub static RECORDS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
@@ -104,6 +116,9 @@ pub fn register_all() {
     }
     for result in ["sent", "failed"] {
         BULK_ABORTS.with_label_values(&[result]).inc_by(0);
+    }
+    for result in ["written", "left_out", "gone"] {
+        CUSTOMER_HEADS.with_label_values(&[result]).inc_by(0);
     }
     let _ = RECORDS_PER_CALL.get_sample_count();
     QUOTA_USED.set(0);

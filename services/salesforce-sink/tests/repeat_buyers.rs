@@ -121,6 +121,8 @@ async fn unchanged_repeat_buyers_cost_fewer_calls_and_their_accounts_are_left_as
         assert!(ids.contains_key("Account") && ids.contains_key("Contact") && ids.contains_key("Order"), "{ids:?}");
     }
     assert!(spent[0] < spent[1], "calls with the skip {} vs without {}", spent[0], spent[1]);
+    let left_out = salesforce_sink::metrics::CUSTOMER_HEADS.with_label_values(&["left_out"]).get();
+    assert!(left_out > 0, "the metric counts the heads left out");
     assert_eq!(modified(&skip_app, &account), before, "the unchanged Account is left as it is");
     assert_eq!(order_account(&skip_app, &again[7]), Some(json!(account)));
 }

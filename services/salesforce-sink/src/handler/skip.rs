@@ -134,6 +134,7 @@ pub(super) fn restore_gone_accounts(work: &mut [Work<'_>], verdicts: &mut [Optio
     if keys.is_empty() {
         return;
     }
+    crate::metrics::CUSTOMER_HEADS.with_label_values(&["gone"]).inc_by(keys.len() as u64);
     for w in work.iter_mut().filter(|w| keys.contains(&w.event.customer_key)) {
         w.held_digest = None;
         if let Some(v) = verdicts[w.index].as_mut().filter(|v| account_gone(v) || v.retry_in_call) {
