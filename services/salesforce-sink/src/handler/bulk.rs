@@ -147,6 +147,11 @@ impl SpoolBudget {
     }
 }
 
+/// Jobs a job's rows may go up in when uploads fail transiently (one upload per job).
+const UPLOAD_TRIES: u32 = 3;
+/// Closes sent to a job whose close fails transiently.
+const CLOSE_TRIES: u32 = 4;
+
 /// The phases, in dependency order, by the first letter of a graph node's reference.
 const PHASES: [char; 5] = ['a', 'c', 'o', 'i', 'x'];
 
@@ -559,7 +564,9 @@ impl Sink {
         self.settle(partition, &work, erasures, verdicts, &floor).await
     }
 
-    /// Runs one upsert job to the end, its results read into `outcome`.
+    /// Runs one upsert job to the end, its results read into `outcome`. An upload that fails
+    /// transiently is sent again in a new job (the failed one aborted): Bulk 2.0 takes one
+    /// upload per job, and one 503 must not fail every record of the batch.
     async fn run_job(
         &self,
         job: &Spool,
@@ -569,24 +576,92 @@ impl Sink {
     ) -> Result<(), HandlerError> {
         let spec = json!({"object": job.object, "externalIdFieldName": job.ext_field, "contentType": "CSV",
                           "operation": "upsert", "lineEnding": "LF"});
-        let created = self.step(Method::POST, "/jobs/ingest", Body::Json(&spec)).await?;
-        let created: Value =
-            serde_json::from_str(&created).map_err(|e| HandlerError::transient("decode_response", e.to_string()))?;
-        let id = created["id"].as_str().unwrap_or_default().to_owned();
-        let path = format!("/jobs/ingest/{id}");
-        // A job left open or running would still land its rows later, older data over the
-        // next owner's writes: aborted when this future ends without it done, even when the
-        // future is dropped (a revoked partition's task is aborted after the drain timeout).
-        let mut guard = AbortOnDrop { job: Some((self.client.clone(), path.clone())) };
-        let result = self.finish_job(job, plan, &path, customer, outcome).await;
-        if result.is_err()
-            && let Some((client, path)) = guard.job.clone()
-        {
-            // Still armed while the abort is sent: dropped during it, the guard sends another.
-            abort_job(client, path).await;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let created = self.step(Method::POST, "/jobs/ingest", Body::Json(&spec)).await?;
+            let created: Value = serde_json::from_str(&created)
+                .map_err(|e| HandlerError::transient("decode_response", e.to_string()))?;
+            let id = created["id"].as_str().unwrap_or_default().to_owned();
+            let path = format!("/jobs/ingest/{id}");
+            // A job left open or running would still land its rows later, older data over the
+            // next owner's writes: aborted when this future ends without it done, even when the
+            // future is dropped (a revoked partition's task is aborted after the drain timeout).
+            let mut guard = AbortOnDrop { job: Some((self.client.clone(), path.clone())) };
+            let uploaded = self.upload(plan, &path).await;
+            let again = matches!(&uploaded, Err(e) if e.class == ErrorClass::Transient)
+                && tries < UPLOAD_TRIES
+                && !self.pool.stop.is_cancelled();
+            let result = match uploaded {
+                Ok(()) => self.finish_job(job, plan, &path, customer, outcome).await,
+                Err(error) => Err(error),
+            };
+            if result.is_err()
+                && let Some((client, path)) = guard.job.clone()
+            {
+                // Still armed while the abort is sent: dropped during it, the guard sends another.
+                abort_job(client, path).await;
+            }
+            guard.job = None;
+            match result {
+                Err(error) if again => {
+                    tracing::warn!(object = %job.object, error_code = %error.code, tries, "bulk upload failed; sent again in a new job");
+                    tokio::select! {
+                        () = tokio::time::sleep(self.bulk.poll) => {}
+                        () = self.pool.stop.cancelled() => return Err(stopped()),
+                    }
+                }
+                result => return result,
+            }
         }
-        guard.job = None;
-        result
+    }
+
+    /// Uploads the job's rows (streamed from the spool) into the job at `path`, once.
+    async fn upload(&self, plan: &UploadPlan, path: &str) -> Result<(), HandlerError> {
+        let body = || plan.body();
+        let upload = Upload(&body);
+        self.client
+            .call_raw("bulk", Method::PUT, &format!("{path}/batches"), Body::CsvStream(&upload))
+            .await
+            .map_err(|e| from_client(&e, self.quota_pause))?;
+        // Stopped while uploading: the job is aborted while still Open (it never runs).
+        if self.pool.stop.is_cancelled() {
+            return Err(stopped());
+        }
+        Ok(())
+    }
+
+    /// Closes the job at `path` (`UploadComplete`). After a transient failure the close may
+    /// have landed though its answer was lost: the job's state says, and an open job is closed
+    /// again (a few times in all).
+    async fn close(&self, path: &str) -> Result<(), HandlerError> {
+        let mut tries = 0;
+        loop {
+            let closed = self.client.call("bulk", Method::PATCH, path, Some(&json!({"state": "UploadComplete"}))).await;
+            let error = match closed {
+                Ok(_) => return Ok(()),
+                Err(e) => from_client(&e, self.quota_pause),
+            };
+            tries += 1;
+            if error.class != ErrorClass::Transient || tries >= CLOSE_TRIES {
+                return Err(error);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.bulk.poll) => {}
+                () = self.pool.stop.cancelled() => return Err(stopped()),
+            }
+            if let Ok(info) = self.client.call("bulk", Method::GET, path, None).await {
+                match info["state"].as_str() {
+                    Some("UploadComplete" | "InProgress" | "JobComplete") => return Ok(()),
+                    Some("Failed" | "Aborted") => {
+                        let message = info["errorMessage"].as_str().unwrap_or("job failed").to_owned();
+                        return Err(HandlerError::transient("bulk_job_failed", message));
+                    }
+                    // Still open (or not known): closed again.
+                    _ => {}
+                }
+            }
+        }
     }
 
     async fn finish_job(
@@ -598,17 +673,7 @@ impl Sink {
         outcome: &mut Outcome,
     ) -> Result<(), HandlerError> {
         let fail = |e: crate::client::Error| from_client(&e, self.quota_pause);
-        let body = || plan.body();
-        let upload = Upload(&body);
-        self.client
-            .call_raw("bulk", Method::PUT, &format!("{path}/batches"), Body::CsvStream(&upload))
-            .await
-            .map_err(fail)?;
-        // Stopped while uploading: the job is aborted while still Open (it never runs).
-        if self.pool.stop.is_cancelled() {
-            return Err(stopped());
-        }
-        self.client.call("bulk", Method::PATCH, path, Some(&json!({"state": "UploadComplete"}))).await.map_err(fail)?;
+        self.close(path).await?;
         let started = Instant::now();
         let mut wait = self.bulk.poll / 4;
         loop {

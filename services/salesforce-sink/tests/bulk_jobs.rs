@@ -1,0 +1,111 @@
+//! One call of a Bulk API 2.0 job that fails transiently does not fail the batch: an upload
+//! answered 503 is sent again in a new job (Bulk 2.0 takes one upload per job), a close
+//! answered 503 is checked and sent again.
+
+use std::time::Duration;
+
+use elo_events::{CommerceEvent, OutcomeStatus};
+use elo_kafka::{ErrorClass, HandlerError};
+use salesforce_sink::handler::{BulkSettings, Sink};
+use salesforce_sink::mapping::Mapping;
+use sandbox::faults::FaultConfig;
+use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
+use serde_json::json;
+
+mod common;
+
+use common::*;
+
+const UPLOAD: &str = "PUT /services/data/{v}/jobs/ingest/{id}/batches";
+const JOB: &str = "PATCH /services/data/{v}/jobs/ingest/{id}";
+
+fn settings() -> BulkSettings {
+    BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+async fn setup() -> (SalesforceApp, Sink) {
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(settings());
+    (app, sink)
+}
+
+/// 300 completed orders of registered customers: all five jobs, activations included.
+fn batch() -> Vec<Result<CommerceEvent, HandlerError>> {
+    (0..450).filter(|n| n % 3 != 2).map(|n| Ok(order(n, "complete", 0))).collect()
+}
+
+/// The next `times` requests to `endpoint` answer 503.
+fn fail_next(app: &SalesforceApp, endpoint: &str, times: u32) {
+    let entry = FaultConfig { fail_next: times, ..Default::default() };
+    app.faults
+        .set("salesforce", FaultConfig { endpoints: [(endpoint.to_owned(), entry)].into(), ..Default::default() });
+}
+
+fn fault_spent(app: &SalesforceApp, endpoint: &str) -> bool {
+    app.faults.get("salesforce").endpoints[endpoint].fail_next == 0
+}
+
+/// (object, state) of every job the batch ran, in creation order.
+fn jobs(app: &SalesforceApp) -> Vec<(String, String)> {
+    app.sim.lock().unwrap().jobs.values().map(|j| (j.object.clone(), j.state.clone())).collect()
+}
+
+/// Every record applied and every order activated, each once.
+fn assert_all_landed(app: &SalesforceApp, v: &[salesforce_sink::handler::Verdict]) {
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+        assert_eq!(v.outcome, Some(OutcomeStatus::Applied), "record {i}");
+    }
+    let orders = records(app, "Order");
+    assert_eq!(orders.len(), v.len(), "every order once");
+    assert!(orders.iter().all(|o| o["Status"] == json!("Activated")), "every order activated");
+}
+
+/// The first upload answers 503: that job is aborted and its rows go up again in a new job
+/// (not a second upload into it, which Bulk 2.0 refuses), so no record fails.
+#[tokio::test]
+async fn an_upload_answered_503_is_sent_again_in_a_new_job() {
+    let (app, sink) = setup().await;
+    fail_next(&app, UPLOAD, 1);
+    let v = sink.apply(&batch()).await;
+    assert!(fault_spent(&app, UPLOAD), "the 503 was answered");
+    assert_all_landed(&app, &v);
+    let jobs = jobs(&app);
+    let state = |s: &str| jobs.iter().filter(|(_, state)| state == s).map(|(o, _)| o.as_str()).collect::<Vec<_>>();
+    assert_eq!(state("Aborted"), ["Account"], "the job whose upload failed, aborted: {jobs:?}");
+    assert_eq!(state("JobComplete").len(), 5, "then every job once: {jobs:?}");
+}
+
+/// The first close (`UploadComplete`) answers 503: the job's state shows it still open, the
+/// close is sent again, and no record fails.
+#[tokio::test]
+async fn a_close_answered_503_is_sent_again() {
+    let (app, sink) = setup().await;
+    fail_next(&app, JOB, 1);
+    let v = sink.apply(&batch()).await;
+    assert!(fault_spent(&app, JOB), "the 503 was answered");
+    assert_all_landed(&app, &v);
+    let jobs = jobs(&app);
+    assert!(jobs.len() == 5 && jobs.iter().all(|(_, s)| s == "JobComplete"), "{jobs:?}");
+}
+
+/// Three uploads in a row answer 503: a job's rows go up in at most three jobs in all, then
+/// its records fail transient (retried by the runtime).
+#[tokio::test]
+async fn an_upload_failing_three_times_fails_its_records_transient() {
+    let (app, sink) = setup().await;
+    fail_next(&app, UPLOAD, 3);
+    let v = sink.apply(&batch()).await;
+    for (i, v) in v.iter().enumerate() {
+        let error = v.result.as_ref().expect_err("no Account landed: not applied");
+        assert_eq!(error.class, ErrorClass::Transient, "record {i}: {error:?}");
+    }
+    let jobs = jobs(&app);
+    assert!(jobs.len() == 3 && jobs.iter().all(|(o, s)| o == "Account" && s == "Aborted"), "{jobs:?}");
+    assert!(records(&app, "Order").is_empty());
+}
