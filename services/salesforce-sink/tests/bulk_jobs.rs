@@ -1,6 +1,7 @@
 //! One call of a Bulk API 2.0 job that fails transiently does not fail the batch: an upload
 //! answered 503 is sent again in a new job (Bulk 2.0 takes one upload per job), a close
-//! answered 503 is checked and sent again.
+//! answered 503 is checked and sent again. A retried backlog batch with few records left goes
+//! through Composite Graph, and after a stop that path writes nothing.
 
 use std::time::Duration;
 
@@ -108,4 +109,42 @@ async fn an_upload_failing_three_times_fails_its_records_transient() {
     let jobs = jobs(&app);
     assert!(jobs.len() == 3 && jobs.iter().all(|(o, s)| o == "Account" && s == "Aborted"), "{jobs:?}");
     assert!(records(&app, "Order").is_empty());
+}
+
+/// Applies `events[..59]` (under the Bulk threshold, through Composite Graph) and makes the
+/// last one a completed order: a backlog batch retried after its 60th record failed.
+async fn retried_backlog(sink: &Sink) -> Vec<Result<CommerceEvent, HandlerError>> {
+    let mut events: Vec<CommerceEvent> = (0..60).map(|n| order(n, "pending", 0)).collect();
+    for part in events[..59].chunks(30) {
+        for v in sink.apply(&part.iter().cloned().map(Ok).collect::<Vec<_>>()).await {
+            assert!(v.result.is_ok(), "{:?}", v.result);
+        }
+    }
+    events[59] = order(59, "complete", 0);
+    events.into_iter().map(Ok).collect()
+}
+
+fn api_usage(app: &SalesforceApp) -> u64 {
+    app.sim.lock().unwrap().api_usage
+}
+
+/// After a stop the Composite fallback of a Bulk-sized batch writes nothing: its records stay
+/// transient for the next owner.
+#[tokio::test]
+async fn after_a_stop_a_retried_backlog_batch_sends_no_graphs() {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(settings()).with_stop(stop.clone());
+    let events = retried_backlog(&sink).await;
+    let orders = records(&app, "Order").len();
+    stop.cancel();
+    let before = api_usage(&app);
+    let v = sink.apply(&events).await;
+    for (i, v) in v.iter().enumerate() {
+        let error = v.result.as_ref().expect_err("stopped: not applied");
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Transient, "bulk_stopped"), "record {i}");
+        assert_eq!(v.outcome, None);
+    }
+    assert_eq!(api_usage(&app), before, "no call after the stop");
+    assert_eq!(records(&app, "Order").len(), orders, "no order written after the stop");
 }

@@ -833,6 +833,6 @@ async fn abort_job(client: crate::client::SalesforceClient, path: String) {
     }
 }
 
-fn stopped() -> HandlerError {
+pub(super) fn stopped() -> HandlerError {
     HandlerError::transient("bulk_stopped", "the service is stopping: job aborted, records retried")
 }

@@ -58,7 +58,15 @@ impl Sink {
             if !self.bulk_sized(self.bulk_writes(&batch)) {
                 for range in &chunks[start..] {
                     let (_held, events) = reader.read(range.clone()).await;
-                    let verdicts = self.apply_composite(partition, &events).await;
+                    // After a stop no more writes (as in Bulk): the records stay transient for
+                    // the next owner (one that cannot be read keeps its own error).
+                    let verdicts = match self.pool.stop.is_cancelled() {
+                        true => events
+                            .iter()
+                            .map(|e| Verdict::failed(e.as_ref().err().cloned().unwrap_or_else(super::bulk::stopped)))
+                            .collect(),
+                        false => self.apply_composite(partition, &events).await,
+                    };
                     reader.done(range.clone(), &events, verdicts).await;
                 }
                 return;
