@@ -9,7 +9,6 @@ use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
 use salesforce_sink::handler::{BulkBatch, BulkChunks, BulkSettings, Events, Sink, Verdict};
 use salesforce_sink::mapping::Mapping;
-use sandbox::faults::FaultConfig;
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use serde_json::{Value, json};
 
@@ -232,6 +231,9 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     }
     assert!(sink.bulk_spool_peak() <= bound as u64, "{} > {bound}", sink.bulk_spool_peak());
     assert!(sink.bulk_spool_peak() > 0);
+    // The second Bulk batch is the last 50 records: exactly `min_records`, so it is Bulk-sized
+    // too (one fewer and it would go through Composite Graph, with four jobs in all).
+    assert_eq!(events.len() - 250, settings().min_records);
     let jobs = app.sim.lock().unwrap().jobs.len();
     assert_eq!(jobs, 8, "two Bulk batches of four jobs (no activations)");
     let ids: std::collections::BTreeSet<i64> = events.iter().map(|e| e.order.as_ref().unwrap().entity_id).collect();
@@ -462,31 +464,4 @@ async fn customer_data_landed_by_a_dead_lettered_record_is_not_overwritten_by_an
     assert!(v[0].result.is_ok(), "{:?}", v[0].result);
     let (_, contact) = find(&app, "Contact", "c:7100").unwrap();
     assert_eq!(contact["LastName"], json!("New"), "older customer data never overwrites what landed");
-}
-
-/// The runtime hands a batch back from its first failure, so a retried backlog batch is mostly
-/// confirmed: its few records left go through Composite Graph (with its in-call retries), not
-/// Bulk jobs whose upload a 503 fails, each retry spending their budget until they are
-/// dead-lettered (an order left Draft in the e2e run: its Order row had landed).
-#[tokio::test]
-async fn a_retried_backlog_batch_with_few_records_left_writes_them_without_bulk_jobs() {
-    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
-    let mut events: Vec<CommerceEvent> = (0..60).map(|n| order(n, "pending", 0)).collect();
-    // All but the last confirmed (batches under the Bulk threshold of 50).
-    for part in events[..59].chunks(30) {
-        for v in sink.apply(&oks(part)).await {
-            assert!(v.result.is_ok(), "{:?}", v.result);
-        }
-    }
-    events[59] = order(59, "complete", 0);
-    let jobs = app.sim.lock().unwrap().jobs.len();
-    let upload = FaultConfig { error_rate: 1.0, ..Default::default() };
-    let endpoints = [("PUT /services/data/{v}/jobs/ingest/{id}/batches".to_owned(), upload)].into();
-    app.faults.set("salesforce", FaultConfig { endpoints, ..Default::default() });
-    let v = sink.apply(&oks(&events)).await;
-    assert!(v[59].result.is_ok(), "{:?}", v[59].result);
-    assert_eq!(v[59].outcome, Some(OutcomeStatus::Applied));
-    assert_eq!(app.sim.lock().unwrap().jobs.len(), jobs, "no Bulk job for one record");
-    let (_, order) = find(&app, "Order", &order_ext(&events[59])).expect("the order landed");
-    assert_eq!(order["Status"], json!("Activated"));
 }

@@ -1,7 +1,7 @@
 //! One call of a Bulk API 2.0 job that fails transiently does not fail the batch: an upload
 //! answered 503 is sent again in a new job (Bulk 2.0 takes one upload per job), a close
 //! answered 503 is checked and sent again. A retried backlog batch with few records left goes
-//! through Composite Graph, and after a stop that path writes nothing.
+//! through Composite Graph, and after a stop that path writes nothing either.
 
 use std::time::Duration;
 
@@ -126,6 +126,39 @@ async fn retried_backlog(sink: &Sink) -> Vec<Result<CommerceEvent, HandlerError>
 
 fn api_usage(app: &SalesforceApp) -> u64 {
     app.sim.lock().unwrap().api_usage
+}
+
+/// The runtime hands a batch back from its first failure, so a retried backlog batch is mostly
+/// confirmed: its few records left go through Composite Graph (with its in-call retries), not
+/// Bulk jobs (here every upload would fail), and the confirmed ones cost no call.
+#[tokio::test]
+async fn a_retried_backlog_batch_with_few_records_left_writes_them_without_bulk_jobs() {
+    let (app, sink) = setup().await;
+    let events = retried_backlog(&sink).await;
+    // What the last record alone costs, measured on a twin with the same history.
+    let (twin_app, twin) = setup().await;
+    let twin_events = retried_backlog(&twin).await;
+    let before = api_usage(&twin_app);
+    assert!(twin.apply(&twin_events[59..]).await[0].result.is_ok());
+    let one = api_usage(&twin_app) - before;
+    assert!(one > 0, "the last record is written");
+    let jobs = app.sim.lock().unwrap().jobs.len();
+    let upload = FaultConfig { error_rate: 1.0, ..Default::default() };
+    app.faults.set("salesforce", FaultConfig { endpoints: [(UPLOAD.to_owned(), upload)].into(), ..Default::default() });
+    let before = api_usage(&app);
+    let v = sink.apply(&events).await;
+    assert_eq!(v.len(), 60);
+    for (i, v) in v.iter().enumerate() {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+        assert_eq!(v.outcome, Some(OutcomeStatus::Applied), "record {i}");
+    }
+    let calls = api_usage(&app) - before;
+    assert_eq!(calls, one, "calls for the last record only");
+    assert_eq!(app.sim.lock().unwrap().jobs.len(), jobs, "no Bulk job for one record");
+    let ext = format!("o:{}", events[59].as_ref().unwrap().order.as_ref().unwrap().entity_id);
+    let orders = records(&app, "Order");
+    let order = orders.iter().find(|o| o["Elo_Id__c"] == json!(ext)).expect("the order landed");
+    assert_eq!(order["Status"], json!("Activated"));
 }
 
 /// After a stop the Composite fallback of a Bulk-sized batch writes nothing: its records stay
