@@ -82,6 +82,24 @@ async fn an_upload_answered_503_is_sent_again_in_a_new_job() {
     assert_eq!(state("JobComplete").len(), 5, "then every job once: {jobs:?}");
 }
 
+/// The activations' upload (the fifth) answers 503 after the Orders job landed Draft orders:
+/// sent again in a new job, every order is activated and confirmed (before, every record failed
+/// and each retry of the batch cost them one of their attempts).
+#[tokio::test]
+async fn an_activation_upload_answered_503_is_sent_again_in_a_new_job() {
+    let (app, sink) = setup().await;
+    let entry = FaultConfig { pass_first: 4, fail_next: 1, ..Default::default() };
+    app.faults.set("salesforce", FaultConfig { endpoints: [(UPLOAD.to_owned(), entry)].into(), ..Default::default() });
+    let v = sink.apply(&batch()).await;
+    assert!(fault_spent(&app, UPLOAD), "the 503 was answered");
+    assert_all_landed(&app, &v);
+    let jobs = jobs(&app);
+    let states: Vec<&str> = jobs.iter().map(|(_, s)| s.as_str()).collect();
+    let complete = "JobComplete";
+    assert_eq!(states, [complete, complete, complete, complete, "Aborted", complete], "{jobs:?}");
+    assert_eq!(jobs[4].0, jobs[5].0, "the same job again: {jobs:?}");
+}
+
 /// The first close (`UploadComplete`) answers 503: the job's state shows it still open, the
 /// close is sent again, and no record fails.
 #[tokio::test]

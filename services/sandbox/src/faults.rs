@@ -44,6 +44,10 @@ pub struct FaultConfig {
     /// the other settings draw): "the first upload answers 503 once" for a retry test.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub fail_next: u32,
+    /// Requests let through (each one counts down) before `fail_next` starts counting: "the
+    /// fifth upload answers 503".
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pass_first: u32,
     /// Every request fails with 503 until this time (ms since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outage_until_ms: Option<i64>,
@@ -210,8 +214,12 @@ impl Faults {
             match all.get_mut(simulator) {
                 Some(config) => {
                     let entry = Self::entry(config, method, path);
-                    let counted = entry.fail_next > 0;
-                    entry.fail_next = entry.fail_next.saturating_sub(1);
+                    let counted = entry.pass_first == 0 && entry.fail_next > 0;
+                    if entry.pass_first > 0 {
+                        entry.pass_first -= 1;
+                    } else {
+                        entry.fail_next = entry.fail_next.saturating_sub(1);
+                    }
                     (entry.clone(), counted)
                 }
                 None => (FaultConfig::default(), false),
@@ -286,5 +294,21 @@ mod tests {
         assert_eq!(put().await, FaultDecision::Fail(503));
         assert_eq!(put().await, FaultDecision::Proceed, "spent");
         assert_eq!(faults.get("magento").endpoints["PUT /jobs/{id}/batches"].fail_next, 0);
+    }
+
+    #[tokio::test]
+    async fn pass_first_lets_that_many_through_before_fail_next_counts() {
+        let third = FaultConfig { pass_first: 2, fail_next: 1, ..FaultConfig::default() };
+        let faults = Faults::default();
+        faults.set(
+            "magento",
+            FaultConfig { endpoints: [("PUT /jobs/{id}".to_owned(), third)].into(), ..Default::default() },
+        );
+        let mut seen = Vec::new();
+        for id in 0..4 {
+            seen.push(faults.decide("magento", "PUT", &format!("/jobs/{id}")).await);
+        }
+        use FaultDecision::{Fail, Proceed};
+        assert_eq!(seen, [Proceed, Proceed, Fail(503), Proceed]);
     }
 }
