@@ -113,6 +113,22 @@ async fn a_close_answered_503_is_sent_again() {
     assert!(jobs.len() == 5 && jobs.iter().all(|(_, s)| s == "JobComplete"), "{jobs:?}");
 }
 
+/// Two closes answer 503 and so does the first look at the job: it is closed again only once
+/// seen `Open`, within four failed calls, and no record fails.
+#[tokio::test]
+async fn a_close_and_a_look_answered_503_are_tried_again() {
+    let (app, sink) = setup().await;
+    let look = "GET /services/data/{v}/jobs/ingest/{id}";
+    let entry = |n| FaultConfig { fail_next: n, ..Default::default() };
+    let endpoints = [(JOB.to_owned(), entry(2)), (look.to_owned(), entry(1))].into();
+    app.faults.set("salesforce", FaultConfig { endpoints, ..Default::default() });
+    let v = sink.apply(&batch()).await;
+    assert!(fault_spent(&app, JOB) && fault_spent(&app, look), "the 503s were answered");
+    assert_all_landed(&app, &v);
+    let jobs = jobs(&app);
+    assert!(jobs.len() == 5 && jobs.iter().all(|(_, s)| s == "JobComplete"), "{jobs:?}");
+}
+
 /// Three uploads in a row answer 503: a job's rows go up in at most three jobs in all, then
 /// its records fail transient (retried by the runtime).
 #[tokio::test]

@@ -632,33 +632,37 @@ impl Sink {
     }
 
     /// Closes the job at `path` (`UploadComplete`). After a transient failure the close may
-    /// have landed though its answer was lost: the job's state says, and an open job is closed
-    /// again (a few times in all).
+    /// have landed though its answer was lost: the job's state says, and it is closed again
+    /// only when seen still `Open` (a second close of a closed job would be refused), with
+    /// `CLOSE_TRIES` failed calls in all.
     async fn close(&self, path: &str) -> Result<(), HandlerError> {
         let mut tries = 0;
         loop {
             let closed = self.client.call("bulk", Method::PATCH, path, Some(&json!({"state": "UploadComplete"}))).await;
-            let error = match closed {
+            let mut error = match closed {
                 Ok(_) => return Ok(()),
                 Err(e) => from_client(&e, self.quota_pause),
             };
-            tries += 1;
-            if error.class != ErrorClass::Transient || tries >= CLOSE_TRIES {
-                return Err(error);
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.bulk.poll) => {}
-                () = self.pool.stop.cancelled() => return Err(stopped()),
-            }
-            if let Ok(info) = self.client.call("bulk", Method::GET, path, None).await {
-                match info["state"].as_str() {
-                    Some("UploadComplete" | "InProgress" | "JobComplete") => return Ok(()),
-                    Some("Failed" | "Aborted") => {
-                        let message = info["errorMessage"].as_str().unwrap_or("job failed").to_owned();
-                        return Err(HandlerError::transient("bulk_job_failed", message));
-                    }
-                    // Still open (or not known): closed again.
-                    _ => {}
+            // Looks at the job until it is seen open (then closed again) or settled.
+            loop {
+                tries += 1;
+                if error.class != ErrorClass::Transient || tries >= CLOSE_TRIES {
+                    return Err(error);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(self.bulk.poll) => {}
+                    () = self.pool.stop.cancelled() => return Err(stopped()),
+                }
+                match self.client.call("bulk", Method::GET, path, None).await {
+                    Ok(info) => match info["state"].as_str() {
+                        Some("UploadComplete" | "InProgress" | "JobComplete") => return Ok(()),
+                        Some("Failed" | "Aborted") => {
+                            let message = info["errorMessage"].as_str().unwrap_or("job failed").to_owned();
+                            return Err(HandlerError::transient("bulk_job_failed", message));
+                        }
+                        _ => break,
+                    },
+                    Err(e) => error = from_client(&e, self.quota_pause),
                 }
             }
         }
