@@ -219,6 +219,35 @@ impl SalesforceClient {
 
     /// [`SalesforceClient::call`] returning the body as text (Bulk API 2.0's CSV results).
     pub async fn call_raw(&self, kind: &'static str, method: Method, path: &str, body: Body<'_>) -> Result<String> {
+        let (_permit, response) = self.respond(kind, method, path, body).await?;
+        Ok(response.text().await?)
+    }
+
+    /// [`SalesforceClient::call_raw`] handing the body over as it arrives (a Bulk API 2.0
+    /// results CSV is as large as the job), so it is never held whole.
+    pub async fn call_chunks(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        each: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<()> {
+        let (_permit, mut response) = self.respond(kind, method, path, Body::None).await?;
+        while let Some(chunk) = response.chunk().await? {
+            each(&chunk);
+        }
+        Ok(())
+    }
+
+    /// Sends a call (re-authenticating once on 401); a successful answer, its body unread,
+    /// with the concurrency permit it holds until read.
+    async fn respond(
+        &self,
+        kind: &'static str,
+        method: Method,
+        path: &str,
+        body: Body<'_>,
+    ) -> Result<(tokio::sync::OwnedSemaphorePermit, reqwest::Response)> {
         if !self.quota.admit() {
             return Err(Error::Status {
                 status: 403,
@@ -226,7 +255,7 @@ impl SalesforceClient {
                 message: "only the reserve of the daily API quota is left (held back by the sink)".into(),
             });
         }
-        let _permit = self.permits.acquire().await.expect("semaphore never closed");
+        let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
         let mut session = self.session(None).await?;
         for attempt in 0..2 {
             let url = format!("{}/services/data/{}{}", session.instance_url, self.config.api_version, path);
@@ -237,14 +266,21 @@ impl SalesforceClient {
                 Body::Csv(csv) => {
                     request = request.header(reqwest::header::CONTENT_TYPE, "text/csv").body(csv.to_owned());
                 }
+                Body::CsvStream(upload) => {
+                    let stream = (upload.0)().map_err(|e| Error::Status {
+                        status: 0,
+                        code: "spool".into(),
+                        message: format!("upload not readable: {e}"),
+                    })?;
+                    request = request.header(reqwest::header::CONTENT_TYPE, "text/csv").body(stream);
+                }
             }
             metrics::API_CALLS.with_label_values(&[kind]).inc();
             let response = request.send().await?;
             self.read_limits(response.headers());
             let status = response.status();
-            let text = response.text().await?;
             if status == StatusCode::UNAUTHORIZED {
-                let (code, message) = error_of(&text);
+                let (code, message) = error_of(&response.text().await?);
                 if attempt == 0 {
                     tracing::info!(error_code = %code, "salesforce session refused; re-authenticating once");
                     session = self.session(Some(session.generation)).await?;
@@ -253,10 +289,10 @@ impl SalesforceClient {
                 return Err(Error::Auth { code, message });
             }
             if !status.is_success() {
-                let (code, message) = error_of(&text);
+                let (code, message) = error_of(&response.text().await?);
                 return Err(Error::Status { status: status.as_u16(), code, message });
             }
-            return Ok(text);
+            return Ok((permit, response));
         }
         unreachable!("the loop returns on its second attempt")
     }
@@ -307,6 +343,17 @@ pub enum Body<'a> {
     Json(&'a Value),
     /// `text/csv` (a Bulk API 2.0 upload).
     Csv(&'a str),
+    /// `text/csv` streamed from a spool, made anew for each try (a retry, a re-authentication).
+    CsvStream(&'a Upload<'a>),
+}
+
+/// Makes a streamed request body (see [`Body::CsvStream`]).
+pub struct Upload<'a>(pub &'a (dyn Fn() -> std::io::Result<reqwest::Body> + Send + Sync));
+
+impl std::fmt::Debug for Upload<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upload")
+    }
 }
 
 /// `api-usage=25/15000` (other entries, such as `api-bursts`, are ignored).

@@ -277,10 +277,13 @@ impl Builder<'_> {
                 .max_by_key(|(e, _)| (customer_version(e), crate::handler::enrichment_rank(e)));
             // Salesforce already holds exactly this customer data: only the orders are written.
             let held = members.iter().find_map(|w| w.held_digest);
-            let head = customer
-                .filter(|(e, _)| held.is_none_or(|d| d != self.customer_digest(e)))
-                .map(|(e, c)| self.customer_nodes(key, &tag, e, c))
-                .unwrap_or_default();
+            let left_out = customer.is_some_and(|(e, _)| held.is_some_and(|d| d == self.customer_digest(e)));
+            let head =
+                customer.filter(|_| !left_out).map(|(e, c)| self.customer_nodes(key, &tag, e, c)).unwrap_or_default();
+            if customer.is_some() {
+                let result = if left_out { "left_out" } else { "written" };
+                crate::metrics::CUSTOMER_HEADS.with_label_values(&[result]).inc();
+            }
             let mut current = Part::new(head.clone());
             for w in &members {
                 let mine = match &w.event.order {

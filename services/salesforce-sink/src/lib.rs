@@ -8,7 +8,8 @@
 //! - [`mapping`]: the mapping file, its defaults and the startup check against describe.
 //! - [`graph`]: Composite Graph requests from a batch (≤ 500 nodes, ≤ 75 graphs).
 //! - [`handler`]: the batch: staleness, products (`handler/products.rs`), Composite Graph
-//!   calls (`handler/composite.rs`), Bulk API 2.0 for backlogs (`handler/bulk.rs`), errors by
+//!   calls (`handler/composite.rs`), Bulk API 2.0 for backlogs (`handler/bulk.rs`, its CSV
+//!   spool, upload and results in `handler/bulk_csv.rs`), errors by
 //!   class, erasure (`handler/erasure.rs`), a second key for one person (`handler/alias.rs`), and
 //!   the confirmed versions and ids in a `StateStore` (`handler/state.rs`).
 //! - [`quota`]: the reserve left to other integrations and the hours-left forecast.
@@ -114,6 +115,14 @@ pub struct SalesforceArgs {
     /// A Bulk API 2.0 job not finished by then is aborted and its records retried.
     #[arg(long = "salesforce-bulk-timeout", env = "ELO_SALESFORCE_BULK_TIMEOUT", default_value = "600s", value_parser = parse_duration)]
     pub bulk_timeout: Duration,
+    /// Bytes the Bulk API 2.0 jobs' row spools may take on disk at once, all partitions
+    /// together (below the pod's 64 MiB `/tmp`): a batch whose rows would pass it runs as
+    /// several Bulk batches in turn.
+    #[arg(long = "salesforce-bulk-spool-bytes", env = "ELO_SALESFORCE_BULK_SPOOL_BYTES", default_value_t = 48 << 20)]
+    pub bulk_spool_bytes: usize,
+    /// Directory of the Bulk API 2.0 row spools (default: the system's temporary directory).
+    #[arg(long = "salesforce-bulk-spool-dir", env = "ELO_SALESFORCE_BULK_SPOOL_DIR")]
+    pub bulk_spool_dir: Option<std::path::PathBuf>,
     /// Longest a Composite Graph write waits for the other busy partitions' writes to share
     /// its request (it leaves as soon as they have all boarded, or at 500 nodes; after a quiet
     /// spell at once). 0 sends every batch's requests at once.
@@ -126,10 +135,20 @@ pub struct SalesforceArgs {
     #[arg(long = "salesforce-busy-linger", env = "ELO_SALESFORCE_BUSY_LINGER", default_value = "300ms", value_parser = parse_duration)]
     pub busy_linger: Duration,
     /// Encoded bytes of records decoded and written at once across partitions: a batch is
-    /// applied in chunks of a quarter of this; a Bulk API 2.0 batch takes it all. Bounds
+    /// applied in chunks of a quarter of this (a Bulk API 2.0 batch too). Bounds
     /// memory under a backlog whatever ELO_MAX_BATCH says.
     #[arg(long = "salesforce-inflight-bytes", env = "ELO_SALESFORCE_INFLIGHT_BYTES", default_value_t = 256 << 10)]
     pub inflight_bytes: usize,
+    /// A repeat buyer's unchanged Account/Contact is left out of its orders' graphs only
+    /// within this long after the customer's last full write; past it the next order writes
+    /// them again, repairing a Contact or Account changed behind Elo's back. 0: never left out.
+    #[arg(
+        long = "salesforce-customer-rewrite-after",
+        env = "ELO_SALESFORCE_CUSTOMER_REWRITE_AFTER",
+        default_value = "1h",
+        value_parser = parse_duration
+    )]
+    pub customer_rewrite_after: Duration,
     /// Compacted changelog of the confirmed versions and Salesforce ids per order and customer.
     #[arg(
         long = "salesforce-state-topic",
@@ -237,17 +256,22 @@ impl elo_kafka::Handler for SinkHandler {
         }
         // Records are decoded and written a chunk at a time under a process-wide byte budget,
         // so memory follows the budget, not the batch: a backlog batch (the runtime's
-        // ELO_MAX_BATCH) is only the signal for Bulk API 2.0, which takes the whole budget.
-        let bulk = sink.bulk_sized(batch.len());
+        // ELO_MAX_BATCH) is only the signal for Bulk API 2.0, which reads it in chunks too.
+        if sink.bulk_sized(batch.len()) {
+            return self.handle_bulk(sink, batch).await;
+        }
         let mut results = Vec::with_capacity(batch.len());
         let mut rest = batch;
         while !rest.is_empty() {
-            let take = if bulk { rest.len() } else { chunk_len(rest, self.budget.chunk_bytes) };
-            let (chunk, tail) = rest.split_at(take);
+            let (chunk, tail) = rest.split_at(chunk_len(rest, self.budget.chunk_bytes));
             rest = tail;
             let bytes: usize = chunk.iter().map(Record::size_bytes).sum();
-            let _permit = self.budget.acquire(if bulk { usize::MAX } else { bytes }).await;
-            results.extend(self.handle_chunk(sink, chunk).await);
+            let _permit = self.budget.acquire(bytes).await;
+            let started = Instant::now();
+            let events = self.decode(chunk).await;
+            let partition = chunk.first().map_or(0, |r| r.partition);
+            let verdicts = sink.apply_partition(partition, &events).await;
+            results.extend(self.report(chunk, &events, verdicts, started).await);
         }
         results
     }
@@ -269,19 +293,47 @@ impl elo_kafka::Handler for SinkHandler {
 }
 
 impl SinkHandler {
-    /// Decodes, applies and reports one chunk of a partition's batch.
-    async fn handle_chunk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let started = Instant::now();
-        let mut events = Vec::with_capacity(batch.len());
-        for record in batch {
+    /// A Bulk API 2.0 batch, read a chunk at a time under the byte budget three times (the
+    /// newest versions, the rows spooled for the jobs, then confirmations and outcomes after
+    /// the jobs), so it is never held decoded; the jobs run holding no budget. The loop is
+    /// the sink's own (`Sink::apply_bulk`, also what the tests drive): it never waits for
+    /// spool room while holding budget.
+    async fn handle_bulk(&self, sink: &handler::Sink, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
+        let partition = batch.first().map_or(0, |r| r.partition);
+        let mut chunks = Vec::new();
+        let mut at = 0;
+        while at < batch.len() {
+            let end = at + chunk_len(&batch[at..], self.budget.chunk_bytes);
+            chunks.push(at..end);
+            at = end;
+        }
+        let mut reader = BulkReader { handler: self, batch, started: Instant::now(), results: Vec::new() };
+        sink.apply_bulk(partition, batch.len(), &chunks, &mut reader).await;
+        reader.results
+    }
+
+    async fn decode(&self, records: &[Record]) -> Vec<Result<elo_events::CommerceEvent, HandlerError>> {
+        let mut events = Vec::with_capacity(records.len());
+        for record in records {
             let event = elo_service::decode_record::<elo_events::CommerceEvent>(&self.codec, record).await;
-            if let Ok(e) = &event {
-                metrics::DECODED.with_label_values(&[NAME, &record.topic, e.event_type.as_str()]).inc();
-            }
             events.push(event);
         }
-        let partition = batch.first().map_or(0, |r| r.partition);
-        let verdicts = sink.apply_partition(partition, &events).await;
+        events
+    }
+
+    /// Counts the attempts, publishes the outcomes of a chunk; its records' results.
+    async fn report(
+        &self,
+        batch: &[Record],
+        events: &[Result<elo_events::CommerceEvent, HandlerError>],
+        verdicts: Vec<handler::Verdict>,
+        started: Instant,
+    ) -> Vec<Result<(), HandlerError>> {
+        for (record, event) in batch.iter().zip(events) {
+            if let Ok(e) = event {
+                metrics::DECODED.with_label_values(&[NAME, &record.topic, e.event_type.as_str()]).inc();
+            }
+        }
         let attempts: Vec<i32> = {
             let mut map = self.attempts.lock().expect("attempts lock");
             batch
@@ -298,7 +350,7 @@ impl SinkHandler {
                 })
                 .collect()
         };
-        let published = self.outcomes.publish(&events, &verdicts, &attempts, started).await;
+        let published = self.outcomes.publish(events, &verdicts, &attempts, started).await;
         verdicts
             .into_iter()
             .zip(published)
@@ -307,6 +359,31 @@ impl SinkHandler {
                 (result, _) => result,
             })
             .collect()
+    }
+}
+
+/// A Bulk batch's chunks read from its records under the in-flight budget, their verdicts
+/// reported as they come.
+struct BulkReader<'a> {
+    handler: &'a SinkHandler,
+    batch: &'a [Record],
+    started: Instant,
+    results: Vec<Result<(), HandlerError>>,
+}
+
+impl<'a> handler::BulkChunks for BulkReader<'a> {
+    type Held = tokio::sync::SemaphorePermit<'a>;
+
+    async fn read(&self, range: std::ops::Range<usize>) -> (Self::Held, handler::Events) {
+        let chunk = &self.batch[range];
+        let permit = self.handler.budget.acquire(chunk.iter().map(Record::size_bytes).sum()).await;
+        (permit, self.handler.decode(chunk).await)
+    }
+
+    async fn done(&mut self, range: std::ops::Range<usize>, events: &handler::Events, verdicts: Vec<handler::Verdict>) {
+        let chunk = &self.batch[range];
+        let results = self.handler.report(chunk, events, verdicts, self.started).await;
+        self.results.extend(results);
     }
 }
 
@@ -389,12 +466,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (cell, fatal, shutdown) = (cell.clone(), fatal.clone(), service.shutdown.clone());
         let quota_pause = config.salesforce.quota_pause;
         let graph_linger = config.salesforce.graph_linger;
+        let rewrite_after = config.salesforce.customer_rewrite_after;
         let confirmations = handler::Confirmations::Store(state.clone());
         let bulk = handler::BulkSettings {
             min_records: config.salesforce.bulk_min_records,
             poll: config.salesforce.bulk_poll,
             timeout: config.salesforce.bulk_timeout,
+            spool_bytes: config.salesforce.bulk_spool_bytes,
+            spool_dir: config.salesforce.bulk_spool_dir.clone(),
         };
+        if bulk.min_records > 0 {
+            bulk.check_spool_dir()?;
+        }
         tokio::spawn(async move {
             match setup::prepare(&client, &mapping, &shutdown).await {
                 Ok(Some(org)) => {
@@ -402,6 +485,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .with_confirmations(confirmations)
                         .with_bulk(bulk)
                         .with_graph_linger(graph_linger)
+                        .with_customer_rewrite_after(rewrite_after)
                         .with_stop(shutdown.clone());
                     let _ = cell.set(sink);
                 }

@@ -23,6 +23,28 @@ pub static API_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Bulk jobs aborted because their batch ended before them, by result (`sent`, `failed`).
+pub static BULK_ABORTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "salesforce_sink_bulk_aborts_total",
+        "Bulk API 2.0 jobs aborted because their batch failed, stopped or was dropped, by result.",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+/// Customer heads (Account and Contact nodes) of a graph, by whether they were `written` or
+/// `left_out` (Salesforce holds that data: the repeat-buyer skip) or `gone` (an order found its
+/// Account gone after it was left out, and is resent with it).
+pub static CUSTOMER_HEADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "salesforce_sink_customer_heads_total",
+        "Customers' Account/Contact nodes in graphs: written, left out (held already), or resent because the Account was gone.",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
 /// Records carried per Composite Graph call.
 pub static RECORDS_PER_CALL: LazyLock<Histogram> = LazyLock::new(|| {
     register_histogram!(
@@ -91,6 +113,12 @@ pub fn register_all() {
     }
     for kind in ["graph", "composite", "query", "describe", "token"] {
         API_CALLS.with_label_values(&[kind]).inc_by(0);
+    }
+    for result in ["sent", "failed"] {
+        BULK_ABORTS.with_label_values(&[result]).inc_by(0);
+    }
+    for result in ["written", "left_out", "gone"] {
+        CUSTOMER_HEADS.with_label_values(&[result]).inc_by(0);
     }
     let _ = RECORDS_PER_CALL.get_sample_count();
     QUOTA_USED.set(0);

@@ -1,6 +1,7 @@
 //! `RESEND` commands addressed to salesforce-sink on `integration.commands` (the reconciler
 //! sends them when a record Salesforce confirmed is gone or altered there). The sink marks the
-//! version it confirmed for the entity for rewriting, then asks order-ingest to refetch it: the
+//! version it confirmed for the entity for rewriting and forgets the customer's fingerprint
+//! (its next event writes the Account and Contact), then asks order-ingest to refetch it: the
 //! republished version is then written again rather than skipped as already applied (see
 //! `elo_events::resend`), while older versions stay skipped. `integration.commands` is keyed
 //! like `commerce.events` and has as many partitions, so the range assignor gives this replica
@@ -22,6 +23,9 @@ pub async fn execute(
     let command: IntegrationCommand = elo_service::decode_record(codec, record).await?;
     let Some((key, refetch)) = plan(&command, now_ms())? else { return Ok("skipped") };
     sink.request_rewrite(record.partition, &key)
+        .await
+        .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
+    sink.forget_customer_digest(record.partition, &command.customer_key)
         .await
         .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
     let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;

@@ -149,7 +149,12 @@ fn sink_id(app: &SalesforceApp, object: &str, fields: &Value) -> String {
 async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_records() {
     use salesforce_sink::handler::BulkSettings;
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let bulk = BulkSettings { min_records: 50, poll: Duration::from_millis(5), timeout: Duration::from_secs(30) };
+    let bulk = BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
     let events: Vec<CommerceEvent> =
         (0..90).map(|n| order(n, if n % 2 == 0 { "processing" } else { "pending" }, 0)).collect();
@@ -201,6 +206,61 @@ async fn a_large_batch_goes_through_bulk_api_2_and_refused_rows_fail_their_recor
     let again = sink.apply(&landed.iter().map(|e| Ok((*e).clone())).collect::<Vec<_>>()).await;
     assert!(again.iter().all(|v| v.outcome == Some(OutcomeStatus::Applied)));
     assert_eq!(app.sim.lock().unwrap().api_usage, before);
+}
+
+/// A Bulk batch is read a chunk at a time (250 records here): an order's newest version in a
+/// later chunk wins over an older one in an earlier chunk (and an older one after it is
+/// skipped), and a customer with orders in several chunks is one row, written with its newest
+/// data, holding every order.
+#[tokio::test]
+async fn a_bulk_batch_read_in_chunks_keeps_the_newest_versions_and_one_row_per_customer() {
+    use salesforce_sink::handler::BulkSettings;
+    let (app, url) = serve(SalesforceConfig::default()).await;
+    let bulk = BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
+    // Registered customers only (n % 97 is the customer: each has orders in every chunk).
+    let mut events: Vec<CommerceEvent> = (0..900).filter(|n| n % 3 != 2).map(|n| order(n, "pending", 0)).collect();
+    // Order of events[3]: a newer version (activated) in the third chunk, an older one after it.
+    let mut newer = events[3].clone();
+    newer.order.as_mut().unwrap().status = "processing".into();
+    newer.source_version.updated_at += 5_000;
+    newer.event_type = CommerceEventType::OrderChanged;
+    let mut older = events[3].clone();
+    older.source_version.updated_at -= 5_000;
+    events[520] = newer.clone();
+    events[590] = older.clone();
+    // The customer of the last order (its newest, placed last) renamed there.
+    let renamed_at = 599;
+    {
+        let c = events[renamed_at].customer.as_mut().unwrap();
+        c.lastname = Some("Renamed".into());
+    }
+    let key = events[renamed_at].customer_key.clone();
+    let v = sink.apply(&events.iter().cloned().map(Ok).collect::<Vec<_>>()).await;
+    let objects: Vec<String> = app.sim.lock().unwrap().jobs.values().map(|j| j.object.clone()).collect();
+    assert_eq!(objects, ["Account", "Contact", "Order", "OrderItem", "Order"], "five jobs for the whole batch");
+    assert_eq!(v[3].outcome, Some(OutcomeStatus::SkippedStale), "{:?}", v[3].result);
+    assert_eq!(v[590].outcome, Some(OutcomeStatus::SkippedStale), "{:?}", v[590].result);
+    assert_eq!(v[520].outcome, Some(OutcomeStatus::Applied), "{:?}", v[520].result);
+    for (i, v) in v.iter().enumerate().filter(|(i, _)| ![3, 590].contains(i)) {
+        assert!(v.result.is_ok() && v.target_ids.contains_key("Account"), "{i}: {:?} {:?}", v.result, v.target_ids);
+    }
+    let orders = records(&app, "Order");
+    let ext = format!("o:{}", newer.order.as_ref().unwrap().entity_id);
+    let got = orders.iter().find(|r| r["Elo_Id__c"] == ext.as_str()).unwrap();
+    assert_eq!((got["Status"].as_str(), got["Magento_Status__c"].as_str()), (Some("Activated"), Some("processing")));
+    let distinct: std::collections::BTreeSet<&str> = events.iter().map(|e| e.customer_key.as_str()).collect();
+    assert_eq!(records(&app, "Account").len(), distinct.len(), "one Account per customer");
+    assert_eq!(records(&app, "Contact").len(), distinct.len(), "one Contact per customer");
+    let contact = records(&app, "Contact").into_iter().find(|c| c["Elo_Id__c"] == key.as_str()).unwrap();
+    assert_eq!(contact["LastName"], json!("Renamed"), "the newest customer data of the batch");
+    let ids: std::collections::BTreeSet<i64> = events.iter().map(|e| e.order.as_ref().unwrap().entity_id).collect();
+    assert_eq!(orders.len(), ids.len(), "every order once");
 }
 
 /// A guest who registers later gets a second customer key with the same e-mail: the duplicate

@@ -40,6 +40,14 @@ pub struct FaultConfig {
     /// Error rate by status (`{"429": 0.05, "500": 0.01}`), drawn after `error_rate`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub error_rates: BTreeMap<u16, f64>,
+    /// The next this many requests fail with `error_status` (each one counts down, whatever
+    /// the other settings draw): "the first upload answers 503 once" for a retry test.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fail_next: u32,
+    /// Requests let through (each one counts down) before `fail_next` starts counting: "the
+    /// fifth upload answers 503".
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pass_first: u32,
     /// Every request fails with 503 until this time (ms since the epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outage_until_ms: Option<i64>,
@@ -111,6 +119,10 @@ impl FaultConfig {
     }
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// A parsed `"<METHOD> <template>"` key.
 struct EndpointKey<'a> {
     method: &'a str,
@@ -175,7 +187,12 @@ impl Faults {
     /// The settings that apply to one request: the most specific matching endpoint entry,
     /// else the simulator's own.
     pub fn effective(&self, simulator: &str, method: &str, path: &str) -> FaultConfig {
-        let mut config = self.get(simulator);
+        let mut all = self.inner.lock().expect("faults lock");
+        all.get_mut(simulator).map(|c| Self::entry(c, method, path).clone()).unwrap_or_default()
+    }
+
+    /// The entry of `config` that applies to one request.
+    fn entry<'a>(config: &'a mut FaultConfig, method: &str, path: &str) -> &'a mut FaultConfig {
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
         let best = config
             .endpoints
@@ -184,17 +201,36 @@ impl Faults {
             .max_by_key(|(literals, _)| *literals)
             .map(|(_, key)| key.clone());
         match best {
-            Some(key) => config.endpoints.remove(&key).unwrap_or_default(),
+            Some(key) => config.endpoints.get_mut(&key).expect("a key of the map"),
             None => config,
         }
     }
 
     /// Applies latency, then decides whether the request fails.
     pub async fn decide(&self, simulator: &str, method: &str, path: &str) -> FaultDecision {
-        let config = self.effective(simulator, method, path);
+        // The settings, with one of the entry's `fail_next` spent by this request.
+        let (config, counted) = {
+            let mut all = self.inner.lock().expect("faults lock");
+            match all.get_mut(simulator) {
+                Some(config) => {
+                    let entry = Self::entry(config, method, path);
+                    let counted = entry.pass_first == 0 && entry.fail_next > 0;
+                    if entry.pass_first > 0 {
+                        entry.pass_first -= 1;
+                    } else {
+                        entry.fail_next = entry.fail_next.saturating_sub(1);
+                    }
+                    (entry.clone(), counted)
+                }
+                None => (FaultConfig::default(), false),
+            }
+        };
         let delay = config.latency();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
+        }
+        if counted {
+            return FaultDecision::Fail(config.error_status.unwrap_or(503));
         }
         match config.draw_error() {
             Some(status) => FaultDecision::Fail(status),
@@ -244,5 +280,35 @@ mod tests {
         assert!(too_much.validate(true).is_err());
         let not_error = FaultConfig { error_rates: [(200, 0.1)].into_iter().collect(), ..Default::default() };
         assert!(not_error.validate(true).is_err());
+    }
+
+    #[tokio::test]
+    async fn fail_next_fails_that_many_matching_requests_then_none() {
+        let once = FaultConfig { fail_next: 2, ..FaultConfig::default() };
+        let faults = Faults::default();
+        let endpoints = [("PUT /jobs/{id}/batches".to_owned(), once)].into();
+        faults.set("magento", FaultConfig { endpoints, ..FaultConfig::default() });
+        let put = || faults.decide("magento", "PUT", "/jobs/7/batches");
+        assert_eq!(faults.decide("magento", "GET", "/jobs/7").await, FaultDecision::Proceed, "other requests");
+        assert_eq!(put().await, FaultDecision::Fail(503));
+        assert_eq!(put().await, FaultDecision::Fail(503));
+        assert_eq!(put().await, FaultDecision::Proceed, "spent");
+        assert_eq!(faults.get("magento").endpoints["PUT /jobs/{id}/batches"].fail_next, 0);
+    }
+
+    #[tokio::test]
+    async fn pass_first_lets_that_many_through_before_fail_next_counts() {
+        let third = FaultConfig { pass_first: 2, fail_next: 1, ..FaultConfig::default() };
+        let faults = Faults::default();
+        faults.set(
+            "magento",
+            FaultConfig { endpoints: [("PUT /jobs/{id}".to_owned(), third)].into(), ..Default::default() },
+        );
+        let mut seen = Vec::new();
+        for id in 0..4 {
+            seen.push(faults.decide("magento", "PUT", &format!("/jobs/{id}")).await);
+        }
+        use FaultDecision::{Fail, Proceed};
+        assert_eq!(seen, [Proceed, Proceed, Fail(503), Proceed]);
     }
 }

@@ -39,7 +39,7 @@ impl Sink {
         };
         let mut after = known.clone();
         // What Salesforce holds is no longer that data: the next write writes it in full.
-        after.digest = 0;
+        (after.digest, after.digest_at) = (0, 0);
         // Nothing older than the erasure (any enrichment) may write this person's data again.
         if (e.source_version.updated_at, u8::MAX) > after.at() {
             (after.version, after.rank) = (e.source_version.updated_at, u8::MAX);

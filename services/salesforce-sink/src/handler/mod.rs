@@ -28,27 +28,27 @@ use serde_json::Value;
 use crate::client::{self, SalesforceClient};
 use crate::graph::{self, Builder, OrgIds, Work, customer_version};
 use crate::mapping::{AccountMode, Resolved};
+use skip::{restore_gone_accounts, set_digest};
 
 mod alias;
 mod bulk;
+mod bulk_csv;
+mod bulk_loop;
 mod composite;
 mod erasure;
 mod pool;
 mod products;
 mod resend;
+mod skip;
 
-/// Whether a repeat buyer's unchanged customer data (same digest as the last write) is left
-/// out of its orders' graphs. Off: a review found it made staleness permanent (an in-call
-/// retry of an older order rewrote older customer data while the newer digest was kept, so
-/// the next order skipped the repair), ignored a RESEND when another order of the customer
-/// shared the graph, and left an Account deleted or merged in Salesforce unrepaired (every
-/// later order failing on the missing parent). Rewriting the two customer nodes costs a few
-/// more calls per 1,000 orders; turning it back on needs those three fixed first.
-const SKIP_UNCHANGED_CUSTOMERS: bool = false;
+/// Default of `ELO_SALESFORCE_CUSTOMER_REWRITE_AFTER`: how long after a full write of a
+/// customer its unchanged data may be left out of its orders' graphs (see `handler/skip.rs`).
+pub const CUSTOMER_REWRITE_AFTER: Duration = Duration::from_secs(3600);
 
 pub mod state;
 
-pub use bulk::BulkSettings;
+pub use bulk::{BulkBatch, BulkSettings, Prepared};
+pub use bulk_loop::{BulkChunks, Events};
 pub use state::{Confirmations, Confirmed, enrichment_rank};
 
 /// What happened to one record.
@@ -60,6 +60,14 @@ pub struct Verdict {
     pub target_ids: BTreeMap<String, String>,
     /// The failure came from its graph (a lock, a rollback), not from the whole call.
     retry_in_call: bool,
+}
+
+/// Entity key → its newest version in a batch and that record's batch index.
+type Newest = HashMap<String, ((i64, u8), usize)>;
+
+/// A version: (source updated_at, enrichment rank).
+fn version_of(e: &CommerceEvent) -> (i64, u8) {
+    (e.source_version.updated_at, enrichment_rank(e))
 }
 
 /// Records whose graphs are built at once (a few full Composite Graph requests; also the
@@ -87,6 +95,24 @@ impl Verdict {
     }
 }
 
+/// Chunks of events already decoded, for [`Sink::apply_bulk`].
+struct Decoded<'e> {
+    events: &'e [Result<CommerceEvent, HandlerError>],
+    out: Vec<Verdict>,
+}
+
+impl BulkChunks for Decoded<'_> {
+    type Held = ();
+
+    async fn read(&self, range: std::ops::Range<usize>) -> ((), Events) {
+        ((), self.events[range].to_vec())
+    }
+
+    async fn done(&mut self, _range: std::ops::Range<usize>, _events: &Events, verdicts: Vec<Verdict>) {
+        self.out.extend(verdicts);
+    }
+}
+
 /// The Salesforce side of the sink.
 pub struct Sink {
     pub client: SalesforceClient,
@@ -100,8 +126,12 @@ pub struct Sink {
     confirmed: Confirmations,
     /// When batches go through Bulk API 2.0.
     bulk: BulkSettings,
+    /// The bound on the Bulk jobs' spooled bytes, shared by the partitions.
+    spool_budget: bulk::SpoolBudget,
     /// Composite Graph requests shared by the partitions' batches.
     pool: pool::Pool,
+    /// How long after a full write a repeat buyer's unchanged customer data is left out.
+    customer_rewrite_after: Duration,
 }
 
 fn order_entity(e: &CommerceEvent) -> Option<String> {
@@ -109,7 +139,15 @@ fn order_entity(e: &CommerceEvent) -> Option<String> {
 }
 
 fn customer_entity(e: &CommerceEvent) -> String {
-    format!("customer:{}", e.customer_key)
+    customer_entity_key(&e.customer_key)
+}
+
+fn customer_entity_key(customer_key: &str) -> String {
+    format!("customer:{customer_key}")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Keeps personal data out of messages that reach the DLQ and logs.
@@ -163,9 +201,18 @@ impl Sink {
             quota_pause,
             entries: Mutex::new(HashSet::new()),
             confirmed: Confirmations::memory(),
+            spool_budget: bulk::SpoolBudget::new(BulkSettings::default().spool_bytes),
             bulk: BulkSettings::default(),
             pool: pool::Pool::new(Duration::ZERO),
+            customer_rewrite_after: CUSTOMER_REWRITE_AFTER,
         }
+    }
+
+    /// Leaves a repeat buyer's unchanged customer data out only within `after` of its last
+    /// full write (zero: never left out).
+    pub fn with_customer_rewrite_after(mut self, after: Duration) -> Self {
+        self.customer_rewrite_after = after;
+        self
     }
 
     /// Lets graphs wait up to `linger` for other batches' graphs to share a request (see
@@ -190,6 +237,7 @@ impl Sink {
 
     /// Uses Bulk API 2.0 as `bulk` says.
     pub fn with_bulk(mut self, bulk: BulkSettings) -> Self {
+        self.spool_budget = bulk::SpoolBudget::new(bulk.spool_bytes);
         self.bulk = bulk;
         self
     }
@@ -222,11 +270,68 @@ impl Sink {
         partition: i32,
         events: &[Result<CommerceEvent, HandlerError>],
     ) -> Vec<Verdict> {
+        if self.bulk_sized(events.len()) {
+            // Through the service's loop (see `bulk_loop`), the events as they are.
+            let chunks: Vec<_> =
+                (0..events.len()).step_by(GRAPH_SLICE).map(|at| at..(at + GRAPH_SLICE).min(events.len())).collect();
+            let mut reader = Decoded { events, out: Vec::with_capacity(events.len()) };
+            self.apply_bulk(partition, events.len(), &chunks, &mut reader).await;
+            return reader.out;
+        }
+        self.apply_composite(partition, events).await
+    }
+
+    /// Applies decoded events of one partition through Composite Graph (a batch too small for
+    /// Bulk API 2.0, or a Bulk-sized one with few records left to write: see `bulk_loop`).
+    async fn apply_composite(&self, partition: i32, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Verdict> {
+        let started = now_ms();
         let mut verdicts: Vec<Option<Verdict>> = vec![None; events.len()];
-        // Keys known to be another key's person (a guest who registered) write to that key's
-        // Account and Contact.
-        let aliased: Vec<Option<CommerceEvent>> =
-            events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect();
+        let aliased = self.aliases(partition, events);
+        let mut newest = HashMap::new();
+        self.note_newest(events, &aliased, 0, &mut newest);
+        let (mut work, erasures, rewrites) = self.select(partition, events, &aliased, &newest, 0, &mut verdicts);
+        self.plan_skips(partition, &mut work, &rewrites);
+        // A record written under an alias writes its newer customer data over the owner's
+        // Account and Contact (the same person's, as without the skip) and is never left out:
+        // the owner's fingerprint lives on the owner's partition and does not describe what
+        // an alias wrote.
+        for w in work.iter_mut().filter(|w| aliased[w.index].is_some()) {
+            w.held_digest = None;
+        }
+        let failed = self.ensure_entries(&work).await;
+        work.retain(|w| match failed.get(&w.index) {
+            Some(error) => {
+                verdicts[w.index] = Some(Verdict::failed(error.clone()));
+                false
+            }
+            None => true,
+        });
+        self.write(partition, &mut work, &mut verdicts).await;
+        self.name_held_customers(partition, &work, &mut verdicts);
+        let under_alias: Vec<(usize, &str)> = work
+            .iter()
+            .filter(|w| aliased[w.index].is_some())
+            .filter_map(|w| Some((w.index, events.get(w.index)?.as_ref().ok()?.customer_key.as_str())))
+            .collect();
+        self.name_alias_customers(partition, &under_alias, &mut verdicts);
+        let verdicts = self.settle(partition, &work, erasures, verdicts, &|_| None).await;
+        self.forget_resent_digests(partition, &rewrites, started).await;
+        verdicts
+    }
+
+    /// Each event under its key's alias, if it has one (a guest who registered).
+    fn aliases(&self, partition: i32, events: &[Result<CommerceEvent, HandlerError>]) -> Vec<Option<CommerceEvent>> {
+        events.iter().map(|e| e.as_ref().ok().and_then(|e| self.aliased(partition, e))).collect()
+    }
+
+    /// The events that can be written (a decode failure or an unmappable event gets its
+    /// verdict here), under their aliases.
+    fn pending<'e>(
+        &self,
+        events: &'e [Result<CommerceEvent, HandlerError>],
+        aliased: &'e [Option<CommerceEvent>],
+        verdicts: &mut [Option<Verdict>],
+    ) -> Vec<(usize, &'e CommerceEvent)> {
         let mut pending: Vec<(usize, &CommerceEvent)> = Vec::new();
         for (i, event) in events.iter().enumerate() {
             let event = match (&aliased[i], event) {
@@ -241,20 +346,50 @@ impl Sink {
                 },
             }
         }
+        pending
+    }
+
+    /// Notes the newest version of each entity among `events` (batch indices from `offset`):
+    /// of several versions of an entity in a batch only the newest is written.
+    fn note_newest(
+        &self,
+        events: &[Result<CommerceEvent, HandlerError>],
+        aliased: &[Option<CommerceEvent>],
+        offset: usize,
+        newest: &mut Newest,
+    ) {
+        let mut scratch = vec![None; events.len()];
+        for (i, e) in self.pending(events, aliased, &mut scratch) {
+            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
+            let entry = newest.entry(key).or_insert((version_of(e), offset + i));
+            if version_of(e) >= entry.0 {
+                *entry = (version_of(e), offset + i);
+            }
+        }
+    }
+
+    /// The records to write: versions older than the confirmed one, redeliveries and all but
+    /// the newest version of an entity in the batch get their verdicts here; erasures apart;
+    /// and the customer keys with a RESEND of any of their entries (written in full).
+    #[allow(clippy::type_complexity)]
+    fn select<'e>(
+        &self,
+        partition: i32,
+        events: &'e [Result<CommerceEvent, HandlerError>],
+        aliased: &'e [Option<CommerceEvent>],
+        newest: &Newest,
+        offset: usize,
+        verdicts: &mut [Option<Verdict>],
+    ) -> (Vec<Work<'e>>, Vec<(usize, &'e CommerceEvent)>, HashSet<&'e str>) {
+        let pending = self.pending(events, aliased, verdicts);
         // Never stale: drop versions older than the confirmed one, and all but the newest
         // version of an entity within the batch. A version is (source updated_at, enrichment
         // rank): a late-enrichment follow-up beats the event it completes, never the reverse.
-        let at = |e: &CommerceEvent| (e.source_version.updated_at, enrichment_rank(e));
-        let mut newest: HashMap<String, ((i64, u8), usize)> = HashMap::new();
-        for (i, e) in &pending {
-            let key = order_entity(e).unwrap_or_else(|| customer_entity(e));
-            let entry = newest.entry(key).or_insert((at(e), *i));
-            if at(e) >= entry.0 {
-                *entry = (at(e), *i);
-            }
-        }
+        let at = version_of;
         let mut work = Vec::new();
         let mut erasures = Vec::new();
+        // Customer keys with a RESEND of any of their entries in the batch: written in full.
+        let mut rewrites: HashSet<&str> = HashSet::new();
         for (i, e) in &pending {
             if e.event_type == CommerceEventType::CustomerErased {
                 // Always applied (idempotent), after the batch's other writes.
@@ -278,49 +413,61 @@ impl Sink {
                 }
                 _ => {}
             }
-            if newest.get(&key).is_some_and(|(_, j)| j != i) {
+            if newest.get(&key).is_some_and(|(_, j)| *j != offset + i) {
                 verdicts[*i] = Some(Verdict::ok(OutcomeStatus::SkippedStale));
                 continue;
             }
             let customer = self.confirmed.get(partition, &customer_entity(e));
-            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
-            // A rewrite (RESEND) writes the customer in full: it may be gone from Salesforce.
-            let held_digest = customer
-                .filter(|c| {
-                    SKIP_UNCHANGED_CUSTOMERS
-                        && !c.rewrite
-                        && !rewriting
-                        && c.digest != 0
-                        && c.target_ids.contains_key("Account")
-                })
-                .map(|c| c.digest);
-            work.push(Work { index: *i, event: e, write_customer, held_digest });
-        }
-        let failed = self.ensure_entries(&work).await;
-        work.retain(|w| match failed.get(&w.index) {
-            Some(error) => {
-                verdicts[w.index] = Some(Verdict::failed(error.clone()));
-                false
+            if rewriting || customer.as_ref().is_some_and(|c| c.rewrite) {
+                rewrites.insert(e.customer_key.as_str());
             }
-            None => true,
-        });
-        self.write(partition, &work, &mut verdicts).await;
-        self.confirm(partition, &work, &mut verdicts).await;
+            let write_customer = customer.as_ref().is_none_or(|c| (customer_version(e), enrichment_rank(e)) >= c.at());
+            work.push(Work { index: *i, event: e, write_customer, held_digest: None });
+        }
+        (work, erasures, rewrites)
+    }
+
+    /// After the writes: confirms what was applied, matches records the duplicate rule
+    /// refused by e-mail, applies the erasures; every record's verdict.
+    async fn settle(
+        &self,
+        partition: i32,
+        work: &[Work<'_>],
+        erasures: Vec<(usize, &CommerceEvent)>,
+        mut verdicts: Vec<Option<Verdict>>,
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
+    ) -> Vec<Verdict> {
+        self.confirm(partition, work, &mut verdicts, floor).await;
         // A second key for a person Salesforce already holds (the duplicate rule refused the
         // Contact): matched by e-mail, remembered, and written to the existing records.
-        let matched = self.match_by_email(partition, &work, &verdicts).await;
+        let matched = self.match_by_email(partition, work, &verdicts).await;
         if !matched.is_empty() {
-            let again: Vec<Work<'_>> = matched
+            let mut again: Vec<Work<'_>> = matched
                 .iter()
-                .map(|(i, e)| Work {
-                    index: *i,
-                    event: e,
-                    write_customer: work.iter().any(|w| w.index == *i && w.write_customer),
-                    held_digest: None,
+                .map(|(i, e)| {
+                    // Never older customer data than landed outside `work` (a Bulk batch's
+                    // other chunks), under the key it was written with or the matched one.
+                    let at = (customer_version(e), enrichment_rank(e));
+                    let original = work.iter().find(|w| w.index == *i);
+                    let below = |key: &str| floor(key).is_some_and(|f| at < f);
+                    Work {
+                        index: *i,
+                        event: e,
+                        write_customer: original.is_some_and(|w| w.write_customer && !below(&w.event.customer_key))
+                            && !below(&e.customer_key),
+                        held_digest: None,
+                    }
                 })
                 .collect();
-            self.write(partition, &again, &mut verdicts).await;
-            self.confirm(partition, &again, &mut verdicts).await;
+            self.ride_graphs(partition, &again, &mut verdicts).await;
+            self.retry_in_call(&mut again, &mut verdicts, floor).await;
+            // Named by their own key's alias entry (the owner's ids), as when they wrote them.
+            let own: Vec<(usize, &str)> = again
+                .iter()
+                .filter_map(|a| Some((a.index, work.iter().find(|w| w.index == a.index)?.event.customer_key.as_str())))
+                .collect();
+            self.name_alias_customers(partition, &own, &mut verdicts);
+            self.confirm(partition, &again, &mut verdicts, floor).await;
         }
         for (i, e) in erasures {
             let verdict = match self.erase(partition, e).await {
@@ -335,27 +482,49 @@ impl Sink {
             .collect()
     }
 
-    /// Sends the graphs (or Bulk API 2.0 jobs for a large batch), then those that failed
-    /// transiently once more per round, one record per graph.
-    async fn write(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    /// Sends the graphs, then those that failed transiently once more per round, one record
+    /// per graph (and those refused because the Account their graph left out is gone, with
+    /// their customer's nodes).
+    async fn write(&self, partition: i32, work: &mut [Work<'_>], verdicts: &mut [Option<Verdict>]) {
+        self.ride_graphs(partition, work, verdicts).await;
+        self.retry_in_call(work, verdicts, &|_| None).await;
+    }
+
+    /// The Composite Graph requests of `work` (customers sharing graphs), sent once.
+    async fn ride_graphs(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
-        if self.bulk_sized(work.len()) {
-            self.write_bulk(work, verdicts).await;
-        } else {
-            // Built and sent a slice at a time: a backlog batch of thousands of records would
-            // otherwise hold every request body at once.
-            for slice in graph::slices(work, GRAPH_SLICE) {
-                for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
-                    verdicts[index] = Some(verdict);
-                }
+        // Built and sent a slice at a time: a backlog batch of thousands of records would
+        // otherwise hold every request body at once.
+        for slice in graph::slices(work, GRAPH_SLICE) {
+            for (index, verdict) in self.ride(partition, builder.graphs(&slice, false, MERGE_NODES)).await {
+                verdicts[index] = Some(verdict);
             }
         }
-        // Graphs that failed transiently (a lock, a record rolled back with another one) are
-        // sent again at once, one record per graph, before the batch is handed back: the
-        // runtime would otherwise retry the whole suffix and spend every record's budget.
+    }
+
+    /// Graphs that failed transiently (a lock, a record rolled back with another one) are
+    /// sent again at once, one record per graph, before the batch is handed back: the
+    /// runtime would otherwise retry the whole suffix and spend every record's budget.
+    /// `floor`: per customer key, the customer data that already reached Salesforce outside
+    /// `work` (a Bulk batch's other chunks); a retry never writes older. Returns the records
+    /// that wrote their customer data and were applied.
+    async fn retry_in_call(
+        &self,
+        work: &mut [Work<'_>],
+        verdicts: &mut [Option<Verdict>],
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
+    ) -> HashSet<usize> {
+        let mut wrote = HashSet::new();
+        let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
+        let position: HashMap<usize, usize> = work.iter().enumerate().map(|(at, w)| (w.index, at)).collect();
+        // Which records may write their customer data at all, whatever an earlier round resent.
+        let may_write: Vec<bool> = work.iter().map(|w| w.write_customer).collect();
         for _ in 0..IN_CALL_RETRIES {
-            let newest = newest_customer_data(work, verdicts);
-            let again: Vec<Work<'_>> = work
+            restore_gone_accounts(work, verdicts);
+            let view: Vec<Work<'_>> =
+                work.iter().zip(&may_write).map(|(w, &may)| Work { write_customer: may, ..*w }).collect();
+            let newest = newest_customer_data(&view, verdicts);
+            let again: Vec<Work<'_>> = view
                 .iter()
                 .filter(|w| verdicts[w.index].as_ref().is_some_and(|v| v.retry_in_call))
                 .map(|w| Work {
@@ -364,16 +533,31 @@ impl Sink {
                     // what an applied graph of the same batch wrote (and the confirmed version).
                     write_customer: w.write_customer
                         && newest.get(w.event.customer_key.as_str())
-                            == Some(&(customer_version(w.event), enrichment_rank(w.event))),
+                            == Some(&(customer_version(w.event), enrichment_rank(w.event)))
+                        && floor(&w.event.customer_key)
+                            .is_none_or(|f| (customer_version(w.event), enrichment_rank(w.event)) >= f),
                     ..*w
                 })
                 .collect();
             if again.is_empty() {
                 break;
             }
+            // What a record resends is what it is confirmed with: one resent without its
+            // customer data (another record's newer data heads its key's graphs) must not
+            // record its own data as what Salesforce holds.
+            for a in &again {
+                if let Some(&at) = position.get(&a.index) {
+                    work[at].write_customer = a.write_customer;
+                }
+            }
             for request in builder.build(&again, true) {
                 for (index, verdict) in self.send(&request).await {
                     verdicts[index] = Some(verdict);
+                }
+            }
+            for w in again.iter().filter(|w| w.write_customer) {
+                if verdicts[w.index].as_ref().is_some_and(|v| v.result.is_ok()) {
+                    wrote.insert(w.index);
                 }
             }
             // A record resent without its customer's nodes (the batch already wrote newer data)
@@ -388,18 +572,48 @@ impl Sink {
                 }
             }
         }
+        // Refused for a gone Account in the last round: the runtime retries them (the skip is
+        // planned again, and the next call's first retry round sends the customer's nodes).
+        restore_gone_accounts(work, verdicts);
+        skip::hold_gone_for_the_runtime(verdicts);
+        wrote
     }
 
     /// Records what was applied (acknowledged by the changelog before the batch is reported
     /// done; a failed state write fails its records `transient`, and the replay rewrites the
     /// same upserts).
-    async fn confirm(&self, partition: i32, work: &[Work<'_>], verdicts: &mut [Option<Verdict>]) {
+    /// `floor`: per customer key, customer data that reached Salesforce outside `work` (a Bulk
+    /// batch's rows of a newer record, dead-lettered after): the key's confirmed customer
+    /// version is raised to it, so an older one later never writes over it.
+    async fn confirm(
+        &self,
+        partition: i32,
+        work: &[Work<'_>],
+        verdicts: &mut [Option<Verdict>],
+        floor: &(dyn Fn(&str) -> Option<(i64, u8)> + Sync),
+    ) {
         let builder = Builder { mapping: &self.mapping, org: &self.org, version: self.client.api_version() };
         let mut updates: BTreeMap<String, (Confirmed, Vec<usize>)> = BTreeMap::new();
+        let now = now_ms();
         let current = |key: &str, updates: &BTreeMap<String, (Confirmed, Vec<usize>)>| -> Confirmed {
             updates.get(key).map(|(c, _)| c.clone()).or_else(|| self.confirmed.get(partition, key)).unwrap_or_default()
         };
         for w in work {
+            // What Bulk landed for the customer counts whatever became of the record that
+            // carried it (dead-lettered after its Account and Contact rows landed: a later,
+            // older version must still not overwrite them). If this write fails, the record
+            // is retried rather than parked, so the floor is written next time.
+            if let Some(landed) = floor(&w.event.customer_key) {
+                let key = customer_entity(w.event);
+                let mut c = current(&key, &updates);
+                if landed > c.at() {
+                    // The data is not at hand: no digest (never taken for unchanged).
+                    (c.version, c.rank, c.rewrite, c.digest, c.digest_at) = (landed.0, landed.1, false, 0, 0);
+                    let entry = updates.entry(key).or_default();
+                    entry.0 = c;
+                    entry.1.push(w.index);
+                }
+            }
             let Some(verdict) = verdicts[w.index].as_ref().filter(|v| v.result.is_ok()) else { continue };
             let (v, rank) = (w.event.source_version.updated_at, enrichment_rank(w.event));
             let customer_ids = || {
@@ -410,15 +624,14 @@ impl Sink {
             if let Some(key) = order_entity(w.event) {
                 let ids = verdict.target_ids.get("Order").map(|id| ("Order".to_owned(), id.clone())).into_iter();
                 let entry = updates.entry(key).or_default();
-                entry.0 =
-                    Confirmed { version: v, rank, target_ids: ids.collect(), alias: None, rewrite: false, digest: 0 };
+                entry.0 = Confirmed { version: v, rank, target_ids: ids.collect(), ..Confirmed::default() };
                 entry.1.push(w.index);
-            } else if w.event.customer.is_some() {
+            } else if w.write_customer && w.event.customer.is_some() {
                 let key = customer_entity(w.event);
                 let mut c = current(&key, &updates);
                 if (v, rank) >= c.at() {
                     (c.version, c.rank, c.rewrite) = (v, rank, false);
-                    c.digest = builder.customer_digest(w.event);
+                    set_digest(&mut c, builder.customer_digest(w.event), w.held_digest, now);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {
@@ -435,7 +648,7 @@ impl Sink {
                 if cv >= c.at() {
                     (c.version, c.rank) = cv;
                     c.rewrite = false;
-                    c.digest = builder.customer_digest(w.event);
+                    set_digest(&mut c, builder.customer_digest(w.event), w.held_digest, now);
                 }
                 let ids = customer_ids();
                 if !ids.is_empty() {

@@ -39,6 +39,16 @@ pub struct Confirmed {
     /// those nodes out (a repeat buyer costs the order's nodes only); 0: unknown.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub digest: u64,
+    /// When (wall clock, ms) `digest` was last confirmed by a write that carried the customer
+    /// nodes: the skip holds only for `ELO_SALESFORCE_CUSTOMER_REWRITE_AFTER` after it, so an
+    /// Account or Contact changed behind Elo's back is rewritten by the next order after that.
+    /// 0: never (state from before it existed: one full write first).
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub digest_at: i64,
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &u64) -> bool {

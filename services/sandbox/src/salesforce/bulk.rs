@@ -21,6 +21,8 @@ pub struct Job {
     pub data: String,
     pub successful: Vec<(String, bool, Vec<String>)>,
     pub failed: Vec<(String, String, Vec<String>)>,
+    /// Rows the platform did not get to (`unprocessedrecords/` of a completed job).
+    pub unprocessed: Vec<Vec<String>>,
     pub header: Vec<String>,
     pub created_ms: i64,
     /// `PUT .../batches` calls: Bulk 2.0 takes one upload per job.
@@ -82,6 +84,7 @@ impl Job {
             data: String::new(),
             successful: Vec::new(),
             failed: Vec::new(),
+            unprocessed: Vec::new(),
             header: Vec::new(),
             created_ms: now,
             uploads: 0,
@@ -143,8 +146,10 @@ impl Job {
     }
 
     /// Applies the uploaded rows to the org.
-    /// `lock_row_rate`: share of rows refused with UNABLE_TO_LOCK_ROW (as Composite writes are).
-    pub fn process(&mut self, org: &mut Org, now: i64, lock_row_rate: f64) {
+    /// `config`: the share of rows refused with UNABLE_TO_LOCK_ROW (as Composite writes are),
+    /// rows locked once and rows left unprocessed, by external id value.
+    pub fn process(&mut self, org: &mut Org, now: i64, config: &mut super::SalesforceConfig) {
+        let lock_row_rate = config.lock_row_rate;
         if !self.line_ending_matches() {
             self.state = "Failed".into();
             self.error_message = Some(format!(
@@ -193,7 +198,24 @@ impl Job {
                     }
                 }
             }
-            let locked = lock_row_rate > 0.0 && rand::random::<f64>() < lock_row_rate;
+            let ext_value = self
+                .external_id
+                .as_ref()
+                .and_then(|ext| self.header.iter().position(|c| c == ext))
+                .and_then(|at| row.get(at).cloned())
+                .unwrap_or_default();
+            if config.bulk_unprocessed.contains(&ext_value) {
+                self.unprocessed.push(row);
+                continue;
+            }
+            let locked_once = match config.bulk_locked_once.iter().position(|v| *v == ext_value) {
+                Some(at) => {
+                    config.bulk_locked_once.remove(at);
+                    true
+                }
+                None => false,
+            };
+            let locked = locked_once || (lock_row_rate > 0.0 && rand::random::<f64>() < lock_row_rate);
             let result: Result<(String, bool), super::model::SaveError> = match self.operation.as_str() {
                 _ if locked => Err(super::model::SaveError::new(
                     "UNABLE_TO_LOCK_ROW",
@@ -264,6 +286,7 @@ impl Job {
             }
             "unprocessedrecords" => {
                 out.push(line(self.header.clone()));
+                out.extend(self.unprocessed.iter().cloned().map(line));
                 if (self.state == "Aborted" || self.state == "Failed")
                     && let Ok(rows) = parse_csv(&self.data, self.delimiter)
                 {
@@ -344,7 +367,7 @@ impl super::Salesforce {
                 // Each look advances a closed job one step: UploadComplete → InProgress → done.
                 match job.state.as_str() {
                     "UploadComplete" => job.state = "InProgress".into(),
-                    "InProgress" => job.process(&mut self.org, now, self.config.lock_row_rate),
+                    "InProgress" => job.process(&mut self.org, now, &mut self.config),
                     _ => {}
                 }
                 SfResponse::json(200, job.info(version))

@@ -55,6 +55,14 @@ pub struct SalesforceConfig {
     /// Person Accounts enabled (an org setting): Account takes person fields and `__pc` fields.
     #[serde(default)]
     pub person_accounts: bool,
+    /// Bulk API 2.0 rows by external id value refused once with UNABLE_TO_LOCK_ROW (a row
+    /// another transaction holds; the next write of it goes through).
+    #[serde(default)]
+    pub bulk_locked_once: Vec<String>,
+    /// Bulk API 2.0 rows by external id value the platform does not get to (an internal batch
+    /// given up): in neither result file, listed in `unprocessedrecords/`.
+    #[serde(default)]
+    pub bulk_unprocessed: Vec<String>,
 }
 
 fn default_long_running_ms() -> u64 {
@@ -74,6 +82,8 @@ impl Default for SalesforceConfig {
             lock_row_rate: 0.0,
             jwt_public_key_pem: None,
             person_accounts: false,
+            bulk_locked_once: Vec::new(),
+            bulk_unprocessed: Vec::new(),
         }
     }
 }
