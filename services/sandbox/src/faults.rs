@@ -215,7 +215,7 @@ impl Faults {
                 Some(config) => {
                     let entry = Self::entry(config, method, path);
                     let counted = entry.pass_first == 0 && entry.fail_next > 0;
-                    if entry.pass_first > 0 {
+                    if entry.pass_first > 0 && entry.fail_next > 0 {
                         entry.pass_first -= 1;
                     } else {
                         entry.fail_next = entry.fail_next.saturating_sub(1);

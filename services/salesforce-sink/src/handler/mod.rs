@@ -519,8 +519,9 @@ impl Sink {
         let position: HashMap<usize, usize> = work.iter().enumerate().map(|(at, w)| (w.index, at)).collect();
         // Which records may write their customer data at all, whatever an earlier round resent.
         let may_write: Vec<bool> = work.iter().map(|w| w.write_customer).collect();
+        let mut restored = HashSet::new();
         for _ in 0..IN_CALL_RETRIES {
-            restore_gone_accounts(work, verdicts);
+            restore_gone_accounts(work, verdicts, &mut restored);
             let view: Vec<Work<'_>> =
                 work.iter().zip(&may_write).map(|(w, &may)| Work { write_customer: may, ..*w }).collect();
             let newest = newest_customer_data(&view, verdicts);
@@ -574,7 +575,7 @@ impl Sink {
         }
         // Refused for a gone Account in the last round: the runtime retries them (the skip is
         // planned again, and the next call's first retry round sends the customer's nodes).
-        restore_gone_accounts(work, verdicts);
+        restore_gone_accounts(work, verdicts, &mut restored);
         skip::hold_gone_for_the_runtime(verdicts);
         wrote
     }

@@ -15,7 +15,9 @@
 //!   registered) writes its newer customer data over the owner's Account and Contact, as
 //!   without the skip, and is never left out: the owner's fingerprint is kept on the owner's
 //!   partition and does not know what an alias wrote. The owner's own orders may then be left
-//!   out against it until the window ends: the alias's (newer) data stays meanwhile.
+//!   out against it until the window ends: the alias's data (the same person's, as typed last
+//!   through the other key) stays meanwhile, and for good if the owner sends nothing after the
+//!   window (without the skip, the owner's order in the window would have rewritten it).
 //!
 //! An order refused because its Account is gone while its graph left the customer out is
 //! sent again at once with the customer's nodes (in every retry round).
@@ -123,18 +125,30 @@ fn account_gone(v: &Verdict) -> bool {
 /// their key's graphs left the customer out, or after another record of the batch recreated
 /// it: their key's graphs carry the customer from now on and the refused records (and those
 /// rolled back with them) are sent again in this call.
-pub(super) fn restore_gone_accounts(work: &mut [Work<'_>], verdicts: &mut [Option<Verdict>]) {
+/// `restored`: the keys restored earlier in the same call (their records' digests are cleared
+/// already, and the record carrying the customer's nodes may have failed transiently): one of
+/// their records refused again is resent again, not dead-lettered.
+pub(super) fn restore_gone_accounts(
+    work: &mut [Work<'_>],
+    verdicts: &mut [Option<Verdict>],
+    restored: &mut HashSet<String>,
+) {
     let written = customer_ids_written(work, verdicts);
     let keys: HashSet<String> = work
         .iter()
         .filter(|w| verdicts[w.index].as_ref().is_some_and(account_gone))
-        .filter(|w| w.held_digest.is_some() || written.contains_key(w.event.customer_key.as_str()))
+        .filter(|w| {
+            let key = w.event.customer_key.as_str();
+            w.held_digest.is_some() || written.contains_key(key) || restored.contains(key)
+        })
         .map(|w| w.event.customer_key.clone())
         .collect();
     if keys.is_empty() {
         return;
     }
-    crate::metrics::CUSTOMER_HEADS.with_label_values(&["gone"]).inc_by(keys.len() as u64);
+    let new = keys.iter().filter(|k| !restored.contains(*k)).count();
+    crate::metrics::CUSTOMER_HEADS.with_label_values(&["gone"]).inc_by(new as u64);
+    restored.extend(keys.iter().cloned());
     for w in work.iter_mut().filter(|w| keys.contains(&w.event.customer_key)) {
         w.held_digest = None;
         if let Some(v) = verdicts[w.index].as_mut().filter(|v| account_gone(v) || v.retry_in_call) {
