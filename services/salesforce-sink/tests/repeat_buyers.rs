@@ -199,6 +199,24 @@ async fn a_key_written_under_an_alias_writes_its_newer_data_and_is_never_left_ou
     assert_eq!(customer(&app, &guest.customer_key).unwrap().2, json!(lastname(&guest)));
 }
 
+/// What a RESEND command does to the customer beside marking the entry (`resend::execute`):
+/// the fingerprint is forgotten, so the customer's next order, with unchanged data, writes the
+/// Account and Contact in full and repairs an edit made behind Elo's back.
+#[tokio::test]
+async fn a_forgotten_digest_makes_the_next_unchanged_order_write_the_customer() {
+    let (app, sink) = setup().await;
+    let first = elo_events::sample::order_placed(3);
+    all_ok(&sink.apply(&[Ok(first.clone())]).await);
+    let (account, name, _) = customer(&app, &first.customer_key).unwrap();
+    rename(&app, &account, "Name");
+    // Unchanged data within the window: left out, the edit stays.
+    all_ok(&sink.apply(&[Ok(repeat(&first, 100, 60_000, &lastname(&first)))]).await);
+    assert_eq!(customer(&app, &first.customer_key).unwrap().1, json!("Edited By Hand"));
+    sink.forget_customer_digest(0, &first.customer_key).await.unwrap();
+    all_ok(&sink.apply(&[Ok(repeat(&first, 101, 120_000, &lastname(&first)))]).await);
+    assert_eq!(customer(&app, &first.customer_key).unwrap().1, name, "written in full again");
+}
+
 #[tokio::test]
 async fn a_resend_writes_the_customer_even_when_another_order_of_its_graph_holds_the_digest() {
     let (app, sink) = setup().await;
