@@ -16,15 +16,6 @@ mod common;
 
 use common::*;
 
-fn settings() -> BulkSettings {
-    BulkSettings {
-        min_records: 50,
-        poll: Duration::from_millis(5),
-        timeout: Duration::from_secs(30),
-        ..Default::default()
-    }
-}
-
 async fn setup(config: SalesforceConfig, bulk: BulkSettings) -> (SalesforceApp, Sink) {
     let (app, url) = serve(config).await;
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk);
@@ -68,7 +59,7 @@ fn oks(events: &[CommerceEvent]) -> Vec<Result<CommerceEvent, HandlerError>> {
 /// alias there; its orders in the second chunk are written to the same person, not refused.
 #[tokio::test]
 async fn a_key_aliased_in_an_earlier_chunk_is_applied_in_the_later_ones() {
-    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let (app, sink) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     let (email, existing) = ("alias@example.com", "c:6000");
     let account = {
         let mut sim = app.sim.lock().unwrap();
@@ -101,7 +92,7 @@ async fn a_lock_retry_in_an_earlier_chunk_never_writes_older_customer_data() {
     of_customer(&mut events[20], "c:7000", "stale@example.com", "Old", 0);
     of_customer(&mut events[270], "c:7000", "stale@example.com", "New", 60_000);
     let config = SalesforceConfig { bulk_locked_once: vec![order_ext(&events[20])], ..Default::default() };
-    let (app, sink) = setup(config, settings()).await;
+    let (app, sink) = setup(config, bulk_test_settings()).await;
     let v = sink.apply(&oks(&events)).await;
     for (i, v) in v.iter().enumerate() {
         assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
@@ -148,7 +139,7 @@ async fn passes(
 /// older than it is, nor counted applied without its confirmation: it is applied or retried.
 #[tokio::test]
 async fn a_read_failure_between_the_passes_loses_no_version() {
-    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let (app, sink) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     let mut events = batch();
     // The newest version of the order of record 10 is record 260 (second chunk).
     let mut newer = events[10].clone();
@@ -178,7 +169,7 @@ async fn a_read_failure_between_the_passes_loses_no_version() {
 async fn rows_salesforce_did_not_process_are_retried() {
     let events = batch();
     let config = SalesforceConfig { bulk_unprocessed: vec![order_ext(&events[7])], ..Default::default() };
-    let (_app, sink) = setup(config, settings()).await;
+    let (_app, sink) = setup(config, bulk_test_settings()).await;
     let v = sink.apply(&oks(&events)).await;
     let error = v[7].result.as_ref().expect_err("not processed: not applied");
     assert_eq!(error.class, ErrorClass::Transient, "{error:?}");
@@ -192,7 +183,7 @@ async fn rows_salesforce_did_not_process_are_retried() {
 /// retried by the next owner; no job is left to write behind its back).
 #[tokio::test]
 async fn a_stop_aborts_the_open_bulk_jobs() {
-    let bulk = BulkSettings { poll: Duration::from_secs(8), ..settings() };
+    let bulk = BulkSettings { poll: Duration::from_secs(8), ..bulk_test_settings() };
     let stop = tokio_util::sync::CancellationToken::new();
     let (app, url) = serve(SalesforceConfig::default()).await;
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk).with_stop(stop.clone());
@@ -219,12 +210,13 @@ async fn a_stop_aborts_the_open_bulk_jobs() {
 async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     let events = batch();
     // Unbounded first, to learn what the whole batch spools.
-    let (_, whole) = setup(SalesforceConfig::default(), settings()).await;
+    let (_, whole) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     assert!(whole.apply(&oks(&events)).await.iter().all(|v| v.result.is_ok()));
     let unbounded = whole.bulk_spool_peak();
     // A bound the first chunk (250 of 300 records) fits but not both: two Bulk batches.
     let bound = unbounded as usize - 8 * 1024;
-    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let (app, sink) =
+        setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..bulk_test_settings() }).await;
     let v = sink.apply(&oks(&events)).await;
     for (i, v) in v.iter().enumerate() {
         assert!(v.result.is_ok() && v.target_ids.contains_key("Order"), "record {i}: {:?}", v.result);
@@ -233,7 +225,7 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
     assert!(sink.bulk_spool_peak() > 0);
     // The second Bulk batch is the last 50 records: exactly `min_records`, so it is Bulk-sized
     // too (one fewer and it would go through Composite Graph, with four jobs in all).
-    assert_eq!(events.len() - 250, settings().min_records);
+    assert_eq!(events.len() - 250, bulk_test_settings().min_records);
     let jobs = app.sim.lock().unwrap().jobs.len();
     assert_eq!(jobs, 8, "two Bulk batches of four jobs (no activations)");
     let ids: std::collections::BTreeSet<i64> = events.iter().map(|e| e.order.as_ref().unwrap().entity_id).collect();
@@ -245,7 +237,8 @@ async fn the_spool_stays_within_its_bound_and_the_batch_still_lands() {
 #[tokio::test]
 async fn a_chunk_larger_than_the_spool_bound_never_passes_it() {
     let bound = 2048;
-    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let (app, sink) =
+        setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..bulk_test_settings() }).await;
     let events = batch();
     let v = sink.apply(&oks(&events)).await;
     for (i, v) in v.iter().enumerate() {
@@ -260,7 +253,7 @@ async fn a_chunk_larger_than_the_spool_bound_never_passes_it() {
 #[tokio::test]
 async fn rows_that_cannot_be_spooled_land_through_composite_graph() {
     let gone = std::env::temp_dir().join(format!("elo-no-such-spool-dir-{}", std::process::id()));
-    let bulk = BulkSettings { spool_dir: Some(gone.clone()), ..settings() };
+    let bulk = BulkSettings { spool_dir: Some(gone.clone()), ..bulk_test_settings() };
     assert!(bulk.check_spool_dir().unwrap_err().to_string().contains(&gone.display().to_string()));
     let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
     let events = batch();
@@ -278,7 +271,7 @@ async fn rows_that_cannot_be_spooled_land_through_composite_graph() {
 #[tokio::test]
 async fn a_spool_dir_lost_mid_run_dead_letters_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let bulk = BulkSettings { spool_dir: Some(dir.path().to_owned()), ..settings() };
+    let bulk = BulkSettings { spool_dir: Some(dir.path().to_owned()), ..bulk_test_settings() };
     bulk.check_spool_dir().expect("a writable directory passes the startup check");
     let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
     assert!(sink.apply(&oks(&batch())).await.iter().all(|v| v.result.is_ok()));
@@ -326,11 +319,12 @@ impl BulkChunks for Budgeted<'_> {
 #[tokio::test]
 async fn partitions_in_bulk_at_once_under_small_budgets_all_finish() {
     let events = batch();
-    let (_, whole) = setup(SalesforceConfig::default(), settings()).await;
+    let (_, whole) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     assert!(whole.apply(&oks(&events)).await.iter().all(|v| v.result.is_ok()));
     // A third of the batch's rows is one chunk of 100: room for one chunk and a bit.
     let bound = whole.bulk_spool_peak() as usize / 2;
-    let (app, sink) = setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..settings() }).await;
+    let (app, sink) =
+        setup(SalesforceConfig::default(), BulkSettings { spool_bytes: bound, ..bulk_test_settings() }).await;
     let budget = std::sync::Arc::new(tokio::sync::Semaphore::new(4));
     let partitions: Vec<Vec<CommerceEvent>> = (0..5u64)
         .map(|p| (0..450).filter(|n| n % 3 != 2).map(|n| order(10_000 * (p + 1) + n, "pending", 0)).collect())
@@ -361,7 +355,7 @@ async fn partitions_in_bulk_at_once_under_small_budgets_all_finish() {
 /// rows over the new owner's writes later.
 #[tokio::test]
 async fn a_bulk_batch_dropped_mid_job_aborts_its_job() {
-    let bulk = BulkSettings { poll: Duration::from_secs(8), ..settings() };
+    let bulk = BulkSettings { poll: Duration::from_secs(8), ..bulk_test_settings() };
     let (app, sink) = setup(SalesforceConfig::default(), bulk).await;
     let events = oks(&batch());
     let dropped = tokio::time::timeout(Duration::from_millis(500), sink.apply(&events)).await;
@@ -382,7 +376,7 @@ async fn after_a_stop_a_bulk_batch_sends_no_graphs() {
     let gone = std::env::temp_dir().join(format!("elo-no-such-spool-dir-stop-{}", std::process::id()));
     let stop = tokio_util::sync::CancellationToken::new();
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let bulk = BulkSettings { spool_dir: Some(gone), ..settings() };
+    let bulk = BulkSettings { spool_dir: Some(gone), ..bulk_test_settings() };
     let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk).with_stop(stop.clone());
     stop.cancel();
     let v = sink.apply(&oks(&batch())).await;
@@ -394,19 +388,6 @@ async fn after_a_stop_a_bulk_batch_sends_no_graphs() {
     assert!(records(&app, "Order").is_empty(), "no order written after the stop");
 }
 
-/// A product whose price book entry is deactivated: its items are refused for good.
-async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::StoreRef) {
-    let mut probe = elo_events::sample::order_placed(40);
-    probe.store = store.clone();
-    probe.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
-    assert!(sink.apply(&[Ok(probe.clone())]).await.iter().all(|v| v.result.is_ok()));
-    let mut sim = app.sim.lock().unwrap();
-    let entry = format!("pbe:s{}:RETIRED", probe.store.store_id);
-    let id = sim.org.records.iter().find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry))).unwrap().0.clone();
-    let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
-    sim.org.alter(&id, &edit, sandbox::now_ms());
-}
-
 /// A new customer's only order of the batch is dead-lettered after the Bulk jobs landed its
 /// customer data (its Account and Contact rows went in, an item row was refused): no applied
 /// record of the key confirms anything, yet the key's confirmed customer version is what
@@ -416,7 +397,7 @@ async fn customer_data_landed_by_a_customers_only_record_that_was_dead_lettered_
     let mut events = batch();
     of_customer(&mut events[270], "c:7200", "only@example.com", "New", 60_000);
     events[270].order.as_mut().unwrap().items[0].sku = "RETIRED".into();
-    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let (app, sink) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     retire_a_product(&app, &sink, &events[270].store).await;
     let v = sink.apply(&oks(&events)).await;
     assert_eq!(v[270].outcome, Some(OutcomeStatus::DeadLettered), "{:?}", v[270].result);
@@ -444,7 +425,7 @@ async fn customer_data_landed_by_a_dead_lettered_record_is_not_overwritten_by_an
     of_customer(&mut events[20], "c:7100", "landed@example.com", "Old", 0);
     of_customer(&mut events[270], "c:7100", "landed@example.com", "New", 60_000);
     events[270].order.as_mut().unwrap().items[0].sku = "RETIRED".into();
-    let (app, sink) = setup(SalesforceConfig::default(), settings()).await;
+    let (app, sink) = setup(SalesforceConfig::default(), bulk_test_settings()).await;
     retire_a_product(&app, &sink, &events[270].store).await;
     let v = sink.apply(&oks(&events)).await;
     assert!(v[20].result.is_ok(), "{:?}", v[20].result);

@@ -3,11 +3,9 @@
 //! answered 503 is checked and sent again. A retried backlog batch with few records left goes
 //! through Composite Graph, and after a stop that path writes nothing either.
 
-use std::time::Duration;
-
 use elo_events::{CommerceEvent, OutcomeStatus};
 use elo_kafka::{ErrorClass, HandlerError};
-use salesforce_sink::handler::{BulkSettings, Sink};
+use salesforce_sink::handler::Sink;
 use salesforce_sink::mapping::Mapping;
 use sandbox::faults::FaultConfig;
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
@@ -20,18 +18,9 @@ use common::*;
 const UPLOAD: &str = "PUT /services/data/{v}/jobs/ingest/{id}/batches";
 const JOB: &str = "PATCH /services/data/{v}/jobs/ingest/{id}";
 
-fn settings() -> BulkSettings {
-    BulkSettings {
-        min_records: 50,
-        poll: Duration::from_millis(5),
-        timeout: Duration::from_secs(30),
-        ..Default::default()
-    }
-}
-
 async fn setup() -> (SalesforceApp, Sink) {
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(settings());
+    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk_test_settings());
     (app, sink)
 }
 
@@ -201,7 +190,8 @@ async fn a_retried_backlog_batch_with_few_records_left_writes_them_without_bulk_
 async fn after_a_stop_a_retried_backlog_batch_sends_no_graphs() {
     let stop = tokio_util::sync::CancellationToken::new();
     let (app, url) = serve(SalesforceConfig::default()).await;
-    let sink = sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(settings()).with_stop(stop.clone());
+    let sink =
+        sink(&url, Mapping::default().resolve().unwrap()).await.with_bulk(bulk_test_settings()).with_stop(stop.clone());
     let events = retried_backlog(&sink).await;
     let orders = records(&app, "Order").len();
     stop.cancel();

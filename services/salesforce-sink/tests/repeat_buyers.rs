@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use elo_events::{CommerceEvent, CommerceEventType, OutcomeStatus};
-use salesforce_sink::handler::{Sink, Verdict};
+use salesforce_sink::handler::Sink;
 use salesforce_sink::mapping::Mapping;
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use serde_json::{Value, json};
@@ -77,12 +77,6 @@ fn lastname(e: &CommerceEvent) -> String {
 fn rename(app: &SalesforceApp, id: &str, field: &str) {
     let edit = serde_json::Map::from_iter([(field.to_owned(), json!("Edited By Hand"))]);
     app.sim.lock().unwrap().org.alter(id, &edit, sandbox::now_ms());
-}
-
-fn all_ok(verdicts: &[Verdict]) {
-    for (i, v) in verdicts.iter().enumerate() {
-        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
-    }
 }
 
 fn calls(app: &SalesforceApp) -> u64 {
@@ -295,20 +289,6 @@ async fn a_repeat_buyers_next_order_recreates_an_account_deleted_behind_the_sink
     assert_eq!(verdicts[0].target_ids.get("Account"), Some(&recreated), "the outcome names the new Account");
 }
 
-/// A price book entry deactivated after its product was cached: an item of it is refused
-/// (FIELD_INTEGRITY_EXCEPTION, permanent) and rolls back the other records of its graph.
-async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::StoreRef) {
-    let mut probe = elo_events::sample::order_placed(40);
-    probe.store = store.clone();
-    probe.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
-    all_ok(&sink.apply(&[Ok(probe.clone())]).await);
-    let mut sim = app.sim.lock().unwrap();
-    let entry = format!("pbe:s{}:RETIRED", probe.store.store_id);
-    let id = sim.org.records.iter().find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry))).unwrap().0.clone();
-    let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
-    sim.org.alter(&id, &edit, sandbox::now_ms());
-}
-
 /// The gone Account shows only when a record rolled back by another customer's failure is
 /// resent alone: it is recognised in that retry round too.
 #[tokio::test]
@@ -397,7 +377,7 @@ async fn only_the_customer_data_a_retry_carried_is_recorded_as_held() {
     let graphs_before = graphs(&app);
     let retire_later = {
         let app = app.clone();
-        let entry = format!("pbe:s{}:LATER", first.store.store_id);
+        let store_id = first.store.store_id;
         tokio::spawn(async move {
             // The first graph arrived; once it is handled (the usage counts it), retire.
             while graphs(&app) == graphs_before {
@@ -407,17 +387,7 @@ async fn only_the_customer_data_a_retry_carried_is_recorded_as_held() {
             while app.sim.lock().unwrap().api_usage == usage {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let mut sim = app.sim.lock().unwrap();
-            let id = sim
-                .org
-                .records
-                .iter()
-                .find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry)))
-                .unwrap()
-                .0
-                .clone();
-            let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
-            sim.org.alter(&id, &edit, sandbox::now_ms());
+            deactivate_entry(&app, store_id, "LATER");
         })
     };
     // One item each: the two customers' graphs are small enough to share one graph.

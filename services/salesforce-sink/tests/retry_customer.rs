@@ -37,12 +37,6 @@ fn repeat(first: &CommerceEvent, n: u64, later_ms: i64, lastname: &str) -> Comme
     e
 }
 
-fn all_ok(verdicts: &[salesforce_sink::handler::Verdict]) {
-    for (i, v) in verdicts.iter().enumerate() {
-        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
-    }
-}
-
 /// [`repeat`] with 497 items: its graph holds 500 nodes, so it rides alone and the customer's
 /// other orders share another graph. Item ids from `first_item`.
 fn filling_a_graph(first: &CommerceEvent, n: u64, later_ms: i64, lastname: &str, first_item: i64) -> CommerceEvent {
@@ -79,20 +73,6 @@ async fn a_retry_never_writes_older_customer_data_than_the_batch_already_wrote()
     assert_eq!(lastname, json!("New"), "the newest customer data stays");
     // Resent without its customer's nodes, it still names the Account in its outcome.
     assert_eq!(verdicts[1].target_ids.get("Account"), Some(&account), "{:?}", verdicts[1].target_ids);
-}
-
-/// A product whose price book entry is deactivated after a first order: its items are refused
-/// (FIELD_INTEGRITY_EXCEPTION, permanent) and roll back the rest of their graph.
-async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::StoreRef) {
-    let mut probe = elo_events::sample::order_placed(40);
-    probe.store = store.clone();
-    probe.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
-    all_ok(&sink.apply(&[Ok(probe.clone())]).await);
-    let mut sim = app.sim.lock().unwrap();
-    let entry = format!("pbe:s{}:RETIRED", probe.store.store_id);
-    let id = sim.org.records.iter().find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&json!(entry))).unwrap().0.clone();
-    let edit = serde_json::Map::from_iter([("IsActive".to_owned(), json!(false))]);
-    sim.org.alter(&id, &edit, sandbox::now_ms());
 }
 
 #[tokio::test]

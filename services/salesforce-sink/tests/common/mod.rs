@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use elo_events::{CommerceEvent, CommerceEventType};
 use salesforce_sink::client::{AuthFlow, ClientConfig, SalesforceClient};
-use salesforce_sink::handler::Sink;
+use salesforce_sink::handler::{BulkSettings, Sink};
 use salesforce_sink::mapping::Resolved;
 use sandbox::salesforce::{SalesforceApp, SalesforceConfig};
 use serde_json::Value;
@@ -58,4 +58,43 @@ pub fn order(n: u64, status: &str, updated_at_delta: i64) -> CommerceEvent {
         e.event_type = CommerceEventType::OrderChanged;
     }
     e
+}
+
+/// Bulk API 2.0 settings for in-process tests: batches of 50 records and more go through Bulk,
+/// jobs are looked at every 5 ms.
+pub fn bulk_test_settings() -> BulkSettings {
+    BulkSettings {
+        min_records: 50,
+        poll: Duration::from_millis(5),
+        timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// Deactivates the price book entry of `sku` in store `store_id` (a product retired in
+/// Salesforce): items of it are refused from then on (FIELD_INTEGRITY_EXCEPTION, permanent).
+pub fn deactivate_entry(app: &SalesforceApp, store_id: i32, sku: &str) {
+    let mut sim = app.sim.lock().unwrap();
+    let entry = serde_json::json!(format!("pbe:s{store_id}:{sku}"));
+    let id = sim.org.records.iter().find(|(_, r)| r.fields.get("Elo_Id__c") == Some(&entry)).unwrap().0.clone();
+    let edit = serde_json::Map::from_iter([("IsActive".to_owned(), serde_json::json!(false))]);
+    sim.org.alter(&id, &edit, sandbox::now_ms());
+}
+
+/// A product (sku `RETIRED`) whose price book entry is deactivated after a first order cached
+/// it: its items are refused for good and roll back the rest of their graph.
+pub async fn retire_a_product(app: &SalesforceApp, sink: &Sink, store: &elo_events::StoreRef) {
+    let mut probe = elo_events::sample::order_placed(40);
+    probe.store = store.clone();
+    probe.order.as_mut().unwrap().items[0].sku = "RETIRED".into();
+    let verdicts = sink.apply(&[Ok(probe)]).await;
+    assert!(verdicts.iter().all(|v| v.result.is_ok()), "{verdicts:?}");
+    deactivate_entry(app, store.store_id, "RETIRED");
+}
+
+/// Asserts every record of a batch was applied, naming the first that was not.
+pub fn all_ok(verdicts: &[salesforce_sink::handler::Verdict]) {
+    for (i, v) in verdicts.iter().enumerate() {
+        assert!(v.result.is_ok(), "record {i}: {:?}", v.result);
+    }
 }
