@@ -94,25 +94,39 @@ async fn the_report_equals_the_sandbox_and_both_pages_render_in_chromium() {
         "console messages are not detected: {control_console:?}"
     );
     let start_day = today();
-    let [magento, salesforce, rdstation, control] = [free_port(), free_port(), free_port(), free_port()];
+    // A port found free may be taken by another test before the sandbox binds it: started
+    // again on other ports then (up to three times), never on a port someone else holds.
+    let mut attempts = 0;
+    let (_sandbox, [magento, salesforce, rdstation, control]) = loop {
+        attempts += 1;
+        let ports = [free_port(), free_port(), free_port(), free_port()];
+        let [magento, salesforce, rdstation, control] = ports;
+        let sandbox = ChildGuard::spawn(
+            "sandbox",
+            Command::new(binary("sandbox"))
+                .env("ELO_SANDBOX_MAGENTO_LISTEN", format!("127.0.0.1:{magento}"))
+                .env("ELO_SANDBOX_SALESFORCE_LISTEN", format!("127.0.0.1:{salesforce}"))
+                .env("ELO_SANDBOX_RDSTATION_LISTEN", format!("127.0.0.1:{rdstation}"))
+                .env("ELO_SANDBOX_CONTROL_LISTEN", format!("127.0.0.1:{control}"))
+                .env("ELO_SANDBOX_INITIAL_ORDERS", FACTS.to_string())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("sandbox.log")).unwrap()),
+        );
+        let up = wait_until(Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", control)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", rdstation)).is_ok()
+        })
+        .await;
+        if up {
+            break (sandbox, ports);
+        }
+        let sandbox_log = log(dir.path(), "sandbox");
+        assert!(
+            attempts < 3 && sandbox_log.contains("Address already in use"),
+            "sandbox did not start:\n{sandbox_log}"
+        );
+    };
     let control_url = format!("http://127.0.0.1:{control}");
-    let _sandbox = ChildGuard::spawn(
-        "sandbox",
-        Command::new(binary("sandbox"))
-            .env("ELO_SANDBOX_MAGENTO_LISTEN", format!("127.0.0.1:{magento}"))
-            .env("ELO_SANDBOX_SALESFORCE_LISTEN", format!("127.0.0.1:{salesforce}"))
-            .env("ELO_SANDBOX_RDSTATION_LISTEN", format!("127.0.0.1:{rdstation}"))
-            .env("ELO_SANDBOX_CONTROL_LISTEN", format!("127.0.0.1:{control}"))
-            .env("ELO_SANDBOX_INITIAL_ORDERS", FACTS.to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("sandbox.log")).unwrap()),
-    );
-    let up = wait_until(Duration::from_secs(30), || {
-        std::net::TcpStream::connect(("127.0.0.1", control)).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", rdstation)).is_ok()
-    })
-    .await;
-    assert!(up, "sandbox did not start:\n{}", log(dir.path(), "sandbox"));
     // RD's per-minute limits would make a 200-order run take minutes; they have tests of their own.
     client
         .put(format!("{control_url}/rdstation/config"))
