@@ -62,11 +62,13 @@ pub(crate) fn shared_publisher(
     }
     // Bounded too: past 1,024 due, a consent simply expires and is read inline as before.
     let (refresh, due) = tokio::sync::mpsc::channel(1024);
-    let enricher = Arc::new(enricher.with_consent_refresh(refresh));
+    let (stock_refresh, stock_due) = tokio::sync::mpsc::channel(1024);
+    let enricher = Arc::new(enricher.with_consent_refresh(refresh).with_stock_refresh(stock_refresh));
     if let Some(queue) = late_queue {
         tokio::spawn(enrich::follow_ups(queue, enricher.clone(), erased.clone(), stop.clone()));
     }
-    tokio::spawn(enrich::refresh_consents(due, enricher.clone(), stop));
+    tokio::spawn(enrich::refresh_consents(due, enricher.clone(), stop.clone()));
+    tokio::spawn(enrich::refresh_stock(stock_due, enricher.clone(), stop));
     erasure::ErasureGuard::new(enricher, erased, log)
 }
 

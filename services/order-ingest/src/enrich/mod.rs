@@ -11,7 +11,8 @@
 //! On the push path a cached consent is refreshed ahead of its expiry, in the background
 //! ([`refresh_consents`]): a returning customer's webhook is served from the cache (still within
 //! its TTL) instead of waiting for Magento every TTL, which put a 20 ms Magento call under
-//! ~1% of warm webhooks, their p99.
+//! ~1% of warm webhooks, their p99. Stock readings still in use are refreshed the same way
+//! ([`refresh_stock`], see [`crate::inventory`]).
 //!
 //! Enrichment failures never block an order: consent stays `UNKNOWN`, inventory `UNCHECKED`.
 //! The `event_id` identifies the source fact only, so a redelivered order keeps its id even if
@@ -101,6 +102,13 @@ impl<P, M> Enricher<P, M> {
         self
     }
 
+    /// Stock readings in use in the last quarter of their TTL are queued on `refresh` for
+    /// [`refresh_stock`] (push path). Without inventory checks, nothing is queued.
+    pub fn with_stock_refresh(mut self, refresh: tokio::sync::mpsc::Sender<String>) -> Self {
+        self.inventory = self.inventory.take().map(|checker| checker.with_refresh(refresh));
+        self
+    }
+
     /// Enrichment past `budget.limit` is finished later (push path).
     pub fn with_budget(mut self, budget: Budget) -> Self {
         self.budget = Some(budget);
@@ -179,6 +187,17 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                 }
             })
             .await;
+    }
+
+    /// Reads `sku`'s stock again for a cached reading due for it, publishes the fact and caches
+    /// it once acknowledged (a fact that was not stays unpublished: the old reading expires).
+    async fn refresh_stock(&self, sku: &str) {
+        let Some(checker) = &self.inventory else { return };
+        let Some(fact) = checker.refresh(&self.magento, sku).await else { return };
+        match self.inner.publish_inventory(&fact).await {
+            Ok(()) => checker.remember(&fact),
+            Err(error) => tracing::debug!(sku, error = %error, "refreshed stock fact not published; the entry expires"),
+        }
     }
 
     /// The customer's consent: cached, or looked up once however many orders ask at once.
@@ -336,19 +355,41 @@ pub async fn refresh_consents<P: Publisher + InventoryPublisher, M: MagentoApi>(
     enricher: std::sync::Arc<Enricher<P, M>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    use futures::StreamExt;
-    let due = futures::stream::unfold(queue, |mut queue| async move { queue.recv().await.map(|id| (id, queue)) });
-    let refreshes = due.for_each_concurrent(REFRESH_CONCURRENCY, |id| {
+    refreshes(queue, stop, |id| {
         let enricher = enricher.clone();
         async move { enricher.refresh_consent(id).await }
-    });
+    })
+    .await
+}
+
+/// Stock readings refreshed ahead of expiry, a few at a time (same pool as above), until `stop`.
+pub async fn refresh_stock<P: Publisher + InventoryPublisher, M: MagentoApi>(
+    queue: tokio::sync::mpsc::Receiver<String>,
+    enricher: std::sync::Arc<Enricher<P, M>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    refreshes(queue, stop, |sku| {
+        let enricher = enricher.clone();
+        async move { enricher.refresh_stock(&sku).await }
+    })
+    .await
+}
+
+/// Runs `refresh` for each key queued, [`REFRESH_CONCURRENCY`] at a time, until `stop`.
+async fn refreshes<K, F: Future<Output = ()>>(
+    queue: tokio::sync::mpsc::Receiver<K>,
+    stop: tokio_util::sync::CancellationToken,
+    refresh: impl FnMut(K) -> F,
+) {
+    use futures::StreamExt;
+    let due = futures::stream::unfold(queue, |mut queue| async move { queue.recv().await.map(|key| (key, queue)) });
     tokio::select! {
-        _ = refreshes => {}
+        _ = due.for_each_concurrent(REFRESH_CONCURRENCY, refresh) => {}
         _ = stop.cancelled() => {}
     }
 }
 
-/// Consent refreshes in flight at once.
+/// Refreshes of each kind in flight at once.
 const REFRESH_CONCURRENCY: usize = 4;
 
 impl<P: Publisher + InventoryPublisher, M: MagentoApi> Publisher for Enricher<P, M> {

@@ -342,3 +342,147 @@ async fn a_cached_consent_is_refreshed_before_it_expires_so_orders_never_wait_fo
     );
     stop.cancel();
 }
+
+/// The sandbox's Magento with stock reads behind a gate (closed by the test) and counted.
+#[derive(Clone)]
+struct GatedStock {
+    shop: Shop,
+    gate: Arc<tokio::sync::RwLock<()>>,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl MagentoApi for GatedStock {
+    async fn order(&self, entity_id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        self.shop.order(entity_id).await
+    }
+    async fn customer(&self, customer_id: i64) -> Result<serde_json::Value, crate::source::SourceError> {
+        self.shop.customer(customer_id).await
+    }
+    async fn salable_qty(
+        &self,
+        sku: &str,
+        stock_id: i32,
+    ) -> Result<Option<elo_events::Decimal4>, crate::source::SourceError> {
+        let _open = self.gate.read().await;
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.shop.salable_qty(sku, stock_id).await
+    }
+}
+
+/// Webhooks about orders placed before a stock reading (status changes, invoices, shipments)
+/// never wait for Magento once the reading is cached: in the last quarter of its TTL it is
+/// served and read again in the background, its fact published before it is cached, so it has
+/// not expired when the next webhook comes (without the refresh, that one waited for a read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_stock_reading_still_in_use_is_refreshed_before_it_expires() {
+    let shop = Shop::generated(20);
+    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    // Seconds, not milliseconds: late wake-ups on a loaded machine must not cross the checks.
+    let ttl = Duration::from_secs(4);
+    let checker =
+        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
+    let (refresh, due) = tokio::sync::mpsc::channel(16);
+    let enricher = Arc::new(
+        Enricher::new(Recorder::default(), magento.clone(), Some(checker), Duration::from_secs(600))
+            .with_stock_refresh(refresh),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
+    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
+    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    // One SKU, so one reading and one staggered expiry to aim at.
+    let items = &mut event.order.as_mut().unwrap().items;
+    items.retain(|item| item.product_type != "bundle");
+    items.truncate(1);
+    let sku = items[0].sku.clone();
+    let stored = Instant::now();
+    enricher.publish(&event).await.unwrap();
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the first order reads");
+    let early = stored - crate::flight::staggered(stored, ttl, sku.as_str());
+    let publish_closed = || async {
+        let closed = magento.gate.write().await;
+        let published = tokio::time::timeout(Duration::from_millis(300), enricher.publish(&event)).await;
+        drop(closed);
+        published.is_ok()
+    };
+    // Inside the refresh window (3/4 to 4/4 of the TTL): served from the cache, refresh queued.
+    tokio::time::sleep_until((stored + ttl * 7 / 8 - early).into()).await;
+    assert!(publish_closed().await, "served from the cache while Magento is unavailable");
+    tokio::time::sleep(Duration::from_millis(100)).await; // the queued refresh reads
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 2, "one read, one refresh");
+    // Past the first reading's expiry: the refreshed reading serves, Magento is not waited for.
+    tokio::time::sleep_until((stored + ttl + Duration::from_millis(100) - early).into()).await;
+    assert!(publish_closed().await, "the refreshed reading serves past the first reading's TTL");
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 2, "no read after the refresh");
+    let facts = enricher.inner().stock.lock().unwrap().clone();
+    assert_eq!(facts.len(), 2, "the first order's fact and the refresh's, nothing for cache hits: {facts:?}");
+    assert_eq!(facts[0].order_increment_id.as_deref(), Some(event.order.as_ref().unwrap().increment_id.as_str()));
+    assert_eq!(facts[1].order_increment_id, None, "a background reading is nobody's order's fact");
+    assert_ne!(facts[0].event_id, facts[1].event_id);
+    let statuses: Vec<_> =
+        enricher.inner().events.lock().unwrap().iter().map(|e| e.order.as_ref().unwrap().inventory_status).collect();
+    assert!(statuses.iter().all(|s| *s != InventoryStatus::Unchecked), "every order was checked: {statuses:?}");
+    stop.cancel();
+}
+
+/// A refreshed fact the broker did not acknowledge is not cached: the old reading expires and
+/// the next order reads (and publishes) again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_stock_fact_not_acknowledged_is_not_cached() {
+    let shop = Shop::generated(20);
+    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    let ttl = Duration::from_secs(4);
+    let checker =
+        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
+    let (refresh, due) = tokio::sync::mpsc::channel(16);
+    let publisher = FailingStock::default();
+    let enricher = Arc::new(
+        Enricher::new(publisher.clone(), magento.clone(), Some(checker), Duration::from_secs(600))
+            .with_stock_refresh(refresh),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
+    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
+    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    let items = &mut event.order.as_mut().unwrap().items;
+    items.retain(|item| item.product_type != "bundle");
+    items.truncate(1);
+    let sku = items[0].sku.clone();
+    let stored = Instant::now();
+    enricher.publish(&event).await.unwrap();
+    let early = stored - crate::flight::staggered(stored, ttl, sku.as_str());
+    publisher.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep_until((stored + ttl * 7 / 8 - early).into()).await;
+    enricher.publish(&event).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 2, "one read, one refresh");
+    publisher.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep_until((stored + ttl + Duration::from_millis(100) - early).into()).await;
+    enricher.publish(&event).await.unwrap();
+    assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 3, "the unacknowledged refresh was not cached");
+    stop.cancel();
+}
+
+/// Publishes orders; refuses stock facts while `fail` is set.
+#[derive(Default, Clone)]
+struct FailingStock {
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Publisher for FailingStock {
+    async fn publish(&self, _: &CommerceEvent) -> Result<(), PublishError> {
+        Ok(())
+    }
+    async fn dead_letter(&self, _: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        Ok(())
+    }
+}
+
+impl InventoryPublisher for FailingStock {
+    async fn publish_inventory(&self, _: &InventoryEvent) -> Result<(), PublishError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PublishError::Unavailable("broker down".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::Value;
+
+use super::*;
+use crate::source::fake::Shop;
+
+/// Counts calls and the most requests seen in flight at once; fails SKUs starting with `ERR`.
+struct Counting {
+    stock: Mutex<HashMap<String, Decimal4>>,
+    calls: AtomicUsize,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl MagentoApi for Counting {
+    async fn order(&self, _: i64) -> Result<Value, SourceError> {
+        Err(SourceError::NotFound)
+    }
+    async fn customer(&self, _: i64) -> Result<Value, SourceError> {
+        Err(SourceError::NotFound)
+    }
+    async fn salable_qty(&self, sku: &str, _: i32) -> Result<Option<Decimal4>, SourceError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if sku.starts_with("ERR") {
+            return Err(SourceError::Unavailable("503".into()));
+        }
+        Ok(self.stock.lock().unwrap().get(sku).copied())
+    }
+}
+
+fn order_with(skus: &[&str]) -> Order {
+    let shop = Shop::generated(1);
+    let json = shop.0.lock().unwrap().orders[&1].clone();
+    let mut order =
+        crate::normalize::order_event(&json, None, &Default::default(), 0).unwrap().order.expect("an order");
+    let template = order.items[0].clone();
+    order.items = skus
+        .iter()
+        .enumerate()
+        .map(|(i, sku)| elo_events::OrderItem { item_id: i as i64, sku: (*sku).into(), ..template.clone() })
+        .collect();
+    order.created_at = 0; // placed at the epoch: checks "now" (1, 7, 8...) read after it
+    order
+}
+
+fn counting(stock: &[(&str, i64)]) -> Counting {
+    Counting {
+        stock: Mutex::new(stock.iter().map(|(s, q)| ((*s).to_owned(), Decimal4::from_units(*q))).collect()),
+        calls: AtomicUsize::new(0),
+        in_flight: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+    }
+}
+
+#[tokio::test]
+async fn the_worst_condition_wins_and_each_fresh_observation_is_an_event() {
+    let magento = counting(&[("A", 100), ("B", 3), ("C", -2)]);
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    let check = checker.check(&magento, &order_with(&["A", "B"]), 7).await;
+    assert_eq!(check.status, InventoryStatus::LowStock);
+    let kinds: Vec<_> = check.events.iter().map(|e| (e.sku.as_str(), e.event_type)).collect();
+    assert_eq!(kinds, [("A", InventoryEventType::StockLevel), ("B", InventoryEventType::LowStock)]);
+    assert_eq!(check.events[1].low_stock_threshold, Some(Decimal4::from_units(5)));
+    assert_eq!(check.events[0].low_stock_threshold, None);
+    check.events.iter().for_each(|e| checker.remember(e)); // acknowledged
+    let check = checker.check(&magento, &order_with(&["A", "C", "UNKNOWN"]), 8).await;
+    assert_eq!(check.status, InventoryStatus::Oversold);
+    // A is cached (no event), C is fresh and oversold, UNKNOWN is not stock-managed.
+    let kinds: Vec<_> = check.events.iter().map(|e| (e.sku.as_str(), e.event_type)).collect();
+    assert_eq!(kinds, [("C", InventoryEventType::Oversold)]);
+    assert_eq!(check.events[0].salable_qty, Decimal4::from_units(-2));
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 4, "A was asked once");
+}
+
+#[tokio::test]
+async fn failures_leave_the_order_unchecked_unless_something_worse_was_seen() {
+    let magento = counting(&[("A", 100), ("C", -1)]);
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    assert_eq!(checker.check(&magento, &order_with(&["A", "ERR1"]), 1).await.status, InventoryStatus::Unchecked);
+    assert_eq!(checker.check(&magento, &order_with(&["C", "ERR2"]), 1).await.status, InventoryStatus::Oversold);
+    // Failures are not cached: the next order asks again.
+    checker.check(&magento, &order_with(&["ERR1"]), 1).await;
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn concurrency_is_bounded_across_orders_and_the_cache_expires() {
+    let skus: Vec<String> = (0..40).map(|i| format!("S{i}")).collect();
+    let stock: Vec<(&str, i64)> = skus.iter().map(|s| (s.as_str(), 50)).collect();
+    let magento = Arc::new(counting(&stock));
+    let config = InventoryConfig { concurrency: 3, cache_ttl: Duration::from_millis(300), ..Default::default() };
+    let checker = Arc::new(InventoryChecker::new(config));
+    let mut tasks = Vec::new();
+    for chunk in skus.chunks(10) {
+        let order = order_with(&chunk.iter().map(String::as_str).collect::<Vec<_>>());
+        let (checker, magento) = (checker.clone(), magento.clone());
+        tasks.push(tokio::spawn(async move { checker.check(&magento, &order, 1).await }));
+    }
+    for task in tasks {
+        let check = task.await.unwrap();
+        assert_eq!(check.status, InventoryStatus::Ok);
+        check.events.iter().for_each(|e| checker.remember(e));
+    }
+    assert_eq!(magento.peak.load(Ordering::SeqCst), 3, "never more than the bound in flight");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 40);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let again = checker.check(&*magento, &order_with(&["S1"]), 2).await;
+    assert_eq!(again.events.len(), 1, "an expired entry is observed afresh");
+}
+
+#[tokio::test]
+async fn sandbox_stock_is_read_per_sku_and_bundle_parents_are_skipped() {
+    let shop = Shop::generated(300);
+    let orders: Vec<Value> = shop.0.lock().unwrap().orders.values().cloned().collect();
+    let bundle = orders
+        .iter()
+        .find(|o| o["items"].as_array().unwrap().iter().any(|i| i["product_type"] == "bundle"))
+        .expect("the generator sells bundles");
+    let order = crate::normalize::order_event(bundle, None, &Default::default(), 0).unwrap().order.unwrap();
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    let check = checker.check(&shop, &order, 1).await;
+    let bundle_skus: Vec<&str> =
+        order.items.iter().filter(|i| i.product_type == "bundle").map(|i| i.sku.as_str()).collect();
+    assert!(check.events.iter().all(|e| !bundle_skus.contains(&e.sku.as_str())));
+    let expected = shop.0.lock().unwrap().stock[&check.events[0].sku].0;
+    assert_eq!(check.events[0].salable_qty, Decimal4::parse(&expected.to_string()).unwrap());
+}
+
+#[tokio::test]
+async fn old_orders_are_not_tagged_with_todays_stock() {
+    let shop = Shop::generated(30);
+    let order = shop.0.lock().unwrap().orders[&1].clone();
+    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    let order = event.order.as_mut().unwrap();
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    let now = order.created_at + 2 * 365 * 86_400_000; // a backfill two years later
+    let check = checker.check(&shop, order, now).await;
+    assert_eq!(check, OrderCheck { status: InventoryStatus::Unchecked, events: vec![] });
+    let fresh = checker.check(&shop, order, order.created_at + 60_000).await;
+    assert_ne!(fresh.status, InventoryStatus::Unchecked, "a recent order is checked");
+    assert!(!fresh.events.is_empty());
+}
+
+#[tokio::test]
+async fn a_cached_level_serves_only_orders_placed_before_it_was_read() {
+    let magento = counting(&[("A", 10)]);
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    let placed = |at: i64| Order { created_at: at, ..order_with(&["A"]) };
+    let first = checker.check(&magento, &placed(0), 1_000).await;
+    first.events.iter().for_each(|e| checker.remember(e));
+    assert_eq!(checker.check(&magento, &placed(500), 2_000).await.status, InventoryStatus::Ok);
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 1, "placed before the read: the cache answers");
+    // An order placed after the read took the last units and more: the cache cannot know.
+    magento.stock.lock().unwrap().insert("A".into(), Decimal4::from_units(-1));
+    let late = checker.check(&magento, &placed(1_500), 2_000).await;
+    assert_eq!(late.status, InventoryStatus::Oversold, "a stale level never hides an oversell");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_reading_whose_fact_was_never_acknowledged_is_not_reused_later() {
+    let magento = counting(&[("A", 10)]);
+    let checker = InventoryChecker::new(InventoryConfig::default());
+    // The first order's check fetches, then its publication is abandoned: neither
+    // remembered nor forgotten.
+    let abandoned = checker.check(&magento, &order_with(&["A"]), 1_000).await;
+    assert_eq!(abandoned.events.len(), 1);
+    let later = checker.check(&magento, &order_with(&["A"]), 2_000).await;
+    assert_eq!(later.events.len(), 1, "observed and published again, not taken from the pending reading");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+}
