@@ -205,9 +205,7 @@ impl InventoryChecker {
             return;
         }
         entry.refresh_queued = refresh.try_send(sku.to_owned()).is_ok();
-        if !entry.refresh_queued {
-            metrics::REFRESHES.with_label_values(&["dropped"]).inc();
-        }
+        metrics::REFRESHES.with_label_values(&[if entry.refresh_queued { "queued" } else { "dropped" }]).inc();
     }
 
     /// Reads `sku` again for a cached entry queued by [`Self::queue_refresh`]. Returns the fresh
@@ -225,6 +223,7 @@ impl InventoryChecker {
                     .get(sku)
                     .is_some_and(|c| c.refresh_queued && c.at.elapsed() < ttl);
                 if !due {
+                    metrics::REFRESHES.with_label_values(&["not_due"]).inc();
                     return None;
                 }
                 let _permit = self.permits.acquire().await.expect("semaphore never closed");
@@ -362,7 +361,7 @@ mod metrics {
     pub(super) static REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "order_ingest_stock_refreshes_total",
-            "Cached salable quantities read again ahead of their expiry (push path), by outcome (refreshed, failed, dropped: the queue was full).",
+            "Cached salable quantities read again ahead of their expiry (push path), by outcome (queued, refreshed, failed, not_due: expired or replaced while queued, dropped: the queue was full).",
             &["outcome"]
         )
         .expect("metric registers once")
