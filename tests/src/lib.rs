@@ -274,8 +274,46 @@ pub fn use_private_broker() -> (TansuProcess, tempfile::TempDir) {
     (tansu, dir)
 }
 
-/// A free TCP port on loopback.
+/// Where [`free_port`] picks from: below Linux's ephemeral range (32768-60999), so no outgoing
+/// connection can be given the port between the pick and the child's bind, and clear of the
+/// stacks' own ports (19092/18081 for tests, 29092/28081 for benches).
+const TEST_PORTS: std::ops::Range<u16> = 20_000..28_000;
+
+/// How long a port handed out stays claimed against other test processes.
+const PORT_CLAIM: Duration = Duration::from_secs(600);
+
+/// A free TCP port on loopback for a service a test starts.
+///
+/// Ports used to come from `bind(0)`: the kernel's ephemeral range, where any test's outgoing
+/// connection (Kafka clients open many) or another test's `bind(0)` could take the port before
+/// the service bound it ("Address already in use" in clean-clone runs). Now a port is drawn from
+/// [`TEST_PORTS`], below that range, and claimed with a file under the temp directory, so
+/// concurrent test processes never hand out the same one ([`PORT_CLAIM`] later it is free to go
+/// again).
 pub fn free_port() -> u16 {
+    let claims = std::env::temp_dir().join("elo-test-ports");
+    let _ = std::fs::create_dir_all(&claims);
+    let span = u128::from(TEST_PORTS.end - TEST_PORTS.start);
+    for _ in 0..2_000 {
+        // std's randomly keyed hasher as the random source (no rand crate for this).
+        let draw = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), Instant::now());
+        let port = TEST_PORTS.start + (u128::from(draw) % span) as u16;
+        let claim = claims.join(port.to_string());
+        let age = std::fs::metadata(&claim).ok().and_then(|m| m.modified().ok()).and_then(|m| m.elapsed().ok());
+        match age {
+            Some(age) if age < PORT_CLAIM => continue,
+            Some(_) => {
+                let _ = std::fs::remove_file(&claim); // stale: whoever removes it first may take it
+            }
+            None => {}
+        }
+        // Only one process creates the claim; the bind proves nothing else listens there.
+        if std::fs::OpenOptions::new().write(true).create_new(true).open(&claim).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -584,4 +622,21 @@ pub fn reconciler(dir: &Path, topic: &str, admin_port: u16, log: &str) -> Comman
         .env("ELO_RDKAFKA_HEARTBEAT_INTERVAL_MS", "1000")
         .stderr(std::fs::File::create(dir.join(format!("{log}.log"))).expect("log file"));
     command
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports handed out in one run never repeat (200 draws from 8,000 ports would repeat with
+    /// a probability of about 92% without the claims), stay below the ephemeral range and are
+    /// free to bind.
+    #[test]
+    fn free_ports_are_claimed_once_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+        assert!(ports.iter().all(|p| super::TEST_PORTS.contains(p)), "{ports:?}");
+        for port in ports.iter().take(20) {
+            std::net::TcpListener::bind(("127.0.0.1", *port)).expect("a handed-out port is free");
+        }
+    }
 }
