@@ -18,8 +18,7 @@
 //! files and never logged; only the token's length is.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -106,11 +105,42 @@ struct Session {
     generation: u64,
 }
 
-/// API usage from the last `Sforce-Limit-Info: api-usage=used/limit`.
+/// API usage from `Sforce-Limit-Info: api-usage=used/limit`, the newest reading kept.
+///
+/// Answers of concurrent calls are read in any order, so the last answer read is not always the
+/// server's last count: a call sent before the held answer was received overlapped it and may
+/// have been counted first, and of such readings the higher count is the later one. A call sent
+/// after the held answer arrived was counted after it, so its reading replaces it even when lower
+/// (Salesforce's count is over a rolling day). Keeping the last answer read instead left the
+/// gauge one or more calls behind once the sink went quiet (the report's quota then disagreed
+/// with Salesforce's own count).
 #[derive(Default, Debug)]
-pub struct Usage {
-    pub used: AtomicU64,
-    pub limit: AtomicU64,
+pub struct Usage(std::sync::Mutex<Option<UsageReading>>);
+
+/// One `Sforce-Limit-Info` reading and when its call was sent and answered.
+#[derive(Clone, Copy, Debug)]
+pub struct UsageReading {
+    pub used: u64,
+    pub limit: u64,
+    pub sent: Instant,
+    pub received: Instant,
+}
+
+impl Usage {
+    /// Keeps `reading` if it is not older than the one held (see [`Usage`]); whether it was kept.
+    pub fn record(&self, reading: UsageReading) -> bool {
+        let mut held = self.0.lock().expect("usage lock");
+        let newer = held.is_none_or(|h| reading.sent >= h.received || reading.used >= h.used);
+        if newer {
+            *held = Some(reading);
+        }
+        newer
+    }
+
+    /// (used, limit) of the reading held.
+    pub fn current(&self) -> Option<(u64, u64)> {
+        self.0.lock().expect("usage lock").map(|r| (r.used, r.limit))
+    }
 }
 
 /// The shared Salesforce client (cheap to clone).
@@ -276,8 +306,9 @@ impl SalesforceClient {
                 }
             }
             metrics::API_CALLS.with_label_values(&[kind]).inc();
+            let sent = Instant::now();
             let response = request.send().await?;
-            self.read_limits(response.headers());
+            self.read_limits(response.headers(), sent);
             let status = response.status();
             if status == StatusCode::UNAUTHORIZED {
                 let (code, message) = error_of(&response.text().await?);
@@ -297,11 +328,11 @@ impl SalesforceClient {
         unreachable!("the loop returns on its second attempt")
     }
 
-    fn read_limits(&self, headers: &reqwest::header::HeaderMap) {
+    fn read_limits(&self, headers: &reqwest::header::HeaderMap, sent: Instant) {
         let Some(info) = headers.get("sforce-limit-info").and_then(|v| v.to_str().ok()) else { return };
-        if let Some((used, limit)) = parse_limit_info(info) {
-            self.usage.used.store(used, Ordering::Relaxed);
-            self.usage.limit.store(limit, Ordering::Relaxed);
+        if let Some((used, limit)) = parse_limit_info(info)
+            && self.usage.record(UsageReading { used, limit, sent, received: Instant::now() })
+        {
             metrics::QUOTA_USED.set(used as i64);
             metrics::QUOTA_REMAINING.set(limit.saturating_sub(used) as i64);
             self.quota.observe(used, limit);
@@ -389,6 +420,24 @@ fn jwt_assertion(client_id: &str, username: &str, audience: &str, pem: &str) -> 
 
 #[cfg(test)]
 mod tests {
+    /// Two calls in flight at once, the later count's answer read first: the gauge keeps the
+    /// later count (reading answers in arrival order left it at the earlier one); a call sent
+    /// after that answer arrived replaces it even when lower (a rolling day).
+    #[test]
+    fn answers_read_out_of_order_never_set_the_usage_back() {
+        let usage = super::Usage::default();
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let reading =
+            |used, sent, received| super::UsageReading { used, limit: 100, sent: at(sent), received: at(received) };
+        assert!(usage.record(reading(11, 0, 5)));
+        assert!(!usage.record(reading(10, 1, 6)), "an overlapping call's lower count is the earlier one");
+        assert_eq!(usage.current(), Some((11, 100)));
+        assert!(usage.record(reading(12, 2, 7)), "an overlapping call's higher count is the later one");
+        assert!(usage.record(reading(9, 8, 9)), "a call sent after the answer was counted after it");
+        assert_eq!(usage.current(), Some((9, 100)));
+    }
+
     use super::*;
 
     #[test]
