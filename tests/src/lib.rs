@@ -276,45 +276,64 @@ pub fn use_private_broker() -> (TansuProcess, tempfile::TempDir) {
 
 /// Where [`free_port`] picks from: below Linux's ephemeral range (32768-60999), so no outgoing
 /// connection can be given the port between the pick and the child's bind, and clear of the
-/// stacks' own ports (19092/18081 for tests, 29092/28081 for benches).
+/// fixed ports the stacks and `make run` use (19092/18081, 9092/8081, 8080, 87xx, 91xx).
 const TEST_PORTS: std::ops::Range<u16> = 20_000..28_000;
 
-/// How long a port handed out stays claimed against other test processes.
-const PORT_CLAIM: Duration = Duration::from_secs(600);
+/// Claims are kept per period of this many seconds, and a port claimed in the current or the
+/// previous period is not handed out again: 10 to 20 minutes.
+const CLAIM_PERIOD_SECS: u64 = 600;
 
 /// A free TCP port on loopback for a service a test starts.
 ///
 /// Ports used to come from `bind(0)`: the kernel's ephemeral range, where any test's outgoing
 /// connection (Kafka clients open many) or another test's `bind(0)` could take the port before
 /// the service bound it ("Address already in use" in clean-clone runs). Now a port is drawn from
-/// [`TEST_PORTS`], below that range, and claimed with a file under the temp directory, so
-/// concurrent test processes never hand out the same one ([`PORT_CLAIM`] later it is free to go
-/// again).
+/// [`TEST_PORTS`], below that range, and claimed across test processes (see [`free_ports`]).
 pub fn free_port() -> u16 {
-    let claims = std::env::temp_dir().join("elo-test-ports");
-    let _ = std::fs::create_dir_all(&claims);
-    let span = u128::from(TEST_PORTS.end - TEST_PORTS.start);
+    free_ports(1)
+}
+
+/// `count` consecutive free ports, claimed; the first is returned.
+///
+/// A claim is a file created with `create_new` (atomic: one process wins) in a directory of the
+/// current [`CLAIM_PERIOD_SECS`] period, and a port is skipped while a claim of it exists in
+/// this period or the previous one, so nothing is ever taken over or removed while it may be
+/// in use; directories of older periods are deleted.
+pub fn free_ports(count: u16) -> u16 {
+    let root = std::env::temp_dir().join("elo-test-ports");
+    let period = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        / CLAIM_PERIOD_SECS;
+    let (current, previous) = (root.join(period.to_string()), root.join(period.saturating_sub(1).to_string()));
+    if std::fs::create_dir_all(&current).is_err() {
+        eprintln!("free_ports: cannot write claims under {}; ports are not claimed", root.display());
+    }
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let old = name.to_str().and_then(|n| n.parse::<u64>().ok()).is_some_and(|p| p + 1 < period);
+            if old {
+                let path = entry.path();
+                let _ = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+            }
+        }
+    }
+    let span = u128::from(TEST_PORTS.end - TEST_PORTS.start - count);
     for _ in 0..2_000 {
         // std's randomly keyed hasher as the random source (no rand crate for this).
         let draw = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), Instant::now());
-        let port = TEST_PORTS.start + (u128::from(draw) % span) as u16;
-        let claim = claims.join(port.to_string());
-        let age = std::fs::metadata(&claim).ok().and_then(|m| m.modified().ok()).and_then(|m| m.elapsed().ok());
-        match age {
-            Some(age) if age < PORT_CLAIM => continue,
-            Some(_) => {
-                let _ = std::fs::remove_file(&claim); // stale: whoever removes it first may take it
-            }
-            None => {}
-        }
-        // Only one process creates the claim; the bind proves nothing else listens there.
-        if std::fs::OpenOptions::new().write(true).create_new(true).open(&claim).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
+        let first = TEST_PORTS.start + (u128::from(draw) % span) as u16;
+        let ports = first..first + count;
+        let claimed_before = ports.clone().any(|port| previous.join(port.to_string()).exists());
+        // Only one process creates a claim; the bind proves nothing else listens there.
+        let claimed = !claimed_before
+            && ports.clone().all(|port| {
+                std::fs::OpenOptions::new().write(true).create_new(true).open(current.join(port.to_string())).is_ok()
+            });
+        if claimed && ports.clone().all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return first;
         }
     }
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    panic!("no {count} free consecutive ports in {TEST_PORTS:?}");
 }
 
 /// A Tansu broker of a test's own, with sqlite storage in `dir`.
@@ -632,6 +651,8 @@ mod tests {
     #[test]
     fn free_ports_are_claimed_once_below_the_ephemeral_range() {
         let ports: Vec<u16> = (0..200).map(|_| super::free_port()).collect();
+        let block = super::free_ports(4);
+        assert!(!ports.iter().any(|p| (block..block + 4).contains(p)), "a block overlaps a port handed out");
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
         assert!(ports.iter().all(|p| super::TEST_PORTS.contains(p)), "{ports:?}");

@@ -44,11 +44,8 @@ fn alive(pid: u32) -> bool {
 fn the_local_stack_starts_ready_and_ctrl_c_leaves_nothing_behind() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().unwrap();
-    let (kafka, registry, admin) = (free_port(), free_port(), free_port());
-    // Four consecutive admin ports starting at `admin`.
-    let admin = (admin..admin + 100)
-        .find(|p| (0..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()))
-        .unwrap();
+    // Four consecutive admin ports starting at `admin`, all claimed.
+    let (kafka, registry, admin) = (free_port(), free_port(), elo_integration_tests::free_ports(4));
     let log = dir.path().join("run.log");
     let reports = format!("127.0.0.1:{}", free_port());
     let mut stack = ChildGuard::spawn(

@@ -184,36 +184,53 @@ impl Target {
     }
 
     /// One signed POST on `connection` (opened, or opened again after a failure); whether it
-    /// was answered 2xx.
+    /// was answered 2xx within [`REQUEST_TIMEOUT`]. A keep-alive connection the server closed
+    /// meanwhile is replaced and the request sent once more on a new one (as reqwest's pool
+    /// did); a request that failed on a fresh connection, or timed out, is an error.
     async fn send(&self, connection: &mut Option<Connection>, signature: &str, body: &bytes::Bytes) -> bool {
+        for _ in 0..2 {
+            let reused = connection.as_ref().is_some_and(|c| !c.is_closed());
+            let answered = tokio::time::timeout(REQUEST_TIMEOUT, self.send_once(connection, signature, body)).await;
+            match answered {
+                Ok(Ok(ok)) => return ok,
+                // The connection is in an unknown state: never reuse it.
+                Ok(Err(_)) if reused => *connection = None,
+                Ok(Err(_)) | Err(_) => {
+                    *connection = None;
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    async fn send_once(
+        &self,
+        connection: &mut Option<Connection>,
+        signature: &str,
+        body: &bytes::Bytes,
+    ) -> anyhow::Result<bool> {
         use http_body_util::BodyExt;
         if connection.as_ref().is_none_or(|c| c.is_closed()) {
-            *connection = self.connect().await.ok();
+            *connection = Some(self.connect().await?);
         }
-        let Some(sender) = connection.as_mut() else { return false };
-        if sender.ready().await.is_err() {
-            *connection = None;
-            return false;
-        }
+        let sender = connection.as_mut().expect("connected above");
+        sender.ready().await?;
         let request = axum::http::Request::post(&self.path)
             .header(axum::http::header::HOST, &self.authority)
             .header("x-elo-webhook-signature", signature)
             .header(axum::http::header::CONTENT_TYPE, "application/json")
-            .body(http_body_util::Full::new(body.clone()))
-            .expect("a valid request");
-        match sender.send_request(request).await {
-            Ok(response) => {
-                let ok = response.status().is_success();
-                // Read to the end so the connection can carry the next request.
-                ok & response.into_body().collect().await.is_ok()
-            }
-            Err(_) => {
-                *connection = None;
-                false
-            }
-        }
+            .body(http_body_util::Full::new(body.clone()))?;
+        let response = sender.send_request(request).await?;
+        let ok = response.status().is_success();
+        // Read to the end so the connection can carry the next request.
+        response.into_body().collect().await?;
+        Ok(ok)
     }
 }
+
+/// Longer than any answer a working service gives; past it a request counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sends every body once, `concurrency` at a time; any refusal fails the run.
 async fn prime(target: &Target, bodies: &[(String, bytes::Bytes)], concurrency: usize) -> anyhow::Result<()> {

@@ -196,7 +196,10 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
         let Some(fact) = checker.refresh(&self.magento, sku).await else { return };
         match self.inner.publish_inventory(&fact).await {
             Ok(()) => checker.remember(&fact),
-            Err(error) => tracing::debug!(sku, error = %error, "refreshed stock fact not published; the entry expires"),
+            Err(error) => {
+                checker.forget(&fact);
+                tracing::debug!(sku, error = %error, "refreshed stock fact not published; the entry expires");
+            }
         }
     }
 

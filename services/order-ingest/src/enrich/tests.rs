@@ -486,3 +486,86 @@ impl InventoryPublisher for FailingStock {
         Ok(())
     }
 }
+
+/// Records like [`Recorder`], but a stock fact is acknowledged only after `delay`.
+#[derive(Default, Clone)]
+struct SlowStock {
+    recorder: Recorder,
+    delay: Duration,
+}
+
+impl Publisher for SlowStock {
+    async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        self.recorder.publish(event).await
+    }
+    async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
+        self.recorder.dead_letter(letter).await
+    }
+}
+
+impl InventoryPublisher for SlowStock {
+    async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+        tokio::time::sleep(self.delay).await;
+        self.recorder.publish_inventory(event).await
+    }
+}
+
+/// A check that found the reading expired while its refresh was reading Magento waits for that
+/// read and reuses it (its order was placed before it), instead of reading Magento once more
+/// after it: the refresh's reading is shared like an inline fetch's while its fact is on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_waiting_behind_a_refresh_reuses_its_reading() {
+    let shop = Shop::generated(20);
+    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    let ttl = Duration::from_secs(4);
+    let checker =
+        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
+    let (refresh, due) = tokio::sync::mpsc::channel(16);
+    // The refreshed fact's acknowledgement takes long enough that the waiting check cannot find
+    // the reading cached instead.
+    let publisher = SlowStock { recorder: Recorder::default(), delay: Duration::from_millis(500) };
+    let enricher = Arc::new(
+        Enricher::new(publisher, magento.clone(), Some(checker), Duration::from_secs(600)).with_stock_refresh(refresh),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
+    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
+    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    let items = &mut event.order.as_mut().unwrap().items;
+    items.retain(|item| item.product_type != "bundle");
+    items.truncate(1);
+    let sku = items[0].sku.clone();
+    enricher.publish(&event).await.unwrap();
+    // Cached once its fact was acknowledged, just before the order went out.
+    let stored = Instant::now();
+    let early = stored - crate::flight::staggered(stored, ttl, sku.as_str());
+    let reads = || magento.reads.load(std::sync::atomic::Ordering::SeqCst);
+    // In the refresh window, with Magento held: served from the cache, the refresh is queued and
+    // waits for Magento.
+    tokio::time::sleep_until((stored + ttl * 7 / 8 - early).into()).await;
+    let closed = magento.gate.write().await;
+    enricher.publish(&event).await.unwrap();
+    // Past the reading's expiry, the next check waits for the refresh's read.
+    tokio::time::sleep_until((stored + ttl + Duration::from_millis(100) - early).into()).await;
+    let waiting = tokio::spawn({
+        let (enricher, event) = (enricher.clone(), event.clone());
+        async move { enricher.publish(&event).await }
+    });
+    // Held long enough (past the quarter-TTL stagger) that the waiting check counts as having
+    // arrived before the refresh's reading.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    drop(closed);
+    waiting.await.unwrap().unwrap();
+    assert_eq!(reads(), 2, "one read, one refresh: the waiting check reused the refresh's reading");
+    let statuses: Vec<_> = enricher
+        .inner()
+        .recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.order.as_ref().unwrap().inventory_status)
+        .collect();
+    assert!(statuses.iter().all(|s| *s != InventoryStatus::Unchecked), "every order was checked: {statuses:?}");
+    stop.cancel();
+}

@@ -209,7 +209,8 @@ impl InventoryChecker {
     }
 
     /// Reads `sku` again for a cached entry queued by [`Self::queue_refresh`]. Returns the fresh
-    /// fact to publish (and then [`Self::remember`]), or nothing: the entry expired or was
+    /// fact to publish (and then [`Self::remember`] or, unacknowledged, [`Self::forget`]), or
+    /// nothing: the entry expired or was
     /// replaced meanwhile (no Magento call), the SKU is not stock-managed (cached at once), or
     /// the read failed (the entry expires as before and the next order reads inline).
     pub async fn refresh<M: MagentoApi>(&self, magento: &M, sku: &str) -> Option<InventoryEvent> {
@@ -232,6 +233,11 @@ impl InventoryChecker {
                 match magento.salable_qty(sku, self.config.stock_id).await {
                     Ok(Some(qty)) => {
                         metrics::REFRESHES.with_label_values(&["refreshed"]).inc();
+                        // Like an inline fetch's: checks that waited for this read reuse it while
+                        // its fact is on its way (then [`Self::remember`] or [`Self::forget`]).
+                        let at = crate::flight::staggered(Instant::now(), ttl, sku);
+                        let reading = Cached { qty: Some(qty), at, read_at, refresh_queued: false };
+                        self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
                         Some(self.event(sku, qty, None, read_at))
                     }
                     Ok(None) => {

@@ -221,6 +221,8 @@ struct Workload<'a> {
     encoded: &'a Arc<Vec<(String, Vec<u8>)>>,
     /// Where the HTTP hop alone listens, to measure it beside this workload.
     hop_url: Option<&'a str>,
+    /// order-ingest's metrics endpoint.
+    metrics_url: &'a str,
 }
 
 impl Workload<'_> {
@@ -261,18 +263,50 @@ impl Workload<'_> {
 
     /// Open loop at half the best closed-loop rate, up to the highest concurrency in flight;
     /// the raw producer paced at the same rate just before gives the same run's floor.
-    async fn half_rate(&self, runs: &[Measured]) -> anyhow::Result<(Value, (f64, f64))> {
+    async fn half_rate(&self, runs: &[Measured]) -> anyhow::Result<HalfRate> {
         let best = runs.iter().map(Measured::rate).fold(0.0, f64::max);
         let rate = (best / 2.0).floor();
         // Paced, the raw producer runs with order-ingest's own settings (no idle linger).
         let raw = raw_paced(&self.raw[self.raw.len() - 1].1, self.topic, self.encoded, rate).await?;
+        let before = reqwest::get(self.metrics_url).await?.text().await?;
         let push = loadgen(self.url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, self.prime)?;
-        Ok((push, raw))
+        let after = reqwest::get(self.metrics_url).await?.text().await?;
+        // order-ingest's own view of the run: where a slow answer spent its time.
+        let slow = |name: &str, topic: Option<&str>| {
+            let (b, a) = (slow_shares(&before, name, topic), slow_shares(&after, name, topic));
+            let total = (a.0 - b.0).max(1.0);
+            (100.0 * (a.1 - b.1) / total, 100.0 * (a.2 - b.2) / total)
+        };
+        let (webhook_10, webhook_25) = slow("order_ingest_publish_latency_seconds", None);
+        let (ack_10, ack_25) = slow("elo_kafka_produce_latency_seconds", Some(self.topic));
+        let inside = format!(
+            "  order-ingest's own metrics over the half-rate run: {webhook_10:.1}% of webhooks took over 10 ms from arrival to acknowledgement ({webhook_25:.1}% over 25 ms); {ack_10:.1}% of its sends waited over 10 ms for the broker's acknowledgement ({ack_25:.1}% over 25 ms)"
+        );
+        Ok((push, raw, inside))
     }
 }
 
-fn print_runs(title: &str, runs: &[Measured], half: &(Value, (f64, f64)), rows: &mut Vec<Value>, label: &str) {
-    let (half, (raw_half_p50, raw_half_p99)) = (&half.0, half.1);
+/// The half-rate run: the load generator's line, the raw producer paced the same (p50, p99 ms),
+/// and order-ingest's own latency split.
+type HalfRate = (Value, (f64, f64), String);
+
+/// From a Prometheus text page: a histogram's observations, and how many took over 10 ms and
+/// over 25 ms (summed over series; `topic` picks one topic's).
+fn slow_shares(page: &str, name: &str, topic: Option<&str>) -> (f64, f64, f64) {
+    let (prefix, topic) = (format!("{name}_bucket{{"), topic.map(|t| format!("topic=\"{t}\"")));
+    let count = |le: &str| -> f64 {
+        let le = format!("le=\"{le}\"");
+        page.lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(&le) && topic.as_ref().is_none_or(|t| l.contains(t)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let total = count("+Inf");
+    (total, total - count("0.01"), total - count("0.025"))
+}
+
+fn print_runs(title: &str, runs: &[Measured], half: &HalfRate, rows: &mut Vec<Value>, label: &str) {
+    let (half, (raw_half_p50, raw_half_p99), inside) = (&half.0, half.1, &half.2);
     println!();
     println!("{title}");
     println!(
@@ -332,6 +366,7 @@ fn print_runs(title: &str, runs: &[Measured], half: &(Value, (f64, f64)), rows: 
         half["p50_ms"].as_f64().unwrap_or(0.0),
         half["p99_ms"].as_f64().unwrap_or(f64::INFINITY),
     );
+    println!("{inside}");
     rows.push(serde_json::json!({
         "benchmark": format!("{label} at half the best rate"), "unit": "orders/s", "elo": half["rate"],
         "target_rate": half["target_rate"], "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"],
@@ -409,6 +444,14 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let listen = free_port();
     let mut command = ingest(dir.path(), &topic, &magento_url, "push", listen)?;
     command.env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file);
+    let admin = command
+        .get_envs()
+        .find(|(key, _)| *key == "ELO_ADMIN_LISTEN")
+        .and_then(|(_, value)| value)
+        .and_then(|value| value.to_str())
+        .ok_or_else(|| anyhow::anyhow!("order-ingest has no admin address"))?
+        .to_owned();
+    let metrics_url = format!("http://{admin}/metrics");
     let ingest_process = ChildGuard::spawn("order-ingest", &mut command);
     let ready =
         wait_until(Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", listen)).is_ok()).await;
@@ -452,6 +495,7 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         topic: &topic,
         encoded: &encoded,
         hop_url,
+        metrics_url: &metrics_url,
     };
     let plain = workload(&plain_file, true, Some(hop_url.as_str()));
     let plain_runs = plain.closed_loop().await?;
