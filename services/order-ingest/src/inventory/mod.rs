@@ -80,6 +80,8 @@ pub struct InventoryChecker {
     flights: crate::flight::Flights<String>,
     /// Where SKUs due for a background reading are queued (push path); `None`: entries expire.
     refresh: Option<tokio::sync::mpsc::Sender<String>>,
+    /// Wall clock (ms UTC) for stamping a reading when its request leaves.
+    clock: fn() -> i64,
 }
 
 /// A SKU's salable quantity as last read (`None`: not stock-managed).
@@ -95,7 +97,8 @@ struct Cached {
 
 enum Observation {
     Cached(Option<Decimal4>),
-    Fresh(Option<Decimal4>),
+    /// Read from Magento, with when the request left (ms UTC).
+    Fresh(Option<Decimal4>, i64),
     Failed(SourceError),
 }
 
@@ -104,7 +107,14 @@ impl InventoryChecker {
         metrics::CHECKS.with_label_values(&["fetched"]).inc_by(0);
         let permits = Semaphore::new(config.concurrency.max(1));
         let (cache, pending) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
-        Self { config, permits, cache, pending, flights: Default::default(), refresh: None }
+        Self { config, permits, cache, pending, flights: Default::default(), refresh: None, clock: crate::now_ms }
+    }
+
+    /// Stamps readings with `clock` instead of the wall clock (tests that run on their own time).
+    #[cfg(test)]
+    pub fn with_clock(mut self, clock: fn() -> i64) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Entries in use in the last quarter of their TTL are queued on `due` for a background
@@ -150,9 +160,9 @@ impl InventoryChecker {
         for (sku, observation) in observations {
             let qty = match observation {
                 Observation::Cached(qty) => qty,
-                Observation::Fresh(qty) => {
+                Observation::Fresh(qty, read_at) => {
                     if let Some(qty) = qty {
-                        events.push(self.event(&sku, qty, Some(&order.increment_id), now_ms));
+                        events.push(self.event(&sku, qty, Some(&order.increment_id), read_at));
                     }
                     qty
                 }
@@ -229,7 +239,7 @@ impl InventoryChecker {
                 }
                 let _permit = self.permits.acquire().await.expect("semaphore never closed");
                 // Taken before the request: the reading holds every order placed until then.
-                let read_at = crate::now_ms();
+                let read_at = (self.clock)();
                 match magento.salable_qty(sku, self.config.stock_id).await {
                     Ok(Some(qty)) => {
                         metrics::REFRESHES.with_label_values(&["refreshed"]).inc();
@@ -256,7 +266,10 @@ impl InventoryChecker {
             .await
     }
 
-    /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read.
+    /// `placed_at`: when the order was placed; `now_ms`: a time no later than the read. A fresh
+    /// reading is stamped when its request leaves (never before `now_ms`): a check that waited
+    /// for the gate or a permit must not look older than a reading taken while it waited (the
+    /// reconciler keeps a SKU's newest fact, and this one may be the oversell).
     async fn observe<M: MagentoApi>(&self, magento: &M, sku: &str, placed_at: i64, now_ms: i64) -> Observation {
         let arrived = Instant::now();
         if let Some(qty) = self.reusable(sku, placed_at, arrived) {
@@ -271,19 +284,20 @@ impl InventoryChecker {
                     return Observation::Cached(qty);
                 }
                 let _permit = self.permits.acquire().await.expect("semaphore never closed");
+                let read_at = now_ms.max((self.clock)());
                 match magento.salable_qty(sku, self.config.stock_id).await {
                     Ok(qty) => {
                         let outcome = if qty.is_some() { "fetched" } else { "unknown_sku" };
                         metrics::CHECKS.with_label_values(&[outcome]).inc();
                         let at = crate::flight::staggered(Instant::now(), self.config.cache_ttl, sku);
-                        let reading = Cached { qty, at, read_at: now_ms, refresh_queued: false };
+                        let reading = Cached { qty, at, read_at, refresh_queued: false };
                         if qty.is_none() {
                             // Not stock-managed: no event to wait for.
                             self.cache_entry(sku, reading);
                         } else {
                             self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
                         }
-                        Observation::Fresh(qty)
+                        Observation::Fresh(qty, read_at)
                     }
                     Err(error) => {
                         metrics::CHECKS.with_label_values(&["failed"]).inc();

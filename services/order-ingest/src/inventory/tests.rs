@@ -34,6 +34,12 @@ impl MagentoApi for Counting {
     }
 }
 
+/// These tests run on their own time (the `now` each check is given): readings are stamped
+/// with it, not with the wall clock.
+fn checker(config: InventoryConfig) -> InventoryChecker {
+    InventoryChecker::new(config).with_clock(|| 0)
+}
+
 fn order_with(skus: &[&str]) -> Order {
     let shop = Shop::generated(1);
     let json = shop.0.lock().unwrap().orders[&1].clone();
@@ -61,7 +67,7 @@ fn counting(stock: &[(&str, i64)]) -> Counting {
 #[tokio::test]
 async fn the_worst_condition_wins_and_each_fresh_observation_is_an_event() {
     let magento = counting(&[("A", 100), ("B", 3), ("C", -2)]);
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     let check = checker.check(&magento, &order_with(&["A", "B"]), 7).await;
     assert_eq!(check.status, InventoryStatus::LowStock);
     let kinds: Vec<_> = check.events.iter().map(|e| (e.sku.as_str(), e.event_type)).collect();
@@ -81,7 +87,7 @@ async fn the_worst_condition_wins_and_each_fresh_observation_is_an_event() {
 #[tokio::test]
 async fn failures_leave_the_order_unchecked_unless_something_worse_was_seen() {
     let magento = counting(&[("A", 100), ("C", -1)]);
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     assert_eq!(checker.check(&magento, &order_with(&["A", "ERR1"]), 1).await.status, InventoryStatus::Unchecked);
     assert_eq!(checker.check(&magento, &order_with(&["C", "ERR2"]), 1).await.status, InventoryStatus::Oversold);
     // Failures are not cached: the next order asks again.
@@ -95,7 +101,7 @@ async fn concurrency_is_bounded_across_orders_and_the_cache_expires() {
     let stock: Vec<(&str, i64)> = skus.iter().map(|s| (s.as_str(), 50)).collect();
     let magento = Arc::new(counting(&stock));
     let config = InventoryConfig { concurrency: 3, cache_ttl: Duration::from_millis(300), ..Default::default() };
-    let checker = Arc::new(InventoryChecker::new(config));
+    let checker = Arc::new(checker(config));
     let mut tasks = Vec::new();
     for chunk in skus.chunks(10) {
         let order = order_with(&chunk.iter().map(String::as_str).collect::<Vec<_>>());
@@ -123,7 +129,7 @@ async fn sandbox_stock_is_read_per_sku_and_bundle_parents_are_skipped() {
         .find(|o| o["items"].as_array().unwrap().iter().any(|i| i["product_type"] == "bundle"))
         .expect("the generator sells bundles");
     let order = crate::normalize::order_event(bundle, None, &Default::default(), 0).unwrap().order.unwrap();
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     let check = checker.check(&shop, &order, 1).await;
     let bundle_skus: Vec<&str> =
         order.items.iter().filter(|i| i.product_type == "bundle").map(|i| i.sku.as_str()).collect();
@@ -138,7 +144,7 @@ async fn old_orders_are_not_tagged_with_todays_stock() {
     let order = shop.0.lock().unwrap().orders[&1].clone();
     let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
     let order = event.order.as_mut().unwrap();
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     let now = order.created_at + 2 * 365 * 86_400_000; // a backfill two years later
     let check = checker.check(&shop, order, now).await;
     assert_eq!(check, OrderCheck { status: InventoryStatus::Unchecked, events: vec![] });
@@ -150,7 +156,7 @@ async fn old_orders_are_not_tagged_with_todays_stock() {
 #[tokio::test]
 async fn a_cached_level_serves_only_orders_placed_before_it_was_read() {
     let magento = counting(&[("A", 10)]);
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     let placed = |at: i64| Order { created_at: at, ..order_with(&["A"]) };
     let first = checker.check(&magento, &placed(0), 1_000).await;
     first.events.iter().for_each(|e| checker.remember(e));
@@ -166,7 +172,7 @@ async fn a_cached_level_serves_only_orders_placed_before_it_was_read() {
 #[tokio::test]
 async fn a_reading_whose_fact_was_never_acknowledged_is_not_reused_later() {
     let magento = counting(&[("A", 10)]);
-    let checker = InventoryChecker::new(InventoryConfig::default());
+    let checker = checker(InventoryConfig::default());
     // The first order's check fetches, then its publication is abandoned: neither
     // remembered nor forgotten.
     let abandoned = checker.check(&magento, &order_with(&["A"]), 1_000).await;
@@ -174,4 +180,52 @@ async fn a_reading_whose_fact_was_never_acknowledged_is_not_reused_later() {
     let later = checker.check(&magento, &order_with(&["A"]), 2_000).await;
     assert_eq!(later.events.len(), 1, "observed and published again, not taken from the pending reading");
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+}
+
+/// Stock reads wait while the test holds `gate` closed.
+#[derive(Default)]
+struct GatedReads {
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl MagentoApi for GatedReads {
+    async fn order(&self, _: i64) -> Result<Value, SourceError> {
+        Err(SourceError::NotFound)
+    }
+    async fn customer(&self, _: i64) -> Result<Value, SourceError> {
+        Err(SourceError::NotFound)
+    }
+    async fn salable_qty(&self, _: &str, _: i32) -> Result<Option<Decimal4>, SourceError> {
+        let _open = self.gate.read().await;
+        Ok(Some(Decimal4::from_units(10)))
+    }
+}
+
+/// The wall clock of `a_reading_is_stamped_when_its_request_leaves`.
+static CLOCK: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A check that waited for a permit is stamped when its read left, not when the check began:
+/// a reading taken meanwhile (say, a refresh's) must not look newer than this one, which the
+/// reconciler would then drop (it keeps a SKU's newest fact, and this may be the oversell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_is_stamped_when_its_request_leaves() {
+    let config = InventoryConfig { concurrency: 1, ..Default::default() };
+    let checker = Arc::new(InventoryChecker::new(config).with_clock(|| CLOCK.load(Ordering::SeqCst)));
+    let magento = Arc::new(GatedReads::default());
+    CLOCK.store(1_000, Ordering::SeqCst);
+    let closed = magento.gate.write().await;
+    let first = tokio::spawn({
+        let (checker, magento) = (checker.clone(), magento.clone());
+        async move { checker.check(&*magento, &order_with(&["A"]), 1_000).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await; // holds the only permit, reading
+    let second = tokio::spawn({
+        let (checker, magento) = (checker.clone(), magento.clone());
+        async move { checker.check(&*magento, &order_with(&["B"]), 1_000).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await; // waits for the permit
+    CLOCK.store(5_000, Ordering::SeqCst);
+    drop(closed);
+    assert_eq!(first.await.unwrap().events[0].occurred_at, 1_000, "read when its check began");
+    assert_eq!(second.await.unwrap().events[0].occurred_at, 5_000, "read after waiting: stamped then");
 }
