@@ -369,32 +369,46 @@ impl MagentoApi for GatedStock {
     }
 }
 
+/// An enricher whose stock reads wait behind `magento.gate`, with stock refreshes running until
+/// `stop`, and an order of one SKU (one reading, one staggered expiry to aim at). The TTL is in
+/// seconds, not milliseconds: late wake-ups on a loaded machine must not cross the checks.
+struct StockRig<P> {
+    enricher: Arc<Enricher<P, GatedStock>>,
+    magento: GatedStock,
+    event: CommerceEvent,
+    sku: String,
+    ttl: Duration,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+fn stock_rig<P: Publisher + InventoryPublisher>(publisher: P) -> StockRig<P> {
+    let shop = Shop::generated(20);
+    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
+    let ttl = Duration::from_secs(4);
+    let checker =
+        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
+    let (refresh, due) = tokio::sync::mpsc::channel(16);
+    let enricher = Arc::new(
+        Enricher::new(publisher, magento.clone(), Some(checker), Duration::from_secs(600)).with_stock_refresh(refresh),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
+    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
+    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
+    let items = &mut event.order.as_mut().unwrap().items;
+    items.retain(|item| item.product_type != "bundle");
+    items.truncate(1);
+    let sku = items[0].sku.clone();
+    StockRig { enricher, magento, event, sku, ttl, stop }
+}
+
 /// Webhooks about orders placed before a stock reading (status changes, invoices, shipments)
 /// never wait for Magento once the reading is cached: in the last quarter of its TTL it is
 /// served and read again in the background, its fact published before it is cached, so it has
 /// not expired when the next webhook comes (without the refresh, that one waited for a read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_stock_reading_still_in_use_is_refreshed_before_it_expires() {
-    let shop = Shop::generated(20);
-    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
-    // Seconds, not milliseconds: late wake-ups on a loaded machine must not cross the checks.
-    let ttl = Duration::from_secs(4);
-    let checker =
-        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
-    let (refresh, due) = tokio::sync::mpsc::channel(16);
-    let enricher = Arc::new(
-        Enricher::new(Recorder::default(), magento.clone(), Some(checker), Duration::from_secs(600))
-            .with_stock_refresh(refresh),
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
-    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
-    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
-    // One SKU, so one reading and one staggered expiry to aim at.
-    let items = &mut event.order.as_mut().unwrap().items;
-    items.retain(|item| item.product_type != "bundle");
-    items.truncate(1);
-    let sku = items[0].sku.clone();
+    let StockRig { enricher, magento, event, sku, ttl, stop } = stock_rig(Recorder::default());
     let stored = Instant::now();
     enricher.publish(&event).await.unwrap();
     assert_eq!(magento.reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the first order reads");
@@ -429,25 +443,8 @@ async fn a_cached_stock_reading_still_in_use_is_refreshed_before_it_expires() {
 /// the next order reads (and publishes) again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refreshed_stock_fact_not_acknowledged_is_not_cached() {
-    let shop = Shop::generated(20);
-    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
-    let ttl = Duration::from_secs(4);
-    let checker =
-        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
-    let (refresh, due) = tokio::sync::mpsc::channel(16);
     let publisher = FailingStock::default();
-    let enricher = Arc::new(
-        Enricher::new(publisher.clone(), magento.clone(), Some(checker), Duration::from_secs(600))
-            .with_stock_refresh(refresh),
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
-    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
-    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
-    let items = &mut event.order.as_mut().unwrap().items;
-    items.retain(|item| item.product_type != "bundle");
-    items.truncate(1);
-    let sku = items[0].sku.clone();
+    let StockRig { enricher, magento, event, sku, ttl, stop } = stock_rig(publisher.clone());
     let stored = Instant::now();
     enricher.publish(&event).await.unwrap();
     let early = stored - crate::flight::staggered(stored, ttl, sku.as_str());
@@ -515,26 +512,10 @@ impl InventoryPublisher for SlowStock {
 /// after it: the refresh's reading is shared like an inline fetch's while its fact is on its way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_waiting_behind_a_refresh_reuses_its_reading() {
-    let shop = Shop::generated(20);
-    let magento = GatedStock { shop: shop.clone(), gate: Default::default(), reads: Default::default() };
-    let ttl = Duration::from_secs(4);
-    let checker =
-        InventoryChecker::new(InventoryConfig { cache_ttl: ttl, max_order_age: Duration::MAX, ..Default::default() });
-    let (refresh, due) = tokio::sync::mpsc::channel(16);
     // The refreshed fact's acknowledgement takes long enough that the waiting check cannot find
     // the reading cached instead.
     let publisher = SlowStock { recorder: Recorder::default(), delay: Duration::from_millis(500) };
-    let enricher = Arc::new(
-        Enricher::new(publisher, magento.clone(), Some(checker), Duration::from_secs(600)).with_stock_refresh(refresh),
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(refresh_stock(due, enricher.clone(), stop.clone()));
-    let order = shop.0.lock().unwrap().orders.values().next().unwrap().clone();
-    let mut event = crate::normalize::order_event(&order, None, &Default::default(), 0).unwrap();
-    let items = &mut event.order.as_mut().unwrap().items;
-    items.retain(|item| item.product_type != "bundle");
-    items.truncate(1);
-    let sku = items[0].sku.clone();
+    let StockRig { enricher, magento, event, sku, ttl, stop } = stock_rig(publisher);
     enricher.publish(&event).await.unwrap();
     // Cached once its fact was acknowledged, just before the order went out.
     let stored = Instant::now();
