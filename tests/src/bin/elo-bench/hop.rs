@@ -6,8 +6,9 @@
 //! encoding) costs on top.
 //!
 //! The record sent is the request body cut to the average encoded event's size, keyed by a hash
-//! of the body (the events' keys spread over the partitions the same way), with order-ingest's
-//! producer settings (no linger).
+//! of the body (the events' keys spread over the partitions the same way), with the headers
+//! order-ingest puts on an event ([`crate::event_headers`]) and its producer settings (no
+//! linger).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -18,11 +19,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 const LISTEN: &str = "ELO_BENCH_HOP_LISTEN";
 const TOPIC: &str = "ELO_BENCH_HOP_TOPIC";
 const PAYLOAD_BYTES: &str = "ELO_BENCH_HOP_PAYLOAD_BYTES";
+const EVENT_TYPE: &str = "ELO_BENCH_HOP_EVENT_TYPE";
 
 struct Hop {
     producer: FutureProducer,
     topic: String,
     payload_bytes: usize,
+    event_type: String,
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// True when this process was started as the hop (see [`spawn`]).
@@ -39,6 +43,8 @@ pub(crate) async fn serve(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<()> {
         producer: settings.create()?,
         topic: std::env::var(TOPIC)?,
         payload_bytes: std::env::var(PAYLOAD_BYTES)?.parse()?,
+        event_type: std::env::var(EVENT_TYPE)?,
+        sent: Default::default(),
     });
     let router = axum::Router::new().route("/webhooks/magento/orders", axum::routing::post(receive)).with_state(hop);
     axum::serve(tokio::net::TcpListener::bind(&listen).await?, router).await?;
@@ -51,7 +57,11 @@ async fn receive(State(hop): State<std::sync::Arc<Hop>>, body: Bytes) -> StatusC
     body.hash(&mut hasher);
     let key = format!("customer-{}", hasher.finish() % 1_000);
     let payload = &body[..body.len().min(hop.payload_bytes)];
-    let record = FutureRecord::to(&hop.topic).key(key.as_bytes()).payload(payload);
+    let n = hop.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let record = FutureRecord::to(&hop.topic)
+        .key(key.as_bytes())
+        .payload(payload)
+        .headers(crate::event_headers(n, &hop.event_type));
     let acknowledged = match hop.producer.send_result(record) {
         Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
         Err(_) => false,
@@ -64,12 +74,14 @@ pub(crate) fn spawn(
     listen: u16,
     topic: &str,
     payload_bytes: usize,
+    event_type: &str,
 ) -> anyhow::Result<elo_integration_tests::ChildGuard> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .env(LISTEN, format!("127.0.0.1:{listen}"))
         .env(TOPIC, topic)
         .env(PAYLOAD_BYTES, payload_bytes.to_string())
+        .env(EVENT_TYPE, event_type)
         .stdout(std::process::Stdio::null());
     Ok(elo_integration_tests::ChildGuard::spawn("elo-bench (HTTP hop)", &mut command))
 }

@@ -54,6 +54,20 @@ pub(crate) fn report(
     rows.push(serde_json::json!({"benchmark": name, "unit": unit, "elo": elo, "baseline": baseline_name, "baseline_value": baseline, "ratio": ratio}));
 }
 
+/// The headers order-ingest puts on every event it publishes (`elo_kafka::Producer::send`
+/// inside the push span): the W3C `traceparent` (55 bytes, a trace of its own per `seed`) and
+/// the event type. Every baseline that stands for "the same events" sends them too: Tansu
+/// stores each header as a row of its own beside the record's, so a record with two headers
+/// costs the broker several times a bare one, and a baseline without them measured the
+/// broker's cheaper work, not order-ingest's.
+pub(crate) fn event_headers(seed: u64, event_type: &str) -> rdkafka::message::OwnedHeaders {
+    let traceparent = format!("00-{:016x}{:016x}-{:016x}-01", seed | 1, seed.rotate_left(17), seed | 1);
+    elo_kafka::headers::to_owned_headers([
+        (elo_telemetry::propagation::TRACEPARENT, traceparent.as_bytes()),
+        (elo_kafka::headers::EVENT_TYPE, event_type.as_bytes()),
+    ])
+}
+
 /// The baseline producer: Elo's reliability settings, nothing else.
 pub(crate) fn raw_producer_config(kafka: &KafkaArgs) -> ClientConfig {
     let mut config = kafka
@@ -196,9 +210,14 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let futures: Vec<_> = (0..n)
         .map(|i| {
+            // The one header Elo's producer stamps here (no span, so no `traceparent`).
             let record = FutureRecord::to(&topic)
                 .key(events[i % events.len()].customer_key.as_bytes())
-                .payload(&avro[i % avro.len()]);
+                .payload(&avro[i % avro.len()])
+                .headers(elo_kafka::headers::to_owned_headers([(
+                    elo_kafka::headers::EVENT_TYPE,
+                    &b"ORDER_PLACED"[..],
+                )]));
             // send_result enqueues now (like Elo's producer); `send` would enqueue only when awaited.
             raw.send_result(record).map_err(|(e, _)| e)
         })

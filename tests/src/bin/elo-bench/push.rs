@@ -20,7 +20,8 @@
 //! whatever the service does; the bench prints that bound next to the measurement.
 //!
 //! **Ceiling.** A raw rdkafka producer (Elo's reliability settings, see
-//! [`crate::raw_producer_config`]) sends the same orders' encoded events to the same topic with
+//! [`crate::raw_producer_config`]) sends the same orders' encoded events, with the headers
+//! order-ingest puts on them ([`crate::event_headers`]), to the same topic with
 //! C sends in flight, each awaiting its acknowledgement, for the same warm-up and window, just
 //! before each push run (the box is shared and noisy), once with the shared producer defaults
 //! (5 ms linger) and once with order-ingest's own settings (no linger);
@@ -133,12 +134,30 @@ fn loadgen(url: &str, bodies: &Path, concurrency: usize, rate: f64, prime: bool)
     Ok(serde_json::from_slice(&output.stdout)?)
 }
 
+/// An order's event as order-ingest publishes it: key, Avro payload and event type (the
+/// headers are [`crate::event_headers`]).
+pub(crate) struct RawEvent {
+    key: String,
+    payload: Vec<u8>,
+    event_type: String,
+}
+
+impl RawEvent {
+    /// The record of the `n`th send (its own trace id, as every webhook has).
+    fn record<'a>(&'a self, topic: &'a str, n: usize) -> FutureRecord<'a, str, [u8]> {
+        FutureRecord::to(topic)
+            .key(self.key.as_str())
+            .payload(self.payload.as_slice())
+            .headers(crate::event_headers(n as u64, &self.event_type))
+    }
+}
+
 /// The ceiling: `concurrency` tasks each sending one event and awaiting its acknowledgement,
 /// over the same warm-up and window. Returns (acks/s, p50 ms, p99 ms).
 async fn raw_ceiling(
     producer: &FutureProducer,
     topic: &str,
-    events: &Arc<Vec<(String, Vec<u8>)>>,
+    events: &Arc<Vec<RawEvent>>,
     concurrency: usize,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let start = Instant::now();
@@ -153,10 +172,10 @@ async fn raw_ceiling(
             let mut latencies = Vec::new();
             let mut i = worker;
             while Instant::now() < end {
-                let (key, payload) = &events[i % events.len()];
+                let record = events[i % events.len()].record(&topic, i);
                 i += concurrency;
                 let sent = Instant::now();
-                let result = match producer.send_result(FutureRecord::to(&topic).key(key.as_bytes()).payload(payload)) {
+                let result = match producer.send_result(record) {
                     Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
                     Err(_) => false,
                 };
@@ -218,7 +237,7 @@ struct Workload<'a> {
     /// The raw producer under each candidate configuration; the ceiling is the best of them.
     raw: &'a [(&'static str, FutureProducer)],
     topic: &'a str,
-    encoded: &'a Arc<Vec<(String, Vec<u8>)>>,
+    encoded: &'a Arc<Vec<RawEvent>>,
     /// Where the HTTP hop alone listens, to measure it beside this workload.
     hop_url: Option<&'a str>,
     /// order-ingest's metrics endpoint.
@@ -380,7 +399,7 @@ fn print_runs(title: &str, runs: &[Measured], half: &HalfRate, rows: &mut Vec<Va
 async fn raw_paced(
     producer: &FutureProducer,
     topic: &str,
-    events: &Arc<Vec<(String, Vec<u8>)>>,
+    events: &Arc<Vec<RawEvent>>,
     rate: f64,
 ) -> anyhow::Result<(f64, f64)> {
     use futures::StreamExt;
@@ -389,10 +408,10 @@ async fn raw_paced(
     let total = ((WARMUP + WINDOW).as_secs_f64() * rate) as usize;
     let sends = futures::stream::iter(0..total).map(|i| {
         let due = start + Duration::from_secs_f64(i as f64 / rate);
-        let (key, payload) = &events[i % events.len()];
+        let event = &events[i % events.len()];
         async move {
             tokio::time::sleep_until(due.into()).await;
-            let sent = producer.send_result(FutureRecord::to(topic).key(key.as_bytes()).payload(payload));
+            let sent = producer.send_result(event.record(topic, i));
             let ok = match sent {
                 Ok(delivery) => matches!(delivery.await, Ok(Ok(_))),
                 Err(_) => false,
@@ -463,7 +482,12 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let mut encoded = Vec::with_capacity(orders.len());
     for order in &orders {
         let event = order_ingest::normalize::order_event(order, None, &Default::default(), 0)?;
-        encoded.push((event.customer_key.clone(), codec.encode(&topic, &event).await?));
+        let payload = codec.encode(&topic, &event).await?;
+        encoded.push(RawEvent {
+            key: event.customer_key.clone(),
+            payload,
+            event_type: event.event_type.as_str().to_owned(),
+        });
     }
     let encoded = Arc::new(encoded);
     // Two raw configurations, the ceiling being the better at each concurrency: Elo's shared
@@ -478,8 +502,9 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
 
     // The HTTP hop alone, sending records the size of the average encoded event.
     let hop_port = free_port();
-    let average = encoded.iter().map(|(_, e)| e.len()).sum::<usize>() / encoded.len().max(1);
-    let _hop = crate::hop::spawn(hop_port, &topic, average)?;
+    let average = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / encoded.len().max(1);
+    let event_type = encoded.first().map_or("ORDER_PLACED", |e| e.event_type.as_str());
+    let _hop = crate::hop::spawn(hop_port, &topic, average, event_type)?;
     let ready =
         wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", hop_port)).is_ok()).await;
     anyhow::ensure!(ready, "the HTTP hop never listened");
