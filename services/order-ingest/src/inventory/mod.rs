@@ -220,19 +220,19 @@ impl InventoryChecker {
 
     /// Reads `sku` again for a cached entry queued by [`Self::queue_refresh`]. Returns the fresh
     /// fact to publish (and then [`Self::remember`] or, unacknowledged, [`Self::forget`]), or
-    /// nothing: the entry expired or was
-    /// replaced meanwhile (no Magento call), the SKU is not stock-managed (cached at once), or
+    /// nothing: the entry expired or was replaced meanwhile, or a newer reading awaits its
+    /// acknowledgement (no Magento call), the SKU is not stock-managed (cached at once), or
     /// the read failed (the entry expires as before and the next order reads inline).
     pub async fn refresh<M: MagentoApi>(&self, magento: &M, sku: &str) -> Option<InventoryEvent> {
         let ttl = self.config.cache_ttl;
         self.flights
             .run(&sku.to_owned(), async {
-                let due = self
-                    .cache
-                    .lock()
-                    .expect("cache lock")
-                    .get(sku)
-                    .is_some_and(|c| c.refresh_queued && c.at.elapsed() < ttl);
+                // Not due once the entry expired or was replaced, or when a newer reading is
+                // on its way to replace it (an inline read whose fact awaits its acknowledgement).
+                let newer = self.pending.lock().expect("cache lock").get(sku).map(|p| p.read_at);
+                let due = self.cache.lock().expect("cache lock").get(sku).is_some_and(|c| {
+                    c.refresh_queued && c.at.elapsed() < ttl && newer.is_none_or(|read_at| read_at <= c.read_at)
+                });
                 if !due {
                     metrics::REFRESHES.with_label_values(&["not_due"]).inc();
                     return None;
@@ -381,7 +381,7 @@ mod metrics {
     pub(super) static REFRESHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
         register_int_counter_vec!(
             "order_ingest_stock_refreshes_total",
-            "Cached salable quantities read again ahead of their expiry (push path), by outcome (queued, refreshed, failed, not_due: expired or replaced while queued, dropped: the queue was full).",
+            "Cached salable quantities read again ahead of their expiry (push path), by outcome (queued, refreshed, failed, not_due: expired, replaced or about to be replaced while queued, dropped: the queue was full).",
             &["outcome"]
         )
         .expect("metric registers once")

@@ -229,3 +229,111 @@ async fn a_reading_is_stamped_when_its_request_leaves() {
     assert_eq!(first.await.unwrap().events[0].occurred_at, 1_000, "read when its check began");
     assert_eq!(second.await.unwrap().events[0].occurred_at, 5_000, "read after waiting: stamped then");
 }
+
+/// Two SKUs whose entries count as stored at nearly the same moment (within 1% of `ttl`; they
+/// are staggered by SKU: [`crate::flight::staggered`]), so that one sleep ages both alike.
+fn skus_aged_alike(ttl: Duration) -> [String; 2] {
+    let now = Instant::now();
+    let head = |sku: &str| (now - crate::flight::staggered(now, ttl, sku)).as_secs_f64() / ttl.as_secs_f64();
+    let twin = (1..10_000).map(|i| format!("S{i}")).find(|s| (head(s) - head("S0")).abs() < 0.01);
+    ["S0".to_owned(), twin.expect("a SKU staggered like S0")]
+}
+
+/// Sleeps until entries of `sku` (or SKUs aged alike) cached at `cached` are `fraction` of
+/// `ttl` old.
+async fn age_entries(sku: &str, cached: Instant, ttl: Duration, fraction: f64) {
+    let stored = crate::flight::staggered(cached, ttl, sku);
+    tokio::time::sleep_until((stored + ttl.mul_f64(fraction)).into()).await;
+}
+
+/// A checker with a 2 s TTL and a refresh queue of `capacity`, with `skus` read (10 in stock
+/// each) and their facts acknowledged; returns when they were cached.
+async fn refreshing_checker(
+    magento: &Counting,
+    skus: &[&str],
+    capacity: usize,
+) -> (InventoryChecker, tokio::sync::mpsc::Receiver<String>, Instant) {
+    let (due, queued) = tokio::sync::mpsc::channel(capacity);
+    let config = InventoryConfig { cache_ttl: Duration::from_secs(2), ..Default::default() };
+    let checker = checker(config).with_refresh(due);
+    let check = checker.check(magento, &order_with(skus), 1).await;
+    check.events.iter().for_each(|e| checker.remember(e));
+    assert_eq!(magento.calls.load(Ordering::SeqCst), skus.len());
+    (checker, queued, Instant::now())
+}
+
+/// A queued refresh whose entry was replaced by a newer reading, or expired, before its turn
+/// reads nothing: Magento is not asked for a reading that no longer serves anyone.
+#[tokio::test]
+async fn a_refresh_no_longer_due_reads_nothing() {
+    let ttl = Duration::from_secs(2);
+    let [a, b] = skus_aged_alike(ttl);
+    let magento = counting(&[(&a, 10), (&b, 10)]);
+    let (checker, mut queued, cached) = refreshing_checker(&magento, &[&a, &b], 8).await;
+
+    // Both served in the last quarter of their TTL: both queued.
+    age_entries(&a, cached, ttl, 0.8).await;
+    let check = checker.check(&magento, &order_with(&[&a, &b]), 2).await;
+    assert!(check.events.is_empty(), "served from the cache");
+    let mut skus = vec![queued.try_recv().unwrap(), queued.try_recv().unwrap()];
+    skus.sort();
+    assert_eq!(skus, [a.clone(), b.clone()]);
+
+    // A newer reading of `a` is acknowledged before its turn: its refresh reads nothing.
+    checker.remember(&checker.event(&a, Decimal4::from_units(9), Some("100000007"), 5));
+    assert_eq!(checker.refresh(&magento, &a).await, None);
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "no read for a replaced entry");
+    // `b` is still due: it is read.
+    let fact = checker.refresh(&magento, &b).await.expect("b's entry is still in use");
+    assert_eq!((fact.sku.as_str(), fact.order_increment_id.as_deref()), (b.as_str(), None));
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 3);
+
+    // b's fact is never acknowledged, so its queued entry stays; once that expired, a refresh
+    // still queued for it reads nothing either.
+    age_entries(&b, cached, ttl, 1.05).await;
+    assert_eq!(checker.refresh(&magento, &b).await, None);
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 3, "no read for an expired entry");
+}
+
+/// A refresh that does not fit the full queue is not lost: the entry stays unqueued and the
+/// next order it serves queues it (and one queued already is not queued twice).
+#[tokio::test]
+async fn a_refresh_dropped_on_a_full_queue_is_queued_by_the_next_order() {
+    let ttl = Duration::from_secs(2);
+    let [a, b] = skus_aged_alike(ttl);
+    let magento = counting(&[(&a, 10), (&b, 10)]);
+    let (checker, mut queued, cached) = refreshing_checker(&magento, &[&a, &b], 1).await;
+    age_entries(&a, cached, ttl, 0.8).await;
+
+    checker.check(&magento, &order_with(&[&a, &b]), 2).await;
+    let first = queued.try_recv().expect("one refresh fits the queue");
+    assert!(queued.try_recv().is_err(), "the other was dropped");
+    checker.check(&magento, &order_with(&[&a, &b]), 3).await;
+    let second = queued.try_recv().expect("the dropped one is queued by the next order");
+    assert_ne!(first, second);
+    checker.check(&magento, &order_with(&[&a, &b]), 4).await;
+    assert!(queued.try_recv().is_err(), "each reading is queued once");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "queueing reads nothing");
+}
+
+/// A queued refresh whose entry is about to be replaced, by a newer reading whose fact is still
+/// on its way (an order placed after the cached reading read it inline), reads nothing either.
+#[tokio::test]
+async fn a_refresh_behind_a_newer_unacknowledged_reading_reads_nothing() {
+    let ttl = Duration::from_secs(2);
+    let magento = counting(&[("A", 10)]);
+    let (checker, mut queued, cached) = refreshing_checker(&magento, &["A"], 8).await;
+    age_entries("A", cached, ttl, 0.8).await;
+    checker.check(&magento, &order_with(&["A"]), 2).await;
+    assert_eq!(queued.try_recv().unwrap(), "A");
+
+    // Placed after the cached reading (read at 1): read inline, its fact not yet acknowledged.
+    let mut newer = order_with(&["A"]);
+    newer.created_at = 3;
+    let check = checker.check(&magento, &newer, 4).await;
+    assert_eq!(check.events.len(), 1, "read inline");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+
+    assert_eq!(checker.refresh(&magento, "A").await, None);
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "the newer reading replaces the entry once acknowledged");
+}
