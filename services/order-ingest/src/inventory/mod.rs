@@ -221,18 +221,24 @@ impl InventoryChecker {
     /// Reads `sku` again for a cached entry queued by [`Self::queue_refresh`]. Returns the fresh
     /// fact to publish (and then [`Self::remember`] or, unacknowledged, [`Self::forget`]), or
     /// nothing: the entry expired or was replaced meanwhile, or a newer reading awaits its
-    /// acknowledgement (no Magento call), the SKU is not stock-managed (cached at once), or
+    /// acknowledgement (no Magento call; the entry can be queued again by the next order), the SKU is not stock-managed (cached at once), or
     /// the read failed (the entry expires as before and the next order reads inline).
     pub async fn refresh<M: MagentoApi>(&self, magento: &M, sku: &str) -> Option<InventoryEvent> {
         let ttl = self.config.cache_ttl;
         self.flights
             .run(&sku.to_owned(), async {
-                // Not due once the entry expired or was replaced, or when a newer reading is
-                // on its way to replace it (an inline read whose fact awaits its acknowledgement).
+                // Not due once the entry expired or was replaced, or while a newer reading is on
+                // its way to replace it (an inline read whose fact awaits its acknowledgement);
+                // then the entry may be queued again, in case that fact is never acknowledged.
                 let newer = self.pending.lock().expect("cache lock").get(sku).map(|p| p.read_at);
-                let due = self.cache.lock().expect("cache lock").get(sku).is_some_and(|c| {
-                    c.refresh_queued && c.at.elapsed() < ttl && newer.is_none_or(|read_at| read_at <= c.read_at)
-                });
+                let due = match self.cache.lock().expect("cache lock").get_mut(sku) {
+                    Some(c) if c.refresh_queued && c.at.elapsed() < ttl => {
+                        let overtaken = newer.is_some_and(|read_at| read_at > c.read_at);
+                        c.refresh_queued = !overtaken;
+                        !overtaken
+                    }
+                    _ => false,
+                };
                 if !due {
                     metrics::REFRESHES.with_label_values(&["not_due"]).inc();
                     return None;

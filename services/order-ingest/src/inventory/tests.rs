@@ -239,22 +239,33 @@ fn skus_aged_alike(ttl: Duration) -> [String; 2] {
     ["S0".to_owned(), twin.expect("a SKU staggered like S0")]
 }
 
+/// The refresh tests' TTL: long enough that a test stalled by a loaded machine between aging an
+/// entry (to 78% of it) and using it still finds it in use (the guards below say when not).
+const REFRESH_TTL: Duration = Duration::from_secs(4);
+
 /// Sleeps until entries of `sku` (or SKUs aged alike) cached at `cached` are `fraction` of
-/// `ttl` old.
-async fn age_entries(sku: &str, cached: Instant, ttl: Duration, fraction: f64) {
-    let stored = crate::flight::staggered(cached, ttl, sku);
-    tokio::time::sleep_until((stored + ttl.mul_f64(fraction)).into()).await;
+/// [`REFRESH_TTL`] old.
+async fn age_entries(sku: &str, cached: Instant, fraction: f64) {
+    let stored = crate::flight::staggered(cached, REFRESH_TTL, sku);
+    tokio::time::sleep_until((stored + REFRESH_TTL.mul_f64(fraction)).into()).await;
 }
 
-/// A checker with a 2 s TTL and a refresh queue of `capacity`, with `skus` read (10 in stock
-/// each) and their facts acknowledged; returns when they were cached.
+/// Fails the test, rather than letting it pass for the wrong reason, when the machine was so slow
+/// that the entry of `sku` cached at `cached` expired.
+fn assert_in_use(sku: &str, cached: Instant) {
+    let age = crate::flight::staggered(cached, REFRESH_TTL, sku).elapsed();
+    assert!(age < REFRESH_TTL, "the test ran too slowly: {sku}'s entry expired ({age:?} old)");
+}
+
+/// A checker with [`REFRESH_TTL`] and a refresh queue of `capacity`, with `skus` read (10 in
+/// stock each) and their facts acknowledged; returns when they were cached.
 async fn refreshing_checker(
     magento: &Counting,
     skus: &[&str],
     capacity: usize,
 ) -> (InventoryChecker, tokio::sync::mpsc::Receiver<String>, Instant) {
     let (due, queued) = tokio::sync::mpsc::channel(capacity);
-    let config = InventoryConfig { cache_ttl: Duration::from_secs(2), ..Default::default() };
+    let config = InventoryConfig { cache_ttl: REFRESH_TTL, ..Default::default() };
     let checker = checker(config).with_refresh(due);
     let check = checker.check(magento, &order_with(skus), 1).await;
     check.events.iter().for_each(|e| checker.remember(e));
@@ -266,13 +277,12 @@ async fn refreshing_checker(
 /// reads nothing: Magento is not asked for a reading that no longer serves anyone.
 #[tokio::test]
 async fn a_refresh_no_longer_due_reads_nothing() {
-    let ttl = Duration::from_secs(2);
-    let [a, b] = skus_aged_alike(ttl);
+    let [a, b] = skus_aged_alike(REFRESH_TTL);
     let magento = counting(&[(&a, 10), (&b, 10)]);
     let (checker, mut queued, cached) = refreshing_checker(&magento, &[&a, &b], 8).await;
 
     // Both served in the last quarter of their TTL: both queued.
-    age_entries(&a, cached, ttl, 0.8).await;
+    age_entries(&a, cached, 0.78).await;
     let check = checker.check(&magento, &order_with(&[&a, &b]), 2).await;
     assert!(check.events.is_empty(), "served from the cache");
     let mut skus = vec![queued.try_recv().unwrap(), queued.try_recv().unwrap()];
@@ -284,13 +294,15 @@ async fn a_refresh_no_longer_due_reads_nothing() {
     assert_eq!(checker.refresh(&magento, &a).await, None);
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "no read for a replaced entry");
     // `b` is still due: it is read.
+    assert_in_use(&b, cached);
     let fact = checker.refresh(&magento, &b).await.expect("b's entry is still in use");
     assert_eq!((fact.sku.as_str(), fact.order_increment_id.as_deref()), (b.as_str(), None));
     assert_eq!(magento.calls.load(Ordering::SeqCst), 3);
 
-    // b's fact is never acknowledged, so its queued entry stays; once that expired, a refresh
-    // still queued for it reads nothing either.
-    age_entries(&b, cached, ttl, 1.05).await;
+    // b's fact is not acknowledged (forgotten), so its queued entry stays; once that expired,
+    // a refresh still queued for it reads nothing either.
+    checker.forget(&fact);
+    age_entries(&b, cached, 1.05).await;
     assert_eq!(checker.refresh(&magento, &b).await, None);
     assert_eq!(magento.calls.load(Ordering::SeqCst), 3, "no read for an expired entry");
 }
@@ -299,11 +311,10 @@ async fn a_refresh_no_longer_due_reads_nothing() {
 /// next order it serves queues it (and one queued already is not queued twice).
 #[tokio::test]
 async fn a_refresh_dropped_on_a_full_queue_is_queued_by_the_next_order() {
-    let ttl = Duration::from_secs(2);
-    let [a, b] = skus_aged_alike(ttl);
+    let [a, b] = skus_aged_alike(REFRESH_TTL);
     let magento = counting(&[(&a, 10), (&b, 10)]);
     let (checker, mut queued, cached) = refreshing_checker(&magento, &[&a, &b], 1).await;
-    age_entries(&a, cached, ttl, 0.8).await;
+    age_entries(&a, cached, 0.78).await;
 
     checker.check(&magento, &order_with(&[&a, &b]), 2).await;
     let first = queued.try_recv().expect("one refresh fits the queue");
@@ -314,16 +325,18 @@ async fn a_refresh_dropped_on_a_full_queue_is_queued_by_the_next_order() {
     checker.check(&magento, &order_with(&[&a, &b]), 4).await;
     assert!(queued.try_recv().is_err(), "each reading is queued once");
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "queueing reads nothing");
+    assert_in_use(&a, cached);
+    assert_in_use(&b, cached);
 }
 
 /// A queued refresh whose entry is about to be replaced, by a newer reading whose fact is still
-/// on its way (an order placed after the cached reading read it inline), reads nothing either.
+/// on its way (an order placed after the cached reading read it inline), reads nothing; should
+/// that fact never be acknowledged, the next order the entry serves queues it again.
 #[tokio::test]
 async fn a_refresh_behind_a_newer_unacknowledged_reading_reads_nothing() {
-    let ttl = Duration::from_secs(2);
     let magento = counting(&[("A", 10)]);
     let (checker, mut queued, cached) = refreshing_checker(&magento, &["A"], 8).await;
-    age_entries("A", cached, ttl, 0.8).await;
+    age_entries("A", cached, 0.78).await;
     checker.check(&magento, &order_with(&["A"]), 2).await;
     assert_eq!(queued.try_recv().unwrap(), "A");
 
@@ -334,6 +347,14 @@ async fn a_refresh_behind_a_newer_unacknowledged_reading_reads_nothing() {
     assert_eq!(check.events.len(), 1, "read inline");
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
 
+    assert_in_use("A", cached);
     assert_eq!(checker.refresh(&magento, "A").await, None);
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2, "the newer reading replaces the entry once acknowledged");
+
+    // Never acknowledged: the cached entry serves older orders again and is queued again.
+    checker.forget(&check.events[0]);
+    let check = checker.check(&magento, &order_with(&["A"]), 5).await;
+    assert!(check.events.is_empty(), "served from the cache");
+    assert_eq!(queued.try_recv().unwrap(), "A", "queued again");
+    assert_in_use("A", cached);
 }
