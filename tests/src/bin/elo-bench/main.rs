@@ -3,8 +3,9 @@
 //! numbers mean little; ratios from one run do).
 //!
 //! - Avro encode/decode of a CommerceEvent (Confluent framing included) vs serde_json.
-//! - Elo's producer (acks=all, awaits each delivery, stamps headers) vs a raw rdkafka
-//!   FutureProducer with the same reliability settings: idempotent, or, when
+//! - Elo's producer (acks=all, awaits each delivery, stamps the event-type header; no trace
+//!   context here, this process installs no propagator) vs a raw rdkafka FutureProducer sending
+//!   the same header with the same reliability settings: idempotent, or, when
 //!   `ELO_KAFKA_IDEMPOTENCE=false` (the Tansu stack), one request in flight.
 //! - Elo's consumer runtime (ordered workers, contiguous commits) vs a raw BaseConsumer that
 //!   only reads.
@@ -55,13 +56,21 @@ pub(crate) fn report(
 }
 
 /// The headers order-ingest puts on every event it publishes (`elo_kafka::Producer::send`
-/// inside the push span): the W3C `traceparent` (55 bytes, a trace of its own per `seed`) and
-/// the event type. Every baseline that stands for "the same events" sends them too: Tansu
-/// stores each header as a row of its own beside the record's, so a record with two headers
-/// costs the broker several times a bare one, and a baseline without them measured the
-/// broker's cheaper work, not order-ingest's.
+/// inside the push span): the W3C `traceparent` (55 bytes, ids as random-looking as real ones,
+/// derived from `seed`; an empty `tracestate` is not sent) and the event type. Every baseline
+/// that stands for "the same events" sends them too: Tansu stores each header as a row of its
+/// own beside the record's, and in one run, 32 in flight, records with these two headers were
+/// acknowledged 29% less often than bare ones (7,697 vs 10,868/s).
 pub(crate) fn event_headers(seed: u64, event_type: &str) -> rdkafka::message::OwnedHeaders {
-    let traceparent = format!("00-{:016x}{:016x}-{:016x}-01", seed | 1, seed.rotate_left(17), seed | 1);
+    // splitmix64: well-spread, never-zero ids, so compression sees what it would in production.
+    let mix = |x: u64| {
+        let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) | 1
+    };
+    let (high, low, span) = (mix(seed), mix(seed ^ 0x5555), mix(seed ^ 0xaaaa));
+    let traceparent = format!("00-{high:016x}{low:016x}-{span:016x}-01");
     elo_kafka::headers::to_owned_headers([
         (elo_telemetry::propagation::TRACEPARENT, traceparent.as_bytes()),
         (elo_kafka::headers::EVENT_TYPE, event_type.as_bytes()),
@@ -210,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let futures: Vec<_> = (0..n)
         .map(|i| {
-            // The one header Elo's producer stamps here (no span, so no `traceparent`).
+            // The one header Elo's producer stamps here (no propagator, so no trace context).
             let record = FutureRecord::to(&topic)
                 .key(events[i % events.len()].customer_key.as_bytes())
                 .payload(&avro[i % avro.len()])

@@ -17,7 +17,9 @@
 //! **Push, CloudEvents notifications** (Adobe I/O Events: a partial order, so order-ingest
 //! refetches the full one): the same runs over all [`PUSH_ORDERS`] orders with cold caches.
 //! Every notification waits for at least one 20 ms Magento call, so C / 20 ms bounds it
-//! whatever the service does; the bench prints that bound next to the measurement.
+//! whatever the service does (the bench prints that bound next to the measurement); the push
+//! path's Magento pool (32 calls at once, shared with the cold consent and stock reads) bounds
+//! it lower at 128 in flight.
 //!
 //! **Ceiling.** A raw rdkafka producer (Elo's reliability settings, see
 //! [`crate::raw_producer_config`]) sends the same orders' encoded events, with the headers
