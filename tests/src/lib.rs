@@ -439,7 +439,8 @@ pub fn topic_count(topic: &str, partitions: i32) -> i64 {
 }
 
 /// Asserts `record` carries a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`) with
-/// a real (non-zero) trace id.
+/// a real (non-zero) trace id, and no empty `tracestate` (W3C: not to be sent; a header costs
+/// every broker and consumer).
 pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
     use rdkafka::Message;
     use rdkafka::message::Headers;
@@ -456,6 +457,10 @@ pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
         "not a W3C traceparent: {value}"
     );
     assert_ne!(parts[1], "0".repeat(32), "an invalid (zero) trace id");
+    let empty_state = record.headers().is_some_and(|h| {
+        (0..h.count()).map(|i| h.get(i)).any(|h| h.key == "tracestate" && h.value.is_none_or(<[u8]>::is_empty))
+    });
+    assert!(!empty_state, "record at offset {} carries an empty tracestate", record.offset());
 }
 
 /// The Salesforce simulator served on a free loopback port: its state, base URL and faults.
