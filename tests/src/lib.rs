@@ -458,7 +458,9 @@ pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
     );
     assert_ne!(parts[1], "0".repeat(32), "an invalid (zero) trace id");
     let empty_state = record.headers().is_some_and(|h| {
-        (0..h.count()).map(|i| h.get(i)).any(|h| h.key == "tracestate" && h.value.is_none_or(<[u8]>::is_empty))
+        (0..h.count()).map(|i| h.get(i)).any(|h| {
+            h.key == elo_telemetry::propagation::TRACESTATE && h.value.is_none_or(|v| v.trim_ascii().is_empty())
+        })
     });
     assert!(!empty_state, "record at offset {} carries an empty tracestate", record.offset());
 }

@@ -91,7 +91,8 @@ struct Cached {
     at: Instant,
     /// No later than when it was read (ms UTC): it serves orders placed until then.
     read_at: i64,
-    /// Queued for a background reading (once per reading).
+    /// Queued for a background reading (once per reading, unless an order's newer reading held
+    /// the refresh back and was then forgotten).
     refresh_queued: bool,
 }
 
@@ -221,24 +222,22 @@ impl InventoryChecker {
     /// Reads `sku` again for a cached entry queued by [`Self::queue_refresh`]. Returns the fresh
     /// fact to publish (and then [`Self::remember`] or, unacknowledged, [`Self::forget`]), or
     /// nothing: the entry expired or was replaced meanwhile, or a newer reading awaits its
-    /// acknowledgement (no Magento call; the entry can be queued again by the next order), the SKU is not stock-managed (cached at once), or
-    /// the read failed (the entry expires as before and the next order reads inline).
+    /// acknowledgement (no Magento call; see [`Self::forget`] should it never be), the SKU is
+    /// not stock-managed (cached at once), or the read failed (the entry expires as before and
+    /// the next order reads inline).
     pub async fn refresh<M: MagentoApi>(&self, magento: &M, sku: &str) -> Option<InventoryEvent> {
         let ttl = self.config.cache_ttl;
         self.flights
             .run(&sku.to_owned(), async {
                 // Not due once the entry expired or was replaced, or while a newer reading is on
-                // its way to replace it (an inline read whose fact awaits its acknowledgement);
-                // then the entry may be queued again, in case that fact is never acknowledged.
-                let newer = self.pending.lock().expect("cache lock").get(sku).map(|p| p.read_at);
-                let due = match self.cache.lock().expect("cache lock").get_mut(sku) {
-                    Some(c) if c.refresh_queued && c.at.elapsed() < ttl => {
-                        let overtaken = newer.is_some_and(|read_at| read_at > c.read_at);
-                        c.refresh_queued = !overtaken;
-                        !overtaken
-                    }
-                    _ => false,
-                };
+                // its way to replace it (an inline read whose fact awaits its acknowledgement; one
+                // older than the TTL was abandoned, say by a check cut off by the push budget).
+                let newer = (self.pending.lock().expect("cache lock").get(sku))
+                    .filter(|p| p.at.elapsed() < ttl)
+                    .map(|p| p.read_at);
+                let due = self.cache.lock().expect("cache lock").get(sku).is_some_and(|c| {
+                    c.refresh_queued && c.at.elapsed() < ttl && newer.is_none_or(|read_at| read_at <= c.read_at)
+                });
                 if !due {
                     metrics::REFRESHES.with_label_values(&["not_due"]).inc();
                     return None;
@@ -315,11 +314,21 @@ impl InventoryChecker {
     }
 
     /// Its event was not acknowledged: the reading is not reused (the next order fetches and
-    /// publishes it again).
+    /// publishes it again). An order's reading newer than the cached one had held back that
+    /// entry's refresh ([`Self::refresh`]), so the entry may be queued again; a refresh's own
+    /// reading leaves its entry to expire (no Magento call per order while the broker fails).
     pub fn forget(&self, event: &InventoryEvent) {
-        let mut pending = self.pending.lock().expect("cache lock");
-        if pending.get(&event.sku).is_some_and(|p| p.read_at == event.occurred_at) {
-            pending.remove(&event.sku);
+        let removed = {
+            let mut pending = self.pending.lock().expect("cache lock");
+            let ours = pending.get(&event.sku).is_some_and(|p| p.read_at == event.occurred_at);
+            ours.then(|| pending.remove(&event.sku)).flatten()
+        };
+        if let Some(reading) = removed
+            && event.order_increment_id.is_some()
+            && let Some(entry) = self.cache.lock().expect("cache lock").get_mut(&event.sku)
+            && entry.read_at < reading.read_at
+        {
+            entry.refresh_queued = false;
         }
     }
 

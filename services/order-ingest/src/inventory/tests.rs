@@ -358,3 +358,32 @@ async fn a_refresh_behind_a_newer_unacknowledged_reading_reads_nothing() {
     assert_eq!(queued.try_recv().unwrap(), "A", "queued again");
     assert_in_use("A", cached);
 }
+
+/// A refresh's own reading whose fact is not acknowledged leaves its entry to expire: no Magento
+/// read per order while the broker fails (only an order's newer reading, forgotten, re-queues).
+#[tokio::test]
+async fn a_forgotten_refresh_reading_is_not_queued_again() {
+    /// Each reading later than the one before, as on a real clock.
+    fn ticking() -> i64 {
+        static NOW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(100);
+        NOW.fetch_add(1, Ordering::SeqCst)
+    }
+    let magento = counting(&[("A", 10)]);
+    let (due, mut queued) = tokio::sync::mpsc::channel(8);
+    let config = InventoryConfig { cache_ttl: REFRESH_TTL, ..Default::default() };
+    let checker = InventoryChecker::new(config).with_clock(ticking).with_refresh(due);
+    let check = checker.check(&magento, &order_with(&["A"]), 1).await;
+    check.events.iter().for_each(|e| checker.remember(e));
+    let cached = Instant::now();
+    age_entries("A", cached, 0.78).await;
+    checker.check(&magento, &order_with(&["A"]), 2).await;
+    assert_eq!(queued.try_recv().unwrap(), "A");
+
+    let fact = checker.refresh(&magento, "A").await.expect("due");
+    assert!(fact.occurred_at > check.events[0].occurred_at, "the refresh reads later");
+    checker.forget(&fact);
+    checker.check(&magento, &order_with(&["A"]), 3).await;
+    assert!(queued.try_recv().is_err(), "not queued again: the entry expires");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+    assert_in_use("A", cached);
+}

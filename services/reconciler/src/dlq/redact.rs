@@ -74,7 +74,8 @@ const SAFE_FIELDS: &[&str] = &[
     "website_id",
 ];
 
-/// Headers whose values are Elo's own bookkeeping (no personal data).
+/// Headers whose values carry no personal data: Elo's own bookkeeping, and W3C trace context
+/// (`tracestate` holds vendor tracing state only; Elo sets none, it passes through).
 const SAFE_HEADERS: &[&str] = &["traceparent", "tracestate", "content-type"];
 
 fn safe_field(key: &str) -> bool {
