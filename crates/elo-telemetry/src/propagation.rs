@@ -9,10 +9,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// Header carrying the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
 
-struct MapCarrier<'a>(&'a mut HashMap<String, String>);
-
 /// Header carrying vendor trace state (only when there is some).
 pub const TRACESTATE: &str = "tracestate";
+
+struct MapCarrier<'a>(&'a mut HashMap<String, String>);
 
 impl Injector for MapCarrier<'_> {
     fn set(&mut self, key: &str, value: String) {

@@ -387,3 +387,29 @@ async fn a_forgotten_refresh_reading_is_not_queued_again() {
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
     assert_in_use("A", cached);
 }
+
+/// A reading left in `pending` by a check that was abandoned (cut off by the push budget: its
+/// fact neither acknowledged nor forgotten) holds a refresh back only for a TTL, not forever.
+#[tokio::test]
+async fn an_abandoned_newer_reading_stops_holding_the_refresh_back_after_a_ttl() {
+    let magento = counting(&[("A", 10)]);
+    let (due, mut queued) = tokio::sync::mpsc::channel(8);
+    let checker = checker(InventoryConfig { cache_ttl: REFRESH_TTL, ..Default::default() }).with_refresh(due);
+    let mut placed_later = order_with(&["A"]);
+    placed_later.created_at = 3;
+    let abandoned = checker.check(&magento, &placed_later, 5).await; // read at 5, never settled
+    assert_eq!(abandoned.events.len(), 1);
+
+    // A quarter TTL later an older reading (read at 1) is cached and ages into its last quarter,
+    // by when the abandoned one is over a TTL old.
+    tokio::time::sleep(REFRESH_TTL / 4).await;
+    checker.remember(&checker.event("A", Decimal4::from_units(10), Some("100000001"), 1));
+    let cached = Instant::now();
+    age_entries("A", cached, 0.78).await;
+    checker.check(&magento, &order_with(&["A"]), 6).await;
+    assert_eq!(queued.try_recv().unwrap(), "A");
+
+    assert!(checker.refresh(&magento, "A").await.is_some(), "the abandoned reading no longer counts");
+    assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
+    assert_in_use("A", cached);
+}
