@@ -116,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
             return hop::serve(&kafka).await;
         }
         push::push(&mut rows, &kafka).await?;
+        if std::env::var("ELO_BENCH_PUSH").as_deref() == Ok("plain") {
+            return Ok(());
+        }
         return push::poll(&mut rows).await;
     }
     if std::env::var("ELO_BENCH").as_deref() == Ok("salesforce") {
