@@ -20,12 +20,16 @@ const LISTEN: &str = "ELO_BENCH_HOP_LISTEN";
 const TOPIC: &str = "ELO_BENCH_HOP_TOPIC";
 const PAYLOAD_BYTES: &str = "ELO_BENCH_HOP_PAYLOAD_BYTES";
 const EVENT_TYPE: &str = "ELO_BENCH_HOP_EVENT_TYPE";
+/// Experiments: CPU work (busy µs) per request before the produce, standing in for a service's
+/// own work (`ELO_BENCH_HOP_SPIN_US`, passed through from the bench's environment).
+const SPIN_US: &str = "ELO_BENCH_HOP_SPIN_US";
 
 struct Hop {
     producer: FutureProducer,
     topic: String,
     payload_bytes: usize,
     event_type: String,
+    spin: std::time::Duration,
     sent: std::sync::atomic::AtomicU64,
 }
 
@@ -44,6 +48,7 @@ pub(crate) async fn serve(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<()> {
         topic: std::env::var(TOPIC)?,
         payload_bytes: std::env::var(PAYLOAD_BYTES)?.parse()?,
         event_type: std::env::var(EVENT_TYPE)?,
+        spin: std::time::Duration::from_micros(std::env::var(SPIN_US).map_or(Ok(0), |v| v.parse())?),
         sent: Default::default(),
     });
     let router = axum::Router::new().route("/webhooks/magento/orders", axum::routing::post(receive)).with_state(hop);
@@ -53,6 +58,10 @@ pub(crate) async fn serve(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<()> {
 
 async fn receive(State(hop): State<std::sync::Arc<Hop>>, body: Bytes) -> StatusCode {
     use std::hash::{Hash, Hasher};
+    let spun = std::time::Instant::now();
+    while spun.elapsed() < hop.spin {
+        std::hint::spin_loop();
+    }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     body.hash(&mut hasher);
     let key = format!("customer-{}", hasher.finish() % 1_000);
