@@ -299,6 +299,7 @@ impl Workload<'_> {
         let raw = raw_paced(&self.raw[self.raw.len() - 1].1, self.topic, self.encoded, rate).await?;
         let before = reqwest::get(self.metrics_url).await?.text().await?;
         let push = loadgen(self.url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, self.prime)?;
+        anyhow::ensure!(push["errors"] == 0, "push answered errors at half the best rate: {push}");
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
         let slow = |name: &str, topic: Option<&str>| {
@@ -313,7 +314,11 @@ impl Workload<'_> {
         );
         // The HTTP hop paced the same: the tail any webhook front has at this rate on this box.
         let hop = match self.hop_url {
-            Some(url) => Some(loadgen(url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, false)?),
+            Some(url) => {
+                let hop = loadgen(url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, false)?;
+                anyhow::ensure!(hop["errors"] == 0, "the HTTP hop answered errors at half the best rate: {hop}");
+                Some(hop)
+            }
             None => None,
         };
         Ok(HalfRate { push, raw, hop, inside })
