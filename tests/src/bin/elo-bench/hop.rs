@@ -20,8 +20,9 @@ const LISTEN: &str = "ELO_BENCH_HOP_LISTEN";
 const TOPIC: &str = "ELO_BENCH_HOP_TOPIC";
 const PAYLOAD_BYTES: &str = "ELO_BENCH_HOP_PAYLOAD_BYTES";
 const EVENT_TYPE: &str = "ELO_BENCH_HOP_EVENT_TYPE";
-/// Experiments: CPU work (busy µs) per request before the produce, standing in for a service's
-/// own work (`ELO_BENCH_HOP_SPIN_US`, passed through from the bench's environment).
+/// Experiments: microseconds of wall-clock busy-waiting per request before the produce (less CPU
+/// than that when the box is contended), standing in for a service's own work
+/// (`ELO_BENCH_HOP_SPIN_US`, passed through from the bench's environment).
 const SPIN_US: &str = "ELO_BENCH_HOP_SPIN_US";
 
 struct Hop {

@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
             return hop::serve(&kafka).await;
         }
         push::push(&mut rows, &kafka).await?;
-        if std::env::var("ELO_BENCH_PUSH").as_deref() == Ok("plain") {
+        if push::plain_only() {
             return Ok(());
         }
         return push::poll(&mut rows).await;

@@ -295,10 +295,11 @@ impl Workload<'_> {
     async fn half_rate(&self, runs: &[Measured]) -> anyhow::Result<HalfRate> {
         let best = runs.iter().map(Measured::rate).fold(0.0, f64::max);
         let rate = (best / 2.0).floor();
+        let in_flight = *CONCURRENCY.last().expect("a concurrency");
         // Paced, the raw producer runs with order-ingest's own settings (no idle linger).
         let raw = raw_paced(&self.raw[self.raw.len() - 1].1, self.topic, self.encoded, rate).await?;
         let before = reqwest::get(self.metrics_url).await?.text().await?;
-        let push = loadgen(self.url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, self.prime)?;
+        let push = loadgen(self.url, self.bodies, in_flight, rate, self.prime)?;
         anyhow::ensure!(push["errors"] == 0, "push answered errors at half the best rate: {push}");
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
@@ -315,7 +316,7 @@ impl Workload<'_> {
         // The HTTP hop paced the same: the tail any webhook front has at this rate on this box.
         let hop = match self.hop_url {
             Some(url) => {
-                let hop = loadgen(url, self.bodies, *CONCURRENCY.last().expect("a concurrency"), rate, false)?;
+                let hop = loadgen(url, self.bodies, in_flight, rate, false)?;
                 anyhow::ensure!(hop["errors"] == 0, "the HTTP hop answered errors at half the best rate: {hop}");
                 Some(hop)
             }
@@ -493,7 +494,11 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         std::fs::write(&file, bodies)?;
         Ok(file)
     };
-    let cloud_file = write_bodies(sandbox::magento::webhook::WebhookStyle::CloudEvents, orders.len(), "cloud.jsonl")?;
+    let cloud_file = if plain_only() {
+        None
+    } else {
+        Some(write_bodies(sandbox::magento::webhook::WebhookStyle::CloudEvents, orders.len(), "cloud.jsonl")?)
+    };
     let plain_file = write_bodies(sandbox::magento::webhook::WebhookStyle::Plain, PLAIN_BODIES, "plain.jsonl")?;
 
     let topic = unique("bench.push");
@@ -562,15 +567,14 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let plain = workload(&plain_file, true, Some(hop_url.as_str()));
     let plain_runs = plain.closed_loop().await?;
     let plain_half = plain.half_rate(&plain_runs).await?;
-    // `ELO_BENCH_PUSH=plain`: the full-order workload alone (a quicker run while tuning).
-    let plain_only = std::env::var("ELO_BENCH_PUSH").as_deref() == Ok("plain");
-    let cloud = workload(&cloud_file, false, None);
-    let cloud_measured = if plain_only {
-        None
-    } else {
-        let runs = cloud.closed_loop().await?;
-        let half = cloud.half_rate(&runs).await?;
-        Some((runs, half))
+    let cloud_measured = match &cloud_file {
+        Some(cloud_file) => {
+            let cloud = workload(cloud_file, false, None);
+            let runs = cloud.closed_loop().await?;
+            let half = cloud.half_rate(&runs).await?;
+            Some((runs, half))
+        }
+        None => None,
     };
     drop(ingest_process);
 
@@ -610,6 +614,12 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         );
     }
     Ok(())
+}
+
+/// `ELO_BENCH_PUSH=plain`: the full-order push workload alone, no CloudEvents and no poll (a
+/// quicker run while tuning).
+pub(crate) fn plain_only() -> bool {
+    std::env::var("ELO_BENCH_PUSH").as_deref() == Ok("plain")
 }
 
 /// Orders per second polled from Magento to acknowledged events.
