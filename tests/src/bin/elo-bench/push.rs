@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use elo_integration_tests::{ChildGuard, free_port, order_ingest, unique, wait_until};
 use elo_kafka::KafkaArgs;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const PUSH_ORDERS: usize = 40_000;
 const POLL_ORDERS: usize = 3_000;
@@ -248,8 +248,8 @@ struct Workload<'a> {
     raw: &'a [(&'static str, FutureProducer)],
     topic: &'a str,
     encoded: &'a Arc<Vec<RawEvent>>,
-    /// Where the HTTP hop alone listens, to measure it beside this workload.
-    hop_url: Option<&'a str>,
+    /// Where the HTTP hop alone listens and its process id, to measure it beside this workload.
+    hop: Option<(&'a str, i32)>,
     /// order-ingest's metrics endpoint.
     metrics_url: &'a str,
 }
@@ -270,8 +270,9 @@ impl Workload<'_> {
                 candidates.iter().map(|(label, r)| format!("{label}: {:.0}/s", r.0)).collect();
             self.magento.counters.reset();
             let cpu = cpu_secs(self.ingest_pid);
-            let push = loadgen(self.url, self.bodies, c, 0.0, self.prime)?;
+            let mut push = loadgen(self.url, self.bodies, c, 0.0, self.prime)?;
             let cpu = cpu_secs(self.ingest_pid) - cpu;
+            push["cpu_us_per_request"] = json!(1e6 * cpu / push["sent"].as_f64().unwrap_or(1.0).max(1.0));
             anyhow::ensure!(push["errors"] == 0, "push answered errors at {c} concurrent: {push}");
             let diagnostic = format!(
                 "  {c} in flight: {} webhooks sent{}; order-ingest used {:.0} CPU-µs per webhook; Magento calls: {}; raw ceiling = the best of {}",
@@ -281,8 +282,8 @@ impl Workload<'_> {
                 self.magento.counters.snapshot()["magento"],
                 candidates.join(", ")
             );
-            let hop = match self.hop_url {
-                Some(url) => Some(loadgen(url, self.bodies, c, 0.0, false)?),
+            let hop = match self.hop {
+                Some((url, pid)) => Some(with_cpu(pid, || loadgen(url, self.bodies, c, 0.0, false))?),
                 None => None,
             };
             runs.push(Measured { concurrency: c, push, raw, hop, diagnostic });
@@ -299,7 +300,7 @@ impl Workload<'_> {
         // Paced, the raw producer runs with order-ingest's own settings (no idle linger).
         let raw = raw_paced(&self.raw[self.raw.len() - 1].1, self.topic, self.encoded, rate).await?;
         let before = reqwest::get(self.metrics_url).await?.text().await?;
-        let push = loadgen(self.url, self.bodies, in_flight, rate, self.prime)?;
+        let push = with_cpu(self.ingest_pid, || loadgen(self.url, self.bodies, in_flight, rate, self.prime))?;
         anyhow::ensure!(push["errors"] == 0, "push answered errors at half the best rate: {push}");
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
@@ -314,9 +315,9 @@ impl Workload<'_> {
             "  order-ingest's own metrics over the half-rate run: {webhook_10:.1}% of webhooks took over 10 ms from arrival to acknowledgement ({webhook_25:.1}% over 25 ms); {ack_10:.1}% of its sends waited over 10 ms for the broker's acknowledgement ({ack_25:.1}% over 25 ms)"
         );
         // The HTTP hop paced the same: the tail any webhook front has at this rate on this box.
-        let hop = match self.hop_url {
-            Some(url) => {
-                let hop = loadgen(url, self.bodies, in_flight, rate, false)?;
+        let hop = match self.hop {
+            Some((url, pid)) => {
+                let hop = with_cpu(pid, || loadgen(url, self.bodies, in_flight, rate, false))?;
                 anyhow::ensure!(hop["errors"] == 0, "the HTTP hop answered errors at half the best rate: {hop}");
                 Some(hop)
             }
@@ -324,6 +325,16 @@ impl Workload<'_> {
         };
         Ok(HalfRate { push, raw, hop, inside })
     }
+}
+
+/// A load generator run's line with `cpu_us_per_request` added: the CPU the serving process
+/// (`pid`) used over the run, per request sent.
+fn with_cpu(pid: i32, run: impl FnOnce() -> anyhow::Result<Value>) -> anyhow::Result<Value> {
+    let before = cpu_secs(pid);
+    let mut line = run()?;
+    let cpu = cpu_secs(pid) - before;
+    line["cpu_us_per_request"] = json!(1e6 * cpu / line["sent"].as_f64().unwrap_or(1.0).max(1.0));
+    Ok(line)
 }
 
 /// The half-rate run.
@@ -392,11 +403,12 @@ fn print_runs(title: &str, runs: &[Measured], half: &HalfRate, rows: &mut Vec<Va
         let Some(hop) = &run.hop else { continue };
         let hop_rate = hop["rate"].as_f64().unwrap_or(0.0);
         println!(
-            "  {} in flight, the HTTP hop alone (read the request, produce one record, await its ack, answer): {hop_rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms = {:.2} of the raw ceiling; order-ingest does {:.2} of the hop's rate",
+            "  {} in flight, the HTTP hop alone (read the request, produce one record, await its ack, answer): {hop_rate:.0}/s, p50 {:.1} ms, p99 {:.1} ms = {:.2} of the raw ceiling, {:.0} CPU-µs per request; order-ingest does {:.2} of the hop's rate",
             run.concurrency,
             hop["p50_ms"].as_f64().unwrap_or(0.0),
             hop["p99_ms"].as_f64().unwrap_or(0.0),
             hop_rate / run.raw.0,
+            hop["cpu_us_per_request"].as_f64().unwrap_or(f64::NAN),
             run.rate() / hop_rate.max(1.0),
         );
         rows.push(serde_json::json!({
@@ -407,18 +419,20 @@ fn print_runs(title: &str, runs: &[Measured], half: &HalfRate, rows: &mut Vec<Va
         }));
     }
     println!(
-        "  half the best rate, paced at {:.0}/s (open loop, up to {} in flight): {:.0}/s, p50 {:.1} ms, p99 {:.1} ms; raw producer paced the same: p50 {raw_half_p50:.1} ms, p99 {raw_half_p99:.1} ms",
+        "  half the best rate, paced at {:.0}/s (open loop, up to {} in flight): {:.0}/s, p50 {:.1} ms, p99 {:.1} ms, {:.0} CPU-µs per webhook; raw producer paced the same: p50 {raw_half_p50:.1} ms, p99 {raw_half_p99:.1} ms",
         half["target_rate"].as_f64().unwrap_or(0.0),
         half["concurrency"],
         half["rate"].as_f64().unwrap_or(0.0),
         half["p50_ms"].as_f64().unwrap_or(0.0),
         half["p99_ms"].as_f64().unwrap_or(f64::INFINITY),
+        half["cpu_us_per_request"].as_f64().unwrap_or(f64::NAN),
     );
     if let Some(hop) = half_hop {
         println!(
-            "  the HTTP hop alone paced the same: p50 {:.1} ms, p99 {:.1} ms",
+            "  the HTTP hop alone paced the same: p50 {:.1} ms, p99 {:.1} ms, {:.0} CPU-µs per request",
             hop["p50_ms"].as_f64().unwrap_or(0.0),
             hop["p99_ms"].as_f64().unwrap_or(f64::INFINITY),
+            hop["cpu_us_per_request"].as_f64().unwrap_or(f64::NAN),
         );
     }
     println!("{inside}");
@@ -427,6 +441,8 @@ fn print_runs(title: &str, runs: &[Measured], half: &HalfRate, rows: &mut Vec<Va
         "target_rate": half["target_rate"], "p50_ms": half["p50_ms"], "p99_ms": half["p99_ms"],
         "baseline": "raw producer paced at the same rate", "baseline_p50_ms": raw_half_p50, "baseline_p99_ms": raw_half_p99,
         "hop_p50_ms": half_hop.as_ref().map(|h| h["p50_ms"].clone()), "hop_p99_ms": half_hop.as_ref().map(|h| h["p99_ms"].clone()),
+        "cpu_us_per_request": half["cpu_us_per_request"],
+        "hop_cpu_us_per_request": half_hop.as_ref().map(|h| h["cpu_us_per_request"].clone()),
     }));
 }
 
@@ -546,13 +562,13 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let hop_port = free_port();
     let average = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / encoded.len().max(1);
     let event_type = encoded.first().map_or("ORDER_PLACED", |e| e.event_type.as_str());
-    let _hop = crate::hop::spawn(hop_port, &topic, average, event_type)?;
+    let hop = crate::hop::spawn(hop_port, &topic, average, event_type)?;
     let ready =
         wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", hop_port)).is_ok()).await;
     anyhow::ensure!(ready, "the HTTP hop never listened");
     let hop_url = format!("http://127.0.0.1:{hop_port}/webhooks/magento/orders");
 
-    let workload = |bodies, prime, hop_url| Workload {
+    let workload = |bodies, prime, hop| Workload {
         url: &url,
         bodies,
         prime,
@@ -561,10 +577,10 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         raw: &raw,
         topic: &topic,
         encoded: &encoded,
-        hop_url,
+        hop,
         metrics_url: &metrics_url,
     };
-    let plain = workload(&plain_file, true, Some(hop_url.as_str()));
+    let plain = workload(&plain_file, true, Some((hop_url.as_str(), hop.pid())));
     let plain_runs = plain.closed_loop().await?;
     let plain_half = plain.half_rate(&plain_runs).await?;
     let cloud_measured = match &cloud_file {
@@ -589,10 +605,14 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     );
     let best_ratio = plain_runs.iter().map(Measured::ratio).fold(0.0, f64::max);
     let half_p99 = plain_half.push["p99_ms"].as_f64().unwrap_or(f64::INFINITY);
+    // What this box gives any webhook front at that rate, order-ingest's work aside: the p99
+    // target is only reachable where both sit well under it.
+    let hop_half_p99 = plain_half.hop.as_ref().and_then(|h| h["p99_ms"].as_f64()).unwrap_or(f64::NAN);
     println!(
-        "  targets: ratio >= 0.70: {} (best {best_ratio:.2}); p99 < 10 ms at half the maximum rate: {} ({half_p99:.1} ms)",
+        "  targets: ratio >= 0.70: {} (best {best_ratio:.2}); p99 < 10 ms at half the maximum rate: {} ({half_p99:.1} ms; this box's floor at that rate: the raw producer alone {:.1} ms, the HTTP hop alone {hop_half_p99:.1} ms)",
         if best_ratio >= 0.70 { "met" } else { "NOT met" },
-        if half_p99 < 10.0 { "met" } else { "NOT met" }
+        if half_p99 < 10.0 { "met" } else { "NOT met" },
+        plain_half.raw.1,
     );
     let Some((cloud_runs, cloud_half)) = cloud_measured else { return Ok(()) };
     print_runs(
