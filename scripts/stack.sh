@@ -6,6 +6,7 @@
 #   scripts/stack.sh [--data DIR] [--keep] -- COMMAND...
 #
 # Addresses (overridable): ELO_STACK_KAFKA_PORT (9092), ELO_STACK_REGISTRY_PORT (8081).
+# Throwaway data (without --data) goes under ELO_STACK_DATA_PARENT (default: $TMPDIR or /tmp).
 # The command sees ELO_KAFKA_BROKERS / ELO_REGISTRY_URL and, for tests, ELO_TEST_BROKERS /
 # ELO_TEST_REGISTRY.
 set -euo pipefail
@@ -26,7 +27,9 @@ done
 [[ $# -gt 0 ]] || { echo "usage: $0 [--data DIR] -- COMMAND..." >&2; exit 2; }
 
 if [[ -z "$DATA" ]]; then
-  DATA="$(mktemp -d -t elo-stack-XXXXXX)"
+  # ELO_STACK_DATA_PARENT: where the throwaway data folder goes (`make bench` puts it on tmpfs:
+  # Tansu's sqlite checkpoints stall its writes on a disk, Kafka acknowledges from the page cache).
+  DATA="$(mktemp -d "${ELO_STACK_DATA_PARENT:-${TMPDIR:-/tmp}}/elo-stack-XXXXXX")"
   CLEAN_DATA=1
 else
   mkdir -p "$DATA"
