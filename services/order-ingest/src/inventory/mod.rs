@@ -252,7 +252,7 @@ impl InventoryChecker {
                         // its fact is on its way (then [`Self::remember`] or [`Self::forget`]).
                         let at = crate::flight::staggered(Instant::now(), ttl, sku);
                         let reading = Cached { qty: Some(qty), at, read_at, refresh_queued: false };
-                        self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
+                        self.hold_pending(sku, reading);
                         Some(self.event(sku, qty, None, read_at))
                     }
                     Ok(None) => {
@@ -300,7 +300,7 @@ impl InventoryChecker {
                             // Not stock-managed: no event to wait for.
                             self.cache_entry(sku, reading);
                         } else {
-                            self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
+                            self.hold_pending(sku, reading);
                         }
                         Observation::Fresh(qty, read_at)
                     }
@@ -338,6 +338,19 @@ impl InventoryChecker {
         let at = crate::flight::staggered(Instant::now(), self.config.cache_ttl, event.sku.as_str());
         self.cache_entry(&event.sku, Cached { qty: Some(event.salable_qty), at, read_at, refresh_queued: false });
         self.forget(event);
+    }
+
+    /// Holds a reading until its fact is acknowledged ([`Self::remember`]) or not
+    /// ([`Self::forget`]). A check cut off by the push budget does neither, so expired readings
+    /// (never served again: see [`Self::reusable`] and [`Self::refresh`]) are swept as the
+    /// cache's are, instead of one staying for every SKU ever abandoned.
+    fn hold_pending(&self, sku: &str, reading: Cached) {
+        let mut pending = self.pending.lock().expect("cache lock");
+        if pending.len() >= CACHE_SWEEP_AT {
+            let ttl = self.config.cache_ttl;
+            pending.retain(|_, held| held.at.elapsed() < ttl);
+        }
+        pending.insert(sku.to_owned(), reading);
     }
 
     fn cache_entry(&self, sku: &str, reading: Cached) {

@@ -413,3 +413,24 @@ async fn an_abandoned_newer_reading_stops_holding_the_refresh_back_after_a_ttl()
     assert_eq!(magento.calls.load(Ordering::SeqCst), 2);
     assert_in_use("A", cached);
 }
+
+/// A check cut off by the push budget, or whose facts were never published, leaves its readings
+/// neither remembered nor forgotten: they must not pile up for every SKU ever read.
+#[tokio::test]
+async fn abandoned_readings_are_swept_once_expired() {
+    let ttl = Duration::from_millis(50);
+    let checker = checker(InventoryConfig { cache_ttl: ttl, ..Default::default() });
+    let magento = GatedReads::default(); // the gate stays open: every read answers at once
+    let skus: Vec<String> = (0..CACHE_SWEEP_AT).map(|i| format!("SKU-{i}")).collect();
+    let skus: Vec<&str> = skus.iter().map(String::as_str).collect();
+    let abandoned = checker.check(&magento, &order_with(&skus), 1).await;
+    assert_eq!(abandoned.events.len(), CACHE_SWEEP_AT);
+    assert_eq!(checker.pending.lock().unwrap().len(), CACHE_SWEEP_AT, "each reading awaits its fact");
+
+    tokio::time::sleep(ttl * 2).await;
+    let next = checker.check(&magento, &order_with(&["NEW"]), 2).await;
+    assert_eq!(next.events.len(), 1);
+    let pending = checker.pending.lock().unwrap();
+    assert_eq!(pending.len(), 1, "expired readings swept, the new one kept");
+    assert!(pending.contains_key("NEW"));
+}
