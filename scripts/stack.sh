@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the local infrastructure (Tansu broker with sqlite storage, the local Schema
 # Registry), runs a command with their addresses in the environment, and stops them again,
-# whatever the command's outcome. Used by `make test` (throwaway data) and `make run`.
+# whatever the command's outcome. Used by `make test` and `make bench` (throwaway data) and
+# `make run` (`.data`).
 #
 #   scripts/stack.sh [--data DIR] [--keep] -- COMMAND...
 #
@@ -28,7 +29,7 @@ done
 
 if [[ -z "$DATA" ]]; then
   # ELO_STACK_DATA_PARENT: where the throwaway data folder goes (`make bench` puts it on tmpfs:
-  # Tansu's sqlite checkpoints stall its writes on a disk, Kafka acknowledges from the page cache).
+  # on a disk Tansu's acknowledgements had a longer tail; Kafka acknowledges from the page cache).
   DATA="$(mktemp -d "${ELO_STACK_DATA_PARENT:-${TMPDIR:-/tmp}}/elo-stack-XXXXXX")"
   CLEAN_DATA=1
 else
