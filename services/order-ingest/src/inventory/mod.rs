@@ -89,11 +89,22 @@ struct Cached {
     qty: Option<Decimal4>,
     /// When it was cached, for the TTL (staggered by SKU: [`crate::flight::staggered`]).
     at: Instant,
+    /// When it was stored, not staggered: a pending reading serves the checks that arrived
+    /// before then (they waited for that very fetch).
+    stored: Instant,
     /// No later than when it was read (ms UTC): it serves orders placed until then.
     read_at: i64,
     /// Queued for a background reading (once per reading, unless an order's newer reading held
     /// the refresh back and was then forgotten).
     refresh_queued: bool,
+}
+
+impl Cached {
+    /// A reading stored now, its expiry staggered by SKU.
+    fn now(qty: Option<Decimal4>, read_at: i64, ttl: Duration, sku: &str) -> Self {
+        let stored = Instant::now();
+        Self { qty, at: crate::flight::staggered(stored, ttl, sku), stored, read_at, refresh_queued: false }
+    }
 }
 
 enum Observation {
@@ -203,7 +214,9 @@ impl InventoryChecker {
         };
         cached.or_else(|| {
             let pending = self.pending.lock().expect("cache lock");
-            pending.get(sku).filter(|c| usable(c) && arrived <= c.at).map(|c| c.qty)
+            // Compared with when it was stored, not with its staggered expiry stamp (up to a
+            // quarter TTL earlier), which no check behind a fetch of a few ms would ever precede.
+            pending.get(sku).filter(|c| usable(c) && arrived <= c.stored).map(|c| c.qty)
         })
     }
 
@@ -250,15 +263,12 @@ impl InventoryChecker {
                         metrics::REFRESHES.with_label_values(&["refreshed"]).inc();
                         // Like an inline fetch's: checks that waited for this read reuse it while
                         // its fact is on its way (then [`Self::remember`] or [`Self::forget`]).
-                        let at = crate::flight::staggered(Instant::now(), ttl, sku);
-                        let reading = Cached { qty: Some(qty), at, read_at, refresh_queued: false };
-                        self.hold_pending(sku, reading);
+                        self.hold_pending(sku, Cached::now(Some(qty), read_at, ttl, sku));
                         Some(self.event(sku, qty, None, read_at))
                     }
                     Ok(None) => {
                         metrics::REFRESHES.with_label_values(&["refreshed"]).inc();
-                        let at = crate::flight::staggered(Instant::now(), ttl, sku);
-                        self.cache_entry(sku, Cached { qty: None, at, read_at, refresh_queued: false });
+                        self.cache_entry(sku, Cached::now(None, read_at, ttl, sku));
                         None
                     }
                     Err(error) => {
@@ -294,8 +304,7 @@ impl InventoryChecker {
                     Ok(qty) => {
                         let outcome = if qty.is_some() { "fetched" } else { "unknown_sku" };
                         metrics::CHECKS.with_label_values(&[outcome]).inc();
-                        let at = crate::flight::staggered(Instant::now(), self.config.cache_ttl, sku);
-                        let reading = Cached { qty, at, read_at, refresh_queued: false };
+                        let reading = Cached::now(qty, read_at, self.config.cache_ttl, sku);
                         if qty.is_none() {
                             // Not stock-managed: no event to wait for.
                             self.cache_entry(sku, reading);
@@ -335,8 +344,7 @@ impl InventoryChecker {
     /// Caches an observation once its event was acknowledged (never an older read over a newer).
     pub fn remember(&self, event: &InventoryEvent) {
         let read_at = event.occurred_at;
-        let at = crate::flight::staggered(Instant::now(), self.config.cache_ttl, event.sku.as_str());
-        self.cache_entry(&event.sku, Cached { qty: Some(event.salable_qty), at, read_at, refresh_queued: false });
+        self.cache_entry(&event.sku, Cached::now(Some(event.salable_qty), read_at, self.config.cache_ttl, &event.sku));
         self.forget(event);
     }
 
@@ -347,8 +355,8 @@ impl InventoryChecker {
     fn hold_pending(&self, sku: &str, reading: Cached) {
         let mut pending = self.pending.lock().expect("cache lock");
         if pending.len() >= CACHE_SWEEP_AT {
-            let ttl = self.config.cache_ttl;
-            pending.retain(|_, held| held.at.elapsed() < ttl);
+            let (ttl, now) = (self.config.cache_ttl, Instant::now());
+            pending.retain(|_, held| now.saturating_duration_since(held.at) < ttl);
         }
         pending.insert(sku.to_owned(), reading);
     }

@@ -316,10 +316,11 @@ impl Workload<'_> {
         let in_flight = *CONCURRENCY.last().expect("a concurrency");
         // Paced, the raw producer runs with order-ingest's own settings (no idle linger).
         let raw = raw_paced(&self.raw[self.raw.len() - 1].1, self.topic, self.encoded, rate).await?;
-        let before = reqwest::get(self.metrics_url).await?.text().await?;
         if self.prime {
             prime(self.url, self.bodies, in_flight)?;
         }
+        // Read after the priming pass: its closed-loop webhooks are not the paced run's.
+        let before = reqwest::get(self.metrics_url).await?.text().await?;
         let push = with_cpu(self.ingest_pid, || loadgen(self.url, self.bodies, in_flight, rate))?;
         anyhow::ensure!(push["errors"] == 0, "push answered errors at half the best rate: {push}");
         let after = reqwest::get(self.metrics_url).await?.text().await?;
