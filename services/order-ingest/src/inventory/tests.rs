@@ -186,6 +186,7 @@ async fn a_reading_whose_fact_was_never_acknowledged_is_not_reused_later() {
 #[derive(Default)]
 struct GatedReads {
     gate: tokio::sync::RwLock<()>,
+    reads: AtomicUsize,
 }
 
 impl MagentoApi for GatedReads {
@@ -196,6 +197,7 @@ impl MagentoApi for GatedReads {
         Err(SourceError::NotFound)
     }
     async fn salable_qty(&self, _: &str, _: i32) -> Result<Option<Decimal4>, SourceError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         let _open = self.gate.read().await;
         Ok(Some(Decimal4::from_units(10)))
     }
@@ -419,7 +421,9 @@ async fn an_abandoned_newer_reading_stops_holding_the_refresh_back_after_a_ttl()
 /// must not take a reading still in its TTL.
 #[tokio::test]
 async fn abandoned_readings_are_swept_once_expired() {
-    let ttl = Duration::from_secs(1);
+    // Long enough that the live reading (its expiry staggered up to a quarter TTL back) outlives
+    // a stalled test thread between the two last checks.
+    let ttl = Duration::from_secs(3);
     let checker = checker(InventoryConfig { cache_ttl: ttl, ..Default::default() });
     let magento = GatedReads::default(); // the gate stays open: every read answers at once
     let skus: Vec<String> = (1..CACHE_SWEEP_AT).map(|i| format!("SKU-{i}")).collect();
@@ -444,11 +448,24 @@ async fn abandoned_readings_are_swept_once_expired() {
 /// reading's expiry is staggered (up to a quarter of the 30 s TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checks_that_waited_for_a_fetch_reuse_it_before_its_fact_is_acknowledged() {
-    let magento = counting(&[("A", 10)]);
-    let checker = checker(InventoryConfig::default());
+    let magento = Arc::new(GatedReads::default());
+    let checker = Arc::new(checker(InventoryConfig::default()));
     let order = order_with(&["A"]);
-    let checks = futures::future::join_all((0..20).map(|_| checker.check(&magento, &order, 1_000))).await;
-    assert_eq!(magento.calls.load(Ordering::SeqCst), 1, "one read for the burst");
+    // Magento held until every check of the burst is waiting for the first one's read.
+    let closed = magento.gate.write().await;
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let (magento, checker, order) = (magento.clone(), checker.clone(), order.clone());
+            tokio::spawn(async move { checker.check(magento.as_ref(), &order, 1_000).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(closed);
+    let mut checks = Vec::new();
+    for check in burst {
+        checks.push(check.await.unwrap());
+    }
+    assert_eq!(magento.reads.load(Ordering::SeqCst), 1, "one read for the burst");
     assert!(checks.iter().all(|c| c.status == InventoryStatus::Ok), "{checks:?}");
     assert_eq!(checks.iter().map(|c| c.events.len()).sum::<usize>(), 1, "one stock fact for one reading");
 }
