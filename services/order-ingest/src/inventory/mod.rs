@@ -99,6 +99,15 @@ struct Cached {
     refresh_queued: bool,
 }
 
+/// Past [`CACHE_SWEEP_AT`] entries, drops the expired ones (a bound on memory; expired readings
+/// are never served). The clock is read once for the whole walk.
+fn sweep_expired(readings: &mut HashMap<String, Cached>, ttl: Duration) {
+    if readings.len() >= CACHE_SWEEP_AT {
+        let now = Instant::now();
+        readings.retain(|_, reading| now.saturating_duration_since(reading.at) < ttl);
+    }
+}
+
 impl Cached {
     /// A reading stored now, its expiry staggered by SKU.
     fn now(qty: Option<Decimal4>, read_at: i64, ttl: Duration, sku: &str) -> Self {
@@ -354,19 +363,13 @@ impl InventoryChecker {
     /// cache's are, instead of one staying for every SKU ever abandoned.
     fn hold_pending(&self, sku: &str, reading: Cached) {
         let mut pending = self.pending.lock().expect("cache lock");
-        if pending.len() >= CACHE_SWEEP_AT {
-            let (ttl, now) = (self.config.cache_ttl, Instant::now());
-            pending.retain(|_, held| now.saturating_duration_since(held.at) < ttl);
-        }
+        sweep_expired(&mut pending, self.config.cache_ttl);
         pending.insert(sku.to_owned(), reading);
     }
 
     fn cache_entry(&self, sku: &str, reading: Cached) {
         let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_SWEEP_AT {
-            let ttl = self.config.cache_ttl;
-            cache.retain(|_, cached| cached.at.elapsed() < ttl);
-        }
+        sweep_expired(&mut cache, self.config.cache_ttl);
         if cache.get(sku).is_none_or(|newest| newest.read_at <= reading.read_at) {
             cache.insert(sku.to_owned(), reading);
         }

@@ -129,30 +129,39 @@ fn cpu_secs(pid: i32) -> f64 {
     ticks / 100.0
 }
 
-/// One `elo-loadgen` run; its JSON line.
-fn loadgen(url: &str, bodies: &Path, concurrency: usize, rate: f64) -> anyhow::Result<Value> {
+/// `elo-loadgen` sending `bodies` to `url`, `concurrency` in flight, with `extra` arguments; its
+/// standard output.
+fn run_loadgen(url: &str, bodies: &Path, concurrency: usize, extra: &[&str]) -> anyhow::Result<Vec<u8>> {
     let output = Command::new(sibling("elo-loadgen")?)
         .args(["--url", url, "--secret", SECRET])
         .arg("--bodies")
         .arg(bodies)
-        .args(["--concurrency", &concurrency.to_string(), "--rate", &rate.to_string()])
-        .args(["--warmup-secs", &WARMUP.as_secs_f64().to_string(), "--secs", &WINDOW.as_secs_f64().to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(extra)
         .output()?;
     anyhow::ensure!(output.status.success(), "elo-loadgen failed: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(serde_json::from_slice(&output.stdout)?)
+    Ok(output.stdout)
+}
+
+/// One measured `elo-loadgen` run; its JSON line.
+fn loadgen(url: &str, bodies: &Path, concurrency: usize, rate: f64) -> anyhow::Result<Value> {
+    let (rate, warmup, window) = (rate.to_string(), WARMUP.as_secs_f64().to_string(), WINDOW.as_secs_f64().to_string());
+    let extra = ["--rate", rate.as_str(), "--warmup-secs", warmup.as_str(), "--secs", window.as_str()];
+    Ok(serde_json::from_slice(&run_loadgen(url, bodies, concurrency, &extra)?)?)
+}
+
+/// A measured run against the process `pid` serves, with its CPU per request
+/// ([`with_cpu`]); a run with any refused request is an error, not a figure.
+fn measured(pid: i32, url: &str, bodies: &Path, concurrency: usize, rate: f64, what: &str) -> anyhow::Result<Value> {
+    let line = with_cpu(pid, || loadgen(url, bodies, concurrency, rate))?;
+    anyhow::ensure!(line["errors"] == 0, "{what} answered errors ({concurrency} in flight, rate {rate}/s): {line}");
+    Ok(line)
 }
 
 /// Every body sent once (`elo-loadgen --prime`, nothing measured): the caches warm, in a process
 /// of its own so the CPU read over the measured run that follows is not charged for it.
 fn prime(url: &str, bodies: &Path, concurrency: usize) -> anyhow::Result<()> {
-    let output = Command::new(sibling("elo-loadgen")?)
-        .args(["--prime", "--url", url, "--secret", SECRET])
-        .arg("--bodies")
-        .arg(bodies)
-        .args(["--concurrency", &concurrency.to_string(), "--warmup-secs", "0", "--secs", "0"])
-        .output()?;
-    anyhow::ensure!(output.status.success(), "elo-loadgen --prime failed: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(())
+    run_loadgen(url, bodies, concurrency, &["--prime", "--warmup-secs", "0", "--secs", "0"]).map(drop)
 }
 
 /// An order's event as order-ingest publishes it: key, Avro payload and event type (the
@@ -284,8 +293,7 @@ impl Workload<'_> {
                 prime(self.url, self.bodies, c)?;
             }
             self.magento.counters.reset();
-            let push = with_cpu(self.ingest_pid, || loadgen(self.url, self.bodies, c, 0.0))?;
-            anyhow::ensure!(push["errors"] == 0, "push answered errors at {c} concurrent: {push}");
+            let push = measured(self.ingest_pid, self.url, self.bodies, c, 0.0, "push")?;
             let diagnostic = format!(
                 "  {c} in flight: {} webhooks sent{}; order-ingest used {:.0} CPU-µs per webhook; Magento calls: {}; raw ceiling = the best of {}",
                 push["sent"],
@@ -295,14 +303,7 @@ impl Workload<'_> {
                 self.magento.counters.snapshot().get("magento").cloned().unwrap_or_else(|| json!({})),
                 candidates.join(", ")
             );
-            let hop = match self.hop {
-                Some((url, pid)) => {
-                    let hop = with_cpu(pid, || loadgen(url, self.bodies, c, 0.0))?;
-                    anyhow::ensure!(hop["errors"] == 0, "the HTTP hop answered errors at {c} concurrent: {hop}");
-                    Some(hop)
-                }
-                None => None,
-            };
+            let hop = self.hop.map(|(url, pid)| measured(pid, url, self.bodies, c, 0.0, "the HTTP hop")).transpose()?;
             runs.push(Measured { concurrency: c, push, raw, hop, diagnostic });
         }
         Ok(runs)
@@ -321,8 +322,7 @@ impl Workload<'_> {
         }
         // Read after the priming pass: its closed-loop webhooks are not the paced run's.
         let before = reqwest::get(self.metrics_url).await?.text().await?;
-        let push = with_cpu(self.ingest_pid, || loadgen(self.url, self.bodies, in_flight, rate))?;
-        anyhow::ensure!(push["errors"] == 0, "push answered errors at half the best rate: {push}");
+        let push = measured(self.ingest_pid, self.url, self.bodies, in_flight, rate, "push")?;
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
         let slow = |name: &str, topic: Option<&str>| {
@@ -336,14 +336,8 @@ impl Workload<'_> {
             "  order-ingest's own metrics over the half-rate run: {webhook_10:.1}% of webhooks took over 10 ms from arrival to acknowledgement ({webhook_25:.1}% over 25 ms); {ack_10:.1}% of its sends waited over 10 ms for the broker's acknowledgement ({ack_25:.1}% over 25 ms)"
         );
         // The HTTP hop paced the same: the tail any webhook front has at this rate on this box.
-        let hop = match self.hop {
-            Some((url, pid)) => {
-                let hop = with_cpu(pid, || loadgen(url, self.bodies, in_flight, rate))?;
-                anyhow::ensure!(hop["errors"] == 0, "the HTTP hop answered errors at half the best rate: {hop}");
-                Some(hop)
-            }
-            None => None,
-        };
+        let hop =
+            self.hop.map(|(url, pid)| measured(pid, url, self.bodies, in_flight, rate, "the HTTP hop")).transpose()?;
         Ok(HalfRate { push, raw, hop, inside })
     }
 }
