@@ -33,6 +33,7 @@ pub mod oauth;
 pub mod poll;
 pub mod push;
 pub mod source;
+pub mod swept;
 pub mod wiring;
 
 mod config;

@@ -18,7 +18,6 @@
 //! The `event_id` identifies the source fact only, so a redelivered order keeps its id even if
 //! the stock observed the second time differs.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use elo_events::{CommerceEvent, InventoryEvent, MarketingConsent};
 use crate::inventory::InventoryChecker;
 use crate::push::{PublishError, Publisher};
 use crate::source::MagentoApi;
+use crate::swept::SweptMap;
 
 /// Publishes stock facts to `inventory.events`.
 pub trait InventoryPublisher: Send + Sync + 'static {
@@ -46,10 +46,10 @@ pub struct Enricher<P, M> {
     magento: M,
     inventory: Option<InventoryChecker>,
     consent_ttl: Duration,
-    consents: Mutex<HashMap<i64, CachedConsent>>,
+    consents: Mutex<SweptMap<i64, CachedConsent>>,
     /// When each customer's consent was last invalidated (their own change, an erasure): a
     /// Magento read started before that must not be cached (it may hold the old value).
-    invalidated: Mutex<HashMap<i64, Instant>>,
+    invalidated: Mutex<SweptMap<i64, Instant>>,
     consent_flights: crate::flight::Flights<i64>,
     budget: Option<Budget>,
     /// Where consents due for a refresh are queued ([`refresh_consents`]); `None`: they expire.
@@ -74,14 +74,15 @@ pub struct Budget {
     pub late: tokio::sync::mpsc::Sender<CommerceEvent>,
 }
 
-/// Consent entries kept before expired ones are swept.
+/// Consent entries (and invalidation marks) kept before expired ones are first swept
+/// ([`SweptMap`]).
 const CONSENT_SWEEP_AT: usize = 50_000;
 
 impl<P, M> Enricher<P, M> {
     /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
     pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
-        let (consents, consent_flights) = (Mutex::new(HashMap::new()), Default::default());
-        let invalidated = Mutex::new(HashMap::new());
+        let (consents, consent_flights) = (Mutex::new(SweptMap::new(CONSENT_SWEEP_AT)), Default::default());
+        let invalidated = Mutex::new(SweptMap::new(CONSENT_SWEEP_AT));
         Self {
             inner,
             magento,
@@ -225,10 +226,8 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                     // order (as read), not cached; the next order reads again.
                     return Some(consent);
                 }
-                if cache.len() >= CONSENT_SWEEP_AT {
-                    let ttl = self.consent_ttl;
-                    cache.retain(|_, cached| cached.at.elapsed() < ttl);
-                }
+                let ttl = self.consent_ttl;
+                cache.sweep(|_, cached| cached.at.elapsed() < ttl);
                 let at = crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id);
                 cache.insert(customer_id, CachedConsent { consent: consent.clone(), at, refresh_queued: false });
                 Some(consent)
@@ -256,10 +255,8 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
             // value in between the mark and the removal.
             let mut cache = self.consents.lock().expect("consent lock");
             let mut invalidated = self.invalidated.lock().expect("invalidated lock");
-            if invalidated.len() >= CONSENT_SWEEP_AT {
-                // Reads take at most a few request timeouts: older marks guard nothing.
-                invalidated.retain(|_, at| at.elapsed() < INVALIDATION_KEPT);
-            }
+            // Reads take at most a few request timeouts: older marks guard nothing.
+            invalidated.sweep(|_, at| at.elapsed() < INVALIDATION_KEPT);
             invalidated.insert(id, Instant::now());
             cache.remove(&id);
         }

@@ -18,7 +18,7 @@
 //! already placed, most of a store's webhooks) are served without waiting for Magento every TTL.
 //! A new order still waits for a reading taken after it was placed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::source::{MagentoApi, SourceError};
+use crate::swept::SweptMap;
 
 /// Inventory check settings.
 #[derive(Clone, Debug)]
@@ -73,10 +74,10 @@ pub struct OrderCheck {
 pub struct InventoryChecker {
     config: InventoryConfig,
     permits: Semaphore,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<SweptMap<String, Cached>>,
     /// Fetched, its fact not yet acknowledged: shared with orders that waited on the fetch
     /// (single flight), never served from the cache.
-    pending: Mutex<HashMap<String, Cached>>,
+    pending: Mutex<SweptMap<String, Cached>>,
     flights: crate::flight::Flights<String>,
     /// Where SKUs due for a background reading are queued (push path); `None`: entries expire.
     refresh: Option<tokio::sync::mpsc::Sender<String>>,
@@ -99,13 +100,12 @@ struct Cached {
     refresh_queued: bool,
 }
 
-/// Past [`CACHE_SWEEP_AT`] entries, drops the expired ones (a bound on memory; expired readings
-/// are never served). The clock is read once for the whole walk.
-fn sweep_expired(readings: &mut HashMap<String, Cached>, ttl: Duration) {
-    if readings.len() >= CACHE_SWEEP_AT {
-        let now = Instant::now();
-        readings.retain(|_, reading| now.saturating_duration_since(reading.at) < ttl);
-    }
+/// Past its threshold ([`CACHE_SWEEP_AT`] at first, see [`SweptMap`]), drops the expired
+/// readings (a bound on memory; expired readings are never served). The clock is read once for
+/// the whole walk.
+fn sweep_expired(readings: &mut SweptMap<String, Cached>, ttl: Duration) {
+    let now = Instant::now();
+    readings.sweep(|_, reading| now.saturating_duration_since(reading.at) < ttl);
 }
 
 impl Cached {
@@ -127,7 +127,7 @@ impl InventoryChecker {
     pub fn new(config: InventoryConfig) -> Self {
         metrics::CHECKS.with_label_values(&["fetched"]).inc_by(0);
         let permits = Semaphore::new(config.concurrency.max(1));
-        let (cache, pending) = (Mutex::new(HashMap::new()), Mutex::new(HashMap::new()));
+        let (cache, pending) = (Mutex::new(SweptMap::new(CACHE_SWEEP_AT)), Mutex::new(SweptMap::new(CACHE_SWEEP_AT)));
         Self { config, permits, cache, pending, flights: Default::default(), refresh: None, clock: crate::now_ms }
     }
 

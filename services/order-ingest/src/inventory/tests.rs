@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -441,6 +442,22 @@ async fn abandoned_readings_are_swept_once_expired() {
     let mut kept: Vec<&str> = pending.keys().map(String::as_str).collect();
     kept.sort();
     assert_eq!(kept, ["LIVE", "NEW"], "expired readings swept, live ones kept");
+}
+
+/// Past the sweep mark with every reading still live (a backfill reading many SKUs within one
+/// TTL), a sweep can free nothing: the map must not be walked again on every insert (50,000
+/// entries under the lock each webhook needs), only once it has doubled.
+#[tokio::test]
+async fn live_readings_past_the_sweep_mark_are_not_walked_on_every_insert() {
+    let checker = checker(InventoryConfig::default()); // 30 s TTL: nothing expires in this test
+    let magento = GatedReads::default();
+    let skus: Vec<String> = (0..CACHE_SWEEP_AT + 1_000).map(|i| format!("SKU-{i}")).collect();
+    let skus: Vec<&str> = skus.iter().map(String::as_str).collect();
+    let check = checker.check(&magento, &order_with(&skus), 1).await;
+    assert_eq!(check.events.len(), CACHE_SWEEP_AT + 1_000);
+    let pending = checker.pending.lock().unwrap();
+    assert_eq!(pending.len(), CACHE_SWEEP_AT + 1_000, "live readings are never swept");
+    assert_eq!(pending.sweeps(), 1, "one walk at the mark, none for the 1,000 inserts after it");
 }
 
 /// A burst of orders for one hot SKU costs one Magento call while the reading's fact is still on
