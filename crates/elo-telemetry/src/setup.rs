@@ -69,7 +69,16 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<TelemetryGuar
     let provider = builder.build();
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     opentelemetry::global::set_tracer_provider(provider.clone());
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service)).with_filter(trace_filter);
+    // Per span, not per request path: no thread attributes (an async span moves between
+    // threads), no busy/idle timing on every poll, and no OpenTelemetry context attached on every
+    // enter (nothing here reads `Context::current()`: injection reads the span's own context).
+    // Each of these cost every webhook CPU on the push path.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_context_activation(false)
+        .with_tracer(provider.tracer(service))
+        .with_filter(trace_filter);
 
     let fmt_layer = match args.log_format {
         // Logs go to stderr; stdout stays free for command output.

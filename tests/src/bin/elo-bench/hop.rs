@@ -24,9 +24,15 @@ const EVENT_TYPE: &str = "ELO_BENCH_HOP_EVENT_TYPE";
 /// than that when the box is contended), standing in for a service's own work
 /// (`ELO_BENCH_HOP_SPIN_US`, passed through from the bench's environment).
 const SPIN_US: &str = "ELO_BENCH_HOP_SPIN_US";
+/// Experiments: send through Elo's own producer (`elo_kafka::Producer`, no linger: order-ingest's
+/// wrapper, metrics and settings) instead of a bare one (`ELO_BENCH_HOP_ELO_PRODUCER`, passed
+/// through). Its records carry the event-type header only: the hop has no span to propagate.
+const ELO_PRODUCER: &str = "ELO_BENCH_HOP_ELO_PRODUCER";
 
 struct Hop {
     producer: FutureProducer,
+    /// Set by [`ELO_PRODUCER`]: used instead of `producer`.
+    elo: Option<elo_kafka::Producer>,
     topic: String,
     payload_bytes: usize,
     event_type: String,
@@ -44,8 +50,17 @@ pub(crate) async fn serve(kafka: &elo_kafka::KafkaArgs) -> anyhow::Result<()> {
     let listen = std::env::var(LISTEN)?;
     let mut settings = crate::raw_producer_config(kafka);
     settings.set("linger.ms", "0");
+    let elo = match std::env::var_os(ELO_PRODUCER) {
+        Some(_) => {
+            let mut kafka = kafka.clone();
+            kafka.options.push(("linger.ms".to_owned(), "0".to_owned()));
+            Some(elo_kafka::Producer::new(&kafka, elo_telemetry::Health::new())?)
+        }
+        None => None,
+    };
     let hop = std::sync::Arc::new(Hop {
         producer: settings.create()?,
+        elo,
         topic: std::env::var(TOPIC)?,
         payload_bytes: std::env::var(PAYLOAD_BYTES)?.parse()?,
         event_type: std::env::var(EVENT_TYPE)?,
@@ -68,6 +83,10 @@ async fn receive(State(hop): State<std::sync::Arc<Hop>>, body: Bytes) -> StatusC
     let key = format!("customer-{}", hasher.finish() % 1_000);
     let payload = &body[..body.len().min(hop.payload_bytes)];
     let n = hop.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(elo) = &hop.elo {
+        let sent = elo.send(&hop.topic, key.as_bytes(), payload, Some(&hop.event_type)).await;
+        return if sent.is_ok() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    }
     let record = FutureRecord::to(&hop.topic)
         .key(key.as_bytes())
         .payload(payload)
@@ -79,14 +98,19 @@ async fn receive(State(hop): State<std::sync::Arc<Hop>>, body: Bytes) -> StatusC
     if acknowledged { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
 }
 
-/// This executable started as the hop on `listen`, producing to `topic`.
+/// This executable started as the hop on `listen`, producing to `topic`; with `spin_us`, it
+/// busy-waits that long per request (else as `ELO_BENCH_HOP_SPIN_US` says, if set).
 pub(crate) fn spawn(
     listen: u16,
     topic: &str,
     payload_bytes: usize,
     event_type: &str,
+    spin_us: Option<u64>,
 ) -> anyhow::Result<elo_integration_tests::ChildGuard> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
+    if let Some(spin_us) = spin_us {
+        command.env(SPIN_US, spin_us.to_string());
+    }
     command
         .env(LISTEN, format!("127.0.0.1:{listen}"))
         .env(TOPIC, topic)

@@ -352,6 +352,20 @@ fn with_cpu(pid: i32, run: impl FnOnce() -> anyhow::Result<Value>) -> anyhow::Re
     Ok(line)
 }
 
+/// The HTTP hop ([`crate::hop`]) on a port of its own, listening; its process and URL.
+async fn spawn_hop(
+    topic: &str,
+    payload_bytes: usize,
+    event_type: &str,
+    spin_us: Option<u64>,
+) -> anyhow::Result<(elo_integration_tests::ChildGuard, String)> {
+    let port = free_port();
+    let hop = crate::hop::spawn(port, topic, payload_bytes, event_type, spin_us)?;
+    let ready = wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    anyhow::ensure!(ready, "the HTTP hop never listened");
+    Ok((hop, format!("http://127.0.0.1:{port}/webhooks/magento/orders")))
+}
+
 /// The half-rate run.
 struct HalfRate {
     /// The load generator's line for order-ingest.
@@ -575,14 +589,9 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         [("shared defaults (linger 5 ms)", shared), ("order-ingest's settings (linger 0)", ingest_settings.create()?)];
 
     // The HTTP hop alone, sending records the size of the average encoded event.
-    let hop_port = free_port();
     let average = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / encoded.len().max(1);
     let event_type = encoded.first().map_or("ORDER_PLACED", |e| e.event_type.as_str());
-    let hop = crate::hop::spawn(hop_port, &topic, average, event_type)?;
-    let ready =
-        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", hop_port)).is_ok()).await;
-    anyhow::ensure!(ready, "the HTTP hop never listened");
-    let hop_url = format!("http://127.0.0.1:{hop_port}/webhooks/magento/orders");
+    let (hop, hop_url) = spawn_hop(&topic, average, event_type, None).await?;
 
     let workload = |bodies, prime, hop| Workload {
         url: &url,
@@ -599,6 +608,22 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let plain = workload(&plain_file, true, Some((hop_url.as_str(), hop.pid())));
     let plain_runs = plain.closed_loop().await?;
     let plain_half = plain.half_rate(&plain_runs).await?;
+    drop(hop);
+    // The hop again, now also spending what order-ingest spends per request beyond it: whether a
+    // webhook front with order-ingest's CPU per request has its tail on this box, whatever the
+    // work is.
+    let spun_half = match &plain_half.hop {
+        Some(hop_half) => {
+            let cpu = |line: &Value| line["cpu_us_per_request"].as_f64().unwrap_or(0.0);
+            let spin_us = (cpu(&plain_half.push) - cpu(hop_half)).max(0.0).round() as u64;
+            let (spun, url) = spawn_hop(&topic, average, event_type, Some(spin_us)).await?;
+            let (rate, in_flight) =
+                (plain_half.push["target_rate"].as_f64().unwrap_or(0.0), *CONCURRENCY.last().expect("a concurrency"));
+            let line = measured(spun.pid(), &url, &plain_file, in_flight, rate, "the spinning HTTP hop")?;
+            Some((spin_us, line))
+        }
+        None => None,
+    };
     let cloud_measured = match &cloud_file {
         Some(cloud_file) => {
             let cloud = workload(cloud_file, false, None);
@@ -630,6 +655,19 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
         if half_p99 < 10.0 { "met" } else { "NOT met" },
         plain_half.raw.1,
     );
+    if let Some((spin_us, spun)) = &spun_half {
+        println!(
+            "  the HTTP hop also spinning {spin_us} µs per request (order-ingest's CPU per webhook beyond the hop's), paced the same: p50 {:.1} ms, p99 {:.1} ms, {:.0} CPU-µs per request",
+            spun["p50_ms"].as_f64().unwrap_or(0.0),
+            spun["p99_ms"].as_f64().unwrap_or(f64::INFINITY),
+            spun["cpu_us_per_request"].as_f64().unwrap_or(f64::NAN),
+        );
+        rows.push(json!({
+            "benchmark": "HTTP hop spending order-ingest's CPU per request, at order-ingest's half rate", "unit": "requests/s",
+            "elo": spun["rate"], "p50_ms": spun["p50_ms"], "p99_ms": spun["p99_ms"], "spin_us": spin_us,
+            "cpu_us_per_request": spun["cpu_us_per_request"],
+        }));
+    }
     let Some((cloud_runs, cloud_half)) = cloud_measured else { return Ok(()) };
     print_runs(
         &format!(
