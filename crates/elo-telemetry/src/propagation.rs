@@ -62,13 +62,12 @@ mod tests {
 
     use super::*;
 
-    /// Runs `f` inside a span of a subscriber that gives spans OpenTelemetry ids, with the W3C
-    /// propagator the services install.
+    /// Runs `f` inside a span of a subscriber that gives spans OpenTelemetry ids as the services'
+    /// does ([`crate::setup::span_layer`]), with the W3C propagator the services install.
     fn in_traced_span<T>(parent: Option<&HashMap<String, String>>, f: impl FnOnce() -> T) -> T {
         opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-        let subscriber =
-            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let subscriber = tracing_subscriber::registry().with(crate::setup::span_layer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!("publish");
             if let Some(parent) = parent {

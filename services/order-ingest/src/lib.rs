@@ -11,7 +11,8 @@
 //! - [`erasure`]: erased keys (compacted topic) checked before anything is published.
 //! - [`source`], [`wiring`], [`compacted`] and [`oauth`]: the Magento and Kafka seams and their
 //!   production implementations (REST client, OAuth 1.0a signing, compacted-topic state).
-//! - [`json`] (money read without floats) and [`flight`] (single-flight lookups): small helpers.
+//! - [`json`] (money read without floats), [`flight`] (single-flight lookups) and [`swept`]
+//!   (caches bounded by amortised sweeps): small helpers.
 //! - `config` ([`Config`]) and `paths`: settings, and how each path is started.
 //!
 //! Magento is reached with `elo-http-client` (one client per path, classified retries) rather

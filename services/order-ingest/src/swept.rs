@@ -3,11 +3,14 @@
 //! A sweep walks the whole map under its lock. Sweeping whenever the map holds `floor` entries
 //! would walk it on every insert once that many entries are live (a backfill reading 50,000
 //! customers within a consent TTL): quadratic work under a lock every webhook needs. So the next
-//! sweep waits until the map has doubled what the last one left, which keeps the walks amortised
-//! O(1) per insert and memory within twice the live entries (or `floor`). `moka` or `quick_cache`
-//! would bound memory too, but their eviction (size, LRU) is not what these maps need: entries
-//! leave when they expire or are invalidated, and the readers hold the lock across
-//! check-and-insert, which their APIs do not offer.
+//! sweep waits until the map holds twice what the last one left (at least `floor`): walks stay
+//! amortised O(1) per insert, and the map holds at most twice its live entries as of the last
+//! sweep (expired ones included). A `HashMap` keeps its capacity after a sweep.
+//!
+//! Not `moka` or `quick_cache`: their per-entry expiry would do, but these maps are read and
+//! written under locks held across several of them at once (a consent and its invalidation
+//! marks: no stale read may slip in between), and entries are changed in place under the lock
+//! (a reading queued for refresh), which a concurrent cache's API does not offer.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -29,10 +32,15 @@ impl<K: Hash + Eq, V> SweptMap<K, V> {
         Self { map: HashMap::new(), floor, sweep_at: floor, sweeps: 0 }
     }
 
+    /// Whether the map has reached its threshold: the next [`SweptMap::sweep`] walks it.
+    pub fn due(&self) -> bool {
+        self.map.len() >= self.sweep_at
+    }
+
     /// When the map has reached its threshold, keeps only the entries `keep` accepts and sets
     /// the next threshold to twice what is left (at least `floor`). Returns whether it swept.
     pub fn sweep(&mut self, keep: impl FnMut(&K, &mut V) -> bool) -> bool {
-        if self.map.len() < self.sweep_at {
+        if !self.due() {
             return false;
         }
         self.map.retain(keep);

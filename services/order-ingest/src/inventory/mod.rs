@@ -59,7 +59,8 @@ impl Default for InventoryConfig {
     }
 }
 
-/// Entries kept before expired ones are swept (a bound on memory, not a hard cap).
+/// Entries kept before expired ones are first swept; later sweeps wait for the map to double
+/// what the last one left ([`SweptMap`]). A bound on memory, not a hard cap.
 const CACHE_SWEEP_AT: usize = 50_000;
 
 /// The result of checking one order.
@@ -104,8 +105,10 @@ struct Cached {
 /// readings (a bound on memory; expired readings are never served). The clock is read once for
 /// the whole walk.
 fn sweep_expired(readings: &mut SweptMap<String, Cached>, ttl: Duration) {
-    let now = Instant::now();
-    readings.sweep(|_, reading| now.saturating_duration_since(reading.at) < ttl);
+    if readings.due() {
+        let now = Instant::now();
+        readings.sweep(|_, reading| now.saturating_duration_since(reading.at) < ttl);
+    }
 }
 
 impl Cached {
