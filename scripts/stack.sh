@@ -8,6 +8,8 @@
 #
 # Addresses (overridable): ELO_STACK_KAFKA_PORT (9092), ELO_STACK_REGISTRY_PORT (8081).
 # Throwaway data (without --data) goes under ELO_STACK_DATA_PARENT (default: $TMPDIR or /tmp).
+# ELO_STACK_STORAGE picks Tansu's storage engine (default sqlite://tansu.db, which survives a
+# restart; memory://tansu/ keeps nothing and costs the broker far less CPU: an experiment knob).
 # The command sees ELO_KAFKA_BROKERS / ELO_REGISTRY_URL and, for tests, ELO_TEST_BROKERS /
 # ELO_TEST_REGISTRY.
 set -euo pipefail
@@ -79,7 +81,7 @@ mkdir -p "$DATA/tansu"
 ( cd "$DATA/tansu" && exec setsid "$TANSU_BIN" broker \
     --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
     --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-    --storage-engine "sqlite://tansu.db" ) >"$DATA/tansu.log" 2>&1 &
+    --storage-engine "${ELO_STACK_STORAGE:-sqlite://tansu.db}" ) >"$DATA/tansu.log" 2>&1 &
 PIDS+=($!)
 wait_port "$KAFKA_PORT" tansu
 

@@ -130,3 +130,59 @@ async fn consumer_emits_required_metrics_and_continues_the_producers_trace() {
         assert!(text.contains(&required), "missing {required} in:\n{text}");
     }
 }
+
+/// The producer turns librdkafka's statistics into gauges of where a send waits: the real
+/// client's emission (not a fixture) must parse, and while records go out the broker's round
+/// trip must show a positive average with a p99 and a max at or above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_producer_reports_where_its_sends_waited() {
+    let topic = unique("stats");
+    create_topics(&brokers(), &[(&topic, 3)]).await;
+    let mut kafka = KafkaArgs::local(brokers());
+    kafka.options.push(("statistics.interval.ms".into(), "200".into()));
+    let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
+    producer.wait_connected(Duration::from_secs(30)).await.unwrap();
+    // The producer's series of one gauge family: (avg, p99, max), read in one gather.
+    let windows = |name: &str| {
+        let families = prometheus::gather();
+        let stat = |stat: &str| {
+            families
+                .iter()
+                .filter(|f| f.name() == name)
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| {
+                    let label = |k: &str| m.get_label().iter().find(|l| l.name() == k).map(|l| l.value().to_owned());
+                    label("client").as_deref() == Some("kafka_producer") && label("stat").as_deref() == Some(stat)
+                })
+                .map(|m| m.get_gauge().get_value())
+                .fold(0.0, f64::max)
+        };
+        (stat("avg"), stat("p99"), stat("max"))
+    };
+    // Windows restart at each emission: keep sending until one window held produce requests.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (avg, p99, max) = loop {
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let sends = keys.iter().map(|k| producer.send(&topic, k.as_bytes(), b"v", None));
+        for delivery in futures::future::join_all(sends).await {
+            delivery.unwrap();
+        }
+        let rtt = windows("elo_kafka_broker_rtt_seconds");
+        if rtt.0 > 0.0 {
+            break rtt;
+        }
+        assert!(std::time::Instant::now() < deadline, "no broker round trip reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // p99 is an HDR histogram's estimate: it may round past the exact max.
+    assert!(avg < 5.0 && p99 >= avg && max >= avg, "rtt avg {avg}, p99 {p99}, max {max}");
+    let families: Vec<String> = prometheus::gather().iter().map(|f| f.name().to_owned()).collect();
+    for family in [
+        "elo_kafka_producer_queue_wait_seconds",
+        "elo_kafka_request_queue_wait_seconds",
+        "elo_kafka_requests_in_flight",
+        "elo_kafka_producer_queued_records",
+    ] {
+        assert!(families.iter().any(|f| f == family), "{family} missing from {families:?}");
+    }
+}

@@ -14,6 +14,7 @@
 //! - [`state`]: per-partition key-value state backed by a compacted changelog topic, restored
 //!   on assignment (the Kafka Streams pattern).
 //! - [`admin`]: topic provisioning (the broker does not auto-create topics).
+//! - `stats`: librdkafka's statistics as gauges (where a send waits: queue, socket, broker).
 //! - [`metrics`]: every metric this crate exports.
 //!
 //! # Delivery promise
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod producer;
 pub mod retry;
 pub mod state;
+mod stats;
 
 pub use admin::{TopicSpec, ensure_topics};
 pub use config::KafkaArgs;

@@ -62,6 +62,10 @@ impl ConnectionContext {
 }
 
 impl ClientContext for ConnectionContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        crate::stats::record(self.check, statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         let label = Error::Kafka(error.clone()).code();
@@ -110,7 +114,13 @@ impl Producer {
         let delivery_timeout = args.delivery_timeout_ms.max(1).to_string();
         // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
         // A lower reconnect backoff cap (librdkafka: 10 s) notices a returning broker sooner.
-        let defaults = [("linger.ms", "5"), ("compression.type", "lz4"), ("reconnect.backoff.max.ms", "2000")];
+        // Statistics every 15 s feed the queue-wait and round-trip gauges (`stats`); 0 turns them off.
+        let defaults = [
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            ("reconnect.backoff.max.ms", "2000"),
+            ("statistics.interval.ms", "15000"),
+        ];
         let mut settings = vec![("acks", "all"), ("message.timeout.ms", delivery_timeout.as_str())];
         if args.idempotence {
             settings.push(("enable.idempotence", "true"));

@@ -57,6 +57,12 @@ struct RuntimeContext<H, D> {
 }
 
 impl<H: Handler, D: DeadLetterSink> ClientContext for RuntimeContext<H, D> {
+    // Off unless the operator sets `statistics.interval.ms`; then gauges, never a log line per
+    // emission (rdkafka's default).
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.connection.stats_raw(statistics);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         self.connection.error(error, reason);
     }
