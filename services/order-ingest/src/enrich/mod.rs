@@ -81,8 +81,10 @@ const CONSENT_SWEEP_AT: usize = 50_000;
 impl<P, M> Enricher<P, M> {
     /// `inventory: None` turns inventory checks off (orders stay `UNCHECKED`).
     pub fn new(inner: P, magento: M, inventory: Option<InventoryChecker>, consent_ttl: Duration) -> Self {
-        let (consents, consent_flights) = (Mutex::new(SweptMap::new(CONSENT_SWEEP_AT)), Default::default());
-        let invalidated = Mutex::new(SweptMap::new(CONSENT_SWEEP_AT));
+        let consents = Mutex::new(SweptMap::new(CONSENT_SWEEP_AT, consent_ttl, |cached: &CachedConsent| cached.at));
+        // Reads take at most a few request timeouts: older marks guard nothing.
+        let invalidated = Mutex::new(SweptMap::new(CONSENT_SWEEP_AT, INVALIDATION_KEPT, |at: &Instant| *at));
+        let consent_flights = Default::default();
         Self {
             inner,
             magento,
@@ -226,8 +228,6 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
                     // order (as read), not cached; the next order reads again.
                     return Some(consent);
                 }
-                let ttl = self.consent_ttl;
-                cache.sweep(|_, cached| cached.at.elapsed() < ttl);
                 let at = crate::flight::staggered(Instant::now(), self.consent_ttl, &customer_id);
                 cache.insert(customer_id, CachedConsent { consent: consent.clone(), at, refresh_queued: false });
                 Some(consent)
@@ -255,8 +255,6 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
             // value in between the mark and the removal.
             let mut cache = self.consents.lock().expect("consent lock");
             let mut invalidated = self.invalidated.lock().expect("invalidated lock");
-            // Reads take at most a few request timeouts: older marks guard nothing.
-            invalidated.sweep(|_, at| at.elapsed() < INVALIDATION_KEPT);
             invalidated.insert(id, Instant::now());
             cache.remove(&id);
         }

@@ -101,16 +101,6 @@ struct Cached {
     refresh_queued: bool,
 }
 
-/// Past its threshold ([`CACHE_SWEEP_AT`] at first, see [`SweptMap`]), drops the expired
-/// readings (a bound on memory; expired readings are never served). The clock is read once for
-/// the whole walk.
-fn sweep_expired(readings: &mut SweptMap<String, Cached>, ttl: Duration) {
-    if readings.due() {
-        let now = Instant::now();
-        readings.sweep(|_, reading| now.saturating_duration_since(reading.at) < ttl);
-    }
-}
-
 impl Cached {
     /// A reading stored now, its expiry staggered by SKU.
     fn now(qty: Option<Decimal4>, read_at: i64, ttl: Duration, sku: &str) -> Self {
@@ -130,7 +120,9 @@ impl InventoryChecker {
     pub fn new(config: InventoryConfig) -> Self {
         metrics::CHECKS.with_label_values(&["fetched"]).inc_by(0);
         let permits = Semaphore::new(config.concurrency.max(1));
-        let (cache, pending) = (Mutex::new(SweptMap::new(CACHE_SWEEP_AT)), Mutex::new(SweptMap::new(CACHE_SWEEP_AT)));
+        // Expired readings are never served; past the threshold they are swept (memory bound).
+        let readings = || Mutex::new(SweptMap::new(CACHE_SWEEP_AT, config.cache_ttl, |reading: &Cached| reading.at));
+        let (cache, pending) = (readings(), readings());
         Self { config, permits, cache, pending, flights: Default::default(), refresh: None, clock: crate::now_ms }
     }
 
@@ -365,14 +357,11 @@ impl InventoryChecker {
     /// (never served again: see [`Self::reusable`] and [`Self::refresh`]) are swept as the
     /// cache's are, instead of one staying for every SKU ever abandoned.
     fn hold_pending(&self, sku: &str, reading: Cached) {
-        let mut pending = self.pending.lock().expect("cache lock");
-        sweep_expired(&mut pending, self.config.cache_ttl);
-        pending.insert(sku.to_owned(), reading);
+        self.pending.lock().expect("cache lock").insert(sku.to_owned(), reading);
     }
 
     fn cache_entry(&self, sku: &str, reading: Cached) {
         let mut cache = self.cache.lock().expect("cache lock");
-        sweep_expired(&mut cache, self.config.cache_ttl);
         if cache.get(sku).is_none_or(|newest| newest.read_at <= reading.read_at) {
             cache.insert(sku.to_owned(), reading);
         }
