@@ -35,6 +35,12 @@ pub struct KafkaArgs {
     /// (README, "Known broker issues").
     #[arg(long = "kafka-idempotence", env = "ELO_KAFKA_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub idempotence: bool,
+    /// How often the producer reports where its sends waited (librdkafka statistics into the
+    /// `elo_kafka_*_wait_seconds` and `elo_kafka_broker_rtt_seconds` gauges); 0 turns it off.
+    /// The producer's own: `statistics.interval.ms` among the librdkafka settings would also
+    /// turn statistics on for every consumer, which does not report them.
+    #[arg(long = "kafka-statistics-interval-ms", env = "ELO_KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 15_000)]
+    pub statistics_interval_ms: u64,
 }
 
 fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
@@ -46,7 +52,13 @@ fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
 impl KafkaArgs {
     /// Settings for a local broker at `brokers`, no extras (tests).
     pub fn local(brokers: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), options: Vec::new(), delivery_timeout_ms: 30_000, idempotence: true }
+        Self {
+            brokers: brokers.into(),
+            options: Vec::new(),
+            delivery_timeout_ms: 30_000,
+            idempotence: true,
+            statistics_interval_ms: 15_000,
+        }
     }
 
     /// All librdkafka properties: bootstrap servers, then `ELO_RDKAFKA_*`, then `--kafka-option`.

@@ -15,7 +15,7 @@
 //!   on assignment (the Kafka Streams pattern).
 //! - [`admin`]: topic provisioning (the broker does not auto-create topics).
 //! - `stats`: librdkafka's statistics as gauges (where a send waits: queue, socket, broker).
-//! - [`metrics`]: every metric this crate exports.
+//! - [`metrics`]: the metrics this crate exports (the statistics gauges are in `stats`).
 //!
 //! # Delivery promise
 //! An offset is committed only when every earlier record of its partition was applied or

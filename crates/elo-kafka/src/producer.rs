@@ -34,11 +34,19 @@ pub struct ConnectionContext {
     check: &'static str,
     degraded: Arc<AtomicBool>,
     fatal: Arc<AtomicBool>,
+    /// Records librdkafka's statistics into the producer's gauges (producers only).
+    statistics: bool,
 }
 
 impl ConnectionContext {
     pub(crate) fn new(health: Health, check: &'static str) -> Self {
-        Self { health, check, degraded: Arc::default(), fatal: Arc::default() }
+        Self { health, check, degraded: Arc::default(), fatal: Arc::default(), statistics: false }
+    }
+
+    /// A producer's context: its statistics emissions feed the gauges of [`crate::stats`].
+    fn reporting_statistics(mut self) -> Self {
+        self.statistics = true;
+        self
     }
 
     /// A failure made this connection not ready and no round trip has succeeded since.
@@ -62,8 +70,12 @@ impl ConnectionContext {
 }
 
 impl ClientContext for ConnectionContext {
+    // Other clients' emissions (the librdkafka settings reach every client) are dropped, not
+    // dumped into the log at info level (rdkafka's default).
     fn stats_raw(&self, statistics: &[u8]) {
-        crate::stats::record(self.check, statistics);
+        if self.statistics {
+            crate::stats::record(self.check, statistics);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -114,21 +126,21 @@ impl Producer {
         let delivery_timeout = args.delivery_timeout_ms.max(1).to_string();
         // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
         // A lower reconnect backoff cap (librdkafka: 10 s) notices a returning broker sooner.
-        // Statistics every 15 s feed the queue-wait and round-trip gauges (`stats`); 0 turns them off.
-        let defaults = [
-            ("linger.ms", "5"),
-            ("compression.type", "lz4"),
-            ("reconnect.backoff.max.ms", "2000"),
-            ("statistics.interval.ms", "15000"),
+        let defaults = [("linger.ms", "5"), ("compression.type", "lz4"), ("reconnect.backoff.max.ms", "2000")];
+        // Statistics feed the queue-wait and round-trip gauges (`stats`).
+        let statistics = args.statistics_interval_ms.to_string();
+        let mut settings = vec![
+            ("acks", "all"),
+            ("message.timeout.ms", delivery_timeout.as_str()),
+            ("statistics.interval.ms", statistics.as_str()),
         ];
-        let mut settings = vec![("acks", "all"), ("message.timeout.ms", delivery_timeout.as_str())];
         if args.idempotence {
             settings.push(("enable.idempotence", "true"));
         } else {
             // Retries must not reorder a key's records: one request in flight.
             settings.extend([("enable.idempotence", "false"), ("max.in.flight.requests.per.connection", "1")]);
         }
-        let connection = ConnectionContext::new(health.clone(), "kafka_producer");
+        let connection = ConnectionContext::new(health.clone(), "kafka_producer").reporting_statistics();
         let inner = args.client_config_with(&defaults, &settings)?.create_with_context(connection.clone())?;
         health.set_ready("kafka_producer", false, "connecting");
         Ok(Self { inner, connection, health })

@@ -1,18 +1,20 @@
 //! librdkafka's own statistics as Prometheus gauges: where a produced record waits before the
 //! broker acknowledges it, per broker. `elo_kafka_produce_latency_seconds` says how long a send
-//! took; these say where: in the producer's queue until a request takes it (`int_latency`: with
-//! one request in flight per connection, records wait here for the requests ahead of them), in
-//! the request queue until written to the socket (`outbuf_latency`), or at the broker (`rtt`).
+//! took; these say where: in the producer's queue until a request takes it (`int_latency`:
+//! records wait here for the requests ahead of them, one partition per request, one request in
+//! flight when idempotence is off), in the request queue until written to the socket
+//! (`outbuf_latency`), or at the broker (`rtt`, every request: Produce and Metadata alike).
 //!
-//! librdkafka emits the statistics as JSON every `statistics.interval.ms` on the thread that
-//! serves delivery reports, and its windows restart at each emission, so each gauge is the last
-//! window's value. The parse reads only these fields and skips the rest unread (rdkafka's own
-//! `Statistics` type would build every topic's and partition's entry on that thread, delaying
-//! delivery reports while it does). No maintained crate exports librdkafka statistics to the
-//! `prometheus` crate, hence this module.
+//! librdkafka emits the statistics as JSON every `statistics.interval.ms` (the producer's
+//! `--kafka-statistics-interval-ms`) on the thread that serves delivery reports, and its windows
+//! restart at each emission, so each gauge is the last window's value; a broker gone from the
+//! emission loses its series. The parse builds only these fields and skips over the rest
+//! (rdkafka's own `Statistics` type would build every topic's and partition's entry on that
+//! thread, delaying delivery reports while it does). No maintained crate exports librdkafka
+//! statistics to the `prometheus` crate, hence this module.
 
-use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{LazyLock, Mutex};
 
 use prometheus::{GaugeVec, IntGaugeVec, register_gauge_vec, register_int_gauge_vec};
 use serde::Deserialize;
@@ -29,8 +31,9 @@ pub(crate) fn record(client: &str, raw: &[u8]) {
         }
     };
     QUEUED.with_label_values(&[client]).set(snapshot.msg_cnt);
-    // Bootstrap and coordinator handles (`nodeid` -1 or a logical broker) carry no produce
-    // traffic; real brokers are bounded by the cluster's size.
+    // Bootstrap and logical handles (the group coordinator) keep `nodeid` -1 and carry no
+    // produce traffic; real brokers are bounded by the cluster's size.
+    let mut nodes = BTreeSet::new();
     for broker in snapshot.brokers.values().filter(|b| b.nodeid >= 0) {
         let node = broker.nodeid.to_string();
         let windows = [
@@ -45,8 +48,23 @@ pub(crate) fn record(client: &str, raw: &[u8]) {
             }
         }
         IN_FLIGHT.with_label_values(&[client, &node]).set(broker.waitresp_cnt);
+        nodes.insert(node);
+    }
+    // A broker that left the cluster must not keep showing its last window.
+    let mut reported = REPORTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = reported.insert(client.to_owned(), nodes.clone()).unwrap_or_default();
+    for gone in before.difference(&nodes) {
+        for gauge in [&*QUEUE_WAIT, &*REQUEST_QUEUE_WAIT, &*BROKER_RTT] {
+            for stat in ["avg", "p99", "max"] {
+                let _ = gauge.remove_label_values(&[client, gone, stat]);
+            }
+        }
+        let _ = IN_FLIGHT.remove_label_values(&[client, gone]);
     }
 }
+
+/// The brokers each client's last emission reported.
+static REPORTED: LazyLock<Mutex<HashMap<String, BTreeSet<String>>>> = LazyLock::new(Mutex::default);
 
 /// The fields read; everything else in the payload is skipped.
 #[derive(Deserialize)]
@@ -180,6 +198,30 @@ mod tests {
             .collect();
         assert_eq!(brokers.len(), 3, "avg, p99 and max of broker 1 only: {brokers:?}");
         assert!(brokers.iter().all(|l| l.contains("broker=\"1\"")), "{brokers:?}");
+    }
+
+    #[test]
+    fn a_broker_gone_from_the_emission_loses_its_series() {
+        let mut two: serde_json::Value = serde_json::from_str(&emission(2_000)).unwrap();
+        let mut second = two["brokers"]["127.0.0.1:9092/1"].clone();
+        second["nodeid"] = 2.into();
+        two["brokers"]["127.0.0.1:9093/2"] = second;
+        record("stats-test-d", two.to_string().as_bytes());
+        let series = |broker: &str| {
+            prometheus::gather()
+                .iter()
+                .filter(|f| f.name().starts_with("elo_kafka_"))
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| {
+                    let label = |k: &str| m.get_label().iter().find(|l| l.name() == k).map(|l| l.value().to_owned());
+                    label("client").as_deref() == Some("stats-test-d") && label("broker").as_deref() == Some(broker)
+                })
+                .count()
+        };
+        // Three windows of three stats, and requests in flight.
+        assert_eq!((series("1"), series("2")), (10, 10));
+        record("stats-test-d", emission(2_000).as_bytes());
+        assert_eq!((series("1"), series("2")), (10, 0), "broker 2 left: its series go");
     }
 
     #[test]

@@ -57,8 +57,7 @@ struct RuntimeContext<H, D> {
 }
 
 impl<H: Handler, D: DeadLetterSink> ClientContext for RuntimeContext<H, D> {
-    // Off unless the operator sets `statistics.interval.ms`; then gauges, never a log line per
-    // emission (rdkafka's default).
+    // Statistics are the producer's: a consumer's emissions are dropped (see there).
     fn stats_raw(&self, statistics: &[u8]) {
         self.connection.stats_raw(statistics);
     }
