@@ -117,7 +117,7 @@ def producer_panels(b, job):
     b.graph("Where sends wait, p99 of the last window", [
         (f'max by (broker) (elo_kafka_producer_queue_wait_seconds{{{NS}, {sel}, client="kafka_producer", stat="p99"}})', "producer queue, broker {{broker}}"),
         (f'max by (broker) (elo_kafka_broker_rtt_seconds{{{NS}, {sel}, client="kafka_producer", stat="p99"}})', "broker round trip, broker {{broker}}"),
-    ], "s", description="librdkafka's statistics (every ELO_KAFKA_STATISTICS_INTERVAL_MS, 15 s by default; scrape at least as often or windows are missed): time in the producer's queue until a request takes a record, and the broker's round trip. A queue wait far over the round trip means requests take turns on the connection.")
+    ], "s", description="librdkafka's statistics (every ELO_KAFKA_STATISTICS_INTERVAL_MS, 30 s by default like the scrape; scrape at least as often or windows are missed): time in the producer's queue until a request takes a record, and the broker's round trip. A queue wait far over the round trip means requests take turns on the connection.")
 
 
 def versions(b, w=24):

@@ -124,7 +124,9 @@ async fn every_metric_in_alerts_and_dashboards_is_exported_by_the_running_servic
                 .env("ELO_ADMIN_LISTEN", format!("127.0.0.1:{ingest_admin}"))
                 .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{listen}"))
                 .env("ELO_ORDER_INGEST_WEBHOOK_SECRET_FILE", &secret_file)
-                .env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s"),
+                .env("ELO_ORDER_INGEST_POLL_INTERVAL", "1s")
+                // The producer's statistics gauges every 2 s, not the 30 s default.
+                .env("ELO_KAFKA_STATISTICS_INTERVAL_MS", "2000"),
         ),
     )];
     let consumer = |service: &str, admin: u16, log: &str| {
@@ -142,6 +144,7 @@ async fn every_metric_in_alerts_and_dashboards_is_exported_by_the_running_servic
             .env("ELO_TOPIC_PARTITIONS", "3")
             .env("ELO_CONSUMER_GROUP", format!("{topic}-{log}"))
             .env("ELO_DLQ_TOPIC", format!("{topic}.{log}.dlq"))
+            .env("ELO_KAFKA_STATISTICS_INTERVAL_MS", "2000")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(dir.path().join(format!("{log}.log"))).unwrap());
         command

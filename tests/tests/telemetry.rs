@@ -139,7 +139,7 @@ async fn the_producer_reports_where_its_sends_waited() {
     let topic = unique("stats");
     create_topics(&brokers(), &[(&topic, 3)]).await;
     let mut kafka = KafkaArgs::local(brokers());
-    kafka.options.push(("statistics.interval.ms".into(), "200".into()));
+    kafka.statistics_interval_ms = 200;
     let producer = Producer::new(&kafka, elo_telemetry::Health::new()).unwrap();
     producer.wait_connected(Duration::from_secs(30)).await.unwrap();
     // The producer's series of one gauge family: (avg, p99, max), read in one gather.

@@ -36,10 +36,17 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-idempotence", env = "ELO_KAFKA_IDEMPOTENCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub idempotence: bool,
     /// How often the producer reports where its sends waited (librdkafka statistics into the
-    /// `elo_kafka_*_wait_seconds` and `elo_kafka_broker_rtt_seconds` gauges); 0 turns it off.
-    /// The producer's own: `statistics.interval.ms` among the librdkafka settings would also
-    /// turn statistics on for every consumer, which does not report them.
-    #[arg(long = "kafka-statistics-interval-ms", env = "ELO_KAFKA_STATISTICS_INTERVAL_MS", default_value_t = 15_000)]
+    /// `elo_kafka_*_wait_seconds` and `elo_kafka_broker_rtt_seconds` gauges, each window's value
+    /// kept until the next); 0 turns it off. The default matches the shipped 30 s scrape: a
+    /// shorter interval than the scrape's loses windows. The producer's own setting: it wins
+    /// over `statistics.interval.ms` among the librdkafka settings (which would turn statistics
+    /// on for every client, and only the producer reports them).
+    #[arg(
+        long = "kafka-statistics-interval-ms",
+        env = "ELO_KAFKA_STATISTICS_INTERVAL_MS",
+        default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(0..=86_400_000)
+    )]
     pub statistics_interval_ms: u64,
 }
 
@@ -57,7 +64,7 @@ impl KafkaArgs {
             options: Vec::new(),
             delivery_timeout_ms: 30_000,
             idempotence: true,
-            statistics_interval_ms: 15_000,
+            statistics_interval_ms: 30_000,
         }
     }
 

@@ -127,7 +127,13 @@ impl Producer {
         // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
         // A lower reconnect backoff cap (librdkafka: 10 s) notices a returning broker sooner.
         let defaults = [("linger.ms", "5"), ("compression.type", "lz4"), ("reconnect.backoff.max.ms", "2000")];
-        // Statistics feed the queue-wait and round-trip gauges (`stats`).
+        // Statistics feed the queue-wait and round-trip gauges (`stats`), at the producer's own
+        // interval: a librdkafka-level setting is overridden here, so say so.
+        if args.properties()?.contains_key("statistics.interval.ms") {
+            tracing::warn!(
+                "statistics.interval.ms among the librdkafka settings is ignored by the producer (ELO_KAFKA_STATISTICS_INTERVAL_MS sets its interval) and turns statistics on for every other client"
+            );
+        }
         let statistics = args.statistics_interval_ms.to_string();
         let mut settings = vec![
             ("acks", "all"),

@@ -9,8 +9,9 @@
 //! `--kafka-statistics-interval-ms`) on the thread that serves delivery reports, and its windows
 //! restart at each emission, so each gauge is the last window's value; a broker gone from the
 //! emission loses its series. `avg` and `max` are exact; `p99` is librdkafka's HDR histogram
-//! estimate, within its range (100 ms for the queue waits, 500 ms for the round trip: past it,
-//! read `max`). The parse builds only these fields and skips over the rest
+//! estimate, which leaves out samples past the histogram's range (at first 100 ms for the queue
+//! waits, 500 ms for the round trip; librdkafka widens it for the next window): in a window
+//! with such samples, read `max`. The parse builds only these fields and skips over the rest
 //! (rdkafka's own `Statistics` type would build every topic's and partition's entry on that
 //! thread, delaying delivery reports while it does). No maintained crate exports librdkafka
 //! statistics to the `prometheus` crate, hence this module.
