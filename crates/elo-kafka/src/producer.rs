@@ -360,6 +360,26 @@ mod tests {
         assert!(!context.is_degraded());
     }
 
+    /// Only a producer's emissions reach the gauges: a consumer or admin client that got
+    /// `statistics.interval.ms` through the shared librdkafka settings must not mix its fetch
+    /// long-polls into the producer's round trips.
+    #[test]
+    fn only_a_producers_statistics_reach_the_gauges() {
+        let emission = br#"{"msg_cnt": 3, "brokers": {"b:9092/1": {"nodeid": 1, "waitresp_cnt": 1, "rtt": {"avg": 500000, "p99": 500000, "max": 500000}}}}"#;
+        let series = |client: &str| {
+            prometheus::gather()
+                .iter()
+                .filter(|f| f.name() == "elo_kafka_broker_rtt_seconds")
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| m.get_label().iter().any(|l| l.name() == "client" && l.value() == client))
+                .count()
+        };
+        ConnectionContext::new(Health::new(), "stats-consumer-test").stats_raw(emission);
+        assert_eq!(series("stats-consumer-test"), 0, "a consumer's emission is dropped");
+        ConnectionContext::new(Health::new(), "stats-producer-test").reporting_statistics().stats_raw(emission);
+        assert_eq!(series("stats-producer-test"), 3, "avg, p99 and max of broker 1");
+    }
+
     #[test]
     fn a_fatal_error_makes_the_process_not_live() {
         let health = Health::new();
