@@ -24,6 +24,7 @@ mod hop;
 mod push;
 mod rdstation;
 mod salesforce;
+mod windows;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

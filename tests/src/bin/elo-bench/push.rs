@@ -118,6 +118,8 @@ fn ingest(dir: &Path, topic: &str, magento_url: &str, log: &str, listen: u16) ->
     }
     command
         .env("ELO_ORDER_INGEST_LISTEN", format!("127.0.0.1:{listen}"))
+        // Short statistics windows, read during the half-rate run (`windows`).
+        .env("ELO_KAFKA_STATISTICS_INTERVAL_MS", crate::windows::INTERVAL_MS.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{log}.log")))?);
     Ok(command)
@@ -326,7 +328,11 @@ impl Workload<'_> {
         }
         // Read after the priming pass: its closed-loop webhooks are not the paced run's.
         let before = reqwest::get(self.metrics_url).await?.text().await?;
-        let push = measured(self.ingest_pid, self.url, self.bodies, in_flight, rate, "push")?;
+        let admin = self.metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_owned();
+        let windows = crate::windows::Sampler::start(admin);
+        let push = measured(self.ingest_pid, self.url, self.bodies, in_flight, rate, "push");
+        let windows = windows.finish(WARMUP);
+        let push = push?;
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
         let slow = |name: &str, topic: Option<&str>| {
@@ -337,7 +343,7 @@ impl Workload<'_> {
         let (webhook_10, webhook_25) = slow("order_ingest_publish_latency_seconds", None);
         let (ack_10, ack_25) = slow("elo_kafka_produce_latency_seconds", Some(self.topic));
         let inside = format!(
-            "  order-ingest's own metrics over the half-rate run: {webhook_10:.1}% of webhooks took over 10 ms from arrival to acknowledgement ({webhook_25:.1}% over 25 ms); {ack_10:.1}% of its sends waited over 10 ms for the broker's acknowledgement ({ack_25:.1}% over 25 ms)"
+            "  order-ingest's own metrics over the half-rate run: {webhook_10:.1}% of webhooks took over 10 ms from arrival to acknowledgement ({webhook_25:.1}% over 25 ms); {ack_10:.1}% of its sends waited over 10 ms for the broker's acknowledgement ({ack_25:.1}% over 25 ms)\n{windows}"
         );
         // The HTTP hop paced the same: the tail any webhook front has at this rate on this box.
         let hop =
