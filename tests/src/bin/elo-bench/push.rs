@@ -331,7 +331,7 @@ impl Workload<'_> {
         let admin = self.metrics_url.trim_start_matches("http://").trim_end_matches("/metrics").to_owned();
         let windows = crate::windows::Sampler::start(admin);
         let push = measured(self.ingest_pid, self.url, self.bodies, in_flight, rate, "push");
-        let windows = windows.finish(WARMUP);
+        let windows = windows.finish(WARMUP, WINDOW);
         let push = push?;
         let after = reqwest::get(self.metrics_url).await?.text().await?;
         // order-ingest's own view of the run: where a slow answer spent its time.
