@@ -127,27 +127,24 @@ impl Producer {
         // Tuning the operator may change (`ELO_RDKAFKA_LINGER_MS`, ...); reliability they may not.
         // A lower reconnect backoff cap (librdkafka: 10 s) notices a returning broker sooner.
         let defaults = [("linger.ms", "5"), ("compression.type", "lz4"), ("reconnect.backoff.max.ms", "2000")];
-        // Statistics feed the queue-wait and round-trip gauges (`stats`), at the producer's own
-        // interval: a librdkafka-level setting is overridden here, so say so.
-        if args.properties()?.contains_key("statistics.interval.ms") {
-            tracing::warn!(
-                "statistics.interval.ms among the librdkafka settings is ignored by the producer (ELO_KAFKA_STATISTICS_INTERVAL_MS sets its interval) and turns statistics on for every other client"
-            );
-        }
-        let statistics = args.statistics_interval_ms.to_string();
-        let mut settings = vec![
-            ("acks", "all"),
-            ("message.timeout.ms", delivery_timeout.as_str()),
-            ("statistics.interval.ms", statistics.as_str()),
-        ];
+        let mut settings = vec![("acks", "all"), ("message.timeout.ms", delivery_timeout.as_str())];
         if args.idempotence {
             settings.push(("enable.idempotence", "true"));
         } else {
             // Retries must not reorder a key's records: one request in flight.
             settings.extend([("enable.idempotence", "false"), ("max.in.flight.requests.per.connection", "1")]);
         }
+        let mut config = args.client_config_with(&defaults, &settings)?;
+        // Statistics feed the queue-wait and round-trip gauges (`stats`), at the producer's own
+        // interval: a librdkafka-level setting is overridden here, so say so.
+        if config.get("statistics.interval.ms").is_some() {
+            tracing::warn!(
+                "statistics.interval.ms among the librdkafka settings is ignored by the producer (ELO_KAFKA_STATISTICS_INTERVAL_MS sets its interval) and turns statistics on for every other client"
+            );
+        }
+        config.set("statistics.interval.ms", args.statistics_interval_ms.to_string());
         let connection = ConnectionContext::new(health.clone(), "kafka_producer").reporting_statistics();
-        let inner = args.client_config_with(&defaults, &settings)?.create_with_context(connection.clone())?;
+        let inner = config.create_with_context(connection.clone())?;
         health.set_ready("kafka_producer", false, "connecting");
         Ok(Self { inner, connection, health })
     }

@@ -602,11 +602,8 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     let average = encoded.iter().map(|e| e.payload.len()).sum::<usize>() / encoded.len().max(1);
     let event_type = encoded.first().map_or("ORDER_PLACED", |e| e.event_type.as_str());
     let (hop, hop_url) = spawn_hop(&topic, average, event_type, None).await?;
-    let hop_producer = if std::env::var_os(crate::hop::ELO_PRODUCER).is_some() {
-        "elo_kafka::Producer"
-    } else {
-        "bare FutureProducer"
-    };
+    let elo_producer = std::env::var_os(crate::hop::ELO_PRODUCER).is_some();
+    let hop_producer = if elo_producer { "elo_kafka::Producer" } else { "bare FutureProducer" };
 
     let workload = |bodies, prime, hop| Workload {
         url: &url,
@@ -675,7 +672,7 @@ pub(crate) async fn push(rows: &mut Vec<Value>, kafka: &KafkaArgs) -> anyhow::Re
     if let Ok(work) = std::env::var(crate::hop::SPIN_US) {
         println!("  experiment: every HTTP hop above also worked {work} µs per request ({})", crate::hop::SPIN_US);
     }
-    if hop_producer != "bare FutureProducer" {
+    if elo_producer {
         println!("  experiment: every HTTP hop above sent through {hop_producer} ({})", crate::hop::ELO_PRODUCER);
     }
     match &worked_half {

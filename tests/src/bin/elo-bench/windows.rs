@@ -48,7 +48,10 @@ struct Window {
     p99s: (f64, f64),
 }
 
-/// Reads the windows from `admin` (host:port) until [`Sampler::finish`].
+/// Reads the windows from `admin` (host:port) until [`Sampler::finish`]. A thread of its own,
+/// not a task: the bench blocks a runtime worker while the load generator runs, and a task
+/// spawned from it could wait behind that worker; hence also a plain HTTP/1.0 read rather than
+/// the bench's async `reqwest` (its blocking client is not built).
 pub(crate) struct Sampler {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Vec<Window>>,
