@@ -254,6 +254,16 @@ def check_rules_of_deploy(target, docs, expect_topics):
                 fail(f"{target}: {svc} scales on group {m['consumerGroup']}, the service's group is elo-{svc}")
             if m["bootstrapServers"] != data["ELO_KAFKA_BROKERS"]:
                 fail(f"{target}: {svc}'s KEDA trigger reads {m['bootstrapServers']}, the services {data['ELO_KAFKA_BROKERS']}")
+            # KEDA's Kafka scaler speaks plaintext without SASL unless told (`sasl`, `tls` in the
+            # trigger or the TriggerAuthentication): it must reach the brokers the way the services do.
+            protocol = data.get("ELO_RDKAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+            keda_sasl = {"SCRAM-SHA-512": "scram_sha512", "SCRAM-SHA-256": "scram_sha256", "PLAIN": "plaintext"}
+            want_sasl = keda_sasl.get(data.get("ELO_RDKAFKA_SASL_MECHANISM", "").upper()) if "SASL" in protocol else None
+            want_tls = "enable" if protocol in ("SSL", "SASL_SSL") else None
+            if m.get("sasl") != want_sasl:
+                fail(f"{target}: {svc}'s KEDA trigger has sasl {m.get('sasl')!r}; the services use {protocol} ({want_sasl!r})")
+            if m.get("tls") != want_tls:
+                fail(f"{target}: {svc}'s KEDA trigger has tls {m.get('tls')!r}; the services use {protocol} ({want_tls!r})")
             topic = topics.get(m["topic"])
             if not topic:
                 fail(f"{target}: {svc} scales on {m['topic']}, which has no KafkaTopic")
@@ -476,10 +486,17 @@ def cmd_metrics_used(_args):
                 if "record" in rule:
                     recorded.add(rule["record"])
                 used[kind] |= metric_names(rule["expr"])
+    # A dashboard query that selects one service (`job="<service>"`) reads what that service
+    # must export itself: a family another service exports would leave the panel empty.
+    by_job = {}
     for path in sorted((DEPLOY / "base/dashboards").glob("*.json")):
         for _, expr in dashboard_exprs(path):
-            used["live"] |= metric_names(expr)
+            names = metric_names(expr)
+            used["live"] |= names
+            for job in re.findall(r'\bjob="([^"]+)"', expr):
+                by_job.setdefault(job, set()).update(names)
     out = {k: sorted({base_name(n) for n in v} - recorded) for k, v in used.items()}
+    out["by_job"] = {job: sorted({base_name(n) for n in v} - recorded) for job, v in sorted(by_job.items())}
     json.dump(out, sys.stdout, indent=1)
     print()
 

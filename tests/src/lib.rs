@@ -438,6 +438,30 @@ pub fn topic_count(topic: &str, partitions: i32) -> i64 {
         .sum()
 }
 
+/// The value of `record`'s header `name`, if present.
+pub fn header(record: &rdkafka::message::OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::Message;
+    use rdkafka::message::Headers;
+    let headers = record.headers()?;
+    (0..headers.count())
+        .map(|i| headers.get(i))
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Asserts `record`'s `elo-event-type` header is `expected` (the record's own type symbol).
+pub fn assert_event_type(record: &rdkafka::message::OwnedMessage, expected: &str) {
+    use rdkafka::Message;
+    assert_eq!(
+        header(record, elo_kafka::headers::EVENT_TYPE).as_deref(),
+        Some(expected),
+        "elo-event-type of the record at {}:{}",
+        record.topic(),
+        record.offset()
+    );
+}
+
 /// Asserts `record` carries a W3C `traceparent` header (`00-<32 hex>-<16 hex>-<2 hex>`) with
 /// a real (non-zero) trace id, and no empty `tracestate` (W3C: not to be sent; a header costs
 /// every broker and consumer).

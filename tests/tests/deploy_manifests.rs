@@ -260,3 +260,34 @@ fn deployment_env_only_sets_variables_the_service_reads() {
         }
     }
 }
+
+/// Every address a service defaults to the local sandbox (a loopback URL, or "the local
+/// sandbox") is set in its Deployment or `elo-config`: a pod left on a loopback default starts
+/// and then fails every call. The sandbox's own control API is the one exception (used only
+/// against a loopback RD URL).
+#[test]
+fn deployments_point_every_sandbox_default_at_a_real_system() {
+    let shared: Vec<String> = config_map().into_iter().map(|(k, _)| k).collect();
+    for service in SERVICES {
+        let help = help(service);
+        let text = std::fs::read_to_string(root().join(format!("deploy/base/{service}.yaml"))).unwrap();
+        let set: Vec<&str> = text.lines().filter_map(|l| l.trim().strip_prefix("- name: ")).collect();
+        let keys = help.split("[env: ").skip(1).filter_map(|rest| rest.split_once('=').map(|(key, _)| key.to_owned()));
+        for key in keys.filter(|k| k != "ELO_RDSTATION_SANDBOX_CONTROL") {
+            let block = help.split(&format!("[env: {key}=")).next().unwrap_or_default();
+            // The option's own text: from its flag line to the env line.
+            let doc = block.rsplit("\n      -").next().unwrap_or_default();
+            let default = env_default(&help, &key).unwrap_or_default();
+            let local = default.starts_with("http://127.0.0.1")
+                || default.starts_with("http://localhost")
+                || doc.contains("[default: the local sandbox");
+            if local {
+                assert!(
+                    set.contains(&key.as_str()) || shared.contains(&key),
+                    "{service}: {key} defaults to the local sandbox ({default:?}) and is set neither in \
+                     deploy/base/{service}.yaml nor in elo-config"
+                );
+            }
+        }
+    }
+}

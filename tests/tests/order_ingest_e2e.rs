@@ -314,6 +314,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     for record in read_all(&brokers(), &format!("{topic}.inventory"), 3) {
         let event: InventoryEvent = codec.decode(record.payload().unwrap()).await.unwrap();
         assert_eq!(record.key(), Some(event.sku.as_bytes()), "keyed by SKU");
+        assert_event_type(&record, event.event_type.as_str());
         let expected = if event.salable_qty < Decimal4::ZERO {
             InventoryEventType::Oversold
         } else if event.salable_qty <= Decimal4::from_units(5) {

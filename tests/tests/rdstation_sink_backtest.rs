@@ -63,7 +63,7 @@ async fn backtest_reads_the_whole_history_with_the_right_weekly_counts_on_a_slow
     // Records with headers elsewhere on the broker (what slows Tansu's fetches down).
     let mut deliveries = Vec::new();
     for _ in 0..NOISE {
-        let headers = OwnedHeaders::new().insert(Header { key: "elo-event-type", value: Some("OUTCOME") });
+        let headers = OwnedHeaders::new().insert(Header { key: "elo-event-type", value: Some("SYNC_OUTCOME") });
         let record = FutureRecord::to(&noise).key("k").payload("x").headers(headers);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
         if deliveries.len() == 5000 {

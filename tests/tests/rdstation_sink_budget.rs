@@ -229,6 +229,7 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
         let records = tokio::task::block_in_place(|| read_all(&brokers(), &outcomes_topic, 3));
         refused.clear();
         for record in records {
+            assert_event_type(&record, SyncOutcome::EVENT_TYPE);
             let outcome: SyncOutcome = futures::executor::block_on(codec.decode(record.payload().unwrap())).unwrap();
             if outcome.status == OutcomeStatus::DeadLettered {
                 refused.insert(outcome.customer_key.clone(), outcome);

@@ -12,21 +12,12 @@ use std::time::Duration;
 
 use elo_integration_tests::*;
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use sandbox::salesforce::SalesforceConfig;
 use serde_json::{Value, json};
 
 fn customer_key(order: &Value) -> String {
     elo_events::ids::customer_key(order["customer_id"].as_i64(), order["customer_email"].as_str().unwrap())
-}
-
-fn header(record: &OwnedMessage, name: &str) -> Option<String> {
-    let headers = record.headers()?;
-    (0..headers.count())
-        .map(|i| headers.get(i))
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn key_of(record: &OwnedMessage) -> String {

@@ -413,8 +413,17 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         .zip(calls_at)
         .map(|((n, p, r), at)| (*n, saturated_within_budget(n, p.calls() - at, *r, &held, window)))
         .collect();
-    // Stock facts that stay negative are reported: as many as the inventory topic says.
+    // Every repair command names its type in the header, as the record's own symbol.
     let codec = elo_events::EventCodec::new(&elo_events::RegistryConfig::local(registry_url())).unwrap();
+    let mut sent = 0;
+    for record in read_all(&brokers(), &format!("{topic}.commands"), 3) {
+        use rdkafka::Message;
+        let command: elo_events::IntegrationCommand = codec.decode(record.payload().unwrap()).await.unwrap();
+        assert_event_type(&record, command.command_type.as_str());
+        sent += 1;
+    }
+    assert!(sent as f64 >= total, "the repair commands are on the topic ({sent} for {total} findings)");
+    // Stock facts that stay negative are reported: as many as the inventory topic says.
     let mut latest: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for record in read_all(&brokers(), &format!("{topic}.inventory"), 3) {
         use rdkafka::Message;

@@ -174,6 +174,18 @@ pub enum InventoryEventType {
     Unknown,
 }
 
+impl InventoryEventType {
+    /// The symbol as written on the wire and in the `elo-event-type` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StockLevel => "STOCK_LEVEL",
+            Self::LowStock => "LOW_STOCK",
+            Self::Oversold => "OVERSOLD",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryEvent {
     pub event_id: String,
@@ -215,6 +227,12 @@ pub struct SyncOutcome {
     pub occurred_at: TimestampMillis,
 }
 
+impl SyncOutcome {
+    /// The `elo-event-type` header of every outcome record (the schema has one kind of record
+    /// and no type enum; the header names the record, `SyncOutcome`, in the symbols' style).
+    pub const EVENT_TYPE: &'static str = "SYNC_OUTCOME";
+}
+
 /// `CommandType` in `integration.commands.avsc`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -223,6 +241,18 @@ pub enum CommandType {
     RefetchCustomer,
     Resend,
     Unknown,
+}
+
+impl CommandType {
+    /// The symbol as written on the wire and in the `elo-event-type` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RefetchOrder => "REFETCH_ORDER",
+            Self::RefetchCustomer => "REFETCH_CUSTOMER",
+            Self::Resend => "RESEND",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,4 +266,39 @@ pub struct IntegrationCommand {
     pub reason: String,
     pub requested_by: String,
     pub requested_at: TimestampMillis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `elo-event-type` header is the symbol the record itself carries, so a consumer can
+    /// route on either and never see two spellings.
+    #[test]
+    fn header_names_are_the_wire_symbols() {
+        fn symbol<T: Serialize>(value: T) -> String {
+            serde_json::to_value(value).expect("serialises").as_str().expect("a symbol").to_owned()
+        }
+        for kind in [
+            CommerceEventType::OrderPlaced,
+            CommerceEventType::OrderChanged,
+            CommerceEventType::CustomerChanged,
+            CommerceEventType::CustomerErased,
+            CommerceEventType::Unknown,
+        ] {
+            assert_eq!(kind.as_str(), symbol(kind));
+        }
+        for kind in [
+            InventoryEventType::StockLevel,
+            InventoryEventType::LowStock,
+            InventoryEventType::Oversold,
+            InventoryEventType::Unknown,
+        ] {
+            assert_eq!(kind.as_str(), symbol(kind));
+        }
+        for kind in [CommandType::RefetchOrder, CommandType::RefetchCustomer, CommandType::Resend, CommandType::Unknown]
+        {
+            assert_eq!(kind.as_str(), symbol(kind));
+        }
+    }
 }

@@ -201,57 +201,6 @@ pub fn codec_failure(e: &CodecError) -> HandlerError {
     HandlerError::new(class, e.code(), e.to_string())
 }
 
-/// A handler for consumers whose downstream integration has not landed yet: it decodes every
-/// record against Elo's contracts (malformed ones go to the DLQ with their error class) and
-/// counts what it saw. It commits under its own consumer group (see each service's
-/// `--group`), so the applying version, when it lands, starts from the beginning and skips
-/// nothing.
-pub struct ContractValidator {
-    service: &'static str,
-    codec: Arc<EventCodec>,
-    commerce_topic: String,
-}
-
-impl ContractValidator {
-    pub fn new(service: &'static str, codec: Arc<EventCodec>, commerce_topic: String) -> Self {
-        metrics::VALIDATED.with_label_values(&[service, "none", "none"]).inc_by(0);
-        Self { service, codec, commerce_topic }
-    }
-}
-
-impl elo_kafka::Handler for ContractValidator {
-    async fn handle(&self, batch: &[Record]) -> Vec<Result<(), HandlerError>> {
-        let mut results = Vec::with_capacity(batch.len());
-        for record in batch {
-            let outcome = if record.topic == self.commerce_topic {
-                decode_record::<elo_events::CommerceEvent>(&self.codec, record).await.map(|e| e.event_type.as_str())
-            } else {
-                decode_record::<elo_events::SyncOutcome>(&self.codec, record).await.map(|_| "OUTCOME")
-            };
-            if let Ok(event_type) = &outcome {
-                metrics::VALIDATED.with_label_values(&[self.service, &record.topic, event_type]).inc();
-            }
-            results.push(outcome.map(|_| ()));
-        }
-        results
-    }
-}
-
-mod metrics {
-    use std::sync::LazyLock;
-
-    use prometheus::{IntCounterVec, register_int_counter_vec};
-
-    pub(crate) static VALIDATED: LazyLock<IntCounterVec> = LazyLock::new(|| {
-        register_int_counter_vec!(
-            "elo_validated_events_total",
-            "Records that decoded against Elo's contracts, by service, topic and event type.",
-            &["service", "topic", "event_type"]
-        )
-        .expect("metric registers once")
-    });
-}
-
 /// Settings of a consumer service (every sink and the reconciler).
 #[derive(Clone, Debug, clap::Args)]
 pub struct ConsumerArgs {
@@ -318,42 +267,6 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => Ok(Duration::from_secs(n * 86_400)),
         _ => Err(format!("invalid duration unit in {text:?} (use ms, s, m, h or d)")),
     }
-}
-
-/// What a consumer service reads and how it batches by default.
-pub struct ConsumerPlan {
-    pub name: &'static str,
-    pub default_admin: SocketAddr,
-    pub topics: Vec<String>,
-    pub default_batch: usize,
-}
-
-/// Runs a contract-validating consumer service until shutdown: provision, join the group,
-/// validate, drain and commit on SIGTERM.
-pub async fn run_validating_consumer(
-    plan: ConsumerPlan,
-    common: &CommonArgs,
-    args: &ConsumerArgs,
-) -> anyhow::Result<()> {
-    let dlq = args.dlq_topic.clone().unwrap_or_else(|| format!("{}.dlq", plan.name));
-    let mut specs: Vec<TopicSpec> = plan.topics.iter().map(|t| common.topics.spec(t)).collect();
-    specs.push(common.topics.spec(&dlq));
-    let Some(service) = Service::start(plan.name, common, plan.default_admin, specs).await? else {
-        return Ok(());
-    };
-    let settings = args.settings(format!("elo-{}-validate", plan.name), plan.topics, dlq, plan.default_batch);
-    let handler = Arc::new(ContractValidator::new(plan.name, service.codec.clone(), common.topics.commerce.clone()));
-    elo_kafka::run_consumer(
-        &common.kafka,
-        settings,
-        handler,
-        service.producer.clone(),
-        service.health.clone(),
-        service.shutdown.clone(),
-    )
-    .await?;
-    service.finish().await;
-    Ok(())
 }
 
 #[cfg(test)]

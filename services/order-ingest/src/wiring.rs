@@ -83,13 +83,7 @@ impl Publisher for KafkaPublisher {
 
 impl InventoryPublisher for KafkaPublisher {
     async fn publish_inventory(&self, event: &elo_events::InventoryEvent) -> Result<(), PublishError> {
-        let event_type = match event.event_type {
-            elo_events::InventoryEventType::StockLevel => "STOCK_LEVEL",
-            elo_events::InventoryEventType::LowStock => "LOW_STOCK",
-            elo_events::InventoryEventType::Oversold => "OVERSOLD",
-            elo_events::InventoryEventType::Unknown => "UNKNOWN",
-        };
-        self.send(&self.inventory_topic, &event.sku, event, event_type).await
+        self.send(&self.inventory_topic, &event.sku, event, event.event_type.as_str()).await
     }
 }
 

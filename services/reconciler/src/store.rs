@@ -38,9 +38,8 @@ pub struct KafkaCommands {
 impl CommandSink for KafkaCommands {
     async fn send(&self, command: &IntegrationCommand) -> Result<(), String> {
         let bytes = self.codec.encode(&self.topic, command).await.map_err(|e| e.to_string())?;
-        let kind = format!("{:?}", command.command_type);
         self.producer
-            .send(&self.topic, command.customer_key.as_bytes(), &bytes, Some(&kind))
+            .send(&self.topic, command.customer_key.as_bytes(), &bytes, Some(command.command_type.as_str()))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -95,7 +95,7 @@ impl Outcomes {
         let record = outcome(event, verdict, status, attempts, now);
         let payload = self.codec.encode(&self.topic, &record).await.map_err(|e| elo_service::codec_failure(&e))?;
         self.producer
-            .send(&self.topic, event.customer_key.as_bytes(), &payload, Some("SYNC_OUTCOME"))
+            .send(&self.topic, event.customer_key.as_bytes(), &payload, Some(elo_events::SyncOutcome::EVENT_TYPE))
             .await
             .map(|_| ())
             .map_err(|e| HandlerError::transient("outcome_publish", e.to_string()))

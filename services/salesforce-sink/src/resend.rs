@@ -30,7 +30,7 @@ pub async fn execute(
         .map_err(|e| HandlerError::new(e.class(), format!("state_{}", e.code()), e.to_string()))?;
     let bytes = codec.encode(topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
     producer
-        .send(topic, refetch.customer_key.as_bytes(), &bytes, Some(header(&refetch)))
+        .send(topic, refetch.customer_key.as_bytes(), &bytes, Some(refetch.command_type.as_str()))
         .await
         .map_err(|e| HandlerError::new(e.class(), format!("refetch_{}", e.code()), e.to_string()))?;
     tracing::info!(command_id = %command.command_id, entity = %command.entity_id, "resend: confirmation forgotten, refetch requested");
@@ -51,11 +51,6 @@ pub fn plan(command: &IntegrationCommand, now: i64) -> Result<Option<(String, In
     // The sink's own keys: orders by Magento id, customers by customer key.
     let key = if kind == "order" { format!("order:{id}") } else { format!("customer:{}", command.customer_key) };
     Ok(elo_events::resend::refetch_after_resend(command, crate::NAME, now).map(|refetch| (key, refetch)))
-}
-
-/// The record header naming the refetch's type.
-fn header(refetch: &IntegrationCommand) -> &'static str {
-    if refetch.command_type == CommandType::RefetchCustomer { "RefetchCustomer" } else { "RefetchOrder" }
 }
 
 fn now_ms() -> i64 {

@@ -54,10 +54,9 @@ impl Sink {
     async fn execute_command(self: &Arc<Self>, record: &Record) -> Result<(), HandlerError> {
         let command: IntegrationCommand = elo_service::decode_record(&self.codec, record).await?;
         let Some(refetch) = self.resend(record.partition, &command).await? else { return Ok(()) };
-        let header = if refetch.command_type == CommandType::RefetchOrder { "RefetchOrder" } else { "RefetchCustomer" };
         let bytes = self.codec.encode(&record.topic, &refetch).await.map_err(|e| elo_service::codec_failure(&e))?;
         self.producer
-            .send(&record.topic, refetch.customer_key.as_bytes(), &bytes, Some(header))
+            .send(&record.topic, refetch.customer_key.as_bytes(), &bytes, Some(refetch.command_type.as_str()))
             .await
             .map_err(|e| kafka_failure("refetch", &e))?;
         tracing::info!(command_id = %command.command_id, entity = %command.entity_id, "resend: contact writes forgotten, refetch requested");

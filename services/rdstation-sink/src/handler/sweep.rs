@@ -314,7 +314,7 @@ impl Sink {
         let bytes =
             self.codec.encode(&self.outcomes_topic, &outcome).await.map_err(|e| elo_service::codec_failure(&e))?;
         self.producer
-            .send(&self.outcomes_topic, key.as_bytes(), &bytes, Some("OUTCOME"))
+            .send(&self.outcomes_topic, key.as_bytes(), &bytes, Some(elo_events::SyncOutcome::EVENT_TYPE))
             .await
             .map_err(|e| kafka_failure("outcome", &e))?;
         Ok(())
