@@ -201,9 +201,9 @@ def boards():
     return [
         pipeline(),
         order_ingest(),
-        consumer_board("salesforce-sink", "Commerce events to Salesforce (validating until the Salesforce logic lands)."),
-        consumer_board("rdstation-sink", "Commerce events to RD Station Marketing (validating until the RD Station logic lands)."),
-        consumer_board("reconciler", "Ledger of commerce events and sink outcomes (validating until the ledger lands)."),
+        consumer_board("salesforce-sink", "Commerce events to Salesforce: accounts, contacts and orders upserted, outcomes reported."),
+        consumer_board("rdstation-sink", "Commerce events to RD Station Marketing: contacts, legal bases, segmentation tags and e-commerce events."),
+        consumer_board("reconciler", "Ledger of commerce events and sink outcomes: sweeps, drift, repairs and reports."),
         business(),
     ]
 

@@ -237,6 +237,24 @@ def check_rules_of_deploy(target, docs, expect_topics):
                 if "minAvailable" in p["spec"] or p["spec"].get("maxUnavailable", 0) in (0, "0%"):
                     fail(f"{target}: {svc}'s PodDisruptionBudget would block every eviction of its one pod")
 
+    # One account per external system: every Deployment that reaches Magento, Salesforce or RD
+    # Station (the reconciler's sweeps read what the services write) uses the same settings.
+    accounts_of = {
+        "Magento": ("ELO_MAGENTO_URL", "ELO_MAGENTO_USERNAME", "ELO_MAGENTO_PASSWORD_FILE", "ELO_MAGENTO_TOKEN_FILE"),
+        "Salesforce": ("ELO_SALESFORCE_LOGIN_URL", "ELO_SALESFORCE_CLIENT_ID", "ELO_SALESFORCE_AUTH",
+                       "ELO_SALESFORCE_USERNAME", "ELO_SALESFORCE_CLIENT_SECRET_FILE", "ELO_SALESFORCE_JWT_KEY_FILE"),
+        "RD Station": ("ELO_RDSTATION_URL", "ELO_RDSTATION_CLIENT_ID", "ELO_RDSTATION_CLIENT_SECRET_FILE",
+                       "ELO_RDSTATION_REFRESH_TOKEN_FILE"),
+    }
+    for system, keys in accounts_of.items():
+        settings = {}
+        for name, d in deployments.items():
+            env = {e["name"]: e.get("value") for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+            if any(k in env for k in keys):
+                settings[name] = {k: env[k] for k in keys if k in env}
+        if len({json.dumps(v, sort_keys=True) for v in settings.values()}) > 1:
+            fail(f"{target}: the Deployments reach {system} with different settings: {settings}")
+
     # Scaling: consumers on their own lag (KEDA), order-ingest on CPU (HPA).
     for svc in (s for s in CONSUMERS if s not in SINGLE_REPLICA):
         so = scaled.get(svc)

@@ -243,6 +243,7 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     assert_eq!(header(letter, "elo-dlq-error-class").as_deref(), Some("permanent"));
     assert_eq!(header(letter, "elo-dlq-error-code").as_deref(), Some("invalid_payload"));
     assert_eq!(header(letter, "elo-dlq-origin-source").as_deref(), Some("magento-poll/orders"));
+    assert_traceparent(letter);
     assert!(header(letter, "elo-dlq-error-message").unwrap().contains("grand_total"));
     let kept: Value = serde_json::from_slice(letter.payload().unwrap()).unwrap();
     assert_eq!(kept["fields"]["grand_total"], "lots", "the field in question, as Magento sent it");

@@ -63,7 +63,10 @@ impl Publisher for KafkaPublisher {
     async fn dead_letter(&self, letter: &crate::push::DeadLetter) -> Result<(), PublishError> {
         use elo_kafka::dlq;
         let now = crate::now_ms().to_string();
-        let headers = elo_kafka::headers::to_owned_headers(vec![
+        // The caller's trace, as on every record: an operator follows a dead letter to its cause.
+        let trace = elo_telemetry::propagation::inject_current();
+        let mut pairs: Vec<(&str, &[u8])> = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
+        pairs.extend([
             (dlq::ERROR_CLASS, b"permanent".as_slice()),
             (dlq::ERROR_CODE, letter.code.as_bytes()),
             (dlq::ERROR_MESSAGE, dlq::truncate_message(&letter.message).as_bytes()),
@@ -71,6 +74,7 @@ impl Publisher for KafkaPublisher {
             (dlq::ATTEMPTS, b"1".as_slice()),
             (dlq::FIRST_FAILURE_MS, now.as_bytes()),
         ]);
+        let headers = elo_kafka::headers::to_owned_headers(pairs);
         let send = self.producer.send_with_headers(
             &self.dlq_topic,
             Some(letter.entity_id.as_bytes()),

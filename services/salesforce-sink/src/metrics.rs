@@ -95,8 +95,9 @@ pub static LATENCY: LazyLock<Histogram> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
-/// Decoded events by topic and type; the name is the validating consumers' so dashboards
-/// and `make run` keep counting.
+/// Decoded events by topic and type (the business dashboard's order counts read it). The
+/// name dates from the consumers' validate-only stage; kept so dashboards and `make run`
+/// keep counting across the change.
 pub static DECODED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "elo_validated_events_total",

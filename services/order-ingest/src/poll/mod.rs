@@ -258,7 +258,8 @@ impl<S: EntitySearch, P: Publisher> Scan<'_, '_, S, P> {
                     code: "invalid_payload",
                     message: error.to_string(),
                 };
-                self.publisher.dead_letter(&letter).await?;
+                let span = tracing::info_span!("poll_dead_letter", entity = entity.as_str(), entity_id = key.id);
+                self.publisher.dead_letter(&letter).instrument(span).await?;
                 metrics::INVALID.with_label_values(&[entity.as_str()]).inc();
                 self.round.skipped_invalid += 1;
             }
