@@ -230,6 +230,7 @@ async fn a_contact_rd_refuses_in_a_rules_sweep_is_recorded_once_and_deferred_wri
         refused.clear();
         for record in records {
             assert_event_type(&record, SyncOutcome::EVENT_TYPE);
+            assert_traceparent(&record);
             let outcome: SyncOutcome = futures::executor::block_on(codec.decode(record.payload().unwrap())).unwrap();
             if outcome.status == OutcomeStatus::DeadLettered {
                 refused.insert(outcome.customer_key.clone(), outcome);

@@ -420,6 +420,8 @@ async fn drift_behind_elos_back_is_found_and_repaired_within_budget() {
         use rdkafka::Message;
         let command: elo_events::IntegrationCommand = codec.decode(record.payload().unwrap()).await.unwrap();
         assert_event_type(&record, command.command_type.as_str());
+        // Sent by the periodic check (the reconciler's) or a sink's RESEND handling: traced either way.
+        assert_traceparent(&record);
         sent += 1;
     }
     assert!(sent as f64 >= total, "the repair commands are on the topic ({sent} for {total} findings)");

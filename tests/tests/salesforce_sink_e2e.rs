@@ -225,6 +225,7 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
     let mut outcomes = Vec::new();
     for record in read_all(&brokers(), &format!("{topic}.outcomes"), 3) {
         assert_event_type(&record, SyncOutcome::EVENT_TYPE);
+        assert_traceparent(&record);
         outcomes.push(codec.decode::<SyncOutcome>(record.payload().unwrap()).await.unwrap());
     }
     let applied: BTreeSet<String> = outcomes

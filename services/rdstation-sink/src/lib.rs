@@ -410,9 +410,17 @@ async fn maintain(
                 }
             }
         }
-        let sweep = async {
-            if sink.rules_pending() { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
-        };
+        // One trace per pass: the outcomes it publishes (contacts RD refused) carry its `traceparent`.
+        let sweep = tracing::Instrument::instrument(
+            async {
+                if sink.rules_pending() {
+                    (true, sink.apply_rules().await)
+                } else {
+                    (false, sink.flush_deferred().await)
+                }
+            },
+            tracing::info_span!("rdstation_sweep"),
+        );
         let (full, (changed, failed)) = tokio::select! {
             r = sweep => r,
             _ = shutdown.cancelled() => return,

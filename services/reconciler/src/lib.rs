@@ -285,8 +285,11 @@ async fn check_loop<C: store::CommandSink>(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
+        // One trace per check: the repair commands it sends carry its `traceparent`.
+        let check =
+            tracing::Instrument::instrument(ledger.check(max_commands), tracing::info_span!("reconciler_check"));
         tokio::select! {
-            _ = ledger.check(max_commands) => {}
+            _ = check => {}
             _ = shutdown.cancelled() => return,
         }
     }

@@ -150,6 +150,10 @@ pub fn register_all() {
     for sweep in ["magento", "salesforce", "rdstation"] {
         SWEEP_CHECKED.with_label_values(&[sweep]).inc_by(0);
         SWEEP_CALLS.with_label_values(&[sweep]).inc_by(0);
+        // At zero from the start, so the first failed round is an increase the alert sees.
+        for result in ["complete", "partial", "failed"] {
+            SWEEP_ROUNDS.with_label_values(&[sweep, result]).inc_by(0);
+        }
     }
     publish(&LedgerStatus::default());
 }

@@ -339,7 +339,9 @@ pub async fn follow_ups<P: Publisher + InventoryPublisher, M: MagentoApi>(
         event.event_id = elo_events::ids::event_id(&[&event.event_id, "enrichment"]);
         event.produced_at = crate::now_ms();
         let event_id = event.event_id.clone();
-        if let Err(error) = enricher.publish_complete(event).await {
+        // A trace of its own (the webhook's has ended): the follow-up carries its `traceparent`.
+        let span = tracing::info_span!("enrichment_follow_up", event_id = %event_id);
+        if let Err(error) = tracing::Instrument::instrument(enricher.publish_complete(event), span).await {
             metrics::LATE.with_label_values(&["failed"]).inc();
             tracing::warn!(error = %error, event_id = %event_id, "enrichment follow-up not published");
         }
@@ -368,7 +370,9 @@ pub async fn refresh_stock<P: Publisher + InventoryPublisher, M: MagentoApi>(
 ) {
     refreshes(queue, stop, |sku| {
         let enricher = enricher.clone();
-        async move { enricher.refresh_stock(&sku).await }
+        // A trace of its own: the refreshed fact carries its `traceparent`.
+        let span = tracing::info_span!("stock_refresh", sku = %sku);
+        tracing::Instrument::instrument(async move { enricher.refresh_stock(&sku).await }, span)
     })
     .await
 }

@@ -12,10 +12,19 @@ pub(crate) struct Recorder {
     pub(crate) events: Arc<Mutex<Vec<CommerceEvent>>>,
     pub(crate) stock: Arc<Mutex<Vec<InventoryEvent>>>,
     pub(crate) dead: Arc<Mutex<Vec<crate::push::DeadLetter>>>,
+    /// The span each event and fact was published in (its `traceparent` comes from it).
+    pub(crate) spans: Arc<Mutex<Vec<Option<&'static str>>>>,
+}
+
+impl Recorder {
+    fn span(&self) {
+        self.spans.lock().unwrap().push(tracing::Span::current().metadata().map(|m| m.name()));
+    }
 }
 
 impl Publisher for Recorder {
     async fn publish(&self, event: &CommerceEvent) -> Result<(), PublishError> {
+        self.span();
         self.events.lock().unwrap().push(event.clone());
         Ok(())
     }
@@ -27,6 +36,7 @@ impl Publisher for Recorder {
 
 impl InventoryPublisher for Recorder {
     async fn publish_inventory(&self, event: &InventoryEvent) -> Result<(), PublishError> {
+        self.span();
         self.stock.lock().unwrap().push(event.clone());
         Ok(())
     }
@@ -230,6 +240,8 @@ async fn past_the_budget_the_order_goes_out_unchecked_and_its_enrichment_follows
     let mut order = shop.0.lock().unwrap().orders.values().find(|o| o["customer_is_guest"] == 0).unwrap().clone();
     let line = order["items"].as_array().unwrap().iter().find(|i| i["product_type"] == "simple").unwrap().clone();
     order["items"] = serde_json::json!([line]);
+    // Spans exist only under a subscriber (this thread's: the test runtime is single-threaded).
+    let _spans = tracing::subscriber::set_default(tracing_subscriber::registry());
     let recorder = Recorder::default();
     let checker = InventoryChecker::new(InventoryConfig { max_order_age: Duration::MAX, ..Default::default() });
     let (late, queue) = tokio::sync::mpsc::channel(8);
@@ -267,6 +279,8 @@ async fn past_the_budget_the_order_goes_out_unchecked_and_its_enrichment_follows
     assert_ne!(follow.event_id, event.event_id, "with an id of its own");
     assert_ne!(follow.order.as_ref().unwrap().inventory_status, InventoryStatus::Unchecked);
     assert_ne!(follow.customer.as_ref().unwrap().consent.status, ConsentStatus::Unknown);
+    // Published in a trace of its own, so the record carries a `traceparent`.
+    assert_eq!(recorder.spans.lock().unwrap().last().copied().flatten(), Some("enrichment_follow_up"));
 }
 
 /// The sandbox's Magento behind a gate: while the test holds it closed, customer reads wait.
@@ -408,6 +422,8 @@ fn stock_rig<P: Publisher + InventoryPublisher>(publisher: P) -> StockRig<P> {
 /// not expired when the next webhook comes (without the refresh, that one waited for a read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_stock_reading_still_in_use_is_refreshed_before_it_expires() {
+    // Spans exist only under a subscriber; the refresh runs on another runtime thread.
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
     let StockRig { enricher, magento, event, sku, ttl, stop } = stock_rig(Recorder::default());
     let stored = Instant::now();
     enricher.publish(&event).await.unwrap();
@@ -432,6 +448,8 @@ async fn a_cached_stock_reading_still_in_use_is_refreshed_before_it_expires() {
     assert_eq!(facts.len(), 2, "the first order's fact and the refresh's, nothing for cache hits: {facts:?}");
     assert_eq!(facts[0].order_increment_id.as_deref(), Some(event.order.as_ref().unwrap().increment_id.as_str()));
     assert_eq!(facts[1].order_increment_id, None, "a background reading is nobody's order's fact");
+    let refreshed = enricher.inner().spans.lock().unwrap().iter().filter(|s| **s == Some("stock_refresh")).count();
+    assert_eq!(refreshed, 1, "the refresh's fact is published in a trace of its own");
     assert_ne!(facts[0].event_id, facts[1].event_id);
     let statuses: Vec<_> =
         enricher.inner().events.lock().unwrap().iter().map(|e| e.order.as_ref().unwrap().inventory_status).collect();
