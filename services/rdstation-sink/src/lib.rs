@@ -410,17 +410,9 @@ async fn maintain(
                 }
             }
         }
-        // One trace per pass: the outcomes it publishes (contacts RD refused) carry its `traceparent`.
-        let sweep = tracing::Instrument::instrument(
-            async {
-                if sink.rules_pending() {
-                    (true, sink.apply_rules().await)
-                } else {
-                    (false, sink.flush_deferred().await)
-                }
-            },
-            tracing::info_span!("rdstation_sweep"),
-        );
+        let sweep = async {
+            if sink.rules_pending() { (true, sink.apply_rules().await) } else { (false, sink.flush_deferred().await) }
+        };
         let (full, (changed, failed)) = tokio::select! {
             r = sweep => r,
             _ = shutdown.cancelled() => return,

@@ -285,11 +285,8 @@ async fn check_loop<C: store::CommandSink>(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        // One trace per check: the repair commands it sends carry its `traceparent`.
-        let check =
-            tracing::Instrument::instrument(ledger.check(max_commands), tracing::info_span!("reconciler_check"));
         tokio::select! {
-            _ = check => {}
+            _ = ledger.check(max_commands) => {}
             _ = shutdown.cancelled() => return,
         }
     }

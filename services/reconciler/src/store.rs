@@ -38,11 +38,16 @@ pub struct KafkaCommands {
 impl CommandSink for KafkaCommands {
     async fn send(&self, command: &IntegrationCommand) -> Result<(), String> {
         let bytes = self.codec.encode(&self.topic, command).await.map_err(|e| e.to_string())?;
-        self.producer
-            .send(&self.topic, command.customer_key.as_bytes(), &bytes, Some(command.command_type.as_str()))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        // A trace per command (a root span when sent by the periodic check), so the command and
+        // the refetch or rewrite it causes carry one `traceparent`; an idle check starts none.
+        let span = tracing::info_span!("repair_command", command_type = command.command_type.as_str(), entity = %command.entity_id);
+        let send = self.producer.send(
+            &self.topic,
+            command.customer_key.as_bytes(),
+            &bytes,
+            Some(command.command_type.as_str()),
+        );
+        tracing::Instrument::instrument(send, span).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -197,7 +197,9 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
     async fn refresh_stock(&self, sku: &str) {
         let Some(checker) = &self.inventory else { return };
         let Some(fact) = checker.refresh(&self.magento, sku).await else { return };
-        match self.inner.publish_inventory(&fact).await {
+        // A trace of its own (no webhook waits for it): the refreshed fact carries its `traceparent`.
+        let span = tracing::info_span!("stock_refresh", sku);
+        match tracing::Instrument::instrument(self.inner.publish_inventory(&fact), span).await {
             Ok(()) => checker.remember(&fact),
             Err(error) => {
                 checker.forget(&fact);
@@ -370,9 +372,7 @@ pub async fn refresh_stock<P: Publisher + InventoryPublisher, M: MagentoApi>(
 ) {
     refreshes(queue, stop, |sku| {
         let enricher = enricher.clone();
-        // A trace of its own: the refreshed fact carries its `traceparent`.
-        let span = tracing::info_span!("stock_refresh", sku = %sku);
-        tracing::Instrument::instrument(async move { enricher.refresh_stock(&sku).await }, span)
+        async move { enricher.refresh_stock(&sku).await }
     })
     .await
 }

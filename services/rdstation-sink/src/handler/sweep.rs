@@ -313,10 +313,11 @@ impl Sink {
         };
         let bytes =
             self.codec.encode(&self.outcomes_topic, &outcome).await.map_err(|e| elo_service::codec_failure(&e))?;
-        self.producer
-            .send(&self.outcomes_topic, key.as_bytes(), &bytes, Some(elo_events::SyncOutcome::EVENT_TYPE))
-            .await
-            .map_err(|e| kafka_failure("outcome", &e))?;
+        // A trace of its own (a sweep pass can last hours; one trace per refusal stays small).
+        let span = tracing::info_span!("rdstation_refusal", error_code = %error.code);
+        let send =
+            self.producer.send(&self.outcomes_topic, key.as_bytes(), &bytes, Some(elo_events::SyncOutcome::EVENT_TYPE));
+        tracing::Instrument::instrument(send, span).await.map_err(|e| kafka_failure("outcome", &e))?;
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use serde_json::Value;
 
 use super::salesforce::{edited_after, missing_ids, parse_sf_datetime, query_charged};
-use super::{Budget, Sweeps};
+use super::{Budget, Cut, Sweeps};
 use crate::ledger::{DriftKind, Entry, Health};
 use crate::store::{CommandSink, Ledger, now_ms};
 
@@ -194,26 +194,26 @@ impl Sweeps {
         spent: &mut u64,
         ids: BTreeSet<String>,
         accounts: &HashMap<String, AccountRef>,
-    ) -> bool {
+    ) -> Result<(), Cut> {
         let ids: Vec<String> = ids.into_iter().collect();
         if ids.is_empty() {
-            return true;
+            return Ok(());
         }
         if !budget.spend(spent).await {
-            return false;
+            return Err(Cut::Budget);
         }
         let records = match query_charged(client, budget, spent, &soql_accounts_by_id(&ids)).await {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => return Err(Cut::Budget),
             Err(error) => {
                 tracing::warn!(error = %error, "salesforce sweep: account query failed");
-                return false;
+                return Err(Cut::Failed);
             }
         };
         for (partition, key) in missing_accounts(&ids, &records, accounts) {
             self.flag_salesforce(ledger, budget, partition, &key, DriftKind::Missing).await;
         }
-        true
+        Ok(())
     }
 
     /// The Accounts changed after Elo's confirmed write, from the accounts cursor on. False
@@ -225,20 +225,20 @@ impl Sweeps {
         budget: &Budget,
         spent: &mut u64,
         held: &[i32],
-    ) -> bool {
+    ) -> Result<(), Cut> {
         let grace = self.args.grace.as_millis() as i64;
         let started = now_ms();
         let since = crate::cursor::get(ledger, crate::cursor::SALESFORCE_ACCOUNTS_MODIFIED, self.first_since(started));
         if !budget.spend(spent).await {
-            return false;
+            return Err(Cut::Budget);
         }
         let soql = soql_accounts_modified_since(&self.account_external_id, since);
         let records = match query_charged(client, budget, spent, &soql).await {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => return Err(Cut::Budget),
             Err(error) => {
                 tracing::warn!(error = %error, "salesforce sweep: account LastModifiedDate query failed");
-                return false;
+                return Err(Cut::Failed);
             }
         };
         let accounts = held_accounts(ledger, held, started);
@@ -270,7 +270,7 @@ impl Sweeps {
         if let Err(error) = crate::cursor::set(ledger, held, crate::cursor::SALESFORCE_ACCOUNTS_MODIFIED, next).await {
             tracing::warn!(error = %error, "salesforce sweep: cannot keep the accounts cursor");
         }
-        true
+        Ok(())
     }
 
     /// Records a Salesforce finding on `key`.

@@ -94,6 +94,26 @@ impl Budget {
     }
 }
 
+/// Why a sweep round stopped before covering its scope: the round is `partial` (it resumes
+/// next round, nothing is wrong) or `failed` (an API refused or broke: `EloSweepFailing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// The round's call budget ran out (or an answer was cut short by it).
+    Budget,
+    /// A call failed.
+    Failed,
+}
+
+impl Cut {
+    /// The `result` label of `reconciler_sweep_rounds_total`.
+    pub(super) fn result(self) -> &'static str {
+        match self {
+            Self::Budget => "partial",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -47,7 +47,7 @@ use rdstation_sink::client::RdClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{CommandSink, Ledger};
-use budget::Budget;
+use budget::{Budget, Cut};
 
 mod accounts;
 mod budget;

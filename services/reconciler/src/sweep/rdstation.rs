@@ -9,7 +9,7 @@ use rdstation_sink::client::{Budget as RdBudget, RdSettings};
 use reqwest::Method;
 use serde_json::Value;
 
-use super::{SweepArgs, Sweeps};
+use super::{Cut, SweepArgs, Sweeps};
 use crate::contact::{CONTACT, ContactPrint, Listed};
 use crate::ledger::{DriftKind, Entry, Health};
 use crate::store::{CommandSink, Ledger, now_ms};
@@ -71,15 +71,21 @@ impl Sweeps {
             }
         })
         .await;
-        let (listed, complete) = match walked {
+        let (listed, complete, cut) = match walked {
             Walked::Done(listed) => {
                 *self.rd_listing.lock().expect("rd listing") = Listing::default();
-                (listed, true)
+                (listed, true, None)
             }
             Walked::Cut(listing) => {
                 let listed = listing.1.clone();
                 *self.rd_listing.lock().expect("rd listing") = listing;
-                (listed, false)
+                (listed, false, Some(Cut::Budget))
+            }
+            Walked::Failed(listing) => {
+                // What was read still counts (as after a budget cut); the round is a failure.
+                let listed = listing.1.clone();
+                *self.rd_listing.lock().expect("rd listing") = listing;
+                (listed, false, Some(Cut::Failed))
             }
             Walked::Malformed(listing) => {
                 // Not a listing: judging it as an empty account would flag every contact.
@@ -114,7 +120,7 @@ impl Sweeps {
                 Err(error) => tracing::warn!(error = %error, key = %c.key, "rdstation sweep: cannot record drift"),
             }
         }
-        budget.round(if complete { "complete" } else { "partial" });
+        budget.round(cut.map_or("complete", Cut::result));
     }
 }
 
@@ -132,8 +138,10 @@ pub(super) type Listing = (u32, HashMap<String, Listed>);
 pub(super) enum Walked {
     /// Read to its last page.
     Done(HashMap<String, Listed>),
-    /// Cut short (budget, error): resume from here.
+    /// Cut short by the budget: resume from here.
     Cut(Listing),
+    /// Cut short by a failed call: resume from here, and the round counts as failed.
+    Failed(Listing),
     /// A page without a `contacts` array: the round failed (resume from that page).
     Malformed(Listing),
 }
@@ -151,7 +159,7 @@ where
             Some(Ok(body)) => body,
             Some(Err(error)) => {
                 tracing::warn!(error = %error, "rdstation sweep: listing failed");
-                return Walked::Cut((page, listed));
+                return Walked::Failed((page, listed));
             }
         };
         let Some(rows) = listed_rows(&body) else { return Walked::Malformed((page, listed)) };
@@ -452,9 +460,36 @@ mod tests {
                     return;
                 }
                 Walked::Cut(listing) => resume = listing,
+                Walked::Failed(_) => panic!("no call failed"),
                 Walked::Malformed(_) => panic!("malformed"),
             }
         }
         panic!("never read to the end");
+    }
+
+    /// A listing call that fails (RD down, a refused token) is a failed round, not a budget
+    /// cut: `EloSweepFailing` counts on it. What was read is kept and the walk resumes there.
+    #[tokio::test]
+    async fn a_failed_listing_call_fails_the_round_and_keeps_what_was_read() {
+        let page_of = |page: u32| {
+            let rows: Vec<Value> = (0..125)
+                .map(|i| json!({"uuid": format!("p{page}-{i}"), "email": format!("c{page}-{i}@example.com"), "name": "N"}))
+                .collect();
+            json!({ "contacts": rows })
+        };
+        let walked = walk_listing(Listing::default(), |page| {
+            let body = if page == 1 { Ok(page_of(page)) } else { Err("401 unauthorized".to_owned()) };
+            async move { Some(body) }
+        })
+        .await;
+        match walked {
+            Walked::Failed((page, listed)) => {
+                assert_eq!(page, 2, "resumes at the page that failed");
+                assert_eq!(listed.len(), 125, "the first page is kept");
+            }
+            other => panic!("a failed call must fail the walk, got {other:?}"),
+        }
+        assert_eq!(Cut::Failed.result(), "failed");
+        assert_eq!(Cut::Budget.result(), "partial");
     }
 }

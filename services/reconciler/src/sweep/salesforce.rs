@@ -126,8 +126,8 @@ impl Sweeps {
                 .filter(|(_, _, id, _)| !missing.contains(id))
                 .filter_map(|(.., account)| account.clone())
                 .collect();
-            if !self.salesforce_accounts_exist(ledger, client, budget, &mut spent, ids, &accounts).await {
-                budget.round("partial");
+            if let Err(cut) = self.salesforce_accounts_exist(ledger, client, budget, &mut spent, ids, &accounts).await {
+                budget.round(cut.result());
                 return next;
             }
             next.clone_from(&chunk[chunk.len() - 1].0);
@@ -213,8 +213,8 @@ impl Sweeps {
         if let Err(error) = crate::cursor::set(ledger, &held, crate::cursor::SALESFORCE_MODIFIED, next).await {
             tracing::warn!(error = %error, "salesforce sweep: cannot keep the LastModifiedDate cursor; the next pass reads again from the last one kept");
         }
-        if !self.salesforce_account_edits(ledger, client, budget, spent, &held).await {
-            budget.round("partial");
+        if let Err(cut) = self.salesforce_account_edits(ledger, client, budget, spent, &held).await {
+            budget.round(cut.result());
             return false;
         }
         true
