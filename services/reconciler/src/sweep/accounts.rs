@@ -185,7 +185,7 @@ pub fn soql_accounts_modified_since(external_id: &str, since_ms: i64) -> String 
 
 impl Sweeps {
     /// Looks up the Accounts of one batch of orders; a gone one is `missing` on the entry last
-    /// confirmed with it. False when the budget or an error cut it short.
+    /// confirmed with it. `Err` says what cut it short: the budget, or a failed call.
     pub(super) async fn salesforce_accounts_exist<C: CommandSink>(
         &self,
         ledger: &Ledger<C>,
@@ -216,8 +216,8 @@ impl Sweeps {
         Ok(())
     }
 
-    /// The Accounts changed after Elo's confirmed write, from the accounts cursor on. False
-    /// when the budget or an error cut it short.
+    /// The Accounts changed after Elo's confirmed write, from the accounts cursor on. `Err`
+    /// says what cut it short: the budget, or a failed call.
     pub(super) async fn salesforce_account_edits<C: CommandSink>(
         &self,
         ledger: &Ledger<C>,

@@ -71,21 +71,23 @@ impl Sweeps {
             }
         })
         .await;
-        let (listed, complete, cut) = match walked {
+        let (listed, complete) = match walked {
             Walked::Done(listed) => {
                 *self.rd_listing.lock().expect("rd listing") = Listing::default();
-                (listed, true, None)
+                (listed, true)
             }
             Walked::Cut(listing) => {
                 let listed = listing.1.clone();
                 *self.rd_listing.lock().expect("rd listing") = listing;
-                (listed, false, Some(Cut::Budget))
+                (listed, false)
             }
             Walked::Failed(listing) => {
-                // What was read still counts (as after a budget cut); the round is a failure.
-                let listed = listing.1.clone();
+                // Nothing is judged: while the listing keeps failing, the pages read before would
+                // grow staler every round and contacts the sink rewrote since would read as
+                // altered. The walk resumes at the failed page once RD answers again.
                 *self.rd_listing.lock().expect("rd listing") = listing;
-                (listed, false, Some(Cut::Failed))
+                budget.round(Cut::Failed.result());
+                return;
             }
             Walked::Malformed(listing) => {
                 // Not a listing: judging it as an empty account would flag every contact.
@@ -120,7 +122,7 @@ impl Sweeps {
                 Err(error) => tracing::warn!(error = %error, key = %c.key, "rdstation sweep: cannot record drift"),
             }
         }
-        budget.round(cut.map_or("complete", Cut::result));
+        budget.round(if complete { "complete" } else { Cut::Budget.result() });
     }
 }
 
