@@ -247,7 +247,11 @@ pub(super) async fn query_charged(
     let mut page = client.call("query", Method::GET, &path, None).await?;
     let mut out = Vec::new();
     loop {
-        out.extend(page["records"].as_array().cloned().unwrap_or_default());
+        // No `records` is not an empty result: read as one, every id asked for would be missing.
+        let Some(records) = page["records"].as_array() else {
+            return Err(salesforce_sink::client::Error::Decode("a query answer without records".into()));
+        };
+        out.extend(records.iter().cloned());
         let Some(next) = page["nextRecordsUrl"].as_str() else { return Ok(Some(out)) };
         if !budget.spend(spent).await {
             return Ok(None);
@@ -316,5 +320,43 @@ mod tests {
         );
         assert_eq!(next_since(2000, 49_500, 50_000, 90_000, 5_000), 50_000, "a page within one second moves on");
         assert_eq!(next_since(10, 0, 50_000, 90_000, 5_000), 85_000);
+    }
+
+    /// A 2xx query answer without a `records` array is not "no records": read as an empty
+    /// result it would make every order of the batch `missing` and repair all of them.
+    #[tokio::test]
+    async fn a_query_answer_without_records_is_an_error_not_an_empty_result() {
+        use axum::routing::{get, post};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let instance = url.clone();
+        let app = axum::Router::new()
+            .route(
+                "/services/oauth2/token",
+                post(move || {
+                    let instance = instance.clone();
+                    async move { axum::Json(json!({"access_token": "t", "instance_url": instance})) }
+                }),
+            )
+            .route("/services/data/v62.0/query", get(|| async { axum::Json(json!({"done": true})) }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = salesforce_sink::client::SalesforceClient::new(salesforce_sink::client::ClientConfig {
+            login_url: url,
+            api_version: "v62.0".into(),
+            auth: salesforce_sink::client::AuthFlow::ClientCredentials {
+                client_id: "id".into(),
+                client_secret: "secret".into(),
+            },
+            request_timeout: std::time::Duration::from_secs(5),
+            max_concurrent: 1,
+            quota_reserve_percent: 0,
+            quota_warn_hours: 0.0,
+            quota_probe_every: std::time::Duration::from_secs(60),
+        })
+        .unwrap();
+        let budget = Budget::new("salesforce", std::num::NonZeroU32::new(600).unwrap(), 10);
+        let mut spent = 1;
+        let answer = query_charged(&client, &budget, &mut spent, "SELECT Id FROM Order").await;
+        assert!(matches!(answer, Err(salesforce_sink::client::Error::Decode(_))), "got {answer:?}");
     }
 }
