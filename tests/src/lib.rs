@@ -468,12 +468,8 @@ pub fn assert_event_type(record: &rdkafka::message::OwnedMessage, expected: &str
 pub fn assert_traceparent(record: &rdkafka::message::OwnedMessage) {
     use rdkafka::Message;
     use rdkafka::message::Headers;
-    let value = record
-        .headers()
-        .and_then(|h| (0..h.count()).map(|i| h.get(i)).find(|h| h.key == "traceparent"))
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned());
-    let value = value.unwrap_or_else(|| panic!("record at offset {} has no traceparent", record.offset()));
+    let value = header(record, "traceparent")
+        .unwrap_or_else(|| panic!("record at offset {} has no traceparent", record.offset()));
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     assert!(

@@ -229,15 +229,6 @@ async fn every_source_fact_reaches_the_topics_by_push_poll_and_repair() {
     assert!(ids_per_version.values().all(|ids| ids.len() == 1), "redelivered facts carry the same event_id");
     assert!(!ids_per_version.keys().any(|(id, _, _)| *id == broken), "the broken order was not published");
     let parked = read_all(&brokers(), &format!("{topic}.dlq"), 3);
-    let header = |record: &rdkafka::message::OwnedMessage, name: &str| {
-        use rdkafka::message::Headers;
-        let headers = record.headers()?;
-        (0..headers.count())
-            .map(|i| headers.get(i))
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
     let letter =
         parked.iter().find(|r| r.key() == Some(broken.to_string().as_bytes())).expect("the broken order is in the DLQ");
     assert_eq!(header(letter, "elo-dlq-error-class").as_deref(), Some("permanent"));

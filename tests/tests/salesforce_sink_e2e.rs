@@ -205,15 +205,6 @@ async fn generated_orders_reach_salesforce_exactly_through_faults_revocation_and
 
     // The refused customer's records are parked with Salesforce's code, and reported.
     let parked = read_all(&brokers(), &format!("{topic}.sf-dlq"), 3);
-    let header = |record: &rdkafka::message::OwnedMessage, name: &str| {
-        use rdkafka::message::Headers;
-        let headers = record.headers()?;
-        (0..headers.count())
-            .map(|i| headers.get(i))
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
     assert!(!parked.is_empty(), "the refused customer's records are in the DLQ");
     for letter in &parked {
         assert_eq!(letter.key(), Some(dup_key.as_bytes()), "only the refused customer is parked");

@@ -12,6 +12,14 @@ pub fn to_owned_headers<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8])>
     pairs.into_iter().fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
 }
 
+/// The current span's trace context (`traceparent`, and `tracestate` when it holds vendor
+/// state), then `extra`: how every record Elo writes carries the trace of what caused it.
+pub fn traced<'a>(extra: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> OwnedHeaders {
+    let trace = elo_telemetry::propagation::inject_current();
+    let headers = to_owned_headers(trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+    extra.into_iter().fold(headers, |h, (key, value)| h.insert(Header { key, value: Some(value) }))
+}
+
 /// Collects headers into owned pairs, keeping order and duplicates.
 pub fn collect<H: Headers>(headers: Option<&H>) -> Vec<(String, Vec<u8>)> {
     headers

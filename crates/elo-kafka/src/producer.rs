@@ -230,12 +230,8 @@ impl Producer {
     /// for the broker's acknowledgement. `QueueFull` is returned at once, not waited out, so
     /// an HTTP front can answer 503 with `Retry-After`.
     pub async fn send(&self, topic: &str, key: &[u8], payload: &[u8], event_type: Option<&str>) -> Result<Delivery> {
-        let trace = elo_telemetry::propagation::inject_current();
-        let mut pairs: Vec<(&str, &[u8])> = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
-        if let Some(event_type) = event_type {
-            pairs.push((headers::EVENT_TYPE, event_type.as_bytes()));
-        }
-        self.send_with_headers(topic, Some(key), Some(payload), headers::to_owned_headers(pairs)).await
+        let headers = headers::traced(event_type.map(|t| (headers::EVENT_TYPE, t.as_bytes())));
+        self.send_with_headers(topic, Some(key), Some(payload), headers).await
     }
 
     /// Sends a record to one partition (state changelogs are co-partitioned with their
@@ -247,9 +243,7 @@ impl Producer {
         key: &[u8],
         payload: Option<&[u8]>,
     ) -> Result<Delivery> {
-        let trace = elo_telemetry::propagation::inject_current();
-        let pairs = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
-        self.deliver(topic, Some(partition), Some(key), payload, headers::to_owned_headers(pairs)).await
+        self.deliver(topic, Some(partition), Some(key), payload, headers::traced([])).await
     }
 
     /// Sends a record with exactly the given headers (DLQ writes keep the originals).

@@ -64,9 +64,7 @@ impl Publisher for KafkaPublisher {
         use elo_kafka::dlq;
         let now = crate::now_ms().to_string();
         // The caller's trace, as on every record: an operator follows a dead letter to its cause.
-        let trace = elo_telemetry::propagation::inject_current();
-        let mut pairs: Vec<(&str, &[u8])> = trace.iter().map(|(k, v)| (k.as_str(), v.as_bytes())).collect();
-        pairs.extend([
+        let headers = elo_kafka::headers::traced([
             (dlq::ERROR_CLASS, b"permanent".as_slice()),
             (dlq::ERROR_CODE, letter.code.as_bytes()),
             (dlq::ERROR_MESSAGE, dlq::truncate_message(&letter.message).as_bytes()),
@@ -74,7 +72,6 @@ impl Publisher for KafkaPublisher {
             (dlq::ATTEMPTS, b"1".as_slice()),
             (dlq::FIRST_FAILURE_MS, now.as_bytes()),
         ]);
-        let headers = elo_kafka::headers::to_owned_headers(pairs);
         let send = self.producer.send_with_headers(
             &self.dlq_topic,
             Some(letter.entity_id.as_bytes()),

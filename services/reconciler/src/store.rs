@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use elo_events::{CommerceEvent, EventCodec, IntegrationCommand, SyncOutcome};
 use elo_kafka::{HandlerError, Producer, Record, StateStore};
+use tracing::Instrument;
 
 use crate::figures::{Figures, Totals};
 use crate::ledger::{self, DriftKind, Effect, Entry};
@@ -47,7 +48,7 @@ impl CommandSink for KafkaCommands {
             &bytes,
             Some(command.command_type.as_str()),
         );
-        tracing::Instrument::instrument(send, span).await.map(|_| ()).map_err(|e| e.to_string())
+        send.instrument(span).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use elo_events::{CommerceEvent, InventoryEvent, MarketingConsent};
+use tracing::Instrument;
 
 use crate::inventory::InventoryChecker;
 use crate::push::{PublishError, Publisher};
@@ -199,7 +200,7 @@ impl<P: Publisher + InventoryPublisher, M: MagentoApi> Enricher<P, M> {
         let Some(fact) = checker.refresh(&self.magento, sku).await else { return };
         // A trace of its own (no webhook waits for it): the refreshed fact carries its `traceparent`.
         let span = tracing::info_span!("stock_refresh", sku);
-        match tracing::Instrument::instrument(self.inner.publish_inventory(&fact), span).await {
+        match self.inner.publish_inventory(&fact).instrument(span).await {
             Ok(()) => checker.remember(&fact),
             Err(error) => {
                 checker.forget(&fact);
@@ -343,7 +344,7 @@ pub async fn follow_ups<P: Publisher + InventoryPublisher, M: MagentoApi>(
         let event_id = event.event_id.clone();
         // A trace of its own (the webhook's has ended): the follow-up carries its `traceparent`.
         let span = tracing::info_span!("enrichment_follow_up", event_id = %event_id);
-        if let Err(error) = tracing::Instrument::instrument(enricher.publish_complete(event), span).await {
+        if let Err(error) = enricher.publish_complete(event).instrument(span).await {
             metrics::LATE.with_label_values(&["failed"]).inc();
             tracing::warn!(error = %error, event_id = %event_id, "enrichment follow-up not published");
         }

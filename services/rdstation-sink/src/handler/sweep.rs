@@ -19,6 +19,7 @@ use futures::future::maybe_done;
 
 use elo_events::{OutcomeStatus, SourceVersion, SyncOutcome};
 use elo_kafka::{ErrorClass, HandlerError};
+use tracing::Instrument;
 
 use super::{Deferral, RULES_MARKER, Sink, Write, is_marker, kafka_failure, now_ms};
 use crate::aggregates::CustomerState;
@@ -317,7 +318,7 @@ impl Sink {
         let span = tracing::info_span!("rdstation_refusal", error_code = %error.code);
         let send =
             self.producer.send(&self.outcomes_topic, key.as_bytes(), &bytes, Some(elo_events::SyncOutcome::EVENT_TYPE));
-        tracing::Instrument::instrument(send, span).await.map_err(|e| kafka_failure("outcome", &e))?;
+        send.instrument(span).await.map_err(|e| kafka_failure("outcome", &e))?;
         Ok(())
     }
 }
